@@ -1,0 +1,139 @@
+//! The private side of the pull path.
+//!
+//! - `session`: one tunnel's life (dial, TLS, upgrade, serve HTTP/2) and the reconnect loop.
+//! - `serve`: what the agent answers over the tunnel: its target list and scrapes.
+//! - `targets`: the allowlist of targets and their HTTP clients.
+//! - [`backoff`]: capped exponential backoff with full jitter.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AgentConfig, Target};
+use crate::http_util::text_response;
+use crate::telemetry::{metrics_response, AgentMetrics};
+use crate::tunnel::tls::TlsError;
+use crate::tunnel::tls_client::{client_config, Purpose};
+
+pub mod backoff;
+mod serve;
+mod session;
+mod targets;
+
+use targets::{plain_client, HttpClient, TargetSet};
+
+/// Why an agent could not be built or reconfigured.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A TLS file (tunnel or target) is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// State shared by the reconnect loop, the tunnel service and reloads.
+pub(crate) struct Shared {
+    pub(crate) config: AgentConfig,
+    pub(crate) tunnel_tls: Option<Arc<rustls::ClientConfig>>,
+    pub(crate) targets: watch::Sender<Arc<TargetSet>>,
+    pub(crate) metrics: AgentMetrics,
+    pub(crate) metrics_registry: MetricsRegistry,
+    plain_client: HttpClient,
+    version: AtomicU64,
+}
+
+/// An agent: dials out to the gateway, keeps the tunnel up, serves its listed targets.
+///
+/// Cheap to clone; clones share one state.
+#[derive(Clone)]
+pub struct Agent {
+    shared: Arc<Shared>,
+}
+
+impl Agent {
+    /// Builds an agent from a validated configuration. TLS files are loaded now, so a bad file
+    /// is reported before anything is dialled.
+    pub fn new(config: AgentConfig) -> Result<Agent, AgentError> {
+        Self::with_registry(config, MetricsRegistry::default())
+    }
+
+    /// Like [`Agent::new`], serving `registry` (your application's metrics, plus the agent's own)
+    /// as the built-in target `ferry`: an embedding application needs no HTTP listener of its own.
+    pub fn with_registry(config: AgentConfig, mut registry: MetricsRegistry) -> Result<Agent, AgentError> {
+        let metrics = AgentMetrics::register(&mut registry);
+        let tunnel_tls = match &config.gateway.tls {
+            Some(tls) => Some(Arc::new(client_config(tls, Purpose::Tunnel)?)),
+            None => None,
+        };
+        let plain_client = plain_client();
+        let set = TargetSet::build(1, &config.targets, &config.labels, config.self_port, &plain_client)?;
+        metrics.targets.set(set.list.targets.len() as i64);
+        let (targets, _) = watch::channel(Arc::new(set));
+        Ok(Agent {
+            shared: Arc::new(Shared {
+                config,
+                tunnel_tls,
+                targets,
+                metrics,
+                metrics_registry: registry,
+                plain_client,
+                version: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The id this agent claims.
+    pub fn id(&self) -> &str {
+        &self.shared.config.agent_id
+    }
+
+    /// Replaces the targets and labels (config reload on SIGHUP). The gateway learns of the
+    /// change over the open tunnel; nothing reconnects. On error the old targets stay.
+    pub fn set_targets(&self, targets: &[Target], labels: &BTreeMap<String, String>) -> Result<(), AgentError> {
+        let s = &self.shared;
+        let version = s.version.fetch_add(1, Ordering::SeqCst) + 1;
+        let set = TargetSet::build(version, targets, labels, s.config.self_port, &s.plain_client)?;
+        s.metrics.targets.set(set.list.targets.len() as i64);
+        s.targets.send_replace(Arc::new(set));
+        Ok(())
+    }
+
+    /// Whether the tunnel is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.shared.metrics.tunnel_up.get() == 1
+    }
+
+    /// Keeps a tunnel to the gateway up until `shutdown`, reconnecting with backoff. On shutdown
+    /// in-flight scrapes get the grace period to finish.
+    pub async fn run(self, shutdown: CancellationToken) {
+        session::reconnect_loop(self.shared, shutdown).await;
+    }
+
+    /// Serves the agent's own `/metrics`, `/-/healthy` and `/-/ready` on a local listener.
+    pub async fn serve_web(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let shared = self.shared.clone();
+        let grace = shared.config.shutdown_grace;
+        crate::server::serve_http(
+            listener,
+            move |_peer, req| {
+                let shared = shared.clone();
+                async move {
+                    match req.uri().path() {
+                        "/metrics" => metrics_response(&shared.metrics_registry),
+                        "/-/healthy" => text_response(http::StatusCode::OK, "Healthy"),
+                        "/-/ready" if shared.metrics.tunnel_up.get() == 1 => text_response(http::StatusCode::OK, "Ready"),
+                        "/-/ready" => text_response(http::StatusCode::SERVICE_UNAVAILABLE, "tunnel to the gateway is down"),
+                        _ => text_response(http::StatusCode::NOT_FOUND, "not found"),
+                    }
+                }
+            },
+            shutdown,
+            grace,
+        )
+        .await;
+    }
+}

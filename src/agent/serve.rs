@@ -1,0 +1,163 @@
+//! What the agent serves over the tunnel (it is the HTTP/2 server there): its target list, held
+//! open until it changes, and scrapes of its listed targets. Everything else is 404, never fetched.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::targets::{Handler, Route};
+use super::Shared;
+use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BoundedBody};
+use crate::scrape_error::{one_line, ScrapeError};
+use crate::telemetry::{metrics_response, TargetNameLabels, TargetResultLabels};
+use crate::tunnel::{SCRAPE_TIMEOUT_HEADER, TARGETS_LONG_POLL, TARGETS_PATH};
+
+/// Answers one request arriving over the tunnel.
+pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let port = req.uri().port_u16();
+    match port {
+        None if req.uri().path() == TARGETS_PATH => targets(&shared, req.uri()).await,
+        None => ScrapeError::BadRequest("scrape requests must carry <agent>:<port>".into()).into_response("agent"),
+        Some(port) => scrape(&shared, port, req).await,
+    }
+}
+
+/// The target list; with `?after=<version>`, held until the version changes (or the long-poll ends).
+async fn targets(shared: &Shared, uri: &Uri) -> Response<Body> {
+    let after = uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("after=")))
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut rx = shared.targets.subscribe();
+    if after == Some(rx.borrow_and_update().list.version) {
+        let _ = tokio::time::timeout(TARGETS_LONG_POLL, rx.changed()).await;
+    }
+    let body = serde_json::to_string(&rx.borrow().list).unwrap_or_default();
+    let mut resp = Response::new(full(body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+async fn scrape(shared: &Arc<Shared>, port: u16, req: Request<Incoming>) -> Response<Body> {
+    let set = shared.targets.borrow().clone();
+    let Some(route) = set.route(port, req.uri().path()) else {
+        count(shared, "unknown", "not_found");
+        let err = ScrapeError::NoSuchTarget {
+            agent: shared.config.agent_id.clone(),
+            port,
+            path: req.uri().path().to_owned(),
+        };
+        return err.into_response("agent");
+    };
+    let timeout = scrape_timeout(req.headers().get(SCRAPE_TIMEOUT_HEADER), shared.config.scrape_timeout_max);
+    match &route.handler {
+        Handler::SelfMetrics => {
+            count(shared, &route.name, "ok");
+            metrics_response(&shared.metrics_registry)
+        }
+        Handler::Fetch { url, client } => fetch(shared, route, url, client, req, timeout).await,
+    }
+}
+
+/// The timeout the gateway passed on, bounded by our own maximum.
+fn scrape_timeout(header: Option<&HeaderValue>, max: Duration) -> Duration {
+    header
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(max, |s| Duration::from_secs_f64(s.min(max.as_secs_f64())))
+}
+
+async fn fetch(
+    shared: &Arc<Shared>,
+    route: &Route,
+    url: &Uri,
+    client: &super::targets::HttpClient,
+    req: Request<Incoming>,
+    timeout: Duration,
+) -> Response<Body> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let target_req = match target_request(url, req) {
+        Ok(r) => r,
+        Err(e) => return e.into_response("agent"),
+    };
+    let sent = tokio::time::timeout_at(deadline, client.request(target_req)).await;
+    shared
+        .metrics
+        .scrape_duration
+        .get_or_create(&TargetNameLabels { target: route.name.clone() })
+        .observe(start.elapsed().as_secs_f64());
+    let resp = match sent {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            count(shared, &route.name, "error");
+            let reason = one_line(&e);
+            debug!(target = %route.name, error = %reason, "target fetch failed");
+            return ScrapeError::Target { target: route.name.clone(), reason }.into_response("agent");
+        }
+        Err(_) => {
+            count(shared, &route.name, "timeout");
+            let what = format!("target {:?}", route.name);
+            return ScrapeError::Timeout { what, timeout }.into_response("agent");
+        }
+    };
+    let result = if resp.status().is_success() { "ok" } else { "http_error" };
+    count(shared, &route.name, result);
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = http::Version::HTTP_2;
+    let body = BoundedBody::new(boxed(body), deadline, u64::MAX, Box::new(|_| {}));
+    Response::from_parts(parts, boxed(body))
+}
+
+/// The request sent to the target: its own URL (scheme, host, port, path), the scrape's query
+/// appended to the URL's, the scrape's end-to-end headers.
+fn target_request(url: &Uri, req: Request<Incoming>) -> Result<Request<Body>, ScrapeError> {
+    let (mut parts, body) = req.into_parts();
+    let query = match (url.query(), parts.uri.query()) {
+        (Some(a), Some(b)) => Some(format!("{a}&{b}")),
+        (Some(a), None) => Some(a.to_owned()),
+        (None, Some(b)) => Some(b.to_owned()),
+        (None, None) => None,
+    };
+    let base = format!("{}://{}{}", url.scheme_str().unwrap_or("http"), url.authority().map_or("", |a| a.as_str()), url.path());
+    let full_uri = match query {
+        Some(q) => format!("{base}?{q}"),
+        None => base,
+    };
+    parts.uri = full_uri
+        .parse()
+        .map_err(|e| ScrapeError::BadRequest(format!("cannot build target URI: {e}")))?;
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Request::from_parts(parts, boxed(body)))
+}
+
+fn count(shared: &Shared, target: &str, result: &str) {
+    shared
+        .metrics
+        .scrapes
+        .get_or_create(&TargetResultLabels {
+            target: target.to_owned(),
+            result: result.to_owned(),
+        })
+        .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeout_is_bounded_by_the_agents_maximum() {
+        let max = Duration::from_secs(30);
+        assert_eq!(scrape_timeout(Some(&HeaderValue::from_static("9.5")), max), Duration::from_millis(9500));
+        assert_eq!(scrape_timeout(Some(&HeaderValue::from_static("300")), max), max);
+        assert_eq!(scrape_timeout(None, max), max);
+    }
+}

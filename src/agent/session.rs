@@ -1,0 +1,140 @@
+//! The reconnect loop and one tunnel session: TCP (maybe via a proxy) → TLS → upgrade → HTTP/2
+//! server over the upgraded stream, until it drops or we shut down.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::backoff::Backoff;
+use super::Shared;
+use crate::telemetry::ResultLabels;
+use crate::tunnel::dial::{dial, BoxIo, DialError};
+use crate::tunnel::handshake::{request_upgrade, HandshakeError};
+
+/// Why a session could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionError {
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error("TLS handshake with the gateway failed: {0}")]
+    Tls(std::io::Error),
+    #[error("{0:?} is not a valid TLS server name")]
+    ServerName(String),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("tunnel handshake timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// How a session that started ended.
+enum SessionEnd {
+    /// The connection dropped (gateway restart, network, keepalive timeout, replaced).
+    Closed(String),
+    /// We were asked to stop.
+    Shutdown,
+}
+
+pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let b = shared.config.backoff;
+    let mut backoff = Backoff::new(b.min, b.max);
+    let gateway = &shared.config.gateway.addr;
+    loop {
+        let started = Instant::now();
+        let delay = match run_session(&shared, &shutdown).await {
+            Ok(SessionEnd::Shutdown) => break,
+            Ok(SessionEnd::Closed(reason)) => {
+                warn!(%gateway, %reason, "tunnel closed; reconnecting");
+                if started.elapsed() >= b.stable_after {
+                    backoff.reset();
+                }
+                backoff.next_delay()
+            }
+            Err(SessionError::Handshake(e)) if e.is_auth_refusal() => {
+                count(&shared, "auth_refused");
+                error!(%gateway, agent = %shared.config.agent_id, error = %e, retry_in = ?b.auth_failure, "GATEWAY REFUSED OUR CREDENTIALS: check the token and the tokens file's glob for this agent id");
+                b.auth_failure
+            }
+            Err(e) => {
+                count(&shared, "error");
+                let delay = backoff.next_delay();
+                warn!(%gateway, error = %e, retry_in = ?delay, "cannot open tunnel");
+                delay
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    info!("agent stopped");
+}
+
+fn count(shared: &Shared, result: &str) {
+    shared
+        .metrics
+        .connects
+        .get_or_create(&ResultLabels { result: result.to_owned() })
+        .inc();
+}
+
+async fn run_session(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<SessionEnd, SessionError> {
+    let timeout = shared.config.handshake_timeout;
+    let upgraded = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        res = tokio::time::timeout(timeout, open(shared)) => res.map_err(|_| SessionError::Timeout(timeout))??,
+    };
+    count(shared, "ok");
+    shared.metrics.tunnel_up.set(1);
+    info!(gateway = %shared.config.gateway.addr, agent = %shared.config.agent_id, "tunnel up");
+    let end = serve(shared, upgraded, shutdown).await;
+    shared.metrics.tunnel_up.set(0);
+    Ok(end)
+}
+
+/// Dial, TLS and the upgrade handshake.
+async fn open(shared: &Shared) -> Result<hyper::upgrade::Upgraded, SessionError> {
+    let cfg = &shared.config;
+    let io = dial(&cfg.gateway.addr, cfg.proxy.as_ref(), cfg.handshake_timeout).await?;
+    let io: BoxIo = match &shared.tunnel_tls {
+        Some(tls) => {
+            let name = ServerName::try_from(cfg.gateway.server_name.clone())
+                .map_err(|_| SessionError::ServerName(cfg.gateway.server_name.clone()))?;
+            let connector = tokio_rustls::TlsConnector::from(tls.clone());
+            Box::new(connector.connect(name, io).await.map_err(SessionError::Tls)?)
+        }
+        None => io,
+    };
+    Ok(request_upgrade(io, &cfg.gateway.addr, cfg.token.expose(), &cfg.agent_id).await?)
+}
+
+/// Serves HTTP/2 over the tunnel until it ends or `shutdown`, then drains within the grace period.
+async fn serve(shared: &Arc<Shared>, upgraded: hyper::upgrade::Upgraded, shutdown: &CancellationToken) -> SessionEnd {
+    let cfg = &shared.config;
+    let svc_shared = shared.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let shared = svc_shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(super::serve::handle(shared, req).await) }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(cfg.keepalive.interval)
+        .keep_alive_timeout(cfg.keepalive.timeout)
+        .max_concurrent_streams(cfg.max_concurrent_scrapes)
+        .serve_connection(upgraded, service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => SessionEnd::Closed(res.map_or_else(|e| e.to_string(), |_| "closed by the gateway".into())),
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            if tokio::time::timeout(cfg.shutdown_grace, conn).await.is_err() {
+                warn!(grace = ?cfg.shutdown_grace, "scrapes still running when the grace period ended");
+            }
+            SessionEnd::Shutdown
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! The `agent:` section and its validated form.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::Uri;
+use serde::Deserialize;
+
+use super::{check_label_name, check_readable, parse_listen_address, validate_keepalive, ConfigErrors, Dur, Secret};
+use crate::tunnel::dial::Proxy;
+use crate::tunnel::handshake::valid_agent_id;
+use crate::tunnel::tls::parse_fingerprint;
+use crate::tunnel::tls_client::{ClientTls, ServerVerify};
+use crate::tunnel::Keepalive;
+
+/// Environment variable holding the agent's token when no token file is given.
+pub const TOKEN_ENV: &str = "FERRY_TOKEN";
+/// Name of the built-in target serving the agent's own metrics.
+pub const SELF_TARGET: &str = "ferry";
+
+/// `agent:` as written in the YAML file (and filled from flags).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// `https://host:port` of the gateway's tunnel listener.
+    pub gateway: Option<String>,
+    /// The id this agent claims; defaults to the host name.
+    pub agent_id: Option<String>,
+    /// File holding the token (else `FERRY_TOKEN`).
+    pub token_file: Option<PathBuf>,
+    /// HTTP CONNECT proxy to reach the gateway through (else `HTTPS_PROXY`).
+    pub proxy_url: Option<String>,
+    /// How the tunnel is secured and kept alive.
+    pub tunnel: AgentTunnelSection,
+    /// The only things this agent will fetch.
+    pub targets: Vec<TargetSection>,
+    /// Labels attached to every target in service discovery.
+    pub labels: BTreeMap<String, String>,
+    /// Reconnect backoff.
+    pub reconnect: ReconnectSection,
+    /// Upper bound of any scrape timeout, whatever the gateway asks.
+    pub scrape_timeout_max: Dur,
+    /// Port of the built-in `ferry` target (the agent's own metrics).
+    pub self_port: u16,
+    /// Optional local listener for the agent's own `/metrics` and health endpoints.
+    pub web: AgentWebSection,
+    /// How long in-flight scrapes may finish after SIGTERM.
+    pub shutdown_grace_period: Dur,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            gateway: None,
+            agent_id: None,
+            token_file: None,
+            proxy_url: None,
+            tunnel: AgentTunnelSection::default(),
+            targets: Vec::new(),
+            labels: BTreeMap::new(),
+            reconnect: ReconnectSection::default(),
+            scrape_timeout_max: Dur(Duration::from_secs(60)),
+            self_port: 9369,
+            web: AgentWebSection::default(),
+            shutdown_grace_period: Dur(Duration::from_secs(15)),
+        }
+    }
+}
+
+/// `agent.web:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentWebSection {
+    /// Where to serve `/metrics`, `/-/healthy`, `/-/ready` locally; off when unset.
+    pub listen_address: Option<String>,
+}
+
+/// `agent.tunnel:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentTunnelSection {
+    /// Trust only CAs from this PEM file.
+    pub ca_file: Option<PathBuf>,
+    /// Trust exactly the certificate with this `sha256:<hex>` fingerprint.
+    pub fingerprint: Option<String>,
+    /// Client certificate to present (mTLS).
+    pub cert_file: Option<PathBuf>,
+    /// Client key.
+    pub key_file: Option<PathBuf>,
+    /// Name to verify the gateway's certificate against, if not the host of `gateway`.
+    pub server_name: Option<String>,
+    /// Dial without TLS (`http://` gateway). Only for tests and TLS-terminating front ends.
+    pub insecure_plaintext: bool,
+    /// HTTP/2 PING interval.
+    pub keepalive_interval: Dur,
+    /// HTTP/2 PING acknowledgement timeout.
+    pub keepalive_timeout: Dur,
+    /// Bound on TCP + TLS + upgrade.
+    pub handshake_timeout: Dur,
+    /// Concurrent scrapes served at once.
+    pub max_concurrent_scrapes: u32,
+}
+
+impl Default for AgentTunnelSection {
+    fn default() -> Self {
+        let keepalive = Keepalive::default();
+        Self {
+            ca_file: None,
+            fingerprint: None,
+            cert_file: None,
+            key_file: None,
+            server_name: None,
+            insecure_plaintext: false,
+            keepalive_interval: Dur(keepalive.interval),
+            keepalive_timeout: Dur(keepalive.timeout),
+            handshake_timeout: Dur(Duration::from_secs(10)),
+            max_concurrent_scrapes: 128,
+        }
+    }
+}
+
+/// `agent.reconnect:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconnectSection {
+    /// First backoff ceiling.
+    pub min_backoff: Dur,
+    /// Largest backoff ceiling.
+    pub max_backoff: Dur,
+    /// Wait after the gateway refused our credentials.
+    pub auth_failure_backoff: Dur,
+    /// A session that lasted this long resets the backoff.
+    pub stable_after: Dur,
+}
+
+impl Default for ReconnectSection {
+    fn default() -> Self {
+        Self {
+            min_backoff: Dur(Duration::from_millis(500)),
+            max_backoff: Dur(Duration::from_secs(30)),
+            auth_failure_backoff: Dur(Duration::from_secs(60)),
+            stable_after: Dur(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// One entry of `agent.targets:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSection {
+    /// Name (`ferry_target` label).
+    pub name: String,
+    /// Where the agent fetches it: `http://` or `https://`, with host, port and path.
+    pub url: String,
+    /// Port Prometheus addresses it by, if not the URL's (keeps two targets apart).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The target's labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// TLS options for https targets.
+    #[serde(default)]
+    pub tls: TargetTlsSection,
+}
+
+/// `agent.targets[].tls:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TargetTlsSection {
+    /// Trust only CAs from this file.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate.
+    pub cert_file: Option<PathBuf>,
+    /// Client key.
+    pub key_file: Option<PathBuf>,
+    /// Name to verify the target's certificate against.
+    pub server_name: Option<String>,
+    /// Do not verify the target's certificate.
+    pub insecure_skip_verify: bool,
+}
+
+/// Where the gateway is and how to trust it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayEndpoint {
+    /// `host:port` to dial.
+    pub addr: String,
+    /// Name for SNI, certificate verification and the `Host` header.
+    pub server_name: String,
+    /// TLS settings, `None` for an insecure plaintext tunnel.
+    pub tls: Option<ClientTls>,
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackoffConfig {
+    /// First ceiling.
+    pub min: Duration,
+    /// Largest ceiling.
+    pub max: Duration,
+    /// Wait after an auth refusal.
+    pub auth_failure: Duration,
+    /// Session length that resets the backoff.
+    pub stable_after: Duration,
+}
+
+/// A validated target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Name.
+    pub name: String,
+    /// Where it is fetched.
+    pub url: Uri,
+    /// Port Prometheus addresses it by.
+    pub port: u16,
+    /// Path Prometheus asks for (the URL's path).
+    pub path: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// TLS settings for https targets.
+    pub tls: Option<ClientTls>,
+    /// SNI / verification name override.
+    pub server_name: Option<String>,
+}
+
+/// The validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The gateway.
+    pub gateway: GatewayEndpoint,
+    /// Our id.
+    pub agent_id: String,
+    /// Our token.
+    pub token: Secret,
+    /// Proxy to reach the gateway through.
+    pub proxy: Option<Proxy>,
+    /// Targets (without the built-in one).
+    pub targets: Vec<Target>,
+    /// Agent labels.
+    pub labels: BTreeMap<String, String>,
+    /// HTTP/2 keepalive.
+    pub keepalive: Keepalive,
+    /// Bound on TCP + TLS + upgrade.
+    pub handshake_timeout: Duration,
+    /// Concurrent scrapes.
+    pub max_concurrent_scrapes: u32,
+    /// Reconnect backoff.
+    pub backoff: BackoffConfig,
+    /// Largest scrape timeout.
+    pub scrape_timeout_max: Duration,
+    /// Port of the built-in `ferry` target.
+    pub self_port: u16,
+    /// Local listener, if any.
+    pub web_listen: Option<SocketAddr>,
+    /// Drain time on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl AgentSection {
+    /// Validates into an [`AgentConfig`], recording every problem under `prefix`.
+    pub fn validate(
+        &self,
+        prefix: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        errs: &mut ConfigErrors,
+    ) -> Option<AgentConfig> {
+        let f = |name: &str| format!("{prefix}.{name}");
+        let gateway = self.validate_gateway(prefix, errs);
+        let agent_id = self.validate_agent_id(&f("agent_id"), errs);
+        let token = self.read_token(&f("token_file"), env, errs);
+        let proxy = match self.proxy_url.clone().or_else(|| env("HTTPS_PROXY")).or_else(|| env("https_proxy")) {
+            Some(url) if !url.is_empty() => errs.check(&f("proxy_url"), Proxy::parse(&url)),
+            _ => None,
+        };
+        let targets = self.validate_targets(&f("targets"), errs);
+        for (k, _) in &self.labels {
+            check_label_name(k, &format!("{}.{k}", f("labels")), errs);
+        }
+        let web_listen = self
+            .web
+            .listen_address
+            .as_ref()
+            .and_then(|a| errs.check(&f("web.listen_address"), parse_listen_address(a)));
+        let keepalive = validate_keepalive(&self.tunnel.keepalive_interval, &self.tunnel.keepalive_timeout, &f("tunnel"), errs);
+        let r = &self.reconnect;
+        if r.min_backoff.0 > r.max_backoff.0 || r.max_backoff.0.is_zero() {
+            errs.push(f("reconnect.max_backoff"), "must be greater than 0 and at least reconnect.min_backoff");
+        }
+        if self.tunnel.max_concurrent_scrapes == 0 {
+            errs.push(f("tunnel.max_concurrent_scrapes"), "must be greater than 0");
+        }
+        if self.self_port == 0 {
+            errs.push(f("self_port"), "must not be 0");
+        }
+        Some(AgentConfig {
+            gateway: gateway?,
+            agent_id: agent_id?,
+            token: token?,
+            proxy,
+            targets: targets?,
+            labels: self.labels.clone(),
+            keepalive,
+            handshake_timeout: self.tunnel.handshake_timeout.0,
+            max_concurrent_scrapes: self.tunnel.max_concurrent_scrapes,
+            backoff: BackoffConfig {
+                min: r.min_backoff.0,
+                max: r.max_backoff.0,
+                auth_failure: r.auth_failure_backoff.0,
+                stable_after: r.stable_after.0,
+            },
+            scrape_timeout_max: self.scrape_timeout_max.0,
+            self_port: self.self_port,
+            web_listen,
+            shutdown_grace: self.shutdown_grace_period.0,
+        })
+    }
+
+    fn validate_gateway(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<GatewayEndpoint> {
+        let field = format!("{prefix}.gateway");
+        let Some(url) = &self.gateway else {
+            errs.push(field, "required: the gateway's tunnel address, e.g. https://gateway.example.com:7443");
+            return None;
+        };
+        let uri: Uri = errs.check(&field, url.parse::<Uri>().map_err(|e| format!("{url:?} is not a URL: {e}")))?;
+        let t = &self.tunnel;
+        let plaintext = match (uri.scheme_str(), t.insecure_plaintext) {
+            (Some("https"), false) => false,
+            (Some("http"), true) => true,
+            (Some("http"), false) => {
+                errs.push(field, format!("{url:?} is plaintext: use https://, or set tunnel.insecure_plaintext (--tunnel.insecure-plaintext) if you really mean it"));
+                return None;
+            }
+            (Some("https"), true) => {
+                errs.push(format!("{prefix}.tunnel.insecure_plaintext"), "set, but the gateway URL is https://");
+                return None;
+            }
+            _ => {
+                errs.push(field, format!("{url:?} must start with https://"));
+                return None;
+            }
+        };
+        let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
+            errs.push(field, format!("{url:?} has no host"));
+            return None;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let port = uri.port_u16().unwrap_or(if plaintext { 80 } else { 443 });
+        let addr = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let tls = if plaintext { None } else { self.validate_tunnel_tls(prefix, errs) };
+        Some(GatewayEndpoint {
+            addr,
+            server_name: t.server_name.clone().unwrap_or(host),
+            tls,
+        })
+    }
+
+    fn validate_tunnel_tls(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<ClientTls> {
+        let t = &self.tunnel;
+        let field = |name: &str| format!("{prefix}.tunnel.{name}");
+        let verify = match (&t.ca_file, &t.fingerprint) {
+            (Some(_), Some(_)) => {
+                errs.push(field("fingerprint"), "give either tunnel.ca_file or tunnel.fingerprint, not both");
+                return None;
+            }
+            (Some(ca), None) => {
+                check_readable(ca, &field("ca_file"), errs);
+                ServerVerify::CaFile(ca.clone())
+            }
+            (None, Some(fp)) => ServerVerify::Fingerprint(errs.check(&field("fingerprint"), parse_fingerprint(fp))?),
+            (None, None) => ServerVerify::SystemRoots,
+        };
+        let client_cert = client_cert_pair(&t.cert_file, &t.key_file, &format!("{prefix}.tunnel"), errs)?;
+        Some(ClientTls { verify, client_cert })
+    }
+
+    fn validate_agent_id(&self, field: &str, errs: &mut ConfigErrors) -> Option<String> {
+        let id = match &self.agent_id {
+            Some(id) => id.clone(),
+            None => gethostname::gethostname().to_string_lossy().into_owned(),
+        };
+        if valid_agent_id(&id) {
+            Some(id)
+        } else {
+            errs.push(field, format!("{id:?} is not a valid host name (letters, digits, '-', '.', '_')"));
+            None
+        }
+    }
+
+    fn read_token(&self, field: &str, env: &dyn Fn(&str) -> Option<String>, errs: &mut ConfigErrors) -> Option<Secret> {
+        let (token, source) = match &self.token_file {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => (text.trim().to_owned(), path.display().to_string()),
+                Err(e) => {
+                    errs.push(field, format!("cannot read {}: {e}", path.display()));
+                    return None;
+                }
+            },
+            None => match env(TOKEN_ENV) {
+                Some(t) => (t.trim().to_owned(), TOKEN_ENV.to_owned()),
+                None => {
+                    errs.push(field, format!("required: a file holding the agent's token, or the {TOKEN_ENV} environment variable"));
+                    return None;
+                }
+            },
+        };
+        if token.is_empty() || token.contains(char::is_whitespace) || !token.is_ascii() {
+            errs.push(field, format!("the token in {source} must be one word of printable ASCII"));
+            return None;
+        }
+        Some(Secret::new(token))
+    }
+
+    fn validate_targets(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Vec<Target>> {
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (i, t) in self.targets.iter().enumerate() {
+            match t.validate(&format!("{prefix}[{i}]"), errs) {
+                Some(t) => out.push(t),
+                None => ok = false,
+            }
+        }
+        let mut seen_names = std::collections::HashSet::new();
+        let mut seen_addrs = std::collections::HashSet::new();
+        seen_names.insert(SELF_TARGET.to_owned());
+        seen_addrs.insert((self.self_port, "/metrics".to_owned()));
+        for (i, t) in out.iter().enumerate() {
+            if !seen_names.insert(t.name.clone()) {
+                errs.push(format!("{prefix}[{i}].name"), format!("{:?} is used twice (\"{SELF_TARGET}\" is the built-in target)", t.name));
+                ok = false;
+            }
+            if !seen_addrs.insert((t.port, t.path.clone())) {
+                errs.push(format!("{prefix}[{i}].port"), format!("port {} path {:?} is already taken by another target: set a distinct port", t.port, t.path));
+                ok = false;
+            }
+        }
+        ok.then_some(out)
+    }
+}
+
+impl TargetSection {
+    /// Parses `NAME=URL`, as given to `--target`.
+    pub fn parse_flag(s: &str) -> Result<TargetSection, String> {
+        let (name, url) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?} must be NAME=URL, e.g. node=http://127.0.0.1:9100/metrics"))?;
+        Ok(TargetSection {
+            name: name.trim().to_owned(),
+            url: url.trim().to_owned(),
+            ..TargetSection::default()
+        })
+    }
+
+    fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Target> {
+        let before = errs.errors.len();
+        let name_ok = !self.name.is_empty()
+            && self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !name_ok {
+            errs.push(format!("{prefix}.name"), format!("{:?} must be non-empty letters, digits, '-', '_' or '.'", self.name));
+        }
+        let url = self.parse_url(&format!("{prefix}.url"), errs);
+        for k in self.labels.keys() {
+            check_label_name(k, &format!("{prefix}.labels.{k}"), errs);
+        }
+        let tls = self.validate_tls(prefix, url.as_ref(), errs);
+        let url = url?;
+        if errs.errors.len() > before {
+            return None;
+        }
+        let https = url.scheme_str() == Some("https");
+        let port = self.port.or(url.port_u16()).unwrap_or(if https { 443 } else { 80 });
+        Some(Target {
+            name: self.name.clone(),
+            path: url.path().to_owned(),
+            port,
+            labels: self.labels.clone(),
+            tls,
+            server_name: self.tls.server_name.clone(),
+            url,
+        })
+    }
+
+    fn parse_url(&self, field: &str, errs: &mut ConfigErrors) -> Option<Uri> {
+        let url = &self.url;
+        let uri: Uri = errs.check(field, url.parse::<Uri>().map_err(|e| format!("{url:?} is not a URL: {e}")))?;
+        if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
+            errs.push(field, format!("{url:?} must start with http:// or https://"));
+            return None;
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            errs.push(field, format!("{url:?} has no host"));
+            return None;
+        }
+        if uri.port_u16() == Some(0) {
+            errs.push(field, format!("{url:?} has port 0"));
+            return None;
+        }
+        Some(uri)
+    }
+
+    fn validate_tls(&self, prefix: &str, url: Option<&Uri>, errs: &mut ConfigErrors) -> Option<ClientTls> {
+        let t = &self.tls;
+        let https = url.is_some_and(|u| u.scheme_str() == Some("https"));
+        let any_set = t.ca_file.is_some() || t.cert_file.is_some() || t.key_file.is_some() || t.server_name.is_some() || t.insecure_skip_verify;
+        if !https {
+            if any_set && url.is_some() {
+                errs.push(format!("{prefix}.tls"), "TLS options need an https:// url");
+            }
+            return None;
+        }
+        let verify = match (&t.ca_file, t.insecure_skip_verify) {
+            (Some(_), true) => {
+                errs.push(format!("{prefix}.tls.insecure_skip_verify"), "cannot be combined with tls.ca_file");
+                return None;
+            }
+            (Some(ca), false) => {
+                check_readable(ca, &format!("{prefix}.tls.ca_file"), errs);
+                ServerVerify::CaFile(ca.clone())
+            }
+            (None, true) => ServerVerify::InsecureSkipVerify,
+            (None, false) => ServerVerify::SystemRoots,
+        };
+        let client_cert = client_cert_pair(&t.cert_file, &t.key_file, &format!("{prefix}.tls"), errs)?;
+        Some(ClientTls { verify, client_cert })
+    }
+}
+
+/// Validates an optional certificate + key pair: both or neither, both readable.
+/// `None` means invalid; `Some(None)` means not configured.
+fn client_cert_pair(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    prefix: &str,
+    errs: &mut ConfigErrors,
+) -> Option<Option<(PathBuf, PathBuf)>> {
+    match (cert, key) {
+        (None, None) => Some(None),
+        (Some(c), Some(k)) => {
+            check_readable(c, &format!("{prefix}.cert_file"), errs);
+            check_readable(k, &format!("{prefix}.key_file"), errs);
+            Some(Some((c.clone(), k.clone())))
+        }
+        (Some(_), None) => {
+            errs.push(format!("{prefix}.key_file"), "required when cert_file is set");
+            None
+        }
+        (None, Some(_)) => {
+            errs.push(format!("{prefix}.cert_file"), "required when key_file is set");
+            None
+        }
+    }
+}
+
+/// Parses `KEY=VALUE`, as given to `--label`.
+pub fn parse_label_flag(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} must be KEY=VALUE"))
+}

@@ -1,0 +1,267 @@
+//! The `gateway:` section and its validated form.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{parse_listen_address, validate_keepalive, ConfigErrors, Dur};
+use crate::tunnel::Keepalive;
+
+/// `gateway:` as written in the YAML file (and filled from flags).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    /// Prometheus-facing listener.
+    pub web: GatewayWebSection,
+    /// Agent-facing listener.
+    pub tunnel: GatewayTunnelSection,
+    /// Where the self-signed certificate is kept.
+    pub data_dir: PathBuf,
+    /// Agent credentials.
+    pub auth: AuthSection,
+    /// How long in-flight scrapes may finish after SIGTERM.
+    pub shutdown_grace_period: Dur,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        Self {
+            web: GatewayWebSection::default(),
+            tunnel: GatewayTunnelSection::default(),
+            data_dir: PathBuf::from("data"),
+            auth: AuthSection::default(),
+            shutdown_grace_period: Dur(Duration::from_secs(15)),
+        }
+    }
+}
+
+/// `gateway.web:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayWebSection {
+    /// Address for Prometheus, service discovery and ferry's own endpoints.
+    pub listen_address: String,
+    /// Scrape timeout when Prometheus sends none.
+    pub scrape_timeout_default: Dur,
+    /// Upper bound of any scrape timeout.
+    pub scrape_timeout_max: Dur,
+    /// How much earlier than Prometheus the agent gives up, so Prometheus sees a 504, not its own timeout.
+    pub scrape_timeout_margin: Dur,
+    /// Largest scrape body passed through.
+    pub max_scrape_bytes: u64,
+}
+
+impl Default for GatewayWebSection {
+    fn default() -> Self {
+        Self {
+            listen_address: ":8080".into(),
+            scrape_timeout_default: Dur(Duration::from_secs(10)),
+            scrape_timeout_max: Dur(Duration::from_secs(60)),
+            scrape_timeout_margin: Dur(Duration::from_millis(500)),
+            max_scrape_bytes: 256 << 20,
+        }
+    }
+}
+
+/// `gateway.tunnel:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayTunnelSection {
+    /// Address agents dial.
+    pub listen_address: String,
+    /// PEM certificate chain; with the key, replaces the self-signed certificate.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key.
+    pub tls_key_file: Option<PathBuf>,
+    /// Names in the self-signed certificate.
+    pub tls_self_signed_names: Vec<String>,
+    /// Accept tunnels without TLS. Only for tests and TLS-terminating front ends.
+    pub insecure_plaintext: bool,
+    /// HTTP/2 PING interval.
+    pub keepalive_interval: Dur,
+    /// HTTP/2 PING acknowledgement timeout.
+    pub keepalive_timeout: Dur,
+    /// Bound on TLS + upgrade handshake.
+    pub handshake_timeout: Dur,
+    /// Concurrent scrapes per agent.
+    pub max_concurrent_scrapes: u32,
+}
+
+impl Default for GatewayTunnelSection {
+    fn default() -> Self {
+        let keepalive = Keepalive::default();
+        Self {
+            listen_address: ":7443".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_self_signed_names: Vec::new(),
+            insecure_plaintext: false,
+            keepalive_interval: Dur(keepalive.interval),
+            keepalive_timeout: Dur(keepalive.timeout),
+            handshake_timeout: Dur(Duration::from_secs(10)),
+            max_concurrent_scrapes: 128,
+        }
+    }
+}
+
+/// `gateway.auth:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// Lines `<agent-id glob> sha256:<hex of token>`.
+    pub tokens_file: Option<PathBuf>,
+}
+
+/// How the gateway presents itself to agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayTls {
+    /// Certificate and key from files.
+    Files {
+        /// PEM chain.
+        cert: PathBuf,
+        /// PEM key.
+        key: PathBuf,
+    },
+    /// Generated on first start and kept in `data_dir`.
+    SelfSigned {
+        /// Where it is kept.
+        data_dir: PathBuf,
+        /// Subject alternative names.
+        names: Vec<String>,
+    },
+    /// No TLS at all (`insecure_plaintext`).
+    InsecurePlaintext,
+}
+
+/// Bounds on scrapes passing through the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScrapeLimits {
+    /// Timeout when Prometheus sends none.
+    pub default_timeout: Duration,
+    /// Largest timeout honoured.
+    pub max_timeout: Duration,
+    /// How much earlier than Prometheus ferry gives up.
+    pub margin: Duration,
+    /// Largest body passed through.
+    pub max_body_bytes: u64,
+}
+
+impl Default for ScrapeLimits {
+    fn default() -> Self {
+        let web = GatewayWebSection::default();
+        Self {
+            default_timeout: web.scrape_timeout_default.0,
+            max_timeout: web.scrape_timeout_max.0,
+            margin: web.scrape_timeout_margin.0,
+            max_body_bytes: web.max_scrape_bytes,
+        }
+    }
+}
+
+/// The validated gateway configuration.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Prometheus-facing listener address.
+    pub web_listen: SocketAddr,
+    /// Agent-facing listener address.
+    pub tunnel_listen: SocketAddr,
+    /// TLS identity source.
+    pub tls: GatewayTls,
+    /// Agent credentials file.
+    pub tokens_file: PathBuf,
+    /// HTTP/2 keepalive.
+    pub keepalive: Keepalive,
+    /// Bound on TLS + upgrade.
+    pub handshake_timeout: Duration,
+    /// Concurrent scrapes per agent.
+    pub max_concurrent_scrapes: u32,
+    /// Scrape bounds.
+    pub scrape: ScrapeLimits,
+    /// Drain time on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl GatewaySection {
+    /// Validates into a [`GatewayConfig`], recording every problem under `prefix`.
+    pub fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<GatewayConfig> {
+        let f = |name: &str| format!("{prefix}.{name}");
+        let web_listen = errs.check(&f("web.listen_address"), parse_listen_address(&self.web.listen_address));
+        let tunnel_listen = errs.check(&f("tunnel.listen_address"), parse_listen_address(&self.tunnel.listen_address));
+        let tls = self.validate_tls(prefix, errs);
+        let tokens_file = match &self.auth.tokens_file {
+            None => {
+                errs.push(f("auth.tokens_file"), "required: agents cannot authenticate without it (create lines with `ferry token new`)");
+                None
+            }
+            Some(path) => {
+                if let Err(e) = crate::gateway::auth::TokensFile::load(path) {
+                    errs.push(f("auth.tokens_file"), e.to_string());
+                }
+                Some(path.clone())
+            }
+        };
+        let web = &self.web;
+        if web.scrape_timeout_max.0.is_zero() {
+            errs.push(f("web.scrape_timeout_max"), "must be greater than 0");
+        }
+        if web.scrape_timeout_default.0 > web.scrape_timeout_max.0 {
+            errs.push(f("web.scrape_timeout_default"), "must not exceed web.scrape_timeout_max");
+        }
+        if web.max_scrape_bytes == 0 {
+            errs.push(f("web.max_scrape_bytes"), "must be greater than 0");
+        }
+        if self.tunnel.max_concurrent_scrapes == 0 {
+            errs.push(f("tunnel.max_concurrent_scrapes"), "must be greater than 0");
+        }
+        let keepalive = validate_keepalive(&self.tunnel.keepalive_interval, &self.tunnel.keepalive_timeout, &f("tunnel"), errs);
+        Some(GatewayConfig {
+            web_listen: web_listen?,
+            tunnel_listen: tunnel_listen?,
+            tls: tls?,
+            tokens_file: tokens_file?,
+            keepalive,
+            handshake_timeout: self.tunnel.handshake_timeout.0,
+            max_concurrent_scrapes: self.tunnel.max_concurrent_scrapes,
+            scrape: ScrapeLimits {
+                default_timeout: web.scrape_timeout_default.0,
+                max_timeout: web.scrape_timeout_max.0,
+                margin: web.scrape_timeout_margin.0,
+                max_body_bytes: web.max_scrape_bytes,
+            },
+            shutdown_grace: self.shutdown_grace_period.0,
+        })
+    }
+
+    fn validate_tls(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<GatewayTls> {
+        let t = &self.tunnel;
+        let field = |name: &str| format!("{prefix}.tunnel.{name}");
+        match (&t.tls_cert_file, &t.tls_key_file, t.insecure_plaintext) {
+            (None, None, true) => Some(GatewayTls::InsecurePlaintext),
+            (_, _, true) => {
+                errs.push(field("insecure_plaintext"), "cannot be combined with tls_cert_file/tls_key_file");
+                None
+            }
+            (Some(cert), Some(key), false) => {
+                match crate::tunnel::tls_server::load_identity(cert, key) {
+                    Ok(_) => {}
+                    Err(e) => errs.push(field("tls_cert_file"), e.to_string()),
+                }
+                Some(GatewayTls::Files { cert: cert.clone(), key: key.clone() })
+            }
+            (Some(_), None, _) => {
+                errs.push(field("tls_key_file"), "required when tls_cert_file is set");
+                None
+            }
+            (None, Some(_), _) => {
+                errs.push(field("tls_cert_file"), "required when tls_key_file is set");
+                None
+            }
+            (None, None, false) => Some(GatewayTls::SelfSigned {
+                data_dir: self.data_dir.clone(),
+                names: t.tls_self_signed_names.clone(),
+            }),
+        }
+    }
+}

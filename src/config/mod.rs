@@ -1,0 +1,373 @@
+//! Configuration: serde structs for the YAML file (and the flags, which fill the same structs),
+//! validated once into runtime types. Validation reports every error at once, each with the
+//! field path it concerns; nothing downstream unwraps an `Option` of the file format.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+#[cfg(feature = "agent")]
+mod agent;
+#[cfg(feature = "gateway")]
+mod gateway;
+
+#[cfg(feature = "agent")]
+pub use agent::{
+    parse_label_flag, AgentConfig, AgentSection, AgentTunnelSection, AgentWebSection,
+    BackoffConfig, GatewayEndpoint, ReconnectSection, Target, TargetSection, TargetTlsSection,
+    SELF_TARGET, TOKEN_ENV,
+};
+#[cfg(feature = "gateway")]
+pub use gateway::{
+    AuthSection, GatewayConfig, GatewaySection, GatewayTls, GatewayTunnelSection,
+    GatewayWebSection, ScrapeLimits,
+};
+
+/// One problem in the configuration: where, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the field, as written in the YAML file (`agent.targets[0].url`).
+    pub field: String,
+    /// What is wrong, one line.
+    pub message: String,
+}
+
+/// Every problem found in one configuration, reported together.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConfigErrors {
+    /// Where the configuration came from: a file name, or "flags".
+    pub origin: String,
+    /// The problems, in the order found.
+    pub errors: Vec<ConfigError>,
+}
+
+impl ConfigErrors {
+    /// An empty collection for configuration read from `origin`.
+    pub fn new(origin: impl Into<String>) -> Self {
+        Self {
+            origin: origin.into(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Records a problem with `field`.
+    pub fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    /// `Ok(value)` when nothing was recorded, else all the errors.
+    pub fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
+    }
+
+    /// Records the error of `result` under `field` and returns its value, if any.
+    pub fn check<T, E: fmt::Display>(&mut self, field: &str, result: Result<T, E>) -> Option<T> {
+        result.map_err(|e| self.push(field, e.to_string())).ok()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if self.origin == "flags" {
+                write!(f, "invalid flag {}: {}", flag_name(&e.field), e.message)?;
+            } else if e.field.is_empty() {
+                write!(f, "{}: {}", self.origin, e.message)?;
+            } else {
+                write!(f, "{}: {}: {}", self.origin, e.field, e.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The flag that sets a field: flags mirror the YAML paths below the role section
+/// (`gateway.tunnel.tls_cert_file` ↔ `--tunnel.tls-cert-file`).
+pub fn flag_name(field: &str) -> String {
+    let below_role = field.split_once('.').map_or(field, |(_, rest)| rest);
+    let below_role = below_role.split('[').next().unwrap_or(below_role);
+    let flag = match below_role {
+        "targets" => "target",
+        "labels" => "label",
+        other => other,
+    };
+    format!("--{}", flag.replace('_', "-"))
+}
+
+/// Where logs go and how they look; the `log:` section.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing filter directive).
+    pub level: String,
+    /// Line format.
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Logfmt,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `key=value` pairs, like Prometheus.
+    #[default]
+    Logfmt,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The whole YAML file: any combination of role sections.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Logging for the whole process.
+    #[serde(default)]
+    pub log: LogSection,
+    /// The gateway role, if this process runs one.
+    #[cfg(feature = "gateway")]
+    pub gateway: Option<GatewaySection>,
+    /// The agent role, if this process runs one.
+    #[cfg(feature = "agent")]
+    pub agent: Option<AgentSection>,
+}
+
+/// Validated configuration of every role the file asks for.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Logging.
+    pub log: LogSection,
+    /// The gateway, if configured.
+    #[cfg(feature = "gateway")]
+    pub gateway: Option<GatewayConfig>,
+    /// The agent, if configured.
+    #[cfg(feature = "agent")]
+    pub agent: Option<AgentConfig>,
+}
+
+impl FileConfig {
+    /// Reads and parses `path`; a syntax or shape error is reported with its line and field.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigErrors> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let mut errs = ConfigErrors::new(origin.clone());
+            errs.push("", format!("cannot read: {e}"));
+            errs
+        })?;
+        Self::parse(&text, &origin)
+    }
+
+    /// Parses YAML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigErrors> {
+        serde_yaml_ng::from_str(text).map_err(|e| {
+            let mut errs = ConfigErrors::new(origin);
+            errs.push("", e.to_string().replace('\n', " "));
+            errs
+        })
+    }
+
+    /// Validates every section, collecting all errors; `env` looks up environment variables.
+    pub fn validate(&self, origin: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<RunConfig, ConfigErrors> {
+        let mut errs = ConfigErrors::new(origin);
+        validate_log(&self.log, &mut errs);
+        #[cfg(feature = "gateway")]
+        let gateway = self.gateway.as_ref().map(|g| g.validate("gateway", &mut errs));
+        #[cfg(feature = "agent")]
+        let agent = self.agent.as_ref().map(|a| a.validate("agent", env, &mut errs));
+        let _ = env;
+        let mut any_role = false;
+        #[cfg(feature = "gateway")]
+        {
+            any_role |= self.gateway.is_some();
+        }
+        #[cfg(feature = "agent")]
+        {
+            any_role |= self.agent.is_some();
+        }
+        if !any_role {
+            errs.push("", "no role configured: add a gateway: or agent: section");
+        }
+        errs.finish(())?;
+        Ok(RunConfig {
+            log: self.log.clone(),
+            #[cfg(feature = "gateway")]
+            gateway: gateway.flatten(),
+            #[cfg(feature = "agent")]
+            agent: agent.flatten(),
+        })
+    }
+}
+
+fn validate_log(log: &LogSection, errs: &mut ConfigErrors) {
+    const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+    if !LEVELS.contains(&log.level.as_str()) && !log.level.contains('=') {
+        errs.push("log.level", format!("{:?} is not one of {}", log.level, LEVELS.join(", ")));
+    }
+}
+
+/// A duration written like Prometheus's (`10s`, `500ms`, `1m30s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    /// Parses `10s`, `500ms`, `1m30s`, `2h`.
+    pub fn parse(s: &str) -> Result<Dur, String> {
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms, 1m30s)"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Dur::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Dur::parse(s)
+    }
+}
+
+/// A secret string whose `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `s`.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Parses a listen address: `host:port`, `[v6]:port`, or `:port` for every interface.
+pub fn parse_listen_address(s: &str) -> Result<SocketAddr, String> {
+    let spelled = if let Some(port) = s.strip_prefix(':') {
+        format!("0.0.0.0:{port}")
+    } else {
+        s.to_owned()
+    };
+    if let Ok(addr) = spelled.parse() {
+        return Ok(addr);
+    }
+    spelled
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| format!("{s:?} is not a listen address (host:port or :port)"))
+}
+
+/// Records an error unless `path` names a readable file.
+pub fn check_readable(path: &Path, field: &str, errs: &mut ConfigErrors) {
+    if let Err(e) = std::fs::File::open(path) {
+        errs.push(field, format!("cannot read {}: {e}", path.display()));
+    }
+}
+
+/// Records an error unless `value` is a valid Prometheus label name.
+pub fn check_label_name(name: &str, field: &str, errs: &mut ConfigErrors) {
+    let mut chars = name.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with("__");
+    if !valid {
+        errs.push(field, format!("{name:?} is not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)"));
+    }
+}
+
+/// Validates a keepalive pair under `prefix` (`gateway.tunnel`).
+pub(crate) fn validate_keepalive(
+    interval: &Dur,
+    timeout: &Dur,
+    prefix: &str,
+    errs: &mut ConfigErrors,
+) -> crate::tunnel::Keepalive {
+    for (name, value) in [("keepalive_interval", interval), ("keepalive_timeout", timeout)] {
+        if value.0 < Duration::from_millis(100) {
+            errs.push(format!("{prefix}.{name}"), "must be at least 100ms");
+        }
+    }
+    crate::tunnel::Keepalive {
+        interval: interval.0,
+        timeout: timeout.0,
+    }
+}
+
+/// The paths of the example configurations shipped in `examples/`, for tests.
+pub fn example_paths() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    paths.retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ferry")) && p.extension().is_some_and(|e| e == "yaml" || e == "yml"));
+    paths.sort();
+    paths
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_mirror_yaml_paths() {
+        assert_eq!(flag_name("gateway.tunnel.tls_cert_file"), "--tunnel.tls-cert-file");
+        assert_eq!(flag_name("agent.targets[2].url"), "--target");
+        assert_eq!(flag_name("agent.token_file"), "--token-file");
+    }
+
+    #[test]
+    fn listen_addresses_accept_prometheus_spelling() {
+        assert_eq!(parse_listen_address(":8080").unwrap(), "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(parse_listen_address("[::1]:0").unwrap(), "[::1]:0".parse().unwrap());
+        assert!(parse_listen_address("8080").is_err());
+    }
+
+    #[test]
+    fn durations_parse_like_prometheus() {
+        assert_eq!(Dur::parse("500ms").unwrap().0, Duration::from_millis(500));
+        assert_eq!(Dur::parse("1m30s").unwrap().0, Duration::from_secs(90));
+        assert!(Dur::parse("soon").unwrap_err().contains("not a duration"));
+    }
+
+    #[test]
+    fn secrets_do_not_leak_through_debug() {
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "***");
+    }
+}

@@ -1,0 +1,193 @@
+//! Agent credentials: the tokens file (`<agent-id glob> sha256:<hex of token>` per line, `#`
+//! comments). Tokens are stored hashed; a presented token is hashed and compared in constant time
+//! against every line, and may only claim ids its line's glob matches.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// Why a tokens file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokensFileError {
+    /// The file could not be read.
+    #[error("cannot read tokens file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A line is malformed.
+    #[error("tokens file {path} line {line}: {reason}")]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// One credential: the ids it may claim and the hash of its token.
+#[derive(Debug, Clone)]
+struct Entry {
+    ids: glob::Pattern,
+    hash: [u8; 32],
+}
+
+/// The parsed tokens file.
+#[derive(Debug, Clone, Default)]
+pub struct TokensFile {
+    entries: Vec<Entry>,
+}
+
+/// Why a tunnel's credentials were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No line's hash matches the token (401).
+    #[error("invalid token")]
+    InvalidToken,
+    /// The token is valid but may not claim this id (403).
+    #[error("token may not claim agent id {0:?}")]
+    IdNotAllowed(String),
+}
+
+impl TokensFile {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<TokensFile, TokensFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokensFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|(line, reason)| TokensFileError::Line {
+            path: path.to_owned(),
+            line,
+            reason,
+        })
+    }
+
+    /// Parses the text of a tokens file; errors carry the 1-based line number.
+    pub fn parse(text: &str) -> Result<TokensFile, (usize, String)> {
+        let mut entries = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            entries.push(parse_line(line).map_err(|reason| (i + 1, reason))?);
+        }
+        Ok(TokensFile { entries })
+    }
+
+    /// Number of credentials.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the file holds no credential at all.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Checks that `token` is known and may claim `agent_id`.
+    ///
+    /// Every line is compared, matching or not, so timing does not tell which line (if any) matched.
+    pub fn authorize(&self, token: &str, agent_id: &str) -> Result<(), AuthError> {
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut known = false;
+        let mut allowed = false;
+        for entry in &self.entries {
+            let matches: bool = entry.hash.ct_eq(&presented).into();
+            known |= matches;
+            allowed |= matches && entry.ids.matches(agent_id);
+        }
+        match (known, allowed) {
+            (_, true) => Ok(()),
+            (true, false) => Err(AuthError::IdNotAllowed(agent_id.to_owned())),
+            (false, _) => Err(AuthError::InvalidToken),
+        }
+    }
+}
+
+fn parse_line(line: &str) -> Result<Entry, String> {
+    let mut fields = line.split_whitespace();
+    let (Some(glob), Some(hash), None) = (fields.next(), fields.next(), fields.next()) else {
+        return Err("expected `<agent-id glob> sha256:<hex of token>`".into());
+    };
+    let ids = glob::Pattern::new(glob).map_err(|e| format!("invalid glob {glob:?}: {e}"))?;
+    let hex_part = hash
+        .strip_prefix("sha256:")
+        .ok_or_else(|| format!("{hash:?} must start with sha256: (hash the token, never store it)"))?;
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut digest)
+        .map_err(|_| format!("{hash:?}: expected sha256: followed by 64 hex digits"))?;
+    Ok(Entry { ids, hash: digest })
+}
+
+/// A new random token (256 bits, hex) and its tokens-file hash `sha256:<hex>`.
+pub fn new_token() -> (String, String) {
+    let bytes: [u8; 32] = rand::random();
+    let token = hex::encode(bytes);
+    let hash = hash_token(&token);
+    (token, hash)
+}
+
+/// `sha256:<hex>` of a token, as written in the tokens file.
+pub fn hash_token(token: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(token.as_bytes())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(lines: &[(&str, &str)]) -> TokensFile {
+        let text: String = lines
+            .iter()
+            .map(|(glob, token)| format!("{glob} {}  # comment\n", hash_token(token)))
+            .collect();
+        TokensFile::parse(&format!("# header\n\n{text}")).unwrap()
+    }
+
+    #[test]
+    fn token_may_claim_only_ids_matching_its_glob() {
+        let f = file(&[("node-*", "alpha"), ("db-1", "beta")]);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f.authorize("alpha", "node-7"), Ok(()));
+        assert_eq!(f.authorize("beta", "db-1"), Ok(()));
+        assert_eq!(f.authorize("alpha", "db-1"), Err(AuthError::IdNotAllowed("db-1".into())));
+        assert_eq!(f.authorize("gamma", "node-7"), Err(AuthError::InvalidToken));
+    }
+
+    #[test]
+    fn the_same_token_on_two_lines_may_claim_both_globs() {
+        let f = file(&[("a-*", "t"), ("b-*", "t")]);
+        assert!(f.authorize("t", "a-1").is_ok() && f.authorize("t", "b-1").is_ok());
+    }
+
+    #[test]
+    fn malformed_lines_are_reported_with_their_number() {
+        for (text, needle) in [
+            ("ok sha256:00\n", "64 hex digits"),
+            ("node-1 deadbeef\n", "must start with sha256:"),
+            ("node-1\n", "expected"),
+            ("[ sha256:aa\n", "invalid glob"),
+        ] {
+            let (line, reason) = TokensFile::parse(&format!("# c\n{text}")).unwrap_err();
+            assert_eq!(line, 2, "{text}");
+            assert!(reason.contains(needle), "{text}: {reason}");
+        }
+    }
+
+    #[test]
+    fn new_tokens_are_random_and_hash_to_their_line() {
+        let (a, ha) = new_token();
+        let (b, _) = new_token();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64);
+        let f = TokensFile::parse(&format!("* {ha}")).unwrap();
+        assert!(f.authorize(&a, "anything").is_ok());
+    }
+}

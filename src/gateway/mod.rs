@@ -1,0 +1,195 @@
+//! The public side of the pull path.
+//!
+//! - [`auth`]: the tokens file and the credential check.
+//! - [`registry`]: connected agents (the seam for several gateways).
+//! - `tunnel`: accepting tunnels — TLS, upgrade, HTTP/2 client, the target-list watch.
+//! - `proxy`: Prometheus's absolute-form scrapes, forwarded through a tunnel.
+//! - `sd`: http_sd JSON at `/targets` and `/clients`.
+//! - `web`: routing of the web listener.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use http::{Request, Response};
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, Instrument};
+
+use crate::config::{GatewayConfig, GatewayTls};
+use crate::http_util::{Body, BoxError};
+use crate::telemetry::GatewayMetrics;
+use crate::tunnel::tls::TlsError;
+use crate::tunnel::tls_server::{load_identity, self_signed_identity, ServerIdentity};
+
+pub mod auth;
+mod proxy;
+pub mod registry;
+mod sd;
+mod tunnel;
+mod web;
+
+use auth::{TokensFile, TokensFileError};
+use registry::Registry;
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The TLS identity could not be loaded or generated.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The tokens file is unusable.
+    #[error(transparent)]
+    Tokens(#[from] TokensFileError),
+}
+
+/// Shared state of one gateway: configuration, connected agents, credentials, metrics.
+pub(crate) struct State {
+    pub(crate) config: GatewayConfig,
+    pub(crate) registry: Registry,
+    pub(crate) tokens: RwLock<Arc<TokensFile>>,
+    pub(crate) metrics: GatewayMetrics,
+    pub(crate) metrics_registry: MetricsRegistry,
+    pub(crate) identity: Option<ServerIdentity>,
+}
+
+impl State {
+    pub(crate) fn tokens(&self) -> Arc<TokensFile> {
+        self.tokens.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A summary of one connected agent, for scripts and status pages.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AgentInfo {
+    /// The agent id.
+    pub id: String,
+    /// Where its tunnel comes from.
+    pub remote: SocketAddr,
+    /// Seconds since the Unix epoch when the tunnel came up.
+    pub connected_since: u64,
+    /// Names of its targets.
+    pub targets: Vec<String>,
+}
+
+/// The gateway: accepts agent tunnels and proxies Prometheus scrapes through them.
+///
+/// Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Gateway {
+    state: Arc<State>,
+}
+
+impl Gateway {
+    /// Loads the TLS identity (generating the self-signed one on first start) and the tokens file.
+    pub fn new(config: GatewayConfig) -> Result<Gateway, GatewayError> {
+        let identity = match &config.tls {
+            GatewayTls::Files { cert, key } => Some(load_identity(cert, key)?),
+            GatewayTls::SelfSigned { data_dir, names } => Some(self_signed_identity(data_dir, names)?),
+            GatewayTls::InsecurePlaintext => None,
+        };
+        let tokens = TokensFile::load(&config.tokens_file)?;
+        let mut metrics_registry = MetricsRegistry::default();
+        let metrics = GatewayMetrics::register(&mut metrics_registry);
+        Ok(Gateway {
+            state: Arc::new(State {
+                config,
+                registry: Registry::default(),
+                tokens: RwLock::new(Arc::new(tokens)),
+                metrics,
+                metrics_registry,
+                identity,
+            }),
+        })
+    }
+
+    /// `sha256:<hex>` of the tunnel certificate, for agents' `--tunnel.fingerprint`; `None` without TLS.
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.state.identity.as_ref().map(|i| i.fingerprint.as_str())
+    }
+
+    /// Re-reads the tokens file (SIGHUP). On error the old credentials stay in force.
+    pub fn reload_tokens(&self) -> Result<usize, TokensFileError> {
+        let tokens = TokensFile::load(&self.state.config.tokens_file)?;
+        let n = tokens.len();
+        *self.state.tokens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tokens);
+        Ok(n)
+    }
+
+    /// The connected agents, sorted by id.
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        self.state
+            .registry
+            .snapshot()
+            .iter()
+            .map(|a| AgentInfo {
+                id: a.id.clone(),
+                remote: a.remote,
+                connected_since: a
+                    .connected_at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                targets: a.targets().targets.iter().map(|t| t.name.clone()).collect(),
+            })
+            .collect()
+    }
+
+    /// Answers one request of the web listener: a scrape (absolute-form) or one of ferry's own
+    /// endpoints. Mount this in your own HTTP server to embed the gateway.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        web::handle(&self.state, req.map(crate::http_util::boxed)).await
+    }
+
+    /// Serves the web listener (Prometheus, service discovery, metrics) until `shutdown`,
+    /// then drains in-flight scrapes within the grace period.
+    pub async fn serve_web(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let gateway = self.clone();
+        let grace = self.state.config.shutdown_grace;
+        info!(address = %local(&listener), "gateway web listener up");
+        crate::server::serve_http(
+            listener,
+            move |_peer, req| {
+                let gateway = gateway.clone();
+                async move { gateway.handle(req).await }
+            },
+            shutdown,
+            grace,
+        )
+        .await;
+    }
+
+    /// Accepts agent tunnels on `listener` until `shutdown`; then closes every tunnel.
+    pub async fn serve_tunnels(&self, listener: TcpListener, shutdown: CancellationToken) {
+        match self.fingerprint() {
+            Some(fp) => info!(address = %local(&listener), fingerprint = fp, "gateway tunnel listener up (TLS)"),
+            None => tracing::warn!(address = %local(&listener), "gateway tunnel listener up WITHOUT TLS (insecure plaintext)"),
+        }
+        tunnel::accept_loop(self.state.clone(), listener, shutdown).await;
+    }
+
+    /// Runs both listeners. On `shutdown` the web listener stops accepting and drains in-flight
+    /// scrapes first; tunnels close after that.
+    pub async fn run(self, web: TcpListener, tunnels: TcpListener, shutdown: CancellationToken) {
+        let tunnel_shutdown = CancellationToken::new();
+        let tunnel_task = {
+            let gateway = self.clone();
+            let token = tunnel_shutdown.clone();
+            tokio::spawn(async move { gateway.serve_tunnels(tunnels, token).await }.in_current_span())
+        };
+        self.serve_web(web, shutdown).await;
+        tunnel_shutdown.cancel();
+        let _ = tunnel_task.await;
+        info!("gateway stopped");
+    }
+}
+
+fn local(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string())
+}

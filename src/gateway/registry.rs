@@ -1,0 +1,132 @@
+//! The agent registry: who is connected, their targets, and how to reach them.
+//!
+//! This is the seam for running several gateways as one: today an in-memory map; later the same
+//! interface backed by a shared store, with lookups of agents held by another gateway returning a
+//! forwarding handle. Nothing outside this module knows how agents are stored.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use hyper::client::conn::http2::SendRequest;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::http_util::Body;
+use crate::tunnel::TargetList;
+
+/// One connected agent: its identity, its targets, and the HTTP/2 sender over its tunnel.
+pub struct AgentHandle {
+    /// The agent id.
+    pub id: String,
+    /// Distinguishes this tunnel from an earlier or later one of the same id.
+    pub session: u64,
+    /// Where the tunnel comes from.
+    pub remote: SocketAddr,
+    /// When the tunnel came up.
+    pub connected_at: SystemTime,
+    sender: SendRequest<Body>,
+    targets: watch::Receiver<Arc<TargetList>>,
+    closed: CancellationToken,
+}
+
+impl AgentHandle {
+    /// Creates a handle; `closed` is cancelled to close the tunnel (when a newer one replaces it).
+    pub fn new(
+        id: String,
+        session: u64,
+        remote: SocketAddr,
+        sender: SendRequest<Body>,
+        targets: watch::Receiver<Arc<TargetList>>,
+        closed: CancellationToken,
+    ) -> Self {
+        Self {
+            id,
+            session,
+            remote,
+            connected_at: SystemTime::now(),
+            sender,
+            targets,
+            closed,
+        }
+    }
+
+    /// A sender for one request over the tunnel.
+    pub fn sender(&self) -> SendRequest<Body> {
+        self.sender.clone()
+    }
+
+    /// The agent's current target list.
+    pub fn targets(&self) -> Arc<TargetList> {
+        self.targets.borrow().clone()
+    }
+
+    /// Closes the tunnel.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+}
+
+/// The connected agents, by id.
+#[derive(Default)]
+pub struct Registry {
+    agents: RwLock<HashMap<String, Arc<AgentHandle>>>,
+    sessions: AtomicU64,
+}
+
+impl Registry {
+    /// A fresh session number for a new tunnel.
+    pub fn next_session(&self) -> u64 {
+        self.sessions.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Adds `agent`, returning the handle it replaces (the caller closes it).
+    pub fn insert(&self, agent: Arc<AgentHandle>) -> Option<Arc<AgentHandle>> {
+        self.write().insert(agent.id.clone(), agent)
+    }
+
+    /// Removes `id` if its current tunnel is `session` (a replaced tunnel must not remove its successor).
+    pub fn remove(&self, id: &str, session: u64) -> bool {
+        let mut agents = self.write();
+        if agents.get(id).is_some_and(|a| a.session == session) {
+            agents.remove(id);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The agent with `id`, if connected.
+    pub fn get(&self, id: &str) -> Option<Arc<AgentHandle>> {
+        self.read().get(id).cloned()
+    }
+
+    /// Every connected agent, sorted by id.
+    pub fn snapshot(&self) -> Vec<Arc<AgentHandle>> {
+        let mut all: Vec<_> = self.read().values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// Number of connected agents.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether no agent is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    // A poisoned lock means a panic while holding it; the map itself is still consistent
+    // (every mutation is a single insert or remove), so keep serving.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<AgentHandle>>> {
+        self.agents.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<AgentHandle>>> {
+        self.agents.write().unwrap_or_else(|p| p.into_inner())
+    }
+}

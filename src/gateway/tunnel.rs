@@ -1,0 +1,229 @@
+//! Accepting tunnels: TLS, the upgrade handshake with its credential check, then HTTP/2 with the
+//! gateway as client, the agent registered for as long as the connection lives.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::auth::AuthError;
+use super::registry::AgentHandle;
+use super::State;
+use crate::http_util::{empty, text_response, Body};
+use crate::telemetry::ResultLabels;
+use crate::tunnel::handshake::{parse_upgrade_request, switching_protocols, Refusal};
+use crate::tunnel::{TargetList, CONTROL_AUTHORITY, TARGETS_LONG_POLL, TARGETS_PATH};
+
+/// Largest target list accepted from an agent.
+const MAX_TARGET_LIST_BYTES: usize = 1 << 20;
+
+pub(super) async fn accept_loop(state: Arc<State>, listener: TcpListener, shutdown: CancellationToken) {
+    let sessions = TaskTracker::new();
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    crate::server::accept_backoff(&e).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let span = info_span!("tunnel", %remote);
+        sessions.spawn(handle_connection(state.clone(), stream, remote, shutdown.clone()).instrument(span));
+    }
+    sessions.close();
+    sessions.wait().await;
+}
+
+async fn handle_connection(state: Arc<State>, stream: TcpStream, remote: SocketAddr, shutdown: CancellationToken) {
+    let timeout = state.config.handshake_timeout;
+    match &state.identity {
+        Some(identity) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(identity.config.clone());
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_upgrade(state, tls, remote, shutdown).await,
+                Ok(Err(e)) => handshake_failed(&state, "tls_error", &format!("TLS handshake failed: {e}")),
+                Err(_) => handshake_failed(&state, "timeout", "TLS handshake timed out"),
+            }
+        }
+        None => serve_upgrade(state, stream, remote, shutdown).await,
+    }
+}
+
+fn handshake_failed(state: &State, result: &str, reason: &str) {
+    debug!(reason, "tunnel handshake failed");
+    count_handshake(state, result);
+}
+
+fn count_handshake(state: &State, result: &str) {
+    state
+        .metrics
+        .handshakes
+        .get_or_create(&ResultLabels { result: result.to_owned() })
+        .inc();
+}
+
+/// Serves the one HTTP/1.1 request that opens a tunnel, bounded by the handshake timeout.
+async fn serve_upgrade<IO>(state: Arc<State>, io: IO, remote: SocketAddr, shutdown: CancellationToken)
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let timeout = state.config.handshake_timeout;
+    let svc_state = state.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let state = svc_state.clone();
+        let shutdown = shutdown.clone();
+        async move { Ok::<_, Infallible>(upgrade(state, req, remote, shutdown)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    match tokio::time::timeout(timeout, conn).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => handshake_failed(&state, "http_error", &e.to_string()),
+        Err(_) => handshake_failed(&state, "timeout", "upgrade request timed out"),
+    }
+}
+
+/// Checks the credentials of an upgrade request; on success answers 101 and starts the session.
+fn upgrade(state: Arc<State>, req: Request<Incoming>, remote: SocketAddr, shutdown: CancellationToken) -> Response<Body> {
+    let claim = match parse_upgrade_request(&req) {
+        Ok(claim) => claim,
+        Err(refusal) => return refuse(&state, refusal, "bad_request", None),
+    };
+    if let Err(e) = state.tokens().authorize(&claim.token, &claim.agent_id) {
+        let (status, result) = match e {
+            AuthError::InvalidToken => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            AuthError::IdNotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden"),
+        };
+        return refuse(&state, Refusal::new(status, e.to_string()), result, Some(&claim.agent_id));
+    }
+    count_handshake(&state, "ok");
+    let agent_id = claim.agent_id;
+    let span = info_span!("agent", agent = %agent_id);
+    tokio::spawn(
+        async move {
+            match hyper::upgrade::on(req).await {
+                Ok(upgraded) => run_session(state, upgraded, agent_id, remote, shutdown).await,
+                Err(e) => warn!(error = %e, "tunnel upgrade failed after 101"),
+            }
+        }
+        .instrument(span),
+    );
+    switching_protocols()
+}
+
+fn refuse(state: &State, refusal: Refusal, result: &str, agent: Option<&str>) -> Response<Body> {
+    warn!(agent = agent.unwrap_or("-"), status = refusal.status.as_u16(), reason = %refusal.reason, "tunnel refused");
+    count_handshake(state, result);
+    text_response(refusal.status, &refusal.reason)
+}
+
+/// One tunnel's life: HTTP/2 handshake, first target list, registration, then until it ends.
+async fn run_session(state: Arc<State>, upgraded: Upgraded, agent_id: String, remote: SocketAddr, shutdown: CancellationToken) {
+    let ka = state.config.keepalive;
+    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(ka.interval)
+        .keep_alive_timeout(ka.timeout)
+        .keep_alive_while_idle(true)
+        .handshake::<_, Body>(upgraded);
+    let (mut sender, conn) = match handshake.await {
+        Ok(pair) => pair,
+        Err(e) => return warn!(error = %e, "HTTP/2 handshake over the tunnel failed"),
+    };
+    let mut conn = std::pin::pin!(conn);
+    let first = tokio::select! {
+        list = fetch_targets(&mut sender, None, state.config.handshake_timeout) => list,
+        res = &mut conn => return warn!(result = ?res, "tunnel closed before the agent sent its targets"),
+    };
+    let first = match first {
+        Ok(list) => list,
+        Err(e) => return warn!(error = %e, "could not read the agent's targets"),
+    };
+    let n_targets = first.targets.len();
+    let (targets_tx, targets_rx) = watch::channel(Arc::new(first));
+    let closed = CancellationToken::new();
+    let session = state.registry.next_session();
+    let handle = Arc::new(AgentHandle::new(agent_id.clone(), session, remote, sender.clone(), targets_rx, closed.clone()));
+    if let Some(old) = state.registry.insert(handle) {
+        warn!(old_remote = %old.remote, "agent id connected again: replacing the older tunnel");
+        state.metrics.tunnels_replaced.inc();
+        old.close();
+    }
+    state.metrics.agents_connected.set(state.registry.len() as i64);
+    info!(targets = n_targets, "agent connected");
+    let end = tokio::select! {
+        res = &mut conn => format!("connection ended: {}", res.map_or_else(|e| e.to_string(), |_| "closed by agent".into())),
+        _ = closed.cancelled() => "replaced by a newer tunnel".to_owned(),
+        _ = shutdown.cancelled() => "gateway shutting down".to_owned(),
+        e = watch_targets(sender, targets_tx) => format!("target list watch failed: {e}"),
+    };
+    state.registry.remove(&agent_id, session);
+    state.metrics.agents_connected.set(state.registry.len() as i64);
+    info!(reason = %end, "agent disconnected");
+}
+
+/// Follows the agent's target list: each answer is the next version, held open by the agent until it changes.
+async fn watch_targets(mut sender: SendRequest<Body>, tx: watch::Sender<Arc<TargetList>>) -> String {
+    loop {
+        let version = tx.borrow().version;
+        match fetch_targets(&mut sender, Some(version), TARGETS_LONG_POLL + Duration::from_secs(30)).await {
+            Ok(list) if list.version != version => {
+                info!(targets = list.targets.len(), version = list.version, "agent targets changed");
+                tx.send_replace(Arc::new(list));
+            }
+            Ok(_) => {}
+            Err(e) => return e,
+        }
+    }
+}
+
+async fn fetch_targets(sender: &mut SendRequest<Body>, after: Option<u64>, timeout: Duration) -> Result<TargetList, String> {
+    let uri = match after {
+        Some(v) => format!("http://{CONTROL_AUTHORITY}{TARGETS_PATH}?after={v}"),
+        None => format!("http://{CONTROL_AUTHORITY}{TARGETS_PATH}"),
+    };
+    let req = Request::get(uri).body(empty()).map_err(|e| e.to_string())?;
+    let fetch = async {
+        sender.ready().await.map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        if resp.status() != StatusCode::OK {
+            return Err(format!("agent answered {} to the targets request", resp.status()));
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_TARGET_LIST_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("reading target list: {e}"))?
+            .to_bytes();
+        parse_target_list(&body)
+    };
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| "timed out waiting for the target list".to_owned())?
+}
+
+fn parse_target_list(body: &Bytes) -> Result<TargetList, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid target list: {e}"))
+}

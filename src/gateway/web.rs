@@ -1,0 +1,52 @@
+//! The web listener's routing: absolute-form requests are scrapes; origin-form requests reach
+//! ferry's own endpoints.
+
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+
+use super::{proxy, sd, State};
+use crate::http_util::{full, text_response, Body};
+use crate::telemetry::metrics_response;
+
+pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<Body> {
+    if req.method() == Method::CONNECT {
+        let mut resp = text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported by the gateway: it proxies plain http:// scrapes (absolute-form), the agent picks http or https",
+        );
+        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST"));
+        return resp;
+    }
+    if req.uri().authority().is_some() {
+        return proxy::scrape(state, req).await;
+    }
+    match req.uri().path() {
+        "/targets" | "/clients" => json(sd::document(&state.registry.snapshot())),
+        "/metrics" => metrics_response(&state.metrics_registry),
+        "/-/healthy" => text_response(StatusCode::OK, "Healthy"),
+        "/-/ready" => text_response(StatusCode::OK, "Ready"),
+        "/api/v1/agents" => json(serde_json::to_string(&agents(state)).unwrap_or_else(|_| "[]".into())),
+        "/" => text_response(StatusCode::OK, &status_text(state)),
+        _ => text_response(StatusCode::NOT_FOUND, "not found: scrapes must be absolute-form (set the gateway as proxy_url); endpoints are /targets, /metrics, /-/healthy, /-/ready"),
+    }
+}
+
+fn json(body: String) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn agents(state: &Arc<State>) -> Vec<super::AgentInfo> {
+    super::Gateway { state: state.clone() }.agents()
+}
+
+fn status_text(state: &Arc<State>) -> String {
+    let agents = agents(state);
+    let mut out = format!("ferry gateway: {} agent(s) connected\n", agents.len());
+    for a in agents {
+        out.push_str(&format!("{}  from {}  targets: {}\n", a.id, a.remote, a.targets.join(", ")));
+    }
+    out.trim_end().to_owned()
+}

@@ -1,0 +1,216 @@
+//! HTTP pieces shared by the gateway and the agent: the boxed body type, hop-by-hop header
+//! stripping, and a streaming body that enforces a deadline and a size limit.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use tokio::time::{Instant, Sleep};
+
+/// Error type carried by every streamed body in ferry.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every request and response ferry builds or forwards.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A body holding `bytes` in full.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Boxes any body whose error converts into [`BoxError`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// A plain-text response with a one-line reason, the way ferry answers every refusal.
+pub fn text_response(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut resp = Response::new(full(format!("{reason}\n")));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the proxy's credentials.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, those named in `Connection`, `Upgrade` and `Proxy-Authorization`.
+///
+/// `Host` is removed too: the next hop derives it from the request URI.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+    headers.remove(header::HOST);
+}
+
+/// Why a [`BoundedBody`] stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyLimitError {
+    /// The deadline passed while the body was still streaming.
+    #[error("body still streaming when the scrape timeout of {0:?} expired")]
+    Deadline(Duration),
+    /// The body exceeded the configured maximum.
+    #[error("body exceeds the maximum of {0} bytes")]
+    TooLarge(u64),
+}
+
+/// Called once when a [`BoundedBody`] is finished or dropped, with the bytes it passed on.
+pub type OnFinish = Box<dyn FnOnce(u64) + Send>;
+
+/// A streaming body with a deadline and a size limit that reports its byte count when it ends.
+///
+/// Nothing is buffered: frames pass through as they arrive. The deadline bounds how long a slow
+/// peer can hold a stream open; the limit bounds how much a peer can push.
+pub struct BoundedBody {
+    inner: Body,
+    deadline: Pin<Box<Sleep>>,
+    timeout: Duration,
+    max_bytes: u64,
+    seen: u64,
+    on_finish: Option<OnFinish>,
+}
+
+impl BoundedBody {
+    /// Wraps `inner`, failing it at `deadline` or once it passes `max_bytes`.
+    pub fn new(inner: Body, deadline: Instant, max_bytes: u64, on_finish: OnFinish) -> Self {
+        Self {
+            inner,
+            timeout: deadline.saturating_duration_since(Instant::now()),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            max_bytes,
+            seen: 0,
+            on_finish: Some(on_finish),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(f) = self.on_finish.take() {
+            f(self.seen);
+        }
+    }
+}
+
+impl Drop for BoundedBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl HttpBody for BoundedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.on_finish.is_none() {
+            return Poll::Ready(None);
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            this.finish();
+            return Poll::Ready(Some(Err(BodyLimitError::Deadline(this.timeout).into())));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if this.seen > this.max_bytes {
+                        this.finish();
+                        return Poll::Ready(Some(Err(BodyLimitError::TooLarge(this.max_bytes).into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish();
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.on_finish.is_none() || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(h.contains_key(header::ACCEPT_ENCODING));
+        assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[tokio::test]
+    async fn bounded_body_fails_past_the_limit_and_reports_bytes() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let body = BoundedBody::new(
+            full(vec![0u8; 100]),
+            Instant::now() + Duration::from_secs(5),
+            10,
+            Box::new(move |n| tx.send(n).unwrap()),
+        );
+        let err = body.collect().await.unwrap_err();
+        assert!(err.to_string().contains("maximum of 10 bytes"), "{err}");
+        assert_eq!(rx.recv().unwrap(), 100);
+    }
+}

@@ -1,0 +1,36 @@
+//! ferry carries monitoring traffic across network boundaries.
+//!
+//! Prometheus keeps pulling: it uses the **gateway** as its `proxy_url`, and an **agent** inside the
+//! private network dials out to the gateway over one TLS tunnel and performs the scrapes it is sent.
+//!
+//! # Component map
+//!
+//! - [`tunnel`] — the wire protocol v1 shared by both sides: TCP dialling (directly or through an
+//!   HTTP CONNECT proxy), TLS identities and verification, the HTTP/1.1 Upgrade handshake, HTTP/2
+//!   keepalive settings and the JSON target list the agent publishes. Called by `gateway` and `agent`.
+//! - [`gateway`] (feature `gateway`) — the public side: accepts tunnels and authenticates agents
+//!   (`auth`), keeps the agent registry (`registry`, the one seam to change for several gateways),
+//!   proxies Prometheus's absolute-form scrapes (`proxy`), serves http_sd (`sd`) and its own endpoints
+//!   (`web`). Mount it in your own server through [`gateway::Gateway::web_service`].
+//! - [`agent`] (feature `agent`) — the private side: the reconnect loop, the allowlist of targets and
+//!   the scrape executor that serves them over the tunnel. Embed it with [`agent::Agent`].
+//! - [`config`] — serde structs for the YAML file and flags, validated once into runtime types with
+//!   every error reported at once.
+//! - [`telemetry`] — ferry's own Prometheus metrics (prometheus-client) and their encoding.
+//! - [`scrape_error`] — the one place where a failed scrape becomes a status code and a reason.
+//! - [`http_util`] — body types, hop-by-hop header stripping and bounded streaming bodies shared by
+//!   both sides.
+//! - [`cli`] (feature `cli`) — the `ferry` command line; `main.rs` only calls it.
+
+pub mod config;
+pub mod http_util;
+pub mod scrape_error;
+pub mod server;
+pub mod telemetry;
+pub mod tunnel;
+
+#[cfg(feature = "agent")]
+pub mod agent;
+#[cfg(feature = "gateway")]
+pub mod gateway;
+

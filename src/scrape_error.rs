@@ -1,0 +1,126 @@
+//! The one place where a failed scrape becomes the status code and one-line reason that
+//! Prometheus (or a person with curl) sees. Both the gateway and the agent answer through it.
+
+use http::{Response, StatusCode};
+use std::time::Duration;
+
+use crate::http_util::{text_response, Body};
+
+/// Header carrying which side produced an error response, so the gateway can count it right.
+pub const ERROR_SOURCE_HEADER: &str = "ferry-error";
+
+/// Why a scrape could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    /// No tunnel from this agent id is up on this gateway.
+    #[error("agent {0:?} is not connected")]
+    AgentNotConnected(String),
+    /// The agent has no target on this port and path; nothing was fetched.
+    #[error("agent {agent:?} has no target at port {port} path {path:?}")]
+    NoSuchTarget {
+        /// The agent asked for.
+        agent: String,
+        /// The port from the request URI.
+        port: u16,
+        /// The path from the request URI.
+        path: String,
+    },
+    /// The scrape did not complete within its (clamped) timeout.
+    #[error("scrape of {what} timed out after {timeout:?}")]
+    Timeout {
+        /// What timed out: the agent or a named target.
+        what: String,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// The tunnel to the agent failed while carrying the request.
+    #[error("tunnel to agent {agent:?} failed: {reason}")]
+    Tunnel {
+        /// The agent whose tunnel failed.
+        agent: String,
+        /// The underlying error, one line.
+        reason: String,
+    },
+    /// The agent reached the target, but the target failed.
+    #[error("target {target:?} failed: {reason}")]
+    Target {
+        /// The target's name.
+        target: String,
+        /// The underlying error, one line.
+        reason: String,
+    },
+    /// The request itself is malformed (no host, a bad URI).
+    #[error("bad scrape request: {0}")]
+    BadRequest(String),
+}
+
+impl ScrapeError {
+    /// The status code this error maps to: 503, 404, 504, 502 or 400.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ScrapeError::AgentNotConnected(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ScrapeError::NoSuchTarget { .. } => StatusCode::NOT_FOUND,
+            ScrapeError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ScrapeError::Tunnel { .. } | ScrapeError::Target { .. } => StatusCode::BAD_GATEWAY,
+            ScrapeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// A short label naming the error's kind, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ScrapeError::AgentNotConnected(_) => "agent_not_connected",
+            ScrapeError::NoSuchTarget { .. } => "no_such_target",
+            ScrapeError::Timeout { .. } => "timeout",
+            ScrapeError::Tunnel { .. } => "tunnel",
+            ScrapeError::Target { .. } => "target",
+            ScrapeError::BadRequest(_) => "bad_request",
+        }
+    }
+
+    /// The response sent for this error: its status and its one-line reason as plain text.
+    pub fn into_response(self, source: &'static str) -> Response<Body> {
+        let reason = self.to_string().replace('\n', " ");
+        let mut resp = text_response(self.status(), &reason);
+        resp.headers_mut()
+            .insert(ERROR_SOURCE_HEADER, http::HeaderValue::from_static(source));
+        resp
+    }
+}
+
+/// Renders an error and its sources on one line, as `{:#}` would with anyhow.
+pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(source) = cur {
+        let text = source.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = source.source();
+    }
+    out.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_maps_to_its_documented_status() {
+        let cases = [
+            (ScrapeError::AgentNotConnected("a".into()), 503),
+            (
+                ScrapeError::NoSuchTarget { agent: "a".into(), port: 1, path: "/x".into() },
+                404,
+            ),
+            (ScrapeError::Timeout { what: "a".into(), timeout: Duration::from_secs(1) }, 504),
+            (ScrapeError::Tunnel { agent: "a".into(), reason: "r".into() }, 502),
+            (ScrapeError::Target { target: "t".into(), reason: "r".into() }, 502),
+        ];
+        for (err, code) in cases {
+            assert_eq!(err.status().as_u16(), code, "{err}");
+        }
+    }
+}

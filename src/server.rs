@@ -1,0 +1,73 @@
+//! The accept loop every HTTP listener of ferry uses: bounded header reads, an accept loop that
+//! survives one bad connection and backs off on EMFILE, and graceful draining on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::http_util::Body;
+
+/// How long a client may take to send its request headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves HTTP/1.1 on `listener` until `shutdown`, then lets in-flight requests finish for up to `grace`.
+///
+/// `handler` is called once per request with the peer's address.
+pub async fn serve_http<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken, grace: Duration)
+where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    accept_backoff(&e).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let fut = handler(peer, req);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        warn!(?grace, "in-flight requests still running when the shutdown grace period ended");
+    }
+}
+
+/// Sleeps after a failed `accept`: long when out of file descriptors, briefly otherwise.
+pub async fn accept_backoff(e: &std::io::Error) {
+    // ENFILE (23) / EMFILE (24): retrying at once would spin; give connections time to close.
+    let emfile = matches!(e.raw_os_error(), Some(23 | 24));
+    let pause = if emfile { Duration::from_millis(500) } else { Duration::from_millis(10) };
+    warn!(error = %e, ?pause, "accept failed");
+    tokio::time::sleep(pause).await;
+}

@@ -1,0 +1,126 @@
+//! The metric families of each role.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Buckets from 1 ms to ~65 s, for scrape durations.
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// Labels: result of an operation (`ok`, `unauthorized`, …).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// The result.
+    pub result: String,
+}
+
+/// Labels: one agent.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabels {
+    /// The agent id.
+    pub agent: String,
+}
+
+/// Labels of a scrape on the gateway.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScrapeLabels {
+    /// The agent id (or `unknown` if not connected).
+    pub agent: String,
+    /// The target name (or `unknown`).
+    pub target: String,
+    /// `2xx` … `5xx`.
+    pub status_class: String,
+}
+
+/// Labels of a scrape on the agent.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetResultLabels {
+    /// The target name.
+    pub target: String,
+    /// `ok`, `http_error`, `timeout`, `error`, `not_found`.
+    pub result: String,
+}
+
+/// The gateway's metrics.
+#[derive(Debug, Clone)]
+pub struct GatewayMetrics {
+    /// Agents with a tunnel up.
+    pub agents_connected: Gauge,
+    /// Tunnel handshakes by result.
+    pub handshakes: Family<ResultLabels, Counter>,
+    /// Tunnels closed because the same id connected again.
+    pub tunnels_replaced: Counter,
+    /// Scrapes by agent, target and status class.
+    pub scrapes: Family<ScrapeLabels, Counter>,
+    /// Scrape duration, request to last body byte.
+    pub scrape_duration: Family<AgentLabels, Histogram, fn() -> Histogram>,
+    /// Scrape body bytes proxied to Prometheus.
+    pub bytes_proxied: Family<AgentLabels, Counter>,
+}
+
+impl GatewayMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            agents_connected: Gauge::default(),
+            handshakes: Family::default(),
+            tunnels_replaced: Counter::default(),
+            scrapes: Family::default(),
+            scrape_duration: Family::new_with_constructor(duration_histogram),
+            bytes_proxied: Family::default(),
+        };
+        registry.register("ferry_gateway_agents_connected", "Agents with a tunnel up", m.agents_connected.clone());
+        registry.register("ferry_gateway_tunnel_handshakes", "Tunnel handshakes by result", m.handshakes.clone());
+        registry.register("ferry_gateway_tunnels_replaced", "Tunnels closed because the same agent id connected again", m.tunnels_replaced.clone());
+        registry.register("ferry_gateway_scrapes", "Scrapes proxied, by agent, target and status class", m.scrapes.clone());
+        registry.register("ferry_gateway_scrape_duration_seconds", "Scrape duration through the tunnel, to the last body byte", m.scrape_duration.clone());
+        registry.register("ferry_gateway_proxied_bytes", "Scrape body bytes passed to Prometheus", m.bytes_proxied.clone());
+        m
+    }
+}
+
+/// The agent's metrics.
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    /// 1 while the tunnel is up.
+    pub tunnel_up: Gauge,
+    /// Tunnel connection attempts by result.
+    pub connects: Family<ResultLabels, Counter>,
+    /// Scrapes by target and result.
+    pub scrapes: Family<TargetResultLabels, Counter>,
+    /// Target fetch duration, to the response headers.
+    pub scrape_duration: Family<TargetNameLabels, Histogram, fn() -> Histogram>,
+    /// Number of configured targets (with the built-in one).
+    pub targets: Gauge,
+}
+
+/// Labels: one target.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetNameLabels {
+    /// The target name.
+    pub target: String,
+}
+
+impl AgentMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            tunnel_up: Gauge::default(),
+            connects: Family::default(),
+            scrapes: Family::default(),
+            scrape_duration: Family::new_with_constructor(duration_histogram),
+            targets: Gauge::default(),
+        };
+        registry.register("ferry_agent_tunnel_up", "1 while the tunnel to the gateway is up", m.tunnel_up.clone());
+        registry.register("ferry_agent_tunnel_connects", "Tunnel connection attempts by result", m.connects.clone());
+        registry.register("ferry_agent_scrapes", "Scrapes served, by target and result", m.scrapes.clone());
+        registry.register("ferry_agent_scrape_duration_seconds", "Time to the target's response headers", m.scrape_duration.clone());
+        registry.register("ferry_agent_targets", "Targets served, the built-in one included", m.targets.clone());
+        m
+    }
+}

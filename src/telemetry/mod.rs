@@ -1,0 +1,45 @@
+//! ferry's own metrics, named `ferry_<role>_<what>_<unit>`, with bounded label sets (agent ids,
+//! target names, status classes, results — never URLs, IPs or ports), and their exposition.
+
+use http::{header, HeaderValue, Response};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::registry::Registry;
+
+use crate::http_util::{full, Body};
+
+mod metrics;
+pub use metrics::*;
+
+/// Content type of the OpenMetrics text exposition prometheus-client writes.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Encodes every metric of `registry` in the OpenMetrics text format.
+pub fn encode_registry(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail; an encoder error would be a bug in a metric type.
+    if let Err(e) = encode(&mut out, registry) {
+        tracing::error!(error = %e, "encoding metrics failed");
+    }
+    out
+}
+
+/// A `/metrics` response for `registry`.
+pub fn metrics_response(registry: &Registry) -> Response<Body> {
+    let mut resp = Response::new(full(encode_registry(registry)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE),
+    );
+    resp
+}
+
+/// The status class label of an HTTP status: `2xx` … `5xx`.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

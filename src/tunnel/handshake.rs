@@ -1,0 +1,276 @@
+//! The HTTP/1.1 Upgrade that opens a tunnel: `GET /ferry/v1/tunnel` with `Upgrade: ferry/1`, the
+//! bearer token and the agent id; answered `101 Switching Protocols` or a refusal with a reason.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{AGENT_ID_HEADER, TUNNEL_PATH, UPGRADE_PROTOCOL};
+
+/// Longest agent id accepted: a DNS name.
+pub const MAX_AGENT_ID_LEN: usize = 253;
+
+/// Whether `id` can be an agent id: it must work as the host of a URL Prometheus scrapes.
+pub fn valid_agent_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_AGENT_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && !id.starts_with(['-', '.'])
+}
+
+/// What an upgrade request claims.
+#[derive(Clone)]
+pub struct UpgradeRequest {
+    /// The bearer token presented.
+    pub token: String,
+    /// The agent id claimed.
+    pub agent_id: String,
+}
+
+impl std::fmt::Debug for UpgradeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpgradeRequest")
+            .field("token", &"***")
+            .field("agent_id", &self.agent_id)
+            .finish()
+    }
+}
+
+/// A refusal the gateway sends instead of `101`, with its one-line reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// 400, 401, 403, 404, 409 or 426.
+    pub status: StatusCode,
+    /// One line, shown in the agent's log.
+    pub reason: String,
+}
+
+impl Refusal {
+    /// A refusal with `status` and `reason`.
+    pub fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Reads the credentials out of an upgrade request, or says why it is not one.
+pub fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeRequest, Refusal> {
+    if req.uri().path() != TUNNEL_PATH {
+        return Err(Refusal::new(StatusCode::NOT_FOUND, "not a ferry tunnel endpoint"));
+    }
+    let upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    if !upgrade.is_some_and(|u| u.eq_ignore_ascii_case(UPGRADE_PROTOCOL)) {
+        return Err(Refusal::new(
+            StatusCode::UPGRADE_REQUIRED,
+            format!("expected Upgrade: {UPGRADE_PROTOCOL}"),
+        ));
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Refusal::new(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
+    let agent_id = req
+        .headers()
+        .get(AGENT_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "missing Ferry-Agent-Id header"))?;
+    if !valid_agent_id(agent_id) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("agent id {agent_id:?} is not a valid host name"),
+        ));
+    }
+    Ok(UpgradeRequest {
+        token: token.to_owned(),
+        agent_id: agent_id.to_owned(),
+    })
+}
+
+/// The `101 Switching Protocols` answer to an accepted upgrade request.
+pub fn switching_protocols<B: Default>() -> Response<B> {
+    let mut resp = Response::new(B::default());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTOCOL));
+    resp
+}
+
+/// Why the agent's side of the handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The gateway answered with a refusal.
+    #[error("gateway refused the tunnel with {status}: {reason}")]
+    Refused {
+        /// The status the gateway sent.
+        status: StatusCode,
+        /// Its one-line reason.
+        reason: String,
+    },
+    /// HTTP failed during the handshake.
+    #[error("tunnel handshake failed")]
+    Http(#[from] hyper::Error),
+    /// The request could not be built (a token with characters not allowed in a header).
+    #[error("invalid handshake request: {0}")]
+    Request(#[from] http::Error),
+}
+
+impl HandshakeError {
+    /// Whether the gateway refused our credentials (retry slowly and loudly, don't hammer).
+    pub fn is_auth_refusal(&self) -> bool {
+        matches!(self, HandshakeError::Refused { status, .. }
+            if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN)
+    }
+}
+
+/// Sends the upgrade request over `io` and returns the upgraded stream once the gateway agrees.
+pub async fn request_upgrade<IO>(
+    io: IO,
+    host: &str,
+    token: &str,
+    agent_id: &str,
+) -> Result<Upgraded, HandshakeError>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    let conn = tokio::spawn(conn.with_upgrades());
+    let req = Request::get(TUNNEL_PATH)
+        .header(header::HOST, host)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, UPGRADE_PROTOCOL)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(AGENT_ID_HEADER, agent_id)
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await;
+    let resp = match resp {
+        Ok(resp) => resp,
+        Err(e) => {
+            conn.abort();
+            return Err(e.into());
+        }
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = resp.status();
+        let reason = refusal_reason(resp).await;
+        conn.abort();
+        return Err(HandshakeError::Refused { status, reason });
+    }
+    Ok(hyper::upgrade::on(resp).await?)
+}
+
+async fn refusal_reason(resp: Response<hyper::body::Incoming>) -> String {
+    const MAX_REASON: usize = 512;
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_REASON);
+    let bytes = tokio::time::timeout(std::time::Duration::from_secs(5), body.collect())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    text.lines().next().unwrap_or("").trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::get(TUNNEL_PATH);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn accepts_a_complete_upgrade_request() {
+        let r = req(&[
+            ("upgrade", "ferry/1"),
+            ("authorization", "Bearer s3cret"),
+            ("ferry-agent-id", "node-1.example.com"),
+        ]);
+        let u = parse_upgrade_request(&r).unwrap();
+        assert_eq!(u.token, "s3cret");
+        assert_eq!(u.agent_id, "node-1.example.com");
+        assert!(!format!("{u:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn refuses_incomplete_requests_with_the_right_status() {
+        let cases: [(&[(&str, &str)], u16); 4] = [
+            (&[("authorization", "Bearer x"), ("ferry-agent-id", "a")], 426),
+            (&[("upgrade", "ferry/1"), ("ferry-agent-id", "a")], 401),
+            (&[("upgrade", "ferry/1"), ("authorization", "Bearer x")], 400),
+            (
+                &[("upgrade", "ferry/1"), ("authorization", "Bearer x"), ("ferry-agent-id", "a/b")],
+                400,
+            ),
+        ];
+        for (headers, status) in cases {
+            let err = parse_upgrade_request(&req(headers)).unwrap_err();
+            assert_eq!(err.status.as_u16(), status, "{headers:?}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn agent_ids_must_be_host_names() {
+        assert!(valid_agent_id("node-1"));
+        assert!(valid_agent_id("db_2.dc1.example.com"));
+        for bad in ["", "a b", "a:1", "a/b", "-x", ".x", &"a".repeat(254)] {
+            assert!(!valid_agent_id(bad), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn upgrade_round_trip_over_a_duplex_pipe() {
+        use hyper::service::service_fn;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (client, server) = tokio::io::duplex(4096);
+        let server_task = tokio::spawn(async move {
+            let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let parsed = parse_upgrade_request(&req);
+                let resp: Response<Empty<Bytes>> = match parsed {
+                    Ok(u) if u.token == "good" => {
+                        tokio::spawn(async move {
+                            let up = hyper::upgrade::on(req).await.unwrap();
+                            let mut io = TokioIo::new(up);
+                            io.write_all(b"hello from gateway").await.unwrap();
+                        });
+                        switching_protocols()
+                    }
+                    _ => {
+                        let mut r = Response::new(Empty::new());
+                        *r.status_mut() = StatusCode::UNAUTHORIZED;
+                        r
+                    }
+                };
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), svc)
+                .with_upgrades()
+                .await
+        });
+        let up = request_upgrade(client, "gw", "good", "node-1").await.unwrap();
+        let mut io = TokioIo::new(up);
+        let mut buf = vec![0; 18];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello from gateway");
+        drop(server_task);
+    }
+}

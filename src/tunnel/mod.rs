@@ -1,0 +1,88 @@
+//! Wire protocol v1, shared by both ends of the tunnel.
+//!
+//! TCP (directly or through an HTTP CONNECT proxy) → TLS 1.3 → HTTP/1.1 `Upgrade: ferry/1` carrying
+//! the bearer token and agent id → HTTP/2 with the roles reversed: the gateway is the HTTP/2 client,
+//! the agent the HTTP/2 server. No framing or crypto of our own.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "agent")]
+pub mod dial;
+pub mod handshake;
+pub mod tls;
+#[cfg(feature = "agent")]
+pub mod tls_client;
+#[cfg(feature = "gateway")]
+pub mod tls_server;
+
+/// Path of the HTTP/1.1 request that opens a tunnel.
+pub const TUNNEL_PATH: &str = "/ferry/v1/tunnel";
+/// Value of the `Upgrade` header that switches the connection to the tunnel protocol.
+pub const UPGRADE_PROTOCOL: &str = "ferry/1";
+/// Header naming the agent id the tunnel claims.
+pub const AGENT_ID_HEADER: &str = "ferry-agent-id";
+/// Path the gateway asks (over HTTP/2) for the agent's target list.
+pub const TARGETS_PATH: &str = "/ferry/v1/targets";
+/// Authority of control requests; scrapes always carry `<agent-id>:<port>`, control requests no port.
+pub const CONTROL_AUTHORITY: &str = "ferry";
+/// Header carrying the scrape timeout Prometheus asks for (seconds, float).
+pub const SCRAPE_TIMEOUT_HEADER: &str = "x-prometheus-scrape-timeout-seconds";
+/// How long the agent holds a `?after=<version>` targets request open when nothing changes.
+pub const TARGETS_LONG_POLL: Duration = Duration::from_secs(300);
+
+/// HTTP/2 PING keepalive settings, used by both sides of the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Time between PINGs. Shorter than the idle cut of any middlebox on the way.
+    pub interval: Duration,
+    /// How long to wait for a PING's acknowledgement before declaring the peer dead.
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    /// 20 s keeps a tunnel alive behind a load balancer that cuts connections idle for 60 s,
+    /// and finds a dead peer within 40 s.
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(20),
+            timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The list of targets an agent serves, as it publishes it to the gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetList {
+    /// Increases with every change, so the gateway can wait for the next one.
+    pub version: u64,
+    /// Labels of the agent, attached to every target in service discovery.
+    pub labels: BTreeMap<String, String>,
+    /// The targets, in configuration order.
+    pub targets: Vec<TargetInfo>,
+}
+
+/// One target as the gateway sees it: how Prometheus addresses it, not where it really is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    /// The target's name (`ferry_target` label).
+    pub name: String,
+    /// The port Prometheus uses in `<agent-id>:<port>`.
+    pub port: u16,
+    /// The metrics path.
+    pub path: String,
+    /// The target's own labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl TargetList {
+    /// The target served at `port` and `path`, if any.
+    pub fn find(&self, port: u16, path: &str) -> Option<&TargetInfo> {
+        self.targets
+            .iter()
+            .find(|t| t.port == port && t.path == path)
+    }
+}
+

@@ -1,0 +1,107 @@
+//! TLS pieces both ends share: PEM loading, fingerprints, the crypto provider and its errors.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+
+/// Why a TLS identity, trust anchor or configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate file could not be read or holds no PEM certificate.
+    #[error("certificate file {path}: {reason}")]
+    Cert {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A key file could not be read or holds no PEM private key.
+    #[error("key file {path}: {reason}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// rustls rejected the certificate and key together.
+    #[error("certificate {cert} and key {key} do not form a usable identity: {reason}")]
+    Mismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// rustls's reason.
+        reason: String,
+    },
+    /// rustls refused the configuration (no usable trust anchors, no protocol version).
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    /// The self-signed certificate could not be generated or stored.
+    #[error("self-signed certificate in {dir}: {reason}")]
+    SelfSigned {
+        /// The data directory.
+        dir: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// The crypto provider for every TLS connection ferry makes: ring, chosen explicitly so that no
+/// process-wide default has to be installed (embedding applications may have their own).
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// `sha256:<hex>` of a DER certificate.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(cert.as_ref())))
+}
+
+/// Reads every certificate of a PEM file; at least one must be there.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Cert {
+            path: path.to_owned(),
+            reason: pem_reason(&e),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Cert {
+            path: path.to_owned(),
+            reason: "no PEM certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(io) => io.to_string(),
+        rustls::pki_types::pem::Error::NoItemsFound => "no PEM item of the expected kind found".into(),
+        other => format!("not valid PEM: {other:?}"),
+    }
+}
+
+/// Reads the first private key of a PEM file.
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
+        path: path.to_owned(),
+        reason: pem_reason(&e),
+    })
+}
+
+
+/// Parses `sha256:<64 hex digits>` into the 32 bytes it names.
+pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
+    let hex_part = s
+        .strip_prefix("sha256:")
+        .ok_or_else(|| format!("{s:?} must start with sha256:"))?;
+    let cleaned: String = hex_part.chars().filter(|c| *c != ':').collect();
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(&cleaned, &mut out)
+        .map_err(|_| format!("{s:?} must be sha256: followed by 64 hex digits"))?;
+    Ok(out)
+}

@@ -1,0 +1,115 @@
+//! The gateway's TLS identity: certificate and key files, or a self-signed certificate generated
+//! on first start, kept in the data directory and reused, identified by its SHA-256 fingerprint.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::tls::{fingerprint, read_certs, read_key, TlsError};
+
+/// File name of the generated certificate inside the data directory.
+pub const SELF_SIGNED_CERT: &str = "tunnel-cert.pem";
+/// File name of the generated private key inside the data directory.
+pub const SELF_SIGNED_KEY: &str = "tunnel-key.pem";
+
+/// The gateway's certificate, ready to accept tunnels.
+#[derive(Clone)]
+pub struct ServerIdentity {
+    /// rustls configuration: TLS 1.3 only.
+    pub config: Arc<rustls::ServerConfig>,
+    /// `sha256:<hex>` of the leaf certificate, what agents pin with `--tunnel.fingerprint`.
+    pub fingerprint: String,
+}
+
+/// Loads a certificate chain and key from PEM files.
+pub fn load_identity(cert_file: &Path, key_file: &Path) -> Result<ServerIdentity, TlsError> {
+    let certs = read_certs(cert_file)?;
+    let key = read_key(key_file)?;
+    build(certs, key).map_err(|reason| TlsError::Mismatch {
+        cert: cert_file.to_owned(),
+        key: key_file.to_owned(),
+        reason,
+    })
+}
+
+/// Loads the self-signed identity from `data_dir`, generating and storing it on first start.
+pub fn self_signed_identity(data_dir: &Path, names: &[String]) -> Result<ServerIdentity, TlsError> {
+    let cert_file = data_dir.join(SELF_SIGNED_CERT);
+    let key_file = data_dir.join(SELF_SIGNED_KEY);
+    if !cert_file.exists() || !key_file.exists() {
+        generate(data_dir, &cert_file, &key_file, names).map_err(|reason| TlsError::SelfSigned {
+            dir: data_dir.to_owned(),
+            reason,
+        })?;
+    }
+    load_identity(&cert_file, &key_file)
+}
+
+fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create directory: {e}"))?;
+    let mut names = names.to_vec();
+    if names.is_empty() {
+        names.push("ferry-gateway".into());
+    }
+    let generated = rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
+    write_private(key_file, generated.signing_key.serialize_pem().as_bytes())?;
+    std::fs::write(cert_file, generated.cert.pem()).map_err(|e| format!("cannot write certificate: {e}"))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot write key {}: {e}", path.display()))?;
+    f.write_all(bytes)
+        .map_err(|e| format!("cannot write key {}: {e}", path.display()))
+}
+
+fn build(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<ServerIdentity, String> {
+    let fingerprint = fingerprint(&certs[0]);
+    let mut config = rustls::ServerConfig::builder_with_provider(super::tls::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(ServerIdentity {
+        config: Arc::new(config),
+        fingerprint,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_identity_is_generated_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = self_signed_identity(dir.path(), &["gw.test".into()]).unwrap();
+        let again = self_signed_identity(dir.path(), &["gw.test".into()]).unwrap();
+        assert_eq!(first.fingerprint, again.fingerprint);
+        assert!(first.fingerprint.starts_with("sha256:") && first.fingerprint.len() == 71);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(SELF_SIGNED_KEY)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn unreadable_or_empty_files_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let err = load_identity(&empty, &empty).unwrap_err().to_string();
+        assert!(err.contains("empty.pem") && err.contains("no PEM"), "{err}");
+        let err = load_identity(&dir.path().join("missing.pem"), &empty).unwrap_err().to_string();
+        assert!(err.contains("missing.pem"), "{err}");
+    }
+}
