@@ -34,3 +34,7 @@ pub mod agent;
 #[cfg(feature = "gateway")]
 pub mod gateway;
 
+#[cfg(feature = "cli")]
+pub mod cli;
+#[cfg(feature = "cli")]
+pub mod quickstart;

@@ -1,0 +1,336 @@
+//! The `ferry` command line: Prometheus-style flags that fill the same structs as the YAML file,
+//! so flags and file are validated by one code path.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{
+    parse_label_flag, AgentSection, ConfigErrors, Dur, FileConfig, GatewaySection, LogFormat,
+    LogSection, RunConfig, TargetSection,
+};
+
+mod logging;
+pub use logging::init as init_logging;
+mod run;
+
+/// Exit code for configuration errors (bad flags, files, certificates).
+pub const EXIT_CONFIG: u8 = 2;
+
+/// ferry carries monitoring traffic across network boundaries.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Public side of the pull path: Prometheus's proxy_url, accepts agent tunnels.
+    Gateway(GatewayArgs),
+    /// Private side: dials out to the gateway and serves its listed targets.
+    Agent(AgentArgs),
+    /// Runs every role configured in a YAML file (gateway:, agent:).
+    Run(RunArgs),
+    /// Validates a YAML configuration file and reports every error.
+    CheckConfig(CheckArgs),
+    /// Agent tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Gateway + agent + a demo target in one process on loopback; prints what to try.
+    Quickstart(crate::quickstart::QuickstartArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Prints a new random token and the tokens-file line that accepts it.
+    New {
+        /// Agent id glob the line allows.
+        #[arg(long, default_value = "*")]
+        agent_id: String,
+    },
+}
+
+/// Logging flags shared by every role.
+#[derive(Debug, Args, Clone)]
+pub struct LogArgs {
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long = "log.level", value_name = "LEVEL")]
+    pub level: Option<String>,
+    /// Log line format.
+    #[arg(long = "log.format", value_name = "FORMAT", value_parser = parse_log_format)]
+    pub format: Option<LogFormat>,
+}
+
+impl LogArgs {
+    /// The `log:` section these flags describe, on top of `base`.
+    pub fn apply(&self, mut base: LogSection) -> LogSection {
+        if let Some(level) = &self.level {
+            base.level = level.clone();
+        }
+        if let Some(format) = self.format {
+            base.format = format;
+        }
+        base
+    }
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "logfmt" => Ok(LogFormat::Logfmt),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("{s:?} is not logfmt or json")),
+    }
+}
+
+#[derive(Debug, Args)]
+struct GatewayArgs {
+    #[command(flatten)]
+    log: LogArgs,
+    /// Address for Prometheus (proxy_url), /targets, /metrics [default: :8080].
+    #[arg(long = "web.listen-address", value_name = "ADDR")]
+    web_listen_address: Option<String>,
+    /// Scrape timeout when Prometheus sends none [default: 10s].
+    #[arg(long = "web.scrape-timeout-default", value_name = "DURATION")]
+    scrape_timeout_default: Option<Dur>,
+    /// Largest scrape timeout honoured [default: 60s].
+    #[arg(long = "web.scrape-timeout-max", value_name = "DURATION")]
+    scrape_timeout_max: Option<Dur>,
+    /// How much earlier than Prometheus ferry gives up [default: 500ms].
+    #[arg(long = "web.scrape-timeout-margin", value_name = "DURATION")]
+    scrape_timeout_margin: Option<Dur>,
+    /// Largest scrape body passed through, in bytes [default: 268435456].
+    #[arg(long = "web.max-scrape-bytes", value_name = "BYTES")]
+    max_scrape_bytes: Option<u64>,
+    /// Address agents dial [default: :7443].
+    #[arg(long = "tunnel.listen-address", value_name = "ADDR")]
+    tunnel_listen_address: Option<String>,
+    /// PEM certificate chain for the tunnel (else a self-signed one in --data-dir).
+    #[arg(long = "tunnel.tls-cert-file", value_name = "FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key for the tunnel.
+    #[arg(long = "tunnel.tls-key-file", value_name = "FILE")]
+    tls_key_file: Option<PathBuf>,
+    /// Accept tunnels without TLS. Only behind a TLS-terminating front end.
+    #[arg(long = "tunnel.insecure-plaintext")]
+    insecure_plaintext: bool,
+    /// HTTP/2 PING interval [default: 20s].
+    #[arg(long = "tunnel.keepalive-interval", value_name = "DURATION")]
+    keepalive_interval: Option<Dur>,
+    /// HTTP/2 PING acknowledgement timeout [default: 20s].
+    #[arg(long = "tunnel.keepalive-timeout", value_name = "DURATION")]
+    keepalive_timeout: Option<Dur>,
+    /// Where the self-signed certificate is kept [default: data].
+    #[arg(long = "data-dir", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Agent credentials: lines "<agent-id glob> sha256:<hex of token>".
+    #[arg(long = "auth.tokens-file", value_name = "FILE")]
+    tokens_file: Option<PathBuf>,
+    /// Drain time for in-flight scrapes on SIGTERM [default: 15s].
+    #[arg(long = "shutdown.grace-period", value_name = "DURATION")]
+    grace: Option<Dur>,
+}
+
+impl GatewayArgs {
+    fn section(&self) -> GatewaySection {
+        let mut s = GatewaySection::default();
+        set(&mut s.web.listen_address, &self.web_listen_address);
+        set(&mut s.web.scrape_timeout_default, &self.scrape_timeout_default);
+        set(&mut s.web.scrape_timeout_max, &self.scrape_timeout_max);
+        set(&mut s.web.scrape_timeout_margin, &self.scrape_timeout_margin);
+        set(&mut s.web.max_scrape_bytes, &self.max_scrape_bytes);
+        set(&mut s.tunnel.listen_address, &self.tunnel_listen_address);
+        s.tunnel.tls_cert_file = self.tls_cert_file.clone();
+        s.tunnel.tls_key_file = self.tls_key_file.clone();
+        s.tunnel.insecure_plaintext = self.insecure_plaintext;
+        set(&mut s.tunnel.keepalive_interval, &self.keepalive_interval);
+        set(&mut s.tunnel.keepalive_timeout, &self.keepalive_timeout);
+        set(&mut s.data_dir, &self.data_dir);
+        s.auth.tokens_file = self.tokens_file.clone();
+        set(&mut s.shutdown_grace_period, &self.grace);
+        s
+    }
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    log: LogArgs,
+    /// The gateway's tunnel address, https://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    gateway: Option<String>,
+    /// The id to claim [default: this host's name].
+    #[arg(long = "agent-id", value_name = "ID")]
+    agent_id: Option<String>,
+    /// File holding the token (else the FERRY_TOKEN environment variable).
+    #[arg(long = "token-file", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// HTTP CONNECT proxy to reach the gateway through [default: $HTTPS_PROXY].
+    #[arg(long = "proxy-url", value_name = "URL")]
+    proxy_url: Option<String>,
+    /// Trust only CAs in this PEM file for the gateway.
+    #[arg(long = "tunnel.ca-file", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// Trust exactly the gateway certificate with this fingerprint (sha256:HEX).
+    #[arg(long = "tunnel.fingerprint", value_name = "sha256:HEX")]
+    fingerprint: Option<String>,
+    /// Client certificate for the tunnel (mTLS).
+    #[arg(long = "tunnel.cert-file", value_name = "FILE")]
+    cert_file: Option<PathBuf>,
+    /// Client key for the tunnel.
+    #[arg(long = "tunnel.key-file", value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Name to verify the gateway certificate against [default: host of --gateway].
+    #[arg(long = "tunnel.server-name", value_name = "NAME")]
+    server_name: Option<String>,
+    /// Dial an http:// gateway without TLS. Only for TLS-terminating front ends.
+    #[arg(long = "tunnel.insecure-plaintext")]
+    insecure_plaintext: bool,
+    /// HTTP/2 PING interval [default: 20s].
+    #[arg(long = "tunnel.keepalive-interval", value_name = "DURATION")]
+    keepalive_interval: Option<Dur>,
+    /// HTTP/2 PING acknowledgement timeout [default: 20s].
+    #[arg(long = "tunnel.keepalive-timeout", value_name = "DURATION")]
+    keepalive_timeout: Option<Dur>,
+    /// A target this agent serves, NAME=URL (repeatable).
+    #[arg(long = "target", value_name = "NAME=URL", value_parser = TargetSection::parse_flag)]
+    targets: Vec<TargetSection>,
+    /// A label for every target of this agent, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label_flag)]
+    labels: Vec<(String, String)>,
+    /// Serve the agent's own /metrics and health endpoints locally on ADDR.
+    #[arg(long = "web.listen-address", value_name = "ADDR")]
+    web_listen_address: Option<String>,
+    /// Drain time for in-flight scrapes on SIGTERM [default: 15s].
+    #[arg(long = "shutdown.grace-period", value_name = "DURATION")]
+    grace: Option<Dur>,
+}
+
+impl AgentArgs {
+    fn section(&self) -> AgentSection {
+        let mut s = AgentSection {
+            gateway: self.gateway.clone(),
+            agent_id: self.agent_id.clone(),
+            token_file: self.token_file.clone(),
+            proxy_url: self.proxy_url.clone(),
+            targets: self.targets.clone(),
+            labels: self.labels.iter().cloned().collect(),
+            ..AgentSection::default()
+        };
+        let t = &mut s.tunnel;
+        t.ca_file = self.ca_file.clone();
+        t.fingerprint = self.fingerprint.clone();
+        t.cert_file = self.cert_file.clone();
+        t.key_file = self.key_file.clone();
+        t.server_name = self.server_name.clone();
+        t.insecure_plaintext = self.insecure_plaintext;
+        set(&mut t.keepalive_interval, &self.keepalive_interval);
+        set(&mut t.keepalive_timeout, &self.keepalive_timeout);
+        s.web.listen_address = self.web_listen_address.clone();
+        set(&mut s.shutdown_grace_period, &self.grace);
+        s
+    }
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    log: LogArgs,
+    /// The YAML configuration file.
+    #[arg(long = "config.file", value_name = "FILE")]
+    config_file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The YAML configuration file.
+    file: PathBuf,
+}
+
+fn set<T: Clone>(field: &mut T, flag: &Option<T>) {
+    if let Some(v) = flag {
+        *field = v.clone();
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Parses the process's arguments and runs the command; the whole of `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Token(TokenCommand::New { agent_id }) => token_new(&agent_id),
+        Command::CheckConfig(args) => check_config(&args.file),
+        Command::Gateway(args) => {
+            let file = FileConfig {
+                log: args.log.apply(LogSection::default()),
+                gateway: Some(args.section()),
+                ..FileConfig::default()
+            };
+            validate_and_run(&file, "flags", None)
+        }
+        Command::Agent(args) => {
+            let file = FileConfig {
+                log: args.log.apply(LogSection::default()),
+                agent: Some(args.section()),
+                ..FileConfig::default()
+            };
+            validate_and_run(&file, "flags", None)
+        }
+        Command::Run(args) => match FileConfig::load(&args.config_file) {
+            Ok(mut file) => {
+                file.log = args.log.apply(file.log);
+                let origin = args.config_file.display().to_string();
+                validate_and_run(&file, &origin, Some(args.config_file))
+            }
+            Err(errs) => config_failed(&errs),
+        },
+        Command::Quickstart(args) => crate::quickstart::main(args),
+    }
+}
+
+fn token_new(glob: &str) -> ExitCode {
+    let (token, hash) = crate::gateway::auth::new_token();
+    println!("token:            {token}");
+    println!("tokens-file line: {glob} {hash}");
+    println!();
+    println!("Give the token to the agent in a file (--token-file) or FERRY_TOKEN; add the line to the gateway's --auth.tokens-file.");
+    ExitCode::SUCCESS
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    let origin = path.display().to_string();
+    let result = FileConfig::load(path).and_then(|f| f.validate(&origin, &env));
+    match result {
+        Ok(cfg) => {
+            let mut roles = Vec::new();
+            if cfg.gateway.is_some() {
+                roles.push("gateway");
+            }
+            if cfg.agent.is_some() {
+                roles.push("agent");
+            }
+            println!("{origin}: OK ({})", roles.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(errs) => config_failed(&errs),
+    }
+}
+
+fn config_failed(errs: &ConfigErrors) -> ExitCode {
+    eprintln!("{errs}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn validate_and_run(file: &FileConfig, origin: &str, reload_from: Option<PathBuf>) -> ExitCode {
+    let config: RunConfig = match file.validate(origin, &env) {
+        Ok(c) => c,
+        Err(errs) => return config_failed(&errs),
+    };
+    logging::init(&config.log);
+    run::run(config, reload_from)
+}

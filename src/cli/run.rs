@@ -1,0 +1,157 @@
+//! Running the configured roles in one process: bind listeners, wire signals (SIGINT/SIGTERM →
+//! one shutdown token; SIGHUP → reload), wait for every role to drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{env, EXIT_CONFIG};
+use crate::agent::Agent;
+use crate::config::{FileConfig, RunConfig};
+use crate::gateway::Gateway;
+
+/// Why the process could not start its roles.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr} ({field}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        field: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Runs every role of `config` until SIGINT/SIGTERM.
+pub fn run(config: RunConfig, reload_from: Option<PathBuf>) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    let result = match runtime {
+        Ok(rt) => rt.block_on(run_roles(config, reload_from)),
+        Err(e) => Err(StartError::Runtime(e)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ StartError::Config(_)) => {
+            error!(error = %e, "cannot start");
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            error!(error = %e, "cannot start");
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Roles {
+    gateway: Option<Gateway>,
+    agent: Option<Agent>,
+}
+
+async fn run_roles(config: RunConfig, reload_from: Option<PathBuf>) -> Result<(), StartError> {
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let roles = start_roles(config, &shutdown, &mut tasks).await?;
+    tokio::spawn(handle_signals(roles, reload_from, shutdown.clone()));
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            error!(error = %e, "a role stopped unexpectedly");
+            shutdown.cancel();
+        }
+    }
+    Ok(())
+}
+
+async fn start_roles(config: RunConfig, shutdown: &CancellationToken, tasks: &mut JoinSet<()>) -> Result<Roles, StartError> {
+    let mut roles = Roles { gateway: None, agent: None };
+    if let Some(cfg) = config.gateway {
+        let (web_addr, tunnel_addr) = (cfg.web_listen, cfg.tunnel_listen);
+        let gateway = Gateway::new(cfg).map_err(|e| StartError::Config(format!("{e:#}")))?;
+        let web = bind(web_addr, "web.listen_address").await?;
+        let tunnel = bind(tunnel_addr, "tunnel.listen_address").await?;
+        let g = gateway.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move { g.run(web, tunnel, token).await });
+        roles.gateway = Some(gateway);
+    }
+    if let Some(cfg) = config.agent {
+        let web = match cfg.web_listen {
+            Some(addr) => Some(bind(addr, "agent web.listen_address").await?),
+            None => None,
+        };
+        let agent = Agent::new(cfg).map_err(|e| StartError::Config(format!("{e:#}")))?;
+        if let Some(listener) = web {
+            let a = agent.clone();
+            let token = shutdown.clone();
+            tasks.spawn(async move { a.serve_web(listener, token).await });
+        }
+        let a = agent.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move { a.run(token).await });
+        roles.agent = Some(agent);
+    }
+    Ok(roles)
+}
+
+async fn bind(addr: SocketAddr, field: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, field, source })
+}
+
+async fn handle_signals(roles: Roles, reload_from: Option<PathBuf>, shutdown: CancellationToken) {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        error!("cannot install signal handlers; stop ferry with SIGKILL");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&roles, reload_from.as_deref()),
+        }
+    }
+    info!("shutting down: draining in-flight scrapes");
+    shutdown.cancel();
+}
+
+/// SIGHUP: re-read the tokens file, and the config file's agent targets. Errors keep the old state.
+fn reload(roles: &Roles, file: Option<&std::path::Path>) {
+    if let Some(gateway) = &roles.gateway {
+        match gateway.reload_tokens() {
+            Ok(n) => info!(credentials = n, "tokens file reloaded"),
+            Err(e) => error!(error = %e, "tokens file reload failed; keeping the previous credentials"),
+        }
+    }
+    let (Some(agent), Some(path)) = (&roles.agent, file) else {
+        if roles.agent.is_some() {
+            warn!("agent targets come from flags: nothing to reload (use ferry run --config.file to reload targets)");
+        }
+        return;
+    };
+    let origin = path.display().to_string();
+    let validated = FileConfig::load(path).and_then(|f| f.validate(&origin, &env));
+    let new = match validated {
+        Ok(RunConfig { agent: Some(a), .. }) => a,
+        Ok(_) => return error!(file = %origin, "reload: the file has no agent section any more; keeping the previous targets"),
+        Err(errs) => return error!(errors = %errs.to_string().replace('\n', "; "), "reload failed; keeping the previous targets"),
+    };
+    match agent.set_targets(&new.targets, &new.labels) {
+        Ok(()) => info!(targets = new.targets.len(), "agent targets reloaded"),
+        Err(e) => error!(error = %e, "reload failed; keeping the previous targets"),
+    }
+}
