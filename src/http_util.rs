@@ -26,7 +26,9 @@ pub fn empty() -> Body {
 
 /// A body holding `bytes` in full.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// Boxes any body whose error converts into [`BoxError`].
@@ -154,7 +156,9 @@ impl HttpBody for BoundedBody {
                     this.seen += data.len() as u64;
                     if this.seen > this.max_bytes {
                         this.finish();
-                        return Poll::Ready(Some(Err(BodyLimitError::TooLarge(this.max_bytes).into())));
+                        return Poll::Ready(Some(Err(
+                            BodyLimitError::TooLarge(this.max_bytes).into()
+                        )));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -180,7 +184,6 @@ impl HttpBody for BoundedBody {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,10 +191,19 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         strip_hop_by_hop(&mut h);

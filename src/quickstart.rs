@@ -40,8 +40,14 @@ pub struct QuickstartArgs {
 
 /// Runs the quickstart until Ctrl-C.
 pub fn main(args: QuickstartArgs) -> ExitCode {
-    crate::cli::init_logging(&args.log.apply(LogSection { level: "warn".into(), ..LogSection::default() }));
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    crate::cli::init_logging(&args.log.apply(LogSection {
+        level: "warn".into(),
+        ..LogSection::default()
+    }));
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -58,11 +64,11 @@ pub fn main(args: QuickstartArgs) -> ExitCode {
 }
 
 async fn run(args: QuickstartArgs) -> Result<(), String> {
-    let data_dir = args
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("ferry-quickstart-{}", std::process::id())));
-    std::fs::create_dir_all(&data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("ferry-quickstart-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     let shutdown = CancellationToken::new();
 
     let demo = bind("127.0.0.1:0").await?;
@@ -71,13 +77,19 @@ async fn run(args: QuickstartArgs) -> Result<(), String> {
 
     let (token, hash) = new_token();
     let tokens_file = data_dir.join("tokens");
-    std::fs::write(&tokens_file, format!("# written by ferry quickstart\n{AGENT_ID} {hash}\n"))
-        .map_err(|e| format!("cannot write {}: {e}", tokens_file.display()))?;
+    std::fs::write(
+        &tokens_file,
+        format!("# written by ferry quickstart\n{AGENT_ID} {hash}\n"),
+    )
+    .map_err(|e| format!("cannot write {}: {e}", tokens_file.display()))?;
 
     let web = bind(&args.web_listen_address).await?;
     let tunnel = bind(&args.tunnel_listen_address).await?;
     let (web_addr, tunnel_addr) = (local(&web)?, local(&tunnel)?);
-    let mut gw = GatewaySection { data_dir: data_dir.clone(), ..GatewaySection::default() };
+    let mut gw = GatewaySection {
+        data_dir: data_dir.clone(),
+        ..GatewaySection::default()
+    };
     gw.web.listen_address = web_addr.to_string();
     gw.tunnel.listen_address = tunnel_addr.to_string();
     gw.tunnel.tls_self_signed_names = vec!["localhost".into()];
@@ -143,7 +155,13 @@ async fn wait_connected(gateway: &Gateway) -> Result<(), String> {
     Err("the agent did not connect within 10s; run with --log.level debug to see why".into())
 }
 
-fn print_instructions(web: SocketAddr, tunnel: SocketAddr, demo: SocketAddr, fingerprint: &str, data_dir: &std::path::Path) {
+fn print_instructions(
+    web: SocketAddr,
+    tunnel: SocketAddr,
+    demo: SocketAddr,
+    fingerprint: &str,
+    data_dir: &std::path::Path,
+) {
     let port = demo.port();
     println!(
         "ferry quickstart is running (Ctrl-C to stop)

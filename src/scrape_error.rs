@@ -112,12 +112,34 @@ mod tests {
         let cases = [
             (ScrapeError::AgentNotConnected("a".into()), 503),
             (
-                ScrapeError::NoSuchTarget { agent: "a".into(), port: 1, path: "/x".into() },
+                ScrapeError::NoSuchTarget {
+                    agent: "a".into(),
+                    port: 1,
+                    path: "/x".into(),
+                },
                 404,
             ),
-            (ScrapeError::Timeout { what: "a".into(), timeout: Duration::from_secs(1) }, 504),
-            (ScrapeError::Tunnel { agent: "a".into(), reason: "r".into() }, 502),
-            (ScrapeError::Target { target: "t".into(), reason: "r".into() }, 502),
+            (
+                ScrapeError::Timeout {
+                    what: "a".into(),
+                    timeout: Duration::from_secs(1),
+                },
+                504,
+            ),
+            (
+                ScrapeError::Tunnel {
+                    agent: "a".into(),
+                    reason: "r".into(),
+                },
+                502,
+            ),
+            (
+                ScrapeError::Target {
+                    target: "t".into(),
+                    reason: "r".into(),
+                },
+                502,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(err.status().as_u16(), code, "{err}");

@@ -22,8 +22,12 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serves HTTP/1.1 on `listener` until `shutdown`, then lets in-flight requests finish for up to `grace`.
 ///
 /// `handler` is called once per request with the peer's address.
-pub async fn serve_http<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken, grace: Duration)
-where
+pub async fn serve_http<H, F>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: CancellationToken,
+    grace: Duration,
+) where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -58,8 +62,14 @@ where
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        warn!(?grace, "in-flight requests still running when the shutdown grace period ended");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            ?grace,
+            "in-flight requests still running when the shutdown grace period ended"
+        );
     }
 }
 
@@ -67,7 +77,11 @@ where
 pub async fn accept_backoff(e: &std::io::Error) {
     // ENFILE (23) / EMFILE (24): retrying at once would spin; give connections time to close.
     let emfile = matches!(e.raw_os_error(), Some(23 | 24));
-    let pause = if emfile { Duration::from_millis(500) } else { Duration::from_millis(10) };
+    let pause = if emfile {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_millis(10)
+    };
     warn!(error = %e, ?pause, "accept failed");
     tokio::time::sleep(pause).await;
 }

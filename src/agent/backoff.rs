@@ -16,7 +16,11 @@ pub struct Backoff {
 impl Backoff {
     /// Delays start with ceilings at `base`, doubling up to `max`.
     pub fn new(base: Duration, max: Duration) -> Self {
-        Self { base, max, attempt: 0 }
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
     }
 
     /// The ceiling of the next delay (before jitter).
@@ -57,7 +61,11 @@ mod tests {
         for _ in 0..100 {
             b.next_delay();
         }
-        assert_eq!(b.ceiling(), Duration::from_secs(1), "no overflow after many attempts");
+        assert_eq!(
+            b.ceiling(),
+            Duration::from_secs(1),
+            "no overflow after many attempts"
+        );
     }
 
     #[test]

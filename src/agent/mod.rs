@@ -63,14 +63,23 @@ impl Agent {
 
     /// Like [`Agent::new`], serving `registry` (your application's metrics, plus the agent's own)
     /// as the built-in target `ferry`: an embedding application needs no HTTP listener of its own.
-    pub fn with_registry(config: AgentConfig, mut registry: MetricsRegistry) -> Result<Agent, AgentError> {
+    pub fn with_registry(
+        config: AgentConfig,
+        mut registry: MetricsRegistry,
+    ) -> Result<Agent, AgentError> {
         let metrics = AgentMetrics::register(&mut registry);
         let tunnel_tls = match &config.gateway.tls {
             Some(tls) => Some(Arc::new(client_config(tls, Purpose::Tunnel)?)),
             None => None,
         };
         let plain_client = plain_client();
-        let set = TargetSet::build(1, &config.targets, &config.labels, config.self_port, &plain_client)?;
+        let set = TargetSet::build(
+            1,
+            &config.targets,
+            &config.labels,
+            config.self_port,
+            &plain_client,
+        )?;
         metrics.targets.set(set.list.targets.len() as i64);
         let (targets, _) = watch::channel(Arc::new(set));
         Ok(Agent {
@@ -93,10 +102,20 @@ impl Agent {
 
     /// Replaces the targets and labels (config reload on SIGHUP). The gateway learns of the
     /// change over the open tunnel; nothing reconnects. On error the old targets stay.
-    pub fn set_targets(&self, targets: &[Target], labels: &BTreeMap<String, String>) -> Result<(), AgentError> {
+    pub fn set_targets(
+        &self,
+        targets: &[Target],
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), AgentError> {
         let s = &self.shared;
         let version = s.version.fetch_add(1, Ordering::SeqCst) + 1;
-        let set = TargetSet::build(version, targets, labels, s.config.self_port, &s.plain_client)?;
+        let set = TargetSet::build(
+            version,
+            targets,
+            labels,
+            s.config.self_port,
+            &s.plain_client,
+        )?;
         s.metrics.targets.set(set.list.targets.len() as i64);
         s.targets.send_replace(Arc::new(set));
         Ok(())
@@ -125,8 +144,13 @@ impl Agent {
                     match req.uri().path() {
                         "/metrics" => metrics_response(&shared.metrics_registry),
                         "/-/healthy" => text_response(http::StatusCode::OK, "Healthy"),
-                        "/-/ready" if shared.metrics.tunnel_up.get() == 1 => text_response(http::StatusCode::OK, "Ready"),
-                        "/-/ready" => text_response(http::StatusCode::SERVICE_UNAVAILABLE, "tunnel to the gateway is down"),
+                        "/-/ready" if shared.metrics.tunnel_up.get() == 1 => {
+                            text_response(http::StatusCode::OK, "Ready")
+                        }
+                        "/-/ready" => text_response(
+                            http::StatusCode::SERVICE_UNAVAILABLE,
+                            "tunnel to the gateway is down",
+                        ),
                         _ => text_response(http::StatusCode::NOT_FOUND, "not found"),
                     }
                 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::targets::{Handler, Route};
@@ -17,28 +18,42 @@ use crate::telemetry::{metrics_response, TargetNameLabels, TargetResultLabels};
 use crate::tunnel::{SCRAPE_TIMEOUT_HEADER, TARGETS_LONG_POLL, TARGETS_PATH};
 
 /// Answers one request arriving over the tunnel.
-pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+///
+/// `closing` ends a held target-list request at once, so a graceful shutdown need not wait for it.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    closing: CancellationToken,
+) -> Response<Body> {
     let port = req.uri().port_u16();
     match port {
-        None if req.uri().path() == TARGETS_PATH => targets(&shared, req.uri()).await,
-        None => ScrapeError::BadRequest("scrape requests must carry <agent>:<port>".into()).into_response("agent"),
+        None if req.uri().path() == TARGETS_PATH => targets(&shared, req.uri(), &closing).await,
+        None => ScrapeError::BadRequest("scrape requests must carry <agent>:<port>".into())
+            .into_response("agent"),
         Some(port) => scrape(&shared, port, req).await,
     }
 }
 
 /// The target list; with `?after=<version>`, held until the version changes (or the long-poll ends).
-async fn targets(shared: &Shared, uri: &Uri) -> Response<Body> {
+async fn targets(shared: &Shared, uri: &Uri, closing: &CancellationToken) -> Response<Body> {
     let after = uri
         .query()
         .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("after=")))
         .and_then(|v| v.parse::<u64>().ok());
     let mut rx = shared.targets.subscribe();
     if after == Some(rx.borrow_and_update().list.version) {
-        let _ = tokio::time::timeout(TARGETS_LONG_POLL, rx.changed()).await;
+        tokio::select! {
+            _ = rx.changed() => {}
+            _ = tokio::time::sleep(TARGETS_LONG_POLL) => {}
+            _ = closing.cancelled() => {}
+        }
     }
     let body = serde_json::to_string(&rx.borrow().list).unwrap_or_default();
     let mut resp = Response::new(full(body));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -53,7 +68,10 @@ async fn scrape(shared: &Arc<Shared>, port: u16, req: Request<Incoming>) -> Resp
         };
         return err.into_response("agent");
     };
-    let timeout = scrape_timeout(req.headers().get(SCRAPE_TIMEOUT_HEADER), shared.config.scrape_timeout_max);
+    let timeout = scrape_timeout(
+        req.headers().get(SCRAPE_TIMEOUT_HEADER),
+        shared.config.scrape_timeout_max,
+    );
     match &route.handler {
         Handler::SelfMetrics => {
             count(shared, &route.name, "ok");
@@ -90,7 +108,9 @@ async fn fetch(
     shared
         .metrics
         .scrape_duration
-        .get_or_create(&TargetNameLabels { target: route.name.clone() })
+        .get_or_create(&TargetNameLabels {
+            target: route.name.clone(),
+        })
         .observe(start.elapsed().as_secs_f64());
     let resp = match sent {
         Ok(Ok(resp)) => resp,
@@ -98,7 +118,11 @@ async fn fetch(
             count(shared, &route.name, "error");
             let reason = one_line(&e);
             debug!(target = %route.name, error = %reason, "target fetch failed");
-            return ScrapeError::Target { target: route.name.clone(), reason }.into_response("agent");
+            return ScrapeError::Target {
+                target: route.name.clone(),
+                reason,
+            }
+            .into_response("agent");
         }
         Err(_) => {
             count(shared, &route.name, "timeout");
@@ -106,7 +130,11 @@ async fn fetch(
             return ScrapeError::Timeout { what, timeout }.into_response("agent");
         }
     };
-    let result = if resp.status().is_success() { "ok" } else { "http_error" };
+    let result = if resp.status().is_success() {
+        "ok"
+    } else {
+        "http_error"
+    };
     count(shared, &route.name, result);
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -125,7 +153,12 @@ fn target_request(url: &Uri, req: Request<Incoming>) -> Result<Request<Body>, Sc
         (None, Some(b)) => Some(b.to_owned()),
         (None, None) => None,
     };
-    let base = format!("{}://{}{}", url.scheme_str().unwrap_or("http"), url.authority().map_or("", |a| a.as_str()), url.path());
+    let base = format!(
+        "{}://{}{}",
+        url.scheme_str().unwrap_or("http"),
+        url.authority().map_or("", |a| a.as_str()),
+        url.path()
+    );
     let full_uri = match query {
         Some(q) => format!("{base}?{q}"),
         None => base,
@@ -156,8 +189,14 @@ mod tests {
     #[test]
     fn timeout_is_bounded_by_the_agents_maximum() {
         let max = Duration::from_secs(30);
-        assert_eq!(scrape_timeout(Some(&HeaderValue::from_static("9.5")), max), Duration::from_millis(9500));
-        assert_eq!(scrape_timeout(Some(&HeaderValue::from_static("300")), max), max);
+        assert_eq!(
+            scrape_timeout(Some(&HeaderValue::from_static("9.5")), max),
+            Duration::from_millis(9500)
+        );
+        assert_eq!(
+            scrape_timeout(Some(&HeaderValue::from_static("300")), max),
+            max
+        );
         assert_eq!(scrape_timeout(None, max), max);
     }
 }

@@ -78,11 +78,16 @@ fn count(shared: &Shared, result: &str) {
     shared
         .metrics
         .connects
-        .get_or_create(&ResultLabels { result: result.to_owned() })
+        .get_or_create(&ResultLabels {
+            result: result.to_owned(),
+        })
         .inc();
 }
 
-async fn run_session(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<SessionEnd, SessionError> {
+async fn run_session(
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+) -> Result<SessionEnd, SessionError> {
     let timeout = shared.config.handshake_timeout;
     let upgraded = tokio::select! {
         _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -105,7 +110,12 @@ async fn open(shared: &Shared) -> Result<hyper::upgrade::Upgraded, SessionError>
             let name = ServerName::try_from(cfg.gateway.server_name.clone())
                 .map_err(|_| SessionError::ServerName(cfg.gateway.server_name.clone()))?;
             let connector = tokio_rustls::TlsConnector::from(tls.clone());
-            Box::new(connector.connect(name, io).await.map_err(SessionError::Tls)?)
+            Box::new(
+                connector
+                    .connect(name, io)
+                    .await
+                    .map_err(SessionError::Tls)?,
+            )
         }
         None => io,
     };
@@ -113,12 +123,20 @@ async fn open(shared: &Shared) -> Result<hyper::upgrade::Upgraded, SessionError>
 }
 
 /// Serves HTTP/2 over the tunnel until it ends or `shutdown`, then drains within the grace period.
-async fn serve(shared: &Arc<Shared>, upgraded: hyper::upgrade::Upgraded, shutdown: &CancellationToken) -> SessionEnd {
+async fn serve(
+    shared: &Arc<Shared>,
+    upgraded: hyper::upgrade::Upgraded,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
     let cfg = &shared.config;
     let svc_shared = shared.clone();
+    let closing = shutdown.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(super::serve::handle(shared, req).await) }
+        let closing = closing.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(super::serve::handle(shared, req, closing).await)
+        }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())

@@ -40,6 +40,8 @@ impl HttpClient {
 }
 
 /// What serves a route.
+// Few routes, always used by reference: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Handler {
     /// The agent's own metrics registry.
     SelfMetrics,
@@ -81,14 +83,29 @@ impl TargetSet {
             path: "/metrics".into(),
             labels: BTreeMap::new(),
         };
-        routes.insert((self_port, "/metrics".into()), Route { name: SELF_TARGET.into(), handler: Handler::SelfMetrics });
+        routes.insert(
+            (self_port, "/metrics".into()),
+            Route {
+                name: SELF_TARGET.into(),
+                handler: Handler::SelfMetrics,
+            },
+        );
         for t in targets {
             let client = match &t.tls {
                 Some(_) => https_client(t)?,
                 None => plain_client.clone(),
             };
-            let handler = Handler::Fetch { url: t.url.clone(), client };
-            routes.insert((t.port, t.path.clone()), Route { name: t.name.clone(), handler });
+            let handler = Handler::Fetch {
+                url: t.url.clone(),
+                client,
+            };
+            routes.insert(
+                (t.port, t.path.clone()),
+                Route {
+                    name: t.name.clone(),
+                    handler,
+                },
+            );
             infos.push(TargetInfo {
                 name: t.name.clone(),
                 port: t.port,
@@ -138,11 +155,17 @@ fn https_client(t: &Target) -> Result<HttpClient, TlsError> {
         return Ok(plain_client());
     };
     let config = client_config(tls, Purpose::Target)?;
-    let builder = HttpsConnectorBuilder::new().with_tls_config(config).https_only();
+    let builder = HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only();
     let builder = match &t.server_name {
         Some(name) => {
-            let name = ServerName::try_from(name.clone())
-                .map_err(|_| TlsError::Config(format!("target {:?}: {name:?} is not a valid TLS server name", t.name)))?;
+            let name = ServerName::try_from(name.clone()).map_err(|_| {
+                TlsError::Config(format!(
+                    "target {:?}: {name:?} is not a valid TLS server name",
+                    t.name
+                ))
+            })?;
             builder.with_server_name_resolver(FixedServerNameResolver::new(name))
         }
         None => builder,

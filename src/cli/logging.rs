@@ -27,5 +27,8 @@ pub fn init(log: &LogSection) {
             .with_writer(std::io::stderr)
             .boxed(),
     };
-    let _ = tracing_subscriber::registry().with(filter).with(layer).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(layer)
+        .try_init();
 }

@@ -137,9 +137,15 @@ impl GatewayArgs {
     fn section(&self) -> GatewaySection {
         let mut s = GatewaySection::default();
         set(&mut s.web.listen_address, &self.web_listen_address);
-        set(&mut s.web.scrape_timeout_default, &self.scrape_timeout_default);
+        set(
+            &mut s.web.scrape_timeout_default,
+            &self.scrape_timeout_default,
+        );
         set(&mut s.web.scrape_timeout_max, &self.scrape_timeout_max);
-        set(&mut s.web.scrape_timeout_margin, &self.scrape_timeout_margin);
+        set(
+            &mut s.web.scrape_timeout_margin,
+            &self.scrape_timeout_margin,
+        );
         set(&mut s.web.max_scrape_bytes, &self.max_scrape_bytes);
         set(&mut s.tunnel.listen_address, &self.tunnel_listen_address);
         s.tunnel.tls_cert_file = self.tls_cert_file.clone();

@@ -33,7 +33,9 @@ enum StartError {
 
 /// Runs every role of `config` until SIGINT/SIGTERM.
 pub fn run(config: RunConfig, reload_from: Option<PathBuf>) -> ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
     let result = match runtime {
         Ok(rt) => rt.block_on(run_roles(config, reload_from)),
         Err(e) => Err(StartError::Runtime(e)),
@@ -72,8 +74,15 @@ async fn run_roles(config: RunConfig, reload_from: Option<PathBuf>) -> Result<()
     Ok(())
 }
 
-async fn start_roles(config: RunConfig, shutdown: &CancellationToken, tasks: &mut JoinSet<()>) -> Result<Roles, StartError> {
-    let mut roles = Roles { gateway: None, agent: None };
+async fn start_roles(
+    config: RunConfig,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Result<Roles, StartError> {
+    let mut roles = Roles {
+        gateway: None,
+        agent: None,
+    };
     if let Some(cfg) = config.gateway {
         let (web_addr, tunnel_addr) = (cfg.web_listen, cfg.tunnel_listen);
         let gateway = Gateway::new(cfg).map_err(|e| StartError::Config(format!("{e:#}")))?;
@@ -106,7 +115,11 @@ async fn start_roles(config: RunConfig, shutdown: &CancellationToken, tasks: &mu
 async fn bind(addr: SocketAddr, field: &'static str) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { addr, field, source })
+        .map_err(|source| StartError::Bind {
+            addr,
+            field,
+            source,
+        })
 }
 
 async fn handle_signals(roles: Roles, reload_from: Option<PathBuf>, shutdown: CancellationToken) {
@@ -134,7 +147,9 @@ fn reload(roles: &Roles, file: Option<&std::path::Path>) {
     if let Some(gateway) = &roles.gateway {
         match gateway.reload_tokens() {
             Ok(n) => info!(credentials = n, "tokens file reloaded"),
-            Err(e) => error!(error = %e, "tokens file reload failed; keeping the previous credentials"),
+            Err(e) => {
+                error!(error = %e, "tokens file reload failed; keeping the previous credentials")
+            }
         }
     }
     let (Some(agent), Some(path)) = (&roles.agent, file) else {
@@ -147,8 +162,12 @@ fn reload(roles: &Roles, file: Option<&std::path::Path>) {
     let validated = FileConfig::load(path).and_then(|f| f.validate(&origin, &env));
     let new = match validated {
         Ok(RunConfig { agent: Some(a), .. }) => a,
-        Ok(_) => return error!(file = %origin, "reload: the file has no agent section any more; keeping the previous targets"),
-        Err(errs) => return error!(errors = %errs.to_string().replace('\n', "; "), "reload failed; keeping the previous targets"),
+        Ok(_) => {
+            return error!(file = %origin, "reload: the file has no agent section any more; keeping the previous targets")
+        }
+        Err(errs) => {
+            return error!(errors = %errs.to_string().replace('\n', "; "), "reload failed; keeping the previous targets")
+        }
     };
     match agent.set_targets(&new.targets, &new.labels) {
         Ok(()) => info!(targets = new.targets.len(), "agent targets reloaded"),

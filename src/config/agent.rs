@@ -8,7 +8,10 @@ use std::time::Duration;
 use http::Uri;
 use serde::Deserialize;
 
-use super::{check_label_name, check_readable, parse_listen_address, validate_keepalive, ConfigErrors, Dur, Secret};
+use super::{
+    check_label_name, check_readable, parse_listen_address, validate_keepalive, ConfigErrors, Dur,
+    Secret,
+};
 use crate::tunnel::dial::Proxy;
 use crate::tunnel::handshake::valid_agent_id;
 use crate::tunnel::tls::parse_fingerprint;
@@ -269,12 +272,17 @@ impl AgentSection {
         let gateway = self.validate_gateway(prefix, errs);
         let agent_id = self.validate_agent_id(&f("agent_id"), errs);
         let token = self.read_token(&f("token_file"), env, errs);
-        let proxy = match self.proxy_url.clone().or_else(|| env("HTTPS_PROXY")).or_else(|| env("https_proxy")) {
+        let proxy = match self
+            .proxy_url
+            .clone()
+            .or_else(|| env("HTTPS_PROXY"))
+            .or_else(|| env("https_proxy"))
+        {
             Some(url) if !url.is_empty() => errs.check(&f("proxy_url"), Proxy::parse(&url)),
             _ => None,
         };
         let targets = self.validate_targets(&f("targets"), errs);
-        for (k, _) in &self.labels {
+        for k in self.labels.keys() {
             check_label_name(k, &format!("{}.{k}", f("labels")), errs);
         }
         let web_listen = self
@@ -282,10 +290,18 @@ impl AgentSection {
             .listen_address
             .as_ref()
             .and_then(|a| errs.check(&f("web.listen_address"), parse_listen_address(a)));
-        let keepalive = validate_keepalive(&self.tunnel.keepalive_interval, &self.tunnel.keepalive_timeout, &f("tunnel"), errs);
+        let keepalive = validate_keepalive(
+            &self.tunnel.keepalive_interval,
+            &self.tunnel.keepalive_timeout,
+            &f("tunnel"),
+            errs,
+        );
         let r = &self.reconnect;
         if r.min_backoff.0 > r.max_backoff.0 || r.max_backoff.0.is_zero() {
-            errs.push(f("reconnect.max_backoff"), "must be greater than 0 and at least reconnect.min_backoff");
+            errs.push(
+                f("reconnect.max_backoff"),
+                "must be greater than 0 and at least reconnect.min_backoff",
+            );
         }
         if self.tunnel.max_concurrent_scrapes == 0 {
             errs.push(f("tunnel.max_concurrent_scrapes"), "must be greater than 0");
@@ -319,10 +335,17 @@ impl AgentSection {
     fn validate_gateway(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<GatewayEndpoint> {
         let field = format!("{prefix}.gateway");
         let Some(url) = &self.gateway else {
-            errs.push(field, "required: the gateway's tunnel address, e.g. https://gateway.example.com:7443");
+            errs.push(
+                field,
+                "required: the gateway's tunnel address, e.g. https://gateway.example.com:7443",
+            );
             return None;
         };
-        let uri: Uri = errs.check(&field, url.parse::<Uri>().map_err(|e| format!("{url:?} is not a URL: {e}")))?;
+        let uri: Uri = errs.check(
+            &field,
+            url.parse::<Uri>()
+                .map_err(|e| format!("{url:?} is not a URL: {e}")),
+        )?;
         let t = &self.tunnel;
         let plaintext = match (uri.scheme_str(), t.insecure_plaintext) {
             (Some("https"), false) => false,
@@ -332,7 +355,10 @@ impl AgentSection {
                 return None;
             }
             (Some("https"), true) => {
-                errs.push(format!("{prefix}.tunnel.insecure_plaintext"), "set, but the gateway URL is https://");
+                errs.push(
+                    format!("{prefix}.tunnel.insecure_plaintext"),
+                    "set, but the gateway URL is https://",
+                );
                 return None;
             }
             _ => {
@@ -344,10 +370,21 @@ impl AgentSection {
             errs.push(field, format!("{url:?} has no host"));
             return None;
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         let port = uri.port_u16().unwrap_or(if plaintext { 80 } else { 443 });
-        let addr = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-        let tls = if plaintext { None } else { self.validate_tunnel_tls(prefix, errs) };
+        let addr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let tls = if plaintext {
+            None
+        } else {
+            self.validate_tunnel_tls(prefix, errs)
+        };
         Some(GatewayEndpoint {
             addr,
             server_name: t.server_name.clone().unwrap_or(host),
@@ -360,18 +397,27 @@ impl AgentSection {
         let field = |name: &str| format!("{prefix}.tunnel.{name}");
         let verify = match (&t.ca_file, &t.fingerprint) {
             (Some(_), Some(_)) => {
-                errs.push(field("fingerprint"), "give either tunnel.ca_file or tunnel.fingerprint, not both");
+                errs.push(
+                    field("fingerprint"),
+                    "give either tunnel.ca_file or tunnel.fingerprint, not both",
+                );
                 return None;
             }
             (Some(ca), None) => {
                 check_readable(ca, &field("ca_file"), errs);
                 ServerVerify::CaFile(ca.clone())
             }
-            (None, Some(fp)) => ServerVerify::Fingerprint(errs.check(&field("fingerprint"), parse_fingerprint(fp))?),
+            (None, Some(fp)) => {
+                ServerVerify::Fingerprint(errs.check(&field("fingerprint"), parse_fingerprint(fp))?)
+            }
             (None, None) => ServerVerify::SystemRoots,
         };
-        let client_cert = client_cert_pair(&t.cert_file, &t.key_file, &format!("{prefix}.tunnel"), errs)?;
-        Some(ClientTls { verify, client_cert })
+        let client_cert =
+            client_cert_pair(&t.cert_file, &t.key_file, &format!("{prefix}.tunnel"), errs)?;
+        Some(ClientTls {
+            verify,
+            client_cert,
+        })
     }
 
     fn validate_agent_id(&self, field: &str, errs: &mut ConfigErrors) -> Option<String> {
@@ -382,12 +428,20 @@ impl AgentSection {
         if valid_agent_id(&id) {
             Some(id)
         } else {
-            errs.push(field, format!("{id:?} is not a valid host name (letters, digits, '-', '.', '_')"));
+            errs.push(
+                field,
+                format!("{id:?} is not a valid host name (letters, digits, '-', '.', '_')"),
+            );
             None
         }
     }
 
-    fn read_token(&self, field: &str, env: &dyn Fn(&str) -> Option<String>, errs: &mut ConfigErrors) -> Option<Secret> {
+    fn read_token(
+        &self,
+        field: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        errs: &mut ConfigErrors,
+    ) -> Option<Secret> {
         let (token, source) = match &self.token_file {
             Some(path) => match std::fs::read_to_string(path) {
                 Ok(text) => (text.trim().to_owned(), path.display().to_string()),
@@ -405,7 +459,10 @@ impl AgentSection {
             },
         };
         if token.is_empty() || token.contains(char::is_whitespace) || !token.is_ascii() {
-            errs.push(field, format!("the token in {source} must be one word of printable ASCII"));
+            errs.push(
+                field,
+                format!("the token in {source} must be one word of printable ASCII"),
+            );
             return None;
         }
         Some(Secret::new(token))
@@ -426,11 +483,23 @@ impl AgentSection {
         seen_addrs.insert((self.self_port, "/metrics".to_owned()));
         for (i, t) in out.iter().enumerate() {
             if !seen_names.insert(t.name.clone()) {
-                errs.push(format!("{prefix}[{i}].name"), format!("{:?} is used twice (\"{SELF_TARGET}\" is the built-in target)", t.name));
+                errs.push(
+                    format!("{prefix}[{i}].name"),
+                    format!(
+                        "{:?} is used twice (\"{SELF_TARGET}\" is the built-in target)",
+                        t.name
+                    ),
+                );
                 ok = false;
             }
             if !seen_addrs.insert((t.port, t.path.clone())) {
-                errs.push(format!("{prefix}[{i}].port"), format!("port {} path {:?} is already taken by another target: set a distinct port", t.port, t.path));
+                errs.push(
+                    format!("{prefix}[{i}].port"),
+                    format!(
+                        "port {} path {:?} is already taken by another target: set a distinct port",
+                        t.port, t.path
+                    ),
+                );
                 ok = false;
             }
         }
@@ -441,9 +510,9 @@ impl AgentSection {
 impl TargetSection {
     /// Parses `NAME=URL`, as given to `--target`.
     pub fn parse_flag(s: &str) -> Result<TargetSection, String> {
-        let (name, url) = s
-            .split_once('=')
-            .ok_or_else(|| format!("{s:?} must be NAME=URL, e.g. node=http://127.0.0.1:9100/metrics"))?;
+        let (name, url) = s.split_once('=').ok_or_else(|| {
+            format!("{s:?} must be NAME=URL, e.g. node=http://127.0.0.1:9100/metrics")
+        })?;
         Ok(TargetSection {
             name: name.trim().to_owned(),
             url: url.trim().to_owned(),
@@ -454,9 +523,18 @@ impl TargetSection {
     fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Target> {
         let before = errs.errors.len();
         let name_ok = !self.name.is_empty()
-            && self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !name_ok {
-            errs.push(format!("{prefix}.name"), format!("{:?} must be non-empty letters, digits, '-', '_' or '.'", self.name));
+            errs.push(
+                format!("{prefix}.name"),
+                format!(
+                    "{:?} must be non-empty letters, digits, '-', '_' or '.'",
+                    self.name
+                ),
+            );
         }
         let url = self.parse_url(&format!("{prefix}.url"), errs);
         for k in self.labels.keys() {
@@ -468,7 +546,10 @@ impl TargetSection {
             return None;
         }
         let https = url.scheme_str() == Some("https");
-        let port = self.port.or(url.port_u16()).unwrap_or(if https { 443 } else { 80 });
+        let port = self
+            .port
+            .or(url.port_u16())
+            .unwrap_or(if https { 443 } else { 80 });
         Some(Target {
             name: self.name.clone(),
             path: url.path().to_owned(),
@@ -482,9 +563,16 @@ impl TargetSection {
 
     fn parse_url(&self, field: &str, errs: &mut ConfigErrors) -> Option<Uri> {
         let url = &self.url;
-        let uri: Uri = errs.check(field, url.parse::<Uri>().map_err(|e| format!("{url:?} is not a URL: {e}")))?;
+        let uri: Uri = errs.check(
+            field,
+            url.parse::<Uri>()
+                .map_err(|e| format!("{url:?} is not a URL: {e}")),
+        )?;
         if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
-            errs.push(field, format!("{url:?} must start with http:// or https://"));
+            errs.push(
+                field,
+                format!("{url:?} must start with http:// or https://"),
+            );
             return None;
         }
         if uri.host().is_none_or(str::is_empty) {
@@ -498,10 +586,19 @@ impl TargetSection {
         Some(uri)
     }
 
-    fn validate_tls(&self, prefix: &str, url: Option<&Uri>, errs: &mut ConfigErrors) -> Option<ClientTls> {
+    fn validate_tls(
+        &self,
+        prefix: &str,
+        url: Option<&Uri>,
+        errs: &mut ConfigErrors,
+    ) -> Option<ClientTls> {
         let t = &self.tls;
         let https = url.is_some_and(|u| u.scheme_str() == Some("https"));
-        let any_set = t.ca_file.is_some() || t.cert_file.is_some() || t.key_file.is_some() || t.server_name.is_some() || t.insecure_skip_verify;
+        let any_set = t.ca_file.is_some()
+            || t.cert_file.is_some()
+            || t.key_file.is_some()
+            || t.server_name.is_some()
+            || t.insecure_skip_verify;
         if !https {
             if any_set && url.is_some() {
                 errs.push(format!("{prefix}.tls"), "TLS options need an https:// url");
@@ -510,7 +607,10 @@ impl TargetSection {
         }
         let verify = match (&t.ca_file, t.insecure_skip_verify) {
             (Some(_), true) => {
-                errs.push(format!("{prefix}.tls.insecure_skip_verify"), "cannot be combined with tls.ca_file");
+                errs.push(
+                    format!("{prefix}.tls.insecure_skip_verify"),
+                    "cannot be combined with tls.ca_file",
+                );
                 return None;
             }
             (Some(ca), false) => {
@@ -520,8 +620,12 @@ impl TargetSection {
             (None, true) => ServerVerify::InsecureSkipVerify,
             (None, false) => ServerVerify::SystemRoots,
         };
-        let client_cert = client_cert_pair(&t.cert_file, &t.key_file, &format!("{prefix}.tls"), errs)?;
-        Some(ClientTls { verify, client_cert })
+        let client_cert =
+            client_cert_pair(&t.cert_file, &t.key_file, &format!("{prefix}.tls"), errs)?;
+        Some(ClientTls {
+            verify,
+            client_cert,
+        })
     }
 }
 
@@ -541,11 +645,17 @@ fn client_cert_pair(
             Some(Some((c.clone(), k.clone())))
         }
         (Some(_), None) => {
-            errs.push(format!("{prefix}.key_file"), "required when cert_file is set");
+            errs.push(
+                format!("{prefix}.key_file"),
+                "required when cert_file is set",
+            );
             None
         }
         (None, Some(_)) => {
-            errs.push(format!("{prefix}.cert_file"), "required when key_file is set");
+            errs.push(
+                format!("{prefix}.cert_file"),
+                "required when key_file is set",
+            );
             None
         }
     }

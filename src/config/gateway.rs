@@ -187,8 +187,14 @@ impl GatewaySection {
     /// Validates into a [`GatewayConfig`], recording every problem under `prefix`.
     pub fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<GatewayConfig> {
         let f = |name: &str| format!("{prefix}.{name}");
-        let web_listen = errs.check(&f("web.listen_address"), parse_listen_address(&self.web.listen_address));
-        let tunnel_listen = errs.check(&f("tunnel.listen_address"), parse_listen_address(&self.tunnel.listen_address));
+        let web_listen = errs.check(
+            &f("web.listen_address"),
+            parse_listen_address(&self.web.listen_address),
+        );
+        let tunnel_listen = errs.check(
+            &f("tunnel.listen_address"),
+            parse_listen_address(&self.tunnel.listen_address),
+        );
         let tls = self.validate_tls(prefix, errs);
         let tokens_file = match &self.auth.tokens_file {
             None => {
@@ -207,7 +213,10 @@ impl GatewaySection {
             errs.push(f("web.scrape_timeout_max"), "must be greater than 0");
         }
         if web.scrape_timeout_default.0 > web.scrape_timeout_max.0 {
-            errs.push(f("web.scrape_timeout_default"), "must not exceed web.scrape_timeout_max");
+            errs.push(
+                f("web.scrape_timeout_default"),
+                "must not exceed web.scrape_timeout_max",
+            );
         }
         if web.max_scrape_bytes == 0 {
             errs.push(f("web.max_scrape_bytes"), "must be greater than 0");
@@ -215,7 +224,12 @@ impl GatewaySection {
         if self.tunnel.max_concurrent_scrapes == 0 {
             errs.push(f("tunnel.max_concurrent_scrapes"), "must be greater than 0");
         }
-        let keepalive = validate_keepalive(&self.tunnel.keepalive_interval, &self.tunnel.keepalive_timeout, &f("tunnel"), errs);
+        let keepalive = validate_keepalive(
+            &self.tunnel.keepalive_interval,
+            &self.tunnel.keepalive_timeout,
+            &f("tunnel"),
+            errs,
+        );
         Some(GatewayConfig {
             web_listen: web_listen?,
             tunnel_listen: tunnel_listen?,
@@ -240,7 +254,10 @@ impl GatewaySection {
         match (&t.tls_cert_file, &t.tls_key_file, t.insecure_plaintext) {
             (None, None, true) => Some(GatewayTls::InsecurePlaintext),
             (_, _, true) => {
-                errs.push(field("insecure_plaintext"), "cannot be combined with tls_cert_file/tls_key_file");
+                errs.push(
+                    field("insecure_plaintext"),
+                    "cannot be combined with tls_cert_file/tls_key_file",
+                );
                 None
             }
             (Some(cert), Some(key), false) => {
@@ -248,7 +265,10 @@ impl GatewaySection {
                     Ok(_) => {}
                     Err(e) => errs.push(field("tls_cert_file"), e.to_string()),
                 }
-                Some(GatewayTls::Files { cert: cert.clone(), key: key.clone() })
+                Some(GatewayTls::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                })
             }
             (Some(_), None, _) => {
                 errs.push(field("tls_key_file"), "required when tls_cert_file is set");

@@ -189,14 +189,25 @@ impl FileConfig {
     }
 
     /// Validates every section, collecting all errors; `env` looks up environment variables.
-    pub fn validate(&self, origin: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<RunConfig, ConfigErrors> {
+    pub fn validate(
+        &self,
+        origin: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<RunConfig, ConfigErrors> {
         let mut errs = ConfigErrors::new(origin);
         validate_log(&self.log, &mut errs);
         #[cfg(feature = "gateway")]
-        let gateway = self.gateway.as_ref().map(|g| g.validate("gateway", &mut errs));
+        let gateway = self
+            .gateway
+            .as_ref()
+            .map(|g| g.validate("gateway", &mut errs));
         #[cfg(feature = "agent")]
-        let agent = self.agent.as_ref().map(|a| a.validate("agent", env, &mut errs));
+        let agent = self
+            .agent
+            .as_ref()
+            .map(|a| a.validate("agent", env, &mut errs));
         let _ = env;
+        #[allow(unused_mut)] // stays false in a build without roles
         let mut any_role = false;
         #[cfg(feature = "gateway")]
         {
@@ -223,7 +234,10 @@ impl FileConfig {
 fn validate_log(log: &LogSection, errs: &mut ConfigErrors) {
     const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
     if !LEVELS.contains(&log.level.as_str()) && !log.level.contains('=') {
-        errs.push("log.level", format!("{:?} is not one of {}", log.level, LEVELS.join(", ")));
+        errs.push(
+            "log.level",
+            format!("{:?} is not one of {}", log.level, LEVELS.join(", ")),
+        );
     }
 }
 
@@ -308,18 +322,27 @@ pub fn check_label_name(name: &str, field: &str, errs: &mut ConfigErrors) {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         && !name.starts_with("__");
     if !valid {
-        errs.push(field, format!("{name:?} is not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)"));
+        errs.push(
+            field,
+            format!(
+                "{name:?} is not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)"
+            ),
+        );
     }
 }
 
 /// Validates a keepalive pair under `prefix` (`gateway.tunnel`).
+#[cfg(any(feature = "agent", feature = "gateway"))]
 pub(crate) fn validate_keepalive(
     interval: &Dur,
     timeout: &Dur,
     prefix: &str,
     errs: &mut ConfigErrors,
 ) -> crate::tunnel::Keepalive {
-    for (name, value) in [("keepalive_interval", interval), ("keepalive_timeout", timeout)] {
+    for (name, value) in [
+        ("keepalive_interval", interval),
+        ("keepalive_timeout", timeout),
+    ] {
         if value.0 < Duration::from_millis(100) {
             errs.push(format!("{prefix}.{name}"), "must be at least 100ms");
         }
@@ -336,7 +359,11 @@ pub fn example_paths() -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
         .unwrap_or_default();
-    paths.retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ferry")) && p.extension().is_some_and(|e| e == "yaml" || e == "yml"));
+    paths.retain(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("ferry"))
+            && p.extension().is_some_and(|e| e == "yaml" || e == "yml")
+    });
     paths.sort();
     paths
 }
@@ -347,15 +374,24 @@ mod tests {
 
     #[test]
     fn flags_mirror_yaml_paths() {
-        assert_eq!(flag_name("gateway.tunnel.tls_cert_file"), "--tunnel.tls-cert-file");
+        assert_eq!(
+            flag_name("gateway.tunnel.tls_cert_file"),
+            "--tunnel.tls-cert-file"
+        );
         assert_eq!(flag_name("agent.targets[2].url"), "--target");
         assert_eq!(flag_name("agent.token_file"), "--token-file");
     }
 
     #[test]
     fn listen_addresses_accept_prometheus_spelling() {
-        assert_eq!(parse_listen_address(":8080").unwrap(), "0.0.0.0:8080".parse().unwrap());
-        assert_eq!(parse_listen_address("[::1]:0").unwrap(), "[::1]:0".parse().unwrap());
+        assert_eq!(
+            parse_listen_address(":8080").unwrap(),
+            "0.0.0.0:8080".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen_address("[::1]:0").unwrap(),
+            "[::1]:0".parse().unwrap()
+        );
         assert!(parse_listen_address("8080").is_err());
     }
 
@@ -369,5 +405,155 @@ mod tests {
     #[test]
     fn secrets_do_not_leak_through_debug() {
         assert_eq!(format!("{:?}", Secret::new("hunter2")), "***");
+    }
+}
+
+#[cfg(all(test, feature = "agent", feature = "gateway"))]
+mod file_tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once_with_its_field_path() {
+        let yaml = r#"
+log: { level: loud }
+gateway:
+  web: { listen_address: "nope" }
+  auth: { tokens_file: /nonexistent/tokens }
+  tunnel: { tls_cert_file: /nonexistent/cert.pem }
+agent:
+  gateway: http://gw:7443
+  agent_id: "bad id"
+  tunnel: { fingerprint: "sha256:zz" }
+  targets:
+    - { name: node, url: "http:///metrics" }
+    - { name: node, url: "ftp://x/metrics" }
+  labels: { "0bad": x }
+"#;
+        let file = FileConfig::parse(yaml, "ferry.yaml").unwrap();
+        let errs = file.validate("ferry.yaml", &no_env).unwrap_err();
+        let fields: Vec<&str> = errs.errors.iter().map(|e| e.field.as_str()).collect();
+        for expected in [
+            "log.level",
+            "gateway.web.listen_address",
+            "gateway.auth.tokens_file",
+            "gateway.tunnel.tls_key_file",
+            "agent.gateway",
+            "agent.agent_id",
+            "agent.token_file",
+            "agent.targets[0].url",
+            "agent.targets[1].url",
+            "agent.labels.0bad",
+        ] {
+            assert!(
+                fields.contains(&expected),
+                "missing {expected} in {fields:?}"
+            );
+        }
+        let text = errs.to_string();
+        assert_eq!(
+            text.lines().count(),
+            errs.errors.len(),
+            "one line per error:\n{text}"
+        );
+        assert!(
+            text.lines().all(|l| l.starts_with("ferry.yaml: ")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_location() {
+        let err =
+            FileConfig::parse("gateway:\n  web:\n    listen_adress: ':1'\n", "f.yaml").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("listen_adress") && text.contains("line 3"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_minimal_agent_resolves_defaults_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let yaml = format!(
+            "agent:\n  gateway: https://gw.example.com:7443\n  agent_id: node-1\n  tunnel: {{ ca_file: {} }}\n  targets:\n    - {{ name: node, url: 'http://127.0.0.1:9100/metrics' }}\n    - {{ name: app, url: 'https://127.0.0.1:8443/m?x=1', port: 9200, tls: {{ server_name: app.internal }} }}\n",
+            ca.display()
+        );
+        let env = |name: &str| match name {
+            "FERRY_TOKEN" => Some("tok".to_owned()),
+            "HTTPS_PROXY" => Some("http://user:pw@proxy:3128".to_owned()),
+            _ => None,
+        };
+        let cfg = FileConfig::parse(&yaml, "a.yaml")
+            .unwrap()
+            .validate("a.yaml", &env)
+            .unwrap();
+        let agent = cfg.agent.unwrap();
+        assert_eq!(agent.gateway.addr, "gw.example.com:7443");
+        assert_eq!(agent.gateway.server_name, "gw.example.com");
+        assert_eq!(agent.token.expose(), "tok");
+        let proxy = agent.proxy.unwrap();
+        assert_eq!(proxy.addr, "proxy:3128");
+        assert_eq!(proxy.authorization.as_deref(), Some("Basic dXNlcjpwdw=="));
+        assert_eq!(
+            (agent.targets[0].port, agent.targets[0].path.as_str()),
+            (9100, "/metrics")
+        );
+        assert_eq!(
+            (agent.targets[1].port, agent.targets[1].path.as_str()),
+            (9200, "/m")
+        );
+        assert_eq!(
+            agent.targets[1].server_name.as_deref(),
+            Some("app.internal")
+        );
+        assert!(agent.targets[1].tls.is_some() && agent.targets[0].tls.is_none());
+    }
+
+    #[test]
+    fn targets_must_not_collide() {
+        let yaml = "agent:\n  gateway: https://gw:7443\n  agent_id: a\n  targets:\n    - { name: x, url: 'http://h:1/metrics' }\n    - { name: y, url: 'http://h2:1/metrics' }\n    - { name: ferry, url: 'http://h:2/metrics' }\n";
+        let env = |n: &str| (n == "FERRY_TOKEN").then(|| "t".to_owned());
+        let errs = FileConfig::parse(yaml, "c")
+            .unwrap()
+            .validate("c", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errs.contains("agent.targets[1].port") && errs.contains("already taken"),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("agent.targets[2].name") && errs.contains("built-in"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn flags_errors_name_the_flag() {
+        let file = FileConfig {
+            gateway: Some(GatewaySection::default()),
+            ..FileConfig::default()
+        };
+        let errs = file.validate("flags", &no_env).unwrap_err().to_string();
+        assert!(
+            errs.contains("invalid flag --auth.tokens-file: required"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn an_empty_file_says_what_is_missing() {
+        let errs = FileConfig::parse("{}", "e.yaml")
+            .unwrap()
+            .validate("e.yaml", &no_env)
+            .unwrap_err();
+        assert!(errs.to_string().contains("no role configured"), "{errs}");
     }
 }

@@ -117,9 +117,9 @@ fn parse_line(line: &str) -> Result<Entry, String> {
         return Err("expected `<agent-id glob> sha256:<hex of token>`".into());
     };
     let ids = glob::Pattern::new(glob).map_err(|e| format!("invalid glob {glob:?}: {e}"))?;
-    let hex_part = hash
-        .strip_prefix("sha256:")
-        .ok_or_else(|| format!("{hash:?} must start with sha256: (hash the token, never store it)"))?;
+    let hex_part = hash.strip_prefix("sha256:").ok_or_else(|| {
+        format!("{hash:?} must start with sha256: (hash the token, never store it)")
+    })?;
     let mut digest = [0u8; 32];
     hex::decode_to_slice(hex_part, &mut digest)
         .map_err(|_| format!("{hash:?}: expected sha256: followed by 64 hex digits"))?;
@@ -157,7 +157,10 @@ mod tests {
         assert_eq!(f.len(), 2);
         assert_eq!(f.authorize("alpha", "node-7"), Ok(()));
         assert_eq!(f.authorize("beta", "db-1"), Ok(()));
-        assert_eq!(f.authorize("alpha", "db-1"), Err(AuthError::IdNotAllowed("db-1".into())));
+        assert_eq!(
+            f.authorize("alpha", "db-1"),
+            Err(AuthError::IdNotAllowed("db-1".into()))
+        );
         assert_eq!(f.authorize("gamma", "node-7"), Err(AuthError::InvalidToken));
     }
 

@@ -56,7 +56,10 @@ pub(crate) struct State {
 
 impl State {
     pub(crate) fn tokens(&self) -> Arc<TokensFile> {
-        self.tokens.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -86,7 +89,9 @@ impl Gateway {
     pub fn new(config: GatewayConfig) -> Result<Gateway, GatewayError> {
         let identity = match &config.tls {
             GatewayTls::Files { cert, key } => Some(load_identity(cert, key)?),
-            GatewayTls::SelfSigned { data_dir, names } => Some(self_signed_identity(data_dir, names)?),
+            GatewayTls::SelfSigned { data_dir, names } => {
+                Some(self_signed_identity(data_dir, names)?)
+            }
             GatewayTls::InsecurePlaintext => None,
         };
         let tokens = TokensFile::load(&config.tokens_file)?;
@@ -166,8 +171,12 @@ impl Gateway {
     /// Accepts agent tunnels on `listener` until `shutdown`; then closes every tunnel.
     pub async fn serve_tunnels(&self, listener: TcpListener, shutdown: CancellationToken) {
         match self.fingerprint() {
-            Some(fp) => info!(address = %local(&listener), fingerprint = fp, "gateway tunnel listener up (TLS)"),
-            None => tracing::warn!(address = %local(&listener), "gateway tunnel listener up WITHOUT TLS (insecure plaintext)"),
+            Some(fp) => {
+                info!(address = %local(&listener), fingerprint = fp, "gateway tunnel listener up (TLS)")
+            }
+            None => {
+                tracing::warn!(address = %local(&listener), "gateway tunnel listener up WITHOUT TLS (insecure plaintext)")
+            }
         }
         tunnel::accept_loop(self.state.clone(), listener, shutdown).await;
     }
@@ -179,7 +188,9 @@ impl Gateway {
         let tunnel_task = {
             let gateway = self.clone();
             let token = tunnel_shutdown.clone();
-            tokio::spawn(async move { gateway.serve_tunnels(tunnels, token).await }.in_current_span())
+            tokio::spawn(
+                async move { gateway.serve_tunnels(tunnels, token).await }.in_current_span(),
+            )
         };
         self.serve_web(web, shutdown).await;
         tunnel_shutdown.cancel();

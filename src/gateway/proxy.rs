@@ -37,7 +37,9 @@ pub(crate) fn timeouts(header: Option<&HeaderValue>, limits: &ScrapeLimits) -> T
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s > 0.0)
         .map(|s| Duration::from_secs_f64(s.min(limits.max_timeout.as_secs_f64())));
-    let scrape = asked.unwrap_or(limits.default_timeout).min(limits.max_timeout);
+    let scrape = asked
+        .unwrap_or(limits.default_timeout)
+        .min(limits.max_timeout);
     let margin = limits.margin.min(scrape / 4);
     Timeouts {
         scrape,
@@ -58,9 +60,15 @@ pub(crate) fn clean_query(query: Option<&str>) -> Option<String> {
 /// Forwards one scrape and answers with the target's response or the mapped error.
 pub(crate) async fn scrape(state: &Arc<State>, req: Request<Body>) -> Response<Body> {
     let start = Instant::now();
-    match forward(state, req, start).await {
+    // Unknown agent ids are not bounded until connected: they are counted under "unknown".
+    let mut labels = ScrapeLabels {
+        agent: "unknown".into(),
+        target: "unknown".into(),
+        status_class: String::new(),
+    };
+    match forward(state, req, start, &mut labels).await {
         Ok(resp) => resp,
-        Err((labels, err)) => {
+        Err(err) => {
             debug!(error = %err, kind = err.kind(), "scrape failed at the gateway");
             let resp = err.into_response("gateway");
             record(state, labels, resp.status(), start.elapsed());
@@ -75,30 +83,32 @@ struct Route {
     port: u16,
 }
 
-fn route(state: &State, uri: &Uri) -> Result<Route, (ScrapeLabels, ScrapeError)> {
-    let unknown = |target: &str, agent: &str| ScrapeLabels {
-        agent: agent.to_owned(),
-        target: target.to_owned(),
-        status_class: String::new(),
-    };
-    let Some(host) = uri.host() else {
-        return Err((unknown("unknown", "unknown"), ScrapeError::BadRequest("request URI has no host".into())));
-    };
-    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
-    // Agent ids are not bounded until they are connected: count unknown ones under one label.
+/// Picks the agent by host and checks its published target list for the port and path.
+fn route(state: &State, uri: &Uri, labels: &mut ScrapeLabels) -> Result<Route, ScrapeError> {
+    let host = uri
+        .host()
+        .ok_or_else(|| ScrapeError::BadRequest("request URI has no host".into()))?;
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
     let agent = state
         .registry
         .get(host)
-        .ok_or_else(|| (unknown("unknown", "unknown"), ScrapeError::AgentNotConnected(host.to_owned())))?;
+        .ok_or_else(|| ScrapeError::AgentNotConnected(host.to_owned()))?;
+    labels.agent = agent.id.clone();
     let targets = agent.targets();
-    let target = targets.find(port, uri.path()).ok_or_else(|| {
-        let err = ScrapeError::NoSuchTarget {
+    let target = targets
+        .find(port, uri.path())
+        .ok_or_else(|| ScrapeError::NoSuchTarget {
             agent: host.to_owned(),
             port,
             path: uri.path().to_owned(),
-        };
-        (unknown("unknown", host), err)
-    })?;
+        })?;
+    labels.target = target.name.clone();
     Ok(Route {
         target: target.name.clone(),
         agent,
@@ -106,36 +116,45 @@ fn route(state: &State, uri: &Uri) -> Result<Route, (ScrapeLabels, ScrapeError)>
     })
 }
 
-async fn forward(state: &Arc<State>, req: Request<Body>, start: Instant) -> Result<Response<Body>, (ScrapeLabels, ScrapeError)> {
-    let route = route(state, req.uri())?;
-    let labels = ScrapeLabels {
-        agent: route.agent.id.clone(),
-        target: route.target.clone(),
-        status_class: String::new(),
-    };
+async fn forward(
+    state: &Arc<State>,
+    req: Request<Body>,
+    start: Instant,
+    labels: &mut ScrapeLabels,
+) -> Result<Response<Body>, ScrapeError> {
+    let route = route(state, req.uri(), labels)?;
     let limits = &state.config.scrape;
     let t = timeouts(req.headers().get(SCRAPE_TIMEOUT_HEADER), limits);
     let deadline = start + t.gateway;
-    let req = tunnel_request(req, &route, t.agent).map_err(|e| (labels.clone(), e))?;
+    let req = tunnel_request(req, &route, t.agent)?;
     let mut sender = route.agent.sender();
-    let sent = tokio::time::timeout_at(deadline, sender.send_request(req)).await;
-    let resp = match sent {
+    let resp = match tokio::time::timeout_at(deadline, sender.send_request(req)).await {
         Err(_) => {
             let what = format!("agent {:?} target {:?}", route.agent.id, route.target);
-            return Err((labels, ScrapeError::Timeout { what, timeout: t.scrape }));
+            return Err(ScrapeError::Timeout {
+                what,
+                timeout: t.scrape,
+            });
         }
         Ok(Err(e)) => {
             let reason = one_line(&e);
-            return Err((labels, ScrapeError::Tunnel { agent: route.agent.id.clone(), reason }));
+            return Err(ScrapeError::Tunnel {
+                agent: route.agent.id.clone(),
+                reason,
+            });
         }
         Ok(Ok(resp)) => resp,
     };
-    Ok(stream_back(state, resp, labels, start, deadline))
+    Ok(stream_back(state, resp, labels.clone(), start, deadline))
 }
 
 /// The scrape as sent through the tunnel: `:authority` is `<agent>:<port>`, hop-by-hop headers
 /// and `_scheme` are gone, the timeout header is what the agent must respect.
-fn tunnel_request(req: Request<Body>, route: &Route, agent_timeout: Duration) -> Result<Request<Body>, ScrapeError> {
+fn tunnel_request(
+    req: Request<Body>,
+    route: &Route,
+    agent_timeout: Duration,
+) -> Result<Request<Body>, ScrapeError> {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path();
     let uri = match clean_query(parts.uri.query()) {
@@ -154,26 +173,49 @@ fn tunnel_request(req: Request<Body>, route: &Route, agent_timeout: Duration) ->
 }
 
 /// The agent's response, streamed to Prometheus within the deadline and the size limit.
-fn stream_back(state: &Arc<State>, resp: Response<hyper::body::Incoming>, labels: ScrapeLabels, start: Instant, deadline: Instant) -> Response<Body> {
+fn stream_back(
+    state: &Arc<State>,
+    resp: Response<hyper::body::Incoming>,
+    labels: ScrapeLabels,
+    start: Instant,
+    deadline: Instant,
+) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_11;
     let status = parts.status;
     let done_state = state.clone();
     let on_finish = Box::new(move |bytes: u64| {
-        let agent = AgentLabels { agent: labels.agent.clone() };
-        done_state.metrics.bytes_proxied.get_or_create(&agent).inc_by(bytes);
+        let agent = AgentLabels {
+            agent: labels.agent.clone(),
+        };
+        done_state
+            .metrics
+            .bytes_proxied
+            .get_or_create(&agent)
+            .inc_by(bytes);
         record(&done_state, labels, status, start.elapsed());
     });
-    let body = BoundedBody::new(boxed(body), deadline, state.config.scrape.max_body_bytes, on_finish);
+    let body = BoundedBody::new(
+        boxed(body),
+        deadline,
+        state.config.scrape.max_body_bytes,
+        on_finish,
+    );
     Response::from_parts(parts, boxed(body))
 }
 
 fn record(state: &State, mut labels: ScrapeLabels, status: http::StatusCode, elapsed: Duration) {
     labels.status_class = status_class(status).to_owned();
-    let agent = AgentLabels { agent: labels.agent.clone() };
+    let agent = AgentLabels {
+        agent: labels.agent.clone(),
+    };
     state.metrics.scrapes.get_or_create(&labels).inc();
-    state.metrics.scrape_duration.get_or_create(&agent).observe(elapsed.as_secs_f64());
+    state
+        .metrics
+        .scrape_duration
+        .get_or_create(&agent)
+        .observe(elapsed.as_secs_f64());
 }
 
 #[cfg(test)]
@@ -195,18 +237,34 @@ mod tests {
         assert_eq!(t.scrape, Duration::from_secs(15));
         assert_eq!(t.agent, Duration::from_millis(14_500));
         assert!(t.agent < t.gateway && t.gateway < t.scrape);
-        assert_eq!(timeouts(Some(&HeaderValue::from_static("600")), &limits()).scrape, Duration::from_secs(60));
+        assert_eq!(
+            timeouts(Some(&HeaderValue::from_static("600")), &limits()).scrape,
+            Duration::from_secs(60)
+        );
         assert_eq!(timeouts(None, &limits()).scrape, Duration::from_secs(10));
-        assert_eq!(timeouts(Some(&HeaderValue::from_static("nan")), &limits()).scrape, Duration::from_secs(10));
-        assert_eq!(timeouts(Some(&HeaderValue::from_static("-1")), &limits()).scrape, Duration::from_secs(10));
+        assert_eq!(
+            timeouts(Some(&HeaderValue::from_static("nan")), &limits()).scrape,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            timeouts(Some(&HeaderValue::from_static("-1")), &limits()).scrape,
+            Duration::from_secs(10)
+        );
         let short = timeouts(Some(&HeaderValue::from_static("1")), &limits());
-        assert_eq!(short.agent, Duration::from_millis(750), "margin is at most a quarter of a short timeout");
+        assert_eq!(
+            short.agent,
+            Duration::from_millis(750),
+            "margin is at most a quarter of a short timeout"
+        );
     }
 
     #[test]
     fn scheme_parameter_is_removed_and_the_rest_kept() {
         assert_eq!(clean_query(Some("_scheme=https")), None);
-        assert_eq!(clean_query(Some("module=http_2xx&_scheme=http&target=x")).as_deref(), Some("module=http_2xx&target=x"));
+        assert_eq!(
+            clean_query(Some("module=http_2xx&_scheme=http&target=x")).as_deref(),
+            Some("module=http_2xx&target=x")
+        );
         assert_eq!(clean_query(Some("a=1")).as_deref(), Some("a=1"));
         assert_eq!(clean_query(None), None);
     }

@@ -54,8 +54,18 @@ mod tests {
             version: 3,
             labels: BTreeMap::from([("dc".into(), "fra1".into()), ("env".into(), "prod".into())]),
             targets: vec![
-                TargetInfo { name: "node".into(), port: 9100, path: "/metrics".into(), labels: BTreeMap::from([("env".into(), "staging".into())]) },
-                TargetInfo { name: "ferry".into(), port: 9369, path: "/metrics".into(), labels: BTreeMap::new() },
+                TargetInfo {
+                    name: "node".into(),
+                    port: 9100,
+                    path: "/metrics".into(),
+                    labels: BTreeMap::from([("env".into(), "staging".into())]),
+                },
+                TargetInfo {
+                    name: "ferry".into(),
+                    port: 9369,
+                    path: "/metrics".into(),
+                    labels: BTreeMap::new(),
+                },
             ],
         };
         let json = serde_json::to_value(agent_groups("node-1", &list)).unwrap();

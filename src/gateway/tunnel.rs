@@ -31,7 +31,11 @@ use crate::tunnel::{TargetList, CONTROL_AUTHORITY, TARGETS_LONG_POLL, TARGETS_PA
 /// Largest target list accepted from an agent.
 const MAX_TARGET_LIST_BYTES: usize = 1 << 20;
 
-pub(super) async fn accept_loop(state: Arc<State>, listener: TcpListener, shutdown: CancellationToken) {
+pub(super) async fn accept_loop(
+    state: Arc<State>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) {
     let sessions = TaskTracker::new();
     loop {
         let (stream, remote) = tokio::select! {
@@ -46,20 +50,29 @@ pub(super) async fn accept_loop(state: Arc<State>, listener: TcpListener, shutdo
         };
         let _ = stream.set_nodelay(true);
         let span = info_span!("tunnel", %remote);
-        sessions.spawn(handle_connection(state.clone(), stream, remote, shutdown.clone()).instrument(span));
+        sessions.spawn(
+            handle_connection(state.clone(), stream, remote, shutdown.clone()).instrument(span),
+        );
     }
     sessions.close();
     sessions.wait().await;
 }
 
-async fn handle_connection(state: Arc<State>, stream: TcpStream, remote: SocketAddr, shutdown: CancellationToken) {
+async fn handle_connection(
+    state: Arc<State>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    shutdown: CancellationToken,
+) {
     let timeout = state.config.handshake_timeout;
     match &state.identity {
         Some(identity) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(identity.config.clone());
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => serve_upgrade(state, tls, remote, shutdown).await,
-                Ok(Err(e)) => handshake_failed(&state, "tls_error", &format!("TLS handshake failed: {e}")),
+                Ok(Err(e)) => {
+                    handshake_failed(&state, "tls_error", &format!("TLS handshake failed: {e}"))
+                }
                 Err(_) => handshake_failed(&state, "timeout", "TLS handshake timed out"),
             }
         }
@@ -76,13 +89,19 @@ fn count_handshake(state: &State, result: &str) {
     state
         .metrics
         .handshakes
-        .get_or_create(&ResultLabels { result: result.to_owned() })
+        .get_or_create(&ResultLabels {
+            result: result.to_owned(),
+        })
         .inc();
 }
 
 /// Serves the one HTTP/1.1 request that opens a tunnel, bounded by the handshake timeout.
-async fn serve_upgrade<IO>(state: Arc<State>, io: IO, remote: SocketAddr, shutdown: CancellationToken)
-where
+async fn serve_upgrade<IO>(
+    state: Arc<State>,
+    io: IO,
+    remote: SocketAddr,
+    shutdown: CancellationToken,
+) where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let timeout = state.config.handshake_timeout;
@@ -107,7 +126,12 @@ where
 }
 
 /// Checks the credentials of an upgrade request; on success answers 101 and starts the session.
-fn upgrade(state: Arc<State>, req: Request<Incoming>, remote: SocketAddr, shutdown: CancellationToken) -> Response<Body> {
+fn upgrade(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+    shutdown: CancellationToken,
+) -> Response<Body> {
     let claim = match parse_upgrade_request(&req) {
         Ok(claim) => claim,
         Err(refusal) => return refuse(&state, refusal, "bad_request", None),
@@ -117,7 +141,12 @@ fn upgrade(state: Arc<State>, req: Request<Incoming>, remote: SocketAddr, shutdo
             AuthError::InvalidToken => (StatusCode::UNAUTHORIZED, "unauthorized"),
             AuthError::IdNotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden"),
         };
-        return refuse(&state, Refusal::new(status, e.to_string()), result, Some(&claim.agent_id));
+        return refuse(
+            &state,
+            Refusal::new(status, e.to_string()),
+            result,
+            Some(&claim.agent_id),
+        );
     }
     count_handshake(&state, "ok");
     let agent_id = claim.agent_id;
@@ -141,7 +170,13 @@ fn refuse(state: &State, refusal: Refusal, result: &str, agent: Option<&str>) ->
 }
 
 /// One tunnel's life: HTTP/2 handshake, first target list, registration, then until it ends.
-async fn run_session(state: Arc<State>, upgraded: Upgraded, agent_id: String, remote: SocketAddr, shutdown: CancellationToken) {
+async fn run_session(
+    state: Arc<State>,
+    upgraded: Upgraded,
+    agent_id: String,
+    remote: SocketAddr,
+    shutdown: CancellationToken,
+) {
     let ka = state.config.keepalive;
     let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -166,13 +201,23 @@ async fn run_session(state: Arc<State>, upgraded: Upgraded, agent_id: String, re
     let (targets_tx, targets_rx) = watch::channel(Arc::new(first));
     let closed = CancellationToken::new();
     let session = state.registry.next_session();
-    let handle = Arc::new(AgentHandle::new(agent_id.clone(), session, remote, sender.clone(), targets_rx, closed.clone()));
+    let handle = Arc::new(AgentHandle::new(
+        agent_id.clone(),
+        session,
+        remote,
+        sender.clone(),
+        targets_rx,
+        closed.clone(),
+    ));
     if let Some(old) = state.registry.insert(handle) {
         warn!(old_remote = %old.remote, "agent id connected again: replacing the older tunnel");
         state.metrics.tunnels_replaced.inc();
         old.close();
     }
-    state.metrics.agents_connected.set(state.registry.len() as i64);
+    state
+        .metrics
+        .agents_connected
+        .set(state.registry.len() as i64);
     info!(targets = n_targets, "agent connected");
     let end = tokio::select! {
         res = &mut conn => format!("connection ended: {}", res.map_or_else(|e| e.to_string(), |_| "closed by agent".into())),
@@ -181,17 +226,33 @@ async fn run_session(state: Arc<State>, upgraded: Upgraded, agent_id: String, re
         e = watch_targets(sender, targets_tx) => format!("target list watch failed: {e}"),
     };
     state.registry.remove(&agent_id, session);
-    state.metrics.agents_connected.set(state.registry.len() as i64);
+    state
+        .metrics
+        .agents_connected
+        .set(state.registry.len() as i64);
     info!(reason = %end, "agent disconnected");
 }
 
 /// Follows the agent's target list: each answer is the next version, held open by the agent until it changes.
-async fn watch_targets(mut sender: SendRequest<Body>, tx: watch::Sender<Arc<TargetList>>) -> String {
+async fn watch_targets(
+    mut sender: SendRequest<Body>,
+    tx: watch::Sender<Arc<TargetList>>,
+) -> String {
     loop {
         let version = tx.borrow().version;
-        match fetch_targets(&mut sender, Some(version), TARGETS_LONG_POLL + Duration::from_secs(30)).await {
+        match fetch_targets(
+            &mut sender,
+            Some(version),
+            TARGETS_LONG_POLL + Duration::from_secs(30),
+        )
+        .await
+        {
             Ok(list) if list.version != version => {
-                info!(targets = list.targets.len(), version = list.version, "agent targets changed");
+                info!(
+                    targets = list.targets.len(),
+                    version = list.version,
+                    "agent targets changed"
+                );
                 tx.send_replace(Arc::new(list));
             }
             Ok(_) => {}
@@ -200,7 +261,11 @@ async fn watch_targets(mut sender: SendRequest<Body>, tx: watch::Sender<Arc<Targ
     }
 }
 
-async fn fetch_targets(sender: &mut SendRequest<Body>, after: Option<u64>, timeout: Duration) -> Result<TargetList, String> {
+async fn fetch_targets(
+    sender: &mut SendRequest<Body>,
+    after: Option<u64>,
+    timeout: Duration,
+) -> Result<TargetList, String> {
     let uri = match after {
         Some(v) => format!("http://{CONTROL_AUTHORITY}{TARGETS_PATH}?after={v}"),
         None => format!("http://{CONTROL_AUTHORITY}{TARGETS_PATH}"),
@@ -210,7 +275,10 @@ async fn fetch_targets(sender: &mut SendRequest<Body>, after: Option<u64>, timeo
         sender.ready().await.map_err(|e| e.to_string())?;
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
         if resp.status() != StatusCode::OK {
-            return Err(format!("agent answered {} to the targets request", resp.status()));
+            return Err(format!(
+                "agent answered {} to the targets request",
+                resp.status()
+            ));
         }
         let body = http_body_util::Limited::new(resp.into_body(), MAX_TARGET_LIST_BYTES)
             .collect()

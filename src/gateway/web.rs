@@ -15,7 +15,8 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
             StatusCode::METHOD_NOT_ALLOWED,
             "CONNECT is not supported by the gateway: it proxies plain http:// scrapes (absolute-form), the agent picks http or https",
         );
-        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST"));
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST"));
         return resp;
     }
     if req.uri().authority().is_some() {
@@ -34,19 +35,30 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
 
 fn json(body: String) -> Response<Body> {
     let mut resp = Response::new(full(body));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
 fn agents(state: &Arc<State>) -> Vec<super::AgentInfo> {
-    super::Gateway { state: state.clone() }.agents()
+    super::Gateway {
+        state: state.clone(),
+    }
+    .agents()
 }
 
 fn status_text(state: &Arc<State>) -> String {
     let agents = agents(state);
     let mut out = format!("ferry gateway: {} agent(s) connected\n", agents.len());
     for a in agents {
-        out.push_str(&format!("{}  from {}  targets: {}\n", a.id, a.remote, a.targets.join(", ")));
+        out.push_str(&format!(
+            "{}  from {}  targets: {}\n",
+            a.id,
+            a.remote,
+            a.targets.join(", ")
+        ));
     }
     out.trim_end().to_owned()
 }

@@ -74,12 +74,36 @@ impl GatewayMetrics {
             scrape_duration: Family::new_with_constructor(duration_histogram),
             bytes_proxied: Family::default(),
         };
-        registry.register("ferry_gateway_agents_connected", "Agents with a tunnel up", m.agents_connected.clone());
-        registry.register("ferry_gateway_tunnel_handshakes", "Tunnel handshakes by result", m.handshakes.clone());
-        registry.register("ferry_gateway_tunnels_replaced", "Tunnels closed because the same agent id connected again", m.tunnels_replaced.clone());
-        registry.register("ferry_gateway_scrapes", "Scrapes proxied, by agent, target and status class", m.scrapes.clone());
-        registry.register("ferry_gateway_scrape_duration_seconds", "Scrape duration through the tunnel, to the last body byte", m.scrape_duration.clone());
-        registry.register("ferry_gateway_proxied_bytes", "Scrape body bytes passed to Prometheus", m.bytes_proxied.clone());
+        registry.register(
+            "ferry_gateway_agents_connected",
+            "Agents with a tunnel up",
+            m.agents_connected.clone(),
+        );
+        registry.register(
+            "ferry_gateway_tunnel_handshakes",
+            "Tunnel handshakes by result",
+            m.handshakes.clone(),
+        );
+        registry.register(
+            "ferry_gateway_tunnels_replaced",
+            "Tunnels closed because the same agent id connected again",
+            m.tunnels_replaced.clone(),
+        );
+        registry.register(
+            "ferry_gateway_scrapes",
+            "Scrapes proxied, by agent, target and status class",
+            m.scrapes.clone(),
+        );
+        registry.register(
+            "ferry_gateway_scrape_duration_seconds",
+            "Scrape duration through the tunnel, to the last body byte",
+            m.scrape_duration.clone(),
+        );
+        registry.register(
+            "ferry_gateway_proxied_bytes",
+            "Scrape body bytes passed to Prometheus",
+            m.bytes_proxied.clone(),
+        );
         m
     }
 }
@@ -116,11 +140,31 @@ impl AgentMetrics {
             scrape_duration: Family::new_with_constructor(duration_histogram),
             targets: Gauge::default(),
         };
-        registry.register("ferry_agent_tunnel_up", "1 while the tunnel to the gateway is up", m.tunnel_up.clone());
-        registry.register("ferry_agent_tunnel_connects", "Tunnel connection attempts by result", m.connects.clone());
-        registry.register("ferry_agent_scrapes", "Scrapes served, by target and result", m.scrapes.clone());
-        registry.register("ferry_agent_scrape_duration_seconds", "Time to the target's response headers", m.scrape_duration.clone());
-        registry.register("ferry_agent_targets", "Targets served, the built-in one included", m.targets.clone());
+        registry.register(
+            "ferry_agent_tunnel_up",
+            "1 while the tunnel to the gateway is up",
+            m.tunnel_up.clone(),
+        );
+        registry.register(
+            "ferry_agent_tunnel_connects",
+            "Tunnel connection attempts by result",
+            m.connects.clone(),
+        );
+        registry.register(
+            "ferry_agent_scrapes",
+            "Scrapes served, by target and result",
+            m.scrapes.clone(),
+        );
+        registry.register(
+            "ferry_agent_scrape_duration_seconds",
+            "Time to the target's response headers",
+            m.scrape_duration.clone(),
+        );
+        registry.register(
+            "ferry_agent_targets",
+            "Targets served, the built-in one included",
+            m.targets.clone(),
+        );
         m
     }
 }

@@ -11,7 +11,8 @@ mod metrics;
 pub use metrics::*;
 
 /// Content type of the OpenMetrics text exposition prometheus-client writes.
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Encodes every metric of `registry` in the OpenMetrics text format.
 pub fn encode_registry(registry: &Registry) -> String {

@@ -63,10 +63,16 @@ pub struct Proxy {
 impl Proxy {
     /// Parses `http://[user:pass@]host[:port]`.
     pub fn parse(url: &str) -> Result<Proxy, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
         match uri.scheme_str() {
             Some("http") | None => {}
-            Some(other) => return Err(format!("{url:?}: proxy scheme {other:?} is not supported, use http://")),
+            Some(other) => {
+                return Err(format!(
+                    "{url:?}: proxy scheme {other:?} is not supported, use http://"
+                ))
+            }
         }
         let authority = uri
             .authority()
@@ -82,12 +88,19 @@ impl Proxy {
             let encoded = base64::engine::general_purpose::STANDARD.encode(userinfo.as_bytes());
             format!("Basic {encoded}")
         });
-        Ok(Proxy { addr, authorization })
+        Ok(Proxy {
+            addr,
+            authorization,
+        })
     }
 }
 
 /// Opens a byte stream to `target` (`host:port`), through `proxy` if given, within `timeout`.
-pub async fn dial(target: &str, proxy: Option<&Proxy>, timeout: Duration) -> Result<BoxIo, DialError> {
+pub async fn dial(
+    target: &str,
+    proxy: Option<&Proxy>,
+    timeout: Duration,
+) -> Result<BoxIo, DialError> {
     let attempt = async {
         match proxy {
             None => Ok(Box::new(tcp(target).await?) as BoxIo),
@@ -100,10 +113,12 @@ pub async fn dial(target: &str, proxy: Option<&Proxy>, timeout: Duration) -> Res
 }
 
 async fn tcp(addr: &str) -> Result<TcpStream, DialError> {
-    let stream = TcpStream::connect(addr).await.map_err(|source| DialError::Connect {
-        addr: addr.to_owned(),
-        source,
-    })?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|source| DialError::Connect {
+            addr: addr.to_owned(),
+            source,
+        })?;
     // Scrape requests and PINGs are small; don't let Nagle hold them back.
     let _ = stream.set_nodelay(true);
     Ok(stream)
@@ -126,11 +141,13 @@ async fn connect_through(proxy: &Proxy, target: &str) -> Result<BoxIo, DialError
     if let Some(auth) = &proxy.authorization {
         req = req.header(header::PROXY_AUTHORIZATION, auth);
     }
-    let req = req.body(Empty::<Bytes>::new()).map_err(|_| DialError::ProxyRefused {
-        proxy: proxy.addr.clone(),
-        target: target.to_owned(),
-        status: StatusCode::BAD_REQUEST,
-    })?;
+    let req = req
+        .body(Empty::<Bytes>::new())
+        .map_err(|_| DialError::ProxyRefused {
+            proxy: proxy.addr.clone(),
+            target: target.to_owned(),
+            status: StatusCode::BAD_REQUEST,
+        })?;
     let resp = sender.send_request(req).await.map_err(http_err)?;
     if resp.status() != StatusCode::OK {
         conn.abort();

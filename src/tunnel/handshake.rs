@@ -63,9 +63,15 @@ impl Refusal {
 /// Reads the credentials out of an upgrade request, or says why it is not one.
 pub fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeRequest, Refusal> {
     if req.uri().path() != TUNNEL_PATH {
-        return Err(Refusal::new(StatusCode::NOT_FOUND, "not a ferry tunnel endpoint"));
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            "not a ferry tunnel endpoint",
+        ));
     }
-    let upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok());
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok());
     if !upgrade.is_some_and(|u| u.eq_ignore_ascii_case(UPGRADE_PROTOCOL)) {
         return Err(Refusal::new(
             StatusCode::UPGRADE_REQUIRED,
@@ -212,11 +218,21 @@ mod tests {
     #[test]
     fn refuses_incomplete_requests_with_the_right_status() {
         let cases: [(&[(&str, &str)], u16); 4] = [
-            (&[("authorization", "Bearer x"), ("ferry-agent-id", "a")], 426),
-            (&[("upgrade", "ferry/1"), ("ferry-agent-id", "a")], 401),
-            (&[("upgrade", "ferry/1"), ("authorization", "Bearer x")], 400),
             (
-                &[("upgrade", "ferry/1"), ("authorization", "Bearer x"), ("ferry-agent-id", "a/b")],
+                &[("authorization", "Bearer x"), ("ferry-agent-id", "a")],
+                426,
+            ),
+            (&[("upgrade", "ferry/1"), ("ferry-agent-id", "a")], 401),
+            (
+                &[("upgrade", "ferry/1"), ("authorization", "Bearer x")],
+                400,
+            ),
+            (
+                &[
+                    ("upgrade", "ferry/1"),
+                    ("authorization", "Bearer x"),
+                    ("ferry-agent-id", "a/b"),
+                ],
                 400,
             ),
         ];
@@ -266,7 +282,9 @@ mod tests {
                 .with_upgrades()
                 .await
         });
-        let up = request_upgrade(client, "gw", "good", "node-1").await.unwrap();
+        let up = request_upgrade(client, "gw", "good", "node-1")
+            .await
+            .unwrap();
         let mut io = TokioIo::new(up);
         let mut buf = vec![0; 18];
         io.read_exact(&mut buf).await.unwrap();

@@ -86,3 +86,33 @@ impl TargetList {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_found_by_port_and_exact_path() {
+        let t = |name: &str, port, path: &str| TargetInfo {
+            name: name.into(),
+            port,
+            path: path.into(),
+            labels: BTreeMap::new(),
+        };
+        let list = TargetList {
+            version: 1,
+            labels: BTreeMap::new(),
+            targets: vec![t("node", 9100, "/metrics"), t("app", 9100, "/app/metrics")],
+        };
+        assert_eq!(
+            list.find(9100, "/metrics").map(|t| t.name.as_str()),
+            Some("node")
+        );
+        assert_eq!(
+            list.find(9100, "/app/metrics").map(|t| t.name.as_str()),
+            Some("app")
+        );
+        assert!(list.find(9101, "/metrics").is_none());
+        assert!(list.find(9100, "/metrics/").is_none());
+        assert!(list.find(9100, "/").is_none());
+    }
+}

@@ -80,7 +80,9 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
     match e {
         rustls::pki_types::pem::Error::Io(io) => io.to_string(),
-        rustls::pki_types::pem::Error::NoItemsFound => "no PEM item of the expected kind found".into(),
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            "no PEM item of the expected kind found".into()
+        }
         other => format!("not valid PEM: {other:?}"),
     }
 }
@@ -92,7 +94,6 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         reason: pem_reason(&e),
     })
 }
-
 
 /// Parses `sha256:<64 hex digits>` into the 32 bytes it names.
 pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {

@@ -55,7 +55,9 @@ pub fn client_config(tls: &ClientTls, purpose: Purpose) -> Result<rustls::Client
         .with_protocol_versions(versions)
         .map_err(|e| config_error(e.to_string()))?;
     let verifier = verifier(&tls.verify, provider)?;
-    let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
+    let builder = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
     let mut config = match &tls.client_cert {
         Some((cert, key)) => builder
             .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
@@ -80,10 +82,19 @@ fn verifier(
 ) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
     let roots = match verify {
         ServerVerify::Fingerprint(digest) => {
-            return Ok(Arc::new(PinnedVerifier { digest: *digest, provider }))
+            return Ok(Arc::new(PinnedVerifier {
+                digest: *digest,
+                provider,
+            }))
         }
         ServerVerify::InsecureSkipVerify => {
-            return Ok(Arc::new(PinnedVerifier { digest: [0; 32], provider }.accept_any()))
+            return Ok(Arc::new(
+                PinnedVerifier {
+                    digest: [0; 32],
+                    provider,
+                }
+                .accept_any(),
+            ))
         }
         ServerVerify::SystemRoots => system_roots(),
         ServerVerify::CaFile(path) => {
@@ -155,7 +166,12 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -164,11 +180,18 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

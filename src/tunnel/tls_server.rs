@@ -14,7 +14,7 @@ pub const SELF_SIGNED_CERT: &str = "tunnel-cert.pem";
 pub const SELF_SIGNED_KEY: &str = "tunnel-key.pem";
 
 /// The gateway's certificate, ready to accept tunnels.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ServerIdentity {
     /// rustls configuration: TLS 1.3 only.
     pub config: Arc<rustls::ServerConfig>,
@@ -38,9 +38,11 @@ pub fn self_signed_identity(data_dir: &Path, names: &[String]) -> Result<ServerI
     let cert_file = data_dir.join(SELF_SIGNED_CERT);
     let key_file = data_dir.join(SELF_SIGNED_KEY);
     if !cert_file.exists() || !key_file.exists() {
-        generate(data_dir, &cert_file, &key_file, names).map_err(|reason| TlsError::SelfSigned {
-            dir: data_dir.to_owned(),
-            reason,
+        generate(data_dir, &cert_file, &key_file, names).map_err(|reason| {
+            TlsError::SelfSigned {
+                dir: data_dir.to_owned(),
+                reason,
+            }
         })?;
     }
     load_identity(&cert_file, &key_file)
@@ -54,7 +56,8 @@ fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> 
     }
     let generated = rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
     write_private(key_file, generated.signing_key.serialize_pem().as_bytes())?;
-    std::fs::write(cert_file, generated.cert.pem()).map_err(|e| format!("cannot write certificate: {e}"))
+    std::fs::write(cert_file, generated.cert.pem())
+        .map_err(|e| format!("cannot write certificate: {e}"))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
@@ -71,7 +74,10 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("cannot write key {}: {e}", path.display()))
 }
 
-fn build(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<ServerIdentity, String> {
+fn build(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerIdentity, String> {
     let fingerprint = fingerprint(&certs[0]);
     let mut config = rustls::ServerConfig::builder_with_provider(super::tls::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -98,7 +104,10 @@ mod tests {
         assert_eq!(first.fingerprint, again.fingerprint);
         assert!(first.fingerprint.starts_with("sha256:") && first.fingerprint.len() == 71);
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(SELF_SIGNED_KEY)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join(SELF_SIGNED_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -109,7 +118,9 @@ mod tests {
         std::fs::write(&empty, "").unwrap();
         let err = load_identity(&empty, &empty).unwrap_err().to_string();
         assert!(err.contains("empty.pem") && err.contains("no PEM"), "{err}");
-        let err = load_identity(&dir.path().join("missing.pem"), &empty).unwrap_err().to_string();
+        let err = load_identity(&dir.path().join("missing.pem"), &empty)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing.pem"), "{err}");
     }
 }
