@@ -1,0 +1,221 @@
+//! In-process ferry for tests: a real gateway (TLS with a self-signed certificate pinned by the
+//! agent, a hashed tokens file) and real agents, all on 127.0.0.1 port 0.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry::agent::Agent;
+use ferry::config::{AgentSection, ConfigErrors, GatewaySection, TargetSection};
+use ferry::gateway::auth::hash_token;
+use ferry::gateway::Gateway;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A gateway running in this process.
+pub struct TestGateway {
+    pub gateway: Gateway,
+    pub web: SocketAddr,
+    pub tunnel: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<()>,
+    /// Holds the data dir (self-signed cert) and tokens file.
+    pub dir: PathBuf,
+}
+
+impl TestGateway {
+    /// `sha256:<hex>` of the tunnel certificate.
+    pub fn fingerprint(&self) -> String {
+        self.gateway.fingerprint().unwrap_or_default().to_owned()
+    }
+
+    /// Stops the gateway and waits for it to finish draining.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+    }
+
+    /// Ids of connected agents.
+    pub fn agent_ids(&self) -> Vec<String> {
+        self.gateway.agents().into_iter().map(|a| a.id).collect()
+    }
+
+    /// Waits until `id` is connected (panics after `timeout`).
+    pub async fn wait_agent(&self, id: &str, timeout: Duration) {
+        let start = std::time::Instant::now();
+        while !self.agent_ids().iter().any(|a| a == id) {
+            assert!(
+                start.elapsed() < timeout,
+                "agent {id:?} did not connect within {timeout:?}; connected: {:?}",
+                self.agent_ids()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `id` is not connected (panics after `timeout`).
+    pub async fn wait_agent_gone(&self, id: &str, timeout: Duration) {
+        let start = std::time::Instant::now();
+        while self.agent_ids().iter().any(|a| a == id) {
+            assert!(
+                start.elapsed() < timeout,
+                "agent {id:?} still connected after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `http://127.0.0.1:<web port>` — the proxy_url.
+    pub fn web_url(&self) -> String {
+        format!("http://{}", self.web)
+    }
+}
+
+/// Credentials: `(glob, token)` pairs written as a hashed tokens file.
+pub fn tokens_file(dir: &std::path::Path, creds: &[(&str, &str)]) -> PathBuf {
+    let path = dir.join("tokens");
+    let text: String = creds
+        .iter()
+        .map(|(glob, token)| format!("{glob} {}\n", hash_token(token)))
+        .collect();
+    std::fs::write(&path, format!("# test tokens\n{text}")).unwrap();
+    path
+}
+
+/// Starts a gateway accepting `creds`, on fresh loopback ports; `tweak` adjusts the section.
+pub async fn start_gateway(
+    dir: &TempDir,
+    creds: &[(&str, &str)],
+    tweak: impl FnOnce(&mut GatewaySection),
+) -> TestGateway {
+    let web = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tunnel = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_gateway_on(dir, creds, web, tunnel, tweak).await
+}
+
+/// Starts a gateway on already-bound listeners (to restart one on the same ports).
+pub async fn start_gateway_on(
+    dir: &TempDir,
+    creds: &[(&str, &str)],
+    web: TcpListener,
+    tunnel: TcpListener,
+    tweak: impl FnOnce(&mut GatewaySection),
+) -> TestGateway {
+    let (web_addr, tunnel_addr) = (web.local_addr().unwrap(), tunnel.local_addr().unwrap());
+    let mut section = GatewaySection {
+        data_dir: dir.path().join("data"),
+        ..GatewaySection::default()
+    };
+    section.web.listen_address = web_addr.to_string();
+    section.tunnel.listen_address = tunnel_addr.to_string();
+    section.tunnel.tls_self_signed_names = vec!["localhost".into()];
+    section.auth.tokens_file = Some(tokens_file(dir.path(), creds));
+    section.shutdown_grace_period = ferry::config::Dur(Duration::from_secs(5));
+    tweak(&mut section);
+    let mut errs = ConfigErrors::new("test");
+    let cfg = section.validate("gateway", &mut errs);
+    assert!(errs.errors.is_empty(), "{errs}");
+    let gateway = Gateway::new(cfg.unwrap()).expect("gateway starts");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(gateway.clone().run(web, tunnel, shutdown.clone()));
+    TestGateway {
+        gateway,
+        web: web_addr,
+        tunnel: tunnel_addr,
+        shutdown,
+        task,
+        dir: dir.path().to_owned(),
+    }
+}
+
+/// An agent running in this process.
+pub struct TestAgent {
+    pub agent: Agent,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+impl TestAgent {
+    /// Stops the agent and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.task).await;
+    }
+}
+
+/// The agent section for an agent `id` with `token`, pinned to `gw`'s certificate, serving `targets` (name, url).
+pub fn agent_section(gw: &TestGateway, id: &str, targets: &[(&str, String)]) -> AgentSection {
+    let mut s = AgentSection {
+        gateway: Some(format!("https://localhost:{}", gw.tunnel.port())),
+        agent_id: Some(id.into()),
+        targets: targets
+            .iter()
+            .map(|(name, url)| TargetSection {
+                name: (*name).into(),
+                url: url.clone(),
+                ..TargetSection::default()
+            })
+            .collect(),
+        ..AgentSection::default()
+    };
+    s.tunnel.fingerprint = Some(gw.fingerprint());
+    // Tests restart peers: reconnect fast.
+    s.reconnect.min_backoff = ferry::config::Dur(Duration::from_millis(50));
+    s.reconnect.max_backoff = ferry::config::Dur(Duration::from_millis(300));
+    s.reconnect.auth_failure_backoff = ferry::config::Dur(Duration::from_millis(300));
+    s.shutdown_grace_period = ferry::config::Dur(Duration::from_secs(5));
+    s
+}
+
+/// Validates `section` with `token` as FERRY_TOKEN and starts the agent.
+pub fn start_agent(section: AgentSection, token: &str) -> TestAgent {
+    let token = token.to_owned();
+    let env = move |name: &str| (name == "FERRY_TOKEN").then(|| token.clone());
+    let mut errs = ConfigErrors::new("test");
+    let cfg = section.validate("agent", &env, &mut errs);
+    assert!(errs.errors.is_empty(), "{errs}");
+    let agent = Agent::new(cfg.unwrap()).expect("agent starts");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(agent.clone().run(shutdown.clone()));
+    TestAgent {
+        agent,
+        shutdown,
+        task,
+    }
+}
+
+/// Gateway + one connected agent `id` serving `targets`: the common starting point.
+pub async fn gateway_and_agent(
+    dir: &TempDir,
+    id: &str,
+    targets: &[(&str, String)],
+) -> (TestGateway, TestAgent) {
+    let gw = start_gateway(dir, &[("*", "test-token")], |_| {}).await;
+    let agent = start_agent(agent_section(&gw, id, targets), "test-token");
+    gw.wait_agent(id, Duration::from_secs(10)).await;
+    (gw, agent)
+}
+
+/// Reads a metric's value from a Prometheus text exposition: the first sample whose line starts
+/// with `name{` or `name ` and contains every `label="value"` pair given.
+pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+                return None;
+            }
+            if !labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+            {
+                return None;
+            }
+            line.rsplit(' ').next()?.parse().ok()
+        })
+}

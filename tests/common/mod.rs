@@ -1,0 +1,13 @@
+//! Shared helpers for ferry's integration tests. Each test binary says `mod common;` and uses a
+//! subset, so every module allows dead code.
+//!
+//! - `servers`  — a real HTTP/1.1 target server (an exporter as ferry sees it) with canned behaviours.
+//! - `proxy`    — an HTTP CONNECT proxy and a plain TCP relay that can cut idle connections.
+//! - `http`     — HTTP/1.1 client calls: origin-form, absolute-form through a proxy, streaming.
+//! - `external` — the real Prometheus and node_exporter (Debian packages) as child processes.
+
+pub mod external;
+pub mod ferry;
+pub mod http;
+pub mod proxy;
+pub mod servers;
