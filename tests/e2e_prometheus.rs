@@ -108,23 +108,50 @@ scrape_configs:
     };
     let timeout = Duration::from_secs(60);
     let up = prometheus
-        .wait_for(r#"up{job="ferry",ferry_agent="node-1",ferry_target="node"}"#, timeout, |v| values(v) == [1.0])
+        .wait_for(
+            r#"up{job="ferry",ferry_agent="node-1",ferry_target="node"}"#,
+            timeout,
+            |v| values(v) == [1.0],
+        )
         .await;
-    let instance = up["data"]["result"][0]["metric"]["instance"].as_str().unwrap_or_default().to_owned();
-    assert_eq!(instance, format!("node-1:{}", node.addr.port()), "{up}\n{}", logs());
+    let instance = up["data"]["result"][0]["metric"]["instance"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        instance,
+        format!("node-1:{}", node.addr.port()),
+        "{up}\n{}",
+        logs()
+    );
 
     // A node_exporter series, scraped through the tunnel, carries the agent's labels.
     let series = prometheus
-        .wait_for(r#"node_load1{ferry_agent="node-1",ferry_target="node",dc="lab"}"#, timeout, |v| values(v).len() == 1)
+        .wait_for(
+            r#"node_load1{ferry_agent="node-1",ferry_target="node",dc="lab"}"#,
+            timeout,
+            |v| values(v).len() == 1,
+        )
         .await;
-    assert_eq!(series["data"]["result"][0]["metric"]["job"], "ferry", "{series}");
+    assert_eq!(
+        series["data"]["result"][0]["metric"]["job"], "ferry",
+        "{series}"
+    );
 
     // The agent's own metrics are the built-in target `ferry`, scraped the same way.
     prometheus
-        .wait_for(r#"ferry_agent_tunnel_up{ferry_agent="node-1",ferry_target="ferry"}"#, timeout, |v| values(v) == [1.0])
+        .wait_for(
+            r#"ferry_agent_tunnel_up{ferry_agent="node-1",ferry_target="ferry"}"#,
+            timeout,
+            |v| values(v) == [1.0],
+        )
         .await;
     let scrapes = prometheus
         .query(r#"ferry_agent_scrapes_total{ferry_agent="node-1",target="node",result="ok"}"#)
         .await;
-    assert!(values(&scrapes).first().is_some_and(|n| *n >= 1.0), "{scrapes}\n{}", logs());
+    assert!(
+        values(&scrapes).first().is_some_and(|n| *n >= 1.0),
+        "{scrapes}\n{}",
+        logs()
+    );
 }

@@ -113,6 +113,9 @@ struct GatewayArgs {
     /// PEM private key for the tunnel.
     #[arg(long = "tunnel.tls-key-file", value_name = "FILE")]
     tls_key_file: Option<PathBuf>,
+    /// Require agents to present a client certificate signed by a CA in this PEM file (mTLS).
+    #[arg(long = "tunnel.tls-client-ca-file", value_name = "FILE")]
+    tls_client_ca_file: Option<PathBuf>,
     /// Accept tunnels without TLS. Only behind a TLS-terminating front end.
     #[arg(long = "tunnel.insecure-plaintext")]
     insecure_plaintext: bool,
@@ -150,6 +153,7 @@ impl GatewayArgs {
         set(&mut s.tunnel.listen_address, &self.tunnel_listen_address);
         s.tunnel.tls_cert_file = self.tls_cert_file.clone();
         s.tunnel.tls_key_file = self.tls_key_file.clone();
+        s.tunnel.tls_client_ca_file = self.tls_client_ca_file.clone();
         s.tunnel.insecure_plaintext = self.insecure_plaintext;
         set(&mut s.tunnel.keepalive_interval, &self.keepalive_interval);
         set(&mut s.tunnel.keepalive_timeout, &self.keepalive_timeout);

@@ -77,6 +77,8 @@ pub struct GatewayTunnelSection {
     pub tls_key_file: Option<PathBuf>,
     /// Names in the self-signed certificate.
     pub tls_self_signed_names: Vec<String>,
+    /// Require agents to present a client certificate signed by a CA in this PEM file (mTLS).
+    pub tls_client_ca_file: Option<PathBuf>,
     /// Accept tunnels without TLS. Only for tests and TLS-terminating front ends.
     pub insecure_plaintext: bool,
     /// HTTP/2 PING interval.
@@ -97,6 +99,7 @@ impl Default for GatewayTunnelSection {
             tls_cert_file: None,
             tls_key_file: None,
             tls_self_signed_names: Vec::new(),
+            tls_client_ca_file: None,
             insecure_plaintext: false,
             keepalive_interval: Dur(keepalive.interval),
             keepalive_timeout: Dur(keepalive.timeout),
@@ -169,6 +172,8 @@ pub struct GatewayConfig {
     pub tunnel_listen: SocketAddr,
     /// TLS identity source.
     pub tls: GatewayTls,
+    /// CA file for agents' client certificates, if mTLS is required.
+    pub client_ca_file: Option<PathBuf>,
     /// Agent credentials file.
     pub tokens_file: PathBuf,
     /// HTTP/2 keepalive.
@@ -234,6 +239,7 @@ impl GatewaySection {
             web_listen: web_listen?,
             tunnel_listen: tunnel_listen?,
             tls: tls?,
+            client_ca_file: self.tunnel.tls_client_ca_file.clone(),
             tokens_file: tokens_file?,
             keepalive,
             handshake_timeout: self.tunnel.handshake_timeout.0,
@@ -261,7 +267,8 @@ impl GatewaySection {
                 None
             }
             (Some(cert), Some(key), false) => {
-                match crate::tunnel::tls_server::load_identity(cert, key) {
+                let client_ca = t.tls_client_ca_file.as_deref();
+                match crate::tunnel::tls_server::load_identity(cert, key, client_ca) {
                     Ok(_) => {}
                     Err(e) => errs.push(field("tls_cert_file"), e.to_string()),
                 }
@@ -278,10 +285,15 @@ impl GatewaySection {
                 errs.push(field("tls_cert_file"), "required when tls_key_file is set");
                 None
             }
-            (None, None, false) => Some(GatewayTls::SelfSigned {
-                data_dir: self.data_dir.clone(),
-                names: t.tls_self_signed_names.clone(),
-            }),
+            (None, None, false) => {
+                if let Some(ca) = &t.tls_client_ca_file {
+                    super::check_readable(ca, &field("tls_client_ca_file"), errs);
+                }
+                Some(GatewayTls::SelfSigned {
+                    data_dir: self.data_dir.clone(),
+                    names: t.tls_self_signed_names.clone(),
+                })
+            }
         }
     }
 }

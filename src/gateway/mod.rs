@@ -87,10 +87,11 @@ pub struct Gateway {
 impl Gateway {
     /// Loads the TLS identity (generating the self-signed one on first start) and the tokens file.
     pub fn new(config: GatewayConfig) -> Result<Gateway, GatewayError> {
+        let client_ca = config.client_ca_file.as_deref();
         let identity = match &config.tls {
-            GatewayTls::Files { cert, key } => Some(load_identity(cert, key)?),
+            GatewayTls::Files { cert, key } => Some(load_identity(cert, key, client_ca)?),
             GatewayTls::SelfSigned { data_dir, names } => {
-                Some(self_signed_identity(data_dir, names)?)
+                Some(self_signed_identity(data_dir, names, client_ca)?)
             }
             GatewayTls::InsecurePlaintext => None,
         };

@@ -5,6 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
 
 use super::tls::{fingerprint, read_certs, read_key, TlsError};
 
@@ -23,10 +25,17 @@ pub struct ServerIdentity {
 }
 
 /// Loads a certificate chain and key from PEM files.
-pub fn load_identity(cert_file: &Path, key_file: &Path) -> Result<ServerIdentity, TlsError> {
+///
+/// With `client_ca`, agents must also present a client certificate signed by a CA in that file (mTLS).
+pub fn load_identity(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca: Option<&Path>,
+) -> Result<ServerIdentity, TlsError> {
     let certs = read_certs(cert_file)?;
     let key = read_key(key_file)?;
-    build(certs, key).map_err(|reason| TlsError::Mismatch {
+    let client_verifier = client_ca.map(client_verifier).transpose()?;
+    build(certs, key, client_verifier).map_err(|reason| TlsError::Mismatch {
         cert: cert_file.to_owned(),
         key: key_file.to_owned(),
         reason,
@@ -34,7 +43,11 @@ pub fn load_identity(cert_file: &Path, key_file: &Path) -> Result<ServerIdentity
 }
 
 /// Loads the self-signed identity from `data_dir`, generating and storing it on first start.
-pub fn self_signed_identity(data_dir: &Path, names: &[String]) -> Result<ServerIdentity, TlsError> {
+pub fn self_signed_identity(
+    data_dir: &Path,
+    names: &[String],
+    client_ca: Option<&Path>,
+) -> Result<ServerIdentity, TlsError> {
     let cert_file = data_dir.join(SELF_SIGNED_CERT);
     let key_file = data_dir.join(SELF_SIGNED_KEY);
     if !cert_file.exists() || !key_file.exists() {
@@ -45,7 +58,7 @@ pub fn self_signed_identity(data_dir: &Path, names: &[String]) -> Result<ServerI
             }
         })?;
     }
-    load_identity(&cert_file, &key_file)
+    load_identity(&cert_file, &key_file, client_ca)
 }
 
 fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> Result<(), String> {
@@ -74,15 +87,37 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("cannot write key {}: {e}", path.display()))
 }
 
+/// Verifies agents' client certificates against the CAs in `ca_file`.
+fn client_verifier(ca_file: &Path) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(ca_file)? {
+        roots.add(cert).map_err(|e| TlsError::Cert {
+            path: ca_file.to_owned(),
+            reason: format!("not a usable CA certificate: {e}"),
+        })?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), super::tls::crypto_provider())
+        .build()
+        .map_err(|e| TlsError::Cert {
+            path: ca_file.to_owned(),
+            reason: format!("no usable client CA: {e}"),
+        })
+}
+
 fn build(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
 ) -> Result<ServerIdentity, String> {
     let fingerprint = fingerprint(&certs[0]);
-    let mut config = rustls::ServerConfig::builder_with_provider(super::tls::crypto_provider())
+    let builder = rustls::ServerConfig::builder_with_provider(super::tls::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -99,8 +134,8 @@ mod tests {
     #[test]
     fn self_signed_identity_is_generated_once_and_reused() {
         let dir = tempfile::tempdir().unwrap();
-        let first = self_signed_identity(dir.path(), &["gw.test".into()]).unwrap();
-        let again = self_signed_identity(dir.path(), &["gw.test".into()]).unwrap();
+        let first = self_signed_identity(dir.path(), &["gw.test".into()], None).unwrap();
+        let again = self_signed_identity(dir.path(), &["gw.test".into()], None).unwrap();
         assert_eq!(first.fingerprint, again.fingerprint);
         assert!(first.fingerprint.starts_with("sha256:") && first.fingerprint.len() == 71);
         use std::os::unix::fs::PermissionsExt;
@@ -116,9 +151,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "").unwrap();
-        let err = load_identity(&empty, &empty).unwrap_err().to_string();
+        let err = load_identity(&empty, &empty, None).unwrap_err().to_string();
         assert!(err.contains("empty.pem") && err.contains("no PEM"), "{err}");
-        let err = load_identity(&dir.path().join("missing.pem"), &empty)
+        let err = load_identity(&dir.path().join("missing.pem"), &empty, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing.pem"), "{err}");

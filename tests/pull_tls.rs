@@ -1,0 +1,120 @@
+//! Tunnel TLS as users configure it: a gateway certificate from files verified by the agent's CA
+//! file, a pinned fingerprint that does not match, and mTLS with client certificates.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::ferry::{agent_section, metric_value, start_agent, start_gateway};
+use common::http::get;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+/// A CA, a server certificate for `localhost` and a client certificate, all signed by the CA.
+fn pki(dir: &Path) -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let write = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_pem, server_key) = leaf(vec!["localhost".into()]);
+    let (client_pem, client_key) = leaf(vec!["agent.test".into()]);
+    Pki {
+        ca: write("ca.pem", ca.pem()),
+        server_cert: write("server.pem", server_pem),
+        server_key: write("server-key.pem", server_key),
+        client_cert: write("client.pem", client_pem),
+        client_key: write("client-key.pem", client_key),
+    }
+}
+
+async fn handshakes(web: std::net::SocketAddr, result: &str) -> f64 {
+    let text = get(&format!("http://{web}/metrics")).await.text();
+    metric_value(
+        &text,
+        "ferry_gateway_tunnel_handshakes_total",
+        &[("result", result)],
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_verifies_gateway_certificate_with_its_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_cert_file = Some(pki.server_cert.clone());
+        s.tunnel.tls_key_file = Some(pki.server_key.clone());
+    })
+    .await;
+    let mut section = agent_section(&gw, "node-ca", &[]);
+    section.tunnel.fingerprint = None;
+    section.tunnel.ca_file = Some(pki.ca.clone());
+    let agent = start_agent(section, "t");
+    gw.wait_agent("node-ca", Duration::from_secs(10)).await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_fingerprint_never_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
+    let mut section = agent_section(&gw, "node-fp", &[]);
+    section.tunnel.fingerprint = Some(format!("sha256:{}", "ab".repeat(32)));
+    let agent = start_agent(section, "t");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        gw.agent_ids().is_empty(),
+        "agent connected despite a wrong pin"
+    );
+    assert!(!agent.agent.is_connected());
+    assert!(
+        handshakes(gw.web, "tls_error").await >= 1.0,
+        "the gateway saw the TLS handshake fail"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_gateway_accepts_only_agents_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_client_ca_file = Some(pki.ca.clone());
+    })
+    .await;
+    let without = start_agent(agent_section(&gw, "no-cert", &[]), "t");
+    let mut section = agent_section(&gw, "with-cert", &[]);
+    section.tunnel.cert_file = Some(pki.client_cert.clone());
+    section.tunnel.key_file = Some(pki.client_key.clone());
+    let with = start_agent(section, "t");
+    gw.wait_agent("with-cert", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        gw.agent_ids(),
+        ["with-cert"],
+        "only the agent with a client certificate is connected"
+    );
+    assert!(handshakes(gw.web, "tls_error").await >= 1.0);
+    without.stop().await;
+    with.stop().await;
+}
