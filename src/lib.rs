@@ -11,9 +11,12 @@
 //! - [`gateway`] (feature `gateway`) — the public side: accepts tunnels and authenticates agents
 //!   (`auth`), keeps the agent registry (`registry`, the one seam to change for several gateways),
 //!   proxies Prometheus's absolute-form scrapes (`proxy`), serves http_sd (`sd`) and its own endpoints
-//!   (`web`). Mount it in your own server through [`gateway::Gateway::web_service`].
+//!   (`web`). Mount it in your own server through [`gateway::Gateway::handle`].
 //! - [`agent`] (feature `agent`) — the private side: the reconnect loop, the allowlist of targets and
 //!   the scrape executor that serves them over the tunnel. Embed it with [`agent::Agent`].
+//! - [`egress`] (feature `egress`) — the push path's one door: an HTTP forward proxy
+//!   (absolute-form and CONNECT) with client and destination allowlists (`policy`), payload
+//!   validation (`validate`), an access log and metrics. Embed it with [`egress::Egress`].
 //! - [`config`] — serde structs for the YAML file and flags, validated once into runtime types with
 //!   every error reported at once.
 //! - [`telemetry`] — ferry's own Prometheus metrics (prometheus-client) and their encoding.
@@ -31,6 +34,8 @@ pub mod tunnel;
 
 #[cfg(feature = "agent")]
 pub mod agent;
+#[cfg(feature = "egress")]
+pub mod egress;
 #[cfg(feature = "gateway")]
 pub mod gateway;
 

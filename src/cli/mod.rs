@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    parse_label_flag, AgentSection, ConfigErrors, Dur, FileConfig, GatewaySection, LogFormat,
-    LogSection, RunConfig, TargetSection,
+    parse_label_flag, AgentSection, ConfigErrors, Dur, EgressSection, FileConfig, GatewaySection,
+    LogFormat, LogSection, RunConfig, TargetSection,
 };
 
 mod logging;
@@ -32,7 +32,9 @@ enum Command {
     Gateway(GatewayArgs),
     /// Private side: dials out to the gateway and serves its listed targets.
     Agent(AgentArgs),
-    /// Runs every role configured in a YAML file (gateway:, agent:).
+    /// Forward proxy for payloads leaving the private network: allowlists and validation.
+    Egress(EgressArgs),
+    /// Runs every role configured in a YAML file (gateway:, agent:, egress:).
     Run(RunArgs),
     /// Validates a YAML configuration file and reports every error.
     CheckConfig(CheckArgs),
@@ -245,6 +247,56 @@ impl AgentArgs {
 }
 
 #[derive(Debug, Args)]
+struct EgressArgs {
+    #[command(flatten)]
+    log: LogArgs,
+    /// Where clients connect [default: 127.0.0.1:9530].
+    #[arg(long = "web.listen-address", value_name = "ADDR")]
+    web_listen_address: Option<String>,
+    /// A client network allowed to use the proxy, CIDR (repeatable) [default: loopback only].
+    #[arg(long = "allow-client", value_name = "CIDR")]
+    allow_clients: Vec<String>,
+    /// An allowed destination, HOST[:PORTS] or CIDR[:PORTS] (repeatable); default deny.
+    #[arg(long = "allow-upstream", value_name = "RULE")]
+    allow_upstreams: Vec<String>,
+    /// Client credentials: lines "<name glob> sha256:<hex of secret>" (Proxy-Authorization Basic or Bearer).
+    #[arg(long = "auth.credentials-file", value_name = "FILE")]
+    credentials_file: Option<PathBuf>,
+    /// Connections at once from one client address [default: 256].
+    #[arg(long = "max-connections-per-client", value_name = "N")]
+    max_connections_per_client: Option<usize>,
+    /// Time a client may take to send request headers [default: 10s].
+    #[arg(long = "header-read-timeout", value_name = "DURATION")]
+    header_read_timeout: Option<Dur>,
+    /// Time for the upstream's response [default: 30s].
+    #[arg(long = "upstream-timeout", value_name = "DURATION")]
+    upstream_timeout: Option<Dur>,
+    /// Drain time for in-flight requests on SIGTERM [default: 15s].
+    #[arg(long = "shutdown.grace-period", value_name = "DURATION")]
+    grace: Option<Dur>,
+}
+
+impl EgressArgs {
+    fn section(&self) -> EgressSection {
+        let mut s = EgressSection {
+            allow_clients: self.allow_clients.clone(),
+            allow_upstreams: self.allow_upstreams.clone(),
+            ..EgressSection::default()
+        };
+        set(&mut s.web.listen_address, &self.web_listen_address);
+        s.auth.credentials_file = self.credentials_file.clone();
+        set(
+            &mut s.max_connections_per_client,
+            &self.max_connections_per_client,
+        );
+        set(&mut s.header_read_timeout, &self.header_read_timeout);
+        set(&mut s.upstream_timeout, &self.upstream_timeout);
+        set(&mut s.shutdown_grace_period, &self.grace);
+        s
+    }
+}
+
+#[derive(Debug, Args)]
 struct RunArgs {
     #[command(flatten)]
     log: LogArgs,
@@ -291,6 +343,14 @@ pub fn main() -> ExitCode {
             };
             validate_and_run(&file, "flags", None)
         }
+        Command::Egress(args) => {
+            let file = FileConfig {
+                log: args.log.apply(LogSection::default()),
+                egress: Some(args.section()),
+                ..FileConfig::default()
+            };
+            validate_and_run(&file, "flags", None)
+        }
         Command::Run(args) => match FileConfig::load(&args.config_file) {
             Ok(mut file) => {
                 file.log = args.log.apply(file.log);
@@ -323,6 +383,9 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             }
             if cfg.agent.is_some() {
                 roles.push("agent");
+            }
+            if cfg.egress.is_some() {
+                roles.push("egress");
             }
             println!("{origin}: OK ({})", roles.join(", "));
             ExitCode::SUCCESS

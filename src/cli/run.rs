@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 use super::{env, EXIT_CONFIG};
 use crate::agent::Agent;
 use crate::config::{FileConfig, RunConfig};
+use crate::egress::Egress;
 use crate::gateway::Gateway;
 
 /// Why the process could not start its roles.
@@ -58,6 +59,7 @@ pub fn run(config: RunConfig, reload_from: Option<PathBuf>) -> ExitCode {
 struct Roles {
     gateway: Option<Gateway>,
     agent: Option<Agent>,
+    egress: Option<Egress>,
 }
 
 async fn run_roles(config: RunConfig, reload_from: Option<PathBuf>) -> Result<(), StartError> {
@@ -82,6 +84,7 @@ async fn start_roles(
     let mut roles = Roles {
         gateway: None,
         agent: None,
+        egress: None,
     };
     if let Some(cfg) = config.gateway {
         let (web_addr, tunnel_addr) = (cfg.web_listen, cfg.tunnel_listen);
@@ -108,6 +111,15 @@ async fn start_roles(
         let token = shutdown.clone();
         tasks.spawn(async move { a.run(token).await });
         roles.agent = Some(agent);
+    }
+    if let Some(cfg) = config.egress {
+        let addr = cfg.listen;
+        let egress = Egress::new(cfg).map_err(|e| StartError::Config(format!("{e:#}")))?;
+        let listener = bind(addr, "egress web.listen_address").await?;
+        let e = egress.clone();
+        let token = shutdown.clone();
+        tasks.spawn(async move { e.serve(listener, token).await });
+        roles.egress = Some(egress);
     }
     Ok(roles)
 }
@@ -149,6 +161,14 @@ fn reload(roles: &Roles, file: Option<&std::path::Path>) {
             Ok(n) => info!(credentials = n, "tokens file reloaded"),
             Err(e) => {
                 error!(error = %e, "tokens file reload failed; keeping the previous credentials")
+            }
+        }
+    }
+    if let Some(egress) = &roles.egress {
+        match egress.reload_credentials() {
+            Ok(()) => info!("egress credentials reloaded"),
+            Err(e) => {
+                error!(error = %e, "egress credentials reload failed; keeping the previous ones")
             }
         }
     }

@@ -11,6 +11,8 @@ use serde::{Deserialize, Deserializer};
 
 #[cfg(feature = "agent")]
 mod agent;
+#[cfg(feature = "egress")]
+mod egress;
 #[cfg(feature = "gateway")]
 mod gateway;
 
@@ -19,6 +21,11 @@ pub use agent::{
     parse_label_flag, AgentConfig, AgentSection, AgentTunnelSection, AgentWebSection,
     BackoffConfig, GatewayEndpoint, ReconnectSection, Target, TargetSection, TargetTlsSection,
     SELF_TARGET, TOKEN_ENV,
+};
+#[cfg(feature = "egress")]
+pub use egress::{
+    EgressAuthSection, EgressConfig, EgressSection, EgressWebSection, Rule, RuleSection,
+    TlsUpgradeSection, ValidateSection,
 };
 #[cfg(feature = "gateway")]
 pub use gateway::{
@@ -104,6 +111,8 @@ pub fn flag_name(field: &str) -> String {
     let flag = match below_role {
         "targets" => "target",
         "labels" => "label",
+        "allow_clients" => "allow-client",
+        "allow_upstreams" => "allow-upstream",
         other => other,
     };
     format!("--{}", flag.replace('_', "-"))
@@ -152,6 +161,9 @@ pub struct FileConfig {
     /// The agent role, if this process runs one.
     #[cfg(feature = "agent")]
     pub agent: Option<AgentSection>,
+    /// The egress role, if this process runs one.
+    #[cfg(feature = "egress")]
+    pub egress: Option<EgressSection>,
 }
 
 /// Validated configuration of every role the file asks for.
@@ -165,6 +177,9 @@ pub struct RunConfig {
     /// The agent, if configured.
     #[cfg(feature = "agent")]
     pub agent: Option<AgentConfig>,
+    /// The egress proxy, if configured.
+    #[cfg(feature = "egress")]
+    pub egress: Option<EgressConfig>,
 }
 
 impl FileConfig {
@@ -206,6 +221,11 @@ impl FileConfig {
             .agent
             .as_ref()
             .map(|a| a.validate("agent", env, &mut errs));
+        #[cfg(feature = "egress")]
+        let egress = self
+            .egress
+            .as_ref()
+            .map(|e| e.validate("egress", &mut errs));
         let _ = env;
         #[allow(unused_mut)] // stays false in a build without roles
         let mut any_role = false;
@@ -217,8 +237,15 @@ impl FileConfig {
         {
             any_role |= self.agent.is_some();
         }
+        #[cfg(feature = "egress")]
+        {
+            any_role |= self.egress.is_some();
+        }
         if !any_role {
-            errs.push("", "no role configured: add a gateway: or agent: section");
+            errs.push(
+                "",
+                "no role configured: add a gateway:, agent: or egress: section",
+            );
         }
         errs.finish(())?;
         Ok(RunConfig {
@@ -227,6 +254,8 @@ impl FileConfig {
             gateway: gateway.flatten(),
             #[cfg(feature = "agent")]
             agent: agent.flatten(),
+            #[cfg(feature = "egress")]
+            egress: egress.flatten(),
         })
     }
 }

@@ -168,3 +168,92 @@ impl AgentMetrics {
         m
     }
 }
+
+/// Labels of an egress request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgressRequestLabels {
+    /// The rule that matched, or `-`.
+    pub rule: String,
+    /// The method (well-known ones; others are `other`).
+    pub method: String,
+    /// `2xx` … `5xx`.
+    pub status_class: String,
+    /// `allowed` or `refused`.
+    pub decision: String,
+}
+
+/// Labels: why a request was refused.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Bounded refusal kind.
+    pub reason: String,
+}
+
+/// Labels: byte direction, `in` (client → upstream) or `out`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `in` or `out`.
+    pub direction: String,
+}
+
+/// The egress proxy's metrics.
+#[derive(Debug, Clone)]
+pub struct EgressMetrics {
+    /// Requests and tunnels by rule, method, status class and decision.
+    pub requests: Family<EgressRequestLabels, Counter>,
+    /// Refusals by reason.
+    pub rejections: Family<ReasonLabels, Counter>,
+    /// Request duration, to the last response byte (tunnels: their whole life).
+    pub duration: Histogram,
+    /// Body bytes by direction.
+    pub bytes: Family<DirectionLabels, Counter>,
+    /// CONNECT tunnels open now.
+    pub open_tunnels: Gauge,
+    /// Client connections open now.
+    pub client_connections: Gauge,
+}
+
+impl EgressMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            rejections: Family::default(),
+            duration: duration_histogram(),
+            bytes: Family::default(),
+            open_tunnels: Gauge::default(),
+            client_connections: Gauge::default(),
+        };
+        registry.register(
+            "ferry_egress_requests",
+            "Requests and CONNECT tunnels, by rule, method, status class and decision",
+            m.requests.clone(),
+        );
+        registry.register(
+            "ferry_egress_rejections",
+            "Refused requests by reason",
+            m.rejections.clone(),
+        );
+        registry.register(
+            "ferry_egress_request_duration_seconds",
+            "Request duration to the last response byte; tunnels over their life",
+            m.duration.clone(),
+        );
+        registry.register(
+            "ferry_egress_bytes",
+            "Body bytes by direction (in: client to upstream)",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "ferry_egress_open_tunnels",
+            "CONNECT tunnels open now",
+            m.open_tunnels.clone(),
+        );
+        registry.register(
+            "ferry_egress_client_connections",
+            "Client connections open now",
+            m.client_connections.clone(),
+        );
+        m
+    }
+}

@@ -7,6 +7,10 @@ use prometheus_client::registry::Registry;
 
 use crate::http_util::{full, Body};
 
+#[cfg(feature = "geo")]
+pub mod connections;
+#[cfg(feature = "geo")]
+pub mod geo;
 mod metrics;
 pub use metrics::*;
 

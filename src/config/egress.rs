@@ -1,0 +1,397 @@
+//! The `egress:` section and its validated form.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::{check_readable, parse_listen_address, ConfigErrors, Dur};
+use crate::egress::policy::{Clients, Upstream};
+use crate::egress::validate::Validation;
+use crate::tunnel::tls_client::{ClientTls, ServerVerify};
+
+/// `egress:` as written in the YAML file (and filled from flags).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressSection {
+    /// Where clients connect.
+    pub web: EgressWebSection,
+    /// CIDRs allowed to use the proxy (default: loopback only).
+    pub allow_clients: Vec<String>,
+    /// Destination rules in short form `HOST[:PORTS]` / `CIDR[:PORTS]`, any method, no validation.
+    pub allow_upstreams: Vec<String>,
+    /// Destination rules with methods, path prefix, validation and TLS upgrade.
+    pub rules: Vec<RuleSection>,
+    /// Client credentials: lines `<client-name glob> sha256:<hex of secret>` (Basic: name and password; Bearer: token).
+    pub auth: EgressAuthSection,
+    /// Connections at once from one client address.
+    pub max_connections_per_client: usize,
+    /// Time a client may take to send request headers (slowloris bound); also the keep-alive idle limit.
+    pub header_read_timeout: Dur,
+    /// Largest request head (request line + headers), in bytes.
+    pub max_header_bytes: usize,
+    /// Time to connect to an upstream.
+    pub connect_timeout: Dur,
+    /// Time for the upstream's response (headers and body).
+    pub upstream_timeout: Dur,
+    /// CONNECT tunnels idle this long are closed.
+    pub tunnel_idle_timeout: Dur,
+    /// How long in-flight requests may finish after SIGTERM.
+    pub shutdown_grace_period: Dur,
+}
+
+impl Default for EgressSection {
+    fn default() -> Self {
+        Self {
+            web: EgressWebSection::default(),
+            allow_clients: Vec::new(),
+            allow_upstreams: Vec::new(),
+            rules: Vec::new(),
+            auth: EgressAuthSection::default(),
+            max_connections_per_client: 256,
+            header_read_timeout: Dur(Duration::from_secs(10)),
+            max_header_bytes: 16 << 10,
+            connect_timeout: Dur(Duration::from_secs(5)),
+            upstream_timeout: Dur(Duration::from_secs(30)),
+            tunnel_idle_timeout: Dur(Duration::from_secs(300)),
+            shutdown_grace_period: Dur(Duration::from_secs(15)),
+        }
+    }
+}
+
+/// `egress.web:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressWebSection {
+    /// Listen address.
+    pub listen_address: String,
+}
+
+impl Default for EgressWebSection {
+    fn default() -> Self {
+        Self {
+            listen_address: "127.0.0.1:9530".into(),
+        }
+    }
+}
+
+/// `egress.auth:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressAuthSection {
+    /// Credentials file; when set, every proxied request needs `Proxy-Authorization`.
+    pub credentials_file: Option<PathBuf>,
+}
+
+/// One entry of `egress.rules:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSection {
+    /// Name in logs and metrics.
+    pub name: String,
+    /// `HOST[:PORTS]` or `CIDR[:PORTS]`.
+    pub upstream: String,
+    /// Allowed methods (`CONNECT` included if tunnels are wanted); empty means any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Only paths starting with this.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Payload checks.
+    #[serde(default)]
+    pub validate: ValidateSection,
+    /// Speak verified HTTPS to the upstream while the client speaks plain HTTP to the proxy.
+    #[serde(default)]
+    pub tls_upgrade: Option<TlsUpgradeSection>,
+}
+
+/// `egress.rules[].validate:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidateSection {
+    /// Largest body as sent.
+    pub max_body_bytes: Option<u64>,
+    /// Largest body after gzip/deflate decoding.
+    pub max_decoded_bytes: Option<u64>,
+    /// Accepted media types.
+    pub content_types: Vec<String>,
+    /// Headers that must be present.
+    pub required_headers: Vec<String>,
+    /// Body must be well-formed JSON.
+    pub json: bool,
+    /// JSON Schema file the body must validate against.
+    pub json_schema_file: Option<PathBuf>,
+    /// `Content-MD5` must be present (always verified when present).
+    pub require_content_md5: bool,
+    /// Regular expressions; a body matching any is refused.
+    pub deny_patterns: Vec<String>,
+}
+
+/// `egress.rules[].tls_upgrade:`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsUpgradeSection {
+    /// Trust only CAs in this file (default: system roots).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A validated destination rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Name in logs and metrics.
+    pub name: String,
+    /// Where it allows traffic.
+    pub upstream: Arc<Upstream>,
+    /// Allowed methods; `None` means any.
+    pub methods: Option<Vec<Method>>,
+    /// Path prefix.
+    pub path_prefix: Option<String>,
+    /// Payload checks.
+    pub validation: Validation,
+    /// Upgrade to HTTPS toward the upstream.
+    pub tls_upgrade: Option<ClientTls>,
+}
+
+impl Rule {
+    /// Whether this rule inspects payloads (then CONNECT, which hides them, is refused).
+    pub fn validates(&self) -> bool {
+        let v = &self.validation;
+        v.inspects_body() || !v.content_types.is_empty() || !v.required_headers.is_empty()
+    }
+}
+
+/// The validated egress configuration.
+#[derive(Debug, Clone)]
+pub struct EgressConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Client allowlist.
+    pub clients: Clients,
+    /// Destination rules, first match wins.
+    pub rules: Vec<Rule>,
+    /// Credentials file, if clients must authenticate.
+    pub credentials_file: Option<PathBuf>,
+    /// Connection cap per client address.
+    pub max_connections_per_client: usize,
+    /// Header read bound.
+    pub header_read_timeout: Duration,
+    /// Request head size bound.
+    pub max_header_bytes: usize,
+    /// Upstream connect bound.
+    pub connect_timeout: Duration,
+    /// Upstream response bound.
+    pub upstream_timeout: Duration,
+    /// Tunnel idle bound.
+    pub tunnel_idle_timeout: Duration,
+    /// Drain time on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl EgressSection {
+    /// Validates into an [`EgressConfig`], recording every problem under `prefix`.
+    pub fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<EgressConfig> {
+        let f = |name: &str| format!("{prefix}.{name}");
+        let listen = errs.check(
+            &f("web.listen_address"),
+            parse_listen_address(&self.web.listen_address),
+        );
+        let clients = self.validate_clients(&f("allow_clients"), listen, errs);
+        let mut rules = Vec::new();
+        for (i, raw) in self.allow_upstreams.iter().enumerate() {
+            if let Some(upstream) = errs.check(
+                &format!("{}[{i}]", f("allow_upstreams")),
+                Upstream::parse(raw),
+            ) {
+                rules.push(Rule {
+                    name: raw.clone(),
+                    upstream: Arc::new(upstream),
+                    methods: None,
+                    path_prefix: None,
+                    validation: Validation::default(),
+                    tls_upgrade: None,
+                });
+            }
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            if let Some(rule) = rule.validate(&format!("{}[{i}]", f("rules")), errs) {
+                rules.push(rule);
+            }
+        }
+        if let Some(path) = &self.auth.credentials_file {
+            if let Err(e) = crate::gateway::auth::TokensFile::load(path) {
+                errs.push(f("auth.credentials_file"), e.to_string());
+            }
+        }
+        if self.max_connections_per_client == 0 {
+            errs.push(f("max_connections_per_client"), "must be greater than 0");
+        }
+        if self.max_header_bytes < 1024 {
+            errs.push(f("max_header_bytes"), "must be at least 1024");
+        }
+        Some(EgressConfig {
+            listen: listen?,
+            clients: clients?,
+            rules,
+            credentials_file: self.auth.credentials_file.clone(),
+            max_connections_per_client: self.max_connections_per_client,
+            header_read_timeout: self.header_read_timeout.0,
+            max_header_bytes: self.max_header_bytes,
+            connect_timeout: self.connect_timeout.0,
+            upstream_timeout: self.upstream_timeout.0,
+            tunnel_idle_timeout: self.tunnel_idle_timeout.0,
+            shutdown_grace: self.shutdown_grace_period.0,
+        })
+    }
+
+    fn validate_clients(
+        &self,
+        field: &str,
+        listen: Option<SocketAddr>,
+        errs: &mut ConfigErrors,
+    ) -> Option<Clients> {
+        if self.allow_clients.is_empty() {
+            if listen.is_some_and(|l| !l.ip().is_loopback()) {
+                errs.push(field, "required when listening on a non-loopback address: name the client networks (e.g. --allow-client 10.0.0.0/8); the default allows loopback only");
+                return None;
+            }
+            return Some(Clients::loopback());
+        }
+        let mut nets = Vec::new();
+        for (i, raw) in self.allow_clients.iter().enumerate() {
+            let parsed = raw
+                .trim()
+                .parse::<IpNet>()
+                .or_else(|_| raw.trim().parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("{raw:?} is not a CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32)"));
+            if let Some(net) = errs.check(&format!("{field}[{i}]"), parsed) {
+                nets.push(net.trunc());
+            }
+        }
+        Some(Clients::new(nets))
+    }
+}
+
+impl RuleSection {
+    fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Rule> {
+        let before = errs.errors.len();
+        if self.name.is_empty() {
+            errs.push(format!("{prefix}.name"), "required");
+        }
+        let upstream = if self.upstream.trim().is_empty() {
+            errs.push(
+                format!("{prefix}.upstream"),
+                "required: HOST[:PORTS] or CIDR[:PORTS]",
+            );
+            None
+        } else {
+            errs.check(
+                &format!("{prefix}.upstream"),
+                Upstream::parse(&self.upstream),
+            )
+        };
+        let methods = if self.methods.is_empty() {
+            None
+        } else {
+            let mut out = Vec::new();
+            for m in &self.methods {
+                match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                    Ok(method) => out.push(method),
+                    Err(_) => errs.push(
+                        format!("{prefix}.methods"),
+                        format!("{m:?} is not an HTTP method"),
+                    ),
+                }
+            }
+            Some(out)
+        };
+        if let Some(p) = &self.path_prefix {
+            if !p.starts_with('/') {
+                errs.push(
+                    format!("{prefix}.path_prefix"),
+                    format!("{p:?} must start with /"),
+                );
+            }
+        }
+        let validation = self.validate.validate(&format!("{prefix}.validate"), errs);
+        let tls_upgrade = self.tls_upgrade.as_ref().map(|t| ClientTls {
+            verify: match &t.ca_file {
+                Some(ca) => {
+                    check_readable(ca, &format!("{prefix}.tls_upgrade.ca_file"), errs);
+                    ServerVerify::CaFile(ca.clone())
+                }
+                None => ServerVerify::SystemRoots,
+            },
+            client_cert: None,
+        });
+        if errs.errors.len() > before {
+            return None;
+        }
+        Some(Rule {
+            name: self.name.clone(),
+            upstream: Arc::new(upstream?),
+            methods,
+            path_prefix: self.path_prefix.clone(),
+            validation: validation?,
+            tls_upgrade,
+        })
+    }
+}
+
+impl ValidateSection {
+    fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Validation> {
+        let defaults = Validation::default();
+        let mut v = Validation {
+            max_body_bytes: self.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            max_decoded_bytes: self.max_decoded_bytes.unwrap_or(defaults.max_decoded_bytes),
+            content_types: self
+                .content_types
+                .iter()
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect(),
+            json: self.json,
+            require_content_md5: self.require_content_md5,
+            ..defaults
+        };
+        for h in &self.required_headers {
+            match HeaderName::from_bytes(h.trim().as_bytes()) {
+                Ok(name) => v.required_headers.push(name),
+                Err(_) => errs.push(
+                    format!("{prefix}.required_headers"),
+                    format!("{h:?} is not a header name"),
+                ),
+            }
+        }
+        for (i, p) in self.deny_patterns.iter().enumerate() {
+            match regex::bytes::Regex::new(p) {
+                Ok(re) => v.deny_patterns.push(re),
+                Err(e) => errs.push(
+                    format!("{prefix}.deny_patterns[{i}]"),
+                    format!(
+                        "not a valid regular expression: {}",
+                        e.to_string().replace('\n', " ")
+                    ),
+                ),
+            }
+        }
+        if let Some(path) = &self.json_schema_file {
+            match load_schema(path) {
+                Ok(schema) => v.schema = Some(Arc::new(schema)),
+                Err(e) => errs.push(format!("{prefix}.json_schema_file"), e),
+            }
+        }
+        Some(v)
+    }
+}
+
+fn load_schema(path: &std::path::Path) -> Result<jsonschema::Validator, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    jsonschema::validator_for(&value)
+        .map_err(|e| format!("{} is not a valid JSON Schema: {e}", path.display()))
+}

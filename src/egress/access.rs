@@ -1,0 +1,112 @@
+//! One structured access-log line and one set of metric updates per request or tunnel.
+//! Payload contents are never logged.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use http::StatusCode;
+
+use crate::telemetry::{
+    status_class, DirectionLabels, EgressMetrics, EgressRequestLabels, ReasonLabels,
+};
+
+/// What happened to one request or CONNECT tunnel.
+#[derive(Debug, Clone)]
+pub struct AccessRecord {
+    /// The client's address.
+    pub client: IpAddr,
+    /// The rule that matched, or `-`.
+    pub rule: String,
+    /// `host:port` asked for.
+    pub upstream: String,
+    /// The method.
+    pub method: String,
+    /// The status sent to the client.
+    pub status: StatusCode,
+    /// Request body bytes from the client (tunnel: client → upstream).
+    pub bytes_in: u64,
+    /// Response body bytes to the client (tunnel: upstream → client).
+    pub bytes_out: u64,
+    /// When the request arrived.
+    pub start: Instant,
+    /// `allowed` or `refused`.
+    pub decision: &'static str,
+    /// Refusal kind (bounded), or empty.
+    pub reason_kind: &'static str,
+    /// One-line reason, or empty.
+    pub reason: String,
+}
+
+impl AccessRecord {
+    /// A record for a request from `client` to `upstream` with `method`, not yet decided.
+    pub fn new(client: IpAddr, upstream: String, method: &http::Method) -> Self {
+        Self {
+            client,
+            rule: "-".into(),
+            upstream,
+            method: method.as_str().to_owned(),
+            status: StatusCode::OK,
+            bytes_in: 0,
+            bytes_out: 0,
+            start: Instant::now(),
+            decision: "allowed",
+            reason_kind: "",
+            reason: String::new(),
+        }
+    }
+
+    /// Writes the access-log line and updates the metrics.
+    pub fn emit(self, metrics: &EgressMetrics) {
+        let duration = self.start.elapsed();
+        tracing::info!(
+            target: "ferry::egress::access",
+            client = %self.client,
+            rule = %self.rule,
+            upstream = %self.upstream,
+            method = %self.method,
+            status = self.status.as_u16(),
+            bytes_in = self.bytes_in,
+            bytes_out = self.bytes_out,
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            decision = self.decision,
+            reason = %self.reason,
+            "egress"
+        );
+        let method = match self.method.as_str() {
+            "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" | "CONNECT" => {
+                self.method.clone()
+            }
+            _ => "other".into(),
+        };
+        metrics
+            .requests
+            .get_or_create(&EgressRequestLabels {
+                rule: self.rule.clone(),
+                method,
+                status_class: status_class(self.status).into(),
+                decision: self.decision.into(),
+            })
+            .inc();
+        if !self.reason_kind.is_empty() {
+            metrics
+                .rejections
+                .get_or_create(&ReasonLabels {
+                    reason: self.reason_kind.into(),
+                })
+                .inc();
+        }
+        metrics.duration.observe(duration.as_secs_f64());
+        metrics
+            .bytes
+            .get_or_create(&DirectionLabels {
+                direction: "in".into(),
+            })
+            .inc_by(self.bytes_in);
+        metrics
+            .bytes
+            .get_or_create(&DirectionLabels {
+                direction: "out".into(),
+            })
+            .inc_by(self.bytes_out);
+    }
+}

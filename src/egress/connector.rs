@@ -1,0 +1,159 @@
+//! The upstream connector: resolves the name itself, keeps only addresses the rule allows, and
+//! connects to one of those — the address it checked, so a DNS answer cannot be rebound between
+//! check and connect.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::policy::{parse_ip_literal, special_purpose, SharedResolver, Upstream};
+
+/// Why no connection to the upstream was made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Every address of the host is one the rule does not allow.
+    #[error("{host} resolves to a {why} address, which no rule names")]
+    Forbidden {
+        /// The host asked for.
+        host: String,
+        /// Why its addresses are refused (`loopback`, `private`, …).
+        why: &'static str,
+    },
+    /// The name did not resolve.
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// No allowed address accepted the connection.
+    #[error("cannot connect to {host}:{port}: {reason}")]
+    Connect {
+        /// The host.
+        host: String,
+        /// The port.
+        port: u16,
+        /// The last error.
+        reason: String,
+    },
+    /// The URI has no host.
+    #[error("request URI has no host")]
+    NoHost,
+}
+
+/// Resolves `host` and keeps the addresses `rule` allows on `port`, in resolver order.
+pub async fn checked_addrs(
+    resolver: &SharedResolver,
+    rule: &Upstream,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, ConnectError> {
+    let addrs: Vec<IpAddr> = match parse_ip_literal(host) {
+        Some(ip) => vec![ip],
+        None => resolver
+            .resolve(host)
+            .await
+            .map_err(|source| ConnectError::Resolve {
+                host: host.to_owned(),
+                source,
+            })?,
+    };
+    let allowed: Vec<SocketAddr> = addrs
+        .iter()
+        .filter(|ip| rule.allows_addr(**ip, port))
+        .map(|ip| SocketAddr::new(*ip, port))
+        .collect();
+    if allowed.is_empty() {
+        let why = addrs
+            .iter()
+            .find_map(|ip| special_purpose(*ip))
+            .unwrap_or("not allowed");
+        return Err(ConnectError::Forbidden {
+            host: host.to_owned(),
+            why,
+        });
+    }
+    Ok(allowed)
+}
+
+/// Connects to the first of `addrs` that answers within `timeout` each.
+pub async fn connect_any(
+    host: &str,
+    addrs: &[SocketAddr],
+    timeout: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let mut last = String::from("no address");
+    for addr in addrs {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = format!("{addr}: {e}"),
+            Err(_) => last = format!("{addr}: timed out after {timeout:?}"),
+        }
+    }
+    Err(ConnectError::Connect {
+        host: host.to_owned(),
+        port: addrs.first().map_or(0, |a| a.port()),
+        reason: last,
+    })
+}
+
+/// A hyper-util connector bound to one rule.
+#[derive(Clone)]
+pub struct CheckedConnector {
+    rule: Arc<Upstream>,
+    resolver: SharedResolver,
+    timeout: Duration,
+}
+
+impl CheckedConnector {
+    /// A connector allowing what `rule` allows.
+    pub fn new(rule: Arc<Upstream>, resolver: SharedResolver, timeout: Duration) -> Self {
+        Self {
+            rule,
+            resolver,
+            timeout,
+        }
+    }
+}
+
+impl tower_service::Service<Uri> for CheckedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri.host().ok_or(ConnectError::NoHost)?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let default = if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            };
+            let port = uri.port_u16().unwrap_or(default);
+            let addrs = checked_addrs(&this.resolver, &this.rule, &host, port).await?;
+            Ok(TokioIo::new(
+                connect_any(&host, &addrs, this.timeout).await?,
+            ))
+        })
+    }
+}

@@ -1,0 +1,291 @@
+//! Absolute-form requests: pick the rule, read and validate the whole body (bounded), then
+//! forward it over a pooled upstream connection — plain, or upgraded to verified HTTPS. A refused
+//! request never reaches the upstream, not even in part.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, Uri};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+
+use super::access::AccessRecord;
+use super::connector::{checked_addrs, CheckedConnector, ConnectError};
+use super::policy::{parse_ip_literal, Destination, SharedResolver};
+use super::refusal::Refusal;
+use super::{refused, State};
+use crate::config::{EgressConfig, Rule};
+use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BoundedBody};
+use crate::tunnel::tls::TlsError;
+use crate::tunnel::tls_client::{client_config, Purpose};
+
+/// A pooled client toward one rule's upstreams.
+#[derive(Clone)]
+enum UpstreamClient {
+    Plain(Client<CheckedConnector, Body>),
+    Tls(Client<HttpsConnector<CheckedConnector>, Body>),
+}
+
+impl UpstreamClient {
+    async fn request(
+        &self,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        match self {
+            UpstreamClient::Plain(c) => c.request(req).await,
+            UpstreamClient::Tls(c) => c.request(req).await,
+        }
+    }
+}
+
+/// One pooled client per rule, in rule order.
+pub(crate) struct Upstreams {
+    clients: Vec<UpstreamClient>,
+}
+
+impl Upstreams {
+    pub(crate) fn build(
+        config: &EgressConfig,
+        resolver: &SharedResolver,
+    ) -> Result<Upstreams, TlsError> {
+        let clients = config
+            .rules
+            .iter()
+            .map(|rule| {
+                let connector = CheckedConnector::new(
+                    rule.upstream.clone(),
+                    resolver.clone(),
+                    config.connect_timeout,
+                );
+                let mut builder = Client::builder(TokioExecutor::new());
+                builder
+                    .pool_idle_timeout(std::time::Duration::from_secs(60))
+                    .pool_max_idle_per_host(64);
+                Ok(match &rule.tls_upgrade {
+                    None => UpstreamClient::Plain(builder.build(connector)),
+                    Some(tls) => {
+                        let https = HttpsConnectorBuilder::new()
+                            .with_tls_config(client_config(tls, Purpose::Target)?)
+                            .https_only()
+                            .enable_http1()
+                            .wrap_connector(connector);
+                        UpstreamClient::Tls(builder.build(https))
+                    }
+                })
+            })
+            .collect::<Result<_, TlsError>>()?;
+        Ok(Upstreams { clients })
+    }
+}
+
+/// The destination of a request, normalised.
+pub(crate) struct Target {
+    /// Lower-case host name or IP literal (brackets removed).
+    pub(crate) host: String,
+    /// Port asked for.
+    pub(crate) port: u16,
+}
+
+impl Target {
+    pub(crate) fn from_uri(uri: &Uri, default_port: u16) -> Result<Target, Refusal> {
+        let host = uri
+            .host()
+            .ok_or_else(|| Refusal::bad_request("request URI has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        Ok(Target {
+            host,
+            port: uri.port_u16().unwrap_or(default_port),
+        })
+    }
+}
+
+/// The first rule that allows `method` to `target` at `path`, resolving the name for CIDR rules.
+pub(crate) async fn select_rule<'a>(
+    state: &'a State,
+    target: &Target,
+    method: &Method,
+    path: &str,
+) -> Result<(usize, &'a Rule), Refusal> {
+    let literal = parse_ip_literal(&target.host);
+    let mut resolved: Option<Vec<IpAddr>> = literal.map(|ip| vec![ip]);
+    let mut method_refusal = None;
+    for (i, rule) in state.config.rules.iter().enumerate() {
+        if rule
+            .path_prefix
+            .as_deref()
+            .is_some_and(|p| !path.starts_with(p))
+        {
+            continue;
+        }
+        let port = effective_port(rule, target.port);
+        let matches = match &rule.upstream.destination {
+            Destination::Net(_) => {
+                if resolved.is_none() {
+                    resolved = Some(
+                        state
+                            .resolver
+                            .resolve(&target.host)
+                            .await
+                            .unwrap_or_default(),
+                    );
+                }
+                let addrs = resolved.as_deref().unwrap_or_default();
+                !addrs.is_empty() && addrs.iter().any(|ip| rule.upstream.allows_addr(*ip, port))
+            }
+            _ => literal.is_none() && rule.upstream.matches_name(&target.host, port),
+        };
+        if !matches {
+            continue;
+        }
+        if rule.methods.as_ref().is_some_and(|m| !m.contains(method)) {
+            method_refusal.get_or_insert_with(|| Refusal::method(method, &rule.name));
+            continue;
+        }
+        return Ok((i, rule));
+    }
+    Err(method_refusal.unwrap_or_else(|| {
+        Refusal::destination(&format!("{method} {}:{}{path}", target.host, target.port))
+    }))
+}
+
+/// The port the upstream is reached on: an upgraded rule speaks HTTPS, so plain port 80 becomes 443.
+pub(crate) fn effective_port(rule: &Rule, port: u16) -> u16 {
+    if rule.tls_upgrade.is_some() && port == 80 {
+        443
+    } else {
+        port
+    }
+}
+
+pub(crate) async fn handle(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    mut record: AccessRecord,
+) -> Response<Body> {
+    match forward(state, req, &mut record).await {
+        Ok(resp) => resp,
+        Err(refusal) => {
+            let resp = refused(&mut record, &refusal);
+            record.emit(&state.metrics);
+            resp
+        }
+    }
+}
+
+async fn forward(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    record: &mut AccessRecord,
+) -> Result<Response<Body>, Refusal> {
+    if req.uri().scheme_str() != Some("http") {
+        return Err(Refusal::bad_request("absolute-form requests must be http://; use CONNECT for https://, or a rule with tls_upgrade"));
+    }
+    let target = Target::from_uri(req.uri(), 80)?;
+    let (index, rule) = select_rule(state, &target, req.method(), req.uri().path()).await?;
+    record.rule = rule.name.clone();
+    rule.validation.check_headers(req.headers())?;
+    let (mut parts, body) = req.into_parts();
+    let body = read_body(body, rule.validation.max_body_bytes).await?;
+    record.bytes_in = body.len() as u64;
+    rule.validation.check_body(&parts.headers, &body)?;
+
+    let port = effective_port(rule, target.port);
+    let scheme = if rule.tls_upgrade.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let host = if target.host.contains(':') {
+        format!("[{}]", target.host)
+    } else {
+        target.host.clone()
+    };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = format!("{scheme}://{host}:{port}{path}")
+        .parse()
+        .map_err(|e| Refusal::bad_request(format!("cannot build upstream URI: {e}")))?;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = http::Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, full(body));
+
+    let timeout = state.config.upstream_timeout;
+    let deadline = Instant::now() + timeout;
+    let client = &state.upstreams.clients[index];
+    let resp = match tokio::time::timeout_at(deadline, client.request(upstream_req)).await {
+        Err(_) => return Err(Refusal::upstream_timeout(timeout)),
+        Ok(Err(e)) => return Err(upstream_error(&e, &target.host)),
+        Ok(Ok(resp)) => resp,
+    };
+    Ok(stream_back(state, resp, record.clone(), deadline))
+}
+
+/// Reads the whole body, refusing it past `limit` bytes.
+async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, Refusal> {
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, limit_usize).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(Refusal::too_large(limit))
+        }
+        Err(e) => Err(Refusal::bad_request(format!(
+            "cannot read request body: {e}"
+        ))),
+    }
+}
+
+/// Maps an upstream client error: a refused address is the policy speaking (403), the rest is 502.
+fn upstream_error(e: &hyper_util::client::legacy::Error, host: &str) -> Refusal {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(ConnectError::Forbidden { why, .. }) = err.downcast_ref::<ConnectError>() {
+            return Refusal::forbidden_address(host, why);
+        }
+        source = err.source();
+    }
+    Refusal::upstream(crate::scrape_error::one_line(e))
+}
+
+fn stream_back(
+    state: &Arc<State>,
+    resp: Response<Incoming>,
+    mut record: AccessRecord,
+    deadline: Instant,
+) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    record.status = parts.status;
+    let metrics_state = state.clone();
+    let on_finish = Box::new(move |bytes: u64| {
+        record.bytes_out = bytes;
+        record.emit(&metrics_state.metrics);
+    });
+    Response::from_parts(
+        parts,
+        boxed(BoundedBody::new(boxed(body), deadline, u64::MAX, on_finish)),
+    )
+}
+
+/// Resolves and checks the addresses a CONNECT to `target` under `rule` may use.
+pub(crate) async fn checked(
+    state: &State,
+    rule: &Rule,
+    target: &Target,
+) -> Result<Vec<std::net::SocketAddr>, Refusal> {
+    checked_addrs(&state.resolver, &rule.upstream, &target.host, target.port)
+        .await
+        .map_err(|e| match e {
+            ConnectError::Forbidden { host, why } => Refusal::forbidden_address(&host, why),
+            other => Refusal::upstream(other.to_string()),
+        })
+}

@@ -1,0 +1,337 @@
+//! The egress role: an HTTP forward proxy (absolute-form and CONNECT) that lets through only
+//! allowed clients, allowed destinations and valid payloads, and logs and counts what passed.
+//!
+//! - [`policy`]: client allowlist, destination rules, special-purpose addresses, name resolution.
+//! - [`validate`]: payload checks per rule.
+//! - [`refusal`]: the one mapping of refusals to status codes and reasons.
+//! - `connector`: resolve, check, connect to the checked address.
+//! - `forward`: absolute-form requests. `connect`: CONNECT tunnels.
+//! - `access`: the access log line and metrics of each request.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+
+use http::{header, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::EgressConfig;
+use crate::gateway::auth::{TokensFile, TokensFileError};
+use crate::http_util::{text_response, Body};
+use crate::telemetry::{metrics_response, EgressMetrics};
+
+mod access;
+mod connect;
+mod connector;
+mod forward;
+pub mod policy;
+pub mod refusal;
+pub mod validate;
+
+use access::AccessRecord;
+use forward::Upstreams;
+use policy::{SharedResolver, SystemResolver};
+use refusal::Refusal;
+
+/// Why the egress proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    /// The credentials file is unusable.
+    #[error(transparent)]
+    Credentials(#[from] TokensFileError),
+    /// A rule's TLS settings are unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tunnel::tls::TlsError),
+}
+
+pub(crate) struct State {
+    pub(crate) config: EgressConfig,
+    pub(crate) resolver: SharedResolver,
+    pub(crate) upstreams: Upstreams,
+    pub(crate) credentials: RwLock<Option<Arc<TokensFile>>>,
+    pub(crate) metrics: EgressMetrics,
+    metrics_registry: MetricsRegistry,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// The egress forward proxy. Cheap to clone.
+#[derive(Clone)]
+pub struct Egress {
+    state: Arc<State>,
+}
+
+impl Egress {
+    /// Builds the proxy with the system resolver.
+    pub fn new(config: EgressConfig) -> Result<Egress, EgressError> {
+        Self::with_resolver(config, Arc::new(SystemResolver))
+    }
+
+    /// Builds the proxy resolving names with `resolver` (tests use one they control).
+    pub fn with_resolver(
+        config: EgressConfig,
+        resolver: SharedResolver,
+    ) -> Result<Egress, EgressError> {
+        let credentials = match &config.credentials_file {
+            Some(path) => Some(Arc::new(TokensFile::load(path)?)),
+            None => None,
+        };
+        let upstreams = Upstreams::build(&config, &resolver)?;
+        let mut metrics_registry = MetricsRegistry::default();
+        let metrics = EgressMetrics::register(&mut metrics_registry);
+        Ok(Egress {
+            state: Arc::new(State {
+                config,
+                resolver,
+                upstreams,
+                credentials: RwLock::new(credentials),
+                metrics,
+                metrics_registry,
+                per_client: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Re-reads the credentials file (SIGHUP); on error the old credentials stay.
+    pub fn reload_credentials(&self) -> Result<(), TokensFileError> {
+        if let Some(path) = &self.state.config.credentials_file {
+            let file = TokensFile::load(path)?;
+            *self
+                .state
+                .credentials
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(file));
+        }
+        Ok(())
+    }
+
+    /// Serves clients on `listener` until `shutdown`, then drains within the grace period.
+    pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let connections = TaskTracker::new();
+        if let Ok(addr) = listener.local_addr() {
+            info!(address = %addr, rules = self.state.config.rules.len(), "egress proxy listening");
+        }
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        crate::server::accept_backoff(&e).await;
+                        continue;
+                    }
+                },
+            };
+            connections.spawn(self.clone().connection(stream, peer, shutdown.clone()));
+        }
+        drop(listener);
+        connections.close();
+        let grace = self.state.config.shutdown_grace;
+        if tokio::time::timeout(grace, connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                ?grace,
+                "egress requests still running when the grace period ended"
+            );
+        }
+    }
+
+    /// Serves one client connection; on `shutdown` it finishes the request in flight, then closes.
+    async fn connection(self, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+        let _ = stream.set_nodelay(true);
+        let state = self.state.clone();
+        let admission = admit(&state, peer.ip());
+        let slot = admission.as_ref().ok().cloned();
+        let service = hyper::service::service_fn(move |req| {
+            let state = state.clone();
+            let admission = admission.clone();
+            async move {
+                let resp = match admission {
+                    Ok(_) => handle(&state, peer.ip(), req).await,
+                    Err(refusal) => refuse_connection(&state, peer.ip(), &req, refusal),
+                };
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        let cfg = &self.state.config;
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_read_timeout)
+            .max_buf_size(cfg.max_header_bytes.max(8192))
+            .keep_alive(slot.is_some());
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut conn = std::pin::pin!(conn);
+        let result = tokio::select! {
+            res = conn.as_mut() => res,
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            debug!(%peer, error = %e, "egress client connection ended with an error");
+        }
+        drop(slot);
+    }
+}
+
+/// Holds one connection slot of a client address; released on drop.
+pub(crate) struct Slot {
+    state: Arc<State>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self
+            .state
+            .per_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+        self.state.metrics.client_connections.dec();
+    }
+}
+
+/// Admits a new connection from `ip`: allowlisted and under its connection cap.
+fn admit(state: &Arc<State>, ip: IpAddr) -> Result<Arc<Slot>, Refusal> {
+    if !state.config.clients.allows(ip) {
+        return Err(Refusal::client(ip));
+    }
+    let limit = state.config.max_connections_per_client;
+    let mut map = state.per_client.lock().unwrap_or_else(|p| p.into_inner());
+    let n = map.entry(ip).or_insert(0);
+    if *n >= limit {
+        return Err(Refusal::too_many_connections(limit));
+    }
+    *n += 1;
+    state.metrics.client_connections.inc();
+    Ok(Arc::new(Slot {
+        state: state.clone(),
+        ip,
+    }))
+}
+
+fn refuse_connection(
+    state: &State,
+    client: IpAddr,
+    req: &Request<Incoming>,
+    refusal: Refusal,
+) -> Response<Body> {
+    let mut record = AccessRecord::new(client, target_of(req), req.method());
+    let mut resp = refused(&mut record, &refusal);
+    resp.headers_mut()
+        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    record.emit(&state.metrics);
+    resp
+}
+
+/// Marks `record` refused with `refusal` and builds the response.
+pub(crate) fn refused(record: &mut AccessRecord, refusal: &Refusal) -> Response<Body> {
+    record.status = refusal.status;
+    record.decision = "refused";
+    record.reason_kind = refusal.kind;
+    record.reason = refusal.reason.clone();
+    refusal.into_response()
+}
+
+fn target_of<B>(req: &Request<B>) -> String {
+    req.uri()
+        .authority()
+        .map_or_else(|| "-".to_owned(), |a| a.to_string())
+}
+
+async fn handle(state: &Arc<State>, client: IpAddr, req: Request<Incoming>) -> Response<Body> {
+    let is_proxy = req.method() == Method::CONNECT || req.uri().authority().is_some();
+    if !is_proxy {
+        return own_endpoint(state, req.uri().path());
+    }
+    let mut record = AccessRecord::new(client, target_of(&req), req.method());
+    if let Err(refusal) = check_framing(&req).and_then(|_| check_credentials(state, &req)) {
+        let resp = refused(&mut record, &refusal);
+        record.emit(&state.metrics);
+        return resp;
+    }
+    if req.method() == Method::CONNECT {
+        connect::handle(state, req, record).await
+    } else {
+        forward::handle(state, req, record).await
+    }
+}
+
+fn own_endpoint(state: &State, path: &str) -> Response<Body> {
+    match path {
+        "/metrics" => metrics_response(&state.metrics_registry),
+        "/-/healthy" => text_response(StatusCode::OK, "Healthy"),
+        "/-/ready" => text_response(StatusCode::OK, "Ready"),
+        _ => text_response(StatusCode::NOT_FOUND, "not proxied: send absolute-form requests (http://host/path) or CONNECT; this endpoint serves only /metrics, /-/healthy, /-/ready"),
+    }
+}
+
+/// Request smuggling defences: Content-Length with Transfer-Encoding, or two Content-Lengths.
+fn check_framing<B>(req: &Request<B>) -> Result<(), Refusal> {
+    let h = req.headers();
+    let lengths = h.get_all(header::CONTENT_LENGTH).iter().count();
+    if lengths > 1 {
+        return Err(Refusal::bad_request("more than one Content-Length header"));
+    }
+    if lengths == 1 && h.contains_key(header::TRANSFER_ENCODING) {
+        return Err(Refusal::bad_request(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    Ok(())
+}
+
+/// `Proxy-Authorization: Basic name:secret` or `Bearer secret`, checked against the credentials file.
+fn check_credentials<B>(state: &State, req: &Request<B>) -> Result<(), Refusal> {
+    let Some(creds) = state
+        .credentials
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+    else {
+        return Ok(());
+    };
+    let value = req
+        .headers()
+        .get(header::PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| Refusal::credentials("proxy credentials required"))?;
+    let (name, secret) = if let Some(b64) = value.strip_prefix("Basic ") {
+        use base64::Engine as _;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .ok()
+            .and_then(|d| String::from_utf8(d).ok())
+            .ok_or_else(|| Refusal::credentials("malformed Basic credentials"))?;
+        let (n, s) = decoded
+            .split_once(':')
+            .ok_or_else(|| Refusal::credentials("malformed Basic credentials"))?;
+        (n.to_owned(), s.to_owned())
+    } else if let Some(token) = value.strip_prefix("Bearer ") {
+        ("bearer".to_owned(), token.trim().to_owned())
+    } else {
+        return Err(Refusal::credentials(
+            "unsupported Proxy-Authorization scheme (Basic or Bearer)",
+        ));
+    };
+    creds
+        .authorize(&secret, &name)
+        .map_err(|_| Refusal::credentials("invalid proxy credentials"))
+}

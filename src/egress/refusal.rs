@@ -1,0 +1,180 @@
+//! The one place where the egress proxy's refusals become a status, a one-line reason (in the
+//! body and the `Ferry-Refusal` header) and a bounded `reason` label for metrics.
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::http_util::{text_response, Body};
+
+/// Response header carrying the refusal's one-line reason.
+pub const REFUSAL_HEADER: &str = "ferry-refusal";
+
+/// Why the proxy refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// 400, 403, 405, 407, 413, 415, 422, 429, 502 or 504.
+    pub status: StatusCode,
+    /// Bounded label for metrics (`client_not_allowed`, `destination_not_allowed`, …).
+    pub kind: &'static str,
+    /// One line for the client and the access log. Never contains payload bytes.
+    pub reason: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, kind: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            reason: reason.into(),
+        }
+    }
+
+    /// The client's address is not allowed (403).
+    pub fn client(peer: std::net::IpAddr) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "client_not_allowed",
+            format!("client {peer} is not allowed"),
+        )
+    }
+
+    /// Credentials missing or wrong (407).
+    pub fn credentials(reason: &str) -> Self {
+        Self::new(
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            "credentials",
+            reason,
+        )
+    }
+
+    /// Too many connections from one client (429).
+    pub fn too_many_connections(limit: usize) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "connection_limit",
+            format!("more than {limit} connections from this client"),
+        )
+    }
+
+    /// No rule allows this destination (403).
+    pub fn destination(what: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "destination_not_allowed",
+            format!("destination {what} is not allowed"),
+        )
+    }
+
+    /// The destination resolves only to addresses no rule allows (403).
+    pub fn forbidden_address(host: &str, why: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_address",
+            format!("{host} resolves to a {why} address, which no rule names"),
+        )
+    }
+
+    /// Malformed request framing or URI (400).
+    pub fn bad_request(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", reason)
+    }
+
+    /// Method not allowed by the rule (405).
+    pub fn method(method: &http::Method, rule: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("method {method} is not allowed by rule {rule:?}"),
+        )
+    }
+
+    /// Body larger than the rule allows (413).
+    pub fn too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body exceeds the limit of {limit} bytes"),
+        )
+    }
+
+    /// Decoded body larger than allowed (413): a compression bomb, or just too much.
+    pub fn decoded_too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "decoded_too_large",
+            format!("decoded body exceeds the limit of {limit} bytes"),
+        )
+    }
+
+    /// Content type not accepted (415).
+    pub fn unsupported_media(got: &str, allowed: &[String]) -> Self {
+        let got = if got.is_empty() { "none" } else { got };
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content_type",
+            format!("content type {got} is not one of {}", allowed.join(", ")),
+        )
+    }
+
+    /// Content encoding the proxy cannot validate (415).
+    pub fn unsupported_encoding(got: &str) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content_encoding",
+            format!("content encoding {got} cannot be validated (gzip, deflate or identity)"),
+        )
+    }
+
+    /// Payload failed validation (422).
+    pub fn invalid(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_payload", reason)
+    }
+
+    /// Payload matched a deny pattern (403).
+    pub fn denied_pattern(pattern: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "deny_pattern",
+            format!("body matches deny pattern {pattern:?}"),
+        )
+    }
+
+    /// The upstream could not be reached or failed (502).
+    pub fn upstream(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "upstream_error", reason)
+    }
+
+    /// The upstream did not answer in time (504).
+    pub fn upstream_timeout(after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            format!("upstream did not answer within {after:?}"),
+        )
+    }
+
+    /// The response: status, reason as text, reason in the `Ferry-Refusal` header.
+    pub fn into_response(&self) -> Response<Body> {
+        let line = self.reason.replace(['\r', '\n'], " ");
+        let mut resp = text_response(self.status, &line);
+        let header: String = line
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&header) {
+            resp.headers_mut().insert(REFUSAL_HEADER, v);
+        }
+        if self.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            resp.headers_mut().insert(
+                http::header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"ferry egress\", Bearer"),
+            );
+        }
+        resp
+    }
+}

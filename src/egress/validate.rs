@@ -1,0 +1,289 @@
+//! Payload validation per rule: size, content type, required headers, Content-MD5, gzip/deflate
+//! decoding with a decompressed-size limit, well-formed JSON, JSON Schema and deny patterns over
+//! the whole (decoded) body. A request is forwarded only after all of it passed.
+
+use std::io::Read;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName};
+use md5::{Digest, Md5};
+
+use super::refusal::Refusal;
+
+/// What a rule checks in a payload.
+#[derive(Debug, Clone)]
+pub struct Validation {
+    /// Largest body accepted as sent (compressed or not).
+    pub max_body_bytes: u64,
+    /// Largest body after gzip/deflate decoding.
+    pub max_decoded_bytes: u64,
+    /// Media types accepted (`application/json`); empty means any.
+    pub content_types: Vec<String>,
+    /// Headers that must be present.
+    pub required_headers: Vec<HeaderName>,
+    /// Body must be well-formed JSON.
+    pub json: bool,
+    /// Body must validate against this schema.
+    pub schema: Option<std::sync::Arc<jsonschema::Validator>>,
+    /// `Content-MD5` must be present (it is always verified when present).
+    pub require_content_md5: bool,
+    /// Bodies matching any of these are refused.
+    pub deny_patterns: Vec<regex::bytes::Regex>,
+}
+
+impl Default for Validation {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 << 20,
+            max_decoded_bytes: 64 << 20,
+            content_types: Vec::new(),
+            required_headers: Vec::new(),
+            json: false,
+            schema: None,
+            require_content_md5: false,
+            deny_patterns: Vec::new(),
+        }
+    }
+}
+
+impl Validation {
+    /// Whether anything needs the body (else it could be forwarded unread; we still bound it).
+    pub fn inspects_body(&self) -> bool {
+        self.json
+            || self.schema.is_some()
+            || self.require_content_md5
+            || !self.deny_patterns.is_empty()
+    }
+
+    /// Checks what the headers alone can tell: content type, required headers, declared length.
+    pub fn check_headers(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+        if let Some(len) = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            if len > self.max_body_bytes {
+                return Err(Refusal::too_large(self.max_body_bytes));
+            }
+        }
+        if !self.content_types.is_empty() {
+            let media = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| {
+                    v.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_default();
+            if !self
+                .content_types
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(&media))
+            {
+                return Err(Refusal::unsupported_media(&media, &self.content_types));
+            }
+        }
+        for name in &self.required_headers {
+            if !headers.contains_key(name) {
+                return Err(Refusal::invalid(format!(
+                    "required header {name} is missing"
+                )));
+            }
+        }
+        if self.require_content_md5 && !headers.contains_key("content-md5") {
+            return Err(Refusal::invalid("required header content-md5 is missing"));
+        }
+        Ok(())
+    }
+
+    /// Checks the whole body as received.
+    pub fn check_body(&self, headers: &HeaderMap, body: &Bytes) -> Result<(), Refusal> {
+        if let Some(md5) = headers.get("content-md5") {
+            check_md5(md5.as_bytes(), body)?;
+        }
+        if !self.inspects_body() {
+            return Ok(());
+        }
+        let decoded = decode(headers, body, self.max_decoded_bytes)?;
+        if let Some(pattern) = self.deny_patterns.iter().find(|p| p.is_match(&decoded)) {
+            return Err(Refusal::denied_pattern(pattern.as_str()));
+        }
+        if self.json || self.schema.is_some() {
+            let value: serde_json::Value = serde_json::from_slice(&decoded)
+                .map_err(|e| Refusal::invalid(format!("body is not valid JSON: {e}")))?;
+            if let Some(schema) = &self.schema {
+                if let Some(err) = schema.iter_errors(&value).next() {
+                    let at = err.instance_path().to_string();
+                    let at = if at.is_empty() { "/".to_owned() } else { at };
+                    return Err(Refusal::invalid(format!(
+                        "body does not match the JSON schema at {at}: {err}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_md5(header: &[u8], body: &[u8]) -> Result<(), Refusal> {
+    use base64::Engine as _;
+    let expected = base64::engine::general_purpose::STANDARD
+        .decode(header.trim_ascii())
+        .map_err(|_| Refusal::invalid("content-md5 is not base64"))?;
+    let actual = Md5::digest(body);
+    if expected.as_slice() == actual.as_slice() {
+        Ok(())
+    } else {
+        Err(Refusal::invalid("content-md5 does not match the body"))
+    }
+}
+
+/// The body after `Content-Encoding` (gzip, deflate, identity), decoded up to `limit` bytes.
+fn decode<'a>(
+    headers: &HeaderMap,
+    body: &'a Bytes,
+    limit: u64,
+) -> Result<std::borrow::Cow<'a, [u8]>, Refusal> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let reader: Box<dyn Read + '_> = match encoding.as_str() {
+        "" | "identity" => return Ok(std::borrow::Cow::Borrowed(body)),
+        "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
+        "deflate" => Box::new(flate2::read::ZlibDecoder::new(&body[..])),
+        other => return Err(Refusal::unsupported_encoding(other)),
+    };
+    // Read one byte past the limit to tell "exactly at the limit" from "over it".
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit as usize));
+    reader
+        .take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| Refusal::invalid(format!("body is not valid {encoding}: {e}")))?;
+    if out.len() as u64 > limit {
+        return Err(Refusal::decoded_too_large(limit));
+    }
+    Ok(std::borrow::Cow::Owned(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use std::io::Write;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn gzip(data: &[u8]) -> Bytes {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap().into()
+    }
+
+    #[test]
+    fn deny_patterns_see_the_first_bytes_and_the_decoded_body() {
+        let v = Validation {
+            deny_patterns: vec![regex::bytes::Regex::new("secret").unwrap()],
+            ..Validation::default()
+        };
+        let err = v
+            .check_body(&headers(&[]), &Bytes::from_static(b"secret at byte 0"))
+            .unwrap_err();
+        assert_eq!(err.status.as_u16(), 403);
+        let gz = gzip(b"{\"x\": \"a secret inside\"}");
+        assert!(v
+            .check_body(&headers(&[("content-encoding", "gzip")]), &gz)
+            .is_err());
+        assert!(v
+            .check_body(&headers(&[]), &Bytes::from_static(b"all clear"))
+            .is_ok());
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_stopped_at_the_decoded_limit() {
+        let bomb = gzip(&vec![b'0'; 10 << 20]);
+        assert!(
+            bomb.len() < 64 << 10,
+            "10 MiB of zeros compress well: {}",
+            bomb.len()
+        );
+        let v = Validation {
+            json: true,
+            max_decoded_bytes: 1 << 20,
+            ..Validation::default()
+        };
+        let err = v
+            .check_body(&headers(&[("content-encoding", "gzip")]), &bomb)
+            .unwrap_err();
+        assert_eq!(err.status.as_u16(), 413, "{}", err.reason);
+    }
+
+    #[test]
+    fn json_schema_md5_and_headers() {
+        let schema =
+            jsonschema::validator_for(&serde_json::json!({"type": "object", "required": ["host"]}))
+                .unwrap();
+        let v = Validation {
+            schema: Some(std::sync::Arc::new(schema)),
+            content_types: vec!["application/json".into()],
+            required_headers: vec![HeaderName::from_static("x-agent")],
+            ..Validation::default()
+        };
+        let ok = headers(&[
+            ("content-type", "application/json; charset=utf-8"),
+            ("x-agent", "1"),
+        ]);
+        assert!(v.check_headers(&ok).is_ok());
+        assert_eq!(
+            v.check_headers(&headers(&[
+                ("content-type", "text/plain"),
+                ("x-agent", "1")
+            ]))
+            .unwrap_err()
+            .status
+            .as_u16(),
+            415
+        );
+        assert_eq!(
+            v.check_headers(&headers(&[("content-type", "application/json")]))
+                .unwrap_err()
+                .status
+                .as_u16(),
+            422
+        );
+        assert!(v
+            .check_body(&ok, &Bytes::from_static(b"{\"host\": \"a\"}"))
+            .is_ok());
+        let err = v
+            .check_body(&ok, &Bytes::from_static(b"{\"hostname\": \"a\"}"))
+            .unwrap_err();
+        assert!(err.reason.contains("schema"), "{}", err.reason);
+        let err = v
+            .check_body(&ok, &Bytes::from_static(b"{\"host\": "))
+            .unwrap_err();
+        assert!(err.reason.contains("not valid JSON"), "{}", err.reason);
+        use base64::Engine as _;
+        let good =
+            base64::engine::general_purpose::STANDARD.encode(Md5::digest(b"{\"host\": \"a\"}"));
+        let with_md5 = headers(&[("content-md5", &good)]);
+        assert!(v
+            .check_body(&with_md5, &Bytes::from_static(b"{\"host\": \"a\"}"))
+            .is_ok());
+        assert!(v
+            .check_body(&with_md5, &Bytes::from_static(b"{\"host\": \"b\"}"))
+            .is_err());
+    }
+}
