@@ -27,6 +27,7 @@ pub mod auth;
 mod proxy;
 pub mod registry;
 mod sd;
+mod status;
 mod tunnel;
 mod web;
 
@@ -74,6 +75,9 @@ pub struct AgentInfo {
     pub connected_since: u64,
     /// Names of its targets.
     pub targets: Vec<String>,
+    /// Its scrapes so far.
+    #[serde(flatten)]
+    pub stats: registry::ScrapeStats,
 }
 
 /// The gateway: accepts agent tunnels and proxies Prometheus scrapes through them.
@@ -137,6 +141,7 @@ impl Gateway {
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
                 targets: a.targets().targets.iter().map(|t| t.name.clone()).collect(),
+                stats: a.stats(),
             })
             .collect()
     }

@@ -71,7 +71,10 @@ pub(crate) async fn scrape(state: &Arc<State>, req: Request<Body>) -> Response<B
         Err(err) => {
             debug!(error = %err, kind = err.kind(), "scrape failed at the gateway");
             let resp = err.into_response("gateway");
-            record(state, labels, resp.status(), start.elapsed());
+            if let Some(agent) = state.registry.get(&labels.agent) {
+                agent.record_scrape(resp.status().as_u16(), start.elapsed(), 0);
+            }
+            record(state, labels, resp.status(), start.elapsed(), 0);
             resp
         }
     }
@@ -145,7 +148,7 @@ async fn forward(
         }
         Ok(Ok(resp)) => resp,
     };
-    Ok(stream_back(state, resp, labels.clone(), start, deadline))
+    Ok(stream_back(state, resp, route.agent.clone(), labels.clone(), start, deadline))
 }
 
 /// The scrape as sent through the tunnel: `:authority` is `<agent>:<port>`, hop-by-hop headers
@@ -176,6 +179,7 @@ fn tunnel_request(
 fn stream_back(
     state: &Arc<State>,
     resp: Response<hyper::body::Incoming>,
+    agent: Arc<AgentHandle>,
     labels: ScrapeLabels,
     start: Instant,
     deadline: Instant,
@@ -186,15 +190,9 @@ fn stream_back(
     let status = parts.status;
     let done_state = state.clone();
     let on_finish = Box::new(move |bytes: u64| {
-        let agent = AgentLabels {
-            agent: labels.agent.clone(),
-        };
-        done_state
-            .metrics
-            .bytes_proxied
-            .get_or_create(&agent)
-            .inc_by(bytes);
-        record(&done_state, labels, status, start.elapsed());
+        let elapsed = start.elapsed();
+        agent.record_scrape(status.as_u16(), elapsed, bytes);
+        record(&done_state, labels, status, elapsed, bytes);
     });
     let body = BoundedBody::new(
         boxed(body),
@@ -205,7 +203,8 @@ fn stream_back(
     Response::from_parts(parts, boxed(body))
 }
 
-fn record(state: &State, mut labels: ScrapeLabels, status: http::StatusCode, elapsed: Duration) {
+/// Counts one finished scrape: by agent, target and status class; its duration and bytes.
+fn record(state: &State, mut labels: ScrapeLabels, status: http::StatusCode, elapsed: Duration, bytes: u64) {
     labels.status_class = status_class(status).to_owned();
     let agent = AgentLabels {
         agent: labels.agent.clone(),
@@ -216,6 +215,7 @@ fn record(state: &State, mut labels: ScrapeLabels, status: http::StatusCode, ela
         .scrape_duration
         .get_or_create(&agent)
         .observe(elapsed.as_secs_f64());
+    state.metrics.bytes_proxied.get_or_create(&agent).inc_by(bytes);
 }
 
 #[cfg(test)]

@@ -30,6 +30,22 @@ pub struct AgentHandle {
     sender: SendRequest<Body>,
     targets: watch::Receiver<Arc<TargetList>>,
     closed: CancellationToken,
+    stats: std::sync::Mutex<ScrapeStats>,
+}
+
+/// What the status page shows of an agent's scrapes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ScrapeStats {
+    /// Scrapes through this tunnel.
+    pub scrapes: u64,
+    /// Body bytes passed to Prometheus.
+    pub bytes: u64,
+    /// When the last scrape ended, seconds since the Unix epoch.
+    pub last_scrape: Option<u64>,
+    /// Status of the last scrape.
+    pub last_status: Option<u16>,
+    /// Duration of the last scrape, seconds.
+    pub last_duration_seconds: Option<f64>,
 }
 
 impl AgentHandle {
@@ -50,7 +66,26 @@ impl AgentHandle {
             sender,
             targets,
             closed,
+            stats: std::sync::Mutex::new(ScrapeStats::default()),
         }
+    }
+
+    /// Records one finished scrape.
+    pub fn record_scrape(&self, status: u16, duration: std::time::Duration, bytes: u64) {
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.scrapes += 1;
+        s.bytes += bytes;
+        s.last_scrape = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+        s.last_status = Some(status);
+        s.last_duration_seconds = Some(duration.as_secs_f64());
+    }
+
+    /// The scrape statistics so far.
+    pub fn stats(&self) -> ScrapeStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A sender for one request over the tunnel.

@@ -28,7 +28,7 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
         "/-/healthy" => text_response(StatusCode::OK, "Healthy"),
         "/-/ready" => text_response(StatusCode::OK, "Ready"),
         "/api/v1/agents" => json(serde_json::to_string(&agents(state)).unwrap_or_else(|_| "[]".into())),
-        "/" => text_response(StatusCode::OK, &status_text(state)),
+        "/" => super::status::page(&agents(state)),
         _ => text_response(StatusCode::NOT_FOUND, "not found: scrapes must be absolute-form (set the gateway as proxy_url); endpoints are /targets, /metrics, /-/healthy, /-/ready"),
     }
 }
@@ -47,18 +47,4 @@ fn agents(state: &Arc<State>) -> Vec<super::AgentInfo> {
         state: state.clone(),
     }
     .agents()
-}
-
-fn status_text(state: &Arc<State>) -> String {
-    let agents = agents(state);
-    let mut out = format!("ferry gateway: {} agent(s) connected\n", agents.len());
-    for a in agents {
-        out.push_str(&format!(
-            "{}  from {}  targets: {}\n",
-            a.id,
-            a.remote,
-            a.targets.join(", ")
-        ));
-    }
-    out.trim_end().to_owned()
 }
