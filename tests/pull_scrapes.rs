@@ -1,0 +1,724 @@
+//! The scrape path on loopback: Prometheus's absolute-form request → gateway web listener →
+//! TLS tunnel → agent → a real target server, and every refusal along the way.
+//!
+//! Each test starts its own gateway, agent and targets in-process on 127.0.0.1 port 0, and asserts
+//! what a user sees: status codes, one-line reasons, bodies, the gateway's `/metrics`, and what
+//! the target server itself received.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::ferry::{
+    agent_section, gateway_and_agent, metric_value, start_agent, start_gateway, TestAgent,
+    TestGateway,
+};
+use common::http::{self as client, get_via_proxy, get_via_proxy_streaming, Resp};
+use common::servers::{
+    gunzip, large_body_digest, Behaviour, BodyDigest, TargetServer, METRICS_CONTENT_TYPE,
+};
+use ferry::config::TargetSection;
+use ferry::tunnel::handshake::{request_upgrade, HandshakeError};
+use ferry::tunnel::tls::parse_fingerprint;
+use ferry::tunnel::tls_client::{client_config, ClientTls, Purpose, ServerVerify};
+use http::{header, Request};
+use http_body_util::Full;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+const AGENT: &str = "node-1";
+const BODY: &str =
+    "# HELP up Whether the target is up.\n# TYPE up gauge\nup 1\nnode_load1{cpu=\"all\"} 0.25\n";
+const TIMEOUT_HEADER: &str = "X-Prometheus-Scrape-Timeout-Seconds";
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// A gateway, agent `node-1` and one target server `node` behind it.
+struct Setup {
+    _dir: TempDir,
+    gw: TestGateway,
+    agent: TestAgent,
+    target: TargetServer,
+}
+
+impl Setup {
+    async fn start(behaviour: Behaviour) -> Setup {
+        let dir = TempDir::new().unwrap();
+        let target = TargetServer::start(behaviour).await;
+        let (gw, agent) = gateway_and_agent(&dir, AGENT, &[("node", target.url("/metrics"))]).await;
+        Setup {
+            _dir: dir,
+            gw,
+            agent,
+            target,
+        }
+    }
+
+    /// `http://node-1:<target port><path_and_query>`: how Prometheus addresses the target.
+    fn url(&self, path_and_query: &str) -> String {
+        format!("http://{AGENT}:{}{path_and_query}", self.target.addr.port())
+    }
+
+    async fn scrape(&self, path_and_query: &str, headers: &[(&str, &str)]) -> Resp {
+        get_via_proxy(self.gw.web, &self.url(path_and_query), headers).await
+    }
+
+    async fn stop(self) {
+        self.agent.stop().await;
+        self.gw.stop().await;
+    }
+}
+
+async fn gateway_metrics(gw: &TestGateway) -> String {
+    client::get(&format!("{}/metrics", gw.web_url()))
+        .await
+        .text()
+}
+
+/// Polls `url` (a `/metrics` endpoint) until `name{labels}` satisfies `ok`; returns the value.
+/// Panics with the last exposition after 10 s.
+async fn wait_metric(
+    url: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    ok: impl Fn(f64) -> bool,
+) -> f64 {
+    let start = Instant::now();
+    loop {
+        let text = client::get(url).await.text();
+        if let Some(v) = metric_value(&text, name, labels).filter(|v| ok(*v)) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{name}{labels:?} never as expected; last exposition:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A refusal body: exactly one line of text, ending in a newline.
+fn assert_one_line(resp: &Resp) -> String {
+    let text = resp.text();
+    assert!(
+        text.ends_with('\n') && text.lines().count() == 1,
+        "not a one-line reason: {text:?}"
+    );
+    assert!(
+        resp.header("content-type")
+            .is_some_and(|ct| ct.starts_with("text/plain")),
+        "{:?}",
+        resp.headers
+    );
+    text.trim_end().to_owned()
+}
+
+/// Serves the agent's own `/metrics` on a fresh loopback listener; returns its URL.
+async fn agent_metrics_url(agent: &TestAgent) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    let (a, shutdown) = (agent.agent.clone(), agent.shutdown.clone());
+    tokio::spawn(async move { a.serve_web(listener, shutdown).await });
+    url
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrape_returns_the_target_body_and_sd_lists_every_target_with_labels() {
+    let dir = TempDir::new().unwrap();
+    let target = TargetServer::start(Behaviour::Metrics(BODY.into())).await;
+    let gw = start_gateway(&dir, &[("*", "tok")], |_| {}).await;
+    let mut section = agent_section(&gw, AGENT, &[]);
+    section.labels = labels(&[("dc", "fra1"), ("env", "prod")]);
+    section.targets = vec![TargetSection {
+        name: "node".into(),
+        url: target.url("/metrics"),
+        labels: labels(&[("env", "staging"), ("team", "db")]),
+        ..TargetSection::default()
+    }];
+    let agent = start_agent(section, "tok");
+    gw.wait_agent(AGENT, CONNECT_WAIT).await;
+    let port = target.addr.port();
+
+    let resp = get_via_proxy(gw.web, &format!("http://{AGENT}:{port}/metrics"), &[]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        resp.body,
+        Bytes::from(BODY),
+        "body must arrive byte-identical"
+    );
+    assert_eq!(resp.header("content-type"), Some(METRICS_CONTENT_TYPE));
+    assert_eq!(target.paths(), vec!["/metrics".to_owned()]);
+
+    // The built-in target serves the agent's own metrics through the same tunnel.
+    let own = get_via_proxy(gw.web, &format!("http://{AGENT}:9369/metrics"), &[]).await;
+    assert_eq!(own.status, 200, "{}", own.text());
+    assert_eq!(
+        metric_value(&own.text(), "ferry_agent_tunnel_up", &[]),
+        Some(1.0),
+        "{}",
+        own.text()
+    );
+
+    // Sorted by target name.
+    let expected = json!([
+        {"targets": [format!("{AGENT}:9369")],
+         "labels": {"__metrics_path__": "/metrics", "ferry_agent": AGENT, "ferry_target": "ferry",
+                    "dc": "fra1", "env": "prod"}},
+        {"targets": [format!("{AGENT}:{port}")],
+         "labels": {"__metrics_path__": "/metrics", "ferry_agent": AGENT, "ferry_target": "node",
+                    "dc": "fra1", "env": "staging", "team": "db"}},
+    ]);
+    for endpoint in ["/targets", "/clients"] {
+        let sd = client::get(&format!("{}{endpoint}", gw.web_url())).await;
+        assert_eq!(sd.status, 200, "{endpoint}");
+        assert_eq!(
+            sd.header("content-type"),
+            Some("application/json"),
+            "{endpoint}"
+        );
+        let mut groups: Value = serde_json::from_slice(&sd.body)
+            .unwrap_or_else(|e| panic!("{endpoint}: {e}: {}", sd.text()));
+        groups
+            .as_array_mut()
+            .expect("an array of groups")
+            .sort_by_key(|g| g["labels"]["ferry_target"].to_string());
+        assert_eq!(groups, expected, "{endpoint}");
+    }
+
+    agent.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_never_registers_the_agent() {
+    let dir = TempDir::new().unwrap();
+    let target = TargetServer::start(Behaviour::Metrics(BODY.into())).await;
+    let gw = start_gateway(&dir, &[("*", "right-token")], |_| {}).await;
+    let agent = start_agent(
+        agent_section(&gw, AGENT, &[("node", target.url("/metrics"))]),
+        "wrong-token",
+    );
+    let agent_url = agent_metrics_url(&agent).await;
+
+    let gw_url = format!("{}/metrics", gw.web_url());
+    wait_metric(
+        &gw_url,
+        "ferry_gateway_tunnel_handshakes_total",
+        &[("result", "unauthorized")],
+        |v| v >= 1.0,
+    )
+    .await;
+    wait_metric(
+        &agent_url,
+        "ferry_agent_tunnel_connects_total",
+        &[("result", "auth_refused")],
+        |v| v >= 1.0,
+    )
+    .await;
+
+    let text = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_tunnel_handshakes_total",
+            &[("result", "ok")]
+        ),
+        None,
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "ferry_gateway_agents_connected", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(gw.agent_ids().is_empty(), "{:?}", gw.agent_ids());
+    assert!(!agent.agent.is_connected());
+    let sd = client::get(&format!("{}/targets", gw.web_url())).await;
+    assert_eq!(sd.text(), "[]");
+    let resp = get_via_proxy(
+        gw.web,
+        &format!("http://{AGENT}:{}/metrics", target.addr.port()),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert_eq!(target.requests(), 0);
+
+    agent.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_outside_the_tokens_glob_is_forbidden_while_a_matching_id_connects() {
+    let dir = TempDir::new().unwrap();
+    let target = TargetServer::start(Behaviour::Metrics(BODY.into())).await;
+    let gw = start_gateway(&dir, &[("web-*", "web-token")], |_| {}).await;
+    let intruder = start_agent(
+        agent_section(&gw, "db-1", &[("node", target.url("/metrics"))]),
+        "web-token",
+    );
+    let intruder_url = agent_metrics_url(&intruder).await;
+    let allowed = start_agent(
+        agent_section(&gw, "web-1", &[("node", target.url("/metrics"))]),
+        "web-token",
+    );
+
+    gw.wait_agent("web-1", CONNECT_WAIT).await;
+    let gw_url = format!("{}/metrics", gw.web_url());
+    wait_metric(
+        &gw_url,
+        "ferry_gateway_tunnel_handshakes_total",
+        &[("result", "forbidden")],
+        |v| v >= 1.0,
+    )
+    .await;
+    wait_metric(
+        &intruder_url,
+        "ferry_agent_tunnel_connects_total",
+        &[("result", "auth_refused")],
+        |v| v >= 1.0,
+    )
+    .await;
+
+    assert_eq!(gw.agent_ids(), vec!["web-1".to_owned()]);
+    assert!(!intruder.agent.is_connected());
+    let resp = get_via_proxy(
+        gw.web,
+        &format!("http://db-1:{}/metrics", target.addr.port()),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert_eq!(target.requests(), 0);
+
+    intruder.stop().await;
+    allowed.stop().await;
+    gw.stop().await;
+}
+
+/// Opens TLS to the gateway's tunnel listener, pinned to its certificate, and sends the upgrade.
+async fn raw_upgrade(gw: &TestGateway, token: &str, agent_id: &str) -> Result<(), HandshakeError> {
+    let tls = ClientTls {
+        verify: ServerVerify::Fingerprint(parse_fingerprint(&gw.fingerprint()).unwrap()),
+        client_cert: None,
+    };
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(&tls, Purpose::Tunnel).unwrap()));
+    let tcp = TcpStream::connect(gw.tunnel).await.unwrap();
+    let io = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS to the gateway");
+    let host = format!("localhost:{}", gw.tunnel.port());
+    let upgrade = tokio::time::timeout(
+        Duration::from_secs(10),
+        request_upgrade(io, &host, token, agent_id),
+    );
+    upgrade
+        .await
+        .expect("gateway answers the upgrade within 10 s")
+        .map(drop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_handshake_refusals_carry_status_and_reason() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("web-*", "web-token")], |_| {}).await;
+
+    match raw_upgrade(&gw, "not-a-token", "web-1").await {
+        Err(HandshakeError::Refused { status, reason }) => {
+            assert_eq!(status.as_u16(), 401, "{reason}");
+            assert_eq!(reason, "invalid token");
+        }
+        other => panic!("expected 401, got {other:?}"),
+    }
+    match raw_upgrade(&gw, "web-token", "db-1").await {
+        Err(HandshakeError::Refused { status, reason }) => {
+            assert_eq!(status.as_u16(), 403, "{reason}");
+            assert!(
+                reason.contains("db-1"),
+                "reason must name the agent id: {reason:?}"
+            );
+        }
+        other => panic!("expected 403, got {other:?}"),
+    }
+    // The same connection path with a good claim is accepted: the refusals above are about credentials.
+    raw_upgrade(&gw, "web-token", "web-1")
+        .await
+        .expect("a valid claim is upgraded");
+
+    let text = gateway_metrics(&gw).await;
+    for (result, n) in [("unauthorized", 1.0), ("forbidden", 1.0), ("ok", 1.0)] {
+        assert_eq!(
+            metric_value(
+                &text,
+                "ferry_gateway_tunnel_handshakes_total",
+                &[("result", result)]
+            ),
+            Some(n),
+            "{result}: {text}"
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_agent_is_503_at_once() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    let started = Instant::now();
+    let resp = get_via_proxy(
+        s.gw.web,
+        "http://nobody:9100/metrics",
+        &[(TIMEOUT_HEADER, "10")],
+    )
+    .await;
+    let elapsed = started.elapsed();
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "503 must not wait for the scrape timeout: took {elapsed:?}"
+    );
+    let reason = assert_one_line(&resp);
+    assert!(
+        reason.contains("\"nobody\""),
+        "reason must name the agent: {reason:?}"
+    );
+    assert_eq!(resp.header("ferry-error"), Some("gateway"));
+    assert_eq!(s.target.requests(), 0);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlisted_ports_and_paths_are_404_and_never_fetched() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    let port = s.target.addr.port();
+    let other_port = if port == 65535 { 65534 } else { port + 1 };
+    let urls = [
+        format!("http://{AGENT}:{other_port}/metrics"),
+        format!("http://{AGENT}:{port}/admin"),
+        format!("http://{AGENT}:{port}/metrics/../admin"),
+        format!("http://{AGENT}:{port}/metrics/"),
+        format!("http://{AGENT}:{port}/%2e%2e/admin"),
+        format!("http://{AGENT}:{port}/"),
+        format!("http://{AGENT}:9369/admin"),
+    ];
+    for url in &urls {
+        let resp = get_via_proxy(s.gw.web, url, &[]).await;
+        assert_eq!(resp.status, 404, "{url}: {}", resp.text());
+        let reason = assert_one_line(&resp);
+        assert!(
+            reason.contains(AGENT),
+            "{url}: reason must name the agent: {reason:?}"
+        );
+        assert!(
+            resp.header("ferry-error").is_some(),
+            "{url}: {:?}",
+            resp.headers
+        );
+    }
+    assert_eq!(
+        s.target.requests(),
+        0,
+        "the target saw {:?}",
+        s.target.paths()
+    );
+
+    // The listed target on the same port still works: the 404s were about the path, not the setup.
+    let ok = s.scrape("/metrics", &[]).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(s.target.paths(), vec!["/metrics".to_owned()]);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_target_is_504_before_the_scrape_timeout() {
+    let s = Setup::start(Behaviour::Slow {
+        delay: Duration::from_secs(5),
+        body: BODY.into(),
+    })
+    .await;
+    let started = Instant::now();
+    let resp = s.scrape("/metrics", &[(TIMEOUT_HEADER, "1")]).await;
+    let elapsed = started.elapsed();
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "504 must come before Prometheus gives up at 1 s: took {elapsed:?}"
+    );
+    let reason = assert_one_line(&resp);
+    assert!(reason.contains("timed out"), "{reason:?}");
+    assert_eq!(s.target.requests(), 1, "the target was asked once");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_50_mb_body_streams_through_intact() {
+    const SIZE: u64 = 50 * 1024 * 1024;
+    let s = Setup::start(Behaviour::Large { bytes: SIZE }).await;
+    let mut digest = BodyDigest::new();
+    let resp = get_via_proxy_streaming(
+        s.gw.web,
+        &s.url("/metrics"),
+        &[(TIMEOUT_HEADER, "60")],
+        |chunk| digest.update(chunk),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body_bytes, SIZE);
+    assert_eq!(digest.bytes_seen(), SIZE);
+    assert_eq!(
+        digest.finish(),
+        large_body_digest(SIZE),
+        "body corrupted on the way"
+    );
+    assert_eq!(s.target.requests(), 1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_passes_through_untouched() {
+    let s = Setup::start(Behaviour::Gzip(BODY.into())).await;
+
+    let zipped = s.scrape("/metrics", &[("Accept-Encoding", "gzip")]).await;
+    assert_eq!(zipped.status, 200, "{}", zipped.text());
+    assert_eq!(zipped.header("content-encoding"), Some("gzip"));
+    assert_ne!(
+        zipped.body,
+        Bytes::from(BODY),
+        "the body must still be compressed"
+    );
+    assert_eq!(gunzip(&zipped.body), BODY.as_bytes());
+    assert_eq!(
+        s.target
+            .last_headers()
+            .unwrap()
+            .get(header::ACCEPT_ENCODING)
+            .unwrap(),
+        "gzip"
+    );
+
+    let plain = s.scrape("/metrics", &[]).await;
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    assert_eq!(plain.header("content-encoding"), None);
+    assert_eq!(plain.body, Bytes::from(BODY));
+    assert!(
+        s.target
+            .last_headers()
+            .unwrap()
+            .get(header::ACCEPT_ENCODING)
+            .is_none(),
+        "nobody added an Accept-Encoding"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_scrapes_of_one_agent_all_succeed() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    let (web, url) = (s.gw.web, s.url("/metrics"));
+    let mut scrapes = JoinSet::new();
+    for _ in 0..50 {
+        let url = url.clone();
+        scrapes.spawn(async move { get_via_proxy(web, &url, &[]).await });
+    }
+    let mut ok = 0;
+    while let Some(resp) = scrapes.join_next().await {
+        let resp = resp.expect("scrape task");
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.body, Bytes::from(BODY));
+        ok += 1;
+    }
+    assert_eq!(ok, 50);
+    assert_eq!(s.target.requests(), 50);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheme_parameter_is_dropped_and_other_parameters_kept() {
+    let dir = TempDir::new().unwrap();
+    let target = TargetServer::start(Behaviour::Metrics(BODY.into())).await;
+    // A target URL with its own query (like a blackbox exporter module): the scrape's is appended.
+    let (gw, agent) = gateway_and_agent(
+        &dir,
+        AGENT,
+        &[("probe", target.url("/probe?module=http_2xx"))],
+    )
+    .await;
+    let base = format!("http://{AGENT}:{}/probe", target.addr.port());
+
+    for (query, seen) in [
+        (
+            "?_scheme=https&target=example.com&collect%5B%5D=cpu",
+            "/probe?module=http_2xx&target=example.com&collect%5B%5D=cpu",
+        ),
+        ("?target=a&_scheme=http", "/probe?module=http_2xx&target=a"),
+        ("?_scheme=https", "/probe?module=http_2xx"),
+        ("", "/probe?module=http_2xx"),
+    ] {
+        let resp = get_via_proxy(gw.web, &format!("{base}{query}"), &[]).await;
+        assert_eq!(resp.status, 200, "{query}: {}", resp.text());
+        assert_eq!(
+            target.paths().last().map(String::as_str),
+            Some(seen),
+            "{query}"
+        );
+    }
+    assert_eq!(target.requests(), 4);
+
+    agent.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_and_proxy_credentials_stay_behind() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    let sent = [
+        (
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        ),
+        ("User-Agent", "Prometheus/2.42.0"),
+        (TIMEOUT_HEADER, "10"),
+        ("X-End-To-End", "yes"),
+        ("Proxy-Authorization", "Basic cHJvbTpzZWNyZXQ="),
+        ("Connection", "keep-alive, X-Hop-Secret"),
+        ("X-Hop-Secret", "per-hop"),
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Connection", "keep-alive"),
+        ("TE", "trailers"),
+    ];
+    let resp = s.scrape("/metrics", &sent).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+
+    let seen = s.target.last_headers().expect("the target got the scrape");
+    let value = |name: &str| seen.get(name).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(value("accept").as_deref(), Some(sent[0].1));
+    assert_eq!(value("user-agent").as_deref(), Some("Prometheus/2.42.0"));
+    assert_eq!(value("x-end-to-end").as_deref(), Some("yes"));
+    for gone in [
+        "proxy-authorization",
+        "x-hop-secret",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ] {
+        assert!(
+            !seen.contains_key(gone),
+            "{gone} reached the target: {seen:?}"
+        );
+    }
+    if let Some(conn) = value("connection") {
+        assert!(
+            !conn.to_ascii_lowercase().contains("x-hop-secret"),
+            "{conn}"
+        );
+    }
+    // The target sees its own address as Host, not the agent id Prometheus used.
+    assert_eq!(value("host"), Some(s.target.addr.to_string()));
+    let timeout: f64 = value("x-prometheus-scrape-timeout-seconds")
+        .expect("timeout header forwarded")
+        .parse()
+        .unwrap();
+    assert!(
+        (9.0..10.0).contains(&timeout),
+        "timeout must be rewritten below the 10 s Prometheus sent: {timeout}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_metrics_count_scrapes_by_status_class() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    let url = format!("{}/metrics", s.gw.web_url());
+
+    let ok = s.scrape("/metrics", &[]).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let two_xx = [
+        ("agent", AGENT),
+        ("target", "node"),
+        ("status_class", "2xx"),
+    ];
+    // Counted when the body has been passed on, which may be a moment after the client has it.
+    wait_metric(&url, "ferry_gateway_scrapes_total", &two_xx, |v| v >= 1.0).await;
+    let text = gateway_metrics(&s.gw).await;
+    assert_eq!(
+        metric_value(&text, "ferry_gateway_scrapes_total", &two_xx),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "ferry_gateway_agents_connected", &[]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_proxied_bytes_total",
+            &[("agent", AGENT)]
+        ),
+        Some(BODY.len() as f64),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_scrapes_total",
+            &[("status_class", "4xx")]
+        ),
+        None,
+        "{text}"
+    );
+
+    let missing = s.scrape("/admin", &[]).await;
+    assert_eq!(missing.status, 404, "{}", missing.text());
+    let text = gateway_metrics(&s.gw).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_scrapes_total",
+            &[("agent", AGENT), ("status_class", "4xx")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "ferry_gateway_scrapes_total", &two_xx),
+        Some(1.0),
+        "{text}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_refused_with_405() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    let authority = format!("{AGENT}:{}", s.target.addr.port());
+    let req = Request::connect(authority.as_str())
+        .header(header::HOST, authority.as_str())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client::send(s.gw.web, req).await;
+    assert_eq!(resp.status, 405, "{}", resp.text());
+    let reason = assert_one_line(&resp);
+    assert!(reason.contains("CONNECT"), "{reason:?}");
+    assert!(
+        resp.header("allow").is_some_and(|a| a.contains("GET")),
+        "{:?}",
+        resp.headers
+    );
+    assert_eq!(s.target.requests(), 0);
+    s.stop().await;
+}
