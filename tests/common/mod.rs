@@ -6,6 +6,7 @@
 //! - `http`     — HTTP/1.1 client calls: origin-form, absolute-form through a proxy, streaming.
 //! - `external` — the real Prometheus and node_exporter (Debian packages) as child processes.
 
+pub mod egress;
 pub mod external;
 pub mod ferry;
 pub mod http;

@@ -1,0 +1,841 @@
+//! The tunnel's lifecycle on loopback: peers restart, ids collide, middleboxes cut idle
+//! connections, targets change, and shutdown drains — each judged by what Prometheus (a scrape
+//! through the gateway) and an operator (`/targets`, `/metrics`) see.
+
+mod common;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::ferry::{
+    agent_section, gateway_and_agent, metric_value, start_agent, start_gateway, start_gateway_on,
+    tokens_file, TestGateway,
+};
+use common::http::{self, Resp};
+use common::proxy::ConnectProxy;
+use common::servers::{Behaviour, TargetServer};
+use ferry::agent::Agent;
+use ferry::config::{AgentSection, ConfigErrors, Dur, Target};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "test-token";
+/// Port of the agent's built-in `ferry` target (its own metrics).
+const SELF_PORT: u16 = 9369;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A target server answering `body` as metrics.
+async fn metrics_server(body: &str) -> TargetServer {
+    TargetServer::start(Behaviour::Metrics(body.to_owned())).await
+}
+
+/// `http://<agent>:<port>/metrics`, the URL Prometheus sends to the gateway.
+fn scrape_url(agent: &str, port: u16) -> String {
+    format!("http://{agent}:{port}/metrics")
+}
+
+/// The scrape URL of `server`'s `/metrics` on `agent`.
+fn target_url(agent: &str, server: &TargetServer) -> String {
+    scrape_url(agent, server.addr.port())
+}
+
+/// A scrape through the gateway's web listener at `web`.
+async fn scrape(web: SocketAddr, url: &str) -> Resp {
+    http::get_via_proxy(web, url, &[]).await
+}
+
+/// Polls `check` every 50 ms until it returns `Ok`, panicking with its last complaint after `timeout`.
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let start = Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: not within {timeout:?}; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until a scrape of `url` through `web` answers 200 with `body`.
+async fn wait_scrape_body(web: SocketAddr, url: &str, body: &str, timeout: Duration) {
+    wait_for(
+        &format!("scrape {url} answers 200 {body:?}"),
+        timeout,
+        || async move {
+            match http::try_get_via_proxy(web, url, &[]).await {
+                Ok(r) if r.status == 200 && r.text() == body => Ok(()),
+                Ok(r) => Err(format!("{} {:?}", r.status, r.text())),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await;
+}
+
+/// The gateway's own `/metrics` exposition.
+async fn gateway_metrics(web: SocketAddr) -> String {
+    let resp = http::get(&format!("http://{web}/metrics")).await;
+    assert_eq!(resp.status, 200, "gateway /metrics: {}", resp.text());
+    resp.text()
+}
+
+/// The agent's own metrics, scraped like Prometheus would: its built-in `ferry` target through the gateway.
+async fn agent_metrics(web: SocketAddr, agent: &str) -> String {
+    let resp = scrape(web, &scrape_url(agent, SELF_PORT)).await;
+    assert_eq!(
+        resp.status,
+        200,
+        "scrape of {agent}'s own metrics: {}",
+        resp.text()
+    );
+    resp.text()
+}
+
+/// `ferry_agent_tunnel_connects_total{result="ok"}` of `agent`, read through the gateway.
+async fn agent_ok_connects(web: SocketAddr, agent: &str) -> f64 {
+    let text = agent_metrics(web, agent).await;
+    metric_value(
+        &text,
+        "ferry_agent_tunnel_connects_total",
+        &[("result", "ok")],
+    )
+    .unwrap_or_else(|| panic!("no ferry_agent_tunnel_connects_total{{result=\"ok\"}} in:\n{text}"))
+}
+
+/// Serves `agent`'s local `/metrics` on a fresh loopback port (until the test's runtime ends).
+async fn serve_agent_web(agent: &Agent) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let agent = agent.clone();
+    tokio::spawn(async move { agent.serve_web(listener, CancellationToken::new()).await });
+    addr
+}
+
+/// `ferry_agent_tunnel_connects_total{result="ok"}` from an agent's local web listener.
+async fn local_ok_connects(agent_web: SocketAddr) -> f64 {
+    let text = http::get(&format!("http://{agent_web}/metrics"))
+        .await
+        .text();
+    metric_value(
+        &text,
+        "ferry_agent_tunnel_connects_total",
+        &[("result", "ok")],
+    )
+    .unwrap_or_else(|| panic!("no ferry_agent_tunnel_connects_total{{result=\"ok\"}} in:\n{text}"))
+}
+
+/// Service discovery as Prometheus reads it: `(target address, ferry_target label)` of every group.
+async fn sd_targets(web: SocketAddr) -> Result<Vec<(String, String)>, String> {
+    let resp = http::try_get(&format!("http://{web}/targets"), &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status != 200 {
+        return Err(format!(
+            "/targets answered {}: {}",
+            resp.status,
+            resp.text()
+        ));
+    }
+    let groups: serde_json::Value =
+        serde_json::from_slice(&resp.body).map_err(|e| format!("/targets is not JSON: {e}"))?;
+    let groups = groups.as_array().ok_or("/targets is not a JSON array")?;
+    Ok(groups
+        .iter()
+        .flat_map(|g| {
+            let name = g["labels"]["ferry_target"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let addrs = g["targets"].as_array().cloned().unwrap_or_default();
+            addrs
+                .into_iter()
+                .map(move |a| (a.as_str().unwrap_or_default().to_owned(), name.clone()))
+        })
+        .collect())
+}
+
+/// Waits until `/targets` lists `present` (address, name) and none of `absent`.
+async fn wait_sd(
+    web: SocketAddr,
+    present: &[(String, &str)],
+    absent: &[(String, &str)],
+    timeout: Duration,
+) {
+    wait_for(
+        "/targets shows the expected targets",
+        timeout,
+        || async move {
+            let listed = sd_targets(web).await?;
+            let has =
+                |(addr, name): &(String, &str)| listed.iter().any(|(a, n)| a == addr && n == name);
+            if present.iter().all(has) && !absent.iter().any(has) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "listed {listed:?}; want {present:?}, not {absent:?}"
+                ))
+            }
+        },
+    )
+    .await;
+}
+
+/// The validated targets of `section` (as a config reload would produce them).
+fn validated_targets(section: &AgentSection) -> Vec<Target> {
+    let env = |name: &str| (name == "FERRY_TOKEN").then(|| TOKEN.to_owned());
+    let mut errs = ConfigErrors::new("test");
+    let cfg = section.validate("agent", &env, &mut errs);
+    assert!(errs.errors.is_empty(), "{errs}");
+    cfg.expect("valid agent section").targets
+}
+
+/// Binds `addr` again, retrying while the old listener's port is still being released.
+async fn rebind(addr: SocketAddr) -> TcpListener {
+    let start = Instant::now();
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) => assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "cannot bind {addr} again: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Gateway restart
+// ---------------------------------------------------------------------------------------------
+
+/// The gateway restarts on the same ports and data dir: the agent reconnects by itself (pinned to
+/// the same self-signed certificate) and scrapes work again without anyone touching the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reconnects_after_gateway_restart() {
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("up_metric 1\n").await;
+    let (gw, agent) = gateway_and_agent(&dir, "node-1", &[("node", server.url("/metrics"))]).await;
+    let url = target_url("node-1", &server);
+    assert_eq!(scrape(gw.web, &url).await.status, 200);
+
+    let (web, tunnel, fingerprint) = (gw.web, gw.tunnel, gw.fingerprint());
+    gw.stop().await;
+    let down = http::try_get_via_proxy(web, &url, &[]).await;
+    assert!(
+        down.is_err(),
+        "a scrape with the gateway stopped got an answer: {:?}",
+        down.map(|r| r.status)
+    );
+    wait_for(
+        "agent notices the gateway is gone",
+        Duration::from_secs(5),
+        || async {
+            if agent.agent.is_connected() {
+                Err("agent still reports its tunnel up".into())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+
+    let (web_l, tunnel_l) = (rebind(web).await, rebind(tunnel).await);
+    let gw2 = start_gateway_on(&dir, &[("*", TOKEN)], web_l, tunnel_l, |_| {}).await;
+    assert_eq!(
+        gw2.fingerprint(),
+        fingerprint,
+        "the restarted gateway must reuse its self-signed certificate"
+    );
+
+    wait_scrape_body(web, &url, "up_metric 1\n", Duration::from_secs(10)).await;
+    assert!(agent.agent.is_connected());
+    assert_eq!(gw2.agent_ids(), vec!["node-1".to_owned()]);
+    assert_eq!(
+        agent_ok_connects(web, "node-1").await,
+        2.0,
+        "one tunnel per gateway life"
+    );
+
+    agent.stop().await;
+    gw2.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Agent restart
+// ---------------------------------------------------------------------------------------------
+
+/// The agent stops: the gateway forgets it and answers 503; a new agent with the same id is
+/// scraped again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_serves_a_restarted_agent() {
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("restarted 1\n").await;
+    let targets = [("node", server.url("/metrics"))];
+    let (gw, agent) = gateway_and_agent(&dir, "node-2", &targets).await;
+    let url = target_url("node-2", &server);
+    assert_eq!(scrape(gw.web, &url).await.status, 200);
+
+    agent.stop().await;
+    gw.wait_agent_gone("node-2", Duration::from_secs(5)).await;
+    let resp = scrape(gw.web, &url).await;
+    assert_eq!(
+        resp.status,
+        503,
+        "scrape of a stopped agent: {}",
+        resp.text()
+    );
+    assert_eq!(resp.header("ferry-error"), Some("gateway"));
+    let listed = sd_targets(gw.web).await.unwrap();
+    assert!(
+        listed.is_empty(),
+        "a stopped agent's targets stay in /targets: {listed:?}"
+    );
+    let requests_while_down = server.requests();
+
+    let agent2 = start_agent(agent_section(&gw, "node-2", &targets), TOKEN);
+    gw.wait_agent("node-2", Duration::from_secs(10)).await;
+    let resp = scrape(gw.web, &url).await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "restarted 1\n"));
+    assert_eq!(server.requests(), requests_while_down + 1);
+
+    agent2.stop().await;
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Duplicate id
+// ---------------------------------------------------------------------------------------------
+
+/// A second agent claims an id already connected: the newer tunnel replaces the older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_tunnel_replaces_older_with_the_same_id() {
+    let dir = TempDir::new().unwrap();
+    let (old_server, new_server) = (
+        metrics_server("which 1\n").await,
+        metrics_server("which 2\n").await,
+    );
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    // Both agents serve their target at the same address, so only the tunnel decides who answers.
+    let section = |server: &TargetServer| {
+        let mut s = agent_section(&gw, "dup", &[("node", server.url("/metrics"))]);
+        s.targets[0].port = Some(9100);
+        s
+    };
+    let url = scrape_url("dup", 9100);
+
+    let old = start_agent(section(&old_server), TOKEN);
+    gw.wait_agent("dup", Duration::from_secs(10)).await;
+    assert_eq!(scrape(gw.web, &url).await.text(), "which 1\n");
+
+    // The old agent's local /metrics shows when its tunnel was closed under it.
+    let old_web = serve_agent_web(&old.agent).await;
+    assert_eq!(local_ok_connects(old_web).await, 1.0);
+
+    let new = start_agent(section(&new_server), TOKEN);
+    wait_for(
+        "gateway counts a replaced tunnel",
+        Duration::from_secs(10),
+        || async {
+            let text = gateway_metrics(gw.web).await;
+            match metric_value(&text, "ferry_gateway_tunnels_replaced_total", &[]) {
+                Some(n) if n >= 1.0 => Ok(()),
+                other => Err(format!("ferry_gateway_tunnels_replaced_total = {other:?}")),
+            }
+        },
+    )
+    .await;
+    wait_for(
+        "the OLDER tunnel is the one closed",
+        Duration::from_secs(5),
+        || async {
+            match local_ok_connects(old_web).await {
+                n if n >= 2.0 => Ok(()),
+                n => Err(format!(
+                    "old agent still on its first tunnel ({n} ok connects)"
+                )),
+            }
+        },
+    )
+    .await;
+    let text = gateway_metrics(gw.web).await;
+    assert_eq!(
+        metric_value(&text, "ferry_gateway_agents_connected", &[]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(gw.agent_ids(), vec!["dup".to_owned()]);
+
+    // The old agent would reconnect and replace the new one in turn; take it away.
+    old.stop().await;
+    wait_scrape_body(gw.web, &url, "which 2\n", Duration::from_secs(10)).await;
+    let old_requests = old_server.requests();
+    for _ in 0..3 {
+        let resp = scrape(gw.web, &url).await;
+        assert_eq!((resp.status, resp.text().as_str()), (200, "which 2\n"));
+    }
+    assert_eq!(
+        old_server.requests(),
+        old_requests,
+        "the replaced agent was still scraped"
+    );
+    let text = gateway_metrics(gw.web).await;
+    assert_eq!(
+        metric_value(&text, "ferry_gateway_agents_connected", &[]),
+        Some(1.0),
+        "{text}"
+    );
+
+    new.stop().await;
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Idle-cutting middlebox
+// ---------------------------------------------------------------------------------------------
+
+/// The gateway and an agent reaching it through a CONNECT proxy that cuts tunnels idle for
+/// `IDLE_CUT`, both sides pinging every `interval` (acknowledgement timeout `timeout`).
+async fn behind_idle_cutter(
+    dir: &TempDir,
+    id: &str,
+    server: &TargetServer,
+    interval: Duration,
+    timeout: Duration,
+) -> (TestGateway, common::ferry::TestAgent, ConnectProxy) {
+    const IDLE_CUT: Duration = Duration::from_millis(1500);
+    let proxy = ConnectProxy::start(Some(IDLE_CUT)).await;
+    let gw = start_gateway(dir, &[("*", TOKEN)], |g| {
+        g.tunnel.keepalive_interval = Dur(interval);
+        g.tunnel.keepalive_timeout = Dur(timeout);
+    })
+    .await;
+    let mut section = agent_section(&gw, id, &[("node", server.url("/metrics"))]);
+    section.proxy_url = Some(proxy.url());
+    section.tunnel.keepalive_interval = Dur(interval);
+    section.tunnel.keepalive_timeout = Dur(timeout);
+    let agent = start_agent(section, TOKEN);
+    gw.wait_agent(id, Duration::from_secs(10)).await;
+    assert_eq!(
+        proxy.connect_targets(),
+        vec![format!("localhost:{}", gw.tunnel.port())]
+    );
+    (gw, agent, proxy)
+}
+
+/// Keepalive PINGs more frequent than a middlebox's idle cut keep one tunnel up through a long
+/// idle period (scaled down: 6 s idle behind a 1.5 s cutter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_holds_the_tunnel_through_an_idle_cutting_proxy() {
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("idle 1\n").await;
+    let (gw, agent, proxy) = behind_idle_cutter(
+        &dir,
+        "idle-1",
+        &server,
+        Duration::from_millis(300),
+        Duration::from_secs(1),
+    )
+    .await;
+
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    assert_eq!(
+        proxy.tunnels_cut(),
+        0,
+        "the proxy cut an idle tunnel despite keepalive"
+    );
+    assert_eq!(
+        proxy.tunnels_opened(),
+        1,
+        "the agent opened more than one tunnel"
+    );
+    assert_eq!(
+        agent_ok_connects(gw.web, "idle-1").await,
+        1.0,
+        "the agent reconnected"
+    );
+    let resp = scrape(gw.web, &target_url("idle-1", &server)).await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "idle 1\n"));
+    assert_eq!(proxy.tunnels_opened(), 1);
+
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// Control experiment: PINGs rarer than the idle cut do not keep the tunnel, so the test above
+/// can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_cutting_proxy_cuts_a_tunnel_without_frequent_keepalive() {
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("idle 2\n").await;
+    let (gw, agent, proxy) = behind_idle_cutter(
+        &dir,
+        "idle-2",
+        &server,
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    )
+    .await;
+
+    wait_for(
+        "the proxy cuts the idle tunnel",
+        Duration::from_secs(6),
+        || async {
+            match proxy.tunnels_cut() {
+                0 => Err("no tunnel cut yet".into()),
+                _ => Ok(()),
+            }
+        },
+    )
+    .await;
+    // The agent notices and dials again through the proxy.
+    wait_for(
+        "the agent opens a new tunnel",
+        Duration::from_secs(10),
+        || async {
+            match proxy.tunnels_opened() {
+                n if n >= 2 => Ok(()),
+                n => Err(format!("{n} tunnel(s) opened")),
+            }
+        },
+    )
+    .await;
+
+    agent.stop().await;
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Target change without reconnecting
+// ---------------------------------------------------------------------------------------------
+
+/// New targets reach the gateway over the open tunnel: service discovery and routing change,
+/// the tunnel stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_change_reaches_the_gateway_without_reconnecting() {
+    let dir = TempDir::new().unwrap();
+    let (old_server, new_server) = (
+        metrics_server("old 1\n").await,
+        metrics_server("new 1\n").await,
+    );
+    let (gw, agent) = gateway_and_agent(&dir, "t-1", &[("old", old_server.url("/metrics"))]).await;
+    let (old_url, new_url) = (
+        target_url("t-1", &old_server),
+        target_url("t-1", &new_server),
+    );
+    let old_addr = (format!("t-1:{}", old_server.addr.port()), "old");
+    let new_addr = (format!("t-1:{}", new_server.addr.port()), "new");
+    let self_addr = (format!("t-1:{SELF_PORT}"), "ferry");
+    wait_sd(
+        gw.web,
+        &[old_addr.clone(), self_addr.clone()],
+        &[],
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(scrape(gw.web, &old_url).await.status, 200);
+
+    let new_targets = validated_targets(&agent_section(
+        &gw,
+        "t-1",
+        &[("new", new_server.url("/metrics"))],
+    ));
+    agent
+        .agent
+        .set_targets(&new_targets, &Default::default())
+        .unwrap();
+
+    wait_sd(
+        gw.web,
+        &[new_addr, self_addr],
+        &[old_addr],
+        Duration::from_secs(5),
+    )
+    .await;
+    let resp = scrape(gw.web, &new_url).await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "new 1\n"));
+    let old_requests = old_server.requests();
+    let resp = scrape(gw.web, &old_url).await;
+    assert_eq!(resp.status, 404, "removed target: {}", resp.text());
+    assert_eq!(
+        old_server.requests(),
+        old_requests,
+        "a removed target was fetched"
+    );
+    assert_eq!(
+        agent_ok_connects(gw.web, "t-1").await,
+        1.0,
+        "the agent reconnected to change targets"
+    );
+
+    agent.stop().await;
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Graceful shutdown
+// ---------------------------------------------------------------------------------------------
+
+/// On shutdown the gateway stops accepting connections at once but lets an in-flight scrape finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_shutdown_drains_in_flight_scrapes() {
+    let dir = TempDir::new().unwrap();
+    let delay = Duration::from_secs(2);
+    let server = TargetServer::start(Behaviour::Slow {
+        delay,
+        body: "slow 1\n".into(),
+    })
+    .await;
+    let (gw, agent) = gateway_and_agent(&dir, "slow-1", &[("slow", server.url("/metrics"))]).await;
+    let web = gw.web;
+    let url = target_url("slow-1", &server);
+
+    let started = Instant::now();
+    let in_flight = tokio::spawn(async move {
+        http::try_get_via_proxy(web, &url, &[("X-Prometheus-Scrape-Timeout-Seconds", "10")]).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for(
+        "the scrape reaches the target",
+        Duration::from_secs(5),
+        || async {
+            match server.requests() {
+                1 => Ok(()),
+                n => Err(format!("{n} requests at the target")),
+            }
+        },
+    )
+    .await;
+    gw.shutdown.cancel();
+
+    wait_for(
+        "the web listener stops accepting",
+        Duration::from_secs(1),
+        || async {
+            match http::try_get(&format!("http://{web}/-/healthy"), &[]).await {
+                Err(_) => Ok(()),
+                Ok(r) => Err(format!("a new request got {} after shutdown", r.status)),
+            }
+        },
+    )
+    .await;
+    assert!(
+        !in_flight.is_finished(),
+        "the in-flight scrape ended before its target answered"
+    );
+
+    // `run` returning is what lets the process exit: it must wait for the scrape.
+    tokio::time::timeout(Duration::from_secs(10), gw.task)
+        .await
+        .expect("the gateway finishes once drained")
+        .unwrap();
+    assert!(
+        started.elapsed() >= delay,
+        "the gateway stopped after {:?}, before the in-flight scrape's target answered",
+        started.elapsed()
+    );
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight scrape completes");
+    assert_eq!((resp.status, resp.text().as_str()), (200, "slow 1\n"));
+
+    agent.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. SIGHUP through the real binary
+// ---------------------------------------------------------------------------------------------
+
+/// A `ferry` child process, killed if the test ends before it exits.
+struct FerryProcess {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl FerryProcess {
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.pid()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} {} failed", self.pid());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics with the log if the process has exited.
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("ferry exited early with {status}; log:\n{}", self.log());
+        }
+    }
+}
+
+impl Drop for FerryProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two distinct free loopback ports (bound together, then released).
+fn free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
+/// A config with a gateway and an agent serving `target` (name, url) in one process.
+fn write_run_config(path: &Path, dir: &Path, web: u16, tunnel: u16, target: (&str, &str)) {
+    let d = dir.display();
+    let yaml = format!(
+        "gateway:\n  web:\n    listen_address: 127.0.0.1:{web}\n  tunnel:\n    listen_address: 127.0.0.1:{tunnel}\n    tls_cert_file: '{d}/cert.pem'\n    tls_key_file: '{d}/key.pem'\n  data_dir: '{d}/data'\n  auth:\n    tokens_file: '{d}/tokens'\n  shutdown_grace_period: 5s\n\
+         agent:\n  gateway: https://localhost:{tunnel}\n  agent_id: hup-1\n  tunnel:\n    ca_file: '{d}/cert.pem'\n  reconnect:\n    min_backoff: 100ms\n    max_backoff: 500ms\n  shutdown_grace_period: 5s\n  targets:\n    - name: {}\n      url: {}\n",
+        target.0, target.1
+    );
+    // Write then rename, so a reload never reads a half-written file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, yaml).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Writes a config serving target a (`a`: its address and name) and starts `ferry run` on it,
+/// returning once `/targets` lists a. Free ports are only free until someone else binds them:
+/// when ferry cannot listen, it is tried again on other ports.
+async fn start_ferry_run(
+    config: &Path,
+    dir: &Path,
+    server_a: &TargetServer,
+    a: &(String, &str),
+) -> (FerryProcess, u16, u16) {
+    for _attempt in 0..3 {
+        let (web_port, tunnel_port) = free_ports();
+        let web: SocketAddr = ([127, 0, 0, 1], web_port).into();
+        write_run_config(
+            config,
+            dir,
+            web_port,
+            tunnel_port,
+            ("a", &server_a.url("/metrics")),
+        );
+        let log = dir.join("ferry.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .arg("run")
+            .arg("--config.file")
+            .arg(config)
+            .env("FERRY_TOKEN", TOKEN)
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn ferry");
+        let mut ferry = FerryProcess { child, log };
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = ferry.child.try_wait() {
+                let log = ferry.log();
+                assert!(
+                    log.contains("cannot listen on"),
+                    "ferry exited early with {status}; log:\n{log}"
+                );
+                break;
+            }
+            if matches!(sd_targets(web).await, Ok(l) if l.iter().any(|(addr, n)| addr == &a.0 && n == a.1))
+            {
+                return (ferry, web_port, tunnel_port);
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "target a never listed; log:\n{}",
+                ferry.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    panic!("ferry could not listen on free ports three times");
+}
+
+/// `ferry run --config.file F`: SIGHUP swaps the agent's targets in the running process, SIGTERM
+/// ends it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_targets_in_the_running_binary() {
+    let dir = TempDir::new().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    tokens_file(dir.path(), &[("*", TOKEN)]);
+    let (server_a, server_b) = (metrics_server("a 1\n").await, metrics_server("b 1\n").await);
+    let config = dir.path().join("ferry.yaml");
+    let a = (format!("hup-1:{}", server_a.addr.port()), "a");
+    let b = (format!("hup-1:{}", server_b.addr.port()), "b");
+    let (mut ferry, web_port, tunnel_port) =
+        start_ferry_run(&config, dir.path(), &server_a, &a).await;
+    let web: SocketAddr = ([127, 0, 0, 1], web_port).into();
+    assert_eq!(
+        scrape(web, &target_url("hup-1", &server_a)).await.text(),
+        "a 1\n"
+    );
+
+    write_run_config(
+        &config,
+        dir.path(),
+        web_port,
+        tunnel_port,
+        ("b", &server_b.url("/metrics")),
+    );
+    ferry.signal("-HUP");
+    wait_sd(web, &[b], &[a], Duration::from_secs(5)).await;
+    ferry.assert_running();
+    let resp = scrape(web, &target_url("hup-1", &server_b)).await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "b 1\n"));
+    assert_eq!(
+        scrape(web, &target_url("hup-1", &server_a)).await.status,
+        404
+    );
+
+    ferry.signal("-TERM");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = ferry.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "ferry still running 20 s after SIGTERM; log:\n{}",
+            ferry.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        status.success(),
+        "ferry exited with {status} after SIGTERM; log:\n{}",
+        ferry.log()
+    );
+}
