@@ -1,0 +1,609 @@
+//! The `ferry` binary as a user runs it: what it prints, its exit codes, and that configuration
+//! mistakes come back as one line each (file, field, problem) with exit code 2 and never a panic.
+//! Ends with `ferry quickstart`, followed exactly as its printed instructions say.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry::gateway::auth::{hash_token, TokensFile};
+use tempfile::TempDir;
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+/// Exit code for configuration errors.
+const EXIT_CONFIG: i32 = 2;
+
+/// `ferry <args>` in `dir` with no ferry-related environment; killed if it runs for 20 s.
+fn ferry(dir: &Path, args: &[&str]) -> Output {
+    let mut child = command(dir, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferry");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait for ferry").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "ferry {args:?} still running after 20s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().expect("collect ferry's output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked"),
+        "ferry {args:?} panicked:\n{stderr}"
+    );
+    out
+}
+
+fn command(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(FERRY);
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .env_remove("FERRY_TOKEN")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64
+        && s.chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A valid tokens file accepting `token` for any agent id.
+fn tokens_file(dir: &Path, token: &str) -> PathBuf {
+    write(dir, "tokens", &format!("# test\n* {}\n", hash_token(token)))
+}
+
+/// `(token, tokens-file line)` from `ferry token new` output.
+fn parse_token_new(out: &str) -> (String, String) {
+    let token = out
+        .lines()
+        .find_map(|l| l.strip_prefix("token:"))
+        .map(|t| t.trim().to_owned())
+        .unwrap_or_else(|| panic!("no `token:` line in:\n{out}"));
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("tokens-file line:"))
+        .map(|t| t.trim().to_owned())
+        .unwrap_or_else(|| panic!("no `tokens-file line:` in:\n{out}"));
+    (token, line)
+}
+
+#[test]
+fn token_new_prints_a_token_and_the_line_that_accepts_it() {
+    let dir = TempDir::new().unwrap();
+    let out = ferry(dir.path(), &["token", "new"]);
+    assert!(out.status.success(), "{out:?}");
+    let (token, line) = parse_token_new(&stdout(&out));
+    assert!(
+        is_hex64(&token),
+        "token {token:?} is not 64 lowercase hex digits"
+    );
+    let hash = line
+        .strip_prefix("* sha256:")
+        .unwrap_or_else(|| panic!("line {line:?} is not `* sha256:<hex>`"));
+    assert!(is_hex64(hash), "{line:?}");
+    assert_eq!(
+        line,
+        format!("* {}", hash_token(&token)),
+        "the line is the token's hash"
+    );
+
+    // The printed line, pasted into a tokens file, lets that token claim any id.
+    let path = write(dir.path(), "tokens", &format!("{line}\n"));
+    let file = TokensFile::load(&path).unwrap();
+    assert!(file.authorize(&token, "node-1").is_ok());
+    assert!(file.authorize("another-token", "node-1").is_err());
+}
+
+#[test]
+fn token_new_restricts_the_line_to_an_agent_id_glob() {
+    let dir = TempDir::new().unwrap();
+    let out = ferry(dir.path(), &["token", "new", "--agent-id", "node-*"]);
+    assert!(out.status.success(), "{out:?}");
+    let (token, line) = parse_token_new(&stdout(&out));
+    assert_eq!(line, format!("node-* {}", hash_token(&token)));
+    let again = parse_token_new(&stdout(&ferry(dir.path(), &["token", "new"]))).0;
+    assert_ne!(token, again, "every token is new");
+}
+
+/// A complete gateway + agent file whose referenced files exist in `dir`.
+fn good_config(dir: &Path) -> PathBuf {
+    tokens_file(dir, "s3cret");
+    write(dir, "agent-token", "s3cret\n");
+    // As openssl prints it (uppercase, colon-separated): the README says it can be pasted.
+    let fingerprint = format!("sha256:{}AB", "AB:".repeat(31));
+    let text = format!(
+        "gateway:
+  web:
+    listen_address: 127.0.0.1:0
+  tunnel:
+    listen_address: 127.0.0.1:0
+  data_dir: data
+  auth:
+    tokens_file: tokens
+agent:
+  gateway: https://127.0.0.1:7443
+  agent_id: node-1
+  token_file: agent-token
+  tunnel:
+    fingerprint: {fingerprint}
+  targets:
+    - name: node
+      url: http://127.0.0.1:9100/metrics
+"
+    );
+    write(dir, "ferry.yaml", &text)
+}
+
+#[test]
+fn check_config_accepts_a_good_file() {
+    let dir = TempDir::new().unwrap();
+    good_config(dir.path());
+    let out = ferry(dir.path(), &["check-config", "ferry.yaml"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("ferry.yaml: OK"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("gateway, agent"), "{}", stdout(&out));
+    assert!(
+        !dir.path().join("data").exists(),
+        "check-config writes nothing (no certificate)"
+    );
+}
+
+#[test]
+fn check_config_reports_every_error_at_once_one_line_each() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "agent-token", "s3cret\n");
+    let text = "gateway:
+  auth:
+    tokens_file: missing-tokens
+agent:
+  gateway: https://gateway.example.com:7443
+  agent_id: node-1
+  token_file: agent-token
+  tunnel:
+    fingerprint: sha256:not-hex
+  targets:
+    - name: ok
+      url: http://127.0.0.1:9100/metrics
+    - name: nohost
+      url: http://:9100/metrics
+";
+    write(dir.path(), "bad.yaml", text);
+    let out = ferry(dir.path(), &["check-config", "bad.yaml"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    assert!(!stdout(&out).contains("OK"));
+    let lines = stderr_lines(&out);
+    let expected = [
+        ("gateway.auth.tokens_file", "missing-tokens"),
+        ("agent.tunnel.fingerprint", "sha256:not-hex"),
+        ("agent.targets[1].url", "has no host"),
+    ];
+    assert_eq!(
+        lines.len(),
+        expected.len(),
+        "one line per error, all of them:\n{}",
+        lines.join("\n")
+    );
+    for (field, detail) in expected {
+        let prefix = format!("bad.yaml: {field}: ");
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| {
+                panic!("no line starting with {prefix:?} in:\n{}", lines.join("\n"))
+            });
+        assert!(line.contains(detail), "{line}");
+    }
+}
+
+#[test]
+fn check_config_names_an_unknown_field_with_its_path_and_line() {
+    let dir = TempDir::new().unwrap();
+    tokens_file(dir.path(), "s3cret");
+    write(
+        dir.path(),
+        "typo.yaml",
+        "gateway:\n  auth:\n    tokens_file: tokens\n  web:\n    listen_adress: \":8080\"\n",
+    );
+    let out = ferry(dir.path(), &["check-config", "typo.yaml"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    for needle in [
+        "typo.yaml",
+        "gateway.web",
+        "unknown field `listen_adress`",
+        "listen_address",
+        "line 5",
+    ] {
+        assert!(line.contains(needle), "{needle:?} not in {line:?}");
+    }
+}
+
+#[test]
+fn check_config_and_run_name_a_missing_file() {
+    let dir = TempDir::new().unwrap();
+    for args in [
+        &["check-config", "nope.yaml"][..],
+        &["run", "--config.file", "nope.yaml"],
+    ] {
+        let out = ferry(dir.path(), args);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{args:?}: {out:?}");
+        let lines = stderr_lines(&out);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with("nope.yaml: cannot read"), "{lines:?}");
+    }
+}
+
+#[test]
+fn a_file_without_any_role_is_an_error() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "empty.yaml", "log:\n  level: info\n");
+    let out = ferry(dir.path(), &["check-config", "empty.yaml"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("empty.yaml: no role configured: add a gateway:"),
+        "{lines:?}"
+    );
+}
+
+/// `ferry gateway` on loopback port 0 with `extra` flags: it must exit before serving.
+fn gateway(dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "gateway",
+        "--web.listen-address",
+        "127.0.0.1:0",
+        "--tunnel.listen-address",
+        "127.0.0.1:0",
+        "--data-dir",
+        "data",
+    ];
+    args.extend_from_slice(extra);
+    ferry(dir, &args)
+}
+
+#[test]
+fn gateway_with_an_unreadable_certificate_exits_2_naming_the_file() {
+    let dir = TempDir::new().unwrap();
+    tokens_file(dir.path(), "s3cret");
+    write(
+        dir.path(),
+        "tunnel.key",
+        "not read: the certificate fails first\n",
+    );
+    let out = gateway(
+        dir.path(),
+        &[
+            "--auth.tokens-file",
+            "tokens",
+            "--tunnel.tls-cert-file",
+            "missing.crt",
+            "--tunnel.tls-key-file",
+            "tunnel.key",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("--tunnel.tls-cert-file"), "{lines:?}");
+    assert!(lines[0].contains("missing.crt"), "{lines:?}");
+}
+
+#[test]
+fn gateway_with_a_malformed_tokens_file_names_the_line() {
+    let dir = TempDir::new().unwrap();
+    let good = format!("* {}", hash_token("s3cret"));
+    write(
+        dir.path(),
+        "tokens",
+        &format!("# agents\n{good}\nnode-1 deadbeef\n"),
+    );
+    let out = gateway(dir.path(), &["--auth.tokens-file", "tokens"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    for needle in [
+        "--auth.tokens-file",
+        "tokens file tokens",
+        "line 3",
+        "sha256:",
+    ] {
+        assert!(lines[0].contains(needle), "{needle:?} not in {lines:?}");
+    }
+}
+
+#[test]
+fn gateway_without_a_tokens_file_says_how_to_make_one() {
+    let dir = TempDir::new().unwrap();
+    let out = gateway(dir.path(), &[]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("--auth.tokens-file") && lines[0].contains("ferry token new"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn agent_target_without_a_name_is_a_usage_error() {
+    let dir = TempDir::new().unwrap();
+    let out = ferry(dir.path(), &["agent", "--target", "foo"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--target") && err.contains("NAME=URL"),
+        "{err}"
+    );
+}
+
+#[test]
+fn agent_refuses_a_plaintext_gateway_without_the_insecure_flag() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "agent-token", "s3cret\n");
+    let out = ferry(
+        dir.path(),
+        &[
+            "agent",
+            "--gateway",
+            "http://x:1",
+            "--agent-id",
+            "node-1",
+            "--token-file",
+            "agent-token",
+            "--target",
+            "node=http://127.0.0.1:9100/metrics",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("--gateway"), "{lines:?}");
+    assert!(
+        lines[0].contains("--tunnel.insecure-plaintext"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn agent_reports_every_flag_problem_at_once() {
+    let dir = TempDir::new().unwrap();
+    let out = ferry(
+        dir.path(),
+        &[
+            "agent",
+            "--gateway",
+            "https://gw.example.com:7443",
+            "--agent-id",
+            "node-1",
+            "--tunnel.fingerprint",
+            "sha256:12",
+            "--target",
+            "a=ftp://x/metrics",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(
+        lines.len(),
+        3,
+        "token, fingerprint, target:\n{}",
+        lines.join("\n")
+    );
+    for flag in [
+        "invalid flag --token-file:",
+        "invalid flag --tunnel.fingerprint:",
+        "invalid flag --target:",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(flag)),
+            "{flag:?} not in:\n{}",
+            lines.join("\n")
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("FERRY_TOKEN")),
+        "the token error names the alternative"
+    );
+}
+
+/// Kills the child when dropped, so a failing test leaves no process behind.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Collects lines of `reader` on a thread and forwards them.
+fn forward_lines(
+    reader: impl Read + Send + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// `(proxy address, url)` from the printed `curl -x http://A URL` line.
+fn parse_curl_proxy_line(line: &str) -> Option<(SocketAddr, String)> {
+    let rest = line.trim().strip_prefix("curl -x http://")?;
+    let (proxy, url) = rest.split_once(' ')?;
+    Some((proxy.parse().ok()?, url.trim().to_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_does_what_it_prints() {
+    let dir = TempDir::new().unwrap();
+    let data_dir = dir.path().join("qs");
+    let mut child = command(
+        dir.path(),
+        &[
+            "quickstart",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+        ],
+    );
+    let mut child = KillOnDrop(
+        child
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn quickstart"),
+    );
+    let mut out = forward_lines(child.0.stdout.take().unwrap());
+    let mut err = forward_lines(child.0.stderr.take().unwrap());
+
+    let mut printed = Vec::new();
+    let wait = async {
+        while let Some(line) = out.recv().await {
+            printed.push(line.clone());
+            if line.trim_start().starts_with("curl http://")
+                && line.trim_end().ends_with("/targets")
+            {
+                return;
+            }
+        }
+    };
+    let in_time = tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .is_ok();
+    let mut stderr_so_far = || {
+        let mut s = String::new();
+        while let Ok(l) = err.try_recv() {
+            s.push_str(&l);
+            s.push('\n');
+        }
+        s
+    };
+    if !in_time {
+        panic!(
+            "quickstart printed no instructions within 20s; stdout:\n{}\nstderr:\n{}",
+            printed.join("\n"),
+            stderr_so_far()
+        );
+    }
+    let text = printed.join("\n");
+    let (proxy, scrape_url) = printed
+        .iter()
+        .find_map(|l| parse_curl_proxy_line(l))
+        .unwrap_or_else(|| panic!("no `curl -x http://A URL` line in:\n{text}"));
+    assert!(
+        scrape_url.starts_with("http://quickstart:") && scrape_url.ends_with("/metrics"),
+        "{scrape_url}"
+    );
+
+    // Exactly what the printed curl does: an absolute-form GET through the gateway as a proxy.
+    for expected_count in [1.0, 2.0] {
+        let resp = common::http::get_via_proxy(proxy, &scrape_url, &[]).await;
+        assert_eq!(
+            resp.status,
+            200,
+            "{scrape_url} via {proxy}: {}",
+            resp.text()
+        );
+        let body = resp.text();
+        let value = common::ferry::metric_value(&body, "demo_scrapes_total", &[]);
+        assert_eq!(
+            value,
+            Some(expected_count),
+            "each scrape reaches the demo target once:\n{body}"
+        );
+    }
+
+    // Service discovery, at the URL it printed.
+    let targets_url = printed
+        .iter()
+        .map(|l| l.trim())
+        .find_map(|l| l.strip_prefix("curl ").filter(|u| u.ends_with("/targets")))
+        .unwrap()
+        .to_owned();
+    let resp = common::http::get(&targets_url).await;
+    assert_eq!(resp.status, 200, "{targets_url}");
+    let groups: serde_json::Value = serde_json::from_slice(&resp.body).expect("http_sd JSON");
+    let demo_port = scrape_url
+        .trim_start_matches("http://quickstart:")
+        .trim_end_matches("/metrics");
+    let demo = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["labels"]["ferry_target"] == "demo")
+        .unwrap_or_else(|| panic!("no demo target in {groups}"));
+    assert_eq!(
+        demo["targets"],
+        serde_json::json!([format!("quickstart:{demo_port}")])
+    );
+    assert_eq!(demo["labels"]["ferry_agent"], "quickstart");
+    assert_eq!(demo["labels"]["__metrics_path__"], "/metrics");
+    assert!(
+        groups
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["labels"]["ferry_target"] == "ferry"),
+        "the agent's own metrics are listed: {groups}"
+    );
+
+    // The certificate and tokens file went to --data-dir.
+    assert!(data_dir.join("tokens").exists(), "{}", data_dir.display());
+    assert!(
+        text.contains(&format!("data dir        {}", data_dir.display())),
+        "{text}"
+    );
+
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "quickstart keeps running until Ctrl-C"
+    );
+    drop(child);
+    let stderr = stderr_so_far();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
