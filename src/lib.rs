@@ -17,9 +17,13 @@
 //! - [`egress`] (feature `egress`) — the push path's one door: an HTTP forward proxy
 //!   (absolute-form and CONNECT) with client and destination allowlists (`policy`), payload
 //!   validation (`validate`), an access log and metrics. Embed it with [`egress::Egress`].
+//! - [`exporter`] (feature `geo`) — `ferry exporter`: the host connection collector on its own
+//!   listener, no gateway needed.
 //! - [`config`] — serde structs for the YAML file and flags, validated once into runtime types with
 //!   every error reported at once.
-//! - [`telemetry`] — ferry's own Prometheus metrics (prometheus-client) and their encoding.
+//! - [`telemetry`] — ferry's own Prometheus metrics (prometheus-client) and their encoding; the
+//!   country lookup in a local MaxMind-format database (`geo`) and the host TCP connection
+//!   collector (`connections`).
 //! - [`scrape_error`] — the one place where a failed scrape becomes a status code and a reason.
 //! - [`http_util`] — body types, hop-by-hop header stripping and bounded streaming bodies shared by
 //!   both sides.
@@ -36,6 +40,8 @@ pub mod tunnel;
 pub mod agent;
 #[cfg(feature = "egress")]
 pub mod egress;
+#[cfg(feature = "geo")]
+pub mod exporter;
 #[cfg(feature = "gateway")]
 pub mod gateway;
 

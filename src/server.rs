@@ -31,6 +31,23 @@ pub async fn serve_http<H, F>(
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_http_tracked(listener, handler, |_| (), shutdown, grace).await;
+}
+
+/// Like [`serve_http`]; `on_accept` is called for every connection and what it returns is kept
+/// until the connection closes (a metrics guard, typically).
+pub async fn serve_http_tracked<H, F, A, G>(
+    listener: TcpListener,
+    handler: H,
+    on_accept: A,
+    shutdown: CancellationToken,
+    grace: Duration,
+) where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+    A: Fn(SocketAddr) -> G,
+    G: Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -48,6 +65,7 @@ pub async fn serve_http<H, F>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let guard = on_accept(peer);
         let handler = handler.clone();
         let service = hyper::service::service_fn(move |req| {
             let fut = handler(peer, req);
@@ -59,6 +77,7 @@ pub async fn serve_http<H, F>(
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "HTTP connection ended with an error");
             }
+            drop(guard);
         });
     }
     drop(listener);

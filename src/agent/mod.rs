@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, Target};
 use crate::http_util::text_response;
+use crate::telemetry::connections::ConnectionCollector;
 use crate::telemetry::{metrics_response, AgentMetrics};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_client::{client_config, Purpose};
@@ -68,6 +69,10 @@ impl Agent {
         mut registry: MetricsRegistry,
     ) -> Result<Agent, AgentError> {
         let metrics = AgentMetrics::register(&mut registry);
+        if let Some(exclude) = &config.connections_collector {
+            let collector = ConnectionCollector::new(config.geo.clone(), exclude.clone());
+            registry.register_collector(Box::new(collector));
+        }
         let tunnel_tls = match &config.gateway.tls {
             Some(tls) => Some(Arc::new(client_config(tls, Purpose::Tunnel)?)),
             None => None,

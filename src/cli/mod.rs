@@ -34,7 +34,9 @@ enum Command {
     Agent(AgentArgs),
     /// Forward proxy for payloads leaving the private network: allowlists and validation.
     Egress(EgressArgs),
-    /// Runs every role configured in a YAML file (gateway:, agent:, egress:).
+    /// The host's TCP connections by state, direction and country, on /metrics (no gateway needed).
+    Exporter(ExporterArgs),
+    /// Runs every role configured in a YAML file (gateway:, agent:, egress:, exporter:).
     Run(RunArgs),
     /// Validates a YAML configuration file and reports every error.
     CheckConfig(CheckArgs),
@@ -53,6 +55,23 @@ enum TokenCommand {
         #[arg(long, default_value = "*")]
         agent_id: String,
     },
+}
+
+/// The country database flag shared by every role.
+#[derive(Debug, Args, Clone)]
+pub struct GeoArgs {
+    /// MaxMind-format country database (.mmdb) to label connections by peer country.
+    #[arg(long = "geoip.database", value_name = "FILE")]
+    pub database: Option<PathBuf>,
+}
+
+impl GeoArgs {
+    fn section(&self) -> crate::config::GeoipSection {
+        crate::config::GeoipSection {
+            database: self.database.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 /// Logging flags shared by every role.
@@ -91,6 +110,8 @@ fn parse_log_format(s: &str) -> Result<LogFormat, String> {
 struct GatewayArgs {
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    geo: GeoArgs,
     /// Address for Prometheus (proxy_url), /targets, /metrics [default: :8080].
     #[arg(long = "web.listen-address", value_name = "ADDR")]
     web_listen_address: Option<String>,
@@ -170,6 +191,8 @@ impl GatewayArgs {
 struct AgentArgs {
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    geo: GeoArgs,
     /// The gateway's tunnel address, https://HOST:PORT.
     #[arg(long, value_name = "URL")]
     gateway: Option<String>,
@@ -218,6 +241,12 @@ struct AgentArgs {
     /// Drain time for in-flight scrapes on SIGTERM [default: 15s].
     #[arg(long = "shutdown.grace-period", value_name = "DURATION")]
     grace: Option<Dur>,
+    /// Export the host's TCP connections by state, direction and country with the built-in `ferry` target.
+    #[arg(long = "collector.connections")]
+    collector_connections: bool,
+    /// Remote network (CIDR) left out of the connection counts (repeatable).
+    #[arg(long = "collector.connections-exclude", value_name = "CIDR")]
+    connections_exclude: Vec<String>,
 }
 
 impl AgentArgs {
@@ -242,6 +271,35 @@ impl AgentArgs {
         set(&mut t.keepalive_timeout, &self.keepalive_timeout);
         s.web.listen_address = self.web_listen_address.clone();
         set(&mut s.shutdown_grace_period, &self.grace);
+        s.collector.connections = self.collector_connections;
+        s.collector.connections_exclude = self.connections_exclude.clone();
+        s
+    }
+}
+
+#[derive(Debug, Args)]
+struct ExporterArgs {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    geo: GeoArgs,
+    /// Where to serve /metrics [default: :9300].
+    #[arg(long = "web.listen-address", value_name = "ADDR")]
+    web_listen_address: Option<String>,
+    /// Export the host's TCP connections by state, direction and country.
+    #[arg(long = "collector.connections")]
+    collector_connections: bool,
+    /// Remote network (CIDR) left out of the connection counts (repeatable).
+    #[arg(long = "collector.connections-exclude", value_name = "CIDR")]
+    connections_exclude: Vec<String>,
+}
+
+impl ExporterArgs {
+    fn section(&self) -> crate::config::ExporterSection {
+        let mut s = crate::config::ExporterSection::default();
+        set(&mut s.web.listen_address, &self.web_listen_address);
+        s.collector.connections = self.collector_connections;
+        s.collector.connections_exclude = self.connections_exclude.clone();
         s
     }
 }
@@ -250,6 +308,8 @@ impl AgentArgs {
 struct EgressArgs {
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    geo: GeoArgs,
     /// Where clients connect [default: 127.0.0.1:9530].
     #[arg(long = "web.listen-address", value_name = "ADDR")]
     web_listen_address: Option<String>,
@@ -330,6 +390,7 @@ pub fn main() -> ExitCode {
         Command::Gateway(args) => {
             let file = FileConfig {
                 log: args.log.apply(LogSection::default()),
+                geoip: args.geo.section(),
                 gateway: Some(args.section()),
                 ..FileConfig::default()
             };
@@ -338,6 +399,7 @@ pub fn main() -> ExitCode {
         Command::Agent(args) => {
             let file = FileConfig {
                 log: args.log.apply(LogSection::default()),
+                geoip: args.geo.section(),
                 agent: Some(args.section()),
                 ..FileConfig::default()
             };
@@ -346,7 +408,17 @@ pub fn main() -> ExitCode {
         Command::Egress(args) => {
             let file = FileConfig {
                 log: args.log.apply(LogSection::default()),
+                geoip: args.geo.section(),
                 egress: Some(args.section()),
+                ..FileConfig::default()
+            };
+            validate_and_run(&file, "flags", None)
+        }
+        Command::Exporter(args) => {
+            let file = FileConfig {
+                log: args.log.apply(LogSection::default()),
+                geoip: args.geo.section(),
+                exporter: Some(args.section()),
                 ..FileConfig::default()
             };
             validate_and_run(&file, "flags", None)
@@ -386,6 +458,9 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             }
             if cfg.egress.is_some() {
                 roles.push("egress");
+            }
+            if cfg.exporter.is_some() {
+                roles.push("exporter");
             }
             println!("{origin}: OK ({})", roles.join(", "));
             ExitCode::SUCCESS

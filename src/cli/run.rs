@@ -15,6 +15,8 @@ use super::{env, EXIT_CONFIG};
 use crate::agent::Agent;
 use crate::config::{FileConfig, RunConfig};
 use crate::egress::Egress;
+use crate::exporter::Exporter;
+use crate::telemetry::geo::SharedGeo;
 use crate::gateway::Gateway;
 
 /// Why the process could not start its roles.
@@ -60,6 +62,7 @@ struct Roles {
     gateway: Option<Gateway>,
     agent: Option<Agent>,
     egress: Option<Egress>,
+    geo: SharedGeo,
 }
 
 async fn run_roles(config: RunConfig, reload_from: Option<PathBuf>) -> Result<(), StartError> {
@@ -85,7 +88,11 @@ async fn start_roles(
         gateway: None,
         agent: None,
         egress: None,
+        geo: config.geo.clone(),
     };
+    if roles.geo.is_enabled() {
+        tasks.spawn(roles.geo.clone().watch(shutdown.clone()));
+    }
     if let Some(cfg) = config.gateway {
         let (web_addr, tunnel_addr) = (cfg.web_listen, cfg.tunnel_listen);
         let gateway = Gateway::new(cfg).map_err(|e| StartError::Config(format!("{e:#}")))?;
@@ -120,6 +127,12 @@ async fn start_roles(
         let token = shutdown.clone();
         tasks.spawn(async move { e.serve(listener, token).await });
         roles.egress = Some(egress);
+    }
+    if let Some(cfg) = config.exporter {
+        let exporter = Exporter::new(&cfg);
+        let listener = bind(cfg.listen, "exporter web.listen_address").await?;
+        let token = shutdown.clone();
+        tasks.spawn(async move { exporter.serve(listener, token).await });
     }
     Ok(roles)
 }
@@ -156,6 +169,8 @@ async fn handle_signals(roles: Roles, reload_from: Option<PathBuf>, shutdown: Ca
 
 /// SIGHUP: re-read the tokens file, and the config file's agent targets. Errors keep the old state.
 fn reload(roles: &Roles, file: Option<&std::path::Path>) {
+    // The error (a broken file keeps the old database) is logged by reload itself.
+    let _ = roles.geo.reload();
     if let Some(gateway) = &roles.gateway {
         match gateway.reload_tokens() {
             Ok(n) => info!(credentials = n, "tokens file reloaded"),

@@ -51,6 +51,42 @@ pub struct AgentSection {
     pub web: AgentWebSection,
     /// How long in-flight scrapes may finish after SIGTERM.
     pub shutdown_grace_period: Dur,
+    /// Collectors exported with the built-in `ferry` target.
+    pub collector: CollectorSection,
+}
+
+/// `collector:` of the agent and the exporter.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectorSection {
+    /// Export the host's TCP connections by state, direction and remote country.
+    pub connections: bool,
+    /// Remote networks (CIDR) left out of the connection counts.
+    pub connections_exclude: Vec<String>,
+}
+
+impl CollectorSection {
+    /// The excluded networks when the connection collector is on, `None` when it is off.
+    pub fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Vec<ipnet::IpNet>> {
+        if !self.connections {
+            if !self.connections_exclude.is_empty() {
+                errs.push(format!("{prefix}.connections_exclude"), "set, but the connection collector is off (collector.connections)");
+            }
+            return None;
+        }
+        let mut nets = Vec::new();
+        for (i, raw) in self.connections_exclude.iter().enumerate() {
+            let parsed = raw
+                .trim()
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| raw.trim().parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("{raw:?} is not a CIDR"));
+            if let Some(net) = errs.check(&format!("{prefix}.connections_exclude[{i}]"), parsed) {
+                nets.push(net.trunc());
+            }
+        }
+        Some(nets)
+    }
 }
 
 impl Default for AgentSection {
@@ -68,6 +104,7 @@ impl Default for AgentSection {
             self_port: 9369,
             web: AgentWebSection::default(),
             shutdown_grace_period: Dur(Duration::from_secs(15)),
+            collector: CollectorSection::default(),
         }
     }
 }
@@ -258,6 +295,10 @@ pub struct AgentConfig {
     pub web_listen: Option<SocketAddr>,
     /// Drain time on shutdown.
     pub shutdown_grace: Duration,
+    /// Excluded networks of the host connection collector; `None` when it is off.
+    pub connections_collector: Option<Vec<ipnet::IpNet>>,
+    /// Country lookup for connection metrics (the process-wide `geoip:` database).
+    pub geo: crate::telemetry::geo::SharedGeo,
 }
 
 impl AgentSection {
@@ -309,6 +350,7 @@ impl AgentSection {
         if self.self_port == 0 {
             errs.push(f("self_port"), "must not be 0");
         }
+        let connections_collector = self.collector.validate(&f("collector"), errs);
         Some(AgentConfig {
             gateway: gateway?,
             agent_id: agent_id?,
@@ -329,6 +371,8 @@ impl AgentSection {
             self_port: self.self_port,
             web_listen,
             shutdown_grace: self.shutdown_grace_period.0,
+            connections_collector,
+            geo: crate::telemetry::geo::SharedGeo::disabled(),
         })
     }
 

@@ -189,6 +189,8 @@ pub struct EgressConfig {
     pub tunnel_idle_timeout: Duration,
     /// Drain time on shutdown.
     pub shutdown_grace: Duration,
+    /// Country lookup for connection metrics (the process-wide `geoip:` database).
+    pub geo: crate::telemetry::geo::SharedGeo,
 }
 
 impl EgressSection {
@@ -244,6 +246,7 @@ impl EgressSection {
             upstream_timeout: self.upstream_timeout.0,
             tunnel_idle_timeout: self.tunnel_idle_timeout.0,
             shutdown_grace: self.shutdown_grace_period.0,
+            geo: crate::telemetry::geo::SharedGeo::disabled(),
         })
     }
 

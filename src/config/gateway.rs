@@ -186,6 +186,8 @@ pub struct GatewayConfig {
     pub scrape: ScrapeLimits,
     /// Drain time on shutdown.
     pub shutdown_grace: Duration,
+    /// Country lookup for connection metrics (the process-wide `geoip:` database).
+    pub geo: crate::telemetry::geo::SharedGeo,
 }
 
 impl GatewaySection {
@@ -251,6 +253,7 @@ impl GatewaySection {
                 max_body_bytes: web.max_scrape_bytes,
             },
             shutdown_grace: self.shutdown_grace_period.0,
+            geo: crate::telemetry::geo::SharedGeo::disabled(),
         })
     }
 

@@ -18,7 +18,7 @@ mod gateway;
 
 #[cfg(feature = "agent")]
 pub use agent::{
-    parse_label_flag, AgentConfig, AgentSection, AgentTunnelSection, AgentWebSection,
+    parse_label_flag, CollectorSection, AgentConfig, AgentSection, AgentTunnelSection, AgentWebSection,
     BackoffConfig, GatewayEndpoint, ReconnectSection, Target, TargetSection, TargetTlsSection,
     SELF_TARGET, TOKEN_ENV,
 };
@@ -106,12 +106,18 @@ impl std::error::Error for ConfigErrors {}
 /// The flag that sets a field: flags mirror the YAML paths below the role section
 /// (`gateway.tunnel.tls_cert_file` ↔ `--tunnel.tls-cert-file`).
 pub fn flag_name(field: &str) -> String {
-    let below_role = field.split_once('.').map_or(field, |(_, rest)| rest);
+    // Process-wide sections (`geoip.database`, `log.level`) keep their name in the flag.
+    let below_role = if field.starts_with("geoip.") || field.starts_with("log.") {
+        field
+    } else {
+        field.split_once('.').map_or(field, |(_, rest)| rest)
+    };
     let below_role = below_role.split('[').next().unwrap_or(below_role);
     let flag = match below_role {
         "targets" => "target",
         "labels" => "label",
         "allow_clients" => "allow-client",
+        "collector.connections_exclude" => "collector.connections-exclude",
         "allow_upstreams" => "allow-upstream",
         other => other,
     };
@@ -164,6 +170,104 @@ pub struct FileConfig {
     /// The egress role, if this process runs one.
     #[cfg(feature = "egress")]
     pub egress: Option<EgressSection>,
+    /// The standalone host exporter, if this process runs one.
+    #[cfg(feature = "geo")]
+    pub exporter: Option<ExporterSection>,
+    /// The country database every role uses.
+    #[cfg(feature = "geo")]
+    #[serde(default)]
+    pub geoip: GeoipSection,
+}
+
+/// `geoip:` — the MaxMind-format country database shared by every role of the process.
+#[cfg(feature = "geo")]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeoipSection {
+    /// `.mmdb` file (GeoLite2/GeoIP2 Country or City, DB-IP / ip-location-db country).
+    pub database: Option<PathBuf>,
+    /// How often the file is checked for changes [default: 10s].
+    pub reload_interval: Option<Dur>,
+}
+
+/// `exporter:` — the host connection exporter without gateway or agent.
+#[cfg(feature = "geo")]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExporterSection {
+    /// Listener for `/metrics`.
+    pub web: ExporterWebSection,
+    /// Collectors.
+    pub collector: crate::config::agent::CollectorSection,
+}
+
+#[cfg(feature = "geo")]
+impl Default for ExporterSection {
+    fn default() -> Self {
+        Self {
+            web: ExporterWebSection { listen_address: ":9300".into() },
+            collector: Default::default(),
+        }
+    }
+}
+
+/// `exporter.web:`.
+#[cfg(feature = "geo")]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExporterWebSection {
+    /// Listen address [default: :9300].
+    pub listen_address: String,
+}
+
+/// The validated exporter configuration.
+#[cfg(feature = "geo")]
+#[derive(Debug, Clone)]
+pub struct ExporterConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Excluded networks of the connection collector.
+    pub connections_exclude: Vec<ipnet::IpNet>,
+    /// Country lookup.
+    pub geo: crate::telemetry::geo::SharedGeo,
+}
+
+#[cfg(feature = "geo")]
+impl ExporterSection {
+    /// Validates into an [`ExporterConfig`], recording every problem under `prefix`.
+    pub fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<ExporterConfig> {
+        let listen = errs.check(&format!("{prefix}.web.listen_address"), parse_listen_address(&self.web.listen_address));
+        let collector = self.collector.validate(&format!("{prefix}.collector"), errs);
+        if collector.is_none() && !self.collector.connections {
+            errs.push(format!("{prefix}.collector.connections"), "no collector enabled: the exporter needs --collector.connections");
+        }
+        Some(ExporterConfig {
+            listen: listen?,
+            connections_exclude: collector?,
+            geo: crate::telemetry::geo::SharedGeo::disabled(),
+        })
+    }
+}
+
+#[cfg(feature = "geo")]
+impl GeoipSection {
+    /// Opens the database, if one is configured.
+    pub fn validate(&self, errs: &mut ConfigErrors) -> crate::telemetry::geo::SharedGeo {
+        use crate::telemetry::geo::SharedGeo;
+        let Some(path) = &self.database else {
+            return SharedGeo::disabled();
+        };
+        match SharedGeo::open(path) {
+            Ok(geo) => match self.reload_interval {
+                Some(Dur(d)) => geo.with_poll_interval(d),
+                None => geo,
+            },
+            Err(e) => {
+                errs.push("geoip.database", e.to_string());
+                SharedGeo::disabled()
+            }
+        }
+    }
 }
 
 /// Validated configuration of every role the file asks for.
@@ -180,6 +284,12 @@ pub struct RunConfig {
     /// The egress proxy, if configured.
     #[cfg(feature = "egress")]
     pub egress: Option<EgressConfig>,
+    /// The standalone exporter, if configured.
+    #[cfg(feature = "geo")]
+    pub exporter: Option<ExporterConfig>,
+    /// The country database (disabled when none is configured).
+    #[cfg(feature = "geo")]
+    pub geo: crate::telemetry::geo::SharedGeo,
 }
 
 impl FileConfig {
@@ -226,6 +336,10 @@ impl FileConfig {
             .egress
             .as_ref()
             .map(|e| e.validate("egress", &mut errs));
+        #[cfg(feature = "geo")]
+        let exporter = self.exporter.as_ref().map(|e| e.validate("exporter", &mut errs));
+        #[cfg(feature = "geo")]
+        let geo = self.geoip.validate(&mut errs);
         let _ = env;
         #[allow(unused_mut)] // stays false in a build without roles
         let mut any_role = false;
@@ -241,14 +355,23 @@ impl FileConfig {
         {
             any_role |= self.egress.is_some();
         }
+        #[cfg(feature = "geo")]
+        {
+            any_role |= self.exporter.is_some();
+        }
+        #[cfg(feature = "geo")]
+        {
+            any_role |= self.exporter.is_some();
+        }
         if !any_role {
             errs.push(
                 "",
-                "no role configured: add a gateway:, agent: or egress: section",
+                "no role configured: add a gateway:, agent:, egress: or exporter: section",
             );
         }
         errs.finish(())?;
-        Ok(RunConfig {
+        #[allow(unused_mut)]
+        let mut run = RunConfig {
             log: self.log.clone(),
             #[cfg(feature = "gateway")]
             gateway: gateway.flatten(),
@@ -256,7 +379,28 @@ impl FileConfig {
             agent: agent.flatten(),
             #[cfg(feature = "egress")]
             egress: egress.flatten(),
-        })
+            #[cfg(feature = "geo")]
+            exporter: exporter.flatten(),
+            #[cfg(feature = "geo")]
+            geo: geo.clone(),
+        };
+        #[cfg(feature = "gateway")]
+        if let Some(g) = &mut run.gateway {
+            g.geo = geo.clone();
+        }
+        #[cfg(feature = "agent")]
+        if let Some(a) = &mut run.agent {
+            a.geo = geo.clone();
+        }
+        #[cfg(feature = "egress")]
+        if let Some(e) = &mut run.egress {
+            e.geo = geo.clone();
+        }
+        #[cfg(feature = "geo")]
+        if let Some(e) = &mut run.exporter {
+            e.geo = geo.clone();
+        }
+        Ok(run)
     }
 }
 

@@ -19,7 +19,7 @@ use tracing::{info, Instrument};
 
 use crate::config::{GatewayConfig, GatewayTls};
 use crate::http_util::{Body, BoxError};
-use crate::telemetry::GatewayMetrics;
+use crate::telemetry::{ConnectionMetrics, GatewayMetrics};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_server::{load_identity, self_signed_identity, ServerIdentity};
 
@@ -51,6 +51,7 @@ pub(crate) struct State {
     pub(crate) registry: Registry,
     pub(crate) tokens: RwLock<Arc<TokensFile>>,
     pub(crate) metrics: GatewayMetrics,
+    pub(crate) connections: ConnectionMetrics,
     pub(crate) metrics_registry: MetricsRegistry,
     pub(crate) identity: Option<ServerIdentity>,
 }
@@ -71,6 +72,8 @@ pub struct AgentInfo {
     pub id: String,
     /// Where its tunnel comes from.
     pub remote: SocketAddr,
+    /// Country of the remote address (ISO code, a kind such as `private`, or `unknown`).
+    pub country: String,
     /// Seconds since the Unix epoch when the tunnel came up.
     pub connected_since: u64,
     /// Names of its targets.
@@ -102,12 +105,14 @@ impl Gateway {
         let tokens = TokensFile::load(&config.tokens_file)?;
         let mut metrics_registry = MetricsRegistry::default();
         let metrics = GatewayMetrics::register(&mut metrics_registry);
+        let connections = ConnectionMetrics::register(&mut metrics_registry, "gateway");
         Ok(Gateway {
             state: Arc::new(State {
                 config,
                 registry: Registry::default(),
                 tokens: RwLock::new(Arc::new(tokens)),
                 metrics,
+                connections,
                 metrics_registry,
                 identity,
             }),
@@ -136,6 +141,7 @@ impl Gateway {
             .map(|a| AgentInfo {
                 id: a.id.clone(),
                 remote: a.remote,
+                country: self.state.config.geo.lookup(a.remote.ip()).to_string(),
                 connected_since: a
                     .connected_at
                     .duration_since(SystemTime::UNIX_EPOCH)
@@ -162,11 +168,16 @@ impl Gateway {
         let gateway = self.clone();
         let grace = self.state.config.shutdown_grace;
         info!(address = %local(&listener), "gateway web listener up");
-        crate::server::serve_http(
+        let state = self.state.clone();
+        crate::server::serve_http_tracked(
             listener,
             move |_peer, req| {
                 let gateway = gateway.clone();
                 async move { gateway.handle(req).await }
+            },
+            move |peer| {
+                let country = state.config.geo.lookup(peer.ip());
+                state.connections.track("web", country)
             },
             shutdown,
             grace,

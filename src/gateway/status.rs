@@ -40,7 +40,7 @@ fn render(agents: &[AgentInfo], now: u64) -> String {
         html.push_str("<p class=\"empty\">No agent is connected.</p>");
     } else {
         html.push_str(
-            "<table><thead><tr><th>Agent</th><th>Remote address</th><th>Connected</th>\
+            "<table><thead><tr><th>Agent</th><th>Remote address</th><th>Country</th><th>Connected</th>\
              <th>Targets</th><th>Last scrape</th><th>Latency</th><th>Scrapes</th><th>Bytes</th></tr></thead><tbody>",
         );
         for a in agents {
@@ -66,10 +66,11 @@ fn row(html: &mut String, a: &AgentInfo, now: u64) {
         .map_or_else(|| "–".into(), |d| format!("{:.1} ms", d * 1000.0));
     let _ = write!(
         html,
-        "<tr><td class=\"id\">{id}</td><td>{remote}</td><td>{since} ago</td><td>{targets}</td>\
+        "<tr><td class=\"id\">{id}</td><td>{remote}</td><td>{country}</td><td>{since} ago</td><td>{targets}</td>\
          <td>{last}</td><td>{latency}</td><td>{scrapes}</td><td>{bytes}</td></tr>",
         id = escape(&a.id),
         remote = escape(&a.remote.to_string()),
+        country = escape(&a.country),
         since = ago(now.saturating_sub(a.connected_since)),
         targets = escape(&a.targets.join(", ")),
         scrapes = a.stats.scrapes,
@@ -120,6 +121,7 @@ mod tests {
         let agents = [AgentInfo {
             id: "node-1".into(),
             remote: "192.0.2.7:51000".parse().unwrap(),
+            country: "GB".into(),
             connected_since: 1_000,
             targets: vec!["node".into(), "<ferry>".into()],
             stats: ScrapeStats {
@@ -132,6 +134,7 @@ mod tests {
         }];
         let html = render(&agents, 1_100);
         assert!(html.contains("<td class=\"id\">node-1</td>"), "{html}");
+        assert!(html.contains("<td>GB</td>"), "{html}");
         assert!(html.contains("node, &lt;ferry&gt;") && !html.contains("<ferry>"));
         assert!(html.contains("<span class=\"ok\">200</span> 10 s ago"));
         assert!(html.contains("4.2 ms") && html.contains("2.0 KiB") && html.contains("1 min ago"));

@@ -2,6 +2,7 @@
 //! gateway as client, the agent registered for as long as the connection lives.
 
 use std::convert::Infallible;
+use std::sync::Mutex;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +25,7 @@ use super::auth::AuthError;
 use super::registry::AgentHandle;
 use super::State;
 use crate::http_util::{empty, text_response, Body};
-use crate::telemetry::ResultLabels;
+use crate::telemetry::{ConnectionGuard, ResultLabels};
 use crate::tunnel::handshake::{parse_upgrade_request, switching_protocols, Refusal};
 use crate::tunnel::{TargetList, CONTROL_AUTHORITY, TARGETS_LONG_POLL, TARGETS_PATH};
 
@@ -65,20 +66,26 @@ async fn handle_connection(
     shutdown: CancellationToken,
 ) {
     let timeout = state.config.handshake_timeout;
+    let country = state.config.geo.lookup(remote.ip());
+    // Counted open from accept to the end of the session; the session task takes it over.
+    let held: HeldGuard = Arc::new(Mutex::new(Some(state.connections.track("tunnel", country))));
     match &state.identity {
         Some(identity) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(identity.config.clone());
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => serve_upgrade(state, tls, remote, shutdown).await,
+                Ok(Ok(tls)) => serve_upgrade(state, tls, remote, shutdown, held).await,
                 Ok(Err(e)) => {
                     handshake_failed(&state, "tls_error", &format!("TLS handshake failed: {e}"))
                 }
                 Err(_) => handshake_failed(&state, "timeout", "TLS handshake timed out"),
             }
         }
-        None => serve_upgrade(state, stream, remote, shutdown).await,
+        None => serve_upgrade(state, stream, remote, shutdown, held).await,
     }
 }
+
+/// The open-connection guard of a tunnel, handed from the accept to the session.
+type HeldGuard = Arc<Mutex<Option<ConnectionGuard>>>;
 
 fn handshake_failed(state: &State, result: &str, reason: &str) {
     debug!(reason, "tunnel handshake failed");
@@ -101,6 +108,7 @@ async fn serve_upgrade<IO>(
     io: IO,
     remote: SocketAddr,
     shutdown: CancellationToken,
+    held: HeldGuard,
 ) where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -109,7 +117,8 @@ async fn serve_upgrade<IO>(
     let service = hyper::service::service_fn(move |req| {
         let state = svc_state.clone();
         let shutdown = shutdown.clone();
-        async move { Ok::<_, Infallible>(upgrade(state, req, remote, shutdown)) }
+        let held = held.clone();
+        async move { Ok::<_, Infallible>(upgrade(state, req, remote, shutdown, held)) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
@@ -131,6 +140,7 @@ fn upgrade(
     req: Request<Incoming>,
     remote: SocketAddr,
     shutdown: CancellationToken,
+    held: HeldGuard,
 ) -> Response<Body> {
     let claim = match parse_upgrade_request(&req) {
         Ok(claim) => claim,
@@ -151,8 +161,10 @@ fn upgrade(
     count_handshake(&state, "ok");
     let agent_id = claim.agent_id;
     let span = info_span!("agent", agent = %agent_id);
+    let guard = held.lock().unwrap_or_else(|p| p.into_inner()).take();
     tokio::spawn(
         async move {
+            let _open = guard;
             match hyper::upgrade::on(req).await {
                 Ok(upgraded) => run_session(state, upgraded, agent_id, remote, shutdown).await,
                 Err(e) => warn!(error = %e, "tunnel upgrade failed after 101"),

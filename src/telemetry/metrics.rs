@@ -257,3 +257,63 @@ impl EgressMetrics {
         m
     }
 }
+
+/// Labels of ferry's own connections: which listener, and the peer's country.
+#[cfg(feature = "geo")]
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// `tunnel`, `web`, `clients` or `upstreams`.
+    pub listener: String,
+    /// ISO code, a kind (`loopback`, `private`, …) or `unknown`.
+    pub country: crate::telemetry::geo::Country,
+}
+
+/// ferry's own connections by listener and peer country.
+#[cfg(feature = "geo")]
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    open: Family<ConnectionLabels, Gauge>,
+    total: Family<ConnectionLabels, Counter>,
+}
+
+#[cfg(feature = "geo")]
+impl ConnectionMetrics {
+    /// Registers `ferry_<role>_connections_open` and `ferry_<role>_connections_total`.
+    pub fn register(registry: &mut Registry, role: &str) -> Self {
+        let m = Self::default();
+        registry.register(
+            format!("ferry_{role}_connections_open"),
+            "Connections open now, by listener and peer country",
+            m.open.clone(),
+        );
+        registry.register(
+            format!("ferry_{role}_connections"),
+            "Connections accepted (or opened, for upstreams), by listener and peer country",
+            m.total.clone(),
+        );
+        m
+    }
+
+    /// Counts a new connection of `listener` with a peer in `country`; it stays open until the guard drops.
+    pub fn track(&self, listener: &str, country: crate::telemetry::geo::Country) -> ConnectionGuard {
+        let labels = ConnectionLabels { listener: listener.to_owned(), country };
+        self.total.get_or_create(&labels).inc();
+        let open = self.open.get_or_create(&labels).clone();
+        open.inc();
+        ConnectionGuard { open }
+    }
+}
+
+/// Keeps a connection counted as open; dropping it closes it in the metrics.
+#[cfg(feature = "geo")]
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    open: Gauge,
+}
+
+#[cfg(feature = "geo")]
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}

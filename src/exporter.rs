@@ -1,0 +1,52 @@
+//! `ferry exporter`: the host connection collector on its own `/metrics` listener, for hosts
+//! that run no agent (the job of the published geo exporters, done locally and offline).
+
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ExporterConfig;
+use crate::http_util::text_response;
+use crate::telemetry::connections::ConnectionCollector;
+use crate::telemetry::metrics_response;
+
+/// The standalone exporter.
+#[derive(Clone)]
+pub struct Exporter {
+    registry: Arc<Registry>,
+}
+
+impl Exporter {
+    /// An exporter of the host's TCP connections by state, direction and country.
+    pub fn new(config: &ExporterConfig) -> Exporter {
+        let mut registry = Registry::default();
+        let collector = ConnectionCollector::new(config.geo.clone(), config.connections_exclude.clone());
+        registry.register_collector(Box::new(collector));
+        Exporter { registry: Arc::new(registry) }
+    }
+
+    /// Serves `/metrics`, `/-/healthy` and `/-/ready` until `shutdown`.
+    pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(address = %addr, "exporter listening");
+        }
+        let registry = self.registry.clone();
+        crate::server::serve_http(
+            listener,
+            move |_peer, req| {
+                let registry = registry.clone();
+                async move {
+                    match req.uri().path() {
+                        "/metrics" => metrics_response(&registry),
+                        "/-/healthy" | "/-/ready" => text_response(http::StatusCode::OK, "OK"),
+                        _ => text_response(http::StatusCode::NOT_FOUND, "not found: see /metrics"),
+                    }
+                }
+            },
+            shutdown,
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+    }
+}
