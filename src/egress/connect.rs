@@ -30,7 +30,10 @@ pub(crate) async fn handle(
             let state = state.clone();
             tokio::spawn(async move {
                 match hyper::upgrade::on(req).await {
-                    Ok(upgraded) => relay(&state, TokioIo::new(upgraded), upstream, record).await,
+                    Ok(upgraded) => {
+                        let _open = state.tracker.track(&upstream);
+                        relay(&state, TokioIo::new(upgraded), upstream, record).await
+                    }
                     Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
                 }
             });

@@ -13,6 +13,11 @@ use http::Uri;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use hyper_util::client::legacy::connect::{Connected, Connection};
+
+use crate::telemetry::geo::SharedGeo;
+use crate::telemetry::{ConnectionGuard, ConnectionMetrics};
+
 use super::policy::{parse_ip_literal, special_purpose, SharedResolver, Upstream};
 
 /// Why no connection to the upstream was made.
@@ -108,27 +113,94 @@ pub async fn connect_any(
     })
 }
 
+/// Counts upstream connections by the country of the address connected to.
+#[derive(Clone, Debug)]
+pub struct UpstreamTracker {
+    /// The egress role's connection metrics.
+    pub metrics: ConnectionMetrics,
+    /// Country lookup.
+    pub geo: SharedGeo,
+}
+
+impl UpstreamTracker {
+    /// Counts `stream` as an open upstream connection until the guard drops.
+    pub fn track(&self, stream: &TcpStream) -> Option<ConnectionGuard> {
+        let peer = stream.peer_addr().ok()?;
+        Some(self.metrics.track("upstreams", self.geo.lookup(peer.ip())))
+    }
+}
+
+/// An upstream connection that stays counted as open while it lives (in the pool too).
+pub struct TrackedStream {
+    io: TokioIo<TcpStream>,
+    _open: Option<ConnectionGuard>,
+}
+
+impl hyper::rt::Read for TrackedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for TrackedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl Connection for TrackedStream {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
 /// A hyper-util connector bound to one rule.
 #[derive(Clone)]
 pub struct CheckedConnector {
     rule: Arc<Upstream>,
     resolver: SharedResolver,
     timeout: Duration,
+    tracker: UpstreamTracker,
 }
 
 impl CheckedConnector {
     /// A connector allowing what `rule` allows.
-    pub fn new(rule: Arc<Upstream>, resolver: SharedResolver, timeout: Duration) -> Self {
+    pub fn new(rule: Arc<Upstream>, resolver: SharedResolver, timeout: Duration, tracker: UpstreamTracker) -> Self {
         Self {
             rule,
             resolver,
             timeout,
+            tracker,
         }
     }
 }
 
 impl tower_service::Service<Uri> for CheckedConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TrackedStream;
     type Error = ConnectError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
 
@@ -151,9 +223,12 @@ impl tower_service::Service<Uri> for CheckedConnector {
             };
             let port = uri.port_u16().unwrap_or(default);
             let addrs = checked_addrs(&this.resolver, &this.rule, &host, port).await?;
-            Ok(TokioIo::new(
-                connect_any(&host, &addrs, this.timeout).await?,
-            ))
+            let stream = connect_any(&host, &addrs, this.timeout).await?;
+            let open = this.tracker.track(&stream);
+            Ok(TrackedStream {
+                io: TokioIo::new(stream),
+                _open: open,
+            })
         })
     }
 }

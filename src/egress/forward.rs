@@ -15,7 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use super::access::AccessRecord;
-use super::connector::{checked_addrs, CheckedConnector, ConnectError};
+use super::connector::{UpstreamTracker, checked_addrs, CheckedConnector, ConnectError};
 use super::policy::{parse_ip_literal, Destination, SharedResolver};
 use super::refusal::Refusal;
 use super::{refused, State};
@@ -52,6 +52,7 @@ impl Upstreams {
     pub(crate) fn build(
         config: &EgressConfig,
         resolver: &SharedResolver,
+        tracker: &UpstreamTracker,
     ) -> Result<Upstreams, TlsError> {
         let clients = config
             .rules
@@ -61,6 +62,7 @@ impl Upstreams {
                     rule.upstream.clone(),
                     resolver.clone(),
                     config.connect_timeout,
+                    tracker.clone(),
                 );
                 let mut builder = Client::builder(TokioExecutor::new());
                 builder
@@ -69,8 +71,11 @@ impl Upstreams {
                 Ok(match &rule.tls_upgrade {
                     None => UpstreamClient::Plain(builder.build(connector)),
                     Some(tls) => {
+                        let mut tls_config = client_config(tls, Purpose::Target)?;
+                        // hyper-rustls sets ALPN from `enable_http1` and panics if it is preset.
+                        tls_config.alpn_protocols.clear();
                         let https = HttpsConnectorBuilder::new()
-                            .with_tls_config(client_config(tls, Purpose::Target)?)
+                            .with_tls_config(tls_config)
                             .https_only()
                             .enable_http1()
                             .wrap_connector(connector);

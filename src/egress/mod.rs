@@ -24,17 +24,19 @@ use tracing::{debug, info, warn};
 use crate::config::EgressConfig;
 use crate::gateway::auth::{TokensFile, TokensFileError};
 use crate::http_util::{text_response, Body};
-use crate::telemetry::{metrics_response, EgressMetrics};
+use crate::telemetry::{metrics_response, ConnectionMetrics, EgressMetrics};
 
 mod access;
 mod connect;
 mod connector;
 mod forward;
+mod framing;
 pub mod policy;
 pub mod refusal;
 pub mod validate;
 
 use access::AccessRecord;
+use connector::UpstreamTracker;
 use forward::Upstreams;
 use policy::{SharedResolver, SystemResolver};
 use refusal::Refusal;
@@ -56,6 +58,7 @@ pub(crate) struct State {
     pub(crate) upstreams: Upstreams,
     pub(crate) credentials: RwLock<Option<Arc<TokensFile>>>,
     pub(crate) metrics: EgressMetrics,
+    pub(crate) tracker: UpstreamTracker,
     metrics_registry: MetricsRegistry,
     per_client: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -81,9 +84,13 @@ impl Egress {
             Some(path) => Some(Arc::new(TokensFile::load(path)?)),
             None => None,
         };
-        let upstreams = Upstreams::build(&config, &resolver)?;
         let mut metrics_registry = MetricsRegistry::default();
         let metrics = EgressMetrics::register(&mut metrics_registry);
+        let tracker = UpstreamTracker {
+            metrics: ConnectionMetrics::register(&mut metrics_registry, "egress"),
+            geo: config.geo.clone(),
+        };
+        let upstreams = Upstreams::build(&config, &resolver, &tracker)?;
         Ok(Egress {
             state: Arc::new(State {
                 config,
@@ -91,6 +98,7 @@ impl Egress {
                 upstreams,
                 credentials: RwLock::new(credentials),
                 metrics,
+                tracker,
                 metrics_registry,
                 per_client: Mutex::new(HashMap::new()),
             }),
@@ -146,26 +154,31 @@ impl Egress {
     /// Serves one client connection; on `shutdown` it finishes the request in flight, then closes.
     async fn connection(self, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
         let _ = stream.set_nodelay(true);
+        let country = self.state.config.geo.lookup(peer.ip());
+        let _open = self.state.tracker.metrics.track("clients", country);
         let state = self.state.clone();
         let admission = admit(&state, peer.ip());
         let slot = admission.as_ref().ok().cloned();
+        let cfg = &self.state.config;
+        let max_buf_size = cfg.max_header_bytes.max(8192);
+        let (stream, heads) = framing::Sniff::new(stream, max_buf_size);
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
             let admission = admission.clone();
+            let framing_problem = heads.claim(&req);
             async move {
                 let resp = match admission {
-                    Ok(_) => handle(&state, peer.ip(), req).await,
+                    Ok(_) => handle(&state, peer.ip(), req, framing_problem).await,
                     Err(refusal) => refuse_connection(&state, peer.ip(), &req, refusal),
                 };
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
-        let cfg = &self.state.config;
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout)
-            .max_buf_size(cfg.max_header_bytes.max(8192))
+            .max_buf_size(max_buf_size)
             .keep_alive(slot.is_some());
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -256,13 +269,28 @@ fn target_of<B>(req: &Request<B>) -> String {
         .map_or_else(|| "-".to_owned(), |a| a.to_string())
 }
 
-async fn handle(state: &Arc<State>, client: IpAddr, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    state: &Arc<State>,
+    client: IpAddr,
+    req: Request<Incoming>,
+    framing_problem: Option<&'static str>,
+) -> Response<Body> {
     let is_proxy = req.method() == Method::CONNECT || req.uri().authority().is_some();
+    let mut record = AccessRecord::new(client, target_of(&req), req.method());
+    // hyper's buffer cannot be smaller than 8 KiB: smaller limits are enforced here.
+    if head_size(&req) > state.config.max_header_bytes {
+        let resp = refused(
+            &mut record,
+            &Refusal::head_too_large(state.config.max_header_bytes),
+        );
+        record.emit(&state.metrics);
+        return resp;
+    }
     if !is_proxy {
         return own_endpoint(state, req.uri().path());
     }
-    let mut record = AccessRecord::new(client, target_of(&req), req.method());
-    if let Err(refusal) = check_framing(&req).and_then(|_| check_credentials(state, &req)) {
+    let checks = check_framing(&req, framing_problem).and_then(|_| check_credentials(state, &req));
+    if let Err(refusal) = checks {
         let resp = refused(&mut record, &refusal);
         record.emit(&state.metrics);
         return resp;
@@ -283,8 +311,24 @@ fn own_endpoint(state: &State, path: &str) -> Response<Body> {
     }
 }
 
+/// The size of the request head as received (request line and header lines), near enough.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let request_line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    req.headers()
+        .iter()
+        .fold(request_line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+        + 2
+}
+
 /// Request smuggling defences: Content-Length with Transfer-Encoding, or two Content-Lengths.
-fn check_framing<B>(req: &Request<B>) -> Result<(), Refusal> {
+/// hyper hides both from the parsed request, so `framing_problem` is what [`framing`] saw.
+fn check_framing<B>(
+    req: &Request<B>,
+    framing_problem: Option<&'static str>,
+) -> Result<(), Refusal> {
+    if let Some(problem) = framing_problem {
+        return Err(Refusal::bad_request(problem));
+    }
     let h = req.headers();
     let lengths = h.get_all(header::CONTENT_LENGTH).iter().count();
     if lengths > 1 {

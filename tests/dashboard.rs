@@ -1,0 +1,189 @@
+//! The Grafana dashboard in `dashboards/ferry.json`: it parses, uses a Geomap panel with a
+//! country-code lookup, and every metric its queries use is exported by a running ferry
+//! (gateway, agent with the connection collector, egress), scraped here after some traffic.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::ferry::{agent_section, start_agent, start_gateway};
+use common::http::{get, get_via_proxy};
+use common::proxy::open_tunnel;
+use common::servers::{Behaviour, TargetServer};
+use ferry::config::{ConfigErrors, EgressSection};
+use ferry::egress::Egress;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+fn dashboard() -> serde_json::Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/ferry.json");
+    let text = std::fs::read_to_string(path).expect("dashboards/ferry.json exists");
+    serde_json::from_str(&text).expect("the dashboard is valid JSON")
+}
+
+/// Every `expr` of every panel.
+fn queries(dash: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for panel in dash["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = target["expr"].as_str() {
+                out.push(expr.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Metric names (`ferry_…`) used in `expr`.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = expr[i..].find("ferry_") {
+        let start = i + pos;
+        let end = expr[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(expr.len(), |e| start + e);
+        let preceded_by_ident =
+            start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        if !preceded_by_ident {
+            names.push(expr[start..end].to_owned());
+        }
+        i = end;
+    }
+    names
+}
+
+/// Names of the samples in a text exposition.
+fn sample_names(exposition: &str) -> BTreeSet<String> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_dashboard_has_a_geomap_with_country_lookup() {
+    let dash = dashboard();
+    let geomaps: Vec<_> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] == "geomap")
+        .collect();
+    assert!(
+        !geomaps.is_empty(),
+        "a Geomap panel (the Worldmap plugin is deprecated)"
+    );
+    for g in geomaps {
+        let location = &g["options"]["layers"][0]["location"];
+        assert_eq!(location["mode"], "lookup", "{g}");
+        assert_eq!(location["lookup"], "country", "{g}");
+        assert!(
+            location["gazetteer"]
+                .as_str()
+                .unwrap()
+                .contains("countries"),
+            "{g}"
+        );
+    }
+    assert!(dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["type"] != "grafana-worldmap-panel"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_queries_is_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = TargetServer::start(Behaviour::Metrics("up 1\n".into())).await;
+    let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
+    let mut section = agent_section(&gw, "dash-1", &[("node", target.url("/metrics"))]);
+    section.collector.connections = true;
+    let agent = start_agent(section, "t");
+    gw.wait_agent("dash-1", Duration::from_secs(10)).await;
+
+    // Pull-path traffic: a good scrape and a 404.
+    let port = target.addr.port();
+    assert_eq!(
+        get_via_proxy(gw.web, &format!("http://dash-1:{port}/metrics"), &[])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get_via_proxy(gw.web, &format!("http://dash-1:{port}/nope"), &[])
+            .await
+            .status,
+        404
+    );
+
+    // Egress traffic: allowed, refused, and a CONNECT tunnel.
+    let upstream = TargetServer::start(Behaviour::Metrics("ok\n".into())).await;
+    let egress_section = EgressSection {
+        allow_upstreams: vec![format!("127.0.0.1/32:{}", upstream.addr.port())],
+        ..EgressSection::default()
+    };
+    let mut errs = ConfigErrors::new("test");
+    let cfg = egress_section
+        .validate("egress", &mut errs)
+        .expect("valid egress config");
+    assert!(errs.errors.is_empty(), "{errs}");
+    let egress = Egress::new(cfg).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let egress_addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let egress = egress.clone();
+        let shutdown = shutdown.clone();
+        async move { egress.serve(listener, shutdown).await }
+    });
+    assert_eq!(
+        get_via_proxy(egress_addr, &upstream.url("/ok"), &[])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get_via_proxy(egress_addr, "http://127.0.0.1:1/refused", &[])
+            .await
+            .status,
+        403
+    );
+    let tunnel = open_tunnel(egress_addr, &upstream.addr.to_string()).await;
+    drop(tunnel);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut exported = BTreeSet::new();
+    exported.extend(sample_names(
+        &get(&format!("http://{}/metrics", gw.web)).await.text(),
+    ));
+    exported.extend(sample_names(
+        &get(&format!("http://{egress_addr}/metrics")).await.text(),
+    ));
+    let agent_metrics = get_via_proxy(gw.web, "http://dash-1:9369/metrics", &[]).await;
+    assert_eq!(agent_metrics.status, 200);
+    exported.extend(sample_names(&agent_metrics.text()));
+
+    let dash = dashboard();
+    let exprs = queries(&dash);
+    assert!(
+        exprs.len() >= 15,
+        "the dashboard has panels for every role: {exprs:?}"
+    );
+    let mut missing = BTreeSet::new();
+    for expr in &exprs {
+        for name in metric_names(expr) {
+            if !exported.contains(&name) {
+                missing.insert(name);
+            }
+        }
+    }
+    assert!(missing.is_empty(), "the dashboard queries metrics no running ferry exports: {missing:?}\nexported: {exported:?}");
+    shutdown.cancel();
+    agent.stop().await;
+}
