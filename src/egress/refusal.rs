@@ -11,7 +11,7 @@ pub const REFUSAL_HEADER: &str = "ferry-refusal";
 /// Why the proxy refused a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// 400, 403, 405, 407, 413, 415, 422, 429, 502 or 504.
+    /// 400, 403, 405, 407, 413, 415, 422, 429, 431, 502 or 504.
     pub status: StatusCode,
     /// Bounded label for metrics (`client_not_allowed`, `destination_not_allowed`, …).
     pub kind: &'static str,
@@ -76,6 +76,15 @@ impl Refusal {
     /// Malformed request framing or URI (400).
     pub fn bad_request(reason: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", reason)
+    }
+
+    /// Request head larger than allowed (431).
+    pub fn head_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header_too_large",
+            format!("request head exceeds the limit of {limit} bytes"),
+        )
     }
 
     /// Method not allowed by the rule (405).

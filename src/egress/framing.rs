@@ -1,0 +1,356 @@
+//! Request-smuggling checks below hyper. hyper follows RFC 9112 when a request carries both
+//! Content-Length and Transfer-Encoding (it drops the length and reads chunked) and when it
+//! repeats one Content-Length value (it keeps one), so the request it hands over shows neither.
+//! The proxy refuses both with 400, so [`Sniff`] watches the raw bytes of a client connection,
+//! follows request framing (heads, Content-Length and chunked bodies) and notes each head's
+//! framing problem; the service claims the note of each request it gets, in order.
+//!
+//! If the scan ever loses track (a head it cannot follow, a CONNECT turning the connection into
+//! a tunnel), it stops, and requests get no note: hyper's own RFC handling still applies.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use http::{Request, Uri};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What the scan found in one request head.
+#[derive(Debug)]
+struct Head {
+    method: Vec<u8>,
+    target: Vec<u8>,
+    problem: Option<&'static str>,
+}
+
+/// Heads scanned and not yet claimed by a request; shared by the connection and its service.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Heads(Arc<Mutex<VecDeque<Head>>>);
+
+impl Heads {
+    /// The framing problem of `req`'s head, if the scan saw one. Each request claims the next
+    /// scanned head; one that does not match it (the scan lost track) gets `None`.
+    pub(crate) fn claim<B>(&self, req: &Request<B>) -> Option<&'static str> {
+        let mut heads = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let head = heads.pop_front()?;
+        let same = head.method == req.method().as_str().as_bytes()
+            && Uri::try_from(head.target.as_slice()).is_ok_and(|u| &u == req.uri());
+        if !same {
+            heads.clear();
+            return None;
+        }
+        head.problem
+    }
+
+    fn push(&self, head: Head) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(head);
+    }
+}
+
+/// The head being scanned.
+#[derive(Debug, Default)]
+struct HeadScan {
+    method: Vec<u8>,
+    target: Vec<u8>,
+    lengths: usize,
+    length: Option<u64>,
+    transfer_encoding: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Head,
+    Body(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers,
+    Off,
+}
+
+/// A client connection whose reads are scanned for request framing; writes pass through.
+pub(crate) struct Sniff<T> {
+    inner: T,
+    phase: Phase,
+    line: Vec<u8>,
+    head: Option<HeadScan>,
+    head_bytes: usize,
+    limit: usize,
+    heads: Heads,
+}
+
+impl<T> Sniff<T> {
+    /// Wraps `inner`; a head longer than `limit` bytes stops the scan (hyper refuses it anyway).
+    pub(crate) fn new(inner: T, limit: usize) -> (Sniff<T>, Heads) {
+        let heads = Heads::default();
+        let sniff = Sniff {
+            inner,
+            phase: Phase::Head,
+            line: Vec::new(),
+            head: None,
+            head_bytes: 0,
+            limit,
+            heads: heads.clone(),
+        };
+        (sniff, heads)
+    }
+
+    fn scan(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match self.phase {
+                Phase::Off => return,
+                Phase::Body(n) | Phase::ChunkData(n) => {
+                    let k = data.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                    data = &data[k..];
+                    let left = n - k as u64;
+                    self.phase = match (self.phase, left) {
+                        (Phase::Body(_), 0) => Phase::Head,
+                        (Phase::Body(_), _) => Phase::Body(left),
+                        (_, 0) => Phase::ChunkEnd,
+                        _ => Phase::ChunkData(left),
+                    };
+                }
+                _ => {
+                    let (take, complete) = match data.iter().position(|b| *b == b'\n') {
+                        Some(i) => (i + 1, true),
+                        None => (data.len(), false),
+                    };
+                    if self.phase == Phase::Head {
+                        self.head_bytes += take;
+                    }
+                    if self.line.len() + take > self.limit || self.head_bytes > self.limit {
+                        self.phase = Phase::Off;
+                        return;
+                    }
+                    self.line.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if complete {
+                        let line = std::mem::take(&mut self.line);
+                        self.on_line(&line[..line.len() - 1]);
+                        self.line = line;
+                        self.line.clear();
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        match self.phase {
+            Phase::Head => self.on_head_line(line),
+            Phase::ChunkSize => {
+                let digits = line
+                    .iter()
+                    .position(|b| matches!(b, b';' | b' ' | b'\t'))
+                    .map_or(line, |i| &line[..i]);
+                let size = std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|d| u64::from_str_radix(d, 16).ok());
+                self.phase = match size {
+                    None => Phase::Off,
+                    Some(0) => Phase::Trailers,
+                    Some(n) => Phase::ChunkData(n),
+                };
+            }
+            Phase::ChunkEnd if line.is_empty() => self.phase = Phase::ChunkSize,
+            Phase::Trailers if line.is_empty() => self.start_head(),
+            Phase::Trailers => {}
+            _ => self.phase = Phase::Off,
+        }
+    }
+
+    fn start_head(&mut self) {
+        self.phase = Phase::Head;
+        self.head_bytes = 0;
+    }
+
+    fn on_head_line(&mut self, line: &[u8]) {
+        let Some(head) = &mut self.head else {
+            // Empty lines before a request line are ignored, as hyper does.
+            if !line.is_empty() {
+                let mut parts = line.split(|b| *b == b' ');
+                self.head = Some(HeadScan {
+                    method: parts.next().unwrap_or_default().to_vec(),
+                    target: parts.next().unwrap_or_default().to_vec(),
+                    ..HeadScan::default()
+                });
+            } else {
+                self.head_bytes = 0;
+            }
+            return;
+        };
+        if !line.is_empty() {
+            let Some(colon) = line.iter().position(|b| *b == b':') else {
+                return;
+            };
+            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+            if name.eq_ignore_ascii_case(b"content-length") {
+                head.lengths += 1;
+                let parsed = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+                head.length = head.length.or(parsed);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                let last = value.rsplit(|b| *b == b',').next().unwrap_or_default();
+                head.transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+            return;
+        }
+        let Some(head) = self.head.take() else {
+            return;
+        };
+        let problem = if head.lengths > 1 {
+            Some("more than one Content-Length header")
+        } else if head.lengths == 1 && head.transfer_encoding.is_some() {
+            Some("both Content-Length and Transfer-Encoding")
+        } else {
+            None
+        };
+        let connect = head.method == b"CONNECT";
+        self.heads.push(Head {
+            method: head.method,
+            target: head.target,
+            problem,
+        });
+        self.head_bytes = 0;
+        self.phase = match (head.transfer_encoding, head.length) {
+            // After CONNECT the connection may be a tunnel: stop.
+            _ if connect => Phase::Off,
+            (Some(true), _) => Phase::ChunkSize,
+            (Some(false), _) => Phase::Off,
+            (None, Some(0)) => Phase::Head,
+            (None, Some(n)) => Phase::Body(n),
+            (None, None) if head.lengths > 0 => Phase::Off,
+            (None, None) => Phase::Head,
+        };
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Sniff<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.phase != Phase::Off {
+            this.scan(&buf.filled()[before..]);
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Sniff<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scans `bytes` fed in pieces of `step` and returns each head's (method target, problem).
+    fn scan(bytes: &[u8], step: usize) -> Vec<(String, Option<&'static str>)> {
+        let (mut sniff, heads) = Sniff::new((), 16 << 10);
+        for piece in bytes.chunks(step) {
+            sniff.scan(piece);
+        }
+        let heads = heads.0.lock().unwrap();
+        heads
+            .iter()
+            .map(|h| {
+                let line = format!(
+                    "{} {}",
+                    String::from_utf8_lossy(&h.method),
+                    String::from_utf8_lossy(&h.target)
+                );
+                (line, h.problem)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn follows_bodies_and_flags_only_the_heads_with_conflicting_framing() {
+        let stream = b"\r\nPOST http://a/1 HTTP/1.1\r\nHost: a\r\nContent-Length: 28\r\n\r\n\
+            GET /fake HTTP/1.1\r\nX: y\r\n\r\n\
+            POST http://a/2 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;ext=1\r\nhello\r\n17\r\nGET /fake2 HTTP/1.1\r\n\r\n\r\n0\r\nTrailer: x\r\n\r\n\
+            POST http://a/3 HTTP/1.1\r\ncontent-length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+            POST http://a/4 HTTP/1.1\nContent-Length: 2\nContent-Length: 2\n\nhi\
+            GET http://a/5 HTTP/1.1\r\n\r\n\
+            CONNECT a:443 HTTP/1.1\r\n\r\nGET http://tunnelled/ HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
+        let expected = vec![
+            ("POST http://a/1".to_owned(), None),
+            ("POST http://a/2".to_owned(), None),
+            (
+                "POST http://a/3".to_owned(),
+                Some("both Content-Length and Transfer-Encoding"),
+            ),
+            (
+                "POST http://a/4".to_owned(),
+                Some("more than one Content-Length header"),
+            ),
+            ("GET http://a/5".to_owned(), None),
+            ("CONNECT a:443".to_owned(), None),
+        ];
+        for step in [1, 3, 7, stream.len()] {
+            assert_eq!(scan(stream, step), expected, "fed {step} bytes at a time");
+        }
+    }
+
+    #[test]
+    fn claims_match_requests_in_order_and_a_mismatch_gives_no_verdict() {
+        let (mut sniff, heads) = Sniff::new((), 16 << 10);
+        sniff.scan(
+            b"POST http://a/x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nz\
+              GET http://a/y HTTP/1.1\r\n\r\n",
+        );
+        let req = |m: &str, u: &str| Request::builder().method(m).uri(u).body(()).unwrap();
+        assert_eq!(
+            heads.claim(&req("POST", "http://a/x")),
+            Some("more than one Content-Length header")
+        );
+        assert_eq!(heads.claim(&req("GET", "http://a/other")), None);
+        assert_eq!(heads.claim(&req("GET", "http://a/y")), None, "cleared");
+    }
+
+    #[test]
+    fn an_endless_head_stops_the_scan() {
+        let (mut sniff, heads) = Sniff::new((), 1024);
+        sniff.scan(b"GET http://a/ HTTP/1.1\r\n");
+        sniff.scan(&[b'x'; 2048]);
+        assert_eq!(sniff.phase, Phase::Off);
+        assert!(heads.0.lock().unwrap().is_empty());
+    }
+}
