@@ -19,6 +19,8 @@
 //!   validation (`validate`), an access log and metrics. Embed it with [`egress::Egress`].
 //! - [`exporter`] (feature `geo`) — `ferry exporter`: the host connection collector on its own
 //!   listener, no gateway needed.
+//! - [`auth`] — credentials files (`<id glob> sha256:<hex>`): hashed at rest, compared in
+//!   constant time; agents authenticate to the gateway with them, clients to the egress proxy.
 //! - [`config`] — serde structs for the YAML file and flags, validated once into runtime types with
 //!   every error reported at once.
 //! - [`telemetry`] — ferry's own Prometheus metrics (prometheus-client) and their encoding; the
@@ -29,6 +31,8 @@
 //!   both sides.
 //! - [`cli`] (feature `cli`) — the `ferry` command line; `main.rs` only calls it.
 
+#[cfg(any(feature = "gateway", feature = "egress"))]
+pub mod auth;
 pub mod config;
 pub mod http_util;
 pub mod scrape_error;

@@ -10,6 +10,44 @@ use common::ferry::{agent_section, metric_value, start_agent, start_gateway};
 use common::http::get;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
+/// An HTTPS target server with `cert`/`key` (PEM files), answering every request with `body`.
+async fn https_target(cert: &Path, key: &Path, body: &'static str) -> std::net::SocketAddr {
+    use hyper_util::rt::TokioIo;
+    let certs = ferry::tunnel::tls::read_certs(cert).unwrap();
+    let key = ferry::tunnel::tls::read_key(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(ferry::tunnel::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(|_req| async move {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 struct Pki {
     ca: PathBuf,
     server_cert: PathBuf,
@@ -117,4 +155,59 @@ async fn mtls_gateway_accepts_only_agents_with_a_client_certificate() {
     assert!(handshakes(gw.web, "tls_error").await >= 1.0);
     without.stop().await;
     with.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_targets_use_their_own_tls_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    // The server certificate names "localhost"; the target is dialled by IP with a server_name.
+    let addr = https_target(&pki.server_cert, &pki.server_key, "secure_metric 1\n").await;
+    let other_ca = pki_in(dir.path(), "other");
+    let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
+    let url = format!("https://127.0.0.1:{}/metrics", addr.port());
+    let mut section = agent_section(
+        &gw,
+        "tls-targets",
+        &[
+            ("good", url.clone()),
+            ("insecure", url.clone()),
+            ("wrongca", url),
+        ],
+    );
+    section.targets[0].tls.ca_file = Some(pki.ca.clone());
+    section.targets[0].tls.server_name = Some("localhost".into());
+    section.targets[1].port = Some(9001);
+    section.targets[1].tls.insecure_skip_verify = true;
+    section.targets[2].port = Some(9002);
+    section.targets[2].tls.ca_file = Some(other_ca);
+    section.targets[2].tls.server_name = Some("localhost".into());
+    let agent = start_agent(section, "t");
+    gw.wait_agent("tls-targets", Duration::from_secs(10)).await;
+    let web = gw.web;
+    let scrape = |port: u16| async move {
+        let url = format!("http://tls-targets:{port}/metrics");
+        common::http::get_via_proxy(web, &url, &[]).await
+    };
+    let good = scrape(addr.port()).await;
+    assert_eq!(good.status, 200, "{}", good.text());
+    assert_eq!(good.text(), "secure_metric 1\n");
+    let insecure = scrape(9001).await;
+    assert_eq!(insecure.status, 200, "{}", insecure.text());
+    let wrong = scrape(9002).await;
+    assert_eq!(
+        wrong.status,
+        502,
+        "a CA that did not sign the target's certificate: {}",
+        wrong.text()
+    );
+    assert!(wrong.text().contains("wrongca"), "{}", wrong.text());
+    agent.stop().await;
+}
+
+/// The CA file of another, unrelated PKI.
+fn pki_in(dir: &Path, name: &str) -> PathBuf {
+    let sub = dir.join(name);
+    std::fs::create_dir_all(&sub).unwrap();
+    pki(&sub).ca
 }

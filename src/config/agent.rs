@@ -9,8 +9,8 @@ use http::Uri;
 use serde::Deserialize;
 
 use super::{
-    check_label_name, check_readable, parse_listen_address, validate_keepalive, ConfigErrors, Dur,
-    Secret,
+    check_label_name, check_readable, parse_listen_address, validate_keepalive, CollectorSection,
+    ConfigErrors, Dur, Secret,
 };
 use crate::tunnel::dial::Proxy;
 use crate::tunnel::handshake::valid_agent_id;
@@ -53,40 +53,6 @@ pub struct AgentSection {
     pub shutdown_grace_period: Dur,
     /// Collectors exported with the built-in `ferry` target.
     pub collector: CollectorSection,
-}
-
-/// `collector:` of the agent and the exporter.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct CollectorSection {
-    /// Export the host's TCP connections by state, direction and remote country.
-    pub connections: bool,
-    /// Remote networks (CIDR) left out of the connection counts.
-    pub connections_exclude: Vec<String>,
-}
-
-impl CollectorSection {
-    /// The excluded networks when the connection collector is on, `None` when it is off.
-    pub fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Vec<ipnet::IpNet>> {
-        if !self.connections {
-            if !self.connections_exclude.is_empty() {
-                errs.push(format!("{prefix}.connections_exclude"), "set, but the connection collector is off (collector.connections)");
-            }
-            return None;
-        }
-        let mut nets = Vec::new();
-        for (i, raw) in self.connections_exclude.iter().enumerate() {
-            let parsed = raw
-                .trim()
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| raw.trim().parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| format!("{raw:?} is not a CIDR"));
-            if let Some(net) = errs.check(&format!("{prefix}.connections_exclude[{i}]"), parsed) {
-                nets.push(net.trunc());
-            }
-        }
-        Some(nets)
-    }
 }
 
 impl Default for AgentSection {

@@ -224,7 +224,7 @@ impl EgressSection {
             }
         }
         if let Some(path) = &self.auth.credentials_file {
-            if let Err(e) = crate::gateway::auth::TokensFile::load(path) {
+            if let Err(e) = crate::auth::TokensFile::load(path) {
                 errs.push(f("auth.credentials_file"), e.to_string());
             }
         }

@@ -209,7 +209,7 @@ impl GatewaySection {
                 None
             }
             Some(path) => {
-                if let Err(e) = crate::gateway::auth::TokensFile::load(path) {
+                if let Err(e) = crate::auth::TokensFile::load(path) {
                     errs.push(f("auth.tokens_file"), e.to_string());
                 }
                 Some(path.clone())

@@ -18,7 +18,7 @@ mod gateway;
 
 #[cfg(feature = "agent")]
 pub use agent::{
-    parse_label_flag, CollectorSection, AgentConfig, AgentSection, AgentTunnelSection, AgentWebSection,
+    parse_label_flag, AgentConfig, AgentSection, AgentTunnelSection, AgentWebSection,
     BackoffConfig, GatewayEndpoint, ReconnectSection, Target, TargetSection, TargetTlsSection,
     SELF_TARGET, TOKEN_ENV,
 };
@@ -179,6 +179,49 @@ pub struct FileConfig {
     pub geoip: GeoipSection,
 }
 
+/// `collector:` of the agent and the exporter.
+#[cfg(feature = "geo")]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectorSection {
+    /// Export the host's TCP connections by state, direction and remote country.
+    pub connections: bool,
+    /// Remote networks (CIDR) left out of the connection counts.
+    pub connections_exclude: Vec<String>,
+}
+
+#[cfg(feature = "geo")]
+impl CollectorSection {
+    /// The excluded networks when the connection collector is on, `None` when it is off.
+    pub fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Vec<ipnet::IpNet>> {
+        if !self.connections {
+            if !self.connections_exclude.is_empty() {
+                errs.push(
+                    format!("{prefix}.connections_exclude"),
+                    "set, but the connection collector is off (collector.connections)",
+                );
+            }
+            return None;
+        }
+        let mut nets = Vec::new();
+        for (i, raw) in self.connections_exclude.iter().enumerate() {
+            let parsed = raw
+                .trim()
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| {
+                    raw.trim()
+                        .parse::<std::net::IpAddr>()
+                        .map(ipnet::IpNet::from)
+                })
+                .map_err(|_| format!("{raw:?} is not a CIDR"));
+            if let Some(net) = errs.check(&format!("{prefix}.connections_exclude[{i}]"), parsed) {
+                nets.push(net.trunc());
+            }
+        }
+        Some(nets)
+    }
+}
+
 /// `geoip:` — the MaxMind-format country database shared by every role of the process.
 #[cfg(feature = "geo")]
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
@@ -198,14 +241,16 @@ pub struct ExporterSection {
     /// Listener for `/metrics`.
     pub web: ExporterWebSection,
     /// Collectors.
-    pub collector: crate::config::agent::CollectorSection,
+    pub collector: CollectorSection,
 }
 
 #[cfg(feature = "geo")]
 impl Default for ExporterSection {
     fn default() -> Self {
         Self {
-            web: ExporterWebSection { listen_address: ":9300".into() },
+            web: ExporterWebSection {
+                listen_address: ":9300".into(),
+            },
             collector: Default::default(),
         }
     }
@@ -236,10 +281,18 @@ pub struct ExporterConfig {
 impl ExporterSection {
     /// Validates into an [`ExporterConfig`], recording every problem under `prefix`.
     pub fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<ExporterConfig> {
-        let listen = errs.check(&format!("{prefix}.web.listen_address"), parse_listen_address(&self.web.listen_address));
-        let collector = self.collector.validate(&format!("{prefix}.collector"), errs);
+        let listen = errs.check(
+            &format!("{prefix}.web.listen_address"),
+            parse_listen_address(&self.web.listen_address),
+        );
+        let collector = self
+            .collector
+            .validate(&format!("{prefix}.collector"), errs);
         if collector.is_none() && !self.collector.connections {
-            errs.push(format!("{prefix}.collector.connections"), "no collector enabled: the exporter needs --collector.connections");
+            errs.push(
+                format!("{prefix}.collector.connections"),
+                "no collector enabled: the exporter needs --collector.connections",
+            );
         }
         Some(ExporterConfig {
             listen: listen?,
@@ -337,7 +390,10 @@ impl FileConfig {
             .as_ref()
             .map(|e| e.validate("egress", &mut errs));
         #[cfg(feature = "geo")]
-        let exporter = self.exporter.as_ref().map(|e| e.validate("exporter", &mut errs));
+        let exporter = self
+            .exporter
+            .as_ref()
+            .map(|e| e.validate("exporter", &mut errs));
         #[cfg(feature = "geo")]
         let geo = self.geoip.validate(&mut errs);
         let _ = env;

@@ -2,12 +2,17 @@
 //! forward it over a pooled upstream connection — plain, or upgraded to verified HTTPS. A refused
 //! request never reaches the upstream, not even in part.
 
+use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, Uri};
-use http_body_util::{BodyExt, Limited};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
@@ -15,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use super::access::AccessRecord;
-use super::connector::{UpstreamTracker, checked_addrs, CheckedConnector, ConnectError};
+use super::connector::{checked_addrs, CheckedConnector, ConnectError, UpstreamTracker};
 use super::policy::{parse_ip_literal, Destination, SharedResolver};
 use super::refusal::Refusal;
 use super::{refused, State};
@@ -71,9 +76,7 @@ impl Upstreams {
                 Ok(match &rule.tls_upgrade {
                     None => UpstreamClient::Plain(builder.build(connector)),
                     Some(tls) => {
-                        let mut tls_config = client_config(tls, Purpose::Target)?;
-                        // hyper-rustls sets ALPN from `enable_http1` and panics if it is preset.
-                        tls_config.alpn_protocols.clear();
+                        let tls_config = client_config(tls, Purpose::Target)?;
                         let https = HttpsConnectorBuilder::new()
                             .with_tls_config(tls_config)
                             .https_only()
@@ -199,8 +202,16 @@ async fn forward(
     rule.validation.check_headers(req.headers())?;
     let (mut parts, body) = req.into_parts();
     let body = read_body(body, rule.validation.max_body_bytes).await?;
-    record.bytes_in = body.len() as u64;
-    rule.validation.check_body(&parts.headers, &body)?;
+    record.bytes_in = body.remaining;
+    // Only a body that is checked needs to be one contiguous buffer; else it is forwarded as the
+    // chunks it arrived in, saving a copy of every payload.
+    let body = if rule.validation.needs_body(&parts.headers) {
+        let whole = body.into_bytes();
+        rule.validation.check_body(&parts.headers, &whole)?;
+        full(whole)
+    } else {
+        boxed(body)
+    };
 
     let port = effective_port(rule, target.port);
     let scheme = if rule.tls_upgrade.is_some() {
@@ -219,7 +230,7 @@ async fn forward(
         .map_err(|e| Refusal::bad_request(format!("cannot build upstream URI: {e}")))?;
     strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, full(body));
+    let upstream_req = Request::from_parts(parts, body);
 
     let timeout = state.config.upstream_timeout;
     let deadline = Instant::now() + timeout;
@@ -233,19 +244,67 @@ async fn forward(
 }
 
 /// Reads the whole body, refusing it past `limit` bytes.
-async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, Refusal> {
-    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    match Limited::new(body, limit_usize).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(Refusal::too_large(limit))
+async fn read_body(mut body: Incoming, limit: u64) -> Result<ReadBody, Refusal> {
+    let mut read = ReadBody {
+        chunks: VecDeque::new(),
+        remaining: 0,
+    };
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| Refusal::bad_request(format!("cannot read request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            read.remaining += data.len() as u64;
+            if read.remaining > limit {
+                return Err(Refusal::too_large(limit));
+            }
+            read.chunks.push_back(data);
         }
-        Err(e) => Err(Refusal::bad_request(format!(
-            "cannot read request body: {e}"
-        ))),
+    }
+    Ok(read)
+}
+
+/// A request body read in full, kept as the chunks hyper handed over.
+struct ReadBody {
+    chunks: VecDeque<Bytes>,
+    /// Bytes not yet sent.
+    remaining: u64,
+}
+
+impl ReadBody {
+    /// The body as one buffer (a copy unless it arrived in one chunk).
+    fn into_bytes(mut self) -> Bytes {
+        if self.chunks.len() <= 1 {
+            return self.chunks.pop_front().unwrap_or_default();
+        }
+        let mut whole = BytesMut::with_capacity(self.remaining as usize);
+        for chunk in &self.chunks {
+            whole.extend_from_slice(chunk);
+        }
+        whole.freeze()
+    }
+}
+
+impl http_body::Body for ReadBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let chunk = self.chunks.pop_front();
+        if let Some(c) = &chunk {
+            self.remaining -= c.len() as u64;
+        }
+        Poll::Ready(chunk.map(|c| Ok(Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
     }
 }
 

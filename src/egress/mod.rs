@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::auth::{TokensFile, TokensFileError};
 use crate::config::EgressConfig;
-use crate::gateway::auth::{TokensFile, TokensFileError};
 use crate::http_util::{text_response, Body};
 use crate::telemetry::{metrics_response, ConnectionMetrics, EgressMetrics};
 

@@ -23,7 +23,6 @@ use crate::telemetry::{ConnectionMetrics, GatewayMetrics};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_server::{load_identity, self_signed_identity, ServerIdentity};
 
-pub mod auth;
 mod proxy;
 pub mod registry;
 mod sd;
@@ -31,6 +30,7 @@ mod status;
 mod tunnel;
 mod web;
 
+pub use crate::auth;
 use auth::{TokensFile, TokensFileError};
 use registry::Registry;
 

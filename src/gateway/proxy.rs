@@ -148,7 +148,14 @@ async fn forward(
         }
         Ok(Ok(resp)) => resp,
     };
-    Ok(stream_back(state, resp, route.agent.clone(), labels.clone(), start, deadline))
+    Ok(stream_back(
+        state,
+        resp,
+        route.agent.clone(),
+        labels.clone(),
+        start,
+        deadline,
+    ))
 }
 
 /// The scrape as sent through the tunnel: `:authority` is `<agent>:<port>`, hop-by-hop headers
@@ -204,7 +211,13 @@ fn stream_back(
 }
 
 /// Counts one finished scrape: by agent, target and status class; its duration and bytes.
-fn record(state: &State, mut labels: ScrapeLabels, status: http::StatusCode, elapsed: Duration, bytes: u64) {
+fn record(
+    state: &State,
+    mut labels: ScrapeLabels,
+    status: http::StatusCode,
+    elapsed: Duration,
+    bytes: u64,
+) {
     labels.status_class = status_class(status).to_owned();
     let agent = AgentLabels {
         agent: labels.agent.clone(),
@@ -215,7 +228,11 @@ fn record(state: &State, mut labels: ScrapeLabels, status: http::StatusCode, ela
         .scrape_duration
         .get_or_create(&agent)
         .observe(elapsed.as_secs_f64());
-    state.metrics.bytes_proxied.get_or_create(&agent).inc_by(bytes);
+    state
+        .metrics
+        .bytes_proxied
+        .get_or_create(&agent)
+        .inc_by(bytes);
 }
 
 #[cfg(test)]

@@ -15,13 +15,19 @@ const REFRESH_SECONDS: u32 = 5;
 /// Renders the page for `agents`.
 pub(crate) fn page(agents: &[AgentInfo]) -> Response<Body> {
     let mut resp = Response::new(full(render(agents, now())));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn render(agents: &[AgentInfo], now: u64) -> String {
@@ -56,7 +62,10 @@ fn row(html: &mut String, a: &AgentInfo, now: u64) {
     let last = match (a.stats.last_status, a.stats.last_scrape) {
         (Some(status), Some(at)) => {
             let class = if status < 400 { "ok" } else { "bad" };
-            format!("<span class=\"{class}\">{status}</span> {} ago", ago(now.saturating_sub(at)))
+            format!(
+                "<span class=\"{class}\">{status}</span> {} ago",
+                ago(now.saturating_sub(at))
+            )
         }
         _ => "never".into(),
     };
@@ -103,7 +112,10 @@ fn human_bytes(n: u64) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}\

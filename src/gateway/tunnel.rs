@@ -2,9 +2,9 @@
 //! gateway as client, the agent registered for as long as the connection lives.
 
 use std::convert::Infallible;
-use std::sync::Mutex;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub mod dial;
 pub mod handshake;
 pub mod tls;
-#[cfg(feature = "agent")]
+#[cfg(any(feature = "agent", feature = "egress"))]
 pub mod tls_client;
 #[cfg(feature = "gateway")]
 pub mod tls_server;

@@ -68,7 +68,11 @@ pub fn client_config(tls: &ClientTls, purpose: Purpose) -> Result<rustls::Client
             })?,
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The tunnel's first request is HTTP/1.1 (the upgrade). For targets, hyper-rustls sets ALPN
+    // itself from the protocols enabled on the connector (and refuses a preset one).
+    if let Purpose::Tunnel = purpose {
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
     Ok(config)
 }
 

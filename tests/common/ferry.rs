@@ -131,6 +131,42 @@ pub async fn start_gateway_on(
     }
 }
 
+/// Like [`start_gateway_on`], labelling connections with countries from `geo`.
+pub async fn start_gateway_on_with_geo(
+    dir: &TempDir,
+    creds: &[(&str, &str)],
+    web: TcpListener,
+    tunnel: TcpListener,
+    geo: ferry::telemetry::geo::SharedGeo,
+) -> TestGateway {
+    let (web_addr, tunnel_addr) = (web.local_addr().unwrap(), tunnel.local_addr().unwrap());
+    let mut section = GatewaySection {
+        data_dir: dir.path().join("data"),
+        ..GatewaySection::default()
+    };
+    section.web.listen_address = web_addr.to_string();
+    section.tunnel.listen_address = tunnel_addr.to_string();
+    section.tunnel.tls_self_signed_names = vec!["localhost".into()];
+    section.auth.tokens_file = Some(tokens_file(dir.path(), creds));
+    let mut errs = ConfigErrors::new("test");
+    let mut cfg = section
+        .validate("gateway", &mut errs)
+        .expect("valid gateway config");
+    assert!(errs.errors.is_empty(), "{errs}");
+    cfg.geo = geo;
+    let gateway = Gateway::new(cfg).expect("gateway starts");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(gateway.clone().run(web, tunnel, shutdown.clone()));
+    TestGateway {
+        gateway,
+        web: web_addr,
+        tunnel: tunnel_addr,
+        shutdown,
+        task,
+        dir: dir.path().to_owned(),
+    }
+}
+
 /// An agent running in this process.
 pub struct TestAgent {
     pub agent: Agent,

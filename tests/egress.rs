@@ -1,0 +1,1731 @@
+//! The egress forward proxy on loopback, as a monitoring agent (the client) and a collector (the
+//! upstream) see it: which clients get in, which destinations are reachable (special-purpose
+//! addresses in every spelling, names resolving to them, CONNECT), payload validation (a valid
+//! payload arrives byte-identical, an invalid one never reaches the upstream), TLS upgrade,
+//! protocol hygiene, keep-alive, and what the access log and metrics say.
+
+mod common;
+
+use std::convert::Infallible;
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::egress::{
+    absolute, connect_raw, exchange, raw_exchange, read_response, RecordingUpstream, Reply,
+    TestEgress, TestResolver, UPSTREAM_BODY,
+};
+use common::ferry::metric_value;
+use common::http::{get, send_on, try_get, Resp};
+use common::proxy::open_tunnel;
+use ferry::config::EgressSection;
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// A section allowing these short-form rules (`--allow-upstream`), defaults otherwise.
+fn section(upstreams: &[String]) -> EgressSection {
+    EgressSection {
+        allow_upstreams: upstreams.to_vec(),
+        ..EgressSection::default()
+    }
+}
+
+/// An `egress:` section as a user writes it in the YAML file.
+fn yaml_section(yaml: &str) -> EgressSection {
+    serde_yaml_ng::from_str(yaml).unwrap_or_else(|e| panic!("test YAML invalid: {e}\n{yaml}"))
+}
+
+/// `127.0.0.1/32:<port>`: the only way to let traffic reach a loopback upstream.
+fn loopback_rule(up: &RecordingUpstream) -> String {
+    format!("127.0.0.1/32:{}", up.port())
+}
+
+/// The proxy with one config-file rule `collector` for `up` whose `validate:` is `validate`
+/// (a YAML flow mapping).
+async fn validating_proxy(up: &RecordingUpstream, validate: &str) -> TestEgress {
+    let yaml = format!(
+        "rules:\n  - name: collector\n    upstream: \"{}\"\n    validate: {validate}\n",
+        loopback_rule(up)
+    );
+    TestEgress::start(yaml_section(&yaml), TestResolver::new(&[])).await
+}
+
+/// Asserts a refusal: the status, and the same one-line reason in the `Ferry-Refusal` header and
+/// the body, containing `needle`.
+fn assert_refused(resp: &Resp, status: u16, needle: &str, what: &str) {
+    assert_eq!(
+        resp.status,
+        status,
+        "{what}: expected {status}, got {} {:?}",
+        resp.status,
+        resp.text()
+    );
+    let reason = resp
+        .header("ferry-refusal")
+        .unwrap_or_else(|| panic!("{what}: no Ferry-Refusal header on {}", resp.status));
+    assert!(
+        reason.contains(needle),
+        "{what}: reason {reason:?} should mention {needle:?}"
+    );
+    assert_eq!(
+        resp.text().trim_end(),
+        reason,
+        "{what}: body and header carry one line"
+    );
+}
+
+/// GET `url` (absolute-form) through `proxy`.
+async fn get_via(proxy: SocketAddr, url: &str) -> Resp {
+    exchange(proxy, absolute("GET", url, &[], Bytes::new())).await
+}
+
+/// POST `body` to `url` (absolute-form) through `proxy`.
+async fn post_via(proxy: SocketAddr, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    exchange(
+        proxy,
+        absolute("POST", url, headers, Bytes::copy_from_slice(body)),
+    )
+    .await
+}
+
+/// Asserts the upstream received exactly `body` with these framing headers.
+fn assert_arrived_identical(up: &RecordingUpstream, body: &[u8], content_type: Option<&str>) {
+    let got = up.last();
+    assert_eq!(got.method, "POST");
+    assert_eq!(
+        got.body.as_ref(),
+        body,
+        "the payload must arrive byte-identical"
+    );
+    assert_eq!(
+        got.header("content-length"),
+        Some(body.len().to_string().as_str()),
+        "Content-Length as sent"
+    );
+    assert_eq!(
+        got.header("content-type"),
+        content_type,
+        "Content-Type as sent"
+    );
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+fn md5_b64(data: &[u8]) -> String {
+    use base64::Engine as _;
+    use md5::Digest as _;
+    base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(data))
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// A chunked body (no Content-Length) of these chunks.
+fn chunked(
+    chunks: Vec<Vec<u8>>,
+) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>>> {
+    StreamBody::new(futures_util::stream::iter(
+        chunks
+            .into_iter()
+            .map(|c| Ok::<_, Infallible>(Frame::data(Bytes::from(c)))),
+    ))
+}
+
+/// Binds `ip:port`, retrying with new upstream ports when the second address's port is taken:
+/// returns (upstream on 127.0.0.1:P, decoy on `ip`:P) — same port, different loopback address.
+async fn upstream_and_decoy(ip: &str) -> (RecordingUpstream, RecordingUpstream) {
+    for _ in 0..20 {
+        let up = RecordingUpstream::start().await;
+        if let Ok(listener) = TcpListener::bind((ip, up.port())).await {
+            let decoy = RecordingUpstream::serve(listener, Reply::Ok, None);
+            return (up, decoy);
+        }
+    }
+    panic!("no port free on both 127.0.0.1 and {ip}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_ipv4_client_reaches_the_upstream() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let resp = get_via(proxy.addr, &up.url("/v4?x=1")).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), UPSTREAM_BODY);
+    assert_eq!(resp.header("x-upstream"), Some("yes"));
+    assert!(resp.header("ferry-refusal").is_none());
+    let got = up.last();
+    assert_eq!((got.method.as_str(), got.uri.as_str()), ("GET", "/v4?x=1"));
+    assert_eq!(
+        got.header("host"),
+        Some(up.addr.to_string().as_str()),
+        "Host is the destination's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_ipv6_client_reaches_the_upstream() {
+    let up = RecordingUpstream::start().await;
+    // Default client allowlist: loopback, ::1 included.
+    let proxy = TestEgress::start_on(
+        "[::1]:0",
+        section(&[loopback_rule(&up)]),
+        TestResolver::new(&[]),
+    )
+    .await;
+    assert!(proxy.addr.is_ipv6());
+    let resp = get_via(proxy.addr, &up.url("/v6")).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(up.last().uri, "/v6");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_outside_the_allowlist_is_refused_ipv4() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.allow_clients = vec!["10.0.0.0/8".into()];
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+    let resp = get_via(proxy.addr, &up.url("/")).await;
+    assert_refused(
+        &resp,
+        403,
+        "client 127.0.0.1 is not allowed",
+        "client 127.0.0.1",
+    );
+    let resp = raw_exchange(
+        proxy.addr,
+        format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", up.addr).as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 403, "CONNECT from a refused client: {resp:?}");
+    up.assert_untouched("refused client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_outside_the_allowlist_is_refused_ipv6() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.allow_clients = vec!["127.0.0.0/8".into(), "2001:db8::/32".into()];
+    let proxy = TestEgress::start_on("[::1]:0", s, TestResolver::new(&[])).await;
+    let resp = get_via(proxy.addr, &up.url("/")).await;
+    assert_refused(&resp, 403, "client ::1 is not allowed", "client ::1");
+    up.assert_untouched("refused ::1 client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_client_address_are_capped() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.max_connections_per_client = 2;
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+
+    // Two kept-alive connections, each proven admitted by a completed request.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = sender
+            .send_request(absolute(
+                "GET",
+                &up.url(&format!("/held{i}")),
+                &[],
+                Bytes::new(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        held.push(sender);
+    }
+
+    let third = get_via(proxy.addr, &up.url("/third")).await;
+    assert_refused(&third, 429, "more than 2 connections", "third connection");
+    assert_eq!(
+        third.header("connection"),
+        Some("close"),
+        "a refused connection is closed"
+    );
+    assert_eq!(up.request_count(), 2, "the third request was not forwarded");
+
+    // Closing one frees its slot.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = get_via(proxy.addr, &up.url("/after")).await;
+        if resp.status == 200 {
+            break;
+        }
+        assert_eq!(resp.status, 429);
+        assert!(
+            Instant::now() < deadline,
+            "the slot of a closed connection was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.last().uri, "/after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_credentials_basic_and_bearer_hashed_at_rest() {
+    use ferry::gateway::auth::hash_token;
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("egress-clients");
+    std::fs::write(
+        &creds,
+        format!(
+            "# egress clients\nalice {}\nbearer {}\n",
+            hash_token("alice-s3cret"),
+            hash_token("tok-0123456789")
+        ),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&creds).unwrap();
+    assert!(!text.contains("alice-s3cret") && !text.contains("tok-0123456789"));
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (_, hash) = line.split_once(' ').unwrap();
+        let hex = hash.strip_prefix("sha256:").expect("only sha256 hashes");
+        assert!(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.auth.credentials_file = Some(creds);
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+    let url = up.url("/push");
+
+    let missing = get_via(proxy.addr, &url).await;
+    assert_refused(
+        &missing,
+        407,
+        "credentials required",
+        "no Proxy-Authorization",
+    );
+    let challenge = missing.header("proxy-authenticate").unwrap_or_default();
+    assert!(
+        challenge.contains("Basic") && challenge.contains("Bearer"),
+        "{challenge:?}"
+    );
+    for (what, value) in [
+        ("wrong password", basic("alice", "guess")),
+        (
+            "right password, other user",
+            basic("mallory", "alice-s3cret"),
+        ),
+        ("wrong token", "Bearer tok-wrong".to_owned()),
+        ("unknown scheme", "Digest x".to_owned()),
+    ] {
+        let resp = exchange(
+            proxy.addr,
+            absolute(
+                "GET",
+                &url,
+                &[("proxy-authorization", &value)],
+                Bytes::new(),
+            ),
+        )
+        .await;
+        assert_eq!(resp.status, 407, "{what}: {}", resp.text());
+        assert!(resp.header("proxy-authenticate").is_some(), "{what}");
+    }
+    let (resp, _) = connect_raw(proxy.addr, &up.addr.to_string(), &[]).await;
+    assert_eq!(resp.status, 407, "CONNECT without credentials: {resp:?}");
+    assert_eq!(up.request_count(), 0);
+
+    for value in [
+        basic("alice", "alice-s3cret"),
+        "Bearer tok-0123456789".into(),
+    ] {
+        let resp = exchange(
+            proxy.addr,
+            absolute(
+                "GET",
+                &url,
+                &[("proxy-authorization", &value)],
+                Bytes::new(),
+            ),
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{value}: {}", resp.text());
+        assert!(
+            up.last().header("proxy-authorization").is_none(),
+            "the proxy's credentials are not forwarded"
+        );
+    }
+    let (resp, _) = connect_raw(
+        proxy.addr,
+        &up.addr.to_string(),
+        &[("Proxy-Authorization", &basic("alice", "alice-s3cret"))],
+    )
+    .await;
+    assert_eq!(resp.status, 200, "CONNECT with credentials: {resp:?}");
+    assert_eq!(up.request_count(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destinations
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_are_denied_by_default() {
+    let up = RecordingUpstream::start().await;
+    let resolver = TestResolver::new(&[("collector.test.example", &["127.0.0.1"])]);
+    let proxy = TestEgress::start(section(&[]), resolver.clone()).await;
+    for url in [
+        up.url("/"),
+        format!("http://collector.test.example:{}/", up.port()),
+    ] {
+        let resp = post_via(proxy.addr, &url, &[], b"{}").await;
+        assert_refused(&resp, 403, "is not allowed", &url);
+    }
+    let (resp, _) = connect_raw(proxy.addr, &up.addr.to_string(), &[]).await;
+    assert_eq!(resp.status, 403, "CONNECT with no rule: {resp:?}");
+
+    // A rule for another host does not open this one.
+    let proxy = TestEgress::start(
+        section(&[format!("other.test.example:{}", up.port())]),
+        resolver,
+    )
+    .await;
+    let resp = get_via(
+        proxy.addr,
+        &format!("http://collector.test.example:{}/", up.port()),
+    )
+    .await;
+    assert_refused(&resp, 403, "destination", "unlisted host");
+    up.assert_untouched("default deny");
+}
+
+/// Every special-purpose range, and its IPv4-mapped forms, with the reason the proxy gives.
+const SPECIAL: [(&str, &str); 13] = [
+    ("127.0.0.1", "loopback"),
+    ("10.0.0.1", "private"),
+    ("172.16.0.1", "private"),
+    ("192.168.1.1", "private"),
+    ("100.64.0.1", "cgnat"),
+    ("169.254.169.254", "link-local"),
+    ("0.0.0.0", "unspecified"),
+    ("224.0.0.1", "multicast"),
+    ("::1", "loopback"),
+    ("fd00::1", "unique-local"),
+    ("fe80::1", "link-local"),
+    ("::ffff:127.0.0.1", "loopback"),
+    ("::ffff:169.254.169.254", "link-local"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn special_purpose_addresses_are_refused_unless_a_rule_names_them_by_cidr() {
+    let up = RecordingUpstream::start().await;
+    let port = up.port();
+    let resolver = TestResolver::new(&[]);
+    for (i, (addr, _)) in SPECIAL.iter().enumerate() {
+        resolver.set(&format!("h{i}.test.example"), &[addr]);
+    }
+
+    // A name rule never reaches a special-purpose address, whatever the name.
+    let mut s = section(&[format!("*.test.example:{port}")]);
+    s.connect_timeout = ferry::config::Dur(Duration::from_millis(300));
+    let proxy = TestEgress::start(s, resolver.clone()).await;
+    for (i, (addr, why)) in SPECIAL.iter().enumerate() {
+        let url = format!("http://h{i}.test.example:{port}/");
+        let resp = get_via(proxy.addr, &url).await;
+        assert_refused(
+            &resp,
+            403,
+            &format!("resolves to a {why} address"),
+            &format!("{url} -> {addr}"),
+        );
+    }
+    up.assert_untouched("name rule, special-purpose answers");
+
+    // Named by CIDR, each is let through: the loopback ones reach the upstream, the others get
+    // as far as a connection attempt (502), not a policy refusal.
+    let cidr_rules: Vec<String> = SPECIAL
+        .iter()
+        .map(|(addr, _)| {
+            if addr.contains(':') {
+                format!("[{addr}/128]:{port}")
+            } else {
+                format!("{addr}/32:{port}")
+            }
+        })
+        .collect();
+    let mut s = section(&cidr_rules);
+    s.connect_timeout = ferry::config::Dur(Duration::from_millis(300));
+    let proxy = TestEgress::start(s, resolver).await;
+    let paddr = proxy.addr;
+    let answers = futures_util::future::join_all(SPECIAL.iter().enumerate().map(|(i, _)| {
+        let url = format!("http://h{i}.test.example:{port}/cidr{i}");
+        async move { (url.clone(), get_via(paddr, &url).await) }
+    }))
+    .await;
+    for ((url, resp), (addr, _)) in answers.iter().zip(SPECIAL) {
+        let reason = resp.header("ferry-refusal").unwrap_or_default();
+        assert!(
+            resp.status != 403 && !reason.contains("resolves to"),
+            "{url} -> {addr} is named by a CIDR rule, yet: {} {reason:?}",
+            resp.status
+        );
+        if addr == "127.0.0.1" || addr == "::ffff:127.0.0.1" {
+            assert_eq!(resp.status, 200, "{url} -> {addr}: {reason}");
+        } else if addr != "0.0.0.0" {
+            // 0.0.0.0 means "this host" to connect(2) and may reach the upstream: either is fine.
+            assert!(
+                resp.status == 502 || resp.status == 504,
+                "{url} -> {addr}: {}",
+                resp.status
+            );
+        }
+    }
+    let mut seen: Vec<String> = up.requests().into_iter().map(|r| r.uri).collect();
+    seen.sort();
+    seen.retain(|u| u != "/cidr6"); // 0.0.0.0, see above
+    assert_eq!(seen, ["/cidr0", "/cidr11"]);
+}
+
+/// Spellings of 127.0.0.1 that resolvers and tools accept.
+const LOOPBACK_SPELLINGS: [&str; 7] = [
+    "2130706433",
+    "0x7f000001",
+    "0177.0.0.1",
+    "127.1",
+    "[::ffff:127.0.0.1]",
+    "[::ffff:7f00:1]",
+    "127.0.0.1",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_literal_spellings_match_only_cidr_rules() {
+    let up = RecordingUpstream::start().await;
+    let port = up.port();
+    // Name rules only (and names that exist): no spelling of loopback may pass.
+    let resolver = TestResolver::new(&[("localhost", &["127.0.0.1"])]);
+    let proxy = TestEgress::start(
+        section(&[
+            format!("*.test.example:{port}"),
+            format!("localhost:{port}"),
+        ]),
+        resolver.clone(),
+    )
+    .await;
+    for host in LOOPBACK_SPELLINGS {
+        let url = format!("http://{host}:{port}/spelled");
+        let resp = get_via(proxy.addr, &url).await;
+        assert_refused(&resp, 403, "not allowed", &url);
+        let (resp, _) = connect_raw(proxy.addr, &format!("{host}:{port}"), &[]).await;
+        assert_eq!(resp.status, 403, "CONNECT {host}:{port}: {resp:?}");
+    }
+    up.assert_untouched("loopback spellings against name rules");
+
+    // A CIDR rule naming 127.0.0.1 matches every spelling, and the upstream gets each request.
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), resolver).await;
+    for (i, host) in LOOPBACK_SPELLINGS.iter().enumerate() {
+        let url = format!("http://{host}:{port}/spelled{i}");
+        let resp = get_via(proxy.addr, &url).await;
+        assert_eq!(resp.status, 200, "{url}: {}", resp.text());
+        assert_eq!(up.last().uri, format!("/spelled{i}"));
+    }
+    assert_eq!(up.request_count(), LOOPBACK_SPELLINGS.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_resolving_to_a_forbidden_address_is_refused_before_any_connection() {
+    let up = RecordingUpstream::start().await;
+    let port = up.port();
+    let resolver = TestResolver::new(&[
+        ("evil.test.example", &["127.0.0.1"]),
+        ("metadata.test.example", &["169.254.169.254"]),
+        ("mixed.test.example", &["10.0.0.1", "127.0.0.1"]),
+    ]);
+    let proxy = TestEgress::start(section(&[format!("*.test.example:{port}")]), resolver).await;
+    for (name, why) in [
+        ("evil", "loopback"),
+        ("metadata", "link-local"),
+        ("mixed", "private"),
+    ] {
+        let url = format!("http://{name}.test.example:{port}/latest/meta-data");
+        let resp = post_via(proxy.addr, &url, &[], b"x").await;
+        assert_refused(&resp, 403, &format!("resolves to a {why} address"), &url);
+        let (resp, _) = connect_raw(proxy.addr, &format!("{name}.test.example:{port}"), &[]).await;
+        assert_eq!(resp.status, 403, "CONNECT {name}: {resp:?}");
+    }
+    let resp = get_via(proxy.addr, &format!("http://nxdomain.test.example:{port}/")).await;
+    assert_eq!(
+        resp.status,
+        502,
+        "a name that does not resolve: {}",
+        resp.text()
+    );
+    up.assert_untouched("names resolving to special-purpose addresses");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_connects_only_to_an_address_it_checked() {
+    // The upstream on 127.0.0.1:P, a decoy on 127.0.0.2:P; the rule allows only 127.0.0.1.
+    let (up, decoy) = upstream_and_decoy("127.0.0.2").await;
+    let port = up.port();
+    let resolver = TestResolver::new(&[(
+        "multi.test.example",
+        &["10.0.0.1", "127.0.0.2", "127.0.0.1"],
+    )]);
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), resolver.clone()).await;
+    let started = Instant::now();
+    let resp = get_via(
+        proxy.addr,
+        &format!("http://multi.test.example:{port}/checked"),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "no attempt on an unchecked address"
+    );
+    assert_eq!(up.last().uri, "/checked");
+    let mut tunnel = open_tunnel(proxy.addr, &format!("multi.test.example:{port}")).await;
+    tunnel
+        .write_all(b"GET /tunnelled HTTP/1.1\r\nHost: multi.test.example\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_response(&mut tunnel).await.expect("answer via tunnel");
+    assert_eq!(resp.status, 200);
+    assert_eq!(up.last().uri, "/tunnelled");
+    decoy.assert_untouched("an address the rule does not allow");
+
+    // A DNS answer that changes between lookups cannot steer the connection elsewhere.
+    resolver.set_sequence(
+        "flip.test.example",
+        &[&["127.0.0.1"], &["127.0.0.2"], &["127.0.0.2"]],
+    );
+    let before = up.request_count();
+    let resp = get_via(proxy.addr, &format!("http://flip.test.example:{port}/flip")).await;
+    match resp.status {
+        200 => assert_eq!(up.last().uri, "/flip"),
+        403 => assert_eq!(up.request_count(), before),
+        other => panic!("rebinding answer: {other} {}", resp.text()),
+    }
+    resolver.set_sequence("flop.test.example", &[&["127.0.0.1"], &["127.0.0.2"]]);
+    let (resp, _) = connect_raw(proxy.addr, &format!("flop.test.example:{port}"), &[]).await;
+    assert!(resp.status == 200 || resp.status == 403, "{resp:?}");
+    decoy.assert_untouched("a rebound DNS answer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_follow_the_same_rules() {
+    let up = RecordingUpstream::start().await;
+    let port = up.port();
+    let resolver = TestResolver::new(&[("collector.test.example", &["127.0.0.1"])]);
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), resolver).await;
+
+    // Allowed: the tunnel relays bytes both ways, by address and by name.
+    for authority in [
+        format!("127.0.0.1:{port}"),
+        format!("collector.test.example:{port}"),
+    ] {
+        let tunnel = open_tunnel(proxy.addr, &authority).await;
+        let req = http::Request::get("/through-tunnel")
+            .header("host", authority.as_str())
+            .body(http_body_util::Full::new(Bytes::from_static(b"")))
+            .unwrap();
+        let resp = send_on(tunnel, req).await.expect("request through tunnel");
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.text(), UPSTREAM_BODY);
+        assert_eq!(up.last().uri, "/through-tunnel");
+    }
+    assert_eq!(up.request_count(), 2);
+
+    // Refused: port not in the rule, an address not in it, no port at all.
+    for authority in [
+        format!("127.0.0.1:{}", port.wrapping_add(1).max(1)),
+        format!("127.0.0.2:{port}"),
+        "127.0.0.1".to_owned(),
+    ] {
+        let (resp, _) = connect_raw(proxy.addr, &authority, &[]).await;
+        assert!(
+            resp.status == 403 || resp.status == 400,
+            "CONNECT {authority}: {resp:?}"
+        );
+        assert!(
+            resp.header("ferry-refusal").is_some(),
+            "CONNECT {authority}: {resp:?}"
+        );
+    }
+    assert_eq!(up.request_count(), 2);
+    assert_eq!(up.connections(), 2, "refused tunnels never connected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_methods_and_paths_outside_the_rule_are_refused() {
+    let up = RecordingUpstream::start().await;
+    let port = up.port();
+    let other_port = if port == 65535 { port - 1 } else { port + 1 };
+    let proxy = TestEgress::start(
+        yaml_section(&format!(
+            "rules:\n  - name: push\n    upstream: \"127.0.0.1/32:{port}\"\n    methods: [post, PUT]\n    path_prefix: /api/\n"
+        )),
+        TestResolver::new(&[]),
+    )
+    .await;
+    let resp = get_via(proxy.addr, &up.url("/api/v1/push")).await;
+    assert_refused(
+        &resp,
+        405,
+        "method GET is not allowed by rule \"push\"",
+        "GET",
+    );
+    let resp = post_via(
+        proxy.addr,
+        &format!("http://127.0.0.1:{other_port}/api/v1/push"),
+        &[],
+        b"x",
+    )
+    .await;
+    assert_refused(&resp, 403, "is not allowed", "other port");
+    let resp = post_via(proxy.addr, &up.url("/admin"), &[], b"x").await;
+    assert_refused(&resp, 403, "is not allowed", "path outside the prefix");
+    up.assert_untouched("port, method, path");
+
+    let resp = post_via(proxy.addr, &up.url("/api/v1/push"), &[], b"x").await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let resp = exchange(
+        proxy.addr,
+        absolute("PUT", &up.url("/api/v1/put"), &[], "y"),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(up.request_count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_passed_back_not_followed() {
+    let target = RecordingUpstream::start().await;
+    let up = RecordingUpstream::start_with(Reply::Redirect(target.url("/elsewhere"))).await;
+    let proxy = TestEgress::start(
+        section(&[loopback_rule(&up), loopback_rule(&target)]),
+        TestResolver::new(&[]),
+    )
+    .await;
+    let resp = post_via(proxy.addr, &up.url("/push"), &[], b"payload").await;
+    assert_eq!(resp.status, 302);
+    assert_eq!(
+        resp.header("location"),
+        Some(target.url("/elsewhere").as_str())
+    );
+    assert_eq!(up.request_count(), 1);
+    target.assert_untouched("the redirect target");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Payload validation
+
+const JSON_PAYLOAD: &[u8] =
+    br#"{"agentKey":"abc","payload":{"os":"linux","loadAvrg":0.42,"memPhysUsed":1234}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_payload_arrives_byte_identical() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(
+        &up,
+        "{json: true, content_types: [application/json], max_body_bytes: 4096}",
+    )
+    .await;
+    let ct = "application/json; charset=utf-8";
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/postback/"),
+        &[("content-type", ct), ("x-agent", "sd")],
+        JSON_PAYLOAD,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_arrived_identical(&up, JSON_PAYLOAD, Some(ct));
+    assert_eq!(up.last().header("x-agent"), Some("sd"));
+    assert_eq!(up.last().uri, "/postback/");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_limit_are_refused_whole_with_or_without_content_length() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{max_body_bytes: 1024}").await;
+    let resp = post_via(proxy.addr, &up.url("/"), &[], &[b'a'; 4096]).await;
+    assert_refused(
+        &resp,
+        413,
+        "exceeds the limit of 1024 bytes",
+        "Content-Length 4096",
+    );
+    let req = http::Request::post(up.url("/"))
+        .header("host", up.addr.to_string())
+        .body(chunked(vec![vec![b'b'; 1000]; 4]))
+        .unwrap();
+    let resp = exchange(proxy.addr, req).await;
+    assert_refused(
+        &resp,
+        413,
+        "exceeds the limit of 1024 bytes",
+        "chunked 4000",
+    );
+    up.assert_untouched("too large");
+
+    // Exactly at the limit passes, chunked too, and arrives intact.
+    let resp = post_via(proxy.addr, &up.url("/"), &[], &[b'c'; 1024]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_arrived_identical(&up, &[b'c'; 1024], None);
+    let req = http::Request::post(up.url("/"))
+        .header("host", up.addr.to_string())
+        .body(chunked(vec![vec![b'd'; 512]; 2]))
+        .unwrap();
+    let resp = exchange(proxy.addr, req).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(up.last().body.as_ref(), &[b'd'; 1024]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_type_not_listed_is_415() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{content_types: [application/json]}").await;
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/"),
+        &[("content-type", "text/plain")],
+        b"{}",
+    )
+    .await;
+    assert_refused(&resp, 415, "content type text/plain", "text/plain");
+    let resp = post_via(proxy.addr, &up.url("/"), &[], b"{}").await;
+    assert_refused(&resp, 415, "content type none", "no Content-Type");
+    up.assert_untouched("wrong content type");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_json_is_422() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{json: true}").await;
+    for body in [
+        &b"{\"agentKey\": \"abc\", "[..],
+        b"not json",
+        b"",
+        b"{} trailing",
+    ] {
+        let resp = post_via(
+            proxy.addr,
+            &up.url("/"),
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await;
+        assert_refused(
+            &resp,
+            422,
+            "body is not valid JSON",
+            &String::from_utf8_lossy(body),
+        );
+        assert!(
+            !resp.text().contains("agentKey"),
+            "no payload in the reason"
+        );
+    }
+    up.assert_untouched("malformed JSON");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_schema_violation_is_422() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("postback.schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "required": ["agentKey", "payload"],
+            "properties": {"agentKey": {"type": "string"}, "payload": {"type": "object"}}}"#,
+    )
+    .unwrap();
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(
+        &up,
+        &format!("{{json_schema_file: \"{}\"}}", schema.display()),
+    )
+    .await;
+    for body in [
+        &br#"{"agentKey": 5, "payload": {}}"#[..],
+        br#"{"payload": {}}"#,
+        br#"[1, 2]"#,
+    ] {
+        let resp = post_via(proxy.addr, &up.url("/"), &[], body).await;
+        assert_refused(
+            &resp,
+            422,
+            "does not match the JSON schema",
+            &String::from_utf8_lossy(body),
+        );
+    }
+    up.assert_untouched("schema violations");
+    let resp = post_via(proxy.addr, &up.url("/"), &[], JSON_PAYLOAD).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_arrived_identical(&up, JSON_PAYLOAD, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_md5_is_verified() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{require_content_md5: true}").await;
+    let resp = post_via(proxy.addr, &up.url("/"), &[], JSON_PAYLOAD).await;
+    assert_refused(&resp, 422, "content-md5 is missing", "no Content-MD5");
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/"),
+        &[("content-md5", &md5_b64(b"something else"))],
+        JSON_PAYLOAD,
+    )
+    .await;
+    assert_refused(&resp, 422, "does not match", "Content-MD5 mismatch");
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/"),
+        &[("content-md5", "***")],
+        JSON_PAYLOAD,
+    )
+    .await;
+    assert_refused(&resp, 422, "not base64", "Content-MD5 garbage");
+    up.assert_untouched("Content-MD5");
+
+    let good = md5_b64(JSON_PAYLOAD);
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/"),
+        &[("content-md5", &good)],
+        JSON_PAYLOAD,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_arrived_identical(&up, JSON_PAYLOAD, None);
+    assert_eq!(up.last().header("content-md5"), Some(good.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_required_header_is_422() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{required_headers: [X-Agent-Key]}").await;
+    let resp = post_via(proxy.addr, &up.url("/"), &[], JSON_PAYLOAD).await;
+    assert_refused(&resp, 422, "x-agent-key", "missing header");
+    up.assert_untouched("missing required header");
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/"),
+        &[("x-agent-key", "k1")],
+        JSON_PAYLOAD,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(up.last().header("x-agent-key"), Some("k1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_patterns_see_the_body_from_its_first_byte() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, r#"{deny_patterns: ["^-----BEGIN", "(?i)password="]}"#).await;
+    for body in [
+        &b"-----BEGIN OPENSSH PRIVATE KEY-----\nhunter2"[..],
+        b"password=hunter2&x=1",
+        b"x=1&PASSWORD=hunter2",
+    ] {
+        let resp = post_via(proxy.addr, &up.url("/"), &[], body).await;
+        assert_refused(
+            &resp,
+            403,
+            "matches deny pattern",
+            &String::from_utf8_lossy(body),
+        );
+        assert!(!resp.text().contains("hunter2"), "no payload in the reason");
+    }
+    up.assert_untouched("deny patterns");
+    let body = b"x=1&user=alice -----BEGIN later is fine";
+    let resp = post_via(proxy.addr, &up.url("/"), &[], body).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_arrived_identical(&up, body, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_bodies_are_validated_decoded_and_forwarded_as_sent() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(
+        &up,
+        r#"{json: true, content_types: [application/json], deny_patterns: ["SECRET-TOKEN"]}"#,
+    )
+    .await;
+    let gz_headers = [
+        ("content-type", "application/json"),
+        ("content-encoding", "gzip"),
+    ];
+    for (what, body, status, needle) in [
+        (
+            "gzip of malformed JSON",
+            gzip(b"{\"payload\": "),
+            422,
+            "not valid JSON",
+        ),
+        (
+            "gzip hiding a deny pattern",
+            gzip(b"{\"k\": \"SECRET-TOKEN\"}"),
+            403,
+            "deny pattern",
+        ),
+        (
+            "truncated gzip",
+            gzip(JSON_PAYLOAD)[..20].to_vec(),
+            422,
+            "not valid gzip",
+        ),
+        (
+            "plain JSON labelled gzip",
+            JSON_PAYLOAD.to_vec(),
+            422,
+            "not valid gzip",
+        ),
+    ] {
+        let resp = post_via(proxy.addr, &up.url("/"), &gz_headers, &body).await;
+        assert_refused(&resp, status, needle, what);
+    }
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/"),
+        &[
+            ("content-type", "application/json"),
+            ("content-encoding", "br"),
+        ],
+        JSON_PAYLOAD,
+    )
+    .await;
+    assert_refused(&resp, 415, "content encoding br", "brotli");
+    up.assert_untouched("invalid compressed payloads");
+
+    let gz = gzip(JSON_PAYLOAD);
+    let resp = post_via(proxy.addr, &up.url("/"), &gz_headers, &gz).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_arrived_identical(&up, &gz, Some("application/json"));
+    assert_eq!(
+        up.last().header("content-encoding"),
+        Some("gzip"),
+        "still gzip-encoded"
+    );
+
+    let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    zlib.write_all(JSON_PAYLOAD).unwrap();
+    let deflated = zlib.finish().unwrap();
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/"),
+        &[
+            ("content-type", "application/json"),
+            ("content-encoding", "deflate"),
+        ],
+        &deflated,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_arrived_identical(&up, &deflated, Some("application/json"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_bomb_is_refused_at_the_decoded_limit_quickly() {
+    let bomb = gzip(&vec![0u8; 10 << 20]);
+    assert!(bomb.len() < 100 << 10, "bomb is {} bytes", bomb.len());
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{json: true, max_decoded_bytes: 1048576}").await;
+    let started = Instant::now();
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/"),
+        &[
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ],
+        &bomb,
+    )
+    .await;
+    let took = started.elapsed();
+    assert_refused(
+        &resp,
+        413,
+        "decoded body exceeds the limit of 1048576 bytes",
+        "gzip bomb",
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    up.assert_untouched("gzip bomb");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_to_a_validating_rule_is_refused() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{json: true}").await;
+    let (resp, _) = connect_raw(proxy.addr, &up.addr.to_string(), &[]).await;
+    assert_eq!(resp.status, 403, "{resp:?}");
+    let reason = resp.header("ferry-refusal").unwrap_or_default();
+    assert!(reason.contains("validates payloads"), "{reason:?}");
+    up.assert_untouched("CONNECT to a validating rule");
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS upgrade
+
+struct Pki {
+    ca_file: PathBuf,
+    other_ca_file: PathBuf,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+/// A test CA, a server certificate for `localhost` it signed, and an unrelated CA.
+fn pki(dir: &Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let new_ca = || {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    };
+    let ca = new_ca();
+    let other = new_ca();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let other_ca_file = dir.join("other-ca.pem");
+    std::fs::write(&other_ca_file, other.pem()).unwrap();
+    Pki {
+        ca_file,
+        other_ca_file,
+        chain: vec![cert.der().clone()],
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    }
+}
+
+fn tls_rule_yaml(port: u16, ca: &Path) -> String {
+    format!(
+        "rules:\n  - name: collector-tls\n    upstream: \"127.0.0.1/32:{port}\"\n    tls_upgrade: {{ca_file: \"{}\"}}\n    validate: {{json: true}}\n",
+        ca.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upgrade_speaks_verified_https_to_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let up = RecordingUpstream::start_tls(pki.chain, pki.key).await;
+    let port = up.port();
+    let resolver = TestResolver::new(&[("localhost", &["127.0.0.1"])]);
+    let proxy = TestEgress::start(yaml_section(&tls_rule_yaml(port, &pki.ca_file)), resolver).await;
+    // The client speaks plain HTTP; the name in the URL is what the certificate must match.
+    let url = format!("http://localhost:{port}/api/v1/postback");
+    for _ in 0..2 {
+        let resp = post_via(
+            proxy.addr,
+            &url,
+            &[("content-type", "application/json")],
+            JSON_PAYLOAD,
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.text(), UPSTREAM_BODY);
+        assert_arrived_identical(&up, JSON_PAYLOAD, Some("application/json"));
+        assert_eq!(up.last().uri, "/api/v1/postback");
+    }
+    assert_eq!(up.request_count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upgrade_to_a_certificate_the_ca_did_not_sign_is_502() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let up = RecordingUpstream::start_tls(pki.chain, pki.key).await;
+    let port = up.port();
+    let resolver = TestResolver::new(&[("localhost", &["127.0.0.1"])]);
+    let proxy = TestEgress::start(
+        yaml_section(&tls_rule_yaml(port, &pki.other_ca_file)),
+        resolver,
+    )
+    .await;
+    let resp = post_via(
+        proxy.addr,
+        &format!("http://localhost:{port}/api/v1/postback"),
+        &[("content-type", "application/json")],
+        JSON_PAYLOAD,
+    )
+    .await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert!(resp.header("ferry-refusal").is_some());
+    assert_eq!(
+        up.request_count(),
+        0,
+        "nothing is sent over an unverified connection"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Protocol hygiene
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_is_400() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    for (what, req) in [
+        (
+            "CL then TE",
+            format!("POST http://{a}/smuggle HTTP/1.1\r\nHost: {a}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ),
+        (
+            "TE then CL",
+            format!("POST http://{a}/smuggle HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n"),
+        ),
+    ] {
+        let resp = raw_exchange(proxy.addr, req.as_bytes()).await;
+        assert_eq!(resp.status, 400, "{what}: {resp:?}");
+        assert_eq!(
+            resp.header("ferry-refusal").as_deref(),
+            Some("both Content-Length and Transfer-Encoding"),
+            "{what}"
+        );
+    }
+    up.assert_untouched("CL + TE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_content_length_is_400() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    for (what, lengths) in [("same value twice", ["5", "5"]), ("two values", ["5", "6"])] {
+        let req = format!(
+            "POST http://{a}/dup HTTP/1.1\r\nHost: {a}\r\nContent-Length: {}\r\nContent-Length: {}\r\n\r\nhello!",
+            lengths[0], lengths[1]
+        );
+        let resp = raw_exchange(proxy.addr, req.as_bytes()).await;
+        assert_eq!(resp.status, 400, "{what}: {resp:?}");
+        if lengths[0] == lengths[1] {
+            // Two different values hyper refuses itself, before the proxy sees the request.
+            assert_eq!(
+                resp.header("ferry-refusal").as_deref(),
+                Some("more than one Content-Length header"),
+                "{what}"
+            );
+        }
+    }
+    up.assert_untouched("duplicate Content-Length");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn well_framed_pipelined_requests_pass_even_when_a_body_looks_like_smuggling() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    // A body that spells a conflicting head is just a body.
+    let inner = format!(
+        "POST http://{a}/inner HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let chunk = "GET /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
+    let pipelined = format!(
+        "POST http://{a}/one HTTP/1.1\r\nHost: {a}\r\nContent-Length: {}\r\n\r\n{inner}\
+         POST http://{a}/two HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n\
+         {:x};ext=1\r\n{chunk}\r\n0\r\nX-Trailer: t\r\n\r\n\
+         GET http://{a}/three HTTP/1.1\r\nHost: {a}\r\n\r\n\
+         POST http://{a}/four HTTP/1.1\r\nHost: {a}\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nhi",
+        inner.len(),
+        chunk.len()
+    );
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(pipelined.as_bytes()).await.unwrap();
+    for path in ["/one", "/two", "/three"] {
+        let resp = tokio::time::timeout(Duration::from_secs(10), read_response(&mut stream))
+            .await
+            .expect("pipelined answer in time")
+            .expect("pipelined answer");
+        assert_eq!(resp.status, 200, "{path}: {resp:?}");
+    }
+    // Still in step after all that: the fourth request's duplicate Content-Length is seen.
+    let resp = read_response(&mut stream).await.expect("fourth answer");
+    assert_eq!(resp.status, 400, "{resp:?}");
+    assert_eq!(
+        resp.header("ferry-refusal").as_deref(),
+        Some("more than one Content-Length header")
+    );
+    let seen = up.requests();
+    let uris: Vec<&str> = seen.iter().map(|r| r.uri.as_str()).collect();
+    assert_eq!(uris, ["/one", "/two", "/three"]);
+    assert_eq!(seen[0].body.as_ref(), inner.as_bytes());
+    assert_eq!(seen[1].body.as_ref(), chunk.as_bytes());
+    assert_eq!(seen.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_not_forwarded_either_way() {
+    let up = RecordingUpstream::start_with(Reply::HopByHop).await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    let req = format!(
+        "POST http://{a}/hop HTTP/1.1\r\nHost: {a}\r\n\
+         Connection: close, X-Custom\r\nX-Custom: hop-only\r\nKeep-Alive: timeout=5\r\n\
+         Proxy-Authorization: Basic Zm9vOmJhcg==\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\
+         X-End-To-End: kept\r\nUser-Agent: egress-test/1\r\nContent-Type: text/plain\r\n\
+         Content-Length: 5\r\n\r\nhello"
+    );
+    let resp = raw_exchange(proxy.addr, req.as_bytes()).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let got = up.last();
+    for hop in [
+        "connection",
+        "x-custom",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+    ] {
+        assert!(
+            got.headers.get(hop).is_none(),
+            "hop-by-hop {hop} was forwarded: {:?}",
+            got.headers
+        );
+    }
+    assert_eq!(got.header("x-end-to-end"), Some("kept"));
+    assert_eq!(got.header("user-agent"), Some("egress-test/1"));
+    assert_eq!(got.header("content-type"), Some("text/plain"));
+    assert_eq!(got.body.as_ref(), b"hello");
+    // The upstream's own hop-by-hop headers stop at the proxy too.
+    assert_eq!(resp.header("x-resp-e2e").as_deref(), Some("kept"));
+    assert!(resp.header("x-resp-hop").is_none(), "{}", resp.head);
+    assert!(resp.header("keep-alive").is_none(), "{}", resp.head);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_head_is_431() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.max_header_bytes = 4096;
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+    let a = up.addr;
+    let small = format!(
+        "GET http://{a}/ok HTTP/1.1\r\nHost: {a}\r\nX-Fill: {}\r\nConnection: close\r\n\r\n",
+        "f".repeat(2000)
+    );
+    assert_eq!(raw_exchange(proxy.addr, small.as_bytes()).await.status, 200);
+    assert_eq!(up.request_count(), 1);
+    for size in [6000, 40_000] {
+        let req = format!(
+            "GET http://{a}/big HTTP/1.1\r\nHost: {a}\r\nX-Fill: {}\r\n\r\n",
+            "f".repeat(size)
+        );
+        let resp = raw_exchange(proxy.addr, req.as_bytes()).await;
+        assert_eq!(resp.status, 431, "a {size}-byte header: {resp:?}");
+    }
+    assert_eq!(up.request_count(), 1, "the big requests were not forwarded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_headers_are_cut_by_the_header_read_timeout() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.header_read_timeout = ferry::config::Dur(Duration::from_millis(500));
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let started = Instant::now();
+    let head = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nX-Slow: ",
+        up.url("/"),
+        up.addr
+    );
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(head.as_bytes()).await;
+        // One byte every 100 ms, for up to 10 s: never a complete head.
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if wr.write_all(b"a").await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut got)).await;
+    let took = started.elapsed();
+    writer.abort();
+    assert!(closed.is_ok(), "the proxy kept a trickling client for 5 s");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(2),
+        "closed after {took:?}, header_read_timeout is 500 ms"
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        got.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "at most a 408 before closing: {text:?}"
+    );
+    up.assert_untouched("slowloris");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_is_reused_on_both_sides() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::combinators::BoxBody<Bytes, Infallible>,
+    >(TokioIo::new(stream))
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    for i in 0..5 {
+        sender
+            .ready()
+            .await
+            .expect("the proxy kept the client connection open");
+        // Content-Length and chunked bodies in turn.
+        let body = format!("{{\"n\": {i}}}");
+        let req = absolute("POST", &up.url(&format!("/ka{i}")), &[], body.clone());
+        let req = if i % 2 == 0 {
+            req.map(|b| b.boxed())
+        } else {
+            let (half, rest) = body.as_bytes().split_at(3);
+            req.map(|_| chunked(vec![half.to_vec(), rest.to_vec()]).boxed())
+        };
+        let resp = sender
+            .send_request(req)
+            .await
+            .unwrap_or_else(|e| panic!("request {i} on the kept-alive connection: {e}"));
+        assert_eq!(resp.status(), 200);
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got.as_ref(), UPSTREAM_BODY.as_bytes());
+        assert_eq!(up.last().body.as_ref(), body.as_bytes());
+    }
+    assert!(!conn.is_finished(), "client connection still open");
+    let seen = up.requests();
+    assert_eq!(seen.len(), 5);
+    assert!(
+        seen.iter().all(|r| r.peer == seen[0].peer),
+        "one upstream connection: {:?}",
+        seen.iter().map(|r| r.peer).collect::<Vec<_>>()
+    );
+    assert_eq!(up.connections(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Own endpoints, metrics, access log, start-up
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_form_reaches_only_the_proxys_own_endpoints() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let base = format!("http://{}", proxy.addr);
+    for path in ["/metrics", "/-/healthy", "/-/ready"] {
+        assert_eq!(get(&format!("{base}{path}")).await.status, 200, "{path}");
+    }
+    let resp = get(&format!("{base}/api/v1/push")).await;
+    assert_eq!(resp.status, 404);
+    assert!(resp.text().contains("not proxied"), "{}", resp.text());
+    // Origin-form naming the upstream in Host is still not proxied.
+    for req in [
+        format!("GET /steal HTTP/1.1\r\nHost: {}\r\n\r\n", up.addr),
+        format!(
+            "POST /steal HTTP/1.1\r\nHost: {}\r\nContent-Length: 2\r\n\r\n{{}}",
+            up.addr
+        ),
+    ] {
+        let resp = raw_exchange(proxy.addr, req.as_bytes()).await;
+        assert_eq!(resp.status, 404, "{req:?}: {resp:?}");
+    }
+    up.assert_untouched("origin-form requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_allowed_and_refused_requests() {
+    let up = RecordingUpstream::start().await;
+    let rule = loopback_rule(&up);
+    let proxy =
+        TestEgress::start(section(std::slice::from_ref(&rule)), TestResolver::new(&[])).await;
+    let resp = post_via(proxy.addr, &up.url("/ok"), &[], b"12345").await;
+    assert_eq!(resp.status, 200);
+    let refused = get_via(proxy.addr, &format!("http://127.0.0.2:{}/no", up.port())).await;
+    assert_eq!(refused.status, 403);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = proxy.metrics().await;
+        let allowed = metric_value(
+            &text,
+            "ferry_egress_requests_total",
+            &[("decision", "allowed")],
+        );
+        if allowed == Some(1.0) || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let value = |name: &str, labels: &[(&str, &str)]| metric_value(&text, name, labels);
+    assert_eq!(
+        value(
+            "ferry_egress_requests_total",
+            &[
+                ("rule", rule.as_str()),
+                ("method", "POST"),
+                ("status_class", "2xx"),
+                ("decision", "allowed")
+            ]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "ferry_egress_requests_total",
+            &[
+                ("rule", "-"),
+                ("method", "GET"),
+                ("status_class", "4xx"),
+                ("decision", "refused")
+            ]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "ferry_egress_rejections_total",
+            &[("reason", "destination_not_allowed")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("ferry_egress_bytes_total", &[("direction", "in")]),
+        Some(5.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("ferry_egress_bytes_total", &[("direction", "out")]),
+        Some(UPSTREAM_BODY.len() as f64),
+        "{text}"
+    );
+    assert_eq!(
+        value("ferry_egress_request_duration_seconds_count", &[]),
+        Some(2.0),
+        "{text}"
+    );
+}
+
+/// A `ferry` child process whose stderr lines arrive on a channel; killed when dropped.
+struct FerryProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl FerryProcess {
+    fn spawn(args: &[&str]) -> FerryProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        FerryProcess {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Collects stderr lines until `done(lines so far)` or `timeout`.
+    fn collect_until(&mut self, timeout: Duration, done: impl Fn(&[String]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => return done(&self.seen),
+            }
+        }
+        true
+    }
+
+    /// Kills the process and returns all of its stderr.
+    fn finish(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            self.seen.push(line);
+        }
+        std::mem::take(&mut self.seen)
+    }
+}
+
+impl Drop for FerryProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn access_lines(lines: &[String]) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "ferry::egress::access")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_one_line_per_request_and_no_payload() {
+    let up = RecordingUpstream::start().await;
+    let rule = loopback_rule(&up);
+    let marker = format!("PAYLOAD-MARKER-{}", std::process::id());
+    let body = format!("{{\"secret\": \"{marker}\"}}");
+
+    // The port was free a moment ago; retry if another process took it first.
+    let mut started = None;
+    for _ in 0..3 {
+        let listen = format!("127.0.0.1:{}", common::external::free_port());
+        let mut ferry = FerryProcess::spawn(&[
+            "egress",
+            "--web.listen-address",
+            &listen,
+            "--allow-upstream",
+            &rule,
+            "--log.format",
+            "json",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ready = loop {
+            if let Ok(resp) = try_get(&format!("http://{listen}/-/ready"), &[]).await {
+                break resp.status == 200;
+            }
+            if Instant::now() > deadline || ferry.child.try_wait().unwrap().is_some() {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if ready {
+            started = Some((ferry, listen.parse::<SocketAddr>().unwrap()));
+            break;
+        }
+    }
+    let (mut ferry, addr) = started.expect("ferry egress never became ready");
+
+    let resp = post_via(
+        addr,
+        &up.url("/push"),
+        &[("content-type", "application/json")],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let resp = post_via(
+        addr,
+        &format!("http://127.0.0.2:{}/push", up.port()),
+        &[],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    assert!(ferry.collect_until(Duration::from_secs(10), |l| access_lines(l).len() >= 2));
+    let lines = ferry.finish();
+    let access = access_lines(&lines);
+    assert_eq!(access.len(), 2, "one line per request: {lines:#?}");
+
+    let fields: Vec<&serde_json::Value> = access.iter().map(|v| &v["fields"]).collect();
+    for f in &fields {
+        for key in [
+            "client",
+            "rule",
+            "upstream",
+            "method",
+            "status",
+            "bytes_in",
+            "bytes_out",
+            "duration_ms",
+            "decision",
+            "reason",
+        ] {
+            assert!(f.get(key).is_some(), "access line lacks {key}: {f}");
+        }
+        assert_eq!(f["client"], "127.0.0.1");
+        assert_eq!(f["method"], "POST");
+        assert!(f["duration_ms"].as_f64().is_some_and(|d| d >= 0.0), "{f}");
+    }
+    let allowed = fields
+        .iter()
+        .find(|f| f["decision"] == "allowed")
+        .expect("an allowed line");
+    assert_eq!(allowed["status"], 200);
+    assert_eq!(allowed["rule"], rule.as_str());
+    assert_eq!(allowed["upstream"], up.addr.to_string());
+    assert_eq!(allowed["bytes_in"], body.len());
+    assert_eq!(allowed["bytes_out"], UPSTREAM_BODY.len());
+    let refused = fields
+        .iter()
+        .find(|f| f["decision"] == "refused")
+        .expect("a refused line");
+    assert_eq!(refused["status"], 403);
+    assert_eq!(refused["rule"], "-");
+    assert_eq!(refused["upstream"], format!("127.0.0.2:{}", up.port()));
+    assert!(
+        refused["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not allowed")),
+        "{refused}"
+    );
+    assert!(
+        lines.iter().all(|l| !l.contains(&marker)),
+        "payload contents reached the log"
+    );
+    assert_eq!(up.request_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_listener_needs_an_explicit_client_allowlist() {
+    let mut ferry = FerryProcess::spawn(&["egress", "--web.listen-address", "0.0.0.0:0"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = ferry.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ferry egress on 0.0.0.0 without --allow-client kept running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = ferry.finish().join("\n");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--allow-client"), "{stderr}");
+}
