@@ -53,18 +53,7 @@ pub async fn serve_http_tracked<H, F, A, G>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    accept_backoff(&e).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer)) = accept(&listener, &shutdown).await {
         let guard = on_accept(peer);
         let handler = handler.clone();
         let service = hyper::service::service_fn(move |req| {
@@ -89,6 +78,27 @@ pub async fn serve_http_tracked<H, F, A, G>(
             ?grace,
             "in-flight requests still running when the shutdown grace period ended"
         );
+    }
+}
+
+/// The next connection on `listener` (with `TCP_NODELAY` set), or `None` once `shutdown` fires.
+/// A failed accept never ends the loop: it backs off and tries again.
+pub async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    // Scrapes, PINGs and small payloads: don't let Nagle hold them back.
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, peer));
+                }
+                Err(e) => accept_backoff(&e).await,
+            },
+        }
     }
 }
 

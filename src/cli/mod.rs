@@ -388,40 +388,14 @@ pub fn main() -> ExitCode {
         Command::Token(TokenCommand::New { agent_id }) => token_new(&agent_id),
         Command::CheckConfig(args) => check_config(&args.file),
         Command::Gateway(args) => {
-            let file = FileConfig {
-                log: args.log.apply(LogSection::default()),
-                geoip: args.geo.section(),
-                gateway: Some(args.section()),
-                ..FileConfig::default()
-            };
-            validate_and_run(&file, "flags", None)
+            run_flags(&args.log, &args.geo, |f| f.gateway = Some(args.section()))
         }
-        Command::Agent(args) => {
-            let file = FileConfig {
-                log: args.log.apply(LogSection::default()),
-                geoip: args.geo.section(),
-                agent: Some(args.section()),
-                ..FileConfig::default()
-            };
-            validate_and_run(&file, "flags", None)
-        }
+        Command::Agent(args) => run_flags(&args.log, &args.geo, |f| f.agent = Some(args.section())),
         Command::Egress(args) => {
-            let file = FileConfig {
-                log: args.log.apply(LogSection::default()),
-                geoip: args.geo.section(),
-                egress: Some(args.section()),
-                ..FileConfig::default()
-            };
-            validate_and_run(&file, "flags", None)
+            run_flags(&args.log, &args.geo, |f| f.egress = Some(args.section()))
         }
         Command::Exporter(args) => {
-            let file = FileConfig {
-                log: args.log.apply(LogSection::default()),
-                geoip: args.geo.section(),
-                exporter: Some(args.section()),
-                ..FileConfig::default()
-            };
-            validate_and_run(&file, "flags", None)
+            run_flags(&args.log, &args.geo, |f| f.exporter = Some(args.section()))
         }
         Command::Run(args) => match FileConfig::load(&args.config_file) {
             Ok(mut file) => {
@@ -435,8 +409,19 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Runs one role configured by flags: they fill the same structs as the file, one validation.
+fn run_flags(log: &LogArgs, geo: &GeoArgs, role: impl FnOnce(&mut FileConfig)) -> ExitCode {
+    let mut file = FileConfig {
+        log: log.apply(LogSection::default()),
+        geoip: geo.section(),
+        ..FileConfig::default()
+    };
+    role(&mut file);
+    validate_and_run(&file, "flags", None)
+}
+
 fn token_new(glob: &str) -> ExitCode {
-    let (token, hash) = crate::gateway::auth::new_token();
+    let (token, hash) = crate::auth::new_token();
     println!("token:            {token}");
     println!("tokens-file line: {glob} {hash}");
     println!();

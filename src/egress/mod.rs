@@ -124,17 +124,7 @@ impl Egress {
         if let Ok(addr) = listener.local_addr() {
             info!(address = %addr, rules = self.state.config.rules.len(), "egress proxy listening");
         }
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        crate::server::accept_backoff(&e).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((stream, peer)) = crate::server::accept(&listener, &shutdown).await {
             connections.spawn(self.clone().connection(stream, peer, shutdown.clone()));
         }
         drop(listener);
@@ -153,7 +143,6 @@ impl Egress {
 
     /// Serves one client connection; on `shutdown` it finishes the request in flight, then closes.
     async fn connection(self, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
-        let _ = stream.set_nodelay(true);
         let country = self.state.config.geo.lookup(peer.ip());
         let _open = self.state.tracker.metrics.track("clients", country);
         let state = self.state.clone();

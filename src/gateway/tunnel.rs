@@ -38,18 +38,7 @@ pub(super) async fn accept_loop(
     shutdown: CancellationToken,
 ) {
     let sessions = TaskTracker::new();
-    loop {
-        let (stream, remote) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    crate::server::accept_backoff(&e).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, remote)) = crate::server::accept(&listener, &shutdown).await {
         let span = info_span!("tunnel", %remote);
         sessions.spawn(
             handle_connection(state.clone(), stream, remote, shutdown.clone()).instrument(span),

@@ -104,6 +104,29 @@ pub async fn start_gateway_on(
     tunnel: TcpListener,
     tweak: impl FnOnce(&mut GatewaySection),
 ) -> TestGateway {
+    let geo = ferry::telemetry::geo::SharedGeo::disabled();
+    start_gateway_with(dir, creds, web, tunnel, tweak, geo).await
+}
+
+/// Like [`start_gateway_on`], labelling connections with countries from `geo`.
+pub async fn start_gateway_on_with_geo(
+    dir: &TempDir,
+    creds: &[(&str, &str)],
+    web: TcpListener,
+    tunnel: TcpListener,
+    geo: ferry::telemetry::geo::SharedGeo,
+) -> TestGateway {
+    start_gateway_with(dir, creds, web, tunnel, |_| {}, geo).await
+}
+
+async fn start_gateway_with(
+    dir: &TempDir,
+    creds: &[(&str, &str)],
+    web: TcpListener,
+    tunnel: TcpListener,
+    tweak: impl FnOnce(&mut GatewaySection),
+    geo: ferry::telemetry::geo::SharedGeo,
+) -> TestGateway {
     let (web_addr, tunnel_addr) = (web.local_addr().unwrap(), tunnel.local_addr().unwrap());
     let mut section = GatewaySection {
         data_dir: dir.path().join("data"),
@@ -118,41 +141,7 @@ pub async fn start_gateway_on(
     let mut errs = ConfigErrors::new("test");
     let cfg = section.validate("gateway", &mut errs);
     assert!(errs.errors.is_empty(), "{errs}");
-    let gateway = Gateway::new(cfg.unwrap()).expect("gateway starts");
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(gateway.clone().run(web, tunnel, shutdown.clone()));
-    TestGateway {
-        gateway,
-        web: web_addr,
-        tunnel: tunnel_addr,
-        shutdown,
-        task,
-        dir: dir.path().to_owned(),
-    }
-}
-
-/// Like [`start_gateway_on`], labelling connections with countries from `geo`.
-pub async fn start_gateway_on_with_geo(
-    dir: &TempDir,
-    creds: &[(&str, &str)],
-    web: TcpListener,
-    tunnel: TcpListener,
-    geo: ferry::telemetry::geo::SharedGeo,
-) -> TestGateway {
-    let (web_addr, tunnel_addr) = (web.local_addr().unwrap(), tunnel.local_addr().unwrap());
-    let mut section = GatewaySection {
-        data_dir: dir.path().join("data"),
-        ..GatewaySection::default()
-    };
-    section.web.listen_address = web_addr.to_string();
-    section.tunnel.listen_address = tunnel_addr.to_string();
-    section.tunnel.tls_self_signed_names = vec!["localhost".into()];
-    section.auth.tokens_file = Some(tokens_file(dir.path(), creds));
-    let mut errs = ConfigErrors::new("test");
-    let mut cfg = section
-        .validate("gateway", &mut errs)
-        .expect("valid gateway config");
-    assert!(errs.errors.is_empty(), "{errs}");
+    let mut cfg = cfg.expect("valid gateway config");
     cfg.geo = geo;
     let gateway = Gateway::new(cfg).expect("gateway starts");
     let shutdown = CancellationToken::new();
