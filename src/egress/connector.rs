@@ -147,7 +147,11 @@ impl hyper::rt::Read for TrackedStream {
 }
 
 impl hyper::rt::Write for TrackedStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -189,7 +193,12 @@ pub struct CheckedConnector {
 
 impl CheckedConnector {
     /// A connector allowing what `rule` allows.
-    pub fn new(rule: Arc<Upstream>, resolver: SharedResolver, timeout: Duration, tracker: UpstreamTracker) -> Self {
+    pub fn new(
+        rule: Arc<Upstream>,
+        resolver: SharedResolver,
+        timeout: Duration,
+        tracker: UpstreamTracker,
+    ) -> Self {
         Self {
             rule,
             resolver,

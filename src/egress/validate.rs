@@ -99,6 +99,12 @@ impl Validation {
         Ok(())
     }
 
+    /// Whether [`Validation::check_body`] looks at the body of a request with these headers
+    /// (else the body may be forwarded without being gathered into one buffer).
+    pub fn needs_body(&self, headers: &HeaderMap) -> bool {
+        self.inspects_body() || headers.contains_key("content-md5")
+    }
+
     /// Checks the whole body as received.
     pub fn check_body(&self, headers: &HeaderMap, body: &Bytes) -> Result<(), Refusal> {
         if let Some(md5) = headers.get("content-md5") {
@@ -111,20 +117,76 @@ impl Validation {
         if let Some(pattern) = self.deny_patterns.iter().find(|p| p.is_match(&decoded)) {
             return Err(Refusal::denied_pattern(pattern.as_str()));
         }
-        if self.json || self.schema.is_some() {
+        if let Some(schema) = &self.schema {
             let value: serde_json::Value = serde_json::from_slice(&decoded)
                 .map_err(|e| Refusal::invalid(format!("body is not valid JSON: {e}")))?;
-            if let Some(schema) = &self.schema {
-                if let Some(err) = schema.iter_errors(&value).next() {
-                    let at = err.instance_path().to_string();
-                    let at = if at.is_empty() { "/".to_owned() } else { at };
-                    return Err(Refusal::invalid(format!(
-                        "body does not match the JSON schema at {at}: {err}"
-                    )));
-                }
+            // Name the schema keyword that failed, never the instance: the error's text and
+            // its instance path quote the payload (values, object keys), and the reason is
+            // logged.
+            let mismatch = schema.iter_errors(&value).next().map(|err| {
+                format!(
+                    "body does not match the JSON schema (fails {})",
+                    err.schema_path()
+                )
+            });
+            if let Some(reason) = mismatch {
+                return Err(Refusal::invalid(reason));
             }
+        } else if self.json {
+            // One UTF-8 check of the whole body, then the `str` parser, which skips the check per
+            // string: JSON outside strings is ASCII, so this accepts what `from_slice` accepts.
+            let text = std::str::from_utf8(&decoded).map_err(|e| {
+                Refusal::invalid(format!("body is not valid JSON: not UTF-8 ({e})"))
+            })?;
+            serde_json::from_str::<WellFormed>(text)
+                .map_err(|e| Refusal::invalid(format!("body is not valid JSON: {e}")))?;
         }
         Ok(())
+    }
+}
+
+/// Accepts exactly the documents `serde_json::Value` accepts (same parser, same number, string,
+/// escape and nesting-depth checks) without building the tree: building it costs several times
+/// the parse itself (an allocation per string, a map per object).
+struct WellFormed;
+
+impl<'de> serde::Deserialize<'de> for WellFormed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(WellFormed)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for WellFormed {
+    type Value = WellFormed;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<WellFormed, E> {
+        Ok(WellFormed)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<WellFormed, E> {
+        Ok(WellFormed)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<WellFormed, E> {
+        Ok(WellFormed)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<WellFormed, E> {
+        Ok(WellFormed)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<WellFormed, E> {
+        Ok(WellFormed)
+    }
+    fn visit_unit<E>(self) -> Result<WellFormed, E> {
+        Ok(WellFormed)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<WellFormed, A::Error> {
+        while seq.next_element::<WellFormed>()?.is_some() {}
+        Ok(WellFormed)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<WellFormed, A::Error> {
+        while map.next_entry::<WellFormed, WellFormed>()?.is_some() {}
+        Ok(WellFormed)
     }
 }
 
@@ -229,6 +291,59 @@ mod tests {
             .check_body(&headers(&[("content-encoding", "gzip")]), &bomb)
             .unwrap_err();
         assert_eq!(err.status.as_u16(), 413, "{}", err.reason);
+    }
+
+    #[test]
+    fn the_json_check_accepts_exactly_what_serde_json_value_accepts() {
+        let v = Validation {
+            json: true,
+            ..Validation::default()
+        };
+        let deep_ok = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        let too_deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let cases: Vec<&[u8]> = vec![
+            b"{\"a\": [1, -2.5e3, true, null, \"x\\u00e9\\n\", {}], \"b\": {\"c\": \"\"}}",
+            b" 42 ",
+            b"\"\\ud83d\\ude00\"",
+            deep_ok.as_bytes(),
+            b"",
+            b"{\"a\": 1e400}",
+            b"\"\\ud800\"",
+            b"\"\\x\"",
+            b"\"\xff\"",
+            "{\"caf\u{e9}\": \"\u{1f600} \u{4e2d}\"}".as_bytes(),
+            "\u{e9}".as_bytes(),
+            b"\"\xc0\xaf\"",
+            b"\"\xe2\x82\"",
+            b"[\"a\"]\xff",
+            b"\"tab\there\"",
+            b"[1,]",
+            b"{1: 2}",
+            b"{\"a\" 1}",
+            b"{\"a\": 1} trailing",
+            b"01",
+            b"NaN",
+            too_deep.as_bytes(),
+        ];
+        for case in cases {
+            let by_value = serde_json::from_slice::<serde_json::Value>(case).is_ok();
+            let ours = v.check_body(&headers(&[]), &Bytes::copy_from_slice(case));
+            assert_eq!(
+                ours.is_ok(),
+                by_value,
+                "{:?}: {:?}",
+                String::from_utf8_lossy(case),
+                ours.err().map(|e| e.reason)
+            );
+            if let Err(e) = ours {
+                assert_eq!(e.status.as_u16(), 422);
+                assert!(
+                    e.reason.starts_with("body is not valid JSON"),
+                    "{}",
+                    e.reason
+                );
+            }
+        }
     }
 
     #[test]
