@@ -21,9 +21,12 @@ impl Exporter {
     /// An exporter of the host's TCP connections by state, direction and country.
     pub fn new(config: &ExporterConfig) -> Exporter {
         let mut registry = Registry::default();
-        let collector = ConnectionCollector::new(config.geo.clone(), config.connections_exclude.clone());
+        let collector =
+            ConnectionCollector::new(config.geo.clone(), config.connections_exclude.clone());
         registry.register_collector(Box::new(collector));
-        Exporter { registry: Arc::new(registry) }
+        Exporter {
+            registry: Arc::new(registry),
+        }
     }
 
     /// Serves `/metrics`, `/-/healthy` and `/-/ready` until `shutdown`.

@@ -14,8 +14,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
+use crate::auth::new_token;
 use crate::config::{AgentSection, ConfigErrors, GatewaySection, LogSection, TargetSection};
-use crate::gateway::auth::new_token;
 use crate::gateway::Gateway;
 use crate::http_util::text_response;
 

@@ -16,8 +16,8 @@ use crate::agent::Agent;
 use crate::config::{FileConfig, RunConfig};
 use crate::egress::Egress;
 use crate::exporter::Exporter;
-use crate::telemetry::geo::SharedGeo;
 use crate::gateway::Gateway;
+use crate::telemetry::geo::SharedGeo;
 
 /// Why the process could not start its roles.
 #[derive(Debug, thiserror::Error)]

@@ -295,8 +295,15 @@ impl ConnectionMetrics {
     }
 
     /// Counts a new connection of `listener` with a peer in `country`; it stays open until the guard drops.
-    pub fn track(&self, listener: &str, country: crate::telemetry::geo::Country) -> ConnectionGuard {
-        let labels = ConnectionLabels { listener: listener.to_owned(), country };
+    pub fn track(
+        &self,
+        listener: &str,
+        country: crate::telemetry::geo::Country,
+    ) -> ConnectionGuard {
+        let labels = ConnectionLabels {
+            listener: listener.to_owned(),
+            country,
+        };
         self.total.get_or_create(&labels).inc();
         let open = self.open.get_or_create(&labels).clone();
         open.inc();
