@@ -4,12 +4,15 @@
 //! - [`Country`] is the label value: an ISO 3166-1 alpha-2 code such as `GB` for a database hit,
 //!   a kind for special ranges (`loopback`, `private`, `link_local`, `cgnat`, `unspecified`,
 //!   `multicast`, decided before the database is asked), `unknown` for a miss or a lookup error.
-//!   The set of values is bounded (at most 26² codes plus eight words).
+//!   The set of values is bounded (at most 26² codes plus seven words).
 //! - [`GeoDb`] is one opened database, memory-mapped. It reads both common schemas: MaxMind's
 //!   `country.iso_code` (GeoLite2/GeoIP2 Country and City, falling back to
 //!   `registered_country.iso_code`) and a top-level `country_code` string (DB-IP lite,
 //!   ip-location-db). A broken file or one without country data (an ASN database) is refused at
-//!   open with a one-line error naming the file.
+//!   open with a one-line error naming the file: open maps the file and decodes its first
+//!   records; a damaged record deeper in the file makes only the lookups that reach it `unknown`.
+//!   Decoded countries are cached by record offset, so a Country database (a few hundred distinct
+//!   records) is decoded once per record.
 //! - [`SharedGeo`] is the handle the roles share: lookups through an atomically swapped database,
 //!   [`SharedGeo::reload`] (SIGHUP) and [`SharedGeo::watch`] (polls the file's mtime, size and
 //!   inode) keep the previous database when the new file is broken.
@@ -21,6 +24,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -139,6 +143,32 @@ impl PartialEq<&str> for Country {
 impl EncodeLabelValue for Country {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
         EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+impl Country {
+    /// A compact number of the database outcomes (`unknown` 1, ISO codes 16..=691) for
+    /// [`RecordCache`]; 0 for the kinds, which never come from the database.
+    fn code(self) -> u16 {
+        match self.0 {
+            Repr::Iso([a, b]) => 16 + u16::from(a - b'A') * 26 + u16::from(b - b'A'),
+            Repr::Unknown => 1,
+            _ => 0,
+        }
+    }
+
+    fn from_code(code: u16) -> Option<Country> {
+        match code {
+            1 => Some(Country::UNKNOWN),
+            16..=691 => {
+                let n = code - 16;
+                Some(Country(Repr::Iso([
+                    b'A' + (n / 26) as u8,
+                    b'A' + (n % 26) as u8,
+                ])))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -295,6 +325,7 @@ pub struct GeoDb {
     reader: Reader<Mmap>,
     path: PathBuf,
     fingerprint: Option<Fingerprint>,
+    cache: RecordCache,
 }
 
 impl fmt::Debug for GeoDb {
@@ -323,6 +354,7 @@ impl GeoDb {
             reader,
             path: path.to_owned(),
             fingerprint,
+            cache: RecordCache::new(),
         };
         db.probe()?;
         Ok(db)
@@ -369,17 +401,66 @@ impl GeoDb {
 
     /// Database lookup of an address already canonical and not in a special range.
     fn lookup_public(&self, ip: IpAddr) -> Country {
-        match self
-            .reader
-            .lookup(ip)
-            .and_then(|r| r.decode::<CountryRecord>())
-        {
-            Ok(record) => record.and_then(|r| r.country()).unwrap_or(Country::UNKNOWN),
-            Err(e) => {
-                tracing::debug!(%ip, error = %e, "geoip lookup failed");
-                Country::UNKNOWN
-            }
+        let found = match self.reader.lookup(ip) {
+            Ok(found) => found,
+            Err(e) => return lookup_failed(ip, e),
+        };
+        let Some(offset) = found.offset() else {
+            return Country::UNKNOWN;
+        };
+        if let Some(country) = self.cache.get(offset) {
+            return country;
         }
+        match found.decode::<CountryRecord>() {
+            Ok(record) => {
+                let country = record.and_then(|r| r.country()).unwrap_or(Country::UNKNOWN);
+                self.cache.put(offset, country);
+                country
+            }
+            Err(e) => lookup_failed(ip, e),
+        }
+    }
+}
+
+fn lookup_failed(ip: IpAddr, error: MaxMindDbError) -> Country {
+    tracing::debug!(%ip, %error, "geoip lookup failed");
+    Country::UNKNOWN
+}
+
+/// Slots of [`RecordCache`]: 128 KiB per database.
+const CACHE_SLOTS: usize = 1 << 14;
+
+/// Decoded countries by data-record offset. Many networks share one record (a country database
+/// has a few hundred distinct records), so most lookups skip decoding. Direct-mapped and
+/// lock-free: a slot holds `(offset + 1) << 16 | country code`, 0 when empty; a collision just
+/// overwrites. Records never change while their database is open.
+struct RecordCache {
+    slots: Box<[AtomicU64]>,
+}
+
+impl RecordCache {
+    fn new() -> RecordCache {
+        RecordCache {
+            slots: (0..CACHE_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn slot(&self, offset: usize) -> &AtomicU64 {
+        let hash = (offset as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        &self.slots[(hash >> (64 - CACHE_SLOTS.trailing_zeros())) as usize]
+    }
+
+    fn get(&self, offset: usize) -> Option<Country> {
+        let value = self.slot(offset).load(Ordering::Relaxed);
+        (value >> 16 == offset as u64 + 1)
+            .then(|| Country::from_code(value as u16))
+            .flatten()
+    }
+
+    fn put(&self, offset: usize, country: Country) {
+        // Offsets are within the file, far below 2^48.
+        let value = ((offset as u64 + 1) << 16) | u64::from(country.code());
+        self.slot(offset).store(value, Ordering::Relaxed);
     }
 }
 
@@ -519,5 +600,37 @@ impl SharedGeo {
                 let _ = tokio::task::spawn_blocking(move || geo.reload()).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_codes_round_trip() {
+        for a in b'A'..=b'Z' {
+            for b in b'A'..=b'Z' {
+                let country = Country(Repr::Iso([a, b]));
+                assert_eq!(Country::from_code(country.code()), Some(country));
+            }
+        }
+        assert_eq!(
+            Country::from_code(Country::UNKNOWN.code()),
+            Some(Country::UNKNOWN)
+        );
+        assert_eq!(Country::from_code(Country::PRIVATE.code()), None);
+    }
+
+    #[test]
+    fn cache_hits_only_its_own_offset() {
+        let cache = RecordCache::new();
+        let gb = Country::iso("GB").unwrap();
+        assert_eq!(cache.get(1234), None);
+        cache.put(1234, gb);
+        cache.put(0, Country::UNKNOWN);
+        assert_eq!(cache.get(1234), Some(gb));
+        assert_eq!(cache.get(0), Some(Country::UNKNOWN));
+        assert_eq!(cache.get(1234 + CACHE_SLOTS), None);
     }
 }

@@ -5,10 +5,13 @@ use std::io;
 use std::net::SocketAddr;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, Parseable, NLM_F_DUMP,
+    NLM_F_REQUEST,
 };
-use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
-use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY};
+use netlink_packet_sock_diag::inet::{
+    ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags,
+};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket as NetlinkSocket, SocketAddr as NlAddr};
 
@@ -80,33 +83,48 @@ fn receive(socket: &NetlinkSocket, buf: &mut Vec<u8>, out: &mut Vec<Socket>) -> 
 /// Parses the messages of one datagram; true once the dump is done.
 fn parse_datagram(mut bytes: &[u8], out: &mut Vec<Socket>) -> io::Result<bool> {
     while !bytes.is_empty() {
-        let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
-            .map_err(|e| invalid(&format!("sock_diag message: {e}")))?;
-        let len = message.header.length as usize;
-        match message.payload {
-            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                let id = &r.header.socket_id;
-                if let Some(state) = TcpState::from_kernel(r.header.state) {
-                    out.push(Socket::new(
-                        state,
-                        SocketAddr::new(id.source_address, id.source_port),
-                        SocketAddr::new(id.destination_address, id.destination_port),
-                    ));
-                }
-            }
-            NetlinkPayload::Done(_) => return Ok(true),
-            NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
-            NetlinkPayload::Overrun(_) => return Err(invalid("sock_diag overrun")),
-            _ => {}
+        let message = NetlinkBuffer::new_checked(bytes)
+            .map_err(|e| invalid(&format!("netlink message: {e}")))?;
+        let len = message.length() as usize;
+        if message.message_type() == SOCK_DIAG_BY_FAMILY {
+            // Only the fixed header: the attributes (shutdown, cgroup, …) are not needed.
+            let header = InetResponseHeader::parse(message.payload())
+                .map_err(|e| invalid(&format!("sock_diag response: {e}")))?;
+            push_socket(&header, out);
+        } else if control_message(&bytes[..len])? {
+            return Ok(true);
         }
         // Messages are 4-byte aligned within a datagram.
         let advance = (len + 3) & !3;
-        if len == 0 || advance > bytes.len() {
+        if advance >= bytes.len() {
             break;
         }
         bytes = &bytes[advance..];
     }
     Ok(false)
+}
+
+fn push_socket(header: &InetResponseHeader, out: &mut Vec<Socket>) {
+    let id = &header.socket_id;
+    if let Some(state) = TcpState::from_kernel(header.state) {
+        out.push(Socket::new(
+            state,
+            SocketAddr::new(id.source_address, id.source_port),
+            SocketAddr::new(id.destination_address, id.destination_port),
+        ));
+    }
+}
+
+/// A message other than a socket: true at the end of the dump, an error for an error.
+fn control_message(bytes: &[u8]) -> io::Result<bool> {
+    let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
+        .map_err(|e| invalid(&format!("netlink message: {e}")))?;
+    match message.payload {
+        NetlinkPayload::Done(_) => Ok(true),
+        NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
+        NetlinkPayload::Overrun(_) => Err(invalid("sock_diag overrun")),
+        _ => Ok(false),
+    }
 }
 
 fn invalid(message: &str) -> io::Error {
