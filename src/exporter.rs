@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ExporterConfig;
 use crate::http_util::text_response;
 use crate::telemetry::connections::ConnectionCollector;
-use crate::telemetry::metrics_response;
+use crate::telemetry::metrics_response_blocking;
 
 /// The standalone exporter.
 #[derive(Clone)]
@@ -41,7 +41,7 @@ impl Exporter {
                 let registry = registry.clone();
                 async move {
                     match req.uri().path() {
-                        "/metrics" => metrics_response(&registry),
+                        "/metrics" => metrics_response_blocking(registry, |r: &Registry| r).await,
                         "/-/healthy" | "/-/ready" => text_response(http::StatusCode::OK, "OK"),
                         _ => text_response(http::StatusCode::NOT_FOUND, "not found: see /metrics"),
                     }

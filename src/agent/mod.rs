@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AgentConfig, Target};
 use crate::http_util::text_response;
 use crate::telemetry::connections::ConnectionCollector;
-use crate::telemetry::{metrics_response, AgentMetrics};
+use crate::telemetry::{metrics_response_blocking, AgentMetrics};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_client::{client_config, Purpose};
 
@@ -147,7 +147,10 @@ impl Agent {
                 let shared = shared.clone();
                 async move {
                     match req.uri().path() {
-                        "/metrics" => metrics_response(&shared.metrics_registry),
+                        "/metrics" => {
+                            metrics_response_blocking(shared, |s: &Shared| &s.metrics_registry)
+                                .await
+                        }
                         "/-/healthy" => text_response(http::StatusCode::OK, "Healthy"),
                         "/-/ready" if shared.metrics.tunnel_up.get() == 1 => {
                             text_response(http::StatusCode::OK, "Ready")

@@ -14,7 +14,7 @@ use super::targets::{Handler, Route};
 use super::Shared;
 use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BoundedBody};
 use crate::scrape_error::{one_line, ScrapeError};
-use crate::telemetry::{metrics_response, TargetNameLabels, TargetResultLabels};
+use crate::telemetry::{metrics_response_blocking, TargetNameLabels, TargetResultLabels};
 use crate::tunnel::{SCRAPE_TIMEOUT_HEADER, TARGETS_LONG_POLL, TARGETS_PATH};
 
 /// Answers one request arriving over the tunnel.
@@ -75,7 +75,7 @@ async fn scrape(shared: &Arc<Shared>, port: u16, req: Request<Incoming>) -> Resp
     match &route.handler {
         Handler::SelfMetrics => {
             count(shared, &route.name, "ok");
-            metrics_response(&shared.metrics_registry)
+            metrics_response_blocking(shared.clone(), |s: &Shared| &s.metrics_registry).await
         }
         Handler::Fetch { url, client } => fetch(shared, route, url, client, req, timeout).await,
     }

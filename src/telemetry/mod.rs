@@ -38,6 +38,26 @@ pub fn metrics_response(registry: &Registry) -> Response<Body> {
     resp
 }
 
+/// A `/metrics` response for a registry whose collectors may block (the host connection
+/// collector reads every socket of the host): encoded on the blocking pool, not on a runtime worker.
+pub async fn metrics_response_blocking<R>(
+    owner: std::sync::Arc<R>,
+    registry: fn(&R) -> &Registry,
+) -> Response<Body>
+where
+    R: Send + Sync + 'static,
+{
+    tokio::task::spawn_blocking(move || metrics_response(registry(&owner)))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "encoding metrics failed");
+            crate::http_util::text_response(
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "metrics encoding failed",
+            )
+        })
+}
+
 /// The status class label of an HTTP status: `2xx` … `5xx`.
 pub fn status_class(status: http::StatusCode) -> &'static str {
     match status.as_u16() {
