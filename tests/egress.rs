@@ -1383,6 +1383,50 @@ async fn trickled_headers_are_cut_by_the_header_read_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_is_cut_by_the_body_read_timeout_and_never_forwarded() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.body_read_timeout = ferry::config::Dur(Duration::from_millis(500));
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let started = Instant::now();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: 1000\r\n\r\npartial",
+        up.url("/"),
+        up.addr
+    );
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(head.as_bytes()).await;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if wr.write_all(b"b").await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut got))
+        .await
+        .expect("the proxy answers a trickling body within 5 s")
+        .unwrap();
+    let took = started.elapsed();
+    writer.abort();
+    let text = String::from_utf8_lossy(&got[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text:?}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("ferry-refusal: request body not received"),
+        "{text:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(2),
+        "answered after {took:?}"
+    );
+    up.assert_untouched("trickled body");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_is_reused_on_both_sides() {
     let up = RecordingUpstream::start().await;
     let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;

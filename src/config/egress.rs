@@ -34,6 +34,8 @@ pub struct EgressSection {
     pub header_read_timeout: Dur,
     /// Largest request head (request line + headers), in bytes.
     pub max_header_bytes: usize,
+    /// Time a client may take to send a request body (it is read whole before forwarding).
+    pub body_read_timeout: Dur,
     /// Time to connect to an upstream.
     pub connect_timeout: Dur,
     /// Time for the upstream's response (headers and body).
@@ -55,6 +57,7 @@ impl Default for EgressSection {
             max_connections_per_client: 256,
             header_read_timeout: Dur(Duration::from_secs(10)),
             max_header_bytes: 16 << 10,
+            body_read_timeout: Dur(Duration::from_secs(30)),
             connect_timeout: Dur(Duration::from_secs(5)),
             upstream_timeout: Dur(Duration::from_secs(30)),
             tunnel_idle_timeout: Dur(Duration::from_secs(300)),
@@ -181,6 +184,8 @@ pub struct EgressConfig {
     pub header_read_timeout: Duration,
     /// Request head size bound.
     pub max_header_bytes: usize,
+    /// Request body read bound.
+    pub body_read_timeout: Duration,
     /// Upstream connect bound.
     pub connect_timeout: Duration,
     /// Upstream response bound.
@@ -242,6 +247,7 @@ impl EgressSection {
             max_connections_per_client: self.max_connections_per_client,
             header_read_timeout: self.header_read_timeout.0,
             max_header_bytes: self.max_header_bytes,
+            body_read_timeout: self.body_read_timeout.0,
             connect_timeout: self.connect_timeout.0,
             upstream_timeout: self.upstream_timeout.0,
             tunnel_idle_timeout: self.tunnel_idle_timeout.0,

@@ -201,7 +201,13 @@ async fn forward(
     record.rule = rule.name.clone();
     rule.validation.check_headers(req.headers())?;
     let (mut parts, body) = req.into_parts();
-    let body = read_body(body, rule.validation.max_body_bytes).await?;
+    let read_timeout = state.config.body_read_timeout;
+    let body = tokio::time::timeout(
+        read_timeout,
+        read_body(body, rule.validation.max_body_bytes),
+    )
+    .await
+    .map_err(|_| Refusal::body_timeout(read_timeout))??;
     record.bytes_in = body.remaining;
     // Only a body that is checked needs to be one contiguous buffer; else it is forwarded as the
     // chunks it arrived in, saving a copy of every payload.

@@ -147,6 +147,15 @@ impl Refusal {
         )
     }
 
+    /// The client did not send its whole body in time (408).
+    pub fn body_timeout(after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("request body not received within {after:?}"),
+        )
+    }
+
     /// The upstream could not be reached or failed (502).
     pub fn upstream(reason: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "upstream_error", reason)
