@@ -74,6 +74,26 @@ impl GeoArgs {
     }
 }
 
+/// The host connection collector's flags (agent and exporter).
+#[derive(Debug, Args, Clone)]
+pub struct CollectorArgs {
+    /// Export the host's TCP connections by state, direction and remote country.
+    #[arg(long = "collector.connections")]
+    pub connections: bool,
+    /// Remote network (CIDR) left out of the connection counts (repeatable).
+    #[arg(long = "collector.connections-exclude", value_name = "CIDR")]
+    pub connections_exclude: Vec<String>,
+}
+
+impl CollectorArgs {
+    fn section(&self) -> crate::config::CollectorSection {
+        crate::config::CollectorSection {
+            connections: self.connections,
+            connections_exclude: self.connections_exclude.clone(),
+        }
+    }
+}
+
 /// Logging flags shared by every role.
 #[derive(Debug, Args, Clone)]
 pub struct LogArgs {
@@ -241,12 +261,8 @@ struct AgentArgs {
     /// Drain time for in-flight scrapes on SIGTERM [default: 15s].
     #[arg(long = "shutdown.grace-period", value_name = "DURATION")]
     grace: Option<Dur>,
-    /// Export the host's TCP connections by state, direction and country with the built-in `ferry` target.
-    #[arg(long = "collector.connections")]
-    collector_connections: bool,
-    /// Remote network (CIDR) left out of the connection counts (repeatable).
-    #[arg(long = "collector.connections-exclude", value_name = "CIDR")]
-    connections_exclude: Vec<String>,
+    #[command(flatten)]
+    collector: CollectorArgs,
 }
 
 impl AgentArgs {
@@ -271,8 +287,7 @@ impl AgentArgs {
         set(&mut t.keepalive_timeout, &self.keepalive_timeout);
         s.web.listen_address = self.web_listen_address.clone();
         set(&mut s.shutdown_grace_period, &self.grace);
-        s.collector.connections = self.collector_connections;
-        s.collector.connections_exclude = self.connections_exclude.clone();
+        s.collector = self.collector.section();
         s
     }
 }
@@ -286,20 +301,15 @@ struct ExporterArgs {
     /// Where to serve /metrics [default: :9300].
     #[arg(long = "web.listen-address", value_name = "ADDR")]
     web_listen_address: Option<String>,
-    /// Export the host's TCP connections by state, direction and country.
-    #[arg(long = "collector.connections")]
-    collector_connections: bool,
-    /// Remote network (CIDR) left out of the connection counts (repeatable).
-    #[arg(long = "collector.connections-exclude", value_name = "CIDR")]
-    connections_exclude: Vec<String>,
+    #[command(flatten)]
+    collector: CollectorArgs,
 }
 
 impl ExporterArgs {
     fn section(&self) -> crate::config::ExporterSection {
         let mut s = crate::config::ExporterSection::default();
         set(&mut s.web.listen_address, &self.web_listen_address);
-        s.collector.connections = self.collector_connections;
-        s.collector.connections_exclude = self.connections_exclude.clone();
+        s.collector = self.collector.section();
         s
     }
 }

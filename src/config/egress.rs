@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Method};
-use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::{check_readable, parse_listen_address, ConfigErrors, Dur};
@@ -269,17 +268,7 @@ impl EgressSection {
             }
             return Some(Clients::loopback());
         }
-        let mut nets = Vec::new();
-        for (i, raw) in self.allow_clients.iter().enumerate() {
-            let parsed = raw
-                .trim()
-                .parse::<IpNet>()
-                .or_else(|_| raw.trim().parse::<std::net::IpAddr>().map(IpNet::from))
-                .map_err(|_| format!("{raw:?} is not a CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32)"));
-            if let Some(net) = errs.check(&format!("{field}[{i}]"), parsed) {
-                nets.push(net.trunc());
-            }
-        }
+        let nets = super::parse_cidrs(&self.allow_clients, field, errs);
         Some(Clients::new(nets))
     }
 }

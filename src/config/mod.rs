@@ -203,22 +203,11 @@ impl CollectorSection {
             }
             return None;
         }
-        let mut nets = Vec::new();
-        for (i, raw) in self.connections_exclude.iter().enumerate() {
-            let parsed = raw
-                .trim()
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| {
-                    raw.trim()
-                        .parse::<std::net::IpAddr>()
-                        .map(ipnet::IpNet::from)
-                })
-                .map_err(|_| format!("{raw:?} is not a CIDR"));
-            if let Some(net) = errs.check(&format!("{prefix}.connections_exclude[{i}]"), parsed) {
-                nets.push(net.trunc());
-            }
-        }
-        Some(nets)
+        Some(parse_cidrs(
+            &self.connections_exclude,
+            &format!("{prefix}.connections_exclude"),
+            errs,
+        ))
     }
 }
 
@@ -533,6 +522,28 @@ pub fn parse_listen_address(s: &str) -> Result<SocketAddr, String> {
         .ok()
         .and_then(|mut it| it.next())
         .ok_or_else(|| format!("{s:?} is not a listen address (host:port or :port)"))
+}
+
+/// Parses a list of networks (`10.0.0.0/8`, `2001:db8::/32`, or a bare address as a host
+/// network), recording each bad entry under `field[i]`.
+#[cfg(feature = "geo")]
+pub(crate) fn parse_cidrs(
+    raw: &[String],
+    field: &str,
+    errs: &mut ConfigErrors,
+) -> Vec<ipnet::IpNet> {
+    let mut nets = Vec::new();
+    for (i, entry) in raw.iter().enumerate() {
+        let entry = entry.trim();
+        let parsed = entry
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| format!("{entry:?} is not a CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32)"));
+        if let Some(net) = errs.check(&format!("{field}[{i}]"), parsed) {
+            nets.push(net.trunc());
+        }
+    }
+    nets
 }
 
 /// Records an error unless `path` names a readable file.
