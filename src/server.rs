@@ -16,6 +16,10 @@ use tracing::{debug, warn};
 
 use crate::http_util::Body;
 
+/// A client connection: plain TCP or TLS over it.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
 /// How long a client may take to send its request headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -31,15 +35,16 @@ pub async fn serve_http<H, F>(
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    serve_http_tracked(listener, handler, |_| (), shutdown, grace).await;
+    serve_http_tracked(listener, handler, |_| (), None, shutdown, grace).await;
 }
 
 /// Like [`serve_http`]; `on_accept` is called for every connection and what it returns is kept
-/// until the connection closes (a metrics guard, typically).
+/// until the connection closes (a metrics guard, typically). With `tls`, connections speak TLS.
 pub async fn serve_http_tracked<H, F, A, G>(
     listener: TcpListener,
     handler: H,
     on_accept: A,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
     grace: Duration,
 ) where
@@ -60,9 +65,21 @@ pub async fn serve_http_tracked<H, F, A, G>(
             let fut = handler(peer, req);
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let io: Box<dyn Io> = match tls {
+                None => Box::new(stream),
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => Box::new(tls),
+                        Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            };
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "HTTP connection ended with an error");
             }

@@ -1183,6 +1183,30 @@ fn promtool_check(config: &str, dir: &Path) {
     );
 }
 
+/// The README's `--web.config.file` example loads, once its placeholders are real: a bcrypt hash
+/// and certificate files beside it.
+fn web_config_check(block: &str, dir: &Path) {
+    let web = dir.join("web");
+    std::fs::create_dir_all(&web).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(web.join("web.pem"), cert.pem()).unwrap();
+    std::fs::write(web.join("web-key.pem"), key.serialize_pem()).unwrap();
+    let hash = bcrypt::hash("secret", 4).unwrap();
+    assert!(
+        block.contains("$2y$10$..."),
+        "the placeholder the README uses: {block}"
+    );
+    let path = web.join("web.yml");
+    std::fs::write(&path, block.replace("$2y$10$...", &hash)).unwrap();
+    if let Err(e) = ferry::gateway::web_config::load(&path) {
+        panic!("README web config does not load:\n{block}\n{e}");
+    }
+}
+
 #[test]
 fn the_readmes_yaml_snippets_are_valid_configs() {
     let dir = TempDir::new().unwrap();
@@ -1194,6 +1218,8 @@ fn the_readmes_yaml_snippets_are_valid_configs() {
             promtool_check(block, dir.path());
         } else if block.starts_with("  - job_name:") {
             promtool_check(&format!("scrape_configs:\n{block}"), dir.path());
+        } else if block.starts_with("# web.yml") {
+            web_config_check(block, dir.path());
         } else {
             let mut cfg = FileConfig::parse(block, "README.md")
                 .unwrap_or_else(|e| panic!("README snippet does not parse:\n{block}\n{e}"));

@@ -147,6 +147,9 @@ struct GatewayArgs {
     /// Largest scrape body passed through, in bytes [default: 268435456].
     #[arg(long = "web.max-scrape-bytes", value_name = "BYTES")]
     max_scrape_bytes: Option<u64>,
+    /// TLS and basic auth for the web listener (Prometheus exporter-toolkit format).
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    web_config_file: Option<PathBuf>,
     /// Address agents dial [default: :7443].
     #[arg(long = "tunnel.listen-address", value_name = "ADDR")]
     tunnel_listen_address: Option<String>,
@@ -193,6 +196,7 @@ impl GatewayArgs {
             &self.scrape_timeout_margin,
         );
         set(&mut s.web.max_scrape_bytes, &self.max_scrape_bytes);
+        s.web.config_file = self.web_config_file.clone();
         set(&mut s.tunnel.listen_address, &self.tunnel_listen_address);
         s.tunnel.tls_cert_file = self.tls_cert_file.clone();
         s.tunnel.tls_key_file = self.tls_key_file.clone();

@@ -51,6 +51,8 @@ pub struct GatewayWebSection {
     pub scrape_timeout_margin: Dur,
     /// Largest scrape body passed through.
     pub max_scrape_bytes: u64,
+    /// exporter-toolkit web configuration: TLS and basic-auth users for this listener.
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for GatewayWebSection {
@@ -61,6 +63,7 @@ impl Default for GatewayWebSection {
             scrape_timeout_max: Dur(Duration::from_secs(60)),
             scrape_timeout_margin: Dur(Duration::from_millis(500)),
             max_scrape_bytes: 256 << 20,
+            config_file: None,
         }
     }
 }
@@ -168,6 +171,8 @@ impl Default for ScrapeLimits {
 pub struct GatewayConfig {
     /// Prometheus-facing listener address.
     pub web_listen: SocketAddr,
+    /// TLS and basic auth of the web listener (`--web.config.file`).
+    pub web_config_file: Option<PathBuf>,
     /// Agent-facing listener address.
     pub tunnel_listen: SocketAddr,
     /// TLS identity source.
@@ -237,8 +242,14 @@ impl GatewaySection {
             &f("tunnel"),
             errs,
         );
+        if let Some(path) = &self.web.config_file {
+            if let Err(e) = crate::gateway::web_config::load(path) {
+                errs.push(f("web.config_file"), e);
+            }
+        }
         Some(GatewayConfig {
             web_listen: web_listen?,
+            web_config_file: self.web.config_file.clone(),
             tunnel_listen: tunnel_listen?,
             tls: tls?,
             client_ca_file: self.tunnel.tls_client_ca_file.clone(),

@@ -117,6 +117,7 @@ pub fn flag_name(field: &str) -> String {
         "targets" => "target",
         "labels" => "label",
         "allow_clients" => "allow-client",
+        "web.config_file" => "web.config.file",
         "collector.connections_exclude" => "collector.connections-exclude",
         "allow_upstreams" => "allow-upstream",
         other => other,

@@ -29,6 +29,7 @@ mod sd;
 mod status;
 mod tunnel;
 mod web;
+pub mod web_config;
 
 pub use crate::auth;
 use auth::{TokensFile, TokensFileError};
@@ -43,6 +44,9 @@ pub enum GatewayError {
     /// The tokens file is unusable.
     #[error(transparent)]
     Tokens(#[from] TokensFileError),
+    /// The web configuration file is unusable.
+    #[error("{0}")]
+    WebConfig(String),
 }
 
 /// Shared state of one gateway: configuration, connected agents, credentials, metrics.
@@ -54,6 +58,8 @@ pub(crate) struct State {
     pub(crate) connections: ConnectionMetrics,
     pub(crate) metrics_registry: MetricsRegistry,
     pub(crate) identity: Option<ServerIdentity>,
+    pub(crate) web_tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) web_auth: Option<web_config::BasicAuth>,
 }
 
 impl State {
@@ -103,6 +109,14 @@ impl Gateway {
             GatewayTls::InsecurePlaintext => None,
         };
         let tokens = TokensFile::load(&config.tokens_file)?;
+        let web = match &config.web_config_file {
+            Some(path) => Some(web_config::load(path).map_err(GatewayError::WebConfig)?),
+            None => None,
+        };
+        let (web_tls, web_auth) = match web {
+            Some(w) => (w.tls.map(tokio_rustls::TlsAcceptor::from), w.users),
+            None => (None, None),
+        };
         let mut metrics_registry = MetricsRegistry::default();
         let metrics = GatewayMetrics::register(&mut metrics_registry);
         let connections = ConnectionMetrics::register(&mut metrics_registry, "gateway");
@@ -115,6 +129,8 @@ impl Gateway {
                 connections,
                 metrics_registry,
                 identity,
+                web_tls,
+                web_auth,
             }),
         })
     }
@@ -179,6 +195,7 @@ impl Gateway {
                 let country = state.config.geo.lookup(peer.ip());
                 state.connections.track("web", country)
             },
+            self.state.web_tls.clone(),
             shutdown,
             grace,
         )

@@ -19,6 +19,9 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST"));
         return resp;
     }
+    if let Some(refusal) = unauthenticated(state, &req) {
+        return refusal;
+    }
     if req.uri().authority().is_some() {
         return proxy::scrape(state, req).await;
     }
@@ -31,6 +34,42 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
         "/" => super::status::page(&agents(state)),
         _ => text_response(StatusCode::NOT_FOUND, "not found: scrapes must be absolute-form (set the gateway as proxy_url); endpoints are /targets, /metrics, /-/healthy, /-/ready"),
     }
+}
+
+/// With `basic_auth_users` configured, every request must authenticate: scrapes (absolute-form)
+/// with `Proxy-Authorization` — from Prometheus's `proxy_url` user info — so that
+/// `Authorization` stays the target's; ferry's own endpoints with `Authorization`.
+fn unauthenticated<B>(state: &State, req: &Request<B>) -> Option<Response<Body>> {
+    let auth = state.web_auth.as_ref()?;
+    let proxied = req.uri().authority().is_some();
+    let (name, status, challenge_header) = if proxied {
+        (
+            header::PROXY_AUTHORIZATION,
+            StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            header::PROXY_AUTHENTICATE,
+        )
+    } else {
+        (
+            header::AUTHORIZATION,
+            StatusCode::UNAUTHORIZED,
+            header::WWW_AUTHENTICATE,
+        )
+    };
+    let presented = req.headers().get(&name).and_then(|v| v.to_str().ok());
+    if auth.check(presented) {
+        return None;
+    }
+    let reason = if proxied {
+        "authentication required: put the user and password in Prometheus's proxy_url (http://user:password@gateway:8080)"
+    } else {
+        "authentication required"
+    };
+    let mut resp = text_response(status, reason);
+    resp.headers_mut().insert(
+        challenge_header,
+        HeaderValue::from_static("Basic realm=\"ferry gateway\""),
+    );
+    Some(resp)
 }
 
 fn json(body: String) -> Response<Body> {

@@ -1,0 +1,196 @@
+//! `--web.config.file` on the gateway (Prometheus exporter-toolkit format): basic auth for scrapes
+//! (through `Proxy-Authorization`, from Prometheus's `proxy_url` user info) and for ferry's own
+//! endpoints, TLS on the web listener — and the real Prometheus authenticating both ways.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::external::{values, Prometheus};
+use common::ferry::{agent_section, start_agent, start_gateway};
+use common::http::{get, get_via_proxy, get_with_headers};
+use common::servers::{Behaviour, TargetServer};
+
+fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+fn web_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let path = dir.join("web.yml");
+    std::fs::write(
+        &path,
+        format!("basic_auth_users:\n  prometheus: {hash}\n{extra}"),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_guards_scrapes_and_endpoints_and_leaves_authorization_to_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = web_config(dir.path(), "");
+    let target = TargetServer::start(Behaviour::Metrics("up 1\n".into())).await;
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(config.clone())
+    })
+    .await;
+    let agent = start_agent(
+        agent_section(&gw, "auth-1", &[("node", target.url("/metrics"))]),
+        "t",
+    );
+    gw.wait_agent("auth-1", Duration::from_secs(10)).await;
+    let url = format!("http://auth-1:{}/metrics", target.addr.port());
+
+    let denied = get_via_proxy(gw.web, &url, &[]).await;
+    assert_eq!(denied.status, 407, "{}", denied.text());
+    assert!(denied
+        .header("proxy-authenticate")
+        .is_some_and(|h| h.starts_with("Basic")));
+    assert!(denied.text().contains("proxy_url"), "{}", denied.text());
+    let wrong = get_via_proxy(
+        gw.web,
+        &url,
+        &[("proxy-authorization", &basic("prometheus", "nope"))],
+    )
+    .await;
+    assert_eq!(wrong.status, 407);
+    assert_eq!(
+        target.requests(),
+        0,
+        "nothing was fetched for unauthenticated scrapes"
+    );
+
+    let target_auth = basic("target-user", "target-pass");
+    let ok = get_via_proxy(
+        gw.web,
+        &url,
+        &[
+            ("proxy-authorization", &basic("prometheus", "s3cret")),
+            ("authorization", &target_auth),
+        ],
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let seen = target.last_headers().unwrap();
+    assert_eq!(
+        seen.get("authorization").and_then(|v| v.to_str().ok()),
+        Some(target_auth.as_str()),
+        "Authorization is the target's"
+    );
+    assert!(
+        !seen.contains_key("proxy-authorization"),
+        "the gateway's credentials stay at the gateway"
+    );
+
+    let sd = format!("http://{}/targets", gw.web);
+    assert_eq!(get(&sd).await.status, 401);
+    let sd_ok = get_with_headers(&sd, &[("authorization", &basic("prometheus", "s3cret"))]).await;
+    assert_eq!(sd_ok.status, 200);
+    assert!(sd_ok.text().contains("auth-1:"), "{}", sd_ok.text());
+    agent.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_listener_speaks_tls_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.path().join("web.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("web-key.pem"), key.serialize_pem()).unwrap();
+    let path = dir.path().join("web.yml");
+    // Relative paths resolve against the web config file's directory, as in exporter-toolkit.
+    std::fs::write(
+        &path,
+        "tls_server_config:\n  cert_file: web.pem\n  key_file: web-key.pem\n",
+    )
+    .unwrap();
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(path.clone())
+    })
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(ferry::tunnel::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(gw.web).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("TLS handshake with the web listener");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/-/healthy")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let plain = common::http::try_get(&format!("http://{}/-/healthy", gw.web), &[]).await;
+    assert!(
+        plain.is_err() || plain.is_ok_and(|r| r.status == 400),
+        "plain HTTP is not served on a TLS listener"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_authenticates_through_proxy_url_and_http_sd_basic_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = web_config(dir.path(), "");
+    let target = TargetServer::start(Behaviour::Metrics("authed_metric 42\n".into())).await;
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(config.clone())
+    })
+    .await;
+    let agent = start_agent(
+        agent_section(&gw, "authed-node", &[("app", target.url("/metrics"))]),
+        "t",
+    );
+    gw.wait_agent("authed-node", Duration::from_secs(10)).await;
+    let web = gw.web;
+    let prometheus = Prometheus::start(&format!(
+        r#"
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: ferry
+    proxy_url: http://prometheus:s3cret@{web}
+    http_sd_configs:
+      - url: http://{web}/targets
+        refresh_interval: 1s
+        basic_auth:
+          username: prometheus
+          password: s3cret
+"#
+    ))
+    .await;
+    prometheus
+        .wait_for(
+            r#"authed_metric{ferry_agent="authed-node"}"#,
+            Duration::from_secs(60),
+            |v| values(v) == [42.0],
+        )
+        .await;
+    agent.stop().await;
+    gw.stop().await;
+}
