@@ -74,6 +74,17 @@ impl GeoArgs {
     }
 }
 
+/// The tunnel's HTTP/2 keepalive flags (gateway and agent).
+#[derive(Debug, Args, Clone)]
+pub struct KeepaliveArgs {
+    /// HTTP/2 PING interval [default: 20s].
+    #[arg(long = "tunnel.keepalive-interval", value_name = "DURATION")]
+    pub interval: Option<Dur>,
+    /// HTTP/2 PING acknowledgement timeout [default: 20s].
+    #[arg(long = "tunnel.keepalive-timeout", value_name = "DURATION")]
+    pub timeout: Option<Dur>,
+}
+
 /// The host connection collector's flags (agent and exporter).
 #[derive(Debug, Args, Clone)]
 pub struct CollectorArgs {
@@ -165,12 +176,8 @@ struct GatewayArgs {
     /// Accept tunnels without TLS. Only behind a TLS-terminating front end.
     #[arg(long = "tunnel.insecure-plaintext")]
     insecure_plaintext: bool,
-    /// HTTP/2 PING interval [default: 20s].
-    #[arg(long = "tunnel.keepalive-interval", value_name = "DURATION")]
-    keepalive_interval: Option<Dur>,
-    /// HTTP/2 PING acknowledgement timeout [default: 20s].
-    #[arg(long = "tunnel.keepalive-timeout", value_name = "DURATION")]
-    keepalive_timeout: Option<Dur>,
+    #[command(flatten)]
+    keepalive: KeepaliveArgs,
     /// Where the self-signed certificate is kept [default: data].
     #[arg(long = "data-dir", value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -202,8 +209,8 @@ impl GatewayArgs {
         s.tunnel.tls_key_file = self.tls_key_file.clone();
         s.tunnel.tls_client_ca_file = self.tls_client_ca_file.clone();
         s.tunnel.insecure_plaintext = self.insecure_plaintext;
-        set(&mut s.tunnel.keepalive_interval, &self.keepalive_interval);
-        set(&mut s.tunnel.keepalive_timeout, &self.keepalive_timeout);
+        set(&mut s.tunnel.keepalive_interval, &self.keepalive.interval);
+        set(&mut s.tunnel.keepalive_timeout, &self.keepalive.timeout);
         set(&mut s.data_dir, &self.data_dir);
         s.auth.tokens_file = self.tokens_file.clone();
         set(&mut s.shutdown_grace_period, &self.grace);
@@ -247,12 +254,8 @@ struct AgentArgs {
     /// Dial an http:// gateway without TLS. Only for TLS-terminating front ends.
     #[arg(long = "tunnel.insecure-plaintext")]
     insecure_plaintext: bool,
-    /// HTTP/2 PING interval [default: 20s].
-    #[arg(long = "tunnel.keepalive-interval", value_name = "DURATION")]
-    keepalive_interval: Option<Dur>,
-    /// HTTP/2 PING acknowledgement timeout [default: 20s].
-    #[arg(long = "tunnel.keepalive-timeout", value_name = "DURATION")]
-    keepalive_timeout: Option<Dur>,
+    #[command(flatten)]
+    keepalive: KeepaliveArgs,
     /// A target this agent serves, NAME=URL (repeatable).
     #[arg(long = "target", value_name = "NAME=URL", value_parser = TargetSection::parse_flag)]
     targets: Vec<TargetSection>,
@@ -287,8 +290,8 @@ impl AgentArgs {
         t.key_file = self.key_file.clone();
         t.server_name = self.server_name.clone();
         t.insecure_plaintext = self.insecure_plaintext;
-        set(&mut t.keepalive_interval, &self.keepalive_interval);
-        set(&mut t.keepalive_timeout, &self.keepalive_timeout);
+        set(&mut t.keepalive_interval, &self.keepalive.interval);
+        set(&mut t.keepalive_timeout, &self.keepalive.timeout);
         s.web.listen_address = self.web_listen_address.clone();
         set(&mut s.shutdown_grace_period, &self.grace);
         s.collector = self.collector.section();
