@@ -765,6 +765,45 @@ async fn a_valid_payload_arrives_byte_identical() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_uploading_a_refused_body_reads_the_refusal() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{max_body_bytes: 1024}").await;
+    let size = 16 << 20;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: {size}\r\n\r\n",
+        up.url("/"),
+        up.addr
+    );
+    // The client sends its whole body before it reads anything, as many uploaders do.
+    let writer = tokio::spawn(async move {
+        wr.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'z'; 64 << 10];
+        for _ in 0..(size / chunk.len()) {
+            wr.write_all(&chunk).await?;
+        }
+        wr.flush().await
+    });
+    let sent = tokio::time::timeout(Duration::from_secs(20), writer)
+        .await
+        .expect("upload finished")
+        .unwrap();
+    assert!(
+        sent.is_ok(),
+        "the proxy reset the upload instead of draining it: {sent:?}"
+    );
+    let mut got = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut got))
+        .await
+        .expect("a response")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text:?}");
+    up.assert_untouched("a 16 MiB upload over a 1 KiB limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_the_limit_are_refused_whole_with_or_without_content_length() {
     let up = RecordingUpstream::start().await;
     let proxy = validating_proxy(&up, "{max_body_bytes: 1024}").await;

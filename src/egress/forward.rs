@@ -178,9 +178,11 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
     mut record: AccessRecord,
 ) -> Response<Body> {
-    match forward(state, req, &mut record).await {
+    let (parts, mut body) = req.into_parts();
+    match forward(state, parts, &mut body, &mut record).await {
         Ok(resp) => resp,
         Err(refusal) => {
+            linger(body);
             let resp = refused(&mut record, &refusal);
             record.emit(&state.metrics);
             resp
@@ -188,19 +190,43 @@ pub(crate) async fn handle(
     }
 }
 
+/// Most a refused request's remaining body is read (and thrown away) for.
+const LINGER_BYTES: u64 = 64 << 20;
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and discards what is left of a refused request's body, for a bounded time and size, so
+/// a client still uploading reads the refusal instead of a connection reset.
+fn linger(mut body: Incoming) {
+    if http_body::Body::is_end_stream(&body) {
+        return;
+    }
+    tokio::spawn(async move {
+        let drain = async {
+            let mut seen = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > LINGER_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
+}
+
 async fn forward(
     state: &Arc<State>,
-    req: Request<Incoming>,
+    mut parts: http::request::Parts,
+    body: &mut Incoming,
     record: &mut AccessRecord,
 ) -> Result<Response<Body>, Refusal> {
-    if req.uri().scheme_str() != Some("http") {
+    if parts.uri.scheme_str() != Some("http") {
         return Err(Refusal::bad_request("absolute-form requests must be http://; use CONNECT for https://, or a rule with tls_upgrade"));
     }
-    let target = Target::from_uri(req.uri(), 80)?;
-    let (index, rule) = select_rule(state, &target, req.method(), req.uri().path()).await?;
+    let target = Target::from_uri(&parts.uri, 80)?;
+    let (index, rule) = select_rule(state, &target, &parts.method, parts.uri.path()).await?;
     record.rule = rule.name.clone();
-    rule.validation.check_headers(req.headers())?;
-    let (mut parts, body) = req.into_parts();
+    rule.validation.check_headers(&parts.headers)?;
     let read_timeout = state.config.body_read_timeout;
     let body = tokio::time::timeout(
         read_timeout,
@@ -250,7 +276,7 @@ async fn forward(
 }
 
 /// Reads the whole body, refusing it past `limit` bytes.
-async fn read_body(mut body: Incoming, limit: u64) -> Result<ReadBody, Refusal> {
+async fn read_body(body: &mut Incoming, limit: u64) -> Result<ReadBody, Refusal> {
     let mut read = ReadBody {
         chunks: VecDeque::new(),
         remaining: 0,
