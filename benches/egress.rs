@@ -31,7 +31,6 @@
 //! Environment: `FERRY_BENCH_ROUNDS` (default 5); `FERRY_BENCH_ONLY`: run only the proxied scenarios
 //! whose name contains one of these `|`-separated strings (e.g. `CONNECT, log warn`).
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,7 +43,6 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -474,51 +472,33 @@ impl Collector {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let requests = Arc::new(AtomicU64::new(0));
         let counter = requests.clone();
-        tokio::spawn(async move {
-            loop {
-                let stream = match listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
+        // The project's own accept loop and HTTP/1.1 server, never shut down: the bench exits.
+        tokio::spawn(ferry::server::serve_http(
+            listener,
+            move |_peer, req: Request<Incoming>| {
                 let counter = counter.clone();
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let counter = counter.clone();
-                    async move {
-                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                        let resp = match body {
-                            Ok(b) if b.len() == BODY_BYTES => {
-                                counter.fetch_add(1, Ordering::Relaxed);
-                                Response::new(Full::new(Bytes::from_static(b"ok")))
-                            }
-                            Ok(b) => {
-                                let mut r = Response::new(Full::new(Bytes::from(format!(
-                                    "body of {} bytes",
-                                    b.len()
-                                ))));
-                                *r.status_mut() = StatusCode::BAD_REQUEST;
-                                r
-                            }
-                            Err(e) => {
-                                let mut r =
-                                    Response::new(Full::new(Bytes::from(format!("body: {e}"))));
-                                *r.status_mut() = StatusCode::BAD_REQUEST;
-                                r
-                            }
-                        };
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
-            }
-        });
+                async move { collect(req, &counter).await }
+            },
+            tokio_util::sync::CancellationToken::new(),
+            Duration::from_secs(1),
+        ));
         Ok(Collector { addr, requests })
+    }
+}
+
+/// Reads the whole body: 200 `ok` (counted) if it has the expected size, else 400 saying why.
+async fn collect(req: Request<Incoming>, counter: &AtomicU64) -> Response<ferry::http_util::Body> {
+    use ferry::http_util::{full, text_response};
+    match req.into_body().collect().await.map(|b| b.to_bytes()) {
+        Ok(b) if b.len() == BODY_BYTES => {
+            counter.fetch_add(1, Ordering::Relaxed);
+            Response::new(full(Bytes::from_static(b"ok")))
+        }
+        Ok(b) => text_response(
+            StatusCode::BAD_REQUEST,
+            &format!("body of {} bytes", b.len()),
+        ),
+        Err(e) => text_response(StatusCode::BAD_REQUEST, &format!("body: {e}")),
     }
 }
 

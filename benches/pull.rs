@@ -40,7 +40,6 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -825,27 +824,16 @@ async fn start_target() -> Result<SocketAddr, String> {
         .map_err(|e| format!("bind target: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let body = Bytes::from(metrics_text(BODY_BYTES));
-    tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let body = body.clone();
-            let service = service_fn(move |req| {
-                let body = body.clone();
-                async move { Ok::<_, Infallible>(target_response(&req, body)) }
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service),
-            );
-        }
-    });
+    // The project's own accept loop and HTTP/1.1 server, never shut down: the bench exits.
+    tokio::spawn(ferry::server::serve_http(
+        listener,
+        move |_peer, req| {
+            let resp = target_response(&req, body.clone());
+            async move { resp }
+        },
+        tokio_util::sync::CancellationToken::new(),
+        Duration::from_secs(1),
+    ));
     Ok(addr)
 }
 

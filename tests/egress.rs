@@ -1380,23 +1380,21 @@ async fn an_oversized_request_head_is_431() {
     assert_eq!(up.request_count(), 1, "the big requests were not forwarded");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trickled_headers_are_cut_by_the_header_read_timeout() {
-    let up = RecordingUpstream::start().await;
-    let mut s = section(&[loopback_rule(&up)]);
-    s.header_read_timeout = ferry::config::Dur(Duration::from_millis(500));
-    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut rd, mut wr) = stream.into_split();
+/// Connects to `addr`, sends `head`, then one more byte every 100 ms for up to 10 s, as a
+/// slowloris client does. Returns the read half, the writer task and when it started.
+async fn trickle(
+    addr: std::net::SocketAddr,
+    head: String,
+) -> (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::task::JoinHandle<()>,
+    Instant,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (rd, mut wr) = stream.into_split();
     let started = Instant::now();
-    let head = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nX-Slow: ",
-        up.url("/"),
-        up.addr
-    );
     let writer = tokio::spawn(async move {
         let _ = wr.write_all(head.as_bytes()).await;
-        // One byte every 100 ms, for up to 10 s: never a complete head.
         for _ in 0..100 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             if wr.write_all(b"a").await.is_err() {
@@ -1404,6 +1402,22 @@ async fn trickled_headers_are_cut_by_the_header_read_timeout() {
             }
         }
     });
+    (rd, writer, started)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_headers_are_cut_by_the_header_read_timeout() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.header_read_timeout = ferry::config::Dur(Duration::from_millis(500));
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+    let head = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nX-Slow: ",
+        up.url("/"),
+        up.addr
+    );
+    // Never a complete head.
+    let (mut rd, writer, started) = trickle(proxy.addr, head).await;
     let mut got = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut got)).await;
     let took = started.elapsed();
@@ -1427,23 +1441,13 @@ async fn a_trickled_body_is_cut_by_the_body_read_timeout_and_never_forwarded() {
     let mut s = section(&[loopback_rule(&up)]);
     s.body_read_timeout = ferry::config::Dur(Duration::from_millis(500));
     let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut rd, mut wr) = stream.into_split();
-    let started = Instant::now();
     let head = format!(
         "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: 1000\r\n\r\npartial",
         up.url("/"),
         up.addr
     );
-    let writer = tokio::spawn(async move {
-        let _ = wr.write_all(head.as_bytes()).await;
-        for _ in 0..100 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if wr.write_all(b"b").await.is_err() {
-                break;
-            }
-        }
-    });
+    // Never the whole body.
+    let (mut rd, writer, started) = trickle(proxy.addr, head).await;
     let mut got = vec![0u8; 512];
     let n = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut got))
         .await

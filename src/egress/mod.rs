@@ -278,7 +278,7 @@ async fn handle(
     if !is_proxy {
         return own_endpoint(state, req.uri().path());
     }
-    let checks = check_framing(&req, framing_problem).and_then(|_| check_credentials(state, &req));
+    let checks = check_framing(framing_problem).and_then(|_| check_credentials(state, &req));
     if let Err(refusal) = checks {
         let resp = refused(&mut record, &refusal);
         record.emit(&state.metrics);
@@ -310,25 +310,13 @@ fn head_size<B>(req: &Request<B>) -> usize {
 }
 
 /// Request smuggling defences: Content-Length with Transfer-Encoding, or two Content-Lengths.
-/// hyper hides both from the parsed request, so `framing_problem` is what [`framing`] saw.
-fn check_framing<B>(
-    req: &Request<B>,
-    framing_problem: Option<&'static str>,
-) -> Result<(), Refusal> {
-    if let Some(problem) = framing_problem {
-        return Err(Refusal::bad_request(problem));
+/// hyper normalises both away before the request reaches us (it drops the length, folds equal
+/// duplicates), so the verdict comes from [`framing`], which saw the raw request head.
+fn check_framing(framing_problem: Option<&'static str>) -> Result<(), Refusal> {
+    match framing_problem {
+        Some(problem) => Err(Refusal::bad_request(problem)),
+        None => Ok(()),
     }
-    let h = req.headers();
-    let lengths = h.get_all(header::CONTENT_LENGTH).iter().count();
-    if lengths > 1 {
-        return Err(Refusal::bad_request("more than one Content-Length header"));
-    }
-    if lengths == 1 && h.contains_key(header::TRANSFER_ENCODING) {
-        return Err(Refusal::bad_request(
-            "both Content-Length and Transfer-Encoding",
-        ));
-    }
-    Ok(())
 }
 
 /// `Proxy-Authorization: Basic name:secret` or `Bearer secret`, checked against the credentials file.
