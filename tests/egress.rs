@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::egress::{
     absolute, connect_raw, exchange, raw_exchange, read_response, RecordingUpstream, Reply,
-    TestEgress, TestResolver, UPSTREAM_BODY,
+    TestEgress, TestResolver, TIMEOUT, UPSTREAM_BODY,
 };
 use common::ferry::metric_value;
 use common::http::{get, send_on, try_get, Resp};
@@ -1815,4 +1815,139 @@ async fn a_non_loopback_listener_needs_an_explicit_client_allowlist() {
     let stderr = ferry.finish().join("\n");
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--allow-client"), "{stderr}");
+}
+
+/// A CONNECT tunnel is a byte pipe: what the client sends right behind its CONNECT head (before
+/// the 200), megabytes each way and a half-close all arrive unchanged, and the tunnel's bytes are
+/// counted once it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_relay_raw_bytes_both_ways_with_half_close() {
+    let upload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    let download: Vec<u8> = (0..2_000_000u32).map(|i| (i * 13 % 241) as u8).collect();
+    // A raw TCP server: reads to end of stream, then answers and closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = listener.local_addr().unwrap();
+    let reply = download.clone();
+    let server = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        sock.read_to_end(&mut got).await.unwrap();
+        sock.write_all(&reply).await.unwrap();
+        sock.shutdown().await.unwrap();
+        got
+    });
+    let proxy = TestEgress::start(
+        section(&[format!("127.0.0.1/32:{}", server_addr.port())]),
+        TestResolver::new(&[]),
+    )
+    .await;
+
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut first =
+        format!("CONNECT {server_addr} HTTP/1.1\r\nHost: {server_addr}\r\n\r\n").into_bytes();
+    first.extend_from_slice(&upload[..1000]);
+    client.write_all(&first).await.unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, read_response(&mut client))
+        .await
+        .expect("CONNECT answered in time")
+        .expect("CONNECT answered");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let (mut rd, mut wr) = client.into_split();
+    let sender = tokio::spawn({
+        let rest = upload[1000..].to_vec();
+        async move {
+            wr.write_all(&rest).await.unwrap();
+            wr.shutdown().await.unwrap();
+        }
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(TIMEOUT, rd.read_to_end(&mut got))
+        .await
+        .expect("tunnel ended in time")
+        .unwrap();
+    sender.await.unwrap();
+    let at_server = server.await.unwrap();
+    assert!(
+        at_server == upload,
+        "upstream got {} bytes, not the upload",
+        at_server.len()
+    );
+    assert!(
+        got == download,
+        "client got {} bytes, not the download",
+        got.len()
+    );
+
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let metrics = proxy.metrics().await;
+        let bytes_in = metric_value(&metrics, "ferry_egress_bytes_total", &[("direction", "in")]);
+        let bytes_out = metric_value(
+            &metrics,
+            "ferry_egress_bytes_total",
+            &[("direction", "out")],
+        );
+        if bytes_in == Some(upload.len() as f64) && bytes_out == Some(download.len() as f64) {
+            assert_eq!(
+                metric_value(&metrics, "ferry_egress_open_tunnels", &[]),
+                Some(0.0)
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tunnel bytes not counted: in {bytes_in:?}, out {bytes_out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A tunnel that carries nothing for `tunnel_idle_timeout` is closed; one that keeps moving
+/// bytes is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connect_tunnels_are_closed_active_ones_are_not() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = listener.local_addr().unwrap();
+    // Echo server.
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = sock.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+            });
+        }
+    });
+    let mut section = section(&[format!("127.0.0.1/32:{}", server_addr.port())]);
+    section.tunnel_idle_timeout = serde_yaml_ng::from_str("400ms").unwrap();
+    let proxy = TestEgress::start(section, TestResolver::new(&[])).await;
+
+    let authority = server_addr.to_string();
+    let (resp, mut busy) = connect_raw(proxy.addr, &authority, &[]).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let (resp, mut idle) = connect_raw(proxy.addr, &authority, &[]).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+
+    // The busy tunnel echoes a byte every 100 ms for 1.2 s, three idle timeouts.
+    let started = Instant::now();
+    for i in 0..12u8 {
+        busy.write_all(&[i]).await.unwrap();
+        let mut b = [0u8; 1];
+        tokio::time::timeout(TIMEOUT, busy.read_exact(&mut b))
+            .await
+            .expect("echo in time")
+            .expect("busy tunnel still open");
+        assert_eq!(b[0], i);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The idle one was closed meanwhile: end of stream, not a hang.
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_millis(200), idle.read_to_end(&mut rest))
+        .await
+        .expect("idle tunnel closed by the proxy")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "nothing was sent on the idle tunnel");
+    assert!(started.elapsed() >= Duration::from_millis(1200));
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
@@ -16,7 +16,11 @@ use tracing::debug;
 use super::access::AccessRecord;
 use super::connector::connect_any;
 use super::forward::{checked, select_rule, Target};
+#[cfg(target_os = "linux")]
+use super::framing::Sniff;
 use super::refusal::Refusal;
+#[cfg(target_os = "linux")]
+use super::splice::{self, Pipe};
 use super::{refused, State};
 use crate::http_util::{empty, Body};
 
@@ -32,7 +36,7 @@ pub(crate) async fn handle(
                 match hyper::upgrade::on(req).await {
                     Ok(upgraded) => {
                         let _open = state.tracker.track(&upstream);
-                        relay(&state, TokioIo::new(upgraded), upstream, record).await
+                        relay(&state, upgraded, upstream, record).await
                     }
                     Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
                 }
@@ -80,72 +84,142 @@ async fn open(
 
 async fn relay(
     state: &State,
-    client: TokioIo<hyper::upgrade::Upgraded>,
-    upstream: TcpStream,
+    client: hyper::upgrade::Upgraded,
+    mut upstream: TcpStream,
     mut record: AccessRecord,
 ) {
     state.metrics.open_tunnels.inc();
-    let activity = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut client = Active {
-        inner: client,
-        activity: activity.clone(),
-        started,
+    let counters = Counters {
+        up: AtomicU64::new(0),
+        down: AtomicU64::new(0),
+        activity: AtomicU64::new(0),
+        started: Instant::now(),
     };
-    let mut upstream = upstream;
     let idle = state.config.tunnel_idle_timeout;
-    let copy = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        TUNNEL_BUFFER,
-        TUNNEL_BUFFER,
-    );
-    tokio::pin!(copy);
-    let result = loop {
+    let pump = pump(client, &mut upstream, &counters);
+    tokio::pin!(pump);
+    loop {
         tokio::select! {
-            res = &mut copy => break res.ok(),
+            res = &mut pump => {
+                if let Err(e) = res {
+                    debug!(error = %e, "CONNECT tunnel ended with an error");
+                }
+                break;
+            }
             _ = tokio::time::sleep(idle_check(idle)) => {
-                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                if started.elapsed().saturating_sub(last) >= idle {
+                let last = Duration::from_millis(counters.activity.load(Ordering::Relaxed));
+                if counters.started.elapsed().saturating_sub(last) >= idle {
                     debug!(?idle, "closing idle CONNECT tunnel");
-                    break None;
+                    break;
                 }
             }
         }
-    };
-    if let Some((to_upstream, to_client)) = result {
-        record.bytes_in = to_upstream;
-        record.bytes_out = to_client;
     }
+    // Counted as the bytes move, so a tunnel closed by an error or the idle timeout still
+    // reports what it carried.
+    record.bytes_in = counters.up.load(Ordering::Relaxed);
+    record.bytes_out = counters.down.load(Ordering::Relaxed);
     state.metrics.open_tunnels.dec();
     record.emit(&state.metrics);
 }
 
-/// Relay buffer per direction. tokio's default (8 KiB) costs a read and a write system call per
-/// 8 KiB; a 170 KB payload then takes ~22 of each way, and each small write is its own TCP send.
-/// 64 KiB (one loopback segment) cut the proxy's CPU per request in `benches/egress.rs`, for
-/// 128 KiB per open tunnel.
+/// Bytes moved each way and the time of the last move (ms after `started`), for the access
+/// record and the idle check.
+struct Counters {
+    up: AtomicU64,
+    down: AtomicU64,
+    activity: AtomicU64,
+    started: Instant,
+}
+
+impl Counters {
+    fn moved(&self, direction: &AtomicU64, n: u64) {
+        direction.fetch_add(n, Ordering::Relaxed);
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.activity.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// Relays until both directions have ended: with `splice(2)` when the client connection is a
+/// plain TCP socket on Linux, else by copying through user-space buffers.
+async fn pump(
+    client: hyper::upgrade::Upgraded,
+    upstream: &mut TcpStream,
+    counters: &Counters,
+) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    let client = match client.downcast::<TokioIo<Sniff<TcpStream>>>() {
+        Ok(parts) => {
+            let client = parts.io.into_inner().into_inner();
+            // What the client sent right behind its CONNECT head (a TLS ClientHello, say) was
+            // read by hyper already; it goes first.
+            if !parts.read_buf.is_empty() {
+                upstream.write_all(&parts.read_buf).await?;
+                counters.moved(&counters.up, parts.read_buf.len() as u64);
+            }
+            return match (Pipe::new(), Pipe::new()) {
+                (Ok(up), Ok(down)) => {
+                    let upstream = &*upstream;
+                    tokio::try_join!(
+                        splice::one_way(&client, upstream, &up, |n| counters
+                            .moved(&counters.up, n)),
+                        splice::one_way(upstream, &client, &down, |n| counters
+                            .moved(&counters.down, n)),
+                    )
+                    .map(drop)
+                }
+                // Out of descriptors for pipes: copying still works.
+                _ => copy(client, upstream, counters).await,
+            };
+        }
+        Err(upgraded) => upgraded,
+    };
+    copy(TokioIo::new(client), upstream, counters).await
+}
+
+async fn copy<C: AsyncRead + AsyncWrite + Unpin>(
+    client: C,
+    upstream: &mut TcpStream,
+    counters: &Counters,
+) -> std::io::Result<()> {
+    let mut client = Counted {
+        inner: client,
+        counters,
+        up: true,
+    };
+    let mut upstream = Counted {
+        inner: upstream,
+        counters,
+        up: false,
+    };
+    tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        TUNNEL_BUFFER,
+        TUNNEL_BUFFER,
+    )
+    .await
+    .map(drop)
+}
+
+/// Relay buffer per direction when copying. tokio's default (8 KiB) costs a read and a write
+/// system call per 8 KiB; a 170 KB payload then takes ~22 of each way, and each small write is
+/// its own TCP send. 64 KiB (one loopback segment) cut the proxy's CPU per request in
+/// `benches/egress.rs`, for 128 KiB per open tunnel.
 const TUNNEL_BUFFER: usize = 64 << 10;
 
 fn idle_check(idle: Duration) -> Duration {
     (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
 }
 
-/// Records the time of the last byte moved, for the idle check.
-struct Active<T> {
+/// Counts the bytes read from one side of a copied tunnel (`up`: the client's side).
+struct Counted<'a, T> {
     inner: T,
-    activity: Arc<AtomicU64>,
-    started: Instant,
+    counters: &'a Counters,
+    up: bool,
 }
 
-impl<T> Active<T> {
-    fn touch(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.activity.store(ms, Ordering::Relaxed);
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -153,24 +227,22 @@ impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let res = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.touch();
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            let c = self.counters;
+            c.moved(if self.up { &c.up } else { &c.down }, n);
         }
         res
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         data: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        let res = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(res, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
-        res
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
     }
 
     fn poll_flush(

@@ -100,6 +100,11 @@ impl<T> Sniff<T> {
         (sniff, heads)
     }
 
+    /// The connection, for a CONNECT tunnel that relays it without hyper. Sniff buffers nothing.
+    pub(crate) fn into_inner(self) -> T {
+        self.inner
+    }
+
     fn scan(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             match self.phase {

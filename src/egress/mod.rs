@@ -33,6 +33,8 @@ mod forward;
 mod framing;
 pub mod policy;
 pub mod refusal;
+#[cfg(target_os = "linux")]
+mod splice;
 pub mod validate;
 
 use access::AccessRecord;
