@@ -19,7 +19,8 @@
 //! every agent.
 //!
 //! Environment: `FERRY_BENCH_ROUNDS` (default 5), `FERRY_BENCH_AGENTS` (default 1000),
-//! `FERRY_BENCH_GATEWAY_WRAPPER` (a profiler to run the gateway under).
+//! `FERRY_BENCH_GATEWAY_WRAPPER` (a profiler to run the gateway under), `FERRY_BENCH_ONLY`
+//! (`idle-memory`: only the idle-agents memory reading; `one-agent`: only phase A).
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -148,6 +149,46 @@ async fn run(settings: Settings) -> Result<(), String> {
     );
     println!("load average before: {}", load_average());
     let target = start_target().await?;
+    // Partial runs for quick iterations; they print what they measured and no verdicts.
+    match std::env::var("FERRY_BENCH_ONLY")
+        .unwrap_or_default()
+        .as_str()
+    {
+        "" => {}
+        "idle-memory" => {
+            println!("\n== idle memory only: {} agents ==", settings.agents);
+            let gw = GatewayProcess::start().await?;
+            let shutdown = CancellationToken::new();
+            let idle = idle_memory(&gw, target, settings.agents, &shutdown).await;
+            shutdown.cancel();
+            let idle = idle?;
+            println!(
+                "RSS per idle agent: {:.1} KiB ({:.1} KiB marginal)",
+                idle.per_agent_kib(),
+                idle.marginal_kib()
+            );
+            return Ok(());
+        }
+        "one-agent" => {
+            let a = phase_one_agent(target, settings).await?;
+            let one = Summary::of(&a.rounds);
+            println!(
+                "\nmedians of {} rounds: added p50 {}, throughput {:.2}x direct, CPU us/scrape direct {:.0} ferry {:.0} (gateway {:.0})",
+                settings.rounds,
+                ms(one.added_p50),
+                one.ratio,
+                one.direct_cpu_us,
+                one.ferry_cpu_us,
+                one.ferry_gateway_cpu_us
+            );
+            return Ok(());
+        }
+        other => {
+            return Err(format!(
+                "FERRY_BENCH_ONLY={other:?}: use idle-memory or one-agent"
+            ))
+        }
+    }
     let a = phase_one_agent(target, settings).await?;
     let b = phase_many_agents(target, settings).await?;
     report(&a, &b, settings);

@@ -227,7 +227,7 @@ struct AgentArgs {
     /// The gateway's tunnel address, https://HOST:PORT.
     #[arg(long, value_name = "URL")]
     gateway: Option<String>,
-    /// The id to claim [default: this host's name].
+    /// The id to claim [default: this host's FQDN, as hostname --fqdn prints it].
     #[arg(long = "agent-id", value_name = "ID")]
     agent_id: Option<String>,
     /// File holding the token (else the FERRY_TOKEN environment variable).

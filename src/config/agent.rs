@@ -29,7 +29,7 @@ pub const SELF_TARGET: &str = "ferry";
 pub struct AgentSection {
     /// `https://host:port` of the gateway's tunnel listener.
     pub gateway: Option<String>,
-    /// The id this agent claims; defaults to the host name.
+    /// The id this agent claims; defaults to the host's FQDN.
     pub agent_id: Option<String>,
     /// File holding the token (else `FERRY_TOKEN`).
     pub token_file: Option<PathBuf>,
@@ -433,7 +433,7 @@ impl AgentSection {
     fn validate_agent_id(&self, field: &str, errs: &mut ConfigErrors) -> Option<String> {
         let id = match &self.agent_id {
             Some(id) => id.clone(),
-            None => gethostname::gethostname().to_string_lossy().into_owned(),
+            None => host_fqdn(),
         };
         if valid_agent_id(&id) {
             Some(id)
@@ -676,4 +676,97 @@ pub fn parse_label_flag(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{s:?} must be KEY=VALUE"))
+}
+
+/// How long the default agent id may wait for the resolver's canonical host name.
+const FQDN_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The host's fully qualified name, the agent id when none is given, found as `hostname --fqdn`
+/// finds it: the kernel host name when it already has a dot, else the canonical name the
+/// resolver gives for it. A resolver that does not answer within [`FQDN_LOOKUP_TIMEOUT`], or
+/// answers with no dotted name, leaves the kernel host name.
+pub(crate) fn host_fqdn() -> String {
+    let short = gethostname::gethostname().to_string_lossy().into_owned();
+    if short.contains('.') {
+        return short;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let name = short.clone();
+        // getaddrinfo cannot be cancelled; a stuck lookup ends with its thread, unwaited.
+        let spawned = std::thread::Builder::new()
+            .name("fqdn-lookup".into())
+            .spawn(move || {
+                let _ = tx.send(canonical_name(&name));
+            });
+        if spawned.is_ok() {
+            if let Ok(Some(fqdn)) = rx.recv_timeout(FQDN_LOOKUP_TIMEOUT) {
+                if fqdn.contains('.') && valid_agent_id(&fqdn) {
+                    return fqdn;
+                }
+            }
+        }
+    }
+    short
+}
+
+/// The resolver's canonical name for `host` (getaddrinfo with `AI_CANONNAME`).
+#[cfg(target_os = "linux")]
+fn canonical_name(host: &str) -> Option<String> {
+    let c_host = std::ffi::CString::new(host).ok()?;
+    // SAFETY: an all-zero addrinfo is the documented "no hints" value; we set two fields.
+    let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
+    hints.ai_flags = libc::AI_CANONNAME;
+    hints.ai_socktype = libc::SOCK_STREAM;
+    let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+    // SAFETY: valid C strings and pointers; `res` is freed below when the call succeeded.
+    let rc = unsafe { libc::getaddrinfo(c_host.as_ptr(), std::ptr::null(), &hints, &mut res) };
+    if rc != 0 || res.is_null() {
+        return None;
+    }
+    // SAFETY: `res` points to the list getaddrinfo returned; with AI_CANONNAME the first entry's
+    // ai_canonname is null or a NUL-terminated string owned by that list.
+    let name = unsafe {
+        let canon = (*res).ai_canonname;
+        (!canon.is_null()).then(|| {
+            std::ffi::CStr::from_ptr(canon)
+                .to_string_lossy()
+                .into_owned()
+        })
+    };
+    // SAFETY: freed once, after the last use of the list.
+    unsafe { libc::freeaddrinfo(res) };
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Same answer as `hostname --fqdn` (which resolves the name the same way), or the kernel
+    /// host name where that cannot resolve it.
+    #[test]
+    fn the_default_agent_id_is_the_hosts_fqdn() {
+        let short = gethostname::gethostname().to_string_lossy().into_owned();
+        let out = std::process::Command::new("hostname")
+            .arg("--fqdn")
+            .output()
+            .expect("run hostname --fqdn (Debian's essential hostname package)");
+        let told = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let expected = if out.status.success() && told.contains('.') {
+            told
+        } else {
+            short
+        };
+        assert_eq!(host_fqdn(), expected);
+        assert!(valid_agent_id(&host_fqdn()));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_resolvers_canonical_name_is_read() {
+        assert_eq!(canonical_name("localhost").as_deref(), Some("localhost"));
+        assert_eq!(canonical_name("no-such-host.invalid"), None);
+    }
 }
