@@ -23,6 +23,7 @@ use crate::telemetry::{ConnectionMetrics, GatewayMetrics};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_server::{load_identity, self_signed_identity, ServerIdentity};
 
+mod h2conn;
 mod proxy;
 pub mod registry;
 mod sd;

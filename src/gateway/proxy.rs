@@ -8,6 +8,7 @@ use http::{HeaderValue, Request, Response, Uri};
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::h2conn;
 use super::registry::AgentHandle;
 use super::State;
 use crate::config::ScrapeLimits;
@@ -130,14 +131,17 @@ async fn forward(
     let t = timeouts(req.headers().get(SCRAPE_TIMEOUT_HEADER), limits);
     let deadline = start + t.gateway;
     let req = tunnel_request(req, &route, t.agent)?;
-    let mut sender = route.agent.sender();
-    let resp = match tokio::time::timeout_at(deadline, sender.send_request(req)).await {
+    let sender = route.agent.sender();
+    let resp = match tokio::time::timeout_at(deadline, h2conn::send(&sender, req)).await {
         Err(_) => {
             let what = format!("agent {:?} target {:?}", route.agent.id, route.target);
             return Err(ScrapeError::Timeout {
                 what,
                 timeout: t.scrape,
             });
+        }
+        Ok(Err(h2conn::SendError::Body(reason))) => {
+            return Err(ScrapeError::BadRequest(reason));
         }
         Ok(Err(e)) => {
             let reason = one_line(&e);
@@ -185,7 +189,7 @@ fn tunnel_request(
 /// The agent's response, streamed to Prometheus within the deadline and the size limit.
 fn stream_back(
     state: &Arc<State>,
-    resp: Response<hyper::body::Incoming>,
+    resp: Response<h2conn::RecvBody>,
     agent: Arc<AgentHandle>,
     labels: ScrapeLabels,
     start: Instant,

@@ -10,11 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use hyper::client::conn::http2::SendRequest;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::http_util::Body;
+use super::h2conn::Sender;
 use crate::tunnel::TargetList;
 
 /// One connected agent: its identity, its targets, and the HTTP/2 sender over its tunnel.
@@ -27,7 +26,7 @@ pub struct AgentHandle {
     pub remote: SocketAddr,
     /// When the tunnel came up.
     pub connected_at: SystemTime,
-    sender: SendRequest<Body>,
+    sender: Sender,
     targets: watch::Receiver<Arc<TargetList>>,
     closed: CancellationToken,
     stats: std::sync::Mutex<ScrapeStats>,
@@ -54,7 +53,7 @@ impl AgentHandle {
         id: String,
         session: u64,
         remote: SocketAddr,
-        sender: SendRequest<Body>,
+        sender: Sender,
         targets: watch::Receiver<Arc<TargetList>>,
         closed: CancellationToken,
     ) -> Self {
@@ -89,7 +88,7 @@ impl AgentHandle {
     }
 
     /// A sender for one request over the tunnel.
-    pub fn sender(&self) -> SendRequest<Body> {
+    pub fn sender(&self) -> Sender {
         self.sender.clone()
     }
 

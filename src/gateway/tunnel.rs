@@ -11,9 +11,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -22,9 +21,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::auth::AuthError;
+use super::h2conn::{self, Sender};
 use super::registry::AgentHandle;
 use super::State;
 use crate::http_util::{empty, text_response, Body};
+use crate::scrape_error::one_line;
 use crate::telemetry::{ConnectionGuard, ResultLabels};
 use crate::tunnel::handshake::{parse_upgrade_request, switching_protocols, Refusal};
 use crate::tunnel::{TargetList, CONTROL_AUTHORITY, TARGETS_LONG_POLL, TARGETS_PATH};
@@ -178,21 +179,15 @@ async fn run_session(
     remote: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let ka = state.config.keepalive;
-    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(ka.interval)
-        .keep_alive_timeout(ka.timeout)
-        .keep_alive_while_idle(true)
-        .handshake::<_, Body>(upgraded);
-    let (mut sender, conn) = match handshake.await {
-        Ok(pair) => pair,
-        Err(e) => return warn!(error = %e, "HTTP/2 handshake over the tunnel failed"),
-    };
+    let (sender, conn) =
+        match h2conn::handshake(TokioIo::new(upgraded), state.config.keepalive).await {
+            Ok(pair) => pair,
+            Err(e) => return warn!(error = %e, "HTTP/2 handshake over the tunnel failed"),
+        };
     let mut conn = std::pin::pin!(conn);
     let first = tokio::select! {
-        list = fetch_targets(&mut sender, None, state.config.handshake_timeout) => list,
-        res = &mut conn => return warn!(result = ?res, "tunnel closed before the agent sent its targets"),
+        list = fetch_targets(&sender, None, state.config.handshake_timeout) => list,
+        reason = &mut conn => return warn!(%reason, "tunnel closed before the agent sent its targets"),
     };
     let first = match first {
         Ok(list) => list,
@@ -221,7 +216,7 @@ async fn run_session(
         .set(state.registry.len() as i64);
     info!(targets = n_targets, "agent connected");
     let end = tokio::select! {
-        res = &mut conn => format!("connection ended: {}", res.map_or_else(|e| e.to_string(), |_| "closed by agent".into())),
+        reason = &mut conn => format!("connection ended: {reason}"),
         _ = closed.cancelled() => "replaced by a newer tunnel".to_owned(),
         _ = shutdown.cancelled() => "gateway shutting down".to_owned(),
         e = watch_targets(sender, targets_tx) => format!("target list watch failed: {e}"),
@@ -235,14 +230,11 @@ async fn run_session(
 }
 
 /// Follows the agent's target list: each answer is the next version, held open by the agent until it changes.
-async fn watch_targets(
-    mut sender: SendRequest<Body>,
-    tx: watch::Sender<Arc<TargetList>>,
-) -> String {
+async fn watch_targets(sender: Sender, tx: watch::Sender<Arc<TargetList>>) -> String {
     loop {
         let version = tx.borrow().version;
         match fetch_targets(
-            &mut sender,
+            &sender,
             Some(version),
             TARGETS_LONG_POLL + Duration::from_secs(30),
         )
@@ -263,7 +255,7 @@ async fn watch_targets(
 }
 
 async fn fetch_targets(
-    sender: &mut SendRequest<Body>,
+    sender: &Sender,
     after: Option<u64>,
     timeout: Duration,
 ) -> Result<TargetList, String> {
@@ -273,8 +265,7 @@ async fn fetch_targets(
     };
     let req = Request::get(uri).body(empty()).map_err(|e| e.to_string())?;
     let fetch = async {
-        sender.ready().await.map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let resp = h2conn::send(sender, req).await.map_err(|e| one_line(&e))?;
         if resp.status() != StatusCode::OK {
             return Err(format!(
                 "agent answered {} to the targets request",
