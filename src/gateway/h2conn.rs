@@ -34,13 +34,9 @@ const MAX_HEADER_LIST: u32 = 16 << 10;
 /// Largest request body forwarded to an agent (scrapes have none; this is for the odd POST).
 pub const MAX_REQUEST_BODY: usize = 1 << 20;
 
-/// Opens HTTP/2 over `io` as the client. Returns the sender and the connection: a future that
-/// must be polled for anything to move and that ends, with a reason, when the tunnel does —
-/// closed by the agent, an error, or PINGs unanswered for `keepalive.timeout`.
-pub async fn handshake<T>(
-    io: T,
-    keepalive: Keepalive,
-) -> Result<(Sender, impl Future<Output = String> + Send), h2::Error>
+/// Opens HTTP/2 over `io` as the client. Returns the sender and the connection, which must be
+/// polled for anything to move.
+pub async fn handshake<T>(io: T, keepalive: Keepalive) -> Result<(Sender, Connection<T>), h2::Error>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -52,39 +48,83 @@ where
         .enable_push(false)
         .handshake::<_, Bytes>(io)
         .await?;
-    let pings = conn.ping_pong();
-    let drive = async move {
-        let keepalive = async {
-            match pings {
-                Some(pings) => keep_alive(pings, keepalive).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            res = conn => match res {
+    let keepalive = conn.ping_pong().map(|pings| KeepAlive {
+        pings,
+        timer: Box::pin(tokio::time::sleep(keepalive.interval)),
+        awaiting_pong: false,
+        config: keepalive,
+    });
+    Ok((sender, Connection { conn, keepalive }))
+}
+
+/// A tunnel's HTTP/2 connection with its keepalive. As a future it ends, with a reason, when the
+/// tunnel does: closed by the agent, an error, or a PING unanswered.
+///
+/// Hand-written rather than an `async` block: it lives as long as the tunnel, once per agent,
+/// and an `async` block holding the h2 connection and a `select!` over it takes twice its size.
+pub struct Connection<T> {
+    conn: h2::client::Connection<T, Bytes>,
+    keepalive: Option<KeepAlive>,
+}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Future for Connection<T> {
+    type Output = String;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<String> {
+        if let Poll::Ready(res) = Pin::new(&mut self.conn).poll(cx) {
+            return Poll::Ready(match res {
                 Ok(()) => "closed by the agent".to_owned(),
                 Err(e) => crate::scrape_error::one_line(&e),
-            },
-            reason = keepalive => reason,
+            });
         }
-    };
-    Ok((sender, drive))
+        match self.keepalive.as_mut() {
+            Some(keepalive) => keepalive.poll(cx),
+            None => Poll::Pending,
+        }
+    }
 }
 
 /// Sends a PING every `interval` and gives up on the tunnel when one goes unanswered for
 /// `timeout`: an idle-cutting middlebox then sees traffic, and a dead agent is noticed.
-async fn keep_alive(mut pings: h2::PingPong, keepalive: Keepalive) -> String {
-    loop {
-        tokio::time::sleep(keepalive.interval).await;
-        match tokio::time::timeout(keepalive.timeout, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
-            Err(_) => {
-                return format!(
-                    "keepalive PING unanswered for {:?}: agent gone",
-                    keepalive.timeout
-                )
+struct KeepAlive {
+    pings: h2::PingPong,
+    /// Next PING while none is outstanding; the deadline of the outstanding one otherwise.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    awaiting_pong: bool,
+    config: Keepalive,
+}
+
+impl KeepAlive {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<String> {
+        loop {
+            if self.awaiting_pong {
+                match self.pings.poll_pong(cx) {
+                    Poll::Ready(Ok(_pong)) => {
+                        self.awaiting_pong = false;
+                        let next = tokio::time::Instant::now() + self.config.interval;
+                        self.timer.as_mut().reset(next);
+                    }
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(format!("keepalive PING failed: {e}"))
+                    }
+                    Poll::Pending => {}
+                }
             }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if self.awaiting_pong {
+                return Poll::Ready(format!(
+                    "keepalive PING unanswered for {:?}: agent gone",
+                    self.config.timeout
+                ));
+            }
+            if let Err(e) = self.pings.send_ping(h2::Ping::opaque()) {
+                return Poll::Ready(format!("keepalive PING failed: {e}"));
+            }
+            self.awaiting_pong = true;
+            let deadline = tokio::time::Instant::now() + self.config.timeout;
+            self.timer.as_mut().reset(deadline);
         }
     }
 }
@@ -172,5 +212,17 @@ impl HttpBody for RecvBody {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        type Io = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+        eprintln!("Connection {}", std::mem::size_of::<h2::client::Connection<Io, bytes::Bytes>>());
+        eprintln!("SendRequest {}", std::mem::size_of::<super::Sender>());
+        eprintln!("Sleep {}", std::mem::size_of::<tokio::time::Sleep>());
+        eprintln!("PingPong {}", std::mem::size_of::<h2::PingPong>());
+        eprintln!("ServerConnection {}", std::mem::size_of::<rustls::ServerConnection>());
     }
 }

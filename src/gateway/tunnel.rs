@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -152,16 +151,7 @@ fn upgrade(
     let agent_id = claim.agent_id;
     let span = info_span!("agent", agent = %agent_id);
     let guard = held.lock().unwrap_or_else(|p| p.into_inner()).take();
-    tokio::spawn(
-        async move {
-            let _open = guard;
-            match hyper::upgrade::on(req).await {
-                Ok(upgraded) => run_session(state, upgraded, agent_id, remote, shutdown).await,
-                Err(e) => warn!(error = %e, "tunnel upgrade failed after 101"),
-            }
-        }
-        .instrument(span),
-    );
+    tokio::spawn(run_session(state, req, agent_id, remote, shutdown, guard).instrument(span));
     switching_protocols()
 }
 
@@ -171,20 +161,27 @@ fn refuse(state: &State, refusal: Refusal, result: &str, agent: Option<&str>) ->
     text_response(refusal.status, &refusal.reason)
 }
 
-/// One tunnel's life: HTTP/2 handshake, first target list, registration, then until it ends.
+/// One tunnel's life: the upgrade, HTTP/2 handshake, first target list, registration, then
+/// until it ends. One such task per connected agent: what it holds across its awaits is
+/// per-agent memory.
 async fn run_session(
     state: Arc<State>,
-    upgraded: Upgraded,
+    req: Request<Incoming>,
     agent_id: String,
     remote: SocketAddr,
     shutdown: CancellationToken,
+    _open: Option<ConnectionGuard>,
 ) {
-    let (sender, conn) =
+    let upgraded = match hyper::upgrade::on(req).await {
+        Ok(upgraded) => upgraded,
+        Err(e) => return warn!(error = %e, "tunnel upgrade failed after 101"),
+    };
+    // Bound once, never moved: a moved copy would take its room in this task a second time.
+    let (sender, mut conn) =
         match h2conn::handshake(TokioIo::new(upgraded), state.config.keepalive).await {
             Ok(pair) => pair,
             Err(e) => return warn!(error = %e, "HTTP/2 handshake over the tunnel failed"),
         };
-    let mut conn = std::pin::pin!(conn);
     let first = tokio::select! {
         list = fetch_targets(&sender, None, state.config.handshake_timeout) => list,
         reason = &mut conn => return warn!(%reason, "tunnel closed before the agent sent its targets"),
