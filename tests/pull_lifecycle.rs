@@ -520,6 +520,54 @@ async fn idle_cutting_proxy_cuts_a_tunnel_without_frequent_keepalive() {
     gw.stop().await;
 }
 
+/// A tunnel that goes silent without closing (a middlebox dropped it, the agent's host hung) is
+/// found by the gateway's own PINGs: the agent is unregistered and scrapes get 503 at once,
+/// long before the agent's much slower keepalive would notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_keepalive_drops_a_tunnel_that_went_silent() {
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("silent 1\n").await;
+    let proxy = ConnectProxy::start(None).await;
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |g| {
+        g.tunnel.keepalive_interval = Dur(Duration::from_millis(300));
+        g.tunnel.keepalive_timeout = Dur(Duration::from_millis(700));
+    })
+    .await;
+    let mut section = agent_section(&gw, "silent-1", &[("node", server.url("/metrics"))]);
+    section.proxy_url = Some(proxy.url());
+    section.tunnel.keepalive_interval = Dur(Duration::from_secs(60));
+    section.tunnel.keepalive_timeout = Dur(Duration::from_secs(60));
+    let agent = start_agent(section, TOKEN);
+    gw.wait_agent("silent-1", Duration::from_secs(10)).await;
+    // Several PING rounds go through before the freeze.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let resp = scrape(gw.web, &target_url("silent-1", &server)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+
+    proxy.freeze_all();
+    let frozen_at = std::time::Instant::now();
+    wait_for(
+        "the gateway unregisters the silent agent",
+        Duration::from_secs(5),
+        || async {
+            let resp = scrape(gw.web, &target_url("silent-1", &server)).await;
+            match resp.status {
+                503 => Ok(()),
+                s => Err(format!("scrape answered {s}")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        frozen_at.elapsed() >= Duration::from_millis(300),
+        "unregistered before a PING could go unanswered"
+    );
+    assert_eq!(proxy.tunnels_opened(), 1, "the agent has not redialled yet");
+
+    agent.stop().await;
+    gw.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Target change without reconnecting
 // ---------------------------------------------------------------------------------------------

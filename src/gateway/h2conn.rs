@@ -214,15 +214,3 @@ impl HttpBody for RecvBody {
         self.recv.is_end_stream()
     }
 }
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        type Io = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
-        eprintln!("Connection {}", std::mem::size_of::<h2::client::Connection<Io, bytes::Bytes>>());
-        eprintln!("SendRequest {}", std::mem::size_of::<super::Sender>());
-        eprintln!("Sleep {}", std::mem::size_of::<tokio::time::Sleep>());
-        eprintln!("PingPong {}", std::mem::size_of::<h2::PingPong>());
-        eprintln!("ServerConnection {}", std::mem::size_of::<rustls::ServerConnection>());
-    }
-}

@@ -31,6 +31,7 @@ struct Stats {
     cut: AtomicUsize,
     connects: Mutex<Vec<String>>,
     cut_all: Notify,
+    freeze_all: Notify,
 }
 
 /// Where an accepted connection goes.
@@ -102,6 +103,12 @@ impl ConnectProxy {
     pub fn cut_all(&self) {
         self.stats.cut_all.notify_waiters();
     }
+
+    /// Stops moving bytes on every open tunnel but keeps both connections open, like a middlebox
+    /// that lost its state or a peer that hung: only keepalive can tell. New tunnels still work.
+    pub fn freeze_all(&self) {
+        self.stats.freeze_all.notify_waiters();
+    }
 }
 
 impl Drop for ConnectProxy {
@@ -132,6 +139,7 @@ async fn accept_loop(
 async fn handle(client: TcpStream, mode: Mode, idle_cut: Option<Duration>, stats: Arc<Stats>) {
     // Created before any await, so a `cut_all` during setup still reaches this tunnel.
     let cut_now = stats.cut_all.notified();
+    let freeze_now = stats.freeze_all.notified();
     let opened = match mode {
         Mode::Connect => accept_connect(client, &stats).await,
         Mode::Relay(target) => TcpStream::connect(target)
@@ -143,9 +151,13 @@ async fn handle(client: TcpStream, mode: Mode, idle_cut: Option<Duration>, stats
         return;
     };
     stats.opened.fetch_add(1, Ordering::SeqCst);
+    let relaying = relay(client, upstream, early, idle_cut);
+    tokio::pin!(relaying);
     let end = tokio::select! {
-        end = relay(client, upstream, early, idle_cut) => end,
+        end = &mut relaying => end,
         _ = cut_now => RelayEnd::Cut,
+        // The relay, and with it both sockets, stays alive but is never polled again.
+        _ = freeze_now => std::future::pending().await,
     };
     if end == RelayEnd::Cut {
         stats.cut.fetch_add(1, Ordering::SeqCst);
