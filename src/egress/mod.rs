@@ -5,7 +5,8 @@
 //! - [`validate`]: payload checks per rule.
 //! - [`refusal`]: the one mapping of refusals to status codes and reasons.
 //! - `connector`: resolve, check, connect to the checked address.
-//! - `forward`: absolute-form requests. `connect`: CONNECT tunnels.
+//! - `forward`: absolute-form requests. `connect`: CONNECT tunnels, relayed with `splice(2)` on
+//!   Linux (`splice`).
 //! - `access`: the access log line and metrics of each request.
 
 use std::collections::HashMap;

@@ -2,7 +2,8 @@
 //!
 //! - [`auth`]: the tokens file and the credential check.
 //! - [`registry`]: connected agents (the seam for several gateways).
-//! - `tunnel`: accepting tunnels — TLS, upgrade, HTTP/2 client, the target-list watch.
+//! - `tunnel`: accepting tunnels — TLS, upgrade, the session, the target-list watch.
+//! - `h2conn`: the gateway's HTTP/2 client end of a tunnel (h2 driven directly), keepalive PINGs.
 //! - `proxy`: Prometheus's absolute-form scrapes, forwarded through a tunnel.
 //! - `sd`: http_sd JSON at `/targets` and `/clients`.
 //! - `web`: routing of the web listener.
