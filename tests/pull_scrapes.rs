@@ -722,3 +722,39 @@ async fn connect_is_refused_with_405() {
     assert_eq!(s.target.requests(), 0);
     s.stop().await;
 }
+
+/// Scrapes have no body, but a request that has one (a POST through the proxy) is forwarded whole
+/// up to 1 MiB; a larger one is refused with 400 and a reason, and never reaches the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_is_forwarded_up_to_one_mib() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    let post = |len: usize| {
+        Request::post(s.url("/metrics"))
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Full::new(Bytes::from(vec![b'x'; len])))
+            .unwrap()
+    };
+    let resp = client::send(s.gw.web, post(1000)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = s.target.last_headers().expect("the target got the POST");
+    assert_eq!(
+        seen.get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()),
+        Some("1000"),
+        "the body reached the target whole: {seen:?}"
+    );
+    let before = s.target.requests();
+    let resp = client::send(s.gw.web, post(2 << 20)).await;
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    assert!(
+        resp.text().contains("request body") && resp.text().contains("1048576"),
+        "{}",
+        resp.text()
+    );
+    assert_eq!(
+        s.target.requests(),
+        before,
+        "the oversized POST reached the target"
+    );
+    s.stop().await;
+}

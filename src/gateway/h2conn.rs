@@ -3,8 +3,8 @@
 //!
 //! hyper's client adds, per tunnel, a request channel (an 8 KiB block allocated up front), a
 //! connection task, and a task per request in flight — the targets long poll is always in flight.
-//! With tens of thousands of mostly idle tunnels that was a quarter of the gateway's memory per
-//! agent (`benches/pull.rs`, idle memory). Here the connection is polled by the session's own
+//! With tens of thousands of mostly idle tunnels that was a sixth of the gateway's memory per
+//! agent (41 → 35 KiB, `benches/pull.rs`, idle memory). Here the connection is polled by the session's own
 //! task, and requests go straight into h2's stream state.
 
 use std::future::Future;

@@ -140,8 +140,8 @@ async fn forward(
                 timeout: t.scrape,
             });
         }
-        Ok(Err(h2conn::SendError::Body(reason))) => {
-            return Err(ScrapeError::BadRequest(reason));
+        Ok(Err(e @ h2conn::SendError::Body(_))) => {
+            return Err(ScrapeError::BadRequest(e.to_string()));
         }
         Ok(Err(e)) => {
             let reason = one_line(&e);
