@@ -169,7 +169,7 @@ async fn read_request_body(mut body: Body) -> Result<Option<Bytes>, SendError> {
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > MAX_REQUEST_BODY {
                 return Err(SendError::Body(format!(
-                    "larger than {MAX_REQUEST_BODY} bytes"
+                    "larger than {MAX_REQUEST_BODY} bytes, the most the gateway forwards (a scrape has no body)"
                 )));
             }
             buf.extend_from_slice(&data);
