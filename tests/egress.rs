@@ -1951,3 +1951,274 @@ async fn idle_connect_tunnels_are_closed_active_ones_are_not() {
     assert_eq!(n, 0, "nothing was sent on the idle tunnel");
     assert!(started.elapsed() >= Duration::from_millis(1200));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Requests an upstream could read differently from the rule that let them through
+
+/// Sends raw request `bytes` and asserts the refusal `status` with `needle` in `Ferry-Refusal`.
+async fn assert_raw_refused(proxy: SocketAddr, bytes: &str, status: u16, needle: &str) {
+    let resp = raw_exchange(proxy, bytes.as_bytes()).await;
+    assert_eq!(resp.status, status, "{bytes:?}: {resp:?}");
+    let reason = resp.header("ferry-refusal").unwrap_or_default();
+    assert!(
+        reason.contains(needle),
+        "{bytes:?}: reason {reason:?} should mention {needle:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_are_refused_and_path_prefixes_end_at_a_segment() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(
+        yaml_section(&format!(
+            "rules:\n  - name: open\n    upstream: \"{}\"\n    path_prefix: /open\n",
+            loopback_rule(&up)
+        )),
+        TestResolver::new(&[]),
+    )
+    .await;
+    let a = up.addr;
+    // An upstream that resolves the dot-segments would serve /admin, outside the prefix.
+    for path in [
+        "/open/../admin",
+        "/open/./../admin",
+        "/open/..%2fadmin",
+        "/open/%2e%2e/admin",
+        "/open/.%2E/admin",
+        "/open/..",
+    ] {
+        let req =
+            format!("POST http://{a}{path} HTTP/1.1\r\nHost: {a}\r\nContent-Length: 2\r\n\r\nhi");
+        assert_raw_refused(proxy.addr, &req, 400, ". or .. segment").await;
+    }
+    let resp = post_via(proxy.addr, &up.url("/openadmin"), &[], b"x").await;
+    assert_refused(
+        &resp,
+        403,
+        "is not allowed",
+        "/openadmin is not under /open",
+    );
+    up.assert_untouched("dot-segments and a prefix that is not a segment");
+
+    for path in ["/open", "/open/x", "/open/a..b/.well-known"] {
+        let resp = post_via(proxy.addr, &up.url(path), &[], b"x").await;
+        assert_eq!(resp.status, 200, "{path}: {}", resp.text());
+        assert_eq!(up.last().uri, path);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_content_encoding_line_is_decoded_or_refused() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{ deny_patterns: [SECRET] }").await;
+    let a = up.addr;
+    let twice = gzip(&gzip(b"data SECRET data"));
+    let once = gzip(b"data SECRET data");
+    for (what, lines, body, status, needle) in [
+        (
+            "gzip on two lines",
+            "Content-Encoding: gzip\r\nContent-Encoding: gzip\r\n",
+            &twice,
+            415,
+            "content encoding gzip, gzip",
+        ),
+        (
+            "identity, then gzip",
+            "Content-Encoding: identity\r\nContent-Encoding: gzip\r\n",
+            &once,
+            403,
+            "deny pattern",
+        ),
+    ] {
+        let mut req = format!(
+            "POST http://{a}/in HTTP/1.1\r\nHost: {a}\r\n{lines}Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        let resp = raw_exchange(proxy.addr, &req).await;
+        assert_eq!(resp.status, status, "{what}: {resp:?}");
+        let reason = resp.header("ferry-refusal").unwrap_or_default();
+        assert!(reason.contains(needle), "{what}: {reason:?}");
+    }
+    up.assert_untouched("encoded twice or after identity");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_transfer_codings_userinfo_and_two_content_types_are_refused() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    for (te, coding) in [("gzip, chunked", "gzip"), ("identity, chunked", "identity")] {
+        let req = format!(
+            "POST http://{a}/te HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: {te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        assert_raw_refused(
+            proxy.addr,
+            &req,
+            501,
+            &format!("transfer coding \"{coding}\""),
+        )
+        .await;
+    }
+    let req = format!(
+        "POST http://{a}/ct HTTP/1.1\r\nHost: {a}\r\nContent-Type: text/plain\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    assert_raw_refused(proxy.addr, &req, 400, "more than one Content-Type").await;
+    let req = format!("GET http://alice:hunter2@{a}/u HTTP/1.1\r\nHost: {a}\r\n\r\n");
+    assert_raw_refused(proxy.addr, &req, 400, "userinfo").await;
+    up.assert_untouched("TE, two Content-Types, userinfo");
+
+    // A single chunked coding, in any case, is fine.
+    let req = format!(
+        "POST http://{a}/te HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: CHUNKED\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let resp = raw_exchange(proxy.addr, req.as_bytes()).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(&up.last().body[..], b"hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_parser_refuses_are_counted_as_refusals() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    // A folded header line (obs-fold) and a space before the colon: hyper answers 400 itself.
+    let folded = format!("GET http://{a}/f HTTP/1.1\r\nHost: {a}\r\nX-A: 1\r\n  folded\r\n\r\n");
+    let spaced = format!("GET http://{a}/s HTTP/1.1\r\nHost: {a}\r\nX-A : 1\r\n\r\n");
+    for req in [&folded, &spaced] {
+        assert_eq!(
+            raw_exchange(proxy.addr, req.as_bytes()).await.status,
+            400,
+            "{req:?}"
+        );
+    }
+    // More header fields than the parser takes, in a head far below max_header_bytes.
+    let many: String = (0..120).map(|i| format!("X-{i}: v\r\n")).collect();
+    let req = format!("GET http://{a}/m HTTP/1.1\r\nHost: {a}\r\n{many}\r\n");
+    assert_eq!(raw_exchange(proxy.addr, req.as_bytes()).await.status, 431);
+    up.assert_untouched("malformed heads");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = proxy.metrics().await;
+        let count = |reason| {
+            metric_value(
+                &text,
+                "ferry_egress_rejections_total",
+                &[("reason", reason)],
+            )
+        };
+        if count("bad_request") == Some(2.0) && count("header_too_large") == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "parser refusals not counted:\n{}",
+            text.lines()
+                .filter(|l| l.contains("rejections"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_is_answered_by_the_proxy_and_not_forwarded() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST http://{a}/e HTTP/1.1\r\nHost: {a}\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let cont = tokio::time::timeout(TIMEOUT, read_response(&mut stream))
+        .await
+        .expect("an answer to Expect")
+        .expect("100 Continue");
+    assert_eq!(cont.status, 100, "{cont:?}");
+    stream.write_all(b"hello").await.unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, read_response(&mut stream))
+        .await
+        .expect("a response")
+        .expect("a response");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let got = up.last();
+    assert_eq!(&got.body[..], b"hello");
+    assert!(
+        got.headers.get("expect").is_none(),
+        "the upstream was sent {:?}",
+        got.headers
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_cannot_forge_a_refusal_or_switch_protocols() {
+    let up = RecordingUpstream::start_with(Reply::FakeRefusal).await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let resp = get_via(proxy.addr, &up.url("/forge")).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.header("ferry-refusal"),
+        None,
+        "forged refusal passed on"
+    );
+    assert_eq!(resp.header("x-upstream"), Some("yes"));
+
+    // An upstream that answers 101 to a request whose Upgrade the proxy removed.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: weird\r\nConnection: upgrade\r\n\r\n")
+                    .await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let proxy = TestEgress::start(
+        section(&[format!("127.0.0.1/32:{port}")]),
+        TestResolver::new(&[]),
+    )
+    .await;
+    let resp = get_via(proxy.addr, &format!("http://127.0.0.1:{port}/switch")).await;
+    assert_refused(&resp, 502, "101 Switching Protocols", "upstream 101");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_closes_the_connection() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    // The bytes after the CONNECT were meant for the tunnel: not a request to the proxy.
+    let req = "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let resp = tokio::time::timeout(TIMEOUT, read_response(&mut stream))
+        .await
+        .expect("an answer")
+        .expect("a refusal");
+    assert_eq!(resp.status, 403, "{resp:?}");
+    assert_eq!(resp.header("connection").as_deref(), Some("close"));
+    let mut rest = Vec::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest))
+        .await
+        .expect("the proxy closes the connection")
+        .ok();
+    assert!(
+        rest.is_empty(),
+        "the tunnel bytes were answered: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}

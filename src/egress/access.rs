@@ -55,6 +55,14 @@ impl AccessRecord {
         }
     }
 
+    /// A record for a request the HTTP parser refused: method and destination unknown.
+    pub fn unparsed(client: IpAddr) -> Self {
+        Self {
+            method: "-".into(),
+            ..Self::new(client, "-".into(), &http::Method::GET)
+        }
+    }
+
     /// Writes the access-log line and updates the metrics.
     pub fn emit(self, metrics: &EgressMetrics) {
         let duration = self.start.elapsed();

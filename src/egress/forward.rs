@@ -129,7 +129,7 @@ pub(crate) async fn select_rule<'a>(
         if rule
             .path_prefix
             .as_deref()
-            .is_some_and(|p| !path.starts_with(p))
+            .is_some_and(|p| !has_path_prefix(path, p))
         {
             continue;
         }
@@ -162,6 +162,61 @@ pub(crate) async fn select_rule<'a>(
     Err(method_refusal.unwrap_or_else(|| {
         Refusal::destination(&format!("{method} {}:{}{path}", target.host, target.port))
     }))
+}
+
+/// Whether `path` is under `prefix`, at a segment boundary: `/api` covers `/api` and `/api/x`, not
+/// `/apix` (a prefix ending in `/` is matched as written).
+fn has_path_prefix(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Refuses what an upstream could read differently from the rule that would let it through: a
+/// path with dot-segments (`/ok/../admin`, also percent-encoded or with `\`), which the upstream
+/// may resolve outside the rule's `path_prefix`; userinfo in the URI (RFC 9110 §4.2.4: a sign of
+/// a disguised authority); more than one `Content-Type`; a transfer coding other than chunked,
+/// whose body the proxy would check and forward still encoded.
+fn check_request(parts: &http::request::Parts) -> Result<(), Refusal> {
+    if parts
+        .uri
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
+        return Err(Refusal::bad_request(
+            "the request URI carries userinfo (user@host), which is not allowed",
+        ));
+    }
+    if has_dot_segment(parts.uri.path()) {
+        return Err(Refusal::bad_request(
+            "the request path has a . or .. segment; send it resolved",
+        ));
+    }
+    if parts
+        .headers
+        .get_all(http::header::CONTENT_TYPE)
+        .iter()
+        .count()
+        > 1
+    {
+        return Err(Refusal::bad_request("more than one Content-Type header"));
+    }
+    for value in parts.headers.get_all(http::header::TRANSFER_ENCODING) {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        for coding in value.split(',').map(str::trim) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err(Refusal::transfer_coding(coding));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `path`, percent-decoded and with `\` read as `/`, has a `.` or `..` segment.
+fn has_dot_segment(path: &str) -> bool {
+    let decoded = percent_encoding::percent_decode_str(path)
+        .decode_utf8_lossy()
+        .replace('\\', "/");
+    decoded.split('/').any(|seg| seg == "." || seg == "..")
 }
 
 /// The port the upstream is reached on: an upgraded rule speaks HTTPS, so plain port 80 becomes 443.
@@ -223,6 +278,7 @@ async fn forward(
     if parts.uri.scheme_str() != Some("http") {
         return Err(Refusal::bad_request("absolute-form requests must be http://; use CONNECT for https://, or a rule with tls_upgrade"));
     }
+    check_request(&parts)?;
     let target = Target::from_uri(&parts.uri, 80)?;
     let (index, rule) = select_rule(state, &target, &parts.method, parts.uri.path()).await?;
     record.rule = rule.name.clone();
@@ -261,6 +317,8 @@ async fn forward(
         .parse()
         .map_err(|e| Refusal::bad_request(format!("cannot build upstream URI: {e}")))?;
     strip_hop_by_hop(&mut parts.headers);
+    // The body is already here in full: the client got its 100 Continue from the proxy.
+    parts.headers.remove(http::header::EXPECT);
     parts.version = http::Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, body);
 
@@ -272,6 +330,13 @@ async fn forward(
         Ok(Err(e)) => return Err(upstream_error(&e, &target.host)),
         Ok(Ok(resp)) => resp,
     };
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        // The request's Upgrade was stripped, so this upstream is confused; its protocol switch
+        // is not relayed.
+        return Err(Refusal::upstream(
+            "the upstream answered 101 Switching Protocols, which the proxy does not relay",
+        ));
+    }
     Ok(stream_back(state, resp, record.clone(), deadline))
 }
 
@@ -360,6 +425,8 @@ fn stream_back(
 ) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // Only the proxy speaks with this header: an upstream must not be able to fake a refusal.
+    parts.headers.remove(super::refusal::REFUSAL_HEADER);
     record.status = parts.status;
     let metrics_state = state.clone();
     let on_finish = Box::new(move |bytes: u64| {

@@ -171,6 +171,7 @@ impl Egress {
             .timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout)
             .max_buf_size(max_buf_size)
+            .max_headers(refusal::MAX_HEADER_FIELDS)
             .keep_alive(slot.is_some());
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -184,7 +185,16 @@ impl Egress {
             }
         };
         if let Err(e) = result {
-            debug!(%peer, error = %e, "egress client connection ended with an error");
+            match Refusal::unparsable(&e, cfg.max_header_bytes) {
+                // hyper has answered the malformed request itself (an empty 400 or 431); it
+                // still gets its access-log line and its count, like every other refusal.
+                Some(refusal) => {
+                    let mut record = AccessRecord::unparsed(peer.ip());
+                    drop(refused(&mut record, &refusal));
+                    record.emit(&self.state.metrics);
+                }
+                None => debug!(%peer, error = %e, "egress client connection ended with an error"),
+            }
         }
         drop(slot);
     }
@@ -240,8 +250,7 @@ fn refuse_connection(
 ) -> Response<Body> {
     let mut record = AccessRecord::new(client, target_of(req), req.method());
     let mut resp = refused(&mut record, &refusal);
-    resp.headers_mut()
-        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    close_after(&mut resp);
     record.emit(&state.metrics);
     resp
 }
@@ -255,10 +264,15 @@ pub(crate) fn refused(record: &mut AccessRecord, refusal: &Refusal) -> Response<
     refusal.into_response()
 }
 
+/// `host[:port]` of the request, for the access log: without userinfo, which may hold a password.
 fn target_of<B>(req: &Request<B>) -> String {
-    req.uri()
-        .authority()
-        .map_or_else(|| "-".to_owned(), |a| a.to_string())
+    req.uri().authority().map_or_else(
+        || "-".to_owned(),
+        |a| {
+            let s = a.as_str();
+            s.rsplit_once('@').map_or(s, |(_, host)| host).to_owned()
+        },
+    )
 }
 
 async fn handle(
@@ -283,15 +297,29 @@ async fn handle(
     }
     let checks = check_framing(framing_problem).and_then(|_| check_credentials(state, &req));
     if let Err(refusal) = checks {
-        let resp = refused(&mut record, &refusal);
+        let mut resp = refused(&mut record, &refusal);
         record.emit(&state.metrics);
+        if req.method() == Method::CONNECT {
+            close_after(&mut resp);
+        }
         return resp;
     }
     if req.method() == Method::CONNECT {
-        connect::handle(state, req, record).await
+        let mut resp = connect::handle(state, req, record).await;
+        if !resp.status().is_success() {
+            close_after(&mut resp);
+        }
+        resp
     } else {
         forward::handle(state, req, record).await
     }
+}
+
+/// Ends the connection after this response. A client whose CONNECT was refused may already have
+/// sent the bytes meant for the tunnel; they must not be read as the next request.
+fn close_after(resp: &mut Response<Body>) {
+    resp.headers_mut()
+        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
 }
 
 fn own_endpoint(state: &State, path: &str) -> Response<Body> {
@@ -358,4 +386,19 @@ fn check_credentials<B>(state: &State, req: &Request<B>) -> Result<(), Refusal> 
     creds
         .authorize(&secret, &name)
         .map_err(|_| Refusal::credentials("invalid proxy credentials"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_logged_destination_never_carries_userinfo() {
+        let req = Request::get("http://alice:hunter2@collector.example:8080/x")
+            .body(())
+            .unwrap();
+        assert_eq!(target_of(&req), "collector.example:8080");
+        let req = Request::get("http://collector.example/x").body(()).unwrap();
+        assert_eq!(target_of(&req), "collector.example");
+    }
 }

@@ -8,10 +8,13 @@ use crate::http_util::{text_response, Body};
 /// Response header carrying the refusal's one-line reason.
 pub const REFUSAL_HEADER: &str = "ferry-refusal";
 
+/// Most header fields hyper parses in one request head (its default); more is a 431.
+pub const MAX_HEADER_FIELDS: usize = 100;
+
 /// Why the proxy refused a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// 400, 403, 405, 407, 413, 415, 422, 429, 431, 502 or 504.
+    /// 400, 403, 405, 407, 408, 413, 415, 422, 429, 431, 501, 502 or 504.
     pub status: StatusCode,
     /// Bounded label for metrics (`client_not_allowed`, `destination_not_allowed`, …).
     pub kind: &'static str,
@@ -84,6 +87,33 @@ impl Refusal {
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "header_too_large",
             format!("request head exceeds the limit of {limit} bytes"),
+        )
+    }
+
+    /// What hyper answered to a request it could not parse (it sends an empty 400 or 431 and
+    /// closes): `None` for errors that are not about a malformed request (timeouts, resets).
+    pub fn unparsable(e: &hyper::Error, max_header_bytes: usize) -> Option<Self> {
+        if e.is_parse_too_large() {
+            Some(Self::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "header_too_large",
+                format!(
+                    "request head exceeds the limit of {max_header_bytes} bytes or {MAX_HEADER_FIELDS} header fields"
+                ),
+            ))
+        } else if e.is_parse() {
+            Some(Self::bad_request(format!("malformed request: {e}")))
+        } else {
+            None
+        }
+    }
+
+    /// A transfer coding other than `chunked` (501): the proxy could not frame or check the body.
+    pub fn transfer_coding(got: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "transfer_encoding",
+            format!("transfer coding {got:?} is not supported (only chunked)"),
         )
     }
 

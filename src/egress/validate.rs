@@ -209,13 +209,26 @@ fn decode<'a>(
     body: &'a Bytes,
     limit: u64,
 ) -> Result<std::borrow::Cow<'a, [u8]>, Refusal> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .unwrap_or_default();
+    // Every Content-Encoding line counts: an upstream reads two lines as two codings, so
+    // checking only the first would let a doubly encoded body through unread.
+    let mut codings = Vec::new();
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let value = value
+            .to_str()
+            .map_err(|_| Refusal::unsupported_encoding("(not ASCII)"))?;
+        codings.extend(
+            value
+                .split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .filter(|c| !c.is_empty() && c != "identity"),
+        );
+    }
+    let encoding = match codings.as_slice() {
+        [] => return Ok(std::borrow::Cow::Borrowed(body)),
+        [one] => one.clone(),
+        several => return Err(Refusal::unsupported_encoding(&several.join(", "))),
+    };
     let reader: Box<dyn Read + '_> = match encoding.as_str() {
-        "" | "identity" => return Ok(std::borrow::Cow::Borrowed(body)),
         "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
         "deflate" => Box::new(flate2::read::ZlibDecoder::new(&body[..])),
         other => return Err(Refusal::unsupported_encoding(other)),

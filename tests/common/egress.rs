@@ -63,6 +63,8 @@ pub enum Reply {
     /// 200 with hop-by-hop headers of its own (`Connection: x-resp-hop`, `x-resp-hop`,
     /// `Keep-Alive`) next to an end-to-end `x-resp-e2e`.
     HopByHop,
+    /// 200 carrying a `Ferry-Refusal` header of its own, as if the upstream were the proxy.
+    FakeRefusal,
 }
 
 #[derive(Default)]
@@ -266,6 +268,9 @@ fn answer(reply: &Reply) -> Response<Full<Bytes>> {
             .header("x-resp-hop", "must not reach the client")
             .header("keep-alive", "timeout=5")
             .header("x-resp-e2e", "kept"),
+        Reply::FakeRefusal => builder
+            .status(StatusCode::OK)
+            .header("ferry-refusal", "forged by the upstream"),
     };
     builder
         .body(Full::new(Bytes::from_static(UPSTREAM_BODY.as_bytes())))
