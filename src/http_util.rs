@@ -92,8 +92,21 @@ pub enum BodyLimitError {
     TooLarge(u64),
 }
 
-/// Called once when a [`BoundedBody`] is finished or dropped, with the bytes it passed on.
-pub type OnFinish = Box<dyn FnOnce(u64) + Send>;
+/// How a [`BoundedBody`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// All of it passed.
+    Complete,
+    /// The deadline passed while it was still streaming.
+    Deadline,
+    /// It broke: the peer's stream failed, or it passed the size limit. One line.
+    Failed(String),
+    /// The reader let go of it before its end (e.g. the client went away).
+    Dropped,
+}
+
+/// Called once when a [`BoundedBody`] ends, with the bytes it passed on and how it ended.
+pub type OnFinish = Box<dyn FnOnce(u64, BodyEnd) + Send>;
 
 /// A streaming body with a deadline and a size limit that reports its byte count when it ends.
 ///
@@ -121,16 +134,16 @@ impl BoundedBody {
         }
     }
 
-    fn finish(&mut self) {
+    fn finish(&mut self, end: BodyEnd) {
         if let Some(f) = self.on_finish.take() {
-            f(self.seen);
+            f(self.seen, end);
         }
     }
 }
 
 impl Drop for BoundedBody {
     fn drop(&mut self) {
-        self.finish();
+        self.finish(BodyEnd::Dropped);
     }
 }
 
@@ -147,7 +160,7 @@ impl HttpBody for BoundedBody {
             return Poll::Ready(None);
         }
         if this.deadline.as_mut().poll(cx).is_ready() {
-            this.finish();
+            this.finish(BodyEnd::Deadline);
             return Poll::Ready(Some(Err(BodyLimitError::Deadline(this.timeout).into())));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
@@ -155,20 +168,19 @@ impl HttpBody for BoundedBody {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if this.seen > this.max_bytes {
-                        this.finish();
-                        return Poll::Ready(Some(Err(
-                            BodyLimitError::TooLarge(this.max_bytes).into()
-                        )));
+                        let err = BodyLimitError::TooLarge(this.max_bytes);
+                        this.finish(BodyEnd::Failed(err.to_string()));
+                        return Poll::Ready(Some(Err(err.into())));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                this.finish();
+                this.finish(BodyEnd::Complete);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                this.finish();
+                this.finish(BodyEnd::Failed(crate::scrape_error::one_line(&*e)));
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => Poll::Pending,
@@ -219,10 +231,16 @@ mod tests {
             full(vec![0u8; 100]),
             Instant::now() + Duration::from_secs(5),
             10,
-            Box::new(move |n| tx.send(n).unwrap()),
+            Box::new(move |n, end| tx.send((n, end)).unwrap()),
         );
         let err = body.collect().await.unwrap_err();
         assert!(err.to_string().contains("maximum of 10 bytes"), "{err}");
-        assert_eq!(rx.recv().unwrap(), 100);
+        assert_eq!(
+            rx.recv().unwrap(),
+            (
+                100,
+                BodyEnd::Failed("body exceeds the maximum of 10 bytes".into())
+            )
+        );
     }
 }

@@ -758,3 +758,89 @@ async fn a_request_body_is_forwarded_up_to_one_mib() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_breaks_mid_scrape_is_counted_as_failed_on_both_sides() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A target that promises 100,000 bytes, sends a few, and closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 2048];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial_metric 1\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, agent) = gateway_and_agent(
+        &dir,
+        "breaks",
+        &[("half", format!("http://{target}/metrics"))],
+    )
+    .await;
+    // Prometheus's view: the connection closes before the body is whole (after a 200 head, or
+    // before the head if the break comes before the gateway flushed it).
+    let mut conn = tokio::net::TcpStream::connect(gw.web).await.unwrap();
+    let req = format!(
+        "GET http://breaks:{}/metrics HTTP/1.1\r\nHost: breaks:{}\r\n\r\n",
+        target.port(),
+        target.port()
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.is_empty() || got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.len() < 100_000, "the whole body arrived?");
+
+    let gw_url = format!("{}/metrics", gw.web_url());
+    wait_metric(
+        &gw_url,
+        "ferry_gateway_scrapes_total",
+        &[("agent", "breaks"), ("status_class", "aborted")],
+        |v| v == 1.0,
+    )
+    .await;
+    let text = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_scrapes_total",
+            &[("status_class", "2xx")]
+        ),
+        None,
+        "{text}"
+    );
+    let agent_url = agent_metrics_url(&agent).await;
+    wait_metric(
+        &agent_url,
+        "ferry_agent_scrapes_total",
+        &[("target", "half"), ("result", "error")],
+        |v| v == 1.0,
+    )
+    .await;
+    let text = client::get(&agent_url).await.text();
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_agent_scrapes_total",
+            &[("target", "half"), ("result", "ok")]
+        ),
+        None,
+        "{text}"
+    );
+    agent.stop().await;
+}

@@ -211,3 +211,77 @@ fn pki_in(dir: &Path, name: &str) -> PathBuf {
     std::fs::create_dir_all(&sub).unwrap();
     pki(&sub).ca
 }
+
+/// An HTTPS target that answers as simple exporters do: HTTP/1.0, no `Content-Length`, the end
+/// of the body marked by closing the connection, and no TLS `close_notify` before the close.
+async fn abrupt_https_target(cert: &Path, key: &Path, body: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = ferry::tunnel::tls::read_certs(cert).unwrap();
+    let key = ferry::tunnel::tls::read_key(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(ferry::tunnel::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let resp = format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{body}");
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.flush().await;
+                // Close TCP without shutting TLS down: no close_notify.
+                let (tcp, _) = tls.into_inner();
+                drop(tcp);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_target_closing_without_close_notify_is_scraped_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let body = "# TYPE abrupt_metric gauge\nabrupt_metric 1\n";
+    let addr = abrupt_https_target(&pki.server_cert, &pki.server_key, body).await;
+    let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
+    let url = format!("https://127.0.0.1:{}/metrics", addr.port());
+    let mut section = agent_section(&gw, "abrupt", &[("abrupt", url)]);
+    section.targets[0].tls.ca_file = Some(pki.ca.clone());
+    section.targets[0].tls.server_name = Some("localhost".into());
+    let agent = start_agent(section, "t");
+    gw.wait_agent("abrupt", Duration::from_secs(10)).await;
+    let url = format!("http://abrupt:{}/metrics", addr.port());
+    for round in 0..2 {
+        let resp = common::http::get_via_proxy(gw.web, &url, &[]).await;
+        assert_eq!(resp.status, 200, "round {round}: {}", resp.text());
+        assert_eq!(resp.text(), body, "round {round}");
+    }
+    let metrics = get(&format!("http://{}/metrics", gw.web)).await.text();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ferry_gateway_scrapes_total",
+            &[("agent", "abrupt"), ("status_class", "2xx")]
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    agent.stop().await;
+}

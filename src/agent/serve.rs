@@ -8,11 +8,11 @@ use http::{header, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::targets::{Handler, Route};
 use super::Shared;
-use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BoundedBody};
+use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::scrape_error::{one_line, ScrapeError};
 use crate::telemetry::{metrics_response_blocking, TargetNameLabels, TargetResultLabels};
 use crate::tunnel::{SCRAPE_TIMEOUT_HEADER, TARGETS_LONG_POLL, TARGETS_PATH};
@@ -135,11 +135,23 @@ async fn fetch(
     } else {
         "http_error"
     };
-    count(shared, &route.name, result);
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_2;
-    let body = BoundedBody::new(boxed(body), deadline, u64::MAX, Box::new(|_| {}));
+    // The result is known only when the body has passed: a target can fail halfway through.
+    let (done, name) = (shared.clone(), route.name.clone());
+    let on_finish = Box::new(move |bytes: u64, end: BodyEnd| {
+        let result = match end {
+            BodyEnd::Complete | BodyEnd::Dropped => result,
+            BodyEnd::Deadline => "timeout",
+            BodyEnd::Failed(reason) => {
+                warn!(target = %name, bytes, error = %reason, "target body broke mid-scrape");
+                "error"
+            }
+        };
+        count(&done, &name, result);
+    });
+    let body = BoundedBody::new(boxed(body), deadline, u64::MAX, on_finish);
     Response::from_parts(parts, boxed(body))
 }
 

@@ -4,14 +4,22 @@
 use std::collections::{BTreeMap, HashMap};
 
 use http::Uri;
-use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_rustls::{
+    FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream,
+};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 
 use crate::config::{Target, SELF_TARGET};
-use crate::http_util::Body;
+use crate::http_util::{Body, BoxError};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_client::{client_config, Purpose};
 use crate::tunnel::{TargetInfo, TargetList};
@@ -23,7 +31,7 @@ pub(crate) enum HttpClient {
     /// http:// targets.
     Plain(Client<HttpConnector, Body>),
     /// https:// targets.
-    Tls(Client<HttpsConnector<HttpConnector>, Body>),
+    Tls(Client<TargetTls, Body>),
 }
 
 impl HttpClient {
@@ -171,5 +179,84 @@ fn https_client(t: &Target) -> Result<HttpClient, TlsError> {
         None => builder,
     };
     let https = builder.enable_http1().wrap_connector(connector());
-    Ok(HttpClient::Tls(pooled().build(https)))
+    Ok(HttpClient::Tls(pooled().build(TargetTls(https))))
+}
+
+/// The connector for https:// targets: rustls over TCP, with the end of TCP read as the end of
+/// the stream even when the target sent no TLS `close_notify` (see [`EofIsEnd`]).
+#[derive(Clone)]
+pub(crate) struct TargetTls(HttpsConnector<HttpConnector>);
+
+type TargetStream = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+
+impl tower_service::Service<Uri> for TargetTls {
+    type Response = EofIsEnd<TargetStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move { connecting.await.map(EofIsEnd) })
+    }
+}
+
+/// A target connection on which a TCP close without TLS `close_notify` is an ordinary end of
+/// stream, as Prometheus (Go) reads it, instead of an error. Exporters that end a response by
+/// closing the connection (HTTP/1.0, no `Content-Length`) often skip `close_notify`; a response
+/// with a length or chunked framing that is cut short is still caught by hyper.
+pub(crate) struct EofIsEnd<S>(S);
+
+impl<S: Read + Unpin> Read for EofIsEnd<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.0).poll_read(cx, buf) {
+            Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: Write + Unpin> Write for EofIsEnd<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl<S: Connection> Connection for EofIsEnd<S> {
+    fn connected(&self) -> Connected {
+        self.0.connected()
+    }
 }

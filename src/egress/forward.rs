@@ -25,7 +25,7 @@ use super::policy::{parse_ip_literal, Destination, SharedResolver};
 use super::refusal::Refusal;
 use super::{refused, State};
 use crate::config::{EgressConfig, Rule};
-use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BoundedBody};
+use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_client::{client_config, Purpose};
 
@@ -429,8 +429,15 @@ fn stream_back(
     parts.headers.remove(super::refusal::REFUSAL_HEADER);
     record.status = parts.status;
     let metrics_state = state.clone();
-    let on_finish = Box::new(move |bytes: u64| {
+    let on_finish = Box::new(move |bytes: u64, end: BodyEnd| {
         record.bytes_out = bytes;
+        match end {
+            BodyEnd::Complete | BodyEnd::Dropped => {}
+            BodyEnd::Deadline => {
+                record.reason = "response body still streaming at the upstream timeout".into()
+            }
+            BodyEnd::Failed(why) => record.reason = format!("response body broke: {why}"),
+        }
         record.emit(&metrics_state.metrics);
     });
     Response::from_parts(

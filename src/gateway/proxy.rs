@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, Uri};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::h2conn;
 use super::registry::AgentHandle;
 use super::State;
 use crate::config::ScrapeLimits;
-use crate::http_util::{boxed, strip_hop_by_hop, Body, BoundedBody};
+use crate::http_util::{boxed, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::scrape_error::{one_line, ScrapeError};
 use crate::telemetry::{status_class, AgentLabels, ScrapeLabels};
 use crate::tunnel::SCRAPE_TIMEOUT_HEADER;
@@ -75,7 +75,13 @@ pub(crate) async fn scrape(state: &Arc<State>, req: Request<Body>) -> Response<B
             if let Some(agent) = state.registry.get(&labels.agent) {
                 agent.record_scrape(resp.status().as_u16(), start.elapsed(), 0);
             }
-            record(state, labels, resp.status(), start.elapsed(), 0);
+            record(
+                state,
+                labels,
+                status_class(resp.status()),
+                start.elapsed(),
+                0,
+            );
             resp
         }
     }
@@ -200,10 +206,24 @@ fn stream_back(
     parts.version = http::Version::HTTP_11;
     let status = parts.status;
     let done_state = state.clone();
-    let on_finish = Box::new(move |bytes: u64| {
+    let on_finish = Box::new(move |bytes: u64, end: BodyEnd| {
         let elapsed = start.elapsed();
-        agent.record_scrape(status.as_u16(), elapsed, bytes);
-        record(&done_state, labels, status, elapsed, bytes);
+        let class = match &end {
+            BodyEnd::Complete | BodyEnd::Dropped => status_class(status),
+            BodyEnd::Deadline | BodyEnd::Failed(_) => {
+                // Prometheus got the head and part of the body: a failed scrape, which the
+                // status class alone would count as a success.
+                warn!(agent = %labels.agent, target = %labels.target, ?end, bytes, "scrape body broke after the response head was sent");
+                "aborted"
+            }
+        };
+        let shown = if class == "aborted" {
+            502
+        } else {
+            status.as_u16()
+        };
+        agent.record_scrape(shown, elapsed, bytes);
+        record(&done_state, labels, class, elapsed, bytes);
     });
     let body = BoundedBody::new(
         boxed(body),
@@ -215,14 +235,8 @@ fn stream_back(
 }
 
 /// Counts one finished scrape: by agent, target and status class; its duration and bytes.
-fn record(
-    state: &State,
-    mut labels: ScrapeLabels,
-    status: http::StatusCode,
-    elapsed: Duration,
-    bytes: u64,
-) {
-    labels.status_class = status_class(status).to_owned();
+fn record(state: &State, mut labels: ScrapeLabels, class: &str, elapsed: Duration, bytes: u64) {
+    labels.status_class = class.to_owned();
     let agent = AgentLabels {
         agent: labels.agent.clone(),
     };

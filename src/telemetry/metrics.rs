@@ -33,7 +33,7 @@ pub struct ScrapeLabels {
     pub agent: String,
     /// The target name (or `unknown`).
     pub target: String,
-    /// `2xx` … `5xx`.
+    /// `2xx` … `5xx`, or `aborted`: the body broke after the head was sent.
     pub status_class: String,
 }
 
