@@ -42,8 +42,12 @@ impl Exporter {
                 async move {
                     match req.uri().path() {
                         "/metrics" => metrics_response_blocking(registry, |r: &Registry| r).await,
-                        "/-/healthy" | "/-/ready" => text_response(http::StatusCode::OK, "OK"),
-                        _ => text_response(http::StatusCode::NOT_FOUND, "not found: see /metrics"),
+                        "/-/healthy" => text_response(http::StatusCode::OK, "Healthy"),
+                        "/-/ready" => text_response(http::StatusCode::OK, "Ready"),
+                        _ => text_response(
+                            http::StatusCode::NOT_FOUND,
+                            "not found: endpoints are /metrics, /-/healthy, /-/ready",
+                        ),
                     }
                 }
             },

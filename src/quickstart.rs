@@ -31,7 +31,7 @@ pub struct QuickstartArgs {
     /// Gateway tunnel address.
     #[arg(long = "tunnel.listen-address", default_value = "127.0.0.1:7443")]
     tunnel_listen_address: String,
-    /// Where the self-signed certificate and tokens file go [default: a new temporary directory].
+    /// Where the self-signed certificate and tokens file go [default: a new temporary directory, removed on exit].
     #[arg(long = "data-dir")]
     data_dir: Option<PathBuf>,
     #[command(flatten)]
@@ -64,9 +64,18 @@ pub fn main(args: QuickstartArgs) -> ExitCode {
 }
 
 async fn run(args: QuickstartArgs) -> Result<(), String> {
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("ferry-quickstart-{}", std::process::id()))
-    });
+    let Some(data_dir) = args.data_dir.clone() else {
+        // A directory of our own: it holds a throw-away certificate and token, gone on exit.
+        let dir = std::env::temp_dir().join(format!("ferry-quickstart-{}", std::process::id()));
+        let result = run_in(&args, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        return result;
+    };
+    run_in(&args, &data_dir).await
+}
+
+async fn run_in(args: &QuickstartArgs, data_dir: &std::path::Path) -> Result<(), String> {
+    let data_dir = data_dir.to_owned();
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     let shutdown = CancellationToken::new();

@@ -607,3 +607,53 @@ async fn quickstart_does_what_it_prints() {
     let stderr = stderr_so_far();
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_removes_its_temporary_directory_on_ctrl_c() {
+    let dir = TempDir::new().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut cmd = command(
+        dir.path(),
+        &[
+            "quickstart",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut child = KillOnDrop(
+        cmd.env("TMPDIR", &tmp)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn quickstart"),
+    );
+    let mut out = forward_lines(child.0.stdout.take().unwrap());
+    let started = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = out.recv().await {
+            if line.trim_start().starts_with("data dir") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(started, Ok(true), "quickstart did not start");
+    let entries = || std::fs::read_dir(&tmp).unwrap().count();
+    assert_eq!(
+        entries(),
+        1,
+        "its data directory is in TMPDIR while it runs"
+    );
+    let pid = child.0.id().to_string();
+    let killed = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "quickstart ignored Ctrl-C");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(entries(), 0, "the temporary data directory is left behind");
+}

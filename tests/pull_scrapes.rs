@@ -714,6 +714,7 @@ async fn connect_is_refused_with_405() {
     assert_eq!(resp.status, 405, "{}", resp.text());
     let reason = assert_one_line(&resp);
     assert!(reason.contains("CONNECT"), "{reason:?}");
+    assert_eq!(resp.header("ferry-error"), Some("gateway"));
     assert!(
         resp.header("allow").is_some_and(|a| a.contains("GET")),
         "{:?}",

@@ -62,7 +62,10 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
             Err(e) => {
                 count(&shared, "error");
                 let delay = backoff.next_delay();
-                warn!(%gateway, error = %e, retry_in = ?delay, "cannot open tunnel");
+                // The whole chain: the cause of a failed handshake (a TLS alert from the
+                // gateway, a closed connection) is in the sources, not in the top error.
+                let error = crate::scrape_error::one_line(&e);
+                warn!(%gateway, %error, retry_in = ?delay, "cannot open tunnel");
                 delay
             }
         };

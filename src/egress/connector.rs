@@ -96,15 +96,22 @@ pub async fn connect_any(
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
     let mut last = String::from("no address");
+    // A name's address is worth saying; an IP literal's is the host itself.
+    let literal = host.parse::<std::net::IpAddr>().is_ok();
     for addr in addrs {
-        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        let why = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 return Ok(stream);
             }
-            Ok(Err(e)) => last = format!("{addr}: {e}"),
-            Err(_) => last = format!("{addr}: timed out after {timeout:?}"),
-        }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("timed out after {timeout:?}"),
+        };
+        last = if literal {
+            why
+        } else {
+            format!("{addr}: {why}")
+        };
     }
     Err(ConnectError::Connect {
         host: host.to_owned(),
@@ -239,5 +246,42 @@ impl tower_service::Service<Uri> for CheckedConnector {
                 _open: open,
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loopback port with nothing listening (bound, then released).
+    fn closed_port() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_said_once() {
+        let addr = closed_port();
+        let err = connect_any("127.0.0.1", &[addr], Duration::from_secs(2))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("cannot connect to {addr}: "))
+                && err.matches(&addr.to_string()).count() == 1,
+            "{err}"
+        );
+        let err = connect_any("collector.example", &[addr], Duration::from_secs(2))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "cannot connect to collector.example:{}: {addr}: ",
+                addr.port()
+            )),
+            "a name's address is said: {err}"
+        );
     }
 }

@@ -17,6 +17,10 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
         );
         resp.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST"));
+        resp.headers_mut().insert(
+            crate::scrape_error::ERROR_SOURCE_HEADER,
+            HeaderValue::from_static("gateway"),
+        );
         return resp;
     }
     if let Some(refusal) = unauthenticated(state, &req) {
@@ -32,7 +36,7 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
         "/-/ready" => text_response(StatusCode::OK, "Ready"),
         "/api/v1/agents" => json(serde_json::to_string(&agents(state)).unwrap_or_else(|_| "[]".into())),
         "/" => super::status::page(&agents(state)),
-        _ => text_response(StatusCode::NOT_FOUND, "not found: scrapes must be absolute-form (set the gateway as proxy_url); endpoints are /targets, /metrics, /-/healthy, /-/ready"),
+        _ => text_response(StatusCode::NOT_FOUND, "not found: scrapes must be absolute-form (set the gateway as proxy_url); endpoints are /, /targets, /clients, /metrics, /api/v1/agents, /-/healthy, /-/ready"),
     }
 }
 
