@@ -2222,3 +2222,28 @@ async fn a_refused_connect_closes_the_connection() {
         String::from_utf8_lossy(&rest)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bytes_of_a_body_cut_short_are_counted() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("POST http://{a}/cut HTTP/1.1\r\nHost: {a}\r\nContent-Length: 1000\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&[b'x'; 500]).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = proxy.metrics().await;
+        let bytes_in = metric_value(&text, "ferry_egress_bytes_total", &[("direction", "in")]);
+        if bytes_in == Some(500.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bytes in: {bytes_in:?}\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    up.assert_untouched("a body cut short");
+}

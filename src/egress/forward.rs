@@ -286,11 +286,10 @@ async fn forward(
     let read_timeout = state.config.body_read_timeout;
     let body = tokio::time::timeout(
         read_timeout,
-        read_body(body, rule.validation.max_body_bytes),
+        read_body(body, rule.validation.max_body_bytes, &mut record.bytes_in),
     )
     .await
     .map_err(|_| Refusal::body_timeout(read_timeout))??;
-    record.bytes_in = body.remaining;
     // Only a body that is checked needs to be one contiguous buffer; else it is forwarded as the
     // chunks it arrived in, saving a copy of every payload.
     let body = if rule.validation.needs_body(&parts.headers) {
@@ -340,8 +339,9 @@ async fn forward(
     Ok(stream_back(state, resp, record.clone(), deadline))
 }
 
-/// Reads the whole body, refusing it past `limit` bytes.
-async fn read_body(body: &mut Incoming, limit: u64) -> Result<ReadBody, Refusal> {
+/// Reads the whole body, refusing it past `limit` bytes. `seen` counts what arrived, also when
+/// the body is refused or breaks (for the access log).
+async fn read_body(body: &mut Incoming, limit: u64, seen: &mut u64) -> Result<ReadBody, Refusal> {
     let mut read = ReadBody {
         chunks: VecDeque::new(),
         remaining: 0,
@@ -350,6 +350,7 @@ async fn read_body(body: &mut Incoming, limit: u64) -> Result<ReadBody, Refusal>
         let frame =
             frame.map_err(|e| Refusal::bad_request(format!("cannot read request body: {e}")))?;
         if let Ok(data) = frame.into_data() {
+            *seen += data.len() as u64;
             read.remaining += data.len() as u64;
             if read.remaining > limit {
                 return Err(Refusal::too_large(limit));
