@@ -546,6 +546,13 @@ async fn ip_literal_spellings_match_only_cidr_rules() {
         let resp = get_via(proxy.addr, &url).await;
         assert_eq!(resp.status, 200, "{url}: {}", resp.text());
         assert_eq!(up.last().uri, format!("/spelled{i}"));
+        // The upstream is told the address in its usual spelling, the one that was checked.
+        let host_header = up.last().headers.get("host").cloned();
+        assert_eq!(
+            host_header.as_ref().and_then(|h| h.to_str().ok()),
+            Some(format!("127.0.0.1:{port}").as_str()),
+            "{url}"
+        );
     }
     assert_eq!(up.request_count(), LOOPBACK_SPELLINGS.len());
 }

@@ -306,10 +306,12 @@ async fn forward(
     } else {
         "http"
     };
-    let host = if target.host.contains(':') {
-        format!("[{}]", target.host)
-    } else {
-        target.host.clone()
+    // An IP literal goes upstream (URI and Host) in its usual spelling, not as the client wrote
+    // it (`0x7f.1`, `2130706433`): that is the address the rule was checked against.
+    let host = match parse_ip_literal(&target.host).map(|ip| ip.to_canonical()) {
+        Some(std::net::IpAddr::V6(ip)) => format!("[{ip}]"),
+        Some(ip) => ip.to_string(),
+        None => target.host.clone(),
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = format!("{scheme}://{host}:{port}{path}")
