@@ -95,6 +95,50 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// rustls's reason for refusing a certificate or key, in plain words: its own message is often
+/// Rust debug output (`invalid peer certificate: Other(OtherError(UnsupportedCertVersion))`).
+pub fn rustls_reason(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(cert) = e else {
+        return e.to_string();
+    };
+    let words = match cert {
+        C::BadEncoding => "the certificate is not valid DER",
+        C::Expired => "the certificate has expired",
+        C::NotValidYet => "the certificate is not valid yet",
+        C::UnknownIssuer => "the certificate's issuer is not trusted",
+        C::BadSignature => "the certificate's signature is invalid",
+        C::Other(other) => match other.0.downcast_ref::<webpki::Error>() {
+            Some(e) => return webpki_reason(e),
+            None => return format!("invalid certificate: {}", other.0),
+        },
+        other => return other.to_string(),
+    };
+    words.to_owned()
+}
+
+fn webpki_reason(e: &webpki::Error) -> String {
+    use webpki::Error as W;
+    let words = match e {
+        W::UnsupportedCertVersion => "unsupported certificate version (X.509 v1; v3 required)",
+        W::CaUsedAsEndEntity => "a CA certificate cannot be used as the end-entity certificate",
+        W::EndEntityUsedAsCa => "an end-entity certificate cannot be used as a CA",
+        W::ExtensionValueInvalid | W::MalformedExtensions => {
+            "the certificate has a malformed extension"
+        }
+        W::UnsupportedCriticalExtension => {
+            "the certificate has a critical extension that is not supported"
+        }
+        W::InvalidSerialNumber => "the certificate's serial number is invalid",
+        W::EmptyEkuExtension => "the certificate's extended key usage extension is empty",
+        W::RequiredEkuNotFoundContext(_) => {
+            "the certificate's extended key usage does not allow this use"
+        }
+        other => return format!("invalid certificate: {other:?}"),
+    };
+    words.to_owned()
+}
+
 /// Parses `sha256:<64 hex digits>` into the 32 bytes it names.
 pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
     let hex_part = s

@@ -11,7 +11,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
 
-use super::tls::{crypto_provider, read_certs, read_key, TlsError};
+use super::tls::{crypto_provider, read_certs, read_key, rustls_reason, TlsError};
 
 /// How a TLS client decides to trust the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +64,7 @@ pub fn client_config(tls: &ClientTls, purpose: Purpose) -> Result<rustls::Client
             .map_err(|e| TlsError::Mismatch {
                 cert: cert.clone(),
                 key: key.clone(),
-                reason: e.to_string(),
+                reason: rustls_reason(&e),
             })?,
         None => builder.with_no_client_auth(),
     };
@@ -106,7 +106,7 @@ fn verifier(
             for cert in read_certs(path)? {
                 roots.add(cert).map_err(|e| TlsError::Cert {
                     path: path.clone(),
-                    reason: format!("not a usable CA certificate: {e}"),
+                    reason: format!("not a usable CA certificate: {}", rustls_reason(&e)),
                 })?;
             }
             roots

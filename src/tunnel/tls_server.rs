@@ -8,7 +8,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 
-use super::tls::{fingerprint, read_certs, read_key, TlsError};
+use super::tls::{fingerprint, read_certs, read_key, rustls_reason, TlsError};
 
 /// File name of the generated certificate inside the data directory.
 pub const SELF_SIGNED_CERT: &str = "tunnel-cert.pem";
@@ -88,12 +88,12 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
 }
 
 /// Verifies agents' client certificates against the CAs in `ca_file`.
-fn client_verifier(ca_file: &Path) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+pub fn client_verifier(ca_file: &Path) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in read_certs(ca_file)? {
         roots.add(cert).map_err(|e| TlsError::Cert {
             path: ca_file.to_owned(),
-            reason: format!("not a usable CA certificate: {e}"),
+            reason: format!("not a usable CA certificate: {}", rustls_reason(&e)),
         })?;
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), super::tls::crypto_provider())
@@ -119,7 +119,7 @@ fn build(
     };
     let mut config = builder
         .with_single_cert(certs, key)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| rustls_reason(&e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerIdentity {
         config: Arc::new(config),
