@@ -7,20 +7,29 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// Why a tokens file could not be used.
+/// What the gateway's file of agent tokens is called in errors.
+pub const TOKENS_FILE: &str = "tokens file";
+/// What the egress proxy's file of client credentials is called in errors.
+pub const CREDENTIALS_FILE: &str = "credentials file";
+
+/// Why a tokens file (or the egress proxy's credentials file, same format) could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokensFileError {
     /// The file could not be read.
-    #[error("cannot read tokens file {path}: {source}")]
+    #[error("cannot read {kind} {path}: {source}")]
     Read {
+        /// What the file is for: `tokens file` or `credentials file`.
+        kind: &'static str,
         /// The file.
         path: PathBuf,
         /// The OS error.
         source: std::io::Error,
     },
     /// A line is malformed.
-    #[error("tokens file {path} line {line}: {reason}")]
+    #[error("{kind} {path} line {line}: {reason}")]
     Line {
+        /// What the file is for: `tokens file` or `credentials file`.
+        kind: &'static str,
         /// The file.
         path: PathBuf,
         /// 1-based line number.
@@ -55,13 +64,20 @@ pub enum AuthError {
 }
 
 impl TokensFile {
-    /// Reads and parses `path`.
+    /// Reads and parses the gateway's tokens file `path`.
     pub fn load(path: &Path) -> Result<TokensFile, TokensFileError> {
+        Self::load_as(path, TOKENS_FILE)
+    }
+
+    /// Reads and parses `path`; `kind` ([`TOKENS_FILE`], [`CREDENTIALS_FILE`]) names it in errors.
+    pub fn load_as(path: &Path, kind: &'static str) -> Result<TokensFile, TokensFileError> {
         let text = std::fs::read_to_string(path).map_err(|source| TokensFileError::Read {
+            kind,
             path: path.to_owned(),
             source,
         })?;
         Self::parse(&text).map_err(|(line, reason)| TokensFileError::Line {
+            kind,
             path: path.to_owned(),
             line,
             reason,

@@ -657,3 +657,233 @@ async fn quickstart_removes_its_temporary_directory_on_ctrl_c() {
     }
     assert_eq!(entries(), 0, "the temporary data directory is left behind");
 }
+
+/// A test certificate rustls refuses: X.509 version 1 (see tests/fixtures/README.md).
+fn v1_identity() -> (PathBuf, PathBuf) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    (
+        fixtures.join("x509v1-cert.pem"),
+        fixtures.join("x509v1-key.pem"),
+    )
+}
+
+#[test]
+fn check_config_refuses_the_client_certificate_the_agent_would_refuse_once_in_plain_words() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "agent-token", "s3cret\n");
+    let (cert, key) = v1_identity();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let fingerprint = format!("sha256:{}", "ab".repeat(32));
+    let v1 = "unsupported certificate version (X.509 v1; v3 required)";
+    write(
+        dir.path(),
+        "v1.yaml",
+        &format!(
+            "agent:\n  gateway: https://127.0.0.1:7443\n  agent_id: node-1\n  token_file: agent-token\n  tunnel: {{ fingerprint: '{fingerprint}', cert_file: {cert}, key_file: {key} }}\n"
+        ),
+    );
+    let out = ferry(dir.path(), &["check-config", "v1.yaml"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("v1.yaml: agent.tunnel.cert_file: ") && lines[0].ends_with(v1),
+        "{lines:?}"
+    );
+
+    let args = [
+        "agent",
+        "--gateway",
+        "https://127.0.0.1:7443",
+        "--agent-id",
+        "node-1",
+        "--token-file",
+        "agent-token",
+        "--tunnel.fingerprint",
+        &fingerprint,
+        "--tunnel.cert-file",
+        cert,
+        "--tunnel.key-file",
+        key,
+    ];
+    let out = ferry(dir.path(), &args);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "printed once: {lines:?}");
+    assert!(
+        lines[0].starts_with("invalid flag --tunnel.cert-file: ") && lines[0].ends_with(v1),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn check_config_warns_that_an_empty_tokens_file_lets_no_agent_in() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "tokens", "# nobody yet\n");
+    write(
+        dir.path(),
+        "gw.yaml",
+        "gateway:\n  auth:\n    tokens_file: tokens\n",
+    );
+    let out = ferry(dir.path(), &["check-config", "gw.yaml"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("gw.yaml: OK"), "{out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        ["gw.yaml: warning: tokens file tokens holds no credentials: no agent can connect (add lines made with `ferry token new`)"]
+    );
+}
+
+#[test]
+fn the_log_format_flag_names_its_values() {
+    let dir = TempDir::new().unwrap();
+    for sub in [
+        "gateway",
+        "agent",
+        "egress",
+        "exporter",
+        "run",
+        "quickstart",
+    ] {
+        let help = stdout(&ferry(dir.path(), &[sub, "--help"]));
+        assert!(
+            help.contains("Log line format: logfmt or json"),
+            "ferry {sub} --help:\n{help}"
+        );
+    }
+}
+
+/// A ferry process whose stderr lines are collected as they come.
+struct Running {
+    child: KillOnDrop,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn start(dir: &Path, args: &[&str]) -> Running {
+        let mut child = command(dir, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running {
+            child: KillOnDrop(child),
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (20 s at most) for a line containing `needle`.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                break;
+            };
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("no line with {needle:?} in:\n{}", self.seen.join("\n"));
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_child(&self.child.0);
+        rustix::process::kill_process(pid, signal).expect("signal ferry");
+    }
+
+    /// SIGTERM, then every line up to the exit.
+    fn stop(mut self) -> Vec<String> {
+        self.signal(rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.0.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "ferry did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.seen.extend(self.lines.iter());
+        self.seen
+    }
+}
+
+#[test]
+fn egress_says_what_it_reloads_and_drains() {
+    let dir = TempDir::new().unwrap();
+    let mut egress = Running::start(
+        dir.path(),
+        &[
+            "egress",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--allow-upstream",
+            "example.com:443",
+        ],
+    );
+    egress.wait_for("egress proxy listening");
+    egress.signal(rustix::process::Signal::HUP);
+    egress.wait_for("SIGHUP: reloading");
+    let lines = egress.stop().join("\n");
+    assert!(
+        !lines.contains("credentials"),
+        "no credentials file:\n{lines}"
+    );
+    assert!(
+        lines.contains("message=\"shutting down: draining in-flight proxied requests\""),
+        "{lines}"
+    );
+    assert!(!lines.contains("scrapes"), "{lines}");
+}
+
+#[test]
+fn the_exporter_drains_no_scrapes() {
+    let dir = TempDir::new().unwrap();
+    let mut exporter = Running::start(
+        dir.path(),
+        &[
+            "exporter",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--collector.connections",
+        ],
+    );
+    exporter.wait_for("exporter listening");
+    let lines = exporter.stop().join("\n");
+    assert!(lines.contains("message=\"shutting down\""), "{lines}");
+    assert!(!lines.contains("scrapes"), "{lines}");
+}
+
+#[test]
+fn an_agent_id_changed_on_reload_is_said_to_need_a_restart() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "agent-token", "s3cret\n");
+    let config = |id: &str| {
+        format!(
+            "agent:\n  gateway: http://127.0.0.1:1\n  agent_id: {id}\n  token_file: agent-token\n  tunnel: {{ insecure_plaintext: true }}\n  targets:\n    - {{ name: node, url: 'http://127.0.0.1:9100/metrics' }}\n"
+        )
+    };
+    write(dir.path(), "agent.yaml", &config("node-1"));
+    let mut agent = Running::start(dir.path(), &["run", "--config.file", "agent.yaml"]);
+    agent.wait_for("cannot open tunnel");
+    write(dir.path(), "agent.yaml", &config("node-2"));
+    agent.signal(rustix::process::Signal::HUP);
+    let line = agent.wait_for("agent_id changed");
+    assert!(
+        line.contains("level=warn") && line.contains("restart"),
+        "{line}"
+    );
+    assert!(
+        line.contains("running=node-1") && line.contains("file=node-2"),
+        "{line}"
+    );
+    agent.wait_for("agent targets reloaded");
+}

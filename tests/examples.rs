@@ -237,6 +237,22 @@ fn without_its_files_an_example_reports_each_missing_one() {
 }
 
 #[test]
+fn without_its_files_the_all_in_one_example_reports_certificate_and_key() {
+    let cfg = load("ferry-all-in-one.yaml");
+    let no_env = |_: &str| None;
+    let errs = cfg
+        .validate("ferry-all-in-one.yaml", &no_env)
+        .expect_err("the certificate and key do not exist here");
+    let fields: Vec<&str> = errs.errors.iter().map(|e| e.field.as_str()).collect();
+    for field in [
+        "gateway.tunnel.tls_cert_file",
+        "gateway.tunnel.tls_key_file",
+    ] {
+        assert!(fields.contains(&field), "{field} missing from:\n{errs}");
+    }
+}
+
+#[test]
 fn the_gateway_example_is_what_the_docs_describe() {
     let (run, _dir) = validate_example("ferry-gateway.yaml");
     let g = run.gateway.expect("gateway role");

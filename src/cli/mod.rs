@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::auth::{TokensFile, CREDENTIALS_FILE, TOKENS_FILE};
 use crate::config::{
     parse_label_flag, AgentSection, ConfigErrors, Dur, EgressSection, FileConfig, GatewaySection,
     LogFormat, LogSection, RunConfig, TargetSection,
@@ -111,7 +112,7 @@ pub struct LogArgs {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long = "log.level", value_name = "LEVEL")]
     pub level: Option<String>,
-    /// Log line format.
+    /// Log line format: logfmt or json [default: logfmt].
     #[arg(long = "log.format", value_name = "FORMAT", value_parser = parse_log_format)]
     pub format: Option<LogFormat>,
 }
@@ -414,14 +415,14 @@ pub fn main() -> ExitCode {
         Command::Exporter(args) => {
             run_flags(&args.log, &args.geo, |f| f.exporter = Some(args.section()))
         }
-        Command::Run(args) => match FileConfig::load(&args.config_file) {
-            Ok(mut file) => {
-                file.log = args.log.apply(file.log);
-                let origin = args.config_file.display().to_string();
-                validate_and_run(&file, &origin, Some(args.config_file))
+        Command::Run(args) => {
+            let log = &args.log;
+            let adjust = |f: &mut FileConfig| f.log = log.apply(f.log.clone());
+            match FileConfig::load_validated(&args.config_file, &env, adjust) {
+                Ok(config) => start(config, Some(args.config_file)),
+                Err(errs) => config_failed(&errs),
             }
-            Err(errs) => config_failed(&errs),
-        },
+        }
         Command::Quickstart(args) => crate::quickstart::main(args),
     }
 }
@@ -448,8 +449,7 @@ fn token_new(glob: &str) -> ExitCode {
 
 fn check_config(path: &std::path::Path) -> ExitCode {
     let origin = path.display().to_string();
-    let result = FileConfig::load(path).and_then(|f| f.validate(&origin, &env));
-    match result {
+    match FileConfig::load_validated(path, &env, |_| {}) {
         Ok(cfg) => {
             let mut roles = Vec::new();
             if cfg.gateway.is_some() {
@@ -464,11 +464,44 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             if cfg.exporter.is_some() {
                 roles.push("exporter");
             }
+            for warning in warnings(&cfg) {
+                eprintln!("{origin}: warning: {warning}");
+            }
             println!("{origin}: OK ({})", roles.join(", "));
             ExitCode::SUCCESS
         }
         Err(errs) => config_failed(&errs),
     }
+}
+
+/// What is valid but leaves a role useless: printed by `check-config`, logged at start.
+fn warnings(config: &RunConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let empty =
+        |path: &std::path::Path, kind| TokensFile::load_as(path, kind).is_ok_and(|f| f.is_empty());
+    if let Some(g) = config
+        .gateway
+        .as_ref()
+        .filter(|g| empty(&g.tokens_file, TOKENS_FILE))
+    {
+        out.push(format!(
+            "tokens file {} holds no credentials: no agent can connect (add lines made with `ferry token new`)",
+            g.tokens_file.display()
+        ));
+    }
+    if let Some(path) = config
+        .egress
+        .as_ref()
+        .and_then(|e| e.credentials_file.as_ref())
+    {
+        if empty(path, CREDENTIALS_FILE) {
+            out.push(format!(
+                "credentials file {} holds no credentials: every proxied request is refused (407)",
+                path.display()
+            ));
+        }
+    }
+    out
 }
 
 fn config_failed(errs: &ConfigErrors) -> ExitCode {
@@ -477,10 +510,13 @@ fn config_failed(errs: &ConfigErrors) -> ExitCode {
 }
 
 fn validate_and_run(file: &FileConfig, origin: &str, reload_from: Option<PathBuf>) -> ExitCode {
-    let config: RunConfig = match file.validate(origin, &env) {
-        Ok(c) => c,
-        Err(errs) => return config_failed(&errs),
-    };
+    match file.validate(origin, &env) {
+        Ok(config) => start(config, reload_from),
+        Err(errs) => config_failed(&errs),
+    }
+}
+
+fn start(config: RunConfig, reload_from: Option<PathBuf>) -> ExitCode {
     logging::init(&config.log);
     run::run(config, reload_from)
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -43,15 +43,14 @@ pub fn run(config: RunConfig, reload_from: Option<PathBuf>) -> ExitCode {
         Ok(rt) => rt.block_on(run_roles(config, reload_from)),
         Err(e) => Err(StartError::Runtime(e)),
     };
+    // One plain line, like the configuration errors before it: not a log line as well.
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ StartError::Config(_)) => {
-            error!(error = %e, "cannot start");
             eprintln!("{e}");
             ExitCode::from(EXIT_CONFIG)
         }
         Err(e) => {
-            error!(error = %e, "cannot start");
             eprintln!("{e}");
             ExitCode::FAILURE
         }
@@ -62,14 +61,37 @@ struct Roles {
     gateway: Option<Gateway>,
     agent: Option<Agent>,
     egress: Option<Egress>,
+    /// Whether the egress proxy has a credentials file to re-read.
+    egress_credentials: bool,
     geo: SharedGeo,
+}
+
+impl Roles {
+    /// What the roles do on SIGINT/SIGTERM, for the log.
+    fn shutdown_message(&self) -> &'static str {
+        let scrapes = self.gateway.is_some() || self.agent.is_some();
+        match (scrapes, self.egress.is_some()) {
+            (true, true) => "shutting down: draining in-flight scrapes and proxied requests",
+            (true, false) => "shutting down: draining in-flight scrapes",
+            (false, true) => "shutting down: draining in-flight proxied requests",
+            (false, false) => "shutting down",
+        }
+    }
 }
 
 async fn run_roles(config: RunConfig, reload_from: Option<PathBuf>) -> Result<(), StartError> {
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    // Before any role starts: a SIGHUP or SIGTERM that comes once a listener is up is handled,
+    // not left to its default action (exit without draining).
+    let signals = Signals::install();
     let roles = start_roles(config, &shutdown, &mut tasks).await?;
-    tokio::spawn(handle_signals(roles, reload_from, shutdown.clone()));
+    tokio::spawn(handle_signals(
+        signals,
+        roles,
+        reload_from,
+        shutdown.clone(),
+    ));
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
             error!(error = %e, "a role stopped unexpectedly");
@@ -84,10 +106,14 @@ async fn start_roles(
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> Result<Roles, StartError> {
+    for warning in super::warnings(&config) {
+        warn!("{warning}");
+    }
     let mut roles = Roles {
         gateway: None,
         agent: None,
         egress: None,
+        egress_credentials: false,
         geo: config.geo.clone(),
     };
     if roles.geo.is_enabled() {
@@ -121,6 +147,7 @@ async fn start_roles(
     }
     if let Some(cfg) = config.egress {
         let addr = cfg.listen;
+        roles.egress_credentials = cfg.credentials_file.is_some();
         let egress = Egress::new(cfg).map_err(|e| StartError::Config(format!("{e:#}")))?;
         let listener = bind(addr, "egress web.listen_address").await?;
         let e = egress.clone();
@@ -147,13 +174,42 @@ async fn bind(addr: SocketAddr, field: &'static str) -> Result<TcpListener, Star
         })
 }
 
-async fn handle_signals(roles: Roles, reload_from: Option<PathBuf>, shutdown: CancellationToken) {
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        error!("cannot install signal handlers; stop ferry with SIGKILL");
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment they are installed.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// `None` (and an error logged) when the handlers cannot be installed.
+    fn install() -> Option<Signals> {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Some(Signals { term, int, hup }),
+            _ => {
+                error!("cannot install signal handlers; stop ferry with SIGKILL");
+                None
+            }
+        }
+    }
+}
+
+async fn handle_signals(
+    signals: Option<Signals>,
+    roles: Roles,
+    reload_from: Option<PathBuf>,
+    shutdown: CancellationToken,
+) {
+    let Some(Signals {
+        mut term,
+        mut int,
+        mut hup,
+    }) = signals
+    else {
         return;
     };
     loop {
@@ -163,23 +219,28 @@ async fn handle_signals(roles: Roles, reload_from: Option<PathBuf>, shutdown: Ca
             _ = hup.recv() => reload(&roles, reload_from.as_deref()),
         }
     }
-    info!("shutting down: draining in-flight scrapes");
+    info!("{}", roles.shutdown_message());
     shutdown.cancel();
 }
 
 /// SIGHUP: re-read the tokens file, and the config file's agent targets. Errors keep the old state.
 fn reload(roles: &Roles, file: Option<&std::path::Path>) {
+    info!("SIGHUP: reloading");
     // The error (a broken file keeps the old database) is logged by reload itself.
     let _ = roles.geo.reload();
     if let Some(gateway) = &roles.gateway {
         match gateway.reload_tokens() {
+            Ok(0) => warn!(
+                credentials = 0,
+                "tokens file reloaded, but it holds no credentials: no agent can connect"
+            ),
             Ok(n) => info!(credentials = n, "tokens file reloaded"),
             Err(e) => {
                 error!(error = %e, "tokens file reload failed; keeping the previous credentials")
             }
         }
     }
-    if let Some(egress) = &roles.egress {
+    if let Some(egress) = roles.egress.as_ref().filter(|_| roles.egress_credentials) {
         match egress.reload_credentials() {
             Ok(()) => info!("egress credentials reloaded"),
             Err(e) => {
@@ -194,7 +255,7 @@ fn reload(roles: &Roles, file: Option<&std::path::Path>) {
         return;
     };
     let origin = path.display().to_string();
-    let validated = FileConfig::load(path).and_then(|f| f.validate(&origin, &env));
+    let validated = FileConfig::load_validated(path, &env, |_| {});
     let new = match validated {
         Ok(RunConfig { agent: Some(a), .. }) => a,
         Ok(_) => {
@@ -204,6 +265,13 @@ fn reload(roles: &Roles, file: Option<&std::path::Path>) {
             return error!(errors = %errs.to_string().replace('\n', "; "), "reload failed; keeping the previous targets")
         }
     };
+    if new.agent_id != agent.id() {
+        warn!(
+            running = agent.id(),
+            file = %new.agent_id,
+            "reload: agent_id changed in the file; the new id takes effect only after a restart"
+        );
+    }
     match agent.set_targets(&new.targets, &new.labels) {
         Ok(()) => info!(targets = new.targets.len(), "agent targets reloaded"),
         Err(e) => error!(error = %e, "reload failed; keeping the previous targets"),

@@ -9,13 +9,13 @@ use http::Uri;
 use serde::Deserialize;
 
 use super::{
-    check_label_name, check_readable, parse_listen_address, validate_keepalive, CollectorSection,
-    ConfigErrors, Dur, Secret,
+    check_client_tls, check_label_name, check_readable, check_server_name, parse_listen_address,
+    validate_keepalive, CollectorSection, ConfigErrors, Dur, Secret,
 };
 use crate::tunnel::dial::Proxy;
 use crate::tunnel::handshake::valid_agent_id;
 use crate::tunnel::tls::parse_fingerprint;
-use crate::tunnel::tls_client::{ClientTls, ServerVerify};
+use crate::tunnel::tls_client::{ClientTls, Purpose, ServerVerify};
 use crate::tunnel::Keepalive;
 
 /// Environment variable holding the agent's token when no token file is given.
@@ -46,6 +46,7 @@ pub struct AgentSection {
     /// Upper bound of any scrape timeout, whatever the gateway asks.
     pub scrape_timeout_max: Dur,
     /// Port of the built-in `ferry` target (the agent's own metrics).
+    #[serde(deserialize_with = "super::lenient")]
     pub self_port: u16,
     /// Optional local listener for the agent's own `/metrics` and health endpoints.
     pub web: AgentWebSection,
@@ -98,6 +99,7 @@ pub struct AgentTunnelSection {
     /// Name to verify the gateway's certificate against, if not the host of `gateway`.
     pub server_name: Option<String>,
     /// Dial without TLS (`http://` gateway). Only for tests and TLS-terminating front ends.
+    #[serde(deserialize_with = "super::lenient")]
     pub insecure_plaintext: bool,
     /// HTTP/2 PING interval.
     pub keepalive_interval: Dur,
@@ -106,6 +108,7 @@ pub struct AgentTunnelSection {
     /// Bound on TCP + TLS + upgrade.
     pub handshake_timeout: Dur,
     /// Concurrent scrapes served at once.
+    #[serde(deserialize_with = "super::lenient")]
     pub max_concurrent_scrapes: u32,
 }
 
@@ -161,7 +164,7 @@ pub struct TargetSection {
     /// Where the agent fetches it: `http://` or `https://`, with host, port and path.
     pub url: String,
     /// Port Prometheus addresses it by, if not the URL's (keeps two targets apart).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::lenient_opt")]
     pub port: Option<u16>,
     /// The target's labels.
     #[serde(default)]
@@ -184,6 +187,7 @@ pub struct TargetTlsSection {
     /// Name to verify the target's certificate against.
     pub server_name: Option<String>,
     /// Do not verify the target's certificate.
+    #[serde(deserialize_with = "super::lenient")]
     pub insecure_skip_verify: bool,
 }
 
@@ -279,15 +283,7 @@ impl AgentSection {
         let gateway = self.validate_gateway(prefix, errs);
         let agent_id = self.validate_agent_id(&f("agent_id"), errs);
         let token = self.read_token(&f("token_file"), env, errs);
-        let proxy = match self
-            .proxy_url
-            .clone()
-            .or_else(|| env("HTTPS_PROXY"))
-            .or_else(|| env("https_proxy"))
-        {
-            Some(url) if !url.is_empty() => errs.check(&f("proxy_url"), Proxy::parse(&url)),
-            _ => None,
-        };
+        let proxy = self.validate_proxy(&f("proxy_url"), env, errs);
         let targets = self.validate_targets(&f("targets"), errs);
         for k in self.labels.keys() {
             check_label_name(k, &format!("{}.{k}", f("labels")), errs);
@@ -380,6 +376,16 @@ impl AgentSection {
             errs.push(field, format!("{url:?} has no host"));
             return None;
         };
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            errs.push(
+                field,
+                format!("{url:?} must be https://HOST:PORT, without a path or query: the tunnel's path is fixed"),
+            );
+            return None;
+        }
+        if plaintext {
+            self.reject_tls_options(prefix, errs);
+        }
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -393,6 +399,9 @@ impl AgentSection {
         let tls = if plaintext {
             None
         } else {
+            if let Some(name) = &t.server_name {
+                check_server_name(name, &format!("{prefix}.tunnel.server_name"), errs);
+            }
             self.validate_tunnel_tls(prefix, errs)
         };
         Some(GatewayEndpoint {
@@ -402,9 +411,29 @@ impl AgentSection {
         })
     }
 
+    /// With `tunnel.insecure_plaintext`, TLS settings would be ignored: each set one is an error.
+    fn reject_tls_options(&self, prefix: &str, errs: &mut ConfigErrors) {
+        let t = &self.tunnel;
+        for (name, set) in [
+            ("ca_file", t.ca_file.is_some()),
+            ("fingerprint", t.fingerprint.is_some()),
+            ("cert_file", t.cert_file.is_some()),
+            ("key_file", t.key_file.is_some()),
+            ("server_name", t.server_name.is_some()),
+        ] {
+            if set {
+                errs.push(
+                    format!("{prefix}.tunnel.{name}"),
+                    "set, but tunnel.insecure_plaintext turns TLS off: remove one of them",
+                );
+            }
+        }
+    }
+
     fn validate_tunnel_tls(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<ClientTls> {
         let t = &self.tunnel;
         let field = |name: &str| format!("{prefix}.tunnel.{name}");
+        let before = errs.errors.len();
         let verify = match (&t.ca_file, &t.fingerprint) {
             (Some(_), Some(_)) => {
                 errs.push(
@@ -424,10 +453,48 @@ impl AgentSection {
         };
         let client_cert =
             client_cert_pair(&t.cert_file, &t.key_file, &format!("{prefix}.tunnel"), errs)?;
-        Some(ClientTls {
+        let tls = ClientTls {
             verify,
             client_cert,
-        })
+        };
+        if errs.errors.len() == before {
+            check_client_tls(&tls, Purpose::Tunnel, &format!("{prefix}.tunnel"), errs);
+        }
+        Some(tls)
+    }
+
+    /// The proxy of `proxy_url`, which must be `http://HOST:PORT`, else of `HTTPS_PROXY`, which
+    /// may leave out the scheme as curl allows.
+    fn validate_proxy(
+        &self,
+        field: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        errs: &mut ConfigErrors,
+    ) -> Option<Proxy> {
+        if let Some(url) = &self.proxy_url {
+            let uri = url.parse::<Uri>().ok();
+            if uri.as_ref().and_then(Uri::scheme_str).is_none() {
+                errs.push(
+                    field,
+                    format!("{url:?} must start with http://, e.g. http://proxy.example.com:3128"),
+                );
+                return None;
+            }
+            if uri.is_some_and(|u| !matches!(u.path(), "" | "/") || u.query().is_some()) {
+                errs.push(
+                    field,
+                    format!("{url:?} must be http://HOST:PORT, without a path or query"),
+                );
+                return None;
+            }
+        }
+        let url = self
+            .proxy_url
+            .clone()
+            .or_else(|| env("HTTPS_PROXY"))
+            .or_else(|| env("https_proxy"))
+            .filter(|url| !url.is_empty())?;
+        errs.check(field, Proxy::parse(&url))
     }
 
     fn validate_agent_id(&self, field: &str, errs: &mut ConfigErrors) -> Option<String> {
@@ -478,33 +545,41 @@ impl AgentSection {
         Some(Secret::new(token))
     }
 
+    /// Validates every target, each one's problems in file order: its own fields, then whether
+    /// its name or its port and path are already taken by an earlier one.
     fn validate_targets(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Vec<Target>> {
         let mut out = Vec::new();
         let mut ok = true;
-        for (i, t) in self.targets.iter().enumerate() {
-            match t.validate(&format!("{prefix}[{i}]"), errs) {
-                Some(t) => out.push(t),
-                None => ok = false,
-            }
-        }
-        let mut seen_names = std::collections::HashSet::new();
-        let mut seen_addrs = std::collections::HashSet::new();
-        seen_names.insert(SELF_TARGET.to_owned());
-        seen_addrs.insert((self.self_port, "/metrics".to_owned()));
-        for (i, t) in out.iter().enumerate() {
-            if !seen_names.insert(t.name.clone()) {
+        let mut seen_names = std::collections::HashMap::new();
+        let mut seen_addrs =
+            std::collections::HashSet::from([(self.self_port, "/metrics".to_owned())]);
+        for (i, section) in self.targets.iter().enumerate() {
+            let field = format!("{prefix}[{i}]");
+            if section.name == SELF_TARGET {
                 errs.push(
-                    format!("{prefix}[{i}].name"),
+                    format!("{field}.name"),
+                    format!("\"{SELF_TARGET}\" is the built-in target (the agent's own metrics): choose another name"),
+                );
+                ok = false;
+            } else if let Some(first) = seen_names.get(&section.name) {
+                errs.push(
+                    format!("{field}.name"),
                     format!(
-                        "{:?} is used twice (\"{SELF_TARGET}\" is the built-in target)",
-                        t.name
+                        "{:?} is used twice (also by {prefix}[{first}])",
+                        section.name
                     ),
                 );
                 ok = false;
+            } else {
+                seen_names.insert(section.name.clone(), i);
             }
+            let Some(t) = section.validate(&field, errs) else {
+                ok = false;
+                continue;
+            };
             if !seen_addrs.insert((t.port, t.path.clone())) {
                 errs.push(
-                    format!("{prefix}[{i}].port"),
+                    format!("{field}.port"),
                     format!(
                         "port {} path {:?} is already taken by another target: set a distinct port",
                         t.port, t.path
@@ -512,6 +587,7 @@ impl AgentSection {
                 );
                 ok = false;
             }
+            out.push(t);
         }
         ok.then_some(out)
     }
@@ -603,6 +679,7 @@ impl TargetSection {
         errs: &mut ConfigErrors,
     ) -> Option<ClientTls> {
         let t = &self.tls;
+        let before = errs.errors.len();
         let https = url.is_some_and(|u| u.scheme_str() == Some("https"));
         let any_set = t.ca_file.is_some()
             || t.cert_file.is_some()
@@ -632,10 +709,17 @@ impl TargetSection {
         };
         let client_cert =
             client_cert_pair(&t.cert_file, &t.key_file, &format!("{prefix}.tls"), errs)?;
-        Some(ClientTls {
+        if let Some(name) = &t.server_name {
+            check_server_name(name, &format!("{prefix}.tls.server_name"), errs);
+        }
+        let tls = ClientTls {
             verify,
             client_cert,
-        })
+        };
+        if errs.errors.len() == before {
+            check_client_tls(&tls, Purpose::Target, &format!("{prefix}.tls"), errs);
+        }
+        Some(tls)
     }
 }
 

@@ -8,10 +8,24 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use serde::Deserialize;
 
-use super::{check_readable, parse_listen_address, ConfigErrors, Dur};
+use super::{check_client_tls, check_readable, parse_listen_address, ConfigErrors, Dur};
+use crate::auth::{TokensFile, CREDENTIALS_FILE};
 use crate::egress::policy::{Clients, Upstream};
 use crate::egress::validate::Validation;
-use crate::tunnel::tls_client::{ClientTls, ServerVerify};
+use crate::tunnel::tls_client::{ClientTls, Purpose, ServerVerify};
+
+/// The methods a rule may allow: RFC 9110's, and PATCH (RFC 5789).
+const METHODS: [Method; 9] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::CONNECT,
+    Method::OPTIONS,
+    Method::TRACE,
+    Method::PATCH,
+];
 
 /// `egress:` as written in the YAML file (and filled from flags).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -28,10 +42,12 @@ pub struct EgressSection {
     /// Client credentials: lines `<client-name glob> sha256:<hex of secret>` (Basic: name and password; Bearer: token).
     pub auth: EgressAuthSection,
     /// Connections at once from one client address.
+    #[serde(deserialize_with = "super::lenient")]
     pub max_connections_per_client: usize,
     /// Time a client may take to send request headers (slowloris bound); also the keep-alive idle limit.
     pub header_read_timeout: Dur,
     /// Largest request head (request line + headers), in bytes.
+    #[serde(deserialize_with = "super::lenient")]
     pub max_header_bytes: usize,
     /// Time a client may take to send a request body (it is read whole before forwarding).
     pub body_read_timeout: Dur,
@@ -116,18 +132,22 @@ pub struct RuleSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ValidateSection {
     /// Largest body as sent.
+    #[serde(deserialize_with = "super::lenient_opt")]
     pub max_body_bytes: Option<u64>,
     /// Largest body after gzip/deflate decoding.
+    #[serde(deserialize_with = "super::lenient_opt")]
     pub max_decoded_bytes: Option<u64>,
     /// Accepted media types.
     pub content_types: Vec<String>,
     /// Headers that must be present.
     pub required_headers: Vec<String>,
     /// Body must be well-formed JSON.
+    #[serde(deserialize_with = "super::lenient")]
     pub json: bool,
     /// JSON Schema file the body must validate against.
     pub json_schema_file: Option<PathBuf>,
     /// `Content-MD5` must be present (always verified when present).
+    #[serde(deserialize_with = "super::lenient")]
     pub require_content_md5: bool,
     /// Regular expressions; a body matching any is refused.
     pub deny_patterns: Vec<String>,
@@ -222,13 +242,27 @@ impl EgressSection {
                 });
             }
         }
-        for (i, rule) in self.rules.iter().enumerate() {
-            if let Some(rule) = rule.validate(&format!("{}[{i}]", f("rules")), errs) {
+        let mut names = std::collections::HashMap::new();
+        for (i, section) in self.rules.iter().enumerate() {
+            let field = format!("{}[{i}]", f("rules"));
+            if let Some(first) = names.get(&section.name) {
+                errs.push(
+                    format!("{field}.name"),
+                    format!(
+                        "{:?} is used twice (also by {}[{first}]): logs and metrics could not tell them apart",
+                        section.name,
+                        f("rules")
+                    ),
+                );
+            } else if !section.name.is_empty() {
+                names.insert(section.name.clone(), i);
+            }
+            if let Some(rule) = section.validate(&field, errs) {
                 rules.push(rule);
             }
         }
         if let Some(path) = &self.auth.credentials_file {
-            if let Err(e) = crate::auth::TokensFile::load(path) {
+            if let Err(e) = TokensFile::load_as(path, CREDENTIALS_FILE) {
                 errs.push(f("auth.credentials_file"), e.to_string());
             }
         }
@@ -295,12 +329,20 @@ impl RuleSection {
             None
         } else {
             let mut out = Vec::new();
-            for m in &self.methods {
-                match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-                    Ok(method) => out.push(method),
-                    Err(_) => errs.push(
-                        format!("{prefix}.methods"),
-                        format!("{m:?} is not an HTTP method"),
+            for (i, m) in self.methods.iter().enumerate() {
+                let upper = m.trim().to_ascii_uppercase();
+                match METHODS.iter().find(|known| known.as_str() == upper) {
+                    Some(method) => out.push(method.clone()),
+                    None => errs.push(
+                        format!("{prefix}.methods[{i}]"),
+                        format!(
+                            "{m:?} is not an HTTP method: use {}",
+                            METHODS
+                                .iter()
+                                .map(Method::as_str)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
                     ),
                 }
             }
@@ -315,15 +357,23 @@ impl RuleSection {
             }
         }
         let validation = self.validate.validate(&format!("{prefix}.validate"), errs);
-        let tls_upgrade = self.tls_upgrade.as_ref().map(|t| ClientTls {
-            verify: match &t.ca_file {
-                Some(ca) => {
-                    check_readable(ca, &format!("{prefix}.tls_upgrade.ca_file"), errs);
-                    ServerVerify::CaFile(ca.clone())
-                }
-                None => ServerVerify::SystemRoots,
-            },
-            client_cert: None,
+        let tls_upgrade = self.tls_upgrade.as_ref().map(|t| {
+            let field = format!("{prefix}.tls_upgrade");
+            let tls = ClientTls {
+                verify: match &t.ca_file {
+                    Some(ca) => ServerVerify::CaFile(ca.clone()),
+                    None => ServerVerify::SystemRoots,
+                },
+                client_cert: None,
+            };
+            let before = errs.errors.len();
+            if let Some(ca) = &t.ca_file {
+                check_readable(ca, &format!("{field}.ca_file"), errs);
+            }
+            if errs.errors.len() == before {
+                check_client_tls(&tls, Purpose::Target, &field, errs);
+            }
+            tls
         });
         if errs.errors.len() > before {
             return None;

@@ -1,13 +1,14 @@
 //! The `gateway:` section and its validated form.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::{parse_listen_address, validate_keepalive, ConfigErrors, Dur};
-use crate::tunnel::Keepalive;
+use crate::tunnel::tls::TlsError;
+use crate::tunnel::{tls_server, Keepalive};
 
 /// `gateway:` as written in the YAML file (and filled from flags).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -50,6 +51,7 @@ pub struct GatewayWebSection {
     /// How much earlier than Prometheus the agent gives up, so Prometheus sees a 504, not its own timeout.
     pub scrape_timeout_margin: Dur,
     /// Largest scrape body passed through.
+    #[serde(deserialize_with = "super::lenient")]
     pub max_scrape_bytes: u64,
     /// exporter-toolkit web configuration: TLS and basic-auth users for this listener.
     pub config_file: Option<PathBuf>,
@@ -83,6 +85,7 @@ pub struct GatewayTunnelSection {
     /// Require agents to present a client certificate signed by a CA in this PEM file (mTLS).
     pub tls_client_ca_file: Option<PathBuf>,
     /// Accept tunnels without TLS. Only for tests and TLS-terminating front ends.
+    #[serde(deserialize_with = "super::lenient")]
     pub insecure_plaintext: bool,
     /// HTTP/2 PING interval.
     pub keepalive_interval: Dur,
@@ -91,6 +94,7 @@ pub struct GatewayTunnelSection {
     /// Bound on TLS + upgrade handshake.
     pub handshake_timeout: Dur,
     /// Concurrent scrapes per agent.
+    #[serde(deserialize_with = "super::lenient")]
     pub max_concurrent_scrapes: u32,
 }
 
@@ -281,10 +285,14 @@ impl GatewaySection {
                 None
             }
             (Some(cert), Some(key), false) => {
-                let client_ca = t.tls_client_ca_file.as_deref();
-                match crate::tunnel::tls_server::load_identity(cert, key, client_ca) {
-                    Ok(_) => {}
-                    Err(e) => errs.push(field("tls_cert_file"), e.to_string()),
+                let before = errs.errors.len();
+                super::check_readable(cert, &field("tls_cert_file"), errs);
+                super::check_readable(key, &field("tls_key_file"), errs);
+                if errs.errors.len() == before {
+                    let client_ca = t.tls_client_ca_file.as_deref();
+                    if let Err(e) = tls_server::load_identity(cert, key, client_ca) {
+                        errs.push(field(identity_error_field(&e, client_ca)), e.to_string());
+                    }
                 }
                 Some(GatewayTls::Files {
                     cert: cert.clone(),
@@ -300,14 +308,44 @@ impl GatewaySection {
                 None
             }
             (None, None, false) => {
-                if let Some(ca) = &t.tls_client_ca_file {
-                    super::check_readable(ca, &field("tls_client_ca_file"), errs);
-                }
+                self.check_self_signed(prefix, errs);
                 Some(GatewayTls::SelfSigned {
                     data_dir: self.data_dir.clone(),
                     names: t.tls_self_signed_names.clone(),
                 })
             }
         }
+    }
+
+    /// What `run` will load for the self-signed identity, without generating it (check-config
+    /// writes nothing): the client CA, and the certificate already kept in `data_dir`, if any.
+    fn check_self_signed(&self, prefix: &str, errs: &mut ConfigErrors) {
+        let t = &self.tunnel;
+        let client_ca = t.tls_client_ca_file.as_deref();
+        let cert = self.data_dir.join(tls_server::SELF_SIGNED_CERT);
+        let key = self.data_dir.join(tls_server::SELF_SIGNED_KEY);
+        let result = if cert.exists() && key.exists() {
+            tls_server::load_identity(&cert, &key, client_ca).map(drop)
+        } else if let Some(ca) = client_ca {
+            tls_server::client_verifier(ca).map(drop)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = result {
+            let name = match identity_error_field(&e, client_ca) {
+                "tls_client_ca_file" => "tunnel.tls_client_ca_file",
+                _ => "data_dir",
+            };
+            errs.push(format!("{prefix}.{name}"), e.to_string());
+        }
+    }
+}
+
+/// The `gateway.tunnel` field a TLS identity error is about.
+fn identity_error_field(e: &TlsError, client_ca: Option<&Path>) -> &'static str {
+    match e {
+        TlsError::Cert { path, .. } if Some(path.as_path()) == client_ca => "tls_client_ca_file",
+        TlsError::Key { .. } => "tls_key_file",
+        _ => "tls_cert_file",
     }
 }

@@ -7,10 +7,12 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 #[cfg(feature = "agent")]
 mod agent;
+mod parse;
+pub(crate) use parse::{lenient, lenient_opt};
 #[cfg(feature = "egress")]
 mod egress;
 #[cfg(feature = "gateway")]
@@ -131,7 +133,8 @@ pub fn flag_name(field: &str) -> String {
 pub struct LogSection {
     /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing filter directive).
     pub level: String,
-    /// Line format.
+    /// Line format: `logfmt` or `json`.
+    #[serde(deserialize_with = "lenient")]
     pub format: LogFormat,
 }
 
@@ -186,6 +189,7 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CollectorSection {
     /// Export the host's TCP connections by state, direction and remote country.
+    #[serde(deserialize_with = "lenient")]
     pub connections: bool,
     /// Remote networks (CIDR) left out of the connection counts.
     pub connections_exclude: Vec<String>,
@@ -347,13 +351,31 @@ impl FileConfig {
         Self::parse(&text, &origin)
     }
 
-    /// Parses YAML text; `origin` names it in errors.
+    /// Parses YAML text; `origin` names it in errors. Every value of the wrong type or format is
+    /// reported, each with its field path and line.
     pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigErrors> {
-        serde_yaml_ng::from_str(text).map_err(|e| {
-            let mut errs = ConfigErrors::new(origin);
-            errs.push("", e.to_string().replace('\n', " "));
+        parse::parse(text, origin)
+    }
+
+    /// Reads, parses and validates `path`, with `adjust` (flags on top of the file) applied
+    /// before validation: every problem of the file at once, wrong types and bad values alike.
+    pub fn load_validated(
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+        adjust: impl FnOnce(&mut FileConfig),
+    ) -> Result<RunConfig, ConfigErrors> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let mut errs = ConfigErrors::new(origin.clone());
+            errs.push("", format!("cannot read: {e}"));
             errs
-        })
+        })?;
+        let (file, errs) = parse::parse_recovering(&text, &origin);
+        let Some(mut file) = file else {
+            return Err(errs);
+        };
+        adjust(&mut file);
+        file.validate_after(errs, env)
     }
 
     /// Validates every section, collecting all errors; `env` looks up environment variables.
@@ -362,7 +384,15 @@ impl FileConfig {
         origin: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<RunConfig, ConfigErrors> {
-        let mut errs = ConfigErrors::new(origin);
+        self.validate_after(ConfigErrors::new(origin), env)
+    }
+
+    /// [`FileConfig::validate`], reporting after the problems already in `errs`.
+    fn validate_after(
+        &self,
+        mut errs: ConfigErrors,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<RunConfig, ConfigErrors> {
         validate_log(&self.log, &mut errs);
         #[cfg(feature = "gateway")]
         let gateway = self
@@ -400,10 +430,6 @@ impl FileConfig {
         #[cfg(feature = "egress")]
         {
             any_role |= self.egress.is_some();
-        }
-        #[cfg(feature = "geo")]
-        {
-            any_role |= self.exporter.is_some();
         }
         #[cfg(feature = "geo")]
         {
@@ -470,13 +496,6 @@ impl Dur {
         humantime::parse_duration(s.trim())
             .map(Dur)
             .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms, 1m30s)"))
-    }
-}
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Dur::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -551,6 +570,48 @@ pub(crate) fn parse_cidrs(
 pub fn check_readable(path: &Path, field: &str, errs: &mut ConfigErrors) {
     if let Err(e) = std::fs::File::open(path) {
         errs.push(field, format!("cannot read {}: {e}", path.display()));
+    }
+}
+
+/// Builds the client TLS configuration `ferry run` will build from `tls` and records its error,
+/// if any, under the field of the file at fault below `prefix` (`ca_file`, `cert_file`,
+/// `key_file`): what `check-config` accepts, `run` can use.
+#[cfg(any(feature = "agent", feature = "egress"))]
+pub(crate) fn check_client_tls(
+    tls: &crate::tunnel::tls_client::ClientTls,
+    purpose: crate::tunnel::tls_client::Purpose,
+    prefix: &str,
+    errs: &mut ConfigErrors,
+) {
+    use crate::tunnel::tls::TlsError;
+    use crate::tunnel::tls_client::ServerVerify;
+    let Err(e) = crate::tunnel::tls_client::client_config(tls, purpose) else {
+        return;
+    };
+    let ca = match &tls.verify {
+        ServerVerify::CaFile(ca) => Some(ca),
+        _ => None,
+    };
+    let field = match &e {
+        TlsError::Key { .. } => "key_file",
+        TlsError::Cert { path, .. } if Some(path) == ca => "ca_file",
+        TlsError::Config(_) if ca.is_some() => "ca_file",
+        TlsError::Cert { .. } | TlsError::Mismatch { .. } => "cert_file",
+        TlsError::Config(_) | TlsError::SelfSigned { .. } => {
+            return errs.push(prefix, e.to_string())
+        }
+    };
+    errs.push(format!("{prefix}.{field}"), e.to_string());
+}
+
+/// Records an error unless `name` can be sent as a TLS server name (SNI) and verified.
+#[cfg(feature = "agent")]
+pub(crate) fn check_server_name(name: &str, field: &str, errs: &mut ConfigErrors) {
+    if rustls::pki_types::ServerName::try_from(name).is_err() {
+        errs.push(
+            field,
+            format!("{name:?} is not a valid TLS server name (a DNS name or an IP address)"),
+        );
     }
 }
 
@@ -720,8 +781,8 @@ agent:
     #[test]
     fn a_minimal_agent_resolves_defaults_and_env() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, "x").unwrap();
+        crate::tunnel::tls_server::self_signed_identity(dir.path(), &["gw".into()], None).unwrap();
+        let ca = dir.path().join(crate::tunnel::tls_server::SELF_SIGNED_CERT);
         let yaml = format!(
             "agent:\n  gateway: https://gw.example.com:7443\n  agent_id: node-1\n  tunnel: {{ ca_file: {} }}\n  targets:\n    - {{ name: node, url: 'http://127.0.0.1:9100/metrics' }}\n    - {{ name: app, url: 'https://127.0.0.1:8443/m?x=1', port: 9200, tls: {{ server_name: app.internal }} }}\n",
             ca.display()
@@ -796,5 +857,250 @@ agent:
             .validate("e.yaml", &no_env)
             .unwrap_err();
         assert!(errs.to_string().contains("no role configured"), "{errs}");
+    }
+}
+
+#[cfg(all(test, feature = "agent", feature = "gateway"))]
+mod shape_tests {
+    use super::*;
+
+    fn token_env(name: &str) -> Option<String> {
+        (name == "FERRY_TOKEN").then(|| "t".to_owned())
+    }
+
+    fn check(yaml: &str) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let origin = path.display().to_string();
+        match FileConfig::load_validated(&path, &token_env, |_| {}) {
+            Ok(_) => Vec::new(),
+            Err(errs) => errs
+                .to_string()
+                .lines()
+                .map(|l| l.trim_start_matches(&origin).to_owned())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_wrongly_typed_value_names_its_field_and_line() {
+        let errs = FileConfig::parse("gateway: {shutdown_grace_period: 15}\n", "dur.yaml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            errs,
+            "dur.yaml: gateway.shutdown_grace_period: \"15\" is not a duration (e.g. 10s, 500ms, 1m30s) at line 1 column 34"
+        );
+    }
+
+    #[test]
+    fn wrongly_typed_values_are_reported_together_with_the_other_problems() {
+        let lines = check(
+            "gateway:
+  shutdown_grace_period: 15
+  web:
+    scrape_timeout_default: 10
+    max_scrape_bytes: lots
+  tunnel: { insecure_plaintext: yes }
+agent:
+  gateway: https://gw:7443
+  agent_id: a
+  self_port: 70000
+  targets:
+    - { name: n, url: 'ftp://x/m', port: -1 }
+",
+        );
+        assert_eq!(
+            lines,
+            [
+                ": gateway.shutdown_grace_period: \"15\" is not a duration (e.g. 10s, 500ms, 1m30s) at line 2 column 26",
+                ": gateway.web.scrape_timeout_default: \"10\" is not a duration (e.g. 10s, 500ms, 1m30s) at line 4 column 29",
+                ": gateway.web.max_scrape_bytes: \"lots\" is not a whole number (0 or more) at line 5 column 23",
+                ": gateway.tunnel.insecure_plaintext: \"yes\" is not true or false at line 6 column 33",
+                ": agent.self_port: \"70000\" is not a whole number from 0 to 65535 at line 10 column 14",
+                ": agent.targets[0].port: \"-1\" is not a whole number from 0 to 65535 at line 12 column 42",
+                // The validation pass still runs, on the defaults of the fields above.
+                ": gateway.auth.tokens_file: required: agents cannot authenticate without it (create lines with `ferry token new`)",
+                ": agent.targets[0].url: \"ftp://x/m\" must start with http:// or https://",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_mapping_where_a_value_belongs_stops_the_parse_naming_the_field() {
+        let lines = check("gateway:\n  web:\n    scrape_timeout_max: { a: 1 }\n");
+        assert_eq!(
+            lines,
+            [": gateway.web.scrape_timeout_max: a mapping is not a duration (e.g. 10s, 500ms, 1m30s) at line 3 column 25"]
+        );
+    }
+
+    #[test]
+    fn target_problems_come_in_file_order_and_only_ferry_is_called_built_in() {
+        let lines = check(
+            "agent:
+  gateway: https://gw:7443
+  agent_id: a
+  targets:
+    - { name: a, url: 'http://h:1/m' }
+    - { name: a, url: 'http://h:2/m' }
+    - { name: ferry, url: 'http://h:3/m' }
+    - { name: b, url: 'ftp://h/m' }
+",
+        );
+        assert_eq!(
+            lines,
+            [
+                ": agent.targets[1].name: \"a\" is used twice (also by agent.targets[0])",
+                ": agent.targets[2].name: \"ferry\" is the built-in target (the agent's own metrics): choose another name",
+                ": agent.targets[3].url: \"ftp://h/m\" must start with http:// or https://",
+            ]
+        );
+    }
+
+    #[test]
+    fn values_that_would_be_ignored_are_errors() {
+        let lines = check(
+            "agent:
+  gateway: https://gw:7443/path?q
+  agent_id: a
+  proxy_url: 127.0.0.1:38730
+",
+        );
+        assert_eq!(
+            lines,
+            [
+                ": agent.gateway: \"https://gw:7443/path?q\" must be https://HOST:PORT, without a path or query: the tunnel's path is fixed",
+                ": agent.proxy_url: \"127.0.0.1:38730\" must start with http://, e.g. http://proxy.example.com:3128",
+            ]
+        );
+        let lines = check(
+            "agent:
+  gateway: http://gw:7443
+  agent_id: a
+  tunnel: { insecure_plaintext: true, fingerprint: 'sha256:00' }
+",
+        );
+        assert_eq!(
+            lines,
+            [": agent.tunnel.fingerprint: set, but tunnel.insecure_plaintext turns TLS off: remove one of them"]
+        );
+    }
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
+    }
+
+    #[test]
+    fn an_x509_v1_client_certificate_is_refused_in_plain_words() {
+        let (cert, key) = (fixture("x509v1-cert.pem"), fixture("x509v1-key.pem"));
+        let lines = check(&format!(
+            "agent:
+  gateway: https://gw:7443
+  agent_id: a
+  tunnel: {{ fingerprint: 'sha256:{zeros}', cert_file: {cert}, key_file: {key} }}
+  targets:
+    - {{ name: n, url: 'https://h:1/m', tls: {{ cert_file: {cert}, key_file: {key} }} }}
+",
+            zeros = "0".repeat(64),
+            cert = cert.display(),
+            key = key.display(),
+        ));
+        let v1 = format!(
+            "certificate {} and key {} do not form a usable identity: unsupported certificate version (X.509 v1; v3 required)",
+            cert.display(),
+            key.display()
+        );
+        assert_eq!(
+            lines,
+            [
+                format!(": agent.tunnel.cert_file: {v1}"),
+                format!(": agent.targets[0].tls.cert_file: {v1}"),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_gateway_reports_a_missing_certificate_and_key_together() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokens"), "").unwrap();
+        let lines = check(&format!(
+            "gateway:
+  auth: {{ tokens_file: {tokens} }}
+  tunnel: {{ tls_cert_file: /nonexistent/tunnel.crt, tls_key_file: /nonexistent/tunnel.key }}
+",
+            tokens = dir.path().join("tokens").display()
+        ));
+        assert_eq!(
+            lines,
+            [
+                ": gateway.tunnel.tls_cert_file: cannot read /nonexistent/tunnel.crt: No such file or directory (os error 2)",
+                ": gateway.tunnel.tls_key_file: cannot read /nonexistent/tunnel.key: No such file or directory (os error 2)",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_gateway_checks_a_self_signed_certificate_it_already_has() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokens"), "").unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::copy(fixture("x509v1-cert.pem"), data.join("tunnel-cert.pem")).unwrap();
+        std::fs::copy(fixture("x509v1-key.pem"), data.join("tunnel-key.pem")).unwrap();
+        let lines = check(&format!(
+            "gateway:\n  auth: {{ tokens_file: {} }}\n  data_dir: {}\n",
+            dir.path().join("tokens").display(),
+            data.display()
+        ));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with(": gateway.data_dir: certificate ")
+                && lines[0].ends_with("unsupported certificate version (X.509 v1; v3 required)"),
+            "{lines:?}"
+        );
+    }
+}
+
+#[cfg(all(test, feature = "egress"))]
+mod egress_tests {
+    use super::*;
+
+    fn errors(yaml: &str) -> Vec<String> {
+        FileConfig::parse(yaml, "e.yaml")
+            .unwrap()
+            .validate("e.yaml", &|_| None)
+            .map(|_| Vec::new())
+            .unwrap_or_else(|errs| errs.to_string().lines().map(str::to_owned).collect())
+    }
+
+    #[test]
+    fn the_credentials_file_is_called_a_credentials_file() {
+        let lines = errors("egress:\n  auth: { credentials_file: /nope }\n");
+        assert_eq!(
+            lines,
+            ["e.yaml: egress.auth.credentials_file: cannot read credentials file /nope: No such file or directory (os error 2)"]
+        );
+    }
+
+    #[test]
+    fn rule_names_are_unique_and_methods_are_http_methods() {
+        let lines = errors(
+            "egress:
+  rules:
+    - { name: r, upstream: 'a.example.com:443', methods: [get, CONNECT, FETCH] }
+    - { name: r, upstream: 'b.example.com:443', methods: [PATCH] }
+",
+        );
+        assert_eq!(
+            lines,
+            [
+                "e.yaml: egress.rules[0].methods[2]: \"FETCH\" is not an HTTP method: use GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH",
+                "e.yaml: egress.rules[1].name: \"r\" is used twice (also by egress.rules[0]): logs and metrics could not tell them apart",
+            ]
+        );
     }
 }

@@ -1,0 +1,323 @@
+//! Reading the YAML file so that every problem is reported at once, each with its field path.
+//!
+//! A scalar of the wrong type or format (`shutdown_grace_period: 15`) does not stop the parse:
+//! the leaf types ([`Dur`] and the numbers and switches marked `deserialize_with = "lenient"`)
+//! fail inside serde_yaml_ng, which gives the error the field path and line, and while [`parse`]
+//! runs, that error is recorded and the parse goes on. The file is
+//! then parsed once more without the bad fields, so that the validation pass sees their defaults
+//! and reports its own problems alongside.
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, EnumAccess, IntoDeserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+use super::{ConfigError, ConfigErrors, Dur, FileConfig};
+
+thread_local! {
+    /// While [`parse`] runs on this thread: the messages of the values it skipped.
+    static RECOVERED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// Records `result`'s error and returns `placeholder` while [`parse`] collects errors; otherwise
+/// (any other deserialization of these types), or when the bad value was a mapping or a list
+/// (serde_yaml_ng cannot go on after those), passes the error on.
+fn recover<T, E: de::Error>(
+    result: Result<T, E>,
+    nested: bool,
+    placeholder: impl FnOnce() -> T,
+) -> Result<T, E> {
+    let Err(e) = result else { return result };
+    if nested {
+        return Err(e);
+    }
+    RECOVERED.with_borrow_mut(|recovered| match recovered {
+        Some(list) => {
+            list.push(e.to_string());
+            Ok(placeholder())
+        }
+        None => Err(e),
+    })
+}
+
+/// Collects recovered errors for as long as it lives (also when a parse panics).
+struct Collecting;
+
+impl Collecting {
+    fn start() -> Collecting {
+        RECOVERED.with_borrow_mut(|r| *r = Some(Vec::new()));
+        Collecting
+    }
+
+    fn take(&self) -> Vec<String> {
+        RECOVERED.with_borrow_mut(|r| r.replace(Vec::new()).unwrap_or_default())
+    }
+}
+
+impl Drop for Collecting {
+    fn drop(&mut self) {
+        RECOVERED.with_borrow_mut(|r| *r = None);
+    }
+}
+
+/// One YAML node, whatever its shape, as the visitors below see it.
+enum Node<'de> {
+    Str(std::borrow::Cow<'de, str>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    Null,
+    /// A mapping, a sequence or a tagged value: never a leaf.
+    Nested(&'static str),
+}
+
+impl fmt::Display for Node<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Node::Str(s) => write!(f, "{s:?}"),
+            Node::U64(v) => write!(f, "\"{v}\""),
+            Node::I64(v) => write!(f, "\"{v}\""),
+            Node::F64(v) => write!(f, "\"{v}\""),
+            Node::Bool(v) => write!(f, "\"{v}\""),
+            Node::Null => f.write_str("an empty value"),
+            Node::Nested(what) => f.write_str(what),
+        }
+    }
+}
+
+/// A visitor that takes any node and hands it to `F`, which may still fail inside the
+/// deserializer, where the path is known. A scalar is consumed whole, so a parse can go on after
+/// a bad one; a mapping, a list or a tagged value sets `nested`.
+struct AnyNode<'a, F> {
+    f: F,
+    expecting: &'static str,
+    nested: &'a Cell<bool>,
+}
+
+impl<'a, F> AnyNode<'a, F> {
+    fn new(f: F, expecting: &'static str, nested: &'a Cell<bool>) -> Self {
+        AnyNode {
+            f,
+            expecting,
+            nested,
+        }
+    }
+}
+
+impl<'de, T, F: FnOnce(Node<'de>) -> Result<T, String>> Visitor<'de> for AnyNode<'_, F> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<T, E> {
+        (self.f)(Node::Str(v.into())).map_err(E::custom)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        (self.f)(Node::Str(v.to_owned().into())).map_err(E::custom)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+        (self.f)(Node::U64(v)).map_err(E::custom)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+        (self.f)(Node::I64(v)).map_err(E::custom)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+        (self.f)(Node::F64(v)).map_err(E::custom)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<T, E> {
+        (self.f)(Node::Bool(v)).map_err(E::custom)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+        (self.f)(Node::Null).map_err(E::custom)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<T, E> {
+        (self.f)(Node::Null).map_err(E::custom)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+        self.nested.set(true);
+        (self.f)(Node::Nested("a mapping")).map_err(de::Error::custom)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+        self.nested.set(true);
+        (self.f)(Node::Nested("a list")).map_err(de::Error::custom)
+    }
+    fn visit_enum<A: EnumAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+        self.nested.set(true);
+        (self.f)(Node::Nested("a tagged value")).map_err(de::Error::custom)
+    }
+}
+
+fn parse_dur(node: Node<'_>) -> Result<Dur, String> {
+    let not =
+        |shown: &dyn fmt::Display| format!("{shown} is not a duration (e.g. 10s, 500ms, 1m30s)");
+    match &node {
+        Node::Str(s) => Dur::parse(s).map_err(|_| not(&node)),
+        _ => Err(not(&node)),
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let nested = Cell::new(false);
+        let parsed = d.deserialize_any(AnyNode::new(parse_dur, "a duration", &nested));
+        recover(parsed, nested.get(), || Dur(Duration::ZERO))
+    }
+}
+
+/// A number or switch of the file format: read from any node, and recovered (reported, then
+/// left at its default) when it is not one, like [`Dur`]. For `deserialize_with`.
+pub(crate) fn lenient<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    let nested = Cell::new(false);
+    let parsed = d.deserialize_any(AnyNode::new(scalar::<T>, "a single value", &nested));
+    recover(parsed, nested.get(), T::default)
+}
+
+/// [`lenient`] for an optional number: an empty value is `None`.
+pub(crate) fn lenient_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let nested = Cell::new(false);
+    let parsed = d.deserialize_any(AnyNode::new(
+        |node| match node {
+            Node::Null => Ok(None),
+            node => scalar::<T>(node).map(Some),
+        },
+        "a number",
+        &nested,
+    ));
+    recover(parsed, nested.get(), || None)
+}
+
+fn scalar<'de, T: Deserialize<'de>>(node: Node<'de>) -> Result<T, String> {
+    type E = de::value::Error;
+    let parsed = match &node {
+        Node::U64(v) => T::deserialize(IntoDeserializer::<E>::into_deserializer(*v)),
+        Node::I64(v) => T::deserialize(IntoDeserializer::<E>::into_deserializer(*v)),
+        Node::F64(v) => T::deserialize(IntoDeserializer::<E>::into_deserializer(*v)),
+        Node::Bool(v) => T::deserialize(IntoDeserializer::<E>::into_deserializer(*v)),
+        Node::Str(s) => T::deserialize(IntoDeserializer::<E>::into_deserializer(s.as_ref())),
+        Node::Null | Node::Nested(_) => {
+            let words = expected::<T>().unwrap_or("a single value");
+            return Err(format!("{node} is not {words}"));
+        }
+    };
+    parsed.map_err(|e| match expected::<T>() {
+        Some(words) => format!("{node} is not {words}"),
+        // An enum's own error lists the accepted values.
+        None => format!("{node}: {e}"),
+    })
+}
+
+/// What a leaf of type `T` must be, in words; `None` for types whose own error says it.
+fn expected<T>() -> Option<&'static str> {
+    Some(match std::any::type_name::<T>() {
+        "bool" => "true or false",
+        "u16" => "a whole number from 0 to 65535",
+        "u32" => "a whole number from 0 to 4294967295",
+        "u64" | "usize" => "a whole number (0 or more)",
+        _ => return None,
+    })
+}
+
+/// Parses YAML text; `origin` names it in errors. Every wrongly typed value is reported (each
+/// with its field path and line), not only the first.
+pub(super) fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigErrors> {
+    let (file, errs) = parse_recovering(text, origin);
+    match file {
+        Some(file) => errs.finish(file),
+        None => Err(errs),
+    }
+}
+
+/// Parses YAML text, recording every wrongly typed value. The file comes back, those fields at
+/// their defaults, unless a problem stopped the parse (bad YAML, an unknown field).
+pub(super) fn parse_recovering(text: &str, origin: &str) -> (Option<FileConfig>, ConfigErrors) {
+    let mut errs = ConfigErrors::new(origin);
+    let collecting = Collecting::start();
+    let result = serde_yaml_ng::from_str::<FileConfig>(text);
+    errs.errors
+        .extend(collecting.take().iter().map(|e| yaml_error(e)));
+    drop(collecting);
+    let file = match result {
+        Err(e) => {
+            errs.errors.push(yaml_error(&e.to_string()));
+            return (None, errs);
+        }
+        Ok(file) if errs.errors.is_empty() => file,
+        // Parse again without the bad fields, so that they hold their defaults.
+        Ok(_) => match without_fields(text, &errs.errors) {
+            Some(file) => file,
+            None => return (None, errs),
+        },
+    };
+    (Some(file), errs)
+}
+
+/// The file parsed again with the fields of `bad` left out.
+fn without_fields(text: &str, bad: &[ConfigError]) -> Option<FileConfig> {
+    let mut value: Value = serde_yaml_ng::from_str(text).ok()?;
+    for e in bad {
+        remove(&mut value, &e.field);
+    }
+    let text = serde_yaml_ng::to_string(&value).ok()?;
+    serde_yaml_ng::from_str(&text).ok()
+}
+
+/// Removes the mapping entry at `path` (`agent.targets[1].port`), if there is one.
+fn remove(value: &mut Value, path: &str) {
+    let mut segments: Vec<&str> = Vec::new();
+    for part in path.split('.') {
+        let mut pieces = part.split('[');
+        segments.extend(pieces.next().filter(|k| !k.is_empty()));
+        segments.extend(pieces.map(|i| i.trim_end_matches(']')));
+    }
+    let Some((last, parents)) = segments.split_last() else {
+        return;
+    };
+    let mut node = value;
+    for segment in parents {
+        let next = match node {
+            Value::Mapping(m) => m.get_mut(*segment),
+            Value::Sequence(s) => segment.parse::<usize>().ok().and_then(|i| s.get_mut(i)),
+            _ => None,
+        };
+        match next {
+            Some(n) => node = n,
+            None => return,
+        }
+    }
+    if let Value::Mapping(m) = node {
+        m.remove(*last);
+    }
+}
+
+/// Splits serde_yaml_ng's `path: message at line L column C` into field and message.
+fn yaml_error(text: &str) -> ConfigError {
+    let text = text.replace('\n', " ");
+    let field_like = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.[]?".contains(c))
+    };
+    match text.split_once(": ") {
+        Some((path, message)) if field_like(path) => ConfigError {
+            field: path.to_owned(),
+            message: message.to_owned(),
+        },
+        _ => ConfigError {
+            field: String::new(),
+            message: text,
+        },
+    }
+}
