@@ -12,7 +12,9 @@ use serde::Deserialize;
 #[cfg(feature = "agent")]
 mod agent;
 mod parse;
-pub(crate) use parse::{lenient, lenient_opt};
+pub(crate) use parse::lenient;
+#[cfg(any(feature = "agent", feature = "egress"))]
+pub(crate) use parse::lenient_opt;
 #[cfg(feature = "egress")]
 mod egress;
 #[cfg(feature = "gateway")]

@@ -182,6 +182,7 @@ where
 }
 
 /// [`lenient`] for an optional number: an empty value is `None`.
+#[cfg(any(feature = "agent", feature = "egress"))]
 pub(crate) fn lenient_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: Deserializer<'de>,
