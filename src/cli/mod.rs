@@ -153,7 +153,7 @@ struct GatewayArgs {
     /// Largest scrape timeout honoured [default: 60s].
     #[arg(long = "web.scrape-timeout-max", value_name = "DURATION")]
     scrape_timeout_max: Option<Dur>,
-    /// How much earlier than Prometheus ferry gives up [default: 500ms].
+    /// How much earlier than Prometheus ferry gives up, at most a quarter of the timeout [default: 500ms].
     #[arg(long = "web.scrape-timeout-margin", value_name = "DURATION")]
     scrape_timeout_margin: Option<Dur>,
     /// Largest scrape body passed through, in bytes [default: 268435456].

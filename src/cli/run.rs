@@ -273,7 +273,8 @@ fn reload(roles: &Roles, file: Option<&std::path::Path>) {
         );
     }
     match agent.set_targets(&new.targets, &new.labels) {
-        Ok(()) => info!(targets = new.targets.len(), "agent targets reloaded"),
+        // Counted with the built-in `ferry` target, as the gateway counts them.
+        Ok(()) => info!(targets = new.targets.len() + 1, "agent targets reloaded"),
         Err(e) => error!(error = %e, "reload failed; keeping the previous targets"),
     }
 }

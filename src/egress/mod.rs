@@ -84,7 +84,10 @@ impl Egress {
         resolver: SharedResolver,
     ) -> Result<Egress, EgressError> {
         let credentials = match &config.credentials_file {
-            Some(path) => Some(Arc::new(TokensFile::load(path)?)),
+            Some(path) => Some(Arc::new(TokensFile::load_as(
+                path,
+                crate::auth::CREDENTIALS_FILE,
+            )?)),
             None => None,
         };
         let mut metrics_registry = MetricsRegistry::default();
@@ -111,7 +114,7 @@ impl Egress {
     /// Re-reads the credentials file (SIGHUP); on error the old credentials stay.
     pub fn reload_credentials(&self) -> Result<(), TokensFileError> {
         if let Some(path) = &self.state.config.credentials_file {
-            let file = TokensFile::load(path)?;
+            let file = TokensFile::load_as(path, crate::auth::CREDENTIALS_FILE)?;
             *self
                 .state
                 .credentials
