@@ -26,13 +26,21 @@ pub const AGENT_ID: &str = "quickstart";
 #[derive(Debug, Args)]
 pub struct QuickstartArgs {
     /// Gateway web address (Prometheus's proxy_url).
-    #[arg(long = "web.listen-address", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long = "web.listen-address",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
     web_listen_address: String,
     /// Gateway tunnel address.
-    #[arg(long = "tunnel.listen-address", default_value = "127.0.0.1:7443")]
+    #[arg(
+        long = "tunnel.listen-address",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:7443"
+    )]
     tunnel_listen_address: String,
     /// Where the self-signed certificate and tokens file go [default: a new temporary directory, removed on exit].
-    #[arg(long = "data-dir")]
+    #[arg(long = "data-dir", value_name = "DIR")]
     data_dir: Option<PathBuf>,
     #[command(flatten)]
     log: crate::cli::LogArgs,
