@@ -9,6 +9,9 @@ use crate::http_util::{text_response, Body};
 /// Header carrying which side produced an error response, so the gateway can count it right.
 pub const ERROR_SOURCE_HEADER: &str = "ferry-error";
 
+/// The methods a scrape may use, as the `Allow` header says them.
+pub const ALLOWED_METHODS: &str = "GET, HEAD, POST";
+
 /// Why a scrape could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum ScrapeError {
@@ -52,12 +55,25 @@ pub enum ScrapeError {
     /// The request itself is malformed (no host, a bad URI).
     #[error("bad scrape request: {0}")]
     BadRequest(String),
+    /// A method other than GET, HEAD or POST.
+    #[error("method {0} is not forwarded: scrapes are GET (HEAD and POST also pass)")]
+    Method(http::Method),
+    /// The request's headers are more than the tunnel carries.
+    #[error("request headers of {size} bytes are more than the tunnel carries ({limit})")]
+    HeadersTooLarge {
+        /// Their size as HTTP/2 counts it.
+        size: usize,
+        /// [`crate::tunnel::MAX_HEADER_BYTES`].
+        limit: usize,
+    },
 }
 
 impl ScrapeError {
-    /// The status code this error maps to: 503, 404, 504, 502 or 400.
+    /// The status code this error maps to: 503, 404, 504, 502, 400, 405 or 431.
     pub fn status(&self) -> StatusCode {
         match self {
+            ScrapeError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ScrapeError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ScrapeError::AgentNotConnected(_) => StatusCode::SERVICE_UNAVAILABLE,
             ScrapeError::NoSuchTarget { .. } => StatusCode::NOT_FOUND,
             ScrapeError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -75,15 +91,24 @@ impl ScrapeError {
             ScrapeError::Tunnel { .. } => "tunnel",
             ScrapeError::Target { .. } => "target",
             ScrapeError::BadRequest(_) => "bad_request",
+            ScrapeError::Method(_) => "method",
+            ScrapeError::HeadersTooLarge { .. } => "headers_too_large",
         }
     }
 
     /// The response sent for this error: its status and its one-line reason as plain text.
     pub fn into_response(self, source: &'static str) -> Response<Body> {
         let reason = self.to_string().replace('\n', " ");
+        let allow = matches!(self, ScrapeError::Method(_));
         let mut resp = text_response(self.status(), &reason);
         resp.headers_mut()
             .insert(ERROR_SOURCE_HEADER, http::HeaderValue::from_static(source));
+        if allow {
+            resp.headers_mut().insert(
+                http::header::ALLOW,
+                http::HeaderValue::from_static(ALLOWED_METHODS),
+            );
+        }
         resp
     }
 }

@@ -845,3 +845,149 @@ async fn a_body_that_breaks_mid_scrape_is_counted_as_failed_on_both_sides() {
     );
     agent.stop().await;
 }
+
+/// Total tunnel handshakes the gateway has counted: a tunnel that dropped and came back adds one.
+async fn handshakes(gw: &TestGateway) -> f64 {
+    let text = gateway_metrics(gw).await;
+    text.lines()
+        .filter(|l| l.starts_with("ferry_gateway_tunnel_handshakes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_refused_without_cutting_the_tunnel() {
+    let dir = TempDir::new().unwrap();
+    let small = TargetServer::start(Behaviour::Metrics(BODY.into())).await;
+    let loud = TargetServer::start(Behaviour::WithHeaders {
+        body: BODY.into(),
+        headers: (0..30)
+            .map(|i| (format!("x-big-{i}"), "v".repeat(2000)))
+            .collect(),
+    })
+    .await;
+    let (gw, agent) = gateway_and_agent(
+        &dir,
+        AGENT,
+        &[
+            ("node", small.url("/metrics")),
+            ("loud", loud.url("/metrics")),
+        ],
+    )
+    .await;
+    let before = handshakes(&gw).await;
+    assert!(before >= 1.0, "the agent's handshake is counted");
+    let url = format!("http://{AGENT}:{}/metrics", small.addr.port());
+
+    // Prometheus's side: one huge header, or many large ones.
+    let huge = "A".repeat(100_000);
+    let many: Vec<(String, String)> = (0..40)
+        .map(|i| (format!("x-h{i}"), "b".repeat(1000)))
+        .collect();
+    let mut many_refs: Vec<(&str, &str)> =
+        many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    for headers in [
+        vec![("x-big", huge.as_str())],
+        std::mem::take(&mut many_refs),
+    ] {
+        let resp = get_via_proxy(gw.web, &url, &headers).await;
+        assert_eq!(resp.status, 431, "{}", resp.text());
+        assert_eq!(resp.header("ferry-error"), Some("gateway"));
+        assert!(
+            resp.text().contains("more than the tunnel carries"),
+            "{}",
+            resp.text()
+        );
+    }
+    assert_eq!(small.requests(), 0, "refused scrapes reached the target");
+
+    // The target's side: response headers the tunnel cannot carry.
+    let loud_url = format!("http://{AGENT}:{}/metrics", loud.addr.port());
+    let resp = get_via_proxy(gw.web, &loud_url, &[]).await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert_eq!(resp.header("ferry-error"), Some("agent"));
+    assert!(
+        resp.text().contains("response headers of"),
+        "{}",
+        resp.text()
+    );
+
+    // The tunnel stayed up: the next scrape works, and no new handshake happened.
+    let ok = get_via_proxy(gw.web, &url, &[]).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(ok.text(), BODY);
+    assert_eq!(
+        handshakes(&gw).await,
+        before,
+        "the tunnel was re-established"
+    );
+    agent.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_get_head_and_post_reach_a_target() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    for method in ["DELETE", "PUT", "PATCH", "TRACE"] {
+        let req = Request::builder()
+            .method(method)
+            .uri(s.url("/metrics"))
+            .header(header::HOST, format!("{AGENT}:{}", s.target.addr.port()))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client::send(s.gw.web, req).await;
+        assert_eq!(resp.status, 405, "{method}: {}", resp.text());
+        assert_eq!(resp.header("allow"), Some("GET, HEAD, POST"), "{method}");
+        assert_eq!(resp.header("ferry-error"), Some("gateway"), "{method}");
+    }
+    assert_eq!(s.target.requests(), 0);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_that_is_no_port_is_400_and_a_hopeless_timeout_fetches_nothing() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    for port in ["65536", "99999999999", "abc"] {
+        let url = format!("http://{AGENT}:{port}/metrics");
+        let resp = get_via_proxy(s.gw.web, &url, &[]).await;
+        assert_eq!(resp.status, 400, "{url}: {}", resp.text());
+        assert!(resp.text().contains("is not a port"), "{}", resp.text());
+    }
+    let resp = s.scrape("/metrics", &[(TIMEOUT_HEADER, "0.0001")]).await;
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    assert_eq!(s.target.requests(), 0, "fetched although no time was left");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_fixed_in_a_target_url_cannot_be_given_again() {
+    let dir = TempDir::new().unwrap();
+    let target = TargetServer::start(Behaviour::Metrics(BODY.into())).await;
+    let url = target.url("/probe?target=db1&module=tcp");
+    let (gw, agent) = gateway_and_agent(&dir, AGENT, &[("probe", url)]).await;
+    let scrape = format!(
+        "http://{AGENT}:{}/probe?target=evil.example&targ%65t=evil2&module=http&debug=true",
+        target.addr.port()
+    );
+    let resp = get_via_proxy(gw.web, &scrape, &[]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        target.uris(),
+        vec!["/probe?target=db1&module=tcp&debug=true".to_owned()]
+    );
+    agent.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_cannot_pass_for_ferry() {
+    let s = Setup::start(Behaviour::WithHeaders {
+        body: BODY.into(),
+        headers: vec![("ferry-error".into(), "agent".into())],
+    })
+    .await;
+    let resp = s.scrape("/metrics", &[]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("ferry-error"), None, "{:?}", resp.headers);
+    s.stop().await;
+}

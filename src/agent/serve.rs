@@ -13,9 +13,11 @@ use tracing::{debug, warn};
 use super::targets::{Handler, Route};
 use super::Shared;
 use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
-use crate::scrape_error::{one_line, ScrapeError};
+use crate::scrape_error::{one_line, ScrapeError, ERROR_SOURCE_HEADER};
 use crate::telemetry::{metrics_response_blocking, TargetNameLabels, TargetResultLabels};
-use crate::tunnel::{SCRAPE_TIMEOUT_HEADER, TARGETS_LONG_POLL, TARGETS_PATH};
+use crate::tunnel::{
+    header_list_size, MAX_HEADER_BYTES, SCRAPE_TIMEOUT_HEADER, TARGETS_LONG_POLL, TARGETS_PATH,
+};
 
 /// Answers one request arriving over the tunnel.
 ///
@@ -137,7 +139,21 @@ async fn fetch(
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // Only ferry says which side of it failed; a target cannot pass for the agent or gateway.
+    parts.headers.remove(ERROR_SOURCE_HEADER);
     parts.version = http::Version::HTTP_2;
+    let size = header_list_size(&parts.headers, &[parts.status.as_str()]);
+    if size > MAX_HEADER_BYTES {
+        // Sent on, they would make the gateway close the tunnel, failing every other scrape.
+        count(shared, &route.name, "error");
+        return ScrapeError::Target {
+            target: route.name.clone(),
+            reason: format!(
+                "response headers of {size} bytes are more than the tunnel carries ({MAX_HEADER_BYTES})"
+            ),
+        }
+        .into_response("agent");
+    }
     // The result is known only when the body has passed: a target can fail halfway through.
     let (done, name) = (shared.clone(), route.name.clone());
     let on_finish = Box::new(move |bytes: u64, end: BodyEnd| {
@@ -159,10 +175,14 @@ async fn fetch(
 /// appended to the URL's, the scrape's end-to-end headers.
 fn target_request(url: &Uri, req: Request<Incoming>) -> Result<Request<Body>, ScrapeError> {
     let (mut parts, body) = req.into_parts();
-    let query = match (url.query(), parts.uri.query()) {
+    let extra = parts
+        .uri
+        .query()
+        .and_then(|q| unfixed_params(url.query(), q));
+    let query = match (url.query(), extra) {
         (Some(a), Some(b)) => Some(format!("{a}&{b}")),
         (Some(a), None) => Some(a.to_owned()),
-        (None, Some(b)) => Some(b.to_owned()),
+        (None, Some(b)) => Some(b),
         (None, None) => None,
     };
     let base = format!(
@@ -180,7 +200,29 @@ fn target_request(url: &Uri, req: Request<Incoming>) -> Result<Request<Body>, Sc
         .map_err(|e| ScrapeError::BadRequest(format!("cannot build target URI: {e}")))?;
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(http::header::EXPECT);
     Ok(Request::from_parts(parts, boxed(body)))
+}
+
+/// The scrape's query parameters that the target's URL does not set itself (`None` if none is
+/// left). A parameter fixed in the URL (`probe?target=db1&module=tcp`) cannot be given again by
+/// the scrape: an exporter reading the last value would otherwise fetch what the scrape names.
+/// Names compare percent-decoded, as the exporter reads them.
+fn unfixed_params(fixed: Option<&str>, scrape: &str) -> Option<String> {
+    let name = |pair: &str| {
+        let raw = pair.split('=').next().unwrap_or("").replace('+', " ");
+        percent_encoding::percent_decode_str(&raw)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let fixed: Vec<String> = fixed
+        .map(|q| q.split('&').filter(|p| !p.is_empty()).map(name).collect())
+        .unwrap_or_default();
+    let kept: Vec<&str> = scrape
+        .split('&')
+        .filter(|p| !p.is_empty() && !fixed.contains(&name(p)))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
 }
 
 fn count(shared: &Shared, target: &str, result: &str) {

@@ -146,6 +146,7 @@ async fn serve(
         .keep_alive_interval(cfg.keepalive.interval)
         .keep_alive_timeout(cfg.keepalive.timeout)
         .max_concurrent_streams(cfg.max_concurrent_scrapes)
+        .max_header_list_size(crate::tunnel::MAX_HEADER_LIST)
         .serve_connection(upgraded, service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {

@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::http_util::Body;
-use crate::tunnel::Keepalive;
+use crate::tunnel::{Keepalive, MAX_HEADER_LIST};
 
 /// Sends requests through one tunnel; cheap to clone.
 pub type Sender = SendRequest<Bytes>;
@@ -29,7 +29,6 @@ pub type Sender = SendRequest<Bytes>;
 const STREAM_WINDOW: u32 = 2 << 20;
 const CONNECTION_WINDOW: u32 = 5 << 20;
 const MAX_SEND_BUFFER: usize = 1 << 20;
-const MAX_HEADER_LIST: u32 = 16 << 10;
 
 /// Largest request body forwarded to an agent (scrapes have none; this is for the odd POST).
 pub const MAX_REQUEST_BODY: usize = 1 << 20;

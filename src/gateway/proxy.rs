@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response, Uri};
+use http::{HeaderValue, Method, Request, Response, Uri};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -15,7 +15,7 @@ use crate::config::ScrapeLimits;
 use crate::http_util::{boxed, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::scrape_error::{one_line, ScrapeError};
 use crate::telemetry::{status_class, AgentLabels, ScrapeLabels};
-use crate::tunnel::SCRAPE_TIMEOUT_HEADER;
+use crate::tunnel::{header_list_size, MAX_HEADER_BYTES, SCRAPE_TIMEOUT_HEADER};
 
 /// Query parameter PushProx clients add to pick the scheme; the target's own URL decides here.
 const SCHEME_PARAM: &str = "_scheme";
@@ -47,6 +47,21 @@ pub(crate) fn timeouts(header: Option<&HeaderValue>, limits: &ScrapeLimits) -> T
         gateway: scrape - margin / 2,
         agent: scrape - margin,
     }
+}
+
+/// Shortest timeout worth giving the agent (the timeout header has millisecond precision).
+const MIN_AGENT_TIMEOUT: Duration = Duration::from_millis(1);
+
+/// The port text of `uri`'s authority when there is one that is not a port number (`65536`,
+/// `abc`): `http`'s `Uri` reads those as no port at all, which would mean port 80.
+fn unparsable_port(uri: &Uri) -> Option<String> {
+    let authority = uri.authority()?.as_str();
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    let after_host = host_port
+        .rsplit_once(']')
+        .map_or(host_port, |(_, rest)| rest);
+    let (_, port) = after_host.rsplit_once(':')?;
+    (uri.port_u16().is_none() && !port.is_empty()).then(|| port.to_owned())
 }
 
 /// Removes `_scheme` from a query string; `None` if nothing is left.
@@ -98,6 +113,11 @@ fn route(state: &State, uri: &Uri, labels: &mut ScrapeLabels) -> Result<Route, S
     let host = uri
         .host()
         .ok_or_else(|| ScrapeError::BadRequest("request URI has no host".into()))?;
+    if let Some(bad) = unparsable_port(uri) {
+        return Err(ScrapeError::BadRequest(format!(
+            "{bad:?} is not a port (1-65535)"
+        )));
+    }
     let port = uri
         .port_u16()
         .unwrap_or(if uri.scheme_str() == Some("https") {
@@ -132,9 +152,20 @@ async fn forward(
     start: Instant,
     labels: &mut ScrapeLabels,
 ) -> Result<Response<Body>, ScrapeError> {
+    if !matches!(*req.method(), Method::GET | Method::HEAD | Method::POST) {
+        return Err(ScrapeError::Method(req.method().clone()));
+    }
     let route = route(state, req.uri(), labels)?;
     let limits = &state.config.scrape;
     let t = timeouts(req.headers().get(SCRAPE_TIMEOUT_HEADER), limits);
+    if t.agent < MIN_AGENT_TIMEOUT {
+        // Less than the agent could use: answered now rather than sent to fetch in vain.
+        let what = format!("agent {:?} target {:?}", route.agent.id, route.target);
+        return Err(ScrapeError::Timeout {
+            what,
+            timeout: t.scrape,
+        });
+    }
     let deadline = start + t.gateway;
     let req = tunnel_request(req, &route, t.agent)?;
     let sender = route.agent.sender();
@@ -186,9 +217,24 @@ fn tunnel_request(
         .map_err(|e| ScrapeError::BadRequest(format!("cannot rebuild request URI: {e}")))?;
     parts.version = http::Version::HTTP_2;
     strip_hop_by_hop(&mut parts.headers);
+    // A body is read whole before it goes through the tunnel: the client had its 100 Continue.
+    parts.headers.remove(http::header::EXPECT);
     let timeout = HeaderValue::from_str(&format!("{:.3}", agent_timeout.as_secs_f64()))
         .map_err(|e| ScrapeError::BadRequest(e.to_string()))?;
     parts.headers.insert(SCRAPE_TIMEOUT_HEADER, timeout);
+    let pseudo = [
+        parts.method.as_str(),
+        "http",
+        parts.uri.authority().map_or("", |a| a.as_str()),
+        parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+    ];
+    let size = header_list_size(&parts.headers, &pseudo);
+    if size > MAX_HEADER_BYTES {
+        return Err(ScrapeError::HeadersTooLarge {
+            size,
+            limit: MAX_HEADER_BYTES,
+        });
+    }
     Ok(Request::from_parts(parts, body))
 }
 

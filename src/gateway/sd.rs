@@ -21,8 +21,13 @@ pub(crate) fn agent_groups(agent_id: &str, list: &TargetList) -> Vec<Group> {
     list.targets
         .iter()
         .map(|t| {
-            let mut labels = list.labels.clone();
-            labels.extend(t.labels.clone());
+            let mut labels: BTreeMap<String, String> = list
+                .labels
+                .iter()
+                .chain(&t.labels)
+                .filter(|(name, _)| publishable(name))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             labels.insert("__metrics_path__".into(), t.path.clone());
             labels.insert("ferry_agent".into(), agent_id.to_owned());
             labels.insert("ferry_target".into(), t.name.clone());
@@ -35,6 +40,17 @@ pub(crate) fn agent_groups(agent_id: &str, list: &TargetList) -> Vec<Group> {
 }
 
 /// The JSON document for all `agents`.
+/// Whether an agent's label may go into service discovery: a Prometheus label name, not one of
+/// the `__`-prefixed names that steer the scrape itself (`__scheme__`, `__param_*`, `__address__`):
+/// an agent decides what its targets are called, not how Prometheus scrapes.
+fn publishable(name: &str) -> bool {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') && !name.starts_with("__")
+}
+
 pub(crate) fn document(agents: &[std::sync::Arc<AgentHandle>]) -> String {
     let groups: Vec<Group> = agents
         .iter()
@@ -47,6 +63,35 @@ pub(crate) fn document(agents: &[std::sync::Arc<AgentHandle>]) -> String {
 mod tests {
     use super::*;
     use crate::tunnel::TargetInfo;
+
+    #[test]
+    fn labels_that_would_steer_the_scrape_are_not_published() {
+        let list = TargetList {
+            version: 1,
+            labels: BTreeMap::from([
+                ("__scheme__".into(), "https".into()),
+                ("__param_target".into(), "evil.example".into()),
+                ("bad-name".into(), "x".into()),
+                ("dc".into(), "fra1".into()),
+            ]),
+            targets: vec![TargetInfo {
+                name: "node".into(),
+                port: 9100,
+                path: "/metrics".into(),
+                labels: BTreeMap::from([
+                    ("__address__".into(), "10.0.0.1:80".into()),
+                    ("ferry_agent".into(), "someone-else".into()),
+                ]),
+            }],
+        };
+        let json = serde_json::to_value(agent_groups("node-1", &list)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!([
+                {"targets": ["node-1:9100"], "labels": {"__metrics_path__": "/metrics", "dc": "fra1", "ferry_agent": "node-1", "ferry_target": "node"}}
+            ])
+        );
+    }
 
     #[test]
     fn one_group_per_target_with_ferry_labels() {

@@ -15,8 +15,10 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
             StatusCode::METHOD_NOT_ALLOWED,
             "CONNECT is not supported by the gateway: it proxies plain http:// scrapes (absolute-form), the agent picks http or https",
         );
-        resp.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST"));
+        resp.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static(crate::scrape_error::ALLOWED_METHODS),
+        );
         resp.headers_mut().insert(
             crate::scrape_error::ERROR_SOURCE_HEADER,
             HeaderValue::from_static("gateway"),

@@ -33,6 +33,25 @@ pub const SCRAPE_TIMEOUT_HEADER: &str = "x-prometheus-scrape-timeout-seconds";
 /// How long the agent holds a `?after=<version>` targets request open when nothing changes.
 pub const TARGETS_LONG_POLL: Duration = Duration::from_secs(300);
 
+/// `SETTINGS_MAX_HEADER_LIST_SIZE` of both ends of the tunnel's HTTP/2.
+pub const MAX_HEADER_LIST: u32 = 64 << 10;
+
+/// The most header bytes either end sends in one request or response, counted as HTTP/2 counts
+/// them ([`header_list_size`]). Checked before sending and well under [`MAX_HEADER_LIST`]: an
+/// HTTP/2 peer answers a header list over its limit by closing the whole connection (it cannot
+/// keep its HPACK state otherwise), so one oversized scrape would cut every scrape of the agent.
+pub const MAX_HEADER_BYTES: usize = 32 << 10;
+
+/// The size of `headers` as HTTP/2 counts a header list (RFC 9113 §6.5.2): name, value and 32
+/// bytes per field, here with a field's worth of allowance for each pseudo-header.
+pub fn header_list_size(headers: &http::HeaderMap, pseudo: &[&str]) -> usize {
+    let fields: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum();
+    fields + pseudo.iter().map(|p| p.len() + 32 + 10).sum::<usize>()
+}
+
 /// HTTP/2 PING keepalive settings, used by both sides of the tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keepalive {

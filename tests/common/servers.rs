@@ -44,6 +44,11 @@ pub enum Behaviour {
     /// Streams exactly `bytes` deterministic pseudo-random bytes (see `large_body_bytes`) in
     /// `LARGE_CHUNK` chunks with a `Content-Length`, never holding the body in memory.
     Large { bytes: u64 },
+    /// Like `Metrics(body)`, with these extra response headers.
+    WithHeaders {
+        body: String,
+        headers: Vec<(String, String)>,
+    },
 }
 
 /// A running target server; shuts down (listener and open connections) when dropped.
@@ -150,6 +155,16 @@ async fn respond(
             metrics_response(body)
         }
         Behaviour::Large { bytes } => large_response(*bytes),
+        Behaviour::WithHeaders { body, headers } => {
+            let mut resp = metrics_response(body);
+            for (name, value) in headers {
+                resp.headers_mut().append(
+                    http::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                    http::HeaderValue::from_str(value).expect("header value"),
+                );
+            }
+            resp
+        }
     }
 }
 
