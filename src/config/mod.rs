@@ -117,6 +117,11 @@ pub fn flag_name(field: &str) -> String {
         field.split_once('.').map_or(field, |(_, rest)| rest)
     };
     let below_role = below_role.split('[').next().unwrap_or(below_role);
+    // A label's field is `labels.<name>`; its flag is `--label`.
+    let below_role = match below_role.split_once('.') {
+        Some(("labels", _)) => "labels",
+        _ => below_role,
+    };
     let flag = match below_role {
         "targets" => "target",
         "labels" => "label",
@@ -683,6 +688,7 @@ mod tests {
             "--tunnel.tls-cert-file"
         );
         assert_eq!(flag_name("agent.targets[2].url"), "--target");
+        assert_eq!(flag_name("agent.labels.bad-name"), "--label");
         assert_eq!(flag_name("agent.token_file"), "--token-file");
     }
 

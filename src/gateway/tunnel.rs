@@ -133,7 +133,14 @@ fn upgrade(
 ) -> Response<Body> {
     let claim = match parse_upgrade_request(&req) {
         Ok(claim) => claim,
-        Err(refusal) => return refuse(&state, refusal, "bad_request", None),
+        Err(refusal) => {
+            let result = if refusal.status == StatusCode::UNAUTHORIZED {
+                "unauthorized"
+            } else {
+                "bad_request"
+            };
+            return refuse(&state, refusal, result, None);
+        }
     };
     if let Err(e) = state.tokens().authorize(&claim.token, &claim.agent_id) {
         let (status, result) = match e {

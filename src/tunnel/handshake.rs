@@ -44,7 +44,7 @@ impl std::fmt::Debug for UpgradeRequest {
 /// A refusal the gateway sends instead of `101`, with its one-line reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// 400, 401, 403, 404, 409 or 426.
+    /// 400, 401, 403, 404, 405, 409 or 426.
     pub status: StatusCode,
     /// One line, shown in the agent's log.
     pub reason: String,
@@ -68,6 +68,12 @@ pub fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeRequest, Refu
             "not a ferry tunnel endpoint",
         ));
     }
+    if req.method() != http::Method::GET {
+        return Err(Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the tunnel upgrade is a GET",
+        ));
+    }
     let upgrade = req
         .headers()
         .get(header::UPGRADE)
@@ -89,12 +95,25 @@ pub fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeRequest, Refu
     let agent_id = req
         .headers()
         .get(AGENT_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "missing Ferry-Agent-Id header"))?;
+        .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "missing Ferry-Agent-Id header"))?
+        .to_str()
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "the agent id is not a valid host name (not ASCII)",
+            )
+        })?;
     if !valid_agent_id(agent_id) {
+        // Quoted back shortened: the reason is one line in the agent's log, whatever was sent.
+        let shown: String = agent_id.chars().take(64).collect();
+        let more = if shown.len() < agent_id.len() {
+            "…"
+        } else {
+            ""
+        };
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
-            format!("agent id {agent_id:?} is not a valid host name"),
+            format!("agent id {shown:?}{more} is not a valid host name"),
         ));
     }
     Ok(UpgradeRequest {
@@ -240,6 +259,26 @@ mod tests {
             let err = parse_upgrade_request(&req(headers)).unwrap_err();
             assert_eq!(err.status.as_u16(), status, "{headers:?}: {err:?}");
         }
+    }
+
+    #[test]
+    fn a_post_and_a_long_bad_id_are_refused_in_one_short_line() {
+        let mut post = req(&[
+            ("upgrade", "ferry/1"),
+            ("authorization", "Bearer x"),
+            ("ferry-agent-id", "a"),
+        ]);
+        *post.method_mut() = http::Method::POST;
+        assert_eq!(parse_upgrade_request(&post).unwrap_err().status, 405);
+        let long = format!("{}/", "a".repeat(5000));
+        let err = parse_upgrade_request(&req(&[
+            ("upgrade", "ferry/1"),
+            ("authorization", "Bearer x"),
+            ("ferry-agent-id", &long),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.status, 400);
+        assert!(err.reason.len() < 120, "{}", err.reason);
     }
 
     #[test]
