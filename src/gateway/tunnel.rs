@@ -156,7 +156,9 @@ fn upgrade(
     }
     count_handshake(&state, "ok");
     let agent_id = claim.agent_id;
-    let span = info_span!("agent", agent = %agent_id);
+    // A root span, carrying the remote address itself: as a child it would keep the accepting
+    // connection's span (and its formatted fields) alive for the tunnel's whole life.
+    let span = info_span!(parent: None, "agent", agent = %agent_id, %remote);
     let guard = held.lock().unwrap_or_else(|p| p.into_inner()).take();
     tokio::spawn(run_session(state, req, agent_id, remote, shutdown, guard).instrument(span));
     switching_protocols()
