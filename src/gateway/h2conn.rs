@@ -157,6 +157,31 @@ pub async fn send(sender: &Sender, req: Request<Body>) -> Result<Response<RecvBo
     }))
 }
 
+/// Starts a GET without a body and returns the future of its response head. Unlike [`send`],
+/// what waits holds only h2's handle on the stream: the targets long poll waits for minutes in
+/// every idle tunnel, so its size is per-agent memory.
+pub fn start_get(sender: &Sender, uri: &str) -> Result<h2::client::ResponseFuture, String> {
+    let req = Request::get(uri).body(()).map_err(|e| e.to_string())?;
+    // A fresh clone has no stream pending, so it may send without waiting to be ready; past the
+    // agent's stream limit, h2 queues the stream until one closes.
+    let (response, _) = sender
+        .clone()
+        .send_request(req, true)
+        .map_err(|e| crate::scrape_error::one_line(&e))?;
+    Ok(response)
+}
+
+/// The response to [`start_get`], its body readable as a [`RecvBody`].
+pub async fn response(
+    response: h2::client::ResponseFuture,
+) -> Result<Response<RecvBody>, h2::Error> {
+    let resp = response.await?;
+    Ok(resp.map(|recv| RecvBody {
+        recv,
+        data_done: false,
+    }))
+}
+
 /// The whole request body, if it has one, up to [`MAX_REQUEST_BODY`].
 async fn read_request_body(mut body: Body) -> Result<Option<Bytes>, SendError> {
     if body.is_end_stream() {

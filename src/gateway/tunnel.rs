@@ -23,7 +23,7 @@ use super::auth::AuthError;
 use super::h2conn::{self, Sender};
 use super::registry::AgentHandle;
 use super::State;
-use crate::http_util::{empty, text_response, Body};
+use crate::http_util::{text_response, Body};
 use crate::scrape_error::one_line;
 use crate::telemetry::{ConnectionGuard, ResultLabels};
 use crate::tunnel::handshake::{parse_upgrade_request, switching_protocols, Refusal};
@@ -269,25 +269,28 @@ async fn fetch_targets(
         Some(v) => format!("http://{CONTROL_AUTHORITY}{TARGETS_PATH}?after={v}"),
         None => format!("http://{CONTROL_AUTHORITY}{TARGETS_PATH}"),
     };
-    let req = Request::get(uri).body(empty()).map_err(|e| e.to_string())?;
-    let fetch = async {
-        let resp = h2conn::send(sender, req).await.map_err(|e| one_line(&e))?;
-        if resp.status() != StatusCode::OK {
-            return Err(format!(
-                "agent answered {} to the targets request",
-                resp.status()
-            ));
-        }
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_TARGET_LIST_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("reading target list: {e}"))?
-            .to_bytes();
-        parse_target_list(&body)
-    };
-    tokio::time::timeout(timeout, fetch)
+    // Started before the first await, so the URI and request are gone while the answer is awaited.
+    let response = h2conn::start_get(sender, &uri)?;
+    drop(uri);
+    tokio::time::timeout(timeout, read_target_list(response))
         .await
         .map_err(|_| "timed out waiting for the target list".to_owned())?
+}
+
+async fn read_target_list(response: h2::client::ResponseFuture) -> Result<TargetList, String> {
+    let resp = h2conn::response(response).await.map_err(|e| one_line(&e))?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!(
+            "agent answered {} to the targets request",
+            resp.status()
+        ));
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_TARGET_LIST_BYTES)
+        .collect()
+        .await
+        .map_err(|e| format!("reading target list: {e}"))?
+        .to_bytes();
+    parse_target_list(&body)
 }
 
 fn parse_target_list(body: &Bytes) -> Result<TargetList, String> {
