@@ -769,13 +769,8 @@ async fn a_body_that_breaks_mid_scrape_is_counted_as_failed_on_both_sides() {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut buf = [0u8; 2048];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if common::servers::read_request_head(&mut s).await.is_none() {
+                    return;
                 }
                 let _ = s
                     .write_all(

@@ -13,16 +13,7 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair}
 /// An HTTPS target server with `cert`/`key` (PEM files), answering every request with `body`.
 async fn https_target(cert: &Path, key: &Path, body: &'static str) -> std::net::SocketAddr {
     use hyper_util::rt::TokioIo;
-    let certs = ferry::tunnel::tls::read_certs(cert).unwrap();
-    let key = ferry::tunnel::tls::read_key(key).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(ferry::tunnel::tls::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (acceptor, listener) = tls_listener(cert, key).await;
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -46,6 +37,24 @@ async fn https_target(cert: &Path, key: &Path, body: &'static str) -> std::net::
         }
     });
     addr
+}
+
+/// A TLS acceptor with `cert`/`key` (PEM files) and a listener on 127.0.0.1:0 for it.
+async fn tls_listener(
+    cert: &Path,
+    key: &Path,
+) -> (tokio_rustls::TlsAcceptor, tokio::net::TcpListener) {
+    let certs = ferry::tunnel::tls::read_certs(cert).unwrap();
+    let key = ferry::tunnel::tls::read_key(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(ferry::tunnel::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    (acceptor, listener)
 }
 
 struct Pki {
@@ -215,17 +224,8 @@ fn pki_in(dir: &Path, name: &str) -> PathBuf {
 /// An HTTPS target that answers as simple exporters do: HTTP/1.0, no `Content-Length`, the end
 /// of the body marked by closing the connection, and no TLS `close_notify` before the close.
 async fn abrupt_https_target(cert: &Path, key: &Path, body: &'static str) -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let certs = ferry::tunnel::tls::read_certs(cert).unwrap();
-    let key = ferry::tunnel::tls::read_key(key).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(ferry::tunnel::tls::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    let (acceptor, listener) = tls_listener(cert, key).await;
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
@@ -234,13 +234,8 @@ async fn abrupt_https_target(cert: &Path, key: &Path, body: &'static str) -> std
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if common::servers::read_request_head(&mut tls).await.is_none() {
+                    return;
                 }
                 let resp = format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{body}");
                 let _ = tls.write_all(resp.as_bytes()).await;
