@@ -2175,21 +2175,11 @@ async fn an_upstream_cannot_forge_a_refusal_or_switch_protocols() {
     assert_eq!(resp.header("x-upstream"), Some("yes"));
 
     // An upstream that answers 101 to a request whose Upgrade the proxy removed.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if common::servers::read_request_head(&mut s).await.is_none() {
-                    return;
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: weird\r\nConnection: upgrade\r\n\r\n")
-                    .await;
-                let _ = s.read(&mut [0u8; 64]).await;
-            });
-        }
-    });
+    let port = common::servers::canned_server(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: weird\r\nConnection: upgrade\r\n\r\n",
+    )
+    .await
+    .port();
     let proxy = TestEgress::start(
         section(&[format!("127.0.0.1/32:{port}")]),
         TestResolver::new(&[]),

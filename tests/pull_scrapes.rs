@@ -764,22 +764,10 @@ async fn a_request_body_is_forwarded_up_to_one_mib() {
 async fn a_body_that_breaks_mid_scrape_is_counted_as_failed_on_both_sides() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // A target that promises 100,000 bytes, sends a few, and closes.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if common::servers::read_request_head(&mut s).await.is_none() {
-                    return;
-                }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial_metric 1\n",
-                    )
-                    .await;
-            });
-        }
-    });
+    let target = common::servers::canned_server(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\npartial_metric 1\n",
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let (gw, agent) = gateway_and_agent(
         &dir,

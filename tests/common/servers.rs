@@ -386,3 +386,23 @@ pub async fn read_request_head<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) 
     }
     Some(head)
 }
+
+/// A server on 127.0.0.1:0 that answers every request with exactly `response` (raw bytes, so it
+/// may be malformed or cut short), then closes the connection.
+pub async fn canned_server(response: &'static [u8]) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind canned server");
+    let addr = listener.local_addr().expect("canned server address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_request_head(&mut s).await.is_some() {
+                    let _ = s.write_all(response).await;
+                }
+            });
+        }
+    });
+    addr
+}
