@@ -40,6 +40,10 @@ fn read_table(path: &str) -> io::Result<Vec<Socket>> {
 /// (addresses in this machine's byte order). Lines with a state ferry does not know are skipped.
 pub fn parse(text: &str) -> Result<Vec<Socket>, ParseError> {
     let mut sockets = Vec::new();
+    // The kernel writes the table a page at a time; a socket opened or closed meanwhile can shift
+    // the rest, so a line may come twice. A socket is its inode (0 for TIME_WAIT, whose
+    // addresses are unique instead).
+    let mut seen = std::collections::HashSet::new();
     for (index, line) in text.lines().enumerate() {
         let err = |reason| ParseError {
             line: index + 1,
@@ -60,6 +64,18 @@ pub fn parse(text: &str) -> Result<Vec<Socket>, ParseError> {
         let local = parse_endpoint(local).ok_or(err("bad local address"))?;
         let remote = parse_endpoint(remote).ok_or(err("bad remote address"))?;
         let state = u8::from_str_radix(state, 16).map_err(|_| err("bad state"))?;
+        let inode = fields
+            .nth(5)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0);
+        let key = if inode != 0 {
+            (inode, None)
+        } else {
+            (0, Some((local, remote)))
+        };
+        if !seen.insert(key) {
+            continue;
+        }
         if let Some(state) = TcpState::from_kernel(state) {
             sockets.push(Socket::new(state, local, remote));
         }
@@ -95,6 +111,20 @@ mod tests {
     use super::*;
 
     #[cfg(target_endian = "little")]
+    #[test]
+    fn a_socket_listed_twice_counts_once() {
+        let line = |inode: &str| {
+            format!("   1: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000  1000        0 {inode} 1 0000000000000000 20 4 30 10 -1\n")
+        };
+        let header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+        let text = format!("{header}{}{}{}", line("4242"), line("4242"), line("4243"));
+        assert_eq!(parse(&text).unwrap().len(), 2);
+        // TIME_WAIT sockets have no inode: their addresses tell them apart.
+        let tw = "   2: 0100007F:1F90 0100007F:D432 06 00000000:00000000 03:00001770 00000000     0        0 0 3 0000000000000000\n";
+        let text = format!("{header}{tw}{tw}");
+        assert_eq!(parse(&text).unwrap().len(), 1);
+    }
+
     #[test]
     fn endpoint_v4_and_v6() {
         assert_eq!(
