@@ -30,13 +30,13 @@ pub fn dump_states(states: StateFlags) -> io::Result<Vec<Socket>> {
     let mut socket = NetlinkSocket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&NlAddr::new(0, 0))?;
-    let mut out = Vec::new();
+    let mut out = Dumped::default();
     let mut buf = Vec::with_capacity(RECV_BUF);
     for family in [AF_INET, AF_INET6] {
         request(&socket, family, states.clone())?;
         receive(&socket, &mut buf, &mut out)?;
     }
-    Ok(out)
+    Ok(out.sockets)
 }
 
 fn request(socket: &NetlinkSocket, family: u8, states: StateFlags) -> io::Result<()> {
@@ -66,7 +66,7 @@ fn request(socket: &NetlinkSocket, family: u8, states: StateFlags) -> io::Result
 }
 
 /// Reads datagrams until the dump's `NLMSG_DONE`, appending its sockets to `out`.
-fn receive(socket: &NetlinkSocket, buf: &mut Vec<u8>, out: &mut Vec<Socket>) -> io::Result<()> {
+fn receive(socket: &NetlinkSocket, buf: &mut Vec<u8>, out: &mut Dumped) -> io::Result<()> {
     loop {
         buf.clear();
         // MSG_TRUNC: `recv` reports the real datagram length, so a truncated one is detected.
@@ -81,7 +81,7 @@ fn receive(socket: &NetlinkSocket, buf: &mut Vec<u8>, out: &mut Vec<Socket>) -> 
 }
 
 /// Parses the messages of one datagram; true once the dump is done.
-fn parse_datagram(mut bytes: &[u8], out: &mut Vec<Socket>) -> io::Result<bool> {
+fn parse_datagram(mut bytes: &[u8], out: &mut Dumped) -> io::Result<bool> {
     while !bytes.is_empty() {
         let message = NetlinkBuffer::new_checked(bytes)
             .map_err(|e| invalid(&format!("netlink message: {e}")))?;
@@ -90,7 +90,7 @@ fn parse_datagram(mut bytes: &[u8], out: &mut Vec<Socket>) -> io::Result<bool> {
             // Only the fixed header: the attributes (shutdown, cgroup, …) are not needed.
             let header = InetResponseHeader::parse(message.payload())
                 .map_err(|e| invalid(&format!("sock_diag response: {e}")))?;
-            push_socket(&header, out);
+            out.push(&header);
         } else if control_message(&bytes[..len])? {
             return Ok(true);
         }
@@ -104,14 +104,31 @@ fn parse_datagram(mut bytes: &[u8], out: &mut Vec<Socket>) -> io::Result<bool> {
     Ok(false)
 }
 
-fn push_socket(header: &InetResponseHeader, out: &mut Vec<Socket>) {
-    let id = &header.socket_id;
-    if let Some(state) = TcpState::from_kernel(header.state) {
-        out.push(Socket::new(
-            state,
-            SocketAddr::new(id.source_address, id.source_port),
-            SocketAddr::new(id.destination_address, id.destination_port),
-        ));
+/// The sockets of a dump so far. A dump is not a snapshot: the kernel resumes it bucket by
+/// bucket, so a socket opened or closed meanwhile can make another come twice. A socket is its
+/// inode (0 for TIME_WAIT, whose addresses are unique instead), as in the /proc source.
+#[derive(Default)]
+struct Dumped {
+    sockets: Vec<Socket>,
+    seen: std::collections::HashSet<(u32, Option<(SocketAddr, SocketAddr)>)>,
+}
+
+impl Dumped {
+    fn push(&mut self, header: &InetResponseHeader) {
+        let id = &header.socket_id;
+        let local = SocketAddr::new(id.source_address, id.source_port);
+        let remote = SocketAddr::new(id.destination_address, id.destination_port);
+        let key = if header.inode != 0 {
+            (header.inode, None)
+        } else {
+            (0, Some((local, remote)))
+        };
+        if !self.seen.insert(key) {
+            return;
+        }
+        if let Some(state) = TcpState::from_kernel(header.state) {
+            self.sockets.push(Socket::new(state, local, remote));
+        }
     }
 }
 
@@ -129,4 +146,45 @@ fn control_message(bytes: &[u8]) -> io::Result<bool> {
 
 fn invalid(message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(inode: u32, local_port: u16, state: u8) -> InetResponseHeader {
+        let mut socket_id = SocketId::new_v4();
+        socket_id.source_address = "127.0.0.1".parse().unwrap();
+        socket_id.destination_address = "127.0.0.1".parse().unwrap();
+        socket_id.source_port = local_port;
+        socket_id.destination_port = 8080;
+        InetResponseHeader {
+            family: AF_INET,
+            state,
+            timer: None,
+            socket_id,
+            recv_queue: 0,
+            send_queue: 0,
+            uid: 0,
+            inode,
+        }
+    }
+
+    #[test]
+    fn a_socket_dumped_twice_counts_once() {
+        const ESTABLISHED: u8 = 1;
+        const TIME_WAIT: u8 = 6;
+        let mut dumped = Dumped::default();
+        for h in [
+            header(4242, 50000, ESTABLISHED),
+            header(4242, 50000, ESTABLISHED),
+            header(4243, 50001, ESTABLISHED),
+            header(0, 50002, TIME_WAIT),
+            header(0, 50002, TIME_WAIT),
+            header(0, 50003, TIME_WAIT),
+        ] {
+            dumped.push(&h);
+        }
+        assert_eq!(dumped.sockets.len(), 4);
+    }
 }
