@@ -56,7 +56,7 @@ pub enum ScrapeError {
     #[error("bad scrape request: {0}")]
     BadRequest(String),
     /// A method other than GET, HEAD or POST.
-    #[error("method {0} is not forwarded: scrapes are GET (HEAD and POST also pass)")]
+    #[error("{}", method_refusal(.0))]
     Method(http::Method),
     /// The request's headers are more than the tunnel carries.
     #[error("request headers of {size} bytes are more than the tunnel carries ({limit})")]
@@ -110,6 +110,14 @@ impl ScrapeError {
             );
         }
         resp
+    }
+}
+
+fn method_refusal(method: &http::Method) -> String {
+    if method == http::Method::CONNECT {
+        "CONNECT is not supported by the gateway: it proxies plain http:// scrapes (absolute-form), the agent picks http or https".into()
+    } else {
+        format!("method {method} is not forwarded: scrapes are GET (HEAD and POST also pass)")
     }
 }
 

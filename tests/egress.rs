@@ -1993,6 +1993,7 @@ async fn dot_segments_are_refused_and_path_prefixes_end_at_a_segment() {
         "/open/%2e%2e/admin",
         "/open/.%2E/admin",
         "/open/..",
+        "/open/..%5cadmin",
     ] {
         let req =
             format!("POST http://{a}{path} HTTP/1.1\r\nHost: {a}\r\nContent-Length: 2\r\n\r\nhi");

@@ -11,19 +11,7 @@ use crate::telemetry::metrics_response;
 
 pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<Body> {
     if req.method() == Method::CONNECT {
-        let mut resp = text_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not supported by the gateway: it proxies plain http:// scrapes (absolute-form), the agent picks http or https",
-        );
-        resp.headers_mut().insert(
-            header::ALLOW,
-            HeaderValue::from_static(crate::scrape_error::ALLOWED_METHODS),
-        );
-        resp.headers_mut().insert(
-            crate::scrape_error::ERROR_SOURCE_HEADER,
-            HeaderValue::from_static("gateway"),
-        );
-        return resp;
+        return crate::scrape_error::ScrapeError::Method(Method::CONNECT).into_response("gateway");
     }
     if let Some(refusal) = unauthenticated(state, &req) {
         return refusal;
