@@ -32,6 +32,7 @@ mod connect;
 mod connector;
 mod forward;
 mod framing;
+mod json_scan;
 pub mod policy;
 pub mod refusal;
 #[cfg(target_os = "linux")]
