@@ -156,3 +156,124 @@ scrape_configs:
         )
         .await;
 }
+
+/// The push direction with the real thing: Prometheus `remote_write`s node_exporter's series
+/// through `ferry egress` (its `proxy_url`) to a second Prometheus receiving remote writes. A
+/// rule reads the snappy-compressed protobuf decoded: one queue's batches pass, the other
+/// queue's, whose series carry a label value the rule's deny pattern matches, are refused and
+/// never reach the receiver. The value repeats itself, so snappy sends most of it as a
+/// back-reference: the pattern matches only the decoded body, not the bytes on the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_remote_writes_through_egress_and_a_denied_label_stays_inside() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeExporter::start().await;
+    let receiver = Prometheus::start_with_args(
+        "global:\n  scrape_interval: 1m\n",
+        &["--web.enable-remote-write-receiver"],
+    )
+    .await;
+    let egress_port = free_port();
+    let config = dir.path().join("ferry.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+egress:
+  web:
+    listen_address: 127.0.0.1:{egress_port}
+  rules:
+    - name: remote-write
+      upstream: "127.0.0.1/32:{receiver_port}"
+      methods: [POST]
+      path_prefix: /api/v1/write
+      validate:
+        content_types: [application/x-protobuf]
+        required_headers: [X-Prometheus-Remote-Write-Version]
+        deny_patterns: ['(leak-){{4}}']
+"#,
+            receiver_port = receiver.addr.port()
+        ),
+    )
+    .unwrap();
+    let egress_log = dir.path().join("egress.log");
+    let _egress = ferry(
+        &["run".into(), format!("--config.file={}", config.display())],
+        None,
+        &egress_log,
+    );
+
+    let write_url = receiver.url("/api/v1/write");
+    let sender = Prometheus::start(&format!(
+        r#"
+global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: node
+    static_configs:
+      - targets: ['{node}']
+remote_write:
+  - name: clean
+    url: {write_url}
+    proxy_url: http://127.0.0.1:{egress_port}
+    queue_config: {{ batch_send_deadline: 1s }}
+  - name: leaky
+    url: {write_url}
+    proxy_url: http://127.0.0.1:{egress_port}
+    queue_config: {{ batch_send_deadline: 1s }}
+    write_relabel_configs:
+      - source_labels: [__name__]
+        regex: up
+        action: keep
+      - target_label: customer_email
+        replacement: leak-leak-leak-leak-
+"#,
+        node = node.addr
+    ))
+    .await;
+
+    let timeout = Duration::from_secs(60);
+    let log = || std::fs::read_to_string(&egress_log).unwrap_or_default();
+    // The clean queue's samples arrive, sent through the proxy.
+    receiver
+        .wait_for(r#"node_load1{job="node"}"#, timeout, |v| {
+            values(v).len() == 1
+        })
+        .await;
+    // The leaky queue's batches are refused for the label, in the decoded body.
+    let metrics_url = format!("http://127.0.0.1:{egress_port}/metrics");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = common::http::get(&metrics_url).await.text();
+        let refused = common::ferry::metric_value(
+            &text,
+            "ferry_egress_rejections_total",
+            &[("reason", "deny_pattern")],
+        );
+        let allowed = common::ferry::metric_value(
+            &text,
+            "ferry_egress_requests_total",
+            &[
+                ("rule", "remote-write"),
+                ("decision", "allowed"),
+                ("status_class", "2xx"),
+            ],
+        );
+        if refused.is_some_and(|n| n >= 1.0) && allowed.is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refused and allowed remote writes in the egress metrics:\n{text}\nlog:\n{}\nsender:\n{}",
+            log(),
+            sender.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let leaked = receiver.query(r#"{customer_email!=""}"#).await;
+    assert_eq!(values(&leaked), Vec::<f64>::new(), "{leaked}");
+    assert!(
+        log().contains("deny pattern"),
+        "the access log names the refusal:\n{}",
+        log()
+    );
+}

@@ -1000,7 +1000,19 @@ async fn the_egress_cookbook_rules_do_what_the_readme_says() {
             "text/plain",
         ),
         (
-            "snappy",
+            "zstd",
+            post(
+                &proxy,
+                &write,
+                &[text, auth, ("content-encoding", "zstd")],
+                b"x",
+            )
+            .await,
+            415,
+            "zstd",
+        ),
+        (
+            "corrupt snappy",
             post(
                 &proxy,
                 &write,
@@ -1008,25 +1020,40 @@ async fn the_egress_cookbook_rules_do_what_the_readme_says() {
                 b"x",
             )
             .await,
-            415,
-            "snappy",
+            422,
+            "not valid snappy",
         ),
     ] {
         assert_refused(&resp, status, needle, &format!("line protocol, {what}"));
     }
     assert_eq!(influx.request_count(), 1);
 
-    // remote-write: snappy protobuf passes undecoded, bounded and typed.
+    // remote-write: snappy protobuf, bounded, typed and read decoded by the deny pattern.
     let receiver = upstreams.get("remote-write").unwrap();
     let rw = url("remote-write", "/api/v1/write");
     let protobuf = ("content-type", "application/x-protobuf");
     let snappy = ("content-encoding", "snappy");
     let version = ("x-prometheus-remote-write-version", "0.1.0");
-    let payload: Vec<u8> = (0..=255u8).cycle().take(50_000).collect();
+    let series = |label: &str| -> Vec<u8> {
+        let mut raw: Vec<u8> = (0..=255u8).cycle().take(50_000).collect();
+        // An earlier near-miss makes snappy encode the label as a back-reference, so the
+        // pattern can only match the decoded body.
+        raw.extend_from_slice(format!("\x0a\x0ecustomer_emaiX\x0a\x0e{label}\x12").as_bytes());
+        snap::raw::Encoder::new().compress_vec(&raw).unwrap()
+    };
+    let payload = series("instance_email");
     let ok = post(&proxy, &rw, &[protobuf, snappy, version], &payload).await;
     assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(receiver.last().body.as_ref(), payload.as_slice());
+    let leak = series("customer_email");
+    assert!(!leak.windows(14).any(|w| w == b"customer_email"));
     for (what, resp, status, needle) in [
+        (
+            "a denied label",
+            post(&proxy, &rw, &[protobuf, snappy, version], &leak).await,
+            403,
+            "deny pattern",
+        ),
         (
             "no version header",
             post(&proxy, &rw, &[protobuf, snappy], &payload).await,

@@ -134,7 +134,7 @@ pub struct ValidateSection {
     /// Largest body as sent.
     #[serde(deserialize_with = "super::lenient_opt")]
     pub max_body_bytes: Option<u64>,
-    /// Largest body after gzip/deflate decoding.
+    /// Largest body after gzip/deflate/snappy decoding.
     #[serde(deserialize_with = "super::lenient_opt")]
     pub max_decoded_bytes: Option<u64>,
     /// Accepted media types.

@@ -109,6 +109,11 @@ impl Prometheus {
     /// `reload` works) and waits until `/-/ready` answers. Relative paths in the config (file_sd
     /// files, credentials) resolve against `dir()`.
     pub async fn start(config_yaml: &str) -> Prometheus {
+        Self::start_with_args(config_yaml, &[]).await
+    }
+
+    /// [`Prometheus::start`] with more command-line flags (`--web.enable-remote-write-receiver`).
+    pub async fn start_with_args(config_yaml: &str, extra: &[&str]) -> Prometheus {
         let dir = temp_dir("prometheus");
         let config = dir.path().join("prometheus.yml");
         std::fs::write(&config, config_yaml).expect("write prometheus.yml");
@@ -126,6 +131,9 @@ impl Prometheus {
                     "--web.enable-lifecycle".to_owned(),
                     "--log.level=warn".to_owned(),
                 ]
+                .into_iter()
+                .chain(extra.iter().map(|a| a.to_string()))
+                .collect()
             },
         )
         .await;
