@@ -50,15 +50,57 @@ pub fn self_signed_identity(
 ) -> Result<ServerIdentity, TlsError> {
     let cert_file = data_dir.join(SELF_SIGNED_CERT);
     let key_file = data_dir.join(SELF_SIGNED_KEY);
-    if !cert_file.exists() || !key_file.exists() {
-        generate(data_dir, &cert_file, &key_file, names).map_err(|reason| {
-            TlsError::SelfSigned {
-                dir: data_dir.to_owned(),
-                reason,
-            }
-        })?;
+    let error = |reason| TlsError::SelfSigned {
+        dir: data_dir.to_owned(),
+        reason,
+    };
+    match (cert_file.exists(), key_file.exists()) {
+        (false, false) => generate(data_dir, &cert_file, &key_file, names).map_err(error)?,
+        (true, true) => {}
+        // Generating anew would overwrite the half that is left and change the fingerprint every
+        // agent pins: a restored backup or a mistaken delete must not silently do that.
+        (has_cert, _) => {
+            let (there, missing) = if has_cert {
+                (SELF_SIGNED_CERT, SELF_SIGNED_KEY)
+            } else {
+                (SELF_SIGNED_KEY, SELF_SIGNED_CERT)
+            };
+            return Err(error(format!(
+                "{there} is there but {missing} is missing; restore it, or remove {there} too to \
+                 generate a new certificate (agents pinned to the old fingerprint will refuse it)"
+            )));
+        }
     }
-    load_identity(&cert_file, &key_file, client_ca)
+    let identity = load_identity(&cert_file, &key_file, client_ca)?;
+    warn_unlisted_names(&cert_file, names);
+    Ok(identity)
+}
+
+/// The names are only used when the certificate is generated: say so when a kept certificate
+/// does not cover names asked for later, rather than let agents fail on the name.
+fn warn_unlisted_names(cert_file: &Path, names: &[String]) {
+    let Some(cert) = read_certs(cert_file)
+        .ok()
+        .and_then(|c| c.into_iter().next())
+    else {
+        return;
+    };
+    let Ok(parsed) = webpki::EndEntityCert::try_from(&cert) else {
+        return;
+    };
+    for name in names {
+        let covered = rustls::pki_types::ServerName::try_from(name.as_str())
+            .is_ok_and(|n| parsed.verify_is_valid_for_subject_name(&n).is_ok());
+        if !covered {
+            tracing::warn!(
+                name = %name,
+                certificate = %cert_file.display(),
+                "the kept self-signed certificate is not valid for this name (names apply when it \
+                 is generated): remove both files in the data directory to generate one for the \
+                 names now configured"
+            );
+        }
+    }
 }
 
 fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> Result<(), String> {
@@ -130,6 +172,30 @@ fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lone_certificate_or_key_is_an_error_and_is_not_overwritten() {
+        for keep in [SELF_SIGNED_CERT, SELF_SIGNED_KEY] {
+            let dir = tempfile::tempdir().unwrap();
+            self_signed_identity(dir.path(), &[], None).unwrap();
+            let gone = if keep == SELF_SIGNED_CERT {
+                SELF_SIGNED_KEY
+            } else {
+                SELF_SIGNED_CERT
+            };
+            let kept = std::fs::read(dir.path().join(keep)).unwrap();
+            std::fs::remove_file(dir.path().join(gone)).unwrap();
+            let err = self_signed_identity(dir.path(), &[], None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("{keep} is there but {gone} is missing")),
+                "{err}"
+            );
+            assert_eq!(std::fs::read(dir.path().join(keep)).unwrap(), kept);
+            assert!(!dir.path().join(gone).exists());
+        }
+    }
 
     #[test]
     fn self_signed_identity_is_generated_once_and_reused() {
