@@ -706,6 +706,76 @@ async fn gateway_shutdown_drains_in_flight_scrapes() {
     agent.stop().await;
 }
 
+/// An agent told to stop (SIGTERM) lets the scrape it is serving finish: the gateway keeps the
+/// tunnel after the agent's GOAWAY until the stream is done, and routes nothing new to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_shutdown_drains_in_flight_scrapes() {
+    let dir = TempDir::new().unwrap();
+    let delay = Duration::from_secs(2);
+    let server = TargetServer::start(Behaviour::Slow {
+        delay,
+        body: "slow 1\n".into(),
+    })
+    .await;
+    let (gw, agent) = gateway_and_agent(&dir, "slow-2", &[("slow", server.url("/metrics"))]).await;
+    let web = gw.web;
+    let url = target_url("slow-2", &server);
+    let in_flight = tokio::spawn({
+        let url = url.clone();
+        async move {
+            http::try_get_via_proxy(web, &url, &[("X-Prometheus-Scrape-Timeout-Seconds", "10")])
+                .await
+        }
+    });
+    wait_for(
+        "the scrape reaches the target",
+        Duration::from_secs(5),
+        || async {
+            match server.requests() {
+                1 => Ok(()),
+                n => Err(format!("{n} requests at the target")),
+            }
+        },
+    )
+    .await;
+    let started = Instant::now();
+    agent.shutdown.cancel();
+
+    // Once the agent has said it is going, a new scrape is not sent its way.
+    wait_for(
+        "a new scrape is answered 503 while the agent drains",
+        Duration::from_secs(1),
+        || async {
+            let r = scrape(web, &url).await;
+            match r.status {
+                503 => Ok(()),
+                s => Err(format!("a new scrape got {s}: {}", r.text())),
+            }
+        },
+    )
+    .await;
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight scrape completes");
+    assert_eq!(
+        (resp.status, resp.text().as_str()),
+        (200, "slow 1\n"),
+        "after {:?}",
+        started.elapsed()
+    );
+    tokio::time::timeout(Duration::from_secs(10), agent.task)
+        .await
+        .expect("the agent finishes once drained")
+        .unwrap();
+    assert_eq!(
+        server.requests(),
+        1,
+        "the 503 scrape never reached the target"
+    );
+    gw.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. SIGHUP through the real binary
 // ---------------------------------------------------------------------------------------------

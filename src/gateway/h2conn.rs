@@ -66,13 +66,16 @@ pub struct Connection<T> {
     keepalive: Option<KeepAlive>,
 }
 
+/// What a [`Connection`] resolves to when the agent closed it cleanly (after GOAWAY).
+pub const CLOSED_BY_AGENT: &str = "closed by the agent";
+
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Future for Connection<T> {
     type Output = String;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<String> {
         if let Poll::Ready(res) = Pin::new(&mut self.conn).poll(cx) {
             return Poll::Ready(match res {
-                Ok(()) => "closed by the agent".to_owned(),
+                Ok(()) => CLOSED_BY_AGENT.to_owned(),
                 Err(e) => crate::scrape_error::one_line(&e),
             });
         }

@@ -225,7 +225,21 @@ async fn run_session(
         reason = &mut conn => format!("connection ended: {reason}"),
         _ = closed.cancelled() => "replaced by a newer tunnel".to_owned(),
         _ = shutdown.cancelled() => "gateway shutting down".to_owned(),
-        e = watch_targets(sender, targets_tx) => format!("target list watch failed: {e}"),
+        e = watch_targets(sender, targets_tx) => {
+            // An agent shutting down sends GOAWAY, which ends the targets long poll first; its
+            // scrapes in flight still finish. No new scrape is routed here, and the connection is
+            // driven until the agent closes it (or the longest scrape would have timed out).
+            state.registry.remove(&agent_id, session);
+            state.metrics.agents_connected.set(state.registry.len() as i64);
+            let drain = state.config.scrape.max_timeout + state.config.handshake_timeout;
+            match tokio::time::timeout(drain, &mut conn).await {
+                Ok(reason) if reason == h2conn::CLOSED_BY_AGENT => {
+                    "the agent went away (GOAWAY), after its scrapes in flight".to_owned()
+                }
+                Ok(reason) => format!("connection ended: {reason} (target list watch: {e})"),
+                Err(_) => format!("target list watch failed: {e}"),
+            }
+        }
     };
     state.registry.remove(&agent_id, session);
     state
