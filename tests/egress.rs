@@ -2217,7 +2217,7 @@ async fn a_refused_connect_closes_the_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_bytes_of_a_body_cut_short_are_counted() {
+async fn a_body_cut_short_is_not_forwarded_or_counted_as_sent() {
     let up = RecordingUpstream::start().await;
     let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
     let a = up.addr;
@@ -2229,14 +2229,193 @@ async fn the_bytes_of_a_body_cut_short_are_counted() {
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest)).await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let text = loop {
         let text = proxy.metrics().await;
-        let bytes_in = metric_value(&text, "ferry_egress_bytes_total", &[("direction", "in")]);
-        if bytes_in == Some(500.0) {
+        let refused = metric_value(
+            &text,
+            "ferry_egress_requests_total",
+            &[("decision", "refused")],
+        );
+        if refused == Some(1.0) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "refused: {refused:?}\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // `in` counts what went out to upstreams: nothing did (the access log has the 500 read).
+    let bytes_in = metric_value(&text, "ferry_egress_bytes_total", &[("direction", "in")]);
+    assert!(matches!(bytes_in, None | Some(0.0)), "{text}");
+    up.assert_untouched("a body cut short");
+}
+
+/// An echo server on loopback for tunnels; runs until the test ends.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = sock.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn echo(tunnel: &mut TcpStream, data: &[u8]) {
+    tunnel.write_all(data).await.unwrap();
+    let mut back = vec![0; data.len()];
+    tokio::time::timeout(TIMEOUT, tunnel.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("tunnel open");
+    assert_eq!(back, data);
+}
+
+/// A CONNECT tunnel keeps its client connection's slot and place in the gauges for as long as
+/// it is open, and is counted (request, bytes) while it is, not only when it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tunnels_hold_their_connection_slot_and_show_in_the_metrics() {
+    let echo_addr = echo_server().await;
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[
+        format!("127.0.0.1/32:{}", echo_addr.port()),
+        loopback_rule(&up),
+    ]);
+    s.max_connections_per_client = 3;
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+    let authority = echo_addr.to_string();
+    let (resp, mut first) = connect_raw(proxy.addr, &authority, &[]).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let (resp, mut second) = connect_raw(proxy.addr, &authority, &[]).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    echo(&mut first, &[7; 1000]).await;
+    echo(&mut second, &[8; 500]).await;
+
+    let text = proxy.metrics().await;
+    let value = |name: &str, labels: &[(&str, &str)]| metric_value(&text, name, labels);
+    assert_eq!(value("ferry_egress_open_tunnels", &[]), Some(2.0), "{text}");
+    // The two tunnels and the connection asking for /metrics.
+    assert_eq!(
+        value("ferry_egress_client_connections", &[]),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "ferry_egress_requests_total",
+            &[("method", "CONNECT"), ("decision", "allowed")]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("ferry_egress_bytes_total", &[("direction", "in")]),
+        Some(1500.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("ferry_egress_bytes_total", &[("direction", "out")]),
+        Some(1500.0),
+        "{text}"
+    );
+
+    let (resp, _third) = connect_raw(proxy.addr, &authority, &[]).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let fourth = get_via(proxy.addr, &up.url("/fourth")).await;
+    assert_refused(
+        &fourth,
+        429,
+        "more than 3 connections",
+        "a fourth connection",
+    );
+    up.assert_untouched("over the cap");
+
+    // Closing a tunnel frees its slot.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = get_via(proxy.addr, &up.url("/after")).await;
+        if resp.status == 200 {
             break;
         }
-        assert!(Instant::now() < deadline, "bytes in: {bytes_in:?}\n{text}");
+        assert_eq!(resp.status, 429);
+        assert!(
+            Instant::now() < deadline,
+            "a closed tunnel's slot was never released"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    up.assert_untouched("a body cut short");
+    echo(&mut second, b"still open").await;
+}
+
+/// SIGTERM: an open tunnel is closed once quiet and gets its access-log line (bytes, reason),
+/// and the process exits well within the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_shutdown_open_tunnels_are_closed_and_logged() {
+    let echo_addr = echo_server().await;
+    let rule = format!("127.0.0.1/32:{}", echo_addr.port());
+    let listen = format!("127.0.0.1:{}", common::external::free_port());
+    let mut ferry = FerryProcess::spawn(&[
+        "egress",
+        "--web.listen-address",
+        &listen,
+        "--allow-upstream",
+        &rule,
+        "--log.format",
+        "json",
+        "--shutdown.grace-period",
+        "30s",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while try_get(&format!("http://{listen}/-/ready"), &[])
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "ferry egress never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (resp, mut tunnel) =
+        connect_raw(listen.parse().unwrap(), &echo_addr.to_string(), &[]).await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    echo(&mut tunnel, &[1; 1234]).await;
+
+    let stopping = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &ferry.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), tunnel.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel is closed at shutdown")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let exited = loop {
+        if let Some(status) = ferry.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGTERM with a grace period of 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exited.success(), "{exited:?}");
+    let lines = ferry.finish();
+    let access = access_lines(&lines);
+    assert_eq!(access.len(), 1, "{lines:#?}");
+    let f = &access[0]["fields"];
+    assert_eq!(f["method"], "CONNECT", "{f}");
+    assert_eq!(f["bytes_in"], 1234, "{f}");
+    assert_eq!(f["bytes_out"], 1234, "{f}");
+    assert!(
+        f["reason"].as_str().is_some_and(|r| r.contains("shutdown")),
+        "{f}"
+    );
 }

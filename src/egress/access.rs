@@ -2,7 +2,7 @@
 //! Payload contents are never logged.
 
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
@@ -66,6 +66,24 @@ impl AccessRecord {
     /// Writes the access-log line and updates the metrics.
     pub fn emit(self, metrics: &EgressMetrics) {
         let duration = self.start.elapsed();
+        self.log(duration);
+        self.count(metrics, duration);
+        if self.decision == "allowed" {
+            // What went out (a refused body never did) and came back.
+            let bytes = |direction: &str| {
+                metrics.bytes.get_or_create(&DirectionLabels {
+                    direction: direction.into(),
+                })
+            };
+            bytes("in").inc_by(self.bytes_in);
+            bytes("out").inc_by(self.bytes_out);
+        }
+    }
+
+    /// Writes the access-log line: `duration` is the request's, or a tunnel's whole life.
+    pub(crate) fn log(&self, duration: Duration) {
+        // Whole microseconds: the line shows 1.331, not 1.3314780000000002.
+        let duration_ms = (duration.as_secs_f64() * 1e6).round() / 1e3;
         tracing::info!(
             target: "ferry::egress::access",
             client = %self.client,
@@ -75,11 +93,16 @@ impl AccessRecord {
             status = self.status.as_u16(),
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
-            duration_ms = duration.as_secs_f64() * 1000.0,
+            duration_ms,
             decision = self.decision,
             reason = %self.reason,
             "egress"
         );
+    }
+
+    /// Counts the request (a tunnel when it opens): by rule, method, status class and decision,
+    /// the refusal's kind, and `duration` in the histogram.
+    pub(crate) fn count(&self, metrics: &EgressMetrics, duration: Duration) {
         let method = match self.method.as_str() {
             "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" | "CONNECT" => {
                 self.method.clone()
@@ -104,17 +127,5 @@ impl AccessRecord {
                 .inc();
         }
         metrics.duration.observe(duration.as_secs_f64());
-        metrics
-            .bytes
-            .get_or_create(&DirectionLabels {
-                direction: "in".into(),
-            })
-            .inc_by(self.bytes_in);
-        metrics
-            .bytes
-            .get_or_create(&DirectionLabels {
-                direction: "out".into(),
-            })
-            .inc_by(self.bytes_out);
     }
 }

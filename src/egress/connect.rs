@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -21,18 +22,24 @@ use super::framing::Sniff;
 use super::refusal::Refusal;
 #[cfg(target_os = "linux")]
 use super::splice::{self, Pipe};
-use super::{refused, State};
+use super::{refused, ClientHold, State};
 use crate::http_util::{empty, Body};
+use crate::telemetry::DirectionLabels;
+
+/// At shutdown a tunnel is closed once no byte has moved for this long (a request in flight
+/// inside it usually keeps bytes moving), at the latest when the grace period ends.
+const QUIET_AT_SHUTDOWN: Duration = Duration::from_secs(2);
 
 pub(crate) async fn handle(
     state: &Arc<State>,
     req: Request<Incoming>,
     mut record: AccessRecord,
+    hold: Arc<ClientHold>,
 ) -> Response<Body> {
     match open(state, &req, &mut record).await {
         Ok(upstream) => {
             let state = state.clone();
-            tokio::spawn(async move {
+            state.tunnels.clone().spawn(async move {
                 match hyper::upgrade::on(req).await {
                     Ok(upgraded) => {
                         let _open = state.tracker.track(&upstream);
@@ -40,6 +47,8 @@ pub(crate) async fn handle(
                     }
                     Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
                 }
+                // The client's connection slot is held until the tunnel closes.
+                drop(hold);
             });
             let mut resp = Response::new(empty());
             *resp.status_mut() = StatusCode::OK;
@@ -89,52 +98,84 @@ async fn relay(
     mut record: AccessRecord,
 ) {
     state.metrics.open_tunnels.inc();
+    // Counted when it opens (the histogram gets the time it took to open), so a tunnel that lives
+    // for days shows up at once; its bytes are counted as they move.
+    record.count(&state.metrics, record.start.elapsed());
+    let bytes = |direction: &str| {
+        state
+            .metrics
+            .bytes
+            .get_or_create(&DirectionLabels {
+                direction: direction.into(),
+            })
+            .clone()
+    };
     let counters = Counters {
         up: AtomicU64::new(0),
         down: AtomicU64::new(0),
+        up_total: bytes("in"),
+        down_total: bytes("out"),
         activity: AtomicU64::new(0),
         started: Instant::now(),
     };
     let idle = state.config.tunnel_idle_timeout;
+    let mut quiet = idle;
+    let mut draining = false;
     let pump = pump(client, &mut upstream, &counters);
     tokio::pin!(pump);
-    loop {
+    let reason = loop {
         tokio::select! {
-            res = &mut pump => {
-                if let Err(e) = res {
-                    debug!(error = %e, "CONNECT tunnel ended with an error");
-                }
-                break;
-            }
-            _ = tokio::time::sleep(idle_check(idle)) => {
+            res = &mut pump => break match res {
+                Ok(()) => String::new(),
+                Err(e) => format!("tunnel ended with an error: {e}"),
+            },
+            _ = tokio::time::sleep(idle_check(quiet)) => {
                 let last = Duration::from_millis(counters.activity.load(Ordering::Relaxed));
-                if counters.started.elapsed().saturating_sub(last) >= idle {
-                    debug!(?idle, "closing idle CONNECT tunnel");
-                    break;
+                if counters.started.elapsed().saturating_sub(last) >= quiet {
+                    break if draining {
+                        "closed at shutdown, once quiet".to_owned()
+                    } else {
+                        format!("closed after {} idle", humantime::format_duration(idle))
+                    };
                 }
+            }
+            _ = state.draining.cancelled(), if !draining => {
+                draining = true;
+                quiet = quiet.min(QUIET_AT_SHUTDOWN);
+            }
+            _ = state.hard_stop.cancelled() => {
+                break "closed at shutdown: the grace period ended".to_owned()
             }
         }
-    }
-    // Counted as the bytes move, so a tunnel closed by an error or the idle timeout still
-    // reports what it carried.
+    };
+    record.reason = reason;
     record.bytes_in = counters.up.load(Ordering::Relaxed);
     record.bytes_out = counters.down.load(Ordering::Relaxed);
     state.metrics.open_tunnels.dec();
-    record.emit(&state.metrics);
+    record.log(record.start.elapsed());
 }
 
-/// Bytes moved each way and the time of the last move (ms after `started`), for the access
-/// record and the idle check.
+/// Bytes moved each way (for the access record and the metrics) and the time of the last move
+/// (ms after `started`, for the idle check).
 struct Counters {
     up: AtomicU64,
     down: AtomicU64,
+    up_total: Counter,
+    down_total: Counter,
     activity: AtomicU64,
     started: Instant,
 }
 
 impl Counters {
-    fn moved(&self, direction: &AtomicU64, n: u64) {
-        direction.fetch_add(n, Ordering::Relaxed);
+    /// `n` bytes moved, client to upstream (`up`) or back.
+    fn moved(&self, up: bool, n: u64) {
+        if up {
+            self.up.fetch_add(n, Ordering::Relaxed);
+            self.up_total.inc_by(n);
+        } else {
+            self.down.fetch_add(n, Ordering::Relaxed);
+            self.down_total.inc_by(n);
+        }
         let ms = self.started.elapsed().as_millis() as u64;
         self.activity.store(ms, Ordering::Relaxed);
     }
@@ -155,16 +196,14 @@ async fn pump(
             // read by hyper already; it goes first.
             if !parts.read_buf.is_empty() {
                 upstream.write_all(&parts.read_buf).await?;
-                counters.moved(&counters.up, parts.read_buf.len() as u64);
+                counters.moved(true, parts.read_buf.len() as u64);
             }
             return match (Pipe::new(), Pipe::new()) {
                 (Ok(up), Ok(down)) => {
                     let upstream = &*upstream;
                     tokio::try_join!(
-                        splice::one_way(&client, upstream, &up, |n| counters
-                            .moved(&counters.up, n)),
-                        splice::one_way(upstream, &client, &down, |n| counters
-                            .moved(&counters.down, n)),
+                        splice::one_way(&client, upstream, &up, |n| counters.moved(true, n)),
+                        splice::one_way(upstream, &client, &down, |n| counters.moved(false, n)),
                     )
                     .map(drop)
                 }
@@ -229,8 +268,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
         let res = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
-            let c = self.counters;
-            c.moved(if self.up { &c.up } else { &c.down }, n);
+            self.counters.moved(self.up, n);
         }
         res
     }

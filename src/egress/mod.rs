@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -65,6 +66,19 @@ pub(crate) struct State {
     pub(crate) tracker: UpstreamTracker,
     metrics_registry: MetricsRegistry,
     per_client: Mutex<HashMap<IpAddr, usize>>,
+    /// CONNECT tunnels: they outlive the HTTP connection that opened them.
+    pub(crate) tunnels: TaskTracker,
+    /// Cancelled when the proxy starts shutting down: tunnels close once quiet.
+    pub(crate) draining: CancellationToken,
+    /// Cancelled when the grace period is over: tunnels close now.
+    pub(crate) hard_stop: CancellationToken,
+}
+
+/// What a client connection holds while it is open — its connection slot and its place in the
+/// connection gauges — shared with the CONNECT tunnel it may turn into, which keeps them.
+pub(crate) struct ClientHold {
+    _open: crate::telemetry::ConnectionGuard,
+    _slot: Option<Arc<Slot>>,
 }
 
 /// The egress forward proxy. Cheap to clone.
@@ -108,6 +122,9 @@ impl Egress {
                 tracker,
                 metrics_registry,
                 per_client: Mutex::new(HashMap::new()),
+                tunnels: TaskTracker::new(),
+                draining: CancellationToken::new(),
+                hard_stop: CancellationToken::new(),
             }),
         })
     }
@@ -136,35 +153,47 @@ impl Egress {
         }
         drop(listener);
         connections.close();
-        let grace = self.state.config.shutdown_grace;
-        if tokio::time::timeout(grace, connections.wait())
-            .await
-            .is_err()
-        {
+        let state = &self.state;
+        state.draining.cancel();
+        state.tunnels.close();
+        let grace = state.config.shutdown_grace;
+        let drained = async {
+            connections.wait().await;
+            state.tunnels.wait().await;
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
             warn!(
                 ?grace,
-                "egress requests still running when the grace period ended"
+                "egress requests or tunnels still running when the grace period ended"
             );
+            // Tunnels still carrying data are closed now, each with its access-log line.
+            state.hard_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), state.tunnels.wait()).await;
         }
+        info!("egress proxy stopped");
     }
 
     /// Serves one client connection; on `shutdown` it finishes the request in flight, then closes.
     async fn connection(self, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
         let country = self.state.config.geo.lookup(peer.ip());
-        let _open = self.state.tracker.metrics.track("clients", country);
         let state = self.state.clone();
         let admission = admit(&state, peer.ip());
-        let slot = admission.as_ref().ok().cloned();
+        let keep_alive = admission.is_ok();
+        let hold = Arc::new(ClientHold {
+            _open: self.state.tracker.metrics.track("clients", country),
+            _slot: admission.as_ref().ok().cloned(),
+        });
         let cfg = &self.state.config;
         let max_buf_size = cfg.max_header_bytes.max(8192);
         let (stream, heads) = framing::Sniff::new(stream, max_buf_size);
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
             let admission = admission.clone();
+            let hold = hold.clone();
             let framing_problem = heads.claim(&req);
             async move {
                 let resp = match admission {
-                    Ok(_) => handle(&state, peer.ip(), req, framing_problem).await,
+                    Ok(_) => handle(&state, peer.ip(), req, framing_problem, hold).await,
                     Err(refusal) => refuse_connection(&state, peer.ip(), &req, refusal),
                 };
                 Ok::<_, std::convert::Infallible>(resp)
@@ -176,7 +205,7 @@ impl Egress {
             .header_read_timeout(cfg.header_read_timeout)
             .max_buf_size(max_buf_size)
             .max_headers(refusal::MAX_HEADER_FIELDS)
-            .keep_alive(slot.is_some());
+            .keep_alive(keep_alive);
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
@@ -200,7 +229,6 @@ impl Egress {
                 None => debug!(%peer, error = %e, "egress client connection ended with an error"),
             }
         }
-        drop(slot);
     }
 }
 
@@ -284,6 +312,7 @@ async fn handle(
     client: IpAddr,
     req: Request<Incoming>,
     framing_problem: Option<&'static str>,
+    hold: Arc<ClientHold>,
 ) -> Response<Body> {
     let is_proxy = req.method() == Method::CONNECT || req.uri().authority().is_some();
     let mut record = AccessRecord::new(client, target_of(&req), req.method());
@@ -309,7 +338,7 @@ async fn handle(
         return resp;
     }
     if req.method() == Method::CONNECT {
-        let mut resp = connect::handle(state, req, record).await;
+        let mut resp = connect::handle(state, req, record, hold).await;
         if !resp.status().is_success() {
             close_after(&mut resp);
         }
