@@ -1436,10 +1436,61 @@ async fn trickled_headers_are_cut_by_the_header_read_timeout() {
     );
     let text = String::from_utf8_lossy(&got);
     assert!(
-        got.is_empty() || text.starts_with("HTTP/1.1 408"),
-        "at most a 408 before closing: {text:?}"
+        text.starts_with("HTTP/1.1 408")
+            && text.contains("ferry-refusal: request head not received within 500ms"),
+        "a 408 with its reason before closing: {text:?}"
     );
     up.assert_untouched("slowloris");
+    // Counted like every refusal.
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ferry_egress_rejections_total",
+            &[("reason", "header_timeout")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+/// A kept-alive connection may wait for its next request much longer than a request head may
+/// take to arrive (`header_read_timeout`): clients that send every 10 s or so must not race the
+/// proxy closing their connection. Past `idle_timeout` it is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_waits_idle_timeout_not_header_read_timeout() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.header_read_timeout = ferry::config::Dur(Duration::from_millis(300));
+    s.idle_timeout = ferry::config::Dur(Duration::from_millis(1500));
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    for i in 0..2 {
+        let resp = sender
+            .send_request(absolute(
+                "GET",
+                &up.url(&format!("/r{i}")),
+                &[],
+                Bytes::new(),
+            ))
+            .await
+            .expect("the kept-alive connection is still open");
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        // Idle for more than twice the header read timeout.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    // Past the idle timeout the proxy closes it.
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(
+        closed.is_ok(),
+        "an idle connection was kept past idle_timeout"
+    );
+    assert_eq!(up.request_count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -343,9 +343,12 @@ struct EgressArgs {
     /// Connections at once from one client address [default: 256].
     #[arg(long = "max-connections-per-client", value_name = "N")]
     max_connections_per_client: Option<usize>,
-    /// Time a client may take to send request headers [default: 10s].
+    /// Time a client may take to send a request head once begun [default: 10s].
     #[arg(long = "header-read-timeout", value_name = "DURATION")]
     header_read_timeout: Option<Dur>,
+    /// A kept-alive client connection idle this long is closed [default: 120s].
+    #[arg(long = "idle-timeout", value_name = "DURATION")]
+    idle_timeout: Option<Dur>,
     /// Time for the upstream's response [default: 30s].
     #[arg(long = "upstream-timeout", value_name = "DURATION")]
     upstream_timeout: Option<Dur>,
@@ -368,6 +371,7 @@ impl EgressArgs {
             &self.max_connections_per_client,
         );
         set(&mut s.header_read_timeout, &self.header_read_timeout);
+        set(&mut s.idle_timeout, &self.idle_timeout);
         set(&mut s.upstream_timeout, &self.upstream_timeout);
         set(&mut s.shutdown_grace_period, &self.grace);
         s

@@ -44,8 +44,12 @@ pub struct EgressSection {
     /// Connections at once from one client address.
     #[serde(deserialize_with = "super::lenient")]
     pub max_connections_per_client: usize,
-    /// Time a client may take to send request headers (slowloris bound); also the keep-alive idle limit.
+    /// Time a client may take to send a request head once it has begun (slowloris bound).
     pub header_read_timeout: Dur,
+    /// A kept-alive client connection with no request for this long is closed. Longer than the
+    /// idle timeouts of common clients (Go: 90 s), so that they close first: a proxy closing an
+    /// idle connection just as a client reuses it fails that request.
+    pub idle_timeout: Dur,
     /// Largest request head (request line + headers), in bytes.
     #[serde(deserialize_with = "super::lenient")]
     pub max_header_bytes: usize,
@@ -71,6 +75,7 @@ impl Default for EgressSection {
             auth: EgressAuthSection::default(),
             max_connections_per_client: 256,
             header_read_timeout: Dur(Duration::from_secs(10)),
+            idle_timeout: Dur(Duration::from_secs(120)),
             max_header_bytes: 16 << 10,
             body_read_timeout: Dur(Duration::from_secs(30)),
             connect_timeout: Dur(Duration::from_secs(5)),
@@ -199,8 +204,10 @@ pub struct EgressConfig {
     pub credentials_file: Option<PathBuf>,
     /// Connection cap per client address.
     pub max_connections_per_client: usize,
-    /// Header read bound.
+    /// Header read bound, from a head's first byte.
     pub header_read_timeout: Duration,
+    /// Keep-alive idle bound.
+    pub idle_timeout: Duration,
     /// Request head size bound.
     pub max_header_bytes: usize,
     /// Request body read bound.
@@ -279,6 +286,7 @@ impl EgressSection {
             credentials_file: self.auth.credentials_file.clone(),
             max_connections_per_client: self.max_connections_per_client,
             header_read_timeout: self.header_read_timeout.0,
+            idle_timeout: self.idle_timeout.0,
             max_header_bytes: self.max_header_bytes,
             body_read_timeout: self.body_read_timeout.0,
             connect_timeout: self.connect_timeout.0,

@@ -9,10 +9,12 @@
 //! a tunnel), it stops, and requests get no note: hyper's own RFC handling still applies.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -82,11 +84,24 @@ pub(crate) struct Sniff<T> {
     head_bytes: usize,
     limit: usize,
     heads: Heads,
+    /// How long a request head may take from its first byte.
+    header_timeout: Duration,
+    /// Set while a head is being received.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+/// The error a connection ends with when a client began a request head and did not finish it
+/// within the header read timeout. hyper's own timeout cannot tell that from a kept-alive
+/// connection waiting for its next request, so this bound is kept here and hyper's is the idle
+/// limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request head not received within {0:?}")]
+pub(crate) struct HeaderTimedOut(pub(crate) Duration);
+
 impl<T> Sniff<T> {
-    /// Wraps `inner`; a head longer than `limit` bytes stops the scan (hyper refuses it anyway).
-    pub(crate) fn new(inner: T, limit: usize) -> (Sniff<T>, Heads) {
+    /// Wraps `inner`; a head longer than `limit` bytes stops the scan (hyper refuses it anyway);
+    /// a head still incomplete `header_timeout` after its first byte ends the connection.
+    pub(crate) fn new(inner: T, limit: usize, header_timeout: Duration) -> (Sniff<T>, Heads) {
         let heads = Heads::default();
         let sniff = Sniff {
             inner,
@@ -96,8 +111,15 @@ impl<T> Sniff<T> {
             head_bytes: 0,
             limit,
             heads: heads.clone(),
+            header_timeout,
+            deadline: None,
         };
         (sniff, heads)
+    }
+
+    /// Whether part of a request head has arrived and the rest has not.
+    fn in_head(&self) -> bool {
+        self.phase == Phase::Head && (self.head.is_some() || !self.line.is_empty())
     }
 
     /// The connection, for a CONNECT tunnel that relays it without hyper. Sniff buffers nothing.
@@ -235,7 +257,7 @@ impl<T> Sniff<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Sniff<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Sniff<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -244,11 +266,46 @@ impl<T: AsyncRead + Unpin> AsyncRead for Sniff<T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if this.phase != Phase::Off {
-            this.scan(&buf.filled()[before..]);
+        if this.phase == Phase::Off {
+            this.deadline = None;
+            return res;
+        }
+        this.scan(&buf.filled()[before..]);
+        if !this.in_head() {
+            this.deadline = None;
+        } else if this.deadline.is_none() {
+            this.deadline = Some(Box::pin(tokio::time::sleep(this.header_timeout)));
+        }
+        if res.is_pending() {
+            if let Some(deadline) = &mut this.deadline {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    this.deadline = None;
+                    this.phase = Phase::Off;
+                    // One try at telling the client why, like every other refusal; the socket
+                    // has room for a short answer, and nothing else is being written mid-head.
+                    let answer = timeout_answer(this.header_timeout);
+                    let _ = Pin::new(&mut this.inner).poll_write(cx, answer.as_bytes());
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        HeaderTimedOut(this.header_timeout),
+                    )));
+                }
+            }
         }
         res
     }
+}
+
+/// The 408 a client trickling its request head gets, as [`super::refusal::Refusal`] would
+/// answer it (hyper is not involved: the connection ends here).
+fn timeout_answer(after: Duration) -> String {
+    let reason = super::refusal::Refusal::header_timeout(after).reason;
+    format!(
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         {}: {reason}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{reason}\n",
+        super::refusal::REFUSAL_HEADER,
+        reason.len() + 1
+    )
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Sniff<T> {
@@ -287,7 +344,7 @@ mod tests {
 
     /// Scans `bytes` fed in pieces of `step` and returns each head's (method target, problem).
     fn scan(bytes: &[u8], step: usize) -> Vec<(String, Option<&'static str>)> {
-        let (mut sniff, heads) = Sniff::new((), 16 << 10);
+        let (mut sniff, heads) = Sniff::new((), 16 << 10, Duration::from_secs(10));
         for piece in bytes.chunks(step) {
             sniff.scan(piece);
         }
@@ -336,7 +393,7 @@ mod tests {
 
     #[test]
     fn claims_match_requests_in_order_and_a_mismatch_gives_no_verdict() {
-        let (mut sniff, heads) = Sniff::new((), 16 << 10);
+        let (mut sniff, heads) = Sniff::new((), 16 << 10, Duration::from_secs(10));
         sniff.scan(
             b"POST http://a/x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nz\
               GET http://a/y HTTP/1.1\r\n\r\n",
@@ -352,7 +409,7 @@ mod tests {
 
     #[test]
     fn an_endless_head_stops_the_scan() {
-        let (mut sniff, heads) = Sniff::new((), 1024);
+        let (mut sniff, heads) = Sniff::new((), 1024, Duration::from_secs(10));
         sniff.scan(b"GET http://a/ HTTP/1.1\r\n");
         sniff.scan(&[b'x'; 2048]);
         assert_eq!(sniff.phase, Phase::Off);

@@ -185,7 +185,7 @@ impl Egress {
         });
         let cfg = &self.state.config;
         let max_buf_size = cfg.max_header_bytes.max(8192);
-        let (stream, heads) = framing::Sniff::new(stream, max_buf_size);
+        let (stream, heads) = framing::Sniff::new(stream, max_buf_size, cfg.header_read_timeout);
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
             let admission = admission.clone();
@@ -202,7 +202,9 @@ impl Egress {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(cfg.header_read_timeout)
+            // hyper's header timeout also runs while a kept-alive connection waits for its next
+            // request: it is the idle limit here; `Sniff` bounds a head once it has begun.
+            .header_read_timeout(cfg.idle_timeout.max(cfg.header_read_timeout))
             .max_buf_size(max_buf_size)
             .max_headers(refusal::MAX_HEADER_FIELDS)
             .keep_alive(keep_alive);
@@ -218,9 +220,14 @@ impl Egress {
             }
         };
         if let Err(e) = result {
-            match Refusal::unparsable(&e, cfg.max_header_bytes) {
-                // hyper has answered the malformed request itself (an empty 400 or 431); it
-                // still gets its access-log line and its count, like every other refusal.
+            let refusal = match header_timed_out(&e) {
+                Some(after) => Some(Refusal::header_timeout(after)),
+                None => Refusal::unparsable(&e, cfg.max_header_bytes),
+            };
+            match refusal {
+                // hyper has answered the malformed request itself (an empty 400 or 431), or
+                // `Sniff` the trickled one (408); each still gets its access-log line and its
+                // count, like every other refusal.
                 Some(refusal) => {
                     let mut record = AccessRecord::unparsed(peer.ip());
                     drop(refused(&mut record, &refusal));
@@ -230,6 +237,22 @@ impl Egress {
             }
         }
     }
+}
+
+/// The header read timeout, if that is what ended a connection with `e`.
+fn header_timed_out(e: &hyper::Error) -> Option<Duration> {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(timed_out) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<framing::HeaderTimedOut>())
+        {
+            return Some(timed_out.0);
+        }
+        source = err.source();
+    }
+    None
 }
 
 /// Holds one connection slot of a client address; released on drop.

@@ -177,6 +177,18 @@ impl Refusal {
         )
     }
 
+    /// The client began a request head and did not finish it in time (408; slowloris).
+    pub fn header_timeout(after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "header_timeout",
+            format!(
+                "request head not received within {}",
+                humantime::format_duration(after)
+            ),
+        )
+    }
+
     /// The client did not send its whole body in time (408).
     pub fn body_timeout(after: std::time::Duration) -> Self {
         Self::new(
