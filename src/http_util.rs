@@ -105,6 +105,17 @@ pub enum BodyEnd {
     Dropped,
 }
 
+impl std::fmt::Display for BodyEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyEnd::Complete => f.write_str("complete"),
+            BodyEnd::Deadline => f.write_str("still streaming at the deadline"),
+            BodyEnd::Failed(why) => f.write_str(why),
+            BodyEnd::Dropped => f.write_str("the reader went away"),
+        }
+    }
+}
+
 /// Called once when a [`BoundedBody`] ends, with the bytes it passed on and how it ended.
 pub type OnFinish = Box<dyn FnOnce(u64, BodyEnd) + Send>;
 

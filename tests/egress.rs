@@ -2100,6 +2100,19 @@ async fn every_content_encoding_line_is_decoded_or_refused() {
         let reason = resp.header("ferry-refusal").unwrap_or_default();
         assert!(reason.contains(needle), "{what}: {reason:?}");
     }
+    // A coding the rule cannot read is refused from the head, before the body is uploaded.
+    let head = format!(
+        "POST http://{a}/in HTTP/1.1\r\nHost: {a}\r\nContent-Encoding: br\r\n\
+         Content-Length: 5000000\r\n\r\n"
+    );
+    let started = Instant::now();
+    let resp = raw_exchange(proxy.addr, head.as_bytes()).await;
+    assert_eq!(resp.status, 415, "{resp:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     up.assert_untouched("encoded twice or after identity");
 }
 

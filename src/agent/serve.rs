@@ -119,7 +119,7 @@ async fn fetch(
         Ok(Err(e)) => {
             count(shared, &route.name, "error");
             let reason = one_line(&e);
-            debug!(target = %route.name, error = %reason, "target fetch failed");
+            debug!(scrape_target = %route.name, error = %reason, "target fetch failed");
             return ScrapeError::Target {
                 target: route.name.clone(),
                 reason,
@@ -161,7 +161,7 @@ async fn fetch(
             BodyEnd::Complete | BodyEnd::Dropped => result,
             BodyEnd::Deadline => "timeout",
             BodyEnd::Failed(reason) => {
-                warn!(target = %name, bytes, error = %reason, "target body broke mid-scrape");
+                warn!(scrape_target = %name, bytes, error = %reason, "target body broke mid-scrape");
                 "error"
             }
         };

@@ -48,11 +48,12 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
         let delay = match run_session(&shared, &shutdown).await {
             Ok(SessionEnd::Shutdown) => break,
             Ok(SessionEnd::Closed(reason)) => {
-                warn!(%gateway, %reason, "tunnel closed; reconnecting");
                 if started.elapsed() >= b.stable_after {
                     backoff.reset();
                 }
-                backoff.next_delay()
+                let delay = backoff.next_delay();
+                warn!(%gateway, %reason, retry_in = ?delay, "tunnel closed; reconnecting");
+                delay
             }
             Err(SessionError::Handshake(e)) if e.is_auth_refusal() => {
                 count(&shared, "auth_refused");

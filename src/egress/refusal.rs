@@ -159,7 +159,9 @@ impl Refusal {
         Self::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "content_encoding",
-            format!("content encoding {got} cannot be validated (gzip, deflate or identity)"),
+            format!(
+                "content encoding {got} cannot be validated (gzip, deflate, snappy or identity)"
+            ),
         )
     }
 

@@ -96,6 +96,10 @@ impl Validation {
         if self.require_content_md5 && !headers.contains_key("content-md5") {
             return Err(Refusal::invalid("required header content-md5 is missing"));
         }
+        // A body this rule cannot decode is refused before it is uploaded.
+        if self.inspects_body() {
+            coding(headers)?;
+        }
         Ok(())
     }
 
@@ -211,24 +215,8 @@ fn decode<'a>(
     body: &'a Bytes,
     limit: u64,
 ) -> Result<std::borrow::Cow<'a, [u8]>, Refusal> {
-    // Every Content-Encoding line counts: an upstream reads two lines as two codings, so
-    // checking only the first would let a doubly encoded body through unread.
-    let mut codings = Vec::new();
-    for value in headers.get_all(header::CONTENT_ENCODING) {
-        let value = value
-            .to_str()
-            .map_err(|_| Refusal::unsupported_encoding("(not ASCII)"))?;
-        codings.extend(
-            value
-                .split(',')
-                .map(|c| c.trim().to_ascii_lowercase())
-                .filter(|c| !c.is_empty() && c != "identity"),
-        );
-    }
-    let encoding = match codings.as_slice() {
-        [] => return Ok(std::borrow::Cow::Borrowed(body)),
-        [one] => one.clone(),
-        several => return Err(Refusal::unsupported_encoding(&several.join(", "))),
+    let Some(encoding) = coding(headers)? else {
+        return Ok(std::borrow::Cow::Borrowed(body));
     };
     let reader: Box<dyn Read + '_> = match encoding.as_str() {
         "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
@@ -246,6 +234,33 @@ fn decode<'a>(
         return Err(Refusal::decoded_too_large(limit));
     }
     Ok(std::borrow::Cow::Owned(out))
+}
+
+/// The body's one content coding (lowercase), `None` for identity; refused if the proxy cannot
+/// decode it, or if there are several.
+fn coding(headers: &HeaderMap) -> Result<Option<String>, Refusal> {
+    // Every Content-Encoding line counts: an upstream reads two lines as two codings, so
+    // checking only the first would let a doubly encoded body through unread.
+    let mut codings = Vec::new();
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let value = value
+            .to_str()
+            .map_err(|_| Refusal::unsupported_encoding("(not ASCII)"))?;
+        codings.extend(
+            value
+                .split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .filter(|c| !c.is_empty() && c != "identity"),
+        );
+    }
+    match codings.as_slice() {
+        [] => Ok(None),
+        [one] if matches!(one.as_str(), "gzip" | "x-gzip" | "deflate" | "snappy") => {
+            Ok(Some(one.clone()))
+        }
+        [other] => Err(Refusal::unsupported_encoding(other)),
+        several => Err(Refusal::unsupported_encoding(&several.join(", "))),
+    }
 }
 
 /// Snappy in the block format, as Prometheus remote_write sends it (`Content-Encoding: snappy`).

@@ -259,7 +259,7 @@ fn stream_back(
             BodyEnd::Deadline | BodyEnd::Failed(_) => {
                 // Prometheus got the head and part of the body: a failed scrape, which the
                 // status class alone would count as a success.
-                warn!(agent = %labels.agent, target = %labels.target, ?end, bytes, "scrape body broke after the response head was sent");
+                warn!(agent = %labels.agent, scrape_target = %labels.target, %end, bytes, "scrape body broke after the response head was sent");
                 "aborted"
             }
         };
