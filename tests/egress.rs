@@ -701,6 +701,11 @@ async fn ports_methods_and_paths_outside_the_rule_are_refused() {
         "method GET is not allowed by rule \"push\"",
         "GET",
     );
+    assert_eq!(
+        resp.header("allow"),
+        Some("POST, PUT"),
+        "405 says what is allowed"
+    );
     let resp = post_via(
         proxy.addr,
         &format!("http://127.0.0.1:{other_port}/api/v1/push"),
@@ -1220,7 +1225,11 @@ async fn tls_upgrade_to_a_certificate_the_ca_did_not_sign_is_502() {
     )
     .await;
     assert_eq!(resp.status, 502, "{}", resp.text());
-    assert!(resp.header("ferry-refusal").is_some());
+    let reason = resp.header("ferry-refusal").unwrap_or_default();
+    assert!(
+        reason.contains("certificate") && !reason.contains("client error"),
+        "the cause in words, not the HTTP client's: {reason:?}"
+    );
     assert_eq!(
         up.request_count(),
         0,
@@ -2388,8 +2397,20 @@ async fn open_tunnels_hold_their_connection_slot_and_show_in_the_metrics() {
         "{text}"
     );
 
-    let (resp, _third) = connect_raw(proxy.addr, &authority, &[]).await;
-    assert_eq!(resp.status, 200, "{resp:?}");
+    // The third slot frees once the proxy has seen the /metrics connection close.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let _third = loop {
+        let (resp, third) = connect_raw(proxy.addr, &authority, &[]).await;
+        if resp.status == 200 {
+            break third;
+        }
+        assert_eq!(resp.status, 429, "{resp:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the /metrics connection's slot was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let fourth = get_via(proxy.addr, &up.url("/fourth")).await;
     assert_refused(
         &fourth,

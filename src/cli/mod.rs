@@ -448,6 +448,7 @@ fn token_new(glob: &str) -> ExitCode {
     println!("tokens-file line: {glob} {hash}");
     println!();
     println!("Give the token to the agent in a file (--token-file) or FERRY_TOKEN; add the line to the gateway's --auth.tokens-file.");
+    println!("For an egress client: add the line to the proxy's --auth.credentials-file; the client sends the token as Proxy-Authorization: Bearer, or as the password of Basic with a name the glob matches.");
     ExitCode::SUCCESS
 }
 

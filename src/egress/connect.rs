@@ -81,7 +81,8 @@ async fn open(
     }
     if rule.tls_upgrade.is_some() {
         return Err(Refusal::bad_request(format!(
-            "rule {:?} upgrades plain HTTP to HTTPS; CONNECT is not used with it",
+            "rule {:?} upgrades plain HTTP to HTTPS: send the http:// URL through the proxy \
+             (HTTP_PROXY), not a CONNECT tunnel",
             rule.name
         )));
     }

@@ -124,7 +124,8 @@ pub(crate) async fn select_rule<'a>(
 ) -> Result<(usize, &'a Rule), Refusal> {
     let literal = parse_ip_literal(&target.host);
     let mut resolved: Option<Vec<IpAddr>> = literal.map(|ip| vec![ip]);
-    let mut method_refusal = None;
+    let mut method_refusal: Option<Refusal> = None;
+    let mut allowed: Vec<Method> = Vec::new();
     for (i, rule) in state.config.rules.iter().enumerate() {
         if rule
             .path_prefix
@@ -153,15 +154,22 @@ pub(crate) async fn select_rule<'a>(
         if !matches {
             continue;
         }
-        if rule.methods.as_ref().is_some_and(|m| !m.contains(method)) {
+        if let Some(methods) = rule.methods.as_ref().filter(|m| !m.contains(method)) {
             method_refusal.get_or_insert_with(|| Refusal::method(method, &rule.name));
+            allowed.extend(methods.iter().filter(|m| **m != Method::CONNECT).cloned());
             continue;
         }
         return Ok((i, rule));
     }
-    Err(method_refusal.unwrap_or_else(|| {
-        Refusal::destination(&format!("{method} {}:{}{path}", target.host, target.port))
-    }))
+    Err(match method_refusal {
+        Some(mut refusal) => {
+            allowed.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            allowed.dedup();
+            refusal.allow = allowed;
+            refusal
+        }
+        None => Refusal::destination(&format!("{method} {}:{}{path}", target.host, target.port)),
+    })
 }
 
 /// Whether `path` is under `prefix`, at a segment boundary: `/api` covers `/api` and `/api/x`, not
@@ -276,7 +284,7 @@ async fn forward(
     record: &mut AccessRecord,
 ) -> Result<Response<Body>, Refusal> {
     if parts.uri.scheme_str() != Some("http") {
-        return Err(Refusal::bad_request("absolute-form requests must be http://; use CONNECT for https://, or a rule with tls_upgrade"));
+        return Err(Refusal::bad_request("absolute-form requests must be http://: send the http:// URL and let a rule with tls_upgrade speak HTTPS upstream, or open a CONNECT tunnel for https:// (HTTPS_PROXY)"));
     }
     check_request(&parts)?;
     let target = Target::from_uri(&parts.uri, 80)?;
@@ -417,7 +425,17 @@ fn upstream_error(e: &hyper_util::client::legacy::Error, host: &str) -> Refusal 
         }
         source = err.source();
     }
-    Refusal::upstream(crate::scrape_error::one_line(e))
+    // The legacy client's own words ("client error (Connect)") say nothing to a user: its
+    // cause does.
+    let cause = std::error::Error::source(e).map_or_else(
+        || crate::scrape_error::one_line(e),
+        crate::scrape_error::one_line,
+    );
+    Refusal::upstream(if e.is_connect() {
+        cause
+    } else {
+        format!("upstream {host} failed: {cause}")
+    })
 }
 
 fn stream_back(

@@ -20,6 +20,8 @@ pub struct Refusal {
     pub kind: &'static str,
     /// One line for the client and the access log. Never contains payload bytes.
     pub reason: String,
+    /// For a 405: the methods the rules allow there (the `Allow` header).
+    pub allow: Vec<http::Method>,
 }
 
 impl Refusal {
@@ -28,6 +30,7 @@ impl Refusal {
             status,
             kind,
             reason: reason.into(),
+            allow: Vec::new(),
         }
     }
 
@@ -230,6 +233,12 @@ impl Refusal {
             .collect();
         if let Ok(v) = HeaderValue::from_str(&header) {
             resp.headers_mut().insert(REFUSAL_HEADER, v);
+        }
+        if !self.allow.is_empty() {
+            let allow: Vec<&str> = self.allow.iter().map(|m| m.as_str()).collect();
+            if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+                resp.headers_mut().insert(http::header::ALLOW, v);
+            }
         }
         if self.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
             resp.headers_mut().insert(
