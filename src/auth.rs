@@ -111,11 +111,16 @@ impl TokensFile {
     ///
     /// Every line is compared, matching or not, so timing does not tell which line (if any) matched.
     pub fn authorize(&self, token: &str, agent_id: &str) -> Result<(), AuthError> {
-        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.authorize_digest(&token_digest(token), agent_id)
+    }
+
+    /// [`TokensFile::authorize`] for a token known by its SHA-256 (a connected agent's, checked
+    /// again when the file is reloaded).
+    pub fn authorize_digest(&self, presented: &[u8; 32], agent_id: &str) -> Result<(), AuthError> {
         let mut known = false;
         let mut allowed = false;
         for entry in &self.entries {
-            let matches: bool = entry.hash.ct_eq(&presented).into();
+            let matches: bool = entry.hash.ct_eq(presented).into();
             known |= matches;
             allowed |= matches && entry.ids.matches(agent_id);
         }
@@ -140,6 +145,11 @@ fn parse_line(line: &str) -> Result<Entry, String> {
     hex::decode_to_slice(hex_part, &mut digest)
         .map_err(|_| format!("{hash:?}: expected sha256: followed by 64 hex digits"))?;
     Ok(Entry { ids, hash: digest })
+}
+
+/// The SHA-256 of a token, as the tokens file holds it.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
 
 /// A new random token (256 bits, hex) and its tokens-file hash `sha256:<hex>`.

@@ -321,6 +321,35 @@ async fn gateway_serves_a_restarted_agent() {
 // 3. Duplicate id
 // ---------------------------------------------------------------------------------------------
 
+/// Removing a token's line and reloading the tokens file (SIGHUP) cuts off the agents already
+/// connected with it, not only their next connection; the others stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_removed_on_reload_closes_the_tunnels_using_it() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("web-*", "leaked"), ("db-*", "kept")], |_| {}).await;
+    let server = metrics_server("up 1\n").await;
+    let targets = [("node", server.url("/metrics"))];
+    let leaked = start_agent(agent_section(&gw, "web-1", &targets), "leaked");
+    let kept = start_agent(agent_section(&gw, "db-1", &targets), "kept");
+    gw.wait_agent("web-1", Duration::from_secs(10)).await;
+    gw.wait_agent("db-1", Duration::from_secs(10)).await;
+
+    tokens_file(dir.path(), &[("db-*", "kept")]);
+    assert_eq!(gw.gateway.reload_tokens().unwrap(), 1);
+
+    gw.wait_agent_gone("web-1", Duration::from_secs(5)).await;
+    let resp = scrape(gw.web, &target_url("web-1", &server)).await;
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    let resp = scrape(gw.web, &target_url("db-1", &server)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    // It does not come back: its token is refused now.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(gw.agent_ids(), vec!["db-1".to_owned()]);
+    leaked.stop().await;
+    kept.stop().await;
+    gw.stop().await;
+}
+
 /// A second agent claims an id already connected: the newer tunnel replaces the older one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newer_tunnel_replaces_older_with_the_same_id() {

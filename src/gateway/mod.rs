@@ -142,10 +142,18 @@ impl Gateway {
         self.state.identity.as_ref().map(|i| i.fingerprint.as_str())
     }
 
-    /// Re-reads the tokens file (SIGHUP). On error the old credentials stay in force.
+    /// Re-reads the tokens file (SIGHUP). On error the old credentials stay in force. Tunnels whose
+    /// token the new file no longer accepts for their id are closed: removing a leaked token's
+    /// line cuts off the agents using it, not only their next connection.
     pub fn reload_tokens(&self) -> Result<usize, TokensFileError> {
         let tokens = TokensFile::load(&self.state.config.tokens_file)?;
         let n = tokens.len();
+        for agent in self.state.registry.snapshot() {
+            if !agent.still_authorized(&tokens) {
+                tracing::warn!(agent = %agent.id, remote = %agent.remote, "closing the tunnel: the reloaded tokens file no longer accepts its token for this id");
+                agent.revoke();
+            }
+        }
         *self.state.tokens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tokens);
         Ok(n)
     }

@@ -30,6 +30,9 @@ pub struct AgentHandle {
     targets: watch::Receiver<Arc<TargetList>>,
     closed: CancellationToken,
     stats: std::sync::Mutex<ScrapeStats>,
+    /// SHA-256 of the token the tunnel was opened with, to check it again on reload.
+    credential: [u8; 32],
+    revoked: std::sync::atomic::AtomicBool,
 }
 
 /// What the status page shows of an agent's scrapes.
@@ -56,6 +59,7 @@ impl AgentHandle {
         sender: Sender,
         targets: watch::Receiver<Arc<TargetList>>,
         closed: CancellationToken,
+        credential: [u8; 32],
     ) -> Self {
         Self {
             id,
@@ -66,7 +70,26 @@ impl AgentHandle {
             targets,
             closed,
             stats: std::sync::Mutex::new(ScrapeStats::default()),
+            credential,
+            revoked: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether `tokens` still lets this tunnel's token claim its id.
+    pub fn still_authorized(&self, tokens: &crate::auth::TokensFile) -> bool {
+        tokens.authorize_digest(&self.credential, &self.id).is_ok()
+    }
+
+    /// Closes the tunnel because its token no longer lets it claim its id.
+    pub fn revoke(&self) {
+        self.revoked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.closed.cancel();
+    }
+
+    /// Whether [`AgentHandle::revoke`] closed it.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records one finished scrape.

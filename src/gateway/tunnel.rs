@@ -160,7 +160,10 @@ fn upgrade(
     // connection's span (and its formatted fields) alive for the tunnel's whole life.
     let span = info_span!(parent: None, "agent", agent = %agent_id, %remote);
     let guard = held.lock().unwrap_or_else(|p| p.into_inner()).take();
-    tokio::spawn(run_session(state, req, agent_id, remote, shutdown, guard).instrument(span));
+    let credential = crate::auth::token_digest(&claim.token);
+    tokio::spawn(
+        run_session(state, req, agent_id, credential, remote, shutdown, guard).instrument(span),
+    );
     switching_protocols()
 }
 
@@ -177,6 +180,7 @@ async fn run_session(
     state: Arc<State>,
     req: Request<Incoming>,
     agent_id: String,
+    credential: [u8; 32],
     remote: SocketAddr,
     shutdown: CancellationToken,
     _open: Option<ConnectionGuard>,
@@ -210,8 +214,9 @@ async fn run_session(
         sender.clone(),
         targets_rx,
         closed.clone(),
+        credential,
     ));
-    if let Some(old) = state.registry.insert(handle) {
+    if let Some(old) = state.registry.insert(handle.clone()) {
         warn!(old_remote = %old.remote, "agent id connected again: replacing the older tunnel");
         state.metrics.tunnels_replaced.inc();
         old.close();
@@ -223,7 +228,11 @@ async fn run_session(
     info!(targets = n_targets, "agent connected");
     let end = tokio::select! {
         reason = &mut conn => format!("connection ended: {reason}"),
-        _ = closed.cancelled() => "replaced by a newer tunnel".to_owned(),
+        _ = closed.cancelled() => if handle.is_revoked() {
+            "its token no longer allows this agent id (tokens file reloaded)".to_owned()
+        } else {
+            "replaced by a newer tunnel".to_owned()
+        },
         _ = shutdown.cancelled() => "gateway shutting down".to_owned(),
         e = watch_targets(sender, targets_tx) => {
             // An agent shutting down sends GOAWAY, which ends the targets long poll first; its
