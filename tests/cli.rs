@@ -862,6 +862,34 @@ fn the_exporter_drains_no_scrapes() {
     assert!(!lines.contains("scrapes"), "{lines}");
 }
 
+/// A reload applies what it can; a changed setting it does not apply is named, not ignored.
+#[test]
+fn settings_a_reload_does_not_apply_are_named() {
+    let dir = TempDir::new().unwrap();
+    let config = |upstream: &str| {
+        format!("egress:\n  web: {{ listen_address: '127.0.0.1:0' }}\n  allow_upstreams: ['{upstream}']\n")
+    };
+    write(
+        dir.path(),
+        "egress.yaml",
+        &config("collector.example.com:443"),
+    );
+    let mut egress = Running::start(dir.path(), &["run", "--config.file", "egress.yaml"]);
+    egress.wait_for("egress proxy listening");
+    write(dir.path(), "egress.yaml", &config("other.example.com:443"));
+    egress.signal(rustix::process::Signal::HUP);
+    let line = egress.wait_for("take effect only after a restart");
+    assert!(
+        line.contains("level=warn") && line.contains("fields=egress.allow_upstreams"),
+        "{line}"
+    );
+    write(dir.path(), "egress.yaml", "egress: [not, a, mapping");
+    egress.signal(rustix::process::Signal::HUP);
+    let line = egress.wait_for("cannot be read");
+    assert!(line.contains("level=error"), "{line}");
+    egress.wait_for("SIGHUP: reloading");
+}
+
 #[test]
 fn an_agent_id_changed_on_reload_is_said_to_need_a_restart() {
     let dir = TempDir::new().unwrap();

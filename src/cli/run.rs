@@ -85,11 +85,16 @@ async fn run_roles(config: RunConfig, reload_from: Option<PathBuf>) -> Result<()
     // Before any role starts: a SIGHUP or SIGTERM that comes once a listener is up is handled,
     // not left to its default action (exit without draining).
     let signals = Signals::install();
+    // The file as the roles were started from it: a reload compares against this.
+    let started_from = reload_from
+        .as_deref()
+        .and_then(|path| file_value(path).ok())
+        .map(|value| (reload_from.clone().unwrap_or_default(), value));
     let roles = start_roles(config, &shutdown, &mut tasks).await?;
     tokio::spawn(handle_signals(
         signals,
         roles,
-        reload_from,
+        started_from,
         shutdown.clone(),
     ));
     while let Some(res) = tasks.join_next().await {
@@ -201,7 +206,7 @@ impl Signals {
 async fn handle_signals(
     signals: Option<Signals>,
     roles: Roles,
-    reload_from: Option<PathBuf>,
+    started_from: Option<(PathBuf, serde_yaml_ng::Value)>,
     shutdown: CancellationToken,
 ) {
     let Some(Signals {
@@ -216,11 +221,88 @@ async fn handle_signals(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&roles, reload_from.as_deref()),
+            _ = hup.recv() => {
+                if let Some((path, started)) = &started_from {
+                    warn_unapplied(path, started);
+                }
+                reload(&roles, started_from.as_ref().map(|(path, _)| path.as_path()))
+            }
         }
     }
     info!("{}", roles.shutdown_message());
     shutdown.cancel();
+}
+
+/// What SIGHUP applies from the config file itself (files it names, such as the tokens file, are
+/// re-read too). `agent.agent_id` is warned about on its own.
+const RELOADED_FIELDS: &[&str] = &["agent.targets", "agent.labels", "agent.agent_id"];
+
+fn file_value(path: &std::path::Path) -> Result<serde_yaml_ng::Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    serde_yaml_ng::from_str(&text).map_err(|e| e.to_string())
+}
+
+/// Says which settings changed in the file since start that a reload does not apply: a changed
+/// listener or egress rule silently ignored would look applied.
+fn warn_unapplied(path: &std::path::Path, started: &serde_yaml_ng::Value) {
+    let now = match file_value(path) {
+        Ok(now) => now,
+        Err(e) => {
+            return error!(file = %path.display(), error = %e, "reload: the config file cannot be read; the running configuration stays")
+        }
+    };
+    let mut changed = Vec::new();
+    changed_fields("", started, &now, &mut changed);
+    changed.retain(|f| !RELOADED_FIELDS.contains(&f.as_str()));
+    if !changed.is_empty() {
+        warn!(file = %path.display(), fields = %changed.join(", "), "reload: these settings changed in the file and take effect only after a restart");
+    }
+}
+
+/// Field paths (two levels deep: `egress.rules`) where `old` and `new` differ.
+fn changed_fields(
+    path: &str,
+    old: &serde_yaml_ng::Value,
+    new: &serde_yaml_ng::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_yaml_ng::Value;
+    if old == new {
+        return;
+    }
+    match (old, new) {
+        (Value::Mapping(a), Value::Mapping(b)) if path.matches('.').count() < 1 => {
+            let mut keys: Vec<&Value> = a.keys().chain(b.keys()).collect();
+            keys.dedup();
+            let mut seen = Vec::new();
+            for key in keys {
+                let name = key
+                    .as_str()
+                    .map_or_else(|| format!("{key:?}"), str::to_owned);
+                if seen.contains(&name) {
+                    continue;
+                }
+                let field = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}.{name}")
+                };
+                let null = Value::Null;
+                changed_fields(
+                    &field,
+                    a.get(key).unwrap_or(&null),
+                    b.get(key).unwrap_or(&null),
+                    out,
+                );
+                seen.push(name);
+            }
+        }
+        _ => out.push(if path.is_empty() {
+            "(the whole file)".to_owned()
+        } else {
+            path.to_owned()
+        }),
+    }
 }
 
 /// SIGHUP: re-read the tokens file, and the config file's agent targets. Errors keep the old state.
