@@ -41,7 +41,10 @@ impl Exporter {
                 let registry = registry.clone();
                 async move {
                     match req.uri().path() {
-                        "/metrics" => metrics_response_blocking(registry, |r: &Registry| r).await,
+                        "/metrics" => {
+                            let accept = req.headers().get(http::header::ACCEPT).cloned();
+                            metrics_response_blocking(registry, |r: &Registry| r, accept).await
+                        }
                         "/-/healthy" => text_response(http::StatusCode::OK, "Healthy"),
                         "/-/ready" => text_response(http::StatusCode::OK, "Ready"),
                         _ => text_response(

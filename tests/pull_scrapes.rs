@@ -974,3 +974,68 @@ async fn a_target_cannot_pass_for_ferry() {
     assert_eq!(resp.header("ferry-error"), None, "{:?}", resp.headers);
     s.stop().await;
 }
+
+/// `promtool check metrics` (Debian `prometheus`) accepts what the gateway and the agent expose
+/// to a client that does not ask for OpenMetrics (curl, promtool, older scrapers); Prometheus,
+/// which asks for it, gets OpenMetrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_text_format_unless_openmetrics_is_asked_for() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    // One scrape, so that the per-agent series exist.
+    assert_eq!(s.scrape("/metrics", &[]).await.status, 200);
+    let agent_metrics = format!("http://{AGENT}:9369/metrics");
+    for (what, resp) in [
+        (
+            "gateway",
+            client::get(&format!("http://{}/metrics", s.gw.web)).await,
+        ),
+        ("agent", get_via_proxy(s.gw.web, &agent_metrics, &[]).await),
+    ] {
+        assert_eq!(resp.status, 200, "{what}");
+        assert_eq!(
+            resp.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8"),
+            "{what}"
+        );
+        let text = resp.text();
+        assert!(!text.contains("# EOF"), "{what}: {text}");
+        let mut promtool = std::process::Command::new("/usr/bin/promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus) is installed");
+        use std::io::Write as _;
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: promtool: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let om = get_via_proxy(
+        s.gw.web,
+        &agent_metrics,
+        &[(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )],
+    )
+    .await;
+    assert!(
+        om.header("content-type")
+            .is_some_and(|t| t.starts_with("application/openmetrics-text")),
+        "{:?}",
+        om.header("content-type")
+    );
+    assert!(om.text().ends_with("# EOF\n"));
+    s.stop().await;
+}

@@ -148,8 +148,13 @@ impl Agent {
                 async move {
                     match req.uri().path() {
                         "/metrics" => {
-                            metrics_response_blocking(shared, |s: &Shared| &s.metrics_registry)
-                                .await
+                            let accept = req.headers().get(http::header::ACCEPT).cloned();
+                            metrics_response_blocking(
+                                shared,
+                                |s: &Shared| &s.metrics_registry,
+                                accept,
+                            )
+                            .await
                         }
                         "/-/healthy" => text_response(http::StatusCode::OK, "Healthy"),
                         "/-/ready" if shared.metrics.tunnel_up.get() == 1 => {

@@ -77,7 +77,9 @@ async fn scrape(shared: &Arc<Shared>, port: u16, req: Request<Incoming>) -> Resp
     match &route.handler {
         Handler::SelfMetrics => {
             count(shared, &route.name, "ok");
-            metrics_response_blocking(shared.clone(), |s: &Shared| &s.metrics_registry).await
+            let accept = req.headers().get(http::header::ACCEPT).cloned();
+            metrics_response_blocking(shared.clone(), |s: &Shared| &s.metrics_registry, accept)
+                .await
         }
         Handler::Fetch { url, client } => fetch(shared, route, url, client, req, timeout).await,
     }

@@ -349,7 +349,7 @@ async fn handle(
         return resp;
     }
     if !is_proxy {
-        return own_endpoint(state, req.uri().path());
+        return own_endpoint(state, &req);
     }
     let checks = check_framing(framing_problem).and_then(|_| check_credentials(state, &req));
     if let Err(refusal) = checks {
@@ -378,9 +378,12 @@ fn close_after(resp: &mut Response<Body>) {
         .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
 }
 
-fn own_endpoint(state: &State, path: &str) -> Response<Body> {
-    match path {
-        "/metrics" => metrics_response(&state.metrics_registry),
+fn own_endpoint(state: &State, req: &Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/metrics" => metrics_response(
+            &state.metrics_registry,
+            req.headers().get(header::ACCEPT),
+        ),
         "/-/healthy" => text_response(StatusCode::OK, "Healthy"),
         "/-/ready" => text_response(StatusCode::OK, "Ready"),
         _ => text_response(StatusCode::NOT_FOUND, "not proxied: send absolute-form requests (http://host/path) or CONNECT; this endpoint serves only /metrics, /-/healthy, /-/ready"),

@@ -21,7 +21,10 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
     }
     match req.uri().path() {
         "/targets" | "/clients" => json(sd::document(&state.registry.snapshot())),
-        "/metrics" => metrics_response(&state.metrics_registry),
+        "/metrics" => metrics_response(
+            &state.metrics_registry,
+            req.headers().get(http::header::ACCEPT),
+        ),
         "/-/healthy" => text_response(StatusCode::OK, "Healthy"),
         "/-/ready" => text_response(StatusCode::OK, "Ready"),
         "/api/v1/agents" => json(serde_json::to_string(&agents(state)).unwrap_or_else(|_| "[]".into())),

@@ -28,14 +28,88 @@ pub fn encode_registry(registry: &Registry) -> String {
     out
 }
 
-/// A `/metrics` response for `registry`.
-pub fn metrics_response(registry: &Registry) -> Response<Body> {
-    let mut resp = Response::new(full(encode_registry(registry)));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE),
-    );
+/// Content type of the Prometheus text format (0.0.4), for clients that do not ask for OpenMetrics.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A `/metrics` response for `registry`: OpenMetrics when the request's `Accept` asks for it
+/// (Prometheus does), else the Prometheus text format, which `promtool check metrics`, curl users
+/// and older scrapers read.
+pub fn metrics_response(registry: &Registry, accept: Option<&HeaderValue>) -> Response<Body> {
+    let openmetrics = encode_registry(registry);
+    let (body, content_type) = if wants_openmetrics(accept) {
+        (openmetrics, OPENMETRICS_CONTENT_TYPE)
+    } else {
+        (openmetrics_to_text(&openmetrics), TEXT_CONTENT_TYPE)
+    };
+    let mut resp = Response::new(full(body));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
+}
+
+/// Whether `Accept` names OpenMetrics (with a non-zero weight).
+fn wants_openmetrics(accept: Option<&HeaderValue>) -> bool {
+    let Some(accept) = accept.and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    accept.split(',').any(|range| {
+        let mut params = range.split(';').map(str::trim);
+        let media = params.next().unwrap_or("");
+        let weight = params
+            .filter_map(|p| p.strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        media.eq_ignore_ascii_case("application/openmetrics-text") && weight > 0.0
+    })
+}
+
+/// The Prometheus text format (0.0.4) of an OpenMetrics exposition as prometheus-client writes
+/// it (`# HELP`, `# TYPE`, `# UNIT`, samples, `# EOF`): a counter family is named with its
+/// `_total` suffix, an `info` family becomes a gauge named with `_info`, and `_created` samples,
+/// `# UNIT` lines and `# EOF` go.
+fn openmetrics_to_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<(&str, &str)> = None;
+    let mut created = String::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some((name, text)) = help.take() {
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (text_kind, suffix) = match kind {
+                "counter" => ("counter", "_total"),
+                "info" => ("gauge", "_info"),
+                "gauge" | "histogram" | "summary" => (kind, ""),
+                _ => ("untyped", ""),
+            };
+            if let Some((help_name, text)) = help.take() {
+                let help_name = if help_name == name {
+                    format!("{name}{suffix}")
+                } else {
+                    help_name.to_owned()
+                };
+                out.push_str(&format!("# HELP {help_name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name}{suffix} {text_kind}\n"));
+            created = format!("{name}_created");
+            continue;
+        }
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let sample = line.split(['{', ' ']).next().unwrap_or("");
+        if sample == created {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// A `/metrics` response for a registry whose collectors may block (the host connection
@@ -43,11 +117,12 @@ pub fn metrics_response(registry: &Registry) -> Response<Body> {
 pub async fn metrics_response_blocking<R>(
     owner: std::sync::Arc<R>,
     registry: fn(&R) -> &Registry,
+    accept: Option<HeaderValue>,
 ) -> Response<Body>
 where
     R: Send + Sync + 'static,
 {
-    tokio::task::spawn_blocking(move || metrics_response(registry(&owner)))
+    tokio::task::spawn_blocking(move || metrics_response(registry(&owner), accept.as_ref()))
         .await
         .unwrap_or_else(|e| {
             tracing::error!(error = %e, "encoding metrics failed");
@@ -66,5 +141,32 @@ pub fn status_class(status: http::StatusCode) -> &'static str {
         300..=399 => "3xx",
         400..=499 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_only_when_asked_for_with_a_weight() {
+        let ask = |v: &str| wants_openmetrics(Some(&HeaderValue::from_str(v).unwrap()));
+        assert!(ask(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        ));
+        assert!(ask("text/plain;q=0.5, application/openmetrics-text; q=0.9"));
+        assert!(!ask("application/openmetrics-text;q=0"));
+        assert!(!ask("*/*"));
+        assert!(!ask("text/plain;version=0.0.4"));
+        assert!(!wants_openmetrics(None));
+    }
+
+    #[test]
+    fn text_format_names_counters_with_their_suffix_and_drops_openmetrics_only_lines() {
+        let om = "# HELP requests Requests.\n# TYPE requests counter\nrequests_total{a=\"b\"} 3\nrequests_created{a=\"b\"} 1.7e9\n# HELP build Build.\n# TYPE build info\nbuild_info{v=\"1\"} 1\n# HELP size Size.\n# TYPE size gauge\n# UNIT size bytes\nsize 5\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(om),
+            "# HELP requests_total Requests.\n# TYPE requests_total counter\nrequests_total{a=\"b\"} 3\n# HELP build_info Build.\n# TYPE build_info gauge\nbuild_info{v=\"1\"} 1\n# HELP size Size.\n# TYPE size gauge\nsize 5\n"
+        );
     }
 }
