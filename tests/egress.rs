@@ -2438,6 +2438,70 @@ async fn open_tunnels_hold_their_connection_slot_and_show_in_the_metrics() {
     echo(&mut second, b"still open").await;
 }
 
+/// A request still waiting for its upstream when the grace period ends is not lost from the
+/// access log: the upstream may have its payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_off_by_the_end_of_the_grace_period_is_logged() {
+    // An upstream that reads the request and never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    let rule = format!("127.0.0.1/32:{}", upstream.port());
+    let listen = format!("127.0.0.1:{}", common::external::free_port());
+    let mut ferry = FerryProcess::spawn(&[
+        "egress",
+        "--web.listen-address",
+        &listen,
+        "--allow-upstream",
+        &rule,
+        "--log.format",
+        "json",
+        "--shutdown.grace-period",
+        "500ms",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while try_get(&format!("http://{listen}/-/ready"), &[])
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "ferry egress never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let proxy: SocketAddr = listen.parse().unwrap();
+    let pending = tokio::spawn(async move {
+        post_via(proxy, &format!("http://{upstream}/slow"), &[], b"payload").await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kill = Command::new("kill")
+        .args(["-TERM", &ferry.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert!(
+        ferry.collect_until(Duration::from_secs(10), |l| !access_lines(l).is_empty()),
+        "no access line"
+    );
+    let lines = ferry.finish();
+    pending.abort();
+    let access = access_lines(&lines);
+    assert_eq!(access.len(), 1, "{lines:#?}");
+    let f = &access[0]["fields"];
+    assert_eq!(f["method"], "POST", "{f}");
+    assert_eq!(f["status"], 499, "{f}");
+    assert_eq!(f["bytes_in"], 7, "{f}");
+    assert!(
+        f["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("unfinished")),
+        "{f}"
+    );
+}
+
 /// SIGTERM: an open tunnel is closed once quiet and gets its access-log line (bytes, reason),
 /// and the process exits well within the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

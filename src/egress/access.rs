@@ -35,6 +35,26 @@ pub struct AccessRecord {
     pub reason_kind: &'static str,
     /// One-line reason, or empty.
     pub reason: String,
+    /// Whether dropping the record still owes its line (see the `Drop` impl).
+    armed: bool,
+}
+
+/// A record dropped before its line was written — the client went away while the upstream was
+/// still answering, or the proxy stopped at the end of its grace period — still gets one: an
+/// access log must not lose a request that may have reached the upstream.
+impl Drop for AccessRecord {
+    fn drop(&mut self) {
+        if self.armed {
+            self.armed = false;
+            self.status = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+            if self.reason.is_empty() {
+                self.reason =
+                    "unfinished: the client went away or the proxy stopped before the answer"
+                        .into();
+            }
+            self.log(self.start.elapsed());
+        }
+    }
 }
 
 impl AccessRecord {
@@ -52,19 +72,26 @@ impl AccessRecord {
             decision: "allowed",
             reason_kind: "",
             reason: String::new(),
+            armed: true,
         }
+    }
+
+    /// This record will not be logged (a request for the proxy's own endpoints, a copy that
+    /// another record stands for).
+    pub fn disarm(&mut self) {
+        self.armed = false;
     }
 
     /// A record for a request the HTTP parser refused: method and destination unknown.
     pub fn unparsed(client: IpAddr) -> Self {
-        Self {
-            method: "-".into(),
-            ..Self::new(client, "-".into(), &http::Method::GET)
-        }
+        let mut record = Self::new(client, "-".into(), &http::Method::GET);
+        record.method = "-".into();
+        record
     }
 
     /// Writes the access-log line and updates the metrics.
-    pub fn emit(self, metrics: &EgressMetrics) {
+    pub fn emit(mut self, metrics: &EgressMetrics) {
+        self.armed = false;
         let duration = self.start.elapsed();
         self.log(duration);
         self.count(metrics, duration);

@@ -154,6 +154,7 @@ async fn relay(
     record.bytes_out = counters.down.load(Ordering::Relaxed);
     state.metrics.open_tunnels.dec();
     record.log(record.start.elapsed());
+    record.disarm();
 }
 
 /// Bytes moved each way (for the access record and the metrics) and the time of the last move

@@ -243,7 +243,11 @@ pub(crate) async fn handle(
 ) -> Response<Body> {
     let (parts, mut body) = req.into_parts();
     match forward(state, parts, &mut body, &mut record).await {
-        Ok(resp) => resp,
+        Ok(resp) => {
+            // The response body's copy of the record writes the line when the answer ends.
+            record.disarm();
+            resp
+        }
         Err(refusal) => {
             linger(body);
             let resp = refused(&mut record, &refusal);

@@ -349,6 +349,7 @@ async fn handle(
         return resp;
     }
     if !is_proxy {
+        record.disarm();
         return own_endpoint(state, &req);
     }
     let checks = check_framing(framing_problem).and_then(|_| check_credentials(state, &req));
