@@ -1820,6 +1820,7 @@ async fn the_access_log_has_one_line_per_request_and_no_payload() {
     for f in &fields {
         for key in [
             "client",
+            "user",
             "rule",
             "upstream",
             "method",
@@ -1833,6 +1834,7 @@ async fn the_access_log_has_one_line_per_request_and_no_payload() {
             assert!(f.get(key).is_some(), "access line lacks {key}: {f}");
         }
         assert_eq!(f["client"], "127.0.0.1");
+        assert_eq!(f["user"], "-", "no credentials file: no user");
         assert_eq!(f["method"], "POST");
         assert!(f["duration_ms"].as_f64().is_some_and(|d| d >= 0.0), "{f}");
     }

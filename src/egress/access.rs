@@ -15,6 +15,8 @@ use crate::telemetry::{
 pub struct AccessRecord {
     /// The client's address.
     pub client: IpAddr,
+    /// The name the client authenticated as (`bearer` for a bearer token), or `-`.
+    pub user: String,
     /// The rule that matched, or `-`.
     pub rule: String,
     /// `host:port` asked for.
@@ -62,6 +64,7 @@ impl AccessRecord {
     pub fn new(client: IpAddr, upstream: String, method: &http::Method) -> Self {
         Self {
             client,
+            user: "-".into(),
             rule: "-".into(),
             upstream,
             method: method.as_str().to_owned(),
@@ -114,6 +117,7 @@ impl AccessRecord {
         tracing::info!(
             target: "ferry::egress::access",
             client = %self.client,
+            user = %self.user,
             rule = %self.rule,
             upstream = %self.upstream,
             method = %self.method,

@@ -353,6 +353,9 @@ async fn handle(
         return own_endpoint(state, &req);
     }
     let checks = check_framing(framing_problem).and_then(|_| check_credentials(state, &req));
+    if let Ok(Some(user)) = &checks {
+        record.user = user.clone();
+    }
     if let Err(refusal) = checks {
         let mut resp = refused(&mut record, &refusal);
         record.emit(&state.metrics);
@@ -410,15 +413,16 @@ fn check_framing(framing_problem: Option<&'static str>) -> Result<(), Refusal> {
     }
 }
 
-/// `Proxy-Authorization: Basic name:secret` or `Bearer secret`, checked against the credentials file.
-fn check_credentials<B>(state: &State, req: &Request<B>) -> Result<(), Refusal> {
+/// `Proxy-Authorization: Basic name:secret` or `Bearer secret`, checked against the credentials
+/// file. The name the client authenticated as (`bearer` for a bearer token), for the access log.
+fn check_credentials<B>(state: &State, req: &Request<B>) -> Result<Option<String>, Refusal> {
     let Some(creds) = state
         .credentials
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
     else {
-        return Ok(());
+        return Ok(None);
     };
     let value = req
         .headers()
@@ -445,7 +449,8 @@ fn check_credentials<B>(state: &State, req: &Request<B>) -> Result<(), Refusal> 
     };
     creds
         .authorize(&secret, &name)
-        .map_err(|_| Refusal::credentials("invalid proxy credentials"))
+        .map_err(|_| Refusal::credentials("invalid proxy credentials"))?;
+    Ok(Some(name))
 }
 
 #[cfg(test)]
