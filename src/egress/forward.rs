@@ -168,7 +168,15 @@ pub(crate) async fn select_rule<'a>(
             refusal.allow = allowed;
             refusal
         }
-        None => Refusal::destination(&format!("{method} {}:{}{path}", target.host, target.port)),
+        None => {
+            // An IPv6 literal in brackets, or its port reads as part of the address.
+            let host = if target.host.contains(':') {
+                format!("[{}]", target.host)
+            } else {
+                target.host.clone()
+            };
+            Refusal::destination(&format!("{method} {host}:{}{path}", target.port))
+        }
     })
 }
 

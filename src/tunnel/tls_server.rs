@@ -104,6 +104,9 @@ fn warn_unlisted_names(cert_file: &Path, names: &[String]) {
 }
 
 fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> Result<(), String> {
+    if dir.exists() && !dir.is_dir() {
+        return Err("it exists and is not a directory".into());
+    }
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create directory: {e}"))?;
     let mut names = names.to_vec();
     if names.is_empty() {
