@@ -13,7 +13,7 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
     if req.method() == Method::CONNECT {
         return crate::scrape_error::ScrapeError::Method(Method::CONNECT).into_response("gateway");
     }
-    if let Some(refusal) = unauthenticated(state, &req) {
+    if let Some(refusal) = unauthenticated(state, req.uri(), req.headers()).await {
         return refusal;
     }
     if req.uri().authority().is_some() {
@@ -36,9 +36,13 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
 /// With `basic_auth_users` configured, every request must authenticate: scrapes (absolute-form)
 /// with `Proxy-Authorization` — from Prometheus's `proxy_url` user info — so that
 /// `Authorization` stays the target's; ferry's own endpoints with `Authorization`.
-fn unauthenticated<B>(state: &State, req: &Request<B>) -> Option<Response<Body>> {
+async fn unauthenticated(
+    state: &State,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> Option<Response<Body>> {
     let auth = state.web_auth.as_ref()?;
-    let proxied = req.uri().authority().is_some();
+    let proxied = uri.authority().is_some();
     let (name, status, challenge_header) = if proxied {
         (
             header::PROXY_AUTHORIZATION,
@@ -52,8 +56,8 @@ fn unauthenticated<B>(state: &State, req: &Request<B>) -> Option<Response<Body>>
             header::WWW_AUTHENTICATE,
         )
     };
-    let presented = req.headers().get(&name).and_then(|v| v.to_str().ok());
-    if auth.check(presented) {
+    let presented = headers.get(&name).and_then(|v| v.to_str().ok());
+    if auth.check(presented).await {
         return None;
     }
     let reason = if proxied {

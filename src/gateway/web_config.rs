@@ -53,11 +53,23 @@ pub struct WebConfig {
 pub struct BasicAuth {
     users: HashMap<String, String>,
     verified: Mutex<HashMap<[u8; 32], bool>>,
+    /// bcrypt runs off the async workers, at most this many at once: a client trying passwords
+    /// (each new one a full bcrypt, ~75 ms) must not stall scrapes whose credentials are cached.
+    bcrypt_slots: tokio::sync::Semaphore,
 }
 
 impl BasicAuth {
+    /// Users by name, with their bcrypt hashes.
+    pub fn new(users: HashMap<String, String>) -> Self {
+        Self {
+            users,
+            verified: Mutex::new(HashMap::new()),
+            bcrypt_slots: tokio::sync::Semaphore::new(2),
+        }
+    }
+
     /// Whether `header` (`Basic <base64 user:password>`) names a user with that password.
-    pub fn check(&self, header: Option<&str>) -> bool {
+    pub async fn check(&self, header: Option<&str>) -> bool {
         use base64::Engine as _;
         let Some(encoded) = header.and_then(|h| h.strip_prefix("Basic ")) else {
             return false;
@@ -79,7 +91,15 @@ impl BasicAuth {
         if let Some(ok) = self.lock().get(&key) {
             return *ok;
         }
-        let ok = bcrypt::verify(password, hash).unwrap_or(false);
+        let Ok(_slot) = self.bcrypt_slots.acquire().await else {
+            return false;
+        };
+        let (password, hash) = (password.to_owned(), hash.clone());
+        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(false);
         let mut cache = self.lock();
         // Bounded: a client trying many passwords does not grow the cache without end.
         if cache.len() >= 1024 {
@@ -113,10 +133,7 @@ pub fn load(path: &Path) -> Result<WebConfig, String> {
                 return Err(format!("{at}: basic_auth_users.{user}: not a bcrypt hash (e.g. made with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)"));
             }
         }
-        Some(BasicAuth {
-            users: file.basic_auth_users,
-            verified: Mutex::new(HashMap::new()),
-        })
+        Some(BasicAuth::new(file.basic_auth_users))
     };
     Ok(WebConfig { tls, users })
 }
@@ -170,13 +187,10 @@ fn tls_config(t: &TlsServerConfig, base: &Path) -> Result<Arc<rustls::ServerConf
 mod tests {
     use super::*;
 
-    #[test]
-    fn basic_auth_checks_bcrypt_hashes_and_caches_results() {
+    #[tokio::test]
+    async fn basic_auth_checks_bcrypt_hashes_and_caches_results() {
         let hash = bcrypt::hash("s3cret", 4).unwrap();
-        let auth = BasicAuth {
-            users: HashMap::from([("prometheus".to_owned(), hash)]),
-            verified: Mutex::new(HashMap::new()),
-        };
+        let auth = BasicAuth::new(HashMap::from([("prometheus".to_owned(), hash)]));
         use base64::Engine as _;
         let header = |creds: &str| {
             format!(
@@ -184,12 +198,15 @@ mod tests {
                 base64::engine::general_purpose::STANDARD.encode(creds)
             )
         };
-        assert!(auth.check(Some(&header("prometheus:s3cret"))));
-        assert!(auth.check(Some(&header("prometheus:s3cret"))), "cached");
-        assert!(!auth.check(Some(&header("prometheus:wrong"))));
-        assert!(!auth.check(Some(&header("other:s3cret"))));
-        assert!(!auth.check(Some("Bearer x")));
-        assert!(!auth.check(None));
+        assert!(auth.check(Some(&header("prometheus:s3cret"))).await);
+        assert!(
+            auth.check(Some(&header("prometheus:s3cret"))).await,
+            "cached"
+        );
+        assert!(!auth.check(Some(&header("prometheus:wrong"))).await);
+        assert!(!auth.check(Some(&header("other:s3cret"))).await);
+        assert!(!auth.check(Some("Bearer x")).await);
+        assert!(!auth.check(None).await);
     }
 
     #[test]
