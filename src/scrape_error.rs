@@ -123,6 +123,13 @@ fn method_refusal(method: &http::Method) -> String {
 
 /// Renders an error and its sources on one line, as `{:#}` would with anyhow.
 pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    // hyper-util's client says only "client error (Connect)" itself: its cause says what failed.
+    if let (Some(_), Some(cause)) = (
+        err.downcast_ref::<hyper_util::client::legacy::Error>(),
+        err.source(),
+    ) {
+        return one_line(cause);
+    }
     let mut out = err.to_string();
     let mut cur = err.source();
     while let Some(source) = cur {

@@ -211,6 +211,11 @@ async fn https_targets_use_their_own_tls_options() {
         wrong.text()
     );
     assert!(wrong.text().contains("wrongca"), "{}", wrong.text());
+    assert!(
+        !wrong.text().contains("client error"),
+        "the cause, not the HTTP client's wrapper: {}",
+        wrong.text()
+    );
     agent.stop().await;
 }
 

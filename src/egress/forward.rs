@@ -156,7 +156,7 @@ pub(crate) async fn select_rule<'a>(
         }
         if let Some(methods) = rule.methods.as_ref().filter(|m| !m.contains(method)) {
             method_refusal.get_or_insert_with(|| Refusal::method(method, &rule.name));
-            allowed.extend(methods.iter().filter(|m| **m != Method::CONNECT).cloned());
+            allowed.extend(methods.iter().cloned());
             continue;
         }
         return Ok((i, rule));
@@ -437,12 +437,7 @@ fn upstream_error(e: &hyper_util::client::legacy::Error, host: &str) -> Refusal 
         }
         source = err.source();
     }
-    // The legacy client's own words ("client error (Connect)") say nothing to a user: its
-    // cause does.
-    let cause = std::error::Error::source(e).map_or_else(
-        || crate::scrape_error::one_line(e),
-        crate::scrape_error::one_line,
-    );
+    let cause = crate::scrape_error::one_line(e);
     Refusal::upstream(if e.is_connect() {
         cause
     } else {

@@ -243,7 +243,7 @@ async fn run_session(
             let drain = state.config.scrape.max_timeout + state.config.handshake_timeout;
             match tokio::time::timeout(drain, &mut conn).await {
                 Ok(reason) if reason == h2conn::CLOSED_BY_AGENT => {
-                    "the agent went away (GOAWAY), after its scrapes in flight".to_owned()
+                    "the agent went away (GOAWAY)".to_owned()
                 }
                 Ok(reason) => format!("connection ended: {reason} (target list watch: {e})"),
                 Err(_) => format!("target list watch failed: {e}"),
