@@ -2495,6 +2495,7 @@ async fn a_request_cut_off_by_the_end_of_the_grace_period_is_logged() {
     let f = &access[0]["fields"];
     assert_eq!(f["method"], "POST", "{f}");
     assert_eq!(f["status"], 499, "{f}");
+    // The same record is counted: see the next test, where /metrics can be read afterwards.
     assert_eq!(f["bytes_in"], 7, "{f}");
     assert!(
         f["reason"]
@@ -2502,6 +2503,44 @@ async fn a_request_cut_off_by_the_end_of_the_grace_period_is_logged() {
             .is_some_and(|r| r.contains("unfinished")),
         "{f}"
     );
+}
+
+/// A client that gives up while the upstream is still answering: its request is counted (as the
+/// 499 of its access line), not lost from the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_went_away_is_counted() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    let proxy = TestEgress::start(
+        section(&[format!("127.0.0.1/32:{}", upstream.port())]),
+        TestResolver::new(&[]),
+    )
+    .await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("GET http://{upstream}/slow HTTP/1.1\r\nHost: {upstream}\r\n\r\n");
+    client.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = proxy.metrics().await;
+        let unfinished = metric_value(
+            &text,
+            "ferry_egress_requests_total",
+            &[("method", "GET"), ("status_class", "4xx")],
+        );
+        if unfinished == Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{unfinished:?}\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// SIGTERM: an open tunnel is closed once quiet and gets its access-log line (bytes, reason),

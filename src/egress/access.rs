@@ -39,6 +39,8 @@ pub struct AccessRecord {
     pub reason: String,
     /// Whether dropping the record still owes its line (see the `Drop` impl).
     armed: bool,
+    /// Where a record dropped unwritten is counted.
+    metrics: Option<EgressMetrics>,
 }
 
 /// A record dropped before its line was written — the client went away while the upstream was
@@ -54,7 +56,11 @@ impl Drop for AccessRecord {
                     "unfinished: the client went away or the proxy stopped before the answer"
                         .into();
             }
-            self.log(self.start.elapsed());
+            let duration = self.start.elapsed();
+            self.log(duration);
+            if let Some(metrics) = self.metrics.take() {
+                self.count(&metrics, duration);
+            }
         }
     }
 }
@@ -76,7 +82,14 @@ impl AccessRecord {
             reason_kind: "",
             reason: String::new(),
             armed: true,
+            metrics: None,
         }
+    }
+
+    /// Counts the record in `metrics` also if it is dropped before its line is written.
+    pub fn counted_in(mut self, metrics: &EgressMetrics) -> Self {
+        self.metrics = Some(metrics.clone());
+        self
     }
 
     /// This record will not be logged (a request for the proxy's own endpoints, a copy that

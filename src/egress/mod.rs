@@ -338,7 +338,8 @@ async fn handle(
     hold: Arc<ClientHold>,
 ) -> Response<Body> {
     let is_proxy = req.method() == Method::CONNECT || req.uri().authority().is_some();
-    let mut record = AccessRecord::new(client, target_of(&req), req.method());
+    let mut record =
+        AccessRecord::new(client, target_of(&req), req.method()).counted_in(&state.metrics);
     // hyper's buffer cannot be smaller than 8 KiB: smaller limits are enforced here.
     if head_size(&req) > state.config.max_header_bytes {
         let resp = refused(
