@@ -111,6 +111,9 @@ pub async fn accept(
                 Ok((stream, peer)) => {
                     // Scrapes, PINGs and small payloads: don't let Nagle hold them back.
                     let _ = stream.set_nodelay(true);
+                    // On a dual-stack listener (`:port`) an IPv4 client arrives as
+                    // ::ffff:a.b.c.d: allowlists, logs and country lookups want a.b.c.d.
+                    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                     return Some((stream, peer));
                 }
                 Err(e) => accept_backoff(&e).await,

@@ -915,3 +915,47 @@ fn an_agent_id_changed_on_reload_is_said_to_need_a_restart() {
     );
     agent.wait_for("agent targets reloaded");
 }
+
+/// A status line for `GET /-/healthy` at `addr`, over a plain socket.
+fn healthy_status(addr: &str) -> std::io::Result<String> {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    Ok(text.lines().next().unwrap_or_default().to_owned())
+}
+
+/// `:port` listens on IPv4 and IPv6, as Prometheus reads it; an IPv4 client on that dual-stack
+/// socket is still its IPv4 address to the client allowlist.
+#[test]
+fn a_port_alone_listens_on_ipv4_and_ipv6() {
+    let dir = TempDir::new().unwrap();
+    let mut egress = Running::start(
+        dir.path(),
+        &[
+            "egress",
+            "--web.listen-address",
+            ":0",
+            "--allow-client",
+            "127.0.0.0/8",
+        ],
+    );
+    let line = egress.wait_for("egress proxy listening");
+    let port = line
+        .rsplit_once("address=")
+        .and_then(|(_, a)| a.split_whitespace().next())
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.port())
+        .unwrap_or_else(|| panic!("no address in {line}"));
+    assert!(line.contains("address=[::]:"), "{line}");
+    let v4 = healthy_status(&format!("127.0.0.1:{port}")).unwrap();
+    assert_eq!(v4, "HTTP/1.1 200 OK", "IPv4 client in 127.0.0.0/8");
+    // ::1 answers (the socket is dual-stack) and is refused: it is not in the allowlist.
+    let v6 = healthy_status(&format!("[::1]:{port}")).unwrap();
+    assert!(v6.starts_with("HTTP/1.1 403"), "{v6}");
+}

@@ -170,13 +170,30 @@ async fn start_roles(
 }
 
 async fn bind(addr: SocketAddr, field: &'static str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
+    match TcpListener::bind(addr).await {
+        // `:port` on a host without IPv6: every IPv4 address, then.
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && no_ipv6(&e) => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            TcpListener::bind(v4)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: v4,
+                    field,
+                    source,
+                })
+        }
+        res => res.map_err(|source| StartError::Bind {
             addr,
             field,
             source,
-        })
+        }),
+    }
+}
+
+/// EAFNOSUPPORT or EADDRNOTAVAIL: the host has no IPv6 to listen on.
+fn no_ipv6(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(97) | Some(99))
+        || e.kind() == std::io::ErrorKind::AddrNotAvailable
 }
 
 /// SIGTERM, SIGINT and SIGHUP, caught from the moment they are installed.

@@ -534,10 +534,12 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Parses a listen address: `host:port`, `[v6]:port`, or `:port` for every interface.
+/// Parses a listen address: `host:port`, `[v6]:port`, or `:port` for every interface, IPv4 and
+/// IPv6 (`[::]:port`, which Linux binds to both unless `net.ipv6.bindv6only` is set; where IPv6
+/// is missing the listener falls back to IPv4), as Prometheus and node_exporter read `:port`.
 pub fn parse_listen_address(s: &str) -> Result<SocketAddr, String> {
     let spelled = if let Some(port) = s.strip_prefix(':') {
-        format!("0.0.0.0:{port}")
+        format!("[::]:{port}")
     } else {
         s.to_owned()
     };
@@ -696,7 +698,7 @@ mod tests {
     fn listen_addresses_accept_prometheus_spelling() {
         assert_eq!(
             parse_listen_address(":8080").unwrap(),
-            "0.0.0.0:8080".parse().unwrap()
+            "[::]:8080".parse().unwrap()
         );
         assert_eq!(
             parse_listen_address("[::1]:0").unwrap(),
