@@ -324,6 +324,9 @@ impl GatewaySection {
         let client_ca = t.tls_client_ca_file.as_deref();
         let cert = self.data_dir.join(tls_server::SELF_SIGNED_CERT);
         let key = self.data_dir.join(tls_server::SELF_SIGNED_KEY);
+        if let Some(reason) = tls_server::lone_half(&self.data_dir) {
+            return errs.push(format!("{prefix}.data_dir"), reason);
+        }
         let result = if cert.exists() && key.exists() {
             tls_server::load_identity(&cert, &key, client_ca).map(drop)
         } else if let Some(ca) = client_ca {

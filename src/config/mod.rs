@@ -1073,6 +1073,24 @@ agent:
             "{lines:?}"
         );
     }
+
+    #[test]
+    fn check_config_refuses_a_data_dir_with_only_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokens"), "").unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::copy(fixture("x509v1-cert.pem"), data.join("tunnel-cert.pem")).unwrap();
+        let lines = check(&format!(
+            "gateway:\n  auth: {{ tokens_file: {} }}\n  data_dir: {}\n",
+            dir.path().join("tokens").display(),
+            data.display()
+        ));
+        assert_eq!(
+            lines,
+            [": gateway.data_dir: tunnel-cert.pem is there but tunnel-key.pem is missing; restore it, or remove tunnel-cert.pem too to generate a new certificate (agents pinned to the old fingerprint will refuse it)"],
+        );
+    }
 }
 
 #[cfg(all(test, feature = "egress"))]

@@ -54,26 +54,35 @@ pub fn self_signed_identity(
         dir: data_dir.to_owned(),
         reason,
     };
-    match (cert_file.exists(), key_file.exists()) {
-        (false, false) => generate(data_dir, &cert_file, &key_file, names).map_err(error)?,
-        (true, true) => {}
-        // Generating anew would overwrite the half that is left and change the fingerprint every
-        // agent pins: a restored backup or a mistaken delete must not silently do that.
-        (has_cert, _) => {
-            let (there, missing) = if has_cert {
-                (SELF_SIGNED_CERT, SELF_SIGNED_KEY)
-            } else {
-                (SELF_SIGNED_KEY, SELF_SIGNED_CERT)
-            };
-            return Err(error(format!(
-                "{there} is there but {missing} is missing; restore it, or remove {there} too to \
-                 generate a new certificate (agents pinned to the old fingerprint will refuse it)"
-            )));
-        }
+    if let Some(reason) = lone_half(data_dir) {
+        return Err(error(reason));
+    }
+    if !cert_file.exists() {
+        generate(data_dir, &cert_file, &key_file, names).map_err(error)?;
     }
     let identity = load_identity(&cert_file, &key_file, client_ca)?;
     warn_unlisted_names(&cert_file, names);
     Ok(identity)
+}
+
+/// Why `data_dir` holds only one of the certificate and its key, if it does. Generating anew
+/// would overwrite the half that is left and change the fingerprint every agent pins: a restored
+/// backup or a mistaken delete must not silently do that.
+pub fn lone_half(data_dir: &Path) -> Option<String> {
+    let cert = data_dir.join(SELF_SIGNED_CERT).exists();
+    let key = data_dir.join(SELF_SIGNED_KEY).exists();
+    if cert == key {
+        return None;
+    }
+    let (there, missing) = if cert {
+        (SELF_SIGNED_CERT, SELF_SIGNED_KEY)
+    } else {
+        (SELF_SIGNED_KEY, SELF_SIGNED_CERT)
+    };
+    Some(format!(
+        "{there} is there but {missing} is missing; restore it, or remove {there} too to \
+         generate a new certificate (agents pinned to the old fingerprint will refuse it)"
+    ))
 }
 
 /// The names are only used when the certificate is generated: say so when a kept certificate
