@@ -883,6 +883,17 @@ fn settings_a_reload_does_not_apply_are_named() {
         line.contains("level=warn") && line.contains("fields=egress.allow_upstreams"),
         "{line}"
     );
+    write(
+        dir.path(),
+        "egress.yaml",
+        &format!("{}  bogus: 1\n", config("other.example.com:443")),
+    );
+    egress.signal(rustix::process::Signal::HUP);
+    let line = egress.wait_for("the config file is invalid");
+    assert!(
+        line.contains("level=error") && line.contains("bogus"),
+        "{line}"
+    );
     write(dir.path(), "egress.yaml", "egress: [not, a, mapping");
     egress.signal(rustix::process::Signal::HUP);
     let line = egress.wait_for("cannot be read");

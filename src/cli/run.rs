@@ -240,7 +240,7 @@ async fn handle_signals(
             _ = int.recv() => break,
             _ = hup.recv() => {
                 if let Some((path, started)) = &started_from {
-                    warn_unapplied(path, started);
+                    warn_unapplied(path, started, roles.agent.is_none());
                 }
                 reload(&roles, started_from.as_ref().map(|(path, _)| path.as_path()))
             }
@@ -261,13 +261,20 @@ fn file_value(path: &std::path::Path) -> Result<serde_yaml_ng::Value, String> {
 
 /// Says which settings changed in the file since start that a reload does not apply: a changed
 /// listener or egress rule silently ignored would look applied.
-fn warn_unapplied(path: &std::path::Path, started: &serde_yaml_ng::Value) {
+fn warn_unapplied(path: &std::path::Path, started: &serde_yaml_ng::Value, validate: bool) {
     let now = match file_value(path) {
         Ok(now) => now,
         Err(e) => {
             return error!(file = %path.display(), error = %e, "reload: the config file cannot be read; the running configuration stays")
         }
     };
+    // An agent's reload validates the file itself (and says so); for the other roles a file that
+    // parses may still be one `check-config` refuses.
+    if validate {
+        if let Err(errs) = FileConfig::load_validated(path, &env, |_| {}) {
+            return error!(file = %path.display(), errors = %errs.to_string().replace('\n', "; "), "reload: the config file is invalid; the running configuration stays");
+        }
+    }
     let mut changed = Vec::new();
     changed_fields("", started, &now, &mut changed);
     changed.retain(|f| !RELOADED_FIELDS.contains(&f.as_str()));
