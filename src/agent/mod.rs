@@ -139,6 +139,9 @@ impl Agent {
 
     /// Serves the agent's own `/metrics`, `/-/healthy` and `/-/ready` on a local listener.
     pub async fn serve_web(&self, listener: TcpListener, shutdown: CancellationToken) {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(address = %addr, "agent web listener up (/metrics, /-/healthy, /-/ready)");
+        }
         let shared = self.shared.clone();
         let grace = shared.config.shutdown_grace;
         crate::server::serve_http(
