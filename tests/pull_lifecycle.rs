@@ -18,7 +18,7 @@ use common::http::{self, Resp};
 use common::proxy::ConnectProxy;
 use common::servers::{Behaviour, TargetServer};
 use ferry::agent::Agent;
-use ferry::config::{AgentSection, ConfigErrors, Dur, Target};
+use ferry::config::Dur;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -193,15 +193,6 @@ async fn wait_sd(
         },
     )
     .await;
-}
-
-/// The validated targets of `section` (as a config reload would produce them).
-fn validated_targets(section: &AgentSection) -> Vec<Target> {
-    let env = |name: &str| (name == "FERRY_TOKEN").then(|| TOKEN.to_owned());
-    let mut errs = ConfigErrors::new("test");
-    let cfg = section.validate("agent", &env, &mut errs);
-    assert!(errs.errors.is_empty(), "{errs}");
-    cfg.expect("valid agent section").targets
 }
 
 /// Binds `addr` again, retrying while the old listener's port is still being released.
@@ -627,11 +618,39 @@ async fn target_change_reaches_the_gateway_without_reconnecting() {
     .await;
     assert_eq!(scrape(gw.web, &old_url).await.status, 200);
 
-    let new_targets = validated_targets(&agent_section(
-        &gw,
-        "t-1",
-        &[("new", new_server.url("/metrics"))],
-    ));
+    // An embedder checks each target as the config file's are; set_targets refuses a list the
+    // gateway could not route (the built-in target's name or address taken, a duplicate).
+    let new_target = ferry::config::TargetSection {
+        name: "new".into(),
+        url: new_server.url("/metrics"),
+        ..Default::default()
+    }
+    .to_target("targets[0]")
+    .unwrap();
+    let bad = ferry::config::TargetSection {
+        name: "new".into(),
+        url: "ftp://127.0.0.1/x".into(),
+        ..Default::default()
+    }
+    .to_target("targets[0]")
+    .unwrap_err();
+    assert!(bad.to_string().contains("targets[0].url"), "{bad}");
+    let mut shadow = new_target.clone();
+    shadow.name = "ferry".into();
+    let err = agent
+        .agent
+        .set_targets(&[shadow], &Default::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("built-in"), "{err}");
+    let err = agent
+        .agent
+        .set_targets(
+            &[new_target.clone(), new_target.clone()],
+            &Default::default(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("used twice"), "{err}");
+    let new_targets = vec![new_target];
     agent
         .agent
         .set_targets(&new_targets, &Default::default())

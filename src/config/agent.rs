@@ -606,6 +606,15 @@ impl TargetSection {
         })
     }
 
+    /// Checks this target as the config file's would be checked (name, URL, port, labels, TLS
+    /// files), for [`crate::agent::Agent::set_targets`]; errors are named after `field`.
+    pub fn to_target(&self, field: &str) -> Result<Target, ConfigErrors> {
+        let mut errs = ConfigErrors::new("target");
+        let target = self.validate(field, &mut errs);
+        errs.finish(target)?
+            .ok_or_else(|| ConfigErrors::new("target"))
+    }
+
     fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Target> {
         let before = errs.errors.len();
         let name_ok = !self.name.is_empty()
