@@ -16,14 +16,16 @@ pub const CREDENTIALS_FILE: &str = "credentials file";
 #[derive(Debug, thiserror::Error)]
 pub enum TokensFileError {
     /// The file could not be read.
-    #[error("cannot read {kind} {path}: {source}")]
+    // The OS error is part of the message, not a `source` as well: printed as a chain it would
+    // say the same thing twice.
+    #[error("cannot read {kind} {path}: {error}")]
     Read {
         /// What the file is for: `tokens file` or `credentials file`.
         kind: &'static str,
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A line is malformed.
     #[error("{kind} {path} line {line}: {reason}")]
@@ -71,10 +73,10 @@ impl TokensFile {
 
     /// Reads and parses `path`; `kind` ([`TOKENS_FILE`], [`CREDENTIALS_FILE`]) names it in errors.
     pub fn load_as(path: &Path, kind: &'static str) -> Result<TokensFile, TokensFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokensFileError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| TokensFileError::Read {
             kind,
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(&text).map_err(|(line, reason)| TokensFileError::Line {
             kind,

@@ -485,11 +485,13 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 /// Starts an agent inside this application; `registry` is served as the target `ferry`.
+/// Cancelling `stop` closes the tunnel cleanly (the gateway drains the scrapes in flight).
 fn start_agent(
     registry: Registry,
     gateway: &str,
     fingerprint: &str,
     token: &str,
+    stop: CancellationToken,
 ) -> Result<Agent, Box<dyn std::error::Error>> {
     let mut section = AgentSection {
         gateway: Some(gateway.to_owned()),
@@ -504,7 +506,7 @@ fn start_agent(
     let config = section.validate("agent", &env, &mut errs);
     let config = errs.finish(config)?.ok_or("invalid agent configuration")?;
     let agent = Agent::with_registry(config, registry)?;
-    tokio::spawn(agent.clone().run(CancellationToken::new()));
+    tokio::spawn(agent.clone().run(stop));
     Ok(agent)
 }
 // README embed end
@@ -534,8 +536,15 @@ async fn the_readme_embedding_example_serves_the_applications_metrics() {
     invoices.inc_by(3);
 
     let gateway = format!("https://localhost:{}", gw.tunnel.port());
-    let agent =
-        start_agent(registry, &gateway, &gw.fingerprint(), "app-token").expect("the agent starts");
+    let stop = CancellationToken::new();
+    let agent = start_agent(
+        registry,
+        &gateway,
+        &gw.fingerprint(),
+        "app-token",
+        stop.clone(),
+    )
+    .expect("the agent starts");
     gw.wait_agent("billing-7", Duration::from_secs(10)).await;
     assert_eq!(agent.id(), "billing-7");
 
@@ -552,6 +561,10 @@ async fn the_readme_embedding_example_serves_the_applications_metrics() {
         Some(1.0),
         "{body}"
     );
+    // Stopping the application's agent takes it off the gateway.
+    stop.cancel();
+    gw.wait_agent_gone("billing-7", Duration::from_secs(5))
+        .await;
     gw.stop().await;
 }
 
