@@ -2323,6 +2323,52 @@ async fn a_body_cut_short_is_not_forwarded_or_counted_as_sent() {
     up.assert_untouched("a body cut short");
 }
 
+/// An upstream on loopback that reads requests and never answers.
+async fn silent_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    addr
+}
+
+/// The `ferry egress` binary allowing `rule`, logging JSON, with `grace` to drain; once ready.
+async fn ready_egress(rule: &str, grace: &str) -> (FerryProcess, SocketAddr) {
+    let listen = format!("127.0.0.1:{}", common::external::free_port());
+    let ferry = FerryProcess::spawn(&[
+        "egress",
+        "--web.listen-address",
+        &listen,
+        "--allow-upstream",
+        rule,
+        "--log.format",
+        "json",
+        "--shutdown.grace-period",
+        grace,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while try_get(&format!("http://{listen}/-/ready"), &[])
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "ferry egress never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (ferry, listen.parse().unwrap())
+}
+
+fn sigterm(ferry: &FerryProcess) {
+    let kill = Command::new("kill")
+        .args(["-TERM", &ferry.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
+
 /// An echo server on loopback for tunnels; runs until the test ends.
 async fn echo_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2444,46 +2490,14 @@ async fn open_tunnels_hold_their_connection_slot_and_show_in_the_metrics() {
 /// access log: the upstream may have its payload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_cut_off_by_the_end_of_the_grace_period_is_logged() {
-    // An upstream that reads the request and never answers.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = listener.accept().await {
-            held.push(sock);
-        }
-    });
+    let upstream = silent_upstream().await;
     let rule = format!("127.0.0.1/32:{}", upstream.port());
-    let listen = format!("127.0.0.1:{}", common::external::free_port());
-    let mut ferry = FerryProcess::spawn(&[
-        "egress",
-        "--web.listen-address",
-        &listen,
-        "--allow-upstream",
-        &rule,
-        "--log.format",
-        "json",
-        "--shutdown.grace-period",
-        "500ms",
-    ]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while try_get(&format!("http://{listen}/-/ready"), &[])
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "ferry egress never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let proxy: SocketAddr = listen.parse().unwrap();
+    let (mut ferry, proxy) = ready_egress(&rule, "500ms").await;
     let pending = tokio::spawn(async move {
         post_via(proxy, &format!("http://{upstream}/slow"), &[], b"payload").await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let kill = Command::new("kill")
-        .args(["-TERM", &ferry.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    sigterm(&ferry);
     assert!(
         ferry.collect_until(Duration::from_secs(10), |l| !access_lines(l).is_empty()),
         "no access line"
@@ -2509,14 +2523,7 @@ async fn a_request_cut_off_by_the_end_of_the_grace_period_is_logged() {
 /// 499 of its access line), not lost from the metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_client_went_away_is_counted() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = listener.accept().await {
-            held.push(sock);
-        }
-    });
+    let upstream = silent_upstream().await;
     let proxy = TestEgress::start(
         section(&[format!("127.0.0.1/32:{}", upstream.port())]),
         TestResolver::new(&[]),
@@ -2549,37 +2556,13 @@ async fn a_request_whose_client_went_away_is_counted() {
 async fn at_shutdown_open_tunnels_are_closed_and_logged() {
     let echo_addr = echo_server().await;
     let rule = format!("127.0.0.1/32:{}", echo_addr.port());
-    let listen = format!("127.0.0.1:{}", common::external::free_port());
-    let mut ferry = FerryProcess::spawn(&[
-        "egress",
-        "--web.listen-address",
-        &listen,
-        "--allow-upstream",
-        &rule,
-        "--log.format",
-        "json",
-        "--shutdown.grace-period",
-        "30s",
-    ]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while try_get(&format!("http://{listen}/-/ready"), &[])
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "ferry egress never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (resp, mut tunnel) =
-        connect_raw(listen.parse().unwrap(), &echo_addr.to_string(), &[]).await;
+    let (mut ferry, proxy) = ready_egress(&rule, "30s").await;
+    let (resp, mut tunnel) = connect_raw(proxy, &echo_addr.to_string(), &[]).await;
     assert_eq!(resp.status, 200, "{resp:?}");
     echo(&mut tunnel, &[1; 1234]).await;
 
     let stopping = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-TERM", &ferry.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    sigterm(&ferry);
     let mut rest = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(10), tunnel.read_to_end(&mut rest))
         .await
