@@ -970,3 +970,66 @@ fn a_port_alone_listens_on_ipv4_and_ipv6() {
     let v6 = healthy_status(&format!("[::1]:{port}")).unwrap();
     assert!(v6.starts_with("HTTP/1.1 403"), "{v6}");
 }
+
+/// A second SIGINT/SIGTERM while draining exits at once (Ctrl-C twice), with status 1.
+#[test]
+fn a_second_stop_signal_does_not_wait_for_the_drain() {
+    use std::io::Write as _;
+    // An upstream that never answers keeps one request in flight.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for sock in upstream.incoming().flatten() {
+            held.push(sock);
+        }
+    });
+    let dir = TempDir::new().unwrap();
+    let rule = format!("127.0.0.1/32:{}", up.port());
+    let mut egress = Running::start(
+        dir.path(),
+        &[
+            "egress",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--allow-upstream",
+            &rule,
+            "--shutdown.grace-period",
+            "60s",
+        ],
+    );
+    let line = egress.wait_for("egress proxy listening");
+    let proxy = line
+        .rsplit_once("address=")
+        .and_then(|(_, a)| a.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let mut client = std::net::TcpStream::connect(&proxy).unwrap();
+    write!(
+        client,
+        "GET http://{up}/slow HTTP/1.1\r\nHost: {up}\r\n\r\n"
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    egress.signal(rustix::process::Signal::TERM);
+    egress.wait_for("shutting down");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        egress.child.0.try_wait().unwrap().is_none(),
+        "still draining the request in flight"
+    );
+    let started = Instant::now();
+    egress.signal(rustix::process::Signal::INT);
+    let status = loop {
+        if let Some(status) = egress.child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a second signal did not end the drain"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(1));
+    drop(client);
+}

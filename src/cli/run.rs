@@ -248,6 +248,13 @@ async fn handle_signals(
     }
     info!("{}", roles.shutdown_message());
     shutdown.cancel();
+    // A second SIGINT/SIGTERM while draining: the operator does not want to wait (Ctrl-C twice).
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    warn!("second stop signal: exiting now, without waiting for the drain");
+    std::process::exit(1);
 }
 
 /// What SIGHUP applies from the config file itself (files it names, such as the tokens file, are
