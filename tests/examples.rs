@@ -568,6 +568,32 @@ async fn the_readme_embedding_example_serves_the_applications_metrics() {
     gw.stop().await;
 }
 
+/// An application mounting the gateway can have its own metrics on the gateway's `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_gateway_serves_the_applications_metrics_too() {
+    use prometheus_client::metrics::counter::Counter;
+
+    let dir = TempDir::new().unwrap();
+    let mut registry = Registry::default();
+    let logins = Counter::<u64>::default();
+    registry.register("portal_logins", "Logins", logins.clone());
+    logins.inc_by(5);
+    let gw = common::ferry::start_gateway_with_registry(&dir, &[("*", "t")], registry).await;
+    let body = common::http::get(&format!("{}/metrics", gw.web_url()))
+        .await
+        .text();
+    assert_eq!(
+        common::ferry::metric_value(&body, "portal_logins_total", &[]),
+        Some(5.0),
+        "{body}"
+    );
+    assert!(
+        common::ferry::metric_value(&body, "ferry_gateway_agents_connected", &[]).is_some(),
+        "{body}"
+    );
+    gw.stop().await;
+}
+
 /// Metric names listed in the README's tables, `ferry_<role>_…`.
 fn readme_metrics(role: &str) -> Vec<String> {
     let prefix = format!("| `ferry_{role}_");

@@ -102,6 +102,15 @@ pub struct Gateway {
 impl Gateway {
     /// Loads the TLS identity (generating the self-signed one on first start) and the tokens file.
     pub fn new(config: GatewayConfig) -> Result<Gateway, GatewayError> {
+        Self::with_registry(config, MetricsRegistry::default())
+    }
+
+    /// Like [`Gateway::new`], with the gateway's metrics registered in `registry`: an application
+    /// mounting the gateway serves its own metrics and the gateway's on the gateway's `/metrics`.
+    pub fn with_registry(
+        config: GatewayConfig,
+        mut metrics_registry: MetricsRegistry,
+    ) -> Result<Gateway, GatewayError> {
         let client_ca = config.client_ca_file.as_deref();
         let identity = match &config.tls {
             GatewayTls::Files { cert, key } => Some(load_identity(cert, key, client_ca)?),
@@ -119,7 +128,6 @@ impl Gateway {
             Some(w) => (w.tls.map(tokio_rustls::TlsAcceptor::from), w.users),
             None => (None, None),
         };
-        let mut metrics_registry = MetricsRegistry::default();
         let metrics = GatewayMetrics::register(&mut metrics_registry);
         let connections = ConnectionMetrics::register(&mut metrics_registry, "gateway");
         Ok(Gateway {

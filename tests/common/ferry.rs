@@ -127,6 +127,31 @@ async fn start_gateway_with(
     tweak: impl FnOnce(&mut GatewaySection),
     geo: ferry::telemetry::geo::SharedGeo,
 ) -> TestGateway {
+    start_gateway_registry(dir, creds, web, tunnel, tweak, geo, Default::default()).await
+}
+
+/// Like [`start_gateway`], the gateway's metrics registered in `registry` (an embedding
+/// application's).
+pub async fn start_gateway_with_registry(
+    dir: &TempDir,
+    creds: &[(&str, &str)],
+    registry: prometheus_client::registry::Registry,
+) -> TestGateway {
+    let web = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tunnel = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let geo = ferry::telemetry::geo::SharedGeo::disabled();
+    start_gateway_registry(dir, creds, web, tunnel, |_| {}, geo, registry).await
+}
+
+async fn start_gateway_registry(
+    dir: &TempDir,
+    creds: &[(&str, &str)],
+    web: TcpListener,
+    tunnel: TcpListener,
+    tweak: impl FnOnce(&mut GatewaySection),
+    geo: ferry::telemetry::geo::SharedGeo,
+    registry: prometheus_client::registry::Registry,
+) -> TestGateway {
     let (web_addr, tunnel_addr) = (web.local_addr().unwrap(), tunnel.local_addr().unwrap());
     let mut section = GatewaySection {
         data_dir: dir.path().join("data"),
@@ -143,7 +168,7 @@ async fn start_gateway_with(
     assert!(errs.errors.is_empty(), "{errs}");
     let mut cfg = cfg.expect("valid gateway config");
     cfg.geo = geo;
-    let gateway = Gateway::new(cfg).expect("gateway starts");
+    let gateway = Gateway::with_registry(cfg, registry).expect("gateway starts");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(gateway.clone().run(web, tunnel, shutdown.clone()));
     TestGateway {
