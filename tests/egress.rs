@@ -233,6 +233,24 @@ async fn a_client_outside_the_allowlist_is_refused_ipv6() {
     up.assert_untouched("refused ::1 client");
 }
 
+/// Waits until a request from this client gets through again (its connection cap had been
+/// reached and `what` was closed).
+async fn wait_slot_freed(proxy: &TestEgress, up: &RecordingUpstream, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = get_via(proxy.addr, &up.url("/after")).await;
+        if resp.status == 200 {
+            return;
+        }
+        assert_eq!(resp.status, 429);
+        assert!(
+            Instant::now() < deadline,
+            "the slot of {what} was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_client_address_are_capped() {
     let up = RecordingUpstream::start().await;
@@ -273,19 +291,7 @@ async fn connections_per_client_address_are_capped() {
 
     // Closing one frees its slot.
     drop(held.pop());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let resp = get_via(proxy.addr, &up.url("/after")).await;
-        if resp.status == 200 {
-            break;
-        }
-        assert_eq!(resp.status, 429);
-        assert!(
-            Instant::now() < deadline,
-            "the slot of a closed connection was never released"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_slot_freed(&proxy, &up, "a closed connection").await;
     assert_eq!(up.last().uri, "/after");
 }
 
@@ -2470,19 +2476,7 @@ async fn open_tunnels_hold_their_connection_slot_and_show_in_the_metrics() {
 
     // Closing a tunnel frees its slot.
     drop(first);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let resp = get_via(proxy.addr, &up.url("/after")).await;
-        if resp.status == 200 {
-            break;
-        }
-        assert_eq!(resp.status, 429);
-        assert!(
-            Instant::now() < deadline,
-            "a closed tunnel's slot was never released"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_slot_freed(&proxy, &up, "a closed tunnel").await;
     echo(&mut second, b"still open").await;
 }
 

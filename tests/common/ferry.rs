@@ -105,7 +105,7 @@ pub async fn start_gateway_on(
     tweak: impl FnOnce(&mut GatewaySection),
 ) -> TestGateway {
     let geo = ferry::telemetry::geo::SharedGeo::disabled();
-    start_gateway_with(dir, creds, web, tunnel, tweak, geo).await
+    start_gateway_with(dir, creds, web, tunnel, tweak, geo, Default::default()).await
 }
 
 /// Like [`start_gateway_on`], labelling connections with countries from `geo`.
@@ -116,18 +116,7 @@ pub async fn start_gateway_on_with_geo(
     tunnel: TcpListener,
     geo: ferry::telemetry::geo::SharedGeo,
 ) -> TestGateway {
-    start_gateway_with(dir, creds, web, tunnel, |_| {}, geo).await
-}
-
-async fn start_gateway_with(
-    dir: &TempDir,
-    creds: &[(&str, &str)],
-    web: TcpListener,
-    tunnel: TcpListener,
-    tweak: impl FnOnce(&mut GatewaySection),
-    geo: ferry::telemetry::geo::SharedGeo,
-) -> TestGateway {
-    start_gateway_registry(dir, creds, web, tunnel, tweak, geo, Default::default()).await
+    start_gateway_with(dir, creds, web, tunnel, |_| {}, geo, Default::default()).await
 }
 
 /// Like [`start_gateway`], the gateway's metrics registered in `registry` (an embedding
@@ -140,10 +129,10 @@ pub async fn start_gateway_with_registry(
     let web = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tunnel = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let geo = ferry::telemetry::geo::SharedGeo::disabled();
-    start_gateway_registry(dir, creds, web, tunnel, |_| {}, geo, registry).await
+    start_gateway_with(dir, creds, web, tunnel, |_| {}, geo, registry).await
 }
 
-async fn start_gateway_registry(
+async fn start_gateway_with(
     dir: &TempDir,
     creds: &[(&str, &str)],
     web: TcpListener,
