@@ -927,6 +927,14 @@ fn an_agent_id_changed_on_reload_is_said_to_need_a_restart() {
     agent.wait_for("agent targets reloaded");
 }
 
+/// The `address=` of a "listening" log line.
+fn logged_address(line: &str) -> SocketAddr {
+    line.rsplit_once("address=")
+        .and_then(|(_, a)| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line}"))
+}
+
 /// A status line for `GET /-/healthy` at `addr`, over a plain socket.
 fn healthy_status(addr: &str) -> std::io::Result<String> {
     use std::io::Write as _;
@@ -957,12 +965,7 @@ fn a_port_alone_listens_on_ipv4_and_ipv6() {
         ],
     );
     let line = egress.wait_for("egress proxy listening");
-    let port = line
-        .rsplit_once("address=")
-        .and_then(|(_, a)| a.split_whitespace().next())
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-        .map(|a| a.port())
-        .unwrap_or_else(|| panic!("no address in {line}"));
+    let port = logged_address(&line).port();
     assert!(line.contains("address=[::]:"), "{line}");
     let v4 = healthy_status(&format!("127.0.0.1:{port}")).unwrap();
     assert_eq!(v4, "HTTP/1.1 200 OK", "IPv4 client in 127.0.0.0/8");
@@ -998,13 +1001,8 @@ fn a_second_stop_signal_does_not_wait_for_the_drain() {
             "60s",
         ],
     );
-    let line = egress.wait_for("egress proxy listening");
-    let proxy = line
-        .rsplit_once("address=")
-        .and_then(|(_, a)| a.split_whitespace().next())
-        .unwrap()
-        .to_owned();
-    let mut client = std::net::TcpStream::connect(&proxy).unwrap();
+    let proxy = logged_address(&egress.wait_for("egress proxy listening"));
+    let mut client = std::net::TcpStream::connect(proxy).unwrap();
     write!(
         client,
         "GET http://{up}/slow HTTP/1.1\r\nHost: {up}\r\n\r\n"

@@ -1981,20 +1981,7 @@ async fn connect_tunnels_relay_raw_bytes_both_ways_with_half_close() {
 /// bytes is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connect_tunnels_are_closed_active_ones_are_not() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server_addr = listener.local_addr().unwrap();
-    // Echo server.
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut rd, mut wr) = sock.split();
-                let _ = tokio::io::copy(&mut rd, &mut wr).await;
-            });
-        }
-    });
+    let server_addr = echo_server().await;
     let mut section = section(&[format!("127.0.0.1/32:{}", server_addr.port())]);
     section.tunnel_idle_timeout = serde_yaml_ng::from_str("400ms").unwrap();
     let proxy = TestEgress::start(section, TestResolver::new(&[])).await;

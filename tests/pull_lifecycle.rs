@@ -687,6 +687,31 @@ async fn target_change_reaches_the_gateway_without_reconnecting() {
 // 6. Graceful shutdown
 // ---------------------------------------------------------------------------------------------
 
+/// Starts a scrape of `url` through the gateway at `web` (10 s timeout) and returns once `server`
+/// has it: a scrape in flight.
+async fn scrape_reaching_target(
+    web: SocketAddr,
+    url: &str,
+    server: &TargetServer,
+) -> tokio::task::JoinHandle<Result<Resp, http::Error>> {
+    let url = url.to_owned();
+    let in_flight = tokio::spawn(async move {
+        http::try_get_via_proxy(web, &url, &[("X-Prometheus-Scrape-Timeout-Seconds", "10")]).await
+    });
+    wait_for(
+        "the scrape reaches the target",
+        Duration::from_secs(5),
+        || async {
+            match server.requests() {
+                1 => Ok(()),
+                n => Err(format!("{n} requests at the target")),
+            }
+        },
+    )
+    .await;
+    in_flight
+}
+
 /// On shutdown the gateway stops accepting connections at once but lets an in-flight scrape finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_shutdown_drains_in_flight_scrapes() {
@@ -702,21 +727,7 @@ async fn gateway_shutdown_drains_in_flight_scrapes() {
     let url = target_url("slow-1", &server);
 
     let started = Instant::now();
-    let in_flight = tokio::spawn(async move {
-        http::try_get_via_proxy(web, &url, &[("X-Prometheus-Scrape-Timeout-Seconds", "10")]).await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    wait_for(
-        "the scrape reaches the target",
-        Duration::from_secs(5),
-        || async {
-            match server.requests() {
-                1 => Ok(()),
-                n => Err(format!("{n} requests at the target")),
-            }
-        },
-    )
-    .await;
+    let in_flight = scrape_reaching_target(web, &url, &server).await;
     gw.shutdown.cancel();
 
     wait_for(
@@ -768,24 +779,7 @@ async fn agent_shutdown_drains_in_flight_scrapes() {
     let (gw, agent) = gateway_and_agent(&dir, "slow-2", &[("slow", server.url("/metrics"))]).await;
     let web = gw.web;
     let url = target_url("slow-2", &server);
-    let in_flight = tokio::spawn({
-        let url = url.clone();
-        async move {
-            http::try_get_via_proxy(web, &url, &[("X-Prometheus-Scrape-Timeout-Seconds", "10")])
-                .await
-        }
-    });
-    wait_for(
-        "the scrape reaches the target",
-        Duration::from_secs(5),
-        || async {
-            match server.requests() {
-                1 => Ok(()),
-                n => Err(format!("{n} requests at the target")),
-            }
-        },
-    )
-    .await;
+    let in_flight = scrape_reaching_target(web, &url, &server).await;
     let started = Instant::now();
     agent.shutdown.cancel();
 

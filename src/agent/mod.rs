@@ -39,36 +39,6 @@ pub enum AgentError {
     Targets(String),
 }
 
-/// What the gateway must be able to route: unique names (`ferry` is the built-in target), unique
-/// port and path (the built-in target's too), http or https URLs, paths that are paths. Targets
-/// from [`crate::config::TargetSection::to_target`] pass the rest of the checks.
-fn check_targets(targets: &[Target], self_port: u16) -> Result<(), String> {
-    let mut names = std::collections::HashSet::from([crate::config::SELF_TARGET]);
-    let mut addrs = std::collections::HashSet::from([(self_port, "/metrics")]);
-    for t in targets {
-        if !names.insert(t.name.as_str()) {
-            return Err(format!(
-                "target name {:?} is used twice (\"{}\" is the built-in target)",
-                t.name,
-                crate::config::SELF_TARGET
-            ));
-        }
-        if !addrs.insert((t.port, t.path.as_str())) {
-            return Err(format!(
-                "target {:?}: port {} path {:?} is already taken",
-                t.name, t.port, t.path
-            ));
-        }
-        if !matches!(t.url.scheme_str(), Some("http" | "https")) || !t.path.starts_with('/') {
-            return Err(format!(
-                "target {:?}: needs an http(s) URL and a path starting with /",
-                t.name
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// State shared by the reconnect loop, the tunnel service and reloads.
 pub(crate) struct Shared {
     pub(crate) config: AgentConfig,
@@ -146,7 +116,6 @@ impl Agent {
         labels: &BTreeMap<String, String>,
     ) -> Result<(), AgentError> {
         let s = &self.shared;
-        check_targets(targets, s.config.self_port).map_err(AgentError::Targets)?;
         let version = s.version.fetch_add(1, Ordering::SeqCst) + 1;
         let set = TargetSet::build(
             version,

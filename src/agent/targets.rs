@@ -82,7 +82,10 @@ impl TargetSet {
         labels: &BTreeMap<String, String>,
         self_port: u16,
         plain_client: &HttpClient,
-    ) -> Result<TargetSet, TlsError> {
+    ) -> Result<TargetSet, super::AgentError> {
+        // Checked here, where every target list is built (the config's, set_targets'), so that
+        // no list the gateway could not route is ever served.
+        check_targets(targets, self_port).map_err(super::AgentError::Targets)?;
         let mut routes = HashMap::new();
         let mut infos = Vec::new();
         let self_info = TargetInfo {
@@ -259,4 +262,34 @@ impl<S: Connection> Connection for EofIsEnd<S> {
     fn connected(&self) -> Connected {
         self.0.connected()
     }
+}
+
+/// What the gateway must be able to route: unique names (`ferry` is the built-in target), unique
+/// port and path (the built-in target's too), http or https URLs, paths that are paths. Targets
+/// from [`crate::config::TargetSection::to_target`] pass the rest of the checks.
+fn check_targets(targets: &[Target], self_port: u16) -> Result<(), String> {
+    let mut names = std::collections::HashSet::from([crate::config::SELF_TARGET]);
+    let mut addrs = std::collections::HashSet::from([(self_port, "/metrics")]);
+    for t in targets {
+        if !names.insert(t.name.as_str()) {
+            return Err(format!(
+                "target name {:?} is used twice (\"{}\" is the built-in target)",
+                t.name,
+                crate::config::SELF_TARGET
+            ));
+        }
+        if !addrs.insert((t.port, t.path.as_str())) {
+            return Err(format!(
+                "target {:?}: port {} path {:?} is already taken",
+                t.name, t.port, t.path
+            ));
+        }
+        if !matches!(t.url.scheme_str(), Some("http" | "https")) || !t.path.starts_with('/') {
+            return Err(format!(
+                "target {:?}: needs an http(s) URL and a path starting with /",
+                t.name
+            ));
+        }
+    }
+    Ok(())
 }
