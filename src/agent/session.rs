@@ -148,6 +148,7 @@ async fn serve(
         .keep_alive_timeout(cfg.keepalive.timeout)
         .max_concurrent_streams(cfg.max_concurrent_scrapes)
         .max_header_list_size(crate::tunnel::MAX_HEADER_LIST)
+        .header_table_size(0)
         .serve_connection(upgraded, service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {

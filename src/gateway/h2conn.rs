@@ -45,6 +45,7 @@ where
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_header_list_size(MAX_HEADER_LIST)
         .enable_push(false)
+        .header_table_size(0)
         .handshake::<_, Bytes>(io)
         .await?;
     let keepalive = conn.ping_pong().map(|pings| KeepAlive {
