@@ -138,6 +138,29 @@ fn token_new_restricts_the_line_to_an_agent_id_glob() {
     assert_ne!(token, again, "every token is new");
 }
 
+#[test]
+fn token_new_refuses_a_glob_the_tokens_file_would_refuse() {
+    let dir = TempDir::new().unwrap();
+    for (glob, says) in [
+        ("node 1", "holds whitespace"),
+        ("", "an agent id glob is required"),
+        ("node-[", "invalid glob"),
+    ] {
+        let out = ferry(dir.path(), &["token", "new", "--agent-id", glob]);
+        assert_eq!(out.status.code(), Some(2), "{glob:?}: {out:?}");
+        assert!(stdout(&out).is_empty(), "{glob:?}: no token printed: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{glob:?}: one line: {err}");
+        assert!(
+            err.starts_with("ferry token new: --agent-id: ") && err.contains(says),
+            "{glob:?}: {err}"
+        );
+    }
+    // The advice is on stderr: stdout is the two lines a script keeps.
+    let out = ferry(dir.path(), &["token", "new"]);
+    assert_eq!(stdout(&out).lines().count(), 2, "{out:?}");
+}
+
 /// A complete gateway + agent file whose referenced files exist in `dir`.
 fn good_config(dir: &Path) -> PathBuf {
     tokens_file(dir, "s3cret");

@@ -398,6 +398,11 @@ fn the_systemd_units_are_hardened_and_reloadable() {
             [format!("/usr/local/bin/ferry run --config.file {config}")],
             "{unit}"
         );
+        assert_eq!(
+            directive(&d, "ExecStartPre"),
+            [format!("/usr/local/bin/ferry check-config {config}")],
+            "{unit}: the file is checked where the credentials exist"
+        );
     }
     let gateway = directives("ferry-gateway.service");
     assert_eq!(

@@ -442,13 +442,27 @@ fn run_flags(log: &LogArgs, geo: &GeoArgs, role: impl FnOnce(&mut FileConfig)) -
     validate_and_run(&file, "flags", None)
 }
 
+/// Prints the token and its line on stdout (what a script keeps) and the advice on stderr. The
+/// line goes through the tokens-file parser first, so it is never one the gateway would refuse.
 fn token_new(glob: &str) -> ExitCode {
     let (token, hash) = crate::auth::new_token();
+    let line = format!("{glob} {hash}");
+    if let Err((_, reason)) = TokensFile::parse(&line) {
+        let reason = if glob.trim().is_empty() {
+            "an agent id glob is required (e.g. 'node-*', or '*' for any id)".to_owned()
+        } else if glob.split_whitespace().nth(1).is_some() {
+            format!("{glob:?} holds whitespace: a glob is one word (e.g. 'node-*')")
+        } else {
+            reason
+        };
+        eprintln!("ferry token new: --agent-id: {reason}");
+        return ExitCode::from(2);
+    }
     println!("token:            {token}");
-    println!("tokens-file line: {glob} {hash}");
-    println!();
-    println!("Give the token to the agent in a file (--token-file) or FERRY_TOKEN; add the line to the gateway's --auth.tokens-file.");
-    println!("For an egress client: add the line to the proxy's --auth.credentials-file; the client sends the token as Proxy-Authorization: Bearer, or as the password of Basic with a name the glob matches.");
+    println!("tokens-file line: {line}");
+    eprintln!();
+    eprintln!("Give the token to the agent in a file (--token-file) or FERRY_TOKEN; add the line to the gateway's --auth.tokens-file.");
+    eprintln!("For an egress client: add the line to the proxy's --auth.credentials-file; the client sends the token as Proxy-Authorization: Bearer, or as the password of Basic with a name the glob matches.");
     ExitCode::SUCCESS
 }
 
