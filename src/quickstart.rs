@@ -3,6 +3,7 @@
 //! commands to try it.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,7 +85,10 @@ async fn run(args: QuickstartArgs) -> Result<(), String> {
 
 async fn run_in(args: &QuickstartArgs, data_dir: &std::path::Path) -> Result<(), String> {
     let data_dir = data_dir.to_owned();
-    std::fs::create_dir_all(&data_dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&data_dir)
         .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     let shutdown = CancellationToken::new();
 
@@ -139,9 +143,21 @@ async fn run_in(args: &QuickstartArgs, data_dir: &std::path::Path) -> Result<(),
 
     wait_connected(&gateway).await?;
     print_instructions(web_addr, tunnel_addr, demo_addr, &fingerprint, &data_dir);
-    let _ = tokio::signal::ctrl_c().await;
+    stop_signal().await?;
     shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM: either way the caller removes the temporary directory (key and token).
+async fn stop_signal() -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
     Ok(())
 }
 

@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -148,7 +149,10 @@ fn token_new_refuses_a_glob_the_tokens_file_would_refuse() {
     ] {
         let out = ferry(dir.path(), &["token", "new", "--agent-id", glob]);
         assert_eq!(out.status.code(), Some(2), "{glob:?}: {out:?}");
-        assert!(stdout(&out).is_empty(), "{glob:?}: no token printed: {out:?}");
+        assert!(
+            stdout(&out).is_empty(),
+            "{glob:?}: no token printed: {out:?}"
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.lines().count(), 1, "{glob:?}: one line: {err}");
         assert!(
@@ -633,6 +637,15 @@ async fn quickstart_does_what_it_prints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quickstart_removes_its_temporary_directory_on_ctrl_c() {
+    quickstart_removes_its_temporary_directory_on("-INT").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_removes_its_temporary_directory_on_sigterm() {
+    quickstart_removes_its_temporary_directory_on("-TERM").await;
+}
+
+async fn quickstart_removes_its_temporary_directory_on(signal: &str) {
     let dir = TempDir::new().unwrap();
     let tmp = dir.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -670,15 +683,26 @@ async fn quickstart_removes_its_temporary_directory_on_ctrl_c() {
         1,
         "its data directory is in TMPDIR while it runs"
     );
+    let data_dir = std::fs::read_dir(&tmp).unwrap().next().unwrap().unwrap();
+    let mode = data_dir.metadata().unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "it holds a private key and a token");
     let pid = child.0.id().to_string();
-    let killed = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let killed = Command::new("kill").args([signal, &pid]).status().unwrap();
     assert!(killed.success());
     let deadline = Instant::now() + Duration::from_secs(10);
     while child.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "quickstart ignored Ctrl-C");
+        assert!(
+            Instant::now() < deadline,
+            "quickstart ignored kill {signal}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(entries(), 0, "the temporary data directory is left behind");
+    assert!(child.0.try_wait().unwrap().unwrap().success());
+    assert_eq!(
+        entries(),
+        0,
+        "kill {signal}: the temporary data directory is left behind"
+    );
 }
 
 /// A test certificate rustls refuses: X.509 version 1 (see tests/fixtures/README.md).
