@@ -1078,3 +1078,18 @@ fn a_second_stop_signal_does_not_wait_for_the_drain() {
     assert_eq!(status.code(), Some(1));
     drop(client);
 }
+
+#[test]
+fn a_config_file_given_to_a_role_points_at_ferry_run() {
+    let dir = TempDir::new().unwrap();
+    for role in ["gateway", "agent", "egress", "exporter"] {
+        let out = ferry(dir.path(), &[role, "--config.file", "ferry.yaml"]);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{role}: {out:?}");
+        let lines = stderr_lines(&out);
+        assert_eq!(lines.len(), 1, "{role}: {lines:?}");
+        assert!(
+            lines[0].contains("ferry run --config.file FILE"),
+            "{role}: {lines:?}"
+        );
+    }
+}

@@ -405,7 +405,14 @@ fn env(name: &str) -> Option<String> {
 
 /// Parses the process's arguments and runs the command; the whole of `main`.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if misplaced_config_file(&e) => {
+            eprintln!("error: --config.file is an option of `ferry run`: ferry run --config.file FILE runs every role the file configures");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Token(TokenCommand::New { agent_id }) => token_new(&agent_id),
         Command::CheckConfig(args) => check_config(&args.file),
@@ -440,6 +447,17 @@ fn run_flags(log: &LogArgs, geo: &GeoArgs, role: impl FnOnce(&mut FileConfig)) -
     };
     role(&mut file);
     validate_and_run(&file, "flags", None)
+}
+
+/// `ferry gateway --config.file F`: clap would suggest `--web.config.file`, a different file
+/// format, when the user wants `ferry run`.
+fn misplaced_config_file(e: &clap::Error) -> bool {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    e.kind() == ErrorKind::UnknownArgument
+        && matches!(
+            e.get(ContextKind::InvalidArg),
+            Some(ContextValue::String(arg)) if arg.starts_with("--config.file")
+        )
 }
 
 /// Prints the token and its line on stdout (what a script keeps) and the advice on stderr. The
