@@ -347,6 +347,13 @@ impl AgentSection {
             );
             return None;
         };
+        if !url.contains("://") {
+            errs.push(
+                field,
+                format!("{url:?} must start with https://, e.g. \"https://{url}\""),
+            );
+            return None;
+        }
         let uri: Uri = errs.check(
             &field,
             url.parse::<Uri>()
@@ -658,6 +665,14 @@ impl TargetSection {
 
     fn parse_url(&self, field: &str, errs: &mut ConfigErrors) -> Option<Uri> {
         let url = &self.url;
+        // `127.0.0.1:9100/metrics` fails to parse as a URI with "invalid format": say what is missing.
+        if !url.contains("://") {
+            errs.push(
+                field,
+                format!("{url:?} must start with http:// or https://, e.g. \"http://{url}\""),
+            );
+            return None;
+        }
         let uri: Uri = errs.check(
             field,
             url.parse::<Uri>()

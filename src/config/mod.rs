@@ -957,6 +957,7 @@ agent:
     - { name: a, url: 'http://h:2/m' }
     - { name: ferry, url: 'http://h:3/m' }
     - { name: b, url: 'ftp://h/m' }
+    - { name: c, url: '127.0.0.1:9100/metrics' }
 ",
         );
         assert_eq!(
@@ -965,6 +966,7 @@ agent:
                 ": agent.targets[1].name: \"a\" is used twice (also by agent.targets[0])",
                 ": agent.targets[2].name: \"ferry\" is the built-in target (the agent's own metrics): choose another name",
                 ": agent.targets[3].url: \"ftp://h/m\" must start with http:// or https://",
+                ": agent.targets[4].url: \"127.0.0.1:9100/metrics\" must start with http:// or https://, e.g. \"http://127.0.0.1:9100/metrics\"",
             ]
         );
     }
