@@ -558,8 +558,10 @@ impl AgentSection {
         let mut out = Vec::new();
         let mut ok = true;
         let mut seen_names = std::collections::HashMap::new();
-        let mut seen_addrs =
-            std::collections::HashSet::from([(self.self_port, "/metrics".to_owned())]);
+        let mut seen_addrs = std::collections::HashMap::from([(
+            (self.self_port, "/metrics".to_owned()),
+            SELF_TARGET.to_owned(),
+        )]);
         for (i, section) in self.targets.iter().enumerate() {
             let field = format!("{prefix}[{i}]");
             if section.name == SELF_TARGET {
@@ -584,15 +586,22 @@ impl AgentSection {
                 ok = false;
                 continue;
             };
-            if !seen_addrs.insert((t.port, t.path.clone())) {
+            if let Some(other) = seen_addrs.get(&(t.port, t.path.clone())) {
+                let whose = if other == SELF_TARGET {
+                    format!("the built-in target \"{SELF_TARGET}\" (the agent's own metrics, self_port)")
+                } else {
+                    format!("target {other:?}")
+                };
                 errs.push(
                     format!("{field}.port"),
                     format!(
-                        "port {} path {:?} is already taken by another target: set a distinct port",
+                        "port {} path {:?} is already taken by {whose}: give one of them a distinct `port` (config file)",
                         t.port, t.path
                     ),
                 );
                 ok = false;
+            } else {
+                seen_addrs.insert((t.port, t.path.clone()), t.name.clone());
             }
             out.push(t);
         }

@@ -830,7 +830,7 @@ agent:
 
     #[test]
     fn targets_must_not_collide() {
-        let yaml = "agent:\n  gateway: https://gw:7443\n  agent_id: a\n  targets:\n    - { name: x, url: 'http://h:1/metrics' }\n    - { name: y, url: 'http://h2:1/metrics' }\n    - { name: ferry, url: 'http://h:2/metrics' }\n";
+        let yaml = "agent:\n  gateway: https://gw:7443\n  agent_id: a\n  targets:\n    - { name: x, url: 'http://h:1/metrics' }\n    - { name: y, url: 'http://h2:1/metrics' }\n    - { name: ferry, url: 'http://h:2/metrics' }\n    - { name: z, url: 'http://h:9369/metrics' }\n";
         let env = |n: &str| (n == "FERRY_TOKEN").then(|| "t".to_owned());
         let errs = FileConfig::parse(yaml, "c")
             .unwrap()
@@ -838,7 +838,13 @@ agent:
             .unwrap_err()
             .to_string();
         assert!(
-            errs.contains("agent.targets[1].port") && errs.contains("already taken"),
+            errs.contains(
+                "agent.targets[1].port: port 1 path \"/metrics\" is already taken by target \"x\""
+            ),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("agent.targets[3].port: port 9369 path \"/metrics\" is already taken by the built-in target \"ferry\""),
             "{errs}"
         );
         assert!(
