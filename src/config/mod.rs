@@ -944,6 +944,51 @@ agent:
     }
 
     #[test]
+    fn every_unknown_field_is_reported_with_its_line() {
+        let lines = check(
+            "gateway:
+  web:
+    listen_adress: ':8080'
+  tunnel: { tls_self_signed_name: [a] }
+agent:
+  targets:
+    - { name: n, url: 'http://h:1/m' }
+    - name: m
+      url: 'http://h:2/m'
+      prot: 9
+  token_fil: x
+",
+        );
+        let short: Vec<&str> = lines
+            .iter()
+            .map(|l| l.split_once(", expected one of").unwrap().0)
+            .collect();
+        assert_eq!(
+            short,
+            [
+                ": gateway.web: unknown field `listen_adress`",
+                ": gateway.tunnel: unknown field `tls_self_signed_name`",
+                ": agent.targets[1]: unknown field `prot`",
+                ": agent: unknown field `token_fil`",
+            ],
+            "{lines:#?}"
+        );
+        let at: Vec<&str> = lines
+            .iter()
+            .map(|l| &l[l.rfind(" at line").unwrap()..])
+            .collect();
+        assert_eq!(
+            at,
+            [
+                " at line 3 column 5",
+                " at line 4",
+                " at line 10",
+                " at line 11"
+            ]
+        );
+    }
+
+    #[test]
     fn a_mapping_where_a_value_belongs_stops_the_parse_naming_the_field() {
         let lines = check("gateway:\n  web:\n    scrape_timeout_max: { a: 1 }\n");
         assert_eq!(

@@ -252,7 +252,10 @@ pub(super) fn parse_recovering(text: &str, origin: &str) -> (Option<FileConfig>,
     drop(collecting);
     let file = match result {
         Err(e) => {
-            errs.errors.push(yaml_error(&e.to_string()));
+            let first = yaml_error(&e.to_string());
+            let more = unknown_key(&first).map(|key| more_unknown_fields(text, &first.field, key));
+            errs.errors.push(first);
+            errs.errors.extend(more.into_iter().flatten());
             return (None, errs);
         }
         Ok(file) if errs.errors.is_empty() => file,
@@ -263,6 +266,71 @@ pub(super) fn parse_recovering(text: &str, origin: &str) -> (Option<FileConfig>,
         },
     };
     (Some(file), errs)
+}
+
+/// The key of an "unknown field" error.
+fn unknown_key(e: &ConfigError) -> Option<&str> {
+    let rest = e.message.strip_prefix("unknown field `")?;
+    rest.split_once('`').map(|(key, _)| key)
+}
+
+/// An unknown field stops serde, so each one after the first is found by parsing again without
+/// the ones found so far (at most 20). Those parses read a re-serialised copy whose line numbers
+/// are not the file's: the line is looked up in the file instead, and left out when ambiguous.
+fn more_unknown_fields(text: &str, parent: &str, key: &str) -> Vec<ConfigError> {
+    let mut found = Vec::new();
+    let Ok(mut value) = serde_yaml_ng::from_str::<Value>(text) else {
+        return found;
+    };
+    let mut gone = join_path(parent, key);
+    for _ in 0..20 {
+        remove(&mut value, &gone);
+        let Ok(copy) = serde_yaml_ng::to_string(&value) else {
+            break;
+        };
+        // Wrongly typed values are not this pass's business: the first parse reported those it
+        // reached, and the rest are reported once the unknown fields are fixed.
+        let collecting = Collecting::start();
+        let result = serde_yaml_ng::from_str::<FileConfig>(&copy);
+        drop(collecting);
+        let Err(e) = result else { break };
+        let mut e = yaml_error(&e.to_string());
+        let Some(key) = unknown_key(&e).map(str::to_owned) else {
+            break;
+        };
+        if let Some(at) = e.message.rfind(" at line ") {
+            e.message.truncate(at);
+        }
+        if let Some(line) = line_of_key(text, &key) {
+            e.message.push_str(&format!(" at line {line}"));
+        }
+        gone = join_path(&e.field, &key);
+        found.push(e);
+    }
+    found
+}
+
+fn join_path(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+/// The 1-based line where `key:` is written, if it is written exactly once.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let mut lines = text.lines().enumerate().filter(|(_, line)| {
+        let line = line.split('#').next().unwrap_or("");
+        let line = line.trim_start().trim_start_matches("- ");
+        line.starts_with(&format!("{key}:"))
+            || line.contains(&format!("{{ {key}:"))
+            || line.contains(&format!(", {key}:"))
+    });
+    match (lines.next(), lines.next()) {
+        (Some((n, _)), None) => Some(n + 1),
+        _ => None,
+    }
 }
 
 /// The file parsed again with the fields of `bad` left out.
