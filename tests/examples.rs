@@ -688,6 +688,14 @@ async fn the_readme_lists_the_metrics_ferry_exports() {
     ] {
         assert_eq!(resp.status, 200, "{role}");
         let exposition = resp.text();
+        let role_label = if role == "host" { "exporter" } else { role };
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            exposition.contains(&format!(
+                "ferry_build_info{{role=\"{role_label}\",version=\"{version}\"}} 1"
+            )),
+            "{role}: no build info:\n{exposition}"
+        );
         let listed = readme_metrics(role);
         assert!(
             listed.len() >= at_least,

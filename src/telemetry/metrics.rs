@@ -7,6 +7,19 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// Registers `ferry_build_info{role, version}` (always 1), so that dashboards and alerts can see
+/// which version each gateway, agent and proxy runs, e.g. during a rolling upgrade.
+pub fn register_build_info(registry: &mut Registry, role: &str) {
+    registry.register(
+        "ferry_build",
+        "ferry's version, per role",
+        prometheus_client::metrics::info::Info::new(vec![
+            ("role".to_owned(), role.to_owned()),
+            ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+        ]),
+    );
+}
+
 /// Buckets from 1 ms to ~65 s, for scrape durations.
 fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
@@ -66,6 +79,7 @@ pub struct GatewayMetrics {
 impl GatewayMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
+        register_build_info(registry, "gateway");
         let m = Self {
             agents_connected: Gauge::default(),
             handshakes: Family::default(),
@@ -133,6 +147,7 @@ pub struct TargetNameLabels {
 impl AgentMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
+        register_build_info(registry, "agent");
         let m = Self {
             tunnel_up: Gauge::default(),
             connects: Family::default(),
@@ -216,6 +231,7 @@ pub struct EgressMetrics {
 impl EgressMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
+        register_build_info(registry, "egress");
         let m = Self {
             requests: Family::default(),
             rejections: Family::default(),
