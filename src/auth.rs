@@ -88,6 +88,8 @@ impl TokensFile {
 
     /// Parses the text of a tokens file; errors carry the 1-based line number.
     pub fn parse(text: &str) -> Result<TokensFile, (usize, String)> {
+        // Some editors start a UTF-8 file with a byte-order mark; it would join the first glob.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut entries = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
@@ -190,6 +192,13 @@ mod tests {
             Err(AuthError::IdNotAllowed("db-1".into()))
         );
         assert_eq!(f.authorize("gamma", "node-7"), Err(AuthError::InvalidToken));
+    }
+
+    #[test]
+    fn a_byte_order_mark_does_not_join_the_first_glob() {
+        let text = format!("\u{feff}node-1 {}\n", hash_token("t"));
+        let file = TokensFile::parse(&text).unwrap();
+        assert!(file.authorize("t", "node-1").is_ok());
     }
 
     #[test]

@@ -782,6 +782,27 @@ fn check_config_warns_that_an_empty_tokens_file_lets_no_agent_in() {
 }
 
 #[test]
+fn check_config_warns_that_a_world_writable_tokens_file_lets_anyone_add_a_credential() {
+    let dir = TempDir::new().unwrap();
+    let tokens = tokens_file(dir.path(), "s3cret");
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o666)).unwrap();
+    write(
+        dir.path(),
+        "gw.yaml",
+        "gateway:\n  auth:\n    tokens_file: tokens\n",
+    );
+    let out = ferry(dir.path(), &["check-config", "gw.yaml"]);
+    assert!(out.status.success(), "a warning, not an error: {out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        ["gw.yaml: warning: tokens file tokens is writable by every user: anyone on this host can add a credential (chmod o-w)"]
+    );
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = ferry(dir.path(), &["check-config", "gw.yaml"]);
+    assert!(stderr_lines(&out).is_empty(), "{out:?}");
+}
+
+#[test]
 fn the_log_format_flag_names_its_values() {
     let dir = TempDir::new().unwrap();
     for sub in [

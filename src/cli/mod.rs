@@ -538,7 +538,32 @@ fn warnings(config: &RunConfig) -> Vec<String> {
             ));
         }
     }
+    // Hashes only, so readable by all is fine; writable by all lets any local user add a line.
+    let credential_files = [
+        config
+            .gateway
+            .as_ref()
+            .map(|g| (TOKENS_FILE, &g.tokens_file)),
+        config
+            .egress
+            .as_ref()
+            .and_then(|e| e.credentials_file.as_ref())
+            .map(|p| (CREDENTIALS_FILE, p)),
+    ];
+    for (kind, path) in credential_files.into_iter().flatten() {
+        if world_writable(path) {
+            out.push(format!(
+                "{kind} {} is writable by every user: anyone on this host can add a credential (chmod o-w)",
+                path.display()
+            ));
+        }
+    }
     out
+}
+
+fn world_writable(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o002 != 0)
 }
 
 fn config_failed(errs: &ConfigErrors) -> ExitCode {
