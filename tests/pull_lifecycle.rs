@@ -341,9 +341,21 @@ async fn a_token_removed_on_reload_closes_the_tunnels_using_it() {
     gw.stop().await;
 }
 
-/// A second agent claims an id already connected: the newer tunnel replaces the older one.
+/// `ferry_gateway_tunnels_replaced_total`, 0 while none was replaced.
+async fn tunnels_replaced(web: SocketAddr) -> f64 {
+    let text = gateway_metrics(web).await;
+    metric_value(&text, "ferry_gateway_tunnels_replaced_total", &[]).unwrap_or(0.0)
+}
+
+/// A second agent claims an id already connected, with the same token: the newer tunnel replaces
+/// the older one. The gateway tells the older agent why, and it logs that loudly and waits its
+/// slow backoff before reconnecting, so two agents with one id (cloned hosts) take turns once
+/// per backoff period instead of knocking each other off every second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newer_tunnel_replaces_older_with_the_same_id() {
+    const SLOW: Duration = Duration::from_secs(2);
+    let logs = common::logs::capture();
+    let told = "GATEWAY CLOSED OUR TUNNEL";
     let dir = TempDir::new().unwrap();
     let (old_server, new_server) = (
         metrics_server("which 1\n").await,
@@ -354,6 +366,7 @@ async fn newer_tunnel_replaces_older_with_the_same_id() {
     let section = |server: &TargetServer| {
         let mut s = agent_section(&gw, "dup", &[("node", server.url("/metrics"))]);
         s.targets[0].port = Some(9100);
+        s.reconnect.auth_failure_backoff = Dur(SLOW);
         s
     };
     let url = scrape_url("dup", 9100);
@@ -371,27 +384,42 @@ async fn newer_tunnel_replaces_older_with_the_same_id() {
         "gateway counts a replaced tunnel",
         Duration::from_secs(10),
         || async {
-            let text = gateway_metrics(gw.web).await;
-            match metric_value(&text, "ferry_gateway_tunnels_replaced_total", &[]) {
-                Some(n) if n >= 1.0 => Ok(()),
-                other => Err(format!("ferry_gateway_tunnels_replaced_total = {other:?}")),
+            match tunnels_replaced(gw.web).await {
+                n if n >= 1.0 => Ok(()),
+                n => Err(format!("ferry_gateway_tunnels_replaced_total = {n}")),
             }
         },
     )
     .await;
-    wait_for(
-        "the OLDER tunnel is the one closed",
-        Duration::from_secs(5),
-        || async {
-            match local_ok_connects(old_web).await {
-                n if n >= 2.0 => Ok(()),
-                n => Err(format!(
-                    "old agent still on its first tunnel ({n} ok connects)"
-                )),
-            }
-        },
-    )
-    .await;
+    // The old agent's backoff started a little earlier, when its tunnel was closed.
+    let replaced_at = Instant::now();
+    wait_scrape_body(gw.web, &url, "which 2\n", Duration::from_secs(5)).await;
+    let lines = logs.wait_lines(&[told], 1, Duration::from_secs(5)).await;
+    assert!(
+        lines[0].contains(
+            "reason=replaced by a newer tunnel: another agent with the same id \"dup\" connected from 127.0.0.1:"
+        ) && lines[0].contains(&format!("retry_in={SLOW:?}")),
+        "{lines:?}"
+    );
+
+    // The replaced agent stays away for its slow backoff: the newer one keeps the tunnel.
+    let old_requests = old_server.requests();
+    loop {
+        let resp = scrape(gw.web, &url).await;
+        assert_eq!((resp.status, resp.text().as_str()), (200, "which 2\n"));
+        if replaced_at.elapsed() >= SLOW / 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        old_server.requests(),
+        old_requests,
+        "the replaced agent was still scraped"
+    );
+    assert_eq!(tunnels_replaced(gw.web).await, 1.0);
+    assert_eq!(local_ok_connects(old_web).await, 1.0, "reconnected at once");
+    assert_eq!(logs.lines_with(&[told]).len(), 1);
     let text = gateway_metrics(gw.web).await;
     assert_eq!(
         metric_value(&text, "ferry_gateway_agents_connected", &[]),
@@ -400,7 +428,22 @@ async fn newer_tunnel_replaces_older_with_the_same_id() {
     );
     assert_eq!(gw.agent_ids(), vec!["dup".to_owned()]);
 
-    // The old agent would reconnect and replace the new one in turn; take it away.
+    // After it, the old agent comes back and replaces the newer one, which is told in turn.
+    wait_for(
+        "the old agent reconnects after its backoff",
+        Duration::from_secs(10),
+        || async {
+            match local_ok_connects(old_web).await {
+                n if n >= 2.0 => Ok(()),
+                n => Err(format!("old agent on its first tunnel ({n} ok connects)")),
+            }
+        },
+    )
+    .await;
+    logs.wait_lines(&[told], 2, Duration::from_secs(5)).await;
+    assert_eq!(tunnels_replaced(gw.web).await, 2.0);
+
+    // Without the old agent, the new one takes the id back after its own backoff.
     old.stop().await;
     wait_scrape_body(gw.web, &url, "which 2\n", Duration::from_secs(10)).await;
     let old_requests = old_server.requests();
@@ -408,17 +451,7 @@ async fn newer_tunnel_replaces_older_with_the_same_id() {
         let resp = scrape(gw.web, &url).await;
         assert_eq!((resp.status, resp.text().as_str()), (200, "which 2\n"));
     }
-    assert_eq!(
-        old_server.requests(),
-        old_requests,
-        "the replaced agent was still scraped"
-    );
-    let text = gateway_metrics(gw.web).await;
-    assert_eq!(
-        metric_value(&text, "ferry_gateway_agents_connected", &[]),
-        Some(1.0),
-        "{text}"
-    );
+    assert_eq!(old_server.requests(), old_requests);
 
     new.stop().await;
     gw.stop().await;

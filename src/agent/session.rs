@@ -33,8 +33,10 @@ pub(crate) enum SessionError {
 
 /// How a session that started ended.
 enum SessionEnd {
-    /// The connection dropped (gateway restart, network, keepalive timeout, replaced).
+    /// The connection dropped (gateway restart, network, keepalive timeout).
     Closed(String),
+    /// The gateway closed it on purpose and said why first: another agent took our id.
+    ClosedByGateway(String),
     /// We were asked to stop.
     Shutdown,
 }
@@ -43,6 +45,7 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
     let b = shared.config.backoff;
     let mut backoff = Backoff::new(b.min, b.max);
     let gateway = &shared.config.gateway.addr;
+    let agent = &shared.config.agent_id;
     loop {
         let started = Instant::now();
         let delay = match run_session(&shared, &shutdown).await {
@@ -55,9 +58,19 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
                 warn!(%gateway, %reason, retry_in = ?delay, "tunnel closed; reconnecting");
                 delay
             }
+            // Reconnecting at once would knock the other agent off in turn, every second.
+            Ok(SessionEnd::ClosedByGateway(reason)) => {
+                error!(%gateway, %agent, %reason, retry_in = ?b.auth_failure, "GATEWAY CLOSED OUR TUNNEL: another agent uses our agent id (a cloned host keeps the host name as id); give each agent its own agent_id");
+                b.auth_failure
+            }
+            Err(SessionError::Handshake(e)) if e.is_id_conflict() => {
+                count(&shared, "conflict");
+                error!(%gateway, %agent, error = %e, retry_in = ?b.auth_failure, "GATEWAY REFUSED OUR AGENT ID: another agent holds it with another token; give each agent its own agent_id");
+                b.auth_failure
+            }
             Err(SessionError::Handshake(e)) if e.is_auth_refusal() => {
                 count(&shared, "auth_refused");
-                error!(%gateway, agent = %shared.config.agent_id, error = %e, retry_in = ?b.auth_failure, "GATEWAY REFUSED OUR CREDENTIALS: check the token and the tokens file's glob for this agent id");
+                error!(%gateway, %agent, error = %e, retry_in = ?b.auth_failure, "GATEWAY REFUSED OUR CREDENTIALS: check the token and the tokens file's glob for this agent id");
                 b.auth_failure
             }
             Err(e) => {
@@ -100,9 +113,22 @@ async fn run_session(
     count(shared, "ok");
     shared.metrics.tunnel_up.set(1);
     info!(gateway = %shared.config.gateway.addr, agent = %shared.config.agent_id, "tunnel up");
+    take_closing_notice(shared);
     let end = serve(shared, upgraded, shutdown).await;
     shared.metrics.tunnel_up.set(0);
-    Ok(end)
+    match (end, take_closing_notice(shared)) {
+        (SessionEnd::Closed(_), Some(reason)) => Ok(SessionEnd::ClosedByGateway(reason)),
+        (end, _) => Ok(end),
+    }
+}
+
+/// The reason the gateway sent before closing the tunnel, if it did (`serve::closing_notice`).
+fn take_closing_notice(shared: &Shared) -> Option<String> {
+    shared
+        .closing_notice
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
 }
 
 /// Dial, TLS and the upgrade handshake.
