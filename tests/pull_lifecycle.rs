@@ -457,6 +457,87 @@ async fn newer_tunnel_replaces_older_with_the_same_id() {
     gw.stop().await;
 }
 
+/// Token rotation without restarting the agent: the agent reads its token file again before
+/// every connection. A file left empty is reported, and the old token is not sent in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_file_is_used_without_restarting_the_agent() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("up 1\n").await;
+    let url = target_url("node-1", &server);
+    let gw = start_gateway(&dir, &[("node-1", "old-token")], |_| {}).await;
+    let token_file = dir.path().join("agent-token");
+    std::fs::write(&token_file, "old-token\n").unwrap();
+    let mut section = agent_section(&gw, "node-1", &[("node", server.url("/metrics"))]);
+    section.token_file = Some(token_file.clone());
+    let agent = start_agent(section, "unused: the token file wins");
+    gw.wait_agent("node-1", Duration::from_secs(10)).await;
+    let agent_web = serve_agent_web(&agent.agent).await;
+
+    // 1. The gateway accepts both tokens; 2. the agent's file gets the new one: nothing moves.
+    tokens_file(
+        dir.path(),
+        &[("node-1", "old-token"), ("node-1", "new-token")],
+    );
+    gw.gateway.reload_tokens().unwrap();
+    std::fs::write(&token_file, "new-token\n").unwrap();
+    // 3. The old token's line goes: its tunnel is closed, the agent comes back with the new one.
+    tokens_file(dir.path(), &[("node-1", "new-token")]);
+    gw.gateway.reload_tokens().unwrap();
+    wait_for(
+        "the agent reconnects with the new token",
+        Duration::from_secs(10),
+        || async {
+            match local_ok_connects(agent_web).await {
+                n if n >= 2.0 => Ok(()),
+                n => Err(format!("{n} ok connects")),
+            }
+        },
+    )
+    .await;
+    wait_scrape_body(gw.web, &url, "up 1\n", Duration::from_secs(5)).await;
+    logs.wait_lines(
+        &["the token file changed: connecting with the new token"],
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // A token file left empty: said loudly, and nothing is sent until it holds a token again.
+    std::fs::write(&token_file, "").unwrap();
+    tokens_file(dir.path(), &[("node-1", "newer-token")]);
+    gw.gateway.reload_tokens().unwrap();
+    let lines = logs
+        .wait_lines(&["CANNOT READ OUR TOKEN"], 1, Duration::from_secs(10))
+        .await;
+    assert!(
+        lines[0].contains(&format!(
+            "{} holds no token (it is empty)",
+            token_file.display()
+        )),
+        "{lines:?}"
+    );
+    assert!(!agent.agent.is_connected());
+    std::fs::write(&token_file, "newer-token").unwrap();
+    gw.wait_agent("node-1", Duration::from_secs(10)).await;
+    wait_scrape_body(gw.web, &url, "up 1\n", Duration::from_secs(5)).await;
+
+    // The agent never sent a token the gateway no longer accepted.
+    let text = gateway_metrics(gw.web).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_tunnel_handshakes_total",
+            &[("result", "unauthorized")]
+        ),
+        None,
+        "{text}"
+    );
+    assert_eq!(local_ok_connects(agent_web).await, 3.0);
+    agent.stop().await;
+    gw.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Idle-cutting middlebox
 // ---------------------------------------------------------------------------------------------
