@@ -341,9 +341,21 @@ async fn a_token_removed_on_reload_closes_the_tunnels_using_it() {
     gw.stop().await;
 }
 
-/// A second agent claims an id already connected: the newer tunnel replaces the older one.
+/// `ferry_gateway_tunnels_replaced_total`, 0 while none was replaced.
+async fn tunnels_replaced(web: SocketAddr) -> f64 {
+    let text = gateway_metrics(web).await;
+    metric_value(&text, "ferry_gateway_tunnels_replaced_total", &[]).unwrap_or(0.0)
+}
+
+/// A second agent claims an id already connected, with the same token: the newer tunnel replaces
+/// the older one. The gateway tells the older agent why, and it logs that loudly and waits its
+/// slow backoff before reconnecting, so two agents with one id (cloned hosts) take turns once
+/// per backoff period instead of knocking each other off every second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newer_tunnel_replaces_older_with_the_same_id() {
+    const SLOW: Duration = Duration::from_secs(2);
+    let logs = common::logs::capture();
+    let told = "GATEWAY CLOSED OUR TUNNEL";
     let dir = TempDir::new().unwrap();
     let (old_server, new_server) = (
         metrics_server("which 1\n").await,
@@ -354,6 +366,7 @@ async fn newer_tunnel_replaces_older_with_the_same_id() {
     let section = |server: &TargetServer| {
         let mut s = agent_section(&gw, "dup", &[("node", server.url("/metrics"))]);
         s.targets[0].port = Some(9100);
+        s.reconnect.auth_failure_backoff = Dur(SLOW);
         s
     };
     let url = scrape_url("dup", 9100);
@@ -371,27 +384,42 @@ async fn newer_tunnel_replaces_older_with_the_same_id() {
         "gateway counts a replaced tunnel",
         Duration::from_secs(10),
         || async {
-            let text = gateway_metrics(gw.web).await;
-            match metric_value(&text, "ferry_gateway_tunnels_replaced_total", &[]) {
-                Some(n) if n >= 1.0 => Ok(()),
-                other => Err(format!("ferry_gateway_tunnels_replaced_total = {other:?}")),
+            match tunnels_replaced(gw.web).await {
+                n if n >= 1.0 => Ok(()),
+                n => Err(format!("ferry_gateway_tunnels_replaced_total = {n}")),
             }
         },
     )
     .await;
-    wait_for(
-        "the OLDER tunnel is the one closed",
-        Duration::from_secs(5),
-        || async {
-            match local_ok_connects(old_web).await {
-                n if n >= 2.0 => Ok(()),
-                n => Err(format!(
-                    "old agent still on its first tunnel ({n} ok connects)"
-                )),
-            }
-        },
-    )
-    .await;
+    // The old agent's backoff started a little earlier, when its tunnel was closed.
+    let replaced_at = Instant::now();
+    wait_scrape_body(gw.web, &url, "which 2\n", Duration::from_secs(5)).await;
+    let lines = logs.wait_lines(&[told], 1, Duration::from_secs(5)).await;
+    assert!(
+        lines[0].contains(
+            "reason=replaced by a newer tunnel: another agent with the same id \"dup\" connected from 127.0.0.1:"
+        ) && lines[0].contains(&format!("retry_in={SLOW:?}")),
+        "{lines:?}"
+    );
+
+    // The replaced agent stays away for its slow backoff: the newer one keeps the tunnel.
+    let old_requests = old_server.requests();
+    loop {
+        let resp = scrape(gw.web, &url).await;
+        assert_eq!((resp.status, resp.text().as_str()), (200, "which 2\n"));
+        if replaced_at.elapsed() >= SLOW / 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        old_server.requests(),
+        old_requests,
+        "the replaced agent was still scraped"
+    );
+    assert_eq!(tunnels_replaced(gw.web).await, 1.0);
+    assert_eq!(local_ok_connects(old_web).await, 1.0, "reconnected at once");
+    assert_eq!(logs.lines_with(&[told]).len(), 1);
     let text = gateway_metrics(gw.web).await;
     assert_eq!(
         metric_value(&text, "ferry_gateway_agents_connected", &[]),
@@ -400,7 +428,22 @@ async fn newer_tunnel_replaces_older_with_the_same_id() {
     );
     assert_eq!(gw.agent_ids(), vec!["dup".to_owned()]);
 
-    // The old agent would reconnect and replace the new one in turn; take it away.
+    // After it, the old agent comes back and replaces the newer one, which is told in turn.
+    wait_for(
+        "the old agent reconnects after its backoff",
+        Duration::from_secs(10),
+        || async {
+            match local_ok_connects(old_web).await {
+                n if n >= 2.0 => Ok(()),
+                n => Err(format!("old agent on its first tunnel ({n} ok connects)")),
+            }
+        },
+    )
+    .await;
+    logs.wait_lines(&[told], 2, Duration::from_secs(5)).await;
+    assert_eq!(tunnels_replaced(gw.web).await, 2.0);
+
+    // Without the old agent, the new one takes the id back after its own backoff.
     old.stop().await;
     wait_scrape_body(gw.web, &url, "which 2\n", Duration::from_secs(10)).await;
     let old_requests = old_server.requests();
@@ -408,19 +451,90 @@ async fn newer_tunnel_replaces_older_with_the_same_id() {
         let resp = scrape(gw.web, &url).await;
         assert_eq!((resp.status, resp.text().as_str()), (200, "which 2\n"));
     }
-    assert_eq!(
-        old_server.requests(),
-        old_requests,
-        "the replaced agent was still scraped"
-    );
-    let text = gateway_metrics(gw.web).await;
-    assert_eq!(
-        metric_value(&text, "ferry_gateway_agents_connected", &[]),
-        Some(1.0),
-        "{text}"
-    );
+    assert_eq!(old_server.requests(), old_requests);
 
     new.stop().await;
+    gw.stop().await;
+}
+
+/// Token rotation without restarting the agent: the agent reads its token file again before
+/// every connection. A file left empty is reported, and the old token is not sent in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_file_is_used_without_restarting_the_agent() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("up 1\n").await;
+    let url = target_url("node-1", &server);
+    let gw = start_gateway(&dir, &[("node-1", "old-token")], |_| {}).await;
+    let token_file = dir.path().join("agent-token");
+    std::fs::write(&token_file, "old-token\n").unwrap();
+    let mut section = agent_section(&gw, "node-1", &[("node", server.url("/metrics"))]);
+    section.token_file = Some(token_file.clone());
+    let agent = start_agent(section, "unused: the token file wins");
+    gw.wait_agent("node-1", Duration::from_secs(10)).await;
+    let agent_web = serve_agent_web(&agent.agent).await;
+
+    // 1. The gateway accepts both tokens; 2. the agent's file gets the new one: nothing moves.
+    tokens_file(
+        dir.path(),
+        &[("node-1", "old-token"), ("node-1", "new-token")],
+    );
+    gw.gateway.reload_tokens().unwrap();
+    std::fs::write(&token_file, "new-token\n").unwrap();
+    // 3. The old token's line goes: its tunnel is closed, the agent comes back with the new one.
+    tokens_file(dir.path(), &[("node-1", "new-token")]);
+    gw.gateway.reload_tokens().unwrap();
+    wait_for(
+        "the agent reconnects with the new token",
+        Duration::from_secs(10),
+        || async {
+            match local_ok_connects(agent_web).await {
+                n if n >= 2.0 => Ok(()),
+                n => Err(format!("{n} ok connects")),
+            }
+        },
+    )
+    .await;
+    wait_scrape_body(gw.web, &url, "up 1\n", Duration::from_secs(5)).await;
+    logs.wait_lines(
+        &["the token file changed: connecting with the new token"],
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // A token file left empty: said loudly, and nothing is sent until it holds a token again.
+    std::fs::write(&token_file, "").unwrap();
+    tokens_file(dir.path(), &[("node-1", "newer-token")]);
+    gw.gateway.reload_tokens().unwrap();
+    let lines = logs
+        .wait_lines(&["CANNOT READ OUR TOKEN"], 1, Duration::from_secs(10))
+        .await;
+    assert!(
+        lines[0].contains(&format!(
+            "{} holds no token (it is empty)",
+            token_file.display()
+        )),
+        "{lines:?}"
+    );
+    assert!(!agent.agent.is_connected());
+    std::fs::write(&token_file, "newer-token").unwrap();
+    gw.wait_agent("node-1", Duration::from_secs(10)).await;
+    wait_scrape_body(gw.web, &url, "up 1\n", Duration::from_secs(5)).await;
+
+    // The agent never sent a token the gateway no longer accepted.
+    let text = gateway_metrics(gw.web).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_tunnel_handshakes_total",
+            &[("result", "unauthorized")]
+        ),
+        None,
+        "{text}"
+    );
+    assert_eq!(local_ok_connects(agent_web).await, 3.0);
+    agent.stop().await;
     gw.stop().await;
 }
 

@@ -307,6 +307,107 @@ async fn an_id_outside_the_tokens_glob_is_forbidden_while_a_matching_id_connects
     gw.stop().await;
 }
 
+/// A second token whose glob covers a connected agent's id (a group token on another host) is
+/// refused with 409 and cannot take the tunnel over; the agent holding it never notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_connected_with_another_token_is_409_and_the_first_agent_keeps_it() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let (own, other) = (
+        TargetServer::start(Behaviour::Metrics("which 1\n".into())).await,
+        TargetServer::start(Behaviour::Metrics("which 2\n".into())).await,
+    );
+    let gw = start_gateway(
+        &dir,
+        &[("node-1", "own-token"), ("node-*", "group-token")],
+        |_| {},
+    )
+    .await;
+    // Both serve their target at the same address: only the tunnel decides who answers.
+    let section = |server: &TargetServer| {
+        let mut s = agent_section(&gw, AGENT, &[("node", server.url("/metrics"))]);
+        s.targets[0].port = Some(9100);
+        s
+    };
+    let url = format!("http://{AGENT}:9100/metrics");
+    let first = start_agent(section(&own), "own-token");
+    gw.wait_agent(AGENT, CONNECT_WAIT).await;
+    let first_url = agent_metrics_url(&first).await;
+
+    let intruder = start_agent(section(&other), "group-token");
+    let intruder_url = agent_metrics_url(&intruder).await;
+    let gw_url = format!("{}/metrics", gw.web_url());
+    wait_metric(
+        &gw_url,
+        "ferry_gateway_tunnel_handshakes_total",
+        &[("result", "conflict")],
+        |v| v >= 1.0,
+    )
+    .await;
+    wait_metric(
+        &intruder_url,
+        "ferry_agent_tunnel_connects_total",
+        &[("result", "conflict")],
+        |v| v >= 1.0,
+    )
+    .await;
+    let refused = logs
+        .wait_lines(&["GATEWAY REFUSED OUR AGENT ID"], 1, CONNECT_WAIT)
+        .await;
+    assert!(
+        refused[0].contains(&format!(
+            "gateway refused the tunnel with 409 Conflict: agent id \"{AGENT}\" is connected from 127.0.0.1:"
+        )) && refused[0].contains("with another token"),
+        "{refused:?}"
+    );
+    assert!(!intruder.agent.is_connected());
+
+    // The reason, as any client claiming the id with that token reads it.
+    match raw_upgrade(&gw, "group-token", AGENT).await {
+        Err(HandshakeError::Refused { status, reason }) => {
+            assert_eq!(status.as_u16(), 409, "{reason}");
+            assert!(
+                reason.starts_with(&format!(
+                    "agent id \"{AGENT}\" is connected from 127.0.0.1:"
+                )) && reason.ends_with(" with another token"),
+                "{reason:?}"
+            );
+        }
+        other => panic!("expected 409, got {other:?}"),
+    }
+    // The holder's own token still gets through: an agent restarting replaces its old tunnel.
+    raw_upgrade(&gw, "own-token", AGENT)
+        .await
+        .expect("the same token is upgraded");
+
+    for _ in 0..3 {
+        let resp = get_via_proxy(gw.web, &url, &[]).await;
+        assert_eq!((resp.status, resp.text().as_str()), (200, "which 1\n"));
+    }
+    assert_eq!(other.requests(), 0, "the intruder was scraped");
+    assert_eq!(gw.agent_ids(), vec![AGENT.to_owned()]);
+    let text = client::get(&first_url).await.text();
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_agent_tunnel_connects_total",
+            &[("result", "ok")]
+        ),
+        Some(1.0),
+        "the first agent lost its tunnel: {text}"
+    );
+    let text = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_value(&text, "ferry_gateway_tunnels_replaced_total", &[]),
+        Some(0.0),
+        "{text}"
+    );
+
+    intruder.stop().await;
+    first.stop().await;
+    gw.stop().await;
+}
+
 /// Opens TLS to the gateway's tunnel listener, pinned to its certificate, and sends the upgrade.
 async fn raw_upgrade(gw: &TestGateway, token: &str, agent_id: &str) -> Result<(), HandshakeError> {
     let tls = ClientTls {

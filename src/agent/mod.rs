@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) metrics_registry: MetricsRegistry,
     plain_client: HttpClient,
     version: AtomicU64,
+    /// Why the gateway closed the current tunnel, when it said so before closing it.
+    pub(crate) closing_notice: std::sync::Mutex<Option<String>>,
 }
 
 /// An agent: dials out to the gateway, keeps the tunnel up, serves its listed targets.
@@ -99,6 +101,7 @@ impl Agent {
                 metrics_registry: registry,
                 plain_client,
                 version: AtomicU64::new(1),
+                closing_notice: std::sync::Mutex::new(None),
             }),
         })
     }

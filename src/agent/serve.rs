@@ -16,7 +16,8 @@ use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BodyEnd, BoundedBody
 use crate::scrape_error::{one_line, ScrapeError, ERROR_SOURCE_HEADER};
 use crate::telemetry::{metrics_response_blocking, TargetNameLabels, TargetResultLabels};
 use crate::tunnel::{
-    header_list_size, MAX_HEADER_BYTES, SCRAPE_TIMEOUT_HEADER, TARGETS_LONG_POLL, TARGETS_PATH,
+    header_list_size, CLOSING_NOTICE_TIMEOUT, CLOSING_PATH, MAX_CLOSING_NOTICE, MAX_HEADER_BYTES,
+    SCRAPE_TIMEOUT_HEADER, TARGETS_LONG_POLL, TARGETS_PATH,
 };
 
 /// Answers one request arriving over the tunnel.
@@ -30,6 +31,9 @@ pub(crate) async fn handle(
     let port = req.uri().port_u16();
     match port {
         None if req.uri().path() == TARGETS_PATH => targets(&shared, req.uri(), &closing).await,
+        None if req.uri().path() == CLOSING_PATH && req.method() == http::Method::POST => {
+            closing_notice(&shared, req).await
+        }
         None => ScrapeError::BadRequest("scrape requests must carry <agent>:<port>".into())
             .into_response("agent"),
         Some(port) => scrape(&shared, port, req).await,
@@ -57,6 +61,27 @@ async fn targets(shared: &Shared, uri: &Uri, closing: &CancellationToken) -> Res
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// The gateway's one-line reason for closing this tunnel, kept for the reconnect loop: it logs
+/// it and waits its slow backoff instead of reconnecting at once.
+async fn closing_notice(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let body = http_body_util::Limited::new(req.into_body(), MAX_CLOSING_NOTICE);
+    let bytes = match tokio::time::timeout(CLOSING_NOTICE_TIMEOUT, body.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => Default::default(),
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let reason = match text.lines().next().map(str::trim) {
+        Some(line) if !line.is_empty() => line.to_owned(),
+        _ => "the gateway gave no reason".to_owned(),
+    };
+    *shared
+        .closing_notice
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    crate::http_util::text_response(http::StatusCode::OK, "ok")
 }
 
 async fn scrape(shared: &Arc<Shared>, port: u16, req: Request<Incoming>) -> Response<Body> {

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use super::backoff::Backoff;
 use super::Shared;
+use crate::config::{read_token_file, Secret};
 use crate::telemetry::ResultLabels;
 use crate::tunnel::dial::{dial, BoxIo, DialError};
 use crate::tunnel::handshake::{request_upgrade, HandshakeError};
@@ -29,12 +30,16 @@ pub(crate) enum SessionError {
     Handshake(#[from] HandshakeError),
     #[error("tunnel handshake timed out after {0:?}")]
     Timeout(Duration),
+    #[error("no token to connect with: {0}")]
+    Token(String),
 }
 
 /// How a session that started ended.
 enum SessionEnd {
-    /// The connection dropped (gateway restart, network, keepalive timeout, replaced).
+    /// The connection dropped (gateway restart, network, keepalive timeout).
     Closed(String),
+    /// The gateway closed it on purpose and said why first: another agent took our id.
+    ClosedByGateway(String),
     /// We were asked to stop.
     Shutdown,
 }
@@ -42,10 +47,12 @@ enum SessionEnd {
 pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     let b = shared.config.backoff;
     let mut backoff = Backoff::new(b.min, b.max);
+    let mut token = Token::new(&shared);
     let gateway = &shared.config.gateway.addr;
+    let agent = &shared.config.agent_id;
     loop {
         let started = Instant::now();
-        let delay = match run_session(&shared, &shutdown).await {
+        let delay = match run_session(&shared, &mut token, &shutdown).await {
             Ok(SessionEnd::Shutdown) => break,
             Ok(SessionEnd::Closed(reason)) => {
                 if started.elapsed() >= b.stable_after {
@@ -55,9 +62,24 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
                 warn!(%gateway, %reason, retry_in = ?delay, "tunnel closed; reconnecting");
                 delay
             }
+            // Reconnecting at once would knock the other agent off in turn, every second.
+            Ok(SessionEnd::ClosedByGateway(reason)) => {
+                error!(%gateway, %agent, %reason, retry_in = ?b.auth_failure, "GATEWAY CLOSED OUR TUNNEL: another agent uses our agent id (a cloned host keeps the host name as id); give each agent its own agent_id");
+                b.auth_failure
+            }
+            Err(SessionError::Handshake(e)) if e.is_id_conflict() => {
+                count(&shared, "conflict");
+                error!(%gateway, %agent, error = %e, retry_in = ?b.auth_failure, "GATEWAY REFUSED OUR AGENT ID: another agent holds it with another token; give each agent its own agent_id");
+                b.auth_failure
+            }
             Err(SessionError::Handshake(e)) if e.is_auth_refusal() => {
                 count(&shared, "auth_refused");
-                error!(%gateway, agent = %shared.config.agent_id, error = %e, retry_in = ?b.auth_failure, "GATEWAY REFUSED OUR CREDENTIALS: check the token and the tokens file's glob for this agent id");
+                error!(%gateway, %agent, error = %e, retry_in = ?b.auth_failure, "GATEWAY REFUSED OUR CREDENTIALS: check the token and the tokens file's glob for this agent id");
+                b.auth_failure
+            }
+            Err(SessionError::Token(e)) => {
+                count(&shared, "error");
+                error!(%gateway, %agent, error = %e, retry_in = ?b.auth_failure, "CANNOT READ OUR TOKEN: fix the token file");
                 b.auth_failure
             }
             Err(e) => {
@@ -78,6 +100,34 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
     info!("agent stopped");
 }
 
+/// The token the agent connects with. From a token file it is read again before every
+/// connection: after a rotation the agent uses the new token without a restart. `FERRY_TOKEN`
+/// stays as it was at start-up.
+struct Token {
+    current: Secret,
+}
+
+impl Token {
+    fn new(shared: &Shared) -> Self {
+        Self {
+            current: shared.config.token.clone(),
+        }
+    }
+
+    /// The token for the next connection. An unreadable or empty file is an error: the old
+    /// token is not used in its place, the file is what the operator maintains.
+    fn refresh(&mut self, shared: &Shared) -> Result<&str, SessionError> {
+        if let Some(path) = &shared.config.token_file {
+            let token = read_token_file(path).map_err(SessionError::Token)?;
+            if token != self.current {
+                info!(file = %path.display(), "the token file changed: connecting with the new token");
+                self.current = token;
+            }
+        }
+        Ok(self.current.expose())
+    }
+}
+
 fn count(shared: &Shared, result: &str) {
     shared
         .metrics
@@ -90,23 +140,38 @@ fn count(shared: &Shared, result: &str) {
 
 async fn run_session(
     shared: &Arc<Shared>,
+    token: &mut Token,
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, SessionError> {
     let timeout = shared.config.handshake_timeout;
+    let token = token.refresh(shared)?;
     let upgraded = tokio::select! {
         _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-        res = tokio::time::timeout(timeout, open(shared)) => res.map_err(|_| SessionError::Timeout(timeout))??,
+        res = tokio::time::timeout(timeout, open(shared, token)) => res.map_err(|_| SessionError::Timeout(timeout))??,
     };
     count(shared, "ok");
     shared.metrics.tunnel_up.set(1);
     info!(gateway = %shared.config.gateway.addr, agent = %shared.config.agent_id, "tunnel up");
+    take_closing_notice(shared);
     let end = serve(shared, upgraded, shutdown).await;
     shared.metrics.tunnel_up.set(0);
-    Ok(end)
+    match (end, take_closing_notice(shared)) {
+        (SessionEnd::Closed(_), Some(reason)) => Ok(SessionEnd::ClosedByGateway(reason)),
+        (end, _) => Ok(end),
+    }
+}
+
+/// The reason the gateway sent before closing the tunnel, if it did (`serve::closing_notice`).
+fn take_closing_notice(shared: &Shared) -> Option<String> {
+    shared
+        .closing_notice
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
 }
 
 /// Dial, TLS and the upgrade handshake.
-async fn open(shared: &Shared) -> Result<hyper::upgrade::Upgraded, SessionError> {
+async fn open(shared: &Shared, token: &str) -> Result<hyper::upgrade::Upgraded, SessionError> {
     let cfg = &shared.config;
     let io = dial(&cfg.gateway.addr, cfg.proxy.as_ref(), cfg.handshake_timeout).await?;
     let io: BoxIo = match &shared.tunnel_tls {
@@ -123,7 +188,7 @@ async fn open(shared: &Shared) -> Result<hyper::upgrade::Upgraded, SessionError>
         }
         None => io,
     };
-    Ok(request_upgrade(io, &cfg.gateway.addr, cfg.token.expose(), &cfg.agent_id).await?)
+    Ok(request_upgrade(io, &cfg.gateway.addr, token, &cfg.agent_id).await?)
 }
 
 /// Serves HTTP/2 over the tunnel until it ends or `shutdown`, then drains within the grace period.

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::Uri;
@@ -241,8 +241,10 @@ pub struct AgentConfig {
     pub gateway: GatewayEndpoint,
     /// Our id.
     pub agent_id: String,
-    /// Our token.
+    /// Our token, as read at start-up.
     pub token: Secret,
+    /// Where the token came from, read again before each connection; `None`: `FERRY_TOKEN`, fixed.
+    pub token_file: Option<PathBuf>,
     /// Proxy to reach the gateway through.
     pub proxy: Option<Proxy>,
     /// Targets (without the built-in one).
@@ -317,6 +319,7 @@ impl AgentSection {
             gateway: gateway?,
             agent_id: agent_id?,
             token: token?,
+            token_file: self.token_file.clone(),
             proxy,
             targets: targets?,
             labels: self.labels.clone(),
@@ -526,30 +529,14 @@ impl AgentSection {
         env: &dyn Fn(&str) -> Option<String>,
         errs: &mut ConfigErrors,
     ) -> Option<Secret> {
-        let (token, source) = match &self.token_file {
-            Some(path) => match std::fs::read_to_string(path) {
-                Ok(text) => (text.trim().to_owned(), path.display().to_string()),
-                Err(e) => {
-                    errs.push(field, format!("cannot read {}: {e}", path.display()));
-                    return None;
-                }
-            },
+        let read = match &self.token_file {
+            Some(path) => read_token_file(path),
             None => match env(TOKEN_ENV) {
-                Some(t) => (t.trim().to_owned(), TOKEN_ENV.to_owned()),
-                None => {
-                    errs.push(field, format!("required: a file holding the agent's token, or the {TOKEN_ENV} environment variable"));
-                    return None;
-                }
+                Some(t) => check_token(&t, TOKEN_ENV),
+                None => Err(format!("required: a file holding the agent's token, or the {TOKEN_ENV} environment variable")),
             },
         };
-        if token.is_empty() || token.contains(char::is_whitespace) || !token.is_ascii() {
-            errs.push(
-                field,
-                format!("the token in {source} must be one word of printable ASCII"),
-            );
-            return None;
-        }
-        Some(Secret::new(token))
+        read.map_err(|e| errs.push(field, e)).ok()
     }
 
     /// Validates every target, each one's problems in file order: its own fields, then whether
@@ -855,6 +842,28 @@ fn canonical_name(host: &str) -> Option<String> {
     // SAFETY: freed once, after the last use of the list.
     unsafe { libc::freeaddrinfo(res) };
     name
+}
+
+/// Reads the agent's token from `path`: at start-up, and again before every connection, so a
+/// token written into the file (rotation) is used without a restart.
+pub fn read_token_file(path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    check_token(&text, &path.display().to_string())
+}
+
+/// The token in `text` (read from `source`), surrounding whitespace removed.
+fn check_token(text: &str, source: &str) -> Result<Secret, String> {
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("{source} holds no token (it is empty)"));
+    }
+    if token.contains(char::is_whitespace) || !token.is_ascii() {
+        return Err(format!(
+            "the token in {source} must be one word of printable ASCII"
+        ));
+    }
+    Ok(Secret::new(token))
 }
 
 #[cfg(test)]

@@ -22,9 +22,9 @@ mod gateway;
 
 #[cfg(feature = "agent")]
 pub use agent::{
-    parse_label_flag, AgentConfig, AgentSection, AgentTunnelSection, AgentWebSection,
-    BackoffConfig, GatewayEndpoint, ReconnectSection, Target, TargetSection, TargetTlsSection,
-    SELF_TARGET, TOKEN_ENV,
+    parse_label_flag, read_token_file, AgentConfig, AgentSection, AgentTunnelSection,
+    AgentWebSection, BackoffConfig, GatewayEndpoint, ReconnectSection, Target, TargetSection,
+    TargetTlsSection, SELF_TARGET, TOKEN_ENV,
 };
 #[cfg(feature = "egress")]
 pub use egress::{

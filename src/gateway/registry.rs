@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::SystemTime;
 
 use tokio::sync::watch;
@@ -30,9 +30,32 @@ pub struct AgentHandle {
     targets: watch::Receiver<Arc<TargetList>>,
     closed: CancellationToken,
     stats: std::sync::Mutex<ScrapeStats>,
-    /// SHA-256 of the token the tunnel was opened with, to check it again on reload.
+    /// SHA-256 of the token the tunnel was opened with, to check it again on reload and to tell
+    /// a restarted agent (same token) from another one claiming its id.
     credential: [u8; 32],
-    revoked: std::sync::atomic::AtomicBool,
+    closing: OnceLock<CloseReason>,
+}
+
+/// Why the gateway closes a tunnel that is still up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The reloaded tokens file no longer lets its token claim its id.
+    Revoked,
+    /// A newer tunnel with the same id and token, from `by`, took its place.
+    Replaced {
+        /// Where the newer tunnel comes from.
+        by: SocketAddr,
+    },
+}
+
+/// What [`Registry::insert`] did.
+pub enum Inserted {
+    /// The id was free.
+    New,
+    /// The handle replaced this older one of the same id and token (the caller closes it).
+    Replaced(Arc<AgentHandle>),
+    /// The id is held by this tunnel, opened with another token: nothing was inserted.
+    Conflict(Arc<AgentHandle>),
 }
 
 /// What the status page shows of an agent's scrapes.
@@ -71,7 +94,7 @@ impl AgentHandle {
             closed,
             stats: std::sync::Mutex::new(ScrapeStats::default()),
             credential,
-            revoked: std::sync::atomic::AtomicBool::new(false),
+            closing: OnceLock::new(),
         }
     }
 
@@ -80,16 +103,26 @@ impl AgentHandle {
         tokens.authorize_digest(&self.credential, &self.id).is_ok()
     }
 
-    /// Closes the tunnel because its token no longer lets it claim its id.
-    pub fn revoke(&self) {
-        self.revoked
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.closed.cancel();
+    /// Whether this tunnel was opened with the token whose SHA-256 is `credential`.
+    pub fn has_credential(&self, credential: &[u8; 32]) -> bool {
+        self.credential == *credential
     }
 
-    /// Whether [`AgentHandle::revoke`] closed it.
-    pub fn is_revoked(&self) -> bool {
-        self.revoked.load(std::sync::atomic::Ordering::Relaxed)
+    /// Closes the tunnel because its token no longer lets it claim its id.
+    pub fn revoke(&self) {
+        self.close_for(CloseReason::Revoked);
+    }
+
+    /// Closes the tunnel for `reason`; false if it was already being closed (the first reason stays).
+    pub fn close_for(&self, reason: CloseReason) -> bool {
+        let first = self.closing.set(reason).is_ok();
+        self.closed.cancel();
+        first
+    }
+
+    /// Why the gateway is closing this tunnel, if it is.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.closing.get().copied()
     }
 
     /// Records one finished scrape.
@@ -119,11 +152,6 @@ impl AgentHandle {
     pub fn targets(&self) -> Arc<TargetList> {
         self.targets.borrow().clone()
     }
-
-    /// Closes the tunnel.
-    pub fn close(&self) {
-        self.closed.cancel();
-    }
 }
 
 /// The connected agents, by id.
@@ -139,9 +167,28 @@ impl Registry {
         self.sessions.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Adds `agent`, returning the handle it replaces (the caller closes it).
-    pub fn insert(&self, agent: Arc<AgentHandle>) -> Option<Arc<AgentHandle>> {
-        self.write().insert(agent.id.clone(), agent)
+    /// Adds `agent` unless its id is held by a tunnel opened with another token. A tunnel the
+    /// gateway is already closing (revoked) holds nothing.
+    pub fn insert(&self, agent: Arc<AgentHandle>) -> Inserted {
+        let mut agents = self.write();
+        if let Some(held) = agents.get(&agent.id) {
+            if held.close_reason().is_none() && !held.has_credential(&agent.credential) {
+                return Inserted::Conflict(held.clone());
+            }
+        }
+        match agents.insert(agent.id.clone(), agent) {
+            Some(old) => Inserted::Replaced(old),
+            None => Inserted::New,
+        }
+    }
+
+    /// The tunnel holding `id` if it was opened with another token than `credential`: a claim
+    /// of that id with `credential` is refused while it is up.
+    pub fn held_by_another(&self, id: &str, credential: &[u8; 32]) -> Option<Arc<AgentHandle>> {
+        self.read()
+            .get(id)
+            .filter(|held| held.close_reason().is_none() && !held.has_credential(credential))
+            .cloned()
     }
 
     /// Removes `id` if its current tunnel is `session` (a replaced tunnel must not remove its successor).

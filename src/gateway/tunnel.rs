@@ -21,13 +21,16 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::auth::AuthError;
 use super::h2conn::{self, Sender};
-use super::registry::AgentHandle;
+use super::registry::{AgentHandle, CloseReason, Inserted};
 use super::State;
-use crate::http_util::{text_response, Body};
+use crate::http_util::{full, text_response, Body};
 use crate::scrape_error::one_line;
 use crate::telemetry::{ConnectionGuard, ResultLabels};
 use crate::tunnel::handshake::{parse_upgrade_request, switching_protocols, Refusal};
-use crate::tunnel::{TargetList, CONTROL_AUTHORITY, TARGETS_LONG_POLL, TARGETS_PATH};
+use crate::tunnel::{
+    TargetList, CLOSING_NOTICE_TIMEOUT, CLOSING_PATH, CONTROL_AUTHORITY, TARGETS_LONG_POLL,
+    TARGETS_PATH,
+};
 
 /// Largest target list accepted from an agent.
 const MAX_TARGET_LIST_BYTES: usize = 1 << 20;
@@ -154,10 +157,22 @@ fn upgrade(
             Some(&claim.agent_id),
         );
     }
+    let credential = crate::auth::token_digest(&claim.token);
+    // Only a tunnel with the same token may replace a connected one: an agent restarting, or its
+    // half-dead old connection. Another token whose glob covers the id (a group token on another
+    // host, a cloned VM with its own token) must not take the tunnel and its scrapes over.
+    if let Some(held) = state.registry.held_by_another(&claim.agent_id, &credential) {
+        let reason = id_taken(&claim.agent_id, held.remote);
+        return refuse(
+            &state,
+            Refusal::new(StatusCode::CONFLICT, reason),
+            "conflict",
+            Some(&claim.agent_id),
+        );
+    }
     count_handshake(&state, "ok");
     let agent_id = claim.agent_id;
     let guard = held.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let credential = crate::auth::token_digest(&claim.token);
     // Not instrumented with a span: its events name the agent and address themselves. A span
     // that lives as long as the tunnel costs about 1 KiB per idle agent (its registry slot and
     // formatted fields), a twentieth of what the whole tunnel costs.
@@ -165,6 +180,11 @@ fn upgrade(
         state, req, agent_id, credential, remote, shutdown, guard,
     ));
     switching_protocols()
+}
+
+/// The one-line reason a claim of `id` is refused while `holder` has it with another token.
+fn id_taken(id: &str, holder: SocketAddr) -> String {
+    format!("agent id {id:?} is connected from {holder} with another token")
 }
 
 fn refuse(state: &State, refusal: Refusal, result: &str, agent: Option<&str>) -> Response<Body> {
@@ -223,10 +243,15 @@ async fn run_session(
         closed.clone(),
         credential,
     ));
-    if let Some(old) = state.registry.insert(handle.clone()) {
-        warn!(agent = %agent_id, %remote, old_remote = %old.remote, "agent id connected again: replacing the older tunnel");
-        state.metrics.tunnels_replaced.inc();
-        old.close();
+    match state.registry.insert(handle.clone()) {
+        Inserted::New => {}
+        Inserted::Replaced(old) => replace(&state, &old, &agent_id, remote),
+        Inserted::Conflict(holder) => {
+            // Another token registered the id between our handshake check and now.
+            let reason = id_taken(&agent_id, holder.remote);
+            warn!(agent = %agent_id, %remote, %reason, "tunnel refused after the handshake");
+            return notify_closing(&sender, &reason, &mut conn).await;
+        }
     }
     state
         .metrics
@@ -235,11 +260,7 @@ async fn run_session(
     info!(agent = %agent_id, %remote, targets = n_targets, "agent connected");
     let end = tokio::select! {
         reason = &mut conn => format!("connection ended: {reason}"),
-        _ = closed.cancelled() => if handle.is_revoked() {
-            "its token no longer allows this agent id (tokens file reloaded)".to_owned()
-        } else {
-            "replaced by a newer tunnel".to_owned()
-        },
+        _ = closed.cancelled() => closed_by_gateway(&handle, &mut conn).await,
         _ = shutdown.cancelled() => "gateway shutting down".to_owned(),
         e = watch_targets(sender, targets_tx, &agent_id, remote) => {
             // An agent shutting down sends GOAWAY, which ends the targets long poll first; its
@@ -263,6 +284,64 @@ async fn run_session(
         .agents_connected
         .set(state.registry.len() as i64);
     info!(agent = %agent_id, %remote, reason = %end, "agent disconnected");
+}
+
+/// Closes `old`, the tunnel a newer one with the same id and token (from `by`) replaces.
+fn replace(state: &State, old: &AgentHandle, agent_id: &str, by: SocketAddr) {
+    // Already being closed (its token revoked): nothing is replaced.
+    if old.close_for(CloseReason::Replaced { by }) {
+        warn!(agent = agent_id, remote = %by, old_remote = %old.remote, "agent id connected again with the same token: replacing the older tunnel");
+        state.metrics.tunnels_replaced.inc();
+    }
+}
+
+/// Tells the agent why the gateway closes its tunnel, where it needs telling, and returns the
+/// reason for the gateway's log.
+async fn closed_by_gateway<T>(handle: &AgentHandle, conn: &mut h2conn::Connection<T>) -> String
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    match handle.close_reason() {
+        Some(CloseReason::Replaced { by }) => {
+            let reason = format!(
+                "replaced by a newer tunnel: another agent with the same id {:?} connected from {by}",
+                handle.id
+            );
+            notify_closing(&handle.sender(), &reason, conn).await;
+            reason
+        }
+        // Its next connection is refused with 401/403, which the agent logs loudly itself.
+        Some(CloseReason::Revoked) => {
+            "its token no longer allows this agent id (tokens file reloaded)".to_owned()
+        }
+        None => "closed by the gateway".to_owned(),
+    }
+}
+
+/// Sends `reason` to the agent before its tunnel is closed, so it waits its slow backoff instead
+/// of reconnecting at once (two agents with one id would otherwise take turns every second).
+/// Waits a bounded time for the answer, driving the connection meanwhile. The request is boxed:
+/// it happens once, at a tunnel's end, and must not grow every idle session's task.
+async fn notify_closing<T>(sender: &Sender, reason: &str, conn: &mut h2conn::Connection<T>)
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let req = Request::post(format!("http://{CONTROL_AUTHORITY}{CLOSING_PATH}"))
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full(reason.to_owned()));
+    let Ok(req) = req else { return };
+    let sent = Box::pin(tokio::time::timeout(
+        CLOSING_NOTICE_TIMEOUT,
+        h2conn::send(sender, req),
+    ));
+    tokio::select! {
+        answer = sent => match answer {
+            Ok(Ok(resp)) => debug!(status = resp.status().as_u16(), "agent told why its tunnel closes"),
+            Ok(Err(e)) => debug!(error = %e, "could not tell the agent why its tunnel closes"),
+            Err(_) => debug!("the agent did not take the closing notice in time"),
+        },
+        end = conn => debug!(reason = %end, "tunnel ended before the closing notice was answered"),
+    }
 }
 
 /// Follows the agent's target list: each answer is the next version, held open by the agent until it changes.

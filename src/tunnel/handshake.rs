@@ -158,6 +158,12 @@ impl HandshakeError {
         matches!(self, HandshakeError::Refused { status, .. }
             if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN)
     }
+
+    /// Whether the gateway refused our id because another token holds it now (retry slowly too:
+    /// the other agent stays until it goes away).
+    pub fn is_id_conflict(&self) -> bool {
+        matches!(self, HandshakeError::Refused { status, .. } if *status == StatusCode::CONFLICT)
+    }
 }
 
 /// Sends the upgrade request over `io` and returns the upgraded stream once the gateway agrees.

@@ -26,6 +26,14 @@ pub const UPGRADE_PROTOCOL: &str = "ferry/1";
 pub const AGENT_ID_HEADER: &str = "ferry-agent-id";
 /// Path the gateway asks (over HTTP/2) for the agent's target list.
 pub const TARGETS_PATH: &str = "/ferry/v1/targets";
+/// Path the gateway POSTs (over HTTP/2) a one-line plain-text reason to before it closes a tunnel
+/// on purpose (a newer tunnel with the same id replaced it): the agent then waits its slow
+/// backoff instead of reconnecting at once. An agent without it answers an error; harmless.
+pub const CLOSING_PATH: &str = "/ferry/v1/closing";
+/// How long the gateway waits for the agent to take a closing notice before it closes anyway.
+pub const CLOSING_NOTICE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest closing notice the agent reads.
+pub const MAX_CLOSING_NOTICE: usize = 1024;
 /// Authority of control requests; scrapes always carry `<agent-id>:<port>`, control requests no port.
 pub const CONTROL_AUTHORITY: &str = "ferry";
 /// Header carrying the scrape timeout Prometheus asks for (seconds, float).

@@ -4,11 +4,13 @@
 //! - `servers`  — a real HTTP/1.1 target server (an exporter as ferry sees it) with canned behaviours.
 //! - `proxy`    — an HTTP CONNECT proxy and a plain TCP relay that can cut idle connections.
 //! - `http`     — HTTP/1.1 client calls: origin-form, absolute-form through a proxy, streaming.
+//! - `logs`     — the test process's own log, captured, to assert what an operator reads.
 //! - `external` — the real Prometheus and node_exporter (Debian packages) as child processes.
 
 pub mod egress;
 pub mod external;
 pub mod ferry;
 pub mod http;
+pub mod logs;
 pub mod proxy;
 pub mod servers;
