@@ -123,6 +123,7 @@ async fn agent_verifies_gateway_certificate_with_its_ca_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_fingerprint_never_connects() {
+    let logs = common::logs::capture();
     let dir = tempfile::tempdir().unwrap();
     let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
     let mut section = agent_section(&gw, "node-fp", &[]);
@@ -138,7 +139,54 @@ async fn a_wrong_fingerprint_never_connects() {
         handshakes(gw.web, "tls_error").await >= 1.0,
         "the gateway saw the TLS handshake fail"
     );
+    let expected = format!("expected sha256:{}", "ab".repeat(32));
+    let lines = logs.lines_with(&[
+        "cannot open tunnel",
+        "server certificate fingerprint is sha256:",
+        &expected,
+    ]);
+    assert!(!lines.is_empty(), "the agent says which fingerprint it got");
+    assert!(!lines[0].contains("unexpected error"), "{lines:?}");
     agent.stop().await;
+}
+
+/// The two usual set-up mistakes get the fix in the agent's log, not only rustls's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usual_tunnel_tls_mistakes_are_explained() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
+
+    let mut no_pin = agent_section(&gw, "node-no-pin", &[]);
+    no_pin.tunnel.fingerprint = None;
+    let no_pin = start_agent(no_pin, "t");
+    logs.wait_lines(
+        &[
+            "cannot open tunnel",
+            "not signed by a CA this host trusts",
+            "--tunnel.fingerprint",
+        ],
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let mut web_port = agent_section(&gw, "node-web-port", &[]);
+    web_port.gateway = Some(format!("https://localhost:{}", gw.web.port()));
+    let web_port = start_agent(web_port, "t");
+    logs.wait_lines(
+        &[
+            "cannot open tunnel",
+            "does not speak TLS",
+            "is --gateway the tunnel port",
+        ],
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(gw.agent_ids().is_empty());
+    no_pin.stop().await;
+    web_port.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@ use crate::config::{read_token_file, Secret};
 use crate::telemetry::ResultLabels;
 use crate::tunnel::dial::{dial, BoxIo, DialError};
 use crate::tunnel::handshake::{request_upgrade, HandshakeError};
+use crate::tunnel::tls_client::{ClientTls, ServerVerify};
 
 /// Why a session could not start.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +24,7 @@ pub(crate) enum SessionError {
     #[error(transparent)]
     Dial(#[from] DialError),
     #[error("TLS handshake with the gateway failed: {0}")]
-    Tls(std::io::Error),
+    Tls(String),
     #[error("{0:?} is not a valid TLS server name")]
     ServerName(String),
     #[error(transparent)]
@@ -170,6 +171,30 @@ fn take_closing_notice(shared: &Shared) -> Option<String> {
         .take()
 }
 
+/// Why the TLS handshake with the gateway failed, with the likely fix for the usual mistakes:
+/// the web port instead of the tunnel port, a self-signed gateway without a pinned fingerprint.
+fn tls_failure(e: &std::io::Error, tls: Option<&ClientTls>) -> String {
+    let Some(rustls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return e.to_string();
+    };
+    match rustls {
+        rustls::Error::InvalidMessage(_) => format!(
+            "{e}: the other end does not speak TLS; is --gateway the tunnel port (default 7443, not the web port 8080), and does the gateway run with TLS?"
+        ),
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+            if tls.is_some_and(|t| matches!(t.verify, ServerVerify::SystemRoots)) =>
+        {
+            "the gateway's certificate is not signed by a CA this host trusts: pin a self-signed gateway with --tunnel.fingerprint (the gateway logs it at start), or give its CA with --tunnel.ca-file".to_owned()
+        }
+        // The fingerprint check's own words; rustls would prefix them with "unexpected error".
+        rustls::Error::General(words) => words.clone(),
+        other => crate::tunnel::tls::rustls_reason(other),
+    }
+}
+
 /// Dial, TLS and the upgrade handshake.
 async fn open(shared: &Shared, token: &str) -> Result<hyper::upgrade::Upgraded, SessionError> {
     let cfg = &shared.config;
@@ -183,7 +208,7 @@ async fn open(shared: &Shared, token: &str) -> Result<hyper::upgrade::Upgraded, 
                 connector
                     .connect(name, io)
                     .await
-                    .map_err(SessionError::Tls)?,
+                    .map_err(|e| SessionError::Tls(tls_failure(&e, cfg.gateway.tls.as_ref())))?,
             )
         }
         None => io,
