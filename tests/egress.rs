@@ -1339,6 +1339,58 @@ async fn well_framed_pipelined_requests_pass_even_when_a_body_looks_like_smuggli
     assert_eq!(seen.len(), 3);
 }
 
+/// hyper accepts chunk extensions of up to 16 KiB, longer than the lines the proxy's framing
+/// scan follows. Past one, the proxy cannot vouch for where the next request starts: it answers
+/// the request in progress and closes the connection, so nothing behind it is served unchecked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_line_too_long_to_follow_ends_the_connection() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    let first = format!(
+        "POST http://{a}/a HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n\
+         5;{}\r\nhello\r\n0\r\n\r\n",
+        "a".repeat(16383)
+    );
+    let smuggled = format!(
+        "POST http://{a}/smug HTTP/1.1\r\nHost: {a}\r\nContent-Length: 50\r\n\
+         Transfer-Encoding: chunked\r\n\r\n5\r\nworld\r\n0\r\n\r\n"
+    );
+    for pipelined in [false, true] {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let sent = if pipelined {
+            format!("{first}{smuggled}")
+        } else {
+            first.clone()
+        };
+        stream.write_all(sent.as_bytes()).await.unwrap();
+        let resp = tokio::time::timeout(TIMEOUT, read_response(&mut stream))
+            .await
+            .expect("an answer in time")
+            .expect("an answer");
+        assert_eq!(resp.status, 200, "pipelined {pipelined}: {resp:?}");
+        assert_eq!(resp.header("connection").as_deref(), Some("close"));
+        if !pipelined {
+            // The proxy may have closed already.
+            let _ = stream.write_all(smuggled.as_bytes()).await;
+        }
+        let mut rest = Vec::new();
+        tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest))
+            .await
+            .expect("the proxy closes the connection")
+            .ok();
+        assert!(
+            rest.is_empty(),
+            "pipelined {pipelined}: a request after the lost framing was answered: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    let seen = up.requests();
+    let uris: Vec<&str> = seen.iter().map(|r| r.uri.as_str()).collect();
+    assert_eq!(uris, ["/a", "/a"]);
+    assert_eq!(seen[0].body.as_ref(), b"hello");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_are_not_forwarded_either_way() {
     let up = RecordingUpstream::start_with(Reply::HopByHop).await;

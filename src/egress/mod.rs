@@ -191,11 +191,16 @@ impl Egress {
             let admission = admission.clone();
             let hold = hold.clone();
             let framing_problem = heads.claim(&req);
+            let heads = heads.clone();
             async move {
-                let resp = match admission {
+                let mut resp = match admission {
                     Ok(_) => handle(&state, peer.ip(), req, framing_problem, hold).await,
                     Err(refusal) => refuse_connection(&state, peer.ip(), &req, refusal),
                 };
+                // Where the next request starts is no longer known: there is none.
+                if heads.lost() {
+                    close_after(&mut resp);
+                }
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
