@@ -2310,19 +2310,17 @@ async fn an_upstream_cannot_forge_a_refusal_or_switch_protocols() {
     assert_refused(&resp, 502, "101 Switching Protocols", "upstream 101");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_connect_closes_the_connection() {
-    let up = RecordingUpstream::start().await;
-    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
-    // The bytes after the CONNECT were meant for the tunnel: not a request to the proxy.
-    let req = "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+/// Sends `connect` (a CONNECT head) followed by a request meant for the tunnel, and asserts the
+/// proxy refuses the CONNECT with `status`, then closes without reading that request.
+async fn assert_refused_connect_closes(proxy: SocketAddr, connect: &str, status: u16) {
+    let req = format!("{connect}GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
     stream.write_all(req.as_bytes()).await.unwrap();
     let resp = tokio::time::timeout(TIMEOUT, read_response(&mut stream))
         .await
         .expect("an answer")
         .expect("a refusal");
-    assert_eq!(resp.status, 403, "{resp:?}");
+    assert_eq!(resp.status, status, "{resp:?}");
     assert_eq!(resp.header("connection").as_deref(), Some("close"));
     let mut rest = Vec::new();
     tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest))
@@ -2334,6 +2332,25 @@ async fn a_refused_connect_closes_the_connection() {
         "the tunnel bytes were answered: {:?}",
         String::from_utf8_lossy(&rest)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_closes_the_connection() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.max_header_bytes = 4096;
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+    // The bytes after the CONNECT were meant for the tunnel: not a request to the proxy.
+    let connect = "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n";
+    assert_refused_connect_closes(proxy.addr, connect, 403).await;
+    // A head over a max_header_bytes below hyper's 8 KiB buffer is refused by the proxy itself.
+    let a = up.addr;
+    let connect = format!(
+        "CONNECT {a} HTTP/1.1\r\nHost: {a}\r\nX-Fill: {}\r\n\r\n",
+        "f".repeat(6000)
+    );
+    assert_refused_connect_closes(proxy.addr, &connect, 431).await;
+    up.assert_untouched("refused CONNECTs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -335,7 +335,23 @@ fn target_of<B>(req: &Request<B>) -> String {
     )
 }
 
+/// Answers one request; a refused CONNECT also ends the connection (see [`close_after`]).
 async fn handle(
+    state: &Arc<State>,
+    client: IpAddr,
+    req: Request<Incoming>,
+    framing_problem: Option<&'static str>,
+    hold: Arc<ClientHold>,
+) -> Response<Body> {
+    let connect = req.method() == Method::CONNECT;
+    let mut resp = route(state, client, req, framing_problem, hold).await;
+    if connect && !resp.status().is_success() {
+        close_after(&mut resp);
+    }
+    resp
+}
+
+async fn route(
     state: &Arc<State>,
     client: IpAddr,
     req: Request<Incoming>,
@@ -363,19 +379,12 @@ async fn handle(
         record.user = user.clone();
     }
     if let Err(refusal) = checks {
-        let mut resp = refused(&mut record, &refusal);
+        let resp = refused(&mut record, &refusal);
         record.emit(&state.metrics);
-        if req.method() == Method::CONNECT {
-            close_after(&mut resp);
-        }
         return resp;
     }
     if req.method() == Method::CONNECT {
-        let mut resp = connect::handle(state, req, record, hold).await;
-        if !resp.status().is_success() {
-            close_after(&mut resp);
-        }
-        resp
+        connect::handle(state, req, record, hold).await
     } else {
         forward::handle(state, req, record).await
     }
