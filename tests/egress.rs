@@ -125,6 +125,21 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     enc.finish().unwrap()
 }
 
+/// gzip with `name` in the header's file name field (FNAME).
+fn gzip_named(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::GzBuilder::new()
+        .filename(name)
+        .write(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
 fn md5_b64(data: &[u8]) -> String {
     use base64::Engine as _;
     use md5::Digest as _;
@@ -1058,10 +1073,28 @@ async fn compressed_bodies_are_validated_decoded_and_forwarded_as_sent() {
             422,
             "not valid gzip",
         ),
+        (
+            "gzip with the deny pattern in its file name",
+            gzip_named("SECRET-TOKEN", JSON_PAYLOAD),
+            403,
+            "deny pattern",
+        ),
     ] {
         let resp = post_via(proxy.addr, &up.url("/"), &gz_headers, &body).await;
         assert_refused(&resp, status, needle, what);
     }
+    let deflate_headers = [
+        ("content-type", "application/json"),
+        ("content-encoding", "deflate"),
+    ];
+    let after_the_end = [&deflate(b"{\"a\":1}")[..], b"SECRET-TOKEN"].concat();
+    let resp = post_via(proxy.addr, &up.url("/"), &deflate_headers, &after_the_end).await;
+    assert_refused(
+        &resp,
+        422,
+        "data after the end of the stream",
+        "deflate with data after its end",
+    );
     let resp = post_via(
         proxy.addr,
         &up.url("/"),
@@ -1085,19 +1118,8 @@ async fn compressed_bodies_are_validated_decoded_and_forwarded_as_sent() {
         "still gzip-encoded"
     );
 
-    let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-    zlib.write_all(JSON_PAYLOAD).unwrap();
-    let deflated = zlib.finish().unwrap();
-    let resp = post_via(
-        proxy.addr,
-        &up.url("/"),
-        &[
-            ("content-type", "application/json"),
-            ("content-encoding", "deflate"),
-        ],
-        &deflated,
-    )
-    .await;
+    let deflated = deflate(JSON_PAYLOAD);
+    let resp = post_via(proxy.addr, &up.url("/"), &deflate_headers, &deflated).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_arrived_identical(&up, &deflated, Some("application/json"));
 }
