@@ -310,6 +310,91 @@ async fn connections_per_client_address_are_capped() {
     assert_eq!(up.last().uri, "/after");
 }
 
+/// Connects to `proxy` `n` times, sends nothing, and asserts each connection is closed, without
+/// an answer, within `within`.
+async fn assert_silent_connections_closed(proxy: SocketAddr, n: usize, within: Duration) {
+    let started = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..n {
+        silent.push(TcpStream::connect(proxy).await.unwrap());
+    }
+    for mut stream in silent {
+        let mut got = Vec::new();
+        let closed = tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut got)).await;
+        assert!(closed.is_ok(), "a silent connection was kept open");
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    }
+    let took = started.elapsed();
+    assert!(took < within, "closed after {took:?}");
+}
+
+/// A connection that will only be refused (over the per-client cap, or from a client outside
+/// the allowlist) holds a socket, not a slot: it has the header read timeout, not the idle
+/// timeout, to send its request, which still gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_will_be_refused_get_only_the_header_read_timeout() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.max_connections_per_client = 1;
+    s.header_read_timeout = ferry::config::Dur(Duration::from_millis(500));
+    s.idle_timeout = ferry::config::Dur(Duration::from_secs(60));
+    let proxy = TestEgress::start(s.clone(), TestResolver::new(&[])).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut held, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = held
+        .send_request(absolute("GET", &up.url("/held"), &[], Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+
+    assert_silent_connections_closed(proxy.addr, 5, Duration::from_secs(3)).await;
+    let mut late = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let head = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        up.url("/late"),
+        up.addr
+    );
+    late.write_all(head.as_bytes()).await.unwrap();
+    let resp = read_response(&mut late).await.expect("an answer");
+    assert_eq!(resp.status, 429, "{resp:?}");
+    assert_eq!(resp.header("connection").as_deref(), Some("close"));
+
+    // Counted (and logged) once: the request, not the silent connections.
+    let metrics = http::Request::get("/metrics")
+        .header(http::header::HOST, proxy.addr.to_string())
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let resp = held.send_request(metrics).await.unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_egress_rejections_total",
+            &[("reason", "connection_limit")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(up.request_count(), 1);
+
+    s.allow_clients = vec!["10.0.0.0/8".into()];
+    let outsider = TestEgress::start(s, TestResolver::new(&[])).await;
+    assert_silent_connections_closed(outsider.addr, 5, Duration::from_secs(3)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_credentials_basic_and_bearer_hashed_at_rest() {
     use ferry::gateway::auth::hash_token;

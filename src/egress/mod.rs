@@ -208,8 +208,14 @@ impl Egress {
         builder
             .timer(TokioTimer::new())
             // hyper's header timeout also runs while a kept-alive connection waits for its next
-            // request: it is the idle limit here; `Sniff` bounds a head once it has begun.
-            .header_read_timeout(cfg.idle_timeout.max(cfg.header_read_timeout))
+            // request: it is the idle limit here; `Sniff` bounds a head once it has begun. A
+            // connection that will only be refused holds no slot, so nothing else bounds it: its
+            // one request must arrive within the header read timeout.
+            .header_read_timeout(if keep_alive {
+                cfg.idle_timeout.max(cfg.header_read_timeout)
+            } else {
+                cfg.header_read_timeout
+            })
             .max_buf_size(max_buf_size)
             .max_headers(refusal::MAX_HEADER_FIELDS)
             .keep_alive(keep_alive);
