@@ -661,6 +661,17 @@ async fn ip_literal_spellings_match_only_cidr_rules() {
         );
     }
     assert_eq!(up.request_count(), LOOPBACK_SPELLINGS.len());
+
+    // IPv6 addresses that merely embed 127.0.0.1 (6to4, NAT64, v4-compatible) are other
+    // destinations: the IPv4 rule does not allow them.
+    for host in ["[2002:7f00:1:abcd::99]", "[64:ff9b::7f00:1]", "[::7f00:1]"] {
+        let url = format!("http://{host}:{port}/embedded");
+        let resp = get_via(proxy.addr, &url).await;
+        assert_refused(&resp, 403, "not allowed", &url);
+        let (resp, _) = connect_raw(proxy.addr, &format!("{host}:{port}"), &[]).await;
+        assert_eq!(resp.status, 403, "CONNECT {host}:{port}: {resp:?}");
+    }
+    assert_eq!(up.request_count(), LOOPBACK_SPELLINGS.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
