@@ -2324,6 +2324,24 @@ async fn other_transfer_codings_userinfo_and_two_content_types_are_refused() {
     assert_eq!(&up.last().body[..], b"hello");
 }
 
+/// A port out of range is an error, not the default port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_out_of_range_is_400() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(
+        section(&[loopback_rule(&up), "127.0.0.1/32:80,443".into()]),
+        TestResolver::new(&[]),
+    )
+    .await;
+    for authority in ["127.0.0.1:65536", "127.0.0.1:99999999999"] {
+        let req = format!("GET http://{authority}/x HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+        assert_raw_refused(proxy.addr, &req, 400, "invalid port").await;
+        let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+        assert_raw_refused(proxy.addr, &req, 400, "invalid port").await;
+    }
+    up.assert_untouched("ports out of range");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_the_parser_refuses_are_counted_as_refusals() {
     let up = RecordingUpstream::start().await;

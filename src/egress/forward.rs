@@ -108,11 +108,25 @@ impl Target {
             .trim_end_matches(']')
             .trim_end_matches('.')
             .to_ascii_lowercase();
-        Ok(Target {
-            host,
-            port: uri.port_u16().unwrap_or(default_port),
-        })
+        let port = match uri.authority().map(|a| written_port(a.as_str())) {
+            Some(Some(digits)) => digits.parse().map_err(|_| {
+                Refusal::bad_request(format!("invalid port {digits:?} in the request URI"))
+            })?,
+            _ => default_port,
+        };
+        Ok(Target { host, port })
     }
+}
+
+/// The port as written after the host of `authority`, if any (`http://host:/` has none). The
+/// `http` crate reads a port out of range (`:65536`) as no port at all.
+fn written_port(authority: &str) -> Option<&str> {
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let after_host = host_port.rfind(']').map_or(host_port, |i| &host_port[i..]);
+    after_host
+        .rsplit_once(':')
+        .map(|(_, port)| port)
+        .filter(|port| !port.is_empty())
 }
 
 /// The first rule that allows `method` to `target` at `path`, resolving the name for CIDR rules.
@@ -522,6 +536,21 @@ pub(crate) async fn checked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_port_is_read_as_written() {
+        let port = |uri: &str| Target::from_uri(&uri.parse().unwrap(), 80).map(|t| t.port);
+        assert_eq!(port("http://a/").ok(), Some(80));
+        assert_eq!(port("http://a:/").ok(), Some(80));
+        assert_eq!(port("http://a:8080/").ok(), Some(8080));
+        assert_eq!(port("http://[::1]:8080/").ok(), Some(8080));
+        assert_eq!(port("http://[::1]/").ok(), Some(80));
+        for bad in ["http://a:65536/", "http://[::1]:99999999999/"] {
+            let err = port(bad).unwrap_err();
+            assert_eq!(err.status.as_u16(), 400, "{bad}");
+            assert!(err.reason.contains("invalid port"), "{bad}: {}", err.reason);
+        }
+    }
 
     fn read(frames: impl IntoIterator<Item = Bytes>) -> ReadBody {
         let mut body = ReadBody::default();
