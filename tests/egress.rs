@@ -2291,7 +2291,7 @@ async fn every_content_encoding_line_is_decoded_or_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn other_transfer_codings_userinfo_and_two_content_types_are_refused() {
+async fn other_transfer_codings_userinfo_and_repeated_content_headers_are_refused() {
     let up = RecordingUpstream::start().await;
     let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
     let a = up.addr;
@@ -2311,9 +2311,16 @@ async fn other_transfer_codings_userinfo_and_two_content_types_are_refused() {
         "POST http://{a}/ct HTTP/1.1\r\nHost: {a}\r\nContent-Type: text/plain\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
     );
     assert_raw_refused(proxy.addr, &req, 400, "more than one Content-Type").await;
+    // The first one right: the upstream might check the second.
+    let req = format!(
+        "POST http://{a}/md5 HTTP/1.1\r\nHost: {a}\r\nContent-MD5: {}\r\nContent-MD5: {}\r\nContent-Length: 2\r\n\r\n{{}}",
+        md5_b64(b"{}"),
+        md5_b64(b"[]")
+    );
+    assert_raw_refused(proxy.addr, &req, 400, "more than one Content-MD5").await;
     let req = format!("GET http://alice:hunter2@{a}/u HTTP/1.1\r\nHost: {a}\r\n\r\n");
     assert_raw_refused(proxy.addr, &req, 400, "userinfo").await;
-    up.assert_untouched("TE, two Content-Types, userinfo");
+    up.assert_untouched("TE, two Content-Types or Content-MD5s, userinfo");
 
     // A single chunked coding, in any case, is fine.
     let req = format!(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Response, Uri};
+use http::{HeaderName, Method, Request, Response, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -204,8 +204,8 @@ fn has_path_prefix(path: &str, prefix: &str) -> bool {
 /// Refuses what an upstream could read differently from the rule that would let it through: a
 /// path with dot-segments (`/ok/../admin`, also percent-encoded or with `\`), which the upstream
 /// may resolve outside the rule's `path_prefix`; userinfo in the URI (RFC 9110 §4.2.4: a sign of
-/// a disguised authority); more than one `Content-Type`; a transfer coding other than chunked,
-/// whose body the proxy would check and forward still encoded.
+/// a disguised authority); more than one `Content-Type` or `Content-MD5`; a transfer coding other
+/// than chunked, whose body the proxy would check and forward still encoded.
 fn check_request(parts: &http::request::Parts) -> Result<(), Refusal> {
     if parts
         .uri
@@ -221,14 +221,16 @@ fn check_request(parts: &http::request::Parts) -> Result<(), Refusal> {
             "the request path has a . or .. segment; send it resolved",
         ));
     }
-    if parts
-        .headers
-        .get_all(http::header::CONTENT_TYPE)
-        .iter()
-        .count()
-        > 1
-    {
-        return Err(Refusal::bad_request("more than one Content-Type header"));
+    // Only the first would be checked; the upstream might read another.
+    for (name, spelled) in [
+        (http::header::CONTENT_TYPE, "Content-Type"),
+        (HeaderName::from_static("content-md5"), "Content-MD5"),
+    ] {
+        if parts.headers.get_all(name).iter().count() > 1 {
+            return Err(Refusal::bad_request(format!(
+                "more than one {spelled} header"
+            )));
+        }
     }
     for value in parts.headers.get_all(http::header::TRANSFER_ENCODING) {
         let value = String::from_utf8_lossy(value.as_bytes());
