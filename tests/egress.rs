@@ -461,9 +461,15 @@ async fn proxy_credentials_basic_and_bearer_hashed_at_rest() {
     assert_eq!(resp.status, 407, "CONNECT without credentials: {resp:?}");
     assert_eq!(up.request_count(), 0);
 
+    // Auth schemes are case-insensitive.
+    let alice = basic("alice", "alice-s3cret");
     for value in [
-        basic("alice", "alice-s3cret"),
+        alice.clone(),
+        alice.replacen("Basic", "basic", 1),
+        alice.replacen("Basic", "BASIC", 1),
         "Bearer tok-0123456789".into(),
+        "bearer tok-0123456789".into(),
+        "BEARER tok-0123456789".into(),
     ] {
         let resp = exchange(
             proxy.addr,
@@ -488,7 +494,7 @@ async fn proxy_credentials_basic_and_bearer_hashed_at_rest() {
     )
     .await;
     assert_eq!(resp.status, 200, "CONNECT with credentials: {resp:?}");
-    assert_eq!(up.request_count(), 2);
+    assert_eq!(up.request_count(), 6);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -450,10 +450,12 @@ fn check_credentials<B>(state: &State, req: &Request<B>) -> Result<Option<String
         .get(header::PROXY_AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| Refusal::credentials("proxy credentials required"))?;
-    let (name, secret) = if let Some(b64) = value.strip_prefix("Basic ") {
+    // Auth schemes are case-insensitive (RFC 9110 §11.1).
+    let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
+    let (name, secret) = if scheme.eq_ignore_ascii_case("basic") {
         use base64::Engine as _;
         let decoded = base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
+            .decode(credentials.trim())
             .ok()
             .and_then(|d| String::from_utf8(d).ok())
             .ok_or_else(|| Refusal::credentials("malformed Basic credentials"))?;
@@ -461,8 +463,8 @@ fn check_credentials<B>(state: &State, req: &Request<B>) -> Result<Option<String
             .split_once(':')
             .ok_or_else(|| Refusal::credentials("malformed Basic credentials"))?;
         (n.to_owned(), s.to_owned())
-    } else if let Some(token) = value.strip_prefix("Bearer ") {
-        ("bearer".to_owned(), token.trim().to_owned())
+    } else if scheme.eq_ignore_ascii_case("bearer") {
+        ("bearer".to_owned(), credentials.trim().to_owned())
     } else {
         return Err(Refusal::credentials(
             "unsupported Proxy-Authorization scheme (Basic or Bearer)",
