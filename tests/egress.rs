@@ -2355,6 +2355,24 @@ async fn a_port_out_of_range_is_400() {
     up.assert_untouched("ports out of range");
 }
 
+/// A CONNECT target is `host:port`: not a URL, not userinfo in front of the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_target_other_than_host_and_port_is_400() {
+    let up = RecordingUpstream::start().await;
+    let rule = format!("127.0.0.0/8:{}", up.port());
+    let proxy = TestEgress::start(section(&[rule]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    for target in [
+        format!("user@{a}"),
+        format!("user:pw@{a}"),
+        format!("http://{a}/"),
+    ] {
+        let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {a}\r\n\r\n");
+        assert_raw_refused(proxy.addr, &connect, 400, "must be host:port").await;
+    }
+    up.assert_untouched("CONNECT targets other than host:port");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_the_parser_refuses_are_counted_as_refusals() {
     let up = RecordingUpstream::start().await;
