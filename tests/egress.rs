@@ -22,6 +22,7 @@ use common::egress::{
 use common::ferry::metric_value;
 use common::http::{get, send_on, try_get, Resp};
 use common::proxy::open_tunnel;
+use common::servers::{Behaviour, TargetServer};
 use ferry::config::EgressSection;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -2765,6 +2766,58 @@ async fn a_request_whose_client_went_away_is_counted() {
         assert!(Instant::now() < deadline, "{unfinished:?}\n{text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A client that leaves in the middle of a response body: its access line keeps the upstream's
+/// status and says where the body was cut off; one that read its whole answer has no reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_the_client_left_is_logged_with_a_reason() {
+    let endless = TargetServer::start(Behaviour::Large { bytes: 1 << 40 }).await;
+    let up = RecordingUpstream::start().await;
+    let rule = format!("127.0.0.1/32:{},{}", endless.addr.port(), up.port());
+    let (mut ferry, proxy) = ready_egress(&rule, "5s").await;
+    assert_eq!(get_via(proxy, &up.url("/whole")).await.status, 200);
+    let mut client = TcpStream::connect(proxy).await.unwrap();
+    let head = format!(
+        "GET http://{0}/endless HTTP/1.1\r\nHost: {0}\r\n\r\n",
+        endless.addr
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut some = vec![0; 200_000];
+    tokio::time::timeout(TIMEOUT, client.read_exact(&mut some))
+        .await
+        .expect("the body streams")
+        .unwrap();
+    drop(client);
+    assert!(
+        ferry.collect_until(Duration::from_secs(10), |l| access_lines(l).len() >= 2),
+        "two access lines"
+    );
+    let lines = ferry.finish();
+    let access = access_lines(&lines);
+    let line = |upstream: SocketAddr| {
+        access
+            .iter()
+            .map(|a| &a["fields"])
+            .find(|f| f["upstream"] == upstream.to_string())
+            .unwrap_or_else(|| panic!("no line for {upstream}: {lines:#?}"))
+    };
+    let whole = line(up.addr);
+    assert_eq!(whole["reason"], "", "{whole}");
+    let cut = line(endless.addr);
+    assert_eq!(cut["status"], 200, "{cut}");
+    let sent = cut["bytes_out"].as_u64().unwrap_or_default();
+    assert!(sent >= 200_000, "{cut}");
+    assert_eq!(
+        cut["reason"].as_str(),
+        Some(
+            format!(
+                "response body cut off after {sent} bytes: the client went away or the proxy stopped"
+            )
+            .as_str()
+        ),
+        "{cut}"
+    );
 }
 
 /// SIGTERM: an open tunnel is closed once quiet and gets its access-log line (bytes, reason),

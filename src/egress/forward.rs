@@ -507,7 +507,12 @@ fn stream_back(
     let on_finish = Box::new(move |bytes: u64, end: BodyEnd| {
         record.bytes_out = bytes;
         match end {
-            BodyEnd::Complete | BodyEnd::Dropped => {}
+            BodyEnd::Complete => {}
+            BodyEnd::Dropped => {
+                record.reason = format!(
+                    "response body cut off after {bytes} bytes: the client went away or the proxy stopped"
+                )
+            }
             BodyEnd::Deadline => {
                 record.reason = "response body still streaming at the upstream timeout".into()
             }
