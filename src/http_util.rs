@@ -154,7 +154,14 @@ impl BoundedBody {
 
 impl Drop for BoundedBody {
     fn drop(&mut self) {
-        self.finish(BodyEnd::Dropped);
+        // hyper lets go of a body without polling its end once its last frame has passed (the
+        // inner body then says it is at its end): that is a complete body, not an abandoned one.
+        let end = if self.inner.is_end_stream() {
+            BodyEnd::Complete
+        } else {
+            BodyEnd::Dropped
+        };
+        self.finish(end);
     }
 }
 

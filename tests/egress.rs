@@ -22,6 +22,7 @@ use common::egress::{
 use common::ferry::metric_value;
 use common::http::{get, send_on, try_get, Resp};
 use common::proxy::open_tunnel;
+use common::servers::{Behaviour, TargetServer};
 use ferry::config::EgressSection;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -121,6 +122,21 @@ fn assert_arrived_identical(up: &RecordingUpstream, body: &[u8], content_type: O
 
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+/// gzip with `name` in the header's file name field (FNAME).
+fn gzip_named(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::GzBuilder::new()
+        .filename(name)
+        .write(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
     enc.write_all(data).unwrap();
     enc.finish().unwrap()
 }
@@ -295,6 +311,91 @@ async fn connections_per_client_address_are_capped() {
     assert_eq!(up.last().uri, "/after");
 }
 
+/// Connects to `proxy` `n` times, sends nothing, and asserts each connection is closed, without
+/// an answer, within `within`.
+async fn assert_silent_connections_closed(proxy: SocketAddr, n: usize, within: Duration) {
+    let started = Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..n {
+        silent.push(TcpStream::connect(proxy).await.unwrap());
+    }
+    for mut stream in silent {
+        let mut got = Vec::new();
+        let closed = tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut got)).await;
+        assert!(closed.is_ok(), "a silent connection was kept open");
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    }
+    let took = started.elapsed();
+    assert!(took < within, "closed after {took:?}");
+}
+
+/// A connection that will only be refused (over the per-client cap, or from a client outside
+/// the allowlist) holds a socket, not a slot: it has the header read timeout, not the idle
+/// timeout, to send its request, which still gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_will_be_refused_get_only_the_header_read_timeout() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.max_connections_per_client = 1;
+    s.header_read_timeout = ferry::config::Dur(Duration::from_millis(500));
+    s.idle_timeout = ferry::config::Dur(Duration::from_secs(60));
+    let proxy = TestEgress::start(s.clone(), TestResolver::new(&[])).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut held, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = held
+        .send_request(absolute("GET", &up.url("/held"), &[], Bytes::new()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+
+    assert_silent_connections_closed(proxy.addr, 5, Duration::from_secs(3)).await;
+    let mut late = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let head = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        up.url("/late"),
+        up.addr
+    );
+    late.write_all(head.as_bytes()).await.unwrap();
+    let resp = read_response(&mut late).await.expect("an answer");
+    assert_eq!(resp.status, 429, "{resp:?}");
+    assert_eq!(resp.header("connection").as_deref(), Some("close"));
+
+    // Counted (and logged) once: the request, not the silent connections.
+    let metrics = http::Request::get("/metrics")
+        .header(http::header::HOST, proxy.addr.to_string())
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let resp = held.send_request(metrics).await.unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_egress_rejections_total",
+            &[("reason", "connection_limit")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(up.request_count(), 1);
+
+    s.allow_clients = vec!["10.0.0.0/8".into()];
+    let outsider = TestEgress::start(s, TestResolver::new(&[])).await;
+    assert_silent_connections_closed(outsider.addr, 5, Duration::from_secs(3)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_credentials_basic_and_bearer_hashed_at_rest() {
     use ferry::gateway::auth::hash_token;
@@ -361,9 +462,15 @@ async fn proxy_credentials_basic_and_bearer_hashed_at_rest() {
     assert_eq!(resp.status, 407, "CONNECT without credentials: {resp:?}");
     assert_eq!(up.request_count(), 0);
 
+    // Auth schemes are case-insensitive.
+    let alice = basic("alice", "alice-s3cret");
     for value in [
-        basic("alice", "alice-s3cret"),
+        alice.clone(),
+        alice.replacen("Basic", "basic", 1),
+        alice.replacen("Basic", "BASIC", 1),
         "Bearer tok-0123456789".into(),
+        "bearer tok-0123456789".into(),
+        "BEARER tok-0123456789".into(),
     ] {
         let resp = exchange(
             proxy.addr,
@@ -388,7 +495,7 @@ async fn proxy_credentials_basic_and_bearer_hashed_at_rest() {
     )
     .await;
     assert_eq!(resp.status, 200, "CONNECT with credentials: {resp:?}");
-    assert_eq!(up.request_count(), 2);
+    assert_eq!(up.request_count(), 6);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -559,6 +666,17 @@ async fn ip_literal_spellings_match_only_cidr_rules() {
             Some(format!("127.0.0.1:{port}").as_str()),
             "{url}"
         );
+    }
+    assert_eq!(up.request_count(), LOOPBACK_SPELLINGS.len());
+
+    // IPv6 addresses that merely embed 127.0.0.1 (6to4, NAT64, v4-compatible) are other
+    // destinations: the IPv4 rule does not allow them.
+    for host in ["[2002:7f00:1:abcd::99]", "[64:ff9b::7f00:1]", "[::7f00:1]"] {
+        let url = format!("http://{host}:{port}/embedded");
+        let resp = get_via(proxy.addr, &url).await;
+        assert_refused(&resp, 403, "not allowed", &url);
+        let (resp, _) = connect_raw(proxy.addr, &format!("{host}:{port}"), &[]).await;
+        assert_eq!(resp.status, 403, "CONNECT {host}:{port}: {resp:?}");
     }
     assert_eq!(up.request_count(), LOOPBACK_SPELLINGS.len());
 }
@@ -1058,10 +1176,28 @@ async fn compressed_bodies_are_validated_decoded_and_forwarded_as_sent() {
             422,
             "not valid gzip",
         ),
+        (
+            "gzip with the deny pattern in its file name",
+            gzip_named("SECRET-TOKEN", JSON_PAYLOAD),
+            403,
+            "deny pattern",
+        ),
     ] {
         let resp = post_via(proxy.addr, &up.url("/"), &gz_headers, &body).await;
         assert_refused(&resp, status, needle, what);
     }
+    let deflate_headers = [
+        ("content-type", "application/json"),
+        ("content-encoding", "deflate"),
+    ];
+    let after_the_end = [&deflate(b"{\"a\":1}")[..], b"SECRET-TOKEN"].concat();
+    let resp = post_via(proxy.addr, &up.url("/"), &deflate_headers, &after_the_end).await;
+    assert_refused(
+        &resp,
+        422,
+        "data after the end of the stream",
+        "deflate with data after its end",
+    );
     let resp = post_via(
         proxy.addr,
         &up.url("/"),
@@ -1085,19 +1221,8 @@ async fn compressed_bodies_are_validated_decoded_and_forwarded_as_sent() {
         "still gzip-encoded"
     );
 
-    let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-    zlib.write_all(JSON_PAYLOAD).unwrap();
-    let deflated = zlib.finish().unwrap();
-    let resp = post_via(
-        proxy.addr,
-        &up.url("/"),
-        &[
-            ("content-type", "application/json"),
-            ("content-encoding", "deflate"),
-        ],
-        &deflated,
-    )
-    .await;
+    let deflated = deflate(JSON_PAYLOAD);
+    let resp = post_via(proxy.addr, &up.url("/"), &deflate_headers, &deflated).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_arrived_identical(&up, &deflated, Some("application/json"));
 }
@@ -1337,6 +1462,58 @@ async fn well_framed_pipelined_requests_pass_even_when_a_body_looks_like_smuggli
     assert_eq!(seen[0].body.as_ref(), inner.as_bytes());
     assert_eq!(seen[1].body.as_ref(), chunk.as_bytes());
     assert_eq!(seen.len(), 3);
+}
+
+/// hyper accepts chunk extensions of up to 16 KiB, longer than the lines the proxy's framing
+/// scan follows. Past one, the proxy cannot vouch for where the next request starts: it answers
+/// the request in progress and closes the connection, so nothing behind it is served unchecked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_line_too_long_to_follow_ends_the_connection() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    let first = format!(
+        "POST http://{a}/a HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n\
+         5;{}\r\nhello\r\n0\r\n\r\n",
+        "a".repeat(16383)
+    );
+    let smuggled = format!(
+        "POST http://{a}/smug HTTP/1.1\r\nHost: {a}\r\nContent-Length: 50\r\n\
+         Transfer-Encoding: chunked\r\n\r\n5\r\nworld\r\n0\r\n\r\n"
+    );
+    for pipelined in [false, true] {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let sent = if pipelined {
+            format!("{first}{smuggled}")
+        } else {
+            first.clone()
+        };
+        stream.write_all(sent.as_bytes()).await.unwrap();
+        let resp = tokio::time::timeout(TIMEOUT, read_response(&mut stream))
+            .await
+            .expect("an answer in time")
+            .expect("an answer");
+        assert_eq!(resp.status, 200, "pipelined {pipelined}: {resp:?}");
+        assert_eq!(resp.header("connection").as_deref(), Some("close"));
+        if !pipelined {
+            // The proxy may have closed already.
+            let _ = stream.write_all(smuggled.as_bytes()).await;
+        }
+        let mut rest = Vec::new();
+        tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest))
+            .await
+            .expect("the proxy closes the connection")
+            .ok();
+        assert!(
+            rest.is_empty(),
+            "pipelined {pipelined}: a request after the lost framing was answered: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    let seen = up.requests();
+    let uris: Vec<&str> = seen.iter().map(|r| r.uri.as_str()).collect();
+    assert_eq!(uris, ["/a", "/a"]);
+    assert_eq!(seen[0].body.as_ref(), b"hello");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2121,7 +2298,7 @@ async fn every_content_encoding_line_is_decoded_or_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn other_transfer_codings_userinfo_and_two_content_types_are_refused() {
+async fn other_transfer_codings_userinfo_and_repeated_content_headers_are_refused() {
     let up = RecordingUpstream::start().await;
     let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
     let a = up.addr;
@@ -2141,9 +2318,16 @@ async fn other_transfer_codings_userinfo_and_two_content_types_are_refused() {
         "POST http://{a}/ct HTTP/1.1\r\nHost: {a}\r\nContent-Type: text/plain\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
     );
     assert_raw_refused(proxy.addr, &req, 400, "more than one Content-Type").await;
+    // The first one right: the upstream might check the second.
+    let req = format!(
+        "POST http://{a}/md5 HTTP/1.1\r\nHost: {a}\r\nContent-MD5: {}\r\nContent-MD5: {}\r\nContent-Length: 2\r\n\r\n{{}}",
+        md5_b64(b"{}"),
+        md5_b64(b"[]")
+    );
+    assert_raw_refused(proxy.addr, &req, 400, "more than one Content-MD5").await;
     let req = format!("GET http://alice:hunter2@{a}/u HTTP/1.1\r\nHost: {a}\r\n\r\n");
     assert_raw_refused(proxy.addr, &req, 400, "userinfo").await;
-    up.assert_untouched("TE, two Content-Types, userinfo");
+    up.assert_untouched("TE, two Content-Types or Content-MD5s, userinfo");
 
     // A single chunked coding, in any case, is fine.
     let req = format!(
@@ -2152,6 +2336,42 @@ async fn other_transfer_codings_userinfo_and_two_content_types_are_refused() {
     let resp = raw_exchange(proxy.addr, req.as_bytes()).await;
     assert_eq!(resp.status, 200, "{resp:?}");
     assert_eq!(&up.last().body[..], b"hello");
+}
+
+/// A port out of range is an error, not the default port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_out_of_range_is_400() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(
+        section(&[loopback_rule(&up), "127.0.0.1/32:80,443".into()]),
+        TestResolver::new(&[]),
+    )
+    .await;
+    for authority in ["127.0.0.1:65536", "127.0.0.1:99999999999"] {
+        let req = format!("GET http://{authority}/x HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+        assert_raw_refused(proxy.addr, &req, 400, "invalid port").await;
+        let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+        assert_raw_refused(proxy.addr, &req, 400, "invalid port").await;
+    }
+    up.assert_untouched("ports out of range");
+}
+
+/// A CONNECT target is `host:port`: not a URL, not userinfo in front of the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_target_other_than_host_and_port_is_400() {
+    let up = RecordingUpstream::start().await;
+    let rule = format!("127.0.0.0/8:{}", up.port());
+    let proxy = TestEgress::start(section(&[rule]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    for target in [
+        format!("user@{a}"),
+        format!("user:pw@{a}"),
+        format!("http://{a}/"),
+    ] {
+        let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {a}\r\n\r\n");
+        assert_raw_refused(proxy.addr, &connect, 400, "must be host:port").await;
+    }
+    up.assert_untouched("CONNECT targets other than host:port");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2258,19 +2478,17 @@ async fn an_upstream_cannot_forge_a_refusal_or_switch_protocols() {
     assert_refused(&resp, 502, "101 Switching Protocols", "upstream 101");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_connect_closes_the_connection() {
-    let up = RecordingUpstream::start().await;
-    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
-    // The bytes after the CONNECT were meant for the tunnel: not a request to the proxy.
-    let req = "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+/// Sends `connect` (a CONNECT head) followed by a request meant for the tunnel, and asserts the
+/// proxy refuses the CONNECT with `status`, then closes without reading that request.
+async fn assert_refused_connect_closes(proxy: SocketAddr, connect: &str, status: u16) {
+    let req = format!("{connect}GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
     stream.write_all(req.as_bytes()).await.unwrap();
     let resp = tokio::time::timeout(TIMEOUT, read_response(&mut stream))
         .await
         .expect("an answer")
         .expect("a refusal");
-    assert_eq!(resp.status, 403, "{resp:?}");
+    assert_eq!(resp.status, status, "{resp:?}");
     assert_eq!(resp.header("connection").as_deref(), Some("close"));
     let mut rest = Vec::new();
     tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest))
@@ -2282,6 +2500,25 @@ async fn a_refused_connect_closes_the_connection() {
         "the tunnel bytes were answered: {:?}",
         String::from_utf8_lossy(&rest)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_closes_the_connection() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.max_header_bytes = 4096;
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+    // The bytes after the CONNECT were meant for the tunnel: not a request to the proxy.
+    let connect = "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n";
+    assert_refused_connect_closes(proxy.addr, connect, 403).await;
+    // A head over a max_header_bytes below hyper's 8 KiB buffer is refused by the proxy itself.
+    let a = up.addr;
+    let connect = format!(
+        "CONNECT {a} HTTP/1.1\r\nHost: {a}\r\nX-Fill: {}\r\n\r\n",
+        "f".repeat(6000)
+    );
+    assert_refused_connect_closes(proxy.addr, &connect, 431).await;
+    up.assert_untouched("refused CONNECTs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2529,6 +2766,58 @@ async fn a_request_whose_client_went_away_is_counted() {
         assert!(Instant::now() < deadline, "{unfinished:?}\n{text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A client that leaves in the middle of a response body: its access line keeps the upstream's
+/// status and says where the body was cut off; one that read its whole answer has no reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_the_client_left_is_logged_with_a_reason() {
+    let endless = TargetServer::start(Behaviour::Large { bytes: 1 << 40 }).await;
+    let up = RecordingUpstream::start().await;
+    let rule = format!("127.0.0.1/32:{},{}", endless.addr.port(), up.port());
+    let (mut ferry, proxy) = ready_egress(&rule, "5s").await;
+    assert_eq!(get_via(proxy, &up.url("/whole")).await.status, 200);
+    let mut client = TcpStream::connect(proxy).await.unwrap();
+    let head = format!(
+        "GET http://{0}/endless HTTP/1.1\r\nHost: {0}\r\n\r\n",
+        endless.addr
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut some = vec![0; 200_000];
+    tokio::time::timeout(TIMEOUT, client.read_exact(&mut some))
+        .await
+        .expect("the body streams")
+        .unwrap();
+    drop(client);
+    assert!(
+        ferry.collect_until(Duration::from_secs(10), |l| access_lines(l).len() >= 2),
+        "two access lines"
+    );
+    let lines = ferry.finish();
+    let access = access_lines(&lines);
+    let line = |upstream: SocketAddr| {
+        access
+            .iter()
+            .map(|a| &a["fields"])
+            .find(|f| f["upstream"] == upstream.to_string())
+            .unwrap_or_else(|| panic!("no line for {upstream}: {lines:#?}"))
+    };
+    let whole = line(up.addr);
+    assert_eq!(whole["reason"], "", "{whole}");
+    let cut = line(endless.addr);
+    assert_eq!(cut["status"], 200, "{cut}");
+    let sent = cut["bytes_out"].as_u64().unwrap_or_default();
+    assert!(sent >= 200_000, "{cut}");
+    assert_eq!(
+        cut["reason"].as_str(),
+        Some(
+            format!(
+                "response body cut off after {sent} bytes: the client went away or the proxy stopped"
+            )
+            .as_str()
+        ),
+        "{cut}"
+    );
 }
 
 /// SIGTERM: an open tunnel is closed once quiet and gets its access-log line (bytes, reason),

@@ -67,6 +67,7 @@ async fn open(
     req: &Request<Incoming>,
     record: &mut AccessRecord,
 ) -> Result<TcpStream, Refusal> {
+    check_target(req.uri())?;
     let target = Target::from_uri(req.uri(), 443)?;
     if req.uri().port_u16().is_none() {
         return Err(Refusal::bad_request("CONNECT needs host:port"));
@@ -90,6 +91,22 @@ async fn open(
     connect_any(&target.host, &addrs, state.config.connect_timeout)
         .await
         .map_err(|e| Refusal::upstream(e.to_string()))
+}
+
+/// A CONNECT target is `host:port` and nothing else (RFC 9110 §9.3.6): hyper also takes the
+/// absolute form (`http://host:port/`) and userinfo, which would let a disguised authority
+/// through (userinfo is refused in absolute-form requests for the same reason).
+fn check_target(uri: &http::Uri) -> Result<(), Refusal> {
+    let authority_only = uri.scheme().is_none()
+        && uri.path_and_query().is_none()
+        && uri.authority().is_some_and(|a| !a.as_str().contains('@'));
+    if authority_only {
+        Ok(())
+    } else {
+        Err(Refusal::bad_request(
+            "the CONNECT target must be host:port, without scheme, path or userinfo",
+        ))
+    }
 }
 
 async fn relay(
@@ -297,5 +314,32 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_target_is_host_and_port_only() {
+        for ok in [
+            "127.0.0.1:443",
+            "[::1]:443",
+            "collector.example:8443",
+            "host",
+        ] {
+            assert!(check_target(&ok.parse().unwrap()).is_ok(), "{ok}");
+        }
+        for bad in [
+            "user@127.0.0.3:443",
+            "user:pw@127.0.0.3:443",
+            "http://127.0.0.3:443/",
+            "http://127.0.0.3:443",
+            "/path",
+        ] {
+            let err = check_target(&bad.parse().unwrap()).unwrap_err();
+            assert_eq!(err.status.as_u16(), 400, "{bad}");
+        }
     }
 }

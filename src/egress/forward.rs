@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Response, Uri};
+use http::{HeaderName, Method, Request, Response, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -108,11 +108,25 @@ impl Target {
             .trim_end_matches(']')
             .trim_end_matches('.')
             .to_ascii_lowercase();
-        Ok(Target {
-            host,
-            port: uri.port_u16().unwrap_or(default_port),
-        })
+        let port = match uri.authority().map(|a| written_port(a.as_str())) {
+            Some(Some(digits)) => digits.parse().map_err(|_| {
+                Refusal::bad_request(format!("invalid port {digits:?} in the request URI"))
+            })?,
+            _ => default_port,
+        };
+        Ok(Target { host, port })
     }
+}
+
+/// The port as written after the host of `authority`, if any (`http://host:/` has none). The
+/// `http` crate reads a port out of range (`:65536`) as no port at all.
+fn written_port(authority: &str) -> Option<&str> {
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let after_host = host_port.rfind(']').map_or(host_port, |i| &host_port[i..]);
+    after_host
+        .rsplit_once(':')
+        .map(|(_, port)| port)
+        .filter(|port| !port.is_empty())
 }
 
 /// The first rule that allows `method` to `target` at `path`, resolving the name for CIDR rules.
@@ -190,8 +204,8 @@ fn has_path_prefix(path: &str, prefix: &str) -> bool {
 /// Refuses what an upstream could read differently from the rule that would let it through: a
 /// path with dot-segments (`/ok/../admin`, also percent-encoded or with `\`), which the upstream
 /// may resolve outside the rule's `path_prefix`; userinfo in the URI (RFC 9110 §4.2.4: a sign of
-/// a disguised authority); more than one `Content-Type`; a transfer coding other than chunked,
-/// whose body the proxy would check and forward still encoded.
+/// a disguised authority); more than one `Content-Type` or `Content-MD5`; a transfer coding other
+/// than chunked, whose body the proxy would check and forward still encoded.
 fn check_request(parts: &http::request::Parts) -> Result<(), Refusal> {
     if parts
         .uri
@@ -207,14 +221,16 @@ fn check_request(parts: &http::request::Parts) -> Result<(), Refusal> {
             "the request path has a . or .. segment; send it resolved",
         ));
     }
-    if parts
-        .headers
-        .get_all(http::header::CONTENT_TYPE)
-        .iter()
-        .count()
-        > 1
-    {
-        return Err(Refusal::bad_request("more than one Content-Type header"));
+    // Only the first would be checked; the upstream might read another.
+    for (name, spelled) in [
+        (http::header::CONTENT_TYPE, "Content-Type"),
+        (HeaderName::from_static("content-md5"), "Content-MD5"),
+    ] {
+        if parts.headers.get_all(name).iter().count() > 1 {
+            return Err(Refusal::bad_request(format!(
+                "more than one {spelled} header"
+            )));
+        }
     }
     for value in parts.headers.get_all(http::header::TRANSFER_ENCODING) {
         let value = String::from_utf8_lossy(value.as_bytes());
@@ -364,33 +380,64 @@ async fn forward(
 /// Reads the whole body, refusing it past `limit` bytes. `seen` counts what arrived, also when
 /// the body is refused or breaks (for the access log).
 async fn read_body(body: &mut Incoming, limit: u64, seen: &mut u64) -> Result<ReadBody, Refusal> {
-    let mut read = ReadBody {
-        chunks: VecDeque::new(),
-        remaining: 0,
-    };
+    let mut read = ReadBody::default();
     while let Some(frame) = body.frame().await {
         let frame =
             frame.map_err(|e| Refusal::bad_request(format!("cannot read request body: {e}")))?;
         if let Ok(data) = frame.into_data() {
             *seen += data.len() as u64;
-            read.remaining += data.len() as u64;
-            if read.remaining > limit {
+            if read.remaining + data.len() as u64 > limit {
                 return Err(Refusal::too_large(limit));
             }
-            read.chunks.push_back(data);
+            read.push(data);
         }
     }
+    read.flush();
     Ok(read)
 }
 
-/// A request body read in full, kept as the chunks hyper handed over.
+/// Frames from this size on are kept as hyper handed them over; smaller ones are copied together.
+const SMALL_FRAME: usize = 4 << 10;
+/// The largest buffer small frames are copied into.
+const COALESCED: usize = 64 << 10;
+
+/// A request body read in full: large frames as hyper handed them over (no copy), small ones
+/// copied together. Each frame holds on to hyper's read buffer and costs a queue entry, so a body
+/// sent as a million one-byte chunks would otherwise take tens of times its size.
+#[derive(Default)]
 struct ReadBody {
     chunks: VecDeque<Bytes>,
+    /// Small frames not yet in `chunks`, in the unused end of the last buffer allocated for them.
+    tail: BytesMut,
+    /// The size of that buffer: they double up to `COALESCED`, so a small body gets a small one.
+    tail_capacity: usize,
     /// Bytes not yet sent.
     remaining: u64,
 }
 
 impl ReadBody {
+    fn push(&mut self, data: Bytes) {
+        self.remaining += data.len() as u64;
+        if data.len() >= SMALL_FRAME {
+            self.flush();
+            self.chunks.push_back(data);
+            return;
+        }
+        if self.tail.capacity() - self.tail.len() < data.len() {
+            self.flush();
+            self.tail_capacity = (self.tail_capacity * 2).clamp(SMALL_FRAME, COALESCED);
+            self.tail = BytesMut::with_capacity(self.tail_capacity);
+        }
+        self.tail.extend_from_slice(&data);
+    }
+
+    /// Queues the small frames gathered so far; later ones go on filling the same buffer.
+    fn flush(&mut self) {
+        if !self.tail.is_empty() {
+            self.chunks.push_back(self.tail.split().freeze());
+        }
+    }
+
     /// The body as one buffer (a copy unless it arrived in one chunk).
     fn into_bytes(mut self) -> Bytes {
         if self.chunks.len() <= 1 {
@@ -460,7 +507,12 @@ fn stream_back(
     let on_finish = Box::new(move |bytes: u64, end: BodyEnd| {
         record.bytes_out = bytes;
         match end {
-            BodyEnd::Complete | BodyEnd::Dropped => {}
+            BodyEnd::Complete => {}
+            BodyEnd::Dropped => {
+                record.reason = format!(
+                    "response body cut off after {bytes} bytes: the client went away or the proxy stopped"
+                )
+            }
             BodyEnd::Deadline => {
                 record.reason = "response body still streaming at the upstream timeout".into()
             }
@@ -486,4 +538,63 @@ pub(crate) async fn checked(
             ConnectError::Forbidden { host, why } => Refusal::forbidden_address(&host, why),
             other => Refusal::upstream(other.to_string()),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_is_read_as_written() {
+        let port = |uri: &str| Target::from_uri(&uri.parse().unwrap(), 80).map(|t| t.port);
+        assert_eq!(port("http://a/").ok(), Some(80));
+        assert_eq!(port("http://a:/").ok(), Some(80));
+        assert_eq!(port("http://a:8080/").ok(), Some(8080));
+        assert_eq!(port("http://[::1]:8080/").ok(), Some(8080));
+        assert_eq!(port("http://[::1]/").ok(), Some(80));
+        for bad in ["http://a:65536/", "http://[::1]:99999999999/"] {
+            let err = port(bad).unwrap_err();
+            assert_eq!(err.status.as_u16(), 400, "{bad}");
+            assert!(err.reason.contains("invalid port"), "{bad}: {}", err.reason);
+        }
+    }
+
+    fn read(frames: impl IntoIterator<Item = Bytes>) -> ReadBody {
+        let mut body = ReadBody::default();
+        for frame in frames {
+            body.push(frame);
+        }
+        body.flush();
+        body
+    }
+
+    #[test]
+    fn small_frames_are_copied_together_in_order() {
+        let frames = (0..200_000u32).map(|i| Bytes::copy_from_slice(&[i as u8]));
+        let body = read(frames);
+        let sizes: Vec<usize> = body.chunks.iter().map(Bytes::len).collect();
+        assert!(sizes.len() <= 8, "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), 200_000);
+        assert!(sizes.iter().all(|n| *n <= COALESCED), "{sizes:?}");
+        let whole = body.into_bytes();
+        assert!(whole.iter().enumerate().all(|(i, b)| *b == i as u8));
+    }
+
+    #[test]
+    fn large_frames_are_kept_as_they_arrived() {
+        let large = Bytes::from(vec![7u8; 64 << 10]);
+        let frames = [
+            Bytes::from_static(b"a"),
+            large.clone(),
+            Bytes::from_static(b"b"),
+            Bytes::from_static(b"c"),
+            large.clone(),
+        ];
+        let body = read(frames);
+        let sizes: Vec<usize> = body.chunks.iter().map(Bytes::len).collect();
+        assert_eq!(sizes, [1, 64 << 10, 2, 64 << 10]);
+        assert_eq!(body.chunks[1].as_ptr(), large.as_ptr(), "not copied");
+        assert_eq!(body.chunks[3].as_ptr(), large.as_ptr(), "not copied");
+        assert_eq!(&body.chunks[2][..], b"bc");
+    }
 }

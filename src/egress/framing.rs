@@ -5,8 +5,10 @@
 //! follows request framing (heads, Content-Length and chunked bodies) and notes each head's
 //! framing problem; the service claims the note of each request it gets, in order.
 //!
-//! If the scan ever loses track (a head it cannot follow, a CONNECT turning the connection into
-//! a tunnel), it stops, and requests get no note: hyper's own RFC handling still applies.
+//! If the scan ever loses track (a line longer than it follows, framing it cannot read), it stops
+//! and the connection is served no further request: the request in progress is answered with
+//! `Connection: close`, and any later one is refused. A CONNECT stops the scan too (the connection
+//! may turn into a tunnel), and a refused CONNECT closes the connection.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -27,30 +29,55 @@ struct Head {
     problem: Option<&'static str>,
 }
 
+/// The verdict on a request the scan did not see: it had lost track of the framing.
+pub(crate) const UNTRACKED: &str =
+    "the proxy lost track of the request framing on this connection; send the request on a new connection";
+
+#[derive(Debug, Default)]
+struct Scanned {
+    heads: VecDeque<Head>,
+    lost: bool,
+}
+
 /// Heads scanned and not yet claimed by a request; shared by the connection and its service.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Heads(Arc<Mutex<VecDeque<Head>>>);
+pub(crate) struct Heads(Arc<Mutex<Scanned>>);
 
 impl Heads {
     /// The framing problem of `req`'s head, if the scan saw one. Each request claims the next
-    /// scanned head; one that does not match it (the scan lost track) gets `None`.
+    /// scanned head; a request without one (the scan lost track) gets [`UNTRACKED`].
     pub(crate) fn claim<B>(&self, req: &Request<B>) -> Option<&'static str> {
-        let mut heads = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let head = heads.pop_front()?;
-        let same = head.method == req.method().as_str().as_bytes()
-            && Uri::try_from(head.target.as_slice()).is_ok_and(|u| &u == req.uri());
-        if !same {
-            heads.clear();
-            return None;
+        let mut scanned = self.lock();
+        match scanned.heads.pop_front() {
+            Some(head)
+                if head.method == req.method().as_str().as_bytes()
+                    && Uri::try_from(head.target.as_slice()).is_ok_and(|u| &u == req.uri()) =>
+            {
+                head.problem
+            }
+            _ => {
+                scanned.heads.clear();
+                scanned.lost = true;
+                Some(UNTRACKED)
+            }
         }
-        head.problem
+    }
+
+    /// Whether the scan lost track: the connection must not serve another request.
+    pub(crate) fn lost(&self) -> bool {
+        self.lock().lost
     }
 
     fn push(&self, head: Head) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(head);
+        self.lock().heads.push_back(head);
+    }
+
+    fn lose_track(&self) {
+        self.lock().lost = true;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Scanned> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -72,6 +99,9 @@ enum Phase {
     ChunkData(u64),
     ChunkEnd,
     Trailers,
+    /// After a CONNECT: the connection is a tunnel, or closes after the refusal.
+    Tunnel,
+    /// Lost track of the framing (or the head timed out).
     Off,
 }
 
@@ -99,8 +129,8 @@ pub(crate) struct Sniff<T> {
 pub(crate) struct HeaderTimedOut(pub(crate) Duration);
 
 impl<T> Sniff<T> {
-    /// Wraps `inner`; a head longer than `limit` bytes stops the scan (hyper refuses it anyway);
-    /// a head still incomplete `header_timeout` after its first byte ends the connection.
+    /// Wraps `inner`; a line longer than `limit` bytes stops the scan (hyper refuses such a head
+    /// anyway); a head still incomplete `header_timeout` after its first byte ends the connection.
     pub(crate) fn new(inner: T, limit: usize, header_timeout: Duration) -> (Sniff<T>, Heads) {
         let heads = Heads::default();
         let sniff = Sniff {
@@ -127,10 +157,17 @@ impl<T> Sniff<T> {
         self.inner
     }
 
-    fn scan(&mut self, mut data: &[u8]) {
+    fn scan(&mut self, data: &[u8]) {
+        self.follow(data);
+        if self.phase == Phase::Off {
+            self.heads.lose_track();
+        }
+    }
+
+    fn follow(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             match self.phase {
-                Phase::Off => return,
+                Phase::Off | Phase::Tunnel => return,
                 Phase::Body(n) | Phase::ChunkData(n) => {
                     let k = data.len().min(usize::try_from(n).unwrap_or(usize::MAX));
                     data = &data[k..];
@@ -245,8 +282,7 @@ impl<T> Sniff<T> {
         });
         self.head_bytes = 0;
         self.phase = match (head.transfer_encoding, head.length) {
-            // After CONNECT the connection may be a tunnel: stop.
-            _ if connect => Phase::Off,
+            _ if connect => Phase::Tunnel,
             (Some(true), _) => Phase::ChunkSize,
             (Some(false), _) => Phase::Off,
             (None, Some(0)) => Phase::Head,
@@ -266,7 +302,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Sniff<T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if this.phase == Phase::Off {
+        if matches!(this.phase, Phase::Off | Phase::Tunnel) {
             this.deadline = None;
             return res;
         }
@@ -348,8 +384,9 @@ mod tests {
         for piece in bytes.chunks(step) {
             sniff.scan(piece);
         }
-        let heads = heads.0.lock().unwrap();
-        heads
+        let scanned = heads.lock();
+        scanned
+            .heads
             .iter()
             .map(|h| {
                 let line = format!(
@@ -392,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn claims_match_requests_in_order_and_a_mismatch_gives_no_verdict() {
+    fn claims_match_requests_in_order_and_an_unseen_request_is_untracked() {
         let (mut sniff, heads) = Sniff::new((), 16 << 10, Duration::from_secs(10));
         sniff.scan(
             b"POST http://a/x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nz\
@@ -403,8 +440,14 @@ mod tests {
             heads.claim(&req("POST", "http://a/x")),
             Some("more than one Content-Length header")
         );
-        assert_eq!(heads.claim(&req("GET", "http://a/other")), None);
-        assert_eq!(heads.claim(&req("GET", "http://a/y")), None, "cleared");
+        assert!(!heads.lost());
+        assert_eq!(heads.claim(&req("GET", "http://a/other")), Some(UNTRACKED));
+        assert!(heads.lost());
+        assert_eq!(
+            heads.claim(&req("GET", "http://a/y")),
+            Some(UNTRACKED),
+            "cleared"
+        );
     }
 
     #[test]
@@ -413,6 +456,29 @@ mod tests {
         sniff.scan(b"GET http://a/ HTTP/1.1\r\n");
         sniff.scan(&[b'x'; 2048]);
         assert_eq!(sniff.phase, Phase::Off);
-        assert!(heads.0.lock().unwrap().is_empty());
+        assert!(heads.lock().heads.is_empty());
+        assert!(heads.lost());
+    }
+
+    /// hyper accepts chunk extensions up to 16 KiB, longer than the lines the scan follows: the
+    /// scan may stop there, but never silently.
+    #[test]
+    fn a_chunk_line_longer_than_the_scan_follows_loses_track_visibly() {
+        let (mut sniff, heads) = Sniff::new((), 8192, Duration::from_secs(10));
+        sniff.scan(b"POST http://a/1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;");
+        sniff.scan(&[b'a'; 16383]);
+        sniff.scan(b"\r\nhello\r\n0\r\n\r\nPOST http://a/2 HTTP/1.1\r\nContent-Length: 5\r\n\r\n");
+        assert!(heads.lost());
+        let req = |u: &str| Request::post(u).body(()).unwrap();
+        assert_eq!(heads.claim(&req("http://a/1")), None);
+        assert_eq!(heads.claim(&req("http://a/2")), Some(UNTRACKED));
+    }
+
+    #[test]
+    fn a_connect_stops_the_scan_without_losing_track() {
+        let (mut sniff, heads) = Sniff::new((), 8192, Duration::from_secs(10));
+        sniff.scan(b"CONNECT a:443 HTTP/1.1\r\n\r\n\x16\x03\x01 tunnel bytes\n\n");
+        assert_eq!(sniff.phase, Phase::Tunnel);
+        assert!(!heads.lost());
     }
 }

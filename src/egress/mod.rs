@@ -191,11 +191,16 @@ impl Egress {
             let admission = admission.clone();
             let hold = hold.clone();
             let framing_problem = heads.claim(&req);
+            let heads = heads.clone();
             async move {
-                let resp = match admission {
+                let mut resp = match admission {
                     Ok(_) => handle(&state, peer.ip(), req, framing_problem, hold).await,
                     Err(refusal) => refuse_connection(&state, peer.ip(), &req, refusal),
                 };
+                // Where the next request starts is no longer known: there is none.
+                if heads.lost() {
+                    close_after(&mut resp);
+                }
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
@@ -203,8 +208,14 @@ impl Egress {
         builder
             .timer(TokioTimer::new())
             // hyper's header timeout also runs while a kept-alive connection waits for its next
-            // request: it is the idle limit here; `Sniff` bounds a head once it has begun.
-            .header_read_timeout(cfg.idle_timeout.max(cfg.header_read_timeout))
+            // request: it is the idle limit here; `Sniff` bounds a head once it has begun. A
+            // connection that will only be refused holds no slot, so nothing else bounds it: its
+            // one request must arrive within the header read timeout.
+            .header_read_timeout(if keep_alive {
+                cfg.idle_timeout.max(cfg.header_read_timeout)
+            } else {
+                cfg.header_read_timeout
+            })
             .max_buf_size(max_buf_size)
             .max_headers(refusal::MAX_HEADER_FIELDS)
             .keep_alive(keep_alive);
@@ -330,7 +341,23 @@ fn target_of<B>(req: &Request<B>) -> String {
     )
 }
 
+/// Answers one request; a refused CONNECT also ends the connection (see [`close_after`]).
 async fn handle(
+    state: &Arc<State>,
+    client: IpAddr,
+    req: Request<Incoming>,
+    framing_problem: Option<&'static str>,
+    hold: Arc<ClientHold>,
+) -> Response<Body> {
+    let connect = req.method() == Method::CONNECT;
+    let mut resp = route(state, client, req, framing_problem, hold).await;
+    if connect && !resp.status().is_success() {
+        close_after(&mut resp);
+    }
+    resp
+}
+
+async fn route(
     state: &Arc<State>,
     client: IpAddr,
     req: Request<Incoming>,
@@ -358,19 +385,12 @@ async fn handle(
         record.user = user.clone();
     }
     if let Err(refusal) = checks {
-        let mut resp = refused(&mut record, &refusal);
+        let resp = refused(&mut record, &refusal);
         record.emit(&state.metrics);
-        if req.method() == Method::CONNECT {
-            close_after(&mut resp);
-        }
         return resp;
     }
     if req.method() == Method::CONNECT {
-        let mut resp = connect::handle(state, req, record, hold).await;
-        if !resp.status().is_success() {
-            close_after(&mut resp);
-        }
-        resp
+        connect::handle(state, req, record, hold).await
     } else {
         forward::handle(state, req, record).await
     }
@@ -430,10 +450,12 @@ fn check_credentials<B>(state: &State, req: &Request<B>) -> Result<Option<String
         .get(header::PROXY_AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| Refusal::credentials("proxy credentials required"))?;
-    let (name, secret) = if let Some(b64) = value.strip_prefix("Basic ") {
+    // Auth schemes are case-insensitive (RFC 9110 §11.1).
+    let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
+    let (name, secret) = if scheme.eq_ignore_ascii_case("basic") {
         use base64::Engine as _;
         let decoded = base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
+            .decode(credentials.trim())
             .ok()
             .and_then(|d| String::from_utf8(d).ok())
             .ok_or_else(|| Refusal::credentials("malformed Basic credentials"))?;
@@ -441,8 +463,8 @@ fn check_credentials<B>(state: &State, req: &Request<B>) -> Result<Option<String
             .split_once(':')
             .ok_or_else(|| Refusal::credentials("malformed Basic credentials"))?;
         (n.to_owned(), s.to_owned())
-    } else if let Some(token) = value.strip_prefix("Bearer ") {
-        ("bearer".to_owned(), token.trim().to_owned())
+    } else if scheme.eq_ignore_ascii_case("bearer") {
+        ("bearer".to_owned(), credentials.trim().to_owned())
     } else {
         return Err(Refusal::credentials(
             "unsupported Proxy-Authorization scheme (Basic or Bearer)",

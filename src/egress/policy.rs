@@ -85,7 +85,10 @@ impl Upstream {
     pub fn allows_addr(&self, addr: IpAddr, port: u16) -> bool {
         self.ports.allows(port)
             && match &self.destination {
-                Destination::Net(net) => net.contains(&canonical(addr)),
+                // Only the v4-mapped form is the IPv4 address itself (a connection to it reaches
+                // that address). 6to4, NAT64 and v4-compatible addresses are IPv6 destinations
+                // routed elsewhere: an IPv4 rule does not allow them.
+                Destination::Net(net) => net.contains(&addr) || net.contains(&addr.to_canonical()),
                 _ => special_purpose(addr).is_none(),
             }
     }
@@ -197,7 +200,8 @@ fn parse_c_number(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
-/// The IPv4 address an IPv6 address stands for (v4-mapped, v4-compatible, NAT64, 6to4), or the address itself.
+/// The IPv4 address an IPv6 address stands for (v4-mapped, v4-compatible, NAT64, 6to4), or the
+/// address itself: what decides whether it is special-purpose.
 pub fn canonical(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V6(v6) => embedded_v4(v6).map_or(addr, IpAddr::V4),
@@ -374,6 +378,14 @@ mod tests {
             r.allows_addr(ip("::ffff:127.0.0.1"), 8080),
             "whatever the spelling"
         );
+        for embedding in ["2002:7f00:1:abcd::99", "64:ff9b::7f00:1", "::7f00:1"] {
+            assert!(
+                !r.allows_addr(ip(embedding), 8080),
+                "{embedding} is an IPv6 destination, not 127.0.0.1"
+            );
+        }
+        let r = Upstream::parse("[2002::/16]:443").unwrap();
+        assert!(r.allows_addr(ip("2002:7f00:1::"), 443), "named by CIDR");
         let r = Upstream::parse("[2001:db8::/32]:443").unwrap();
         assert!(r.allows_addr(ip("2001:db8::5"), 443));
         let r = Upstream::parse("203.0.113.5:443").unwrap();

@@ -1,6 +1,7 @@
 //! Payload validation per rule: size, content type, required headers, Content-MD5,
 //! gzip/deflate/snappy decoding with a decompressed-size limit, well-formed JSON, JSON Schema and
-//! deny patterns over the whole (decoded) body. A request is forwarded only after all of it passed.
+//! deny patterns over the whole body, as sent and decoded. A request is forwarded only after all
+//! of it passed.
 
 use std::io::Read;
 
@@ -118,7 +119,17 @@ impl Validation {
             return Ok(());
         }
         let decoded = decode(headers, body, self.max_decoded_bytes)?;
-        if let Some(pattern) = self.deny_patterns.iter().find(|p| p.is_match(&decoded)) {
+        // An encoded body is also forwarded with bytes the decoded stream leaves out (gzip's file
+        // name, comment and extra field): the patterns read it as sent too.
+        let forms: &[&[u8]] = match &decoded {
+            std::borrow::Cow::Borrowed(_) => &[body],
+            std::borrow::Cow::Owned(plain) => &[plain, body],
+        };
+        if let Some(pattern) = self
+            .deny_patterns
+            .iter()
+            .find(|p| forms.iter().any(|form| p.is_match(form)))
+        {
             return Err(Refusal::denied_pattern(pattern.as_str()));
         }
         if let Some(schema) = &self.schema {
@@ -218,22 +229,39 @@ fn decode<'a>(
     let Some(encoding) = coding(headers)? else {
         return Ok(std::borrow::Cow::Borrowed(body));
     };
-    let reader: Box<dyn Read + '_> = match encoding.as_str() {
-        "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
-        "deflate" => Box::new(flate2::read::ZlibDecoder::new(&body[..])),
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit as usize));
+    let invalid =
+        |e: std::io::Error| Refusal::invalid(format!("body is not valid {encoding}: {e}"));
+    match encoding.as_str() {
+        // Data after the last member is refused by the decoder, which reads it as another one.
+        "gzip" | "x-gzip" => read_decoded(
+            flate2::read::MultiGzDecoder::new(&body[..]),
+            &mut out,
+            limit,
+        )
+        .map_err(invalid)?,
+        "deflate" => {
+            let mut zlib = flate2::bufread::ZlibDecoder::new(&body[..]);
+            read_decoded(&mut zlib, &mut out, limit).map_err(invalid)?;
+            // Bytes after the end of the stream would go upstream unread by every check.
+            if out.len() as u64 <= limit && !zlib.get_ref().is_empty() {
+                return Err(Refusal::invalid(
+                    "body is not valid deflate: data after the end of the stream",
+                ));
+            }
+        }
         "snappy" => return decode_snappy(body, limit).map(std::borrow::Cow::Owned),
         other => return Err(Refusal::unsupported_encoding(other)),
-    };
-    // Read one byte past the limit to tell "exactly at the limit" from "over it".
-    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit as usize));
-    reader
-        .take(limit + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| Refusal::invalid(format!("body is not valid {encoding}: {e}")))?;
+    }
     if out.len() as u64 > limit {
         return Err(Refusal::decoded_too_large(limit));
     }
     Ok(std::borrow::Cow::Owned(out))
+}
+
+/// Reads `reader` into `out`, one byte past `limit` to tell "exactly at the limit" from "over it".
+fn read_decoded(reader: impl Read, out: &mut Vec<u8>, limit: u64) -> std::io::Result<()> {
+    reader.take(limit + 1).read_to_end(out).map(drop)
 }
 
 /// The body's one content coding (lowercase), `None` for identity; refused if the proxy cannot
@@ -316,6 +344,45 @@ mod tests {
         assert!(v
             .check_body(&headers(&[]), &Bytes::from_static(b"all clear"))
             .is_ok());
+    }
+
+    /// What the decoded stream leaves out is forwarded all the same: gzip's header fields are
+    /// read by the deny patterns, and data after the end of a deflate stream is refused.
+    #[test]
+    fn bytes_outside_the_decoded_stream_are_checked_or_refused() {
+        let v = Validation {
+            deny_patterns: vec![regex::bytes::Regex::new("SECRET").unwrap()],
+            ..Validation::default()
+        };
+        let gz = |builder: flate2::GzBuilder| -> Bytes {
+            let mut enc = builder.write(Vec::new(), flate2::Compression::default());
+            enc.write_all(b"{\"a\": 1}").unwrap();
+            enc.finish().unwrap().into()
+        };
+        let h = headers(&[("content-encoding", "gzip")]);
+        assert!(v.check_body(&h, &gz(flate2::GzBuilder::new())).is_ok());
+        for (field, body) in [
+            ("FNAME", gz(flate2::GzBuilder::new().filename("SECRET"))),
+            ("FCOMMENT", gz(flate2::GzBuilder::new().comment("SECRET"))),
+            ("FEXTRA", gz(flate2::GzBuilder::new().extra(&b"SECRET"[..]))),
+        ] {
+            let err = v.check_body(&h, &body).unwrap_err();
+            assert_eq!(err.status.as_u16(), 403, "{field}: {}", err.reason);
+        }
+
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        zlib.write_all(b"{\"a\": 1}").unwrap();
+        let deflated = zlib.finish().unwrap();
+        let h = headers(&[("content-encoding", "deflate")]);
+        let json = Validation {
+            json: true,
+            ..Validation::default()
+        };
+        assert!(json.check_body(&h, &deflated.clone().into()).is_ok());
+        let trailing = [&deflated[..], b"trailing"].concat().into();
+        let err = json.check_body(&h, &trailing).unwrap_err();
+        assert_eq!(err.status.as_u16(), 422, "{}", err.reason);
+        assert!(err.reason.contains("after the end"), "{}", err.reason);
     }
 
     #[test]
