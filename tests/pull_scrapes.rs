@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::egress::raw_exchange;
 use common::ferry::{
-    agent_section, gateway_and_agent, metric_value, start_agent, start_gateway, TestAgent,
-    TestGateway,
+    agent_on_bare_tunnel, agent_section, gateway_and_agent, metric_value, start_agent,
+    start_gateway, TestAgent, TestGateway,
 };
 use common::http::{self as client, get_via_proxy, get_via_proxy_streaming, Resp};
 use common::servers::{
-    gunzip, large_body_digest, Behaviour, BodyDigest, TargetServer, METRICS_CONTENT_TYPE,
+    gunzip, large_body_digest, Behaviour, BodyDigest, RawTarget, TargetServer, METRICS_CONTENT_TYPE,
 };
 use ferry::config::TargetSection;
 use ferry::tunnel::handshake::{request_upgrade, HandshakeError};
@@ -758,6 +759,94 @@ async fn a_request_body_is_forwarded_up_to_one_mib() {
         "the oversized POST reached the target"
     );
     s.stop().await;
+}
+
+/// What a target that does not read bodies on GET (Python's http.server) would take for a second
+/// request, past the agent's allowlist.
+const SMUGGLED: &str = "GET /admin/secret HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// A scrape has no body: a GET or HEAD carrying one is refused by the gateway with 400, counted
+/// under the agent, and nothing of it reaches the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_on_get_is_refused_and_never_reaches_the_target() {
+    let dir = TempDir::new().unwrap();
+    let target = RawTarget::start(BODY).await;
+    let (gw, agent) = gateway_and_agent(&dir, AGENT, &[("node", target.url("/metrics"))]).await;
+    let authority = format!("{AGENT}:{}", target.addr.port());
+    let get = format!(
+        "GET http://{authority}/metrics HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {}\r\n\r\n{SMUGGLED}",
+        SMUGGLED.len()
+    );
+    let resp = raw_exchange(gw.web, get.as_bytes()).await;
+    assert_eq!(resp.status, 400, "{resp:?}");
+    let reason = String::from_utf8_lossy(&resp.body).into_owned();
+    assert!(
+        reason.ends_with('\n') && reason.lines().count() == 1 && reason.contains("no body"),
+        "{reason:?}"
+    );
+    assert_eq!(resp.header("ferry-error").as_deref(), Some("gateway"));
+    let head = Request::head(format!("http://{authority}/metrics"))
+        .header(header::HOST, authority.as_str())
+        .body(Full::new(Bytes::from(SMUGGLED)))
+        .unwrap();
+    assert_eq!(client::send(gw.web, head).await.status, 400);
+
+    let ok = get_via_proxy(gw.web, &format!("http://{authority}/metrics"), &[]).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(
+        target.request_lines(),
+        vec!["GET /metrics HTTP/1.1".to_owned()],
+        "the target received: {:?}",
+        target.received()
+    );
+    let text = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_scrapes_total",
+            &[("agent", AGENT), ("status_class", "4xx")]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// The agent refuses a body on GET too, whatever sent it (defence in depth): nothing of it
+/// reaches the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_never_forwards_a_body_on_get() {
+    use http_body_util::BodyExt;
+    let target = RawTarget::start(BODY).await;
+    let (agent, mut tunnel) =
+        agent_on_bare_tunnel(AGENT, &[("node", target.url("/metrics"))]).await;
+    let uri = format!("http://{AGENT}:{}/metrics", target.addr.port());
+    tunnel.ready().await.expect("tunnel ready");
+    let smuggling = Request::get(uri.as_str())
+        .header(header::CONTENT_LENGTH, SMUGGLED.len())
+        .body(Full::new(Bytes::from(SMUGGLED)))
+        .unwrap();
+    let resp = tunnel.send_request(smuggling).await.expect("agent answers");
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["ferry-error"], "agent");
+    let reason = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&reason).contains("no body"),
+        "{reason:?}"
+    );
+
+    let plain = Request::get(uri.as_str()).body(Full::default()).unwrap();
+    let ok = tunnel.send_request(plain).await.expect("agent answers");
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.into_body().collect().await.unwrap().to_bytes(), BODY);
+    assert_eq!(
+        target.request_lines(),
+        vec!["GET /metrics HTTP/1.1".to_owned()],
+        "the target received: {:?}",
+        target.received()
+    );
+    agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 
 use super::targets::{Handler, Route};
 use super::Shared;
-use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
+use crate::http_util::{body_on_get, boxed, full, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::scrape_error::{one_line, ScrapeError, ERROR_SOURCE_HEADER};
 use crate::telemetry::{metrics_response_blocking, TargetNameLabels, TargetResultLabels};
 use crate::tunnel::{
@@ -70,6 +70,12 @@ async fn scrape(shared: &Arc<Shared>, port: u16, req: Request<Incoming>) -> Resp
         };
         return err.into_response("agent");
     };
+    // Checked here too, not only at the gateway: whatever sent it, a body on GET never reaches
+    // a target, where it could be read as a second request.
+    if body_on_get(&req) {
+        count(shared, &route.name, "bad_request");
+        return ScrapeError::BodyOnGet(req.method().clone()).into_response("agent");
+    }
     let timeout = scrape_timeout(
         req.headers().get(SCRAPE_TIMEOUT_HEADER),
         shared.config.scrape_timeout_max,
@@ -106,7 +112,10 @@ async fn fetch(
     let deadline = start + timeout;
     let target_req = match target_request(url, req) {
         Ok(r) => r,
-        Err(e) => return e.into_response("agent"),
+        Err(e) => {
+            count(shared, &route.name, "bad_request");
+            return e.into_response("agent");
+        }
     };
     let sent = tokio::time::timeout_at(deadline, client.request(target_req)).await;
     shared
