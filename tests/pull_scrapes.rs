@@ -1047,6 +1047,16 @@ async fn parameters_fixed_in_a_target_url_cannot_be_given_again() {
         target.uris(),
         vec!["/probe?target=db1&module=tcp&debug=true".to_owned()]
     );
+    // Some exporters split the query on ';' as on '&'.
+    for query in ["x=1;target=evil.example", "x=1&module=http;target=evil"] {
+        let scrape = format!("http://{AGENT}:{}/probe?{query}", target.addr.port());
+        let resp = get_via_proxy(gw.web, &scrape, &[]).await;
+        assert_eq!(resp.status, 400, "{query}: {}", resp.text());
+        let reason = assert_one_line(&resp);
+        assert!(reason.contains("';'"), "{reason:?}");
+        assert_eq!(resp.header("ferry-error"), Some("agent"));
+    }
+    assert_eq!(target.requests(), 1, "{:?}", target.uris());
     agent.stop().await;
     gw.stop().await;
 }

@@ -186,6 +186,13 @@ async fn fetch(
 /// appended to the URL's, the scrape's end-to-end headers.
 fn target_request(url: &Uri, req: Request<Incoming>) -> Result<Request<Body>, ScrapeError> {
     let (mut parts, body) = req.into_parts();
+    if url.query().is_some() && parts.uri.query().is_some_and(|q| q.contains(';')) {
+        // Some parsers (Python's before 3.10, Go's before 1.17) split on ';' as on '&', which
+        // would let `?x=1;target=evil` past the check of fixed parameters below.
+        return Err(ScrapeError::BadRequest(
+            "';' in the query is refused for a target whose URL fixes parameters".into(),
+        ));
+    }
     let extra = parts
         .uri
         .query()
