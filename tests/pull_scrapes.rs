@@ -8,28 +8,25 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::egress::raw_exchange;
 use common::ferry::{
-    agent_on_bare_tunnel, agent_section, gateway_and_agent, metric_value, start_agent,
-    start_gateway, TestAgent, TestGateway,
+    agent_on_bare_tunnel, agent_publishing, agent_section, gateway_and_agent, metric_value,
+    start_agent, start_gateway, upgrade_as_agent, TestAgent, TestGateway,
 };
 use common::http::{self as client, get_via_proxy, get_via_proxy_streaming, Resp};
 use common::servers::{
     gunzip, large_body_digest, Behaviour, BodyDigest, RawTarget, TargetServer, METRICS_CONTENT_TYPE,
 };
 use ferry::config::TargetSection;
-use ferry::tunnel::handshake::{request_upgrade, HandshakeError};
-use ferry::tunnel::tls::parse_fingerprint;
-use ferry::tunnel::tls_client::{client_config, ClientTls, Purpose, ServerVerify};
+use ferry::tunnel::handshake::HandshakeError;
 use http::{header, Request};
 use http_body_util::Full;
 use serde_json::{json, Value};
 use tempfile::TempDir;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 const AGENT: &str = "node-1";
@@ -310,26 +307,43 @@ async fn an_id_outside_the_tokens_glob_is_forbidden_while_a_matching_id_connects
 
 /// Opens TLS to the gateway's tunnel listener, pinned to its certificate, and sends the upgrade.
 async fn raw_upgrade(gw: &TestGateway, token: &str, agent_id: &str) -> Result<(), HandshakeError> {
-    let tls = ClientTls {
-        verify: ServerVerify::Fingerprint(parse_fingerprint(&gw.fingerprint()).unwrap()),
-        client_cert: None,
-    };
-    let connector =
-        tokio_rustls::TlsConnector::from(Arc::new(client_config(&tls, Purpose::Tunnel).unwrap()));
-    let tcp = TcpStream::connect(gw.tunnel).await.unwrap();
-    let io = connector
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .expect("TLS to the gateway");
-    let host = format!("localhost:{}", gw.tunnel.port());
-    let upgrade = tokio::time::timeout(
-        Duration::from_secs(10),
-        request_upgrade(io, &host, token, agent_id),
+    upgrade_as_agent(gw, token, agent_id).await.map(drop)
+}
+
+/// The gateway checks the list an agent publishes: a target it could not route (port 0, no
+/// name, a path that is no path) never reaches `/targets`; the agent's valid targets do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_published_targets_never_reach_service_discovery() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", "test-token")], |_| {}).await;
+    let published = [
+        ("evil", 0, "/metrics"),
+        ("", 9101, "/metrics"),
+        ("nopath", 9102, ""),
+        ("query", 9103, "nopath?x=1#y"),
+        ("node", 9100, "/metrics"),
+    ];
+    let targets: Vec<Value> = published
+        .iter()
+        .map(|(name, port, path)| json!({"name": name, "port": port, "path": path, "labels": {}}))
+        .collect();
+    let list = json!({"version": 1, "labels": {}, "targets": targets});
+    let agent = agent_publishing(&gw, "evil-1", list.to_string()).await;
+    gw.wait_agent("evil-1", CONNECT_WAIT).await;
+    let sd: Value = serde_json::from_str(
+        &client::get(&format!("{}/targets", gw.web_url()))
+            .await
+            .text(),
+    )
+    .unwrap();
+    assert_eq!(
+        sd,
+        json!([{"targets": ["evil-1:9100"], "labels": {
+            "__metrics_path__": "/metrics", "ferry_agent": "evil-1", "ferry_target": "node"
+        }}])
     );
-    upgrade
-        .await
-        .expect("gateway answers the upgrade within 10 s")
-        .map(drop)
+    agent.abort();
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -317,5 +317,7 @@ async fn read_target_list(response: h2::client::ResponseFuture) -> Result<Target
 }
 
 fn parse_target_list(body: &Bytes) -> Result<TargetList, String> {
-    serde_json::from_slice(body).map_err(|e| format!("invalid target list: {e}"))
+    serde_json::from_slice(body)
+        .map(super::published::routable)
+        .map_err(|e| format!("invalid target list: {e}"))
 }

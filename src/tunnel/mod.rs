@@ -97,6 +97,14 @@ pub fn label_name_problem(name: &str) -> Option<String> {
     })
 }
 
+/// Whether `name` may name a target (`ferry_target` label): non-empty letters, digits, `-`, `_`, `.`.
+pub fn valid_target_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// The list of targets an agent serves, as it publishes it to the gateway.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetList {

@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +13,9 @@ use ferry::agent::Agent;
 use ferry::config::{AgentSection, ConfigErrors, GatewaySection, TargetSection};
 use ferry::gateway::auth::hash_token;
 use ferry::gateway::Gateway;
-use ferry::tunnel::handshake::switching_protocols;
+use ferry::tunnel::handshake::{request_upgrade, switching_protocols, HandshakeError};
+use ferry::tunnel::tls::parse_fingerprint;
+use ferry::tunnel::tls_client::{client_config, ClientTls, Purpose, ServerVerify};
 use http::Request;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -280,6 +283,57 @@ pub async fn agent_on_bare_tunnel(
         .expect("HTTP/2 over the tunnel");
     tokio::spawn(conn);
     (agent, sender)
+}
+
+/// Opens a tunnel to `gw` as agent `id` would (TLS pinned to its certificate, the upgrade with
+/// `token`), without an agent behind it: the stream is the test's, to speak for a hostile agent.
+pub async fn upgrade_as_agent(
+    gw: &TestGateway,
+    token: &str,
+    id: &str,
+) -> Result<hyper::upgrade::Upgraded, HandshakeError> {
+    let tls = ClientTls {
+        verify: ServerVerify::Fingerprint(parse_fingerprint(&gw.fingerprint()).unwrap()),
+        client_cert: None,
+    };
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(&tls, Purpose::Tunnel).unwrap()));
+    let tcp = tokio::net::TcpStream::connect(gw.tunnel).await.unwrap();
+    let io = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS to the gateway");
+    let host = format!("localhost:{}", gw.tunnel.port());
+    let upgrade = tokio::time::timeout(
+        Duration::from_secs(10),
+        request_upgrade(io, &host, token, id),
+    );
+    upgrade
+        .await
+        .expect("gateway answers the upgrade within 10 s")
+}
+
+/// A hostile agent `id` connected to `gw` that publishes `targets` (the JSON of a target list,
+/// unchecked) and serves nothing else. Disconnects when the task is aborted.
+pub async fn agent_publishing(gw: &TestGateway, id: &str, targets: String) -> JoinHandle<()> {
+    let upgraded = upgrade_as_agent(gw, "test-token", id)
+        .await
+        .expect("tunnel upgraded");
+    let service = service_fn(move |req: Request<Incoming>| {
+        let targets = targets.clone();
+        async move {
+            if req.uri().query().is_some_and(|q| q.contains("after=")) {
+                // Its list never changes: the long poll is held.
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(targets))))
+        }
+    });
+    tokio::spawn(async move {
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(upgraded, service)
+            .await;
+    })
 }
 
 /// Gateway + one connected agent `id` serving `targets`: the common starting point.
