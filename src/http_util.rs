@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 use tokio::time::{Instant, Sleep};
@@ -49,6 +49,22 @@ pub fn text_response(status: StatusCode, reason: &str) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+/// Whether `req` is a GET or HEAD that carries a body: frames still to come, or headers announcing
+/// some. A scrape has no body, and a target that does not read one on GET (Python's http.server)
+/// takes it for the next request on the connection: a request smuggled past the allowlist.
+pub fn body_on_get<B: HttpBody>(req: &Request<B>) -> bool {
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return false;
+    }
+    let headers = req.headers();
+    let announced = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(0));
+    announced || !req.body().is_end_stream()
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the proxy's credentials.

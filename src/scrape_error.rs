@@ -55,6 +55,10 @@ pub enum ScrapeError {
     /// The request itself is malformed (no host, a bad URI).
     #[error("bad scrape request: {0}")]
     BadRequest(String),
+    /// A GET or HEAD with a request body: a scrape has none, and a target that does not read it
+    /// would take it for a second request.
+    #[error("a {0} scrape has no body: a request body on {0} is refused")]
+    BodyOnGet(http::Method),
     /// A method other than GET, HEAD or POST.
     #[error("{}", method_refusal(.0))]
     Method(http::Method),
@@ -78,7 +82,7 @@ impl ScrapeError {
             ScrapeError::NoSuchTarget { .. } => StatusCode::NOT_FOUND,
             ScrapeError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ScrapeError::Tunnel { .. } | ScrapeError::Target { .. } => StatusCode::BAD_GATEWAY,
-            ScrapeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ScrapeError::BadRequest(_) | ScrapeError::BodyOnGet(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -91,6 +95,7 @@ impl ScrapeError {
             ScrapeError::Tunnel { .. } => "tunnel",
             ScrapeError::Target { .. } => "target",
             ScrapeError::BadRequest(_) => "bad_request",
+            ScrapeError::BodyOnGet(_) => "body_on_get",
             ScrapeError::Method(_) => "method",
             ScrapeError::HeadersTooLarge { .. } => "headers_too_large",
         }
@@ -151,6 +156,7 @@ mod tests {
     fn each_error_maps_to_its_documented_status() {
         let cases = [
             (ScrapeError::AgentNotConnected("a".into()), 503),
+            (ScrapeError::BodyOnGet(http::Method::GET), 400),
             (
                 ScrapeError::NoSuchTarget {
                     agent: "a".into(),

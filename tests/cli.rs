@@ -469,6 +469,70 @@ fn agent_reports_every_flag_problem_at_once() {
     );
 }
 
+/// `job` and `instance` say which scrape a series came from, like `ferry_agent` and
+/// `ferry_target`: an agent may not set them, on the command line or per target.
+#[test]
+fn agent_labels_cannot_set_job_instance_or_ferrys_own() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "agent-token", "s3cret\n");
+    let out = ferry(
+        dir.path(),
+        &[
+            "agent",
+            "--gateway",
+            "https://gw.example.com:7443",
+            "--agent-id",
+            "node-1",
+            "--token-file",
+            "agent-token",
+            "--target",
+            "node=http://127.0.0.1:9100/metrics",
+            "--label",
+            "job=node-exporter",
+            "--label",
+            "instance=node-1:30440",
+            "--label",
+            "site=berlin",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 2, "{}", lines.join("\n"));
+    for name in ["instance", "job"] {
+        assert!(
+            lines.iter().any(|l| l.starts_with("invalid flag --label:")
+                && l.contains(&format!("\"{name}\" is reserved"))),
+            "{name} not refused in:\n{}",
+            lines.join("\n")
+        );
+    }
+
+    let text = "agent:
+  gateway: https://gw.example.com:7443
+  agent_id: node-1
+  token_file: agent-token
+  targets:
+    - name: node
+      url: http://127.0.0.1:9100/metrics
+      labels: { ferry_target: other, instance: elsewhere, team: db }
+";
+    write(dir.path(), "labels.yaml", text);
+    let out = ferry(dir.path(), &["check-config", "labels.yaml"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 2, "{}", lines.join("\n"));
+    for name in ["ferry_target", "instance"] {
+        let prefix = format!("labels.yaml: agent.targets[0].labels.{name}: ");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&prefix) && l.contains("reserved")),
+            "{prefix:?} not in:\n{}",
+            lines.join("\n")
+        );
+    }
+}
+
 /// Kills the child when dropped, so a failing test leaves no process behind.
 struct KillOnDrop(Child);
 

@@ -8,27 +8,25 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::egress::raw_exchange;
 use common::ferry::{
-    agent_section, gateway_and_agent, metric_value, start_agent, start_gateway, TestAgent,
-    TestGateway,
+    agent_on_bare_tunnel, agent_publishing, agent_section, gateway_and_agent, metric_value,
+    start_agent, start_gateway, upgrade_as_agent, TestAgent, TestGateway,
 };
 use common::http::{self as client, get_via_proxy, get_via_proxy_streaming, Resp};
 use common::servers::{
-    gunzip, large_body_digest, Behaviour, BodyDigest, TargetServer, METRICS_CONTENT_TYPE,
+    gunzip, large_body_digest, Behaviour, BodyDigest, RawTarget, TargetServer, METRICS_CONTENT_TYPE,
 };
 use ferry::config::TargetSection;
-use ferry::tunnel::handshake::{request_upgrade, HandshakeError};
-use ferry::tunnel::tls::parse_fingerprint;
-use ferry::tunnel::tls_client::{client_config, ClientTls, Purpose, ServerVerify};
+use ferry::tunnel::handshake::HandshakeError;
 use http::{header, Request};
 use http_body_util::Full;
 use serde_json::{json, Value};
 use tempfile::TempDir;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 const AGENT: &str = "node-1";
@@ -410,26 +408,43 @@ async fn an_id_connected_with_another_token_is_409_and_the_first_agent_keeps_it(
 
 /// Opens TLS to the gateway's tunnel listener, pinned to its certificate, and sends the upgrade.
 async fn raw_upgrade(gw: &TestGateway, token: &str, agent_id: &str) -> Result<(), HandshakeError> {
-    let tls = ClientTls {
-        verify: ServerVerify::Fingerprint(parse_fingerprint(&gw.fingerprint()).unwrap()),
-        client_cert: None,
-    };
-    let connector =
-        tokio_rustls::TlsConnector::from(Arc::new(client_config(&tls, Purpose::Tunnel).unwrap()));
-    let tcp = TcpStream::connect(gw.tunnel).await.unwrap();
-    let io = connector
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .expect("TLS to the gateway");
-    let host = format!("localhost:{}", gw.tunnel.port());
-    let upgrade = tokio::time::timeout(
-        Duration::from_secs(10),
-        request_upgrade(io, &host, token, agent_id),
+    upgrade_as_agent(gw, token, agent_id).await.map(drop)
+}
+
+/// The gateway checks the list an agent publishes: a target it could not route (port 0, no
+/// name, a path that is no path) never reaches `/targets`; the agent's valid targets do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_published_targets_never_reach_service_discovery() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", "test-token")], |_| {}).await;
+    let published = [
+        ("evil", 0, "/metrics"),
+        ("", 9101, "/metrics"),
+        ("nopath", 9102, ""),
+        ("query", 9103, "nopath?x=1#y"),
+        ("node", 9100, "/metrics"),
+    ];
+    let targets: Vec<Value> = published
+        .iter()
+        .map(|(name, port, path)| json!({"name": name, "port": port, "path": path, "labels": {}}))
+        .collect();
+    let list = json!({"version": 1, "labels": {}, "targets": targets});
+    let agent = agent_publishing(&gw, "evil-1", list.to_string()).await;
+    gw.wait_agent("evil-1", CONNECT_WAIT).await;
+    let sd: Value = serde_json::from_str(
+        &client::get(&format!("{}/targets", gw.web_url()))
+            .await
+            .text(),
+    )
+    .unwrap();
+    assert_eq!(
+        sd,
+        json!([{"targets": ["evil-1:9100"], "labels": {
+            "__metrics_path__": "/metrics", "ferry_agent": "evil-1", "ferry_target": "node"
+        }}])
     );
-    upgrade
-        .await
-        .expect("gateway answers the upgrade within 10 s")
-        .map(drop)
+    agent.abort();
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -861,6 +876,94 @@ async fn a_request_body_is_forwarded_up_to_one_mib() {
     s.stop().await;
 }
 
+/// What a target that does not read bodies on GET (Python's http.server) would take for a second
+/// request, past the agent's allowlist.
+const SMUGGLED: &str = "GET /admin/secret HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// A scrape has no body: a GET or HEAD carrying one is refused by the gateway with 400, counted
+/// under the agent, and nothing of it reaches the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_on_get_is_refused_and_never_reaches_the_target() {
+    let dir = TempDir::new().unwrap();
+    let target = RawTarget::start(BODY).await;
+    let (gw, agent) = gateway_and_agent(&dir, AGENT, &[("node", target.url("/metrics"))]).await;
+    let authority = format!("{AGENT}:{}", target.addr.port());
+    let get = format!(
+        "GET http://{authority}/metrics HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {}\r\n\r\n{SMUGGLED}",
+        SMUGGLED.len()
+    );
+    let resp = raw_exchange(gw.web, get.as_bytes()).await;
+    assert_eq!(resp.status, 400, "{resp:?}");
+    let reason = String::from_utf8_lossy(&resp.body).into_owned();
+    assert!(
+        reason.ends_with('\n') && reason.lines().count() == 1 && reason.contains("no body"),
+        "{reason:?}"
+    );
+    assert_eq!(resp.header("ferry-error").as_deref(), Some("gateway"));
+    let head = Request::head(format!("http://{authority}/metrics"))
+        .header(header::HOST, authority.as_str())
+        .body(Full::new(Bytes::from(SMUGGLED)))
+        .unwrap();
+    assert_eq!(client::send(gw.web, head).await.status, 400);
+
+    let ok = get_via_proxy(gw.web, &format!("http://{authority}/metrics"), &[]).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(
+        target.request_lines(),
+        vec!["GET /metrics HTTP/1.1".to_owned()],
+        "the target received: {:?}",
+        target.received()
+    );
+    let text = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_scrapes_total",
+            &[("agent", AGENT), ("status_class", "4xx")]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// The agent refuses a body on GET too, whatever sent it (defence in depth): nothing of it
+/// reaches the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_never_forwards_a_body_on_get() {
+    use http_body_util::BodyExt;
+    let target = RawTarget::start(BODY).await;
+    let (agent, mut tunnel) =
+        agent_on_bare_tunnel(AGENT, &[("node", target.url("/metrics"))]).await;
+    let uri = format!("http://{AGENT}:{}/metrics", target.addr.port());
+    tunnel.ready().await.expect("tunnel ready");
+    let smuggling = Request::get(uri.as_str())
+        .header(header::CONTENT_LENGTH, SMUGGLED.len())
+        .body(Full::new(Bytes::from(SMUGGLED)))
+        .unwrap();
+    let resp = tunnel.send_request(smuggling).await.expect("agent answers");
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["ferry-error"], "agent");
+    let reason = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&reason).contains("no body"),
+        "{reason:?}"
+    );
+
+    let plain = Request::get(uri.as_str()).body(Full::default()).unwrap();
+    let ok = tunnel.send_request(plain).await.expect("agent answers");
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.into_body().collect().await.unwrap().to_bytes(), BODY);
+    assert_eq!(
+        target.request_lines(),
+        vec!["GET /metrics HTTP/1.1".to_owned()],
+        "the target received: {:?}",
+        target.received()
+    );
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_breaks_mid_scrape_is_counted_as_failed_on_both_sides() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1059,6 +1162,16 @@ async fn parameters_fixed_in_a_target_url_cannot_be_given_again() {
         target.uris(),
         vec!["/probe?target=db1&module=tcp&debug=true".to_owned()]
     );
+    // Some exporters split the query on ';' as on '&'.
+    for query in ["x=1;target=evil.example", "x=1&module=http;target=evil"] {
+        let scrape = format!("http://{AGENT}:{}/probe?{query}", target.addr.port());
+        let resp = get_via_proxy(gw.web, &scrape, &[]).await;
+        assert_eq!(resp.status, 400, "{query}: {}", resp.text());
+        let reason = assert_one_line(&resp);
+        assert!(reason.contains("';'"), "{reason:?}");
+        assert_eq!(resp.header("ferry-error"), Some("agent"));
+    }
+    assert_eq!(target.requests(), 1, "{:?}", target.uris());
     agent.stop().await;
     gw.stop().await;
 }

@@ -96,6 +96,72 @@ async fn basic_auth_guards_scrapes_and_endpoints_and_leaves_authorization_to_the
     gw.stop().await;
 }
 
+/// A client guessing passwords neither evicts the verified password of the real client (its
+/// scrapes stay fast) nor queues without bound behind bcrypt: past the queue's bound a guess is
+/// answered 503 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_passwords_does_not_lock_out_a_verified_client() {
+    let dir = tempfile::tempdir().unwrap();
+    // A second user with a costlier hash, whose guesses fill the bcrypt queue; the first user's
+    // cheap hash keeps overflowing the memory of refusals quick.
+    let admin = bcrypt::hash("other", 9).unwrap();
+    let config = web_config(dir.path(), &format!("  admin: {admin}\n"));
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(config.clone())
+    })
+    .await;
+    let healthy = format!("http://{}/-/healthy", gw.web);
+    let right = basic("prometheus", "s3cret");
+    let ok = get_with_headers(&healthy, &[("authorization", &right)]).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+
+    let mut guesses = tokio::task::JoinSet::new();
+    for batch in 0..20 {
+        let healthy = healthy.clone();
+        guesses.spawn(async move {
+            for i in 0..60 {
+                let guess = basic("prometheus", &format!("guess-{batch}-{i}"));
+                let resp = get_with_headers(&healthy, &[("authorization", &guess)]).await;
+                assert_eq!(resp.status, 401, "{}", resp.text());
+            }
+        });
+    }
+    while let Some(done) = guesses.join_next().await {
+        done.unwrap();
+    }
+
+    let mut slow_guesses = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let healthy = healthy.clone();
+        slow_guesses.spawn(async move {
+            let guess = basic("admin", &format!("guess-{i}"));
+            let resp = get_with_headers(&healthy, &[("authorization", &guess)]).await;
+            (resp.status, resp.header("retry-after").map(str::to_owned))
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let verified = tokio::time::timeout(
+        Duration::from_secs(2),
+        get_with_headers(&healthy, &[("authorization", &right)]),
+    )
+    .await
+    .expect("the verified client is answered within 2 s");
+    assert_eq!(verified.status, 200, "{}", verified.text());
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    let mut busy = 0;
+    while let Some(answer) = slow_guesses.join_next().await {
+        match answer.unwrap() {
+            (401, _) => {}
+            (503, Some(retry)) if retry == "1" => busy += 1,
+            other => panic!("a guess was answered {other:?}"),
+        }
+    }
+    assert!(busy > 0, "no guess was answered busy");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_listener_speaks_tls_when_configured() {
     let dir = tempfile::tempdir().unwrap();

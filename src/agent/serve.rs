@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 
 use super::targets::{Handler, Route};
 use super::Shared;
-use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
+use crate::http_util::{body_on_get, boxed, full, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::scrape_error::{one_line, ScrapeError, ERROR_SOURCE_HEADER};
 use crate::telemetry::{metrics_response_blocking, TargetNameLabels, TargetResultLabels};
 use crate::tunnel::{
@@ -95,6 +95,12 @@ async fn scrape(shared: &Arc<Shared>, port: u16, req: Request<Incoming>) -> Resp
         };
         return err.into_response("agent");
     };
+    // Checked here too, not only at the gateway: whatever sent it, a body on GET never reaches
+    // a target, where it could be read as a second request.
+    if body_on_get(&req) {
+        count(shared, &route.name, "bad_request");
+        return ScrapeError::BodyOnGet(req.method().clone()).into_response("agent");
+    }
     let timeout = scrape_timeout(
         req.headers().get(SCRAPE_TIMEOUT_HEADER),
         shared.config.scrape_timeout_max,
@@ -131,7 +137,10 @@ async fn fetch(
     let deadline = start + timeout;
     let target_req = match target_request(url, req) {
         Ok(r) => r,
-        Err(e) => return e.into_response("agent"),
+        Err(e) => {
+            count(shared, &route.name, "bad_request");
+            return e.into_response("agent");
+        }
     };
     let sent = tokio::time::timeout_at(deadline, client.request(target_req)).await;
     shared
@@ -202,6 +211,13 @@ async fn fetch(
 /// appended to the URL's, the scrape's end-to-end headers.
 fn target_request(url: &Uri, req: Request<Incoming>) -> Result<Request<Body>, ScrapeError> {
     let (mut parts, body) = req.into_parts();
+    if url.query().is_some() && parts.uri.query().is_some_and(|q| q.contains(';')) {
+        // Some parsers (Python's before 3.10, Go's before 1.17) split on ';' as on '&', which
+        // would let `?x=1;target=evil` past the check of fixed parameters below.
+        return Err(ScrapeError::BadRequest(
+            "';' in the query is refused for a target whose URL fixes parameters".into(),
+        ));
+    }
     let extra = parts
         .uri
         .query()

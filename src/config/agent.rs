@@ -620,12 +620,7 @@ impl TargetSection {
 
     fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Target> {
         let before = errs.errors.len();
-        let name_ok = !self.name.is_empty()
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if !name_ok {
+        if !crate::tunnel::valid_target_name(&self.name) {
             errs.push(
                 format!("{prefix}.name"),
                 format!(

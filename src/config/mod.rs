@@ -624,21 +624,11 @@ pub(crate) fn check_server_name(name: &str, field: &str, errs: &mut ConfigErrors
     }
 }
 
-/// Records an error unless `value` is a valid Prometheus label name.
+/// Records an error unless an agent may set a label called `name`
+/// ([`crate::tunnel::label_name_problem`]).
 pub fn check_label_name(name: &str, field: &str, errs: &mut ConfigErrors) {
-    let mut chars = name.chars();
-    let valid = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && !name.starts_with("__");
-    if !valid {
-        errs.push(
-            field,
-            format!(
-                "{name:?} is not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)"
-            ),
-        );
+    if let Some(problem) = crate::tunnel::label_name_problem(name) {
+        errs.push(field, problem);
     }
 }
 

@@ -4,6 +4,7 @@
 //! - [`registry`]: connected agents (the seam for several gateways).
 //! - `tunnel`: accepting tunnels — TLS, upgrade, the session, the target-list watch.
 //! - `h2conn`: the gateway's HTTP/2 client end of a tunnel (h2 driven directly), keepalive PINGs.
+//! - `published`: the checks of an agent's published target list (routable targets only).
 //! - `proxy`: Prometheus's absolute-form scrapes, forwarded through a tunnel.
 //! - `sd`: http_sd JSON at `/targets` and `/clients`.
 //! - `web`: routing of the web listener.
@@ -26,6 +27,7 @@ use crate::tunnel::tls_server::{load_identity, self_signed_identity, ServerIdent
 
 mod h2conn;
 mod proxy;
+mod published;
 pub mod registry;
 mod sd;
 mod status;

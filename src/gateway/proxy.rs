@@ -12,7 +12,7 @@ use super::h2conn;
 use super::registry::AgentHandle;
 use super::State;
 use crate::config::ScrapeLimits;
-use crate::http_util::{boxed, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
+use crate::http_util::{body_on_get, boxed, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::scrape_error::{one_line, ScrapeError};
 use crate::telemetry::{status_class, AgentLabels, ScrapeLabels};
 use crate::tunnel::{header_list_size, MAX_HEADER_BYTES, SCRAPE_TIMEOUT_HEADER};
@@ -156,6 +156,9 @@ async fn forward(
         return Err(ScrapeError::Method(req.method().clone()));
     }
     let route = route(state, req.uri(), labels)?;
+    if body_on_get(&req) {
+        return Err(ScrapeError::BodyOnGet(req.method().clone()));
+    }
     let limits = &state.config.scrape;
     let t = timeouts(req.headers().get(SCRAPE_TIMEOUT_HEADER), limits);
     if t.agent < MIN_AGENT_TIMEOUT {

@@ -39,18 +39,13 @@ pub(crate) fn agent_groups(agent_id: &str, list: &TargetList) -> Vec<Group> {
         .collect()
 }
 
-/// The JSON document for all `agents`.
-/// Whether an agent's label may go into service discovery: a Prometheus label name, not one of
-/// the `__`-prefixed names that steer the scrape itself (`__scheme__`, `__param_*`, `__address__`):
-/// an agent decides what its targets are called, not how Prometheus scrapes.
+/// Whether an agent's label may go into service discovery: a hostile agent's list is not checked
+/// by its own configuration ([`crate::tunnel::label_name_problem`]).
 fn publishable(name: &str) -> bool {
-    let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') && !name.starts_with("__")
+    crate::tunnel::label_name_problem(name).is_none()
 }
 
+/// The JSON document for all `agents`.
 pub(crate) fn document(agents: &[std::sync::Arc<AgentHandle>]) -> String {
     let groups: Vec<Group> = agents
         .iter()
@@ -65,7 +60,7 @@ mod tests {
     use crate::tunnel::TargetInfo;
 
     #[test]
-    fn labels_that_would_steer_the_scrape_are_not_published() {
+    fn labels_that_steer_the_scrape_or_name_the_series_source_are_not_published() {
         let list = TargetList {
             version: 1,
             labels: BTreeMap::from([
@@ -73,6 +68,7 @@ mod tests {
                 ("__param_target".into(), "evil.example".into()),
                 ("bad-name".into(), "x".into()),
                 ("dc".into(), "fra1".into()),
+                ("job".into(), "node-exporter".into()),
             ]),
             targets: vec![TargetInfo {
                 name: "node".into(),
@@ -81,6 +77,9 @@ mod tests {
                 labels: BTreeMap::from([
                     ("__address__".into(), "10.0.0.1:80".into()),
                     ("ferry_agent".into(), "someone-else".into()),
+                    ("ferry_target".into(), "other".into()),
+                    ("job".into(), "node-exporter".into()),
+                    ("instance".into(), "node-1:30440".into()),
                 ]),
             }],
         };

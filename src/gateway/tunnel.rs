@@ -21,6 +21,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::auth::AuthError;
 use super::h2conn::{self, Sender};
+use super::published::routable;
 use super::registry::{AgentHandle, CloseReason, Inserted};
 use super::State;
 use crate::http_util::{full, text_response, Body};
@@ -225,7 +226,7 @@ async fn run_session(
         reason = &mut conn => return warn!(agent = %agent_id, %remote, %reason, "tunnel closed before the agent sent its targets"),
     };
     let first = match first {
-        Ok(list) => list,
+        Ok(list) => routable(list, &agent_id),
         Err(e) => {
             return warn!(agent = %agent_id, %remote, error = %e, "could not read the agent's targets")
         }
@@ -361,6 +362,7 @@ async fn watch_targets(
         .await
         {
             Ok(list) if list.version != version => {
+                let list = routable(list, agent_id);
                 info!(
                     agent = agent_id,
                     %remote,

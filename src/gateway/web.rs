@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
+use super::web_config::Verdict;
 use super::{proxy, sd, State};
 use crate::http_util::{full, text_response, Body};
 use crate::telemetry::metrics_response;
@@ -57,8 +58,18 @@ async fn unauthenticated(
         )
     };
     let presented = headers.get(&name).and_then(|v| v.to_str().ok());
-    if auth.check(presented).await {
-        return None;
+    match auth.check(presented).await {
+        Verdict::Allowed => return None,
+        Verdict::Busy => {
+            let mut resp = text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many new passwords being checked at once: try again shortly",
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return Some(resp);
+        }
+        Verdict::Denied => {}
     }
     let reason = if proxied {
         "authentication required: put the user and password in Prometheus's proxy_url (http://user:password@gateway:8080)"

@@ -5,7 +5,7 @@
 //! (`proxy_url: http://user:password@gateway:8080` → `Proxy-Authorization`), leaving
 //! `Authorization` to the target; service discovery and `/metrics` use `Authorization`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -48,14 +48,45 @@ pub struct WebConfig {
     pub users: Option<BasicAuth>,
 }
 
-/// Users and their bcrypt hashes; verified results are cached (bcrypt is slow on purpose, and
-/// Prometheus sends the same credentials on every scrape).
+/// The answer to a basic-auth check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A configured user with its password.
+    Allowed,
+    /// Missing, malformed, an unknown user or a wrong password.
+    Denied,
+    /// Too many new passwords are being checked at once to check this one now.
+    Busy,
+}
+
+/// How many refused credentials are remembered; past that the memory of refusals starts over.
+const MAX_REFUSED: usize = 1024;
+
+/// How many checks may wait for or hold a bcrypt slot; past that a new password is answered
+/// [`Verdict::Busy`] at once instead of queueing behind a client trying passwords.
+const MAX_PENDING_BCRYPT: usize = 64;
+
+/// Users and their bcrypt hashes; results are cached (bcrypt is slow on purpose, and Prometheus
+/// sends the same credentials on every scrape).
 pub struct BasicAuth {
     users: HashMap<String, String>,
-    verified: Mutex<HashMap<[u8; 32], bool>>,
+    cache: Mutex<Verified>,
     /// bcrypt runs off the async workers, at most this many at once: a client trying passwords
     /// (each new one a full bcrypt, ~75 ms) must not stall scrapes whose credentials are cached.
     bcrypt_slots: tokio::sync::Semaphore,
+    /// Checks waiting for or holding a bcrypt slot, at most [`MAX_PENDING_BCRYPT`].
+    pending: tokio::sync::Semaphore,
+}
+
+/// Credentials already checked, as SHA-256 of `user:password`. Successes and refusals are kept
+/// apart so that refusals, however many, never evict a success: a client guessing passwords must
+/// not send the real Prometheus back to the bcrypt queue it fills.
+#[derive(Default)]
+struct Verified {
+    /// Per user, the credentials last verified for it: at most one entry per configured user.
+    allowed: HashMap<String, [u8; 32]>,
+    /// Refused credentials, at most [`MAX_REFUSED`].
+    refused: HashSet<[u8; 32]>,
 }
 
 impl BasicAuth {
@@ -63,55 +94,81 @@ impl BasicAuth {
     pub fn new(users: HashMap<String, String>) -> Self {
         Self {
             users,
-            verified: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Verified::default()),
             bcrypt_slots: tokio::sync::Semaphore::new(2),
+            pending: tokio::sync::Semaphore::new(MAX_PENDING_BCRYPT),
         }
     }
 
-    /// Whether `header` (`Basic <base64 user:password>`) names a user with that password.
-    pub async fn check(&self, header: Option<&str>) -> bool {
-        use base64::Engine as _;
-        let Some(encoded) = header.and_then(|h| h.strip_prefix("Basic ")) else {
-            return false;
+    /// Whether `header` (`Basic <base64 user:password>`) names a user with that password;
+    /// [`Verdict::Busy`] when a password not seen before cannot be checked now.
+    pub async fn check(&self, header: Option<&str>) -> Verdict {
+        let Some((user, password)) = header.and_then(basic_credentials) else {
+            return Verdict::Denied;
         };
-        let Some(decoded) = base64::engine::general_purpose::STANDARD
-            .decode(encoded.trim())
-            .ok()
-            .and_then(|d| String::from_utf8(d).ok())
-        else {
-            return false;
+        let Some(hash) = self.users.get(&user) else {
+            return Verdict::Denied;
         };
-        let Some((user, password)) = decoded.split_once(':') else {
-            return false;
-        };
-        let Some(hash) = self.users.get(user) else {
-            return false;
-        };
-        let key: [u8; 32] = Sha256::digest(decoded.as_bytes()).into();
-        if let Some(ok) = self.lock().get(&key) {
-            return *ok;
+        let key: [u8; 32] = Sha256::digest(format!("{user}:{password}")).into();
+        if let Some(known) = self.lock().known(&user, &key) {
+            return known;
         }
-        let Ok(_slot) = self.bcrypt_slots.acquire().await else {
-            return false;
+        let Ok(_pending) = self.pending.try_acquire() else {
+            return Verdict::Busy;
         };
-        let (password, hash) = (password.to_owned(), hash.clone());
+        let Ok(_slot) = self.bcrypt_slots.acquire().await else {
+            return Verdict::Denied;
+        };
+        let hash = hash.clone();
         let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash))
             .await
             .ok()
             .and_then(Result::ok)
             .unwrap_or(false);
-        let mut cache = self.lock();
-        // Bounded: a client trying many passwords does not grow the cache without end.
-        if cache.len() >= 1024 {
-            cache.clear();
-        }
-        cache.insert(key, ok);
-        ok
+        self.lock().remember(user, key, ok)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], bool>> {
-        self.verified.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Verified> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+impl Verified {
+    /// The cached verdict on `key` for `user`, if there is one.
+    fn known(&self, user: &str, key: &[u8; 32]) -> Option<Verdict> {
+        if self.allowed.get(user) == Some(key) {
+            Some(Verdict::Allowed)
+        } else if self.refused.contains(key) {
+            Some(Verdict::Denied)
+        } else {
+            None
+        }
+    }
+
+    fn remember(&mut self, user: String, key: [u8; 32], ok: bool) -> Verdict {
+        if ok {
+            self.allowed.insert(user, key);
+            return Verdict::Allowed;
+        }
+        // Bounded: a client trying many passwords does not grow the memory without end.
+        if self.refused.len() >= MAX_REFUSED {
+            self.refused.clear();
+        }
+        self.refused.insert(key);
+        Verdict::Denied
+    }
+}
+
+/// The user and password of a `Basic <base64 user:password>` header.
+fn basic_credentials(header: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let encoded = header.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
 }
 
 /// Loads and checks `path`; errors name the file and the field.
@@ -187,26 +244,66 @@ fn tls_config(t: &TlsServerConfig, base: &Path) -> Result<Arc<rustls::ServerConf
 mod tests {
     use super::*;
 
+    fn header(creds: &str) -> String {
+        use base64::Engine as _;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(creds)
+        )
+    }
+
     #[tokio::test]
     async fn basic_auth_checks_bcrypt_hashes_and_caches_results() {
         let hash = bcrypt::hash("s3cret", 4).unwrap();
         let auth = BasicAuth::new(HashMap::from([("prometheus".to_owned(), hash)]));
-        use base64::Engine as _;
-        let header = |creds: &str| {
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(creds)
-            )
+        for (creds, verdict) in [
+            ("prometheus:s3cret", Verdict::Allowed),
+            ("prometheus:s3cret", Verdict::Allowed),
+            ("prometheus:wrong", Verdict::Denied),
+            ("prometheus:wrong", Verdict::Denied),
+            ("other:s3cret", Verdict::Denied),
+        ] {
+            assert_eq!(auth.check(Some(&header(creds))).await, verdict, "{creds}");
+        }
+        assert_eq!(auth.check(Some("Bearer x")).await, Verdict::Denied);
+        assert_eq!(auth.check(None).await, Verdict::Denied);
+    }
+
+    /// A client guessing passwords fills the memory of refusals and the bcrypt queue: the real
+    /// client, once verified, is still answered at once, and a new password is answered busy
+    /// rather than queued behind the guesses.
+    #[tokio::test]
+    async fn guessing_passwords_never_evicts_a_verified_one_nor_queues_without_bound() {
+        let hash = bcrypt::hash("s3cret", 4).unwrap();
+        let auth = BasicAuth::new(HashMap::from([("prometheus".to_owned(), hash)]));
+        let check = |creds: String| {
+            let auth = &auth;
+            async move { auth.check(Some(&header(&creds))).await }
         };
-        assert!(auth.check(Some(&header("prometheus:s3cret"))).await);
-        assert!(
-            auth.check(Some(&header("prometheus:s3cret"))).await,
-            "cached"
+        assert_eq!(check("prometheus:s3cret".into()).await, Verdict::Allowed);
+        assert_eq!(check("prometheus:guess".into()).await, Verdict::Denied);
+        // The rest of the guesses as their bcrypt would end, without paying for it.
+        for i in 0..MAX_REFUSED as u64 + 10 {
+            let key: [u8; 32] = Sha256::digest(format!("prometheus:guess{i}")).into();
+            auth.lock().remember("prometheus".into(), key, false);
+        }
+        // Every bcrypt slot busy, every queue place taken: only the cache can answer now.
+        let _slots = auth.bcrypt_slots.acquire_many(2).await.unwrap();
+        let _queue = auth
+            .pending
+            .acquire_many(MAX_PENDING_BCRYPT as u32)
+            .await
+            .unwrap();
+        let verified = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            check("prometheus:s3cret".into()),
         );
-        assert!(!auth.check(Some(&header("prometheus:wrong"))).await);
-        assert!(!auth.check(Some(&header("other:s3cret"))).await);
-        assert!(!auth.check(Some("Bearer x")).await);
-        assert!(!auth.check(None).await);
+        assert_eq!(verified.await, Ok(Verdict::Allowed));
+        let fresh = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            check("prometheus:one-more-guess".into()),
+        );
+        assert_eq!(fresh.await, Ok(Verdict::Busy));
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub struct ScrapeLabels {
 pub struct TargetResultLabels {
     /// The target name.
     pub target: String,
-    /// `ok`, `http_error`, `timeout`, `error`, `not_found`.
+    /// `ok`, `http_error`, `timeout`, `error`, `not_found`, `bad_request`.
     pub result: String,
 }
 

@@ -80,6 +80,39 @@ impl Default for Keepalive {
     }
 }
 
+/// Labels an agent may not set: `job` and `instance` are how Prometheus identifies a series'
+/// source, `ferry_agent` and `ferry_target` are set by the gateway. An agent decides what its
+/// targets are called, not how Prometheus identifies them.
+pub const RESERVED_LABELS: [&str; 4] = ["job", "instance", "ferry_agent", "ferry_target"];
+
+/// Why an agent may not publish a label called `name`, or `None` if it may: it must be a
+/// Prometheus label name, not one of the `__`-prefixed names that steer the scrape itself
+/// (`__scheme__`, `__param_*`, `__address__`), and not one of [`RESERVED_LABELS`].
+pub fn label_name_problem(name: &str) -> Option<String> {
+    let mut chars = name.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with("__");
+    if !valid {
+        return Some(format!(
+            "{name:?} is not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)"
+        ));
+    }
+    RESERVED_LABELS.contains(&name).then(|| {
+        format!("{name:?} is reserved: job, instance, ferry_agent and ferry_target are set by Prometheus and the gateway")
+    })
+}
+
+/// Whether `name` may name a target (`ferry_target` label): non-empty letters, digits, `-`, `_`, `.`.
+pub fn valid_target_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// The list of targets an agent serves, as it publishes it to the gateway.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetList {

@@ -2,14 +2,26 @@
 //! agent, a hashed tokens file) and real agents, all on 127.0.0.1 port 0.
 #![allow(dead_code)]
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use ferry::agent::Agent;
 use ferry::config::{AgentSection, ConfigErrors, GatewaySection, TargetSection};
 use ferry::gateway::auth::hash_token;
 use ferry::gateway::Gateway;
+use ferry::tunnel::handshake::{request_upgrade, switching_protocols, HandshakeError};
+use ferry::tunnel::tls::parse_fingerprint;
+use ferry::tunnel::tls_client::{client_config, ClientTls, Purpose, ServerVerify};
+use http::Request;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -187,8 +199,19 @@ impl TestAgent {
 
 /// The agent section for an agent `id` with `token`, pinned to `gw`'s certificate, serving `targets` (name, url).
 pub fn agent_section(gw: &TestGateway, id: &str, targets: &[(&str, String)]) -> AgentSection {
+    let mut s = agent_section_to(
+        &format!("https://localhost:{}", gw.tunnel.port()),
+        id,
+        targets,
+    );
+    s.tunnel.fingerprint = Some(gw.fingerprint());
+    s
+}
+
+/// The agent section for an agent `id` dialling `gateway` (a URL), serving `targets`.
+fn agent_section_to(gateway: &str, id: &str, targets: &[(&str, String)]) -> AgentSection {
     let mut s = AgentSection {
-        gateway: Some(format!("https://localhost:{}", gw.tunnel.port())),
+        gateway: Some(gateway.to_owned()),
         agent_id: Some(id.into()),
         targets: targets
             .iter()
@@ -200,7 +223,6 @@ pub fn agent_section(gw: &TestGateway, id: &str, targets: &[(&str, String)]) -> 
             .collect(),
         ..AgentSection::default()
     };
-    s.tunnel.fingerprint = Some(gw.fingerprint());
     // Tests restart peers: reconnect fast.
     s.reconnect.min_backoff = ferry::config::Dur(Duration::from_millis(50));
     s.reconnect.max_backoff = ferry::config::Dur(Duration::from_millis(300));
@@ -224,6 +246,94 @@ pub fn start_agent(section: AgentSection, token: &str) -> TestAgent {
         shutdown,
         task,
     }
+}
+
+/// An agent `id` serving `targets`, connected to a gateway of the test's own (plaintext): the
+/// returned HTTP/2 client is the gateway's end of the tunnel, to send the agent what a real
+/// gateway never would.
+pub async fn agent_on_bare_tunnel(
+    id: &str,
+    targets: &[(&str, String)],
+) -> (TestAgent, SendRequest<Full<Bytes>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let mut section = agent_section_to(&url, id, targets);
+    section.tunnel.insecure_plaintext = true;
+    let agent = start_agent(section, "test-token");
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("the agent dials within 10 s")
+        .unwrap();
+    let (upgrade_tx, upgrade_rx) = tokio::sync::oneshot::channel();
+    let upgrade_tx = std::sync::Mutex::new(Some(upgrade_tx));
+    let service = service_fn(move |req: Request<Incoming>| {
+        if let Some(tx) = upgrade_tx.lock().unwrap().take() {
+            let _ = tx.send(hyper::upgrade::on(req));
+        }
+        async { Ok::<_, Infallible>(switching_protocols::<Full<Bytes>>()) }
+    });
+    tokio::spawn(
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades(),
+    );
+    let upgraded = upgrade_rx.await.unwrap().await.expect("tunnel upgraded");
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), upgraded)
+        .await
+        .expect("HTTP/2 over the tunnel");
+    tokio::spawn(conn);
+    (agent, sender)
+}
+
+/// Opens a tunnel to `gw` as agent `id` would (TLS pinned to its certificate, the upgrade with
+/// `token`), without an agent behind it: the stream is the test's, to speak for a hostile agent.
+pub async fn upgrade_as_agent(
+    gw: &TestGateway,
+    token: &str,
+    id: &str,
+) -> Result<hyper::upgrade::Upgraded, HandshakeError> {
+    let tls = ClientTls {
+        verify: ServerVerify::Fingerprint(parse_fingerprint(&gw.fingerprint()).unwrap()),
+        client_cert: None,
+    };
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(client_config(&tls, Purpose::Tunnel).unwrap()));
+    let tcp = tokio::net::TcpStream::connect(gw.tunnel).await.unwrap();
+    let io = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS to the gateway");
+    let host = format!("localhost:{}", gw.tunnel.port());
+    let upgrade = tokio::time::timeout(
+        Duration::from_secs(10),
+        request_upgrade(io, &host, token, id),
+    );
+    upgrade
+        .await
+        .expect("gateway answers the upgrade within 10 s")
+}
+
+/// A hostile agent `id` connected to `gw` that publishes `targets` (the JSON of a target list,
+/// unchecked) and serves nothing else. Disconnects when the task is aborted.
+pub async fn agent_publishing(gw: &TestGateway, id: &str, targets: String) -> JoinHandle<()> {
+    let upgraded = upgrade_as_agent(gw, "test-token", id)
+        .await
+        .expect("tunnel upgraded");
+    let service = service_fn(move |req: Request<Incoming>| {
+        let targets = targets.clone();
+        async move {
+            if req.uri().query().is_some_and(|q| q.contains("after=")) {
+                // Its list never changes: the long poll is held.
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(targets))))
+        }
+    });
+    tokio::spawn(async move {
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(upgraded, service)
+            .await;
+    })
 }
 
 /// Gateway + one connected agent `id` serving `targets`: the common starting point.

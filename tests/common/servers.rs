@@ -406,3 +406,90 @@ pub async fn canned_server(response: &'static [u8]) -> SocketAddr {
     });
     addr
 }
+
+/// A keep-alive target that, like Python's http.server, never reads a body on GET: it answers
+/// every request head it finds in the byte stream with 200 and records every byte it received.
+/// A body that reached it would be read as the next request: [`RawTarget::request_lines`] shows
+/// exactly what it served.
+pub struct RawTarget {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<u8>>>,
+    accept: JoinHandle<()>,
+}
+
+impl RawTarget {
+    /// Binds 127.0.0.1:0 and answers every request with `body`.
+    pub async fn start(body: &'static str) -> RawTarget {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind raw target on 127.0.0.1:0");
+        let addr = listener.local_addr().expect("raw target local_addr");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let seen = received.clone();
+        let accept = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                connections.spawn(serve_raw(stream, body, seen.clone()));
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        RawTarget {
+            addr,
+            received,
+            accept,
+        }
+    }
+
+    /// `http://<addr><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Every byte received, on all connections, as text.
+    pub fn received(&self) -> String {
+        String::from_utf8_lossy(&self.received.lock().expect("raw target state")).into_owned()
+    }
+
+    /// The request lines it answered (`GET /metrics HTTP/1.1`), in order.
+    pub fn request_lines(&self) -> Vec<String> {
+        self.received()
+            .lines()
+            .filter(|l| l.ends_with(" HTTP/1.1") || l.ends_with(" HTTP/1.0"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for RawTarget {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn serve_raw(mut stream: TcpStream, body: &'static str, received: Arc<Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        received
+            .lock()
+            .expect("raw target state")
+            .extend_from_slice(&buf[..n]);
+        pending.extend_from_slice(&buf[..n]);
+        // Each head is answered; whatever follows it is taken for the next head.
+        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            pending.drain(..end + 4);
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: {METRICS_CONTENT_TYPE}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if stream.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
