@@ -1134,7 +1134,7 @@ async fn only_get_head_and_post_reach_a_target() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_that_is_no_port_is_400_and_a_hopeless_timeout_fetches_nothing() {
     let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
-    for port in ["65536", "99999999999", "abc"] {
+    for port in ["0", "65536", "99999999999", "abc"] {
         let url = format!("http://{AGENT}:{port}/metrics");
         let resp = get_via_proxy(s.gw.web, &url, &[]).await;
         assert_eq!(resp.status, 400, "{url}: {}", resp.text());

@@ -52,8 +52,8 @@ pub(crate) fn timeouts(header: Option<&HeaderValue>, limits: &ScrapeLimits) -> T
 /// Shortest timeout worth giving the agent (the timeout header has millisecond precision).
 const MIN_AGENT_TIMEOUT: Duration = Duration::from_millis(1);
 
-/// The port text of `uri`'s authority when there is one that is not a port number (`65536`,
-/// `abc`): `http`'s `Uri` reads those as no port at all, which would mean port 80.
+/// The port text of `uri`'s authority when it is not a port of 1-65535 (`0`, `65536`, `abc`):
+/// `http`'s `Uri` reads the last two as no port at all, which would mean port 80.
 fn unparsable_port(uri: &Uri) -> Option<String> {
     let authority = uri.authority()?.as_str();
     let host_port = authority.rsplit('@').next().unwrap_or(authority);
@@ -61,7 +61,7 @@ fn unparsable_port(uri: &Uri) -> Option<String> {
         .rsplit_once(']')
         .map_or(host_port, |(_, rest)| rest);
     let (_, port) = after_host.rsplit_once(':')?;
-    (uri.port_u16().is_none() && !port.is_empty()).then(|| port.to_owned())
+    (matches!(uri.port_u16(), None | Some(0)) && !port.is_empty()).then(|| port.to_owned())
 }
 
 /// Removes `_scheme` from a query string; `None` if nothing is left.
