@@ -849,7 +849,8 @@ pub fn read_token_file(path: &Path) -> Result<Secret, String> {
 
 /// The token in `text` (read from `source`), surrounding whitespace removed.
 fn check_token(text: &str, source: &str) -> Result<Secret, String> {
-    let token = text.trim();
+    // As in the tokens file: an editor's byte-order mark is not part of the token.
+    let token = text.trim_start_matches('\u{feff}').trim();
     if token.is_empty() {
         return Err(format!("{source} holds no token (it is empty)"));
     }
@@ -864,6 +865,15 @@ fn check_token(text: &str, source: &str) -> Result<Secret, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_file_may_start_with_a_byte_order_mark() {
+        let token = check_token("\u{feff}s3cret\n", "f").unwrap();
+        assert_eq!(token.expose(), "s3cret");
+        assert!(check_token("\u{feff}\n", "f")
+            .unwrap_err()
+            .contains("holds no token"));
+    }
 
     /// Same answer as `hostname --fqdn` (which resolves the name the same way), or the kernel
     /// host name where that cannot resolve it.
