@@ -136,6 +136,17 @@ impl TokensFile {
     }
 }
 
+impl TokensFile {
+    /// Whether a line for the token with SHA-256 `presented` names `agent_id` itself, not by a
+    /// pattern: such a claim outranks one by a glob (see the gateway's duplicate-id rule).
+    pub fn names_exactly(&self, presented: &[u8; 32], agent_id: &str) -> bool {
+        self.entries.iter().any(|entry| {
+            let named = entry.ids.as_str() == agent_id && !agent_id.contains(['*', '?', '[']);
+            bool::from(entry.hash.ct_eq(presented)) && named
+        })
+    }
+}
+
 fn parse_line(line: &str) -> Result<Entry, String> {
     let mut fields = line.split_whitespace();
     let (Some(glob), Some(hash), None) = (fields.next(), fields.next(), fields.next()) else {
@@ -192,6 +203,25 @@ mod tests {
             Err(AuthError::IdNotAllowed("db-1".into()))
         );
         assert_eq!(f.authorize("gamma", "node-7"), Err(AuthError::InvalidToken));
+    }
+
+    #[test]
+    fn only_a_line_without_pattern_names_an_id_exactly() {
+        let text = format!(
+            "node-* {}\nnode-1 {}\nnode-[2] {}\n",
+            hash_token("group"),
+            hash_token("own"),
+            hash_token("two")
+        );
+        let file = TokensFile::parse(&text).unwrap();
+        let d = |t: &str| token_digest(t);
+        assert!(file.names_exactly(&d("own"), "node-1"));
+        assert!(!file.names_exactly(&d("group"), "node-1"));
+        assert!(
+            !file.names_exactly(&d("two"), "node-2"),
+            "a pattern, though of one id"
+        );
+        assert!(!file.names_exactly(&d("own"), "node-2"));
     }
 
     #[test]

@@ -406,6 +406,67 @@ async fn an_id_connected_with_another_token_is_409_and_the_first_agent_keeps_it(
     gw.stop().await;
 }
 
+/// A group token that took an id while its agent was away gives it back: the agent whose token
+/// names the id exactly replaces the squatter, which is told why (and backs off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_naming_the_id_exactly_takes_it_back_from_a_glob_token() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let (own, other) = (
+        TargetServer::start(Behaviour::Metrics("which 1\n".into())).await,
+        TargetServer::start(Behaviour::Metrics("which 2\n".into())).await,
+    );
+    let gw = start_gateway(
+        &dir,
+        &[("node-1", "own-token"), ("node-*", "group-token")],
+        |_| {},
+    )
+    .await;
+    let section = |server: &TargetServer| {
+        let mut s = agent_section(&gw, AGENT, &[("node", server.url("/metrics"))]);
+        s.targets[0].port = Some(9100);
+        s
+    };
+    let url = format!("http://{AGENT}:9100/metrics");
+    let squatter = start_agent(section(&other), "group-token");
+    gw.wait_agent(AGENT, CONNECT_WAIT).await;
+    let resp = get_via_proxy(gw.web, &url, &[]).await;
+    assert_eq!(resp.text(), "which 2\n", "the squatter holds the id");
+
+    let owner = start_agent(section(&own), "own-token");
+    let told = logs
+        .wait_lines(&["GATEWAY CLOSED OUR TUNNEL"], 1, CONNECT_WAIT)
+        .await;
+    assert!(
+        told[0].contains("whose token names agent id")
+            && told[0].contains("exactly (this tunnel's token matches it only by a glob)"),
+        "{told:?}"
+    );
+    for _ in 0..3 {
+        let resp = get_via_proxy(gw.web, &url, &[]).await;
+        assert_eq!((resp.status, resp.text().as_str()), (200, "which 1\n"));
+    }
+    let text = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_value(&text, "ferry_gateway_tunnels_replaced_total", &[]),
+        Some(1.0),
+        "{text}"
+    );
+    // Back after its backoff, the squatter cannot take the id again.
+    wait_metric(
+        &format!("{}/metrics", gw.web_url()),
+        "ferry_gateway_tunnel_handshakes_total",
+        &[("result", "conflict")],
+        |v| v >= 1.0,
+    )
+    .await;
+    let resp = get_via_proxy(gw.web, &url, &[]).await;
+    assert_eq!(resp.text(), "which 1\n");
+    squatter.stop().await;
+    owner.stop().await;
+    gw.stop().await;
+}
+
 /// Opens TLS to the gateway's tunnel listener, pinned to its certificate, and sends the upgrade.
 async fn raw_upgrade(gw: &TestGateway, token: &str, agent_id: &str) -> Result<(), HandshakeError> {
     upgrade_as_agent(gw, token, agent_id).await.map(drop)

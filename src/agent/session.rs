@@ -65,7 +65,7 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
             }
             // Reconnecting at once would knock the other agent off in turn, every second.
             Ok(SessionEnd::ClosedByGateway(reason)) => {
-                error!(%gateway, %agent, %reason, retry_in = ?b.auth_failure, "GATEWAY CLOSED OUR TUNNEL: another agent uses our agent id (a cloned host keeps the host name as id); give each agent its own agent_id");
+                error!(%gateway, %agent, %reason, retry_in = ?b.auth_failure, "GATEWAY CLOSED OUR TUNNEL: another agent claims our agent id (a cloned host keeps the host name as id); give each agent its own agent_id and token");
                 b.auth_failure
             }
             Err(SessionError::Handshake(e)) if e.is_id_conflict() => {

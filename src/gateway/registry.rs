@@ -32,7 +32,7 @@ pub struct AgentHandle {
     stats: std::sync::Mutex<ScrapeStats>,
     /// SHA-256 of the token the tunnel was opened with, to check it again on reload and to tell
     /// a restarted agent (same token) from another one claiming its id.
-    credential: [u8; 32],
+    credential: TokenClaim,
     closing: OnceLock<CloseReason>,
 }
 
@@ -46,6 +46,21 @@ pub enum CloseReason {
         /// Where the newer tunnel comes from.
         by: SocketAddr,
     },
+    /// A tunnel from `by` whose token names the id exactly took the place of this one, whose
+    /// token matches the id only by a glob.
+    Outranked {
+        /// Where the newer tunnel comes from.
+        by: SocketAddr,
+    },
+}
+
+/// The token a tunnel was opened with, as the duplicate-id rule needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenClaim {
+    /// SHA-256 of the token, to check it again on reload and to recognise the agent again.
+    pub digest: [u8; 32],
+    /// Whether a line of the tokens file names the id itself for that token, not by a glob.
+    pub named_exactly: bool,
 }
 
 /// What [`Registry::insert`] did.
@@ -82,7 +97,7 @@ impl AgentHandle {
         sender: Sender,
         targets: watch::Receiver<Arc<TargetList>>,
         closed: CancellationToken,
-        credential: [u8; 32],
+        credential: TokenClaim,
     ) -> Self {
         Self {
             id,
@@ -100,12 +115,23 @@ impl AgentHandle {
 
     /// Whether `tokens` still lets this tunnel's token claim its id.
     pub fn still_authorized(&self, tokens: &crate::auth::TokensFile) -> bool {
-        tokens.authorize_digest(&self.credential, &self.id).is_ok()
+        tokens
+            .authorize_digest(&self.credential.digest, &self.id)
+            .is_ok()
     }
 
     /// Whether this tunnel was opened with the token whose SHA-256 is `credential`.
     pub fn has_credential(&self, credential: &[u8; 32]) -> bool {
-        self.credential == *credential
+        self.credential.digest == *credential
+    }
+
+    /// Whether a claim of this tunnel's id with `claim` may take its place: the same token (the
+    /// agent again), a token naming the id exactly against this one's glob, or this tunnel is
+    /// being closed anyway.
+    pub fn yields_to(&self, claim: &TokenClaim) -> bool {
+        self.close_reason().is_some()
+            || self.has_credential(&claim.digest)
+            || (claim.named_exactly && !self.credential.named_exactly)
     }
 
     /// Closes the tunnel because its token no longer lets it claim its id.
@@ -172,7 +198,7 @@ impl Registry {
     pub fn insert(&self, agent: Arc<AgentHandle>) -> Inserted {
         let mut agents = self.write();
         if let Some(held) = agents.get(&agent.id) {
-            if held.close_reason().is_none() && !held.has_credential(&agent.credential) {
+            if !held.yields_to(&agent.credential) {
                 return Inserted::Conflict(held.clone());
             }
         }
@@ -182,12 +208,12 @@ impl Registry {
         }
     }
 
-    /// The tunnel holding `id` if it was opened with another token than `credential`: a claim
-    /// of that id with `credential` is refused while it is up.
-    pub fn held_by_another(&self, id: &str, credential: &[u8; 32]) -> Option<Arc<AgentHandle>> {
+    /// The tunnel holding `id` if a claim with `credential` may not take its place (see
+    /// [`AgentHandle::yields_to`]): such a claim is refused while it is up.
+    pub fn held_by_another(&self, id: &str, claim: &TokenClaim) -> Option<Arc<AgentHandle>> {
         self.read()
             .get(id)
-            .filter(|held| held.close_reason().is_none() && !held.has_credential(credential))
+            .filter(|held| !held.yields_to(claim))
             .cloned()
     }
 

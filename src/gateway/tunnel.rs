@@ -22,7 +22,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::auth::AuthError;
 use super::h2conn::{self, Sender};
 use super::published::routable;
-use super::registry::{AgentHandle, CloseReason, Inserted};
+use super::registry::{AgentHandle, CloseReason, Inserted, TokenClaim};
 use super::State;
 use crate::http_util::{full, text_response, Body};
 use crate::scrape_error::one_line;
@@ -158,10 +158,16 @@ fn upgrade(
             Some(&claim.agent_id),
         );
     }
-    let credential = crate::auth::token_digest(&claim.token);
-    // Only a tunnel with the same token may replace a connected one: an agent restarting, or its
-    // half-dead old connection. Another token whose glob covers the id (a group token on another
-    // host, a cloned VM with its own token) must not take the tunnel and its scrapes over.
+    let digest = crate::auth::token_digest(&claim.token);
+    let credential = TokenClaim {
+        digest,
+        named_exactly: state.tokens().names_exactly(&digest, &claim.agent_id),
+    };
+    // Only a tunnel with the same token may replace a connected one (an agent restarting, or its
+    // half-dead old connection), or one whose token names the id exactly replacing one whose
+    // token matches it by a glob. Another token whose glob covers the id (a group token on
+    // another host) must not take the tunnel and its scrapes over; nor keep an id it took while
+    // its agent was away.
     if let Some(held) = state.registry.held_by_another(&claim.agent_id, &credential) {
         let reason = id_taken(&claim.agent_id, held.remote);
         return refuse(
@@ -201,7 +207,7 @@ async fn run_session(
     state: Arc<State>,
     req: Request<Incoming>,
     agent_id: String,
-    credential: [u8; 32],
+    credential: TokenClaim,
     remote: SocketAddr,
     shutdown: CancellationToken,
     _open: Option<ConnectionGuard>,
@@ -246,7 +252,7 @@ async fn run_session(
     ));
     match state.registry.insert(handle.clone()) {
         Inserted::New => {}
-        Inserted::Replaced(old) => replace(&state, &old, &agent_id, remote),
+        Inserted::Replaced(old) => replace(&state, &old, &credential, &agent_id, remote),
         Inserted::Conflict(holder) => {
             // Another token registered the id between our handshake check and now.
             let reason = id_taken(&agent_id, holder.remote);
@@ -287,11 +293,23 @@ async fn run_session(
     info!(agent = %agent_id, %remote, reason = %end, "agent disconnected");
 }
 
-/// Closes `old`, the tunnel a newer one with the same id and token (from `by`) replaces.
-fn replace(state: &State, old: &AgentHandle, agent_id: &str, by: SocketAddr) {
+/// Closes `old`, the tunnel a newer one with the same id (from `by`, opened with `claim`)
+/// replaces: the same token, or one naming the id exactly where `old`'s matches it by a glob.
+fn replace(state: &State, old: &AgentHandle, claim: &TokenClaim, agent_id: &str, by: SocketAddr) {
+    let (reason, words) = if old.has_credential(&claim.digest) {
+        (
+            CloseReason::Replaced { by },
+            "agent id connected again with the same token: replacing the older tunnel",
+        )
+    } else {
+        (
+            CloseReason::Outranked { by },
+            "agent id claimed by a token that names it exactly: replacing the tunnel of a glob token",
+        )
+    };
     // Already being closed (its token revoked): nothing is replaced.
-    if old.close_for(CloseReason::Replaced { by }) {
-        warn!(agent = agent_id, remote = %by, old_remote = %old.remote, "agent id connected again with the same token: replacing the older tunnel");
+    if old.close_for(reason) {
+        warn!(agent = agent_id, remote = %by, old_remote = %old.remote, "{words}");
         state.metrics.tunnels_replaced.inc();
     }
 }
@@ -306,6 +324,14 @@ where
         Some(CloseReason::Replaced { by }) => {
             let reason = format!(
                 "replaced by a newer tunnel: another agent with the same id {:?} connected from {by}",
+                handle.id
+            );
+            notify_closing(&handle.sender(), &reason, conn).await;
+            reason
+        }
+        Some(CloseReason::Outranked { by }) => {
+            let reason = format!(
+                "replaced by the agent connecting from {by}, whose token names agent id {:?} exactly (this tunnel's token matches it only by a glob)",
                 handle.id
             );
             notify_closing(&handle.sender(), &reason, conn).await;
