@@ -977,6 +977,36 @@ fn egress_says_what_it_reloads_and_drains() {
 }
 
 #[test]
+fn a_reload_warns_about_a_tokens_file_made_writable_by_all() {
+    let dir = TempDir::new().unwrap();
+    let tokens = tokens_file(dir.path(), "s3cret");
+    let mut gw = Running::start(
+        dir.path(),
+        &[
+            "gateway",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+            "--auth.tokens-file",
+            tokens.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ],
+    );
+    gw.wait_for("gateway web listener up");
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o666)).unwrap();
+    gw.signal(rustix::process::Signal::HUP);
+    gw.wait_for("is writable by every user");
+    let lines = gw.stop().join("\n");
+    assert_eq!(
+        lines.matches("is writable by every user").count(),
+        1,
+        "once, at the reload, not at start:\n{lines}"
+    );
+}
+
+#[test]
 fn the_exporter_drains_no_scrapes() {
     let dir = TempDir::new().unwrap();
     let mut exporter = Running::start(

@@ -538,32 +538,40 @@ fn warnings(config: &RunConfig) -> Vec<String> {
             ));
         }
     }
-    // Hashes only, so readable by all is fine; writable by all lets any local user add a line.
-    let credential_files = [
-        config
-            .gateway
-            .as_ref()
-            .map(|g| (TOKENS_FILE, &g.tokens_file)),
-        config
-            .egress
-            .as_ref()
-            .and_then(|e| e.credentials_file.as_ref())
-            .map(|p| (CREDENTIALS_FILE, p)),
-    ];
-    for (kind, path) in credential_files.into_iter().flatten() {
-        if world_writable(path) {
-            out.push(format!(
-                "{kind} {} is writable by every user: anyone on this host can add a credential (chmod o-w)",
-                path.display()
-            ));
-        }
-    }
+    out.extend(writable_by_all(&credential_files(config)));
     out
 }
 
-fn world_writable(path: &std::path::Path) -> bool {
+/// The files of `config` that hold credentials (hashes), with what each is called in messages.
+fn credential_files(config: &RunConfig) -> Vec<(&'static str, PathBuf)> {
+    let gateway = config
+        .gateway
+        .as_ref()
+        .map(|g| (TOKENS_FILE, g.tokens_file.clone()));
+    let egress = config
+        .egress
+        .as_ref()
+        .and_then(|e| e.credentials_file.clone())
+        .map(|p| (CREDENTIALS_FILE, p));
+    gateway.into_iter().chain(egress).collect()
+}
+
+/// A warning for each of `files` that every user may write. Hashes only, so readable by all is
+/// fine; writable by all lets any local user add a credential.
+fn writable_by_all(files: &[(&'static str, PathBuf)]) -> Vec<String> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o002 != 0)
+    files
+        .iter()
+        .filter(|(_, path)| {
+            std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o002 != 0)
+        })
+        .map(|(kind, path)| {
+            format!(
+                "{kind} {} is writable by every user: anyone on this host can add a credential (chmod o-w)",
+                path.display()
+            )
+        })
+        .collect()
 }
 
 fn config_failed(errs: &ConfigErrors) -> ExitCode {

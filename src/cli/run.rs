@@ -63,6 +63,8 @@ struct Roles {
     egress: Option<Egress>,
     /// Whether the egress proxy has a credentials file to re-read.
     egress_credentials: bool,
+    /// The files holding credentials, checked again for their permissions on reload.
+    credential_files: Vec<(&'static str, PathBuf)>,
     geo: SharedGeo,
 }
 
@@ -119,6 +121,7 @@ async fn start_roles(
         agent: None,
         egress: None,
         egress_credentials: false,
+        credential_files: super::credential_files(&config),
         geo: config.geo.clone(),
     };
     if roles.geo.is_enabled() {
@@ -339,6 +342,9 @@ fn changed_fields(
 /// SIGHUP: re-read the tokens file, and the config file's agent targets. Errors keep the old state.
 fn reload(roles: &Roles, file: Option<&std::path::Path>) {
     info!("SIGHUP: reloading");
+    for warning in super::writable_by_all(&roles.credential_files) {
+        warn!("{warning}");
+    }
     // The error (a broken file keeps the old database) is logged by reload itself.
     let _ = roles.geo.reload();
     if let Some(gateway) = &roles.gateway {
