@@ -60,6 +60,13 @@ impl Upstream {
         if rule.is_empty() {
             return Err("empty rule: expected HOST[:PORTS] or CIDR[:PORTS]".into());
         }
+        // A URL is the likeliest mistake; its `/` would otherwise be read as a CIDR's.
+        if let Some((scheme, rest)) = rule.split_once("://") {
+            let bare = rest.split('/').next().unwrap_or(rest);
+            return Err(format!(
+                "{rule:?}: a rule is HOST[:PORTS] or CIDR[:PORTS], without {scheme}:// or a path, e.g. {bare:?}"
+            ));
+        }
         let (dest, ports) = split_ports(rule)?;
         let destination = parse_destination(dest).map_err(|e| format!("{rule:?}: {e}"))?;
         let ports = match ports {
@@ -404,6 +411,10 @@ mod tests {
             ("10.0.0.0/33", "not a CIDR"),
             ("bad host", "not a host name"),
             ("[2001:db8::/32", "missing ']'"),
+            (
+                "http://collector.example.com:443/x",
+                "without http:// or a path, e.g. \"collector.example.com:443\"",
+            ),
         ] {
             let err = Upstream::parse(rule).unwrap_err();
             assert!(err.contains(needle), "{rule:?}: {err}");
