@@ -989,6 +989,45 @@ async fn a_body_on_get_is_refused_and_never_reaches_the_target() {
     gw.stop().await;
 }
 
+/// A POST's body goes to the target, which may not read it (a GET-only exporter): the agent
+/// asks for the connection to be closed after the answer, so what the target takes for a
+/// second request is never answered into a later scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_sent_on_a_connection_that_is_not_reused() {
+    let dir = TempDir::new().unwrap();
+    let target = RawTarget::start(BODY).await;
+    let (gw, agent) = gateway_and_agent(&dir, AGENT, &[("node", target.url("/metrics"))]).await;
+    let url = format!("http://{AGENT}:{}/metrics", target.addr.port());
+    let post = Request::post(&url)
+        .header(header::HOST, format!("{AGENT}:{}", target.addr.port()))
+        .body(Full::new(Bytes::from(SMUGGLED)))
+        .unwrap();
+    assert_eq!(client::send(gw.web, post).await.status, 200);
+    let received = target.received();
+    let post_head = received
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        post_head.starts_with("post /metrics") && post_head.contains("\r\nconnection: close"),
+        "{received:?}"
+    );
+    for _ in 0..3 {
+        let ok = get_via_proxy(gw.web, &url, &[]).await;
+        assert_eq!((ok.status, ok.text().as_str()), (200, BODY));
+    }
+    let gets = target.received().matches("GET /metrics HTTP/1.1").count();
+    assert_eq!(
+        gets,
+        3,
+        "each scrape reached the target: {:?}",
+        target.received()
+    );
+    agent.stop().await;
+    gw.stop().await;
+}
+
 /// The agent refuses a body on GET too, whatever sent it (defence in depth): nothing of it
 /// reaches the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{header, HeaderValue, Request, Response, Uri};
+use http::{header, HeaderValue, Method, Request, Response, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -244,6 +244,14 @@ fn target_request(url: &Uri, req: Request<Incoming>) -> Result<Request<Body>, Sc
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::EXPECT);
+    // A body that a target does not read (a GET-only exporter answering a POST) would be taken
+    // for the next request on a kept-alive connection, and its answer for the next scrape's: such
+    // a connection is not reused.
+    if parts.method != Method::GET && parts.method != Method::HEAD {
+        parts
+            .headers
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Ok(Request::from_parts(parts, boxed(body)))
 }
 
