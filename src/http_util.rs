@@ -79,6 +79,18 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// The port as written after the host of `authority`, if any (`host:` has none). The `http`
+/// crate reads a port out of range (`:65536`) or not a number as no port at all, which would
+/// mean the scheme's default: both proxies check the text themselves.
+pub fn written_port(authority: &str) -> Option<&str> {
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    let after_host = host_port.rfind(']').map_or(host_port, |i| &host_port[i..]);
+    after_host
+        .rsplit_once(':')
+        .map(|(_, port)| port)
+        .filter(|port| !port.is_empty())
+}
+
 /// Removes hop-by-hop headers, those named in `Connection`, `Upgrade` and `Proxy-Authorization`.
 ///
 /// `Host` is removed too: the next hop derives it from the request URI.

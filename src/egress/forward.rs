@@ -108,7 +108,10 @@ impl Target {
             .trim_end_matches(']')
             .trim_end_matches('.')
             .to_ascii_lowercase();
-        let port = match uri.authority().map(|a| written_port(a.as_str())) {
+        let port = match uri
+            .authority()
+            .map(|a| crate::http_util::written_port(a.as_str()))
+        {
             Some(Some(digits)) => digits.parse().map_err(|_| {
                 Refusal::bad_request(format!("invalid port {digits:?} in the request URI"))
             })?,
@@ -116,17 +119,6 @@ impl Target {
         };
         Ok(Target { host, port })
     }
-}
-
-/// The port as written after the host of `authority`, if any (`http://host:/` has none). The
-/// `http` crate reads a port out of range (`:65536`) as no port at all.
-fn written_port(authority: &str) -> Option<&str> {
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
-    let after_host = host_port.rfind(']').map_or(host_port, |i| &host_port[i..]);
-    after_host
-        .rsplit_once(':')
-        .map(|(_, port)| port)
-        .filter(|port| !port.is_empty())
 }
 
 /// The first rule that allows `method` to `target` at `path`, resolving the name for CIDR rules.

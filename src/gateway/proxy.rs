@@ -55,13 +55,8 @@ const MIN_AGENT_TIMEOUT: Duration = Duration::from_millis(1);
 /// The port text of `uri`'s authority when it is not a port of 1-65535 (`0`, `65536`, `abc`):
 /// `http`'s `Uri` reads the last two as no port at all, which would mean port 80.
 fn unparsable_port(uri: &Uri) -> Option<String> {
-    let authority = uri.authority()?.as_str();
-    let host_port = authority.rsplit('@').next().unwrap_or(authority);
-    let after_host = host_port
-        .rsplit_once(']')
-        .map_or(host_port, |(_, rest)| rest);
-    let (_, port) = after_host.rsplit_once(':')?;
-    (matches!(uri.port_u16(), None | Some(0)) && !port.is_empty()).then(|| port.to_owned())
+    let port = crate::http_util::written_port(uri.authority()?.as_str())?;
+    matches!(uri.port_u16(), None | Some(0)).then(|| port.to_owned())
 }
 
 /// Removes `_scheme` from a query string; `None` if nothing is left.
