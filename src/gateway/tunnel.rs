@@ -182,7 +182,7 @@ fn upgrade(
     let guard = held.lock().unwrap_or_else(|p| p.into_inner()).take();
     // Not instrumented with a span: its events name the agent and address themselves. A span
     // that lives as long as the tunnel costs about 1 KiB per idle agent (its registry slot and
-    // formatted fields), a twentieth of what the whole tunnel costs.
+    // formatted fields), a thirtieth of what the whole tunnel costs.
     tokio::spawn(run_session(
         state, req, agent_id, credential, remote, shutdown, guard,
     ));
