@@ -305,34 +305,55 @@ async fn an_id_outside_the_tokens_glob_is_forbidden_while_a_matching_id_connects
     gw.stop().await;
 }
 
+/// A gateway letting `own-token` claim only the id `AGENT` and `group-token` any `node-*`, and two
+/// targets told apart by their body, which either agent serves at the same address: only the
+/// tunnel decides who answers `url`.
+struct Claimants {
+    _dir: TempDir,
+    gw: TestGateway,
+    own: TargetServer,
+    other: TargetServer,
+    url: String,
+}
+
+impl Claimants {
+    async fn start() -> Claimants {
+        let dir = TempDir::new().unwrap();
+        let gw = start_gateway(
+            &dir,
+            &[(AGENT, "own-token"), ("node-*", "group-token")],
+            |_| {},
+        )
+        .await;
+        Claimants {
+            _dir: dir,
+            gw,
+            own: TargetServer::start(Behaviour::Metrics("which 1\n".into())).await,
+            other: TargetServer::start(Behaviour::Metrics("which 2\n".into())).await,
+            url: format!("http://{AGENT}:9100/metrics"),
+        }
+    }
+
+    /// An agent claiming `AGENT` with `token`, serving `server` at port 9100.
+    fn agent(&self, server: &TargetServer, token: &str) -> TestAgent {
+        let mut s = agent_section(&self.gw, AGENT, &[("node", server.url("/metrics"))]);
+        s.targets[0].port = Some(9100);
+        start_agent(s, token)
+    }
+}
+
 /// A second token whose glob covers a connected agent's id (a group token on another host) is
 /// refused with 409 and cannot take the tunnel over; the agent holding it never notices.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_connected_with_another_token_is_409_and_the_first_agent_keeps_it() {
     let logs = common::logs::capture();
-    let dir = TempDir::new().unwrap();
-    let (own, other) = (
-        TargetServer::start(Behaviour::Metrics("which 1\n".into())).await,
-        TargetServer::start(Behaviour::Metrics("which 2\n".into())).await,
-    );
-    let gw = start_gateway(
-        &dir,
-        &[("node-1", "own-token"), ("node-*", "group-token")],
-        |_| {},
-    )
-    .await;
-    // Both serve their target at the same address: only the tunnel decides who answers.
-    let section = |server: &TargetServer| {
-        let mut s = agent_section(&gw, AGENT, &[("node", server.url("/metrics"))]);
-        s.targets[0].port = Some(9100);
-        s
-    };
-    let url = format!("http://{AGENT}:9100/metrics");
-    let first = start_agent(section(&own), "own-token");
+    let c = Claimants::start().await;
+    let (gw, url, other) = (&c.gw, &c.url, &c.other);
+    let first = c.agent(&c.own, "own-token");
     gw.wait_agent(AGENT, CONNECT_WAIT).await;
     let first_url = agent_metrics_url(&first).await;
 
-    let intruder = start_agent(section(&other), "group-token");
+    let intruder = c.agent(other, "group-token");
     let intruder_url = agent_metrics_url(&intruder).await;
     let gw_url = format!("{}/metrics", gw.web_url());
     wait_metric(
@@ -361,7 +382,7 @@ async fn an_id_connected_with_another_token_is_409_and_the_first_agent_keeps_it(
     assert!(!intruder.agent.is_connected());
 
     // The reason, as any client claiming the id with that token reads it.
-    match raw_upgrade(&gw, "group-token", AGENT).await {
+    match raw_upgrade(gw, "group-token", AGENT).await {
         Err(HandshakeError::Refused { status, reason }) => {
             assert_eq!(status.as_u16(), 409, "{reason}");
             assert!(
@@ -374,12 +395,12 @@ async fn an_id_connected_with_another_token_is_409_and_the_first_agent_keeps_it(
         other => panic!("expected 409, got {other:?}"),
     }
     // The holder's own token still gets through: an agent restarting replaces its old tunnel.
-    raw_upgrade(&gw, "own-token", AGENT)
+    raw_upgrade(gw, "own-token", AGENT)
         .await
         .expect("the same token is upgraded");
 
     for _ in 0..3 {
-        let resp = get_via_proxy(gw.web, &url, &[]).await;
+        let resp = get_via_proxy(gw.web, url, &[]).await;
         assert_eq!((resp.status, resp.text().as_str()), (200, "which 1\n"));
     }
     assert_eq!(other.requests(), 0, "the intruder was scraped");
@@ -394,7 +415,7 @@ async fn an_id_connected_with_another_token_is_409_and_the_first_agent_keeps_it(
         Some(1.0),
         "the first agent lost its tunnel: {text}"
     );
-    let text = gateway_metrics(&gw).await;
+    let text = gateway_metrics(gw).await;
     assert_eq!(
         metric_value(&text, "ferry_gateway_tunnels_replaced_total", &[]),
         Some(0.0),
@@ -403,7 +424,7 @@ async fn an_id_connected_with_another_token_is_409_and_the_first_agent_keeps_it(
 
     intruder.stop().await;
     first.stop().await;
-    gw.stop().await;
+    c.gw.stop().await;
 }
 
 /// A group token that took an id while its agent was away gives it back: the agent whose token
@@ -411,29 +432,14 @@ async fn an_id_connected_with_another_token_is_409_and_the_first_agent_keeps_it(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_naming_the_id_exactly_takes_it_back_from_a_glob_token() {
     let logs = common::logs::capture();
-    let dir = TempDir::new().unwrap();
-    let (own, other) = (
-        TargetServer::start(Behaviour::Metrics("which 1\n".into())).await,
-        TargetServer::start(Behaviour::Metrics("which 2\n".into())).await,
-    );
-    let gw = start_gateway(
-        &dir,
-        &[("node-1", "own-token"), ("node-*", "group-token")],
-        |_| {},
-    )
-    .await;
-    let section = |server: &TargetServer| {
-        let mut s = agent_section(&gw, AGENT, &[("node", server.url("/metrics"))]);
-        s.targets[0].port = Some(9100);
-        s
-    };
-    let url = format!("http://{AGENT}:9100/metrics");
-    let squatter = start_agent(section(&other), "group-token");
+    let c = Claimants::start().await;
+    let (gw, url) = (&c.gw, &c.url);
+    let squatter = c.agent(&c.other, "group-token");
     gw.wait_agent(AGENT, CONNECT_WAIT).await;
-    let resp = get_via_proxy(gw.web, &url, &[]).await;
+    let resp = get_via_proxy(gw.web, url, &[]).await;
     assert_eq!(resp.text(), "which 2\n", "the squatter holds the id");
 
-    let owner = start_agent(section(&own), "own-token");
+    let owner = c.agent(&c.own, "own-token");
     let told = logs
         .wait_lines(&["GATEWAY CLOSED OUR TUNNEL"], 1, CONNECT_WAIT)
         .await;
@@ -443,10 +449,10 @@ async fn a_token_naming_the_id_exactly_takes_it_back_from_a_glob_token() {
         "{told:?}"
     );
     for _ in 0..3 {
-        let resp = get_via_proxy(gw.web, &url, &[]).await;
+        let resp = get_via_proxy(gw.web, url, &[]).await;
         assert_eq!((resp.status, resp.text().as_str()), (200, "which 1\n"));
     }
-    let text = gateway_metrics(&gw).await;
+    let text = gateway_metrics(gw).await;
     assert_eq!(
         metric_value(&text, "ferry_gateway_tunnels_replaced_total", &[]),
         Some(1.0),
@@ -460,11 +466,11 @@ async fn a_token_naming_the_id_exactly_takes_it_back_from_a_glob_token() {
         |v| v >= 1.0,
     )
     .await;
-    let resp = get_via_proxy(gw.web, &url, &[]).await;
+    let resp = get_via_proxy(gw.web, url, &[]).await;
     assert_eq!(resp.text(), "which 1\n");
     squatter.stop().await;
     owner.stop().await;
-    gw.stop().await;
+    c.gw.stop().await;
 }
 
 /// Opens TLS to the gateway's tunnel listener, pinned to its certificate, and sends the upgrade.
