@@ -108,7 +108,7 @@ async fn run_in(args: &QuickstartArgs, data_dir: &std::path::Path) -> Result<(),
     let tunnel = bind(&args.tunnel_listen_address).await?;
     let (web_addr, tunnel_addr) = (local(&web)?, local(&tunnel)?);
     let mut gw = GatewaySection {
-        data_dir: data_dir.clone(),
+        data_dir: Some(data_dir.clone()),
         ..GatewaySection::default()
     };
     gw.web.listen_address = web_addr.to_string();

@@ -208,6 +208,30 @@ fn check_config_accepts_a_good_file() {
     );
 }
 
+/// As Prometheus reads its own file: a unit started in `/` finds `tokens` beside its config.
+#[test]
+fn relative_paths_in_the_file_are_read_from_the_files_directory() {
+    let dir = TempDir::new().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    good_config(&etc);
+    let out = ferry(dir.path(), &["check-config", "etc/ferry.yaml"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("etc/ferry.yaml: OK"), "{out:?}");
+
+    // A missing file is named as it was looked for, below the file's directory.
+    std::fs::remove_file(etc.join("tokens")).unwrap();
+    let out = ferry(dir.path(), &["check-config", "etc/ferry.yaml"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("etc/ferry.yaml: gateway.auth.tokens_file: ")
+            && lines[0].contains("etc/tokens"),
+        "{lines:?}"
+    );
+}
+
 #[test]
 fn check_config_reports_every_error_at_once_one_line_each() {
     let dir = TempDir::new().unwrap();

@@ -107,7 +107,7 @@ fn reroot(cfg: &mut FileConfig, root: &Path) -> Vec<(PathBuf, Kind)> {
         file(&mut g.tunnel.tls_cert_file, Kind::Cert);
         file(&mut g.tunnel.tls_key_file, Kind::Key);
         file(&mut g.tunnel.tls_client_ca_file, Kind::Cert);
-        g.data_dir = below(root, &g.data_dir);
+        g.data_dir = Some(below(root, &g.data_dir()));
     }
     if let Some(e) = &mut cfg.egress {
         file(&mut e.auth.credentials_file, Kind::Tokens);
@@ -412,8 +412,8 @@ fn the_systemd_units_are_hardened_and_reloadable() {
     );
     let data_dir = load("ferry-gateway.yaml").gateway.unwrap().data_dir;
     assert_eq!(
-        data_dir,
-        Path::new("/var/lib/ferry"),
+        data_dir.as_deref(),
+        Some(Path::new("/var/lib/ferry")),
         "StateDirectory=ferry is /var/lib/ferry"
     );
 }

@@ -212,7 +212,7 @@ impl GatewayArgs {
         s.tunnel.insecure_plaintext = self.insecure_plaintext;
         set(&mut s.tunnel.keepalive_interval, &self.keepalive.interval);
         set(&mut s.tunnel.keepalive_timeout, &self.keepalive.timeout);
-        set(&mut s.data_dir, &self.data_dir);
+        s.data_dir = self.data_dir.clone();
         s.auth.tokens_file = self.tokens_file.clone();
         set(&mut s.shutdown_grace_period, &self.grace);
         s

@@ -9,8 +9,8 @@ use http::Uri;
 use serde::Deserialize;
 
 use super::{
-    check_client_tls, check_label_name, check_readable, check_server_name, parse_listen_address,
-    validate_keepalive, CollectorSection, ConfigErrors, Dur, Secret,
+    anchor, check_client_tls, check_label_name, check_readable, check_server_name,
+    parse_listen_address, validate_keepalive, CollectorSection, ConfigErrors, Dur, Secret,
 };
 use crate::tunnel::dial::Proxy;
 use crate::tunnel::handshake::valid_agent_id;
@@ -274,6 +274,20 @@ pub struct AgentConfig {
 }
 
 impl AgentSection {
+    /// Reads the section's relative paths from `dir`, the directory of the file they were
+    /// written in.
+    pub(super) fn anchor_paths(&mut self, dir: &Path) {
+        anchor(&mut self.token_file, dir);
+        anchor(&mut self.tunnel.ca_file, dir);
+        anchor(&mut self.tunnel.cert_file, dir);
+        anchor(&mut self.tunnel.key_file, dir);
+        for t in &mut self.targets {
+            anchor(&mut t.tls.ca_file, dir);
+            anchor(&mut t.tls.cert_file, dir);
+            anchor(&mut t.tls.key_file, dir);
+        }
+    }
+
     /// Validates into an [`AgentConfig`], recording every problem under `prefix`.
     pub fn validate(
         &self,

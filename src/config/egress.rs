@@ -1,14 +1,14 @@
 //! The `egress:` section and its validated form.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Method};
 use serde::Deserialize;
 
-use super::{check_client_tls, check_readable, parse_listen_address, ConfigErrors, Dur};
+use super::{anchor, check_client_tls, check_readable, parse_listen_address, ConfigErrors, Dur};
 use crate::auth::{TokensFile, CREDENTIALS_FILE};
 use crate::egress::policy::{Clients, Upstream};
 use crate::egress::validate::Validation;
@@ -225,6 +225,18 @@ pub struct EgressConfig {
 }
 
 impl EgressSection {
+    /// Reads the section's relative paths from `dir`, the directory of the file they were
+    /// written in.
+    pub(super) fn anchor_paths(&mut self, dir: &Path) {
+        anchor(&mut self.auth.credentials_file, dir);
+        for r in &mut self.rules {
+            anchor(&mut r.validate.json_schema_file, dir);
+            if let Some(tls) = &mut r.tls_upgrade {
+                anchor(&mut tls.ca_file, dir);
+            }
+        }
+    }
+
     /// Validates into an [`EgressConfig`], recording every problem under `prefix`.
     pub fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<EgressConfig> {
         let f = |name: &str| format!("{prefix}.{name}");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{parse_listen_address, validate_keepalive, ConfigErrors, Dur};
+use super::{anchor, parse_listen_address, validate_keepalive, ConfigErrors, Dur};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::{tls_server, Keepalive};
 
@@ -18,8 +18,8 @@ pub struct GatewaySection {
     pub web: GatewayWebSection,
     /// Agent-facing listener.
     pub tunnel: GatewayTunnelSection,
-    /// Where the self-signed certificate is kept.
-    pub data_dir: PathBuf,
+    /// Where the self-signed certificate is kept [default: `data`, in the working directory].
+    pub data_dir: Option<PathBuf>,
     /// Agent credentials.
     pub auth: AuthSection,
     /// How long in-flight scrapes may finish after SIGTERM.
@@ -31,7 +31,7 @@ impl Default for GatewaySection {
         Self {
             web: GatewayWebSection::default(),
             tunnel: GatewayTunnelSection::default(),
-            data_dir: PathBuf::from("data"),
+            data_dir: None,
             auth: AuthSection::default(),
             shutdown_grace_period: Dur(Duration::from_secs(15)),
         }
@@ -310,11 +310,29 @@ impl GatewaySection {
             (None, None, false) => {
                 self.check_self_signed(prefix, errs);
                 Some(GatewayTls::SelfSigned {
-                    data_dir: self.data_dir.clone(),
+                    data_dir: self.data_dir(),
                     names: t.tls_self_signed_names.clone(),
                 })
             }
         }
+    }
+
+    /// The directory of the self-signed certificate, `data` in the working directory unless set.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("data"))
+    }
+
+    /// Reads the section's relative paths from `dir`, the directory of the file they were
+    /// written in.
+    pub(super) fn anchor_paths(&mut self, dir: &Path) {
+        anchor(&mut self.data_dir, dir);
+        anchor(&mut self.web.config_file, dir);
+        anchor(&mut self.tunnel.tls_cert_file, dir);
+        anchor(&mut self.tunnel.tls_key_file, dir);
+        anchor(&mut self.tunnel.tls_client_ca_file, dir);
+        anchor(&mut self.auth.tokens_file, dir);
     }
 
     /// What `run` will load for the self-signed identity, without generating it (check-config
@@ -322,9 +340,10 @@ impl GatewaySection {
     fn check_self_signed(&self, prefix: &str, errs: &mut ConfigErrors) {
         let t = &self.tunnel;
         let client_ca = t.tls_client_ca_file.as_deref();
-        let cert = self.data_dir.join(tls_server::SELF_SIGNED_CERT);
-        let key = self.data_dir.join(tls_server::SELF_SIGNED_KEY);
-        if let Some(reason) = tls_server::lone_half(&self.data_dir) {
+        let data_dir = self.data_dir();
+        let cert = data_dir.join(tls_server::SELF_SIGNED_CERT);
+        let key = data_dir.join(tls_server::SELF_SIGNED_KEY);
+        if let Some(reason) = tls_server::lone_half(&data_dir) {
             return errs.push(format!("{prefix}.data_dir"), reason);
         }
         let result = if cert.exists() && key.exists() {

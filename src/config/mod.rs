@@ -355,7 +355,31 @@ impl FileConfig {
             errs.push("", format!("cannot read: {e}"));
             errs
         })?;
-        Self::parse(&text, &origin)
+        let mut file = Self::parse(&text, &origin)?;
+        file.anchor_paths(path);
+        Ok(file)
+    }
+
+    /// Makes the file's relative paths relative to the directory of `path`, the file itself, as
+    /// Prometheus reads its own: a service started in `/` must not look for `tokens` there.
+    /// Flags are not affected: theirs stay relative to the working directory.
+    fn anchor_paths(&mut self, path: &Path) {
+        let dir = path.parent().unwrap_or(Path::new(""));
+        #[cfg(feature = "gateway")]
+        if let Some(g) = &mut self.gateway {
+            g.anchor_paths(dir);
+        }
+        #[cfg(feature = "agent")]
+        if let Some(a) = &mut self.agent {
+            a.anchor_paths(dir);
+        }
+        #[cfg(feature = "egress")]
+        if let Some(e) = &mut self.egress {
+            e.anchor_paths(dir);
+        }
+        #[cfg(feature = "geo")]
+        anchor(&mut self.geoip.database, dir);
+        let _ = dir;
     }
 
     /// Parses YAML text; `origin` names it in errors. Every value of the wrong type or format is
@@ -381,6 +405,7 @@ impl FileConfig {
         let Some(mut file) = file else {
             return Err(errs);
         };
+        file.anchor_paths(path);
         adjust(&mut file);
         file.validate_after(errs, env)
     }
@@ -490,6 +515,25 @@ fn validate_log(log: &LogSection, errs: &mut ConfigErrors) {
             "log.level",
             format!("{:?} is not one of {}", log.level, LEVELS.join(", ")),
         );
+    }
+}
+
+/// `dir` joined with `path` when `path` is relative (and not empty: that stays an error of its
+/// own, not a directory).
+#[cfg_attr(
+    not(any(
+        feature = "gateway",
+        feature = "agent",
+        feature = "egress",
+        feature = "geo"
+    )),
+    allow(dead_code)
+)]
+pub(crate) fn anchor(path: &mut Option<PathBuf>, dir: &Path) {
+    if let Some(p) = path {
+        if p.is_relative() && !p.as_os_str().is_empty() {
+            *p = dir.join(&*p);
+        }
     }
 }
 

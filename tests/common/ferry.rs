@@ -155,7 +155,7 @@ async fn start_gateway_with(
 ) -> TestGateway {
     let (web_addr, tunnel_addr) = (web.local_addr().unwrap(), tunnel.local_addr().unwrap());
     let mut section = GatewaySection {
-        data_dir: dir.path().join("data"),
+        data_dir: Some(dir.path().join("data")),
         ..GatewaySection::default()
     };
     section.web.listen_address = web_addr.to_string();
