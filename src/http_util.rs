@@ -91,6 +91,16 @@ pub fn written_port(authority: &str) -> Option<&str> {
         .filter(|port| !port.is_empty())
 }
 
+/// `host:port`, with an IPv6 address in brackets (`[::1]:9100`): without them the port reads
+/// as part of the address.
+pub fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// Removes hop-by-hop headers, those named in `Connection`, `Upgrade` and `Proxy-Authorization`.
 ///
 /// `Host` is removed too: the next hop derives it from the request URI.
@@ -245,6 +255,14 @@ impl HttpBody for BoundedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_host_is_bracketed_in_an_authority() {
+        assert_eq!(authority("::1", 9100), "[::1]:9100");
+        assert_eq!(authority("[::1]", 9100), "[::1]:9100");
+        assert_eq!(authority("10.0.0.1", 80), "10.0.0.1:80");
+        assert_eq!(authority("node.example", 443), "node.example:443");
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

@@ -702,6 +702,38 @@ async fn gateway_keepalive_drops_a_tunnel_that_went_silent() {
     gw.stop().await;
 }
 
+/// The agent's own PINGs find a tunnel that went silent, and its log says why the tunnel ended:
+/// the cause, not only hyper's "http2 error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_says_why_its_tunnel_ended() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let proxy = ConnectProxy::start(None).await;
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |g| {
+        g.tunnel.keepalive_interval = Dur(Duration::from_secs(60));
+        g.tunnel.keepalive_timeout = Dur(Duration::from_secs(60));
+    })
+    .await;
+    let mut section = agent_section(&gw, "silent-2", &[]);
+    section.proxy_url = Some(proxy.url());
+    section.tunnel.keepalive_interval = Dur(Duration::from_millis(300));
+    section.tunnel.keepalive_timeout = Dur(Duration::from_millis(700));
+    let agent = start_agent(section, TOKEN);
+    gw.wait_agent("silent-2", Duration::from_secs(10)).await;
+
+    proxy.freeze_all();
+    let lines = logs
+        .wait_lines(&["tunnel closed; reconnecting"], 1, Duration::from_secs(5))
+        .await;
+    assert!(
+        lines[0].contains("http2 error: keep-alive timed out"),
+        "{lines:?}"
+    );
+
+    agent.stop().await;
+    gw.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Target change without reconnecting
 // ---------------------------------------------------------------------------------------------

@@ -1139,6 +1139,62 @@ async fn a_body_that_breaks_mid_scrape_is_counted_as_failed_on_both_sides() {
     agent.stop().await;
 }
 
+/// A target that sends its head and then stalls past the scrape timeout: the agent ends the body
+/// and says so in its log, and the gateway's log says plainly that the agent ended it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_by_the_scrape_timeout_is_explained_in_both_logs() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let logs = common::logs::capture();
+    let target = common::servers::stalling_server(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nslow_metric 1\n",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, agent) = gateway_and_agent(
+        &dir,
+        "dripping",
+        &[("drip", format!("http://{target}/metrics"))],
+    )
+    .await;
+    // Prometheus with a 2 s timeout: the agent is told 1.5 s, the gateway gives up at 1.75 s.
+    let mut conn = tokio::net::TcpStream::connect(gw.web).await.unwrap();
+    let req = format!(
+        "GET http://dripping:{0}/metrics HTTP/1.1\r\nHost: dripping:{0}\r\n{TIMEOUT_HEADER}: 2\r\n\r\n",
+        target.port()
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+
+    let agent_says = logs
+        .wait_lines(&["body cut short", "scrape_target=drip"], 1, CONNECT_WAIT)
+        .await;
+    assert!(
+        agent_says[0].contains("bytes=14") && agent_says[0].contains("timeout=1.5s"),
+        "{agent_says:?}"
+    );
+    let gateway_says = logs
+        .wait_lines(&["scrape body broke", "agent=dripping"], 1, CONNECT_WAIT)
+        .await;
+    assert!(
+        gateway_says[0].contains("the agent ended the body")
+            && gateway_says[0].contains("see the agent's log")
+            && !gateway_says[0].contains("unexpected internal error"),
+        "{gateway_says:?}"
+    );
+    let agent_url = agent_metrics_url(&agent).await;
+    wait_metric(
+        &agent_url,
+        "ferry_agent_scrapes_total",
+        &[("target", "drip"), ("result", "timeout")],
+        |v| v == 1.0,
+    )
+    .await;
+    agent.stop().await;
+}
+
 /// Total tunnel handshakes the gateway has counted: a tunnel that dropped and came back adds one.
 async fn handshakes(gw: &TestGateway) -> f64 {
     let text = gateway_metrics(gw).await;

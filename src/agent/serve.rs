@@ -195,7 +195,10 @@ async fn fetch(
     let on_finish = Box::new(move |bytes: u64, end: BodyEnd| {
         let result = match end {
             BodyEnd::Complete | BodyEnd::Dropped => result,
-            BodyEnd::Deadline => "timeout",
+            BodyEnd::Deadline => {
+                warn!(scrape_target = %name, bytes, ?timeout, "scrape timeout passed while the target body was still streaming: body cut short");
+                "timeout"
+            }
             BodyEnd::Failed(reason) => {
                 warn!(scrape_target = %name, bytes, error = %reason, "target body broke mid-scrape");
                 "error"

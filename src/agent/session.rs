@@ -242,7 +242,8 @@ async fn serve(
         .serve_connection(upgraded, service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
-        res = conn.as_mut() => SessionEnd::Closed(res.map_or_else(|e| e.to_string(), |_| "closed by the gateway".into())),
+        // The chain: hyper's own words are only "http2 error", the cause is in its source.
+        res = conn.as_mut() => SessionEnd::Closed(res.map_or_else(|e| crate::scrape_error::one_line(&e), |_| "closed by the gateway".into())),
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             if tokio::time::timeout(cfg.shutdown_grace, conn).await.is_err() {

@@ -415,11 +415,7 @@ impl AgentSection {
             .trim_end_matches(']')
             .to_owned();
         let port = uri.port_u16().unwrap_or(if plaintext { 80 } else { 443 });
-        let addr = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
+        let addr = crate::http_util::authority(&host, port);
         let tls = if plaintext {
             None
         } else {

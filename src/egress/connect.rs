@@ -76,8 +76,8 @@ async fn open(
     record.rule = rule.name.clone();
     if rule.validates() {
         return Err(Refusal::destination(&format!(
-            "CONNECT {}:{} (rule {:?} validates payloads, which a tunnel would hide; send plain HTTP through the proxy)",
-            target.host, target.port, rule.name
+            "CONNECT {} (rule {:?} validates payloads, which a tunnel would hide; send plain HTTP through the proxy)",
+            crate::http_util::authority(&target.host, target.port), rule.name
         )));
     }
     if rule.tls_upgrade.is_some() {

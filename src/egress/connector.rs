@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 
 use hyper_util::client::legacy::connect::{Connected, Connection};
 
+use crate::http_util::authority;
 use crate::telemetry::geo::SharedGeo;
 use crate::telemetry::{ConnectionGuard, ConnectionMetrics};
 
@@ -40,7 +41,7 @@ pub enum ConnectError {
         source: std::io::Error,
     },
     /// No allowed address accepted the connection.
-    #[error("cannot connect to {host}:{port}: {reason}")]
+    #[error("cannot connect to {}: {reason}", authority(host, *port))]
     Connect {
         /// The host.
         host: String,
@@ -282,6 +283,21 @@ mod tests {
                 addr.port()
             )),
             "a name's address is said: {err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_upstream_is_bracketed() {
+        let addr = std::net::TcpListener::bind("[::1]:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let err = connect_any("::1", &[addr], Duration::from_secs(2))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("cannot connect to [::1]:{}: ", addr.port())),
+            "{err}"
         );
     }
 }

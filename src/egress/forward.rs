@@ -175,13 +175,8 @@ pub(crate) async fn select_rule<'a>(
             refusal
         }
         None => {
-            // An IPv6 literal in brackets, or its port reads as part of the address.
-            let host = if target.host.contains(':') {
-                format!("[{}]", target.host)
-            } else {
-                target.host.clone()
-            };
-            Refusal::destination(&format!("{method} {host}:{}{path}", target.port))
+            let authority = crate::http_util::authority(&target.host, target.port);
+            Refusal::destination(&format!("{method} {authority}{path}"))
         }
     })
 }

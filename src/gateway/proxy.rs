@@ -270,12 +270,22 @@ fn stream_back(
         record(&done_state, labels, class, elapsed, bytes);
     });
     let body = BoundedBody::new(
-        boxed(body),
+        boxed(http_body_util::BodyExt::map_err(body, agent_body_error)),
         deadline,
         state.config.scrape.max_body_bytes,
         on_finish,
     );
     Response::from_parts(parts, boxed(body))
+}
+
+/// Why the agent's response body broke, in words: a stream the agent reset is one it ended on
+/// purpose, which h2 would call an "unexpected internal error".
+fn agent_body_error(e: h2::Error) -> crate::http_util::BoxError {
+    if e.is_reset() && e.is_remote() {
+        "the agent ended the body (stream reset by the agent: its scrape timeout passed or the target failed; see the agent's log)".into()
+    } else {
+        e.into()
+    }
 }
 
 /// Counts one finished scrape: by agent, target and status class; its duration and bytes.

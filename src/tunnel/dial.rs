@@ -61,7 +61,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Parses `http://[user:pass@]host[:port]`.
+    /// Parses `http://[user:pass@]host[:port]`. The user and password are percent-decoded, as
+    /// curl and Go read them: `us%40er` is the user `us@er`.
     pub fn parse(url: &str) -> Result<Proxy, String> {
         let uri: Uri = url
             .parse()
@@ -85,7 +86,8 @@ impl Proxy {
         };
         let authorization = authority.as_str().rsplit_once('@').map(|(userinfo, _)| {
             use base64::Engine as _;
-            let encoded = base64::engine::general_purpose::STANDARD.encode(userinfo.as_bytes());
+            let userinfo: Vec<u8> = percent_encoding::percent_decode_str(userinfo).collect();
+            let encoded = base64::engine::general_purpose::STANDARD.encode(userinfo);
             format!("Basic {encoded}")
         });
         Ok(Proxy {
@@ -159,4 +161,31 @@ async fn connect_through(proxy: &Proxy, target: &str) -> Result<BoxIo, DialError
     }
     let upgraded = hyper::upgrade::on(resp).await.map_err(http_err)?;
     Ok(Box::new(TokioIo::new(upgraded)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(user_pass: &str) -> String {
+        use base64::Engine as _;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_pass)
+        )
+    }
+
+    #[test]
+    fn user_info_is_percent_decoded_as_curl_and_go_do() {
+        let proxy = Proxy::parse("http://us%40er:p%3Ass@127.0.0.1:3128").unwrap();
+        assert_eq!(proxy.addr, "127.0.0.1:3128");
+        assert_eq!(proxy.authorization, Some(basic("us@er:p:ss")));
+        let proxy = Proxy::parse("http://user:pw@proxy").unwrap();
+        assert_eq!(proxy.addr, "proxy:80");
+        assert_eq!(proxy.authorization, Some(basic("user:pw")));
+        assert_eq!(
+            Proxy::parse("http://proxy:3128").unwrap().authorization,
+            None
+        );
+    }
 }

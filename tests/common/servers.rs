@@ -407,6 +407,27 @@ pub async fn canned_server(response: &'static [u8]) -> SocketAddr {
     addr
 }
 
+/// A server on 127.0.0.1:0 that answers every request with `start` (a response head and the
+/// beginning of its body) and then sends nothing more, holding the connection open: a target
+/// whose body outlasts any scrape timeout.
+pub async fn stalling_server(start: &'static [u8]) -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind stalling server");
+    let addr = listener.local_addr().expect("stalling server address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_request_head(&mut s).await.is_some() && s.write_all(start).await.is_ok() {
+                    std::future::pending::<()>().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// A keep-alive target that, like Python's http.server, never reads a body on GET: it answers
 /// every request head it finds in the byte stream with 200 and records every byte it received.
 /// A body that reached it would be read as the next request: [`RawTarget::request_lines`] shows
