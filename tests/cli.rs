@@ -333,6 +333,26 @@ fn a_file_without_any_role_is_an_error() {
     );
 }
 
+/// The database's file watch cannot tick every 0 s: check-config says so instead of the started
+/// process panicking in it.
+#[test]
+fn a_geoip_reload_interval_under_a_second_is_refused() {
+    let dir = TempDir::new().unwrap();
+    for interval in ["0s", "500ms"] {
+        let text = format!(
+            "exporter:\n  collector:\n    connections: true\ngeoip:\n  reload_interval: {interval}\n"
+        );
+        write(dir.path(), "geo.yaml", &text);
+        let out = ferry(dir.path(), &["check-config", "geo.yaml"]);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{interval}: {out:?}");
+        assert_eq!(
+            stderr_lines(&out),
+            ["geo.yaml: geoip.reload_interval: must be at least 1s"],
+            "{interval}"
+        );
+    }
+}
+
 /// `ferry gateway` on loopback port 0 with `extra` flags: it must exit before serving.
 fn gateway(dir: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
