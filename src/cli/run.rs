@@ -1,6 +1,8 @@
 //! Running the configured roles in one process: bind listeners, wire signals (SIGINT/SIGTERM →
 //! one shutdown token; SIGHUP → reload), wait for every role to drain.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +21,7 @@ use crate::exporter::Exporter;
 use crate::gateway::Gateway;
 use crate::telemetry::geo::SharedGeo;
 
-/// Why the process could not start its roles.
+/// Why the process ends with a failure.
 #[derive(Debug, thiserror::Error)]
 enum StartError {
     #[error("{0}")]
@@ -32,6 +34,9 @@ enum StartError {
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    /// Logged when it happened, with the role and the reason.
+    #[error("{role} stopped unexpectedly: {reason}")]
+    RoleStopped { role: &'static str, reason: String },
 }
 
 /// Runs every role of `config` until SIGINT/SIGTERM.
@@ -43,9 +48,17 @@ pub fn run(config: RunConfig, reload_from: Option<PathBuf>) -> ExitCode {
         Ok(rt) => rt.block_on(run_roles(config, reload_from)),
         Err(e) => Err(StartError::Runtime(e)),
     };
-    // One plain line, like the configuration errors before it: not a log line as well.
+    exit_code(result)
+}
+
+/// Non-zero for any failure, so that a service manager restarts the process
+/// (`Restart=on-failure`).
+fn exit_code(result: Result<(), StartError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Already in the log, where it happened.
+        Err(StartError::RoleStopped { .. }) => ExitCode::FAILURE,
+        // One plain line, like the configuration errors before it: not a log line as well.
         Err(e @ StartError::Config(_)) => {
             eprintln!("{e}");
             ExitCode::from(EXIT_CONFIG)
@@ -83,7 +96,7 @@ impl Roles {
 
 async fn run_roles(config: RunConfig, reload_from: Option<PathBuf>) -> Result<(), StartError> {
     let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
+    let mut tasks = RoleTasks::default();
     // Before any role starts: a SIGHUP or SIGTERM that comes once a listener is up is handled,
     // not left to its default action (exit without draining).
     let signals = Signals::install();
@@ -99,19 +112,60 @@ async fn run_roles(config: RunConfig, reload_from: Option<PathBuf>) -> Result<()
         started_from,
         shutdown.clone(),
     ));
-    while let Some(res) = tasks.join_next().await {
-        if let Err(e) = res {
-            error!(error = %e, "a role stopped unexpectedly");
-            shutdown.cancel();
-        }
+    tasks.wait(&shutdown).await
+}
+
+/// The tasks of the running roles, each with its name for the log.
+#[derive(Default)]
+struct RoleTasks {
+    set: JoinSet<()>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl RoleTasks {
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let id = self.set.spawn(task).id();
+        self.names.insert(id, name);
     }
-    Ok(())
+
+    /// Waits for every role to end. Roles end only on `shutdown`: one that panics, or ends
+    /// while nothing asked it to, is logged and stops the others (they drain as on SIGTERM), and
+    /// the first such is the process's failure.
+    async fn wait(mut self, shutdown: &CancellationToken) -> Result<(), StartError> {
+        let mut failure = None;
+        while let Some(res) = self.set.join_next_with_id().await {
+            let (id, reason) = match res {
+                Ok(_) if shutdown.is_cancelled() => continue,
+                Ok((id, ())) => (id, "it ended before shutdown".to_owned()),
+                Err(e) => (e.id(), join_error_reason(e)),
+            };
+            let role = self.names.get(&id).copied().unwrap_or("a role");
+            error!(role, %reason, "a role stopped unexpectedly; stopping the others");
+            shutdown.cancel();
+            failure.get_or_insert(StartError::RoleStopped { role, reason });
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// A panic's message, or why else the task ended.
+fn join_error_reason(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let panic = e.into_panic();
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned());
+    format!("panicked: {message}")
 }
 
 async fn start_roles(
     config: RunConfig,
     shutdown: &CancellationToken,
-    tasks: &mut JoinSet<()>,
+    tasks: &mut RoleTasks,
 ) -> Result<Roles, StartError> {
     for warning in super::warnings(&config) {
         warn!("{warning}");
@@ -125,7 +179,7 @@ async fn start_roles(
         geo: config.geo.clone(),
     };
     if roles.geo.is_enabled() {
-        tasks.spawn(roles.geo.clone().watch(shutdown.clone()));
+        tasks.spawn("geoip watch", roles.geo.clone().watch(shutdown.clone()));
     }
     if let Some(cfg) = config.gateway {
         let (web_addr, tunnel_addr) = (cfg.web_listen, cfg.tunnel_listen);
@@ -134,7 +188,7 @@ async fn start_roles(
         let tunnel = bind(tunnel_addr, "tunnel.listen_address").await?;
         let g = gateway.clone();
         let token = shutdown.clone();
-        tasks.spawn(async move { g.run(web, tunnel, token).await });
+        tasks.spawn("gateway", async move { g.run(web, tunnel, token).await });
         roles.gateway = Some(gateway);
     }
     if let Some(cfg) = config.agent {
@@ -146,11 +200,14 @@ async fn start_roles(
         if let Some(listener) = web {
             let a = agent.clone();
             let token = shutdown.clone();
-            tasks.spawn(async move { a.serve_web(listener, token).await });
+            tasks.spawn(
+                "agent web",
+                async move { a.serve_web(listener, token).await },
+            );
         }
         let a = agent.clone();
         let token = shutdown.clone();
-        tasks.spawn(async move { a.run(token).await });
+        tasks.spawn("agent", async move { a.run(token).await });
         roles.agent = Some(agent);
     }
     if let Some(cfg) = config.egress {
@@ -160,14 +217,17 @@ async fn start_roles(
         let listener = bind(addr, "egress web.listen_address").await?;
         let e = egress.clone();
         let token = shutdown.clone();
-        tasks.spawn(async move { e.serve(listener, token).await });
+        tasks.spawn("egress", async move { e.serve(listener, token).await });
         roles.egress = Some(egress);
     }
     if let Some(cfg) = config.exporter {
         let exporter = Exporter::new(&cfg);
         let listener = bind(cfg.listen, "exporter web.listen_address").await?;
         let token = shutdown.clone();
-        tasks.spawn(async move { exporter.serve(listener, token).await });
+        tasks.spawn(
+            "exporter",
+            async move { exporter.serve(listener, token).await },
+        );
     }
     Ok(roles)
 }
@@ -395,5 +455,53 @@ fn reload(roles: &Roles, file: Option<&std::path::Path>) {
         // Counted with the built-in `ferry` target, as the gateway counts them.
         Ok(()) => info!(targets = new.targets.len() + 1, "agent targets reloaded"),
         Err(e) => error!(error = %e, "reload failed; keeping the previous targets"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A role that panics (the geo watch did, on a zero interval) stops the others and makes
+    /// the process fail, so that systemd's `Restart=on-failure` starts it again.
+    #[tokio::test]
+    async fn a_role_that_panics_stops_the_others_and_fails_the_process() {
+        let shutdown = CancellationToken::new();
+        let mut tasks = RoleTasks::default();
+        let token = shutdown.clone();
+        tasks.spawn("egress", async move { token.cancelled().await });
+        tasks.spawn("geoip watch", async { panic!("period must be non-zero") });
+        let result = tasks.wait(&shutdown).await;
+        assert!(shutdown.is_cancelled(), "the other roles are told to stop");
+        let err = result.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "geoip watch stopped unexpectedly: panicked: period must be non-zero"
+        );
+        assert_eq!(exit_code(Err(err)), ExitCode::FAILURE);
+    }
+
+    #[tokio::test]
+    async fn a_role_that_ends_before_shutdown_fails_the_process() {
+        let shutdown = CancellationToken::new();
+        let mut tasks = RoleTasks::default();
+        tasks.spawn("exporter", async {});
+        let err = tasks.wait(&shutdown).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "exporter stopped unexpectedly: it ended before shutdown"
+        );
+    }
+
+    #[tokio::test]
+    async fn roles_that_end_on_shutdown_are_a_success() {
+        let shutdown = CancellationToken::new();
+        let mut tasks = RoleTasks::default();
+        for name in ["gateway", "agent"] {
+            let token = shutdown.clone();
+            tasks.spawn(name, async move { token.cancelled().await });
+        }
+        shutdown.cancel();
+        assert!(tasks.wait(&shutdown).await.is_ok());
     }
 }
