@@ -1068,6 +1068,50 @@ fn the_exporter_drains_no_scrapes() {
     assert!(!lines.contains("scrapes"), "{lines}");
 }
 
+/// A SIGHUP that comes while the process is still reading its configuration is a reload once
+/// the roles run, not the end of the process (SIGHUP's default action).
+#[test]
+fn a_sighup_during_start_up_is_a_reload_not_an_exit() {
+    use std::io::Write as _;
+    let dir = TempDir::new().unwrap();
+    let credentials = dir.path().join("credentials");
+    // A named pipe holds ferry at its first read of the file (validation) until the test writes.
+    let mkfifo = Command::new("mkfifo").arg(&credentials).status().unwrap();
+    assert!(mkfifo.success());
+    let mut egress = Running::start(
+        dir.path(),
+        &[
+            "egress",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--allow-upstream",
+            "example.com:443",
+            "--auth.credentials-file",
+            "credentials",
+        ],
+    );
+    // Opening the pipe for writing waits until ferry has opened it for reading.
+    let mut pipe = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&credentials)
+        .unwrap();
+    egress.signal(rustix::process::Signal::HUP);
+    // Later reads find a plain file; this one gets its text through the pipe.
+    let line = format!("client-* {}\n", hash_token("s3cret"));
+    write(dir.path(), "credentials.new", &line);
+    std::fs::rename(dir.path().join("credentials.new"), &credentials).unwrap();
+    let _ = pipe.write_all(line.as_bytes());
+    drop(pipe);
+    egress.wait_for("egress proxy listening");
+    egress.wait_for("SIGHUP: reloading");
+    egress.wait_for("egress credentials reloaded");
+    assert!(
+        egress.child.0.try_wait().unwrap().is_none(),
+        "ferry exited:\n{}",
+        egress.seen.join("\n")
+    );
+}
+
 /// A reload applies what it can; a changed setting it does not apply is named, not ignored.
 #[test]
 fn settings_a_reload_does_not_apply_are_named() {

@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use super::{env, EXIT_CONFIG};
 use crate::agent::Agent;
-use crate::config::{FileConfig, RunConfig};
+use crate::config::{ConfigErrors, FileConfig, RunConfig};
 use crate::egress::Egress;
 use crate::exporter::Exporter;
 use crate::gateway::Gateway;
@@ -39,13 +39,25 @@ enum StartError {
     RoleStopped { role: &'static str, reason: String },
 }
 
-/// Runs every role of `config` until SIGINT/SIGTERM.
-pub fn run(config: RunConfig, reload_from: Option<PathBuf>) -> ExitCode {
+/// Runs every role of the configuration `load` returns until SIGINT/SIGTERM; `reload_from` is
+/// the file SIGHUP reads again.
+pub fn run(
+    load: impl FnOnce() -> Result<RunConfig, ConfigErrors>,
+    reload_from: Option<PathBuf>,
+) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build();
     let result = match runtime {
-        Ok(rt) => rt.block_on(run_roles(config, reload_from)),
+        Ok(rt) => rt.block_on(async {
+            // Before anything slow (reading the files, opening the geo database): SIGHUP's
+            // default action ends the process, and a reload sent by a deploy tool just after the
+            // start must be a reload, applied once the roles run.
+            let signals = Signals::install();
+            let config = load().map_err(|errs| StartError::Config(errs.to_string()))?;
+            super::logging::init(&config.log);
+            run_roles(config, signals, reload_from).await
+        }),
         Err(e) => Err(StartError::Runtime(e)),
     };
     exit_code(result)
@@ -94,12 +106,18 @@ impl Roles {
     }
 }
 
-async fn run_roles(config: RunConfig, reload_from: Option<PathBuf>) -> Result<(), StartError> {
+async fn run_roles(
+    config: RunConfig,
+    signals: std::io::Result<Signals>,
+    reload_from: Option<PathBuf>,
+) -> Result<(), StartError> {
     let shutdown = CancellationToken::new();
     let mut tasks = RoleTasks::default();
-    // Before any role starts: a SIGHUP or SIGTERM that comes once a listener is up is handled,
-    // not left to its default action (exit without draining).
-    let signals = Signals::install();
+    let signals = signals
+        .inspect_err(
+            |e| error!(error = %e, "cannot install signal handlers; stop ferry with SIGKILL"),
+        )
+        .ok();
     // The file as the roles were started from it: a reload compares against this.
     let started_from = reload_from
         .as_deref()
@@ -267,19 +285,13 @@ struct Signals {
 }
 
 impl Signals {
-    /// `None` (and an error logged) when the handlers cannot be installed.
-    fn install() -> Option<Signals> {
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) {
-            (Ok(term), Ok(int), Ok(hup)) => Some(Signals { term, int, hup }),
-            _ => {
-                error!("cannot install signal handlers; stop ferry with SIGKILL");
-                None
-            }
-        }
+    /// Installs the handlers; a signal that arrives from now on is kept for the first `recv`.
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
 }
 
