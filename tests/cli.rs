@@ -1148,7 +1148,10 @@ fn settings_a_reload_does_not_apply_are_named() {
     egress.signal(rustix::process::Signal::HUP);
     let line = egress.wait_for("cannot be read");
     assert!(line.contains("level=error"), "{line}");
-    egress.wait_for("SIGHUP: reloading");
+    assert!(
+        egress.child.0.try_wait().unwrap().is_none(),
+        "still running"
+    );
 }
 
 #[test]
@@ -1175,6 +1178,78 @@ fn an_agent_id_changed_on_reload_is_said_to_need_a_restart() {
         "{line}"
     );
     agent.wait_for("agent targets reloaded");
+}
+
+/// An agent config file (`agent.yaml`) dialling nothing, serving `target` on `path`, with `extra`
+/// appended; the token file it names is written too.
+fn agent_config(dir: &Path, target: &str, extra: &str) {
+    write(dir, "agent-token", "s3cret\n");
+    let text = format!(
+        "agent:\n  gateway: http://127.0.0.1:1\n  agent_id: node-1\n  token_file: agent-token\n  tunnel: {{ insecure_plaintext: true }}\n  targets:\n    - {{ name: {target}, url: 'http://127.0.0.1:9100/metrics' }}\n{extra}"
+    );
+    // Write then rename, so a reload never reads a half-written file.
+    write(dir, "agent.yaml.new", &text);
+    std::fs::rename(dir.join("agent.yaml.new"), dir.join("agent.yaml")).unwrap();
+}
+
+/// A geo database replaced by a wrong one (an ASN database) keeps the old database, and the
+/// reload of the rest of the file goes on: the new targets are applied.
+#[test]
+fn a_bad_geo_database_does_not_keep_a_reload_from_applying_the_targets() {
+    let dir = TempDir::new().unwrap();
+    let geo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/geo"));
+    std::fs::copy(
+        geo.join("GeoLite2-Country-Test.mmdb"),
+        dir.path().join("geo.mmdb"),
+    )
+    .unwrap();
+    let geoip = "geoip:\n  database: geo.mmdb\n";
+    agent_config(dir.path(), "node", geoip);
+    let mut agent = Running::start(dir.path(), &["run", "--config.file", "agent.yaml"]);
+    agent.wait_for("cannot open tunnel");
+    std::fs::copy(
+        geo.join("GeoLite2-ASN-Test.mmdb"),
+        dir.path().join("asn.mmdb"),
+    )
+    .unwrap();
+    std::fs::rename(dir.path().join("asn.mmdb"), dir.path().join("geo.mmdb")).unwrap();
+    agent_config(dir.path(), "node2", geoip);
+    agent.signal(rustix::process::Signal::HUP);
+    let line = agent.wait_for("geoip database reload failed");
+    assert!(
+        line.contains("level=warn") && line.contains("keeping the previous one"),
+        "{line}"
+    );
+    let line = agent.wait_for("agent targets reloaded");
+    assert!(line.contains("targets=2"), "{line}");
+    let lines = agent.stop().join("\n");
+    assert!(!lines.contains("the config file is invalid"), "{lines}");
+}
+
+/// An invalid file changes nothing: it is reported as invalid, and its fields are not listed
+/// as settings that would need a restart.
+#[test]
+fn an_invalid_file_on_reload_is_not_said_to_change_settings() {
+    let dir = TempDir::new().unwrap();
+    agent_config(dir.path(), "node", "");
+    let mut agent = Running::start(dir.path(), &["run", "--config.file", "agent.yaml"]);
+    agent.wait_for("cannot open tunnel");
+    agent_config(dir.path(), "node", "  lables: { env: prod }\n");
+    agent.signal(rustix::process::Signal::HUP);
+    let line = agent.wait_for("the config file is invalid");
+    assert!(
+        line.contains("level=error") && line.contains("lables"),
+        "{line}"
+    );
+    write(dir.path(), "agent.yaml", "");
+    agent.signal(rustix::process::Signal::HUP);
+    agent.wait_for("the config file is invalid");
+    let lines = agent.stop().join("\n");
+    assert!(
+        !lines.contains("take effect only after a restart"),
+        "{lines}"
+    );
+    assert!(!lines.contains("agent targets reloaded"), "{lines}");
 }
 
 /// The `address=` of a "listening" log line.

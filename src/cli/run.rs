@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use super::{env, EXIT_CONFIG};
 use crate::agent::Agent;
-use crate::config::{ConfigErrors, FileConfig, RunConfig};
+use crate::config::{AgentConfig, ConfigErrors, FileConfig, RunConfig};
 use crate::egress::Egress;
 use crate::exporter::Exporter;
 use crate::gateway::Gateway;
@@ -314,10 +314,7 @@ async fn handle_signals(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                if let Some((path, started)) = &started_from {
-                    warn_unapplied(path, started, roles.agent.is_none());
-                }
-                reload(&roles, started_from.as_ref().map(|(path, _)| path.as_path()))
+                reload(&roles, started_from.as_ref());
             }
         }
     }
@@ -339,30 +336,6 @@ const RELOADED_FIELDS: &[&str] = &["agent.targets", "agent.labels", "agent.agent
 fn file_value(path: &std::path::Path) -> Result<serde_yaml_ng::Value, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
     serde_yaml_ng::from_str(&text).map_err(|e| e.to_string())
-}
-
-/// Says which settings changed in the file since start that a reload does not apply: a changed
-/// listener or egress rule silently ignored would look applied.
-fn warn_unapplied(path: &std::path::Path, started: &serde_yaml_ng::Value, validate: bool) {
-    let now = match file_value(path) {
-        Ok(now) => now,
-        Err(e) => {
-            return error!(file = %path.display(), error = %e, "reload: the config file cannot be read; the running configuration stays")
-        }
-    };
-    // An agent's reload validates the file itself (and says so); for the other roles a file that
-    // parses may still be one `check-config` refuses.
-    if validate {
-        if let Err(errs) = FileConfig::load_validated(path, &env, |_| {}) {
-            return error!(file = %path.display(), errors = %errs.to_string().replace('\n', "; "), "reload: the config file is invalid; the running configuration stays");
-        }
-    }
-    let mut changed = Vec::new();
-    changed_fields("", started, &now, &mut changed);
-    changed.retain(|f| !RELOADED_FIELDS.contains(&f.as_str()));
-    if !changed.is_empty() {
-        warn!(file = %path.display(), fields = %changed.join(", "), "reload: these settings changed in the file and take effect only after a restart");
-    }
 }
 
 /// Field paths (two levels deep: `egress.rules`) where `old` and `new` differ.
@@ -411,50 +384,95 @@ fn changed_fields(
     }
 }
 
-/// SIGHUP: re-read the tokens file, and the config file's agent targets. Errors keep the old state.
-fn reload(roles: &Roles, file: Option<&std::path::Path>) {
+/// SIGHUP: re-reads the tokens and credentials files, the geo database and the config file
+/// (`file`, with its contents at start). Whatever cannot be read keeps its previous state; returns
+/// whether everything was applied.
+fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> bool {
     info!("SIGHUP: reloading");
     for warning in super::writable_by_all(&roles.credential_files) {
         warn!("{warning}");
     }
-    // The error (a broken file keeps the old database) is logged by reload itself.
-    let _ = roles.geo.reload();
-    if let Some(gateway) = &roles.gateway {
-        match gateway.reload_tokens() {
-            Ok(0) => warn!(
-                credentials = 0,
-                "tokens file reloaded, but it holds no credentials: no agent can connect"
-            ),
-            Ok(n) => info!(credentials = n, "tokens file reloaded"),
-            Err(e) => {
-                error!(error = %e, "tokens file reload failed; keeping the previous credentials")
-            }
-        }
+    // A broken file keeps the old database; `reload` logs it.
+    let mut ok = roles.geo.reload().is_ok();
+    ok &= reload_tokens(roles);
+    ok &= reload_egress_credentials(roles);
+    match file {
+        Some((path, started)) => ok &= reload_file(roles, path, started),
+        None if roles.agent.is_some() => warn!("agent targets come from flags: nothing to reload (use ferry run --config.file to reload targets)"),
+        None => {}
     }
-    if let Some(egress) = roles.egress.as_ref().filter(|_| roles.egress_credentials) {
-        match egress.reload_credentials() {
-            Ok(()) => info!("egress credentials reloaded"),
-            Err(e) => {
-                error!(error = %e, "egress credentials reload failed; keeping the previous ones")
-            }
-        }
-    }
-    let (Some(agent), Some(path)) = (&roles.agent, file) else {
-        if roles.agent.is_some() {
-            warn!("agent targets come from flags: nothing to reload (use ferry run --config.file to reload targets)");
-        }
-        return;
+    ok
+}
+
+fn reload_tokens(roles: &Roles) -> bool {
+    let Some(gateway) = &roles.gateway else {
+        return true;
     };
-    let origin = path.display().to_string();
-    let validated = FileConfig::load_validated(path, &env, |_| {});
-    let new = match validated {
-        Ok(RunConfig { agent: Some(a), .. }) => a,
-        Ok(_) => {
-            return error!(file = %origin, "reload: the file has no agent section any more; keeping the previous targets")
+    match gateway.reload_tokens() {
+        Ok(0) => warn!(
+            credentials = 0,
+            "tokens file reloaded, but it holds no credentials: no agent can connect"
+        ),
+        Ok(n) => info!(credentials = n, "tokens file reloaded"),
+        Err(e) => {
+            error!(error = %e, "tokens file reload failed; keeping the previous credentials");
+            return false;
         }
+    }
+    true
+}
+
+fn reload_egress_credentials(roles: &Roles) -> bool {
+    let Some(egress) = roles.egress.as_ref().filter(|_| roles.egress_credentials) else {
+        return true;
+    };
+    match egress.reload_credentials() {
+        Ok(()) => info!("egress credentials reloaded"),
+        Err(e) => {
+            error!(error = %e, "egress credentials reload failed; keeping the previous ones");
+            return false;
+        }
+    }
+    true
+}
+
+/// Applies the agent's targets and labels from the config file, and names the settings that
+/// changed since `started` but need a restart: a changed listener or egress rule silently
+/// ignored would look applied. A file that cannot be read or is invalid changes nothing.
+fn reload_file(roles: &Roles, path: &std::path::Path, started: &serde_yaml_ng::Value) -> bool {
+    let now = match file_value(path) {
+        Ok(now) => now,
+        Err(e) => {
+            error!(file = %path.display(), error = %e, "reload: the config file cannot be read; the running configuration stays");
+            return false;
+        }
+    };
+    // The database is not opened again here: `SharedGeo::reload` did, and a bad database file
+    // keeps the old one there; it must not keep the rest of the file from being applied.
+    let without_geo = |f: &mut FileConfig| f.geoip.database = None;
+    let new = match FileConfig::load_validated(path, &env, without_geo) {
+        Ok(new) => new,
         Err(errs) => {
-            return error!(errors = %errs.to_string().replace('\n', "; "), "reload failed; keeping the previous targets")
+            error!(file = %path.display(), errors = %errs.to_string().replace('\n', "; "), "reload: the config file is invalid; the running configuration stays");
+            return false;
         }
+    };
+    let mut changed = Vec::new();
+    changed_fields("", started, &now, &mut changed);
+    changed.retain(|f| !RELOADED_FIELDS.contains(&f.as_str()));
+    if !changed.is_empty() {
+        warn!(file = %path.display(), fields = %changed.join(", "), "reload: these settings changed in the file and take effect only after a restart");
+    }
+    match &roles.agent {
+        Some(agent) => reload_agent(agent, new.agent, path),
+        None => true,
+    }
+}
+
+fn reload_agent(agent: &Agent, new: Option<AgentConfig>, path: &std::path::Path) -> bool {
+    let Some(new) = new else {
+        error!(file = %path.display(), "reload: the file has no agent section any more; keeping the previous targets");
+        return false;
     };
     if new.agent_id != agent.id() {
         warn!(
@@ -466,8 +484,12 @@ fn reload(roles: &Roles, file: Option<&std::path::Path>) {
     match agent.set_targets(&new.targets, &new.labels) {
         // Counted with the built-in `ferry` target, as the gateway counts them.
         Ok(()) => info!(targets = new.targets.len() + 1, "agent targets reloaded"),
-        Err(e) => error!(error = %e, "reload failed; keeping the previous targets"),
+        Err(e) => {
+            error!(error = %e, "reload failed; keeping the previous targets");
+            return false;
+        }
     }
+    true
 }
 
 #[cfg(test)]
