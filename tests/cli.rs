@@ -333,6 +333,26 @@ fn a_file_without_any_role_is_an_error() {
     );
 }
 
+/// The database's file watch cannot tick every 0 s: check-config says so instead of the started
+/// process panicking in it.
+#[test]
+fn a_geoip_reload_interval_under_a_second_is_refused() {
+    let dir = TempDir::new().unwrap();
+    for interval in ["0s", "500ms"] {
+        let text = format!(
+            "exporter:\n  collector:\n    connections: true\ngeoip:\n  reload_interval: {interval}\n"
+        );
+        write(dir.path(), "geo.yaml", &text);
+        let out = ferry(dir.path(), &["check-config", "geo.yaml"]);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{interval}: {out:?}");
+        assert_eq!(
+            stderr_lines(&out),
+            ["geo.yaml: geoip.reload_interval: must be at least 1s"],
+            "{interval}"
+        );
+    }
+}
+
 /// `ferry gateway` on loopback port 0 with `extra` flags: it must exit before serving.
 fn gateway(dir: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
@@ -1048,6 +1068,50 @@ fn the_exporter_drains_no_scrapes() {
     assert!(!lines.contains("scrapes"), "{lines}");
 }
 
+/// A SIGHUP that comes while the process is still reading its configuration is a reload once
+/// the roles run, not the end of the process (SIGHUP's default action).
+#[test]
+fn a_sighup_during_start_up_is_a_reload_not_an_exit() {
+    use std::io::Write as _;
+    let dir = TempDir::new().unwrap();
+    let credentials = dir.path().join("credentials");
+    // A named pipe holds ferry at its first read of the file (validation) until the test writes.
+    let mkfifo = Command::new("mkfifo").arg(&credentials).status().unwrap();
+    assert!(mkfifo.success());
+    let mut egress = Running::start(
+        dir.path(),
+        &[
+            "egress",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--allow-upstream",
+            "example.com:443",
+            "--auth.credentials-file",
+            "credentials",
+        ],
+    );
+    // Opening the pipe for writing waits until ferry has opened it for reading.
+    let mut pipe = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&credentials)
+        .unwrap();
+    egress.signal(rustix::process::Signal::HUP);
+    // Later reads find a plain file; this one gets its text through the pipe.
+    let line = format!("client-* {}\n", hash_token("s3cret"));
+    write(dir.path(), "credentials.new", &line);
+    std::fs::rename(dir.path().join("credentials.new"), &credentials).unwrap();
+    let _ = pipe.write_all(line.as_bytes());
+    drop(pipe);
+    egress.wait_for("egress proxy listening");
+    egress.wait_for("SIGHUP: reloading");
+    egress.wait_for("egress credentials reloaded");
+    assert!(
+        egress.child.0.try_wait().unwrap().is_none(),
+        "ferry exited:\n{}",
+        egress.seen.join("\n")
+    );
+}
+
 /// A reload applies what it can; a changed setting it does not apply is named, not ignored.
 #[test]
 fn settings_a_reload_does_not_apply_are_named() {
@@ -1084,7 +1148,10 @@ fn settings_a_reload_does_not_apply_are_named() {
     egress.signal(rustix::process::Signal::HUP);
     let line = egress.wait_for("cannot be read");
     assert!(line.contains("level=error"), "{line}");
-    egress.wait_for("SIGHUP: reloading");
+    assert!(
+        egress.child.0.try_wait().unwrap().is_none(),
+        "still running"
+    );
 }
 
 #[test]
@@ -1111,6 +1178,78 @@ fn an_agent_id_changed_on_reload_is_said_to_need_a_restart() {
         "{line}"
     );
     agent.wait_for("agent targets reloaded");
+}
+
+/// An agent config file (`agent.yaml`) dialling nothing, serving `target` on `path`, with `extra`
+/// appended; the token file it names is written too.
+fn agent_config(dir: &Path, target: &str, extra: &str) {
+    write(dir, "agent-token", "s3cret\n");
+    let text = format!(
+        "agent:\n  gateway: http://127.0.0.1:1\n  agent_id: node-1\n  token_file: agent-token\n  tunnel: {{ insecure_plaintext: true }}\n  targets:\n    - {{ name: {target}, url: 'http://127.0.0.1:9100/metrics' }}\n{extra}"
+    );
+    // Write then rename, so a reload never reads a half-written file.
+    write(dir, "agent.yaml.new", &text);
+    std::fs::rename(dir.join("agent.yaml.new"), dir.join("agent.yaml")).unwrap();
+}
+
+/// A geo database replaced by a wrong one (an ASN database) keeps the old database, and the
+/// reload of the rest of the file goes on: the new targets are applied.
+#[test]
+fn a_bad_geo_database_does_not_keep_a_reload_from_applying_the_targets() {
+    let dir = TempDir::new().unwrap();
+    let geo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/geo"));
+    std::fs::copy(
+        geo.join("GeoLite2-Country-Test.mmdb"),
+        dir.path().join("geo.mmdb"),
+    )
+    .unwrap();
+    let geoip = "geoip:\n  database: geo.mmdb\n";
+    agent_config(dir.path(), "node", geoip);
+    let mut agent = Running::start(dir.path(), &["run", "--config.file", "agent.yaml"]);
+    agent.wait_for("cannot open tunnel");
+    std::fs::copy(
+        geo.join("GeoLite2-ASN-Test.mmdb"),
+        dir.path().join("asn.mmdb"),
+    )
+    .unwrap();
+    std::fs::rename(dir.path().join("asn.mmdb"), dir.path().join("geo.mmdb")).unwrap();
+    agent_config(dir.path(), "node2", geoip);
+    agent.signal(rustix::process::Signal::HUP);
+    let line = agent.wait_for("geoip database reload failed");
+    assert!(
+        line.contains("level=warn") && line.contains("keeping the previous one"),
+        "{line}"
+    );
+    let line = agent.wait_for("agent targets reloaded");
+    assert!(line.contains("targets=2"), "{line}");
+    let lines = agent.stop().join("\n");
+    assert!(!lines.contains("the config file is invalid"), "{lines}");
+}
+
+/// An invalid file changes nothing: it is reported as invalid, and its fields are not listed
+/// as settings that would need a restart.
+#[test]
+fn an_invalid_file_on_reload_is_not_said_to_change_settings() {
+    let dir = TempDir::new().unwrap();
+    agent_config(dir.path(), "node", "");
+    let mut agent = Running::start(dir.path(), &["run", "--config.file", "agent.yaml"]);
+    agent.wait_for("cannot open tunnel");
+    agent_config(dir.path(), "node", "  lables: { env: prod }\n");
+    agent.signal(rustix::process::Signal::HUP);
+    let line = agent.wait_for("the config file is invalid");
+    assert!(
+        line.contains("level=error") && line.contains("lables"),
+        "{line}"
+    );
+    write(dir.path(), "agent.yaml", "");
+    agent.signal(rustix::process::Signal::HUP);
+    agent.wait_for("the config file is invalid");
+    let lines = agent.stop().join("\n");
+    assert!(
+        !lines.contains("take effect only after a restart"),
+        "{lines}"
+    );
+    assert!(!lines.contains("agent targets reloaded"), "{lines}");
 }
 
 /// The `address=` of a "listening" log line.

@@ -429,10 +429,8 @@ pub fn main() -> ExitCode {
         Command::Run(args) => {
             let log = &args.log;
             let adjust = |f: &mut FileConfig| f.log = log.apply(f.log.clone());
-            match FileConfig::load_validated(&args.config_file, &env, adjust) {
-                Ok(config) => start(config, Some(args.config_file)),
-                Err(errs) => config_failed(&errs),
-            }
+            let load = || FileConfig::load_validated(&args.config_file, &env, adjust);
+            run::run(load, Some(args.config_file.clone()))
         }
         Command::Quickstart(args) => crate::quickstart::main(args),
     }
@@ -446,7 +444,7 @@ fn run_flags(log: &LogArgs, geo: &GeoArgs, role: impl FnOnce(&mut FileConfig)) -
         ..FileConfig::default()
     };
     role(&mut file);
-    validate_and_run(&file, "flags", None)
+    run::run(|| file.validate("flags", &env), None)
 }
 
 /// `ferry gateway --config.file F`: clap would suggest `--web.config.file`, a different file
@@ -577,16 +575,4 @@ fn writable_by_all(files: &[(&'static str, PathBuf)]) -> Vec<String> {
 fn config_failed(errs: &ConfigErrors) -> ExitCode {
     eprintln!("{errs}");
     ExitCode::from(EXIT_CONFIG)
-}
-
-fn validate_and_run(file: &FileConfig, origin: &str, reload_from: Option<PathBuf>) -> ExitCode {
-    match file.validate(origin, &env) {
-        Ok(config) => start(config, reload_from),
-        Err(errs) => config_failed(&errs),
-    }
-}
-
-fn start(config: RunConfig, reload_from: Option<PathBuf>) -> ExitCode {
-    logging::init(&config.log);
-    run::run(config, reload_from)
 }

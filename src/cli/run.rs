@@ -1,6 +1,8 @@
 //! Running the configured roles in one process: bind listeners, wire signals (SIGINT/SIGTERM →
 //! one shutdown token; SIGHUP → reload), wait for every role to drain.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,13 +15,13 @@ use tracing::{error, info, warn};
 
 use super::{env, EXIT_CONFIG};
 use crate::agent::Agent;
-use crate::config::{FileConfig, RunConfig};
+use crate::config::{AgentConfig, ConfigErrors, FileConfig, RunConfig};
 use crate::egress::Egress;
 use crate::exporter::Exporter;
 use crate::gateway::Gateway;
 use crate::telemetry::geo::SharedGeo;
 
-/// Why the process could not start its roles.
+/// Why the process ends with a failure.
 #[derive(Debug, thiserror::Error)]
 enum StartError {
     #[error("{0}")]
@@ -32,20 +34,43 @@ enum StartError {
     },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    /// Logged when it happened, with the role and the reason.
+    #[error("{role} stopped unexpectedly: {reason}")]
+    RoleStopped { role: &'static str, reason: String },
 }
 
-/// Runs every role of `config` until SIGINT/SIGTERM.
-pub fn run(config: RunConfig, reload_from: Option<PathBuf>) -> ExitCode {
+/// Runs every role of the configuration `load` returns until SIGINT/SIGTERM; `reload_from` is
+/// the file SIGHUP reads again.
+pub fn run(
+    load: impl FnOnce() -> Result<RunConfig, ConfigErrors>,
+    reload_from: Option<PathBuf>,
+) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build();
     let result = match runtime {
-        Ok(rt) => rt.block_on(run_roles(config, reload_from)),
+        Ok(rt) => rt.block_on(async {
+            // Before anything slow (reading the files, opening the geo database): SIGHUP's
+            // default action ends the process, and a reload sent by a deploy tool just after the
+            // start must be a reload, applied once the roles run.
+            let signals = Signals::install();
+            let config = load().map_err(|errs| StartError::Config(errs.to_string()))?;
+            super::logging::init(&config.log);
+            run_roles(config, signals, reload_from).await
+        }),
         Err(e) => Err(StartError::Runtime(e)),
     };
-    // One plain line, like the configuration errors before it: not a log line as well.
+    exit_code(result)
+}
+
+/// Non-zero for any failure, so that a service manager restarts the process
+/// (`Restart=on-failure`).
+fn exit_code(result: Result<(), StartError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Already in the log, where it happened.
+        Err(StartError::RoleStopped { .. }) => ExitCode::FAILURE,
+        // One plain line, like the configuration errors before it: not a log line as well.
         Err(e @ StartError::Config(_)) => {
             eprintln!("{e}");
             ExitCode::from(EXIT_CONFIG)
@@ -81,12 +106,18 @@ impl Roles {
     }
 }
 
-async fn run_roles(config: RunConfig, reload_from: Option<PathBuf>) -> Result<(), StartError> {
+async fn run_roles(
+    config: RunConfig,
+    signals: std::io::Result<Signals>,
+    reload_from: Option<PathBuf>,
+) -> Result<(), StartError> {
     let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-    // Before any role starts: a SIGHUP or SIGTERM that comes once a listener is up is handled,
-    // not left to its default action (exit without draining).
-    let signals = Signals::install();
+    let mut tasks = RoleTasks::default();
+    let signals = signals
+        .inspect_err(
+            |e| error!(error = %e, "cannot install signal handlers; stop ferry with SIGKILL"),
+        )
+        .ok();
     // The file as the roles were started from it: a reload compares against this.
     let started_from = reload_from
         .as_deref()
@@ -99,19 +130,60 @@ async fn run_roles(config: RunConfig, reload_from: Option<PathBuf>) -> Result<()
         started_from,
         shutdown.clone(),
     ));
-    while let Some(res) = tasks.join_next().await {
-        if let Err(e) = res {
-            error!(error = %e, "a role stopped unexpectedly");
-            shutdown.cancel();
-        }
+    tasks.wait(&shutdown).await
+}
+
+/// The tasks of the running roles, each with its name for the log.
+#[derive(Default)]
+struct RoleTasks {
+    set: JoinSet<()>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl RoleTasks {
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let id = self.set.spawn(task).id();
+        self.names.insert(id, name);
     }
-    Ok(())
+
+    /// Waits for every role to end. Roles end only on `shutdown`: one that panics, or ends
+    /// while nothing asked it to, is logged and stops the others (they drain as on SIGTERM), and
+    /// the first such is the process's failure.
+    async fn wait(mut self, shutdown: &CancellationToken) -> Result<(), StartError> {
+        let mut failure = None;
+        while let Some(res) = self.set.join_next_with_id().await {
+            let (id, reason) = match res {
+                Ok(_) if shutdown.is_cancelled() => continue,
+                Ok((id, ())) => (id, "it ended before shutdown".to_owned()),
+                Err(e) => (e.id(), join_error_reason(e)),
+            };
+            let role = self.names.get(&id).copied().unwrap_or("a role");
+            error!(role, %reason, "a role stopped unexpectedly; stopping the others");
+            shutdown.cancel();
+            failure.get_or_insert(StartError::RoleStopped { role, reason });
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// A panic's message, or why else the task ended.
+fn join_error_reason(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let panic = e.into_panic();
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned());
+    format!("panicked: {message}")
 }
 
 async fn start_roles(
     config: RunConfig,
     shutdown: &CancellationToken,
-    tasks: &mut JoinSet<()>,
+    tasks: &mut RoleTasks,
 ) -> Result<Roles, StartError> {
     for warning in super::warnings(&config) {
         warn!("{warning}");
@@ -125,7 +197,7 @@ async fn start_roles(
         geo: config.geo.clone(),
     };
     if roles.geo.is_enabled() {
-        tasks.spawn(roles.geo.clone().watch(shutdown.clone()));
+        tasks.spawn("geoip watch", roles.geo.clone().watch(shutdown.clone()));
     }
     if let Some(cfg) = config.gateway {
         let (web_addr, tunnel_addr) = (cfg.web_listen, cfg.tunnel_listen);
@@ -134,7 +206,7 @@ async fn start_roles(
         let tunnel = bind(tunnel_addr, "tunnel.listen_address").await?;
         let g = gateway.clone();
         let token = shutdown.clone();
-        tasks.spawn(async move { g.run(web, tunnel, token).await });
+        tasks.spawn("gateway", async move { g.run(web, tunnel, token).await });
         roles.gateway = Some(gateway);
     }
     if let Some(cfg) = config.agent {
@@ -146,11 +218,14 @@ async fn start_roles(
         if let Some(listener) = web {
             let a = agent.clone();
             let token = shutdown.clone();
-            tasks.spawn(async move { a.serve_web(listener, token).await });
+            tasks.spawn(
+                "agent web",
+                async move { a.serve_web(listener, token).await },
+            );
         }
         let a = agent.clone();
         let token = shutdown.clone();
-        tasks.spawn(async move { a.run(token).await });
+        tasks.spawn("agent", async move { a.run(token).await });
         roles.agent = Some(agent);
     }
     if let Some(cfg) = config.egress {
@@ -160,14 +235,17 @@ async fn start_roles(
         let listener = bind(addr, "egress web.listen_address").await?;
         let e = egress.clone();
         let token = shutdown.clone();
-        tasks.spawn(async move { e.serve(listener, token).await });
+        tasks.spawn("egress", async move { e.serve(listener, token).await });
         roles.egress = Some(egress);
     }
     if let Some(cfg) = config.exporter {
         let exporter = Exporter::new(&cfg);
         let listener = bind(cfg.listen, "exporter web.listen_address").await?;
         let token = shutdown.clone();
-        tasks.spawn(async move { exporter.serve(listener, token).await });
+        tasks.spawn(
+            "exporter",
+            async move { exporter.serve(listener, token).await },
+        );
     }
     Ok(roles)
 }
@@ -207,19 +285,13 @@ struct Signals {
 }
 
 impl Signals {
-    /// `None` (and an error logged) when the handlers cannot be installed.
-    fn install() -> Option<Signals> {
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) {
-            (Ok(term), Ok(int), Ok(hup)) => Some(Signals { term, int, hup }),
-            _ => {
-                error!("cannot install signal handlers; stop ferry with SIGKILL");
-                None
-            }
-        }
+    /// Installs the handlers; a signal that arrives from now on is kept for the first `recv`.
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
 }
 
@@ -242,10 +314,7 @@ async fn handle_signals(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                if let Some((path, started)) = &started_from {
-                    warn_unapplied(path, started, roles.agent.is_none());
-                }
-                reload(&roles, started_from.as_ref().map(|(path, _)| path.as_path()))
+                reload(&roles, started_from.as_ref());
             }
         }
     }
@@ -267,30 +336,6 @@ const RELOADED_FIELDS: &[&str] = &["agent.targets", "agent.labels", "agent.agent
 fn file_value(path: &std::path::Path) -> Result<serde_yaml_ng::Value, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
     serde_yaml_ng::from_str(&text).map_err(|e| e.to_string())
-}
-
-/// Says which settings changed in the file since start that a reload does not apply: a changed
-/// listener or egress rule silently ignored would look applied.
-fn warn_unapplied(path: &std::path::Path, started: &serde_yaml_ng::Value, validate: bool) {
-    let now = match file_value(path) {
-        Ok(now) => now,
-        Err(e) => {
-            return error!(file = %path.display(), error = %e, "reload: the config file cannot be read; the running configuration stays")
-        }
-    };
-    // An agent's reload validates the file itself (and says so); for the other roles a file that
-    // parses may still be one `check-config` refuses.
-    if validate {
-        if let Err(errs) = FileConfig::load_validated(path, &env, |_| {}) {
-            return error!(file = %path.display(), errors = %errs.to_string().replace('\n', "; "), "reload: the config file is invalid; the running configuration stays");
-        }
-    }
-    let mut changed = Vec::new();
-    changed_fields("", started, &now, &mut changed);
-    changed.retain(|f| !RELOADED_FIELDS.contains(&f.as_str()));
-    if !changed.is_empty() {
-        warn!(file = %path.display(), fields = %changed.join(", "), "reload: these settings changed in the file and take effect only after a restart");
-    }
 }
 
 /// Field paths (two levels deep: `egress.rules`) where `old` and `new` differ.
@@ -339,50 +384,95 @@ fn changed_fields(
     }
 }
 
-/// SIGHUP: re-read the tokens file, and the config file's agent targets. Errors keep the old state.
-fn reload(roles: &Roles, file: Option<&std::path::Path>) {
+/// SIGHUP: re-reads the tokens and credentials files, the geo database and the config file
+/// (`file`, with its contents at start). Whatever cannot be read keeps its previous state; returns
+/// whether everything was applied.
+fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> bool {
     info!("SIGHUP: reloading");
     for warning in super::writable_by_all(&roles.credential_files) {
         warn!("{warning}");
     }
-    // The error (a broken file keeps the old database) is logged by reload itself.
-    let _ = roles.geo.reload();
-    if let Some(gateway) = &roles.gateway {
-        match gateway.reload_tokens() {
-            Ok(0) => warn!(
-                credentials = 0,
-                "tokens file reloaded, but it holds no credentials: no agent can connect"
-            ),
-            Ok(n) => info!(credentials = n, "tokens file reloaded"),
-            Err(e) => {
-                error!(error = %e, "tokens file reload failed; keeping the previous credentials")
-            }
-        }
+    // A broken file keeps the old database; `reload` logs it.
+    let mut ok = roles.geo.reload().is_ok();
+    ok &= reload_tokens(roles);
+    ok &= reload_egress_credentials(roles);
+    match file {
+        Some((path, started)) => ok &= reload_file(roles, path, started),
+        None if roles.agent.is_some() => warn!("agent targets come from flags: nothing to reload (use ferry run --config.file to reload targets)"),
+        None => {}
     }
-    if let Some(egress) = roles.egress.as_ref().filter(|_| roles.egress_credentials) {
-        match egress.reload_credentials() {
-            Ok(()) => info!("egress credentials reloaded"),
-            Err(e) => {
-                error!(error = %e, "egress credentials reload failed; keeping the previous ones")
-            }
-        }
-    }
-    let (Some(agent), Some(path)) = (&roles.agent, file) else {
-        if roles.agent.is_some() {
-            warn!("agent targets come from flags: nothing to reload (use ferry run --config.file to reload targets)");
-        }
-        return;
+    ok
+}
+
+fn reload_tokens(roles: &Roles) -> bool {
+    let Some(gateway) = &roles.gateway else {
+        return true;
     };
-    let origin = path.display().to_string();
-    let validated = FileConfig::load_validated(path, &env, |_| {});
-    let new = match validated {
-        Ok(RunConfig { agent: Some(a), .. }) => a,
-        Ok(_) => {
-            return error!(file = %origin, "reload: the file has no agent section any more; keeping the previous targets")
+    match gateway.reload_tokens() {
+        Ok(0) => warn!(
+            credentials = 0,
+            "tokens file reloaded, but it holds no credentials: no agent can connect"
+        ),
+        Ok(n) => info!(credentials = n, "tokens file reloaded"),
+        Err(e) => {
+            error!(error = %e, "tokens file reload failed; keeping the previous credentials");
+            return false;
         }
+    }
+    true
+}
+
+fn reload_egress_credentials(roles: &Roles) -> bool {
+    let Some(egress) = roles.egress.as_ref().filter(|_| roles.egress_credentials) else {
+        return true;
+    };
+    match egress.reload_credentials() {
+        Ok(()) => info!("egress credentials reloaded"),
+        Err(e) => {
+            error!(error = %e, "egress credentials reload failed; keeping the previous ones");
+            return false;
+        }
+    }
+    true
+}
+
+/// Applies the agent's targets and labels from the config file, and names the settings that
+/// changed since `started` but need a restart: a changed listener or egress rule silently
+/// ignored would look applied. A file that cannot be read or is invalid changes nothing.
+fn reload_file(roles: &Roles, path: &std::path::Path, started: &serde_yaml_ng::Value) -> bool {
+    let now = match file_value(path) {
+        Ok(now) => now,
+        Err(e) => {
+            error!(file = %path.display(), error = %e, "reload: the config file cannot be read; the running configuration stays");
+            return false;
+        }
+    };
+    // The database is not opened again here: `SharedGeo::reload` did, and a bad database file
+    // keeps the old one there; it must not keep the rest of the file from being applied.
+    let without_geo = |f: &mut FileConfig| f.geoip.database = None;
+    let new = match FileConfig::load_validated(path, &env, without_geo) {
+        Ok(new) => new,
         Err(errs) => {
-            return error!(errors = %errs.to_string().replace('\n', "; "), "reload failed; keeping the previous targets")
+            error!(file = %path.display(), errors = %errs.to_string().replace('\n', "; "), "reload: the config file is invalid; the running configuration stays");
+            return false;
         }
+    };
+    let mut changed = Vec::new();
+    changed_fields("", started, &now, &mut changed);
+    changed.retain(|f| !RELOADED_FIELDS.contains(&f.as_str()));
+    if !changed.is_empty() {
+        warn!(file = %path.display(), fields = %changed.join(", "), "reload: these settings changed in the file and take effect only after a restart");
+    }
+    match &roles.agent {
+        Some(agent) => reload_agent(agent, new.agent, path),
+        None => true,
+    }
+}
+
+fn reload_agent(agent: &Agent, new: Option<AgentConfig>, path: &std::path::Path) -> bool {
+    let Some(new) = new else {
+        error!(file = %path.display(), "reload: the file has no agent section any more; keeping the previous targets");
+        return false;
     };
     if new.agent_id != agent.id() {
         warn!(
@@ -394,6 +484,58 @@ fn reload(roles: &Roles, file: Option<&std::path::Path>) {
     match agent.set_targets(&new.targets, &new.labels) {
         // Counted with the built-in `ferry` target, as the gateway counts them.
         Ok(()) => info!(targets = new.targets.len() + 1, "agent targets reloaded"),
-        Err(e) => error!(error = %e, "reload failed; keeping the previous targets"),
+        Err(e) => {
+            error!(error = %e, "reload failed; keeping the previous targets");
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A role that panics (the geo watch did, on a zero interval) stops the others and makes
+    /// the process fail, so that systemd's `Restart=on-failure` starts it again.
+    #[tokio::test]
+    async fn a_role_that_panics_stops_the_others_and_fails_the_process() {
+        let shutdown = CancellationToken::new();
+        let mut tasks = RoleTasks::default();
+        let token = shutdown.clone();
+        tasks.spawn("egress", async move { token.cancelled().await });
+        tasks.spawn("geoip watch", async { panic!("period must be non-zero") });
+        let result = tasks.wait(&shutdown).await;
+        assert!(shutdown.is_cancelled(), "the other roles are told to stop");
+        let err = result.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "geoip watch stopped unexpectedly: panicked: period must be non-zero"
+        );
+        assert_eq!(exit_code(Err(err)), ExitCode::FAILURE);
+    }
+
+    #[tokio::test]
+    async fn a_role_that_ends_before_shutdown_fails_the_process() {
+        let shutdown = CancellationToken::new();
+        let mut tasks = RoleTasks::default();
+        tasks.spawn("exporter", async {});
+        let err = tasks.wait(&shutdown).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "exporter stopped unexpectedly: it ended before shutdown"
+        );
+    }
+
+    #[tokio::test]
+    async fn roles_that_end_on_shutdown_are_a_success() {
+        let shutdown = CancellationToken::new();
+        let mut tasks = RoleTasks::default();
+        for name in ["gateway", "agent"] {
+            let token = shutdown.clone();
+            tasks.spawn(name, async move { token.cancelled().await });
+        }
+        shutdown.cancel();
+        assert!(tasks.wait(&shutdown).await.is_ok());
     }
 }

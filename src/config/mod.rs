@@ -308,6 +308,14 @@ impl GeoipSection {
     /// Opens the database, if one is configured.
     pub fn validate(&self, errs: &mut ConfigErrors) -> crate::telemetry::geo::SharedGeo {
         use crate::telemetry::geo::SharedGeo;
+        // A zero interval would make the file watch spin (tokio refuses it outright); checking a
+        // file's mtime more than once a second buys nothing.
+        if self
+            .reload_interval
+            .is_some_and(|d| d.0 < Duration::from_secs(1))
+        {
+            errs.push("geoip.reload_interval", "must be at least 1s");
+        }
         let Some(path) = &self.database else {
             return SharedGeo::disabled();
         };

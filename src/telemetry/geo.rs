@@ -557,7 +557,8 @@ impl SharedGeo {
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, "geoip database reload failed; keeping the previous one");
+                // The previous database keeps labelling: degraded, not down.
+                tracing::warn!(error = %e, "geoip database reload failed; keeping the previous one");
                 Err(e)
             }
         }
