@@ -183,3 +183,91 @@ impl Agent {
         .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AgentSection, ConfigErrors, TargetSection};
+
+    fn agent() -> Agent {
+        let mut section = AgentSection {
+            gateway: Some("https://gateway.example:7443".into()),
+            agent_id: Some("node-1".into()),
+            ..AgentSection::default()
+        };
+        section.tunnel.fingerprint = Some(format!("sha256:{}", "ab".repeat(32)));
+        let env = |name: &str| (name == "FERRY_TOKEN").then(|| "t".to_owned());
+        let mut errs = ConfigErrors::new("test");
+        let config = section.validate("agent", &env, &mut errs);
+        Agent::new(errs.finish(config).unwrap().unwrap()).unwrap()
+    }
+
+    fn target(name: &str) -> Target {
+        TargetSection {
+            name: name.into(),
+            url: "http://127.0.0.1:9100/metrics".into(),
+            ..TargetSection::default()
+        }
+        .to_target("targets[0]")
+        .unwrap()
+    }
+
+    fn refusal(targets: &[Target], labels: &[(&str, &str)]) -> String {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        agent()
+            .set_targets(targets, &labels)
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// A hand-built list gets the config file's checks: the gateway would drop what fails them.
+    #[test]
+    fn set_targets_refuses_names_and_labels_the_config_file_refuses() {
+        let mut bad_name = target("node");
+        bad_name.name = "bad name\"".into();
+        assert_eq!(
+            refusal(&[bad_name], &[]),
+            r#"target "bad name\"": the name must be non-empty letters, digits, '-', '_' or '.'"#
+        );
+        for (label, problem) in [
+            ("__scheme__", "is not a valid label name"),
+            ("bad-name", "is not a valid label name"),
+            ("job", "is reserved"),
+            ("instance", "is reserved"),
+        ] {
+            let mut t = target("node");
+            t.labels.insert(label.into(), "x".into());
+            let err = refusal(&[t], &[]);
+            assert!(
+                err.starts_with(&format!("target \"node\": label {label:?} {problem}")),
+                "{err}"
+            );
+            let err = refusal(&[target("node")], &[(label, "x")]);
+            assert!(
+                err.starts_with(&format!("agent label {label:?} {problem}")),
+                "{err}"
+            );
+        }
+        let mut port_0 = target("node");
+        port_0.port = 0;
+        assert_eq!(
+            refusal(&[port_0], &[]),
+            "target \"node\": port 0 is not a port (1-65535)"
+        );
+    }
+
+    #[test]
+    fn refused_targets_leave_the_old_ones_in_place() {
+        let agent = agent();
+        agent.set_targets(&[target("node")], &BTreeMap::new()).unwrap();
+        let labels = BTreeMap::from([("job".to_owned(), "x".to_owned())]);
+        assert!(agent.set_targets(&[target("other")], &labels).is_err());
+        let set = agent.shared.targets.borrow().clone();
+        let names: Vec<&str> = set.list.targets.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["node", "ferry"]);
+        assert!(set.list.labels.is_empty());
+    }
+}
