@@ -6,7 +6,7 @@
 //! - [`backoff`]: capped exponential backoff with full jitter.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::registry::Registry as MetricsRegistry;
@@ -37,6 +37,10 @@ pub enum AgentError {
     /// A target list [`Agent::set_targets`] cannot serve.
     #[error("{0}")]
     Targets(String),
+    /// [`Agent::run`] was called while a run of this agent (or a clone) is under way: two
+    /// tunnels with one agent id would take the id from each other at the gateway.
+    #[error("agent {0:?} is already running: one agent (and its clones) runs one tunnel at a time")]
+    AlreadyRunning(String),
 }
 
 /// State shared by the reconnect loop, the tunnel service and reloads.
@@ -48,8 +52,30 @@ pub(crate) struct Shared {
     pub(crate) metrics_registry: MetricsRegistry,
     plain_client: HttpClient,
     version: AtomicU64,
+    /// Whether a [`Agent::run`] is under way.
+    running: AtomicBool,
     /// Why the gateway closed the current tunnel, when it said so before closing it.
     pub(crate) closing_notice: std::sync::Mutex<Option<String>>,
+}
+
+/// Marks an agent as running for as long as it lives, also when the run's future is dropped
+/// (an aborted task) rather than returning.
+struct Running(Arc<Shared>);
+
+impl Running {
+    fn claim(shared: &Arc<Shared>) -> Option<Running> {
+        shared
+            .running
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| Running(shared.clone()))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::SeqCst);
+    }
 }
 
 /// An agent: dials out to the gateway, keeps the tunnel up, serves its listed targets.
@@ -101,6 +127,7 @@ impl Agent {
                 metrics_registry: registry,
                 plain_client,
                 version: AtomicU64::new(1),
+                running: AtomicBool::new(false),
                 closing_notice: std::sync::Mutex::new(None),
             }),
         })
@@ -139,8 +166,18 @@ impl Agent {
 
     /// Keeps a tunnel to the gateway up until `shutdown`, reconnecting with backoff. On shutdown
     /// in-flight scrapes get the grace period to finish.
-    pub async fn run(self, shutdown: CancellationToken) {
-        session::reconnect_loop(self.shared, shutdown).await;
+    ///
+    /// One run at a time: while this agent or a clone of it runs, another `run` returns
+    /// [`AgentError::AlreadyRunning`] at once. Once a run has returned, the agent can run again.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let Some(_running) = Running::claim(&self.shared) else {
+            let e = AgentError::AlreadyRunning(self.shared.config.agent_id.clone());
+            // Usually spawned with its result unread: say it where the tunnel's errors go too.
+            tracing::error!(error = %e, "refused to start a second tunnel");
+            return Err(e);
+        };
+        session::reconnect_loop(self.shared.clone(), shutdown).await;
+        Ok(())
     }
 
     /// Serves the agent's own `/metrics`, `/-/healthy` and `/-/ready` on a local listener.

@@ -150,7 +150,10 @@ async fn start_roles(
         }
         let a = agent.clone();
         let token = shutdown.clone();
-        tasks.spawn(async move { a.run(token).await });
+        // A fresh agent: it cannot be running already.
+        tasks.spawn(async move {
+            let _ = a.run(token).await;
+        });
         roles.agent = Some(agent);
     }
     if let Some(cfg) = config.egress {
