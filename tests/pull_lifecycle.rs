@@ -308,6 +308,51 @@ async fn gateway_serves_a_restarted_agent() {
     gw.stop().await;
 }
 
+/// A second `run` of a running agent (or a clone) is refused at once: two tunnels with one id
+/// would take it from each other at the gateway. Once the first run has returned, the same agent
+/// runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_refuses_a_second_run_and_runs_again_after_stopping() {
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("once 1\n").await;
+    let targets = [("node", server.url("/metrics"))];
+    let (gw, agent) = gateway_and_agent(&dir, "node-3", &targets).await;
+    let url = target_url("node-3", &server);
+    let embedded = agent.agent.clone();
+
+    let second = tokio::time::timeout(
+        Duration::from_secs(5),
+        embedded.clone().run(CancellationToken::new()),
+    )
+    .await
+    .expect("a second run returns at once");
+    let err = second.expect_err("a second concurrent run is refused");
+    assert_eq!(
+        err.to_string(),
+        "agent \"node-3\" is already running: one agent (and its clones) runs one tunnel at a time"
+    );
+    let resp = scrape(gw.web, &url).await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "once 1\n"));
+    assert_eq!(agent_ok_connects(gw.web, "node-3").await, 1.0);
+
+    agent.stop().await;
+    gw.wait_agent_gone("node-3", Duration::from_secs(5)).await;
+    let stop = CancellationToken::new();
+    let rerun = tokio::spawn(embedded.clone().run(stop.clone()));
+    gw.wait_agent("node-3", Duration::from_secs(10)).await;
+    let resp = scrape(gw.web, &url).await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "once 1\n"));
+    assert!(embedded.is_connected());
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), rerun)
+        .await
+        .expect("the second run stops")
+        .unwrap()
+        .expect("the second run ran");
+    gw.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Duplicate id
 // ---------------------------------------------------------------------------------------------
@@ -955,7 +1000,8 @@ async fn agent_shutdown_drains_in_flight_scrapes() {
     tokio::time::timeout(Duration::from_secs(10), agent.task)
         .await
         .expect("the agent finishes once drained")
-        .unwrap();
+        .unwrap()
+        .expect("the agent ran");
     assert_eq!(
         server.requests(),
         1,

@@ -6,7 +6,7 @@
 //! - [`backoff`]: capped exponential backoff with full jitter.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::registry::Registry as MetricsRegistry;
@@ -37,6 +37,10 @@ pub enum AgentError {
     /// A target list [`Agent::set_targets`] cannot serve.
     #[error("{0}")]
     Targets(String),
+    /// [`Agent::run`] was called while a run of this agent (or a clone) is under way: two
+    /// tunnels with one agent id would take the id from each other at the gateway.
+    #[error("agent {0:?} is already running: one agent (and its clones) runs one tunnel at a time")]
+    AlreadyRunning(String),
 }
 
 /// State shared by the reconnect loop, the tunnel service and reloads.
@@ -48,8 +52,30 @@ pub(crate) struct Shared {
     pub(crate) metrics_registry: MetricsRegistry,
     plain_client: HttpClient,
     version: AtomicU64,
+    /// Whether a [`Agent::run`] is under way.
+    running: AtomicBool,
     /// Why the gateway closed the current tunnel, when it said so before closing it.
     pub(crate) closing_notice: std::sync::Mutex<Option<String>>,
+}
+
+/// Marks an agent as running for as long as it lives, also when the run's future is dropped
+/// (an aborted task) rather than returning.
+struct Running(Arc<Shared>);
+
+impl Running {
+    fn claim(shared: &Arc<Shared>) -> Option<Running> {
+        shared
+            .running
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()
+            .map(|_| Running(shared.clone()))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::SeqCst);
+    }
 }
 
 /// An agent: dials out to the gateway, keeps the tunnel up, serves its listed targets.
@@ -101,6 +127,7 @@ impl Agent {
                 metrics_registry: registry,
                 plain_client,
                 version: AtomicU64::new(1),
+                running: AtomicBool::new(false),
                 closing_notice: std::sync::Mutex::new(None),
             }),
         })
@@ -139,8 +166,18 @@ impl Agent {
 
     /// Keeps a tunnel to the gateway up until `shutdown`, reconnecting with backoff. On shutdown
     /// in-flight scrapes get the grace period to finish.
-    pub async fn run(self, shutdown: CancellationToken) {
-        session::reconnect_loop(self.shared, shutdown).await;
+    ///
+    /// One run at a time: while this agent or a clone of it runs, another `run` returns
+    /// [`AgentError::AlreadyRunning`] at once. Once a run has returned, the agent can run again.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let Some(_running) = Running::claim(&self.shared) else {
+            let e = AgentError::AlreadyRunning(self.shared.config.agent_id.clone());
+            // Usually spawned with its result unread: say it where the tunnel's errors go too.
+            tracing::error!(error = %e, "refused to start a second tunnel");
+            return Err(e);
+        };
+        session::reconnect_loop(self.shared.clone(), shutdown).await;
+        Ok(())
     }
 
     /// Serves the agent's own `/metrics`, `/-/healthy` and `/-/ready` on a local listener.
@@ -181,5 +218,93 @@ impl Agent {
             grace,
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AgentSection, ConfigErrors, TargetSection};
+
+    fn agent() -> Agent {
+        let mut section = AgentSection {
+            gateway: Some("https://gateway.example:7443".into()),
+            agent_id: Some("node-1".into()),
+            ..AgentSection::default()
+        };
+        section.tunnel.fingerprint = Some(format!("sha256:{}", "ab".repeat(32)));
+        let env = |name: &str| (name == "FERRY_TOKEN").then(|| "t".to_owned());
+        let mut errs = ConfigErrors::new("test");
+        let config = section.validate("agent", &env, &mut errs);
+        Agent::new(errs.finish(config).unwrap().unwrap()).unwrap()
+    }
+
+    fn target(name: &str) -> Target {
+        TargetSection {
+            name: name.into(),
+            url: "http://127.0.0.1:9100/metrics".into(),
+            ..TargetSection::default()
+        }
+        .to_target("targets[0]")
+        .unwrap()
+    }
+
+    fn refusal(targets: &[Target], labels: &[(&str, &str)]) -> String {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        agent()
+            .set_targets(targets, &labels)
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// A hand-built list gets the config file's checks: the gateway would drop what fails them.
+    #[test]
+    fn set_targets_refuses_names_and_labels_the_config_file_refuses() {
+        let mut bad_name = target("node");
+        bad_name.name = "bad name\"".into();
+        assert_eq!(
+            refusal(&[bad_name], &[]),
+            r#"target "bad name\"": the name must be non-empty letters, digits, '-', '_' or '.'"#
+        );
+        for (label, problem) in [
+            ("__scheme__", "is not a valid label name"),
+            ("bad-name", "is not a valid label name"),
+            ("job", "is reserved"),
+            ("instance", "is reserved"),
+        ] {
+            let mut t = target("node");
+            t.labels.insert(label.into(), "x".into());
+            let err = refusal(&[t], &[]);
+            assert!(
+                err.starts_with(&format!("target \"node\": label {label:?} {problem}")),
+                "{err}"
+            );
+            let err = refusal(&[target("node")], &[(label, "x")]);
+            assert!(
+                err.starts_with(&format!("agent label {label:?} {problem}")),
+                "{err}"
+            );
+        }
+        let mut port_0 = target("node");
+        port_0.port = 0;
+        assert_eq!(
+            refusal(&[port_0], &[]),
+            "target \"node\": port 0 is not a port (1-65535)"
+        );
+    }
+
+    #[test]
+    fn refused_targets_leave_the_old_ones_in_place() {
+        let agent = agent();
+        agent.set_targets(&[target("node")], &BTreeMap::new()).unwrap();
+        let labels = BTreeMap::from([("job".to_owned(), "x".to_owned())]);
+        assert!(agent.set_targets(&[target("other")], &labels).is_err());
+        let set = agent.shared.targets.borrow().clone();
+        let names: Vec<&str> = set.list.targets.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["node", "ferry"]);
+        assert!(set.list.labels.is_empty());
     }
 }

@@ -22,7 +22,7 @@ use crate::config::{Target, SELF_TARGET};
 use crate::http_util::{Body, BoxError};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_client::{client_config, Purpose};
-use crate::tunnel::{TargetInfo, TargetList};
+use crate::tunnel::{label_name_problem, valid_target_name, TargetInfo, TargetList};
 
 /// A pooled client for targets: one shared by every plain-http target, one per https target
 /// (each has its own trust settings).
@@ -85,7 +85,7 @@ impl TargetSet {
     ) -> Result<TargetSet, super::AgentError> {
         // Checked here, where every target list is built (the config's, set_targets'), so that
         // no list the gateway could not route is ever served.
-        check_targets(targets, self_port).map_err(super::AgentError::Targets)?;
+        check_targets(targets, labels, self_port).map_err(super::AgentError::Targets)?;
         let mut routes = HashMap::new();
         let mut infos = Vec::new();
         let self_info = TargetInfo {
@@ -264,13 +264,23 @@ impl<S: Connection> Connection for EofIsEnd<S> {
     }
 }
 
-/// What the gateway must be able to route: unique names (`ferry` is the built-in target), unique
-/// port and path (the built-in target's too), http or https URLs, paths that are paths. Targets
-/// from [`crate::config::TargetSection::to_target`] pass the rest of the checks.
-fn check_targets(targets: &[Target], self_port: u16) -> Result<(), String> {
+/// What the gateway must be able to route, checked as the config file checks it: names, labels
+/// (the agent's and each target's), unique names (`ferry` is the built-in target), unique port and
+/// path (the built-in target's too), http or https URLs with a host and a port, paths that are
+/// paths. A list built by hand ([`crate::agent::Agent::set_targets`]) would otherwise be accepted
+/// here and its bad entries dropped by the gateway, with a warning only in the gateway's log.
+fn check_targets(
+    targets: &[Target],
+    labels: &BTreeMap<String, String>,
+    self_port: u16,
+) -> Result<(), String> {
+    if let Some(problem) = labels.keys().find_map(|k| label_name_problem(k)) {
+        return Err(format!("agent label {problem}"));
+    }
     let mut names = std::collections::HashSet::from([crate::config::SELF_TARGET]);
     let mut addrs = std::collections::HashSet::from([(self_port, "/metrics")]);
     for t in targets {
+        check_target(t)?;
         if !names.insert(t.name.as_str()) {
             return Err(format!(
                 "target name {:?} is used twice (\"{}\" is the built-in target)",
@@ -284,12 +294,32 @@ fn check_targets(targets: &[Target], self_port: u16) -> Result<(), String> {
                 t.name, t.port, t.path
             ));
         }
-        if !matches!(t.url.scheme_str(), Some("http" | "https")) || !t.path.starts_with('/') {
-            return Err(format!(
-                "target {:?}: needs an http(s) URL and a path starting with /",
-                t.name
-            ));
-        }
+    }
+    Ok(())
+}
+
+/// The checks of one target that do not depend on the others.
+fn check_target(t: &Target) -> Result<(), String> {
+    if !valid_target_name(&t.name) {
+        return Err(format!(
+            "target {:?}: the name must be non-empty letters, digits, '-', '_' or '.'",
+            t.name
+        ));
+    }
+    if let Some(problem) = t.labels.keys().find_map(|k| label_name_problem(k)) {
+        return Err(format!("target {:?}: label {problem}", t.name));
+    }
+    if !matches!(t.url.scheme_str(), Some("http" | "https"))
+        || t.url.host().is_none_or(str::is_empty)
+        || !t.path.starts_with('/')
+    {
+        return Err(format!(
+            "target {:?}: needs an http(s) URL with a host and a path starting with /",
+            t.name
+        ));
+    }
+    if t.port == 0 {
+        return Err(format!("target {:?}: port 0 is not a port (1-65535)", t.name));
     }
     Ok(())
 }

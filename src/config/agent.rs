@@ -640,6 +640,10 @@ impl TargetSection {
             );
         }
         let url = self.parse_url(&format!("{prefix}.url"), errs);
+        // The gateway drops a target published with port 0.
+        if self.port == Some(0) {
+            errs.push(format!("{prefix}.port"), "must not be 0");
+        }
         for k in self.labels.keys() {
             check_label_name(k, &format!("{prefix}.labels.{k}"), errs);
         }
@@ -666,6 +670,13 @@ impl TargetSection {
 
     fn parse_url(&self, field: &str, errs: &mut ConfigErrors) -> Option<Uri> {
         let url = &self.url;
+        if url.trim().is_empty() {
+            errs.push(
+                field,
+                "the URL is empty: give where the agent fetches the target, e.g. \"http://127.0.0.1:9100/metrics\"",
+            );
+            return None;
+        }
         // `127.0.0.1:9100/metrics` fails to parse as a URI with "invalid format": say what is missing.
         if !url.contains("://") {
             errs.push(
@@ -902,6 +913,33 @@ mod tests {
         };
         assert_eq!(host_fqdn(), expected);
         assert!(valid_agent_id(&host_fqdn()));
+    }
+
+    #[test]
+    fn an_empty_target_url_is_called_empty() {
+        let section = TargetSection {
+            name: "node".into(),
+            url: String::new(),
+            ..TargetSection::default()
+        };
+        let err = section.to_target("targets[0]").unwrap_err().to_string();
+        assert_eq!(
+            err.trim_end(),
+            "target: targets[0].url: the URL is empty: give where the agent fetches the target, e.g. \"http://127.0.0.1:9100/metrics\""
+        );
+    }
+
+    /// The gateway drops a target published with port 0: the agent must not publish one.
+    #[test]
+    fn a_target_port_of_0_is_refused() {
+        let section = TargetSection {
+            name: "node".into(),
+            url: "http://127.0.0.1:9100/metrics".into(),
+            port: Some(0),
+            ..TargetSection::default()
+        };
+        let err = section.to_target("targets[0]").unwrap_err().to_string();
+        assert_eq!(err.trim_end(), "target: targets[0].port: must not be 0");
     }
 
     #[cfg(target_os = "linux")]

@@ -256,6 +256,9 @@ pub(super) fn parse_recovering(text: &str, origin: &str) -> (Option<FileConfig>,
             let more = unknown_key(&first).map(|key| more_unknown_fields(text, &first.field, key));
             errs.errors.push(first);
             errs.errors.extend(more.into_iter().flatten());
+            for e in &mut errs.errors {
+                name_a_missing_role(e, text);
+            }
             return (None, errs);
         }
         Ok(file) if errs.errors.is_empty() => file,
@@ -266,6 +269,41 @@ pub(super) fn parse_recovering(text: &str, origin: &str) -> (Option<FileConfig>,
         },
     };
     (Some(file), errs)
+}
+
+/// The top-level sections, each with what it configures and the Cargo feature that compiles it in.
+const SECTIONS: [(&str, &str, &str, bool); 5] = [
+    ("gateway", "the gateway role", "gateway", cfg!(feature = "gateway")),
+    ("agent", "the agent role", "agent", cfg!(feature = "agent")),
+    ("egress", "the egress role", "egress", cfg!(feature = "egress")),
+    ("exporter", "the exporter role", "geo", cfg!(feature = "geo")),
+    ("geoip", "the country database", "geo", cfg!(feature = "geo")),
+];
+
+/// Rewrites "unknown field `gateway`, expected one of `log`, `agent`" for a section this build
+/// leaves out (an embedding application's `features = ["agent"]`): the section is right, the
+/// build is what lacks it.
+fn name_a_missing_role(e: &mut ConfigError, text: &str) {
+    if !e.field.is_empty() {
+        return;
+    }
+    let Some(key) = unknown_key(e).map(str::to_owned) else {
+        return;
+    };
+    let Some((_, what, feature, _)) = SECTIONS
+        .iter()
+        .find(|(section, _, _, built)| *section == key && !built)
+    else {
+        return;
+    };
+    let at = match e.message.rfind(" at line ") {
+        Some(i) => e.message[i..].to_owned(),
+        None => line_of_key(text, &key).map_or_else(String::new, |l| format!(" at line {l}")),
+    };
+    let message =
+        format!("{what} is not compiled into this build of ferry (Cargo feature `{feature}`){at}");
+    e.message = message;
+    e.field = key;
 }
 
 /// The key of an "unknown field" error.
@@ -388,5 +426,24 @@ fn yaml_error(text: &str) -> ConfigError {
             field: String::new(),
             message: text,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// An application built with `features = ["agent"]` reading a file written for the binary.
+    #[cfg(not(any(feature = "gateway", feature = "egress")))]
+    #[test]
+    fn a_section_this_build_leaves_out_names_the_cargo_feature() {
+        let text = "gateway:\n  data_dir: /x\nagent:\n  agent_id: a\negress:\n  rules: []\n";
+        let errs = super::parse(text, "ferry.yaml").unwrap_err();
+        let lines: Vec<String> = errs.to_string().lines().map(str::to_owned).collect();
+        assert_eq!(
+            lines,
+            [
+                "ferry.yaml: gateway: the gateway role is not compiled into this build of ferry (Cargo feature `gateway`) at line 1",
+                "ferry.yaml: egress: the egress role is not compiled into this build of ferry (Cargo feature `egress`) at line 5",
+            ]
+        );
     }
 }

@@ -186,7 +186,7 @@ async fn start_gateway_with(
 pub struct TestAgent {
     pub agent: Agent,
     pub shutdown: CancellationToken,
-    pub task: JoinHandle<()>,
+    pub task: JoinHandle<Result<(), ferry::agent::AgentError>>,
 }
 
 impl TestAgent {
