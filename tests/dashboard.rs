@@ -1,6 +1,8 @@
-//! The Grafana dashboard in `dashboards/ferry.json`: it parses, uses a Geomap panel with a
-//! country-code lookup, and every metric its queries use is exported by a running ferry
-//! (gateway, agent with the connection collector, egress), scraped here after some traffic.
+//! The Grafana dashboard in `dashboards/ferry.json`: it parses, uses Geomap panels with a
+//! country-code lookup and one query each, its map and kinds-table queries give the rows their
+//! titles promise (evaluated by `promtool`), and every metric its queries use is exported by a
+//! running ferry (gateway, agent with the connection collector, egress), scraped here after some
+//! traffic.
 
 mod common;
 
@@ -95,6 +97,150 @@ fn the_dashboard_has_a_geomap_with_country_lookup() {
         .unwrap()
         .iter()
         .all(|p| p["type"] != "grafana-worldmap-panel"));
+}
+
+/// The panel whose title starts with `title`.
+fn panel<'a>(dash: &'a serde_json::Value, title: &str) -> &'a serde_json::Value {
+    dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["title"].as_str().is_some_and(|t| t.starts_with(title)))
+        .unwrap_or_else(|| panic!("no panel titled {title:?}"))
+}
+
+/// The one query of `panel`.
+fn only_expr(panel: &serde_json::Value) -> &str {
+    let targets = panel["targets"].as_array().expect("targets");
+    assert_eq!(targets.len(), 1, "{panel}");
+    targets[0]["expr"].as_str().expect("expr")
+}
+
+/// Grafana's markers layer draws the first data frame only, and with two queries the value
+/// columns are `Value #A`, `Value #B`: a map has one instant table query, whose `Value` column
+/// sizes and colours the markers.
+#[test]
+fn each_map_has_one_query_whose_value_its_markers_use() {
+    let dash = dashboard();
+    for g in dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] == "geomap")
+    {
+        let targets = g["targets"].as_array().expect("targets");
+        assert_eq!(targets.len(), 1, "one query per map: {g}");
+        assert_eq!(targets[0]["instant"], true, "{g}");
+        assert_eq!(targets[0]["format"], "table", "{g}");
+        for layer in g["options"]["layers"].as_array().unwrap() {
+            for style in ["size", "color"] {
+                assert_eq!(layer["config"]["style"][style]["field"], "Value", "{g}");
+            }
+        }
+    }
+}
+
+/// A `promtool test rules` file: `series` (name{labels} value) as input, `exprs` evaluated at
+/// time 0 against the samples each must give (`{labels}`, value).
+fn promtool_expr_test(series: &[(String, f64)], exprs: &[(&str, Vec<(String, f64)>)]) -> String {
+    let quote = |s: &str| serde_json::to_string(s).unwrap();
+    let mut yaml = String::from("tests:\n  - interval: 1m\n    input_series:\n");
+    for (name, value) in series {
+        yaml += &format!(
+            "      - series: {}\n        values: '{value}'\n",
+            quote(name)
+        );
+    }
+    yaml += "    promql_expr_test:\n";
+    for (expr, samples) in exprs {
+        yaml += &format!(
+            "      - expr: {}\n        eval_time: 0m\n        exp_samples:\n",
+            quote(expr)
+        );
+        for (labels, value) in samples {
+            yaml += &format!(
+                "          - labels: {}\n            value: {value}\n",
+                quote(labels)
+            );
+        }
+    }
+    yaml
+}
+
+/// The map of ferry's own connections counts the gateway's and the egress proxy's together by
+/// country; the kinds table has the peers a map cannot place (every kind and `unknown`), not
+/// the countries. Evaluated by Prometheus's own engine (`promtool test rules`).
+#[test]
+fn the_map_and_the_kinds_table_show_what_their_titles_say() {
+    use ferry::telemetry::geo::Country;
+    let dash = dashboard();
+    let map = only_expr(panel(&dash, "ferry's own connections by peer country"));
+    let kinds_table = only_expr(panel(&dash, "Connections by kind"));
+    let kinds: Vec<&str> = [
+        Country::LOOPBACK,
+        Country::PRIVATE,
+        Country::LINK_LOCAL,
+        Country::CGNAT,
+        Country::UNSPECIFIED,
+        Country::MULTICAST,
+        Country::UNKNOWN,
+    ]
+    .iter()
+    .map(Country::as_str)
+    .collect();
+
+    let own = |role: &str, listener: &str, country: &str, n: f64| {
+        let name = format!(
+            "ferry_{role}_connections_open{{listener=\"{listener}\",country=\"{country}\"}}"
+        );
+        (name, n)
+    };
+    let mut series = vec![
+        own("gateway", "tunnel", "DE", 2.0),
+        own("gateway", "web", "private", 1.0),
+        own("egress", "clients", "DE", 3.0),
+        own("egress", "upstreams", "JP", 4.0),
+    ];
+    let host = |country: &str| {
+        format!("ferry_host_tcp_connections{{state=\"established\",direction=\"inbound\",country=\"{country}\"}}")
+    };
+    series.extend(["DE", "JP", "US"].map(|c| (host(c), 5.0)));
+    series.extend(kinds.iter().map(|k| (host(k), 1.0)));
+    let by_country = |pairs: &[(&str, f64)]| -> Vec<(String, f64)> {
+        pairs
+            .iter()
+            .map(|(c, n)| (format!("{{country=\"{c}\"}}"), *n))
+            .collect()
+    };
+    let kind_rows = kinds
+        .iter()
+        .map(|k| (format!("{{country=\"{k}\",direction=\"inbound\"}}"), 1.0))
+        .collect();
+    let test = promtool_expr_test(
+        &series,
+        &[
+            (
+                map,
+                by_country(&[("DE", 5.0), ("JP", 4.0), ("private", 1.0)]),
+            ),
+            (kinds_table, kind_rows),
+        ],
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard_test.yml");
+    std::fs::write(&file, &test).unwrap();
+    let out = std::process::Command::new("/usr/bin/promtool")
+        .args(["test", "rules"])
+        .arg(&file)
+        .output()
+        .expect("run promtool (Debian package prometheus; .ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "the dashboard's queries give other rows than their panels promise:\n{}{}\n{test}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -353,6 +353,93 @@ async fn a_running_agent_refuses_a_second_run_and_runs_again_after_stopping() {
     gw.stop().await;
 }
 
+/// The gateway's lines of `/metrics` labelled with agent `id`.
+async fn series_of(web: SocketAddr, id: &str) -> Vec<String> {
+    let label = format!("agent=\"{id}\"");
+    gateway_metrics(web)
+        .await
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(&label))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until the gateway has counted `n` scrapes of `id`'s target `node` that answered 2xx.
+async fn wait_ok_scrapes(web: SocketAddr, id: &str, n: f64) {
+    let labels = [("agent", id), ("target", "node"), ("status_class", "2xx")];
+    wait_for(
+        &format!("{n} ok scrapes of {id} counted"),
+        Duration::from_secs(5),
+        || async move {
+            let text = gateway_metrics(web).await;
+            match metric_value(&text, "ferry_gateway_scrapes_total", &labels) {
+                Some(v) if v == n => Ok(()),
+                v => Err(format!("ferry_gateway_scrapes_total = {v:?}")),
+            }
+        },
+    )
+    .await;
+}
+
+/// An agent's series leave the gateway's `/metrics` when it disconnects, so that ids that come
+/// and go (glob tokens, autoscaled hosts) do not pile up; back again, it counts from zero. A
+/// tunnel replaced by a newer one of the same id is no disconnect: the series stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_agents_series_leave_the_gateway_metrics() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("up 1\n").await;
+    let (gw, agent) = gateway_and_agent(&dir, "node-7", &[("node", server.url("/metrics"))]).await;
+    let url = target_url("node-7", &server);
+    assert_eq!(scrape(gw.web, &url).await.status, 200);
+    let missing = scrape(gw.web, &scrape_url("node-7", 1)).await;
+    assert_eq!(missing.status, 404, "{}", missing.text());
+    wait_ok_scrapes(gw.web, "node-7", 1.0).await;
+    let series = series_of(gw.web, "node-7").await;
+    for name in [
+        "ferry_gateway_scrapes_total",
+        "ferry_gateway_scrape_duration_seconds_bucket",
+        "ferry_gateway_proxied_bytes_total",
+    ] {
+        assert!(
+            series.iter().any(|l| l.starts_with(name)),
+            "no {name} of node-7: {series:#?}"
+        );
+    }
+
+    agent.stop().await;
+    gw.wait_agent_gone("node-7", Duration::from_secs(5)).await;
+    assert_eq!(scrape(gw.web, &url).await.status, 503);
+    assert_eq!(series_of(gw.web, "node-7").await, Vec::<String>::new());
+
+    // Back again: its counts start fresh. Slow to come back once replaced, below.
+    let mut section = agent_section(&gw, "node-7", &[("node", server.url("/metrics"))]);
+    section.reconnect.auth_failure_backoff = Dur(Duration::from_secs(60));
+    let again = start_agent(section, TOKEN);
+    gw.wait_agent("node-7", Duration::from_secs(10)).await;
+    assert_eq!(scrape(gw.web, &url).await.status, 200);
+    wait_ok_scrapes(gw.web, "node-7", 1.0).await;
+
+    let newer = start_agent(
+        agent_section(&gw, "node-7", &[("node", server.url("/metrics"))]),
+        TOKEN,
+    );
+    // The replaced tunnel's end, as the gateway logs it, is no disconnect of the id.
+    logs.wait_lines(
+        &["agent disconnected", "node-7", "replaced by a newer tunnel"],
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_ok_scrapes(gw.web, "node-7", 1.0).await;
+    assert_eq!(scrape(gw.web, &url).await.status, 200);
+    wait_ok_scrapes(gw.web, "node-7", 2.0).await;
+
+    again.stop().await;
+    newer.stop().await;
+    gw.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Duplicate id
 // ---------------------------------------------------------------------------------------------

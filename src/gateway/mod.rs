@@ -135,7 +135,7 @@ impl Gateway {
         Ok(Gateway {
             state: Arc::new(State {
                 config,
-                registry: Registry::default(),
+                registry: Registry::new(metrics.clone()),
                 tokens: RwLock::new(Arc::new(tokens)),
                 metrics,
                 connections,

@@ -14,8 +14,11 @@ use super::State;
 use crate::config::ScrapeLimits;
 use crate::http_util::{body_on_get, boxed, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::scrape_error::{one_line, ScrapeError};
-use crate::telemetry::{status_class, AgentLabels, ScrapeLabels};
+use crate::telemetry::{status_class, ScrapeLabels};
 use crate::tunnel::{header_list_size, MAX_HEADER_BYTES, SCRAPE_TIMEOUT_HEADER};
+
+/// The agent and target label of a scrape not routed that far.
+const UNKNOWN: &str = "unknown";
 
 /// Query parameter PushProx clients add to pick the scheme; the target's own URL decides here.
 const SCHEME_PARAM: &str = "_scheme";
@@ -73,8 +76,8 @@ pub(crate) async fn scrape(state: &Arc<State>, req: Request<Body>) -> Response<B
     let start = Instant::now();
     // Unknown agent ids are not bounded until connected: they are counted under "unknown".
     let mut labels = ScrapeLabels {
-        agent: "unknown".into(),
-        target: "unknown".into(),
+        agent: UNKNOWN.into(),
+        target: UNKNOWN.into(),
         status_class: String::new(),
     };
     match forward(state, req, start, &mut labels).await {
@@ -291,20 +294,11 @@ fn agent_body_error(e: h2::Error) -> crate::http_util::BoxError {
 /// Counts one finished scrape: by agent, target and status class; its duration and bytes.
 fn record(state: &State, mut labels: ScrapeLabels, class: &str, elapsed: Duration, bytes: u64) {
     labels.status_class = class.to_owned();
-    let agent = AgentLabels {
-        agent: labels.agent.clone(),
-    };
-    state.metrics.scrapes.get_or_create(&labels).inc();
-    state
-        .metrics
-        .scrape_duration
-        .get_or_create(&agent)
-        .observe(elapsed.as_secs_f64());
-    state
-        .metrics
-        .bytes_proxied
-        .get_or_create(&agent)
-        .inc_by(bytes);
+    if labels.agent == UNKNOWN {
+        state.metrics.record_scrape(&labels, elapsed, bytes);
+    } else {
+        state.registry.count_scrape(&labels, elapsed, bytes);
+    }
 }
 
 #[cfg(test)]

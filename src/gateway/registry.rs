@@ -8,12 +8,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::h2conn::Sender;
+use crate::telemetry::{GatewayMetrics, ScrapeLabels};
 use crate::tunnel::TargetList;
 
 /// One connected agent: its identity, its targets, and the HTTP/2 sender over its tunnel.
@@ -180,14 +181,25 @@ impl AgentHandle {
     }
 }
 
-/// The connected agents, by id.
-#[derive(Default)]
+/// The connected agents, by id, and the gateway's series labelled with them.
 pub struct Registry {
     agents: RwLock<HashMap<String, Arc<AgentHandle>>>,
     sessions: AtomicU64,
+    /// Its per-agent series and `agents_connected` are written under the lock of `agents`, so
+    /// that they follow the agents connected (see [`Registry::remove`]).
+    metrics: GatewayMetrics,
 }
 
 impl Registry {
+    /// An empty registry keeping `metrics`' per-agent series to the agents connected.
+    pub fn new(metrics: GatewayMetrics) -> Self {
+        Self {
+            agents: RwLock::default(),
+            sessions: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
     /// A fresh session number for a new tunnel.
     pub fn next_session(&self) -> u64 {
         self.sessions.fetch_add(1, Ordering::Relaxed) + 1
@@ -202,7 +214,9 @@ impl Registry {
                 return Inserted::Conflict(held.clone());
             }
         }
-        match agents.insert(agent.id.clone(), agent) {
+        let old = agents.insert(agent.id.clone(), agent);
+        self.metrics.agents_connected.set(agents.len() as i64);
+        match old {
             Some(old) => Inserted::Replaced(old),
             None => Inserted::New,
         }
@@ -217,14 +231,32 @@ impl Registry {
             .cloned()
     }
 
-    /// Removes `id` if its current tunnel is `session` (a replaced tunnel must not remove its successor).
+    /// Removes `id` if its current tunnel is `session` (a replaced tunnel must not remove its
+    /// successor), and with it the series labelled with `id`: ids come and go (glob tokens,
+    /// hosts named by an autoscaler), and series kept for every id ever seen would grow for the
+    /// life of the gateway. They go at once, not after a grace period: an agent back after a
+    /// network glitch starts its counters from zero, which `rate()` and `increase()` take as a
+    /// counter reset. Under the same lock as [`Registry::insert`], so a new tunnel of the id
+    /// never loses the series it starts.
     pub fn remove(&self, id: &str, session: u64) -> bool {
         let mut agents = self.write();
-        if agents.get(id).is_some_and(|a| a.session == session) {
-            agents.remove(id);
-            true
-        } else {
-            false
+        if agents.get(id).is_none_or(|a| a.session != session) {
+            return false;
+        }
+        agents.remove(id);
+        self.metrics.remove_agent(id);
+        self.metrics.agents_connected.set(agents.len() as i64);
+        true
+    }
+
+    /// Counts a finished scrape in the series of `labels.agent` if a tunnel of that id is
+    /// connected. One that ends after its agent went (in flight while it drained) is not: the
+    /// agent's series went with it and must not come back before the agent does.
+    pub fn count_scrape(&self, labels: &ScrapeLabels, elapsed: Duration, bytes: u64) {
+        // Held while counting, so that `remove` cannot drop the series in between.
+        let agents = self.read();
+        if agents.contains_key(&labels.agent) {
+            self.metrics.record_scrape(labels, elapsed, bytes);
         }
     }
 

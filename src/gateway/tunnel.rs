@@ -260,10 +260,6 @@ async fn run_session(
             return notify_closing(&sender, &reason, &mut conn).await;
         }
     }
-    state
-        .metrics
-        .agents_connected
-        .set(state.registry.len() as i64);
     info!(agent = %agent_id, %remote, targets = n_targets, "agent connected");
     let end = tokio::select! {
         reason = &mut conn => format!("connection ended: {reason}"),
@@ -274,7 +270,6 @@ async fn run_session(
             // scrapes in flight still finish. No new scrape is routed here, and the connection is
             // driven until the agent closes it (or the longest scrape would have timed out).
             state.registry.remove(&agent_id, session);
-            state.metrics.agents_connected.set(state.registry.len() as i64);
             let drain = state.config.scrape.max_timeout + state.config.handshake_timeout;
             match tokio::time::timeout(drain, &mut conn).await {
                 Ok(reason) if reason == h2conn::CLOSED_BY_AGENT => {
@@ -286,10 +281,6 @@ async fn run_session(
         }
     };
     state.registry.remove(&agent_id, session);
-    state
-        .metrics
-        .agents_connected
-        .set(state.registry.len() as i64);
     info!(agent = %agent_id, %remote, reason = %end, "agent disconnected");
 }
 

@@ -1,5 +1,9 @@
 //! The metric families of each role.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -60,6 +64,10 @@ pub struct TargetResultLabels {
 }
 
 /// The gateway's metrics.
+///
+/// The per-agent series (`scrapes`, `scrape_duration`, `bytes_proxied`) are written with
+/// [`GatewayMetrics::record_scrape`] and dropped with [`GatewayMetrics::remove_agent`], so
+/// that the agent ids among their labels are the connected ones, not every id ever seen.
 #[derive(Debug, Clone)]
 pub struct GatewayMetrics {
     /// Agents with a tunnel up.
@@ -74,6 +82,9 @@ pub struct GatewayMetrics {
     pub scrape_duration: Family<AgentLabels, Histogram, fn() -> Histogram>,
     /// Scrape body bytes proxied to Prometheus.
     pub bytes_proxied: Family<AgentLabels, Counter>,
+    /// The label sets `scrapes` has per agent id: a `Family` cannot list its own, and each must
+    /// be named to be removed.
+    scraped: Arc<Mutex<HashMap<String, HashSet<ScrapeLabels>>>>,
 }
 
 impl GatewayMetrics {
@@ -87,6 +98,7 @@ impl GatewayMetrics {
             scrapes: Family::default(),
             scrape_duration: Family::new_with_constructor(duration_histogram),
             bytes_proxied: Family::default(),
+            scraped: Arc::default(),
         };
         registry.register(
             "ferry_gateway_agents_connected",
@@ -119,6 +131,38 @@ impl GatewayMetrics {
             m.bytes_proxied.clone(),
         );
         m
+    }
+
+    /// Counts one finished scrape under `labels`: its count, duration and body bytes.
+    pub fn record_scrape(&self, labels: &ScrapeLabels, elapsed: Duration, bytes: u64) {
+        // Held while the series are written, so that a removal of the agent comes wholly before
+        // or after.
+        let mut scraped = self.scraped.lock().unwrap_or_else(|p| p.into_inner());
+        let sets = scraped.entry(labels.agent.clone()).or_default();
+        if !sets.contains(labels) {
+            sets.insert(labels.clone());
+        }
+        let agent = AgentLabels {
+            agent: labels.agent.clone(),
+        };
+        self.scrapes.get_or_create(labels).inc();
+        self.scrape_duration
+            .get_or_create(&agent)
+            .observe(elapsed.as_secs_f64());
+        self.bytes_proxied.get_or_create(&agent).inc_by(bytes);
+    }
+
+    /// Removes every series labelled with agent `id`.
+    pub fn remove_agent(&self, id: &str) {
+        let mut scraped = self.scraped.lock().unwrap_or_else(|p| p.into_inner());
+        for labels in scraped.remove(id).iter().flatten() {
+            self.scrapes.remove(labels);
+        }
+        let agent = AgentLabels {
+            agent: id.to_owned(),
+        };
+        self.scrape_duration.remove(&agent);
+        self.bytes_proxied.remove(&agent);
     }
 }
 
