@@ -6,7 +6,7 @@
 //! # Component map
 //!
 //! - [`tunnel`] — the wire protocol v1 shared by both sides: TCP dialling (directly or through an
-//!   HTTP CONNECT proxy), TLS identities and verification, the HTTP/1.1 Upgrade handshake, HTTP/2
+//!   HTTP CONNECT proxy, which `NO_PROXY` may exempt the gateway from), TLS identities and verification, the HTTP/1.1 Upgrade handshake, HTTP/2
 //!   keepalive settings and the JSON target list the agent publishes. Called by `gateway` and `agent`.
 //! - `gateway` (feature `gateway`) — the public side: accepts tunnels and authenticates agents
 //!   (`auth`), keeps the agent registry (`registry`, the one seam to change for several gateways),

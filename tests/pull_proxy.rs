@@ -11,7 +11,7 @@ use common::ferry::{
     agent_section, metric_value, start_agent, start_gateway, tokens_file, TestGateway,
 };
 use common::servers::{Behaviour, TargetServer};
-use ferry::config::EgressSection;
+use ferry::config::{Dur, EgressSection};
 use tempfile::TempDir;
 
 const TOKEN: &str = "t";
@@ -52,5 +52,119 @@ async fn percent_encoded_proxy_credentials_are_sent_decoded() {
     assert_eq!(rejections(&egress, "credentials").await, 0.0);
 
     agent.stop().await;
+    gw.stop().await;
+}
+
+/// A 407 is the gateway's 401 of the proxy: logged as an error naming the proxy's reason, and
+/// retried at the slow pace, not every few hundred milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_proxy_credentials_are_logged_loudly_and_retried_slowly() {
+    let logs = common::logs::capture();
+    let (dir, creds) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let egress = egress_to(&gw, &creds, &[("agent", "right")]).await;
+
+    let mut section = agent_section(&gw, "wrong-proxy-pw", &[]);
+    section.proxy_url = Some(format!("http://agent:wrong@{}", egress.addr));
+    section.reconnect.auth_failure_backoff = Dur(Duration::from_secs(30));
+    let agent = start_agent(section, TOKEN);
+    let lines = logs
+        .wait_lines(&["PROXY REFUSED OUR CREDENTIALS"], 1, WAIT)
+        .await;
+    assert!(
+        lines[0].contains("ERROR")
+            && lines[0].contains(&format!("proxy {} refused CONNECT", egress.addr))
+            && lines[0].contains("407 Proxy Authentication Required: invalid proxy credentials")
+            && lines[0].contains("retry_in=30s"),
+        "{lines:?}"
+    );
+    // The fast backoff (at most 300 ms here) would have tried again several times.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(rejections(&egress, "credentials").await, 1.0);
+    assert!(gw.agent_ids().is_empty());
+
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// A refusal carries the proxy's reason: ferry egress's `ferry-refusal` header, another proxy's
+/// first body line — one bounded line, never the whole page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_is_logged_with_the_proxys_reason() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+
+    // ferry egress without a rule for the gateway.
+    let closed = TestEgress::start(EgressSection::default(), TestResolver::new(&[])).await;
+    let mut section = agent_section(&gw, "no-rule", &[]);
+    section.proxy_url = Some(format!("http://{}", closed.addr));
+    let no_rule = start_agent(section, TOKEN);
+    let refused = format!(
+        "proxy {} refused CONNECT localhost:{}",
+        closed.addr,
+        gw.tunnel.port()
+    );
+    let lines = logs
+        .wait_lines(&["cannot open tunnel", &refused], 1, WAIT)
+        .await;
+    assert!(
+        lines[0].contains("403 Forbidden: destination") && lines[0].contains("is not allowed"),
+        "{lines:?}"
+    );
+    no_rule.stop().await;
+
+    // Another proxy explains in its body, on more lines than belong in a log line.
+    let squid = common::servers::canned_server(
+        b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 47\r\nConnection: close\r\n\r\nAccess denied by policy 7\r\nContact the admins\r\n",
+    )
+    .await;
+    let mut section = agent_section(&gw, "policy", &[]);
+    section.proxy_url = Some(format!("http://{squid}"));
+    let policy = start_agent(section, TOKEN);
+    let lines = logs
+        .wait_lines(
+            &["cannot open tunnel", &format!("proxy {squid} refused")],
+            1,
+            WAIT,
+        )
+        .await;
+    assert!(
+        lines[0].contains("403 Forbidden: Access denied by policy 7")
+            && !lines[0].contains("Contact the admins"),
+        "{lines:?}"
+    );
+    policy.stop().await;
+    gw.stop().await;
+}
+
+/// A proxy that takes the connection and never answers the CONNECT is named, with the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_never_answers_connect_is_named() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+
+    let mut section = agent_section(&gw, "unanswered", &[]);
+    section.proxy_url = Some(format!("http://{silent_addr}"));
+    section.tunnel.handshake_timeout = Dur(Duration::from_secs(1));
+    let agent = start_agent(section, TOKEN);
+    let said = format!(
+        "proxy {silent_addr} did not answer CONNECT to localhost:{} within 1s",
+        gw.tunnel.port()
+    );
+    logs.wait_lines(&["cannot open tunnel", &said], 1, WAIT)
+        .await;
+
+    agent.stop().await;
+    held.abort();
     gw.stop().await;
 }

@@ -78,6 +78,12 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
                 error!(%gateway, %agent, error = %e, retry_in = ?b.auth_failure, "GATEWAY REFUSED OUR CREDENTIALS: check the token and the tokens file's glob for this agent id");
                 b.auth_failure
             }
+            // Like the gateway's 401: the same credentials would be refused again soon.
+            Err(SessionError::Dial(e)) if e.is_proxy_auth_refusal() => {
+                count(&shared, "auth_refused");
+                error!(%gateway, error = %e, retry_in = ?b.auth_failure, "PROXY REFUSED OUR CREDENTIALS: check the user and password in --proxy-url or HTTPS_PROXY (percent-encode '@', ':' and '%' in them)");
+                b.auth_failure
+            }
             Err(SessionError::Token(e)) => {
                 count(&shared, "error");
                 error!(%gateway, %agent, error = %e, retry_in = ?b.auth_failure, "CANNOT READ OUR TOKEN: fix the token file");

@@ -299,7 +299,7 @@ impl AgentSection {
         let gateway = self.validate_gateway(prefix, errs);
         let agent_id = self.validate_agent_id(&f("agent_id"), errs);
         let token = self.read_token(&f("token_file"), env, errs);
-        let proxy = self.validate_proxy(&f("proxy_url"), env, errs);
+        let proxy = self.validate_proxy(&f("proxy_url"), gateway.as_ref(), env, errs);
         let targets = self.validate_targets(&f("targets"), errs);
         for k in self.labels.keys() {
             check_label_name(k, &format!("{}.{k}", f("labels")), errs);
@@ -484,37 +484,33 @@ impl AgentSection {
     }
 
     /// The proxy of `proxy_url`, which must be `http://HOST:PORT`, else of `HTTPS_PROXY`, which
-    /// may leave out the scheme as curl allows.
+    /// may leave out the scheme as curl allows, unless `NO_PROXY` exempts the gateway.
     fn validate_proxy(
         &self,
         field: &str,
+        gateway: Option<&GatewayEndpoint>,
         env: &dyn Fn(&str) -> Option<String>,
         errs: &mut ConfigErrors,
     ) -> Option<Proxy> {
-        if let Some(url) = &self.proxy_url {
-            let uri = url.parse::<Uri>().ok();
-            if uri.as_ref().and_then(Uri::scheme_str).is_none() {
-                errs.push(
-                    field,
-                    format!("{url:?} must start with http://, e.g. http://proxy.example.com:3128"),
-                );
-                return None;
-            }
-            if uri.is_some_and(|u| !matches!(u.path(), "" | "/") || u.query().is_some()) {
-                errs.push(
-                    field,
-                    format!("{url:?} must be http://HOST:PORT, without a path or query"),
-                );
-                return None;
-            }
+        let Some(url) = &self.proxy_url else {
+            return proxy_from_env(gateway, env, errs);
+        };
+        let uri = url.parse::<Uri>().ok();
+        if uri.as_ref().and_then(Uri::scheme_str).is_none() {
+            errs.push(
+                field,
+                format!("{url:?} must start with http://, e.g. http://proxy.example.com:3128"),
+            );
+            return None;
         }
-        let url = self
-            .proxy_url
-            .clone()
-            .or_else(|| env("HTTPS_PROXY"))
-            .or_else(|| env("https_proxy"))
-            .filter(|url| !url.is_empty())?;
-        errs.check(field, Proxy::parse(&url))
+        if uri.is_some_and(|u| !matches!(u.path(), "" | "/") || u.query().is_some()) {
+            errs.push(
+                field,
+                format!("{url:?} must be http://HOST:PORT, without a path or query"),
+            );
+            return None;
+        }
+        errs.check(field, Proxy::parse(url))
     }
 
     fn validate_agent_id(&self, field: &str, errs: &mut ConfigErrors) -> Option<String> {
@@ -868,6 +864,34 @@ pub fn read_token_file(path: &Path) -> Result<Secret, String> {
     check_token(&text, &path.display().to_string())
 }
 
+/// The proxy of `HTTPS_PROXY` (or `https_proxy`), unless `NO_PROXY` (or `no_proxy`) exempts
+/// the gateway, as curl and Go's clients decide. Its errors name the variable: the user set no
+/// field or flag.
+fn proxy_from_env(
+    gateway: Option<&GatewayEndpoint>,
+    env: &dyn Fn(&str) -> Option<String>,
+    errs: &mut ConfigErrors,
+) -> Option<Proxy> {
+    let first_set = |names: [&'static str; 2]| {
+        names
+            .into_iter()
+            .find_map(|name| env(name).filter(|v| !v.is_empty()).map(|v| (name, v)))
+    };
+    let (var, url) = first_set(["HTTPS_PROXY", "https_proxy"])?;
+    if let (Some((_, no_proxy)), Some((host, port))) = (
+        first_set(["NO_PROXY", "no_proxy"]),
+        gateway.and_then(|g| g.addr.rsplit_once(':')),
+    ) {
+        if port
+            .parse()
+            .is_ok_and(|port| crate::tunnel::no_proxy::exempts(&no_proxy, host, port))
+        {
+            return None;
+        }
+    }
+    Proxy::parse(&url).map_err(|e| errs.push_env(var, e)).ok()
+}
+
 /// The token in `text` (read from `source`), surrounding whitespace removed.
 fn check_token(text: &str, source: &str) -> Result<Secret, String> {
     // As in the tokens file: an editor's byte-order mark is not part of the token.
@@ -886,6 +910,106 @@ fn check_token(text: &str, source: &str) -> Result<Secret, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The proxy of an agent dialling `gateway` with `proxy_url`, in an environment of `vars`,
+    /// or the errors as the flags' origin prints them.
+    fn proxy_for(
+        gateway: &str,
+        proxy_url: Option<&str>,
+        vars: &[(&str, &str)],
+    ) -> Result<Option<Proxy>, String> {
+        let section = AgentSection {
+            gateway: Some(gateway.to_owned()),
+            agent_id: Some("a".into()),
+            proxy_url: proxy_url.map(str::to_owned),
+            ..AgentSection::default()
+        };
+        let env = |name: &str| {
+            (name == TOKEN_ENV).then(|| "t".to_owned()).or_else(|| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            })
+        };
+        let mut errs = ConfigErrors::new("flags");
+        let cfg = section.validate("agent", &env, &mut errs);
+        match errs.errors.is_empty() {
+            true => Ok(cfg.and_then(|c| c.proxy)),
+            false => Err(errs.to_string()),
+        }
+    }
+
+    fn proxy_addr(proxy: Result<Option<Proxy>, String>) -> Option<String> {
+        proxy.unwrap().map(|p| p.addr)
+    }
+
+    #[test]
+    fn no_proxy_exempts_the_gateway_from_the_environments_proxy_only() {
+        let gw = "https://gw.example.com:7443";
+        let proxy = ("HTTPS_PROXY", "http://proxy:3128");
+        assert_eq!(
+            proxy_addr(proxy_for(gw, None, &[proxy])),
+            Some("proxy:3128".into())
+        );
+        for no_proxy in [
+            "example.com",
+            ".example.com",
+            "*",
+            "other, gw.example.com:7443",
+        ] {
+            assert_eq!(
+                proxy_addr(proxy_for(gw, None, &[proxy, ("NO_PROXY", no_proxy)])),
+                None,
+                "NO_PROXY={no_proxy}"
+            );
+            assert_eq!(
+                proxy_addr(proxy_for(gw, None, &[proxy, ("no_proxy", no_proxy)])),
+                None,
+                "no_proxy={no_proxy}"
+            );
+        }
+        for no_proxy in ["gw.example.com:443", "other.example.org", "10.0.0.0/8"] {
+            assert_eq!(
+                proxy_addr(proxy_for(gw, None, &[proxy, ("NO_PROXY", no_proxy)])),
+                Some("proxy:3128".into()),
+                "NO_PROXY={no_proxy}"
+            );
+        }
+        let by_address = [("https_proxy", "proxy:3128"), ("NO_PROXY", "10.0.0.0/8")];
+        assert_eq!(
+            proxy_addr(proxy_for("https://10.1.2.3:7443", None, &by_address)),
+            None
+        );
+        assert_eq!(
+            proxy_addr(proxy_for(
+                "https://[fd00::1]:7443",
+                None,
+                &[proxy, ("NO_PROXY", "fd00::/8")]
+            )),
+            None
+        );
+        // An explicit proxy_url is used as given.
+        assert_eq!(
+            proxy_addr(proxy_for(
+                gw,
+                Some("http://explicit:3128"),
+                &[proxy, ("NO_PROXY", "*")]
+            )),
+            Some("explicit:3128".into())
+        );
+    }
+
+    #[test]
+    fn a_bad_proxy_from_the_environment_names_the_variable() {
+        let gw = "https://gw.example.com:7443";
+        let err = proxy_for(gw, None, &[("https_proxy", "https://proxy:3128")]).unwrap_err();
+        assert_eq!(
+            err,
+            "environment variable https_proxy: \"https://proxy:3128\": proxy scheme \"https\" is not supported, use http://"
+        );
+        let err = proxy_for(gw, Some("https://proxy:3128"), &[]).unwrap_err();
+        assert!(err.starts_with("invalid flag --proxy-url: "), "{err}");
+    }
 
     #[test]
     fn a_token_file_may_start_with_a_byte_order_mark() {

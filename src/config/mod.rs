@@ -46,6 +46,9 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// How [`ConfigErrors::push_env`] marks a [`ConfigError::field`] as an environment variable.
+pub const ENV_FIELD_PREFIX: &str = "$";
+
 /// Every problem found in one configuration, reported together.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConfigErrors {
@@ -72,6 +75,12 @@ impl ConfigErrors {
         });
     }
 
+    /// Records a problem with the value of the environment variable `var`: it is reported under
+    /// the variable's name, not under a field or flag the user never set.
+    pub fn push_env(&mut self, var: &str, message: impl Into<String>) {
+        self.push(format!("{ENV_FIELD_PREFIX}{var}"), message);
+    }
+
     /// `Ok(value)` when nothing was recorded, else all the errors.
     pub fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
         if self.errors.is_empty() {
@@ -93,7 +102,9 @@ impl fmt::Display for ConfigErrors {
             if i > 0 {
                 writeln!(f)?;
             }
-            if self.origin == "flags" {
+            if let Some(var) = e.field.strip_prefix(ENV_FIELD_PREFIX) {
+                write!(f, "environment variable {var}: {}", e.message)?;
+            } else if self.origin == "flags" {
                 write!(f, "invalid flag {}: {}", flag_name(&e.field), e.message)?;
             } else if e.field.is_empty() {
                 write!(f, "{}: {}", self.origin, e.message)?;

@@ -4,11 +4,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Method, Request, StatusCode, Uri};
-use http_body_util::Empty;
+use http::{header, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// Any byte stream the tunnel can run over.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -16,6 +18,15 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// A boxed byte stream: a TCP connection, or a CONNECT tunnel through a proxy.
 pub type BoxIo = Box<dyn Io>;
+
+/// Header in which ferry egress says why it refused a request, on one line.
+const REFUSAL_HEADER: &str = "ferry-refusal";
+/// Most of a refusal's body read for its reason.
+const MAX_REFUSAL_BODY: usize = 1024;
+/// Longest refusal reason kept, in characters.
+const MAX_REFUSAL_REASON: usize = 200;
+/// How long a refusal's body may take to arrive: its status alone says enough.
+const REFUSAL_BODY_WAIT: Duration = Duration::from_secs(1);
 
 /// Why the TCP leg could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +40,7 @@ pub enum DialError {
         source: std::io::Error,
     },
     /// The proxy refused the CONNECT request.
-    #[error("proxy {proxy} refused CONNECT {target}: {status}")]
+    #[error("proxy {proxy} refused CONNECT {target}: {status}{}", reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
     ProxyRefused {
         /// The proxy.
         proxy: String,
@@ -37,6 +48,8 @@ pub enum DialError {
         target: String,
         /// The proxy's answer.
         status: StatusCode,
+        /// The first line of the proxy's reason (its `ferry-refusal` header or body), if any.
+        reason: Option<String>,
     },
     /// HTTP to the proxy failed.
     #[error("proxy {proxy}: {source}")]
@@ -46,9 +59,31 @@ pub enum DialError {
         /// hyper's error.
         source: hyper::Error,
     },
-    /// Nothing answered within the connect timeout.
-    #[error("connecting to {0} timed out")]
-    Timeout(String),
+    /// The TCP connection (to the gateway, or to the proxy) was not made in time.
+    #[error("connecting to {what} timed out after {timeout:?}")]
+    Timeout {
+        /// `host:port` dialled, or `proxy host:port`.
+        what: String,
+        /// The connect timeout.
+        timeout: Duration,
+    },
+    /// The proxy took the connection but did not answer the CONNECT request in time.
+    #[error("proxy {proxy} did not answer CONNECT to {target} within {timeout:?}")]
+    ProxyTimeout {
+        /// The proxy.
+        proxy: String,
+        /// host:port asked for.
+        target: String,
+        /// The connect timeout.
+        timeout: Duration,
+    },
+}
+
+impl DialError {
+    /// Whether the proxy refused our credentials (407): retrying soon cannot help.
+    pub fn is_proxy_auth_refusal(&self) -> bool {
+        matches!(self, DialError::ProxyRefused { status, .. } if *status == StatusCode::PROXY_AUTHENTICATION_REQUIRED)
+    }
 }
 
 /// An HTTP proxy to reach the gateway through, from `--proxy-url` or `HTTPS_PROXY`.
@@ -103,15 +138,16 @@ pub async fn dial(
     proxy: Option<&Proxy>,
     timeout: Duration,
 ) -> Result<BoxIo, DialError> {
-    let attempt = async {
-        match proxy {
-            None => Ok(Box::new(tcp(target).await?) as BoxIo),
-            Some(proxy) => connect_through(proxy, target).await,
-        }
-    };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .map_err(|_| DialError::Timeout(target.to_owned()))?
+    match proxy {
+        None => tokio::time::timeout(timeout, tcp(target))
+            .await
+            .map_err(|_| DialError::Timeout {
+                what: target.to_owned(),
+                timeout,
+            })?
+            .map(|stream| Box::new(stream) as BoxIo),
+        Some(proxy) => connect_through(proxy, target, timeout).await,
+    }
 }
 
 async fn tcp(addr: &str) -> Result<TcpStream, DialError> {
@@ -126,12 +162,64 @@ async fn tcp(addr: &str) -> Result<TcpStream, DialError> {
     Ok(stream)
 }
 
-async fn connect_through(proxy: &Proxy, target: &str) -> Result<BoxIo, DialError> {
+/// Connects to the proxy and has it open a tunnel to `target`, each step within what is left of
+/// `timeout`, so that a timeout says which of the two did not answer.
+async fn connect_through(
+    proxy: &Proxy,
+    target: &str,
+    timeout: Duration,
+) -> Result<BoxIo, DialError> {
+    let deadline = Instant::now() + timeout;
+    let stream = tokio::time::timeout_at(deadline, tcp(&proxy.addr))
+        .await
+        .map_err(|_| DialError::Timeout {
+            what: format!("proxy {}", proxy.addr),
+            timeout,
+        })??;
+    let (resp, conn) = tokio::time::timeout_at(deadline, send_connect(proxy, target, stream))
+        .await
+        .map_err(|_| DialError::ProxyTimeout {
+            proxy: proxy.addr.clone(),
+            target: target.to_owned(),
+            timeout,
+        })??;
+    if resp.status() != StatusCode::OK {
+        let status = resp.status();
+        let reason = refusal_reason(resp).await;
+        conn.abort();
+        return Err(DialError::ProxyRefused {
+            proxy: proxy.addr.clone(),
+            target: target.to_owned(),
+            status,
+            reason,
+        });
+    }
+    let upgraded = hyper::upgrade::on(resp)
+        .await
+        .map_err(|source| DialError::ProxyHttp {
+            proxy: proxy.addr.clone(),
+            source,
+        })?;
+    Ok(Box::new(TokioIo::new(upgraded)))
+}
+
+/// Sends `CONNECT target` on `stream` and returns the proxy's answer and the task driving the
+/// connection (which hands it over on a 200).
+async fn send_connect(
+    proxy: &Proxy,
+    target: &str,
+    stream: TcpStream,
+) -> Result<
+    (
+        Response<Incoming>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ),
+    DialError,
+> {
     let http_err = |source| DialError::ProxyHttp {
         proxy: proxy.addr.clone(),
         source,
     };
-    let stream = tcp(&proxy.addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(http_err)?;
@@ -149,18 +237,60 @@ async fn connect_through(proxy: &Proxy, target: &str) -> Result<BoxIo, DialError
             proxy: proxy.addr.clone(),
             target: target.to_owned(),
             status: StatusCode::BAD_REQUEST,
+            reason: Some(format!("{target:?} is not a valid CONNECT target")),
         })?;
-    let resp = sender.send_request(req).await.map_err(http_err)?;
-    if resp.status() != StatusCode::OK {
-        conn.abort();
-        return Err(DialError::ProxyRefused {
-            proxy: proxy.addr.clone(),
-            target: target.to_owned(),
-            status: resp.status(),
-        });
+    match sender.send_request(req).await {
+        Ok(resp) => Ok((resp, conn)),
+        Err(e) => {
+            conn.abort();
+            Err(http_err(e))
+        }
     }
-    let upgraded = hyper::upgrade::on(resp).await.map_err(http_err)?;
-    Ok(Box::new(TokioIo::new(upgraded)))
+}
+
+/// Why the proxy refused, on one line: ferry egress's `ferry-refusal` header, else the first
+/// line of the body (squid and others explain there), bounded in time and size.
+async fn refusal_reason(resp: Response<Incoming>) -> Option<String> {
+    if let Some(reason) = resp
+        .headers()
+        .get(REFUSAL_HEADER)
+        .and_then(|v| one_line(v.as_bytes()))
+    {
+        return Some(reason);
+    }
+    let mut body = resp.into_body();
+    let mut head = Vec::new();
+    let read = async {
+        while head.len() < MAX_REFUSAL_BODY {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        head.extend_from_slice(data);
+                    }
+                }
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSAL_BODY_WAIT, read).await;
+    head.truncate(MAX_REFUSAL_BODY);
+    one_line(&head)
+}
+
+/// The first non-blank line of `text`, control characters replaced and cut to
+/// [`MAX_REFUSAL_REASON`] characters; `None` if there is none.
+fn one_line(text: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(text);
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty())?;
+    let mut out: String = line
+        .chars()
+        .take(MAX_REFUSAL_REASON)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if line.chars().count() > MAX_REFUSAL_REASON {
+        out.push('…');
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -187,5 +317,17 @@ mod tests {
             Proxy::parse("http://proxy:3128").unwrap().authorization,
             None
         );
+    }
+
+    #[test]
+    fn a_refusal_reason_is_one_bounded_line() {
+        assert_eq!(
+            one_line(b"\r\n  Access denied by rule 7 \r\nsecond line"),
+            Some("Access denied by rule 7".to_owned())
+        );
+        assert_eq!(one_line(b"a\x1bb"), Some("a?b".to_owned()));
+        assert_eq!(one_line(b" \n "), None);
+        let long = one_line("x".repeat(5000).as_bytes()).unwrap();
+        assert_eq!(long.chars().count(), MAX_REFUSAL_REASON + 1);
     }
 }

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 #[cfg(feature = "agent")]
 pub mod dial;
 pub mod handshake;
+#[cfg(feature = "agent")]
+pub mod no_proxy;
 pub mod tls;
 #[cfg(any(feature = "agent", feature = "egress"))]
 pub mod tls_client;
