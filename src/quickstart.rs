@@ -141,24 +141,31 @@ async fn run_in(args: &QuickstartArgs, data_dir: &std::path::Path) -> Result<(),
     let agent = Agent::new(errs_or(errs, agent_cfg)?).map_err(|e| e.to_string())?;
     tokio::spawn(agent.clone().run(shutdown.clone()));
 
+    // Watched before anything is printed: a script that stops us as soon as it reads the
+    // instructions must not meet the default action, which would leave the key behind.
+    let stop = stop_signal()?;
     wait_connected(&gateway).await?;
     print_instructions(web_addr, tunnel_addr, demo_addr, &fingerprint, &data_dir);
-    stop_signal().await?;
+    stop.await;
     shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }
 
 /// Ctrl-C or SIGTERM: either way the caller removes the temporary directory (key and token).
-async fn stop_signal() -> Result<(), String> {
+/// Both are watched from the call on, not from the first poll of the future.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>, String> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    Ok(())
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot watch SIGINT: {e}"))?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 fn errs_or<T>(errs: ConfigErrors, value: Option<T>) -> Result<T, String> {
