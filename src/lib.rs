@@ -36,6 +36,9 @@ pub mod auth;
 pub mod config;
 pub mod http_util;
 pub mod scrape_error;
+// Public for the benches, which serve their stand-in targets with ferry's own HTTP server; not
+// part of the API.
+#[doc(hidden)]
 pub mod server;
 pub mod telemetry;
 pub mod tunnel;

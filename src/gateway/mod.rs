@@ -28,16 +28,20 @@ use crate::tunnel::tls_server::{load_identity, self_signed_identity, ServerIdent
 mod h2conn;
 mod proxy;
 mod published;
-pub mod registry;
+mod registry;
 mod sd;
 mod status;
 mod tunnel;
 mod web;
+// Public for tests/examples.rs, which checks the README's web-config snippets with the loader
+// the gateway uses; not part of the API (the file is named in `GatewayConfig`).
+#[doc(hidden)]
 pub mod web_config;
 
 pub use crate::auth;
 use auth::{TokensFile, TokensFileError};
 use registry::Registry;
+pub use registry::ScrapeStats;
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +94,7 @@ pub struct AgentInfo {
     pub targets: Vec<String>,
     /// Its scrapes so far.
     #[serde(flatten)]
-    pub stats: registry::ScrapeStats,
+    pub stats: ScrapeStats,
 }
 
 /// The gateway: accepts agent tunnels and proxies Prometheus scrapes through them.

@@ -245,11 +245,6 @@ impl Registry {
         self.read().len()
     }
 
-    /// Whether no agent is connected.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     // A poisoned lock means a panic while holding it; the map itself is still consistent
     // (every mutation is a single insert or remove), so keep serving.
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<AgentHandle>>> {

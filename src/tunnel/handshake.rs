@@ -11,10 +11,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{AGENT_ID_HEADER, TUNNEL_PATH, UPGRADE_PROTOCOL};
 
 /// Longest agent id accepted: a DNS name.
-pub const MAX_AGENT_ID_LEN: usize = 253;
+pub(crate) const MAX_AGENT_ID_LEN: usize = 253;
 
 /// Whether `id` can be an agent id: it must work as the host of a URL Prometheus scrapes.
-pub fn valid_agent_id(id: &str) -> bool {
+pub(crate) fn valid_agent_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_AGENT_ID_LEN
         && id
@@ -25,7 +25,7 @@ pub fn valid_agent_id(id: &str) -> bool {
 
 /// What an upgrade request claims.
 #[derive(Clone)]
-pub struct UpgradeRequest {
+pub(crate) struct UpgradeRequest {
     /// The bearer token presented.
     pub token: String,
     /// The agent id claimed.
@@ -43,7 +43,7 @@ impl std::fmt::Debug for UpgradeRequest {
 
 /// A refusal the gateway sends instead of `101`, with its one-line reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     /// 400, 401, 403, 404, 405, 409 or 426.
     pub status: StatusCode,
     /// One line, shown in the agent's log.
@@ -52,7 +52,7 @@ pub struct Refusal {
 
 impl Refusal {
     /// A refusal with `status` and `reason`.
-    pub fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, reason: impl Into<String>) -> Self {
         Self {
             status,
             reason: reason.into(),
@@ -61,7 +61,7 @@ impl Refusal {
 }
 
 /// Reads the credentials out of an upgrade request, or says why it is not one.
-pub fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeRequest, Refusal> {
+pub(crate) fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeRequest, Refusal> {
     if req.uri().path() != TUNNEL_PATH {
         return Err(Refusal::new(
             StatusCode::NOT_FOUND,
