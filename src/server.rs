@@ -21,7 +21,7 @@ trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static 
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
 
 /// How long a client may take to send its request headers.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves HTTP/1.1 on `listener` until `shutdown`, then lets in-flight requests finish for up to `grace`.
 ///
@@ -40,7 +40,7 @@ pub async fn serve_http<H, F>(
 
 /// Like [`serve_http`]; `on_accept` is called for every connection and what it returns is kept
 /// until the connection closes (a metrics guard, typically). With `tls`, connections speak TLS.
-pub async fn serve_http_tracked<H, F, A, G>(
+pub(crate) async fn serve_http_tracked<H, F, A, G>(
     listener: TcpListener,
     handler: H,
     on_accept: A,
@@ -100,7 +100,7 @@ pub async fn serve_http_tracked<H, F, A, G>(
 
 /// The next connection on `listener` (with `TCP_NODELAY` set), or `None` once `shutdown` fires.
 /// A failed accept never ends the loop: it backs off and tries again.
-pub async fn accept(
+pub(crate) async fn accept(
     listener: &TcpListener,
     shutdown: &CancellationToken,
 ) -> Option<(tokio::net::TcpStream, SocketAddr)> {
@@ -123,7 +123,7 @@ pub async fn accept(
 }
 
 /// Sleeps after a failed `accept`: long when out of file descriptors, briefly otherwise.
-pub async fn accept_backoff(e: &std::io::Error) {
+pub(crate) async fn accept_backoff(e: &std::io::Error) {
     // ENFILE (23) / EMFILE (24): retrying at once would spin; give connections time to close.
     let emfile = matches!(e.raw_os_error(), Some(23 | 24));
     let pause = if emfile {

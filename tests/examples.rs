@@ -527,6 +527,17 @@ fn the_readme_embedding_example_is_the_one_tested_here() {
         readme().contains(&format!("```rust\n{code}```")),
         "README.md's library example differs from tests/examples.rs:\n{code}"
     );
+    // The crate documentation shows it too, as a doctest inside a hidden `mod` (compiled with
+    // the `agent` feature only).
+    let lib = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs"));
+    let doc: String = code
+        .lines()
+        .map(|l| format!("{}\n", format!("//! {l}").trim_end()))
+        .collect();
+    assert!(
+        lib.contains(&doc),
+        "src/lib.rs's agent example differs from tests/examples.rs:\n{doc}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

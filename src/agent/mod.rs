@@ -1,9 +1,11 @@
-//! The private side of the pull path.
-//!
-//! - `session`: one tunnel's life (dial, TLS, upgrade, serve HTTP/2) and the reconnect loop.
-//! - `serve`: what the agent answers over the tunnel: its target list and scrapes.
-//! - `targets`: the allowlist of targets and their HTTP clients.
-//! - [`backoff`]: capped exponential backoff with full jitter.
+//! The private side of the pull path: an [`Agent`] dials out to the gateway, keeps the tunnel up
+//! (reconnecting with [`backoff`]) and serves its allowlist of targets through it. See the crate
+//! documentation for an example of embedding it.
+
+// Inside:
+// - `session`: one tunnel's life (dial, TLS, upgrade, serve HTTP/2) and the reconnect loop.
+// - `serve`: what the agent answers over the tunnel: its target list and scrapes.
+// - `targets`: the allowlist of targets and their HTTP clients.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,7 +41,9 @@ pub enum AgentError {
     Targets(String),
     /// [`Agent::run`] was called while a run of this agent (or a clone) is under way: two
     /// tunnels with one agent id would take the id from each other at the gateway.
-    #[error("agent {0:?} is already running: one agent (and its clones) runs one tunnel at a time")]
+    #[error(
+        "agent {0:?} is already running: one agent (and its clones) runs one tunnel at a time"
+    )]
     AlreadyRunning(String),
 }
 
@@ -299,7 +303,9 @@ mod tests {
     #[test]
     fn refused_targets_leave_the_old_ones_in_place() {
         let agent = agent();
-        agent.set_targets(&[target("node")], &BTreeMap::new()).unwrap();
+        agent
+            .set_targets(&[target("node")], &BTreeMap::new())
+            .unwrap();
         let labels = BTreeMap::from([("job".to_owned(), "x".to_owned())]);
         assert!(agent.set_targets(&[target("other")], &labels).is_err());
         let set = agent.shared.targets.borrow().clone();

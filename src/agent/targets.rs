@@ -319,7 +319,10 @@ fn check_target(t: &Target) -> Result<(), String> {
         ));
     }
     if t.port == 0 {
-        return Err(format!("target {:?}: port 0 is not a port (1-65535)", t.name));
+        return Err(format!(
+            "target {:?}: port 0 is not a port (1-65535)",
+            t.name
+        ));
     }
     Ok(())
 }

@@ -271,14 +271,18 @@ pub(super) fn parse_recovering(text: &str, origin: &str) -> (Option<FileConfig>,
     (Some(file), errs)
 }
 
-/// The top-level sections, each with what it configures and the Cargo feature that compiles it in.
-const SECTIONS: [(&str, &str, &str, bool); 5] = [
-    ("gateway", "the gateway role", "gateway", cfg!(feature = "gateway")),
-    ("agent", "the agent role", "agent", cfg!(feature = "agent")),
-    ("egress", "the egress role", "egress", cfg!(feature = "egress")),
-    ("exporter", "the exporter role", "geo", cfg!(feature = "geo")),
-    ("geoip", "the country database", "geo", cfg!(feature = "geo")),
-];
+/// What a top-level section configures and the Cargo feature that compiles it in, for a section
+/// this build leaves out.
+fn left_out(section: &str) -> Option<(&'static str, &'static str)> {
+    match section {
+        "gateway" if !cfg!(feature = "gateway") => Some(("the gateway role", "gateway")),
+        "agent" if !cfg!(feature = "agent") => Some(("the agent role", "agent")),
+        "egress" if !cfg!(feature = "egress") => Some(("the egress role", "egress")),
+        "exporter" if !cfg!(feature = "geo") => Some(("the exporter role", "geo")),
+        "geoip" if !cfg!(feature = "geo") => Some(("the country database", "geo")),
+        _ => None,
+    }
+}
 
 /// Rewrites "unknown field `gateway`, expected one of `log`, `agent`" for a section this build
 /// leaves out (an embedding application's `features = ["agent"]`): the section is right, the
@@ -290,10 +294,7 @@ fn name_a_missing_role(e: &mut ConfigError, text: &str) {
     let Some(key) = unknown_key(e).map(str::to_owned) else {
         return;
     };
-    let Some((_, what, feature, _)) = SECTIONS
-        .iter()
-        .find(|(section, _, _, built)| *section == key && !built)
-    else {
+    let Some((what, feature)) = left_out(&key) else {
         return;
     };
     let at = match e.message.rfind(" at line ") {

@@ -4,10 +4,12 @@
 //! - [`policy`]: client allowlist, destination rules, special-purpose addresses, name resolution.
 //! - [`validate`]: payload checks per rule.
 //! - [`refusal`]: the one mapping of refusals to status codes and reasons.
-//! - `connector`: resolve, check, connect to the checked address.
-//! - `forward`: absolute-form requests. `connect`: CONNECT tunnels, relayed with `splice(2)` on
-//!   Linux (`splice`).
-//! - `access`: the access log line and metrics of each request.
+
+// Inside:
+// - `connector`: resolve, check, connect to the checked address.
+// - `forward`: absolute-form requests. `connect`: CONNECT tunnels, relayed with `splice(2)` on
+//   Linux (`splice`).
+// - `access`: the access log line and metrics of each request.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

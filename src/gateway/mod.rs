@@ -1,13 +1,16 @@
-//! The public side of the pull path.
-//!
-//! - [`auth`]: the tokens file and the credential check.
-//! - [`registry`]: connected agents (the seam for several gateways).
-//! - `tunnel`: accepting tunnels — TLS, upgrade, the session, the target-list watch.
-//! - `h2conn`: the gateway's HTTP/2 client end of a tunnel (h2 driven directly), keepalive PINGs.
-//! - `published`: the checks of an agent's published target list (routable targets only).
-//! - `proxy`: Prometheus's absolute-form scrapes, forwarded through a tunnel.
-//! - `sd`: http_sd JSON at `/targets` and `/clients`.
-//! - `web`: routing of the web listener.
+//! The public side of the pull path: [`Gateway`] accepts agent tunnels and proxies Prometheus's
+//! scrapes through them. Run it whole ([`Gateway::run`]) or mount it in your own HTTP server
+//! ([`Gateway::handle`] and [`Gateway::serve_tunnels`]; see the crate documentation for an
+//! example). [`auth`] is the tokens file agents authenticate with.
+
+// Inside:
+// - `registry`: connected agents (the seam for several gateways).
+// - `tunnel`: accepting tunnels — TLS, upgrade, the session, the target-list watch.
+// - `h2conn`: the gateway's HTTP/2 client end of a tunnel (h2 driven directly), keepalive PINGs.
+// - `published`: the checks of an agent's published target list (routable targets only).
+// - `proxy`: Prometheus's absolute-form scrapes, forwarded through a tunnel.
+// - `sd`: http_sd JSON at `/targets` and `/clients`.
+// - `web`: routing of the web listener; `web_config`: its TLS and basic auth file.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -28,16 +31,20 @@ use crate::tunnel::tls_server::{load_identity, self_signed_identity, ServerIdent
 mod h2conn;
 mod proxy;
 mod published;
-pub mod registry;
+mod registry;
 mod sd;
 mod status;
 mod tunnel;
 mod web;
+// Public for tests/examples.rs, which checks the README's web-config snippets with the loader
+// the gateway uses; not part of the API (the file is named in `GatewayConfig`).
+#[doc(hidden)]
 pub mod web_config;
 
 pub use crate::auth;
 use auth::{TokensFile, TokensFileError};
 use registry::Registry;
+pub use registry::ScrapeStats;
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +97,7 @@ pub struct AgentInfo {
     pub targets: Vec<String>,
     /// Its scrapes so far.
     #[serde(flatten)]
-    pub stats: registry::ScrapeStats,
+    pub stats: ScrapeStats,
 }
 
 /// The gateway: accepts agent tunnels and proxies Prometheus scrapes through them.
@@ -189,7 +196,17 @@ impl Gateway {
     }
 
     /// Answers one request of the web listener: a scrape (absolute-form) or one of ferry's own
-    /// endpoints. Mount this in your own HTTP server to embed the gateway.
+    /// endpoints. Mount this in your own HTTP server to embed the gateway, with
+    /// [`Gateway::serve_tunnels`] for the agents.
+    ///
+    /// A scrape arrives in absolute form, `GET http://node-1:9100/metrics`, and its path is
+    /// `/metrics`: hand every request that has an authority (`req.uri().authority()`) to this
+    /// before a path router (axum and the like) could send it to the application's own
+    /// `/metrics`.
+    ///
+    /// On shutdown, drain the server that calls this before cancelling the token of
+    /// [`Gateway::serve_tunnels`]: a scrape in flight needs its tunnel, and one cut by closing
+    /// tunnels first is answered a misleading "broken pipe" 502.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
@@ -223,6 +240,11 @@ impl Gateway {
     }
 
     /// Accepts agent tunnels on `listener` until `shutdown`; then closes every tunnel.
+    ///
+    /// Cancel `shutdown` last: after the web side (your server calling [`Gateway::handle`], or
+    /// [`Gateway::serve_web`]) has drained its scrapes in flight. Closing the tunnels first cuts
+    /// those scrapes, which Prometheus sees as a misleading "broken pipe" 502. [`Gateway::run`]
+    /// does it in this order.
     pub async fn serve_tunnels(&self, listener: TcpListener, shutdown: CancellationToken) {
         match self.fingerprint() {
             Some(fp) => {

@@ -272,16 +272,6 @@ impl Registry {
         all
     }
 
-    /// Number of connected agents.
-    pub fn len(&self) -> usize {
-        self.read().len()
-    }
-
-    /// Whether no agent is connected.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     // A poisoned lock means a panic while holding it; the map itself is still consistent
     // (every mutation is a single insert or remove), so keep serving.
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<AgentHandle>>> {

@@ -10,11 +10,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{AGENT_ID_HEADER, TUNNEL_PATH, UPGRADE_PROTOCOL};
 
+#[cfg(any(feature = "agent", feature = "gateway"))]
 /// Longest agent id accepted: a DNS name.
-pub const MAX_AGENT_ID_LEN: usize = 253;
+pub(crate) const MAX_AGENT_ID_LEN: usize = 253;
 
+#[cfg(any(feature = "agent", feature = "gateway"))]
 /// Whether `id` can be an agent id: it must work as the host of a URL Prometheus scrapes.
-pub fn valid_agent_id(id: &str) -> bool {
+pub(crate) fn valid_agent_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_AGENT_ID_LEN
         && id
@@ -23,15 +25,17 @@ pub fn valid_agent_id(id: &str) -> bool {
         && !id.starts_with(['-', '.'])
 }
 
+#[cfg(feature = "gateway")]
 /// What an upgrade request claims.
 #[derive(Clone)]
-pub struct UpgradeRequest {
+pub(crate) struct UpgradeRequest {
     /// The bearer token presented.
     pub token: String,
     /// The agent id claimed.
     pub agent_id: String,
 }
 
+#[cfg(feature = "gateway")]
 impl std::fmt::Debug for UpgradeRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpgradeRequest")
@@ -41,18 +45,20 @@ impl std::fmt::Debug for UpgradeRequest {
     }
 }
 
+#[cfg(feature = "gateway")]
 /// A refusal the gateway sends instead of `101`, with its one-line reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     /// 400, 401, 403, 404, 405, 409 or 426.
     pub status: StatusCode,
     /// One line, shown in the agent's log.
     pub reason: String,
 }
 
+#[cfg(feature = "gateway")]
 impl Refusal {
     /// A refusal with `status` and `reason`.
-    pub fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, reason: impl Into<String>) -> Self {
         Self {
             status,
             reason: reason.into(),
@@ -60,8 +66,9 @@ impl Refusal {
     }
 }
 
+#[cfg(feature = "gateway")]
 /// Reads the credentials out of an upgrade request, or says why it is not one.
-pub fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeRequest, Refusal> {
+pub(crate) fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeRequest, Refusal> {
     if req.uri().path() != TUNNEL_PATH {
         return Err(Refusal::new(
             StatusCode::NOT_FOUND,
@@ -219,6 +226,7 @@ async fn refusal_reason(resp: Response<hyper::body::Incoming>) -> String {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "gateway")]
     fn req(headers: &[(&str, &str)]) -> Request<()> {
         let mut b = Request::get(TUNNEL_PATH);
         for (k, v) in headers {
@@ -227,6 +235,7 @@ mod tests {
         b.body(()).unwrap()
     }
 
+    #[cfg(feature = "gateway")]
     #[test]
     fn accepts_a_complete_upgrade_request() {
         let r = req(&[
@@ -240,6 +249,7 @@ mod tests {
         assert!(!format!("{u:?}").contains("s3cret"));
     }
 
+    #[cfg(feature = "gateway")]
     #[test]
     fn refuses_incomplete_requests_with_the_right_status() {
         let cases: [(&[(&str, &str)], u16); 4] = [
@@ -267,6 +277,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "gateway")]
     #[test]
     fn a_post_and_a_long_bad_id_are_refused_in_one_short_line() {
         let mut post = req(&[
@@ -287,6 +298,7 @@ mod tests {
         assert!(err.reason.len() < 120, "{}", err.reason);
     }
 
+    #[cfg(any(feature = "agent", feature = "gateway"))]
     #[test]
     fn agent_ids_must_be_host_names() {
         assert!(valid_agent_id("node-1"));
@@ -296,6 +308,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "gateway")]
     #[tokio::test]
     async fn upgrade_round_trip_over_a_duplex_pipe() {
         use hyper::service::service_fn;

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "agent")]
 pub mod dial;
+// Public for the tests, which speak the upgrade as a hostile agent or a bare gateway would; not
+// part of the API (the agent and the gateway do the handshake themselves).
+#[doc(hidden)]
 pub mod handshake;
 #[cfg(feature = "agent")]
 pub mod no_proxy;
