@@ -1260,18 +1260,79 @@ fn logged_address(line: &str) -> SocketAddr {
         .unwrap_or_else(|| panic!("no address in {line}"))
 }
 
-/// A status line for `GET /-/healthy` at `addr`, over a plain socket.
-fn healthy_status(addr: &str) -> std::io::Result<String> {
+/// The whole response to `GET path` at `addr`, over a plain socket.
+fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     use std::io::Write as _;
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )?;
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
+    Ok(text)
+}
+
+/// A status line for `GET /-/healthy` at `addr`.
+fn healthy_status(addr: &str) -> std::io::Result<String> {
+    let text = http_get(addr, "/-/healthy")?;
     Ok(text.lines().next().unwrap_or_default().to_owned())
+}
+
+/// `ferry_config_last_reload_successful` and `…_success_timestamp_seconds` at `addr`.
+fn reload_metrics(addr: SocketAddr) -> (f64, f64) {
+    let text = http_get(&addr.to_string(), "/metrics").unwrap();
+    let value = |name| {
+        common::ferry::metric_value(&text, name, &[])
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    (
+        value("ferry_config_last_reload_successful"),
+        value("ferry_config_last_reload_success_timestamp_seconds"),
+    )
+}
+
+/// A failed reload shows on `/metrics`, as Prometheus shows its own; the next good one clears it.
+#[test]
+fn the_last_reload_outcome_is_a_metric() {
+    let dir = TempDir::new().unwrap();
+    let tokens = tokens_file(dir.path(), "s3cret");
+    let mut gw = Running::start(
+        dir.path(),
+        &[
+            "gateway",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+            "--auth.tokens-file",
+            tokens.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ],
+    );
+    let web = logged_address(&gw.wait_for("gateway web listener up"));
+    let (ok, started) = reload_metrics(web);
+    assert_eq!(ok, 1.0, "the start is a successful load");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - started).abs() < 60.0, "{started} is not about {now}");
+
+    write(dir.path(), "tokens", "not a tokens line\n");
+    gw.signal(rustix::process::Signal::HUP);
+    gw.wait_for("tokens file reload failed");
+    assert_eq!(reload_metrics(web), (0.0, started));
+
+    tokens_file(dir.path(), "s3cret");
+    std::thread::sleep(Duration::from_millis(10));
+    gw.signal(rustix::process::Signal::HUP);
+    gw.wait_for("tokens file reloaded");
+    let (ok, reloaded) = reload_metrics(web);
+    assert_eq!(ok, 1.0);
+    assert!(reloaded > started, "{reloaded} is not after {started}");
 }
 
 /// `:port` listens on IPv4 and IPv6, as Prometheus reads it; an IPv4 client on that dual-stack

@@ -20,6 +20,7 @@ use crate::egress::Egress;
 use crate::exporter::Exporter;
 use crate::gateway::Gateway;
 use crate::telemetry::geo::SharedGeo;
+use crate::telemetry::ConfigReload;
 
 /// Why the process ends with a failure.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +124,8 @@ async fn run_roles(
         .as_deref()
         .and_then(|path| file_value(path).ok())
         .map(|value| (reload_from.clone().unwrap_or_default(), value));
+    // The configuration just loaded is the first one applied.
+    ConfigReload::get().record(true);
     let roles = start_roles(config, &shutdown, &mut tasks).await?;
     tokio::spawn(handle_signals(
         signals,
@@ -314,7 +317,8 @@ async fn handle_signals(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                reload(&roles, started_from.as_ref());
+                let applied = reload(&roles, started_from.as_ref());
+                ConfigReload::get().record(applied);
             }
         }
     }
