@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -19,6 +20,28 @@ use crate::http_util::Body;
 /// A client connection: plain TCP or TLS over it.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A listener's TLS configuration, replaceable while it serves: each connection uses the one in
+/// place when it is accepted (a renewed certificate needs no restart).
+#[derive(Clone)]
+pub struct ReloadableTls(Arc<RwLock<Arc<rustls::ServerConfig>>>);
+
+impl ReloadableTls {
+    /// Starts with `config`.
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
+        Self(Arc::new(RwLock::new(config)))
+    }
+
+    /// Makes `config` the one for the connections accepted from now on.
+    pub fn replace(&self, config: Arc<rustls::ServerConfig>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let config = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
+        tokio_rustls::TlsAcceptor::from(config)
+    }
+}
 
 /// How long a client may take to send its request headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,7 +67,7 @@ pub async fn serve_http_tracked<H, F, A, G>(
     listener: TcpListener,
     handler: H,
     on_accept: A,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<ReloadableTls>,
     shutdown: CancellationToken,
     grace: Duration,
 ) where
@@ -67,7 +90,7 @@ pub async fn serve_http_tracked<H, F, A, G>(
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let tls = tls.clone();
+        let tls = tls.as_ref().map(ReloadableTls::acceptor);
         tokio::spawn(async move {
             let io: Box<dyn Io> = match tls {
                 None => Box::new(stream),

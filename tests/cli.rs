@@ -1262,12 +1262,17 @@ fn logged_address(line: &str) -> SocketAddr {
 
 /// The whole response to `GET path` at `addr`, over a plain socket.
 fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    http_get_with(addr, path, "")
+}
+
+/// [`http_get`] with `headers` (`Name: value\r\n` lines).
+fn http_get_with(addr: &str, path: &str, headers: &str) -> std::io::Result<String> {
     use std::io::Write as _;
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"
     )?;
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
@@ -1333,6 +1338,64 @@ fn the_last_reload_outcome_is_a_metric() {
     let (ok, reloaded) = reload_metrics(web);
     assert_eq!(ok, 1.0);
     assert!(reloaded > started, "{reloaded} is not after {started}");
+}
+
+/// SIGHUP re-reads `--web.config.file`: a basic-auth password taken out of it stops working at
+/// once; a broken file keeps the one in force.
+#[test]
+fn a_reload_revokes_a_password_taken_out_of_the_web_config_file() {
+    use base64::Engine as _;
+    let dir = TempDir::new().unwrap();
+    let tokens = tokens_file(dir.path(), "s3cret");
+    let users = |password: &str| {
+        let hash = bcrypt::hash(password, 4).unwrap();
+        write(
+            dir.path(),
+            "web.yml",
+            &format!("basic_auth_users:\n  prometheus: {hash}\n"),
+        );
+    };
+    users("leaked");
+    let mut gw = Running::start(
+        dir.path(),
+        &[
+            "gateway",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+            "--auth.tokens-file",
+            tokens.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--web.config.file",
+            "web.yml",
+        ],
+    );
+    let web = logged_address(&gw.wait_for("gateway web listener up")).to_string();
+    let status = |password: &str| {
+        let creds =
+            base64::engine::general_purpose::STANDARD.encode(format!("prometheus:{password}"));
+        let headers = format!("Authorization: Basic {creds}\r\n");
+        let text = http_get_with(&web, "/-/healthy", &headers).unwrap();
+        text.lines().next().unwrap_or_default().to_owned()
+    };
+    assert_eq!(status("leaked"), "HTTP/1.1 200 OK");
+
+    users("rotated");
+    gw.signal(rustix::process::Signal::HUP);
+    gw.wait_for("web config file reloaded");
+    assert_eq!(status("leaked"), "HTTP/1.1 401 Unauthorized");
+    assert_eq!(status("rotated"), "HTTP/1.1 200 OK");
+
+    write(dir.path(), "web.yml", "basic_auth_users: [");
+    gw.signal(rustix::process::Signal::HUP);
+    let line = gw.wait_for("web config file reload failed");
+    assert!(
+        line.contains("level=error") && line.contains("web.yml"),
+        "{line}"
+    );
+    assert_eq!(status("rotated"), "HTTP/1.1 200 OK");
 }
 
 /// `:port` listens on IPv4 and IPv6, as Prometheus reads it; an IPv4 client on that dual-stack

@@ -18,7 +18,7 @@ use crate::agent::Agent;
 use crate::config::{AgentConfig, ConfigErrors, FileConfig, RunConfig};
 use crate::egress::Egress;
 use crate::exporter::Exporter;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, WebConfigReload};
 use crate::telemetry::geo::SharedGeo;
 use crate::telemetry::ConfigReload;
 
@@ -399,6 +399,7 @@ fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> bool
     // A broken file keeps the old database; `reload` logs it.
     let mut ok = roles.geo.reload().is_ok();
     ok &= reload_tokens(roles);
+    ok &= reload_web_config(roles);
     ok &= reload_egress_credentials(roles);
     match file {
         Some((path, started)) => ok &= reload_file(roles, path, started),
@@ -420,6 +421,22 @@ fn reload_tokens(roles: &Roles) -> bool {
         Ok(n) => info!(credentials = n, "tokens file reloaded"),
         Err(e) => {
             error!(error = %e, "tokens file reload failed; keeping the previous credentials");
+            return false;
+        }
+    }
+    true
+}
+
+fn reload_web_config(roles: &Roles) -> bool {
+    let Some(gateway) = &roles.gateway else {
+        return true;
+    };
+    match gateway.reload_web_config() {
+        Ok(WebConfigReload::NoFile) => {}
+        Ok(WebConfigReload::Applied) => info!("web config file reloaded"),
+        Ok(WebConfigReload::TlsNeedsRestart) => warn!("web config file reloaded, but it turns TLS on or off: the web listener keeps speaking what it started with until a restart"),
+        Err(e) => {
+            error!(error = %e, "web config file reload failed; keeping the previous one");
             return false;
         }
     }
