@@ -1112,6 +1112,64 @@ fn a_sighup_during_start_up_is_a_reload_not_an_exit() {
     );
 }
 
+/// An egress credentials file emptied and reloaded refuses every client: said as a warning, as
+/// at start. A malformed line says how an egress line is written (a name, not an agent id).
+#[test]
+fn the_egress_credentials_file_is_checked_as_at_start_on_reload() {
+    let dir = TempDir::new().unwrap();
+    write(
+        dir.path(),
+        "credentials",
+        &format!("client-* {}\n", hash_token("s3cret")),
+    );
+    let mut egress = Running::start(
+        dir.path(),
+        &[
+            "egress",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--allow-upstream",
+            "example.com:443",
+            "--auth.credentials-file",
+            "credentials",
+        ],
+    );
+    egress.wait_for("egress proxy listening");
+    write(dir.path(), "credentials", "# nobody\n");
+    egress.signal(rustix::process::Signal::HUP);
+    let line = egress.wait_for("credentials file reloaded, but it holds no credentials");
+    assert!(
+        line.contains("level=warn") && line.contains("407"),
+        "{line}"
+    );
+
+    write(dir.path(), "credentials", "client-1\n");
+    egress.signal(rustix::process::Signal::HUP);
+    let line = egress.wait_for("egress credentials reload failed");
+    assert!(
+        line.contains(
+            "credentials file credentials line 1: expected `<name glob> sha256:<hex of secret>`"
+        ),
+        "{line}"
+    );
+    let out = ferry(
+        dir.path(),
+        &[
+            "egress",
+            "--allow-upstream",
+            "example.com:443",
+            "--auth.credentials-file",
+            "credentials",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert!(
+        lines[0].contains("expected `<name glob> sha256:"),
+        "{lines:?}"
+    );
+}
+
 /// A reload applies what it can; a changed setting it does not apply is named, not ignored.
 #[test]
 fn settings_a_reload_does_not_apply_are_named() {

@@ -448,7 +448,11 @@ fn reload_egress_credentials(roles: &Roles) -> bool {
         return true;
     };
     match egress.reload_credentials() {
-        Ok(()) => info!("egress credentials reloaded"),
+        Ok(0) => warn!(
+            credentials = 0,
+            "egress credentials file reloaded, but it holds no credentials: every proxied request is refused (407)"
+        ),
+        Ok(n) => info!(credentials = n, "egress credentials reloaded"),
         Err(e) => {
             error!(error = %e, "egress credentials reload failed; keeping the previous ones");
             return false;

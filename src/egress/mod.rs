@@ -129,17 +129,20 @@ impl Egress {
         })
     }
 
-    /// Re-reads the credentials file (SIGHUP); on error the old credentials stay.
-    pub fn reload_credentials(&self) -> Result<(), TokensFileError> {
-        if let Some(path) = &self.state.config.credentials_file {
-            let file = TokensFile::load_as(path, crate::auth::CREDENTIALS_FILE)?;
-            *self
-                .state
-                .credentials
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(file));
-        }
-        Ok(())
+    /// Re-reads the credentials file (SIGHUP) and says how many credentials it holds (0 without
+    /// a file); on error the old credentials stay.
+    pub fn reload_credentials(&self) -> Result<usize, TokensFileError> {
+        let Some(path) = &self.state.config.credentials_file else {
+            return Ok(0);
+        };
+        let file = TokensFile::load_as(path, crate::auth::CREDENTIALS_FILE)?;
+        let n = file.len();
+        *self
+            .state
+            .credentials
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(file));
+        Ok(n)
     }
 
     /// Serves clients on `listener` until `shutdown`, then drains within the grace period.
