@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::http_util::Body;
@@ -77,6 +78,8 @@ pub async fn serve_http_tracked<H, F, A, G>(
     G: Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    // The connections still open when the grace period ends, each cut off with its request.
+    let open = TaskTracker::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -91,7 +94,7 @@ pub async fn serve_http_tracked<H, F, A, G>(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.as_ref().map(ReloadableTls::acceptor);
-        tokio::spawn(async move {
+        open.spawn(async move {
             let io: Box<dyn Io> = match tls {
                 None => Box::new(stream),
                 Some(acceptor) => {
@@ -114,9 +117,11 @@ pub async fn serve_http_tracked<H, F, A, G>(
         .await
         .is_err()
     {
+        // Idle connections closed at the start of the drain: each one left has a request.
         warn!(
             ?grace,
-            "in-flight requests still running when the shutdown grace period ended"
+            requests = open.len(),
+            "in-flight requests still running when the shutdown grace period ended; cutting them off"
         );
     }
 }

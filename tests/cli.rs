@@ -1014,7 +1014,9 @@ fn egress_says_what_it_reloads_and_drains() {
         "no credentials file:\n{lines}"
     );
     assert!(
-        lines.contains("message=\"shutting down: draining in-flight proxied requests\""),
+        lines.contains(
+            "message=\"shutting down: draining in-flight proxied requests\" signal=SIGTERM"
+        ),
         "{lines}"
     );
     assert!(!lines.contains("scrapes"), "{lines}");
@@ -1481,11 +1483,10 @@ fn a_port_alone_listens_on_ipv4_and_ipv6() {
     assert!(v6.starts_with("HTTP/1.1 403"), "{v6}");
 }
 
-/// A second SIGINT/SIGTERM while draining exits at once (Ctrl-C twice), with status 1.
-#[test]
-fn a_second_stop_signal_does_not_wait_for_the_drain() {
+/// An egress proxy (with `grace`) holding one request to an upstream that never answers: the
+/// proxy and the client's connection.
+fn egress_with_a_request_in_flight(dir: &Path, grace: &str) -> (Running, std::net::TcpStream) {
     use std::io::Write as _;
-    // An upstream that never answers keeps one request in flight.
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let up = upstream.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -1494,10 +1495,9 @@ fn a_second_stop_signal_does_not_wait_for_the_drain() {
             held.push(sock);
         }
     });
-    let dir = TempDir::new().unwrap();
     let rule = format!("127.0.0.1/32:{}", up.port());
     let mut egress = Running::start(
-        dir.path(),
+        dir,
         &[
             "egress",
             "--web.listen-address",
@@ -1505,7 +1505,7 @@ fn a_second_stop_signal_does_not_wait_for_the_drain() {
             "--allow-upstream",
             &rule,
             "--shutdown.grace-period",
-            "60s",
+            grace,
         ],
     );
     let proxy = logged_address(&egress.wait_for("egress proxy listening"));
@@ -1516,6 +1516,31 @@ fn a_second_stop_signal_does_not_wait_for_the_drain() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    (egress, client)
+}
+
+/// The drain's end says how many requests it cut off.
+#[test]
+fn a_drain_cut_short_by_the_grace_period_says_how_many_requests_it_cut_off() {
+    let dir = TempDir::new().unwrap();
+    let (mut egress, client) = egress_with_a_request_in_flight(dir.path(), "500ms");
+    egress.signal(rustix::process::Signal::INT);
+    let line = egress.wait_for("shutting down");
+    assert!(line.contains("signal=SIGINT"), "{line}");
+    let line = egress.wait_for("still running when the grace period ended");
+    assert!(
+        line.contains("level=warn") && line.contains("connections=1") && line.contains("tunnels=0"),
+        "{line}"
+    );
+    drop(client);
+}
+
+/// A second SIGINT/SIGTERM while draining exits at once (Ctrl-C twice), with status 1.
+#[test]
+fn a_second_stop_signal_does_not_wait_for_the_drain() {
+    let dir = TempDir::new().unwrap();
+    // An upstream that never answers keeps one request in flight.
+    let (mut egress, client) = egress_with_a_request_in_flight(dir.path(), "60s");
     egress.signal(rustix::process::Signal::TERM);
     egress.wait_for("shutting down");
     std::thread::sleep(Duration::from_millis(300));

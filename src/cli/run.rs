@@ -312,17 +312,17 @@ async fn handle_signals(
     else {
         return;
     };
-    loop {
+    let signal = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
                 let applied = reload(&roles, started_from.as_ref());
                 ConfigReload::get().record(applied);
             }
         }
-    }
-    info!("{}", roles.shutdown_message());
+    };
+    info!(signal, "{}", roles.shutdown_message());
     shutdown.cancel();
     // A second SIGINT/SIGTERM while draining: the operator does not want to wait (Ctrl-C twice).
     tokio::select! {

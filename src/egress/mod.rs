@@ -167,7 +167,9 @@ impl Egress {
         if tokio::time::timeout(grace, drained).await.is_err() {
             warn!(
                 ?grace,
-                "egress requests or tunnels still running when the grace period ended"
+                connections = connections.len(),
+                tunnels = state.tunnels.len(),
+                "egress requests or tunnels still running when the grace period ended; cutting them off"
             );
             // Tunnels still carrying data are closed now, each with its access-log line.
             state.hard_stop.cancel();
