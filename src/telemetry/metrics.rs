@@ -356,6 +356,12 @@ impl ConnectionMetrics {
     /// Registers `ferry_<role>_connections_open` and `ferry_<role>_connections_total`.
     pub fn register(registry: &mut Registry, role: &str) -> Self {
         let m = Self::default();
+        // Only the egress proxy opens connections of its own (to upstreams).
+        let total_help = if role == "egress" {
+            "Connections accepted (or opened, for upstreams), by listener and peer country"
+        } else {
+            "Connections accepted, by listener and peer country"
+        };
         registry.register(
             format!("ferry_{role}_connections_open"),
             "Connections open now, by listener and peer country",
@@ -363,7 +369,7 @@ impl ConnectionMetrics {
         );
         registry.register(
             format!("ferry_{role}_connections"),
-            "Connections accepted (or opened, for upstreams), by listener and peer country",
+            total_help,
             m.total.clone(),
         );
         m
@@ -397,5 +403,27 @@ pub struct ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.open.dec();
+    }
+}
+
+#[cfg(all(test, feature = "geo"))]
+mod tests {
+    use super::*;
+
+    /// The gateway has no upstreams: its help text does not talk of them.
+    #[test]
+    fn only_the_egress_connection_counter_mentions_upstreams() {
+        for (role, upstreams) in [("gateway", false), ("egress", true)] {
+            let mut registry = Registry::default();
+            let metrics = ConnectionMetrics::register(&mut registry, role);
+            // A family without samples is not exported.
+            let _open = metrics.track("web", crate::telemetry::geo::Country::UNKNOWN);
+            let text = crate::telemetry::encode_registry(&registry);
+            let help = text
+                .lines()
+                .find(|l| l.starts_with(&format!("# HELP ferry_{role}_connections ")))
+                .unwrap_or_else(|| panic!("no help in:\n{text}"));
+            assert_eq!(help.contains("upstreams"), upstreams, "{help}");
+        }
     }
 }
