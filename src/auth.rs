@@ -78,7 +78,7 @@ impl TokensFile {
             path: path.to_owned(),
             error,
         })?;
-        Self::parse(&text).map_err(|(line, reason)| TokensFileError::Line {
+        Self::parse_as(&text, kind).map_err(|(line, reason)| TokensFileError::Line {
             kind,
             path: path.to_owned(),
             line,
@@ -88,6 +88,11 @@ impl TokensFile {
 
     /// Parses the text of a tokens file; errors carry the 1-based line number.
     pub fn parse(text: &str) -> Result<TokensFile, (usize, String)> {
+        Self::parse_as(text, TOKENS_FILE)
+    }
+
+    /// [`TokensFile::parse`] for a file of `kind`, whose errors say how its lines are written.
+    fn parse_as(text: &str, kind: &str) -> Result<TokensFile, (usize, String)> {
         // Some editors start a UTF-8 file with a byte-order mark; it would join the first glob.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut entries = Vec::new();
@@ -96,7 +101,7 @@ impl TokensFile {
             if line.is_empty() {
                 continue;
             }
-            entries.push(parse_line(line).map_err(|reason| (i + 1, reason))?);
+            entries.push(parse_line(line, kind).map_err(|reason| (i + 1, reason))?);
         }
         Ok(TokensFile { entries })
     }
@@ -147,10 +152,16 @@ impl TokensFile {
     }
 }
 
-fn parse_line(line: &str) -> Result<Entry, String> {
+fn parse_line(line: &str, kind: &str) -> Result<Entry, String> {
     let mut fields = line.split_whitespace();
     let (Some(glob), Some(hash), None) = (fields.next(), fields.next(), fields.next()) else {
-        return Err("expected `<agent-id glob> sha256:<hex of token>`".into());
+        // The egress proxy's clients are names, not agents.
+        let format = if kind == CREDENTIALS_FILE {
+            "<name glob> sha256:<hex of secret>"
+        } else {
+            "<agent-id glob> sha256:<hex of token>"
+        };
+        return Err(format!("expected `{format}`"));
     };
     let ids = glob::Pattern::new(glob).map_err(|e| format!("invalid glob {glob:?}: {e}"))?;
     let hex_part = hash.strip_prefix("sha256:").ok_or_else(|| {

@@ -21,7 +21,7 @@ impl Exporter {
     /// An exporter of the host's TCP connections by state, direction and country.
     pub fn new(config: &ExporterConfig) -> Exporter {
         let mut registry = Registry::default();
-        crate::telemetry::register_build_info(&mut registry, "exporter");
+        crate::telemetry::register_process_metrics(&mut registry, "exporter");
         let collector =
             ConnectionCollector::new(config.geo.clone(), config.connections_exclude.clone());
         registry.register_collector(Box::new(collector));

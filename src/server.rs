@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -12,6 +13,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::http_util::Body;
@@ -19,6 +21,28 @@ use crate::http_util::Body;
 /// A client connection: plain TCP or TLS over it.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A listener's TLS configuration, replaceable while it serves: each connection uses the one in
+/// place when it is accepted (a renewed certificate needs no restart).
+#[derive(Clone)]
+pub struct ReloadableTls(Arc<RwLock<Arc<rustls::ServerConfig>>>);
+
+impl ReloadableTls {
+    /// Starts with `config`.
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
+        Self(Arc::new(RwLock::new(config)))
+    }
+
+    /// Makes `config` the one for the connections accepted from now on.
+    pub fn replace(&self, config: Arc<rustls::ServerConfig>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let config = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
+        tokio_rustls::TlsAcceptor::from(config)
+    }
+}
 
 /// How long a client may take to send its request headers.
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,7 +68,7 @@ pub(crate) async fn serve_http_tracked<H, F, A, G>(
     listener: TcpListener,
     handler: H,
     on_accept: A,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<ReloadableTls>,
     shutdown: CancellationToken,
     grace: Duration,
 ) where
@@ -54,6 +78,8 @@ pub(crate) async fn serve_http_tracked<H, F, A, G>(
     G: Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    // The connections still open when the grace period ends, each cut off with its request.
+    let open = TaskTracker::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -67,8 +93,8 @@ pub(crate) async fn serve_http_tracked<H, F, A, G>(
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let tls = tls.clone();
-        tokio::spawn(async move {
+        let tls = tls.as_ref().map(ReloadableTls::acceptor);
+        open.spawn(async move {
             let io: Box<dyn Io> = match tls {
                 None => Box::new(stream),
                 Some(acceptor) => {
@@ -91,9 +117,11 @@ pub(crate) async fn serve_http_tracked<H, F, A, G>(
         .await
         .is_err()
     {
+        // Idle connections closed at the start of the drain: each one left has a request.
         warn!(
             ?grace,
-            "in-flight requests still running when the shutdown grace period ended"
+            requests = open.len(),
+            "in-flight requests still running when the shutdown grace period ended; cutting them off"
         );
     }
 }

@@ -1014,7 +1014,9 @@ fn egress_says_what_it_reloads_and_drains() {
         "no credentials file:\n{lines}"
     );
     assert!(
-        lines.contains("message=\"shutting down: draining in-flight proxied requests\""),
+        lines.contains(
+            "message=\"shutting down: draining in-flight proxied requests\" signal=SIGTERM"
+        ),
         "{lines}"
     );
     assert!(!lines.contains("scrapes"), "{lines}");
@@ -1109,6 +1111,64 @@ fn a_sighup_during_start_up_is_a_reload_not_an_exit() {
         egress.child.0.try_wait().unwrap().is_none(),
         "ferry exited:\n{}",
         egress.seen.join("\n")
+    );
+}
+
+/// An egress credentials file emptied and reloaded refuses every client: said as a warning, as
+/// at start. A malformed line says how an egress line is written (a name, not an agent id).
+#[test]
+fn the_egress_credentials_file_is_checked_as_at_start_on_reload() {
+    let dir = TempDir::new().unwrap();
+    write(
+        dir.path(),
+        "credentials",
+        &format!("client-* {}\n", hash_token("s3cret")),
+    );
+    let mut egress = Running::start(
+        dir.path(),
+        &[
+            "egress",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--allow-upstream",
+            "example.com:443",
+            "--auth.credentials-file",
+            "credentials",
+        ],
+    );
+    egress.wait_for("egress proxy listening");
+    write(dir.path(), "credentials", "# nobody\n");
+    egress.signal(rustix::process::Signal::HUP);
+    let line = egress.wait_for("credentials file reloaded, but it holds no credentials");
+    assert!(
+        line.contains("level=warn") && line.contains("407"),
+        "{line}"
+    );
+
+    write(dir.path(), "credentials", "client-1\n");
+    egress.signal(rustix::process::Signal::HUP);
+    let line = egress.wait_for("egress credentials reload failed");
+    assert!(
+        line.contains(
+            "credentials file credentials line 1: expected `<name glob> sha256:<hex of secret>`"
+        ),
+        "{line}"
+    );
+    let out = ferry(
+        dir.path(),
+        &[
+            "egress",
+            "--allow-upstream",
+            "example.com:443",
+            "--auth.credentials-file",
+            "credentials",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert!(
+        lines[0].contains("expected `<name glob> sha256:"),
+        "{lines:?}"
     );
 }
 
@@ -1260,18 +1320,142 @@ fn logged_address(line: &str) -> SocketAddr {
         .unwrap_or_else(|| panic!("no address in {line}"))
 }
 
-/// A status line for `GET /-/healthy` at `addr`, over a plain socket.
-fn healthy_status(addr: &str) -> std::io::Result<String> {
+/// The whole response to `GET path` at `addr`, over a plain socket.
+fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    http_get_with(addr, path, "")
+}
+
+/// [`http_get`] with `headers` (`Name: value\r\n` lines).
+fn http_get_with(addr: &str, path: &str, headers: &str) -> std::io::Result<String> {
     use std::io::Write as _;
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"
     )?;
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
+    Ok(text)
+}
+
+/// A status line for `GET /-/healthy` at `addr`.
+fn healthy_status(addr: &str) -> std::io::Result<String> {
+    let text = http_get(addr, "/-/healthy")?;
     Ok(text.lines().next().unwrap_or_default().to_owned())
+}
+
+/// `ferry_config_last_reload_successful` and `…_success_timestamp_seconds` at `addr`.
+fn reload_metrics(addr: SocketAddr) -> (f64, f64) {
+    let text = http_get(&addr.to_string(), "/metrics").unwrap();
+    let value = |name| {
+        common::ferry::metric_value(&text, name, &[])
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    (
+        value("ferry_config_last_reload_successful"),
+        value("ferry_config_last_reload_success_timestamp_seconds"),
+    )
+}
+
+/// A failed reload shows on `/metrics`, as Prometheus shows its own; the next good one clears it.
+#[test]
+fn the_last_reload_outcome_is_a_metric() {
+    let dir = TempDir::new().unwrap();
+    let tokens = tokens_file(dir.path(), "s3cret");
+    let mut gw = Running::start(
+        dir.path(),
+        &[
+            "gateway",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+            "--auth.tokens-file",
+            tokens.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ],
+    );
+    let web = logged_address(&gw.wait_for("gateway web listener up"));
+    let (ok, started) = reload_metrics(web);
+    assert_eq!(ok, 1.0, "the start is a successful load");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - started).abs() < 60.0, "{started} is not about {now}");
+
+    write(dir.path(), "tokens", "not a tokens line\n");
+    gw.signal(rustix::process::Signal::HUP);
+    gw.wait_for("tokens file reload failed");
+    assert_eq!(reload_metrics(web), (0.0, started));
+
+    tokens_file(dir.path(), "s3cret");
+    std::thread::sleep(Duration::from_millis(10));
+    gw.signal(rustix::process::Signal::HUP);
+    gw.wait_for("tokens file reloaded");
+    let (ok, reloaded) = reload_metrics(web);
+    assert_eq!(ok, 1.0);
+    assert!(reloaded > started, "{reloaded} is not after {started}");
+}
+
+/// SIGHUP re-reads `--web.config.file`: a basic-auth password taken out of it stops working at
+/// once; a broken file keeps the one in force.
+#[test]
+fn a_reload_revokes_a_password_taken_out_of_the_web_config_file() {
+    use base64::Engine as _;
+    let dir = TempDir::new().unwrap();
+    let tokens = tokens_file(dir.path(), "s3cret");
+    let users = |password: &str| {
+        let hash = bcrypt::hash(password, 4).unwrap();
+        write(
+            dir.path(),
+            "web.yml",
+            &format!("basic_auth_users:\n  prometheus: {hash}\n"),
+        );
+    };
+    users("leaked");
+    let mut gw = Running::start(
+        dir.path(),
+        &[
+            "gateway",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+            "--auth.tokens-file",
+            tokens.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--web.config.file",
+            "web.yml",
+        ],
+    );
+    let web = logged_address(&gw.wait_for("gateway web listener up")).to_string();
+    let status = |password: &str| {
+        let creds =
+            base64::engine::general_purpose::STANDARD.encode(format!("prometheus:{password}"));
+        let headers = format!("Authorization: Basic {creds}\r\n");
+        let text = http_get_with(&web, "/-/healthy", &headers).unwrap();
+        text.lines().next().unwrap_or_default().to_owned()
+    };
+    assert_eq!(status("leaked"), "HTTP/1.1 200 OK");
+
+    users("rotated");
+    gw.signal(rustix::process::Signal::HUP);
+    gw.wait_for("web config file reloaded");
+    assert_eq!(status("leaked"), "HTTP/1.1 401 Unauthorized");
+    assert_eq!(status("rotated"), "HTTP/1.1 200 OK");
+
+    write(dir.path(), "web.yml", "basic_auth_users: [");
+    gw.signal(rustix::process::Signal::HUP);
+    let line = gw.wait_for("web config file reload failed");
+    assert!(
+        line.contains("level=error") && line.contains("web.yml"),
+        "{line}"
+    );
+    assert_eq!(status("rotated"), "HTTP/1.1 200 OK");
 }
 
 /// `:port` listens on IPv4 and IPv6, as Prometheus reads it; an IPv4 client on that dual-stack
@@ -1299,11 +1483,10 @@ fn a_port_alone_listens_on_ipv4_and_ipv6() {
     assert!(v6.starts_with("HTTP/1.1 403"), "{v6}");
 }
 
-/// A second SIGINT/SIGTERM while draining exits at once (Ctrl-C twice), with status 1.
-#[test]
-fn a_second_stop_signal_does_not_wait_for_the_drain() {
+/// An egress proxy (with `grace`) holding one request to an upstream that never answers: the
+/// proxy and the client's connection.
+fn egress_with_a_request_in_flight(dir: &Path, grace: &str) -> (Running, std::net::TcpStream) {
     use std::io::Write as _;
-    // An upstream that never answers keeps one request in flight.
     let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let up = upstream.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -1312,10 +1495,9 @@ fn a_second_stop_signal_does_not_wait_for_the_drain() {
             held.push(sock);
         }
     });
-    let dir = TempDir::new().unwrap();
     let rule = format!("127.0.0.1/32:{}", up.port());
     let mut egress = Running::start(
-        dir.path(),
+        dir,
         &[
             "egress",
             "--web.listen-address",
@@ -1323,7 +1505,7 @@ fn a_second_stop_signal_does_not_wait_for_the_drain() {
             "--allow-upstream",
             &rule,
             "--shutdown.grace-period",
-            "60s",
+            grace,
         ],
     );
     let proxy = logged_address(&egress.wait_for("egress proxy listening"));
@@ -1334,6 +1516,31 @@ fn a_second_stop_signal_does_not_wait_for_the_drain() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    (egress, client)
+}
+
+/// The drain's end says how many requests it cut off.
+#[test]
+fn a_drain_cut_short_by_the_grace_period_says_how_many_requests_it_cut_off() {
+    let dir = TempDir::new().unwrap();
+    let (mut egress, client) = egress_with_a_request_in_flight(dir.path(), "500ms");
+    egress.signal(rustix::process::Signal::INT);
+    let line = egress.wait_for("shutting down");
+    assert!(line.contains("signal=SIGINT"), "{line}");
+    let line = egress.wait_for("still running when the grace period ended");
+    assert!(
+        line.contains("level=warn") && line.contains("connections=1") && line.contains("tunnels=0"),
+        "{line}"
+    );
+    drop(client);
+}
+
+/// A second SIGINT/SIGTERM while draining exits at once (Ctrl-C twice), with status 1.
+#[test]
+fn a_second_stop_signal_does_not_wait_for_the_drain() {
+    let dir = TempDir::new().unwrap();
+    // An upstream that never answers keeps one request in flight.
+    let (mut egress, client) = egress_with_a_request_in_flight(dir.path(), "60s");
     egress.signal(rustix::process::Signal::TERM);
     egress.wait_for("shutting down");
     std::thread::sleep(Duration::from_millis(300));

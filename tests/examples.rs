@@ -712,7 +712,14 @@ async fn the_readme_lists_the_metrics_ferry_exports() {
             listed.len() >= at_least,
             "README lists the {role} metrics: {listed:?}"
         );
-        for name in listed {
+        // The process's own, on every role's `/metrics`.
+        let process = readme_metrics("config");
+        assert_eq!(
+            process.len(),
+            2,
+            "README lists the reload metrics: {process:?}"
+        );
+        for name in listed.into_iter().chain(process) {
             // The text format (no OpenMetrics asked for) names a counter with its `_total`.
             assert!(
                 exposition.contains(&format!("# TYPE {name} ")),

@@ -1043,6 +1043,42 @@ async fn gateway_shutdown_drains_in_flight_scrapes() {
     agent.stop().await;
 }
 
+/// A scrape still running when the gateway's grace period ends is cut off, and the log says how
+/// many were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_shutdown_says_how_many_scrapes_the_grace_period_cut_off() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let server = TargetServer::start(Behaviour::Slow {
+        delay: Duration::from_secs(30),
+        body: "slow 1\n".into(),
+    })
+    .await;
+    let gw = start_gateway(&dir, &[("*", "test-token")], |s| {
+        s.shutdown_grace_period = Dur(Duration::from_millis(300))
+    })
+    .await;
+    let agent = start_agent(
+        agent_section(&gw, "slow-3", &[("slow", server.url("/metrics"))]),
+        "test-token",
+    );
+    gw.wait_agent("slow-3", Duration::from_secs(10)).await;
+    let in_flight = scrape_reaching_target(gw.web, &target_url("slow-3", &server), &server).await;
+    gw.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), gw.task)
+        .await
+        .expect("the gateway stops once the grace period is over")
+        .unwrap();
+    let lines = logs.lines_with(&["grace period ended", "cutting them off"]);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("requests=1"),
+        "{lines:?}"
+    );
+    in_flight.abort();
+    agent.stop().await;
+}
+
 /// An agent told to stop (SIGTERM) lets the scrape it is serving finish: the gateway keeps the
 /// tunnel after the agent's GOAWAY until the stream is done, and routes nothing new to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

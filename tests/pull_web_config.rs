@@ -11,6 +11,7 @@ use common::external::{values, Prometheus};
 use common::ferry::{agent_section, start_agent, start_gateway};
 use common::http::{get, get_via_proxy, get_with_headers};
 use common::servers::{Behaviour, TargetServer};
+use ferry::gateway::WebConfigReload;
 
 fn basic(user: &str, password: &str) -> String {
     format!(
@@ -162,43 +163,45 @@ async fn guessing_passwords_does_not_lock_out_a_verified_client() {
     gw.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_web_listener_speaks_tls_when_configured() {
-    let dir = tempfile::tempdir().unwrap();
+/// A self-signed certificate for `localhost` and its key, written as `web.pem` and `web-key.pem`
+/// in `dir` (replacing, by rename, the ones there); returns the certificate.
+fn write_web_cert(dir: &std::path::Path) -> rustls::pki_types::CertificateDer<'static> {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
         .unwrap()
         .self_signed(&key)
         .unwrap();
-    std::fs::write(dir.path().join("web.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.path().join("web-key.pem"), key.serialize_pem()).unwrap();
-    let path = dir.path().join("web.yml");
-    // Relative paths resolve against the web config file's directory, as in exporter-toolkit.
-    std::fs::write(
-        &path,
-        "tls_server_config:\n  cert_file: web.pem\n  key_file: web-key.pem\n",
-    )
-    .unwrap();
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.web.config_file = Some(path.clone())
-    })
-    .await;
+    for (name, pem) in [
+        ("web.pem", cert.pem()),
+        ("web-key.pem", key.serialize_pem()),
+    ] {
+        let tmp = dir.join(format!("{name}.tmp"));
+        std::fs::write(&tmp, pem).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+    cert.der().clone()
+}
 
+/// The status of `GET /-/healthy` over TLS at `addr`, trusting only `cert`; the error of the
+/// handshake if it fails.
+async fn healthy_over_tls(
+    addr: std::net::SocketAddr,
+    cert: &rustls::pki_types::CertificateDer<'static>,
+) -> Result<u16, std::io::Error> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone()).unwrap();
+    roots.add(cert.clone()).unwrap();
     let client = rustls::ClientConfig::builder_with_provider(ferry::tunnel::tls::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(gw.web).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
         .connect(
             rustls::pki_types::ServerName::try_from("localhost").unwrap(),
             tcp,
         )
-        .await
-        .expect("TLS handshake with the web listener");
+        .await?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
@@ -208,12 +211,119 @@ async fn the_web_listener_speaks_tls_when_configured() {
         .header("host", "localhost")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
+    Ok(sender.send_request(req).await.unwrap().status().as_u16())
+}
+
+/// A web config file with TLS from `web.pem` and `web-key.pem`.
+fn tls_web_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("web.yml");
+    // Relative paths resolve against the web config file's directory, as in exporter-toolkit.
+    std::fs::write(
+        &path,
+        "tls_server_config:\n  cert_file: web.pem\n  key_file: web-key.pem\n",
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_listener_speaks_tls_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_web_cert(dir.path());
+    let path = tls_web_config(dir.path());
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(path.clone())
+    })
+    .await;
+
+    let status = healthy_over_tls(gw.web, &cert).await;
+    assert_eq!(status.expect("TLS handshake with the web listener"), 200);
     let plain = common::http::try_get(&format!("http://{}/-/healthy", gw.web), &[]).await;
     assert!(
         plain.is_err() || plain.is_ok_and(|r| r.status == 400),
         "plain HTTP is not served on a TLS listener"
+    );
+    gw.stop().await;
+}
+
+/// A renewed certificate is served to new connections after a reload, without a restart; a
+/// broken file keeps the certificate in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_serves_a_renewed_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = write_web_cert(dir.path());
+    let path = tls_web_config(dir.path());
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(path.clone())
+    })
+    .await;
+    assert_eq!(healthy_over_tls(gw.web, &old).await.unwrap(), 200);
+
+    let new = write_web_cert(dir.path());
+    assert_eq!(gw.gateway.reload_web_config(), Ok(WebConfigReload::Applied));
+    assert_eq!(healthy_over_tls(gw.web, &new).await.unwrap(), 200);
+    assert!(
+        healthy_over_tls(gw.web, &old).await.is_err(),
+        "the old certificate is not served any more"
+    );
+
+    std::fs::remove_file(dir.path().join("web-key.pem")).unwrap();
+    let err = gw.gateway.reload_web_config().unwrap_err();
+    assert!(err.contains("web-key.pem"), "{err}");
+    assert_eq!(healthy_over_tls(gw.web, &new).await.unwrap(), 200);
+
+    // Plain HTTP instead: the listener cannot change what it speaks without a restart.
+    std::fs::write(&path, "").unwrap();
+    assert_eq!(
+        gw.gateway.reload_web_config(),
+        Ok(WebConfigReload::TlsNeedsRestart)
+    );
+    assert_eq!(healthy_over_tls(gw.web, &new).await.unwrap(), 200);
+    gw.stop().await;
+}
+
+/// After a reload a user's password verified under the old file is not taken on trust: a
+/// changed password stops working at once, and so does a removed user's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_revokes_changed_and_removed_passwords_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = bcrypt::hash("admin-pass", 4).unwrap();
+    let config = web_config(dir.path(), &format!("  admin: {admin}\n"));
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(config.clone())
+    })
+    .await;
+    let healthy = format!("http://{}/-/healthy", gw.web);
+    let status = |user: &str, password: &str| {
+        let auth = basic(user, password);
+        let healthy = healthy.clone();
+        async move {
+            get_with_headers(&healthy, &[("authorization", &auth)])
+                .await
+                .status
+        }
+    };
+    // Verified, hence remembered.
+    assert_eq!(status("prometheus", "s3cret").await, 200);
+    assert_eq!(status("admin", "admin-pass").await, 200);
+
+    let rotated = bcrypt::hash("rotated", 4).unwrap();
+    std::fs::write(
+        &config,
+        format!("basic_auth_users:\n  prometheus: {rotated}\n"),
+    )
+    .unwrap();
+    assert_eq!(gw.gateway.reload_web_config(), Ok(WebConfigReload::Applied));
+    assert_eq!(status("prometheus", "s3cret").await, 401);
+    assert_eq!(status("admin", "admin-pass").await, 401);
+    assert_eq!(status("prometheus", "rotated").await, 200);
+
+    std::fs::write(&config, "basic_auth_users:\n  prometheus: plaintext\n").unwrap();
+    assert!(gw.gateway.reload_web_config().is_err());
+    assert_eq!(
+        status("prometheus", "rotated").await,
+        200,
+        "the old file stays"
     );
     gw.stop().await;
 }

@@ -18,8 +18,9 @@ use crate::agent::Agent;
 use crate::config::{AgentConfig, ConfigErrors, FileConfig, RunConfig};
 use crate::egress::Egress;
 use crate::exporter::Exporter;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, WebConfigReload};
 use crate::telemetry::geo::SharedGeo;
+use crate::telemetry::ConfigReload;
 
 /// Why the process ends with a failure.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +124,8 @@ async fn run_roles(
         .as_deref()
         .and_then(|path| file_value(path).ok())
         .map(|value| (reload_from.clone().unwrap_or_default(), value));
+    // The configuration just loaded is the first one applied.
+    ConfigReload::get().record(true);
     let roles = start_roles(config, &shutdown, &mut tasks).await?;
     tokio::spawn(handle_signals(
         signals,
@@ -312,16 +315,17 @@ async fn handle_signals(
     else {
         return;
     };
-    loop {
+    let signal = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
-                reload(&roles, started_from.as_ref());
+                let applied = reload(&roles, started_from.as_ref());
+                ConfigReload::get().record(applied);
             }
         }
-    }
-    info!("{}", roles.shutdown_message());
+    };
+    info!(signal, "{}", roles.shutdown_message());
     shutdown.cancel();
     // A second SIGINT/SIGTERM while draining: the operator does not want to wait (Ctrl-C twice).
     tokio::select! {
@@ -398,6 +402,7 @@ fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> bool
     // A broken file keeps the old database; `reload` logs it.
     let mut ok = roles.geo.reload().is_ok();
     ok &= reload_tokens(roles);
+    ok &= reload_web_config(roles);
     ok &= reload_egress_credentials(roles);
     match file {
         Some((path, started)) => ok &= reload_file(roles, path, started),
@@ -425,12 +430,32 @@ fn reload_tokens(roles: &Roles) -> bool {
     true
 }
 
+fn reload_web_config(roles: &Roles) -> bool {
+    let Some(gateway) = &roles.gateway else {
+        return true;
+    };
+    match gateway.reload_web_config() {
+        Ok(WebConfigReload::NoFile) => {}
+        Ok(WebConfigReload::Applied) => info!("web config file reloaded"),
+        Ok(WebConfigReload::TlsNeedsRestart) => warn!("web config file reloaded, but it turns TLS on or off: the web listener keeps speaking what it started with until a restart"),
+        Err(e) => {
+            error!(error = %e, "web config file reload failed; keeping the previous one");
+            return false;
+        }
+    }
+    true
+}
+
 fn reload_egress_credentials(roles: &Roles) -> bool {
     let Some(egress) = roles.egress.as_ref().filter(|_| roles.egress_credentials) else {
         return true;
     };
     match egress.reload_credentials() {
-        Ok(()) => info!("egress credentials reloaded"),
+        Ok(0) => warn!(
+            credentials = 0,
+            "egress credentials file reloaded, but it holds no credentials: every proxied request is refused (407)"
+        ),
+        Ok(n) => info!(credentials = n, "egress credentials reloaded"),
         Err(e) => {
             error!(error = %e, "egress credentials reload failed; keeping the previous ones");
             return false;

@@ -131,17 +131,20 @@ impl Egress {
         })
     }
 
-    /// Re-reads the credentials file (SIGHUP); on error the old credentials stay.
-    pub fn reload_credentials(&self) -> Result<(), TokensFileError> {
-        if let Some(path) = &self.state.config.credentials_file {
-            let file = TokensFile::load_as(path, crate::auth::CREDENTIALS_FILE)?;
-            *self
-                .state
-                .credentials
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(file));
-        }
-        Ok(())
+    /// Re-reads the credentials file (SIGHUP) and says how many credentials it holds (0 without
+    /// a file); on error the old credentials stay.
+    pub fn reload_credentials(&self) -> Result<usize, TokensFileError> {
+        let Some(path) = &self.state.config.credentials_file else {
+            return Ok(0);
+        };
+        let file = TokensFile::load_as(path, crate::auth::CREDENTIALS_FILE)?;
+        let n = file.len();
+        *self
+            .state
+            .credentials
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(file));
+        Ok(n)
     }
 
     /// Serves clients on `listener` until `shutdown`, then drains within the grace period.
@@ -166,7 +169,9 @@ impl Egress {
         if tokio::time::timeout(grace, drained).await.is_err() {
             warn!(
                 ?grace,
-                "egress requests or tunnels still running when the grace period ended"
+                connections = connections.len(),
+                tunnels = state.tunnels.len(),
+                "egress requests or tunnels still running when the grace period ended; cutting them off"
             );
             // Tunnels still carrying data are closed now, each with its access-log line.
             state.hard_stop.cancel();

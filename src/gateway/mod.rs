@@ -24,6 +24,7 @@ use tracing::{info, Instrument};
 
 use crate::config::{GatewayConfig, GatewayTls};
 use crate::http_util::{Body, BoxError};
+use crate::server::ReloadableTls;
 use crate::telemetry::{ConnectionMetrics, GatewayMetrics};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_server::{load_identity, self_signed_identity, ServerIdentity};
@@ -69,8 +70,8 @@ pub(crate) struct State {
     pub(crate) connections: ConnectionMetrics,
     pub(crate) metrics_registry: MetricsRegistry,
     pub(crate) identity: Option<ServerIdentity>,
-    pub(crate) web_tls: Option<tokio_rustls::TlsAcceptor>,
-    pub(crate) web_auth: Option<web_config::BasicAuth>,
+    pub(crate) web_tls: Option<ReloadableTls>,
+    pub(crate) web_auth: RwLock<Option<Arc<web_config::BasicAuth>>>,
 }
 
 impl State {
@@ -80,6 +81,26 @@ impl State {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+
+    /// The basic-auth users in force, if any.
+    pub(crate) fn web_auth(&self) -> Option<Arc<web_config::BasicAuth>> {
+        self.web_auth
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// What a reload of the web configuration file did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebConfigReload {
+    /// The gateway has no web configuration file.
+    NoFile,
+    /// Every setting of the file is in force.
+    Applied,
+    /// Applied, except that the file turns TLS on or off: the listener speaks what it started
+    /// with until a restart.
+    TlsNeedsRestart,
 }
 
 /// A summary of one connected agent, for scripts and status pages.
@@ -134,7 +155,7 @@ impl Gateway {
             None => None,
         };
         let (web_tls, web_auth) = match web {
-            Some(w) => (w.tls.map(tokio_rustls::TlsAcceptor::from), w.users),
+            Some(w) => (w.tls.map(ReloadableTls::new), w.users.map(Arc::new)),
             None => (None, None),
         };
         let metrics = GatewayMetrics::register(&mut metrics_registry);
@@ -149,7 +170,7 @@ impl Gateway {
                 metrics_registry,
                 identity,
                 web_tls,
-                web_auth,
+                web_auth: RwLock::new(web_auth),
             }),
         })
     }
@@ -173,6 +194,36 @@ impl Gateway {
         }
         *self.state.tokens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tokens);
         Ok(n)
+    }
+
+    /// Re-reads the web configuration file (SIGHUP); on error the previous one stays. New
+    /// basic-auth users apply at once: a password verified under the previous file is checked
+    /// again unless its user's hash is unchanged. New TLS settings (a renewed certificate) apply
+    /// to the connections accepted from now on.
+    pub fn reload_web_config(&self) -> Result<WebConfigReload, String> {
+        let Some(path) = &self.state.config.web_config_file else {
+            return Ok(WebConfigReload::NoFile);
+        };
+        let new = web_config::load(path)?;
+        let outcome = match (&self.state.web_tls, new.tls) {
+            (Some(current), Some(tls)) => {
+                current.replace(tls);
+                WebConfigReload::Applied
+            }
+            (None, None) => WebConfigReload::Applied,
+            _ => WebConfigReload::TlsNeedsRestart,
+        };
+        let mut users = self
+            .state
+            .web_auth
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let new_users = new.users.map(|new| match users.as_deref() {
+            Some(old) => new.keeping_verified(old),
+            None => new,
+        });
+        *users = new_users.map(Arc::new);
+        Ok(outcome)
     }
 
     /// The connected agents, sorted by id.

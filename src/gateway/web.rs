@@ -42,7 +42,7 @@ async fn unauthenticated(
     uri: &http::Uri,
     headers: &http::HeaderMap,
 ) -> Option<Response<Body>> {
-    let auth = state.web_auth.as_ref()?;
+    let auth = state.web_auth()?;
     let proxied = uri.authority().is_some();
     let (name, status, challenge_header) = if proxied {
         (

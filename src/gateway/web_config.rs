@@ -128,6 +128,21 @@ impl BasicAuth {
         self.lock().remember(user, key, ok)
     }
 
+    /// These users, remembering the passwords `old` verified for users whose hash is the same
+    /// here (a reload must not send every client back to bcrypt); a changed or removed user's
+    /// password is verified again, and past refusals are forgotten.
+    pub fn keeping_verified(self, old: &BasicAuth) -> Self {
+        let kept: HashMap<String, [u8; 32]> = old
+            .lock()
+            .allowed
+            .iter()
+            .filter(|(user, _)| self.users.get(*user) == old.users.get(*user))
+            .map(|(user, key)| (user.clone(), *key))
+            .collect();
+        self.lock().allowed = kept;
+        self
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Verified> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -304,6 +319,42 @@ mod tests {
             check("prometheus:one-more-guess".into()),
         );
         assert_eq!(fresh.await, Ok(Verdict::Busy));
+    }
+
+    /// A reload keeps what was verified for an unchanged user (no bcrypt again) and nothing for a
+    /// user whose hash changed.
+    #[tokio::test]
+    async fn a_reload_keeps_only_the_passwords_of_unchanged_users() {
+        let hash = bcrypt::hash("s3cret", 4).unwrap();
+        let other = bcrypt::hash("other", 4).unwrap();
+        let old = BasicAuth::new(HashMap::from([
+            ("prometheus".to_owned(), hash.clone()),
+            ("admin".to_owned(), other.clone()),
+        ]));
+        for creds in ["prometheus:s3cret", "admin:other"] {
+            assert_eq!(old.check(Some(&header(creds))).await, Verdict::Allowed);
+        }
+        let rotated = bcrypt::hash("other", 4).unwrap();
+        let new = BasicAuth::new(HashMap::from([
+            ("prometheus".to_owned(), hash),
+            ("admin".to_owned(), rotated),
+        ]))
+        .keeping_verified(&old);
+        // Nothing can be checked with bcrypt now: only what was kept can be answered.
+        let _queue = new
+            .pending
+            .acquire_many(MAX_PENDING_BCRYPT as u32)
+            .await
+            .unwrap();
+        assert_eq!(
+            new.check(Some(&header("prometheus:s3cret"))).await,
+            Verdict::Allowed
+        );
+        assert_eq!(
+            new.check(Some(&header("admin:other"))).await,
+            Verdict::Busy,
+            "a changed hash is checked again"
+        );
     }
 
     #[test]

@@ -10,6 +10,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
+use std::time::SystemTime;
 
 /// Registers `ferry_build_info{role, version}` (always 1), so that dashboards and alerts can see
 /// which version each gateway, agent and proxy runs, e.g. during a rolling upgrade.
@@ -22,6 +25,62 @@ pub fn register_build_info(registry: &mut Registry, role: &str) {
             ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
         ]),
     );
+}
+
+/// Registers what every role shows for the whole process: `ferry_build_info` and the outcome of
+/// the last configuration reload ([`ConfigReload`]).
+pub fn register_process_metrics(registry: &mut Registry, role: &str) {
+    register_build_info(registry, role);
+    ConfigReload::get().register(registry);
+}
+
+/// The outcome of the last configuration reload (SIGHUP; the start counts as the first), for the
+/// whole process, as Prometheus exports its own: an alert on
+/// `ferry_config_last_reload_successful == 0` finds a reload that kept a previous state.
+#[derive(Debug)]
+pub struct ConfigReload {
+    successful: Gauge,
+    success_timestamp: Gauge<f64, AtomicU64>,
+}
+
+static CONFIG_RELOAD: OnceLock<ConfigReload> = OnceLock::new();
+
+impl ConfigReload {
+    /// The process's one record, successful as of its first use until told otherwise.
+    pub fn get() -> &'static ConfigReload {
+        CONFIG_RELOAD.get_or_init(|| {
+            let reload = ConfigReload {
+                successful: Gauge::default(),
+                success_timestamp: Gauge::default(),
+            };
+            reload.record(true);
+            reload
+        })
+    }
+
+    /// Records a reload: whether everything it read was applied; the time, if so.
+    pub fn record(&self, successful: bool) {
+        self.successful.set(i64::from(successful));
+        if successful {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.success_timestamp.set(now);
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "ferry_config_last_reload_successful",
+            "Whether the last configuration reload (SIGHUP) applied everything it read",
+            self.successful.clone(),
+        );
+        registry.register(
+            "ferry_config_last_reload_success_timestamp_seconds",
+            "Time of the last successful configuration reload (or of the start), in seconds since the Unix epoch",
+            self.success_timestamp.clone(),
+        );
+    }
 }
 
 /// Buckets from 1 ms to ~65 s, for scrape durations.
@@ -90,7 +149,7 @@ pub struct GatewayMetrics {
 impl GatewayMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
-        register_build_info(registry, "gateway");
+        register_process_metrics(registry, "gateway");
         let m = Self {
             agents_connected: Gauge::default(),
             handshakes: Family::default(),
@@ -191,7 +250,7 @@ pub struct TargetNameLabels {
 impl AgentMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
-        register_build_info(registry, "agent");
+        register_process_metrics(registry, "agent");
         let m = Self {
             tunnel_up: Gauge::default(),
             connects: Family::default(),
@@ -275,7 +334,7 @@ pub struct EgressMetrics {
 impl EgressMetrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
-        register_build_info(registry, "egress");
+        register_process_metrics(registry, "egress");
         let m = Self {
             requests: Family::default(),
             rejections: Family::default(),
@@ -341,6 +400,12 @@ impl ConnectionMetrics {
     /// Registers `ferry_<role>_connections_open` and `ferry_<role>_connections_total`.
     pub fn register(registry: &mut Registry, role: &str) -> Self {
         let m = Self::default();
+        // Only the egress proxy opens connections of its own (to upstreams).
+        let total_help = if role == "egress" {
+            "Connections accepted (or opened, for upstreams), by listener and peer country"
+        } else {
+            "Connections accepted, by listener and peer country"
+        };
         registry.register(
             format!("ferry_{role}_connections_open"),
             "Connections open now, by listener and peer country",
@@ -348,7 +413,7 @@ impl ConnectionMetrics {
         );
         registry.register(
             format!("ferry_{role}_connections"),
-            "Connections accepted (or opened, for upstreams), by listener and peer country",
+            total_help,
             m.total.clone(),
         );
         m
@@ -382,5 +447,27 @@ pub struct ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.open.dec();
+    }
+}
+
+#[cfg(all(test, feature = "geo"))]
+mod tests {
+    use super::*;
+
+    /// The gateway has no upstreams: its help text does not talk of them.
+    #[test]
+    fn only_the_egress_connection_counter_mentions_upstreams() {
+        for (role, upstreams) in [("gateway", false), ("egress", true)] {
+            let mut registry = Registry::default();
+            let metrics = ConnectionMetrics::register(&mut registry, role);
+            // A family without samples is not exported.
+            let _open = metrics.track("web", crate::telemetry::geo::Country::UNKNOWN);
+            let text = crate::telemetry::encode_registry(&registry);
+            let help = text
+                .lines()
+                .find(|l| l.starts_with(&format!("# HELP ferry_{role}_connections ")))
+                .unwrap_or_else(|| panic!("no help in:\n{text}"));
+            assert_eq!(help.contains("upstreams"), upstreams, "{help}");
+        }
     }
 }
