@@ -52,6 +52,9 @@ struct Entry {
 #[derive(Debug, Clone, Default)]
 pub struct TokensFile {
     entries: Vec<Entry>,
+    /// A gateway's tokens file: its ids are host names, compared in canonical form (lower case,
+    /// no final dot). An egress credentials file's names are compared as written.
+    host_names: bool,
 }
 
 /// Why a tunnel's credentials were refused.
@@ -103,7 +106,10 @@ impl TokensFile {
             }
             entries.push(parse_line(line, kind).map_err(|reason| (i + 1, reason))?);
         }
-        Ok(TokensFile { entries })
+        Ok(TokensFile {
+            entries,
+            host_names: kind != CREDENTIALS_FILE,
+        })
     }
 
     /// Number of credentials.
@@ -126,6 +132,7 @@ impl TokensFile {
     /// [`TokensFile::authorize`] for a token known by its SHA-256 (a connected agent's, checked
     /// again when the file is reloaded).
     pub fn authorize_digest(&self, presented: &[u8; 32], agent_id: &str) -> Result<(), AuthError> {
+        let agent_id = &*self.compared(agent_id);
         let mut known = false;
         let mut allowed = false;
         for entry in &self.entries {
@@ -145,10 +152,22 @@ impl TokensFile {
     /// Whether a line for the token with SHA-256 `presented` names `agent_id` itself, not by a
     /// pattern: such a claim outranks one by a glob (see the gateway's duplicate-id rule).
     pub fn names_exactly(&self, presented: &[u8; 32], agent_id: &str) -> bool {
+        let agent_id = &*self.compared(agent_id);
         self.entries.iter().any(|entry| {
             let named = entry.ids.as_str() == agent_id && !agent_id.contains(['*', '?', '[']);
             bool::from(entry.hash.ct_eq(presented)) && named
         })
+    }
+}
+
+impl TokensFile {
+    /// `id` in the form the file's patterns were written for.
+    fn compared<'a>(&self, id: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.host_names {
+            crate::http_util::canonical_host_name(id)
+        } else {
+            std::borrow::Cow::Borrowed(id)
+        }
     }
 }
 
@@ -163,7 +182,14 @@ fn parse_line(line: &str, kind: &str) -> Result<Entry, String> {
         };
         return Err(format!("expected `{format}`"));
     };
-    let ids = glob::Pattern::new(glob).map_err(|e| format!("invalid glob {glob:?}: {e}"))?;
+    // Agent ids are host names, compared in their canonical form (lower case, no final dot);
+    // a glob written `Node-*` or `node-1.` must match them in that form too.
+    let pattern = if kind == CREDENTIALS_FILE {
+        std::borrow::Cow::Borrowed(glob)
+    } else {
+        crate::http_util::canonical_host_name(glob)
+    };
+    let ids = glob::Pattern::new(&pattern).map_err(|e| format!("invalid glob {glob:?}: {e}"))?;
     let hex_part = hash.strip_prefix("sha256:").ok_or_else(|| {
         format!("{hash:?} must start with sha256: (hash the token, never store it)")
     })?;
@@ -233,6 +259,19 @@ mod tests {
             "a pattern, though of one id"
         );
         assert!(!file.names_exactly(&d("own"), "node-2"));
+    }
+
+    #[test]
+    fn agent_ids_match_whatever_their_case_but_client_names_as_written() {
+        let line = format!("Node-* {}\nweb-1. {}\n", hash_token("t"), hash_token("w"));
+        let tokens = TokensFile::parse(&line).unwrap();
+        for id in ["node-2", "NODE-2", "node-2."] {
+            assert_eq!(tokens.authorize("t", id), Ok(()), "{id}");
+        }
+        assert!(tokens.names_exactly(&token_digest("w"), "WEB-1"));
+        let creds = TokensFile::parse_as(&line, CREDENTIALS_FILE).unwrap();
+        assert!(creds.authorize("t", "Node-2").is_ok());
+        assert!(creds.authorize("t", "node-2").is_err());
     }
 
     #[test]

@@ -252,6 +252,17 @@ impl HttpBody for BoundedBody {
     }
 }
 
+/// A host name as compared: host names are case-insensitive and may end with the root's dot
+/// (RFC 4343, RFC 1034), so `NODE-1` and `node-1.` are `node-1`.
+pub fn canonical_host_name(name: &str) -> std::borrow::Cow<'_, str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

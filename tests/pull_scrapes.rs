@@ -473,6 +473,68 @@ async fn a_token_naming_the_id_exactly_takes_it_back_from_a_glob_token() {
     c.gw.stop().await;
 }
 
+/// Agent ids are host names: `Node-1.` (capitals, the root's dot) connects as `node-1`, a glob
+/// written in capitals still matches it, and Prometheus may address it in any of its spellings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_ids_are_host_names_whatever_their_case_or_final_dot() {
+    let dir = TempDir::new().unwrap();
+    let target = TargetServer::start(Behaviour::Metrics(BODY.into())).await;
+    let gw = start_gateway(&dir, &[("NODE-*", "tok")], |_| {}).await;
+    let agent = start_agent(
+        agent_section(&gw, "Node-1.", &[("node", target.url("/metrics"))]),
+        "tok",
+    );
+    gw.wait_agent(AGENT, CONNECT_WAIT).await;
+    assert_eq!(gw.agent_ids(), vec![AGENT.to_owned()]);
+    let port = target.addr.port();
+
+    for host in ["node-1", "NODE-1", "node-1.", "Node-1."] {
+        let resp = get_via_proxy(gw.web, &format!("http://{host}:{port}/metrics"), &[]).await;
+        assert_eq!(resp.status, 200, "{host}: {}", resp.text());
+        assert_eq!(resp.body, Bytes::from(BODY), "{host}");
+    }
+    let sd: Value =
+        serde_json::from_slice(&client::get(&format!("{}/targets", gw.web_url())).await.body)
+            .unwrap();
+    assert!(
+        sd.as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["targets"] == json!([format!("{AGENT}:{port}")])
+                && g["labels"]["ferry_agent"] == AGENT),
+        "{sd}"
+    );
+
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// Spelling an id differently is no way around the duplicate-id rule: a group token claiming
+/// `NODE-1.` while `node-1` is connected with the token naming it is refused with 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_spelling_of_a_connected_id_is_the_same_id() {
+    let c = Claimants::start().await;
+    let owner = c.agent(&c.own, "own-token");
+    c.gw.wait_agent(AGENT, CONNECT_WAIT).await;
+
+    for spelling in ["NODE-1", "node-1.", "Node-1."] {
+        match raw_upgrade(&c.gw, "group-token", spelling).await {
+            Err(HandshakeError::Refused { status, reason }) => {
+                assert_eq!(status.as_u16(), 409, "{spelling}: {reason}");
+                assert!(reason.starts_with("agent id \"node-1\""), "{reason:?}");
+            }
+            other => panic!("{spelling}: expected 409, got {other:?}"),
+        }
+    }
+    assert_eq!(c.gw.agent_ids(), vec![AGENT.to_owned()]);
+    let resp = get_via_proxy(c.gw.web, &c.url, &[]).await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "which 1\n"));
+    assert_eq!(c.other.requests(), 0);
+
+    owner.stop().await;
+    c.gw.stop().await;
+}
+
 /// Opens TLS to the gateway's tunnel listener, pinned to its certificate, and sends the upgrade.
 async fn raw_upgrade(gw: &TestGateway, token: &str, agent_id: &str) -> Result<(), HandshakeError> {
     upgrade_as_agent(gw, token, agent_id).await.map(drop)

@@ -13,7 +13,7 @@ use super::{
     parse_listen_address, validate_keepalive, CollectorSection, ConfigErrors, Dur, Secret,
 };
 use crate::tunnel::dial::Proxy;
-use crate::tunnel::handshake::valid_agent_id;
+use crate::tunnel::handshake::{canonical_agent_id, valid_agent_id};
 use crate::tunnel::tls::parse_fingerprint;
 use crate::tunnel::tls_client::{ClientTls, Purpose, ServerVerify};
 use crate::tunnel::Keepalive;
@@ -519,7 +519,8 @@ impl AgentSection {
             None => host_fqdn(),
         };
         if valid_agent_id(&id) {
-            Some(id)
+            // As the gateway will know it, so that both logs name the agent alike.
+            Some(canonical_agent_id(&id).into_owned())
         } else {
             errs.push(
                 field,

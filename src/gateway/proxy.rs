@@ -15,6 +15,7 @@ use crate::config::ScrapeLimits;
 use crate::http_util::{body_on_get, boxed, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::scrape_error::{one_line, ScrapeError};
 use crate::telemetry::{status_class, ScrapeLabels};
+use crate::tunnel::handshake::canonical_agent_id;
 use crate::tunnel::{header_list_size, MAX_HEADER_BYTES, SCRAPE_TIMEOUT_HEADER};
 
 /// The agent and target label of a scrape not routed that far.
@@ -125,7 +126,7 @@ fn route(state: &State, uri: &Uri, labels: &mut ScrapeLabels) -> Result<Route, S
         });
     let agent = state
         .registry
-        .get(host)
+        .get(&canonical_agent_id(host))
         .ok_or_else(|| ScrapeError::AgentNotConnected(host.to_owned()))?;
     labels.agent = agent.id.clone();
     let targets = agent.targets();

@@ -25,6 +25,11 @@ pub(crate) fn valid_agent_id(id: &str) -> bool {
         && !id.starts_with(['-', '.'])
 }
 
+#[cfg(any(feature = "agent", feature = "gateway"))]
+/// The form of an agent id the gateway knows it by (`NODE-1` and `node-1.` are `node-1`): both
+/// the claim in an upgrade request and the host of a scrape are compared in this form.
+pub(crate) use crate::http_util::canonical_host_name as canonical_agent_id;
+
 #[cfg(feature = "gateway")]
 /// What an upgrade request claims.
 #[derive(Clone)]
@@ -125,7 +130,7 @@ pub(crate) fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeReques
     }
     Ok(UpgradeRequest {
         token: token.to_owned(),
-        agent_id: agent_id.to_owned(),
+        agent_id: canonical_agent_id(agent_id).into_owned(),
     })
 }
 
