@@ -956,6 +956,15 @@ async fn target_change_reaches_the_gateway_without_reconnecting() {
         1.0,
         "the agent reconnected to change targets"
     );
+    // The removed target's series went with it; the new one's came.
+    let series = series_of(gw.web, "t-1").await;
+    let scrapes = |target: &str| {
+        series.iter().any(|l| {
+            l.starts_with("ferry_gateway_scrapes_total")
+                && l.contains(&format!("target=\"{target}\""))
+        })
+    };
+    assert!(!scrapes("old") && scrapes("new"), "{series:#?}");
 
     agent.stop().await;
     gw.stop().await;

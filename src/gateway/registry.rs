@@ -249,6 +249,18 @@ impl Registry {
         true
     }
 
+    /// Drops the scrape series of the targets the tunnel `session` of agent `id` no longer
+    /// lists: an agent whose targets change on reload would otherwise keep the series of every
+    /// target it ever had until it disconnects. A scrape of a dropped target still in flight may
+    /// bring its series back, until the next change or the disconnect.
+    pub fn targets_changed(&self, id: &str, session: u64, list: &TargetList) {
+        let agents = self.read();
+        if agents.get(id).is_some_and(|a| a.session == session) {
+            self.metrics
+                .remove_unlisted_targets(id, |name| list.targets.iter().any(|t| t.name == name));
+        }
+    }
+
     /// Counts a finished scrape in the series of `labels.agent` if a tunnel of that id is
     /// connected. One that ends after its agent went (in flight while it drained) is not: the
     /// agent's series went with it and must not come back before the agent does.

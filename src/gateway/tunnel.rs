@@ -265,7 +265,7 @@ async fn run_session(
         reason = &mut conn => format!("connection ended: {reason}"),
         _ = closed.cancelled() => closed_by_gateway(&handle, &mut conn).await,
         _ = shutdown.cancelled() => "gateway shutting down".to_owned(),
-        e = watch_targets(sender, targets_tx, &agent_id, remote) => {
+        e = watch_targets(&state, session, sender, targets_tx, &agent_id, remote) => {
             // An agent shutting down sends GOAWAY, which ends the targets long poll first; its
             // scrapes in flight still finish. No new scrape is routed here, and the connection is
             // driven until the agent closes it (or the longest scrape would have timed out).
@@ -364,6 +364,8 @@ where
 
 /// Follows the agent's target list: each answer is the next version, held open by the agent until it changes.
 async fn watch_targets(
+    state: &State,
+    session: u64,
     sender: Sender,
     tx: watch::Sender<Arc<TargetList>>,
     agent_id: &str,
@@ -387,7 +389,9 @@ async fn watch_targets(
                     version = list.version,
                     "agent targets changed"
                 );
-                tx.send_replace(Arc::new(list));
+                let list = Arc::new(list);
+                tx.send_replace(list.clone());
+                state.registry.targets_changed(agent_id, session, &list);
             }
             Ok(_) => {}
             Err(e) => return e,
