@@ -1088,6 +1088,60 @@ async fn gateway_shutdown_says_how_many_scrapes_the_grace_period_cut_off() {
     agent.stop().await;
 }
 
+/// The agent's side of the same: a scrape still running when its grace period ends is cut
+/// off, and its log says how many were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_shutdown_says_how_many_scrapes_the_grace_period_cut_off() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let server = TargetServer::start(Behaviour::Slow {
+        delay: Duration::from_secs(30),
+        body: "slow 1\n".into(),
+    })
+    .await;
+    let gw = start_gateway(&dir, &[("*", "test-token")], |_| {}).await;
+    let mut section = agent_section(&gw, "slow-4", &[("slow", server.url("/metrics"))]);
+    section.shutdown_grace_period = Dur(Duration::from_millis(300));
+    let agent = start_agent(section, "test-token");
+    gw.wait_agent("slow-4", Duration::from_secs(10)).await;
+    let url = target_url("slow-4", &server);
+    let web = gw.web;
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                http::try_get_via_proxy(web, &url, &[("X-Prometheus-Scrape-Timeout-Seconds", "10")])
+                    .await
+            })
+        })
+        .collect();
+    wait_for(
+        "both scrapes reach the target",
+        Duration::from_secs(5),
+        || async {
+            match server.requests() {
+                2 => Ok(()),
+                n => Err(format!("{n} requests at the target")),
+            }
+        },
+    )
+    .await;
+    agent.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), agent.task)
+        .await
+        .expect("the agent stops once the grace period is over")
+        .unwrap()
+        .expect("the agent ran");
+    let lines = logs.lines_with(&["grace period ended", "cutting them off"]);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("scrapes=2"),
+        "{lines:?}"
+    );
+    in_flight.iter().for_each(|t| t.abort());
+    gw.stop().await;
+}
+
 /// An agent told to stop (SIGTERM) lets the scrape it is serving finish: the gateway keeps the
 /// tunnel after the agent's GOAWAY until the stream is done, and routes nothing new to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,10 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use rustls::pki_types::ServerName;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::backoff::Backoff;
@@ -222,6 +223,20 @@ async fn open(shared: &Shared, token: &str) -> Result<hyper::upgrade::Upgraded, 
     Ok(request_upgrade(io, &cfg.gateway.addr, token, &cfg.agent_id).await?)
 }
 
+/// Spawns hyper's stream tasks on the runtime, in `0`.
+#[derive(Clone)]
+struct TrackedExecutor(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackedExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}
+
 /// Serves HTTP/2 over the tunnel until it ends or `shutdown`, then drains within the grace period.
 async fn serve(
     shared: &Arc<Shared>,
@@ -238,7 +253,10 @@ async fn serve(
             Ok::<_, std::convert::Infallible>(super::serve::handle(shared, req, closing).await)
         }
     });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    // hyper runs each stream (a scrape, to the last byte of its body) as a task of its own:
+    // tracked, so that a drain cut short can say how many scrapes it cut.
+    let streams = TaskTracker::new();
+    let conn = hyper::server::conn::http2::Builder::new(TrackedExecutor(streams.clone()))
         .timer(TokioTimer::new())
         .keep_alive_interval(cfg.keepalive.interval)
         .keep_alive_timeout(cfg.keepalive.timeout)
@@ -253,7 +271,7 @@ async fn serve(
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             if tokio::time::timeout(cfg.shutdown_grace, conn).await.is_err() {
-                warn!(grace = ?cfg.shutdown_grace, "scrapes still running when the grace period ended");
+                warn!(grace = ?cfg.shutdown_grace, scrapes = streams.len(), "scrapes still running when the shutdown grace period ended; cutting them off");
             }
             SessionEnd::Shutdown
         }
