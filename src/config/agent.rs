@@ -13,7 +13,7 @@ use super::{
     parse_listen_address, validate_keepalive, CollectorSection, ConfigErrors, Dur, Secret,
 };
 use crate::tunnel::dial::Proxy;
-use crate::tunnel::handshake::{canonical_agent_id, valid_agent_id};
+use crate::tunnel::handshake::{canonical_agent_id, reserved_agent_id, valid_agent_id};
 use crate::tunnel::tls::parse_fingerprint;
 use crate::tunnel::tls_client::{ClientTls, Purpose, ServerVerify};
 use crate::tunnel::Keepalive;
@@ -518,7 +518,10 @@ impl AgentSection {
             Some(id) => id.clone(),
             None => host_fqdn(),
         };
-        if valid_agent_id(&id) {
+        if let Some(reason) = reserved_agent_id(&id) {
+            errs.push(field, reason);
+            None
+        } else if valid_agent_id(&id) {
             // As the gateway will know it, so that both logs name the agent alike.
             Some(canonical_agent_id(&id).into_owned())
         } else {
@@ -937,6 +940,34 @@ mod tests {
         match errs.errors.is_empty() {
             true => Ok(cfg.and_then(|c| c.proxy)),
             false => Err(errs.to_string()),
+        }
+    }
+
+    /// The agent id `id` validates to, or the errors.
+    fn agent_id(id: &str) -> Result<String, String> {
+        let section = AgentSection {
+            gateway: Some("https://gw:7443".into()),
+            agent_id: Some(id.into()),
+            ..AgentSection::default()
+        };
+        let env = |name: &str| (name == TOKEN_ENV).then(|| "t".to_owned());
+        let mut errs = ConfigErrors::new("flags");
+        let cfg = section.validate("agent", &env, &mut errs);
+        cfg.map(|c| c.agent_id).ok_or_else(|| errs.to_string())
+    }
+
+    #[test]
+    fn agent_ids_are_canonical_host_names_and_unknown_is_reserved() {
+        assert_eq!(
+            agent_id("Node-1.Example.COM.").unwrap(),
+            "node-1.example.com"
+        );
+        for reserved in ["unknown", "UNKNOWN", "unknown."] {
+            let err = agent_id(reserved).unwrap_err();
+            assert!(
+                err.contains("--agent-id") && err.contains("is reserved"),
+                "{err}"
+            );
         }
     }
 

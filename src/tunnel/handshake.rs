@@ -26,6 +26,19 @@ pub(crate) fn valid_agent_id(id: &str) -> bool {
 }
 
 #[cfg(any(feature = "agent", feature = "gateway"))]
+/// The gateway's label for scrapes of agents that are not connected (and targets no agent
+/// lists): an agent with this id would share those series, and reset them when it left.
+pub(crate) const RESERVED_AGENT_ID: &str = "unknown";
+
+#[cfg(any(feature = "agent", feature = "gateway"))]
+/// Why `id`, a valid host name, still cannot be an agent id (in canonical form).
+pub(crate) fn reserved_agent_id(id: &str) -> Option<String> {
+    (canonical_agent_id(id) == RESERVED_AGENT_ID).then(|| {
+        format!("agent id {RESERVED_AGENT_ID:?} is reserved (the gateway counts scrapes of agents not connected under it): choose another")
+    })
+}
+
+#[cfg(any(feature = "agent", feature = "gateway"))]
 /// The form of an agent id the gateway knows it by (`NODE-1` and `node-1.` are `node-1`): both
 /// the claim in an upgrade request and the host of a scrape are compared in this form.
 pub(crate) use crate::http_util::canonical_host_name as canonical_agent_id;
@@ -127,6 +140,9 @@ pub(crate) fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeReques
             StatusCode::BAD_REQUEST,
             format!("agent id {shown:?}{more} is not a valid host name"),
         ));
+    }
+    if let Some(reason) = reserved_agent_id(agent_id) {
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, reason));
     }
     Ok(UpgradeRequest {
         token: token.to_owned(),
@@ -257,7 +273,7 @@ mod tests {
     #[cfg(feature = "gateway")]
     #[test]
     fn refuses_incomplete_requests_with_the_right_status() {
-        let cases: [(&[(&str, &str)], u16); 4] = [
+        let cases: [(&[(&str, &str)], u16); 5] = [
             (
                 &[("authorization", "Bearer x"), ("ferry-agent-id", "a")],
                 426,
@@ -272,6 +288,14 @@ mod tests {
                     ("upgrade", "ferry/1"),
                     ("authorization", "Bearer x"),
                     ("ferry-agent-id", "a/b"),
+                ],
+                400,
+            ),
+            (
+                &[
+                    ("upgrade", "ferry/1"),
+                    ("authorization", "Bearer x"),
+                    ("ferry-agent-id", "Unknown."),
                 ],
                 400,
             ),
