@@ -974,6 +974,15 @@ impl Running {
         panic!("no line with {needle:?} in:\n{}", self.seen.join("\n"));
     }
 
+    /// Waits until a line with each of `needles` has been seen, in any order.
+    fn wait_for_all(&mut self, needles: &[&str]) {
+        for needle in needles {
+            if !self.seen.iter().any(|l| l.contains(needle)) {
+                self.wait_for(needle);
+            }
+        }
+    }
+
     fn signal(&self, signal: rustix::process::Signal) {
         let pid = rustix::process::Pid::from_child(&self.child.0);
         rustix::process::kill_process(pid, signal).expect("signal ferry");
@@ -1104,9 +1113,13 @@ fn a_sighup_during_start_up_is_a_reload_not_an_exit() {
     std::fs::rename(dir.path().join("credentials.new"), &credentials).unwrap();
     let _ = pipe.write_all(line.as_bytes());
     drop(pipe);
-    egress.wait_for("egress proxy listening");
-    egress.wait_for("SIGHUP: reloading");
-    egress.wait_for("egress credentials reloaded");
+    // The reload may be logged before or after the listening line: it waits for the roles to
+    // run, not for the log.
+    egress.wait_for_all(&[
+        "egress proxy listening",
+        "SIGHUP: reloading",
+        "egress credentials reloaded",
+    ]);
     assert!(
         egress.child.0.try_wait().unwrap().is_none(),
         "ferry exited:\n{}",
@@ -1389,12 +1402,14 @@ fn the_last_reload_outcome_is_a_metric() {
     write(dir.path(), "tokens", "not a tokens line\n");
     gw.signal(rustix::process::Signal::HUP);
     gw.wait_for("tokens file reload failed");
+    gw.wait_for("reload done, not all of it applied");
     assert_eq!(reload_metrics(web), (0.0, started));
 
     tokens_file(dir.path(), "s3cret");
     std::thread::sleep(Duration::from_millis(10));
     gw.signal(rustix::process::Signal::HUP);
     gw.wait_for("tokens file reloaded");
+    gw.wait_for("reload done: everything applied");
     let (ok, reloaded) = reload_metrics(web);
     assert_eq!(ok, 1.0);
     assert!(reloaded > started, "{reloaded} is not after {started}");

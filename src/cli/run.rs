@@ -322,6 +322,12 @@ async fn handle_signals(
             _ = hup.recv() => {
                 let applied = reload(&roles, started_from.as_ref());
                 ConfigReload::get().record(applied);
+                // The end of the reload's lines: what was applied is in force from here on.
+                if applied {
+                    info!("reload done: everything applied");
+                } else {
+                    warn!("reload done, not all of it applied: see the errors above");
+                }
             }
         }
     };
