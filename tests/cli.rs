@@ -1593,3 +1593,34 @@ fn a_config_file_given_to_a_role_points_at_ferry_run() {
         );
     }
 }
+
+/// A data directory the certificate cannot be stored in is named as the setting, with its whole
+/// path: the relative default `data` is in whatever directory ferry was started from.
+#[test]
+fn an_unusable_data_dir_is_named_with_its_whole_path() {
+    let dir = TempDir::new().unwrap();
+    let tokens = tokens_file(dir.path(), "s3cret");
+    write(dir.path(), "data", "a file, not a directory");
+    let out = ferry(
+        dir.path(),
+        &[
+            "gateway",
+            "--auth.tokens-file",
+            tokens.to_str().unwrap(),
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let whole = dir.path().join("data");
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "self-signed certificate in data directory {} (data_dir, --data-dir): it exists and is not a directory",
+            whole.display()
+        )
+    );
+}

@@ -40,7 +40,10 @@ pub enum TlsError {
     #[error("TLS configuration: {0}")]
     Config(String),
     /// The self-signed certificate could not be generated or stored.
-    #[error("self-signed certificate in {dir}: {reason}")]
+    // Named as the setting and with the whole path: a relative default (`data`) resolved
+    // against a working directory the operator did not choose (`/` under systemd) is the
+    // usual cause.
+    #[error("self-signed certificate in data directory {} (data_dir, --data-dir): {reason}", std::path::absolute(dir).unwrap_or_else(|_| dir.clone()).display())]
     SelfSigned {
         /// The data directory.
         dir: PathBuf,
