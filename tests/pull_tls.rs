@@ -147,6 +147,47 @@ async fn a_wrong_fingerprint_never_connects() {
     ]);
     assert!(!lines.is_empty(), "the agent says which fingerprint it got");
     assert!(!lines[0].contains("unexpected error"), "{lines:?}");
+    // The gateway's side of it, at the default level: once, with what it probably means.
+    let gateway_says = logs.lines_with(&["WARN", "tunnel handshake failed", "tunnel.fingerprint"]);
+    assert_eq!(
+        gateway_says.len(),
+        1,
+        "one warning a minute: {gateway_says:?}"
+    );
+    agent.stop().await;
+}
+
+/// Prometheus (or curl) pointed at the tunnel port instead of the web port gets a 400 that
+/// names the right listener, not TLS bytes it cannot read; the gateway warns about it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_on_the_tunnel_port_is_told_where_the_web_listener_is() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
+    let resp = common::http::get_via_proxy(gw.tunnel, "http://node-1:9100/metrics", &[]).await;
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    assert!(
+        resp.text()
+            .starts_with("this is ferry's tunnel listener, which speaks TLS")
+            && resp.text().contains("web listener"),
+        "{}",
+        resp.text()
+    );
+    assert_eq!(resp.header("ferry-error"), Some("gateway"));
+    assert!(handshakes(gw.web, "tls_error").await >= 1.0);
+    logs.wait_lines(
+        &[
+            "WARN",
+            "tunnel handshake failed",
+            "plain HTTP sent to the TLS tunnel listener",
+        ],
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    // The listener still serves agents.
+    let agent = start_agent(agent_section(&gw, "node-1", &[]), "t");
+    gw.wait_agent("node-1", Duration::from_secs(10)).await;
     agent.stop().await;
 }
 

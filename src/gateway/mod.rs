@@ -72,6 +72,7 @@ pub(crate) struct State {
     pub(crate) identity: Option<ServerIdentity>,
     pub(crate) web_tls: Option<ReloadableTls>,
     pub(crate) web_auth: RwLock<Option<Arc<web_config::BasicAuth>>>,
+    pub(crate) handshake_warnings: tunnel::HandshakeWarnings,
 }
 
 impl State {
@@ -171,6 +172,7 @@ impl Gateway {
                 identity,
                 web_tls,
                 web_auth: RwLock::new(web_auth),
+                handshake_warnings: Default::default(),
             }),
         })
     }

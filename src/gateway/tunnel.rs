@@ -59,13 +59,17 @@ async fn handle_connection(
     shutdown: CancellationToken,
 ) {
     let timeout = state.config.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     let country = state.config.geo.lookup(remote.ip());
     // Counted open from accept to the end of the session; the session task takes it over.
     let held: HeldGuard = Arc::new(Mutex::new(Some(state.connections.track("tunnel", country))));
     match &state.identity {
         Some(identity) => {
+            if speaks_plain_http(&stream, deadline).await {
+                return refuse_plain_http(&state, stream, deadline).await;
+            }
             let acceptor = tokio_rustls::TlsAcceptor::from(identity.config.clone());
-            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => serve_upgrade(state, tls, remote, shutdown, held).await,
                 Ok(Err(e)) => {
                     handshake_failed(&state, "tls_error", &format!("TLS handshake failed: {e}"))
@@ -80,9 +84,109 @@ async fn handle_connection(
 /// The open-connection guard of a tunnel, handed from the accept to the session.
 type HeldGuard = Arc<Mutex<Option<ConnectionGuard>>>;
 
+/// What the tunnel listener answers plain HTTP with: Prometheus (or curl) pointed at the wrong
+/// port of the gateway.
+const NOT_THE_WEB_LISTENER: &str = "this is ferry's tunnel listener, which speaks TLS to agents \
+    (https://); Prometheus's proxy_url and service discovery are on the gateway's web listener \
+    (web.listen_address, default :8080)";
+
+/// Whether the client's first byte says plain HTTP (a method's first letter) rather than TLS
+/// (a handshake record, 0x16). Undecided (nothing sent before the deadline, an error) is no.
+async fn speaks_plain_http(stream: &TcpStream, deadline: tokio::time::Instant) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout_at(deadline, stream.peek(&mut first)).await,
+        Ok(Ok(1)) if first[0].is_ascii_uppercase()
+    )
+}
+
+/// Answers plain HTTP with a 400 that says which listener this is, then closes.
+async fn refuse_plain_http(state: &State, mut stream: TcpStream, deadline: tokio::time::Instant) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    handshake_failed(state, "tls_error", "plain HTTP sent to the TLS tunnel listener: is a Prometheus proxy_url (or an agent with insecure_plaintext) pointed at the tunnel port instead of the web port?");
+    let body = format!("{NOT_THE_WEB_LISTENER}\n");
+    let head = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n{}: gateway\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        crate::scrape_error::ERROR_SOURCE_HEADER,
+        body.len()
+    );
+    let answer = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Read what the client sent until it closes: closing with unread bytes would reset
+        // the connection, and the client could lose the answer.
+        let mut sink = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout_at(deadline, answer).await;
+}
+
+/// Rate limit of the warnings about failed handshakes. A tunnel listener on the internet meets
+/// scanners all day, but the first failure after a quiet spell is what someone setting up an
+/// agent (wrong fingerprint, wrong port) needs to see: one warning per minute at most, saying
+/// how many failures went to the debug level since the last one.
+#[derive(Default)]
+pub(crate) struct HandshakeWarnings {
+    /// When the last warning was logged, and the failures not warned about since.
+    last: Mutex<Option<(tokio::time::Instant, u64)>>,
+}
+
+impl HandshakeWarnings {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    /// `Some(failures not warned about since the last warning)` if this failure is warned.
+    fn admit(&self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *last {
+            Some((at, quiet)) if now.duration_since(*at) < Self::EVERY => {
+                *quiet += 1;
+                None
+            }
+            _ => {
+                let quiet = last.map_or(0, |(_, q)| q);
+                *last = Some((now, 0));
+                Some(quiet)
+            }
+        }
+    }
+}
+
 fn handshake_failed(state: &State, result: &str, reason: &str) {
-    debug!(reason, "tunnel handshake failed");
     count_handshake(state, result);
+    let hint = handshake_hint(reason);
+    match state.handshake_warnings.admit() {
+        Some(quiet) => warn!(
+            reason,
+            hint,
+            failures_not_logged_since_last_warning = quiet,
+            "tunnel handshake failed (at most one such warning a minute; the rest at debug level)"
+        ),
+        None => debug!(reason, hint, "tunnel handshake failed"),
+    }
+}
+
+/// What a handshake failure usually means, for the log.
+fn handshake_hint(reason: &str) -> &'static str {
+    // The client ended the handshake with an alert: ferry's agent does so when the certificate
+    // is not the one it pins or trusts.
+    if reason.contains("received fatal alert") {
+        "the client refused the handshake: an agent whose tunnel.fingerprint or tunnel.ca_file does not match this gateway's certificate (or a client without TLS 1.3)?"
+    } else if reason.contains("plain HTTP") {
+        "answered 400 with the web listener's address"
+    } else if reason.contains("timed out") {
+        "the client opened a connection and sent nothing (or too little) in time"
+    } else {
+        "-"
+    }
 }
 
 fn count_handshake(state: &State, result: &str) {
@@ -195,7 +299,15 @@ fn id_taken(id: &str, holder: SocketAddr) -> String {
 }
 
 fn refuse(state: &State, refusal: Refusal, result: &str, agent: Option<&str>) -> Response<Body> {
-    warn!(agent = agent.unwrap_or("-"), status = refusal.status.as_u16(), reason = %refusal.reason, "tunnel refused");
+    let (agent, status) = (agent.unwrap_or("-"), refusal.status.as_u16());
+    let credentials = matches!(status, 401 | 403 | 409);
+    // An agent's credentials refused is always worth a line; a request that is no tunnel
+    // upgrade at all (a scanner's GET /) is as rate-limited as a failed TLS handshake.
+    if credentials || state.handshake_warnings.admit().is_some() {
+        warn!(agent, status, reason = %refusal.reason, "tunnel refused");
+    } else {
+        debug!(agent, status, reason = %refusal.reason, "tunnel refused");
+    }
     count_handshake(state, result);
     text_response(refusal.status, &refusal.reason)
 }
