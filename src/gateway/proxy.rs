@@ -182,6 +182,15 @@ async fn forward(
         Ok(Err(e @ h2conn::SendError::Body(_))) => {
             return Err(ScrapeError::BadRequest(e.to_string()));
         }
+        // The agent sent its head and reset the stream at once (the target broke right after
+        // its head): h2 may report the reset before the head, in the words "unexpected
+        // internal error".
+        Ok(Err(h2conn::SendError::H2(e))) if e.is_reset() && e.is_remote() => {
+            return Err(ScrapeError::Tunnel {
+                agent: route.agent.id.clone(),
+                reason: "the agent abandoned the scrape (stream reset by the agent: the target's answer broke or the agent's scrape timeout passed; see the agent's log)".into(),
+            });
+        }
         Ok(Err(e)) => {
             let reason = one_line(&e);
             return Err(ScrapeError::Tunnel {
