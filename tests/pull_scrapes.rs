@@ -731,6 +731,80 @@ async fn a_50_mb_body_streams_through_intact() {
     s.stop().await;
 }
 
+/// Clients that stop reading a large scrape (a stalled or very slow Prometheus, or anyone on
+/// the web listener) hold only their own streams: another scrape of the same agent still gets
+/// its whole body at once. With one window for the whole tunnel they used to take all of it,
+/// and every other scrape of the agent got a 200 head and then nothing until its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_do_not_stall_the_agents_other_scrapes() {
+    use tokio::io::AsyncWriteExt;
+    let dir = TempDir::new().unwrap();
+    let big = TargetServer::start(Behaviour::Large {
+        bytes: 200 * 1024 * 1024,
+    })
+    .await;
+    let small = TargetServer::start(Behaviour::Metrics(BODY.into())).await;
+    let (gw, agent) = gateway_and_agent(
+        &dir,
+        AGENT,
+        &[
+            ("big", big.url("/metrics")),
+            ("small", small.url("/metrics")),
+        ],
+    )
+    .await;
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut conn = socket.connect(gw.web).await.unwrap();
+        let req = format!(
+            "GET http://{AGENT}:{0}/metrics HTTP/1.1\r\nHost: {AGENT}:{0}\r\n{TIMEOUT_HEADER}: 60\r\n\r\n",
+            big.addr.port()
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        stalled.push(conn);
+    }
+    wait_for_requests(&big, 8).await;
+    // Long enough for the stalled streams to fill the sockets and every window they can.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let started = Instant::now();
+    let resp = get_via_proxy(
+        gw.web,
+        &format!("http://{AGENT}:{}/metrics", small.addr.port()),
+        &[(TIMEOUT_HEADER, "5")],
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        resp.body,
+        Bytes::from(BODY),
+        "after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+    agent.stop().await;
+    gw.stop().await;
+}
+
+async fn wait_for_requests(server: &TargetServer, n: usize) {
+    let deadline = Instant::now() + CONNECT_WAIT;
+    while server.requests() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} requests",
+            server.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_passes_through_untouched() {
     let s = Setup::start(Behaviour::Gzip(BODY.into())).await;

@@ -24,10 +24,16 @@ use crate::tunnel::{Keepalive, MAX_HEADER_LIST};
 /// Sends requests through one tunnel; cheap to clone.
 pub type Sender = SendRequest<Bytes>;
 
-/// HTTP/2 settings of the gateway's side, as hyper's client had them: a 2 MiB window per
-/// stream and 5 MiB per tunnel bound what a slow Prometheus makes the gateway buffer.
-const STREAM_WINDOW: u32 = 2 << 20;
-const CONNECTION_WINDOW: u32 = 5 << 20;
+/// HTTP/2 receive windows of the gateway's side. A scrape whose client reads slower than the
+/// agent sends (a stalled Prometheus, anyone on the web listener) holds its stream's window
+/// until its deadline: at most 1 MiB buffered here per scrape. The tunnel's window is shared
+/// by all its scrapes and must be far larger, or a few such scrapes take all of it and every
+/// other scrape of the agent gets its head and then nothing (it was 5 MiB: two or three stalled
+/// clients did that). 64 MiB: a tunnel buffers at most that, and it takes 64 stalled scrapes
+/// to slow the agent's others, half of the 128 concurrent scrapes an agent allows by default.
+/// 1 MiB per stream still carries ~20 MB/s per scrape over a 50 ms round trip.
+const STREAM_WINDOW: u32 = 1 << 20;
+const CONNECTION_WINDOW: u32 = 64 << 20;
 const MAX_SEND_BUFFER: usize = 1 << 20;
 
 /// Largest request body forwarded to an agent (scrapes have none; this is for the odd POST).
