@@ -1262,8 +1262,48 @@ async fn connect_to_a_validating_rule_is_refused() {
     let (resp, _) = connect_raw(proxy.addr, &up.addr.to_string(), &[]).await;
     assert_eq!(resp.status, 403, "{resp:?}");
     let reason = resp.header("ferry-refusal").unwrap_or_default();
-    assert!(reason.contains("validates payloads"), "{reason:?}");
+    assert!(reason.contains("(it checks payloads)"), "{reason:?}");
     up.assert_untouched("CONNECT to a validating rule");
+}
+
+/// Prometheus given an `https://` remote_write URL sends CONNECT. A rule that takes that
+/// destination only as plain-HTTP requests (payload checks, a path prefix, methods) says so, and
+/// what to send instead; a destination no rule names at all is refused plainly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_a_plain_http_rule_says_what_to_send_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let up = RecordingUpstream::start().await;
+    let port = up.port();
+    let yaml = format!(
+        "rules:\n  - name: remote-write\n    upstream: \"127.0.0.1/32:{port}\"\n    methods: [POST]\n    path_prefix: /api/v1/write\n    validate: {{json: true}}\n    tls_upgrade: {{ca_file: \"{}\"}}\n  - name: push\n    upstream: \"push.test.example:{port}\"\n    methods: [POST, PUT]\n",
+        pki.ca_file.display()
+    );
+    let resolver = TestResolver::new(&[("push.test.example", &["203.0.113.5"])]);
+    let proxy = TestEgress::start(yaml_section(&yaml), resolver).await;
+    for (authority, expected) in [
+        (
+            format!("127.0.0.1:{port}"),
+            format!("destination CONNECT 127.0.0.1:{port} is not allowed: rule \"remote-write\" allows this destination only as plain-HTTP requests (it checks payloads); send http://127.0.0.1:{port}/... to the proxy (its tls_upgrade makes it HTTPS)"),
+        ),
+        (
+            format!("push.test.example:{port}"),
+            format!("destination CONNECT push.test.example:{port} is not allowed: rule \"push\" allows this destination only as plain-HTTP requests (it allows only POST, PUT); send http://push.test.example:{port}/... to the proxy"),
+        ),
+        (
+            format!("other.test.example:{port}"),
+            format!("destination CONNECT other.test.example:{port} is not allowed"),
+        ),
+    ] {
+        let (resp, _) = connect_raw(proxy.addr, &authority, &[]).await;
+        assert_eq!(resp.status, 403, "CONNECT {authority}: {resp:?}");
+        assert_eq!(
+            resp.header("ferry-refusal").as_deref(),
+            Some(expected.as_str()),
+            "CONNECT {authority}"
+        );
+    }
+    up.assert_untouched("CONNECT to plain-HTTP rules");
 }
 
 // ---------------------------------------------------------------------------------------------

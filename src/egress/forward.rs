@@ -122,6 +122,7 @@ impl Target {
 }
 
 /// The first rule that allows `method` to `target` at `path`, resolving the name for CIDR rules.
+/// When none does, the refusal names the closest miss among the rules for this destination.
 pub(crate) async fn select_rule<'a>(
     state: &'a State,
     target: &Target,
@@ -130,16 +131,8 @@ pub(crate) async fn select_rule<'a>(
 ) -> Result<(usize, &'a Rule), Refusal> {
     let literal = parse_ip_literal(&target.host);
     let mut resolved: Option<Vec<IpAddr>> = literal.map(|ip| vec![ip]);
-    let mut method_refusal: Option<Refusal> = None;
-    let mut allowed: Vec<Method> = Vec::new();
+    let mut misses = Misses::default();
     for (i, rule) in state.config.rules.iter().enumerate() {
-        if rule
-            .path_prefix
-            .as_deref()
-            .is_some_and(|p| !has_path_prefix(path, p))
-        {
-            continue;
-        }
         let port = effective_port(rule, target.port);
         let matches = match &rule.upstream.destination {
             Destination::Net(_) => {
@@ -160,30 +153,65 @@ pub(crate) async fn select_rule<'a>(
         if !matches {
             continue;
         }
-        if let Some(methods) = rule.methods.as_ref().filter(|m| !m.contains(method)) {
-            method_refusal.get_or_insert_with(|| Refusal::method(method, &rule.name));
-            allowed.extend(methods.iter().cloned());
-            continue;
+        let path_ok = rule
+            .path_prefix
+            .as_deref()
+            .is_none_or(|p| has_path_prefix(path, p));
+        let method_ok = rule.methods.as_ref().is_none_or(|m| m.contains(method));
+        if path_ok && method_ok {
+            return Ok((i, rule));
         }
-        return Ok((i, rule));
+        misses.record(rule, path_ok, method_ok);
     }
-    Err(match method_refusal {
-        Some(mut refusal) => {
-            allowed.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-            allowed.dedup();
-            refusal.allow = allowed;
-            refusal
+    Err(misses.refusal(target, method, path))
+}
+
+/// The rules that name a destination but not the whole request, for the refusal.
+#[derive(Default)]
+struct Misses<'a> {
+    /// The first rule for the destination at all.
+    first: Option<&'a Rule>,
+    /// The first rule that allows the method, but not under this path.
+    path: Option<&'a Rule>,
+    /// The first rule that covers the path, but not the method.
+    method: Option<&'a Rule>,
+    /// The methods the rules covering the path allow.
+    allowed: Vec<Method>,
+}
+
+impl<'a> Misses<'a> {
+    fn record(&mut self, rule: &'a Rule, path_ok: bool, method_ok: bool) {
+        self.first.get_or_insert(rule);
+        if method_ok {
+            self.path.get_or_insert(rule);
+        } else if path_ok {
+            self.method.get_or_insert(rule);
+            self.allowed.extend(rule.methods.iter().flatten().cloned());
         }
-        None => {
-            let authority = crate::http_util::authority(&target.host, target.port);
-            Refusal::destination(&format!("{method} {authority}{path}"))
+    }
+
+    fn refusal(mut self, target: &Target, method: &Method, path: &str) -> Refusal {
+        let authority = crate::http_util::authority(&target.host, target.port);
+        if *method == Method::CONNECT {
+            return match self.first {
+                Some(rule) => super::connect::plain_http_only(rule, &authority),
+                None => Refusal::destination(&format!("CONNECT {authority}")),
+            };
         }
-    })
+        if let Some(method_rule) = self.method {
+            self.allowed.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            self.allowed.dedup();
+            let mut refusal = Refusal::method(method, &method_rule.name);
+            refusal.allow = self.allowed;
+            return refusal;
+        }
+        Refusal::destination(&format!("{method} {authority}{path}"))
+    }
 }
 
 /// Whether `path` is under `prefix`, at a segment boundary: `/api` covers `/api` and `/api/x`, not
 /// `/apix` (a prefix ending in `/` is matched as written).
-fn has_path_prefix(path: &str, prefix: &str) -> bool {
+pub(crate) fn has_path_prefix(path: &str, prefix: &str) -> bool {
     path.strip_prefix(prefix)
         .is_some_and(|rest| prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
 }
