@@ -1139,6 +1139,51 @@ async fn deny_patterns_see_the_body_from_its_first_byte() {
     assert_arrived_identical(&up, body, None);
 }
 
+/// A JSON escape (`\u002d`, `\/`) spells the text a pattern refuses differently, and the
+/// upstream's parser reads it decoded: in a JSON body (by the rule's `json` check or by the
+/// client's Content-Type) the patterns read every string, key or value, decoded too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_patterns_see_json_strings_decoded() {
+    let up = RecordingUpstream::start().await;
+    let patterns = r#"deny_patterns: ["-----BEGIN [A-Z ]*PRIVATE KEY-----", "/etc/shadow"]"#;
+    let plain = validating_proxy(&up, &format!("{{{patterns}}}")).await;
+    let json_rule = validating_proxy(&up, &format!("{{json: true, {patterns}}}")).await;
+    let json = ("content-type", "application/json; charset=utf-8");
+    let key = br#"{"k": "\u002d----BEGIN RSA PRIVATE KEY-----\nMIIE"}"#;
+    let slash = br#"{"path": "\/etc\/shadow"}"#;
+    let in_key = br#"{"\/etc\/shadow": 1}"#;
+    for (proxy, headers, body) in [
+        (&plain, &[json][..], &key[..]),
+        (&plain, &[json], slash),
+        (
+            &plain,
+            &[("content-type", "application/vnd.api+json")],
+            in_key,
+        ),
+        (&json_rule, &[], key),
+        (&json_rule, &[], in_key),
+    ] {
+        let what = String::from_utf8_lossy(body);
+        let resp = post_via(proxy.addr, &up.url("/"), headers, body).await;
+        assert_refused(&resp, 403, "matches deny pattern", &what);
+    }
+    up.assert_untouched("escaped JSON");
+    // Escapes that decode to nothing refused pass as sent; a body that is not JSON is read as text.
+    let harmless = br#"{"msg": "line\nbreak \u00e9 a\/b"}"#;
+    let resp = post_via(plain.addr, &up.url("/"), &[json], harmless).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_arrived_identical(&up, harmless, Some(json.1));
+    let text = br#"path=\/etc\/shadow"#;
+    let resp = post_via(
+        plain.addr,
+        &up.url("/"),
+        &[("content-type", "text/plain")],
+        text,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_bodies_are_validated_decoded_and_forwarded_as_sent() {
     let up = RecordingUpstream::start().await;

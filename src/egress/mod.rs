@@ -10,6 +10,8 @@
 // - `forward`: absolute-form requests. `connect`: CONNECT tunnels, relayed with `splice(2)` on
 //   Linux (`splice`).
 // - `access`: the access log line and metrics of each request.
+// - `json_scan`: the fast JSON well-formedness pass; `json_strings`: a JSON body's strings
+//   unescaped, for the deny patterns (both used by `validate`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -36,6 +38,7 @@ mod connector;
 mod forward;
 mod framing;
 mod json_scan;
+mod json_strings;
 pub mod policy;
 pub mod refusal;
 #[cfg(target_os = "linux")]
