@@ -2608,31 +2608,53 @@ async fn a_refused_connect_closes_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_cut_short_is_not_forwarded_or_counted_as_sent() {
+    let logs = common::logs::capture();
     let up = RecordingUpstream::start().await;
     let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
     let a = up.addr;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let head = format!("POST http://{a}/cut HTTP/1.1\r\nHost: {a}\r\nContent-Length: 1000\r\n\r\n");
+    let head =
+        format!("POST http://{a}/cut HTTP/1.1\r\nHost: {a}\r\nContent-Length: 100000\r\n\r\n");
     stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&[b'x'; 500]).await.unwrap();
+    stream.write_all(&[b'x'; 50_000]).await.unwrap();
     stream.shutdown().await.unwrap();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest)).await;
+    // The client went away: a 499 in the log with how far it got, not a refusal it never saw.
+    let reason = "reason=client closed the connection after 50000 of 100000 body bytes";
+    let lines = logs
+        .wait_lines(
+            &[&format!("upstream={a}"), reason],
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        lines[0].contains("status=499") && lines[0].contains("bytes_in=50000"),
+        "{lines:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     let text = loop {
         let text = proxy.metrics().await;
-        let refused = metric_value(
+        let gone = metric_value(
             &text,
             "ferry_egress_requests_total",
-            &[("decision", "refused")],
+            &[("method", "POST"), ("status_class", "4xx")],
         );
-        if refused == Some(1.0) {
+        if gone == Some(1.0) {
             break text;
         }
-        assert!(Instant::now() < deadline, "refused: {refused:?}\n{text}");
+        assert!(Instant::now() < deadline, "{gone:?}\n{text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    // `in` counts what went out to upstreams: nothing did (the access log has the 500 read).
+    let refused = metric_value(
+        &text,
+        "ferry_egress_requests_total",
+        &[("decision", "refused")],
+    );
+    assert_eq!(refused, None, "{text}");
+    assert!(!text.contains("ferry_egress_rejections_total{"), "{text}");
+    // `in` counts what went out to upstreams: nothing did (the access log has the 50000 read).
     let bytes_in = metric_value(&text, "ferry_egress_bytes_total", &[("direction", "in")]);
     assert!(matches!(bytes_in, None | Some(0.0)), "{text}");
     up.assert_untouched("a body cut short");

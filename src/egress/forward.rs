@@ -287,12 +287,37 @@ pub(crate) async fn handle(
             record.disarm();
             resp
         }
-        Err(refusal) => {
+        Err(Failure::Refused(refusal)) => {
             linger(body);
             let resp = refused(&mut record, &refusal);
             record.emit(&state.metrics);
             resp
         }
+        Err(Failure::ClientGone(reason)) => {
+            // Nobody is left to read an answer. Dropped unwritten, the record logs and counts
+            // the request as 499, like one whose client left while the upstream answered: the
+            // client went away, the proxy refused nothing.
+            record.reason = reason;
+            drop(record);
+            let mut resp = Response::new(crate::http_util::empty());
+            *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+            resp
+        }
+    }
+}
+
+/// Why a request was not forwarded.
+enum Failure {
+    /// The proxy refused it: the client gets the refusal.
+    Refused(Refusal),
+    /// The client closed its connection before its body was complete (the reason says after
+    /// how many bytes).
+    ClientGone(String),
+}
+
+impl From<Refusal> for Failure {
+    fn from(refusal: Refusal) -> Self {
+        Failure::Refused(refusal)
     }
 }
 
@@ -325,9 +350,9 @@ async fn forward(
     mut parts: http::request::Parts,
     body: &mut Incoming,
     record: &mut AccessRecord,
-) -> Result<Response<Body>, Refusal> {
+) -> Result<Response<Body>, Failure> {
     if parts.uri.scheme_str() != Some("http") {
-        return Err(Refusal::bad_request("absolute-form requests must be http://: send the http:// URL and let a rule with tls_upgrade speak HTTPS upstream, or open a CONNECT tunnel for https:// (HTTPS_PROXY)"));
+        return Err(Refusal::bad_request("absolute-form requests must be http://: send the http:// URL and let a rule with tls_upgrade speak HTTPS upstream, or open a CONNECT tunnel for https:// (HTTPS_PROXY)").into());
     }
     check_request(&parts)?;
     let target = Target::from_uri(&parts.uri, 80)?;
@@ -378,8 +403,8 @@ async fn forward(
     let deadline = Instant::now() + timeout;
     let client = &state.upstreams.clients[index];
     let resp = match tokio::time::timeout_at(deadline, client.request(upstream_req)).await {
-        Err(_) => return Err(Refusal::upstream_timeout(timeout)),
-        Ok(Err(e)) => return Err(upstream_error(&e, &target.host)),
+        Err(_) => return Err(Refusal::upstream_timeout(timeout).into()),
+        Ok(Err(e)) => return Err(upstream_error(&e, &target.host).into()),
         Ok(Ok(resp)) => resp,
     };
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -387,28 +412,50 @@ async fn forward(
         // is not relayed.
         return Err(Refusal::upstream(
             "the upstream answered 101 Switching Protocols, which the proxy does not relay",
-        ));
+        )
+        .into());
     }
     Ok(stream_back(state, resp, record.clone(), deadline))
 }
 
 /// Reads the whole body, refusing it past `limit` bytes. `seen` counts what arrived, also when
 /// the body is refused or breaks (for the access log).
-async fn read_body(body: &mut Incoming, limit: u64, seen: &mut u64) -> Result<ReadBody, Refusal> {
+async fn read_body(body: &mut Incoming, limit: u64, seen: &mut u64) -> Result<ReadBody, Failure> {
+    let declared = http_body::Body::size_hint(body).exact();
     let mut read = ReadBody::default();
     while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|e| Refusal::bad_request(format!("cannot read request body: {e}")))?;
+        let frame = frame.map_err(|e| body_error(&e, *seen, declared))?;
         if let Ok(data) = frame.into_data() {
             *seen += data.len() as u64;
             if read.remaining + data.len() as u64 > limit {
-                return Err(Refusal::too_large(limit));
+                return Err(Refusal::too_large(limit).into());
             }
             read.push(data);
         }
     }
     read.flush();
     Ok(read)
+}
+
+/// A request body that broke after `seen` of `declared` bytes: the client closing its connection
+/// (the connection ended before the body did), or a malformed body (bad chunked framing, 400).
+fn body_error(e: &hyper::Error, seen: u64, declared: Option<u64>) -> Failure {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        let kind = err.downcast_ref::<std::io::Error>().map(|io| io.kind());
+        if matches!(
+            kind,
+            Some(UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe)
+        ) {
+            let of = declared.map_or(String::new(), |n| format!(" of {n}"));
+            return Failure::ClientGone(format!(
+                "client closed the connection after {seen}{of} body bytes"
+            ));
+        }
+        source = err.source();
+    }
+    Refusal::bad_request(format!("cannot read request body: {e}")).into()
 }
 
 /// Frames from this size on are kept as hyper handed them over; smaller ones are copied together.
