@@ -1442,8 +1442,11 @@ async fn tls_upgrade_to_a_certificate_the_ca_did_not_sign_is_502() {
     .await;
     assert_eq!(resp.status, 502, "{}", resp.text());
     let reason = resp.header("ferry-refusal").unwrap_or_default();
+    // Both test CAs have an empty name, so the CA found is the other one: a bad signature.
     assert!(
-        reason.contains("certificate") && !reason.contains("client error"),
+        reason.starts_with(&format!(
+            "TLS handshake with localhost:{port} failed: the certificate's "
+        )) && !reason.contains("client error"),
         "the cause in words, not the HTTP client's: {reason:?}"
     );
     assert_eq!(
@@ -1451,6 +1454,61 @@ async fn tls_upgrade_to_a_certificate_the_ca_did_not_sign_is_502() {
         0,
         "nothing is sent over an unverified connection"
     );
+}
+
+/// A `tls_upgrade` rule whose upstream fails the handshake gets a 502 that says so in plain
+/// words: a plain-HTTP upstream, a CA certificate served as the server's own, and an upstream
+/// that accepts the connection and never answers (bounded by `connect_timeout`, not by the much
+/// longer `upstream_timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upgrade_failures_are_said_in_plain_words() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_as_server = params.self_signed(&key).unwrap();
+    let ca_file = dir.path().join("ca-as-server.pem");
+    std::fs::write(&ca_file, ca_as_server.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let ca_up = RecordingUpstream::start_tls(vec![ca_as_server.der().clone()], key).await;
+    let plain_up = RecordingUpstream::start().await;
+    let silent = silent_upstream().await;
+    let rule = |name: &str, port: u16| {
+        format!(
+            "  - name: {name}\n    upstream: \"127.0.0.1/32:{port}\"\n    tls_upgrade: {{ca_file: \"{}\"}}\n",
+            ca_file.display()
+        )
+    };
+    let yaml = format!(
+        "connect_timeout: 500ms\nrules:\n{}{}{}",
+        rule("ca-as-server", ca_up.port()),
+        rule("plain", plain_up.port()),
+        rule("silent", silent.port()),
+    );
+    let resolver = TestResolver::new(&[("localhost", &["127.0.0.1"])]);
+    let proxy = TestEgress::start(yaml_section(&yaml), resolver).await;
+    for (port, words) in [
+        (
+            ca_up.port(),
+            "failed: a CA certificate cannot be used as the end-entity certificate",
+        ),
+        (
+            plain_up.port(),
+            "failed: the upstream does not speak TLS on that port (is it plain HTTP?)",
+        ),
+        (silent.port(), "timed out after 500ms"),
+    ] {
+        let started = Instant::now();
+        let resp = get_via(proxy.addr, &format!("http://localhost:{port}/x")).await;
+        assert_eq!(resp.status, 502, "{}", resp.text());
+        assert_eq!(
+            resp.header("ferry-refusal"),
+            Some(format!("TLS handshake with localhost:{port} {words}").as_str()),
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{words}");
+    }
+    assert_eq!(ca_up.request_count() + plain_up.request_count(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------

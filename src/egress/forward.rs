@@ -14,13 +14,14 @@ use http::{HeaderName, Method, Request, Response, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use super::access::AccessRecord;
-use super::connector::{checked_addrs, CheckedConnector, ConnectError, UpstreamTracker};
+use super::connector::{
+    checked_addrs, CheckedConnector, ConnectError, TlsConnector, UpstreamTracker,
+};
 use super::policy::{parse_ip_literal, Destination, SharedResolver};
 use super::refusal::Refusal;
 use super::{refused, State};
@@ -33,7 +34,7 @@ use crate::tunnel::tls_client::{client_config, Purpose};
 #[derive(Clone)]
 enum UpstreamClient {
     Plain(Client<CheckedConnector, Body>),
-    Tls(Client<HttpsConnector<CheckedConnector>, Body>),
+    Tls(Client<TlsConnector, Body>),
 }
 
 impl UpstreamClient {
@@ -77,12 +78,7 @@ impl Upstreams {
                     None => UpstreamClient::Plain(builder.build(connector)),
                     Some(tls) => {
                         let tls_config = client_config(tls, Purpose::Target)?;
-                        let https = HttpsConnectorBuilder::new()
-                            .with_tls_config(tls_config)
-                            .https_only()
-                            .enable_http1()
-                            .wrap_connector(connector);
-                        UpstreamClient::Tls(builder.build(https))
+                        UpstreamClient::Tls(builder.build(TlsConnector::new(connector, tls_config)))
                     }
                 })
             })
