@@ -216,6 +216,21 @@ async fn an_allowed_ipv6_client_reaches_the_upstream() {
     assert_eq!(up.last().uri, "/v6");
 }
 
+/// An IPv6 upstream rule is written with the prefix length inside or after the brackets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_upstream_rule_takes_the_length_inside_or_after_the_brackets() {
+    let listener = TcpListener::bind("[::1]:0").await.unwrap();
+    let up = RecordingUpstream::serve(listener, Reply::Ok, None);
+    let port = up.port();
+    for rule in [format!("[::1/128]:{port}"), format!("[::1]/128:{port}")] {
+        let proxy = TestEgress::start(section(&[rule.clone()]), TestResolver::new(&[])).await;
+        let resp = get_via(proxy.addr, &format!("http://[::1]:{port}/v6")).await;
+        assert_eq!(resp.status, 200, "{rule}: {}", resp.text());
+        assert_eq!(up.last().uri, "/v6");
+    }
+    assert_eq!(up.request_count(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_outside_the_allowlist_is_refused_ipv4() {
     let up = RecordingUpstream::start().await;
