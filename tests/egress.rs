@@ -854,7 +854,15 @@ async fn ports_methods_and_paths_outside_the_rule_are_refused() {
     .await;
     assert_refused(&resp, 403, "is not allowed", "other port");
     let resp = post_via(proxy.addr, &up.url("/admin"), &[], b"x").await;
-    assert_refused(&resp, 403, "is not allowed", "path outside the prefix");
+    assert_refused(
+        &resp,
+        403,
+        &format!(
+            "destination POST {}/admin is not allowed: rule \"push\" allows it only under /api/",
+            up.addr
+        ),
+        "path outside the prefix",
+    );
     up.assert_untouched("port, method, path");
 
     let resp = post_via(proxy.addr, &up.url("/api/v1/push"), &[], b"x").await;
@@ -866,6 +874,40 @@ async fn ports_methods_and_paths_outside_the_rule_are_refused() {
     .await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(up.request_count(), 2);
+}
+
+/// When no rule allows a request, the refusal names the closest miss: the path, when a rule
+/// allows the method but not under that path (not the method of a CONNECT-only rule for the
+/// same destination); the method, when only the method is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_names_the_closest_rules_real_mismatch() {
+    let up = RecordingUpstream::start().await;
+    let port = up.port();
+    let proxy = TestEgress::start(
+        yaml_section(&format!(
+            "rules:\n  - name: connect-tls\n    upstream: \"127.0.0.1/32:{port}\"\n    methods: [CONNECT]\n  - name: remote-write\n    upstream: \"127.0.0.1/32:{port}\"\n    methods: [POST]\n    path_prefix: /api/v1/write\n"
+        )),
+        TestResolver::new(&[]),
+    )
+    .await;
+    let resp = post_via(proxy.addr, &up.url("/api/v2/write"), &[], b"x").await;
+    assert_refused(
+        &resp,
+        403,
+        &format!("destination POST {}/api/v2/write is not allowed: rule \"remote-write\" allows it only under /api/v1/write; rule \"connect-tls\" allows only CONNECT", up.addr),
+        "POST outside the path prefix",
+    );
+    let resp = get_via(proxy.addr, &up.url("/api/v1/write")).await;
+    assert_refused(
+        &resp,
+        405,
+        "method GET is not allowed by rule \"connect-tls\"",
+        "GET under the prefix",
+    );
+    assert_eq!(resp.header("allow"), Some("CONNECT, POST"));
+    up.assert_untouched("refused");
+    let resp = post_via(proxy.addr, &up.url("/api/v1/write"), &[], b"x").await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -194,14 +194,31 @@ impl<'a> Misses<'a> {
                 None => Refusal::destination(&format!("CONNECT {authority}")),
             };
         }
-        if let Some(method_rule) = self.method {
+        let what = format!("{method} {authority}{path}");
+        // A rule that allows the method but not under this path is the closer miss: the path is
+        // what the client got wrong, not the method another rule (CONNECT only, say) wants.
+        if let Some(rule) = self.path {
+            let prefix = rule.path_prefix.as_deref().unwrap_or("/");
+            let mut why = format!("rule {:?} allows it only under {prefix}", rule.name);
+            if let Some(other) = self.method {
+                let methods: Vec<&str> =
+                    other.methods.iter().flatten().map(Method::as_str).collect();
+                why.push_str(&format!(
+                    "; rule {:?} allows only {}",
+                    other.name,
+                    methods.join(", ")
+                ));
+            }
+            return Refusal::destination_because(&what, &why);
+        }
+        if let Some(rule) = self.method {
             self.allowed.sort_by(|a, b| a.as_str().cmp(b.as_str()));
             self.allowed.dedup();
-            let mut refusal = Refusal::method(method, &method_rule.name);
+            let mut refusal = Refusal::method(method, &rule.name);
             refusal.allow = self.allowed;
             return refusal;
         }
-        Refusal::destination(&format!("{method} {authority}{path}"))
+        Refusal::destination(&what)
     }
 }
 
