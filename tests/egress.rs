@@ -1138,6 +1138,24 @@ async fn content_md5_is_verified() {
     )
     .await;
     assert_refused(&resp, 422, "not base64", "Content-MD5 garbage");
+    // The right digest, in hex (what md5sum prints): a common mistake, said as such.
+    let hex_md5 = {
+        use md5::Digest as _;
+        hex::encode(md5::Md5::digest(JSON_PAYLOAD))
+    };
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/"),
+        &[("content-md5", &hex_md5)],
+        JSON_PAYLOAD,
+    )
+    .await;
+    assert_refused(
+        &resp,
+        422,
+        "Content-MD5 must be the base64 of the MD5 digest (this looks like hex)",
+        "Content-MD5 in hex",
+    );
     up.assert_untouched("Content-MD5");
 
     let good = md5_b64(JSON_PAYLOAD);

@@ -237,8 +237,16 @@ impl<'de> serde::de::Visitor<'de> for WellFormed {
 
 fn check_md5(header: &[u8], body: &[u8]) -> Result<(), Refusal> {
     use base64::Engine as _;
+    let header = header.trim_ascii();
+    // The hex digest (what `md5sum` prints) is the usual mistake. It is valid base64 too, so
+    // without this it would read as a digest that does not match.
+    if header.len() == 32 && header.iter().all(u8::is_ascii_hexdigit) {
+        return Err(Refusal::invalid(
+            "Content-MD5 must be the base64 of the MD5 digest (this looks like hex)",
+        ));
+    }
     let expected = base64::engine::general_purpose::STANDARD
-        .decode(header.trim_ascii())
+        .decode(header)
         .map_err(|_| Refusal::invalid("content-md5 is not base64"))?;
     let actual = Md5::digest(body);
     if expected.as_slice() == actual.as_slice() {
