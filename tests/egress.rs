@@ -2638,6 +2638,34 @@ async fn requests_the_parser_refuses_are_counted_as_refusals() {
     }
 }
 
+/// `curl -x https://…` against this plain-HTTP proxy: its TLS ClientHello is no request line.
+/// The access line says what happened instead of the parser's "invalid HTTP method parsed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_speaking_tls_to_the_proxy_is_told_apart_in_the_log() {
+    let logs = common::logs::capture();
+    let proxy = TestEgress::start(section(&[]), TestResolver::new(&[])).await;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let handshake =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp);
+    let result = tokio::time::timeout(TIMEOUT, handshake)
+        .await
+        .expect("the proxy answers");
+    assert!(result.is_err(), "no TLS from a plain-HTTP proxy");
+    let reason = "reason=the client spoke TLS to a plain-HTTP proxy (use http:// in the proxy URL)";
+    let lines = logs
+        .wait_lines(&["status=400", reason], 1, Duration::from_secs(5))
+        .await;
+    assert!(lines[0].contains("decision=\"refused\""), "{lines:?}");
+    assert!(logs.lines_with(&["invalid HTTP method"]).is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_is_answered_by_the_proxy_and_not_forwarded() {
     let up = RecordingUpstream::start().await;

@@ -196,6 +196,7 @@ impl Egress {
         let cfg = &self.state.config;
         let max_buf_size = cfg.max_header_bytes.max(8192);
         let (stream, heads) = framing::Sniff::new(stream, max_buf_size, cfg.header_read_timeout);
+        let sniffed = heads.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
             let admission = admission.clone();
@@ -243,6 +244,9 @@ impl Egress {
         if let Err(e) = result {
             let refusal = match header_timed_out(&e) {
                 Some(after) => Some(Refusal::header_timeout(after)),
+                None if e.is_parse() && sniffed.spoke_tls() => Some(Refusal::bad_request(
+                    "the client spoke TLS to a plain-HTTP proxy (use http:// in the proxy URL)",
+                )),
                 None => Refusal::unparsable(&e, cfg.max_header_bytes),
             };
             match refusal {
