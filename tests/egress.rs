@@ -223,7 +223,8 @@ async fn an_ipv6_upstream_rule_takes_the_length_inside_or_after_the_brackets() {
     let up = RecordingUpstream::serve(listener, Reply::Ok, None);
     let port = up.port();
     for rule in [format!("[::1/128]:{port}"), format!("[::1]/128:{port}")] {
-        let proxy = TestEgress::start(section(&[rule.clone()]), TestResolver::new(&[])).await;
+        let proxy =
+            TestEgress::start(section(std::slice::from_ref(&rule)), TestResolver::new(&[])).await;
         let resp = get_via(proxy.addr, &format!("http://[::1]:{port}/v6")).await;
         assert_eq!(resp.status, 200, "{rule}: {}", resp.text());
         assert_eq!(up.last().uri, "/v6");
