@@ -216,6 +216,22 @@ async fn an_allowed_ipv6_client_reaches_the_upstream() {
     assert_eq!(up.last().uri, "/v6");
 }
 
+/// An IPv6 upstream rule is written with the prefix length inside or after the brackets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_upstream_rule_takes_the_length_inside_or_after_the_brackets() {
+    let listener = TcpListener::bind("[::1]:0").await.unwrap();
+    let up = RecordingUpstream::serve(listener, Reply::Ok, None);
+    let port = up.port();
+    for rule in [format!("[::1/128]:{port}"), format!("[::1]/128:{port}")] {
+        let proxy =
+            TestEgress::start(section(std::slice::from_ref(&rule)), TestResolver::new(&[])).await;
+        let resp = get_via(proxy.addr, &format!("http://[::1]:{port}/v6")).await;
+        assert_eq!(resp.status, 200, "{rule}: {}", resp.text());
+        assert_eq!(up.last().uri, "/v6");
+    }
+    assert_eq!(up.request_count(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_outside_the_allowlist_is_refused_ipv4() {
     let up = RecordingUpstream::start().await;
@@ -839,7 +855,15 @@ async fn ports_methods_and_paths_outside_the_rule_are_refused() {
     .await;
     assert_refused(&resp, 403, "is not allowed", "other port");
     let resp = post_via(proxy.addr, &up.url("/admin"), &[], b"x").await;
-    assert_refused(&resp, 403, "is not allowed", "path outside the prefix");
+    assert_refused(
+        &resp,
+        403,
+        &format!(
+            "destination POST {}/admin is not allowed: rule \"push\" allows it only under /api/",
+            up.addr
+        ),
+        "path outside the prefix",
+    );
     up.assert_untouched("port, method, path");
 
     let resp = post_via(proxy.addr, &up.url("/api/v1/push"), &[], b"x").await;
@@ -851,6 +875,40 @@ async fn ports_methods_and_paths_outside_the_rule_are_refused() {
     .await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(up.request_count(), 2);
+}
+
+/// When no rule allows a request, the refusal names the closest miss: the path, when a rule
+/// allows the method but not under that path (not the method of a CONNECT-only rule for the
+/// same destination); the method, when only the method is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_names_the_closest_rules_real_mismatch() {
+    let up = RecordingUpstream::start().await;
+    let port = up.port();
+    let proxy = TestEgress::start(
+        yaml_section(&format!(
+            "rules:\n  - name: connect-tls\n    upstream: \"127.0.0.1/32:{port}\"\n    methods: [CONNECT]\n  - name: remote-write\n    upstream: \"127.0.0.1/32:{port}\"\n    methods: [POST]\n    path_prefix: /api/v1/write\n"
+        )),
+        TestResolver::new(&[]),
+    )
+    .await;
+    let resp = post_via(proxy.addr, &up.url("/api/v2/write"), &[], b"x").await;
+    assert_refused(
+        &resp,
+        403,
+        &format!("destination POST {}/api/v2/write is not allowed: rule \"remote-write\" allows it only under /api/v1/write; rule \"connect-tls\" allows only CONNECT", up.addr),
+        "POST outside the path prefix",
+    );
+    let resp = get_via(proxy.addr, &up.url("/api/v1/write")).await;
+    assert_refused(
+        &resp,
+        405,
+        "method GET is not allowed by rule \"connect-tls\"",
+        "GET under the prefix",
+    );
+    assert_eq!(resp.header("allow"), Some("CONNECT, POST"));
+    up.assert_untouched("refused");
+    let resp = post_via(proxy.addr, &up.url("/api/v1/write"), &[], b"x").await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1081,6 +1139,24 @@ async fn content_md5_is_verified() {
     )
     .await;
     assert_refused(&resp, 422, "not base64", "Content-MD5 garbage");
+    // The right digest, in hex (what md5sum prints): a common mistake, said as such.
+    let hex_md5 = {
+        use md5::Digest as _;
+        hex::encode(md5::Md5::digest(JSON_PAYLOAD))
+    };
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/"),
+        &[("content-md5", &hex_md5)],
+        JSON_PAYLOAD,
+    )
+    .await;
+    assert_refused(
+        &resp,
+        422,
+        "Content-MD5 must be the base64 of the MD5 digest (this looks like hex)",
+        "Content-MD5 in hex",
+    );
     up.assert_untouched("Content-MD5");
 
     let good = md5_b64(JSON_PAYLOAD);
@@ -1137,6 +1213,51 @@ async fn deny_patterns_see_the_body_from_its_first_byte() {
     let resp = post_via(proxy.addr, &up.url("/"), &[], body).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_arrived_identical(&up, body, None);
+}
+
+/// A JSON escape (`\u002d`, `\/`) spells the text a pattern refuses differently, and the
+/// upstream's parser reads it decoded: in a JSON body (by the rule's `json` check or by the
+/// client's Content-Type) the patterns read every string, key or value, decoded too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_patterns_see_json_strings_decoded() {
+    let up = RecordingUpstream::start().await;
+    let patterns = r#"deny_patterns: ["-----BEGIN [A-Z ]*PRIVATE KEY-----", "/etc/shadow"]"#;
+    let plain = validating_proxy(&up, &format!("{{{patterns}}}")).await;
+    let json_rule = validating_proxy(&up, &format!("{{json: true, {patterns}}}")).await;
+    let json = ("content-type", "application/json; charset=utf-8");
+    let key = br#"{"k": "\u002d----BEGIN RSA PRIVATE KEY-----\nMIIE"}"#;
+    let slash = br#"{"path": "\/etc\/shadow"}"#;
+    let in_key = br#"{"\/etc\/shadow": 1}"#;
+    for (proxy, headers, body) in [
+        (&plain, &[json][..], &key[..]),
+        (&plain, &[json], slash),
+        (
+            &plain,
+            &[("content-type", "application/vnd.api+json")],
+            in_key,
+        ),
+        (&json_rule, &[], key),
+        (&json_rule, &[], in_key),
+    ] {
+        let what = String::from_utf8_lossy(body);
+        let resp = post_via(proxy.addr, &up.url("/"), headers, body).await;
+        assert_refused(&resp, 403, "matches deny pattern", &what);
+    }
+    up.assert_untouched("escaped JSON");
+    // Escapes that decode to nothing refused pass as sent; a body that is not JSON is read as text.
+    let harmless = br#"{"msg": "line\nbreak \u00e9 a\/b"}"#;
+    let resp = post_via(plain.addr, &up.url("/"), &[json], harmless).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_arrived_identical(&up, harmless, Some(json.1));
+    let text = br#"path=\/etc\/shadow"#;
+    let resp = post_via(
+        plain.addr,
+        &up.url("/"),
+        &[("content-type", "text/plain")],
+        text,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1262,8 +1383,48 @@ async fn connect_to_a_validating_rule_is_refused() {
     let (resp, _) = connect_raw(proxy.addr, &up.addr.to_string(), &[]).await;
     assert_eq!(resp.status, 403, "{resp:?}");
     let reason = resp.header("ferry-refusal").unwrap_or_default();
-    assert!(reason.contains("validates payloads"), "{reason:?}");
+    assert!(reason.contains("(it checks payloads)"), "{reason:?}");
     up.assert_untouched("CONNECT to a validating rule");
+}
+
+/// Prometheus given an `https://` remote_write URL sends CONNECT. A rule that takes that
+/// destination only as plain-HTTP requests (payload checks, a path prefix, methods) says so, and
+/// what to send instead; a destination no rule names at all is refused plainly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_to_a_plain_http_rule_says_what_to_send_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let up = RecordingUpstream::start().await;
+    let port = up.port();
+    let yaml = format!(
+        "rules:\n  - name: remote-write\n    upstream: \"127.0.0.1/32:{port}\"\n    methods: [POST]\n    path_prefix: /api/v1/write\n    validate: {{json: true}}\n    tls_upgrade: {{ca_file: \"{}\"}}\n  - name: push\n    upstream: \"push.test.example:{port}\"\n    methods: [POST, PUT]\n",
+        pki.ca_file.display()
+    );
+    let resolver = TestResolver::new(&[("push.test.example", &["203.0.113.5"])]);
+    let proxy = TestEgress::start(yaml_section(&yaml), resolver).await;
+    for (authority, expected) in [
+        (
+            format!("127.0.0.1:{port}"),
+            format!("destination CONNECT 127.0.0.1:{port} is not allowed: rule \"remote-write\" allows this destination only as plain-HTTP requests (it checks payloads); send http://127.0.0.1:{port}/... to the proxy (its tls_upgrade makes it HTTPS)"),
+        ),
+        (
+            format!("push.test.example:{port}"),
+            format!("destination CONNECT push.test.example:{port} is not allowed: rule \"push\" allows this destination only as plain-HTTP requests (it allows only POST, PUT); send http://push.test.example:{port}/... to the proxy"),
+        ),
+        (
+            format!("other.test.example:{port}"),
+            format!("destination CONNECT other.test.example:{port} is not allowed"),
+        ),
+    ] {
+        let (resp, _) = connect_raw(proxy.addr, &authority, &[]).await;
+        assert_eq!(resp.status, 403, "CONNECT {authority}: {resp:?}");
+        assert_eq!(
+            resp.header("ferry-refusal").as_deref(),
+            Some(expected.as_str()),
+            "CONNECT {authority}"
+        );
+    }
+    up.assert_untouched("CONNECT to plain-HTTP rules");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1357,8 +1518,11 @@ async fn tls_upgrade_to_a_certificate_the_ca_did_not_sign_is_502() {
     .await;
     assert_eq!(resp.status, 502, "{}", resp.text());
     let reason = resp.header("ferry-refusal").unwrap_or_default();
+    // Both test CAs have an empty name, so the CA found is the other one: a bad signature.
     assert!(
-        reason.contains("certificate") && !reason.contains("client error"),
+        reason.starts_with(&format!(
+            "TLS handshake with localhost:{port} failed: the certificate's "
+        )) && !reason.contains("client error"),
         "the cause in words, not the HTTP client's: {reason:?}"
     );
     assert_eq!(
@@ -1366,6 +1530,61 @@ async fn tls_upgrade_to_a_certificate_the_ca_did_not_sign_is_502() {
         0,
         "nothing is sent over an unverified connection"
     );
+}
+
+/// A `tls_upgrade` rule whose upstream fails the handshake gets a 502 that says so in plain
+/// words: a plain-HTTP upstream, a CA certificate served as the server's own, and an upstream
+/// that accepts the connection and never answers (bounded by `connect_timeout`, not by the much
+/// longer `upstream_timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upgrade_failures_are_said_in_plain_words() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_as_server = params.self_signed(&key).unwrap();
+    let ca_file = dir.path().join("ca-as-server.pem");
+    std::fs::write(&ca_file, ca_as_server.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let ca_up = RecordingUpstream::start_tls(vec![ca_as_server.der().clone()], key).await;
+    let plain_up = RecordingUpstream::start().await;
+    let silent = silent_upstream().await;
+    let rule = |name: &str, port: u16| {
+        format!(
+            "  - name: {name}\n    upstream: \"127.0.0.1/32:{port}\"\n    tls_upgrade: {{ca_file: \"{}\"}}\n",
+            ca_file.display()
+        )
+    };
+    let yaml = format!(
+        "connect_timeout: 500ms\nrules:\n{}{}{}",
+        rule("ca-as-server", ca_up.port()),
+        rule("plain", plain_up.port()),
+        rule("silent", silent.port()),
+    );
+    let resolver = TestResolver::new(&[("localhost", &["127.0.0.1"])]);
+    let proxy = TestEgress::start(yaml_section(&yaml), resolver).await;
+    for (port, words) in [
+        (
+            ca_up.port(),
+            "failed: a CA certificate cannot be used as the end-entity certificate",
+        ),
+        (
+            plain_up.port(),
+            "failed: the upstream does not speak TLS on that port (is it plain HTTP?)",
+        ),
+        (silent.port(), "timed out after 500ms"),
+    ] {
+        let started = Instant::now();
+        let resp = get_via(proxy.addr, &format!("http://localhost:{port}/x")).await;
+        assert_eq!(resp.status, 502, "{}", resp.text());
+        assert_eq!(
+            resp.header("ferry-refusal"),
+            Some(format!("TLS handshake with localhost:{port} {words}").as_str()),
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{words}");
+    }
+    assert_eq!(ca_up.request_count() + plain_up.request_count(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2420,6 +2639,34 @@ async fn requests_the_parser_refuses_are_counted_as_refusals() {
     }
 }
 
+/// `curl -x https://…` against this plain-HTTP proxy: its TLS ClientHello is no request line.
+/// The access line says what happened instead of the parser's "invalid HTTP method parsed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_speaking_tls_to_the_proxy_is_told_apart_in_the_log() {
+    let logs = common::logs::capture();
+    let proxy = TestEgress::start(section(&[]), TestResolver::new(&[])).await;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let handshake =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp);
+    let result = tokio::time::timeout(TIMEOUT, handshake)
+        .await
+        .expect("the proxy answers");
+    assert!(result.is_err(), "no TLS from a plain-HTTP proxy");
+    let reason = "reason=the client spoke TLS to a plain-HTTP proxy (use http:// in the proxy URL)";
+    let lines = logs
+        .wait_lines(&["status=400", reason], 1, Duration::from_secs(5))
+        .await;
+    assert!(lines[0].contains("decision=\"refused\""), "{lines:?}");
+    assert!(logs.lines_with(&["invalid HTTP method"]).is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_is_answered_by_the_proxy_and_not_forwarded() {
     let up = RecordingUpstream::start().await;
@@ -2523,31 +2770,53 @@ async fn a_refused_connect_closes_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_cut_short_is_not_forwarded_or_counted_as_sent() {
+    let logs = common::logs::capture();
     let up = RecordingUpstream::start().await;
     let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
     let a = up.addr;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let head = format!("POST http://{a}/cut HTTP/1.1\r\nHost: {a}\r\nContent-Length: 1000\r\n\r\n");
+    let head =
+        format!("POST http://{a}/cut HTTP/1.1\r\nHost: {a}\r\nContent-Length: 100000\r\n\r\n");
     stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&[b'x'; 500]).await.unwrap();
+    stream.write_all(&[b'x'; 50_000]).await.unwrap();
     stream.shutdown().await.unwrap();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest)).await;
+    // The client went away: a 499 in the log with how far it got, not a refusal it never saw.
+    let reason = "reason=client closed the connection after 50000 of 100000 body bytes";
+    let lines = logs
+        .wait_lines(
+            &[&format!("upstream={a}"), reason],
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        lines[0].contains("status=499") && lines[0].contains("bytes_in=50000"),
+        "{lines:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     let text = loop {
         let text = proxy.metrics().await;
-        let refused = metric_value(
+        let gone = metric_value(
             &text,
             "ferry_egress_requests_total",
-            &[("decision", "refused")],
+            &[("method", "POST"), ("status_class", "4xx")],
         );
-        if refused == Some(1.0) {
+        if gone == Some(1.0) {
             break text;
         }
-        assert!(Instant::now() < deadline, "refused: {refused:?}\n{text}");
+        assert!(Instant::now() < deadline, "{gone:?}\n{text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    // `in` counts what went out to upstreams: nothing did (the access log has the 500 read).
+    let refused = metric_value(
+        &text,
+        "ferry_egress_requests_total",
+        &[("decision", "refused")],
+    );
+    assert_eq!(refused, None, "{text}");
+    assert!(!text.contains("ferry_egress_rejections_total{"), "{text}");
+    // `in` counts what went out to upstreams: nothing did (the access log has the 50000 read).
     let bytes_in = metric_value(&text, "ferry_egress_bytes_total", &[("direction", "in")]);
     assert!(matches!(bytes_in, None | Some(0.0)), "{text}");
     up.assert_untouched("a body cut short");

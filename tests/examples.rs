@@ -1412,7 +1412,7 @@ fn the_readmes_rule_syntax_is_what_the_parser_does() {
                 up.allows_addr(ip("203.0.113.5"), 443) && !up.allows_addr(ip("203.0.113.6"), 443)
             }
             "127.0.0.1/32:8080" => up.allows_addr(ip("127.0.0.1"), 8080),
-            "[2001:db8::/32]:443" => {
+            "[2001:db8::/32]:443" | "[2001:db8::]/32:443" => {
                 up.allows_addr(ip("2001:db8::1"), 443) && !up.allows_addr(ip("2001:db8::1"), 80)
             }
             "2001:db8::/32" => {

@@ -55,7 +55,7 @@ pub struct EgressSection {
     pub max_header_bytes: usize,
     /// Time a client may take to send a request body (it is read whole before forwarding).
     pub body_read_timeout: Dur,
-    /// Time to connect to an upstream.
+    /// Time to connect to an upstream (and, with `tls_upgrade`, for the TLS handshake).
     pub connect_timeout: Dur,
     /// Time for the upstream's response (headers and body).
     pub upstream_timeout: Dur,

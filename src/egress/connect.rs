@@ -16,13 +16,14 @@ use tracing::debug;
 
 use super::access::AccessRecord;
 use super::connector::connect_any;
-use super::forward::{checked, select_rule, Target};
+use super::forward::{checked, has_path_prefix, select_rule, Target};
 #[cfg(target_os = "linux")]
 use super::framing::Sniff;
 use super::refusal::Refusal;
 #[cfg(target_os = "linux")]
 use super::splice::{self, Pipe};
 use super::{refused, ClientHold, State};
+use crate::config::Rule;
 use crate::http_util::{empty, Body};
 use crate::telemetry::DirectionLabels;
 
@@ -74,23 +75,58 @@ async fn open(
     }
     let (_, rule) = select_rule(state, &target, &Method::CONNECT, "/").await?;
     record.rule = rule.name.clone();
-    if rule.validates() {
-        return Err(Refusal::destination(&format!(
-            "CONNECT {} (rule {:?} validates payloads, which a tunnel would hide; send plain HTTP through the proxy)",
-            crate::http_util::authority(&target.host, target.port), rule.name
-        )));
-    }
-    if rule.tls_upgrade.is_some() {
-        return Err(Refusal::bad_request(format!(
-            "rule {:?} upgrades plain HTTP to HTTPS: send the http:// URL through the proxy \
-             (HTTP_PROXY), not a CONNECT tunnel",
-            rule.name
-        )));
+    if rule.validates() || rule.tls_upgrade.is_some() {
+        let authority = crate::http_util::authority(&target.host, target.port);
+        return Err(plain_http_only(rule, &authority));
     }
     let addrs = checked(state, rule, &target).await?;
     connect_any(&target.host, &addrs, state.config.connect_timeout)
         .await
         .map_err(|e| Refusal::upstream(e.to_string()))
+}
+
+/// The refusal of a CONNECT to `authority` that `rule` allows only as plain-HTTP requests: the
+/// payload checks, path prefix, methods or TLS upgrade it has need to see them. A client given an
+/// `https://` URL (Prometheus `remote_write`) sends CONNECT and would otherwise learn only
+/// "forbidden".
+pub(crate) fn plain_http_only(rule: &Rule, authority: &str) -> Refusal {
+    let why = if rule.validates() {
+        "it checks payloads".to_owned()
+    } else if let Some(prefix) = rule
+        .path_prefix
+        .as_deref()
+        .filter(|p| !has_path_prefix("/", p))
+    {
+        format!("it allows only paths under {prefix}")
+    } else if let Some(methods) = rule
+        .methods
+        .as_ref()
+        .filter(|m| !m.contains(&Method::CONNECT))
+    {
+        let names: Vec<&str> = methods.iter().map(Method::as_str).collect();
+        format!("it allows only {}", names.join(", "))
+    } else {
+        // Only the TLS upgrade is left: it needs plain HTTP to upgrade.
+        return Refusal::destination_because(
+            &format!("CONNECT {authority}"),
+            &format!(
+                "rule {:?} upgrades plain HTTP to HTTPS itself; send http://{authority}/... to the proxy, not a tunnel",
+                rule.name
+            ),
+        );
+    };
+    let upgrade = if rule.tls_upgrade.is_some() {
+        " (its tls_upgrade makes it HTTPS)"
+    } else {
+        ""
+    };
+    Refusal::destination_because(
+        &format!("CONNECT {authority}"),
+        &format!(
+            "rule {:?} allows this destination only as plain-HTTP requests ({why}); send http://{authority}/... to the proxy{upgrade}",
+            rule.name
+        ),
+    )
 }
 
 /// A CONNECT target is `host:port` and nothing else (RFC 9110 §9.3.6): hyper also takes the

@@ -13,7 +13,9 @@ use http::Uri;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::{Connected, Connection};
+use rustls::pki_types::ServerName;
 
 use crate::http_util::authority;
 use crate::telemetry::geo::SharedGeo;
@@ -49,6 +51,22 @@ pub enum ConnectError {
         port: u16,
         /// The last error.
         reason: String,
+    },
+    /// The TLS handshake of a `tls_upgrade` rule failed.
+    #[error("TLS handshake with {authority} failed: {reason}")]
+    Tls {
+        /// `host:port` of the upstream.
+        authority: String,
+        /// What went wrong, in plain words.
+        reason: String,
+    },
+    /// The upstream accepted the connection but did not finish the TLS handshake in time.
+    #[error("TLS handshake with {authority} timed out after {}", humantime::format_duration(*after))]
+    TlsTimeout {
+        /// `host:port` of the upstream.
+        authority: String,
+        /// The connect timeout, which bounds the handshake too.
+        after: Duration,
     },
     /// The URI has no host.
     #[error("request URI has no host")]
@@ -247,6 +265,88 @@ impl tower_service::Service<Uri> for CheckedConnector {
                 _open: open,
             })
         })
+    }
+}
+
+/// A [`CheckedConnector`] whose connections speak verified TLS (`tls_upgrade`): the handshake is
+/// bounded by the connect timeout, and its failures are said in plain words.
+#[derive(Clone)]
+pub struct TlsConnector {
+    inner: CheckedConnector,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl TlsConnector {
+    /// Wraps `inner` with TLS from `tls`.
+    pub fn new(inner: CheckedConnector, tls: rustls::ClientConfig) -> Self {
+        Self {
+            inner,
+            tls: Arc::new(tls),
+        }
+    }
+}
+
+impl tower_service::Service<Uri> for TlsConnector {
+    type Response = MaybeHttpsStream<TrackedStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or(ConnectError::NoHost)?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let authority = authority(&host, uri.port_u16().unwrap_or(443));
+            let name = ServerName::try_from(host).map_err(|_| ConnectError::Tls {
+                authority: authority.clone(),
+                reason: "the host is not a valid TLS server name".into(),
+            })?;
+            let timeout = inner.timeout;
+            let tcp = inner.call(uri).await?;
+            let handshake = tokio_rustls::TlsConnector::from(tls).connect(name, TokioIo::new(tcp));
+            match tokio::time::timeout(timeout, handshake).await {
+                Ok(Ok(stream)) => Ok(MaybeHttpsStream::from(stream)),
+                Ok(Err(e)) => Err(ConnectError::Tls {
+                    authority,
+                    reason: handshake_failure(&e),
+                }),
+                Err(_) => Err(ConnectError::TlsTimeout {
+                    authority,
+                    after: timeout,
+                }),
+            }
+        })
+    }
+}
+
+/// Why a TLS handshake failed, in plain words (rustls's own often read like
+/// `received corrupt message of type InvalidContentType`).
+fn handshake_failure(e: &std::io::Error) -> String {
+    let rustls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match rustls {
+        // What came back is not a TLS record: most likely a plain-HTTP server's answer.
+        Some(rustls::Error::InvalidMessage(_)) => {
+            "the upstream does not speak TLS on that port (is it plain HTTP?)".into()
+        }
+        Some(rustls::Error::AlertReceived(alert)) => {
+            format!("the upstream refused the handshake (TLS alert {alert:?})")
+        }
+        Some(other) => crate::tunnel::tls::rustls_reason(other),
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the upstream closed the connection during the handshake".into()
+        }
+        None => e.to_string(),
     }
 }
 

@@ -14,13 +14,14 @@ use http::{HeaderName, Method, Request, Response, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use super::access::AccessRecord;
-use super::connector::{checked_addrs, CheckedConnector, ConnectError, UpstreamTracker};
+use super::connector::{
+    checked_addrs, CheckedConnector, ConnectError, TlsConnector, UpstreamTracker,
+};
 use super::policy::{parse_ip_literal, Destination, SharedResolver};
 use super::refusal::Refusal;
 use super::{refused, State};
@@ -33,7 +34,7 @@ use crate::tunnel::tls_client::{client_config, Purpose};
 #[derive(Clone)]
 enum UpstreamClient {
     Plain(Client<CheckedConnector, Body>),
-    Tls(Client<HttpsConnector<CheckedConnector>, Body>),
+    Tls(Client<TlsConnector, Body>),
 }
 
 impl UpstreamClient {
@@ -77,12 +78,7 @@ impl Upstreams {
                     None => UpstreamClient::Plain(builder.build(connector)),
                     Some(tls) => {
                         let tls_config = client_config(tls, Purpose::Target)?;
-                        let https = HttpsConnectorBuilder::new()
-                            .with_tls_config(tls_config)
-                            .https_only()
-                            .enable_http1()
-                            .wrap_connector(connector);
-                        UpstreamClient::Tls(builder.build(https))
+                        UpstreamClient::Tls(builder.build(TlsConnector::new(connector, tls_config)))
                     }
                 })
             })
@@ -122,6 +118,7 @@ impl Target {
 }
 
 /// The first rule that allows `method` to `target` at `path`, resolving the name for CIDR rules.
+/// When none does, the refusal names the closest miss among the rules for this destination.
 pub(crate) async fn select_rule<'a>(
     state: &'a State,
     target: &Target,
@@ -130,16 +127,8 @@ pub(crate) async fn select_rule<'a>(
 ) -> Result<(usize, &'a Rule), Refusal> {
     let literal = parse_ip_literal(&target.host);
     let mut resolved: Option<Vec<IpAddr>> = literal.map(|ip| vec![ip]);
-    let mut method_refusal: Option<Refusal> = None;
-    let mut allowed: Vec<Method> = Vec::new();
+    let mut misses = Misses::default();
     for (i, rule) in state.config.rules.iter().enumerate() {
-        if rule
-            .path_prefix
-            .as_deref()
-            .is_some_and(|p| !has_path_prefix(path, p))
-        {
-            continue;
-        }
         let port = effective_port(rule, target.port);
         let matches = match &rule.upstream.destination {
             Destination::Net(_) => {
@@ -160,30 +149,82 @@ pub(crate) async fn select_rule<'a>(
         if !matches {
             continue;
         }
-        if let Some(methods) = rule.methods.as_ref().filter(|m| !m.contains(method)) {
-            method_refusal.get_or_insert_with(|| Refusal::method(method, &rule.name));
-            allowed.extend(methods.iter().cloned());
-            continue;
+        let path_ok = rule
+            .path_prefix
+            .as_deref()
+            .is_none_or(|p| has_path_prefix(path, p));
+        let method_ok = rule.methods.as_ref().is_none_or(|m| m.contains(method));
+        if path_ok && method_ok {
+            return Ok((i, rule));
         }
-        return Ok((i, rule));
+        misses.record(rule, path_ok, method_ok);
     }
-    Err(match method_refusal {
-        Some(mut refusal) => {
-            allowed.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-            allowed.dedup();
-            refusal.allow = allowed;
-            refusal
+    Err(misses.refusal(target, method, path))
+}
+
+/// The rules that name a destination but not the whole request, for the refusal.
+#[derive(Default)]
+struct Misses<'a> {
+    /// The first rule for the destination at all.
+    first: Option<&'a Rule>,
+    /// The first rule that allows the method, but not under this path.
+    path: Option<&'a Rule>,
+    /// The first rule that covers the path, but not the method.
+    method: Option<&'a Rule>,
+    /// The methods the rules covering the path allow.
+    allowed: Vec<Method>,
+}
+
+impl<'a> Misses<'a> {
+    fn record(&mut self, rule: &'a Rule, path_ok: bool, method_ok: bool) {
+        self.first.get_or_insert(rule);
+        if method_ok {
+            self.path.get_or_insert(rule);
+        } else if path_ok {
+            self.method.get_or_insert(rule);
+            self.allowed.extend(rule.methods.iter().flatten().cloned());
         }
-        None => {
-            let authority = crate::http_util::authority(&target.host, target.port);
-            Refusal::destination(&format!("{method} {authority}{path}"))
+    }
+
+    fn refusal(mut self, target: &Target, method: &Method, path: &str) -> Refusal {
+        let authority = crate::http_util::authority(&target.host, target.port);
+        if *method == Method::CONNECT {
+            return match self.first {
+                Some(rule) => super::connect::plain_http_only(rule, &authority),
+                None => Refusal::destination(&format!("CONNECT {authority}")),
+            };
         }
-    })
+        let what = format!("{method} {authority}{path}");
+        // A rule that allows the method but not under this path is the closer miss: the path is
+        // what the client got wrong, not the method another rule (CONNECT only, say) wants.
+        if let Some(rule) = self.path {
+            let prefix = rule.path_prefix.as_deref().unwrap_or("/");
+            let mut why = format!("rule {:?} allows it only under {prefix}", rule.name);
+            if let Some(other) = self.method {
+                let methods: Vec<&str> =
+                    other.methods.iter().flatten().map(Method::as_str).collect();
+                why.push_str(&format!(
+                    "; rule {:?} allows only {}",
+                    other.name,
+                    methods.join(", ")
+                ));
+            }
+            return Refusal::destination_because(&what, &why);
+        }
+        if let Some(rule) = self.method {
+            self.allowed.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            self.allowed.dedup();
+            let mut refusal = Refusal::method(method, &rule.name);
+            refusal.allow = self.allowed;
+            return refusal;
+        }
+        Refusal::destination(&what)
+    }
 }
 
 /// Whether `path` is under `prefix`, at a segment boundary: `/api` covers `/api` and `/api/x`, not
 /// `/apix` (a prefix ending in `/` is matched as written).
-fn has_path_prefix(path: &str, prefix: &str) -> bool {
+pub(crate) fn has_path_prefix(path: &str, prefix: &str) -> bool {
     path.strip_prefix(prefix)
         .is_some_and(|rest| prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'))
 }
@@ -259,12 +300,37 @@ pub(crate) async fn handle(
             record.disarm();
             resp
         }
-        Err(refusal) => {
+        Err(Failure::Refused(refusal)) => {
             linger(body);
             let resp = refused(&mut record, &refusal);
             record.emit(&state.metrics);
             resp
         }
+        Err(Failure::ClientGone(reason)) => {
+            // Nobody is left to read an answer. Dropped unwritten, the record logs and counts
+            // the request as 499, like one whose client left while the upstream answered: the
+            // client went away, the proxy refused nothing.
+            record.reason = reason;
+            drop(record);
+            let mut resp = Response::new(crate::http_util::empty());
+            *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+            resp
+        }
+    }
+}
+
+/// Why a request was not forwarded.
+enum Failure {
+    /// The proxy refused it: the client gets the refusal.
+    Refused(Refusal),
+    /// The client closed its connection before its body was complete (the reason says after
+    /// how many bytes).
+    ClientGone(String),
+}
+
+impl From<Refusal> for Failure {
+    fn from(refusal: Refusal) -> Self {
+        Failure::Refused(refusal)
     }
 }
 
@@ -297,9 +363,9 @@ async fn forward(
     mut parts: http::request::Parts,
     body: &mut Incoming,
     record: &mut AccessRecord,
-) -> Result<Response<Body>, Refusal> {
+) -> Result<Response<Body>, Failure> {
     if parts.uri.scheme_str() != Some("http") {
-        return Err(Refusal::bad_request("absolute-form requests must be http://: send the http:// URL and let a rule with tls_upgrade speak HTTPS upstream, or open a CONNECT tunnel for https:// (HTTPS_PROXY)"));
+        return Err(Refusal::bad_request("absolute-form requests must be http://: send the http:// URL and let a rule with tls_upgrade speak HTTPS upstream, or open a CONNECT tunnel for https:// (HTTPS_PROXY)").into());
     }
     check_request(&parts)?;
     let target = Target::from_uri(&parts.uri, 80)?;
@@ -350,8 +416,8 @@ async fn forward(
     let deadline = Instant::now() + timeout;
     let client = &state.upstreams.clients[index];
     let resp = match tokio::time::timeout_at(deadline, client.request(upstream_req)).await {
-        Err(_) => return Err(Refusal::upstream_timeout(timeout)),
-        Ok(Err(e)) => return Err(upstream_error(&e, &target.host)),
+        Err(_) => return Err(Refusal::upstream_timeout(timeout).into()),
+        Ok(Err(e)) => return Err(upstream_error(&e, &target.host).into()),
         Ok(Ok(resp)) => resp,
     };
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -359,28 +425,50 @@ async fn forward(
         // is not relayed.
         return Err(Refusal::upstream(
             "the upstream answered 101 Switching Protocols, which the proxy does not relay",
-        ));
+        )
+        .into());
     }
     Ok(stream_back(state, resp, record.clone(), deadline))
 }
 
 /// Reads the whole body, refusing it past `limit` bytes. `seen` counts what arrived, also when
 /// the body is refused or breaks (for the access log).
-async fn read_body(body: &mut Incoming, limit: u64, seen: &mut u64) -> Result<ReadBody, Refusal> {
+async fn read_body(body: &mut Incoming, limit: u64, seen: &mut u64) -> Result<ReadBody, Failure> {
+    let declared = http_body::Body::size_hint(body).exact();
     let mut read = ReadBody::default();
     while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|e| Refusal::bad_request(format!("cannot read request body: {e}")))?;
+        let frame = frame.map_err(|e| body_error(&e, *seen, declared))?;
         if let Ok(data) = frame.into_data() {
             *seen += data.len() as u64;
             if read.remaining + data.len() as u64 > limit {
-                return Err(Refusal::too_large(limit));
+                return Err(Refusal::too_large(limit).into());
             }
             read.push(data);
         }
     }
     read.flush();
     Ok(read)
+}
+
+/// A request body that broke after `seen` of `declared` bytes: the client closing its connection
+/// (the connection ended before the body did), or a malformed body (bad chunked framing, 400).
+fn body_error(e: &hyper::Error, seen: u64, declared: Option<u64>) -> Failure {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        let kind = err.downcast_ref::<std::io::Error>().map(|io| io.kind());
+        if matches!(
+            kind,
+            Some(UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe)
+        ) {
+            let of = declared.map_or(String::new(), |n| format!(" of {n}"));
+            return Failure::ClientGone(format!(
+                "client closed the connection after {seen}{of} body bytes"
+            ));
+        }
+        source = err.source();
+    }
+    Refusal::bad_request(format!("cannot read request body: {e}")).into()
 }
 
 /// Frames from this size on are kept as hyper handed them over; smaller ones are copied together.

@@ -37,6 +37,8 @@ pub(crate) const UNTRACKED: &str =
 struct Scanned {
     heads: VecDeque<Head>,
     lost: bool,
+    /// The connection began with a TLS handshake record (0x16), not a request line.
+    spoke_tls: bool,
 }
 
 /// Heads scanned and not yet claimed by a request; shared by the connection and its service.
@@ -66,6 +68,12 @@ impl Heads {
     /// Whether the scan lost track: the connection must not serve another request.
     pub(crate) fn lost(&self) -> bool {
         self.lock().lost
+    }
+
+    /// Whether the client began the connection with a TLS handshake: an `https://` proxy URL
+    /// pointed at this plain-HTTP proxy.
+    pub(crate) fn spoke_tls(&self) -> bool {
+        self.lock().spoke_tls
     }
 
     fn push(&self, head: Head) {
@@ -118,6 +126,8 @@ pub(crate) struct Sniff<T> {
     header_timeout: Duration,
     /// Set while a head is being received.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether any byte has arrived on the connection.
+    started: bool,
 }
 
 /// The error a connection ends with when a client began a request head and did not finish it
@@ -143,6 +153,7 @@ impl<T> Sniff<T> {
             heads: heads.clone(),
             header_timeout,
             deadline: None,
+            started: false,
         };
         (sniff, heads)
     }
@@ -158,6 +169,11 @@ impl<T> Sniff<T> {
     }
 
     fn scan(&mut self, data: &[u8]) {
+        if !self.started && !data.is_empty() {
+            self.started = true;
+            // A TLS record of type handshake: a ClientHello, never a request line.
+            self.heads.lock().spoke_tls = data[0] == 0x16;
+        }
         self.follow(data);
         if self.phase == Phase::Off {
             self.heads.lose_track();

@@ -10,6 +10,8 @@
 // - `forward`: absolute-form requests. `connect`: CONNECT tunnels, relayed with `splice(2)` on
 //   Linux (`splice`).
 // - `access`: the access log line and metrics of each request.
+// - `json_scan`: the fast JSON well-formedness pass; `json_strings`: a JSON body's strings
+//   unescaped, for the deny patterns (both used by `validate`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -36,6 +38,7 @@ mod connector;
 mod forward;
 mod framing;
 mod json_scan;
+mod json_strings;
 pub mod policy;
 pub mod refusal;
 #[cfg(target_os = "linux")]
@@ -193,6 +196,7 @@ impl Egress {
         let cfg = &self.state.config;
         let max_buf_size = cfg.max_header_bytes.max(8192);
         let (stream, heads) = framing::Sniff::new(stream, max_buf_size, cfg.header_read_timeout);
+        let sniffed = heads.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
             let admission = admission.clone();
@@ -240,6 +244,9 @@ impl Egress {
         if let Err(e) = result {
             let refusal = match header_timed_out(&e) {
                 Some(after) => Some(Refusal::header_timeout(after)),
+                None if e.is_parse() && sniffed.spoke_tls() => Some(Refusal::bad_request(
+                    "the client spoke TLS to a plain-HTTP proxy (use http:// in the proxy URL)",
+                )),
                 None => Refusal::unparsable(&e, cfg.max_header_bytes),
             };
             match refusal {

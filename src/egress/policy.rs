@@ -5,6 +5,7 @@
 //! CGNAT, link-local, ULA, multicast, unspecified, reserved — and IPv6 forms embedding any of
 //! them) are refused unless a rule names them by CIDR.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -54,7 +55,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// Parses `collector.example.com:443`, `*.example.com`, `203.0.113.0/24:80,443`,
-    /// `127.0.0.1/32:8080`, `[2001:db8::/32]:443`, `203.0.113.5:443`.
+    /// `127.0.0.1/32:8080`, `[2001:db8::/32]:443` (or `[2001:db8::]/32:443`), `203.0.113.5:443`.
     pub fn parse(rule: &str) -> Result<Upstream, String> {
         let rule = rule.trim();
         if rule.is_empty() {
@@ -68,7 +69,7 @@ impl Upstream {
             ));
         }
         let (dest, ports) = split_ports(rule)?;
-        let destination = parse_destination(dest).map_err(|e| format!("{rule:?}: {e}"))?;
+        let destination = parse_destination(&dest).map_err(|e| format!("{rule:?}: {e}"))?;
         let ports = match ports {
             None => Ports::Web,
             Some(list) => Ports::List(parse_ports(list).map_err(|e| format!("{rule:?}: {e}"))?),
@@ -101,26 +102,33 @@ impl Upstream {
     }
 }
 
-fn split_ports(rule: &str) -> Result<(&str, Option<&str>), String> {
+fn split_ports(rule: &str) -> Result<(Cow<'_, str>, Option<&str>), String> {
     if let Some(rest) = rule.strip_prefix('[') {
         let (inside, after) = rest
             .split_once(']')
             .ok_or_else(|| format!("{rule:?}: missing ']'"))?;
+        // `[ADDR]/LEN:PORTS` is the same rule as `[ADDR/LEN]:PORTS`.
+        if let Some(rest) = after.strip_prefix('/').filter(|_| !inside.contains('/')) {
+            return Ok(match rest.split_once(':') {
+                Some((len, ports)) => (Cow::Owned(format!("{inside}/{len}")), Some(ports)),
+                None => (Cow::Owned(format!("{inside}/{rest}")), None),
+            });
+        }
         return match after {
-            "" => Ok((inside, None)),
+            "" => Ok((Cow::Borrowed(inside), None)),
             p => p
                 .strip_prefix(':')
-                .map(|p| (inside, Some(p)))
+                .map(|p| (Cow::Borrowed(inside), Some(p)))
                 .ok_or_else(|| format!("{rule:?}: expected ':PORTS' after ']'")),
         };
     }
     // An unbracketed IPv6 CIDR has colons of its own: then there are no ports.
     if rule.matches(':').count() > 1 {
-        return Ok((rule, None));
+        return Ok((Cow::Borrowed(rule), None));
     }
     Ok(match rule.split_once(':') {
-        Some((d, p)) => (d, Some(p)),
-        None => (rule, None),
+        Some((d, p)) => (Cow::Borrowed(d), Some(p)),
+        None => (Cow::Borrowed(rule), None),
     })
 }
 
@@ -395,6 +403,18 @@ mod tests {
         assert!(r.allows_addr(ip("2002:7f00:1::"), 443), "named by CIDR");
         let r = Upstream::parse("[2001:db8::/32]:443").unwrap();
         assert!(r.allows_addr(ip("2001:db8::5"), 443));
+        // The length may also follow the brackets: the same rules.
+        for (outside, inside) in [
+            ("[::1]/128:8080", "[::1/128]:8080"),
+            ("[2001:db8::]/32:443,8443", "[2001:db8::/32]:443,8443"),
+            ("[2001:db8::]/32", "[2001:db8::/32]"),
+        ] {
+            assert_eq!(
+                Upstream::parse(outside),
+                Upstream::parse(inside),
+                "{outside}"
+            );
+        }
         let r = Upstream::parse("203.0.113.5:443").unwrap();
         assert_eq!(
             r.destination,
@@ -411,6 +431,9 @@ mod tests {
             ("10.0.0.0/33", "not a CIDR"),
             ("bad host", "not a host name"),
             ("[2001:db8::/32", "missing ']'"),
+            ("[::1]/129:443", "not a CIDR"),
+            ("[::1/128]/64:443", "expected ':PORTS' after ']'"),
+            ("[::1]/128:", "not a port"),
             (
                 "http://collector.example.com:443/x",
                 "without http:// or a path, e.g. \"collector.example.com:443\"",

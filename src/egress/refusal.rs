@@ -70,6 +70,15 @@ impl Refusal {
         )
     }
 
+    /// No rule allows this destination as asked, and `why` says what would be allowed (403).
+    pub fn destination_because(what: &str, why: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "destination_not_allowed",
+            format!("destination {what} is not allowed: {why}"),
+        )
+    }
+
     /// The destination resolves only to addresses no rule allows (403).
     pub fn forbidden_address(host: &str, why: &str) -> Self {
         Self::new(

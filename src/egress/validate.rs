@@ -1,7 +1,7 @@
 //! Payload validation per rule: size, content type, required headers, Content-MD5,
 //! gzip/deflate/snappy decoding with a decompressed-size limit, well-formed JSON, JSON Schema and
-//! deny patterns over the whole body, as sent and decoded. A request is forwarded only after all
-//! of it passed.
+//! deny patterns over the whole body, as sent and decoded (and over a JSON body's strings
+//! unescaped). A request is forwarded only after all of it passed.
 
 use std::io::Read;
 
@@ -56,6 +56,16 @@ impl Validation {
             || !self.deny_patterns.is_empty()
     }
 
+    /// Whether the body is JSON: the rule checks it as JSON, or the client says so
+    /// (`application/json`, `application/*+json`).
+    fn reads_json(&self, headers: &HeaderMap) -> bool {
+        self.json || self.schema.is_some() || {
+            let media = media_type(headers);
+            media == "application/json"
+                || (media.starts_with("application/") && media.ends_with("+json"))
+        }
+    }
+
     /// Checks what the headers alone can tell: content type, required headers, declared length.
     pub fn check_headers(&self, headers: &HeaderMap) -> Result<(), Refusal> {
         if let Some(len) = headers
@@ -68,17 +78,7 @@ impl Validation {
             }
         }
         if !self.content_types.is_empty() {
-            let media = headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| {
-                    v.split(';')
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .to_ascii_lowercase()
-                })
-                .unwrap_or_default();
+            let media = media_type(headers);
             if !self
                 .content_types
                 .iter()
@@ -132,6 +132,19 @@ impl Validation {
         {
             return Err(Refusal::denied_pattern(pattern.as_str()));
         }
+        // JSON escapes (`\u002d`, `\/`) spell the same text differently; the upstream reads it
+        // decoded, so the patterns read every string decoded too. Only a body with an escape
+        // can differ, so the common case costs one scan for a backslash.
+        if !self.deny_patterns.is_empty() && self.reads_json(headers) && decoded.contains(&b'\\') {
+            let mut hit = None;
+            super::json_strings::any_string(&decoded, |text| {
+                hit = self.deny_patterns.iter().find(|p| p.is_match(text));
+                hit.is_some()
+            });
+            if let Some(pattern) = hit {
+                return Err(Refusal::denied_pattern(pattern.as_str()));
+            }
+        }
         if let Some(schema) = &self.schema {
             let value: serde_json::Value = serde_json::from_slice(&decoded)
                 .map_err(|e| Refusal::invalid(format!("body is not valid JSON: {e}")))?;
@@ -160,6 +173,21 @@ impl Validation {
         }
         Ok(())
     }
+}
+
+/// The media type of `Content-Type`, lower case, without parameters; empty if there is none.
+fn media_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
 }
 
 /// Accepts exactly the documents `serde_json::Value` accepts (same parser, same number, string,
@@ -209,8 +237,16 @@ impl<'de> serde::de::Visitor<'de> for WellFormed {
 
 fn check_md5(header: &[u8], body: &[u8]) -> Result<(), Refusal> {
     use base64::Engine as _;
+    let header = header.trim_ascii();
+    // The hex digest (what `md5sum` prints) is the usual mistake. It is valid base64 too, so
+    // without this it would read as a digest that does not match.
+    if header.len() == 32 && header.iter().all(u8::is_ascii_hexdigit) {
+        return Err(Refusal::invalid(
+            "Content-MD5 must be the base64 of the MD5 digest (this looks like hex)",
+        ));
+    }
     let expected = base64::engine::general_purpose::STANDARD
-        .decode(header.trim_ascii())
+        .decode(header)
         .map_err(|_| Refusal::invalid("content-md5 is not base64"))?;
     let actual = Md5::digest(body);
     if expected.as_slice() == actual.as_slice() {
