@@ -14,7 +14,7 @@ use bytes::Bytes;
 use common::egress::raw_exchange;
 use common::ferry::{
     agent_on_bare_tunnel, agent_publishing, agent_section, gateway_and_agent, metric_value,
-    start_agent, start_gateway, upgrade_as_agent, TestAgent, TestGateway,
+    start_agent, start_gateway, tunnel_tls, upgrade_as_agent, TestAgent, TestGateway,
 };
 use common::http::{self as client, get_via_proxy, get_via_proxy_streaming, Resp};
 use common::servers::{
@@ -615,6 +615,42 @@ async fn raw_handshake_refusals_carry_status_and_reason() {
             "{result}: {text}"
         );
     }
+    gw.stop().await;
+}
+
+/// A connection that says nothing, or leaves before asking, is counted for what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_vanishing_tunnel_connections_are_counted_as_such() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", "test-token")], |s| {
+        s.tunnel.handshake_timeout = ferry::config::Dur(Duration::from_millis(300));
+    })
+    .await;
+    let metrics = format!("{}/metrics", gw.web_url());
+    let name = "ferry_gateway_tunnel_handshakes_total";
+
+    let mut silent = tunnel_tls(&gw).await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(CONNECT_WAIT, silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the gateway closes a silent connection: {read:?}"
+    );
+    wait_metric(&metrics, name, &[("result", "timeout")], |v| v == 1.0).await;
+
+    // Closed with TLS's close_notify, then without it.
+    let mut polite = tunnel_tls(&gw).await;
+    polite.shutdown().await.unwrap();
+    drop(polite);
+    drop(tunnel_tls(&gw).await);
+    wait_metric(&metrics, name, &[("result", "closed")], |v| v == 2.0).await;
+    let text = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_value(&text, name, &[("result", "http_error")]),
+        None,
+        "{text}"
+    );
     gw.stop().await;
 }
 
