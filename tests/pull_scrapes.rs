@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::egress::raw_exchange;
+use common::egress::{raw_exchange, read_response, RawResp};
 use common::ferry::{
     agent_on_bare_tunnel, agent_publishing, agent_section, gateway_and_agent, metric_value,
     start_agent, start_gateway, tunnel_tls, upgrade_as_agent, TestAgent, TestGateway,
@@ -615,6 +615,86 @@ async fn raw_handshake_refusals_carry_status_and_reason() {
             "{result}: {text}"
         );
     }
+    gw.stop().await;
+}
+
+/// Sends `request` (an HTTP/1 head, the agent's side of the upgrade) over TLS to the tunnel
+/// listener and reads the answer.
+async fn raw_tunnel_exchange(gw: &TestGateway, request: &str) -> RawResp {
+    use tokio::io::AsyncWriteExt;
+    let mut tls = tunnel_tls(gw).await;
+    tls.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::timeout(CONNECT_WAIT, read_response(&mut tls))
+        .await
+        .expect("the gateway answers within 10 s")
+        .unwrap_or_else(|| panic!("no answer to {request:?}"))
+}
+
+/// The upgrade request an agent sends, with `lines` (header lines, `\r\n` each) in the middle.
+fn upgrade_head(version: &str, lines: &str) -> String {
+    format!(
+        "GET /ferry/v1/tunnel {version}\r\nHost: localhost\r\nConnection: upgrade\r\n{lines}\r\n"
+    )
+}
+
+/// The upgrade is read as RFC 9110 has it (a list of protocols, a case-insensitive scheme), and
+/// what it cannot be sure of (two ids, two tokens, HTTP/1.0 that cannot switch) is refused
+/// before the 101, with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_requests_are_read_as_the_rfc_says_and_doubts_are_refused() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("node-*", "test-token")], |_| {}).await;
+    let ok =
+        "Upgrade: h2c, ferry/1\r\nAuthorization: bearer test-token\r\nFerry-Agent-Id: node-1\r\n";
+    let resp = raw_tunnel_exchange(&gw, &upgrade_head("HTTP/1.1", ok)).await;
+    assert_eq!(resp.status, 101, "{}", resp.head);
+    assert_eq!(resp.header("upgrade").as_deref(), Some("ferry/1"));
+
+    let refused = [
+        (
+            upgrade_head("HTTP/1.0", ok),
+            400,
+            "the tunnel upgrade needs HTTP/1.1",
+        ),
+        (
+            upgrade_head(
+                "HTTP/1.1",
+                "Upgrade: ferry/1\r\nAuthorization: Bearer test-token\r\nFerry-Agent-Id: node-1\r\nFerry-Agent-Id: node-2\r\n",
+            ),
+            400,
+            "more than one Ferry-Agent-Id header",
+        ),
+        (
+            upgrade_head(
+                "HTTP/1.1",
+                "Upgrade: ferry/1\r\nAuthorization: Bearer nope\r\nAuthorization: Bearer test-token\r\nFerry-Agent-Id: node-1\r\n",
+            ),
+            400,
+            "more than one Authorization header",
+        ),
+    ];
+    for (request, status, reason) in &refused {
+        let resp = raw_tunnel_exchange(&gw, request).await;
+        assert_eq!(resp.status, *status, "{request:?}: {}", resp.head);
+        assert_eq!(String::from_utf8_lossy(&resp.body), format!("{reason}\n"));
+    }
+    // A 401 says which scheme it wants.
+    for auth in ["Authorization: Bearer nope\r\n", ""] {
+        let lines = format!("Upgrade: ferry/1\r\n{auth}Ferry-Agent-Id: node-1\r\n");
+        let resp = raw_tunnel_exchange(&gw, &upgrade_head("HTTP/1.1", &lines)).await;
+        assert_eq!(resp.status, 401, "{}", resp.head);
+        assert_eq!(resp.header("www-authenticate").as_deref(), Some("Bearer"));
+    }
+    let text = gateway_metrics(&gw).await;
+    let counted = |result| {
+        metric_value(
+            &text,
+            "ferry_gateway_tunnel_handshakes_total",
+            &[("result", result)],
+        )
+    };
+    assert_eq!(counted("ok"), Some(1.0), "{text}");
+    assert_eq!(counted("bad_request"), Some(3.0), "{text}");
     gw.stop().await;
 }
 

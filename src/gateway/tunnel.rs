@@ -343,7 +343,14 @@ fn refuse(state: &State, refusal: Refusal, result: &str, agent: Option<&str>) ->
         debug!(agent, status, reason = %refusal.reason, "tunnel refused");
     }
     count_handshake(state, result);
-    text_response(refusal.status, &refusal.reason)
+    let mut resp = text_response(refusal.status, &refusal.reason);
+    if refusal.status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
 }
 
 /// One tunnel's life: the upgrade, HTTP/2 handshake, first target list, registration, then
