@@ -734,6 +734,27 @@ async fn silent_and_vanishing_tunnel_connections_are_counted_as_such() {
     gw.stop().await;
 }
 
+/// `http://:9100/metrics` names no agent: the request is wrong, not the agent away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_url_without_a_host_is_400() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    let port = s.target.addr.port();
+    let resp = raw_exchange(
+        s.gw.web,
+        format!("GET http://:{port}/metrics HTTP/1.1\r\nHost: :{port}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 400, "{}", resp.head);
+    let body = String::from_utf8_lossy(&resp.body);
+    assert_eq!(
+        body,
+        "bad scrape request: no agent id in the URL: its host must be the agent id (http://node-1:9100/metrics)\n"
+    );
+    assert_eq!(resp.header("ferry-error").as_deref(), Some("gateway"));
+    assert_eq!(s.target.requests(), 0);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_agent_is_503_at_once() {
     let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
