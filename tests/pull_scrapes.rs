@@ -755,6 +755,46 @@ async fn a_scrape_url_without_a_host_is_400() {
     s.stop().await;
 }
 
+/// The gateway's own endpoints are read-only: another method is not answered as if it were a GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_own_endpoints_answer_get_and_head_only() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", "test-token")], |_| {}).await;
+    let host = gw.web.to_string();
+    let request = |method: &str, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, &host)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    for path in [
+        "/",
+        "/targets",
+        "/clients",
+        "/metrics",
+        "/api/v1/agents",
+        "/-/healthy",
+        "/-/ready",
+    ] {
+        for method in ["POST", "DELETE", "PUT"] {
+            let resp = client::send(gw.web, request(method, path)).await;
+            assert_eq!(resp.status, 405, "{method} {path}: {}", resp.text());
+            assert_eq!(resp.header("allow"), Some("GET, HEAD"), "{method} {path}");
+            assert_eq!(
+                assert_one_line(&resp),
+                format!("method {method} is not allowed on {path}: the gateway's own endpoints answer GET and HEAD")
+            );
+        }
+        for method in ["GET", "HEAD"] {
+            let resp = client::send(gw.web, request(method, path)).await;
+            assert_eq!(resp.status, 200, "{method} {path}: {}", resp.text());
+        }
+    }
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_agent_is_503_at_once() {
     let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
