@@ -135,10 +135,10 @@ pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
     ) {
         return one_line(cause);
     }
-    let mut out = err.to_string();
+    let mut out = in_plain_words(err.to_string());
     let mut cur = err.source();
     while let Some(source) = cur {
-        let text = source.to_string();
+        let text = in_plain_words(source.to_string());
         if !out.contains(&text) {
             out.push_str(": ");
             out.push_str(&text);
@@ -146,6 +146,19 @@ pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
         cur = source.source();
     }
     out.replace('\n', " ")
+}
+
+/// rustls's words for a TCP connection that ended without TLS's own closing message, which
+/// it follows with a link to its manual: a log line or a 502 reason needs the cause instead.
+const RUSTLS_UNEXPECTED_EOF: &str = "peer closed connection without sending TLS close_notify";
+
+/// `text`, one error's message, with what a library says for its own readers put as ferry's
+/// user needs it.
+fn in_plain_words(text: String) -> String {
+    if text.starts_with(RUSTLS_UNEXPECTED_EOF) {
+        return "the connection closed without TLS close_notify (the peer's process died or the network cut it)".to_owned();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -190,5 +203,22 @@ mod tests {
         for (err, code) in cases {
             assert_eq!(err.status().as_u16(), code, "{err}");
         }
+    }
+
+    /// An error chain as a tunnel cut by a killed agent gives it: hyper's error over rustls's.
+    #[derive(Debug, thiserror::Error)]
+    #[error("error reading a body from connection")]
+    struct Reading(#[source] std::io::Error);
+
+    #[test]
+    fn a_tls_connection_cut_short_is_explained_without_a_link() {
+        let eof = std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "peer closed connection without sending TLS close_notify: https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof",
+        );
+        assert_eq!(
+            one_line(&Reading(eof)),
+            "error reading a body from connection: the connection closed without TLS close_notify (the peer's process died or the network cut it)"
+        );
     }
 }

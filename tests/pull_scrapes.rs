@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::egress::raw_exchange;
+use common::egress::{raw_exchange, read_response, RawResp};
 use common::ferry::{
     agent_on_bare_tunnel, agent_publishing, agent_section, gateway_and_agent, metric_value,
-    start_agent, start_gateway, upgrade_as_agent, TestAgent, TestGateway,
+    start_agent, start_gateway, tunnel_tls, upgrade_as_agent, TestAgent, TestGateway,
 };
 use common::http::{self as client, get_via_proxy, get_via_proxy_streaming, Resp};
 use common::servers::{
@@ -614,6 +614,183 @@ async fn raw_handshake_refusals_carry_status_and_reason() {
             Some(n),
             "{result}: {text}"
         );
+    }
+    gw.stop().await;
+}
+
+/// Sends `request` (an HTTP/1 head, the agent's side of the upgrade) over TLS to the tunnel
+/// listener and reads the answer.
+async fn raw_tunnel_exchange(gw: &TestGateway, request: &str) -> RawResp {
+    use tokio::io::AsyncWriteExt;
+    let mut tls = tunnel_tls(gw).await;
+    tls.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::timeout(CONNECT_WAIT, read_response(&mut tls))
+        .await
+        .expect("the gateway answers within 10 s")
+        .unwrap_or_else(|| panic!("no answer to {request:?}"))
+}
+
+/// The upgrade request an agent sends, with `lines` (header lines, `\r\n` each) in the middle.
+fn upgrade_head(version: &str, lines: &str) -> String {
+    format!(
+        "GET /ferry/v1/tunnel {version}\r\nHost: localhost\r\nConnection: upgrade\r\n{lines}\r\n"
+    )
+}
+
+/// The upgrade is read as RFC 9110 has it (a list of protocols, a case-insensitive scheme), and
+/// what it cannot be sure of (two ids, two tokens, HTTP/1.0 that cannot switch) is refused
+/// before the 101, with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_requests_are_read_as_the_rfc_says_and_doubts_are_refused() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("node-*", "test-token")], |_| {}).await;
+    let ok =
+        "Upgrade: h2c, ferry/1\r\nAuthorization: bearer test-token\r\nFerry-Agent-Id: node-1\r\n";
+    let resp = raw_tunnel_exchange(&gw, &upgrade_head("HTTP/1.1", ok)).await;
+    assert_eq!(resp.status, 101, "{}", resp.head);
+    assert_eq!(resp.header("upgrade").as_deref(), Some("ferry/1"));
+
+    let refused = [
+        (
+            upgrade_head("HTTP/1.0", ok),
+            400,
+            "the tunnel upgrade needs HTTP/1.1",
+        ),
+        (
+            upgrade_head(
+                "HTTP/1.1",
+                "Upgrade: ferry/1\r\nAuthorization: Bearer test-token\r\nFerry-Agent-Id: node-1\r\nFerry-Agent-Id: node-2\r\n",
+            ),
+            400,
+            "more than one Ferry-Agent-Id header",
+        ),
+        (
+            upgrade_head(
+                "HTTP/1.1",
+                "Upgrade: ferry/1\r\nAuthorization: Bearer nope\r\nAuthorization: Bearer test-token\r\nFerry-Agent-Id: node-1\r\n",
+            ),
+            400,
+            "more than one Authorization header",
+        ),
+    ];
+    for (request, status, reason) in &refused {
+        let resp = raw_tunnel_exchange(&gw, request).await;
+        assert_eq!(resp.status, *status, "{request:?}: {}", resp.head);
+        assert_eq!(String::from_utf8_lossy(&resp.body), format!("{reason}\n"));
+    }
+    // A 401 says which scheme it wants.
+    for auth in ["Authorization: Bearer nope\r\n", ""] {
+        let lines = format!("Upgrade: ferry/1\r\n{auth}Ferry-Agent-Id: node-1\r\n");
+        let resp = raw_tunnel_exchange(&gw, &upgrade_head("HTTP/1.1", &lines)).await;
+        assert_eq!(resp.status, 401, "{}", resp.head);
+        assert_eq!(resp.header("www-authenticate").as_deref(), Some("Bearer"));
+    }
+    let text = gateway_metrics(&gw).await;
+    let counted = |result| {
+        metric_value(
+            &text,
+            "ferry_gateway_tunnel_handshakes_total",
+            &[("result", result)],
+        )
+    };
+    assert_eq!(counted("ok"), Some(1.0), "{text}");
+    assert_eq!(counted("bad_request"), Some(3.0), "{text}");
+    gw.stop().await;
+}
+
+/// A connection that says nothing, or leaves before asking, is counted for what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_vanishing_tunnel_connections_are_counted_as_such() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", "test-token")], |s| {
+        s.tunnel.handshake_timeout = ferry::config::Dur(Duration::from_millis(300));
+    })
+    .await;
+    let metrics = format!("{}/metrics", gw.web_url());
+    let name = "ferry_gateway_tunnel_handshakes_total";
+
+    let mut silent = tunnel_tls(&gw).await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(CONNECT_WAIT, silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the gateway closes a silent connection: {read:?}"
+    );
+    wait_metric(&metrics, name, &[("result", "timeout")], |v| v == 1.0).await;
+
+    // Closed with TLS's close_notify, then without it.
+    let mut polite = tunnel_tls(&gw).await;
+    polite.shutdown().await.unwrap();
+    drop(polite);
+    drop(tunnel_tls(&gw).await);
+    wait_metric(&metrics, name, &[("result", "closed")], |v| v == 2.0).await;
+    let text = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_value(&text, name, &[("result", "http_error")]),
+        None,
+        "{text}"
+    );
+    gw.stop().await;
+}
+
+/// `http://:9100/metrics` names no agent: the request is wrong, not the agent away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_url_without_a_host_is_400() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    let port = s.target.addr.port();
+    let resp = raw_exchange(
+        s.gw.web,
+        format!("GET http://:{port}/metrics HTTP/1.1\r\nHost: :{port}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 400, "{}", resp.head);
+    let body = String::from_utf8_lossy(&resp.body);
+    assert_eq!(
+        body,
+        "bad scrape request: no agent id in the URL: its host must be the agent id (http://node-1:9100/metrics)\n"
+    );
+    assert_eq!(resp.header("ferry-error").as_deref(), Some("gateway"));
+    assert_eq!(s.target.requests(), 0);
+    s.stop().await;
+}
+
+/// The gateway's own endpoints are read-only: another method is not answered as if it were a GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_own_endpoints_answer_get_and_head_only() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", "test-token")], |_| {}).await;
+    let host = gw.web.to_string();
+    let request = |method: &str, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, &host)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    for path in [
+        "/",
+        "/targets",
+        "/clients",
+        "/metrics",
+        "/api/v1/agents",
+        "/-/healthy",
+        "/-/ready",
+    ] {
+        for method in ["POST", "DELETE", "PUT"] {
+            let resp = client::send(gw.web, request(method, path)).await;
+            assert_eq!(resp.status, 405, "{method} {path}: {}", resp.text());
+            assert_eq!(resp.header("allow"), Some("GET, HEAD"), "{method} {path}");
+            assert_eq!(
+                assert_one_line(&resp),
+                format!("method {method} is not allowed on {path}: the gateway's own endpoints answer GET and HEAD")
+            );
+        }
+        for method in ["GET", "HEAD"] {
+            let resp = client::send(gw.web, request(method, path)).await;
+            assert_eq!(resp.status, 200, "{method} {path}: {}", resp.text());
+        }
     }
     gw.stop().await;
 }

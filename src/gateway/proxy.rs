@@ -101,6 +101,10 @@ pub(crate) async fn scrape(state: &Arc<State>, req: Request<Body>) -> Response<B
     }
 }
 
+/// Why a scrape URL without a host is refused.
+const NO_AGENT_ID: &str =
+    "no agent id in the URL: its host must be the agent id (http://node-1:9100/metrics)";
+
 struct Route {
     agent: Arc<AgentHandle>,
     target: String,
@@ -109,9 +113,11 @@ struct Route {
 
 /// Picks the agent by host and checks its published target list for the port and path.
 fn route(state: &State, uri: &Uri, labels: &mut ScrapeLabels) -> Result<Route, ScrapeError> {
+    // `http://:9100/metrics` has a host, an empty one.
     let host = uri
         .host()
-        .ok_or_else(|| ScrapeError::BadRequest("request URI has no host".into()))?;
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| ScrapeError::BadRequest(NO_AGENT_ID.into()))?;
     if let Some(bad) = unparsable_port(uri) {
         return Err(ScrapeError::BadRequest(format!(
             "{bad:?} is not a port (1-65535)"

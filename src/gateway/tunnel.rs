@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -184,6 +185,8 @@ fn handshake_hint(reason: &str) -> &'static str {
         "answered 400 with the web listener's address"
     } else if reason.contains("timed out") {
         "the client opened a connection and sent nothing (or too little) in time"
+    } else if reason.contains("without sending the upgrade request") {
+        "a TLS health check or scanner, or a client that gave up before asking"
     } else {
         "-"
     }
@@ -211,7 +214,11 @@ async fn serve_upgrade<IO>(
 {
     let timeout = state.config.handshake_timeout;
     let svc_state = state.clone();
+    // Whether a request arrived: the request counts its own handshake result.
+    let asked = Arc::new(AtomicBool::new(false));
+    let svc_asked = asked.clone();
     let service = hyper::service::service_fn(move |req| {
+        svc_asked.store(true, Ordering::Relaxed);
         let state = svc_state.clone();
         let shutdown = shutdown.clone();
         let held = held.clone();
@@ -224,12 +231,39 @@ async fn serve_upgrade<IO>(
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    match tokio::time::timeout(timeout, conn).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => handshake_failed(&state, "http_error", &e.to_string()),
-        Err(_) => handshake_failed(&state, "timeout", "upgrade request timed out"),
+    let ended = tokio::time::timeout(timeout, conn).await;
+    count_upgrade_end(&state, ended, asked.load(Ordering::Relaxed));
+}
+
+/// Counts how the connection of an upgrade ended, unless its request arrived: the answer to it
+/// counted the handshake already.
+fn count_upgrade_end(
+    state: &State,
+    ended: Result<hyper::Result<()>, tokio::time::error::Elapsed>,
+    asked: bool,
+) {
+    match ended {
+        Ok(Err(e)) if asked => {
+            debug!(error = %one_line(&e), "tunnel upgrade connection failed after the answer")
+        }
+        Err(_) if asked => debug!("tunnel upgrade connection timed out after the answer"),
+        Ok(_) if asked => {}
+        // hyper takes the client's close for the end of the connection, then may fail to close
+        // its own side (a TLS close_notify to a peer already gone).
+        Ok(Ok(())) => handshake_failed(state, "closed", CLOSED_UNASKED),
+        Ok(Err(e)) if e.is_shutdown() => handshake_failed(state, "closed", CLOSED_UNASKED),
+        // hyper's header read timeout and this one are the same: either may fire first.
+        Ok(Err(e)) if e.is_timeout() => handshake_failed(state, "timeout", UPGRADE_TIMED_OUT),
+        Err(_) => handshake_failed(state, "timeout", UPGRADE_TIMED_OUT),
+        Ok(Err(e)) => handshake_failed(state, "http_error", &one_line(&e)),
     }
 }
+
+/// Why a connection closed by the client before it asked for anything is counted.
+const CLOSED_UNASKED: &str = "the client closed the connection without sending the upgrade request";
+
+/// Why a connection that sent no (complete) upgrade request in time is closed.
+const UPGRADE_TIMED_OUT: &str = "upgrade request timed out";
 
 /// Checks the credentials of an upgrade request; on success answers 101 and starts the session.
 fn upgrade(
@@ -309,7 +343,14 @@ fn refuse(state: &State, refusal: Refusal, result: &str, agent: Option<&str>) ->
         debug!(agent, status, reason = %refusal.reason, "tunnel refused");
     }
     count_handshake(state, result);
-    text_response(refusal.status, &refusal.reason)
+    let mut resp = text_response(refusal.status, &refusal.reason);
+    if refusal.status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
 }
 
 /// One tunnel's life: the upgrade, HTTP/2 handshake, first target list, registration, then

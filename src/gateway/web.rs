@@ -20,7 +20,11 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
     if req.uri().authority().is_some() {
         return proxy::scrape(state, req).await;
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if OWN_ENDPOINTS.contains(&path) && !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return method_not_allowed(req.method(), path);
+    }
+    match path {
         "/targets" | "/clients" => json(sd::document(&state.registry.snapshot())),
         "/metrics" => metrics_response(
             &state.metrics_registry,
@@ -32,6 +36,29 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
         "/" => super::status::page(&agents(state)),
         _ => text_response(StatusCode::NOT_FOUND, "not found: scrapes must be absolute-form (set the gateway as proxy_url); endpoints are /, /targets, /clients, /metrics, /api/v1/agents, /-/healthy, /-/ready"),
     }
+}
+
+/// The gateway's own endpoints (origin-form requests), all read-only.
+const OWN_ENDPOINTS: [&str; 7] = [
+    "/",
+    "/targets",
+    "/clients",
+    "/metrics",
+    "/api/v1/agents",
+    "/-/healthy",
+    "/-/ready",
+];
+
+/// The answer to a method other than GET or HEAD on one of [`OWN_ENDPOINTS`]: answering it as a
+/// GET would let a client believe its POST or DELETE did something.
+fn method_not_allowed(method: &Method, path: &str) -> Response<Body> {
+    let mut resp = text_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("method {method} is not allowed on {path}: the gateway's own endpoints answer GET and HEAD"),
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    resp
 }
 
 /// With `basic_auth_users` configured, every request must authenticate: scrapes (absolute-form)

@@ -99,27 +99,24 @@ pub(crate) fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeReques
             "the tunnel upgrade is a GET",
         ));
     }
-    let upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok());
-    if !upgrade.is_some_and(|u| u.eq_ignore_ascii_case(UPGRADE_PROTOCOL)) {
+    // HTTP/1.0 has no Upgrade: hyper would send the 101 and then have no connection to hand over.
+    if req.version() != http::Version::HTTP_11 {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "the tunnel upgrade needs HTTP/1.1",
+        ));
+    }
+    if !upgrade_offers(req.headers(), UPGRADE_PROTOCOL) {
         return Err(Refusal::new(
             StatusCode::UPGRADE_REQUIRED,
             format!("expected Upgrade: {UPGRADE_PROTOCOL}"),
         ));
     }
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
+    let token = only_one(req.headers(), "Authorization")?
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+        .and_then(bearer_token)
         .ok_or_else(|| Refusal::new(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
-    let agent_id = req
-        .headers()
-        .get(AGENT_ID_HEADER)
+    let agent_id = only_one(req.headers(), "Ferry-Agent-Id")?
         .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "missing Ferry-Agent-Id header"))?
         .to_str()
         .map_err(|_| {
@@ -148,6 +145,45 @@ pub(crate) fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeReques
         token: token.to_owned(),
         agent_id: canonical_agent_id(agent_id).into_owned(),
     })
+}
+
+#[cfg(feature = "gateway")]
+/// Whether the `Upgrade` headers list `protocol` among the protocols offered (RFC 9110 7.8: a
+/// client may offer several, in order of preference).
+fn upgrade_offers(headers: &http::HeaderMap, protocol: &str) -> bool {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case(protocol))
+}
+
+#[cfg(feature = "gateway")]
+/// The one value of header `name` (any case), if any. Sent twice, it is refused rather than
+/// one of the two picked: the credential checked and the id claimed must be the ones meant.
+fn only_one<'a>(
+    headers: &'a http::HeaderMap,
+    name: &'static str,
+) -> Result<Option<&'a HeaderValue>, Refusal> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("more than one {name} header"),
+        ));
+    }
+    Ok(first)
+}
+
+#[cfg(feature = "gateway")]
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 9110 11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// The `101 Switching Protocols` answer to an accepted upgrade request.
@@ -325,6 +361,69 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.status, 400);
         assert!(err.reason.len() < 120, "{}", err.reason);
+    }
+
+    #[cfg(feature = "gateway")]
+    #[test]
+    fn a_lower_case_scheme_and_a_list_of_protocols_are_accepted() {
+        for (upgrade, authorization) in [
+            ("h2c, ferry/1", "bearer s3cret"),
+            ("FERRY/1", "BEARER  s3cret"),
+        ] {
+            let r = req(&[
+                ("upgrade", upgrade),
+                ("authorization", authorization),
+                ("ferry-agent-id", "node-1"),
+            ]);
+            let u = parse_upgrade_request(&r).unwrap_or_else(|e| panic!("{upgrade:?}: {e:?}"));
+            assert_eq!(u.token, "s3cret");
+        }
+        let r = req(&[
+            ("upgrade", "h2c, websocket"),
+            ("authorization", "Bearer x"),
+            ("ferry-agent-id", "node-1"),
+        ]);
+        assert_eq!(parse_upgrade_request(&r).unwrap_err().status, 426);
+    }
+
+    #[cfg(feature = "gateway")]
+    #[test]
+    fn a_header_sent_twice_or_http_1_0_is_refused_with_its_reason() {
+        let cases: [(&[(&str, &str)], &str); 2] = [
+            (
+                &[
+                    ("authorization", "Bearer x"),
+                    ("ferry-agent-id", "node-1"),
+                    ("ferry-agent-id", "node-2"),
+                ],
+                "more than one Ferry-Agent-Id header",
+            ),
+            (
+                &[
+                    ("authorization", "Bearer x"),
+                    ("authorization", "Bearer y"),
+                    ("ferry-agent-id", "node-1"),
+                ],
+                "more than one Authorization header",
+            ),
+        ];
+        for (headers, reason) in cases {
+            let mut headers = headers.to_vec();
+            headers.push(("upgrade", "ferry/1"));
+            let err = parse_upgrade_request(&req(&headers)).unwrap_err();
+            assert_eq!((err.status.as_u16(), err.reason.as_str()), (400, reason));
+        }
+        let mut old = req(&[
+            ("upgrade", "ferry/1"),
+            ("authorization", "Bearer x"),
+            ("ferry-agent-id", "node-1"),
+        ]);
+        *old.version_mut() = http::Version::HTTP_10;
+        let err = parse_upgrade_request(&old).unwrap_err();
+        assert_eq!(
+            (err.status.as_u16(), err.reason.as_str()),
+            (400, "the tunnel upgrade needs HTTP/1.1")
+        );
     }
 
     #[cfg(any(feature = "agent", feature = "gateway"))]

@@ -285,13 +285,10 @@ pub async fn agent_on_bare_tunnel(
     (agent, sender)
 }
 
-/// Opens a tunnel to `gw` as agent `id` would (TLS pinned to its certificate, the upgrade with
-/// `token`), without an agent behind it: the stream is the test's, to speak for a hostile agent.
-pub async fn upgrade_as_agent(
+/// A TLS connection to `gw`'s tunnel listener, pinned to its certificate, nothing sent yet.
+pub async fn tunnel_tls(
     gw: &TestGateway,
-    token: &str,
-    id: &str,
-) -> Result<hyper::upgrade::Upgraded, HandshakeError> {
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let tls = ClientTls {
         verify: ServerVerify::Fingerprint(parse_fingerprint(&gw.fingerprint()).unwrap()),
         client_cert: None,
@@ -299,10 +296,20 @@ pub async fn upgrade_as_agent(
     let connector =
         tokio_rustls::TlsConnector::from(Arc::new(client_config(&tls, Purpose::Tunnel).unwrap()));
     let tcp = tokio::net::TcpStream::connect(gw.tunnel).await.unwrap();
-    let io = connector
+    connector
         .connect("localhost".try_into().unwrap(), tcp)
         .await
-        .expect("TLS to the gateway");
+        .expect("TLS to the gateway")
+}
+
+/// Opens a tunnel to `gw` as agent `id` would (TLS pinned to its certificate, the upgrade with
+/// `token`), without an agent behind it: the stream is the test's, to speak for a hostile agent.
+pub async fn upgrade_as_agent(
+    gw: &TestGateway,
+    token: &str,
+    id: &str,
+) -> Result<hyper::upgrade::Upgraded, HandshakeError> {
+    let io = tunnel_tls(gw).await;
     let host = format!("localhost:{}", gw.tunnel.port());
     let upgrade = tokio::time::timeout(
         Duration::from_secs(10),
