@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::backoff::Backoff;
 use super::Shared;
-use crate::config::{read_token_file, Secret};
+use crate::config::{read_token_file, AgentConfig, Secret};
 use crate::telemetry::ResultLabels;
 use crate::tunnel::dial::{dial, BoxIo, DialError};
 use crate::tunnel::handshake::{request_upgrade, HandshakeError};
@@ -52,6 +52,7 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
     let mut token = Token::new(&shared);
     let gateway = &shared.config.gateway.addr;
     let agent = &shared.config.agent_id;
+    log_route(&shared.config);
     loop {
         let started = Instant::now();
         let delay = match run_session(&shared, &mut token, &shutdown).await {
@@ -106,6 +107,17 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
         }
     }
     info!("agent stopped");
+}
+
+/// Says once how the tunnel reaches the gateway when a proxy is involved: a proxy left in the
+/// environment would otherwise only show in the errors of every attempt.
+fn log_route(cfg: &AgentConfig) {
+    let gateway = &cfg.gateway.addr;
+    if let Some(proxy) = &cfg.proxy {
+        info!(%gateway, proxy = %proxy.addr, from = %proxy.origin, "the tunnel goes through an HTTP CONNECT proxy");
+    } else if let Some(e) = cfg.proxy_exempted {
+        info!(%gateway, "the tunnel goes to the gateway directly: {} exempts it from the proxy of {}", e.no_proxy_var, e.proxy_var);
+    }
 }
 
 /// The token the agent connects with. From a token file it is read again before every

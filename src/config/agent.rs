@@ -234,6 +234,15 @@ pub struct Target {
     pub server_name: Option<String>,
 }
 
+/// Which variables left the environment's proxy out of the way to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyExemption {
+    /// The variable naming the proxy: `HTTPS_PROXY` or `https_proxy`.
+    pub proxy_var: &'static str,
+    /// The variable exempting the gateway: `NO_PROXY` or `no_proxy`.
+    pub no_proxy_var: &'static str,
+}
+
 /// The validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -247,6 +256,9 @@ pub struct AgentConfig {
     pub token_file: Option<PathBuf>,
     /// Proxy to reach the gateway through.
     pub proxy: Option<Proxy>,
+    /// Set when `HTTPS_PROXY` names a proxy that `NO_PROXY` exempts the gateway from: the
+    /// start-up log says why the tunnel goes direct.
+    pub proxy_exempted: Option<ProxyExemption>,
     /// Targets (without the built-in one).
     pub targets: Vec<Target>,
     /// Agent labels.
@@ -299,7 +311,8 @@ impl AgentSection {
         let gateway = self.validate_gateway(prefix, errs);
         let agent_id = self.validate_agent_id(&f("agent_id"), errs);
         let token = self.read_token(&f("token_file"), env, errs);
-        let proxy = self.validate_proxy(&f("proxy_url"), gateway.as_ref(), env, errs);
+        let (proxy, proxy_exempted) =
+            self.validate_proxy(&f("proxy_url"), gateway.as_ref(), env, errs);
         let targets = self.validate_targets(&f("targets"), errs);
         for k in self.labels.keys() {
             check_label_name(k, &format!("{}.{k}", f("labels")), errs);
@@ -335,6 +348,7 @@ impl AgentSection {
             token: token?,
             token_file: self.token_file.clone(),
             proxy,
+            proxy_exempted,
             targets: targets?,
             labels: self.labels.clone(),
             keepalive,
@@ -484,33 +498,19 @@ impl AgentSection {
     }
 
     /// The proxy of `proxy_url`, which must be `http://HOST:PORT`, else of `HTTPS_PROXY`, which
-    /// may leave out the scheme as curl allows, unless `NO_PROXY` exempts the gateway.
+    /// may leave out the scheme as curl allows, unless `NO_PROXY` exempts the gateway (then said
+    /// in the second half).
     fn validate_proxy(
         &self,
         field: &str,
         gateway: Option<&GatewayEndpoint>,
         env: &dyn Fn(&str) -> Option<String>,
         errs: &mut ConfigErrors,
-    ) -> Option<Proxy> {
-        let Some(url) = &self.proxy_url else {
-            return proxy_from_env(gateway, env, errs);
-        };
-        let uri = url.parse::<Uri>().ok();
-        if uri.as_ref().and_then(Uri::scheme_str).is_none() {
-            errs.push(
-                field,
-                format!("{url:?} must start with http://, e.g. http://proxy.example.com:3128"),
-            );
-            return None;
+    ) -> (Option<Proxy>, Option<ProxyExemption>) {
+        match &self.proxy_url {
+            Some(url) => (proxy_from_url(url, field, errs), None),
+            None => proxy_from_env(gateway, env, errs),
         }
-        if uri.is_some_and(|u| !matches!(u.path(), "" | "/") || u.query().is_some()) {
-            errs.push(
-                field,
-                format!("{url:?} must be http://HOST:PORT, without a path or query"),
-            );
-            return None;
-        }
-        errs.check(field, Proxy::parse(url))
     }
 
     fn validate_agent_id(&self, field: &str, errs: &mut ConfigErrors) -> Option<String> {
@@ -868,6 +868,27 @@ pub fn read_token_file(path: &Path) -> Result<Secret, String> {
     check_token(&text, &path.display().to_string())
 }
 
+/// The proxy of `proxy_url` (`field`), which must be `http://HOST:PORT`.
+fn proxy_from_url(url: &str, field: &str, errs: &mut ConfigErrors) -> Option<Proxy> {
+    let uri = url.parse::<Uri>().ok();
+    if uri.as_ref().and_then(Uri::scheme_str).is_none() {
+        errs.push(
+            field,
+            format!("{url:?} must start with http://, e.g. http://proxy.example.com:3128"),
+        );
+        return None;
+    }
+    if uri.is_some_and(|u| !matches!(u.path(), "" | "/") || u.query().is_some()) {
+        errs.push(
+            field,
+            format!("{url:?} must be http://HOST:PORT, without a path or query"),
+        );
+        return None;
+    }
+    let origin = errs.setting(field);
+    errs.check(field, Proxy::parse(url, &origin))
+}
+
 /// The proxy of `HTTPS_PROXY` (or `https_proxy`), unless `NO_PROXY` (or `no_proxy`) exempts
 /// the gateway, as curl and Go's clients decide. Its errors name the variable: the user set no
 /// field or flag.
@@ -875,14 +896,16 @@ fn proxy_from_env(
     gateway: Option<&GatewayEndpoint>,
     env: &dyn Fn(&str) -> Option<String>,
     errs: &mut ConfigErrors,
-) -> Option<Proxy> {
+) -> (Option<Proxy>, Option<ProxyExemption>) {
     let first_set = |names: [&'static str; 2]| {
         names
             .into_iter()
             .find_map(|name| env(name).filter(|v| !v.is_empty()).map(|v| (name, v)))
     };
-    let (var, url) = first_set(["HTTPS_PROXY", "https_proxy"])?;
-    if let (Some((_, no_proxy)), Some((host, port))) = (
+    let Some((var, url)) = first_set(["HTTPS_PROXY", "https_proxy"]) else {
+        return (None, None);
+    };
+    if let (Some((no_proxy_var, no_proxy)), Some((host, port))) = (
         first_set(["NO_PROXY", "no_proxy"]),
         gateway.and_then(|g| g.addr.rsplit_once(':')),
     ) {
@@ -890,10 +913,15 @@ fn proxy_from_env(
             .parse()
             .is_ok_and(|port| crate::tunnel::no_proxy::exempts(&no_proxy, host, port))
         {
-            return None;
+            let exemption = ProxyExemption {
+                proxy_var: var,
+                no_proxy_var,
+            };
+            return (None, Some(exemption));
         }
     }
-    Proxy::parse(&url).map_err(|e| errs.push_env(var, e)).ok()
+    let proxy = Proxy::parse(&url, var).map_err(|e| errs.push_env(var, e));
+    (proxy.ok(), None)
 }
 
 /// The token in `text` (read from `source`), surrounding whitespace removed.
@@ -1050,6 +1078,15 @@ mod tests {
         assert!(check_token("\u{feff}\n", "f")
             .unwrap_err()
             .contains("holds no token"));
+    }
+
+    #[test]
+    fn a_proxy_knows_where_it_was_configured() {
+        let gw = "https://gw.example.com:7443";
+        let proxy = proxy_for(gw, None, &[("https_proxy", "http://proxy:3128")]);
+        assert_eq!(proxy.unwrap().unwrap().origin, "https_proxy");
+        let proxy = proxy_for(gw, Some("http://proxy:3128"), &[]);
+        assert_eq!(proxy.unwrap().unwrap().origin, "--proxy-url");
     }
 
     /// Same answer as `hostname --fqdn` (which resolves the name the same way), or the kernel

@@ -23,8 +23,8 @@ mod gateway;
 #[cfg(feature = "agent")]
 pub use agent::{
     parse_label_flag, read_token_file, AgentConfig, AgentSection, AgentTunnelSection,
-    AgentWebSection, BackoffConfig, GatewayEndpoint, ReconnectSection, Target, TargetSection,
-    TargetTlsSection, SELF_TARGET, TOKEN_ENV,
+    AgentWebSection, BackoffConfig, GatewayEndpoint, ProxyExemption, ReconnectSection, Target,
+    TargetSection, TargetTlsSection, SELF_TARGET, TOKEN_ENV,
 };
 #[cfg(feature = "egress")]
 pub use egress::{
@@ -90,6 +90,17 @@ impl ConfigErrors {
         }
     }
 
+    /// How a message names another setting, `field` (`agent.tunnel.ca_file`), to the user: the
+    /// flag (`--tunnel.ca-file`) when the configuration came from flags, else the field as
+    /// written in its section of the file (`tunnel.ca_file`).
+    pub fn setting(&self, field: &str) -> String {
+        if self.origin == "flags" {
+            flag_name(field)
+        } else {
+            below_role(field).to_owned()
+        }
+    }
+
     /// Records the error of `result` under `field` and returns its value, if any.
     pub fn check<T, E: fmt::Display>(&mut self, field: &str, result: Result<T, E>) -> Option<T> {
         result.map_err(|e| self.push(field, e.to_string())).ok()
@@ -121,12 +132,7 @@ impl std::error::Error for ConfigErrors {}
 /// The flag that sets a field: flags mirror the YAML paths below the role section
 /// (`gateway.tunnel.tls_cert_file` ↔ `--tunnel.tls-cert-file`).
 pub fn flag_name(field: &str) -> String {
-    // Process-wide sections (`geoip.database`, `log.level`) keep their name in the flag.
-    let below_role = if field.starts_with("geoip.") || field.starts_with("log.") {
-        field
-    } else {
-        field.split_once('.').map_or(field, |(_, rest)| rest)
-    };
+    let below_role = below_role(field);
     let below_role = below_role.split('[').next().unwrap_or(below_role);
     // A label's field is `labels.<name>`; its flag is `--label`.
     let below_role = match below_role.split_once('.') {
@@ -143,6 +149,16 @@ pub fn flag_name(field: &str) -> String {
         other => other,
     };
     format!("--{}", flag.replace('_', "-"))
+}
+
+/// `field` without its role section (`agent.tunnel.ca_file` → `tunnel.ca_file`). Process-wide
+/// sections (`geoip.database`, `log.level`) keep their name: so do their flags.
+fn below_role(field: &str) -> &str {
+    if field.starts_with("geoip.") || field.starts_with("log.") {
+        field
+    } else {
+        field.split_once('.').map_or(field, |(_, rest)| rest)
+    }
 }
 
 /// Where logs go and how they look; the `log:` section.
