@@ -542,7 +542,7 @@ impl AgentSection {
         let read = match &self.token_file {
             Some(path) => read_token_file(path),
             None => match env(TOKEN_ENV) {
-                Some(t) => check_token(&t, TOKEN_ENV),
+                Some(t) => check_token(&t, TOKEN_ENV, &format!("{TOKEN_ENV} must hold")),
                 None => Err(format!("required: a file holding the agent's token, or the {TOKEN_ENV} environment variable")),
             },
         };
@@ -865,7 +865,11 @@ fn canonical_name(host: &str) -> Option<String> {
 pub fn read_token_file(path: &Path) -> Result<Secret, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    check_token(&text, &path.display().to_string())
+    check_token(
+        &text,
+        &path.display().to_string(),
+        "the agent's token file holds",
+    )
 }
 
 /// The proxy of `proxy_url` (`field`), which must be `http://HOST:PORT`.
@@ -924,12 +928,25 @@ fn proxy_from_env(
     (proxy.ok(), None)
 }
 
-/// The token in `text` (read from `source`), surrounding whitespace removed.
-fn check_token(text: &str, source: &str) -> Result<Secret, String> {
+/// The token in `text` (read from `source`), surrounding whitespace removed. What the gateway's
+/// tokens file holds instead (a line, a hash) is refused here, with what belongs where, rather
+/// than by the gateway with a 401 retried slowly: `holds` says where the token itself goes
+/// ("the agent's token file holds").
+fn check_token(text: &str, source: &str, holds: &str) -> Result<Secret, String> {
     // As in the tokens file: an editor's byte-order mark is not part of the token.
     let token = text.trim_start_matches('\u{feff}').trim();
     if token.is_empty() {
         return Err(format!("{source} holds no token (it is empty)"));
+    }
+    if is_token_hash(token) {
+        return Err(format!(
+            "{source} holds the token's hash (for the gateway's tokens file), not the token"
+        ));
+    }
+    if token.split_whitespace().any(is_token_hash) {
+        return Err(format!(
+            "{source} holds a line of the gateway's tokens file (glob and hash); {holds} the token itself (the \"token:\" value ferry token new printed)"
+        ));
     }
     if token.contains(char::is_whitespace) || !token.is_ascii() {
         return Err(format!(
@@ -937,6 +954,12 @@ fn check_token(text: &str, source: &str) -> Result<Secret, String> {
         ));
     }
     Ok(Secret::new(token))
+}
+
+/// Whether `word` is a token's hash as the tokens file holds it: `sha256:` and 64 hex digits.
+fn is_token_hash(word: &str) -> bool {
+    word.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -1073,9 +1096,9 @@ mod tests {
 
     #[test]
     fn a_token_file_may_start_with_a_byte_order_mark() {
-        let token = check_token("\u{feff}s3cret\n", "f").unwrap();
+        let token = check_token("\u{feff}s3cret\n", "f", "f holds").unwrap();
         assert_eq!(token.expose(), "s3cret");
-        assert!(check_token("\u{feff}\n", "f")
+        assert!(check_token("\u{feff}\n", "f", "f holds")
             .unwrap_err()
             .contains("holds no token"));
     }
@@ -1106,6 +1129,54 @@ mod tests {
         };
         assert_eq!(host_fqdn(), expected);
         assert!(valid_agent_id(&host_fqdn()));
+    }
+
+    /// What belongs in the gateway's tokens file, pasted where the agent's token goes, is
+    /// refused at start with what goes where: the gateway would refuse it with a 401 only.
+    #[test]
+    fn a_tokens_file_line_or_hash_is_not_taken_for_the_token() {
+        let hash = format!("sha256:{}", "a1".repeat(32));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent-token");
+        let shown = file.display().to_string();
+        let from_file = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            read_token_file(&file).map(|t| t.expose().to_owned())
+        };
+        assert_eq!(
+            from_file(&format!("node-* {hash}\n")).unwrap_err(),
+            format!("{shown} holds a line of the gateway's tokens file (glob and hash); the agent's token file holds the token itself (the \"token:\" value ferry token new printed)")
+        );
+        assert_eq!(
+            from_file(&format!("{hash}\n")).unwrap_err(),
+            format!(
+                "{shown} holds the token's hash (for the gateway's tokens file), not the token"
+            )
+        );
+        assert_eq!(
+            from_file("b2".repeat(32).as_str()).unwrap(),
+            "b2".repeat(32)
+        );
+
+        let from_env = |value: String| {
+            let section = AgentSection {
+                gateway: Some("https://gw:7443".into()),
+                agent_id: Some("a".into()),
+                ..AgentSection::default()
+            };
+            let env = |name: &str| (name == TOKEN_ENV).then(|| value.clone());
+            let mut errs = ConfigErrors::new("flags");
+            section.validate("agent", &env, &mut errs);
+            errs.to_string()
+        };
+        assert_eq!(
+            from_env(format!("* {hash}")),
+            "invalid flag --token-file: FERRY_TOKEN holds a line of the gateway's tokens file (glob and hash); FERRY_TOKEN must hold the token itself (the \"token:\" value ferry token new printed)"
+        );
+        assert_eq!(
+            from_env(hash),
+            "invalid flag --token-file: FERRY_TOKEN holds the token's hash (for the gateway's tokens file), not the token"
+        );
     }
 
     #[test]
