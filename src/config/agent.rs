@@ -395,7 +395,8 @@ impl AgentSection {
             (Some("https"), false) => false,
             (Some("http"), true) => true,
             (Some("http"), false) => {
-                errs.push(field, format!("{url:?} is plaintext: use https://, or set tunnel.insecure_plaintext (--tunnel.insecure-plaintext) if you really mean it"));
+                let plaintext = errs.setting(&format!("{prefix}.tunnel.insecure_plaintext"));
+                errs.push(field, format!("{url:?} is plaintext: use https://, or set {plaintext} if you really mean it"));
                 return None;
             }
             (Some("https"), true) => {
@@ -448,6 +449,7 @@ impl AgentSection {
     /// With `tunnel.insecure_plaintext`, TLS settings would be ignored: each set one is an error.
     fn reject_tls_options(&self, prefix: &str, errs: &mut ConfigErrors) {
         let t = &self.tunnel;
+        let plaintext = errs.setting(&format!("{prefix}.tunnel.insecure_plaintext"));
         for (name, set) in [
             ("ca_file", t.ca_file.is_some()),
             ("fingerprint", t.fingerprint.is_some()),
@@ -458,7 +460,7 @@ impl AgentSection {
             if set {
                 errs.push(
                     format!("{prefix}.tunnel.{name}"),
-                    "set, but tunnel.insecure_plaintext turns TLS off: remove one of them",
+                    format!("set, but {plaintext} turns TLS off: remove one of them"),
                 );
             }
         }
@@ -470,10 +472,12 @@ impl AgentSection {
         let before = errs.errors.len();
         let verify = match (&t.ca_file, &t.fingerprint) {
             (Some(_), Some(_)) => {
-                errs.push(
-                    field("fingerprint"),
-                    "give either tunnel.ca_file or tunnel.fingerprint, not both",
+                let message = format!(
+                    "give either {} or {}, not both",
+                    errs.setting(&field("ca_file")),
+                    errs.setting(&field("fingerprint"))
                 );
+                errs.push(field("fingerprint"), message);
                 return None;
             }
             (Some(ca), None) => {
@@ -775,17 +779,19 @@ fn client_cert_pair(
             Some(Some((c.clone(), k.clone())))
         }
         (Some(_), None) => {
-            errs.push(
-                format!("{prefix}.key_file"),
-                "required when cert_file is set",
+            let message = format!(
+                "required when {} is set",
+                errs.setting(&format!("{prefix}.cert_file"))
             );
+            errs.push(format!("{prefix}.key_file"), message);
             None
         }
         (None, Some(_)) => {
-            errs.push(
-                format!("{prefix}.cert_file"),
-                "required when key_file is set",
+            let message = format!(
+                "required when {} is set",
+                errs.setting(&format!("{prefix}.key_file"))
             );
+            errs.push(format!("{prefix}.cert_file"), message);
             None
         }
     }

@@ -300,11 +300,19 @@ impl GatewaySection {
                 })
             }
             (Some(_), None, _) => {
-                errs.push(field("tls_key_file"), "required when tls_cert_file is set");
+                let message = format!(
+                    "required when {} is set",
+                    errs.setting(&field("tls_cert_file"))
+                );
+                errs.push(field("tls_key_file"), message);
                 None
             }
             (None, Some(_), _) => {
-                errs.push(field("tls_cert_file"), "required when tls_key_file is set");
+                let message = format!(
+                    "required when {} is set",
+                    errs.setting(&field("tls_key_file"))
+                );
+                errs.push(field("tls_cert_file"), message);
                 None
             }
             (None, None, false) => {

@@ -235,10 +235,11 @@ impl CollectorSection {
     pub fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Vec<ipnet::IpNet>> {
         if !self.connections {
             if !self.connections_exclude.is_empty() {
-                errs.push(
-                    format!("{prefix}.connections_exclude"),
-                    "set, but the connection collector is off (collector.connections)",
+                let message = format!(
+                    "set, but the connection collector is off ({})",
+                    errs.setting(&format!("{prefix}.connections"))
                 );
+                errs.push(format!("{prefix}.connections_exclude"), message);
             }
             return None;
         }
@@ -317,10 +318,12 @@ impl ExporterSection {
             .collector
             .validate(&format!("{prefix}.collector"), errs);
         if collector.is_none() && !self.collector.connections {
-            errs.push(
-                format!("{prefix}.collector.connections"),
-                "no collector enabled: the exporter needs --collector.connections",
+            let field = format!("{prefix}.collector.connections");
+            let message = format!(
+                "no collector enabled: the exporter needs {}",
+                errs.setting(&field)
             );
+            errs.push(field, message);
         }
         Some(ExporterConfig {
             listen: listen?,
@@ -1117,6 +1120,71 @@ agent:
         assert_eq!(
             lines,
             [": agent.tunnel.fingerprint: set, but tunnel.insecure_plaintext turns TLS off: remove one of them"]
+        );
+    }
+
+    /// A message that names a second setting names it as the user set the first: a flag among
+    /// flags, a field of the file in the file.
+    #[test]
+    fn other_settings_are_named_as_flags_or_fields_by_origin() {
+        let mut agent = AgentSection {
+            gateway: Some("https://gw:7443".into()),
+            agent_id: Some("a".into()),
+            ..AgentSection::default()
+        };
+        agent.tunnel.ca_file = Some("ca.pem".into());
+        agent.tunnel.fingerprint = Some(format!("sha256:{}", "0".repeat(64)));
+        let both = FileConfig {
+            agent: Some(agent),
+            ..FileConfig::default()
+        };
+        let mut plaintext = AgentSection {
+            gateway: Some("http://gw:7443".into()),
+            agent_id: Some("a".into()),
+            ..AgentSection::default()
+        };
+        plaintext.tunnel.cert_file = Some("c.pem".into());
+        let plaintext = FileConfig {
+            agent: Some(plaintext),
+            ..FileConfig::default()
+        };
+        let errors = |file: &FileConfig, origin: &str| {
+            file.clone()
+                .validate(origin, &token_env)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            errors(&both, "flags"),
+            "invalid flag --tunnel.fingerprint: give either --tunnel.ca-file or --tunnel.fingerprint, not both"
+        );
+        assert_eq!(
+            errors(&both, "a.yaml"),
+            "a.yaml: agent.tunnel.fingerprint: give either tunnel.ca_file or tunnel.fingerprint, not both"
+        );
+        assert_eq!(
+            errors(&plaintext, "flags"),
+            "invalid flag --gateway: \"http://gw:7443\" is plaintext: use https://, or set --tunnel.insecure-plaintext if you really mean it"
+        );
+        let mut plaintext = plaintext;
+        if let Some(a) = &mut plaintext.agent {
+            a.tunnel.insecure_plaintext = true;
+        }
+        assert_eq!(
+            errors(&plaintext, "flags"),
+            "invalid flag --tunnel.cert-file: set, but --tunnel.insecure-plaintext turns TLS off: remove one of them"
+        );
+        if let Some(a) = &mut plaintext.agent {
+            a.gateway = Some("https://gw:7443".into());
+            a.tunnel.insecure_plaintext = false;
+        }
+        assert_eq!(
+            errors(&plaintext, "flags"),
+            "invalid flag --tunnel.key-file: required when --tunnel.cert-file is set"
+        );
+        assert_eq!(
+            errors(&plaintext, "a.yaml"),
+            "a.yaml: agent.tunnel.key_file: required when tunnel.cert_file is set"
         );
     }
 
