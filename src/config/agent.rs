@@ -25,7 +25,11 @@ pub const SELF_TARGET: &str = "ferry";
 
 /// `agent:` as written in the YAML file (and filled from flags).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the agent section: a mapping of settings such as gateway: and targets:"
+)]
 pub struct AgentSection {
     /// `https://host:port` of the gateway's tunnel listener.
     pub gateway: Option<String>,
@@ -78,7 +82,11 @@ impl Default for AgentSection {
 
 /// `agent.web:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the agent's web settings: a mapping such as {listen_address: ...}"
+)]
 pub struct AgentWebSection {
     /// Where to serve `/metrics`, `/-/healthy`, `/-/ready` locally; off when unset.
     pub listen_address: Option<String>,
@@ -86,7 +94,11 @@ pub struct AgentWebSection {
 
 /// `agent.tunnel:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the tunnel settings: a mapping such as {fingerprint: ...}"
+)]
 pub struct AgentTunnelSection {
     /// Trust only CAs from this PEM file.
     pub ca_file: Option<PathBuf>,
@@ -132,7 +144,11 @@ impl Default for AgentTunnelSection {
 
 /// `agent.reconnect:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the reconnect settings: a mapping such as {max_backoff: 30s}"
+)]
 pub struct ReconnectSection {
     /// First backoff ceiling.
     pub min_backoff: Dur,
@@ -157,7 +173,7 @@ impl Default for ReconnectSection {
 
 /// One entry of `agent.targets:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a target: {name: ..., url: ...}")]
 pub struct TargetSection {
     /// Name (`ferry_target` label).
     pub name: String,
@@ -176,7 +192,11 @@ pub struct TargetSection {
 
 /// `agent.targets[].tls:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a target's TLS settings: a mapping such as {ca_file: ...}"
+)]
 pub struct TargetTlsSection {
     /// Trust only CAs from this file.
     pub ca_file: Option<PathBuf>,

@@ -163,7 +163,11 @@ fn below_role(field: &str) -> &str {
 
 /// Where logs go and how they look; the `log:` section.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the log section: a mapping such as {level: info}"
+)]
 pub struct LogSection {
     /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing filter directive).
     pub level: String,
@@ -194,7 +198,10 @@ pub enum LogFormat {
 
 /// The whole YAML file: any combination of role sections.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of sections such as gateway:, agent:, egress:"
+)]
 pub struct FileConfig {
     /// Logging for the whole process.
     #[serde(default)]
@@ -220,7 +227,11 @@ pub struct FileConfig {
 /// `collector:` of the agent and the exporter.
 #[cfg(feature = "geo")]
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the collector settings: a mapping such as {connections: true}"
+)]
 pub struct CollectorSection {
     /// Export the host's TCP connections by state, direction and remote country.
     #[serde(deserialize_with = "lenient")]
@@ -254,7 +265,11 @@ impl CollectorSection {
 /// `geoip:` — the MaxMind-format country database shared by every role of the process.
 #[cfg(feature = "geo")]
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the geoip section: a mapping such as {database: ...}"
+)]
 pub struct GeoipSection {
     /// `.mmdb` file (GeoLite2/GeoIP2 Country or City, DB-IP / ip-location-db country).
     pub database: Option<PathBuf>,
@@ -265,7 +280,11 @@ pub struct GeoipSection {
 /// `exporter:` — the host connection exporter without gateway or agent.
 #[cfg(feature = "geo")]
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the exporter section: a mapping of settings such as collector:"
+)]
 pub struct ExporterSection {
     /// Listener for `/metrics`.
     pub web: ExporterWebSection,
@@ -288,7 +307,11 @@ impl Default for ExporterSection {
 /// `exporter.web:`.
 #[cfg(feature = "geo")]
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the exporter's web settings: a mapping such as {listen_address: ...}"
+)]
 pub struct ExporterWebSection {
     /// Listen address [default: :9300].
     pub listen_address: String,
@@ -1186,6 +1209,53 @@ agent:
             errors(&plaintext, "a.yaml"),
             "a.yaml: agent.tunnel.key_file: required when tunnel.cert_file is set"
         );
+    }
+
+    /// serde's own words for a value of the wrong shape name the Rust type (`expected struct
+    /// TargetSection`): every section says what it expects instead.
+    #[test]
+    fn a_section_of_the_wrong_shape_says_what_belongs_there() {
+        let lines = check(
+            "agent:\n  gateway: https://gw:7443\n  targets: ['http://127.0.0.1:9100/metrics']\n",
+        );
+        assert_eq!(
+            lines,
+            [": agent.targets[0]: invalid type: string \"http://127.0.0.1:9100/metrics\", expected a target: {name: ..., url: ...} at line 3 column 13"]
+        );
+        for yaml in [
+            "x",
+            "log: x",
+            "geoip: x",
+            "exporter: x",
+            "exporter: {web: x}",
+            "exporter: {collector: x}",
+            "agent: x",
+            "agent: {web: x}",
+            "agent: {tunnel: x}",
+            "agent: {reconnect: x}",
+            "agent: {collector: x}",
+            "agent: {targets: [{name: n, url: 'http://h/m', tls: x}]}",
+            "gateway: x",
+            "gateway: {web: x}",
+            "gateway: {tunnel: x}",
+            "gateway: {auth: x}",
+            "egress: x",
+            "egress: {web: x}",
+            "egress: {auth: x}",
+            "egress: {rules: [x]}",
+            "egress: {rules: [{name: n, upstream: h, validate: x}]}",
+            "egress: {rules: [{name: n, upstream: h, tls_upgrade: x}]}",
+        ]
+        .into_iter()
+        .filter(|yaml| cfg!(feature = "egress") || !yaml.starts_with("egress"))
+        {
+            let lines = check(yaml);
+            assert_eq!(lines.len(), 1, "{yaml}: {lines:?}");
+            assert!(
+                lines[0].contains("expected ") && !lines[0].contains("struct"),
+                "{yaml}: {lines:?}"
+            );
+        }
     }
 
     fn fixture(name: &str) -> PathBuf {
