@@ -910,6 +910,65 @@ fn check_config_warns_that_a_world_writable_tokens_file_lets_anyone_add_a_creden
     assert!(stderr_lines(&out).is_empty(), "{out:?}");
 }
 
+/// What belongs in the gateway's tokens file, pasted into the agent's token file, is refused
+/// with what goes where (the gateway would only answer 401); a token file other users may read
+/// is warned about, by check-config and at start.
+#[test]
+fn the_agents_token_file_must_hold_the_token_and_only_its_owner_may_read_it() {
+    let dir = TempDir::new().unwrap();
+    good_config(dir.path());
+    let token = dir.path().join("agent-token");
+    let hash = hash_token("s3cret");
+    for (text, problem) in [
+        (
+            format!("node-* {hash}\n"),
+            "holds a line of the gateway's tokens file (glob and hash); the agent's token file holds the token itself (the \"token:\" value ferry token new printed)",
+        ),
+        (
+            format!("{hash}\n"),
+            "holds the token's hash (for the gateway's tokens file), not the token",
+        ),
+    ] {
+        write(dir.path(), "agent-token", &text);
+        let out = ferry(dir.path(), &["check-config", "ferry.yaml"]);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+        assert_eq!(
+            stderr_lines(&out),
+            [format!("ferry.yaml: agent.token_file: agent-token {problem}")]
+        );
+    }
+
+    write(dir.path(), "agent-token", "s3cret\n");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let readable = "token file agent-token is readable by users other than its owner (mode 0644): whoever reads it can connect as this agent (chmod 600)";
+    let out = ferry(dir.path(), &["check-config", "ferry.yaml"]);
+    assert!(out.status.success(), "a warning, not an error: {out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        [format!("ferry.yaml: warning: {readable}")]
+    );
+    let mut agent = Running::start(
+        dir.path(),
+        &[
+            "agent",
+            "--gateway",
+            "http://127.0.0.1:1",
+            "--tunnel.insecure-plaintext",
+            "--agent-id",
+            "node-1",
+            "--token-file",
+            "agent-token",
+        ],
+    );
+    let line = agent.wait_for(readable);
+    assert!(line.contains("level=warn"), "{line}");
+    drop(agent);
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = ferry(dir.path(), &["check-config", "ferry.yaml"]);
+    assert!(stderr_lines(&out).is_empty(), "{out:?}");
+}
+
 #[test]
 fn the_log_format_flag_names_its_values() {
     let dir = TempDir::new().unwrap();

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::egress::{TestEgress, TestResolver};
 use common::ferry::{
-    agent_section, metric_value, start_agent, start_gateway, tokens_file, TestGateway,
+    agent_section, metric_value, start_agent, start_agent_in_env, start_gateway, tokens_file,
+    TestGateway,
 };
 use common::servers::{Behaviour, TargetServer};
 use ferry::config::{Dur, EgressSection};
@@ -166,5 +167,54 @@ async fn a_proxy_that_never_answers_connect_is_named() {
 
     agent.stop().await;
     held.abort();
+    gw.stop().await;
+}
+
+/// A proxy that cannot be reached is named as the proxy, with where it was configured: a stale
+/// `HTTPS_PROXY` is not taken for the gateway being down. The start says which proxy the tunnel
+/// goes through, or that `NO_PROXY` exempts the gateway from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_proxy_is_named_with_where_it_was_configured() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{closed}");
+
+    let env = [("HTTPS_PROXY", url.as_str())];
+    let stale = start_agent_in_env(agent_section(&gw, "stale", &[]), TOKEN, &env);
+    let start = logs
+        .wait_lines(&["the tunnel goes through an HTTP CONNECT proxy"], 1, WAIT)
+        .await;
+    assert!(
+        start[0].contains("INFO")
+            && start[0].contains(&format!("proxy={closed}"))
+            && start[0].contains("from=HTTPS_PROXY"),
+        "{start:?}"
+    );
+    let refused =
+        format!("cannot connect to proxy {closed} (from HTTPS_PROXY): Connection refused");
+    logs.wait_lines(&["cannot open tunnel", &refused], 1, WAIT)
+        .await;
+    stale.stop().await;
+
+    let mut section = agent_section(&gw, "configured", &[]);
+    section.proxy_url = Some(url.clone());
+    let configured = start_agent(section, TOKEN);
+    let refused = format!("cannot connect to proxy {closed} (from proxy_url): Connection refused");
+    logs.wait_lines(&["cannot open tunnel", &refused], 1, WAIT)
+        .await;
+    configured.stop().await;
+
+    let env = [("HTTPS_PROXY", url.as_str()), ("NO_PROXY", "localhost")];
+    let exempted = start_agent_in_env(agent_section(&gw, "exempted", &[]), TOKEN, &env);
+    gw.wait_agent("exempted", WAIT).await;
+    let direct = logs
+        .lines_with(&["the tunnel goes to the gateway directly: NO_PROXY exempts it from the proxy of HTTPS_PROXY"]);
+    assert_eq!(direct.len(), 1, "{direct:?}");
+    exempted.stop().await;
     gw.stop().await;
 }

@@ -230,6 +230,67 @@ async fn the_usual_tunnel_tls_mistakes_are_explained() {
     web_port.stop().await;
 }
 
+/// A gateway URL that reaches the wrong listener, or checks the wrong name, gets the fix in the
+/// agent's log, not only the words of the layer that failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_cert_file = Some(pki.server_cert.clone());
+        s.tunnel.tls_key_file = Some(pki.server_key.clone());
+    })
+    .await;
+    let wait = |parts: &'static [&'static str]| {
+        let logs = logs.clone();
+        async move { logs.wait_lines(parts, 1, Duration::from_secs(10)).await }
+    };
+
+    // Plaintext to the TLS tunnel port: the gateway answers with TLS bytes.
+    let mut plain_to_tls = agent_section(&gw, "node-plain-tls", &[]);
+    plain_to_tls.gateway = Some(format!("http://localhost:{}", gw.tunnel.port()));
+    plain_to_tls.tunnel.fingerprint = None;
+    plain_to_tls.tunnel.insecure_plaintext = true;
+    let plain_to_tls = start_agent(plain_to_tls, "t");
+    wait(&[
+        "cannot open tunnel",
+        "tunnel handshake failed: invalid HTTP version parsed: the answer was not HTTP: the gateway's tunnel port speaks TLS; use an https:// gateway URL and drop --tunnel.insecure-plaintext",
+    ])
+    .await;
+    plain_to_tls.stop().await;
+
+    // Plaintext to the web port: its 404 is written for Prometheus.
+    let mut web_port = agent_section(&gw, "node-plain-web", &[]);
+    web_port.gateway = Some(format!("http://localhost:{}", gw.web.port()));
+    web_port.tunnel.fingerprint = None;
+    web_port.tunnel.insecure_plaintext = true;
+    let web_port = start_agent(web_port, "t");
+    wait(&[
+        "cannot open tunnel",
+        "gateway refused the tunnel with 404 Not Found",
+        "this looks like the gateway's web listener, not its tunnel listener (default port 7443)",
+    ])
+    .await;
+    web_port.stop().await;
+
+    // The certificate names localhost; the URL has the address.
+    let mut by_address = agent_section(&gw, "node-by-address", &[]);
+    by_address.gateway = Some(format!("https://127.0.0.1:{}", gw.tunnel.port()));
+    by_address.tunnel.fingerprint = None;
+    by_address.tunnel.ca_file = Some(pki.ca.clone());
+    let by_address = start_agent(by_address, "t");
+    wait(&[
+        "cannot open tunnel",
+        "certificate not valid for name \"127.0.0.1\"",
+        "with --tunnel.server-name (tunnel.server_name in the file)",
+    ])
+    .await;
+    by_address.stop().await;
+    assert!(gw.agent_ids().is_empty());
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_gateway_accepts_only_agents_with_a_client_certificate() {
     let dir = tempfile::tempdir().unwrap();

@@ -52,7 +52,14 @@ async fn basic_auth_guards_scrapes_and_endpoints_and_leaves_authorization_to_the
     assert!(denied
         .header("proxy-authenticate")
         .is_some_and(|h| h.starts_with("Basic")));
-    assert!(denied.text().contains("proxy_url"), "{}", denied.text());
+    let proxy_url = format!("http://user:password@gateway:{}", gw.web.port());
+    assert!(
+        denied
+            .text()
+            .contains(&format!("in Prometheus's proxy_url ({proxy_url})")),
+        "{}",
+        denied.text()
+    );
     let wrong = get_via_proxy(
         gw.web,
         &url,
@@ -188,6 +195,19 @@ async fn healthy_over_tls(
     addr: std::net::SocketAddr,
     cert: &rustls::pki_types::CertificateDer<'static>,
 ) -> Result<u16, std::io::Error> {
+    get_over_tls(addr, cert, "/-/healthy")
+        .await
+        .map(|(status, _)| status)
+}
+
+/// The status and body of `GET uri` (origin-form, or absolute-form as Prometheus sends scrapes
+/// to its proxy) over TLS at `addr`, trusting only `cert`; the error of the handshake if it fails.
+async fn get_over_tls(
+    addr: std::net::SocketAddr,
+    cert: &rustls::pki_types::CertificateDer<'static>,
+    uri: &str,
+) -> Result<(u16, String), std::io::Error> {
+    use http_body_util::BodyExt;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.clone()).unwrap();
     let client = rustls::ClientConfig::builder_with_provider(ferry::tunnel::tls::crypto_provider())
@@ -207,11 +227,14 @@ async fn healthy_over_tls(
             .await
             .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::get("/-/healthy")
+    let req = http::Request::get(uri)
         .header("host", "localhost")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
-    Ok(sender.send_request(req).await.unwrap().status().as_u16())
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// A web config file with TLS from `web.pem` and `web-key.pem`.
@@ -242,6 +265,35 @@ async fn the_web_listener_speaks_tls_when_configured() {
     assert!(
         plain.is_err() || plain.is_ok_and(|r| r.status == 400),
         "plain HTTP is not served on a TLS listener"
+    );
+    gw.stop().await;
+}
+
+/// The 407 of a TLS web listener tells Prometheus to reach it with an https:// proxy_url.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_url_asked_for_follows_the_web_listeners_scheme() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_web_cert(dir.path());
+    let path = tls_web_config(dir.path());
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("{text}basic_auth_users:\n  prometheus: {hash}\n"),
+    )
+    .unwrap();
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(path.clone())
+    })
+    .await;
+    let (status, body) = get_over_tls(gw.web, &cert, "http://node-1:9100/metrics")
+        .await
+        .expect("TLS handshake with the web listener");
+    assert_eq!(status, 407, "{body}");
+    let proxy_url = format!("https://user:password@gateway:{}", gw.web.port());
+    assert!(
+        body.contains(&format!("in Prometheus's proxy_url ({proxy_url})")),
+        "{body}"
     );
     gw.stop().await;
 }

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::backoff::Backoff;
 use super::Shared;
-use crate::config::{read_token_file, Secret};
+use crate::config::{read_token_file, AgentConfig, Secret};
 use crate::telemetry::ResultLabels;
 use crate::tunnel::dial::{dial, BoxIo, DialError};
 use crate::tunnel::handshake::{request_upgrade, HandshakeError};
@@ -30,6 +30,9 @@ pub(crate) enum SessionError {
     ServerName(String),
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
+    /// A handshake failure that shows the gateway URL points at the wrong thing, with the fix.
+    #[error("{0}")]
+    Misdirected(String),
     #[error("tunnel handshake timed out after {0:?}")]
     Timeout(Duration),
     #[error("no token to connect with: {0}")]
@@ -52,6 +55,7 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
     let mut token = Token::new(&shared);
     let gateway = &shared.config.gateway.addr;
     let agent = &shared.config.agent_id;
+    log_route(&shared.config);
     loop {
         let started = Instant::now();
         let delay = match run_session(&shared, &mut token, &shutdown).await {
@@ -106,6 +110,17 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
         }
     }
     info!("agent stopped");
+}
+
+/// Says once how the tunnel reaches the gateway when a proxy is involved: a proxy left in the
+/// environment would otherwise only show in the errors of every attempt.
+fn log_route(cfg: &AgentConfig) {
+    let gateway = &cfg.gateway.addr;
+    if let Some(proxy) = &cfg.proxy {
+        info!(%gateway, proxy = %proxy.addr, from = %proxy.origin, "the tunnel goes through an HTTP CONNECT proxy");
+    } else if let Some(e) = cfg.proxy_exempted {
+        info!(%gateway, "the tunnel goes to the gateway directly: {} exempts it from the proxy of {}", e.no_proxy_var, e.proxy_var);
+    }
 }
 
 /// The token the agent connects with. From a token file it is read again before every
@@ -191,6 +206,13 @@ fn tls_failure(e: &std::io::Error, tls: Option<&ClientTls>) -> String {
         rustls::Error::InvalidMessage(_) => format!(
             "{e}: the other end does not speak TLS; is --gateway the tunnel port (default 7443, not the web port 8080), and does the gateway run with TLS?"
         ),
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName
+            | rustls::CertificateError::NotValidForNameContext { .. },
+        ) => format!(
+            "{}; the name checked can be set to one of the certificate's with --tunnel.server-name (tunnel.server_name in the file)",
+            crate::tunnel::tls::rustls_reason(rustls)
+        ),
         rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
             if tls.is_some_and(|t| matches!(t.verify, ServerVerify::SystemRoots)) =>
         {
@@ -220,7 +242,25 @@ async fn open(shared: &Shared, token: &str) -> Result<hyper::upgrade::Upgraded, 
         }
         None => io,
     };
-    Ok(request_upgrade(io, &cfg.gateway.addr, token, &cfg.agent_id).await?)
+    request_upgrade(io, &cfg.gateway.addr, token, &cfg.agent_id)
+        .await
+        .map_err(|e| upgrade_failure(e, shared.tunnel_tls.is_none()))
+}
+
+/// A failed upgrade, with the fix when it shows that the gateway URL points at the wrong
+/// listener: a TLS port dialled in plaintext answers with bytes that are not HTTP; the web
+/// listener answers the upgrade's path with a 404 (written for Prometheus).
+fn upgrade_failure(e: HandshakeError, plaintext: bool) -> SessionError {
+    let hint = match &e {
+        HandshakeError::Http(http) if plaintext && http.is_parse() => {
+            "the answer was not HTTP: the gateway's tunnel port speaks TLS; use an https:// gateway URL and drop --tunnel.insecure-plaintext (tunnel.insecure_plaintext in the file)"
+        }
+        HandshakeError::Refused { status, .. } if *status == http::StatusCode::NOT_FOUND => {
+            "this looks like the gateway's web listener, not its tunnel listener (default port 7443): point the gateway URL at the tunnel port"
+        }
+        _ => return SessionError::Handshake(e),
+    };
+    SessionError::Misdirected(format!("{}: {hint}", crate::scrape_error::one_line(&e)))
 }
 
 /// Spawns hyper's stream tasks on the runtime, in `0`.

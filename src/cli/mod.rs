@@ -537,6 +537,9 @@ fn warnings(config: &RunConfig) -> Vec<String> {
         }
     }
     out.extend(writable_by_all(&credential_files(config)));
+    if let Some(path) = config.agent.as_ref().and_then(|a| a.token_file.as_ref()) {
+        out.extend(readable_by_others(path));
+    }
     out
 }
 
@@ -570,6 +573,19 @@ fn writable_by_all(files: &[(&'static str, PathBuf)]) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// A warning if the agent's token file `path` may be read by users other than its owner. Unlike
+/// the gateway's hashes, the token itself is the secret: whoever reads it connects as the agent.
+fn readable_by_others(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o044 != 0).then(|| {
+        format!(
+            "token file {} is readable by users other than its owner (mode {mode:04o}): whoever reads it can connect as this agent (chmod 600)",
+            path.display()
+        )
+    })
 }
 
 fn config_failed(errs: &ConfigErrors) -> ExitCode {

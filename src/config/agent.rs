@@ -25,7 +25,11 @@ pub const SELF_TARGET: &str = "ferry";
 
 /// `agent:` as written in the YAML file (and filled from flags).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the agent section: a mapping of settings such as gateway: and targets:"
+)]
 pub struct AgentSection {
     /// `https://host:port` of the gateway's tunnel listener.
     pub gateway: Option<String>,
@@ -78,7 +82,11 @@ impl Default for AgentSection {
 
 /// `agent.web:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the agent's web settings: a mapping such as {listen_address: ...}"
+)]
 pub struct AgentWebSection {
     /// Where to serve `/metrics`, `/-/healthy`, `/-/ready` locally; off when unset.
     pub listen_address: Option<String>,
@@ -86,7 +94,11 @@ pub struct AgentWebSection {
 
 /// `agent.tunnel:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the tunnel settings: a mapping such as {fingerprint: ...}"
+)]
 pub struct AgentTunnelSection {
     /// Trust only CAs from this PEM file.
     pub ca_file: Option<PathBuf>,
@@ -132,7 +144,11 @@ impl Default for AgentTunnelSection {
 
 /// `agent.reconnect:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the reconnect settings: a mapping such as {max_backoff: 30s}"
+)]
 pub struct ReconnectSection {
     /// First backoff ceiling.
     pub min_backoff: Dur,
@@ -157,7 +173,7 @@ impl Default for ReconnectSection {
 
 /// One entry of `agent.targets:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a target: {name: ..., url: ...}")]
 pub struct TargetSection {
     /// Name (`ferry_target` label).
     pub name: String,
@@ -176,7 +192,11 @@ pub struct TargetSection {
 
 /// `agent.targets[].tls:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a target's TLS settings: a mapping such as {ca_file: ...}"
+)]
 pub struct TargetTlsSection {
     /// Trust only CAs from this file.
     pub ca_file: Option<PathBuf>,
@@ -234,6 +254,15 @@ pub struct Target {
     pub server_name: Option<String>,
 }
 
+/// Which variables left the environment's proxy out of the way to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyExemption {
+    /// The variable naming the proxy: `HTTPS_PROXY` or `https_proxy`.
+    pub proxy_var: &'static str,
+    /// The variable exempting the gateway: `NO_PROXY` or `no_proxy`.
+    pub no_proxy_var: &'static str,
+}
+
 /// The validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -247,6 +276,9 @@ pub struct AgentConfig {
     pub token_file: Option<PathBuf>,
     /// Proxy to reach the gateway through.
     pub proxy: Option<Proxy>,
+    /// Set when `HTTPS_PROXY` names a proxy that `NO_PROXY` exempts the gateway from: the
+    /// start-up log says why the tunnel goes direct.
+    pub proxy_exempted: Option<ProxyExemption>,
     /// Targets (without the built-in one).
     pub targets: Vec<Target>,
     /// Agent labels.
@@ -299,7 +331,8 @@ impl AgentSection {
         let gateway = self.validate_gateway(prefix, errs);
         let agent_id = self.validate_agent_id(&f("agent_id"), errs);
         let token = self.read_token(&f("token_file"), env, errs);
-        let proxy = self.validate_proxy(&f("proxy_url"), gateway.as_ref(), env, errs);
+        let (proxy, proxy_exempted) =
+            self.validate_proxy(&f("proxy_url"), gateway.as_ref(), env, errs);
         let targets = self.validate_targets(&f("targets"), errs);
         for k in self.labels.keys() {
             check_label_name(k, &format!("{}.{k}", f("labels")), errs);
@@ -335,6 +368,7 @@ impl AgentSection {
             token: token?,
             token_file: self.token_file.clone(),
             proxy,
+            proxy_exempted,
             targets: targets?,
             labels: self.labels.clone(),
             keepalive,
@@ -381,7 +415,8 @@ impl AgentSection {
             (Some("https"), false) => false,
             (Some("http"), true) => true,
             (Some("http"), false) => {
-                errs.push(field, format!("{url:?} is plaintext: use https://, or set tunnel.insecure_plaintext (--tunnel.insecure-plaintext) if you really mean it"));
+                let plaintext = errs.setting(&format!("{prefix}.tunnel.insecure_plaintext"));
+                errs.push(field, format!("{url:?} is plaintext: use https://, or set {plaintext} if you really mean it"));
                 return None;
             }
             (Some("https"), true) => {
@@ -434,6 +469,7 @@ impl AgentSection {
     /// With `tunnel.insecure_plaintext`, TLS settings would be ignored: each set one is an error.
     fn reject_tls_options(&self, prefix: &str, errs: &mut ConfigErrors) {
         let t = &self.tunnel;
+        let plaintext = errs.setting(&format!("{prefix}.tunnel.insecure_plaintext"));
         for (name, set) in [
             ("ca_file", t.ca_file.is_some()),
             ("fingerprint", t.fingerprint.is_some()),
@@ -444,7 +480,7 @@ impl AgentSection {
             if set {
                 errs.push(
                     format!("{prefix}.tunnel.{name}"),
-                    "set, but tunnel.insecure_plaintext turns TLS off: remove one of them",
+                    format!("set, but {plaintext} turns TLS off: remove one of them"),
                 );
             }
         }
@@ -456,10 +492,12 @@ impl AgentSection {
         let before = errs.errors.len();
         let verify = match (&t.ca_file, &t.fingerprint) {
             (Some(_), Some(_)) => {
-                errs.push(
-                    field("fingerprint"),
-                    "give either tunnel.ca_file or tunnel.fingerprint, not both",
+                let message = format!(
+                    "give either {} or {}, not both",
+                    errs.setting(&field("ca_file")),
+                    errs.setting(&field("fingerprint"))
                 );
+                errs.push(field("fingerprint"), message);
                 return None;
             }
             (Some(ca), None) => {
@@ -484,33 +522,19 @@ impl AgentSection {
     }
 
     /// The proxy of `proxy_url`, which must be `http://HOST:PORT`, else of `HTTPS_PROXY`, which
-    /// may leave out the scheme as curl allows, unless `NO_PROXY` exempts the gateway.
+    /// may leave out the scheme as curl allows, unless `NO_PROXY` exempts the gateway (then said
+    /// in the second half).
     fn validate_proxy(
         &self,
         field: &str,
         gateway: Option<&GatewayEndpoint>,
         env: &dyn Fn(&str) -> Option<String>,
         errs: &mut ConfigErrors,
-    ) -> Option<Proxy> {
-        let Some(url) = &self.proxy_url else {
-            return proxy_from_env(gateway, env, errs);
-        };
-        let uri = url.parse::<Uri>().ok();
-        if uri.as_ref().and_then(Uri::scheme_str).is_none() {
-            errs.push(
-                field,
-                format!("{url:?} must start with http://, e.g. http://proxy.example.com:3128"),
-            );
-            return None;
+    ) -> (Option<Proxy>, Option<ProxyExemption>) {
+        match &self.proxy_url {
+            Some(url) => (proxy_from_url(url, field, errs), None),
+            None => proxy_from_env(gateway, env, errs),
         }
-        if uri.is_some_and(|u| !matches!(u.path(), "" | "/") || u.query().is_some()) {
-            errs.push(
-                field,
-                format!("{url:?} must be http://HOST:PORT, without a path or query"),
-            );
-            return None;
-        }
-        errs.check(field, Proxy::parse(url))
     }
 
     fn validate_agent_id(&self, field: &str, errs: &mut ConfigErrors) -> Option<String> {
@@ -542,7 +566,7 @@ impl AgentSection {
         let read = match &self.token_file {
             Some(path) => read_token_file(path),
             None => match env(TOKEN_ENV) {
-                Some(t) => check_token(&t, TOKEN_ENV),
+                Some(t) => check_token(&t, TOKEN_ENV, &format!("{TOKEN_ENV} must hold")),
                 None => Err(format!("required: a file holding the agent's token, or the {TOKEN_ENV} environment variable")),
             },
         };
@@ -775,17 +799,19 @@ fn client_cert_pair(
             Some(Some((c.clone(), k.clone())))
         }
         (Some(_), None) => {
-            errs.push(
-                format!("{prefix}.key_file"),
-                "required when cert_file is set",
+            let message = format!(
+                "required when {} is set",
+                errs.setting(&format!("{prefix}.cert_file"))
             );
+            errs.push(format!("{prefix}.key_file"), message);
             None
         }
         (None, Some(_)) => {
-            errs.push(
-                format!("{prefix}.cert_file"),
-                "required when key_file is set",
+            let message = format!(
+                "required when {} is set",
+                errs.setting(&format!("{prefix}.key_file"))
             );
+            errs.push(format!("{prefix}.cert_file"), message);
             None
         }
     }
@@ -865,7 +891,32 @@ fn canonical_name(host: &str) -> Option<String> {
 pub fn read_token_file(path: &Path) -> Result<Secret, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    check_token(&text, &path.display().to_string())
+    check_token(
+        &text,
+        &path.display().to_string(),
+        "the agent's token file holds",
+    )
+}
+
+/// The proxy of `proxy_url` (`field`), which must be `http://HOST:PORT`.
+fn proxy_from_url(url: &str, field: &str, errs: &mut ConfigErrors) -> Option<Proxy> {
+    let uri = url.parse::<Uri>().ok();
+    if uri.as_ref().and_then(Uri::scheme_str).is_none() {
+        errs.push(
+            field,
+            format!("{url:?} must start with http://, e.g. http://proxy.example.com:3128"),
+        );
+        return None;
+    }
+    if uri.is_some_and(|u| !matches!(u.path(), "" | "/") || u.query().is_some()) {
+        errs.push(
+            field,
+            format!("{url:?} must be http://HOST:PORT, without a path or query"),
+        );
+        return None;
+    }
+    let origin = errs.setting(field);
+    errs.check(field, Proxy::parse(url, &origin))
 }
 
 /// The proxy of `HTTPS_PROXY` (or `https_proxy`), unless `NO_PROXY` (or `no_proxy`) exempts
@@ -875,14 +926,16 @@ fn proxy_from_env(
     gateway: Option<&GatewayEndpoint>,
     env: &dyn Fn(&str) -> Option<String>,
     errs: &mut ConfigErrors,
-) -> Option<Proxy> {
+) -> (Option<Proxy>, Option<ProxyExemption>) {
     let first_set = |names: [&'static str; 2]| {
         names
             .into_iter()
             .find_map(|name| env(name).filter(|v| !v.is_empty()).map(|v| (name, v)))
     };
-    let (var, url) = first_set(["HTTPS_PROXY", "https_proxy"])?;
-    if let (Some((_, no_proxy)), Some((host, port))) = (
+    let Some((var, url)) = first_set(["HTTPS_PROXY", "https_proxy"]) else {
+        return (None, None);
+    };
+    if let (Some((no_proxy_var, no_proxy)), Some((host, port))) = (
         first_set(["NO_PROXY", "no_proxy"]),
         gateway.and_then(|g| g.addr.rsplit_once(':')),
     ) {
@@ -890,18 +943,36 @@ fn proxy_from_env(
             .parse()
             .is_ok_and(|port| crate::tunnel::no_proxy::exempts(&no_proxy, host, port))
         {
-            return None;
+            let exemption = ProxyExemption {
+                proxy_var: var,
+                no_proxy_var,
+            };
+            return (None, Some(exemption));
         }
     }
-    Proxy::parse(&url).map_err(|e| errs.push_env(var, e)).ok()
+    let proxy = Proxy::parse(&url, var).map_err(|e| errs.push_env(var, e));
+    (proxy.ok(), None)
 }
 
-/// The token in `text` (read from `source`), surrounding whitespace removed.
-fn check_token(text: &str, source: &str) -> Result<Secret, String> {
+/// The token in `text` (read from `source`), surrounding whitespace removed. What the gateway's
+/// tokens file holds instead (a line, a hash) is refused here, with what belongs where, rather
+/// than by the gateway with a 401 retried slowly: `holds` says where the token itself goes
+/// ("the agent's token file holds").
+fn check_token(text: &str, source: &str, holds: &str) -> Result<Secret, String> {
     // As in the tokens file: an editor's byte-order mark is not part of the token.
     let token = text.trim_start_matches('\u{feff}').trim();
     if token.is_empty() {
         return Err(format!("{source} holds no token (it is empty)"));
+    }
+    if is_token_hash(token) {
+        return Err(format!(
+            "{source} holds the token's hash (for the gateway's tokens file), not the token"
+        ));
+    }
+    if token.split_whitespace().any(is_token_hash) {
+        return Err(format!(
+            "{source} holds a line of the gateway's tokens file (glob and hash); {holds} the token itself (the \"token:\" value ferry token new printed)"
+        ));
     }
     if token.contains(char::is_whitespace) || !token.is_ascii() {
         return Err(format!(
@@ -909,6 +980,12 @@ fn check_token(text: &str, source: &str) -> Result<Secret, String> {
         ));
     }
     Ok(Secret::new(token))
+}
+
+/// Whether `word` is a token's hash as the tokens file holds it: `sha256:` and 64 hex digits.
+fn is_token_hash(word: &str) -> bool {
+    word.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -1045,11 +1122,20 @@ mod tests {
 
     #[test]
     fn a_token_file_may_start_with_a_byte_order_mark() {
-        let token = check_token("\u{feff}s3cret\n", "f").unwrap();
+        let token = check_token("\u{feff}s3cret\n", "f", "f holds").unwrap();
         assert_eq!(token.expose(), "s3cret");
-        assert!(check_token("\u{feff}\n", "f")
+        assert!(check_token("\u{feff}\n", "f", "f holds")
             .unwrap_err()
             .contains("holds no token"));
+    }
+
+    #[test]
+    fn a_proxy_knows_where_it_was_configured() {
+        let gw = "https://gw.example.com:7443";
+        let proxy = proxy_for(gw, None, &[("https_proxy", "http://proxy:3128")]);
+        assert_eq!(proxy.unwrap().unwrap().origin, "https_proxy");
+        let proxy = proxy_for(gw, Some("http://proxy:3128"), &[]);
+        assert_eq!(proxy.unwrap().unwrap().origin, "--proxy-url");
     }
 
     /// Same answer as `hostname --fqdn` (which resolves the name the same way), or the kernel
@@ -1069,6 +1155,54 @@ mod tests {
         };
         assert_eq!(host_fqdn(), expected);
         assert!(valid_agent_id(&host_fqdn()));
+    }
+
+    /// What belongs in the gateway's tokens file, pasted where the agent's token goes, is
+    /// refused at start with what goes where: the gateway would refuse it with a 401 only.
+    #[test]
+    fn a_tokens_file_line_or_hash_is_not_taken_for_the_token() {
+        let hash = format!("sha256:{}", "a1".repeat(32));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent-token");
+        let shown = file.display().to_string();
+        let from_file = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            read_token_file(&file).map(|t| t.expose().to_owned())
+        };
+        assert_eq!(
+            from_file(&format!("node-* {hash}\n")).unwrap_err(),
+            format!("{shown} holds a line of the gateway's tokens file (glob and hash); the agent's token file holds the token itself (the \"token:\" value ferry token new printed)")
+        );
+        assert_eq!(
+            from_file(&format!("{hash}\n")).unwrap_err(),
+            format!(
+                "{shown} holds the token's hash (for the gateway's tokens file), not the token"
+            )
+        );
+        assert_eq!(
+            from_file("b2".repeat(32).as_str()).unwrap(),
+            "b2".repeat(32)
+        );
+
+        let from_env = |value: String| {
+            let section = AgentSection {
+                gateway: Some("https://gw:7443".into()),
+                agent_id: Some("a".into()),
+                ..AgentSection::default()
+            };
+            let env = |name: &str| (name == TOKEN_ENV).then(|| value.clone());
+            let mut errs = ConfigErrors::new("flags");
+            section.validate("agent", &env, &mut errs);
+            errs.to_string()
+        };
+        assert_eq!(
+            from_env(format!("* {hash}")),
+            "invalid flag --token-file: FERRY_TOKEN holds a line of the gateway's tokens file (glob and hash); FERRY_TOKEN must hold the token itself (the \"token:\" value ferry token new printed)"
+        );
+        assert_eq!(
+            from_env(hash),
+            "invalid flag --token-file: FERRY_TOKEN holds the token's hash (for the gateway's tokens file), not the token"
+        );
     }
 
     #[test]

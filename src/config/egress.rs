@@ -29,7 +29,11 @@ const METHODS: [Method; 9] = [
 
 /// `egress:` as written in the YAML file (and filled from flags).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the egress section: a mapping of settings such as rules:"
+)]
 pub struct EgressSection {
     /// Where clients connect.
     pub web: EgressWebSection,
@@ -88,7 +92,11 @@ impl Default for EgressSection {
 
 /// `egress.web:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the egress web settings: a mapping such as {listen_address: ...}"
+)]
 pub struct EgressWebSection {
     /// Listen address.
     pub listen_address: String,
@@ -104,7 +112,11 @@ impl Default for EgressWebSection {
 
 /// `egress.auth:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the auth settings: a mapping such as {credentials_file: ...}"
+)]
 pub struct EgressAuthSection {
     /// Credentials file; when set, every proxied request needs `Proxy-Authorization`.
     pub credentials_file: Option<PathBuf>,
@@ -112,7 +124,7 @@ pub struct EgressAuthSection {
 
 /// One entry of `egress.rules:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a rule: {name: ..., upstream: ...}")]
 pub struct RuleSection {
     /// Name in logs and metrics.
     pub name: String,
@@ -134,7 +146,11 @@ pub struct RuleSection {
 
 /// `egress.rules[].validate:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a rule's payload checks: a mapping such as {json: true}"
+)]
 pub struct ValidateSection {
     /// Largest body as sent.
     #[serde(deserialize_with = "super::lenient_opt")]
@@ -160,7 +176,11 @@ pub struct ValidateSection {
 
 /// `egress.rules[].tls_upgrade:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the TLS upgrade settings: {} or {ca_file: ...}"
+)]
 pub struct TlsUpgradeSection {
     /// Trust only CAs in this file (default: system roots).
     pub ca_file: Option<PathBuf>,

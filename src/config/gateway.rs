@@ -12,7 +12,11 @@ use crate::tunnel::{tls_server, Keepalive};
 
 /// `gateway:` as written in the YAML file (and filled from flags).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the gateway section: a mapping of settings such as auth: and tunnel:"
+)]
 pub struct GatewaySection {
     /// Prometheus-facing listener.
     pub web: GatewayWebSection,
@@ -40,7 +44,11 @@ impl Default for GatewaySection {
 
 /// `gateway.web:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the gateway's web settings: a mapping such as {listen_address: ...}"
+)]
 pub struct GatewayWebSection {
     /// Address for Prometheus, service discovery and ferry's own endpoints.
     pub listen_address: String,
@@ -72,7 +80,11 @@ impl Default for GatewayWebSection {
 
 /// `gateway.tunnel:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the tunnel settings: a mapping such as {listen_address: ...}"
+)]
 pub struct GatewayTunnelSection {
     /// Address agents dial.
     pub listen_address: String,
@@ -118,7 +130,11 @@ impl Default for GatewayTunnelSection {
 
 /// `gateway.auth:`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the auth settings: a mapping such as {tokens_file: ...}"
+)]
 pub struct AuthSection {
     /// Lines `<agent-id glob> sha256:<hex of token>`.
     pub tokens_file: Option<PathBuf>,
@@ -300,11 +316,19 @@ impl GatewaySection {
                 })
             }
             (Some(_), None, _) => {
-                errs.push(field("tls_key_file"), "required when tls_cert_file is set");
+                let message = format!(
+                    "required when {} is set",
+                    errs.setting(&field("tls_cert_file"))
+                );
+                errs.push(field("tls_key_file"), message);
                 None
             }
             (None, Some(_), _) => {
-                errs.push(field("tls_cert_file"), "required when tls_key_file is set");
+                let message = format!(
+                    "required when {} is set",
+                    errs.setting(&field("tls_key_file"))
+                );
+                errs.push(field("tls_cert_file"), message);
                 None
             }
             (None, None, false) => {

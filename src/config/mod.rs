@@ -23,8 +23,8 @@ mod gateway;
 #[cfg(feature = "agent")]
 pub use agent::{
     parse_label_flag, read_token_file, AgentConfig, AgentSection, AgentTunnelSection,
-    AgentWebSection, BackoffConfig, GatewayEndpoint, ReconnectSection, Target, TargetSection,
-    TargetTlsSection, SELF_TARGET, TOKEN_ENV,
+    AgentWebSection, BackoffConfig, GatewayEndpoint, ProxyExemption, ReconnectSection, Target,
+    TargetSection, TargetTlsSection, SELF_TARGET, TOKEN_ENV,
 };
 #[cfg(feature = "egress")]
 pub use egress::{
@@ -90,6 +90,17 @@ impl ConfigErrors {
         }
     }
 
+    /// How a message names another setting, `field` (`agent.tunnel.ca_file`), to the user: the
+    /// flag (`--tunnel.ca-file`) when the configuration came from flags, else the field as
+    /// written in its section of the file (`tunnel.ca_file`).
+    pub fn setting(&self, field: &str) -> String {
+        if self.origin == "flags" {
+            flag_name(field)
+        } else {
+            below_role(field).to_owned()
+        }
+    }
+
     /// Records the error of `result` under `field` and returns its value, if any.
     pub fn check<T, E: fmt::Display>(&mut self, field: &str, result: Result<T, E>) -> Option<T> {
         result.map_err(|e| self.push(field, e.to_string())).ok()
@@ -121,12 +132,7 @@ impl std::error::Error for ConfigErrors {}
 /// The flag that sets a field: flags mirror the YAML paths below the role section
 /// (`gateway.tunnel.tls_cert_file` ↔ `--tunnel.tls-cert-file`).
 pub fn flag_name(field: &str) -> String {
-    // Process-wide sections (`geoip.database`, `log.level`) keep their name in the flag.
-    let below_role = if field.starts_with("geoip.") || field.starts_with("log.") {
-        field
-    } else {
-        field.split_once('.').map_or(field, |(_, rest)| rest)
-    };
+    let below_role = below_role(field);
     let below_role = below_role.split('[').next().unwrap_or(below_role);
     // A label's field is `labels.<name>`; its flag is `--label`.
     let below_role = match below_role.split_once('.') {
@@ -145,9 +151,23 @@ pub fn flag_name(field: &str) -> String {
     format!("--{}", flag.replace('_', "-"))
 }
 
+/// `field` without its role section (`agent.tunnel.ca_file` → `tunnel.ca_file`). Process-wide
+/// sections (`geoip.database`, `log.level`) keep their name: so do their flags.
+fn below_role(field: &str) -> &str {
+    if field.starts_with("geoip.") || field.starts_with("log.") {
+        field
+    } else {
+        field.split_once('.').map_or(field, |(_, rest)| rest)
+    }
+}
+
 /// Where logs go and how they look; the `log:` section.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the log section: a mapping such as {level: info}"
+)]
 pub struct LogSection {
     /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing filter directive).
     pub level: String,
@@ -178,7 +198,10 @@ pub enum LogFormat {
 
 /// The whole YAML file: any combination of role sections.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of sections such as gateway:, agent:, egress:"
+)]
 pub struct FileConfig {
     /// Logging for the whole process.
     #[serde(default)]
@@ -204,7 +227,11 @@ pub struct FileConfig {
 /// `collector:` of the agent and the exporter.
 #[cfg(feature = "geo")]
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the collector settings: a mapping such as {connections: true}"
+)]
 pub struct CollectorSection {
     /// Export the host's TCP connections by state, direction and remote country.
     #[serde(deserialize_with = "lenient")]
@@ -219,10 +246,11 @@ impl CollectorSection {
     pub fn validate(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<Vec<ipnet::IpNet>> {
         if !self.connections {
             if !self.connections_exclude.is_empty() {
-                errs.push(
-                    format!("{prefix}.connections_exclude"),
-                    "set, but the connection collector is off (collector.connections)",
+                let message = format!(
+                    "set, but the connection collector is off ({})",
+                    errs.setting(&format!("{prefix}.connections"))
                 );
+                errs.push(format!("{prefix}.connections_exclude"), message);
             }
             return None;
         }
@@ -237,7 +265,11 @@ impl CollectorSection {
 /// `geoip:` — the MaxMind-format country database shared by every role of the process.
 #[cfg(feature = "geo")]
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the geoip section: a mapping such as {database: ...}"
+)]
 pub struct GeoipSection {
     /// `.mmdb` file (GeoLite2/GeoIP2 Country or City, DB-IP / ip-location-db country).
     pub database: Option<PathBuf>,
@@ -248,7 +280,11 @@ pub struct GeoipSection {
 /// `exporter:` — the host connection exporter without gateway or agent.
 #[cfg(feature = "geo")]
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the exporter section: a mapping of settings such as collector:"
+)]
 pub struct ExporterSection {
     /// Listener for `/metrics`.
     pub web: ExporterWebSection,
@@ -271,7 +307,11 @@ impl Default for ExporterSection {
 /// `exporter.web:`.
 #[cfg(feature = "geo")]
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the exporter's web settings: a mapping such as {listen_address: ...}"
+)]
 pub struct ExporterWebSection {
     /// Listen address [default: :9300].
     pub listen_address: String,
@@ -301,10 +341,12 @@ impl ExporterSection {
             .collector
             .validate(&format!("{prefix}.collector"), errs);
         if collector.is_none() && !self.collector.connections {
-            errs.push(
-                format!("{prefix}.collector.connections"),
-                "no collector enabled: the exporter needs --collector.connections",
+            let field = format!("{prefix}.collector.connections");
+            let message = format!(
+                "no collector enabled: the exporter needs {}",
+                errs.setting(&field)
             );
+            errs.push(field, message);
         }
         Some(ExporterConfig {
             listen: listen?,
@@ -1102,6 +1144,118 @@ agent:
             lines,
             [": agent.tunnel.fingerprint: set, but tunnel.insecure_plaintext turns TLS off: remove one of them"]
         );
+    }
+
+    /// A message that names a second setting names it as the user set the first: a flag among
+    /// flags, a field of the file in the file.
+    #[test]
+    fn other_settings_are_named_as_flags_or_fields_by_origin() {
+        let mut agent = AgentSection {
+            gateway: Some("https://gw:7443".into()),
+            agent_id: Some("a".into()),
+            ..AgentSection::default()
+        };
+        agent.tunnel.ca_file = Some("ca.pem".into());
+        agent.tunnel.fingerprint = Some(format!("sha256:{}", "0".repeat(64)));
+        let both = FileConfig {
+            agent: Some(agent),
+            ..FileConfig::default()
+        };
+        let mut plaintext = AgentSection {
+            gateway: Some("http://gw:7443".into()),
+            agent_id: Some("a".into()),
+            ..AgentSection::default()
+        };
+        plaintext.tunnel.cert_file = Some("c.pem".into());
+        let plaintext = FileConfig {
+            agent: Some(plaintext),
+            ..FileConfig::default()
+        };
+        let errors = |file: &FileConfig, origin: &str| {
+            file.clone()
+                .validate(origin, &token_env)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            errors(&both, "flags"),
+            "invalid flag --tunnel.fingerprint: give either --tunnel.ca-file or --tunnel.fingerprint, not both"
+        );
+        assert_eq!(
+            errors(&both, "a.yaml"),
+            "a.yaml: agent.tunnel.fingerprint: give either tunnel.ca_file or tunnel.fingerprint, not both"
+        );
+        assert_eq!(
+            errors(&plaintext, "flags"),
+            "invalid flag --gateway: \"http://gw:7443\" is plaintext: use https://, or set --tunnel.insecure-plaintext if you really mean it"
+        );
+        let mut plaintext = plaintext;
+        if let Some(a) = &mut plaintext.agent {
+            a.tunnel.insecure_plaintext = true;
+        }
+        assert_eq!(
+            errors(&plaintext, "flags"),
+            "invalid flag --tunnel.cert-file: set, but --tunnel.insecure-plaintext turns TLS off: remove one of them"
+        );
+        if let Some(a) = &mut plaintext.agent {
+            a.gateway = Some("https://gw:7443".into());
+            a.tunnel.insecure_plaintext = false;
+        }
+        assert_eq!(
+            errors(&plaintext, "flags"),
+            "invalid flag --tunnel.key-file: required when --tunnel.cert-file is set"
+        );
+        assert_eq!(
+            errors(&plaintext, "a.yaml"),
+            "a.yaml: agent.tunnel.key_file: required when tunnel.cert_file is set"
+        );
+    }
+
+    /// serde's own words for a value of the wrong shape name the Rust type (`expected struct
+    /// TargetSection`): every section says what it expects instead.
+    #[test]
+    fn a_section_of_the_wrong_shape_says_what_belongs_there() {
+        let lines = check(
+            "agent:\n  gateway: https://gw:7443\n  targets: ['http://127.0.0.1:9100/metrics']\n",
+        );
+        assert_eq!(
+            lines,
+            [": agent.targets[0]: invalid type: string \"http://127.0.0.1:9100/metrics\", expected a target: {name: ..., url: ...} at line 3 column 13"]
+        );
+        for yaml in [
+            "x",
+            "log: x",
+            "geoip: x",
+            "exporter: x",
+            "exporter: {web: x}",
+            "exporter: {collector: x}",
+            "agent: x",
+            "agent: {web: x}",
+            "agent: {tunnel: x}",
+            "agent: {reconnect: x}",
+            "agent: {collector: x}",
+            "agent: {targets: [{name: n, url: 'http://h/m', tls: x}]}",
+            "gateway: x",
+            "gateway: {web: x}",
+            "gateway: {tunnel: x}",
+            "gateway: {auth: x}",
+            "egress: x",
+            "egress: {web: x}",
+            "egress: {auth: x}",
+            "egress: {rules: [x]}",
+            "egress: {rules: [{name: n, upstream: h, validate: x}]}",
+            "egress: {rules: [{name: n, upstream: h, tls_upgrade: x}]}",
+        ]
+        .into_iter()
+        .filter(|yaml| cfg!(feature = "egress") || !yaml.starts_with("egress"))
+        {
+            let lines = check(yaml);
+            assert_eq!(lines.len(), 1, "{yaml}: {lines:?}");
+            assert!(
+                lines[0].contains("expected ") && !lines[0].contains("struct"),
+                "{yaml}: {lines:?}"
+            );
+        }
     }
 
     fn fixture(name: &str) -> PathBuf {

@@ -99,11 +99,18 @@ async fn unauthenticated(
         Verdict::Denied => {}
     }
     let reason = if proxied {
-        "authentication required: put the user and password in Prometheus's proxy_url (http://user:password@gateway:8080)"
+        // The proxy_url as this listener takes it: https:// once it speaks TLS, its own port.
+        let scheme = if state.web_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let port = state.config.web_listen.port();
+        format!("authentication required: put the user and password in Prometheus's proxy_url ({scheme}://user:password@gateway:{port})")
     } else {
-        "authentication required"
+        "authentication required".to_owned()
     };
-    let mut resp = text_response(status, reason);
+    let mut resp = text_response(status, &reason);
     resp.headers_mut().insert(
         challenge_header,
         HeaderValue::from_static("Basic realm=\"ferry gateway\""),

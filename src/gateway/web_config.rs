@@ -16,7 +16,10 @@ use crate::tunnel::tls::{crypto_provider, read_certs, read_key};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a web configuration: a mapping such as {basic_auth_users: ...}"
+)]
 struct File {
     #[serde(default)]
     tls_server_config: Option<TlsServerConfig>,
@@ -29,6 +32,7 @@ struct File {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(expecting = "the TLS settings: a mapping such as {cert_file: ..., key_file: ...}")]
 struct TlsServerConfig {
     cert_file: PathBuf,
     key_file: PathBuf,

@@ -31,11 +31,22 @@ const REFUSAL_BODY_WAIT: Duration = Duration::from_secs(1);
 /// Why the TCP leg could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
-    /// TCP connect to the gateway or the proxy failed.
+    /// TCP connect to the gateway failed.
     #[error("cannot connect to {addr}: {source}")]
     Connect {
         /// host:port dialled.
         addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TCP connect to the proxy failed: named as the proxy, with where it was configured, since
+    /// a stale `HTTPS_PROXY` is easily taken for the gateway being down.
+    #[error("cannot connect to proxy {proxy} (from {origin}): {source}")]
+    ProxyConnect {
+        /// host:port of the proxy.
+        proxy: String,
+        /// Where the proxy was configured (`HTTPS_PROXY`, `proxy_url`, `--proxy-url`).
+        origin: String,
         /// The OS error.
         source: std::io::Error,
     },
@@ -62,7 +73,7 @@ pub enum DialError {
     /// The TCP connection (to the gateway, or to the proxy) was not made in time.
     #[error("connecting to {what} timed out after {timeout:?}")]
     Timeout {
-        /// `host:port` dialled, or `proxy host:port`.
+        /// `host:port` dialled, or `proxy host:port (from ORIGIN)`.
         what: String,
         /// The connect timeout.
         timeout: Duration,
@@ -93,12 +104,16 @@ pub struct Proxy {
     pub addr: String,
     /// `Proxy-Authorization` value built from the URL's user info, if any.
     pub authorization: Option<String>,
+    /// Where it was configured, as the user would look for it: `HTTPS_PROXY`, `proxy_url`,
+    /// `--proxy-url`.
+    pub origin: String,
 }
 
 impl Proxy {
-    /// Parses `http://[user:pass@]host[:port]`. The user and password are percent-decoded, as
-    /// curl and Go read them: `us%40er` is the user `us@er`.
-    pub fn parse(url: &str) -> Result<Proxy, String> {
+    /// Parses `http://[user:pass@]host[:port]`, configured in `origin` (`HTTPS_PROXY`,
+    /// `--proxy-url`). The user and password are percent-decoded, as curl and Go read them:
+    /// `us%40er` is the user `us@er`.
+    pub fn parse(url: &str, origin: &str) -> Result<Proxy, String> {
         let uri: Uri = url
             .parse()
             .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
@@ -128,6 +143,7 @@ impl Proxy {
         Ok(Proxy {
             addr,
             authorization,
+            origin: origin.to_owned(),
         })
     }
 }
@@ -145,18 +161,17 @@ pub async fn dial(
                 what: target.to_owned(),
                 timeout,
             })?
-            .map(|stream| Box::new(stream) as BoxIo),
+            .map(|stream| Box::new(stream) as BoxIo)
+            .map_err(|source| DialError::Connect {
+                addr: target.to_owned(),
+                source,
+            }),
         Some(proxy) => connect_through(proxy, target, timeout).await,
     }
 }
 
-async fn tcp(addr: &str) -> Result<TcpStream, DialError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|source| DialError::Connect {
-            addr: addr.to_owned(),
-            source,
-        })?;
+async fn tcp(addr: &str) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect(addr).await?;
     // Scrape requests and PINGs are small; don't let Nagle hold them back.
     let _ = stream.set_nodelay(true);
     Ok(stream)
@@ -173,9 +188,14 @@ async fn connect_through(
     let stream = tokio::time::timeout_at(deadline, tcp(&proxy.addr))
         .await
         .map_err(|_| DialError::Timeout {
-            what: format!("proxy {}", proxy.addr),
+            what: format!("proxy {} (from {})", proxy.addr, proxy.origin),
             timeout,
-        })??;
+        })?
+        .map_err(|source| DialError::ProxyConnect {
+            proxy: proxy.addr.clone(),
+            origin: proxy.origin.clone(),
+            source,
+        })?;
     let (resp, conn) = tokio::time::timeout_at(deadline, send_connect(proxy, target, stream))
         .await
         .map_err(|_| DialError::ProxyTimeout {
@@ -307,14 +327,16 @@ mod tests {
 
     #[test]
     fn user_info_is_percent_decoded_as_curl_and_go_do() {
-        let proxy = Proxy::parse("http://us%40er:p%3Ass@127.0.0.1:3128").unwrap();
+        let proxy = Proxy::parse("http://us%40er:p%3Ass@127.0.0.1:3128", "test").unwrap();
         assert_eq!(proxy.addr, "127.0.0.1:3128");
         assert_eq!(proxy.authorization, Some(basic("us@er:p:ss")));
-        let proxy = Proxy::parse("http://user:pw@proxy").unwrap();
+        let proxy = Proxy::parse("http://user:pw@proxy", "test").unwrap();
         assert_eq!(proxy.addr, "proxy:80");
         assert_eq!(proxy.authorization, Some(basic("user:pw")));
         assert_eq!(
-            Proxy::parse("http://proxy:3128").unwrap().authorization,
+            Proxy::parse("http://proxy:3128", "test")
+                .unwrap()
+                .authorization,
             None
         );
     }

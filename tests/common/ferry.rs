@@ -233,8 +233,20 @@ fn agent_section_to(gateway: &str, id: &str, targets: &[(&str, String)]) -> Agen
 
 /// Validates `section` with `token` as FERRY_TOKEN and starts the agent.
 pub fn start_agent(section: AgentSection, token: &str) -> TestAgent {
+    start_agent_in_env(section, token, &[])
+}
+
+/// Like [`start_agent`], in an environment that also holds `vars` (`HTTPS_PROXY`, `NO_PROXY`).
+pub fn start_agent_in_env(section: AgentSection, token: &str, vars: &[(&str, &str)]) -> TestAgent {
     let token = token.to_owned();
-    let env = move |name: &str| (name == "FERRY_TOKEN").then(|| token.clone());
+    let vars: Vec<(String, String)> = vars
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let env = move |name: &str| match name {
+        "FERRY_TOKEN" => Some(token.clone()),
+        _ => vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
+    };
     let mut errs = ConfigErrors::new("test");
     let cfg = section.validate("agent", &env, &mut errs);
     assert!(errs.errors.is_empty(), "{errs}");
