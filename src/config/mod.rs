@@ -146,6 +146,7 @@ pub fn flag_name(field: &str) -> String {
         "web.config_file" => "web.config.file",
         "collector.connections_exclude" => "collector.connections-exclude",
         "allow_upstreams" => "allow-upstream",
+        "shutdown_grace_period" => "shutdown.grace-period",
         other => other,
     };
     format!("--{}", flag.replace('_', "-"))
@@ -787,6 +788,10 @@ mod tests {
         assert_eq!(flag_name("agent.targets[2].url"), "--target");
         assert_eq!(flag_name("agent.labels.bad-name"), "--label");
         assert_eq!(flag_name("agent.token_file"), "--token-file");
+        assert_eq!(
+            flag_name("agent.shutdown_grace_period"),
+            "--shutdown.grace-period"
+        );
     }
 
     #[test]
