@@ -1499,9 +1499,12 @@ async fn a_body_cut_by_the_scrape_timeout_is_explained_in_both_logs() {
     let gateway_says = logs
         .wait_lines(&["scrape body broke", "agent=dripping"], 1, CONNECT_WAIT)
         .await;
+    // The agent's cut (at 1.5 s) usually reaches the gateway before its own deadline (1.75 s);
+    // on a loaded machine the deadline may come first, which the line then says instead.
     assert!(
-        gateway_says[0].contains("the agent ended the body")
+        (gateway_says[0].contains("the agent ended the body")
             && gateway_says[0].contains("see the agent's log")
+            || gateway_says[0].contains("still streaming at the deadline"))
             && !gateway_says[0].contains("unexpected internal error"),
         "{gateway_says:?}"
     );

@@ -247,7 +247,8 @@ async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
         async move { logs.wait_lines(parts, 1, Duration::from_secs(10)).await }
     };
 
-    // Plaintext to the TLS tunnel port: the gateway answers with TLS bytes.
+    // Plaintext to the TLS tunnel port: the gateway sees plain HTTP and says it speaks TLS.
+    // (Another TLS server would answer with TLS bytes: the agent's own hint covers that.)
     let mut plain_to_tls = agent_section(&gw, "node-plain-tls", &[]);
     plain_to_tls.gateway = Some(format!("http://localhost:{}", gw.tunnel.port()));
     plain_to_tls.tunnel.fingerprint = None;
@@ -255,7 +256,7 @@ async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
     let plain_to_tls = start_agent(plain_to_tls, "t");
     wait(&[
         "cannot open tunnel",
-        "tunnel handshake failed: invalid HTTP version parsed: the answer was not HTTP: the gateway's tunnel port speaks TLS; use an https:// gateway URL and drop --tunnel.insecure-plaintext",
+        "gateway refused the tunnel with 400 Bad Request: this is ferry's tunnel listener, which speaks TLS to agents (https://)",
     ])
     .await;
     plain_to_tls.stop().await;
