@@ -981,17 +981,34 @@ async fn scrape_reaching_target(
     url: &str,
     server: &TargetServer,
 ) -> tokio::task::JoinHandle<Result<Resp, http::Error>> {
-    let url = url.to_owned();
-    let in_flight = tokio::spawn(async move {
-        http::try_get_via_proxy(web, &url, &[("X-Prometheus-Scrape-Timeout-Seconds", "10")]).await
-    });
+    let mut in_flight = scrapes_reaching_target(web, url, server, 1).await;
+    in_flight.pop().expect("one scrape")
+}
+
+/// Starts `n` scrapes of `url` through the gateway at `web` (10 s timeout each) and returns once
+/// `server` has all of them (and had no other requests).
+async fn scrapes_reaching_target(
+    web: SocketAddr,
+    url: &str,
+    server: &TargetServer,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Result<Resp, http::Error>>> {
+    let in_flight = (0..n)
+        .map(|_| {
+            let url = url.to_owned();
+            tokio::spawn(async move {
+                http::try_get_via_proxy(web, &url, &[("X-Prometheus-Scrape-Timeout-Seconds", "10")])
+                    .await
+            })
+        })
+        .collect();
     wait_for(
-        "the scrape reaches the target",
+        "the scrapes reach the target",
         Duration::from_secs(5),
         || async {
             match server.requests() {
-                1 => Ok(()),
-                n => Err(format!("{n} requests at the target")),
+                got if got == n => Ok(()),
+                got => Err(format!("{got} of {n} requests at the target")),
             }
         },
     )
@@ -1105,27 +1122,7 @@ async fn agent_shutdown_says_how_many_scrapes_the_grace_period_cut_off() {
     let agent = start_agent(section, "test-token");
     gw.wait_agent("slow-4", Duration::from_secs(10)).await;
     let url = target_url("slow-4", &server);
-    let web = gw.web;
-    let in_flight: Vec<_> = (0..2)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                http::try_get_via_proxy(web, &url, &[("X-Prometheus-Scrape-Timeout-Seconds", "10")])
-                    .await
-            })
-        })
-        .collect();
-    wait_for(
-        "both scrapes reach the target",
-        Duration::from_secs(5),
-        || async {
-            match server.requests() {
-                2 => Ok(()),
-                n => Err(format!("{n} requests at the target")),
-            }
-        },
-    )
-    .await;
+    let in_flight = scrapes_reaching_target(gw.web, &url, &server, 2).await;
     agent.shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), agent.task)
         .await

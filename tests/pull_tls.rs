@@ -261,6 +261,20 @@ async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
     .await;
     plain_to_tls.stop().await;
 
+    // Plaintext to another TLS server (a TLS front end): its answer is no HTTP at all.
+    let tls_front = https_target(&pki.server_cert, &pki.server_key, "x").await;
+    let mut plain_to_front = agent_section(&gw, "node-plain-front", &[]);
+    plain_to_front.gateway = Some(format!("http://localhost:{}", tls_front.port()));
+    plain_to_front.tunnel.fingerprint = None;
+    plain_to_front.tunnel.insecure_plaintext = true;
+    let plain_to_front = start_agent(plain_to_front, "t");
+    wait(&[
+        "cannot open tunnel",
+        "the answer was not HTTP: that port speaks TLS; use an https:// gateway URL and drop --tunnel.insecure-plaintext",
+    ])
+    .await;
+    plain_to_front.stop().await;
+
     // Plaintext to the web port: its 404 is written for Prometheus.
     let mut web_port = agent_section(&gw, "node-plain-web", &[]);
     web_port.gateway = Some(format!("http://localhost:{}", gw.web.port()));

@@ -248,12 +248,13 @@ async fn open(shared: &Shared, token: &str) -> Result<hyper::upgrade::Upgraded, 
 }
 
 /// A failed upgrade, with the fix when it shows that the gateway URL points at the wrong
-/// listener: a TLS port dialled in plaintext answers with bytes that are not HTTP; the web
-/// listener answers the upgrade's path with a 404 (written for Prometheus).
+/// listener: a TLS port dialled in plaintext answers with bytes that are not HTTP (a TLS front
+/// end; ferry's own tunnel listener says so in a 400); the web listener answers the upgrade's
+/// path with a 404 (written for Prometheus).
 fn upgrade_failure(e: HandshakeError, plaintext: bool) -> SessionError {
     let hint = match &e {
         HandshakeError::Http(http) if plaintext && http.is_parse() => {
-            "the answer was not HTTP: the gateway's tunnel port speaks TLS; use an https:// gateway URL and drop --tunnel.insecure-plaintext (tunnel.insecure_plaintext in the file)"
+            "the answer was not HTTP: that port speaks TLS; use an https:// gateway URL and drop --tunnel.insecure-plaintext (tunnel.insecure_plaintext in the file)"
         }
         HandshakeError::Refused { status, .. } if *status == http::StatusCode::NOT_FOUND => {
             "this looks like the gateway's web listener, not its tunnel listener (default port 7443): point the gateway URL at the tunnel port"

@@ -19,7 +19,7 @@ use crate::tunnel::handshake::canonical_agent_id;
 use crate::tunnel::{header_list_size, MAX_HEADER_BYTES, SCRAPE_TIMEOUT_HEADER};
 
 /// The agent and target label of a scrape not routed that far.
-const UNKNOWN: &str = crate::tunnel::handshake::RESERVED_AGENT_ID;
+pub(super) const UNKNOWN: &str = crate::tunnel::handshake::RESERVED_AGENT_ID;
 
 /// Query parameter PushProx clients add to pick the scheme; the target's own URL decides here.
 const SCHEME_PARAM: &str = "_scheme";

@@ -256,8 +256,10 @@ impl Registry {
     pub fn targets_changed(&self, id: &str, session: u64, list: &TargetList) {
         let agents = self.read();
         if agents.get(id).is_some_and(|a| a.session == session) {
-            self.metrics
-                .remove_unlisted_targets(id, |name| list.targets.iter().any(|t| t.name == name));
+            // `unknown` counts the agent's scrapes that matched no target: it stays.
+            self.metrics.remove_unlisted_targets(id, |name| {
+                name == super::proxy::UNKNOWN || list.targets.iter().any(|t| t.name == name)
+            });
         }
     }
 

@@ -337,8 +337,16 @@ fn refuse(state: &State, refusal: Refusal, result: &str, agent: Option<&str>) ->
     let credentials = matches!(status, 401 | 403 | 409);
     // An agent's credentials refused is always worth a line; a request that is no tunnel
     // upgrade at all (a scanner's GET /) is as rate-limited as a failed TLS handshake.
-    if credentials || state.handshake_warnings.admit().is_some() {
+    if credentials {
         warn!(agent, status, reason = %refusal.reason, "tunnel refused");
+    } else if let Some(quiet) = state.handshake_warnings.admit() {
+        warn!(
+            agent,
+            status,
+            reason = %refusal.reason,
+            failures_not_logged_since_last_warning = quiet,
+            "tunnel refused (at most one such warning a minute; the rest at debug level)"
+        );
     } else {
         debug!(agent, status, reason = %refusal.reason, "tunnel refused");
     }

@@ -211,19 +211,18 @@ impl GatewayMetrics {
         self.bytes_proxied.get_or_create(&agent).inc_by(bytes);
     }
 
-    /// Removes the scrape series of agent `id` whose target is no longer one of its targets
-    /// (`listed` says which are; `unknown`, the series of scrapes that matched no target, stays).
-    pub fn remove_unlisted_targets(&self, id: &str, listed: impl Fn(&str) -> bool) {
+    /// Removes the scrape series of agent `id` whose target `keep` refuses.
+    pub fn remove_unlisted_targets(&self, id: &str, keep: impl Fn(&str) -> bool) {
         let mut scraped = self.scraped.lock().unwrap_or_else(|p| p.into_inner());
         let Some(sets) = scraped.get_mut(id) else {
             return;
         };
         sets.retain(|labels| {
-            let keep = labels.target == "unknown" || listed(&labels.target);
-            if !keep {
+            let kept = keep(&labels.target);
+            if !kept {
                 self.scrapes.remove(labels);
             }
-            keep
+            kept
         });
     }
 
