@@ -239,6 +239,8 @@ fn check_config_reports_every_error_at_once_one_line_each() {
     let text = "gateway:
   auth:
     tokens_file: missing-tokens
+  tunnel:
+    max_pending_handshakes_per_ip: 0
 agent:
   gateway: https://gateway.example.com:7443
   agent_id: node-1
@@ -258,6 +260,10 @@ agent:
     let lines = stderr_lines(&out);
     let expected = [
         ("gateway.auth.tokens_file", "missing-tokens"),
+        (
+            "gateway.tunnel.max_pending_handshakes_per_ip",
+            "must be greater than 0",
+        ),
         ("agent.tunnel.fingerprint", "sha256:not-hex"),
         ("agent.targets[1].url", "has no host"),
     ];

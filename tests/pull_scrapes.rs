@@ -734,6 +734,73 @@ async fn silent_and_vanishing_tunnel_connections_are_counted_as_such() {
     gw.stop().await;
 }
 
+/// Connections that never finish their handshake take a bounded number of slots: past the limit
+/// the gateway closes new ones at once (not after the handshake timeout), counts them, and
+/// agents get in again as soon as the slots are free. A finished handshake frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_tunnel_connections_are_bounded_per_address() {
+    use tokio::io::AsyncReadExt;
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let target = TargetServer::start(Behaviour::Metrics(BODY.into())).await;
+    let gw = start_gateway(&dir, &[("*", "test-token")], |s| {
+        s.tunnel.handshake_timeout = ferry::config::Dur(Duration::from_secs(30));
+        s.tunnel.max_pending_handshakes_per_ip = 2;
+    })
+    .await;
+    let metrics = format!("{}/metrics", gw.web_url());
+    let name = "ferry_gateway_tunnel_handshakes_total";
+
+    // One after the other, so that the gateway has admitted each before the next arrives.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(gw.tunnel).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    let mut third = tokio::net::TcpStream::connect(gw.tunnel).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(CONNECT_WAIT, third.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the third half-open connection is closed: {read:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed at once, not after the handshake timeout"
+    );
+    wait_metric(&metrics, name, &[("result", "busy")], |v| v >= 1.0).await;
+
+    // An agent turned away meanwhile is told what may be going on.
+    let section = |id: &str| agent_section(&gw, id, &[("node", target.url("/metrics"))]);
+    let mut agents = vec![start_agent(section("node-1"), "test-token")];
+    logs.wait_lines(
+        &["cannot open tunnel", "tunnel.max_pending_handshakes"],
+        1,
+        CONNECT_WAIT,
+    )
+    .await;
+    drop(silent);
+    gw.wait_agent("node-1", CONNECT_WAIT).await;
+    // More agents from the same address one after the other: each finished handshake gives
+    // its slot back.
+    for id in ["node-2", "node-3"] {
+        agents.push(start_agent(section(id), "test-token"));
+        gw.wait_agent(id, CONNECT_WAIT).await;
+    }
+    let resp = get_via_proxy(
+        gw.web,
+        &format!("http://node-3:{}/metrics", target.addr.port()),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    for agent in agents {
+        agent.stop().await;
+    }
+    gw.stop().await;
+}
+
 /// `http://:9100/metrics` names no agent: the request is wrong, not the agent away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_url_without_a_host_is_400() {

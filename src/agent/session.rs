@@ -200,6 +200,12 @@ fn tls_failure(e: &std::io::Error, tls: Option<&ClientTls>) -> String {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     else {
+        use std::io::ErrorKind::{ConnectionReset, UnexpectedEof};
+        if matches!(e.kind(), UnexpectedEof | ConnectionReset) {
+            return format!(
+                "{e}: the connection was closed before TLS was set up (a gateway with too many handshakes pending closes new connections for a while, see its tunnel.max_pending_handshakes; or something in between does not pass TLS through)"
+            );
+        }
         return e.to_string();
     };
     match rustls {

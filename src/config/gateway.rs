@@ -108,6 +108,12 @@ pub struct GatewayTunnelSection {
     /// Concurrent scrapes per agent.
     #[serde(deserialize_with = "super::lenient")]
     pub max_concurrent_scrapes: u32,
+    /// Connections in their TLS and upgrade handshake at once; more are closed at accept.
+    #[serde(deserialize_with = "super::lenient")]
+    pub max_pending_handshakes: u32,
+    /// The same, per client address (per /64 for IPv6).
+    #[serde(deserialize_with = "super::lenient")]
+    pub max_pending_handshakes_per_ip: u32,
 }
 
 impl Default for GatewayTunnelSection {
@@ -124,6 +130,8 @@ impl Default for GatewayTunnelSection {
             keepalive_timeout: Dur(keepalive.timeout),
             handshake_timeout: Dur(Duration::from_secs(10)),
             max_concurrent_scrapes: 128,
+            max_pending_handshakes: 1024,
+            max_pending_handshakes_per_ip: 128,
         }
     }
 }
@@ -207,6 +215,8 @@ pub struct GatewayConfig {
     pub handshake_timeout: Duration,
     /// Concurrent scrapes per agent.
     pub max_concurrent_scrapes: u32,
+    /// Connections in their handshake at once, in all and per client address (IPv6: per /64).
+    pub max_pending_handshakes: (u32, u32),
     /// Scrape bounds.
     pub scrape: ScrapeLimits,
     /// Drain time on shutdown.
@@ -256,6 +266,19 @@ impl GatewaySection {
         if self.tunnel.max_concurrent_scrapes == 0 {
             errs.push(f("tunnel.max_concurrent_scrapes"), "must be greater than 0");
         }
+        let pending = (
+            self.tunnel.max_pending_handshakes,
+            self.tunnel.max_pending_handshakes_per_ip,
+        );
+        if pending.0 == 0 {
+            errs.push(f("tunnel.max_pending_handshakes"), "must be greater than 0");
+        }
+        if pending.1 == 0 {
+            errs.push(
+                f("tunnel.max_pending_handshakes_per_ip"),
+                "must be greater than 0",
+            );
+        }
         let keepalive = validate_keepalive(
             &self.tunnel.keepalive_interval,
             &self.tunnel.keepalive_timeout,
@@ -277,6 +300,7 @@ impl GatewaySection {
             keepalive,
             handshake_timeout: self.tunnel.handshake_timeout.0,
             max_concurrent_scrapes: self.tunnel.max_concurrent_scrapes,
+            max_pending_handshakes: pending,
             scrape: ScrapeLimits {
                 default_timeout: web.scrape_timeout_default.0,
                 max_timeout: web.scrape_timeout_max.0,

@@ -30,6 +30,7 @@ use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_server::{load_identity, self_signed_identity, ServerIdentity};
 
 mod h2conn;
+mod pending;
 mod proxy;
 mod published;
 mod registry;
@@ -73,6 +74,10 @@ pub(crate) struct State {
     pub(crate) web_tls: Option<ReloadableTls>,
     pub(crate) web_auth: RwLock<Option<Arc<web_config::BasicAuth>>>,
     pub(crate) handshake_warnings: tunnel::HandshakeWarnings,
+    pub(crate) pending: Arc<pending::PendingHandshakes>,
+    /// Connections closed at accept because too many handshakes were pending: warned about
+    /// apart from failed handshakes, since what to do about them differs.
+    pub(crate) busy_warnings: tunnel::HandshakeWarnings,
 }
 
 impl State {
@@ -163,7 +168,6 @@ impl Gateway {
         let connections = ConnectionMetrics::register(&mut metrics_registry, "gateway");
         Ok(Gateway {
             state: Arc::new(State {
-                config,
                 registry: Registry::new(metrics.clone()),
                 tokens: RwLock::new(Arc::new(tokens)),
                 metrics,
@@ -173,6 +177,12 @@ impl Gateway {
                 web_tls,
                 web_auth: RwLock::new(web_auth),
                 handshake_warnings: Default::default(),
+                pending: pending::PendingHandshakes::new(
+                    config.max_pending_handshakes.0,
+                    config.max_pending_handshakes.1,
+                ),
+                busy_warnings: Default::default(),
+                config,
             }),
         })
     }

@@ -22,6 +22,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::auth::AuthError;
 use super::h2conn::{self, Sender};
+use super::pending::{Busy, PendingSlot};
 use super::published::routable;
 use super::registry::{AgentHandle, CloseReason, Inserted, TokenClaim};
 use super::State;
@@ -44,9 +45,19 @@ pub(super) async fn accept_loop(
 ) {
     let sessions = TaskTracker::new();
     while let Some((stream, remote)) = crate::server::accept(&listener, &shutdown).await {
+        let slot = match state.pending.admit(remote.ip()) {
+            Ok(slot) => slot,
+            Err(busy) => {
+                // Closed before TLS: what a flood of half-open handshakes costs stays bounded.
+                drop(stream);
+                too_busy(&state, remote, busy);
+                continue;
+            }
+        };
         let span = info_span!("tunnel", %remote);
         sessions.spawn(
-            handle_connection(state.clone(), stream, remote, shutdown.clone()).instrument(span),
+            handle_connection(state.clone(), stream, remote, shutdown.clone(), slot)
+                .instrument(span),
         );
     }
     sessions.close();
@@ -58,6 +69,8 @@ async fn handle_connection(
     stream: TcpStream,
     remote: SocketAddr,
     shutdown: CancellationToken,
+    // Held until the upgrade ends: the session started (or refused) frees it.
+    _slot: PendingSlot,
 ) {
     let timeout = state.config.handshake_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
@@ -189,6 +202,31 @@ fn handshake_hint(reason: &str) -> &'static str {
         "a TLS health check or scanner, or a client that gave up before asking"
     } else {
         "-"
+    }
+}
+
+/// Counts and warns about (at most once a minute) a connection closed at accept.
+fn too_busy(state: &State, remote: SocketAddr, busy: Busy) {
+    count_handshake(state, "busy");
+    let (limit, setting) = match busy {
+        Busy::Total(n) => (n, "tunnel.max_pending_handshakes"),
+        Busy::PerIp(n) => (n, "tunnel.max_pending_handshakes_per_ip"),
+    };
+    let reason = match busy {
+        Busy::Total(_) => format!("{limit} connections are in their handshake already"),
+        Busy::PerIp(_) => {
+            format!("{limit} connections from this address are in their handshake already")
+        }
+    };
+    match state.busy_warnings.admit() {
+        Some(quiet) => warn!(
+            %remote,
+            reason,
+            setting,
+            closed_not_logged_since_last_warning = quiet,
+            "tunnel connection closed at accept: too many handshakes pending (a flood of connections that do not finish TLS, or many agents reconnecting at once; they retry); raise the setting if these are your agents (at most one such warning a minute)"
+        ),
+        None => debug!(%remote, reason, "tunnel connection closed at accept"),
     }
 }
 
