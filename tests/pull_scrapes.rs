@@ -383,7 +383,7 @@ async fn an_id_connected_with_another_token_is_409_and_the_first_agent_keeps_it(
 
     // The reason, as any client claiming the id with that token reads it.
     match raw_upgrade(gw, "group-token", AGENT).await {
-        Err(HandshakeError::Refused { status, reason }) => {
+        Err(HandshakeError::Refused { status, reason, .. }) => {
             assert_eq!(status.as_u16(), 409, "{reason}");
             assert!(
                 reason.starts_with(&format!(
@@ -519,7 +519,7 @@ async fn another_spelling_of_a_connected_id_is_the_same_id() {
 
     for spelling in ["NODE-1", "node-1.", "Node-1."] {
         match raw_upgrade(&c.gw, "group-token", spelling).await {
-            Err(HandshakeError::Refused { status, reason }) => {
+            Err(HandshakeError::Refused { status, reason, .. }) => {
                 assert_eq!(status.as_u16(), 409, "{spelling}: {reason}");
                 assert!(reason.starts_with("agent id \"node-1\""), "{reason:?}");
             }
@@ -582,14 +582,14 @@ async fn raw_handshake_refusals_carry_status_and_reason() {
     let gw = start_gateway(&dir, &[("web-*", "web-token")], |_| {}).await;
 
     match raw_upgrade(&gw, "not-a-token", "web-1").await {
-        Err(HandshakeError::Refused { status, reason }) => {
+        Err(HandshakeError::Refused { status, reason, .. }) => {
             assert_eq!(status.as_u16(), 401, "{reason}");
             assert_eq!(reason, "invalid token");
         }
         other => panic!("expected 401, got {other:?}"),
     }
     match raw_upgrade(&gw, "web-token", "db-1").await {
-        Err(HandshakeError::Refused { status, reason }) => {
+        Err(HandshakeError::Refused { status, reason, .. }) => {
             assert_eq!(status.as_u16(), 403, "{reason}");
             assert!(
                 reason.contains("db-1"),

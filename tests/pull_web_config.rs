@@ -107,6 +107,42 @@ async fn basic_auth_guards_scrapes_and_endpoints_and_leaves_authorization_to_the
 /// A client guessing passwords neither evicts the verified password of the real client (its
 /// scrapes stay fast) nor queues without bound behind bcrypt: past the queue's bound a guess is
 /// answered 503 at once.
+/// An agent pointed at a web listener behind basic auth is told it has the wrong listener, not
+/// that the gateway refused its token (it asks for a user and password, never for a token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_at_the_basic_auth_web_listener_is_told_it_has_the_wrong_port() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let config = web_config(dir.path(), "");
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(config.clone())
+    })
+    .await;
+    let mut section = agent_section(&gw, "node-web", &[]);
+    section.gateway = Some(format!("http://localhost:{}", gw.web.port()));
+    section.tunnel.fingerprint = None;
+    section.tunnel.insecure_plaintext = true;
+    let agent = start_agent(section, "t");
+    logs.wait_lines(
+        &[
+            "cannot open tunnel",
+            "gateway refused the tunnel with 401 Unauthorized",
+            "asks for a user and password (basic auth)",
+            "not its tunnel listener (default port 7443)",
+        ],
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        logs.lines_with(&["GATEWAY REFUSED OUR CREDENTIALS"])
+            .is_empty(),
+        "a wrong port is not a wrong token"
+    );
+    agent.stop().await;
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guessing_passwords_does_not_lock_out_a_verified_client() {
     let dir = tempfile::tempdir().unwrap();

@@ -265,6 +265,11 @@ fn upgrade_failure(e: HandshakeError, plaintext: bool) -> SessionError {
         HandshakeError::Refused { status, .. } if *status == http::StatusCode::NOT_FOUND => {
             "this looks like the gateway's web listener, not its tunnel listener (default port 7443): point the gateway URL at the tunnel port"
         }
+        // A tunnel listener asks for a token (Bearer); a user and password is what the web
+        // listener asks for when web.config_file sets basic auth.
+        e if e.asks_for_basic_auth() => {
+            "the answer asks for a user and password (basic auth), which ferry's tunnel listener never does: this looks like the gateway's web listener behind web.config_file, not its tunnel listener (default port 7443): point the gateway URL at the tunnel port"
+        }
         _ => return SessionError::Handshake(e),
     };
     SessionError::Misdirected(format!("{}: {hint}", crate::scrape_error::one_line(&e)))

@@ -207,6 +207,9 @@ pub enum HandshakeError {
         status: StatusCode,
         /// Its one-line reason.
         reason: String,
+        /// The authentication scheme a 401 asks for (`WWW-Authenticate`), lowercased: `bearer`
+        /// from a ferry tunnel listener, `basic` from a web listener protected by basic auth.
+        challenge: Option<String>,
     },
     /// HTTP failed during the handshake.
     #[error("tunnel handshake failed")]
@@ -221,6 +224,14 @@ impl HandshakeError {
     pub fn is_auth_refusal(&self) -> bool {
         matches!(self, HandshakeError::Refused { status, .. }
             if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN)
+            && !self.asks_for_basic_auth()
+    }
+
+    /// Whether the answer asks for a user and password: a web listener behind basic auth (the
+    /// gateway's own, with `web.config_file`), not a tunnel listener, which asks for a token.
+    pub fn asks_for_basic_auth(&self) -> bool {
+        matches!(self, HandshakeError::Refused { status, challenge: Some(scheme), .. }
+            if *status == StatusCode::UNAUTHORIZED && scheme == "basic")
     }
 
     /// Whether the gateway refused our id because another token holds it now (retry slowly too:
@@ -259,9 +270,19 @@ where
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status();
+        let challenge = resp
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_whitespace().next())
+            .map(str::to_ascii_lowercase);
         let reason = refusal_reason(resp).await;
         conn.abort();
-        return Err(HandshakeError::Refused { status, reason });
+        return Err(HandshakeError::Refused {
+            status,
+            reason,
+            challenge,
+        });
     }
     Ok(hyper::upgrade::on(resp).await?)
 }
