@@ -920,6 +920,13 @@ async fn target_change_reaches_the_gateway_without_reconnecting() {
         .set_targets(&[shadow], &Default::default())
         .unwrap_err();
     assert!(err.to_string().contains("built-in"), "{err}");
+    let mut placeholder = new_target.clone();
+    placeholder.name = "unknown".into();
+    let err = agent
+        .agent
+        .set_targets(&[placeholder], &Default::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("is reserved"), "{err}");
     let err = agent
         .agent
         .set_targets(
@@ -965,6 +972,16 @@ async fn target_change_reaches_the_gateway_without_reconnecting() {
         })
     };
     assert!(!scrapes("old") && scrapes("new"), "{series:#?}");
+    // The agent's own metrics, too.
+    let own = scrape(gw.web, &format!("http://t-1:{SELF_PORT}/metrics")).await;
+    let own = own.text();
+    let agent_scrapes = |target: &str| {
+        own.lines().any(|l| {
+            l.starts_with("ferry_agent_scrapes_total")
+                && l.contains(&format!("target=\"{target}\""))
+        })
+    };
+    assert!(!agent_scrapes("old") && agent_scrapes("new"), "{own}");
 
     agent.stop().await;
     gw.stop().await;

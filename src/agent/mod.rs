@@ -26,7 +26,7 @@ use crate::tunnel::tls_client::{client_config, Purpose};
 pub mod backoff;
 mod serve;
 mod session;
-mod targets;
+pub(crate) mod targets;
 
 use targets::{plain_client, HttpClient, TargetSet};
 
@@ -159,7 +159,19 @@ impl Agent {
             &s.plain_client,
         )?;
         s.metrics.targets.set(set.list.targets.len() as i64);
-        s.targets.send_replace(Arc::new(set));
+        let old = s.targets.send_replace(Arc::new(set));
+        // A removed target's series would otherwise stay in the agent's metrics for ever.
+        let kept = s
+            .targets
+            .borrow()
+            .list
+            .targets
+            .iter()
+            .map(|t| t.name.clone())
+            .collect::<Vec<_>>();
+        for gone in old.list.targets.iter().filter(|t| !kept.contains(&t.name)) {
+            serve::forget_target(s, &gone.name);
+        }
         Ok(())
     }
 

@@ -279,7 +279,35 @@ fn unfixed_params(fixed: Option<&str>, scrape: &str) -> Option<String> {
     (!kept.is_empty()).then(|| kept.join("&"))
 }
 
+/// Every `result` label [`count`] sets.
+const SCRAPE_RESULTS: [&str; 6] = [
+    "ok",
+    "http_error",
+    "timeout",
+    "error",
+    "not_found",
+    "bad_request",
+];
+
+/// Drops the series of a target no longer listed.
+pub(super) fn forget_target(shared: &Shared, target: &str) {
+    let m = &shared.metrics;
+    for result in SCRAPE_RESULTS {
+        m.scrapes.remove(&TargetResultLabels {
+            target: target.to_owned(),
+            result: result.to_owned(),
+        });
+    }
+    m.scrape_duration.remove(&TargetNameLabels {
+        target: target.to_owned(),
+    });
+}
+
 fn count(shared: &Shared, target: &str, result: &str) {
+    debug_assert!(
+        SCRAPE_RESULTS.contains(&result),
+        "{result} missing from SCRAPE_RESULTS"
+    );
     shared
         .metrics
         .scrapes

@@ -22,7 +22,10 @@ use crate::config::{Target, SELF_TARGET};
 use crate::http_util::{Body, BoxError};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_client::{client_config, Purpose};
-use crate::tunnel::{label_name_problem, valid_target_name, TargetInfo, TargetList};
+use crate::tunnel::{
+    label_name_problem, reserved_target_name, target_list_size_problem, valid_target_name,
+    TargetInfo, TargetList,
+};
 
 /// A pooled client for targets: one shared by every plain-http target, one per https target
 /// (each has its own trust settings).
@@ -86,14 +89,11 @@ impl TargetSet {
         // Checked here, where every target list is built (the config's, set_targets'), so that
         // no list the gateway could not route is ever served.
         check_targets(targets, labels, self_port).map_err(super::AgentError::Targets)?;
+        let list = published_list(version, targets, labels, self_port);
+        if let Some(problem) = target_list_size_problem(&list) {
+            return Err(super::AgentError::Targets(problem));
+        }
         let mut routes = HashMap::new();
-        let mut infos = Vec::new();
-        let self_info = TargetInfo {
-            name: SELF_TARGET.into(),
-            port: self_port,
-            path: "/metrics".into(),
-            labels: BTreeMap::new(),
-        };
         routes.insert(
             (self_port, "/metrics".into()),
             Route {
@@ -117,22 +117,8 @@ impl TargetSet {
                     handler,
                 },
             );
-            infos.push(TargetInfo {
-                name: t.name.clone(),
-                port: t.port,
-                path: t.path.clone(),
-                labels: t.labels.clone(),
-            });
         }
-        infos.push(self_info);
-        Ok(TargetSet {
-            list: TargetList {
-                version,
-                labels: labels.clone(),
-                targets: infos,
-            },
-            routes,
-        })
+        Ok(TargetSet { list, routes })
     }
 
     /// The target at `port` and `path`, if listed.
@@ -264,6 +250,45 @@ impl<S: Connection> Connection for EofIsEnd<S> {
     }
 }
 
+/// The list the agent publishes for `targets` and `labels`: theirs, then the built-in target.
+fn published_list(
+    version: u64,
+    targets: &[Target],
+    labels: &BTreeMap<String, String>,
+    self_port: u16,
+) -> TargetList {
+    let mut infos: Vec<TargetInfo> = targets
+        .iter()
+        .map(|t| TargetInfo {
+            name: t.name.clone(),
+            port: t.port,
+            path: t.path.clone(),
+            labels: t.labels.clone(),
+        })
+        .collect();
+    infos.push(TargetInfo {
+        name: SELF_TARGET.into(),
+        port: self_port,
+        path: "/metrics".into(),
+        labels: BTreeMap::new(),
+    });
+    TargetList {
+        version,
+        labels: labels.clone(),
+        targets: infos,
+    }
+}
+
+/// Why the list `targets` and `labels` make cannot be published, if it is too large for the
+/// gateway (which would close the tunnel each time it read it): for the config file's check.
+pub(crate) fn published_size_problem(
+    targets: &[Target],
+    labels: &BTreeMap<String, String>,
+    self_port: u16,
+) -> Option<String> {
+    target_list_size_problem(&published_list(u64::MAX, targets, labels, self_port))
+}
+
 /// What the gateway must be able to route, checked as the config file checks it: names, labels
 /// (the agent's and each target's), unique names (`ferry` is the built-in target), unique port and
 /// path (the built-in target's too), http or https URLs with a host and a port, paths that are
@@ -305,6 +330,9 @@ fn check_target(t: &Target) -> Result<(), String> {
             "target {:?}: the name must be non-empty letters, digits, '-', '_' or '.'",
             t.name
         ));
+    }
+    if let Some(reason) = reserved_target_name(&t.name) {
+        return Err(format!("target {:?}: {reason}", t.name));
     }
     if let Some(problem) = t.labels.keys().find_map(|k| label_name_problem(k)) {
         return Err(format!("target {:?}: label {problem}", t.name));

@@ -337,6 +337,16 @@ impl AgentSection {
         for k in self.labels.keys() {
             check_label_name(k, &format!("{}.{k}", f("labels")), errs);
         }
+        if let Some(targets) = &targets {
+            let size = crate::agent::targets::published_size_problem(
+                targets,
+                &self.labels,
+                self.self_port,
+            );
+            if let Some(problem) = size {
+                errs.push(f("targets"), problem);
+            }
+        }
         let web_listen = self
             .web
             .listen_address
@@ -590,6 +600,9 @@ impl AgentSection {
                     format!("{field}.name"),
                     format!("\"{SELF_TARGET}\" is the built-in target (the agent's own metrics): choose another name"),
                 );
+                ok = false;
+            } else if let Some(reason) = crate::tunnel::reserved_target_name(&section.name) {
+                errs.push(format!("{field}.name"), reason);
                 ok = false;
             } else if let Some(first) = seen_names.get(&section.name) {
                 errs.push(

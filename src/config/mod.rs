@@ -1109,6 +1109,7 @@ agent:
     - { name: ferry, url: 'http://h:3/m' }
     - { name: b, url: 'ftp://h/m' }
     - { name: c, url: '127.0.0.1:9100/metrics' }
+    - { name: unknown, url: 'http://h:5/m' }
 ",
         );
         assert_eq!(
@@ -1118,7 +1119,26 @@ agent:
                 ": agent.targets[2].name: \"ferry\" is the built-in target (the agent's own metrics): choose another name",
                 ": agent.targets[3].url: \"ftp://h/m\" must start with http:// or https://",
                 ": agent.targets[4].url: \"127.0.0.1:9100/metrics\" must start with http:// or https://, e.g. \"http://127.0.0.1:9100/metrics\"",
+                ": agent.targets[5].name: target name \"unknown\" is reserved (the gateway counts scrapes of targets no agent lists under it): choose another",
             ]
+        );
+    }
+
+    #[test]
+    fn a_target_list_too_large_for_the_gateway_is_refused() {
+        let long = "x".repeat(600 * 1024);
+        let lines = check(&format!(
+            "agent:
+  gateway: https://gw:7443
+  agent_id: a
+  labels: {{ site: {long} }}
+  targets:
+    - {{ name: a, url: 'http://h:1/m', labels: {{ rack: {long} }} }}
+"
+        ));
+        assert_eq!(
+            lines,
+            [": agent.targets: the labels and targets make a target list of 1201 KiB, more than the gateway reads (1024 KiB): shorten the label values or spread the targets over more agents"]
         );
     }
 

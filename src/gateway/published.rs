@@ -4,7 +4,7 @@
 
 use tracing::warn;
 
-use crate::tunnel::{valid_target_name, TargetInfo, TargetList};
+use crate::tunnel::{reserved_target_name, valid_target_name, TargetInfo, TargetList};
 
 /// `list` without the targets the gateway cannot route, each dropped one logged with what is
 /// wrong with it.
@@ -27,6 +27,9 @@ fn problem(t: &TargetInfo) -> Option<String> {
             "name {:?} is not non-empty letters, digits, '-', '_' or '.'",
             t.name
         ));
+    }
+    if let Some(reason) = reserved_target_name(&t.name) {
+        return Some(reason);
     }
     if t.port == 0 {
         return Some("port 0 is not a port (1-65535)".into());
@@ -79,6 +82,7 @@ mod tests {
                 target("space", 9107, "/me trics"),
                 target("app.v2_x-1", 8080, "/app/metrics"),
                 target("ferry", 9369, "/metrics"),
+                target("unknown", 9108, "/metrics"),
             ],
         };
         let kept: Vec<String> = routable(list, "node-1")

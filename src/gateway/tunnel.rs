@@ -31,12 +31,9 @@ use crate::scrape_error::one_line;
 use crate::telemetry::{ConnectionGuard, ResultLabels};
 use crate::tunnel::handshake::{parse_upgrade_request, switching_protocols, Refusal};
 use crate::tunnel::{
-    TargetList, CLOSING_NOTICE_TIMEOUT, CLOSING_PATH, CONTROL_AUTHORITY, TARGETS_LONG_POLL,
-    TARGETS_PATH,
+    TargetList, CLOSING_NOTICE_TIMEOUT, CLOSING_PATH, CONTROL_AUTHORITY, MAX_TARGET_LIST_BYTES,
+    TARGETS_LONG_POLL, TARGETS_PATH,
 };
-
-/// Largest target list accepted from an agent.
-const MAX_TARGET_LIST_BYTES: usize = 1 << 20;
 
 pub(super) async fn accept_loop(
     state: Arc<State>,

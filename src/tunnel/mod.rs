@@ -118,6 +118,31 @@ pub fn valid_target_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
+/// The largest target list (its JSON) the gateway reads from an agent.
+pub(crate) const MAX_TARGET_LIST_BYTES: usize = 1 << 20;
+
+/// Why `list` is too large for the gateway to read, if it is.
+#[cfg(feature = "agent")]
+pub(crate) fn target_list_size_problem(list: &TargetList) -> Option<String> {
+    let size = serde_json::to_vec(list).map_or(usize::MAX, |json| json.len());
+    (size > MAX_TARGET_LIST_BYTES).then(|| {
+        format!(
+            "the labels and targets make a target list of {} KiB, more than the gateway reads ({} KiB): shorten the label values or spread the targets over more agents",
+            size.div_ceil(1024),
+            MAX_TARGET_LIST_BYTES / 1024
+        )
+    })
+}
+
+/// Why `name`, a valid target name, still cannot be one: the gateway counts scrapes of targets
+/// an agent does not list under `target="unknown"`, and a real target of that name would share
+/// (and muddle) those series.
+pub(crate) fn reserved_target_name(name: &str) -> Option<String> {
+    (name == "unknown").then(|| {
+        "target name \"unknown\" is reserved (the gateway counts scrapes of targets no agent lists under it): choose another".to_owned()
+    })
+}
+
 /// The list of targets an agent serves, as it publishes it to the gateway.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetList {
