@@ -39,6 +39,16 @@ pub enum TokensFileError {
         /// What is wrong.
         reason: String,
     },
+    /// A reload found no credential where there were some.
+    #[error("{kind} {path} holds no credentials any more (it had {had}): not applied, since it would lock out every client at once (a file caught while being rewritten?); the previous credentials stay. Stop the service to lock everyone out")]
+    Emptied {
+        /// What the file is for: `tokens file` or `credentials file`.
+        kind: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Credentials in force before.
+        had: usize,
+    },
 }
 
 /// One credential: the ids it may claim and the hash of its token.
@@ -87,6 +97,25 @@ impl TokensFile {
             line,
             reason,
         })
+    }
+
+    /// Reads `path` again to replace `current`. A file that went from some credentials to none
+    /// is refused: an editor or a config-management tool that truncates the file before writing
+    /// it would otherwise cut off every client, for as long as their slow retry lasts.
+    pub fn reload_as(
+        path: &Path,
+        kind: &'static str,
+        current: &TokensFile,
+    ) -> Result<TokensFile, TokensFileError> {
+        let new = Self::load_as(path, kind)?;
+        if new.is_empty() && !current.is_empty() {
+            return Err(TokensFileError::Emptied {
+                kind,
+                path: path.to_owned(),
+                had: current.len(),
+            });
+        }
+        Ok(new)
     }
 
     /// Parses the text of a tokens file; errors carry the 1-based line number.

@@ -1192,8 +1192,9 @@ fn a_sighup_during_start_up_is_a_reload_not_an_exit() {
     );
 }
 
-/// An egress credentials file emptied and reloaded refuses every client: said as a warning, as
-/// at start. A malformed line says how an egress line is written (a name, not an agent id).
+/// An egress credentials file that lost every line is not applied on reload (it would refuse
+/// every client at once). A malformed line says how an egress line is written (a name, not an
+/// agent id).
 #[test]
 fn the_egress_credentials_file_is_checked_as_at_start_on_reload() {
     let dir = TempDir::new().unwrap();
@@ -1217,9 +1218,11 @@ fn the_egress_credentials_file_is_checked_as_at_start_on_reload() {
     egress.wait_for("egress proxy listening");
     write(dir.path(), "credentials", "# nobody\n");
     egress.signal(rustix::process::Signal::HUP);
-    let line = egress.wait_for("credentials file reloaded, but it holds no credentials");
+    let line = egress.wait_for("egress credentials reload failed");
     assert!(
-        line.contains("level=warn") && line.contains("407"),
+        line.contains("level=error")
+            && line
+                .contains("credentials file credentials holds no credentials any more (it had 1)"),
         "{line}"
     );
 

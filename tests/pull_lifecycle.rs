@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::ferry::{
-    agent_section, gateway_and_agent, metric_value, start_agent, start_gateway, start_gateway_on,
-    tokens_file, TestGateway,
+    agent_publishing_on, agent_section, gateway_and_agent, metric_value, start_agent,
+    start_gateway, start_gateway_on, tokens_file, upgrade_as_agent, TestGateway,
 };
 use common::http::{self, Resp};
 use common::proxy::ConnectProxy;
@@ -470,6 +470,65 @@ async fn a_token_removed_on_reload_closes_the_tunnels_using_it() {
     assert_eq!(gw.agent_ids(), vec!["db-1".to_owned()]);
     leaked.stop().await;
     kept.stop().await;
+    gw.stop().await;
+}
+
+/// A tunnel whose token is revoked while it is still registering (its target list not sent yet)
+/// does not stay: the reload's sweep of connected agents cannot see it, so it checks itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_while_its_tunnel_registers_does_not_get_in() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("web-*", "leaked"), ("db-*", "kept")], |_| {}).await;
+    let server = metrics_server("up 1\n").await;
+    let upgraded = upgrade_as_agent(&gw, "leaked", "web-9")
+        .await
+        .expect("the token is still valid at the upgrade");
+    let (release, gate) = tokio::sync::oneshot::channel::<()>();
+    let targets = format!(
+        r#"{{"version":1,"labels":{{}},"targets":[{{"name":"node","port":{},"path":"/metrics","labels":{{}}}}]}}"#,
+        server.addr.port()
+    );
+    let hostile = agent_publishing_on(upgraded, targets, async move {
+        let _ = gate.await;
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    tokens_file(dir.path(), &[("db-*", "kept")]);
+    assert_eq!(gw.gateway.reload_tokens().unwrap(), 1);
+    release.send(()).unwrap();
+
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(gw.agent_ids().is_empty(), "{:?}", gw.agent_ids());
+    let resp = scrape(gw.web, &target_url("web-9", &server)).await;
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert_eq!(server.requests(), 0);
+    hostile.abort();
+    gw.stop().await;
+}
+
+/// A tokens file caught empty (an editor or a config tool rewriting it) is not applied: it would
+/// lock out every agent at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokens_file_that_lost_every_line_is_not_applied() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("db-*", "kept")], |_| {}).await;
+    let server = metrics_server("up 1\n").await;
+    let agent = start_agent(
+        agent_section(&gw, "db-1", &[("node", server.url("/metrics"))]),
+        "kept",
+    );
+    gw.wait_agent("db-1", Duration::from_secs(10)).await;
+    std::fs::write(dir.path().join("tokens"), "# being rewritten\n").unwrap();
+    let err = gw.gateway.reload_tokens().unwrap_err().to_string();
+    assert!(
+        err.contains("holds no credentials any more (it had 1)")
+            && err.contains("the previous credentials stay"),
+        "{err}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resp = scrape(gw.web, &target_url("db-1", &server)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    agent.stop().await;
     gw.stop().await;
 }
 

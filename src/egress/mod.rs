@@ -140,13 +140,16 @@ impl Egress {
         let Some(path) = &self.state.config.credentials_file else {
             return Ok(0);
         };
-        let file = TokensFile::load_as(path, crate::auth::CREDENTIALS_FILE)?;
-        let n = file.len();
-        *self
+        let mut credentials = self
             .state
             .credentials
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(file));
+            .unwrap_or_else(|p| p.into_inner());
+        let empty = TokensFile::default();
+        let current = credentials.as_deref().unwrap_or(&empty);
+        let file = TokensFile::reload_as(path, crate::auth::CREDENTIALS_FILE, current)?;
+        let n = file.len();
+        *credentials = Some(Arc::new(file));
         Ok(n)
     }
 

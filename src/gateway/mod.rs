@@ -195,16 +195,27 @@ impl Gateway {
     /// Re-reads the tokens file (SIGHUP). On error the old credentials stay in force. Tunnels whose
     /// token the new file no longer accepts for their id are closed: removing a leaked token's
     /// line cuts off the agents using it, not only their next connection.
+    ///
+    /// A file that holds no credential where the previous one held some is refused (a file
+    /// caught while being rewritten would lock every agent out for their slow retry).
     pub fn reload_tokens(&self) -> Result<usize, TokensFileError> {
-        let tokens = TokensFile::load(&self.state.config.tokens_file)?;
+        let current = self.state.tokens();
+        let tokens = Arc::new(TokensFile::reload_as(
+            &self.state.config.tokens_file,
+            crate::auth::TOKENS_FILE,
+            &current,
+        )?);
         let n = tokens.len();
+        // In force before the connected tunnels are checked: a tunnel that registers meanwhile
+        // checks its token against the new file itself (`tunnel::run_session`), so none slips
+        // between the two.
+        *self.state.tokens.write().unwrap_or_else(|p| p.into_inner()) = tokens.clone();
         for agent in self.state.registry.snapshot() {
             if !agent.still_authorized(&tokens) {
                 tracing::warn!(agent = %agent.id, remote = %agent.remote, "closing the tunnel: the reloaded tokens file no longer accepts its token for this id");
                 agent.revoke();
             }
         }
-        *self.state.tokens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tokens);
         Ok(n)
     }
 

@@ -456,6 +456,12 @@ async fn run_session(
             return notify_closing(&sender, &reason, &mut conn).await;
         }
     }
+    // The token was checked before the 101; a tokens reload since then may have revoked it,
+    // and the reload's own sweep ran before this tunnel was registered.
+    if !handle.still_authorized(&state.tokens()) {
+        state.registry.remove(&agent_id, session);
+        return warn!(agent = %agent_id, %remote, "tunnel closed as it registered: the tokens file was reloaded meanwhile and no longer accepts its token for this id");
+    }
     info!(agent = %agent_id, %remote, targets = n_targets, "agent connected");
     let end = tokio::select! {
         reason = &mut conn => format!("connection ended: {reason}"),

@@ -338,13 +338,26 @@ pub async fn agent_publishing(gw: &TestGateway, id: &str, targets: String) -> Jo
     let upgraded = upgrade_as_agent(gw, "test-token", id)
         .await
         .expect("tunnel upgraded");
+    agent_publishing_on(upgraded, targets, std::future::ready(()))
+}
+
+/// Like [`agent_publishing`], on a tunnel the test opened: its first target list is answered
+/// once `gate` completes (an agent slow to register).
+pub fn agent_publishing_on(
+    upgraded: hyper::upgrade::Upgraded,
+    targets: String,
+    gate: impl std::future::Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()> {
+    let gate = futures_util::FutureExt::shared(Box::pin(gate));
     let service = service_fn(move |req: Request<Incoming>| {
         let targets = targets.clone();
+        let gate = gate.clone();
         async move {
             if req.uri().query().is_some_and(|q| q.contains("after=")) {
                 // Its list never changes: the long poll is held.
                 std::future::pending::<()>().await;
             }
+            gate.await;
             Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(targets))))
         }
     });
