@@ -1735,6 +1735,66 @@ async fn a_chunk_line_too_long_to_follow_ends_the_connection() {
     assert_eq!(seen[0].body.as_ref(), b"hello");
 }
 
+/// hyper ends a chunked trailer line only at CRLF: after `X: a\n` it reads trailers on up to the
+/// next empty line, swallowing the request head that follows, and takes what that head announced
+/// as its body for the next request — which carried a smuggling head past the framing checks. A
+/// bare LF in the trailers is refused, logged, and the connection closed: nothing behind it is
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_lf_in_chunked_trailers_is_400_and_ends_the_connection() {
+    let logs = common::logs::capture();
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    let first = format!(
+        "POST http://{a}/first HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n\
+         5\r\nhello\r\n0\r\nX: a\n\r\n"
+    );
+    for smuggled in [
+        format!("POST http://{a}/smuggled HTTP/1.1\r\nHost: {a}\r\nContent-Length: 30\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        format!("POST http://{a}/smuggled HTTP/1.1\r\nHost: {a}\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"),
+    ] {
+        let swallowed = format!(
+            "POST http://{a}/swallowed HTTP/1.1\r\nHost: {a}\r\nContent-Length: {}\r\n\r\n",
+            smuggled.len()
+        );
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(format!("{first}{swallowed}{smuggled}").as_bytes())
+            .await
+            .unwrap();
+        let resp = tokio::time::timeout(TIMEOUT, read_response(&mut stream))
+            .await
+            .expect("an answer in time")
+            .expect("an answer");
+        assert_eq!(resp.status, 400, "{resp:?}");
+        assert_eq!(
+            resp.header("ferry-refusal").as_deref(),
+            Some("a line of the chunked trailer section ends in a bare LF instead of CRLF")
+        );
+        assert_eq!(resp.header("connection").as_deref(), Some("close"));
+        let mut rest = Vec::new();
+        tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest))
+            .await
+            .expect("the proxy closes the connection")
+            .ok();
+        assert!(
+            rest.is_empty(),
+            "a request after the bare LF was answered: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    up.assert_untouched("a bare LF in chunked trailers");
+    let lines = logs
+        .wait_lines(
+            &[&format!("upstream={a}"), "status=400", "bare LF"],
+            2,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(lines[0].contains("decision=\"refused\""), "{lines:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_are_not_forwarded_either_way() {
     let up = RecordingUpstream::start_with(Reply::HopByHop).await;

@@ -22,6 +22,7 @@ use super::access::AccessRecord;
 use super::connector::{
     checked_addrs, CheckedConnector, ConnectError, TlsConnector, UpstreamTracker,
 };
+use super::framing::Claim;
 use super::policy::{parse_ip_literal, Destination, SharedResolver};
 use super::refusal::Refusal;
 use super::{refused, State};
@@ -292,9 +293,10 @@ pub(crate) async fn handle(
     state: &Arc<State>,
     req: Request<Incoming>,
     mut record: AccessRecord,
+    claim: &Claim,
 ) -> Response<Body> {
     let (parts, mut body) = req.into_parts();
-    match forward(state, parts, &mut body, &mut record).await {
+    match forward(state, parts, &mut body, &mut record, claim).await {
         Ok(resp) => {
             // The response body's copy of the record writes the line when the answer ends.
             record.disarm();
@@ -363,6 +365,7 @@ async fn forward(
     mut parts: http::request::Parts,
     body: &mut Incoming,
     record: &mut AccessRecord,
+    claim: &Claim,
 ) -> Result<Response<Body>, Failure> {
     if parts.uri.scheme_str() != Some("http") {
         return Err(Refusal::bad_request("absolute-form requests must be http://: send the http:// URL and let a rule with tls_upgrade speak HTTPS upstream, or open a CONNECT tunnel for https:// (HTTPS_PROXY)").into());
@@ -379,6 +382,10 @@ async fn forward(
     )
     .await
     .map_err(|_| Refusal::body_timeout(read_timeout))??;
+    // hyper read the body to its end: so did the framing scan, which saw every byte first.
+    if let Some(problem) = claim.body_problem() {
+        return Err(Refusal::bad_request(problem).into());
+    }
     // Only a body that is checked needs to be one contiguous buffer; else it is forwarded as the
     // chunks it arrived in, saving a copy of every payload.
     let body = if rule.validation.needs_body(&parts.headers) {
