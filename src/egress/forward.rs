@@ -272,12 +272,27 @@ fn check_request(parts: &http::request::Parts) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Whether `path`, percent-decoded and with `\` read as `/`, has a `.` or `..` segment.
+/// Whether `path`, with `\` read as `/`, has a `.` or `..` segment, as written or after one to
+/// three rounds of percent-decoding (an upstream behind another proxy may decode twice). A
+/// segment's `;parameters` do not count: Tomcat, Jetty and Spring drop them before resolving, so
+/// `/ok/..;/admin` is `/admin` to them.
 fn has_dot_segment(path: &str) -> bool {
-    let decoded = percent_encoding::percent_decode_str(path)
-        .decode_utf8_lossy()
-        .replace('\\', "/");
-    decoded.split('/').any(|seg| seg == "." || seg == "..")
+    let mut path = std::borrow::Cow::Borrowed(path);
+    for _ in 0..=3 {
+        let dot = path
+            .split(['/', '\\'])
+            .map(|seg| seg.split(';').next().unwrap_or(seg))
+            .any(|name| name == "." || name == "..");
+        if dot {
+            return true;
+        }
+        let decoded = percent_encoding::percent_decode_str(&path).decode_utf8_lossy();
+        if decoded == path {
+            return false;
+        }
+        path = std::borrow::Cow::Owned(decoded.into_owned());
+    }
+    false
 }
 
 /// The port the upstream is reached on: an upgraded rule speaks HTTPS, so plain port 80 becomes 443.
