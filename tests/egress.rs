@@ -1117,6 +1117,43 @@ async fn a_json_schema_violation_is_422() {
     assert_arrived_identical(&up, JSON_PAYLOAD, None);
 }
 
+/// `serde_json` keeps the last of a repeated key, other parsers the first: a schema would check
+/// one value while the upstream acts on the other. A key twice in one object is refused, and
+/// named, by `json` and schema rules alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_twice_in_one_object_is_422() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("level.schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"level": {"enum": ["info", "warn"]}}}"#,
+    )
+    .unwrap();
+    let schema_rule = format!("{{json_schema_file: \"{}\"}}", schema.display());
+    for validate in ["{json: true}", schema_rule.as_str()] {
+        let up = RecordingUpstream::start().await;
+        let proxy = validating_proxy(&up, validate).await;
+        for body in [
+            &br#"{"level": "evil", "level": "info"}"#[..],
+            br#"{"lev\u0065l": "evil", "level": "info"}"#,
+            br#"{"n": 1, "items": [{"level": "info", "x": 1, "level": "evil"}]}"#,
+        ] {
+            let resp = post_via(proxy.addr, &up.url("/"), &[], body).await;
+            assert_refused(
+                &resp,
+                422,
+                "body has the key \"level\" twice in one object",
+                &format!("{validate}: {}", String::from_utf8_lossy(body)),
+            );
+        }
+        up.assert_untouched("repeated keys");
+        let body = br#"{"level": "info", "items": [{"level": "warn"}]}"#;
+        let resp = post_via(proxy.addr, &up.url("/"), &[], body).await;
+        assert_eq!(resp.status, 200, "{validate}: {}", resp.text());
+        assert_arrived_identical(&up, body, None);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_md5_is_verified() {
     let up = RecordingUpstream::start().await;

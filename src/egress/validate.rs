@@ -145,6 +145,11 @@ impl Validation {
                 return Err(Refusal::denied_pattern(pattern.as_str()));
             }
         }
+        // Also before a schema builds its tree: `Value` keeps the last of a repeated key, so the
+        // schema would pass a value other than the one an upstream reading the first acts on.
+        if self.json || self.schema.is_some() {
+            super::json_scan::check(&decoded)?;
+        }
         if let Some(schema) = &self.schema {
             let value: serde_json::Value = serde_json::from_slice(&decoded)
                 .map_err(|e| Refusal::invalid(format!("body is not valid JSON: {e}")))?;
@@ -159,16 +164,6 @@ impl Validation {
             });
             if let Some(reason) = mismatch {
                 return Err(Refusal::invalid(reason));
-            }
-        } else if self.json {
-            // One UTF-8 check of the whole body, then the `str` parser, which skips the check per
-            // string: JSON outside strings is ASCII, so this accepts what `from_slice` accepts.
-            let text = std::str::from_utf8(&decoded).map_err(|e| {
-                Refusal::invalid(format!("body is not valid JSON: not UTF-8 ({e})"))
-            })?;
-            if !super::json_scan::accepts(text.as_bytes()) {
-                serde_json::from_str::<WellFormed>(text)
-                    .map_err(|e| Refusal::invalid(format!("body is not valid JSON: {e}")))?;
             }
         }
         Ok(())
@@ -188,51 +183,6 @@ fn media_type(headers: &HeaderMap) -> String {
                 .to_ascii_lowercase()
         })
         .unwrap_or_default()
-}
-
-/// Accepts exactly the documents `serde_json::Value` accepts (same parser, same number, string,
-/// escape and nesting-depth checks) without building the tree: building it costs several times
-/// the parse itself (an allocation per string, a map per object).
-struct WellFormed;
-
-impl<'de> serde::Deserialize<'de> for WellFormed {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(WellFormed)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for WellFormed {
-    type Value = WellFormed;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<WellFormed, E> {
-        Ok(WellFormed)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<WellFormed, E> {
-        Ok(WellFormed)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<WellFormed, E> {
-        Ok(WellFormed)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<WellFormed, E> {
-        Ok(WellFormed)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<WellFormed, E> {
-        Ok(WellFormed)
-    }
-    fn visit_unit<E>(self) -> Result<WellFormed, E> {
-        Ok(WellFormed)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<WellFormed, A::Error> {
-        while seq.next_element::<WellFormed>()?.is_some() {}
-        Ok(WellFormed)
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<WellFormed, A::Error> {
-        while map.next_entry::<WellFormed, WellFormed>()?.is_some() {}
-        Ok(WellFormed)
-    }
 }
 
 fn check_md5(header: &[u8], body: &[u8]) -> Result<(), Refusal> {
@@ -509,6 +459,23 @@ mod tests {
             b"NaN",
             too_deep.as_bytes(),
         ];
+        // The one difference: `Value` keeps the last of a repeated key, the check refuses it.
+        let repeated: Vec<&[u8]> = vec![
+            b"{\"a\": 1, \"a\": 2}",
+            b"[{\"b\": {\"a\": 1, \"c\": 2, \"\\u0061\": 3}}]",
+        ];
+        for case in &repeated {
+            assert!(serde_json::from_slice::<serde_json::Value>(case).is_ok());
+            let err = v
+                .check_body(&headers(&[]), &Bytes::copy_from_slice(case))
+                .unwrap_err();
+            assert_eq!(err.status.as_u16(), 422);
+            assert!(
+                err.reason.starts_with("body has the key \"a\" twice"),
+                "{}",
+                err.reason
+            );
+        }
         for case in cases {
             let by_value = serde_json::from_slice::<serde_json::Value>(case).is_ok();
             let ours = v.check_body(&headers(&[]), &Bytes::copy_from_slice(case));
