@@ -2629,6 +2629,63 @@ async fn every_content_encoding_line_is_decoded_or_refused() {
     up.assert_untouched("encoded twice or after identity");
 }
 
+/// Headers named in `Connection` are hop-by-hop and not forwarded: naming Content-Encoding and
+/// Content-Type would send the upstream raw gzip bytes the rule checked as decoded JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_header_cannot_strip_what_the_rule_checks() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{json: true, required_headers: [X-Agent]}").await;
+    let body = gzip(JSON_PAYLOAD);
+    let sent = |connection: &'static str| {
+        [
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+            ("x-agent", "a1"),
+            ("x-hop", "for the proxy only"),
+            ("connection", connection),
+        ]
+    };
+    for (connection, named) in [
+        ("Content-Encoding, Content-Type", "content-encoding"),
+        ("keep-alive,content-type", "content-type"),
+        ("Content-Length", "content-length"),
+        ("Host", "host"),
+        ("Content-MD5", "content-md5"),
+        ("X-Agent", "x-agent"),
+    ] {
+        let resp = post_via(proxy.addr, &up.url("/"), &sent(connection), &body).await;
+        assert_refused(
+            &resp,
+            400,
+            &format!("the Connection header names {named},"),
+            connection,
+        );
+    }
+    let raw = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nX-Agent: a1\r\n\
+         Connection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n",
+        up.url("/"),
+        up.addr
+    );
+    assert_raw_refused(
+        proxy.addr,
+        &raw,
+        400,
+        "the Connection header names transfer-encoding,",
+    )
+    .await;
+    up.assert_untouched("Connection naming checked headers");
+
+    // Naming any other header still makes it hop-by-hop.
+    let resp = post_via(proxy.addr, &up.url("/"), &sent("x-hop"), &body).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_arrived_identical(&up, &body, Some("application/json"));
+    let got = up.last();
+    assert_eq!(got.header("content-encoding"), Some("gzip"));
+    assert_eq!(got.header("x-agent"), Some("a1"));
+    assert_eq!(got.header("x-hop"), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_transfer_codings_userinfo_and_repeated_content_headers_are_refused() {
     let up = RecordingUpstream::start().await;

@@ -272,6 +272,43 @@ fn check_request(parts: &http::request::Parts) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Headers the proxy reads to frame and check a request, which must reach the upstream as they
+/// were checked.
+const CHECKED_HEADERS: [&str; 6] = [
+    "content-type",
+    "content-encoding",
+    "content-length",
+    "transfer-encoding",
+    "content-md5",
+    "host",
+];
+
+/// Refuses a `Connection` header naming a header the proxy checks or the rule requires: the
+/// headers it names are hop-by-hop and not forwarded, so the upstream would get a body without
+/// the Content-Encoding or Content-Type it was checked under, or without a required header.
+fn check_connection(headers: &http::HeaderMap, rule: &Rule) -> Result<(), Refusal> {
+    let required = rule
+        .validation
+        .required_headers
+        .iter()
+        .map(HeaderName::as_str);
+    let protected: Vec<&str> = CHECKED_HEADERS.into_iter().chain(required).collect();
+    for value in headers.get_all(http::header::CONNECTION) {
+        for name in value.as_bytes().split(|b| *b == b',') {
+            let name = name.trim_ascii();
+            if let Some(named) = protected
+                .iter()
+                .find(|p| p.as_bytes().eq_ignore_ascii_case(name))
+            {
+                return Err(Refusal::bad_request(format!(
+                    "the Connection header names {named}, which would then not be forwarded; the proxy checks it and the upstream needs it"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether `path`, with `\` read as `/`, has a `.` or `..` segment, as written or after one to
 /// three rounds of percent-decoding (an upstream behind another proxy may decode twice). A
 /// segment's `;parameters` do not count: Tomcat, Jetty and Spring drop them before resolving, so
@@ -389,6 +426,7 @@ async fn forward(
     let target = Target::from_uri(&parts.uri, 80)?;
     let (index, rule) = select_rule(state, &target, &parts.method, parts.uri.path()).await?;
     record.rule = rule.name.clone();
+    check_connection(&parts.headers, rule)?;
     rule.validation.check_headers(&parts.headers)?;
     let read_timeout = state.config.body_read_timeout;
     let body = tokio::time::timeout(
