@@ -2686,6 +2686,67 @@ async fn a_connection_header_cannot_strip_what_the_rule_checks() {
     assert_eq!(got.header("x-hop"), None);
 }
 
+/// A body in UTF-16 spells `password=` with a NUL after every letter: ASCII deny patterns and the
+/// JSON checks would not see it, the upstream would decode it. A rule that reads the body refuses
+/// a charset that is not ASCII-compatible; a rule that does not read it lets it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charset_the_body_checks_cannot_read_is_415() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{deny_patterns: ['(?i)password=']}").await;
+    let utf16: Vec<u8> = "m password=1 v=1"
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    for (content_type, named) in [
+        ("text/plain; charset=utf-16le", "utf-16le"),
+        ("text/plain;charset=\"UTF-16\"", "utf-16"),
+        ("text/plain; format=x; Charset=utf-32", "utf-32"),
+        ("application/json; charset=UTF-7", "utf-7"),
+        ("text/plain; charset=ucs-2", "ucs-2"),
+        ("text/plain; charset=cp037", "cp037"),
+    ] {
+        let resp = post_via(
+            proxy.addr,
+            &up.url("/"),
+            &[("content-type", content_type)],
+            &utf16,
+        )
+        .await;
+        assert_refused(
+            &resp,
+            415,
+            &format!("charset {named} cannot be checked"),
+            content_type,
+        );
+    }
+    up.assert_untouched("charsets the checks cannot read");
+    for content_type in [
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "text/plain; charset=\"US-ASCII\"",
+        "text/plain; charset=iso-8859-15",
+    ] {
+        let resp = post_via(
+            proxy.addr,
+            &up.url("/"),
+            &[("content-type", content_type)],
+            b"m v=1",
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{content_type}: {}", resp.text());
+    }
+    let unchecked = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let resp = post_via(
+        unchecked.addr,
+        &up.url("/"),
+        &[("content-type", "text/plain; charset=utf-16le")],
+        &utf16,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(up.last().body.as_ref(), &utf16[..]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_transfer_codings_userinfo_and_repeated_content_headers_are_refused() {
     let up = RecordingUpstream::start().await;

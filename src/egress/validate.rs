@@ -56,6 +56,11 @@ impl Validation {
             || !self.deny_patterns.is_empty()
     }
 
+    /// Whether checks read the body as text: JSON, a schema, deny patterns.
+    fn reads_text(&self) -> bool {
+        self.json || self.schema.is_some() || !self.deny_patterns.is_empty()
+    }
+
     /// Whether the body is JSON: the rule checks it as JSON, or the client says so
     /// (`application/json`, `application/*+json`).
     fn reads_json(&self, headers: &HeaderMap) -> bool {
@@ -86,6 +91,9 @@ impl Validation {
             {
                 return Err(Refusal::unsupported_media(&media, &self.content_types));
             }
+        }
+        if self.reads_text() {
+            check_charset(headers)?;
         }
         for name in &self.required_headers {
             if !headers.contains_key(name) {
@@ -183,6 +191,35 @@ fn media_type(headers: &HeaderMap) -> String {
                 .to_ascii_lowercase()
         })
         .unwrap_or_default()
+}
+
+/// Refuses a `Content-Type` charset in which ASCII text is not spelled as ASCII bytes (UTF-16,
+/// UTF-32, UTF-7, EBCDIC…): the deny patterns and the JSON checks read the bytes as such text, so
+/// `password=` in UTF-16 would pass a pattern for it, and the upstream would decode it.
+fn check_charset(headers: &HeaderMap) -> Result<(), Refusal> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let value = String::from_utf8_lossy(value.as_bytes());
+    for param in value.split(';').skip(1) {
+        let Some((name, charset)) = param.split_once('=') else {
+            continue;
+        };
+        if !name.trim().eq_ignore_ascii_case("charset") {
+            continue;
+        }
+        let charset = charset.trim().trim_matches('"').to_ascii_lowercase();
+        let ascii_compatible = matches!(
+            charset.as_str(),
+            "utf-8" | "utf8" | "us-ascii" | "ascii" | "latin1" | "iso-latin-1"
+        ) || ["iso-8859-", "iso8859-", "iso_8859-", "windows-125"]
+            .iter()
+            .any(|prefix| charset.starts_with(prefix));
+        if !ascii_compatible {
+            return Err(Refusal::unsupported_charset(&charset));
+        }
+    }
+    Ok(())
 }
 
 fn check_md5(header: &[u8], body: &[u8]) -> Result<(), Refusal> {
