@@ -3023,7 +3023,9 @@ async fn a_body_cut_short_is_not_forwarded_or_counted_as_sent() {
         )
         .await;
     assert!(
-        lines[0].contains("status=499") && lines[0].contains("bytes_in=50000"),
+        lines[0].contains("status=499")
+            && lines[0].contains("bytes_in=50000")
+            && lines[0].contains("decision=\"abandoned\""),
         "{lines:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -3266,6 +3268,52 @@ async fn a_request_whose_client_went_away_is_counted() {
         assert!(Instant::now() < deadline, "{unfinished:?}\n{text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A client that leaves before the proxy decided — here while the rule's name lookup hangs — was
+/// never let through: its line and its count say `abandoned`, not `allowed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_decision_is_abandoned_not_allowed() {
+    let logs = common::logs::capture();
+    let resolver = TestResolver::new(&[]);
+    resolver.stall("stuck.example");
+    let proxy = TestEgress::start(section(&["10.0.0.0/8:80".to_owned()]), resolver.clone()).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = "GET http://stuck.example/x HTTP/1.1\r\nHost: stuck.example\r\n\r\n";
+    client.write_all(head.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while resolver.calls("stuck.example") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never looked the name up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(client);
+    let lines = logs
+        .wait_lines(
+            &["upstream=stuck.example", "status=499"],
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        lines[0].contains("decision=\"abandoned\"") && lines[0].contains("rule=-"),
+        "{lines:?}"
+    );
+    let text = proxy.metrics().await;
+    let abandoned = metric_value(
+        &text,
+        "ferry_egress_requests_total",
+        &[("method", "GET"), ("decision", "abandoned")],
+    );
+    assert_eq!(abandoned, Some(1.0), "{text}");
+    let allowed = metric_value(
+        &text,
+        "ferry_egress_requests_total",
+        &[("decision", "allowed")],
+    );
+    assert_eq!(allowed, None, "{text}");
 }
 
 /// A client that leaves in the middle of a response body: its access line keeps the upstream's

@@ -362,8 +362,7 @@ pub(crate) async fn handle(
         }
         Err(Failure::ClientGone(reason)) => {
             // Nobody is left to read an answer. Dropped unwritten, the record logs and counts
-            // the request as 499, like one whose client left while the upstream answered: the
-            // client went away, the proxy refused nothing.
+            // the request as 499, abandoned: the client went away, the proxy refused nothing.
             record.reason = reason;
             drop(record);
             let mut resp = Response::new(crate::http_util::empty());
@@ -472,6 +471,7 @@ async fn forward(
     parts.version = http::Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, body);
 
+    record.allow();
     let timeout = state.config.upstream_timeout;
     let deadline = Instant::now() + timeout;
     let client = &state.upstreams.clients[index];
