@@ -2747,6 +2747,27 @@ async fn a_charset_the_body_checks_cannot_read_is_415() {
     assert_eq!(up.last().body.as_ref(), &utf16[..]);
 }
 
+/// A malformed chunked body is refused with what hyper found wrong, not only "error reading a
+/// body".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_chunked_body_is_400_with_its_cause() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    let req = format!(
+        "POST http://{a}/c HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n\
+         zz\r\nhello\r\n0\r\n\r\n"
+    );
+    assert_raw_refused(
+        proxy.addr,
+        &req,
+        400,
+        "cannot read request body: error reading a body from connection: Invalid chunk size",
+    )
+    .await;
+    up.assert_untouched("a broken chunked body");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_transfer_codings_userinfo_and_repeated_content_headers_are_refused() {
     let up = RecordingUpstream::start().await;

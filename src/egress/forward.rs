@@ -528,7 +528,11 @@ fn body_error(e: &hyper::Error, seen: u64, declared: Option<u64>) -> Failure {
         }
         source = err.source();
     }
-    Refusal::bad_request(format!("cannot read request body: {e}")).into()
+    Refusal::bad_request(format!(
+        "cannot read request body: {}",
+        crate::scrape_error::one_line(e)
+    ))
+    .into()
 }
 
 /// Frames from this size on are kept as hyper handed them over; smaller ones are copied together.
