@@ -1335,6 +1335,12 @@ async fn compressed_bodies_are_validated_decoded_and_forwarded_as_sent() {
             "not valid gzip",
         ),
         (
+            "gzip with data after its end",
+            [&gzip(JSON_PAYLOAD)[..], b"trailing"].concat(),
+            422,
+            "body is not valid gzip: data after the end of the gzip stream",
+        ),
+        (
             "gzip with the deny pattern in its file name",
             gzip_named("SECRET-TOKEN", JSON_PAYLOAD),
             403,

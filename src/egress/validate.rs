@@ -256,13 +256,7 @@ fn decode<'a>(
     let invalid =
         |e: std::io::Error| Refusal::invalid(format!("body is not valid {encoding}: {e}"));
     match encoding.as_str() {
-        // Data after the last member is refused by the decoder, which reads it as another one.
-        "gzip" | "x-gzip" => read_decoded(
-            flate2::read::MultiGzDecoder::new(&body[..]),
-            &mut out,
-            limit,
-        )
-        .map_err(invalid)?,
+        "gzip" | "x-gzip" => decode_gzip(body, &mut out, limit).map_err(invalid)?,
         "deflate" => {
             let mut zlib = flate2::bufread::ZlibDecoder::new(&body[..]);
             read_decoded(&mut zlib, &mut out, limit).map_err(invalid)?;
@@ -280,6 +274,31 @@ fn decode<'a>(
         return Err(Refusal::decoded_too_large(limit));
     }
     Ok(std::borrow::Cow::Owned(out))
+}
+
+/// Decodes gzip member after member (gzip files put end to end are one stream to every
+/// decoder) into `out`, up to one byte past `limit`. Bytes after the last member that do not
+/// begin another one are refused: they would go upstream unread by every check.
+fn decode_gzip(body: &[u8], out: &mut Vec<u8>, limit: u64) -> std::io::Result<()> {
+    let mut rest = body;
+    loop {
+        let mut member = flate2::bufread::GzDecoder::new(rest);
+        read_decoded(&mut member, out, limit.saturating_sub(out.len() as u64))?;
+        if out.len() as u64 > limit {
+            return Ok(());
+        }
+        let after = member.into_inner();
+        if after.is_empty() {
+            return Ok(());
+        }
+        if !after.starts_with(&[0x1f, 0x8b]) || after.len() == rest.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "data after the end of the gzip stream",
+            ));
+        }
+        rest = after;
+    }
 }
 
 /// Reads `reader` into `out`, one byte past `limit` to tell "exactly at the limit" from "over it".
@@ -393,14 +412,29 @@ mod tests {
             assert_eq!(err.status.as_u16(), 403, "{field}: {}", err.reason);
         }
 
-        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-        zlib.write_all(b"{\"a\": 1}").unwrap();
-        let deflated = zlib.finish().unwrap();
-        let h = headers(&[("content-encoding", "deflate")]);
+        // gzip files end to end are one body; anything else after the last is refused as such.
         let json = Validation {
             json: true,
             ..Validation::default()
         };
+        let members = [gzip(b"{\"a\": "), gzip(b"1}")].concat().into();
+        assert!(json.check_body(&h, &members).is_ok());
+        for tail in [&b"SECRET"[..], &[0; 8], b"\x1f"] {
+            let body = [&gzip(b"{\"a\": 1}")[..], tail].concat().into();
+            let err = json.check_body(&h, &body).unwrap_err();
+            assert_eq!(
+                err.reason, "body is not valid gzip: data after the end of the gzip stream",
+                "{tail:?}"
+            );
+        }
+        let truncated_member = [&gzip(b"{}")[..], &gzip(b"{}")[..12]].concat().into();
+        let err = json.check_body(&h, &truncated_member).unwrap_err();
+        assert_eq!(err.status.as_u16(), 422, "{}", err.reason);
+
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        zlib.write_all(b"{\"a\": 1}").unwrap();
+        let deflated = zlib.finish().unwrap();
+        let h = headers(&[("content-encoding", "deflate")]);
         assert!(json.check_body(&h, &deflated.clone().into()).is_ok());
         let trailing = [&deflated[..], b"trailing"].concat().into();
         let err = json.check_body(&h, &trailing).unwrap_err();
