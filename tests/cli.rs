@@ -139,6 +139,36 @@ fn token_new_restricts_the_line_to_an_agent_id_glob() {
     assert_ne!(token, again, "every token is new");
 }
 
+/// The egress proxy checks `Proxy-Authorization: Bearer` as the name `bearer`: the advice offers
+/// Bearer only for a line whose glob matches that name, as the line it printed then behaves.
+#[test]
+fn token_new_offers_egress_bearer_only_when_the_glob_matches_bearer() {
+    let dir = TempDir::new().unwrap();
+    for (glob, bearer) in [
+        ("*", true),
+        ("bear*", true),
+        ("alice", false),
+        ("node-*", false),
+    ] {
+        let out = ferry(dir.path(), &["token", "new", "--agent-id", glob]);
+        assert!(out.status.success(), "{out:?}");
+        let (token, line) = parse_token_new(&stdout(&out));
+        let file = TokensFile::parse(&line).unwrap();
+        assert_eq!(file.authorize(&token, "bearer").is_ok(), bearer, "{glob}");
+        let lines = stderr_lines(&out);
+        let advice = lines
+            .iter()
+            .find(|l| l.starts_with("For an egress client"))
+            .unwrap_or_else(|| panic!("{glob}: no egress advice in {lines:?}"));
+        assert_eq!(
+            advice.contains("as Proxy-Authorization: Bearer"),
+            bearer,
+            "{glob}: {advice}"
+        );
+        assert!(advice.contains("Basic"), "{glob}: {advice}");
+    }
+}
+
 #[test]
 fn token_new_refuses_a_glob_the_tokens_file_would_refuse() {
     let dir = TempDir::new().unwrap();

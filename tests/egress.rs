@@ -1117,6 +1117,43 @@ async fn a_json_schema_violation_is_422() {
     assert_arrived_identical(&up, JSON_PAYLOAD, None);
 }
 
+/// `serde_json` keeps the last of a repeated key, other parsers the first: a schema would check
+/// one value while the upstream acts on the other. A key twice in one object is refused, and
+/// named, by `json` and schema rules alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_twice_in_one_object_is_422() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("level.schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"level": {"enum": ["info", "warn"]}}}"#,
+    )
+    .unwrap();
+    let schema_rule = format!("{{json_schema_file: \"{}\"}}", schema.display());
+    for validate in ["{json: true}", schema_rule.as_str()] {
+        let up = RecordingUpstream::start().await;
+        let proxy = validating_proxy(&up, validate).await;
+        for body in [
+            &br#"{"level": "evil", "level": "info"}"#[..],
+            br#"{"lev\u0065l": "evil", "level": "info"}"#,
+            br#"{"n": 1, "items": [{"level": "info", "x": 1, "level": "evil"}]}"#,
+        ] {
+            let resp = post_via(proxy.addr, &up.url("/"), &[], body).await;
+            assert_refused(
+                &resp,
+                422,
+                "body has the key \"level\" twice in one object",
+                &format!("{validate}: {}", String::from_utf8_lossy(body)),
+            );
+        }
+        up.assert_untouched("repeated keys");
+        let body = br#"{"level": "info", "items": [{"level": "warn"}]}"#;
+        let resp = post_via(proxy.addr, &up.url("/"), &[], body).await;
+        assert_eq!(resp.status, 200, "{validate}: {}", resp.text());
+        assert_arrived_identical(&up, body, None);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_md5_is_verified() {
     let up = RecordingUpstream::start().await;
@@ -1296,6 +1333,12 @@ async fn compressed_bodies_are_validated_decoded_and_forwarded_as_sent() {
             JSON_PAYLOAD.to_vec(),
             422,
             "not valid gzip",
+        ),
+        (
+            "gzip with data after its end",
+            [&gzip(JSON_PAYLOAD)[..], b"trailing"].concat(),
+            422,
+            "body is not valid gzip: data after the end of the gzip stream",
         ),
         (
             "gzip with the deny pattern in its file name",
@@ -1733,6 +1776,66 @@ async fn a_chunk_line_too_long_to_follow_ends_the_connection() {
     let uris: Vec<&str> = seen.iter().map(|r| r.uri.as_str()).collect();
     assert_eq!(uris, ["/a", "/a"]);
     assert_eq!(seen[0].body.as_ref(), b"hello");
+}
+
+/// hyper ends a chunked trailer line only at CRLF: after `X: a\n` it reads trailers on up to the
+/// next empty line, swallowing the request head that follows, and takes what that head announced
+/// as its body for the next request — which carried a smuggling head past the framing checks. A
+/// bare LF in the trailers is refused, logged, and the connection closed: nothing behind it is
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_lf_in_chunked_trailers_is_400_and_ends_the_connection() {
+    let logs = common::logs::capture();
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    let first = format!(
+        "POST http://{a}/first HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n\
+         5\r\nhello\r\n0\r\nX: a\n\r\n"
+    );
+    for smuggled in [
+        format!("POST http://{a}/smuggled HTTP/1.1\r\nHost: {a}\r\nContent-Length: 30\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        format!("POST http://{a}/smuggled HTTP/1.1\r\nHost: {a}\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"),
+    ] {
+        let swallowed = format!(
+            "POST http://{a}/swallowed HTTP/1.1\r\nHost: {a}\r\nContent-Length: {}\r\n\r\n",
+            smuggled.len()
+        );
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(format!("{first}{swallowed}{smuggled}").as_bytes())
+            .await
+            .unwrap();
+        let resp = tokio::time::timeout(TIMEOUT, read_response(&mut stream))
+            .await
+            .expect("an answer in time")
+            .expect("an answer");
+        assert_eq!(resp.status, 400, "{resp:?}");
+        assert_eq!(
+            resp.header("ferry-refusal").as_deref(),
+            Some("a line of the chunked trailer section ends in a bare LF instead of CRLF")
+        );
+        assert_eq!(resp.header("connection").as_deref(), Some("close"));
+        let mut rest = Vec::new();
+        tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest))
+            .await
+            .expect("the proxy closes the connection")
+            .ok();
+        assert!(
+            rest.is_empty(),
+            "a request after the bare LF was answered: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    up.assert_untouched("a bare LF in chunked trailers");
+    let lines = logs
+        .wait_lines(
+            &[&format!("upstream={a}"), "status=400", "bare LF"],
+            2,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(lines[0].contains("decision=\"refused\""), "{lines:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2447,6 +2550,14 @@ async fn dot_segments_are_refused_and_path_prefixes_end_at_a_segment() {
         "/open/.%2E/admin",
         "/open/..",
         "/open/..%5cadmin",
+        // Tomcat, Jetty and Spring drop `;parameters` from a segment, then resolve it.
+        "/open/..;/admin",
+        "/open/%2e%2e;/admin",
+        "/open/%2E%2e;jsessionid=1/admin",
+        "/open/.;x/../admin",
+        // Encoded twice: an upstream that decodes twice resolves it.
+        "/open/%252e%252e/admin",
+        "/open/%252E%252E%253b/admin",
     ] {
         let req =
             format!("POST http://{a}{path} HTTP/1.1\r\nHost: {a}\r\nContent-Length: 2\r\n\r\nhi");
@@ -2461,7 +2572,13 @@ async fn dot_segments_are_refused_and_path_prefixes_end_at_a_segment() {
     );
     up.assert_untouched("dot-segments and a prefix that is not a segment");
 
-    for path in ["/open", "/open/x", "/open/a..b/.well-known"] {
+    for path in [
+        "/open",
+        "/open/x",
+        "/open/a..b/.well-known",
+        "/open/x;v=1/...;/y",
+        "/open/%25/x",
+    ] {
         let resp = post_via(proxy.addr, &up.url(path), &[], b"x").await;
         assert_eq!(resp.status, 200, "{path}: {}", resp.text());
         assert_eq!(up.last().uri, path);
@@ -2516,6 +2633,145 @@ async fn every_content_encoding_line_is_decoded_or_refused() {
         started.elapsed()
     );
     up.assert_untouched("encoded twice or after identity");
+}
+
+/// Headers named in `Connection` are hop-by-hop and not forwarded: naming Content-Encoding and
+/// Content-Type would send the upstream raw gzip bytes the rule checked as decoded JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_header_cannot_strip_what_the_rule_checks() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{json: true, required_headers: [X-Agent]}").await;
+    let body = gzip(JSON_PAYLOAD);
+    let sent = |connection: &'static str| {
+        [
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+            ("x-agent", "a1"),
+            ("x-hop", "for the proxy only"),
+            ("connection", connection),
+        ]
+    };
+    for (connection, named) in [
+        ("Content-Encoding, Content-Type", "content-encoding"),
+        ("keep-alive,content-type", "content-type"),
+        ("Content-Length", "content-length"),
+        ("Host", "host"),
+        ("Content-MD5", "content-md5"),
+        ("X-Agent", "x-agent"),
+    ] {
+        let resp = post_via(proxy.addr, &up.url("/"), &sent(connection), &body).await;
+        assert_refused(
+            &resp,
+            400,
+            &format!("the Connection header names {named},"),
+            connection,
+        );
+    }
+    let raw = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nX-Agent: a1\r\n\
+         Connection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n",
+        up.url("/"),
+        up.addr
+    );
+    assert_raw_refused(
+        proxy.addr,
+        &raw,
+        400,
+        "the Connection header names transfer-encoding,",
+    )
+    .await;
+    up.assert_untouched("Connection naming checked headers");
+
+    // Naming any other header still makes it hop-by-hop.
+    let resp = post_via(proxy.addr, &up.url("/"), &sent("x-hop"), &body).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_arrived_identical(&up, &body, Some("application/json"));
+    let got = up.last();
+    assert_eq!(got.header("content-encoding"), Some("gzip"));
+    assert_eq!(got.header("x-agent"), Some("a1"));
+    assert_eq!(got.header("x-hop"), None);
+}
+
+/// A body in UTF-16 spells `password=` with a NUL after every letter: ASCII deny patterns and the
+/// JSON checks would not see it, the upstream would decode it. A rule that reads the body refuses
+/// a charset that is not ASCII-compatible; a rule that does not read it lets it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charset_the_body_checks_cannot_read_is_415() {
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(&up, "{deny_patterns: ['(?i)password=']}").await;
+    let utf16: Vec<u8> = "m password=1 v=1"
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    for (content_type, named) in [
+        ("text/plain; charset=utf-16le", "utf-16le"),
+        ("text/plain;charset=\"UTF-16\"", "utf-16"),
+        ("text/plain; format=x; Charset=utf-32", "utf-32"),
+        ("application/json; charset=UTF-7", "utf-7"),
+        ("text/plain; charset=ucs-2", "ucs-2"),
+        ("text/plain; charset=cp037", "cp037"),
+    ] {
+        let resp = post_via(
+            proxy.addr,
+            &up.url("/"),
+            &[("content-type", content_type)],
+            &utf16,
+        )
+        .await;
+        assert_refused(
+            &resp,
+            415,
+            &format!("charset {named} cannot be checked"),
+            content_type,
+        );
+    }
+    up.assert_untouched("charsets the checks cannot read");
+    for content_type in [
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "text/plain; charset=\"US-ASCII\"",
+        "text/plain; charset=iso-8859-15",
+    ] {
+        let resp = post_via(
+            proxy.addr,
+            &up.url("/"),
+            &[("content-type", content_type)],
+            b"m v=1",
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{content_type}: {}", resp.text());
+    }
+    let unchecked = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let resp = post_via(
+        unchecked.addr,
+        &up.url("/"),
+        &[("content-type", "text/plain; charset=utf-16le")],
+        &utf16,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(up.last().body.as_ref(), &utf16[..]);
+}
+
+/// A malformed chunked body is refused with what hyper found wrong, not only "error reading a
+/// body".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_chunked_body_is_400_with_its_cause() {
+    let up = RecordingUpstream::start().await;
+    let proxy = TestEgress::start(section(&[loopback_rule(&up)]), TestResolver::new(&[])).await;
+    let a = up.addr;
+    let req = format!(
+        "POST http://{a}/c HTTP/1.1\r\nHost: {a}\r\nTransfer-Encoding: chunked\r\n\r\n\
+         zz\r\nhello\r\n0\r\n\r\n"
+    );
+    assert_raw_refused(
+        proxy.addr,
+        &req,
+        400,
+        "cannot read request body: error reading a body from connection: Invalid chunk size",
+    )
+    .await;
+    up.assert_untouched("a broken chunked body");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2794,7 +3050,9 @@ async fn a_body_cut_short_is_not_forwarded_or_counted_as_sent() {
         )
         .await;
     assert!(
-        lines[0].contains("status=499") && lines[0].contains("bytes_in=50000"),
+        lines[0].contains("status=499")
+            && lines[0].contains("bytes_in=50000")
+            && lines[0].contains("decision=\"abandoned\""),
         "{lines:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -3037,6 +3295,52 @@ async fn a_request_whose_client_went_away_is_counted() {
         assert!(Instant::now() < deadline, "{unfinished:?}\n{text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A client that leaves before the proxy decided — here while the rule's name lookup hangs — was
+/// never let through: its line and its count say `abandoned`, not `allowed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_decision_is_abandoned_not_allowed() {
+    let logs = common::logs::capture();
+    let resolver = TestResolver::new(&[]);
+    resolver.stall("stuck.example");
+    let proxy = TestEgress::start(section(&["10.0.0.0/8:80".to_owned()]), resolver.clone()).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = "GET http://stuck.example/x HTTP/1.1\r\nHost: stuck.example\r\n\r\n";
+    client.write_all(head.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while resolver.calls("stuck.example") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never looked the name up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(client);
+    let lines = logs
+        .wait_lines(
+            &["upstream=stuck.example", "status=499"],
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        lines[0].contains("decision=\"abandoned\"") && lines[0].contains("rule=-"),
+        "{lines:?}"
+    );
+    let text = proxy.metrics().await;
+    let abandoned = metric_value(
+        &text,
+        "ferry_egress_requests_total",
+        &[("method", "GET"), ("decision", "abandoned")],
+    );
+    assert_eq!(abandoned, Some(1.0), "{text}");
+    let allowed = metric_value(
+        &text,
+        "ferry_egress_requests_total",
+        &[("decision", "allowed")],
+    );
+    assert_eq!(allowed, None, "{text}");
 }
 
 /// A client that leaves in the middle of a response body: its access line keeps the upstream's

@@ -463,22 +463,31 @@ fn misplaced_config_file(e: &clap::Error) -> bool {
 fn token_new(glob: &str) -> ExitCode {
     let (token, hash) = crate::auth::new_token();
     let line = format!("{glob} {hash}");
-    if let Err((_, reason)) = TokensFile::parse(&line) {
-        let reason = if glob.trim().is_empty() {
-            "an agent id glob is required (e.g. 'node-*', or '*' for any id)".to_owned()
-        } else if glob.split_whitespace().nth(1).is_some() {
-            format!("{glob:?} holds whitespace: a glob is one word (e.g. 'node-*')")
-        } else {
-            reason
-        };
-        eprintln!("ferry token new: --agent-id: {reason}");
-        return ExitCode::from(2);
-    }
+    let file = match TokensFile::parse(&line) {
+        Ok(file) => file,
+        Err((_, reason)) => {
+            let reason = if glob.trim().is_empty() {
+                "an agent id glob is required (e.g. 'node-*', or '*' for any id)".to_owned()
+            } else if glob.split_whitespace().nth(1).is_some() {
+                format!("{glob:?} holds whitespace: a glob is one word (e.g. 'node-*')")
+            } else {
+                reason
+            };
+            eprintln!("ferry token new: --agent-id: {reason}");
+            return ExitCode::from(2);
+        }
+    };
     println!("token:            {token}");
     println!("tokens-file line: {line}");
     eprintln!();
     eprintln!("Give the token to the agent in a file (--token-file) or FERRY_TOKEN; add the line to the gateway's --auth.tokens-file.");
-    eprintln!("For an egress client: add the line to the proxy's --auth.credentials-file; the client sends the token as Proxy-Authorization: Bearer, or as the password of Basic with a name the glob matches.");
+    // The egress proxy checks a bearer token as the name `bearer`: say so when this line's glob
+    // does not match it, rather than offer a scheme the proxy will answer with 407.
+    if file.authorize(&token, "bearer").is_ok() {
+        eprintln!("For an egress client: add the line to the proxy's --auth.credentials-file; the client sends the token as Proxy-Authorization: Bearer, or as the password of Basic with a name the glob matches.");
+    } else {
+        eprintln!("For an egress client: add the line to the proxy's --auth.credentials-file; the client sends the token as the password of Proxy-Authorization: Basic, with a name the glob matches (Bearer is checked as the name \"bearer\", which {glob:?} does not match).");
+    }
     ExitCode::SUCCESS
 }
 

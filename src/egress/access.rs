@@ -31,7 +31,7 @@ pub struct AccessRecord {
     pub bytes_out: u64,
     /// When the request arrived.
     pub start: Instant,
-    /// `allowed` or `refused`.
+    /// `allowed`, `refused`, or [`ABANDONED`] until the proxy has decided.
     pub decision: &'static str,
     /// Refusal kind (bounded), or empty.
     pub reason_kind: &'static str,
@@ -42,6 +42,10 @@ pub struct AccessRecord {
     /// Where a record dropped unwritten is counted.
     metrics: Option<EgressMetrics>,
 }
+
+/// The decision of a request whose client went away (or the proxy stopped) before the proxy let
+/// it through or refused it: while the rule was chosen, or the body read and checked.
+const ABANDONED: &str = "abandoned";
 
 /// A record dropped before its line was written — the client went away while the upstream was
 /// still answering, or the proxy stopped at the end of its grace period — still gets one: an
@@ -66,7 +70,8 @@ impl Drop for AccessRecord {
 }
 
 impl AccessRecord {
-    /// A record for a request from `client` to `upstream` with `method`, not yet decided.
+    /// A record for a request from `client` to `upstream` with `method`, not yet decided: see
+    /// [`AccessRecord::allow`].
     pub fn new(client: IpAddr, upstream: String, method: &http::Method) -> Self {
         Self {
             client,
@@ -78,12 +83,17 @@ impl AccessRecord {
             bytes_in: 0,
             bytes_out: 0,
             start: Instant::now(),
-            decision: "allowed",
+            decision: ABANDONED,
             reason_kind: "",
             reason: String::new(),
             armed: true,
             metrics: None,
         }
+    }
+
+    /// The proxy lets the request through: it goes upstream, or the tunnel opens.
+    pub fn allow(&mut self) {
+        self.decision = "allowed";
     }
 
     /// Counts the record in `metrics` also if it is dropped before its line is written.

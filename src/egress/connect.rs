@@ -39,6 +39,7 @@ pub(crate) async fn handle(
 ) -> Response<Body> {
     match open(state, &req, &mut record).await {
         Ok(upstream) => {
+            record.allow();
             let state = state.clone();
             state.tunnels.clone().spawn(async move {
                 match hyper::upgrade::on(req).await {

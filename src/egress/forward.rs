@@ -22,6 +22,7 @@ use super::access::AccessRecord;
 use super::connector::{
     checked_addrs, CheckedConnector, ConnectError, TlsConnector, UpstreamTracker,
 };
+use super::framing::Claim;
 use super::policy::{parse_ip_literal, Destination, SharedResolver};
 use super::refusal::Refusal;
 use super::{refused, State};
@@ -271,12 +272,64 @@ fn check_request(parts: &http::request::Parts) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Whether `path`, percent-decoded and with `\` read as `/`, has a `.` or `..` segment.
+/// Headers the proxy reads to frame and check a request, which must reach the upstream as they
+/// were checked.
+const CHECKED_HEADERS: [&str; 6] = [
+    "content-type",
+    "content-encoding",
+    "content-length",
+    "transfer-encoding",
+    "content-md5",
+    "host",
+];
+
+/// Refuses a `Connection` header naming a header the proxy checks or the rule requires: the
+/// headers it names are hop-by-hop and not forwarded, so the upstream would get a body without
+/// the Content-Encoding or Content-Type it was checked under, or without a required header.
+fn check_connection(headers: &http::HeaderMap, rule: &Rule) -> Result<(), Refusal> {
+    let required = rule
+        .validation
+        .required_headers
+        .iter()
+        .map(HeaderName::as_str);
+    let protected: Vec<&str> = CHECKED_HEADERS.into_iter().chain(required).collect();
+    for value in headers.get_all(http::header::CONNECTION) {
+        for name in value.as_bytes().split(|b| *b == b',') {
+            let name = name.trim_ascii();
+            if let Some(named) = protected
+                .iter()
+                .find(|p| p.as_bytes().eq_ignore_ascii_case(name))
+            {
+                return Err(Refusal::bad_request(format!(
+                    "the Connection header names {named}, which would then not be forwarded; the proxy checks it and the upstream needs it"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `path`, with `\` read as `/`, has a `.` or `..` segment, as written or after one to
+/// three rounds of percent-decoding (an upstream behind another proxy may decode twice). A
+/// segment's `;parameters` do not count: Tomcat, Jetty and Spring drop them before resolving, so
+/// `/ok/..;/admin` is `/admin` to them.
 fn has_dot_segment(path: &str) -> bool {
-    let decoded = percent_encoding::percent_decode_str(path)
-        .decode_utf8_lossy()
-        .replace('\\', "/");
-    decoded.split('/').any(|seg| seg == "." || seg == "..")
+    let mut path = std::borrow::Cow::Borrowed(path);
+    for _ in 0..=3 {
+        let dot = path
+            .split(['/', '\\'])
+            .map(|seg| seg.split(';').next().unwrap_or(seg))
+            .any(|name| name == "." || name == "..");
+        if dot {
+            return true;
+        }
+        let decoded = percent_encoding::percent_decode_str(&path).decode_utf8_lossy();
+        if decoded == path {
+            return false;
+        }
+        path = std::borrow::Cow::Owned(decoded.into_owned());
+    }
+    false
 }
 
 /// The port the upstream is reached on: an upgraded rule speaks HTTPS, so plain port 80 becomes 443.
@@ -292,9 +345,10 @@ pub(crate) async fn handle(
     state: &Arc<State>,
     req: Request<Incoming>,
     mut record: AccessRecord,
+    claim: &Claim,
 ) -> Response<Body> {
     let (parts, mut body) = req.into_parts();
-    match forward(state, parts, &mut body, &mut record).await {
+    match forward(state, parts, &mut body, &mut record, claim).await {
         Ok(resp) => {
             // The response body's copy of the record writes the line when the answer ends.
             record.disarm();
@@ -308,8 +362,7 @@ pub(crate) async fn handle(
         }
         Err(Failure::ClientGone(reason)) => {
             // Nobody is left to read an answer. Dropped unwritten, the record logs and counts
-            // the request as 499, like one whose client left while the upstream answered: the
-            // client went away, the proxy refused nothing.
+            // the request as 499, abandoned: the client went away, the proxy refused nothing.
             record.reason = reason;
             drop(record);
             let mut resp = Response::new(crate::http_util::empty());
@@ -363,6 +416,7 @@ async fn forward(
     mut parts: http::request::Parts,
     body: &mut Incoming,
     record: &mut AccessRecord,
+    claim: &Claim,
 ) -> Result<Response<Body>, Failure> {
     if parts.uri.scheme_str() != Some("http") {
         return Err(Refusal::bad_request("absolute-form requests must be http://: send the http:// URL and let a rule with tls_upgrade speak HTTPS upstream, or open a CONNECT tunnel for https:// (HTTPS_PROXY)").into());
@@ -371,6 +425,7 @@ async fn forward(
     let target = Target::from_uri(&parts.uri, 80)?;
     let (index, rule) = select_rule(state, &target, &parts.method, parts.uri.path()).await?;
     record.rule = rule.name.clone();
+    check_connection(&parts.headers, rule)?;
     rule.validation.check_headers(&parts.headers)?;
     let read_timeout = state.config.body_read_timeout;
     let body = tokio::time::timeout(
@@ -379,6 +434,10 @@ async fn forward(
     )
     .await
     .map_err(|_| Refusal::body_timeout(read_timeout))??;
+    // hyper read the body to its end: so did the framing scan, which saw every byte first.
+    if let Some(problem) = claim.body_problem() {
+        return Err(Refusal::bad_request(problem).into());
+    }
     // Only a body that is checked needs to be one contiguous buffer; else it is forwarded as the
     // chunks it arrived in, saving a copy of every payload.
     let body = if rule.validation.needs_body(&parts.headers) {
@@ -412,6 +471,7 @@ async fn forward(
     parts.version = http::Version::HTTP_11;
     let upstream_req = Request::from_parts(parts, body);
 
+    record.allow();
     let timeout = state.config.upstream_timeout;
     let deadline = Instant::now() + timeout;
     let client = &state.upstreams.clients[index];
@@ -468,7 +528,11 @@ fn body_error(e: &hyper::Error, seen: u64, declared: Option<u64>) -> Failure {
         }
         source = err.source();
     }
-    Refusal::bad_request(format!("cannot read request body: {e}")).into()
+    Refusal::bad_request(format!(
+        "cannot read request body: {}",
+        crate::scrape_error::one_line(e)
+    ))
+    .into()
 }
 
 /// Frames from this size on are kept as hyper handed them over; smaller ones are copied together.

@@ -5,6 +5,11 @@
 //! follows request framing (heads, Content-Length and chunked bodies) and notes each head's
 //! framing problem; the service claims the note of each request it gets, in order.
 //!
+//! A chunked body's trailer section is read as hyper reads it: its lines end only at CRLF, so a
+//! bare LF does not end one, and everything up to the next empty CRLF line, request heads
+//! included, belongs to it. No other parser reads it that way, so a bare LF there is a problem of
+//! the request's body, which the service asks about once it has read the body.
+//!
 //! If the scan ever loses track (a line longer than it follows, framing it cannot read), it stops
 //! and the connection is served no further request: the request in progress is answered with
 //! `Connection: close`, and any later one is refused. A CONNECT stops the scan too (the connection
@@ -24,10 +29,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// What the scan found in one request head.
 #[derive(Debug)]
 struct Head {
+    /// Heads are numbered in the order they were scanned, from 0.
+    index: u64,
     method: Vec<u8>,
     target: Vec<u8>,
     problem: Option<&'static str>,
 }
+
+/// The verdict on a chunked body whose trailer section holds a bare LF.
+pub(crate) const BARE_LF_IN_TRAILERS: &str =
+    "a line of the chunked trailer section ends in a bare LF instead of CRLF";
 
 /// The verdict on a request the scan did not see: it had lost track of the framing.
 pub(crate) const UNTRACKED: &str =
@@ -36,6 +47,10 @@ pub(crate) const UNTRACKED: &str =
 #[derive(Debug, Default)]
 struct Scanned {
     heads: VecDeque<Head>,
+    /// How many heads were scanned.
+    scanned: u64,
+    /// Problems of the bodies of heads not yet read through, by head index.
+    body_problems: VecDeque<(u64, &'static str)>,
     lost: bool,
     /// The connection began with a TLS handshake record (0x16), not a request line.
     spoke_tls: bool,
@@ -45,23 +60,56 @@ struct Scanned {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Heads(Arc<Mutex<Scanned>>);
 
+/// A request's share of the scan: what was wrong with its head, and a way to ask about its body.
+#[derive(Debug, Clone)]
+pub(crate) struct Claim {
+    /// The framing problem of the request's head, if any.
+    pub(crate) problem: Option<&'static str>,
+    /// The index of its head; `None` if the scan had not seen it.
+    index: Option<u64>,
+    heads: Heads,
+}
+
+impl Claim {
+    /// The framing problem of the request's body, once the body has been read to its end (the
+    /// scan sees every byte before hyper does).
+    pub(crate) fn body_problem(&self) -> Option<&'static str> {
+        let index = self.index?;
+        let scanned = self.heads.lock();
+        scanned
+            .body_problems
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, problem)| *problem)
+    }
+}
+
 impl Heads {
-    /// The framing problem of `req`'s head, if the scan saw one. Each request claims the next
-    /// scanned head; a request without one (the scan lost track) gets [`UNTRACKED`].
-    pub(crate) fn claim<B>(&self, req: &Request<B>) -> Option<&'static str> {
+    /// The share of `req` in the scan: each request claims the next scanned head; a request
+    /// without one (the scan lost track) gets [`UNTRACKED`] as its problem.
+    pub(crate) fn claim<B>(&self, req: &Request<B>) -> Claim {
         let mut scanned = self.lock();
-        match scanned.heads.pop_front() {
+        let (problem, index) = match scanned.heads.pop_front() {
             Some(head)
                 if head.method == req.method().as_str().as_bytes()
                     && Uri::try_from(head.target.as_slice()).is_ok_and(|u| &u == req.uri()) =>
             {
-                head.problem
+                (head.problem, Some(head.index))
             }
             _ => {
                 scanned.heads.clear();
                 scanned.lost = true;
-                Some(UNTRACKED)
+                (Some(UNTRACKED), None)
             }
+        };
+        // Earlier requests are answered: their bodies are no longer asked about.
+        if let Some(index) = index {
+            scanned.body_problems.retain(|(i, _)| *i >= index);
+        }
+        Claim {
+            problem,
+            index,
+            heads: self.clone(),
         }
     }
 
@@ -76,8 +124,27 @@ impl Heads {
         self.lock().spoke_tls
     }
 
-    fn push(&self, head: Head) {
-        self.lock().heads.push_back(head);
+    fn push(&self, method: Vec<u8>, target: Vec<u8>, problem: Option<&'static str>) {
+        let mut scanned = self.lock();
+        let index = scanned.scanned;
+        scanned.scanned += 1;
+        scanned.heads.push_back(Head {
+            index,
+            method,
+            target,
+            problem,
+        });
+    }
+
+    /// Notes `problem` in the body being scanned: that of the last head scanned.
+    fn body_problem(&self, problem: &'static str) {
+        let mut scanned = self.lock();
+        let Some(index) = scanned.scanned.checked_sub(1) else {
+            return;
+        };
+        if !scanned.body_problems.iter().any(|(i, _)| *i == index) {
+            scanned.body_problems.push_back((index, problem));
+        }
     }
 
     fn lose_track(&self) {
@@ -106,11 +173,25 @@ enum Phase {
     ChunkSize,
     ChunkData(u64),
     ChunkEnd,
-    Trailers,
+    Trailers(Trailer),
     /// After a CONNECT: the connection is a tunnel, or closes after the refusal.
     Tunnel,
     /// Lost track of the framing (or the head timed out).
     Off,
+}
+
+/// Where the scan is in a trailer section, in hyper's terms (its chunked decoder's `EndCr`,
+/// `EndLf`, `Trailer` and `TrailerLf` states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trailer {
+    /// At the start of a line: a CR here begins the empty line that ends the section.
+    LineStart,
+    /// After that CR: an LF must follow.
+    EndLf,
+    /// Inside a trailer line, which only a CR ends.
+    Line,
+    /// After the CR of a trailer line: an LF must follow.
+    LineLf,
 }
 
 /// A client connection whose reads are scanned for request framing; writes pass through.
@@ -184,6 +265,15 @@ impl<T> Sniff<T> {
         while !data.is_empty() {
             match self.phase {
                 Phase::Off | Phase::Tunnel => return,
+                Phase::Trailers(at) => {
+                    self.head_bytes += 1;
+                    if self.head_bytes > self.limit {
+                        self.phase = Phase::Off;
+                        return;
+                    }
+                    self.on_trailer_byte(at, data[0]);
+                    data = &data[1..];
+                }
                 Phase::Body(n) | Phase::ChunkData(n) => {
                     let k = data.len().min(usize::try_from(n).unwrap_or(usize::MAX));
                     data = &data[k..];
@@ -234,15 +324,36 @@ impl<T> Sniff<T> {
                     .and_then(|d| u64::from_str_radix(d, 16).ok());
                 self.phase = match size {
                     None => Phase::Off,
-                    Some(0) => Phase::Trailers,
+                    Some(0) => {
+                        self.head_bytes = 0;
+                        Phase::Trailers(Trailer::LineStart)
+                    }
                     Some(n) => Phase::ChunkData(n),
                 };
             }
             Phase::ChunkEnd if line.is_empty() => self.phase = Phase::ChunkSize,
-            Phase::Trailers if line.is_empty() => self.start_head(),
-            Phase::Trailers => {}
             _ => self.phase = Phase::Off,
         }
+    }
+
+    /// One byte of a trailer section, read as hyper reads it. What hyper refuses (a CR without
+    /// its LF) ends its reading of the connection, and the scan's.
+    fn on_trailer_byte(&mut self, at: Trailer, byte: u8) {
+        self.phase = match (at, byte) {
+            (Trailer::LineStart, b'\r') => Phase::Trailers(Trailer::EndLf),
+            (Trailer::EndLf, b'\n') => {
+                self.start_head();
+                return;
+            }
+            (Trailer::Line, b'\r') => Phase::Trailers(Trailer::LineLf),
+            (Trailer::LineLf, b'\n') => Phase::Trailers(Trailer::LineStart),
+            (Trailer::EndLf | Trailer::LineLf, _) => Phase::Off,
+            (Trailer::LineStart | Trailer::Line, b'\n') => {
+                self.heads.body_problem(BARE_LF_IN_TRAILERS);
+                Phase::Trailers(Trailer::Line)
+            }
+            (Trailer::LineStart | Trailer::Line, _) => Phase::Trailers(Trailer::Line),
+        };
     }
 
     fn start_head(&mut self) {
@@ -291,11 +402,7 @@ impl<T> Sniff<T> {
             None
         };
         let connect = head.method == b"CONNECT";
-        self.heads.push(Head {
-            method: head.method,
-            target: head.target,
-            problem,
-        });
+        self.heads.push(head.method, head.target, problem);
         self.head_bytes = 0;
         self.phase = match (head.transfer_encoding, head.length) {
             _ if connect => Phase::Tunnel,
@@ -453,17 +560,68 @@ mod tests {
         );
         let req = |m: &str, u: &str| Request::builder().method(m).uri(u).body(()).unwrap();
         assert_eq!(
-            heads.claim(&req("POST", "http://a/x")),
+            heads.claim(&req("POST", "http://a/x")).problem,
             Some("more than one Content-Length header")
         );
         assert!(!heads.lost());
-        assert_eq!(heads.claim(&req("GET", "http://a/other")), Some(UNTRACKED));
+        assert_eq!(
+            heads.claim(&req("GET", "http://a/other")).problem,
+            Some(UNTRACKED)
+        );
         assert!(heads.lost());
         assert_eq!(
-            heads.claim(&req("GET", "http://a/y")),
+            heads.claim(&req("GET", "http://a/y")).problem,
             Some(UNTRACKED),
             "cleared"
         );
+    }
+
+    /// hyper ends a trailer line only at CRLF: after a bare LF it goes on reading trailers up to
+    /// the next empty CRLF line, swallowing the request head in between. The scan must agree on
+    /// where the next request starts, and flag the body whose trailers did that.
+    #[test]
+    fn trailers_end_where_hyper_ends_them_and_a_bare_lf_in_them_is_flagged() {
+        let stream = b"POST http://a/1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5\r\nhello\r\n0\r\nX: a\n\r\n\
+            POST http://a/swallowed HTTP/1.1\r\nContent-Length: 60\r\n\r\n\
+            POST http://a/2 HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc\
+            POST http://a/3 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\nX: b\r\n\r\n\
+            POST http://a/4 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: c\r\nY: d\r\n\r\n\
+            GET http://a/5 HTTP/1.1\r\n\r\n";
+        for step in [1, 2, 5, stream.len()] {
+            let (mut sniff, heads) = Sniff::new((), 16 << 10, Duration::from_secs(10));
+            for piece in stream.chunks(step) {
+                sniff.scan(piece);
+            }
+            let req = |u: &str| Request::post(u).body(()).unwrap();
+            let first = heads.claim(&req("http://a/1"));
+            assert_eq!(first.problem, None);
+            assert_eq!(first.body_problem(), Some(BARE_LF_IN_TRAILERS));
+            let second = heads.claim(&req("http://a/2"));
+            assert_eq!(second.problem, Some("more than one Content-Length header"));
+            assert_eq!(second.body_problem(), None);
+            let third = heads.claim(&req("http://a/3"));
+            assert_eq!(third.body_problem(), Some(BARE_LF_IN_TRAILERS));
+            let fourth = heads.claim(&req("http://a/4"));
+            assert_eq!((fourth.problem, fourth.body_problem()), (None, None));
+            let get = Request::get("http://a/5").body(()).unwrap();
+            assert_eq!(
+                heads.claim(&get).problem,
+                None,
+                "fed {step} bytes at a time"
+            );
+            assert!(!heads.lost());
+        }
+    }
+
+    #[test]
+    fn a_cr_without_lf_in_trailers_stops_the_scan() {
+        let (mut sniff, heads) = Sniff::new((), 16 << 10, Duration::from_secs(10));
+        sniff.scan(
+            b"POST http://a/1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: a\rY\r\n\r\n",
+        );
+        assert_eq!(sniff.phase, Phase::Off);
+        assert!(heads.lost());
     }
 
     #[test]
@@ -486,8 +644,8 @@ mod tests {
         sniff.scan(b"\r\nhello\r\n0\r\n\r\nPOST http://a/2 HTTP/1.1\r\nContent-Length: 5\r\n\r\n");
         assert!(heads.lost());
         let req = |u: &str| Request::post(u).body(()).unwrap();
-        assert_eq!(heads.claim(&req("http://a/1")), None);
-        assert_eq!(heads.claim(&req("http://a/2")), Some(UNTRACKED));
+        assert_eq!(heads.claim(&req("http://a/1")).problem, None);
+        assert_eq!(heads.claim(&req("http://a/2")).problem, Some(UNTRACKED));
     }
 
     #[test]

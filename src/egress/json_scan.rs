@@ -1,19 +1,70 @@
-//! A fast, accept-only pass in front of `serde_json` for `validate: { json: true }`.
+//! The JSON check of `validate: { json: true }` and of schema rules, without building a tree:
+//! serde_json's grammar, and no key twice in one object. [`check`] runs a fast, accept-only pass,
+//! then serde_json's parser behind it.
 //!
 //! serde_json checks a 170 KB document of metric points at about 250–400 MB/s on this project's
 //! benchmark machine, most of it per-token overhead (visitor calls, number conversion), which
-//! made JSON validation the slowest egress path. This scanner checks the grammar only, at about
+//! made JSON validation the slowest egress path. The fast pass checks the grammar only, at about
 //! 2.5× that speed, and is deliberately narrower than serde_json: whatever it cannot vouch for
-//! cheaply (surrogate escapes, numbers near the ends of `f64`'s range, nesting deeper than 64,
-//! and of course every malformed document) it leaves to serde_json, which then gives the verdict
-//! and the error message. So `accepts(b) == true` must imply that `serde_json::Value` accepts `b`
-//! (a differential test below checks that on mutated documents); `false` means "ask serde_json".
-//! The input has already passed one UTF-8 check of the whole body.
+//! cheaply (surrogate escapes, numbers near the ends of `f64`'s range, nesting deeper than 64, a
+//! key seen twice, and of course every malformed document) it leaves to serde_json, which then
+//! gives the verdict and the error message. So `accepts(b) == true` must imply that
+//! `serde_json::Value` accepts `b` and that no object in it repeats a key (a differential test
+//! below checks that on mutated documents); `false` means "ask serde_json".
+//!
+//! Repeated keys are the one difference from `serde_json::Value`, which keeps the last: parsers
+//! disagree on which one counts, so an upstream may act on a value the rule never checked.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::hash::Hash;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+use super::refusal::Refusal;
 
 /// Deeper documents go to serde_json, whose own limit (128) then decides.
 const MAX_DEPTH: usize = 64;
 
-/// True only if `serde_json` also accepts `b` as a `Value`; false when unsure.
+/// Refuses (422) `body` unless it is one JSON document, as `serde_json::Value` reads it, without
+/// a key twice in one object.
+pub(super) fn check(body: &[u8]) -> Result<(), Refusal> {
+    // One UTF-8 check of the whole body, then the `str` parser, which skips the check per
+    // string: JSON outside strings is ASCII, so this accepts what `from_slice` accepts.
+    let text = std::str::from_utf8(body)
+        .map_err(|e| Refusal::invalid(format!("body is not valid JSON: not UTF-8 ({e})")))?;
+    if accepts(text.as_bytes()) {
+        return Ok(());
+    }
+    let repeated = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = WellFormed(&repeated)
+        .deserialize(&mut de)
+        .and_then(|()| de.end());
+    match (parsed, repeated.into_inner()) {
+        (Ok(()), _) => Ok(()),
+        (Err(e), Some(key)) => Err(Refusal::invalid(format!(
+            "body has the key {} twice in one object (line {} column {}); send each key once",
+            shown(&key),
+            e.line(),
+            e.column()
+        ))),
+        (Err(e), None) => Err(Refusal::invalid(format!("body is not valid JSON: {e}"))),
+    }
+}
+
+/// A key for a one-line reason: quoted, and cut short if long.
+fn shown(key: &str) -> String {
+    const MOST: usize = 40;
+    match key.char_indices().nth(MOST) {
+        Some((end, _)) => format!("{:?}…", &key[..end]),
+        None => format!("{key:?}"),
+    }
+}
+
+/// True only if `serde_json` also accepts `b` as a `Value` and no object in it repeats a key;
+/// false when unsure.
 pub(super) fn accepts(b: &[u8]) -> bool {
     document(b).is_some()
 }
@@ -21,6 +72,8 @@ pub(super) fn accepts(b: &[u8]) -> bool {
 fn document(b: &[u8]) -> Option<()> {
     // Open containers, innermost last: true for an object.
     let mut stack = [false; MAX_DEPTH];
+    // The keys of the open objects, by depth (kept between objects for their allocations).
+    let mut keys: Vec<Keys<Cow<[u8]>>> = Vec::new();
     let mut depth = 0;
     let mut i = skip_ws(b, 0);
     'value: loop {
@@ -30,6 +83,10 @@ fn document(b: &[u8]) -> Option<()> {
                     return None;
                 }
                 stack[depth] = true;
+                if keys.len() <= depth {
+                    keys.resize_with(depth + 1, Keys::default);
+                }
+                keys[depth].clear();
                 depth += 1;
                 i = skip_ws(b, i + 1);
                 match *b.get(i)? {
@@ -38,7 +95,7 @@ fn document(b: &[u8]) -> Option<()> {
                         i += 1;
                     }
                     b'"' => {
-                        i = key(b, i)?;
+                        i = key(b, i, &mut keys[depth - 1])?;
                         continue 'value;
                     }
                     _ => return None,
@@ -79,7 +136,7 @@ fn document(b: &[u8]) -> Option<()> {
                     if *b.get(i)? != b'"' {
                         return None;
                     }
-                    i = key(b, i)?;
+                    i = key(b, i, &mut keys[depth - 1])?;
                     continue 'value;
                 }
                 (b']', false) | (b'}', true) => {
@@ -101,10 +158,149 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 }
 
 /// A member's key at `i` (its opening quote), the colon and the whitespace before the value.
+/// A key already in `seen` is left to serde_json (which then names it). Keys are compared
+/// decoded: `"a"` and `"\u0061"` are the same key.
 #[inline(always)]
-fn key(b: &[u8], i: usize) -> Option<usize> {
-    let i = skip_ws(b, string(b, i + 1)?);
+fn key<'a>(b: &'a [u8], i: usize, seen: &mut Keys<Cow<'a, [u8]>>) -> Option<usize> {
+    let end = string(b, i + 1)?;
+    let name = &b[i + 1..end - 1];
+    let name = if name.contains(&b'\\') {
+        let mut decoded = Vec::with_capacity(name.len());
+        super::json_strings::decode(b, i + 1, &mut decoded);
+        Cow::Owned(decoded)
+    } else {
+        Cow::Borrowed(name)
+    };
+    if seen.insert(name).is_err() {
+        return None;
+    }
+    let i = skip_ws(b, end);
     (*b.get(i)? == b':').then(|| skip_ws(b, i + 1))
+}
+
+/// The keys of one object: compared one by one while there are few (most objects), hashed past
+/// that, so a huge object costs no more than its size.
+#[derive(Debug)]
+struct Keys<K> {
+    few: Vec<K>,
+    many: HashSet<K>,
+}
+
+impl<K> Default for Keys<K> {
+    fn default() -> Self {
+        Keys {
+            few: Vec::new(),
+            many: HashSet::new(),
+        }
+    }
+}
+
+/// Objects with more keys than this hash them.
+const FEW_KEYS: usize = 16;
+
+impl<K: Eq + Hash> Keys<K> {
+    /// Adds `key`; if it is there already, gives it back.
+    fn insert(&mut self, key: K) -> Result<(), K> {
+        if self.many.is_empty() {
+            if self.few.contains(&key) {
+                return Err(key);
+            }
+            if self.few.len() < FEW_KEYS {
+                self.few.push(key);
+                return Ok(());
+            }
+            self.many.extend(self.few.drain(..));
+        }
+        match self.many.replace(key) {
+            Some(was) => Err(was),
+            None => Ok(()),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.few.clear();
+        self.many.clear();
+    }
+}
+
+/// serde_json's parser with a visitor that builds nothing: it accepts exactly the documents
+/// `serde_json::Value` accepts (same number, string, escape and nesting-depth checks), except
+/// those with a repeated key, which it notes (decoded) and stops at. Building the tree would cost
+/// several times the parse itself (an allocation per string, a map per object).
+struct WellFormed<'r>(&'r RefCell<Option<String>>);
+
+impl<'de> DeserializeSeed<'de> for WellFormed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for WellFormed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(WellFormed(self.0))?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut keys = Keys::default();
+        while let Some(Key(key)) = map.next_key()? {
+            if let Err(key) = keys.insert(key) {
+                *self.0.borrow_mut() = Some(key.into_owned());
+                return Err(serde::de::Error::custom("repeated key"));
+            }
+            map.next_value_seed(WellFormed(self.0))?;
+        }
+        Ok(())
+    }
+}
+
+/// An object key, decoded; borrowed from the body when it has no escape.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl<'de> Visitor<'de> for KeyVisitor {
+    type Value = Key<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
+        Ok(Key(Cow::Borrowed(key)))
+    }
+    fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
+        Ok(Key(Cow::Owned(key.to_owned())))
+    }
 }
 
 #[inline(always)]
@@ -206,10 +402,103 @@ fn number(b: &[u8], mut i: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::accepts;
+    use super::{accepts, check};
+    use std::collections::BTreeSet;
 
+    /// The reference: serde_json reads `doc` as a `Value`, and, read again with every object's
+    /// keys gathered, no object repeats one (`Value` keeps the last of them silently).
     fn by_serde(doc: &[u8]) -> bool {
         serde_json::from_slice::<serde_json::Value>(doc).is_ok()
+            && serde_json::from_slice::<Unique>(doc).is_ok()
+    }
+
+    struct Unique;
+
+    impl<'de> serde::Deserialize<'de> for Unique {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(Unique)
+        }
+    }
+
+    impl<'de> serde::de::Visitor<'de> for Unique {
+        type Value = Unique;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_unit<E>(self) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
+            while seq.next_element::<Unique>()?.is_some() {}
+            Ok(Unique)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+            let mut seen = BTreeSet::new();
+            while let Some((key, Unique)) = map.next_entry::<String, Unique>()? {
+                if !seen.insert(key) {
+                    return Err(serde::de::Error::custom("repeated key"));
+                }
+            }
+            Ok(Unique)
+        }
+    }
+
+    #[test]
+    fn a_key_twice_in_one_object_is_refused_and_named() {
+        let many: String = (0..40).map(|k| format!("\"k{k}\": {k}, ")).collect();
+        let long = "x".repeat(300);
+        let repeated: Vec<(String, &str)> = vec![
+            (r#"{"level":"evil","level":"info"}"#.into(), "\"level\""),
+            (
+                r#"{"lev\u0065l":"evil","level":"info"}"#.into(),
+                "\"level\"",
+            ),
+            (r#"[{"a": {"b": 1, "c": 2, "b": 3}}]"#.into(), "\"b\""),
+            (format!("{{{many}\"k7\": 0}}"), "\"k7\""),
+            (format!(r#"{{"{long}":1,"{long}":2}}"#), "\"xxxxxxxxxx"),
+        ];
+        for (doc, named) in &repeated {
+            assert!(!accepts(doc.as_bytes()), "{doc}");
+            assert!(!by_serde(doc.as_bytes()), "{doc}");
+            let err = check(doc.as_bytes()).unwrap_err();
+            assert_eq!(err.status.as_u16(), 422, "{doc}");
+            assert!(
+                err.reason.starts_with(&format!("body has the key {named}")),
+                "{doc}: {}",
+                err.reason
+            );
+            assert!(
+                err.reason.len() < 160,
+                "a long key is cut short: {}",
+                err.reason
+            );
+        }
+        let unique: Vec<String> = vec![
+            r#"{"a": {"x": 1}, "b": {"x": 2}, "x": 3}"#.into(),
+            r#"[{"a": 1}, {"a": 1}]"#.into(),
+            r#"{"a": 1, "A": 2, "a ": 3, "\u00e9": 4, "é ": 5}"#.into(),
+            format!("{{{many}\"last\": 0}}"),
+        ];
+        for doc in &unique {
+            assert!(accepts(doc.as_bytes()), "{doc}");
+            assert!(check(doc.as_bytes()).is_ok(), "{doc}");
+        }
     }
 
     #[test]
@@ -388,11 +677,19 @@ mod tests {
             }
             _ => {
                 out.push(b'{');
-                for k in 0..rng.below(4) {
-                    if k > 0 {
+                // Distinct keys, as decoded (`"\u00e9"` is `"é"`): a repeated one is refused.
+                let mut keys = BTreeSet::new();
+                for _ in 0..rng.below(4) {
+                    let mut key = Vec::new();
+                    random_string(rng, &mut key);
+                    let decoded: String = serde_json::from_slice(&key).unwrap();
+                    if !keys.insert(decoded) {
+                        continue;
+                    }
+                    if keys.len() > 1 {
                         out.push(b',');
                     }
-                    random_string(rng, out);
+                    out.extend_from_slice(&key);
                     out.extend_from_slice(b": ");
                     random_value(rng, out, depth + 1);
                 }

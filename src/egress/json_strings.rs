@@ -20,7 +20,7 @@ pub(super) fn any_string(body: &[u8], mut found: impl FnMut(&[u8]) -> bool) -> b
 
 /// Decodes the string whose contents start at `i` into `out`; returns the index after its
 /// closing quote (the end of `b` if there is none).
-fn decode(b: &[u8], mut i: usize, out: &mut Vec<u8>) -> usize {
+pub(super) fn decode(b: &[u8], mut i: usize, out: &mut Vec<u8>) -> usize {
     out.clear();
     while let Some(&c) = b.get(i) {
         match c {

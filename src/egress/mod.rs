@@ -204,15 +204,16 @@ impl Egress {
             let state = state.clone();
             let admission = admission.clone();
             let hold = hold.clone();
-            let framing_problem = heads.claim(&req);
+            let claim = heads.claim(&req);
             let heads = heads.clone();
             async move {
                 let mut resp = match admission {
-                    Ok(_) => handle(&state, peer.ip(), req, framing_problem, hold).await,
+                    Ok(_) => handle(&state, peer.ip(), req, &claim, hold).await,
                     Err(refusal) => refuse_connection(&state, peer.ip(), &req, refusal),
                 };
-                // Where the next request starts is no longer known: there is none.
-                if heads.lost() {
+                // Where the next request starts is no longer known: there is none. Nor after a
+                // body whose framing other parsers read differently from hyper.
+                if heads.lost() || claim.body_problem().is_some() {
                     close_after(&mut resp);
                 }
                 Ok::<_, std::convert::Infallible>(resp)
@@ -363,11 +364,11 @@ async fn handle(
     state: &Arc<State>,
     client: IpAddr,
     req: Request<Incoming>,
-    framing_problem: Option<&'static str>,
+    claim: &framing::Claim,
     hold: Arc<ClientHold>,
 ) -> Response<Body> {
     let connect = req.method() == Method::CONNECT;
-    let mut resp = route(state, client, req, framing_problem, hold).await;
+    let mut resp = route(state, client, req, claim, hold).await;
     if connect && !resp.status().is_success() {
         close_after(&mut resp);
     }
@@ -378,7 +379,7 @@ async fn route(
     state: &Arc<State>,
     client: IpAddr,
     req: Request<Incoming>,
-    framing_problem: Option<&'static str>,
+    claim: &framing::Claim,
     hold: Arc<ClientHold>,
 ) -> Response<Body> {
     let is_proxy = req.method() == Method::CONNECT || req.uri().authority().is_some();
@@ -397,7 +398,7 @@ async fn route(
         record.disarm();
         return own_endpoint(state, &req);
     }
-    let checks = check_framing(framing_problem).and_then(|_| check_credentials(state, &req));
+    let checks = check_framing(claim.problem).and_then(|_| check_credentials(state, &req));
     if let Ok(Some(user)) = &checks {
         record.user = user.clone();
     }
@@ -409,7 +410,7 @@ async fn route(
     if req.method() == Method::CONNECT {
         connect::handle(state, req, record, hold).await
     } else {
-        forward::handle(state, req, record).await
+        forward::handle(state, req, record, claim).await
     }
 }
 

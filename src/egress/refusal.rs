@@ -166,6 +166,21 @@ impl Refusal {
         )
     }
 
+    /// A charset the body checks cannot read (415): not ASCII-compatible.
+    pub fn unsupported_charset(got: &str) -> Self {
+        let readable = !got.is_empty()
+            && got.len() <= 40
+            && got
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+        let got = if readable { got } else { "(unreadable)" };
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content_type",
+            format!("charset {got} cannot be checked: the rule reads the body as ASCII-compatible text (send utf-8, us-ascii or iso-8859-*)"),
+        )
+    }
+
     /// Content encoding the proxy cannot validate (415).
     pub fn unsupported_encoding(got: &str) -> Self {
         Self::new(

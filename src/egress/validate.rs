@@ -56,6 +56,11 @@ impl Validation {
             || !self.deny_patterns.is_empty()
     }
 
+    /// Whether checks read the body as text: JSON, a schema, deny patterns.
+    fn reads_text(&self) -> bool {
+        self.json || self.schema.is_some() || !self.deny_patterns.is_empty()
+    }
+
     /// Whether the body is JSON: the rule checks it as JSON, or the client says so
     /// (`application/json`, `application/*+json`).
     fn reads_json(&self, headers: &HeaderMap) -> bool {
@@ -86,6 +91,9 @@ impl Validation {
             {
                 return Err(Refusal::unsupported_media(&media, &self.content_types));
             }
+        }
+        if self.reads_text() {
+            check_charset(headers)?;
         }
         for name in &self.required_headers {
             if !headers.contains_key(name) {
@@ -145,6 +153,11 @@ impl Validation {
                 return Err(Refusal::denied_pattern(pattern.as_str()));
             }
         }
+        // Also before a schema builds its tree: `Value` keeps the last of a repeated key, so the
+        // schema would pass a value other than the one an upstream reading the first acts on.
+        if self.json || self.schema.is_some() {
+            super::json_scan::check(&decoded)?;
+        }
         if let Some(schema) = &self.schema {
             let value: serde_json::Value = serde_json::from_slice(&decoded)
                 .map_err(|e| Refusal::invalid(format!("body is not valid JSON: {e}")))?;
@@ -159,16 +172,6 @@ impl Validation {
             });
             if let Some(reason) = mismatch {
                 return Err(Refusal::invalid(reason));
-            }
-        } else if self.json {
-            // One UTF-8 check of the whole body, then the `str` parser, which skips the check per
-            // string: JSON outside strings is ASCII, so this accepts what `from_slice` accepts.
-            let text = std::str::from_utf8(&decoded).map_err(|e| {
-                Refusal::invalid(format!("body is not valid JSON: not UTF-8 ({e})"))
-            })?;
-            if !super::json_scan::accepts(text.as_bytes()) {
-                serde_json::from_str::<WellFormed>(text)
-                    .map_err(|e| Refusal::invalid(format!("body is not valid JSON: {e}")))?;
             }
         }
         Ok(())
@@ -190,49 +193,33 @@ fn media_type(headers: &HeaderMap) -> String {
         .unwrap_or_default()
 }
 
-/// Accepts exactly the documents `serde_json::Value` accepts (same parser, same number, string,
-/// escape and nesting-depth checks) without building the tree: building it costs several times
-/// the parse itself (an allocation per string, a map per object).
-struct WellFormed;
-
-impl<'de> serde::Deserialize<'de> for WellFormed {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(WellFormed)
+/// Refuses a `Content-Type` charset in which ASCII text is not spelled as ASCII bytes (UTF-16,
+/// UTF-32, UTF-7, EBCDIC…): the deny patterns and the JSON checks read the bytes as such text, so
+/// `password=` in UTF-16 would pass a pattern for it, and the upstream would decode it.
+fn check_charset(headers: &HeaderMap) -> Result<(), Refusal> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let value = String::from_utf8_lossy(value.as_bytes());
+    for param in value.split(';').skip(1) {
+        let Some((name, charset)) = param.split_once('=') else {
+            continue;
+        };
+        if !name.trim().eq_ignore_ascii_case("charset") {
+            continue;
+        }
+        let charset = charset.trim().trim_matches('"').to_ascii_lowercase();
+        let ascii_compatible = matches!(
+            charset.as_str(),
+            "utf-8" | "utf8" | "us-ascii" | "ascii" | "latin1" | "iso-latin-1"
+        ) || ["iso-8859-", "iso8859-", "iso_8859-", "windows-125"]
+            .iter()
+            .any(|prefix| charset.starts_with(prefix));
+        if !ascii_compatible {
+            return Err(Refusal::unsupported_charset(&charset));
+        }
     }
-}
-
-impl<'de> serde::de::Visitor<'de> for WellFormed {
-    type Value = WellFormed;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<WellFormed, E> {
-        Ok(WellFormed)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<WellFormed, E> {
-        Ok(WellFormed)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<WellFormed, E> {
-        Ok(WellFormed)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<WellFormed, E> {
-        Ok(WellFormed)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<WellFormed, E> {
-        Ok(WellFormed)
-    }
-    fn visit_unit<E>(self) -> Result<WellFormed, E> {
-        Ok(WellFormed)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<WellFormed, A::Error> {
-        while seq.next_element::<WellFormed>()?.is_some() {}
-        Ok(WellFormed)
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<WellFormed, A::Error> {
-        while map.next_entry::<WellFormed, WellFormed>()?.is_some() {}
-        Ok(WellFormed)
-    }
+    Ok(())
 }
 
 fn check_md5(header: &[u8], body: &[u8]) -> Result<(), Refusal> {
@@ -269,13 +256,7 @@ fn decode<'a>(
     let invalid =
         |e: std::io::Error| Refusal::invalid(format!("body is not valid {encoding}: {e}"));
     match encoding.as_str() {
-        // Data after the last member is refused by the decoder, which reads it as another one.
-        "gzip" | "x-gzip" => read_decoded(
-            flate2::read::MultiGzDecoder::new(&body[..]),
-            &mut out,
-            limit,
-        )
-        .map_err(invalid)?,
+        "gzip" | "x-gzip" => decode_gzip(body, &mut out, limit).map_err(invalid)?,
         "deflate" => {
             let mut zlib = flate2::bufread::ZlibDecoder::new(&body[..]);
             read_decoded(&mut zlib, &mut out, limit).map_err(invalid)?;
@@ -293,6 +274,31 @@ fn decode<'a>(
         return Err(Refusal::decoded_too_large(limit));
     }
     Ok(std::borrow::Cow::Owned(out))
+}
+
+/// Decodes gzip member after member (gzip files put end to end are one stream to every
+/// decoder) into `out`, up to one byte past `limit`. Bytes after the last member that do not
+/// begin another one are refused: they would go upstream unread by every check.
+fn decode_gzip(body: &[u8], out: &mut Vec<u8>, limit: u64) -> std::io::Result<()> {
+    let mut rest = body;
+    loop {
+        let mut member = flate2::bufread::GzDecoder::new(rest);
+        read_decoded(&mut member, out, limit.saturating_sub(out.len() as u64))?;
+        if out.len() as u64 > limit {
+            return Ok(());
+        }
+        let after = member.into_inner();
+        if after.is_empty() {
+            return Ok(());
+        }
+        if !after.starts_with(&[0x1f, 0x8b]) || after.len() == rest.len() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "data after the end of the gzip stream",
+            ));
+        }
+        rest = after;
+    }
 }
 
 /// Reads `reader` into `out`, one byte past `limit` to tell "exactly at the limit" from "over it".
@@ -406,14 +412,29 @@ mod tests {
             assert_eq!(err.status.as_u16(), 403, "{field}: {}", err.reason);
         }
 
-        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-        zlib.write_all(b"{\"a\": 1}").unwrap();
-        let deflated = zlib.finish().unwrap();
-        let h = headers(&[("content-encoding", "deflate")]);
+        // gzip files end to end are one body; anything else after the last is refused as such.
         let json = Validation {
             json: true,
             ..Validation::default()
         };
+        let members = [gzip(b"{\"a\": "), gzip(b"1}")].concat().into();
+        assert!(json.check_body(&h, &members).is_ok());
+        for tail in [&b"SECRET"[..], &[0; 8], b"\x1f"] {
+            let body = [&gzip(b"{\"a\": 1}")[..], tail].concat().into();
+            let err = json.check_body(&h, &body).unwrap_err();
+            assert_eq!(
+                err.reason, "body is not valid gzip: data after the end of the gzip stream",
+                "{tail:?}"
+            );
+        }
+        let truncated_member = [&gzip(b"{}")[..], &gzip(b"{}")[..12]].concat().into();
+        let err = json.check_body(&h, &truncated_member).unwrap_err();
+        assert_eq!(err.status.as_u16(), 422, "{}", err.reason);
+
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        zlib.write_all(b"{\"a\": 1}").unwrap();
+        let deflated = zlib.finish().unwrap();
+        let h = headers(&[("content-encoding", "deflate")]);
         assert!(json.check_body(&h, &deflated.clone().into()).is_ok());
         let trailing = [&deflated[..], b"trailing"].concat().into();
         let err = json.check_body(&h, &trailing).unwrap_err();
@@ -509,6 +530,23 @@ mod tests {
             b"NaN",
             too_deep.as_bytes(),
         ];
+        // The one difference: `Value` keeps the last of a repeated key, the check refuses it.
+        let repeated: Vec<&[u8]> = vec![
+            b"{\"a\": 1, \"a\": 2}",
+            b"[{\"b\": {\"a\": 1, \"c\": 2, \"\\u0061\": 3}}]",
+        ];
+        for case in &repeated {
+            assert!(serde_json::from_slice::<serde_json::Value>(case).is_ok());
+            let err = v
+                .check_body(&headers(&[]), &Bytes::copy_from_slice(case))
+                .unwrap_err();
+            assert_eq!(err.status.as_u16(), 422);
+            assert!(
+                err.reason.starts_with("body has the key \"a\" twice"),
+                "{}",
+                err.reason
+            );
+        }
         for case in cases {
             let by_value = serde_json::from_slice::<serde_json::Value>(case).is_ok();
             let ours = v.check_body(&headers(&[]), &Bytes::copy_from_slice(case));

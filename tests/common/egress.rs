@@ -283,6 +283,7 @@ fn answer(reply: &Reply) -> Response<Full<Bytes>> {
 pub struct TestResolver {
     answers: Mutex<HashMap<String, Vec<Vec<IpAddr>>>>,
     calls: Mutex<HashMap<String, usize>>,
+    stalled: Mutex<Vec<String>>,
 }
 
 impl TestResolver {
@@ -317,6 +318,14 @@ impl TestResolver {
             .insert(name.to_ascii_lowercase(), parsed);
     }
 
+    /// Lookups of `name` never answer from now on (a DNS server that does not reply).
+    pub fn stall(&self, name: &str) {
+        self.stalled
+            .lock()
+            .expect("resolver poisoned")
+            .push(name.to_ascii_lowercase());
+    }
+
     /// Lookups of `name` so far.
     pub fn calls(&self, name: &str) -> usize {
         self.calls
@@ -337,6 +346,14 @@ impl Resolve for TestResolver {
             *n += 1;
             *n - 1
         };
+        if self
+            .stalled
+            .lock()
+            .expect("resolver poisoned")
+            .contains(&host)
+        {
+            return Box::pin(std::future::pending());
+        }
         let answer = self
             .answers
             .lock()
