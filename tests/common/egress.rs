@@ -283,6 +283,7 @@ fn answer(reply: &Reply) -> Response<Full<Bytes>> {
 pub struct TestResolver {
     answers: Mutex<HashMap<String, Vec<Vec<IpAddr>>>>,
     calls: Mutex<HashMap<String, usize>>,
+    hanging: Mutex<Vec<String>>,
 }
 
 impl TestResolver {
@@ -317,6 +318,14 @@ impl TestResolver {
             .insert(name.to_ascii_lowercase(), parsed);
     }
 
+    /// Lookups of `name` never answer from now on (a resolver that went quiet).
+    pub fn hang(&self, name: &str) {
+        self.hanging
+            .lock()
+            .expect("resolver poisoned")
+            .push(name.to_ascii_lowercase());
+    }
+
     /// Lookups of `name` so far.
     pub fn calls(&self, name: &str) -> usize {
         self.calls
@@ -343,6 +352,14 @@ impl Resolve for TestResolver {
             .expect("resolver poisoned")
             .get(&host)
             .map(|seq| seq[n.min(seq.len() - 1)].clone());
+        if self
+            .hanging
+            .lock()
+            .expect("resolver poisoned")
+            .contains(&host)
+        {
+            return Box::pin(std::future::pending());
+        }
         Box::pin(async move {
             answer.ok_or_else(|| {
                 std::io::Error::new(
