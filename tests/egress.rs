@@ -2010,6 +2010,76 @@ async fn a_trickled_body_is_cut_by_the_body_read_timeout_and_never_forwarded() {
     up.assert_untouched("trickled body");
 }
 
+/// Waits until the proxy holds `bytes` of request bodies, by its own gauge.
+async fn wait_buffered(proxy: &TestEgress, bytes: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let held = metric_value(
+            &proxy.metrics().await,
+            "ferry_egress_buffered_body_bytes",
+            &[],
+        );
+        if held == Some(bytes) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy holds {held:?} bytes of bodies, not {bytes}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Bodies are read whole before they are forwarded; all requests together hold at most
+/// `max_buffered_body_bytes`. A request that would go over it gets 503 and the upstream nothing,
+/// while the request holding the budget stalls; what it held is given back when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_held_at_once_are_bounded_process_wide() {
+    let up = RecordingUpstream::start().await;
+    let yaml = format!(
+        "max_buffered_body_bytes: 100000\nrules:\n  - name: push\n    upstream: \"{}\"\n    validate: {{max_body_bytes: 80000}}\n",
+        loopback_rule(&up)
+    );
+    let proxy = TestEgress::start(yaml_section(&yaml), TestResolver::new(&[])).await;
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: 80000\r\n\r\n",
+        up.url("/stalled"),
+        up.addr
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(&[b'a'; 70_000]).await.unwrap();
+    wait_buffered(&proxy, 70_000.0).await;
+
+    let resp = post_via(proxy.addr, &up.url("/over"), &[], &[b'b'; 40_000]).await;
+    assert_refused(
+        &resp,
+        503,
+        "the proxy already holds its limit of 100000 bytes of request bodies (max_buffered_body_bytes)",
+        "a body over what is left of the budget",
+    );
+    up.assert_untouched("over the body budget");
+    let resp = post_via(proxy.addr, &up.url("/fits"), &[], &[b'c'; 20_000]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ferry_egress_rejections_total",
+            &[("reason", "body_buffer_full")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    drop(stalled);
+    wait_buffered(&proxy, 0.0).await;
+    let resp = post_via(proxy.addr, &up.url("/after"), &[], &[b'd'; 40_000]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let paths: Vec<String> = up.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(paths, ["/fits", "/after"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_is_reused_on_both_sides() {
     let up = RecordingUpstream::start().await;

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use super::access::AccessRecord;
+use super::budget::Held;
 use super::connector::{
     checked_addrs, resolve, CheckedConnector, ConnectError, TlsConnector, UpstreamTracker,
 };
@@ -25,7 +26,7 @@ use super::policy::{parse_ip_literal, Destination, SharedResolver};
 use super::refusal::Refusal;
 use super::{refused, State};
 use crate::config::{EgressConfig, Rule};
-use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
+use crate::http_util::{boxed, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_client::{client_config, Purpose};
 
@@ -401,21 +402,25 @@ async fn forward(
     record.rule = rule.name.clone();
     rule.validation.check_headers(&parts.headers)?;
     let read_timeout = state.config.body_read_timeout;
-    let body = tokio::time::timeout(
+    let mut body = tokio::time::timeout(
         read_timeout,
-        read_body(body, rule.validation.max_body_bytes, &mut record.bytes_in),
+        read_body(
+            body,
+            rule.validation.max_body_bytes,
+            state.body_budget.share(),
+            &mut record.bytes_in,
+        ),
     )
     .await
     .map_err(|_| Refusal::body_timeout(read_timeout))??;
     // Only a body that is checked needs to be one contiguous buffer; else it is forwarded as the
     // chunks it arrived in, saving a copy of every payload.
-    let body = if rule.validation.needs_body(&parts.headers) {
-        let whole = body.into_bytes();
+    if rule.validation.needs_body(&parts.headers) {
+        let whole = body.contiguous();
         rule.validation.check_body(&parts.headers, &whole)?;
-        full(whole)
-    } else {
-        boxed(body)
-    };
+    }
+    // It keeps its share of the body budget until it has gone upstream.
+    let body = boxed(body);
 
     let port = effective_port(rule, target.port);
     let scheme = if rule.tls_upgrade.is_some() {
@@ -459,17 +464,25 @@ async fn forward(
     Ok(stream_back(state, resp, record.clone(), deadline))
 }
 
-/// Reads the whole body, refusing it past `limit` bytes. `seen` counts what arrived, also when
-/// the body is refused or breaks (for the access log).
-async fn read_body(body: &mut Incoming, limit: u64, seen: &mut u64) -> Result<ReadBody, Failure> {
+/// Reads the whole body, refusing it past `limit` bytes or when `held` cannot grow to hold it.
+/// `seen` counts what arrived, also when the body is refused or breaks (for the access log).
+async fn read_body(
+    body: &mut Incoming,
+    limit: u64,
+    held: Held,
+    seen: &mut u64,
+) -> Result<ReadBody, Failure> {
     let declared = http_body::Body::size_hint(body).exact();
-    let mut read = ReadBody::default();
+    let mut read = ReadBody::new(held);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| body_error(&e, *seen, declared))?;
         if let Ok(data) = frame.into_data() {
             *seen += data.len() as u64;
             if read.remaining + data.len() as u64 > limit {
                 return Err(Refusal::too_large(limit).into());
+            }
+            if !read.held.grow(data.len() as u64) {
+                return Err(Refusal::body_buffer_full(read.held.limit()).into());
             }
             read.push(data);
         }
@@ -506,8 +519,8 @@ const COALESCED: usize = 64 << 10;
 
 /// A request body read in full: large frames as hyper handed them over (no copy), small ones
 /// copied together. Each frame holds on to hyper's read buffer and costs a queue entry, so a body
-/// sent as a million one-byte chunks would otherwise take tens of times its size.
-#[derive(Default)]
+/// sent as a million one-byte chunks would otherwise take tens of times its size. It holds its
+/// share of the process-wide body budget until it is dropped.
 struct ReadBody {
     chunks: VecDeque<Bytes>,
     /// Small frames not yet in `chunks`, in the unused end of the last buffer allocated for them.
@@ -516,9 +529,21 @@ struct ReadBody {
     tail_capacity: usize,
     /// Bytes not yet sent.
     remaining: u64,
+    /// Its share of the body budget.
+    held: Held,
 }
 
 impl ReadBody {
+    fn new(held: Held) -> Self {
+        Self {
+            chunks: VecDeque::new(),
+            tail: BytesMut::new(),
+            tail_capacity: 0,
+            remaining: 0,
+            held,
+        }
+    }
+
     fn push(&mut self, data: Bytes) {
         self.remaining += data.len() as u64;
         if data.len() >= SMALL_FRAME {
@@ -541,16 +566,16 @@ impl ReadBody {
         }
     }
 
-    /// The body as one buffer (a copy unless it arrived in one chunk).
-    fn into_bytes(mut self) -> Bytes {
-        if self.chunks.len() <= 1 {
-            return self.chunks.pop_front().unwrap_or_default();
+    /// The body as one buffer, which it then consists of (a copy unless it arrived in one chunk).
+    fn contiguous(&mut self) -> Bytes {
+        if self.chunks.len() > 1 {
+            let mut whole = BytesMut::with_capacity(self.remaining as usize);
+            for chunk in self.chunks.drain(..) {
+                whole.extend_from_slice(&chunk);
+            }
+            self.chunks.push_back(whole.freeze());
         }
-        let mut whole = BytesMut::with_capacity(self.remaining as usize);
-        for chunk in &self.chunks {
-            whole.extend_from_slice(chunk);
-        }
-        whole.freeze()
+        self.chunks.front().cloned().unwrap_or_default()
     }
 }
 
@@ -669,7 +694,8 @@ mod tests {
     }
 
     fn read(frames: impl IntoIterator<Item = Bytes>) -> ReadBody {
-        let mut body = ReadBody::default();
+        let budget = super::super::budget::BodyBudget::new(u64::MAX, Default::default());
+        let mut body = ReadBody::new(budget.share());
         for frame in frames {
             body.push(frame);
         }
@@ -685,7 +711,9 @@ mod tests {
         assert!(sizes.len() <= 8, "{sizes:?}");
         assert_eq!(sizes.iter().sum::<usize>(), 200_000);
         assert!(sizes.iter().all(|n| *n <= COALESCED), "{sizes:?}");
-        let whole = body.into_bytes();
+        let mut body = body;
+        let whole = body.contiguous();
+        assert_eq!(body.chunks.len(), 1, "the body is now that one buffer");
         assert!(whole.iter().enumerate().all(|(i, b)| *b == i as u8));
     }
 

@@ -14,7 +14,7 @@ pub const MAX_HEADER_FIELDS: usize = 100;
 /// Why the proxy refused a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// 400, 403, 405, 407, 408, 413, 415, 422, 429, 431, 501, 502 or 504.
+    /// 400, 403, 405, 407, 408, 413, 415, 422, 429, 431, 501, 502, 503 or 504.
     pub status: StatusCode,
     /// Bounded label for metrics (`client_not_allowed`, `destination_not_allowed`, …).
     pub kind: &'static str,
@@ -209,6 +209,18 @@ impl Refusal {
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
             format!("request body not received within {after:?}"),
+        )
+    }
+
+    /// The proxy already holds its limit of request body bytes (503): the request is refused
+    /// rather than let one client's stalled uploads take the host's memory.
+    pub fn body_buffer_full(limit: u64) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "body_buffer_full",
+            format!(
+                "the proxy already holds its limit of {limit} bytes of request bodies (max_buffered_body_bytes); try again later"
+            ),
         )
     }
 
