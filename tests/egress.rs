@@ -1189,6 +1189,77 @@ async fn a_json_schema_violation_is_422() {
     assert_arrived_identical(&up, JSON_PAYLOAD, None);
 }
 
+/// The process's peak resident memory so far (`VmHWM`), in bytes; `None` off Linux.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A schema is run against the body's parsed tree, which takes 16 to 32 times the text for
+/// `[0,0,…]` — a text that gzip shrinks a thousandfold. The tree is built within
+/// `max_json_tree_bytes`: past it the body is refused, before the tree is (nearly) complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_rule_refuses_a_json_bomb_within_its_tree_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("object.schema.json");
+    std::fs::write(&schema, r#"{"type": "object"}"#).unwrap();
+    // 8 MB decoded, well under max_decoded_bytes (64 MiB): 4 million values, 128 MB of tree.
+    let mut doc = b"[".to_vec();
+    doc.extend(b"0,".repeat(4 << 20));
+    doc.extend(b"0]");
+    let bomb = gzip(&doc);
+    assert!(bomb.len() < 64 << 10, "bomb is {} bytes", bomb.len());
+    drop(doc);
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(
+        &up,
+        &format!(
+            "{{json_schema_file: \"{}\", max_json_tree_bytes: 4194304}}",
+            schema.display()
+        ),
+    )
+    .await;
+    let headers = [
+        ("content-type", "application/json"),
+        ("content-encoding", "gzip"),
+    ];
+    // A small document passes (and warms up everything that is allocated once).
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/"),
+        &headers,
+        &gzip(b"{\"a\": [1, 2]}"),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let before = peak_rss();
+    let resp = post_via(proxy.addr, &up.url("/"), &headers, &bomb).await;
+    assert_refused(
+        &resp,
+        413,
+        "JSON tree for the schema check would exceed the limit of 4194304 bytes (max_json_tree_bytes)",
+        "JSON bomb",
+    );
+    assert_eq!(up.request_count(), 1, "the bomb never went upstream");
+    if let (Some(before), Some(after)) = (before, peak_rss()) {
+        // The decoded text (8 MB) and the tree up to its limit (4 MiB), not 128 MB of tree.
+        let grew = after.saturating_sub(before);
+        assert!(grew < 40 << 20, "peak memory grew by {} MB", grew >> 20);
+    }
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ferry_egress_rejections_total",
+            &[("reason", "json_tree_too_large")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_md5_is_verified() {
     let up = RecordingUpstream::start().await;

@@ -167,6 +167,9 @@ pub struct ValidateSection {
     /// Largest body after gzip/deflate/snappy decoding.
     #[serde(deserialize_with = "super::lenient_opt")]
     pub max_decoded_bytes: Option<u64>,
+    /// Most memory the parsed tree of a body may take for the `json_schema_file` check.
+    #[serde(deserialize_with = "super::lenient_opt")]
+    pub max_json_tree_bytes: Option<u64>,
     /// Accepted media types.
     pub content_types: Vec<String>,
     /// Headers that must be present.
@@ -462,6 +465,9 @@ impl ValidateSection {
         let mut v = Validation {
             max_body_bytes: self.max_body_bytes.unwrap_or(defaults.max_body_bytes),
             max_decoded_bytes: self.max_decoded_bytes.unwrap_or(defaults.max_decoded_bytes),
+            max_json_tree_bytes: self
+                .max_json_tree_bytes
+                .unwrap_or(defaults.max_json_tree_bytes),
             content_types: self
                 .content_types
                 .iter()
@@ -491,6 +497,12 @@ impl ValidateSection {
                     ),
                 ),
             }
+        }
+        if self.max_json_tree_bytes.is_some() && self.json_schema_file.is_none() {
+            errs.push(
+                format!("{prefix}.max_json_tree_bytes"),
+                "applies only with json_schema_file (no tree is built without a schema)",
+            );
         }
         if let Some(path) = &self.json_schema_file {
             match load_schema(path) {

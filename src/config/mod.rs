@@ -1414,4 +1414,15 @@ mod egress_tests {
         let ok = "egress:\n  max_buffered_body_bytes: 3000000\n  rules:\n    - { name: r, upstream: 'a.example.com:443', validate: { max_body_bytes: 3000000 } }\n";
         assert_eq!(errors(ok), Vec::<String>::new());
     }
+
+    #[test]
+    fn a_json_tree_limit_needs_a_schema() {
+        let lines = errors(
+            "egress:\n  rules:\n    - { name: r, upstream: 'a.example.com:443', validate: { json: true, max_json_tree_bytes: 1048576 } }\n",
+        );
+        assert_eq!(
+            lines,
+            ["e.yaml: egress.rules[0].validate.max_json_tree_bytes: applies only with json_schema_file (no tree is built without a schema)"]
+        );
+    }
 }

@@ -12,7 +12,8 @@
 // - `access`: the access log line and metrics of each request.
 // - `budget`: the process-wide bound on request body bytes held in memory.
 // - `json_scan`: the fast JSON well-formedness pass; `json_strings`: a JSON body's strings
-//   unescaped, for the deny patterns (both used by `validate`).
+//   unescaped, for the deny patterns; `json_tree`: the tree a JSON Schema checks, built within
+//   a memory limit (all used by `validate`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -41,6 +42,7 @@ mod forward;
 mod framing;
 mod json_scan;
 mod json_strings;
+mod json_tree;
 pub mod policy;
 pub mod refusal;
 #[cfg(target_os = "linux")]

@@ -156,6 +156,17 @@ impl Refusal {
         )
     }
 
+    /// The parsed tree of a JSON body, for its schema check, would take more than allowed (413).
+    pub fn json_tree_too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "json_tree_too_large",
+            format!(
+                "the body's JSON tree for the schema check would exceed the limit of {limit} bytes (max_json_tree_bytes)"
+            ),
+        )
+    }
+
     /// Content type not accepted (415).
     pub fn unsupported_media(got: &str, allowed: &[String]) -> Self {
         let got = if got.is_empty() { "none" } else { got };
