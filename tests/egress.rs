@@ -877,6 +877,78 @@ async fn ports_methods_and_paths_outside_the_rule_are_refused() {
     assert_eq!(up.request_count(), 2);
 }
 
+/// A DNS query is traffic whose name the client picks (`secret-payload.exfil.example` carries
+/// data to whoever serves that zone): the proxy looks a name up only when a CIDR rule takes the
+/// request on port, method and path, and gives a resolver no longer than `connect_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_is_looked_up_only_when_a_cidr_rule_could_take_the_request() {
+    let up = RecordingUpstream::start().await;
+    let port = up.port();
+    let checked_port = if port == 65535 { port - 1 } else { port + 1 };
+    let exfil = "secret-payload.exfil.test.example";
+    let resolver = TestResolver::new(&[
+        (exfil, &["127.0.0.1"]),
+        ("collector.test.example", &["127.0.0.1"]),
+    ]);
+    resolver.stall("slow.test.example");
+    let mut s = yaml_section(&format!(
+        "rules:\n  - name: push\n    upstream: \"127.0.0.1/32:{port}\"\n    methods: [POST]\n    path_prefix: /api/\n  - name: checked\n    upstream: \"127.0.0.1/32:{checked_port}\"\n    validate: {{json: true}}\n"
+    ));
+    s.connect_timeout = ferry::config::Dur(Duration::from_millis(300));
+    let proxy = TestEgress::start(s, resolver.clone()).await;
+
+    for (method, url) in [
+        ("POST", format!("http://{exfil}:1/api/x")),
+        ("GET", format!("http://{exfil}:{port}/api/x")),
+        ("POST", format!("http://{exfil}:{port}/admin")),
+    ] {
+        let resp = exchange(proxy.addr, absolute(method, &url, &[], "x")).await;
+        assert_refused(&resp, 403, "is not allowed", &format!("{method} {url}"));
+    }
+    // A CONNECT: to a port no rule names, and to a rule that reads payloads (no tunnel ever).
+    for authority in [format!("{exfil}:1"), format!("{exfil}:{checked_port}")] {
+        let (resp, _) = connect_raw(proxy.addr, &authority, &[]).await;
+        assert_eq!(resp.status, 403, "CONNECT {authority}: {resp:?}");
+    }
+    assert_eq!(
+        resolver.calls(exfil),
+        0,
+        "a request no rule allows made a DNS lookup"
+    );
+    up.assert_untouched("refused without a lookup");
+
+    let resp = post_via(
+        proxy.addr,
+        &format!("http://collector.test.example:{port}/api/x"),
+        &[],
+        b"x",
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(resolver.calls("collector.test.example") >= 1);
+
+    let started = Instant::now();
+    let resp = post_via(
+        proxy.addr,
+        &format!("http://slow.test.example:{port}/api/x"),
+        &[],
+        b"x",
+    )
+    .await;
+    assert_refused(
+        &resp,
+        502,
+        "cannot resolve slow.test.example: no answer within 300ms",
+        "a resolver that does not answer",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(up.request_count(), 1);
+}
+
 /// When no rule allows a request, the refusal names the closest miss: the path, when a rule
 /// allows the method but not under that path (not the method of a CONNECT-only rule for the
 /// same destination); the method, when only the method is wrong.
@@ -1152,6 +1224,77 @@ async fn a_key_twice_in_one_object_is_422() {
         assert_eq!(resp.status, 200, "{validate}: {}", resp.text());
         assert_arrived_identical(&up, body, None);
     }
+}
+
+/// The process's peak resident memory so far (`VmHWM`), in bytes; `None` off Linux.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A schema is run against the body's parsed tree, which takes 16 to 32 times the text for
+/// `[0,0,…]` — a text that gzip shrinks a thousandfold. The tree is built within
+/// `max_json_tree_bytes`: past it the body is refused, before the tree is (nearly) complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_rule_refuses_a_json_bomb_within_its_tree_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("object.schema.json");
+    std::fs::write(&schema, r#"{"type": "object"}"#).unwrap();
+    // 8 MB decoded, well under max_decoded_bytes (64 MiB): 4 million values, 128 MB of tree.
+    let mut doc = b"[".to_vec();
+    doc.extend(b"0,".repeat(4 << 20));
+    doc.extend(b"0]");
+    let bomb = gzip(&doc);
+    assert!(bomb.len() < 64 << 10, "bomb is {} bytes", bomb.len());
+    drop(doc);
+    let up = RecordingUpstream::start().await;
+    let proxy = validating_proxy(
+        &up,
+        &format!(
+            "{{json_schema_file: \"{}\", max_json_tree_bytes: 4194304}}",
+            schema.display()
+        ),
+    )
+    .await;
+    let headers = [
+        ("content-type", "application/json"),
+        ("content-encoding", "gzip"),
+    ];
+    // A small document passes (and warms up everything that is allocated once).
+    let resp = post_via(
+        proxy.addr,
+        &up.url("/"),
+        &headers,
+        &gzip(b"{\"a\": [1, 2]}"),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let before = peak_rss();
+    let resp = post_via(proxy.addr, &up.url("/"), &headers, &bomb).await;
+    assert_refused(
+        &resp,
+        413,
+        "JSON tree for the schema check would exceed the limit of 4194304 bytes (max_json_tree_bytes)",
+        "JSON bomb",
+    );
+    assert_eq!(up.request_count(), 1, "the bomb never went upstream");
+    if let (Some(before), Some(after)) = (before, peak_rss()) {
+        // The decoded text (8 MB) and the tree up to its limit (4 MiB), not 128 MB of tree.
+        let grew = after.saturating_sub(before);
+        assert!(grew < 40 << 20, "peak memory grew by {} MB", grew >> 20);
+    }
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ferry_egress_rejections_total",
+            &[("reason", "json_tree_too_large")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2039,6 +2182,76 @@ async fn a_trickled_body_is_cut_by_the_body_read_timeout_and_never_forwarded() {
         "answered after {took:?}"
     );
     up.assert_untouched("trickled body");
+}
+
+/// Waits until the proxy holds `bytes` of request bodies, by its own gauge.
+async fn wait_buffered(proxy: &TestEgress, bytes: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let held = metric_value(
+            &proxy.metrics().await,
+            "ferry_egress_buffered_body_bytes",
+            &[],
+        );
+        if held == Some(bytes) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy holds {held:?} bytes of bodies, not {bytes}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Bodies are read whole before they are forwarded; all requests together hold at most
+/// `max_buffered_body_bytes`. A request that would go over it gets 503 and the upstream nothing,
+/// while the request holding the budget stalls; what it held is given back when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_held_at_once_are_bounded_process_wide() {
+    let up = RecordingUpstream::start().await;
+    let yaml = format!(
+        "max_buffered_body_bytes: 100000\nrules:\n  - name: push\n    upstream: \"{}\"\n    validate: {{max_body_bytes: 80000}}\n",
+        loopback_rule(&up)
+    );
+    let proxy = TestEgress::start(yaml_section(&yaml), TestResolver::new(&[])).await;
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: 80000\r\n\r\n",
+        up.url("/stalled"),
+        up.addr
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(&[b'a'; 70_000]).await.unwrap();
+    wait_buffered(&proxy, 70_000.0).await;
+
+    let resp = post_via(proxy.addr, &up.url("/over"), &[], &[b'b'; 40_000]).await;
+    assert_refused(
+        &resp,
+        503,
+        "the proxy already holds its limit of 100000 bytes of request bodies (max_buffered_body_bytes)",
+        "a body over what is left of the budget",
+    );
+    up.assert_untouched("over the body budget");
+    let resp = post_via(proxy.addr, &up.url("/fits"), &[], &[b'c'; 20_000]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ferry_egress_rejections_total",
+            &[("reason", "body_buffer_full")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    drop(stalled);
+    wait_buffered(&proxy, 0.0).await;
+    let resp = post_via(proxy.addr, &up.url("/after"), &[], &[b'd'; 40_000]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let paths: Vec<String> = up.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(paths, ["/fits", "/after"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,11 @@ const METHODS: [Method; 9] = [
     Method::PATCH,
 ];
 
+/// The default of `egress.max_buffered_body_bytes`: 32 bodies at the default `max_body_bytes`
+/// (16 MiB) at once, and some 3000 of the ~170 KB pushes of a monitoring agent, while
+/// `max_connections_per_client` × 16 MiB from a single client (4 GiB) no longer fits.
+pub const DEFAULT_MAX_BUFFERED_BODY_BYTES: u64 = 512 << 20;
+
 /// `egress:` as written in the YAML file (and filled from flags).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(
@@ -59,6 +64,9 @@ pub struct EgressSection {
     pub max_header_bytes: usize,
     /// Time a client may take to send a request body (it is read whole before forwarding).
     pub body_read_timeout: Dur,
+    /// Bytes of request bodies held at once, all clients together; past it requests get 503.
+    #[serde(deserialize_with = "super::lenient")]
+    pub max_buffered_body_bytes: u64,
     /// Time to connect to an upstream (and, with `tls_upgrade`, for the TLS handshake).
     pub connect_timeout: Dur,
     /// Time for the upstream's response (headers and body).
@@ -82,6 +90,7 @@ impl Default for EgressSection {
             idle_timeout: Dur(Duration::from_secs(120)),
             max_header_bytes: 16 << 10,
             body_read_timeout: Dur(Duration::from_secs(30)),
+            max_buffered_body_bytes: DEFAULT_MAX_BUFFERED_BODY_BYTES,
             connect_timeout: Dur(Duration::from_secs(5)),
             upstream_timeout: Dur(Duration::from_secs(30)),
             tunnel_idle_timeout: Dur(Duration::from_secs(300)),
@@ -158,6 +167,9 @@ pub struct ValidateSection {
     /// Largest body after gzip/deflate/snappy decoding.
     #[serde(deserialize_with = "super::lenient_opt")]
     pub max_decoded_bytes: Option<u64>,
+    /// Most memory the parsed tree of a body may take for the `json_schema_file` check.
+    #[serde(deserialize_with = "super::lenient_opt")]
+    pub max_json_tree_bytes: Option<u64>,
     /// Accepted media types.
     pub content_types: Vec<String>,
     /// Headers that must be present.
@@ -232,6 +244,8 @@ pub struct EgressConfig {
     pub max_header_bytes: usize,
     /// Request body read bound.
     pub body_read_timeout: Duration,
+    /// Request body bytes held at once, all requests together.
+    pub max_buffered_body_bytes: u64,
     /// Upstream connect bound.
     pub connect_timeout: Duration,
     /// Upstream response bound.
@@ -311,6 +325,21 @@ impl EgressSection {
         if self.max_header_bytes < 1024 {
             errs.push(f("max_header_bytes"), "must be at least 1024");
         }
+        // A body larger than the whole budget could never be held: every such request would
+        // get a 503.
+        if let Some(rule) = rules
+            .iter()
+            .max_by_key(|r| r.validation.max_body_bytes)
+            .filter(|r| r.validation.max_body_bytes > self.max_buffered_body_bytes)
+        {
+            errs.push(
+                f("max_buffered_body_bytes"),
+                format!(
+                    "must be at least the largest max_body_bytes of a rule: rule {:?} takes bodies of up to {} bytes (16 MiB unless its validate says otherwise), which could never be held",
+                    rule.name, rule.validation.max_body_bytes
+                ),
+            );
+        }
         Some(EgressConfig {
             listen: listen?,
             clients: clients?,
@@ -321,6 +350,7 @@ impl EgressSection {
             idle_timeout: self.idle_timeout.0,
             max_header_bytes: self.max_header_bytes,
             body_read_timeout: self.body_read_timeout.0,
+            max_buffered_body_bytes: self.max_buffered_body_bytes,
             connect_timeout: self.connect_timeout.0,
             upstream_timeout: self.upstream_timeout.0,
             tunnel_idle_timeout: self.tunnel_idle_timeout.0,
@@ -435,6 +465,9 @@ impl ValidateSection {
         let mut v = Validation {
             max_body_bytes: self.max_body_bytes.unwrap_or(defaults.max_body_bytes),
             max_decoded_bytes: self.max_decoded_bytes.unwrap_or(defaults.max_decoded_bytes),
+            max_json_tree_bytes: self
+                .max_json_tree_bytes
+                .unwrap_or(defaults.max_json_tree_bytes),
             content_types: self
                 .content_types
                 .iter()
@@ -464,6 +497,12 @@ impl ValidateSection {
                     ),
                 ),
             }
+        }
+        if self.max_json_tree_bytes.is_some() && self.json_schema_file.is_none() {
+            errs.push(
+                format!("{prefix}.max_json_tree_bytes"),
+                "applies only with json_schema_file (no tree is built without a schema)",
+            );
         }
         if let Some(path) = &self.json_schema_file {
             match load_schema(path) {

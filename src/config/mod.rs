@@ -1416,4 +1416,33 @@ mod egress_tests {
             ]
         );
     }
+
+    #[test]
+    fn the_body_buffer_holds_at_least_the_largest_body_a_rule_takes() {
+        let lines = errors(
+            "egress:
+  max_buffered_body_bytes: 2000000
+  rules:
+    - { name: small, upstream: 'a.example.com:443', validate: { max_body_bytes: 1000000 } }
+    - { name: large, upstream: 'b.example.com:443', validate: { max_body_bytes: 3000000 } }
+",
+        );
+        assert_eq!(
+            lines,
+            ["e.yaml: egress.max_buffered_body_bytes: must be at least the largest max_body_bytes of a rule: rule \"large\" takes bodies of up to 3000000 bytes (16 MiB unless its validate says otherwise), which could never be held"]
+        );
+        let ok = "egress:\n  max_buffered_body_bytes: 3000000\n  rules:\n    - { name: r, upstream: 'a.example.com:443', validate: { max_body_bytes: 3000000 } }\n";
+        assert_eq!(errors(ok), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_json_tree_limit_needs_a_schema() {
+        let lines = errors(
+            "egress:\n  rules:\n    - { name: r, upstream: 'a.example.com:443', validate: { json: true, max_json_tree_bytes: 1048576 } }\n",
+        );
+        assert_eq!(
+            lines,
+            ["e.yaml: egress.rules[0].validate.max_json_tree_bytes: applies only with json_schema_file (no tree is built without a schema)"]
+        );
+    }
 }

@@ -42,6 +42,14 @@ pub enum ConnectError {
         /// The resolver's error.
         source: std::io::Error,
     },
+    /// The resolver did not answer in time.
+    #[error("cannot resolve {host}: no answer within {}", humantime::format_duration(*after))]
+    ResolveTimeout {
+        /// The host.
+        host: String,
+        /// The connect timeout, which bounds the lookup too.
+        after: Duration,
+    },
     /// No allowed address accepted the connection.
     #[error("cannot connect to {}: {reason}", authority(host, *port))]
     Connect {
@@ -73,22 +81,38 @@ pub enum ConnectError {
     NoHost,
 }
 
-/// Resolves `host` and keeps the addresses `rule` allows on `port`, in resolver order.
+/// All addresses of `host`, from a resolver given `timeout` to answer: a slow one must not
+/// hold the request (and its connection slot) for as long as it likes.
+pub async fn resolve(
+    resolver: &SharedResolver,
+    host: &str,
+    timeout: Duration,
+) -> Result<Vec<IpAddr>, ConnectError> {
+    match tokio::time::timeout(timeout, resolver.resolve(host)).await {
+        Ok(Ok(addrs)) => Ok(addrs),
+        Ok(Err(source)) => Err(ConnectError::Resolve {
+            host: host.to_owned(),
+            source,
+        }),
+        Err(_) => Err(ConnectError::ResolveTimeout {
+            host: host.to_owned(),
+            after: timeout,
+        }),
+    }
+}
+
+/// Resolves `host` (within `timeout`) and keeps the addresses `rule` allows on `port`, in
+/// resolver order.
 pub async fn checked_addrs(
     resolver: &SharedResolver,
     rule: &Upstream,
     host: &str,
     port: u16,
+    timeout: Duration,
 ) -> Result<Vec<SocketAddr>, ConnectError> {
     let addrs: Vec<IpAddr> = match parse_ip_literal(host) {
         Some(ip) => vec![ip],
-        None => resolver
-            .resolve(host)
-            .await
-            .map_err(|source| ConnectError::Resolve {
-                host: host.to_owned(),
-                source,
-            })?,
+        None => resolve(resolver, host, timeout).await?,
     };
     let allowed: Vec<SocketAddr> = addrs
         .iter()
@@ -257,7 +281,8 @@ impl tower_service::Service<Uri> for CheckedConnector {
                 80
             };
             let port = uri.port_u16().unwrap_or(default);
-            let addrs = checked_addrs(&this.resolver, &this.rule, &host, port).await?;
+            let addrs =
+                checked_addrs(&this.resolver, &this.rule, &host, port, this.timeout).await?;
             let stream = connect_any(&host, &addrs, this.timeout).await?;
             let open = this.tracker.track(&stream);
             Ok(TrackedStream {

@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,15 +18,16 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use super::access::AccessRecord;
+use super::budget::Held;
 use super::connector::{
-    checked_addrs, CheckedConnector, ConnectError, TlsConnector, UpstreamTracker,
+    checked_addrs, resolve, CheckedConnector, ConnectError, TlsConnector, UpstreamTracker,
 };
 use super::framing::Claim;
 use super::policy::{parse_ip_literal, Destination, SharedResolver};
 use super::refusal::Refusal;
 use super::{refused, State};
 use crate::config::{EgressConfig, Rule};
-use crate::http_util::{boxed, full, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
+use crate::http_util::{boxed, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_client::{client_config, Purpose};
 
@@ -118,7 +118,9 @@ impl Target {
     }
 }
 
-/// The first rule that allows `method` to `target` at `path`, resolving the name for CIDR rules.
+/// The first rule that allows `method` to `target` at `path`. A name is looked up only when a
+/// CIDR rule takes the request on everything else (port, method, path): a DNS query is traffic
+/// too, and one the client chose the name of, so a request no rule allows must not send one.
 /// When none does, the refusal names the closest miss among the rules for this destination.
 pub(crate) async fn select_rule<'a>(
     state: &'a State,
@@ -126,41 +128,68 @@ pub(crate) async fn select_rule<'a>(
     method: &Method,
     path: &str,
 ) -> Result<(usize, &'a Rule), Refusal> {
+    let rules = &state.config.rules;
     let literal = parse_ip_literal(&target.host);
-    let mut resolved: Option<Vec<IpAddr>> = literal.map(|ip| vec![ip]);
-    let mut misses = Misses::default();
-    for (i, rule) in state.config.rules.iter().enumerate() {
-        let port = effective_port(rule, target.port);
-        let matches = match &rule.upstream.destination {
-            Destination::Net(_) => {
-                if resolved.is_none() {
-                    resolved = Some(
-                        state
-                            .resolver
-                            .resolve(&target.host)
-                            .await
-                            .unwrap_or_default(),
-                    );
+    let needs_lookup = literal.is_none()
+        && rules.iter().any(|rule| {
+            matches!(rule.upstream.destination, Destination::Net(_))
+                && takes(rule, target.port, method, path)
+        });
+    let mut lookup_failed = None;
+    let addrs = match literal {
+        Some(ip) => vec![ip],
+        None if needs_lookup => {
+            match resolve(&state.resolver, &target.host, state.config.connect_timeout).await {
+                Ok(addrs) => addrs,
+                // A name that does not exist is simply not allowed; a resolver that did not
+                // answer in time is said as such if no rule allows the request anyway.
+                Err(e @ ConnectError::ResolveTimeout { .. }) => {
+                    lookup_failed = Some(Refusal::upstream(e.to_string()));
+                    Vec::new()
                 }
-                let addrs = resolved.as_deref().unwrap_or_default();
-                !addrs.is_empty() && addrs.iter().any(|ip| rule.upstream.allows_addr(*ip, port))
+                Err(_) => Vec::new(),
             }
+        }
+        None => Vec::new(),
+    };
+    let mut misses = Misses::default();
+    for (i, rule) in rules.iter().enumerate() {
+        let port = effective_port(rule, target.port);
+        let names_it = match &rule.upstream.destination {
+            Destination::Net(_) => addrs.iter().any(|ip| rule.upstream.allows_addr(*ip, port)),
             _ => literal.is_none() && rule.upstream.matches_name(&target.host, port),
         };
-        if !matches {
+        if !names_it {
             continue;
         }
-        let path_ok = rule
-            .path_prefix
-            .as_deref()
-            .is_none_or(|p| has_path_prefix(path, p));
-        let method_ok = rule.methods.as_ref().is_none_or(|m| m.contains(method));
+        let path_ok = path_allowed(rule, path);
+        let method_ok = method_allowed(rule, method);
         if path_ok && method_ok {
             return Ok((i, rule));
         }
         misses.record(rule, path_ok, method_ok);
     }
-    Err(misses.refusal(target, method, path))
+    Err(lookup_failed.unwrap_or_else(|| misses.refusal(target, method, path)))
+}
+
+/// Whether `rule` takes `method` to `port` at `path`, whatever the host: all a CIDR rule can
+/// tell before the name is looked up. A CONNECT through a rule that must read the requests
+/// (payload checks, TLS upgrade) is refused whatever the address.
+fn takes(rule: &Rule, port: u16, method: &Method, path: &str) -> bool {
+    rule.upstream.ports.allows(effective_port(rule, port))
+        && path_allowed(rule, path)
+        && method_allowed(rule, method)
+        && !(*method == Method::CONNECT && (rule.validates() || rule.tls_upgrade.is_some()))
+}
+
+fn path_allowed(rule: &Rule, path: &str) -> bool {
+    rule.path_prefix
+        .as_deref()
+        .is_none_or(|p| has_path_prefix(path, p))
+}
+
+fn method_allowed(rule: &Rule, method: &Method) -> bool {
+    rule.methods.as_ref().is_none_or(|m| m.contains(method))
 }
 
 /// The rules that name a destination but not the whole request, for the refusal.
@@ -428,9 +457,14 @@ async fn forward(
     check_connection(&parts.headers, rule)?;
     rule.validation.check_headers(&parts.headers)?;
     let read_timeout = state.config.body_read_timeout;
-    let body = tokio::time::timeout(
+    let mut body = tokio::time::timeout(
         read_timeout,
-        read_body(body, rule.validation.max_body_bytes, &mut record.bytes_in),
+        read_body(
+            body,
+            rule.validation.max_body_bytes,
+            state.body_budget.share(),
+            &mut record.bytes_in,
+        ),
     )
     .await
     .map_err(|_| Refusal::body_timeout(read_timeout))??;
@@ -440,13 +474,12 @@ async fn forward(
     }
     // Only a body that is checked needs to be one contiguous buffer; else it is forwarded as the
     // chunks it arrived in, saving a copy of every payload.
-    let body = if rule.validation.needs_body(&parts.headers) {
-        let whole = body.into_bytes();
+    if rule.validation.needs_body(&parts.headers) {
+        let whole = body.contiguous();
         rule.validation.check_body(&parts.headers, &whole)?;
-        full(whole)
-    } else {
-        boxed(body)
-    };
+    }
+    // It keeps its share of the body budget until it has gone upstream.
+    let body = boxed(body);
 
     let port = effective_port(rule, target.port);
     let scheme = if rule.tls_upgrade.is_some() {
@@ -491,17 +524,25 @@ async fn forward(
     Ok(stream_back(state, resp, record.clone(), deadline))
 }
 
-/// Reads the whole body, refusing it past `limit` bytes. `seen` counts what arrived, also when
-/// the body is refused or breaks (for the access log).
-async fn read_body(body: &mut Incoming, limit: u64, seen: &mut u64) -> Result<ReadBody, Failure> {
+/// Reads the whole body, refusing it past `limit` bytes or when `held` cannot grow to hold it.
+/// `seen` counts what arrived, also when the body is refused or breaks (for the access log).
+async fn read_body(
+    body: &mut Incoming,
+    limit: u64,
+    held: Held,
+    seen: &mut u64,
+) -> Result<ReadBody, Failure> {
     let declared = http_body::Body::size_hint(body).exact();
-    let mut read = ReadBody::default();
+    let mut read = ReadBody::new(held);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| body_error(&e, *seen, declared))?;
         if let Ok(data) = frame.into_data() {
             *seen += data.len() as u64;
             if read.remaining + data.len() as u64 > limit {
                 return Err(Refusal::too_large(limit).into());
+            }
+            if !read.held.grow(data.len() as u64) {
+                return Err(Refusal::body_buffer_full(read.held.limit()).into());
             }
             read.push(data);
         }
@@ -542,8 +583,8 @@ const COALESCED: usize = 64 << 10;
 
 /// A request body read in full: large frames as hyper handed them over (no copy), small ones
 /// copied together. Each frame holds on to hyper's read buffer and costs a queue entry, so a body
-/// sent as a million one-byte chunks would otherwise take tens of times its size.
-#[derive(Default)]
+/// sent as a million one-byte chunks would otherwise take tens of times its size. It holds its
+/// share of the process-wide body budget until it is dropped.
 struct ReadBody {
     chunks: VecDeque<Bytes>,
     /// Small frames not yet in `chunks`, in the unused end of the last buffer allocated for them.
@@ -552,9 +593,21 @@ struct ReadBody {
     tail_capacity: usize,
     /// Bytes not yet sent.
     remaining: u64,
+    /// Its share of the body budget.
+    held: Held,
 }
 
 impl ReadBody {
+    fn new(held: Held) -> Self {
+        Self {
+            chunks: VecDeque::new(),
+            tail: BytesMut::new(),
+            tail_capacity: 0,
+            remaining: 0,
+            held,
+        }
+    }
+
     fn push(&mut self, data: Bytes) {
         self.remaining += data.len() as u64;
         if data.len() >= SMALL_FRAME {
@@ -577,16 +630,16 @@ impl ReadBody {
         }
     }
 
-    /// The body as one buffer (a copy unless it arrived in one chunk).
-    fn into_bytes(mut self) -> Bytes {
-        if self.chunks.len() <= 1 {
-            return self.chunks.pop_front().unwrap_or_default();
+    /// The body as one buffer, which it then consists of (a copy unless it arrived in one chunk).
+    fn contiguous(&mut self) -> Bytes {
+        if self.chunks.len() > 1 {
+            let mut whole = BytesMut::with_capacity(self.remaining as usize);
+            for chunk in self.chunks.drain(..) {
+                whole.extend_from_slice(&chunk);
+            }
+            self.chunks.push_back(whole.freeze());
         }
-        let mut whole = BytesMut::with_capacity(self.remaining as usize);
-        for chunk in &self.chunks {
-            whole.extend_from_slice(chunk);
-        }
-        whole.freeze()
+        self.chunks.front().cloned().unwrap_or_default()
     }
 }
 
@@ -671,12 +724,18 @@ pub(crate) async fn checked(
     rule: &Rule,
     target: &Target,
 ) -> Result<Vec<std::net::SocketAddr>, Refusal> {
-    checked_addrs(&state.resolver, &rule.upstream, &target.host, target.port)
-        .await
-        .map_err(|e| match e {
-            ConnectError::Forbidden { host, why } => Refusal::forbidden_address(&host, why),
-            other => Refusal::upstream(other.to_string()),
-        })
+    checked_addrs(
+        &state.resolver,
+        &rule.upstream,
+        &target.host,
+        target.port,
+        state.config.connect_timeout,
+    )
+    .await
+    .map_err(|e| match e {
+        ConnectError::Forbidden { host, why } => Refusal::forbidden_address(&host, why),
+        other => Refusal::upstream(other.to_string()),
+    })
 }
 
 #[cfg(test)]
@@ -699,7 +758,8 @@ mod tests {
     }
 
     fn read(frames: impl IntoIterator<Item = Bytes>) -> ReadBody {
-        let mut body = ReadBody::default();
+        let budget = super::super::budget::BodyBudget::new(u64::MAX, Default::default());
+        let mut body = ReadBody::new(budget.share());
         for frame in frames {
             body.push(frame);
         }
@@ -715,7 +775,9 @@ mod tests {
         assert!(sizes.len() <= 8, "{sizes:?}");
         assert_eq!(sizes.iter().sum::<usize>(), 200_000);
         assert!(sizes.iter().all(|n| *n <= COALESCED), "{sizes:?}");
-        let whole = body.into_bytes();
+        let mut body = body;
+        let whole = body.contiguous();
+        assert_eq!(body.chunks.len(), 1, "the body is now that one buffer");
         assert!(whole.iter().enumerate().all(|(i, b)| *b == i as u8));
     }
 

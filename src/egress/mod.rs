@@ -10,8 +10,10 @@
 // - `forward`: absolute-form requests. `connect`: CONNECT tunnels, relayed with `splice(2)` on
 //   Linux (`splice`).
 // - `access`: the access log line and metrics of each request.
+// - `budget`: the process-wide bound on request body bytes held in memory.
 // - `json_scan`: the fast JSON well-formedness pass; `json_strings`: a JSON body's strings
-//   unescaped, for the deny patterns (both used by `validate`).
+//   unescaped, for the deny patterns; `json_tree`: the tree a JSON Schema checks, built within
+//   a memory limit (all used by `validate`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -33,12 +35,14 @@ use crate::http_util::{text_response, Body};
 use crate::telemetry::{metrics_response, ConnectionMetrics, EgressMetrics};
 
 mod access;
+mod budget;
 mod connect;
 mod connector;
 mod forward;
 mod framing;
 mod json_scan;
 mod json_strings;
+mod json_tree;
 pub mod policy;
 pub mod refusal;
 #[cfg(target_os = "linux")]
@@ -69,6 +73,8 @@ pub(crate) struct State {
     pub(crate) credentials: RwLock<Option<Arc<TokensFile>>>,
     pub(crate) metrics: EgressMetrics,
     pub(crate) tracker: UpstreamTracker,
+    /// Request body bytes held, all requests together.
+    pub(crate) body_budget: Arc<budget::BodyBudget>,
     metrics_registry: MetricsRegistry,
     per_client: Mutex<HashMap<IpAddr, usize>>,
     /// CONNECT tunnels: they outlive the HTTP connection that opened them.
@@ -117,6 +123,10 @@ impl Egress {
             geo: config.geo.clone(),
         };
         let upstreams = Upstreams::build(&config, &resolver, &tracker)?;
+        let body_budget = budget::BodyBudget::new(
+            config.max_buffered_body_bytes,
+            metrics.buffered_body_bytes.clone(),
+        );
         Ok(Egress {
             state: Arc::new(State {
                 config,
@@ -125,6 +135,7 @@ impl Egress {
                 credentials: RwLock::new(credentials),
                 metrics,
                 tracker,
+                body_budget,
                 metrics_registry,
                 per_client: Mutex::new(HashMap::new()),
                 tunnels: TaskTracker::new(),

@@ -14,7 +14,7 @@ pub const MAX_HEADER_FIELDS: usize = 100;
 /// Why the proxy refused a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// 400, 403, 405, 407, 408, 413, 415, 422, 429, 431, 501, 502 or 504.
+    /// 400, 403, 405, 407, 408, 413, 415, 422, 429, 431, 501, 502, 503 or 504.
     pub status: StatusCode,
     /// Bounded label for metrics (`client_not_allowed`, `destination_not_allowed`, …).
     pub kind: &'static str,
@@ -156,6 +156,17 @@ impl Refusal {
         )
     }
 
+    /// The parsed tree of a JSON body, for its schema check, would take more than allowed (413).
+    pub fn json_tree_too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "json_tree_too_large",
+            format!(
+                "the body's JSON tree for the schema check would exceed the limit of {limit} bytes (max_json_tree_bytes)"
+            ),
+        )
+    }
+
     /// Content type not accepted (415).
     pub fn unsupported_media(got: &str, allowed: &[String]) -> Self {
         let got = if got.is_empty() { "none" } else { got };
@@ -224,6 +235,18 @@ impl Refusal {
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
             format!("request body not received within {after:?}"),
+        )
+    }
+
+    /// The proxy already holds its limit of request body bytes (503): the request is refused
+    /// rather than let one client's stalled uploads take the host's memory.
+    pub fn body_buffer_full(limit: u64) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "body_buffer_full",
+            format!(
+                "the proxy already holds its limit of {limit} bytes of request bodies (max_buffered_body_bytes); try again later"
+            ),
         )
     }
 

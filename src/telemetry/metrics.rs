@@ -344,6 +344,8 @@ pub struct EgressMetrics {
     pub open_tunnels: Gauge,
     /// Client connections open now.
     pub client_connections: Gauge,
+    /// Bytes of request bodies held now (read, not yet forwarded or dropped).
+    pub buffered_body_bytes: Gauge,
 }
 
 impl EgressMetrics {
@@ -357,6 +359,7 @@ impl EgressMetrics {
             bytes: Family::default(),
             open_tunnels: Gauge::default(),
             client_connections: Gauge::default(),
+            buffered_body_bytes: Gauge::default(),
         };
         registry.register(
             "ferry_egress_requests",
@@ -387,6 +390,11 @@ impl EgressMetrics {
             "ferry_egress_client_connections",
             "Client connections open now",
             m.client_connections.clone(),
+        );
+        registry.register(
+            "ferry_egress_buffered_body_bytes",
+            "Bytes of request bodies held now, read and not yet forwarded",
+            m.buffered_body_bytes.clone(),
         );
         m
     }
