@@ -22,6 +22,7 @@ impl Exporter {
     pub fn new(config: &ExporterConfig) -> Exporter {
         let mut registry = Registry::default();
         crate::telemetry::register_process_metrics(&mut registry, "exporter");
+        config.geo.register_metrics(&mut registry);
         let collector =
             ConnectionCollector::new(config.geo.clone(), config.connections_exclude.clone());
         registry.register_collector(Box::new(collector));

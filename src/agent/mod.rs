@@ -104,6 +104,7 @@ impl Agent {
         mut registry: MetricsRegistry,
     ) -> Result<Agent, AgentError> {
         let metrics = AgentMetrics::register(&mut registry);
+        config.geo.register_metrics(&mut registry);
         if let Some(exclude) = &config.connections_collector {
             let collector = ConnectionCollector::new(config.geo.clone(), exclude.clone());
             registry.register_collector(Box::new(collector));

@@ -112,6 +112,7 @@ impl Egress {
         };
         let mut metrics_registry = MetricsRegistry::default();
         let metrics = EgressMetrics::register(&mut metrics_registry);
+        config.geo.register_metrics(&mut metrics_registry);
         let tracker = UpstreamTracker {
             metrics: ConnectionMetrics::register(&mut metrics_registry, "egress"),
             geo: config.geo.clone(),
