@@ -403,7 +403,7 @@ impl EgressMetrics {
         );
         registry.register(
             "ferry_egress_request_duration_seconds",
-            "Request duration to the last response byte; tunnels over their life",
+            "Request duration to the last response byte; for a CONNECT tunnel, the time to open it",
             m.duration.clone(),
         );
         registry.register(
