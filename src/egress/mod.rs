@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, Method, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry as MetricsRegistry;
@@ -29,8 +29,9 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{TokensFile, TokensFileError};
 use crate::config::EgressConfig;
-use crate::http_util::{text_response, Body};
-use crate::telemetry::{metrics_response, ConnectionMetrics, EgressMetrics};
+use crate::endpoints::OwnEndpoints;
+use crate::http_util::Body;
+use crate::telemetry::{ConnectionMetrics, EgressMetrics};
 
 mod access;
 mod connect;
@@ -393,7 +394,7 @@ async fn route(
     }
     if !is_proxy {
         record.disarm();
-        return own_endpoint(state, &req);
+        return crate::endpoints::answer(state, &req).await;
     }
     let checks = check_framing(framing_problem).and_then(|_| check_credentials(state, &req));
     if let Ok(Some(user)) = &checks {
@@ -418,15 +419,14 @@ fn close_after(resp: &mut Response<Body>) {
         .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
 }
 
-fn own_endpoint(state: &State, req: &Request<Incoming>) -> Response<Body> {
-    match req.uri().path() {
-        "/metrics" => metrics_response(
-            &state.metrics_registry,
-            req.headers().get(header::ACCEPT),
-        ),
-        "/-/healthy" => text_response(StatusCode::OK, "Healthy"),
-        "/-/ready" => text_response(StatusCode::OK, "Ready"),
-        _ => text_response(StatusCode::NOT_FOUND, "not proxied: send absolute-form requests (http://host/path) or CONNECT; this endpoint serves only /metrics, /-/healthy, /-/ready"),
+impl OwnEndpoints for State {
+    const NAME: &'static str = "the egress proxy";
+    const PATHS: &'static [&'static str] = &["/metrics", "/-/healthy", "/-/ready"];
+    const NOT_FOUND: &'static str =
+        "not proxied: send absolute-form requests (http://host/path) or CONNECT";
+
+    fn registry(&self) -> &MetricsRegistry {
+        &self.metrics_registry
     }
 }
 
