@@ -7,14 +7,28 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ExporterConfig;
-use crate::http_util::text_response;
+use crate::endpoints::OwnEndpoints;
 use crate::telemetry::connections::ConnectionCollector;
-use crate::telemetry::metrics_response_blocking;
 
 /// The standalone exporter.
 #[derive(Clone)]
 pub struct Exporter {
-    registry: Arc<Registry>,
+    endpoints: Arc<Endpoints>,
+}
+
+/// What the exporter's listener serves.
+struct Endpoints {
+    registry: Registry,
+}
+
+impl OwnEndpoints for Endpoints {
+    const NAME: &'static str = "the exporter";
+    const PATHS: &'static [&'static str] = &["/metrics", "/-/healthy", "/-/ready"];
+    const NOT_FOUND: &'static str = "not found";
+
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
 }
 
 impl Exporter {
@@ -22,11 +36,12 @@ impl Exporter {
     pub fn new(config: &ExporterConfig) -> Exporter {
         let mut registry = Registry::default();
         crate::telemetry::register_process_metrics(&mut registry, "exporter");
+        config.geo.register_metrics(&mut registry);
         let collector =
             ConnectionCollector::new(config.geo.clone(), config.connections_exclude.clone());
         registry.register_collector(Box::new(collector));
         Exporter {
-            registry: Arc::new(registry),
+            endpoints: Arc::new(Endpoints { registry }),
         }
     }
 
@@ -35,25 +50,12 @@ impl Exporter {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(address = %addr, "exporter listening");
         }
-        let registry = self.registry.clone();
+        let endpoints = self.endpoints.clone();
         crate::server::serve_http(
             listener,
             move |_peer, req| {
-                let registry = registry.clone();
-                async move {
-                    match req.uri().path() {
-                        "/metrics" => {
-                            let accept = req.headers().get(http::header::ACCEPT).cloned();
-                            metrics_response_blocking(registry, |r: &Registry| r, accept).await
-                        }
-                        "/-/healthy" => text_response(http::StatusCode::OK, "Healthy"),
-                        "/-/ready" => text_response(http::StatusCode::OK, "Ready"),
-                        _ => text_response(
-                            http::StatusCode::NOT_FOUND,
-                            "not found: endpoints are /metrics, /-/healthy, /-/ready",
-                        ),
-                    }
-                }
+                let endpoints = endpoints.clone();
+                async move { crate::endpoints::answer(&endpoints, &req).await }
             },
             shutdown,
             std::time::Duration::from_secs(5),

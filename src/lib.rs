@@ -168,6 +168,9 @@
 //!   every error reported at once.
 //! - [`telemetry`]: ferry's own Prometheus metrics and their encoding; the country lookup and the
 //!   host TCP connection collector (feature `geo`).
+//! - `endpoints`: the endpoints each role serves for itself (`/metrics`, `/-/healthy`,
+//!   `/-/ready`, the gateway's service discovery and status page), with one set of rules for
+//!   methods, 404s, the exposition format and gzip.
 //! - [`scrape_error`]: the one place where a failed scrape becomes a status code and a reason.
 //! - [`http_util`]: body types, hop-by-hop header stripping and bounded streaming bodies shared by
 //!   both sides.
@@ -176,6 +179,13 @@
 #[cfg(any(feature = "gateway", feature = "egress"))]
 pub mod auth;
 pub mod config;
+#[cfg(any(
+    feature = "agent",
+    feature = "gateway",
+    feature = "egress",
+    feature = "geo"
+))]
+mod endpoints;
 pub mod http_util;
 pub mod scrape_error;
 // Public for the benches, which serve their stand-in targets with ferry's own HTTP server; not

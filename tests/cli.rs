@@ -1513,6 +1513,70 @@ fn the_last_reload_outcome_is_a_metric() {
     assert!(reloaded > started, "{reloaded} is not after {started}");
 }
 
+/// `(successful, success timestamp)` of the config reload and of the geoip database at `addr`.
+fn config_and_geoip_reload_metrics(addr: SocketAddr) -> [(f64, f64); 2] {
+    let text = http_get(&addr.to_string(), "/metrics").unwrap();
+    let value = |name: &str| {
+        common::ferry::metric_value(&text, name, &[])
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    ["ferry_config", "ferry_geoip_database"].map(|prefix| {
+        (
+            value(&format!("{prefix}_last_reload_successful")),
+            value(&format!("{prefix}_last_reload_success_timestamp_seconds")),
+        )
+    })
+}
+
+/// A broken geo database from an updater is refused by the periodic check, without a SIGHUP: its
+/// own gauge says so while `ferry_config_last_reload_successful` stays about what SIGHUP reloads;
+/// the next good file clears it.
+#[test]
+fn a_geo_database_refused_by_the_periodic_check_shows_on_its_own_gauge() {
+    let dir = TempDir::new().unwrap();
+    let geo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/geo"));
+    let install = |name: &str| {
+        std::fs::copy(geo.join(name), dir.path().join("geo.mmdb.new")).unwrap();
+        std::fs::rename(dir.path().join("geo.mmdb.new"), dir.path().join("geo.mmdb")).unwrap();
+    };
+    install("GeoLite2-Country-Test.mmdb");
+    write(
+        dir.path(),
+        "ferry.yaml",
+        "exporter:\n  web: { listen_address: '127.0.0.1:0' }\n  collector: { connections: true }\ngeoip:\n  database: geo.mmdb\n  reload_interval: 1s\n",
+    );
+    let mut exporter = Running::start(dir.path(), &["run", "--config.file", "ferry.yaml"]);
+    let addr = logged_address(&exporter.wait_for("exporter listening"));
+    let [config, (ok, loaded)] = config_and_geoip_reload_metrics(addr);
+    assert_eq!((config.0, ok), (1.0, 1.0), "the start is a successful load");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - loaded).abs() < 60.0, "{loaded} is not about {now}");
+
+    install("GeoLite2-ASN-Test.mmdb");
+    exporter.wait_for("geoip database reload failed");
+    assert_eq!(
+        config_and_geoip_reload_metrics(addr),
+        [config, (0.0, loaded)]
+    );
+
+    // SIGHUP tries the file again; everything else it reloads applied.
+    exporter.signal(rustix::process::Signal::HUP);
+    exporter.wait_for("geoip database reload failed");
+    exporter.wait_for("reload done, not all of it applied");
+    let [after_hup, geoip] = config_and_geoip_reload_metrics(addr);
+    assert_eq!((after_hup.0, geoip), (1.0, (0.0, loaded)));
+
+    install("GeoIP2-Country-Test.mmdb");
+    exporter.wait_for("geoip database loaded");
+    let [_, (ok, reloaded)] = config_and_geoip_reload_metrics(addr);
+    assert_eq!(ok, 1.0);
+    assert!(reloaded > loaded, "{reloaded} is not after {loaded}");
+    exporter.stop();
+}
+
 /// SIGHUP re-reads `--web.config.file`: a basic-auth password taken out of it stops working at
 /// once; a broken file keeps the one in force.
 #[test]

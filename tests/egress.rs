@@ -2328,6 +2328,22 @@ async fn origin_form_reaches_only_the_proxys_own_endpoints() {
     up.assert_untouched("origin-form requests");
 }
 
+/// `ferry_egress_request_duration_seconds` says what it measures: to the last byte of the answer,
+/// and for a CONNECT tunnel the time to open it (as the README says), not the tunnel's life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_egress_duration_help_says_a_tunnel_counts_the_time_to_open_it() {
+    let proxy = TestEgress::start(EgressSection::default(), TestResolver::new(&[])).await;
+    let text = get(&format!("http://{}/metrics", proxy.addr)).await.text();
+    let help = text
+        .lines()
+        .find(|l| l.starts_with("# HELP ferry_egress_request_duration_seconds "))
+        .unwrap_or_else(|| panic!("no help line in:\n{text}"));
+    assert_eq!(
+        help,
+        "# HELP ferry_egress_request_duration_seconds Request duration to the last response byte; for a CONNECT tunnel, the time to open it."
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_allowed_and_refused_requests() {
     let up = RecordingUpstream::start().await;

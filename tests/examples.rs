@@ -17,10 +17,7 @@ use common::egress::{
 };
 use common::ferry::metric_value;
 use common::proxy::open_tunnel;
-use ferry::config::{
-    example_paths, EgressSection, ExporterSection, FileConfig, RunConfig, TlsUpgradeSection,
-};
-use ferry::exporter::Exporter;
+use ferry::config::{example_paths, EgressSection, FileConfig, RunConfig, TlsUpgradeSection};
 use ferry::gateway::auth::hash_token;
 use ferry::tunnel::tls_server::{self_signed_identity, SELF_SIGNED_CERT, SELF_SIGNED_KEY};
 use tempfile::TempDir;
@@ -641,23 +638,6 @@ async fn egress_traffic(proxy: &TestEgress, up: &RecordingUpstream) {
     drop(open_tunnel(proxy.addr, &up.addr.to_string()).await);
 }
 
-/// `ferry exporter` with the connection collector, in-process on 127.0.0.1:0.
-async fn start_exporter(shutdown: &CancellationToken) -> std::net::SocketAddr {
-    let mut section = ExporterSection::default();
-    section.collector.connections = true;
-    let mut errs = ConfigErrors::new("test");
-    let cfg = section.validate("exporter", &mut errs);
-    assert!(errs.errors.is_empty(), "{errs}");
-    let exporter = Exporter::new(&cfg.expect("exporter config"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { exporter.serve(listener, shutdown).await }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_lists_the_metrics_ferry_exports() {
     use common::servers::{Behaviour, TargetServer};
@@ -689,7 +669,7 @@ async fn the_readme_lists_the_metrics_ferry_exports() {
     let from_egress = common::http::get(&format!("http://{}/metrics", proxy.addr)).await;
 
     let shutdown = CancellationToken::new();
-    let exporter = start_exporter(&shutdown).await;
+    let exporter = common::ferry::start_exporter(&shutdown).await;
     let from_exporter = common::http::get(&format!("http://{exporter}/metrics")).await;
 
     for (role, resp, at_least) in [

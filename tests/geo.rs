@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use ferry::telemetry::geo::{Country, GeoDb, GeoError, SharedGeo};
 use mmdb_writer::{IpVersion, Ipv4Aliasing, Writer};
+use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
@@ -373,34 +374,48 @@ fn reload_swaps_and_a_broken_file_keeps_the_old_database() {
     SharedGeo::disabled().reload().unwrap();
 }
 
-async fn wait_for(geo: &SharedGeo, addr: &str, want: &str, within: Duration) {
+/// Polls `read` until `done` holds for what it read (panics with the last value after `within`).
+async fn eventually<T: std::fmt::Debug>(
+    within: Duration,
+    read: impl Fn() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
     let deadline = Instant::now() + within;
     loop {
-        let got = geo.lookup(ip(addr));
-        if got == want {
-            return;
+        let got = read();
+        if done(&got) {
+            return got;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{addr} is still {got}, not {want}, after {within:?}"
-        );
+        assert!(Instant::now() < deadline, "still {got:?} after {within:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+async fn wait_for(geo: &SharedGeo, addr: &str, want: &str, within: Duration) {
+    eventually(within, || geo.lookup(ip(addr)), |got| *got == want).await;
+}
+
+/// A database placing 198.51.100.0/24 in `code`.
+fn db(code: &str) -> Vec<u8> {
+    db_bytes(
+        "Test-Country",
+        IpVersion::V6,
+        &[("198.51.100.0/24", maxmind(code))],
+    )
+}
+
+/// A database file (198.51.100.0/24 in DE) opened to be watched every 50 ms.
+fn watched_db(dir: &TempDir) -> (PathBuf, SharedGeo, Duration) {
+    let path = write_db(dir, "geo.mmdb", &db("DE"));
+    let poll = Duration::from_millis(50);
+    let geo = SharedGeo::open(&path).unwrap().with_poll_interval(poll);
+    (path, geo, poll)
 }
 
 #[tokio::test]
 async fn watch_hot_swaps_on_file_change_and_survives_a_broken_file() {
     let dir = TempDir::new().unwrap();
-    let db = |code| {
-        db_bytes(
-            "Test-Country",
-            IpVersion::V6,
-            &[("198.51.100.0/24", maxmind(code))],
-        )
-    };
-    let path = write_db(&dir, "geo.mmdb", &db("DE"));
-    let poll = Duration::from_millis(50);
-    let geo = SharedGeo::open(&path).unwrap().with_poll_interval(poll);
+    let (path, geo, poll) = watched_db(&dir);
     let shutdown = CancellationToken::new();
     let watcher = tokio::spawn(geo.clone().watch(shutdown.clone()));
     assert_eq!(geo.lookup(ip("198.51.100.1")), "DE");
@@ -435,6 +450,67 @@ async fn watch_hot_swaps_on_file_change_and_survives_a_broken_file() {
         .await
         .expect("watch did not stop on shutdown")
         .unwrap();
+}
+
+/// `(successful, success timestamp)` of the database's loads, as `registry` exposes them.
+fn load_metrics(registry: &Registry) -> (f64, f64) {
+    let text = ferry::telemetry::encode_registry(registry);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    (
+        value("ferry_geoip_database_last_reload_successful"),
+        value("ferry_geoip_database_last_reload_success_timestamp_seconds"),
+    )
+}
+
+/// Waits until the database's gauge says `successful`.
+async fn wait_for_load(registry: &Registry, successful: f64) -> (f64, f64) {
+    let read = || load_metrics(registry);
+    eventually(Duration::from_secs(5), read, |m| m.0 == successful).await
+}
+
+/// Whatever loads the file — the periodic check or `reload` (SIGHUP) — records the outcome in the
+/// database's own gauges: a broken file from an updater shows without a SIGHUP.
+#[tokio::test]
+async fn every_load_of_the_file_is_recorded_in_its_gauges() {
+    let dir = TempDir::new().unwrap();
+    let (path, geo, _) = watched_db(&dir);
+    let mut registry = Registry::default();
+    geo.register_metrics(&mut registry);
+    let (ok, opened) = load_metrics(&registry);
+    assert_eq!(ok, 1.0, "opening the file is a successful load");
+    let shutdown = CancellationToken::new();
+    let watcher = tokio::spawn(geo.clone().watch(shutdown.clone()));
+
+    install(&path, b"not a database at all");
+    assert_eq!(wait_for_load(&registry, 0.0).await, (0.0, opened));
+    assert_eq!(geo.lookup(ip("198.51.100.1")), "DE");
+
+    install(&path, &db("FR"));
+    let (_, loaded) = wait_for_load(&registry, 1.0).await;
+    assert!(loaded > opened, "{loaded} is not after {opened}");
+    assert_eq!(geo.lookup(ip("198.51.100.1")), "FR");
+
+    shutdown.cancel();
+    watcher.await.unwrap();
+    install(&path, b"still not a database");
+    assert!(geo.reload().is_err());
+    assert_eq!(load_metrics(&registry), (0.0, loaded));
+    install(&path, &db("JP"));
+    geo.reload().unwrap();
+    assert_eq!(load_metrics(&registry).0, 1.0);
+}
+
+/// Without a database file there is no load to report.
+#[test]
+fn no_database_file_no_geoip_gauges() {
+    let mut registry = Registry::default();
+    SharedGeo::disabled().register_metrics(&mut registry);
+    let text = ferry::telemetry::encode_registry(&registry);
+    assert!(!text.contains("ferry_geoip"), "{text}");
 }
 
 #[test]

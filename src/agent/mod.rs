@@ -17,9 +17,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, Target};
-use crate::http_util::text_response;
+use crate::endpoints::OwnEndpoints;
 use crate::telemetry::connections::ConnectionCollector;
-use crate::telemetry::{metrics_response_blocking, AgentMetrics};
+use crate::telemetry::AgentMetrics;
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_client::{client_config, Purpose};
 
@@ -104,6 +104,7 @@ impl Agent {
         mut registry: MetricsRegistry,
     ) -> Result<Agent, AgentError> {
         let metrics = AgentMetrics::register(&mut registry);
+        config.geo.register_metrics(&mut registry);
         if let Some(exclude) = &config.connections_collector {
             let collector = ConnectionCollector::new(config.geo.clone(), exclude.clone());
             registry.register_collector(Box::new(collector));
@@ -207,33 +208,29 @@ impl Agent {
             listener,
             move |_peer, req| {
                 let shared = shared.clone();
-                async move {
-                    match req.uri().path() {
-                        "/metrics" => {
-                            let accept = req.headers().get(http::header::ACCEPT).cloned();
-                            metrics_response_blocking(
-                                shared,
-                                |s: &Shared| &s.metrics_registry,
-                                accept,
-                            )
-                            .await
-                        }
-                        "/-/healthy" => text_response(http::StatusCode::OK, "Healthy"),
-                        "/-/ready" if shared.metrics.tunnel_up.get() == 1 => {
-                            text_response(http::StatusCode::OK, "Ready")
-                        }
-                        "/-/ready" => text_response(
-                            http::StatusCode::SERVICE_UNAVAILABLE,
-                            "tunnel to the gateway is down",
-                        ),
-                        _ => text_response(http::StatusCode::NOT_FOUND, "not found"),
-                    }
-                }
+                async move { crate::endpoints::answer(&shared, &req).await }
             },
             shutdown,
             grace,
         )
         .await;
+    }
+}
+
+impl OwnEndpoints for Shared {
+    const NAME: &'static str = "the agent";
+    const PATHS: &'static [&'static str] = &["/metrics", "/-/healthy", "/-/ready"];
+    const NOT_FOUND: &'static str = "not found";
+
+    fn registry(&self) -> &MetricsRegistry {
+        &self.metrics_registry
+    }
+
+    fn ready(&self) -> Result<(), &'static str> {
+        match self.metrics.tunnel_up.get() {
+            1 => Ok(()),
+            _ => Err("tunnel to the gateway is down"),
+        }
     }
 }
 

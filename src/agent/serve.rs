@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 
 use super::targets::{Handler, Route};
 use super::Shared;
+use crate::endpoints::OwnEndpoints as _;
 use crate::http_util::{body_on_get, boxed, full, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::scrape_error::{one_line, ScrapeError, ERROR_SOURCE_HEADER};
 use crate::telemetry::{metrics_response_blocking, TargetNameLabels, TargetResultLabels};
@@ -108,9 +109,8 @@ async fn scrape(shared: &Arc<Shared>, port: u16, req: Request<Incoming>) -> Resp
     match &route.handler {
         Handler::SelfMetrics => {
             count(shared, &route.name, "ok");
-            let accept = req.headers().get(http::header::ACCEPT).cloned();
-            metrics_response_blocking(shared.clone(), |s: &Shared| &s.metrics_registry, accept)
-                .await
+            let request = req.headers().clone();
+            metrics_response_blocking(shared.clone(), Shared::registry, request).await
         }
         Handler::Fetch { url, client } => fetch(shared, route, url, client, req, timeout).await,
     }

@@ -319,16 +319,7 @@ async fn handle_signals(
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
-            _ = hup.recv() => {
-                let applied = reload(&roles, started_from.as_ref());
-                ConfigReload::get().record(applied);
-                // The end of the reload's lines: what was applied is in force from here on.
-                if applied {
-                    info!("reload done: everything applied");
-                } else {
-                    warn!("reload done, not all of it applied: see the errors above");
-                }
-            }
+            _ = hup.recv() => on_sighup(&roles, started_from.as_ref()),
         }
     };
     info!(signal, "{}", roles.shutdown_message());
@@ -397,17 +388,32 @@ fn changed_fields(
     }
 }
 
-/// SIGHUP: re-reads the tokens and credentials files, the geo database and the config file
+/// SIGHUP: reloads the geo database and what [`reload`] re-reads, records the outcome and says
+/// whether everything was applied.
+fn on_sighup(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) {
+    info!("SIGHUP: reloading");
+    // A broken file keeps the old database. `SharedGeo::reload` logs it and records it in the
+    // database's own gauges, as when the periodic check loads a changed file: the
+    // `ferry_config_…` gauges cover what only SIGHUP reloads.
+    let geo_applied = roles.geo.reload().is_ok();
+    let applied = reload(roles, file);
+    ConfigReload::get().record(applied);
+    // The end of the reload's lines: what was applied is in force from here on.
+    if applied && geo_applied {
+        info!("reload done: everything applied");
+    } else {
+        warn!("reload done, not all of it applied: see the errors above");
+    }
+}
+
+/// SIGHUP, after the geo database: re-reads the tokens and credentials files and the config file
 /// (`file`, with its contents at start). Whatever cannot be read keeps its previous state; returns
 /// whether everything was applied.
 fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> bool {
-    info!("SIGHUP: reloading");
     for warning in super::writable_by_all(&roles.credential_files) {
         warn!("{warning}");
     }
-    // A broken file keeps the old database; `reload` logs it.
-    let mut ok = roles.geo.reload().is_ok();
-    ok &= reload_tokens(roles);
+    let mut ok = reload_tokens(roles);
     ok &= reload_web_config(roles);
     ok &= reload_egress_credentials(roles);
     match file {

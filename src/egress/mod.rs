@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use http::{header, Method, Request, Response, StatusCode};
+use http::{header, Method, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry as MetricsRegistry;
@@ -31,8 +31,9 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{TokensFile, TokensFileError};
 use crate::config::EgressConfig;
-use crate::http_util::{text_response, Body};
-use crate::telemetry::{metrics_response, ConnectionMetrics, EgressMetrics};
+use crate::endpoints::OwnEndpoints;
+use crate::http_util::Body;
+use crate::telemetry::{ConnectionMetrics, EgressMetrics};
 
 mod access;
 mod budget;
@@ -118,6 +119,7 @@ impl Egress {
         };
         let mut metrics_registry = MetricsRegistry::default();
         let metrics = EgressMetrics::register(&mut metrics_registry);
+        config.geo.register_metrics(&mut metrics_registry);
         let tracker = UpstreamTracker {
             metrics: ConnectionMetrics::register(&mut metrics_registry, "egress"),
             geo: config.geo.clone(),
@@ -407,7 +409,7 @@ async fn route(
     }
     if !is_proxy {
         record.disarm();
-        return own_endpoint(state, &req);
+        return crate::endpoints::answer(state, &req).await;
     }
     let checks = check_framing(claim.problem).and_then(|_| check_credentials(state, &req));
     if let Ok(Some(user)) = &checks {
@@ -432,15 +434,14 @@ fn close_after(resp: &mut Response<Body>) {
         .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
 }
 
-fn own_endpoint(state: &State, req: &Request<Incoming>) -> Response<Body> {
-    match req.uri().path() {
-        "/metrics" => metrics_response(
-            &state.metrics_registry,
-            req.headers().get(header::ACCEPT),
-        ),
-        "/-/healthy" => text_response(StatusCode::OK, "Healthy"),
-        "/-/ready" => text_response(StatusCode::OK, "Ready"),
-        _ => text_response(StatusCode::NOT_FOUND, "not proxied: send absolute-form requests (http://host/path) or CONNECT; this endpoint serves only /metrics, /-/healthy, /-/ready"),
+impl OwnEndpoints for State {
+    const NAME: &'static str = "the egress proxy";
+    const PATHS: &'static [&'static str] = &["/metrics", "/-/healthy", "/-/ready"];
+    const NOT_FOUND: &'static str =
+        "not proxied: send absolute-form requests (http://host/path) or CONNECT";
+
+    fn registry(&self) -> &MetricsRegistry {
+        &self.metrics_registry
     }
 }
 

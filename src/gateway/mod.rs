@@ -166,6 +166,7 @@ impl Gateway {
         };
         let metrics = GatewayMetrics::register(&mut metrics_registry);
         let connections = ConnectionMetrics::register(&mut metrics_registry, "gateway");
+        config.geo.register_metrics(&mut metrics_registry);
         Ok(Gateway {
             state: Arc::new(State {
                 registry: Registry::new(metrics.clone()),

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use prometheus_client::registry::Registry;
 
 use super::web_config::Verdict;
 use super::{proxy, sd, State};
+use crate::endpoints::OwnEndpoints;
 use crate::http_util::{full, text_response, Body};
-use crate::telemetry::metrics_response;
 
 pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<Body> {
     if req.method() == Method::CONNECT {
@@ -20,45 +21,37 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
     if req.uri().authority().is_some() {
         return proxy::scrape(state, req).await;
     }
-    let path = req.uri().path();
-    if OWN_ENDPOINTS.contains(&path) && !matches!(*req.method(), Method::GET | Method::HEAD) {
-        return method_not_allowed(req.method(), path);
-    }
-    match path {
-        "/targets" | "/clients" => json(sd::document(&state.registry.snapshot())),
-        "/metrics" => metrics_response(
-            &state.metrics_registry,
-            req.headers().get(http::header::ACCEPT),
-        ),
-        "/-/healthy" => text_response(StatusCode::OK, "Healthy"),
-        "/-/ready" => text_response(StatusCode::OK, "Ready"),
-        "/api/v1/agents" => json(serde_json::to_string(&agents(state)).unwrap_or_else(|_| "[]".into())),
-        "/" => super::status::page(&agents(state)),
-        _ => text_response(StatusCode::NOT_FOUND, "not found: scrapes must be absolute-form (set the gateway as proxy_url); endpoints are /, /targets, /clients, /metrics, /api/v1/agents, /-/healthy, /-/ready"),
-    }
+    crate::endpoints::answer(state, &req).await
 }
 
-/// The gateway's own endpoints (origin-form requests), all read-only.
-const OWN_ENDPOINTS: [&str; 7] = [
-    "/",
-    "/targets",
-    "/clients",
-    "/metrics",
-    "/api/v1/agents",
-    "/-/healthy",
-    "/-/ready",
-];
+impl OwnEndpoints for State {
+    const NAME: &'static str = "the gateway";
+    const PATHS: &'static [&'static str] = &[
+        "/",
+        "/targets",
+        "/clients",
+        "/metrics",
+        "/api/v1/agents",
+        "/-/healthy",
+        "/-/ready",
+    ];
+    const NOT_FOUND: &'static str =
+        "not found: scrapes must be absolute-form (set the gateway as proxy_url)";
 
-/// The answer to a method other than GET or HEAD on one of [`OWN_ENDPOINTS`]: answering it as a
-/// GET would let a client believe its POST or DELETE did something.
-fn method_not_allowed(method: &Method, path: &str) -> Response<Body> {
-    let mut resp = text_response(
-        StatusCode::METHOD_NOT_ALLOWED,
-        &format!("method {method} is not allowed on {path}: the gateway's own endpoints answer GET and HEAD"),
-    );
-    resp.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-    resp
+    fn registry(&self) -> &Registry {
+        &self.metrics_registry
+    }
+
+    fn other(self: &Arc<Self>, path: &str) -> Response<Body> {
+        match path {
+            "/targets" | "/clients" => json(sd::document(&self.registry.snapshot())),
+            "/api/v1/agents" => {
+                json(serde_json::to_string(&agents(self)).unwrap_or_else(|_| "[]".into()))
+            }
+            "/" => super::status::page(&agents(self)),
+            _ => crate::endpoints::not_found::<Self>(),
+        }
+    }
 }
 
 /// With `basic_auth_users` configured, every request must authenticate: scrapes (absolute-form)

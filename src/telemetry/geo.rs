@@ -15,7 +15,8 @@
 //!   records) is decoded once per record.
 //! - [`SharedGeo`] is the handle the roles share: lookups through an atomically swapped database,
 //!   [`SharedGeo::reload`] (SIGHUP) and [`SharedGeo::watch`] (polls the file's mtime, size and
-//!   inode) keep the previous database when the new file is broken.
+//!   inode) keep the previous database when the new file is broken; the outcome of the last load
+//!   is a pair of gauges ([`SharedGeo::register_metrics`]).
 //!
 //! Replace the database file by renaming a new file over it (as `geoipupdate`, `mv` and `install`
 //! do), not by rewriting it in place: the old file stays mapped until the swap, and truncating a
@@ -33,6 +34,8 @@ use maxminddb::{MaxMindDbError, Mmap, Reader, WithinOptions};
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::ReloadOutcome;
 
 /// How often [`SharedGeo::watch`] looks at the database file unless told otherwise.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(10);
@@ -477,6 +480,9 @@ struct Shared {
     path: Option<PathBuf>,
     /// The file version last tried by `reload`, loaded or not, so a broken file is reported once.
     seen: Mutex<Option<Fingerprint>>,
+    /// The outcome of the last load of the file, whatever started it: the start, the periodic
+    /// check, SIGHUP.
+    loads: ReloadOutcome,
 }
 
 impl SharedGeo {
@@ -503,6 +509,7 @@ impl SharedGeo {
                 db: ArcSwapOption::new(db.map(Arc::new)),
                 path,
                 seen: Mutex::new(seen),
+                loads: ReloadOutcome::successful_now(),
             }),
             poll_interval: DEFAULT_POLL_INTERVAL,
         }
@@ -512,6 +519,22 @@ impl SharedGeo {
     pub fn with_poll_interval(mut self, interval: Duration) -> SharedGeo {
         self.poll_interval = interval;
         self
+    }
+
+    /// Registers `ferry_geoip_database_last_reload_successful` and
+    /// `…_success_timestamp_seconds` in `registry` when a database file is configured. They follow
+    /// every load of the file — the periodic check's as well as SIGHUP's — so a broken file
+    /// from an updater shows without waiting for a reload.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        if self.inner.path.is_none() {
+            return;
+        }
+        self.inner.loads.register(
+            registry,
+            "ferry_geoip_database",
+            "Whether the last load of the geoip database file (at start, when the file changed, on SIGHUP) succeeded; 0: a new file was refused and the previous database stays in use",
+            "Time the geoip database in use was loaded, in seconds since the Unix epoch",
+        );
     }
 
     /// The database file, if one is configured.
@@ -551,13 +574,17 @@ impl SharedGeo {
         let fingerprint = Fingerprint::of(path).ok();
         *self.lock_seen() = fingerprint;
         match GeoDb::open(path) {
+            // Logged once in force: a reader of the log finds the metrics saying the same.
             Ok(db) => {
-                tracing::info!(path = %path.display(), database_type = db.database_type(), "geoip database loaded");
+                let database_type = db.database_type().to_owned();
                 self.inner.db.store(Some(Arc::new(db)));
+                self.inner.loads.record(true);
+                tracing::info!(path = %path.display(), database_type, "geoip database loaded");
                 Ok(())
             }
             Err(e) => {
                 // The previous database keeps labelling: degraded, not down.
+                self.inner.loads.record(false);
                 tracing::warn!(error = %e, "geoip database reload failed; keeping the previous one");
                 Err(e)
             }

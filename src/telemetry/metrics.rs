@@ -39,8 +39,7 @@ pub fn register_process_metrics(registry: &mut Registry, role: &str) {
 /// `ferry_config_last_reload_successful == 0` finds a reload that kept a previous state.
 #[derive(Debug)]
 pub struct ConfigReload {
-    successful: Gauge,
-    success_timestamp: Gauge<f64, AtomicU64>,
+    outcome: ReloadOutcome,
 }
 
 static CONFIG_RELOAD: OnceLock<ConfigReload> = OnceLock::new();
@@ -48,17 +47,44 @@ static CONFIG_RELOAD: OnceLock<ConfigReload> = OnceLock::new();
 impl ConfigReload {
     /// The process's one record, successful as of its first use until told otherwise.
     pub fn get() -> &'static ConfigReload {
-        CONFIG_RELOAD.get_or_init(|| {
-            let reload = ConfigReload {
-                successful: Gauge::default(),
-                success_timestamp: Gauge::default(),
-            };
-            reload.record(true);
-            reload
+        CONFIG_RELOAD.get_or_init(|| ConfigReload {
+            outcome: ReloadOutcome::successful_now(),
         })
     }
 
     /// Records a reload: whether everything it read was applied; the time, if so.
+    pub fn record(&self, successful: bool) {
+        self.outcome.record(successful);
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        self.outcome.register(
+            registry,
+            "ferry_config",
+            "Whether the last configuration reload (SIGHUP) applied everything it read",
+            "Time of the last successful configuration reload (or of the start), in seconds since the Unix epoch",
+        );
+    }
+}
+
+/// Whether the last reload of something succeeded, and when the last successful one was: the
+/// pair of gauges `<prefix>_last_reload_successful` and
+/// `<prefix>_last_reload_success_timestamp_seconds`. Clones share the gauges.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadOutcome {
+    successful: Gauge,
+    success_timestamp: Gauge<f64, AtomicU64>,
+}
+
+impl ReloadOutcome {
+    /// An outcome that starts as a success at this moment (a load at start).
+    pub fn successful_now() -> ReloadOutcome {
+        let outcome = ReloadOutcome::default();
+        outcome.record(true);
+        outcome
+    }
+
+    /// Records a reload: whether it succeeded; the time, if so.
     pub fn record(&self, successful: bool) {
         self.successful.set(i64::from(successful));
         if successful {
@@ -69,15 +95,22 @@ impl ConfigReload {
         }
     }
 
-    fn register(&self, registry: &mut Registry) {
+    /// Registers the two gauges as `<prefix>_last_reload_…`, with their help texts.
+    pub fn register(
+        &self,
+        registry: &mut Registry,
+        prefix: &str,
+        successful_help: &str,
+        timestamp_help: &str,
+    ) {
         registry.register(
-            "ferry_config_last_reload_successful",
-            "Whether the last configuration reload (SIGHUP) applied everything it read",
+            format!("{prefix}_last_reload_successful"),
+            successful_help,
             self.successful.clone(),
         );
         registry.register(
-            "ferry_config_last_reload_success_timestamp_seconds",
-            "Time of the last successful configuration reload (or of the start), in seconds since the Unix epoch",
+            format!("{prefix}_last_reload_success_timestamp_seconds"),
+            timestamp_help,
             self.success_timestamp.clone(),
         );
     }
@@ -373,7 +406,7 @@ impl EgressMetrics {
         );
         registry.register(
             "ferry_egress_request_duration_seconds",
-            "Request duration to the last response byte; tunnels over their life",
+            "Request duration to the last response byte; for a CONNECT tunnel, the time to open it",
             m.duration.clone(),
         );
         registry.register(

@@ -1,11 +1,11 @@
 //! ferry's own metrics, named `ferry_<role>_<what>_<unit>`, with bounded label sets (agent ids,
 //! target names, status classes, results — never URLs, IPs or ports), and their exposition.
 
-use http::{header, HeaderValue, Response};
+use http::{header, HeaderMap, HeaderValue, Response};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 
-use crate::http_util::{full, Body};
+use crate::http_util::{accepts_gzip, encoded_response, weight_of, weighted_items, Body};
 
 #[cfg(feature = "geo")]
 pub mod connections;
@@ -31,36 +31,37 @@ pub fn encode_registry(registry: &Registry) -> String {
 /// Content type of the Prometheus text format (0.0.4), for clients that do not ask for OpenMetrics.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// A `/metrics` response for `registry`: OpenMetrics when the request's `Accept` asks for it
+/// A `/metrics` response for `registry`: OpenMetrics when the request's `Accept` prefers it
 /// (Prometheus does), else the Prometheus text format, which `promtool check metrics`, curl users
-/// and older scrapers read.
-pub fn metrics_response(registry: &Registry, accept: Option<&HeaderValue>) -> Response<Body> {
+/// and older scrapers read; gzip-compressed when its `Accept-Encoding` takes gzip.
+pub fn metrics_response(registry: &Registry, request: &HeaderMap) -> Response<Body> {
     let openmetrics = encode_registry(registry);
-    let (body, content_type) = if wants_openmetrics(accept) {
+    let (body, content_type) = if wants_openmetrics(request) {
         (openmetrics, OPENMETRICS_CONTENT_TYPE)
     } else {
         (openmetrics_to_text(&openmetrics), TEXT_CONTENT_TYPE)
     };
-    let mut resp = Response::new(full(body));
-    resp.headers_mut()
+    let (mut head, ()) = Response::new(()).into_parts();
+    head.headers
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
+    head.headers
+        .insert(header::VARY, HeaderValue::from_static("Accept"));
+    encoded_response(head, body.into(), accepts_gzip(request))
 }
 
-/// Whether `Accept` names OpenMetrics (with a non-zero weight).
-fn wants_openmetrics(accept: Option<&HeaderValue>) -> bool {
-    let Some(accept) = accept.and_then(|v| v.to_str().ok()) else {
+/// Whether `Accept` prefers OpenMetrics: named with a weight above zero and not below the text
+/// format's (`text/plain`, else `text/*`, else `*/*`). A wildcard alone does not pick OpenMetrics:
+/// curl's `*/*` gets the text format.
+fn wants_openmetrics(request: &HeaderMap) -> bool {
+    let ranges = weighted_items(request, header::ACCEPT);
+    let Some(openmetrics) = weight_of(&ranges, "application/openmetrics-text") else {
         return false;
     };
-    accept.split(',').any(|range| {
-        let mut params = range.split(';').map(str::trim);
-        let media = params.next().unwrap_or("");
-        let weight = params
-            .filter_map(|p| p.strip_prefix("q="))
-            .find_map(|q| q.trim().parse::<f32>().ok())
-            .unwrap_or(1.0);
-        media.eq_ignore_ascii_case("application/openmetrics-text") && weight > 0.0
-    })
+    let text = weight_of(&ranges, "text/plain")
+        .or_else(|| weight_of(&ranges, "text/*"))
+        .or_else(|| weight_of(&ranges, "*/*"))
+        .unwrap_or(0.0);
+    openmetrics > 0.0 && openmetrics >= text
 }
 
 /// The Prometheus text format (0.0.4) of an OpenMetrics exposition as prometheus-client writes
@@ -112,17 +113,18 @@ fn openmetrics_to_text(openmetrics: &str) -> String {
     out
 }
 
-/// A `/metrics` response for a registry whose collectors may block (the host connection
-/// collector reads every socket of the host): encoded on the blocking pool, not on a runtime worker.
+/// [`metrics_response`] for `registry` of `owner`, encoded and compressed on the blocking pool, not
+/// on a runtime worker: an exposition may be tens of MB, and the host connection collector reads
+/// every socket of the host.
 pub async fn metrics_response_blocking<R>(
     owner: std::sync::Arc<R>,
     registry: fn(&R) -> &Registry,
-    accept: Option<HeaderValue>,
+    request: HeaderMap,
 ) -> Response<Body>
 where
     R: Send + Sync + 'static,
 {
-    tokio::task::spawn_blocking(move || metrics_response(registry(&owner), accept.as_ref()))
+    tokio::task::spawn_blocking(move || metrics_response(registry(&owner), &request))
         .await
         .unwrap_or_else(|e| {
             tracing::error!(error = %e, "encoding metrics failed");
@@ -149,16 +151,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn openmetrics_only_when_asked_for_with_a_weight() {
-        let ask = |v: &str| wants_openmetrics(Some(&HeaderValue::from_str(v).unwrap()));
-        assert!(ask(
-            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
-        ));
+    fn openmetrics_only_when_named_and_weighed_at_least_as_the_text_format() {
+        let ask = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT, HeaderValue::from_str(v).unwrap());
+            wants_openmetrics(&h)
+        };
+        // Prometheus 2.42's own Accept.
+        assert!(ask("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"));
         assert!(ask("text/plain;q=0.5, application/openmetrics-text; q=0.9"));
+        assert!(ask("application/openmetrics-text;q=0.5, text/plain;q=0.5"));
+        assert!(ask("application/openmetrics-text;q=0.1"));
+        assert!(ask("application/openmetrics-text;q=0.5, text/*;q=0.4, */*"));
+        assert!(!ask(
+            "application/openmetrics-text;q=0.1, text/plain;version=0.0.4;q=0.9"
+        ));
+        assert!(!ask("application/openmetrics-text;q=0.5, */*"));
         assert!(!ask("application/openmetrics-text;q=0"));
         assert!(!ask("*/*"));
         assert!(!ask("text/plain;version=0.0.4"));
-        assert!(!wants_openmetrics(None));
+        assert!(!wants_openmetrics(&HeaderMap::new()));
     }
 
     #[test]

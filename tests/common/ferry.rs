@@ -380,6 +380,23 @@ pub async fn gateway_and_agent(
     (gw, agent)
 }
 
+/// `ferry exporter` with the connection collector, in-process on 127.0.0.1:0 until `shutdown`.
+pub async fn start_exporter(shutdown: &CancellationToken) -> SocketAddr {
+    let mut section = ferry::config::ExporterSection::default();
+    section.collector.connections = true;
+    let mut errs = ConfigErrors::new("test");
+    let cfg = section.validate("exporter", &mut errs);
+    assert!(errs.errors.is_empty(), "{errs}");
+    let exporter = ferry::exporter::Exporter::new(&cfg.expect("exporter config"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { exporter.serve(listener, shutdown).await }
+    });
+    addr
+}
+
 /// Reads a metric's value from a Prometheus text exposition: the first sample whose line starts
 /// with `name{` or `name ` and contains every `label="value"` pair given.
 pub fn metric_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

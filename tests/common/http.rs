@@ -120,6 +120,33 @@ pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Resp {
     expect_ok(&what, result)
 }
 
+/// Sends `reqs` one after the other over one connection to `addr` (keep-alive), for answers that
+/// must differ only in what the requests asked for: per-connection metrics stay the same.
+pub async fn send_all(addr: SocketAddr, reqs: Vec<Request<Full<Bytes>>>) -> Vec<Resp> {
+    let what = format!("{} requests on one connection to {addr}", reqs.len());
+    let result = bounded(&what, async {
+        let stream = TcpStream::connect(addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut resps = Vec::new();
+        for req in reqs {
+            sender.ready().await?;
+            let (parts, body) = sender.send_request(req).await?.into_parts();
+            resps.push(Resp {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body: body.collect().await?.to_bytes(),
+            });
+        }
+        Ok::<_, Error>(resps)
+    })
+    .await;
+    expect_ok(&what, result)
+}
+
 /// Sends any request over an already-open connection (e.g. one from `proxy::open_tunnel`).
 pub async fn send_on(stream: TcpStream, req: Request<Full<Bytes>>) -> Result<Resp, Error> {
     let what = format!("{} {}", req.method(), req.uri());

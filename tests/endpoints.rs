@@ -1,0 +1,429 @@
+//! Every role's own endpoints — the gateway's web listener, the agent's `--web.listen-address`, the
+//! egress proxy's origin-form requests, `ferry exporter` — follow one set of rules, checked here
+//! the same way on each over real sockets: GET and HEAD only (405 with `Allow` otherwise), a 404
+//! naming the endpoints, the exposition format picked by `Accept` weights, and gzip when
+//! `Accept-Encoding` takes it.
+
+mod common;
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::egress::{TestEgress, TestResolver};
+use common::ferry::{
+    agent_section, start_agent, start_exporter, start_gateway, TestAgent, TestGateway,
+};
+use common::http::{self as client, Resp};
+use ferry::config::EgressSection;
+use http::{header, Request};
+use http_body_util::Full;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What Prometheus 2.42 sends with every scrape.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// One listener serving a role's own endpoints.
+struct Listener {
+    /// Who answers, as its messages name it.
+    owner: &'static str,
+    addr: SocketAddr,
+}
+
+/// A gateway, an agent connected to it with its web listener, an egress proxy and an exporter,
+/// all in this process.
+struct Roles {
+    listeners: Vec<Listener>,
+    gw: TestGateway,
+    agent: TestAgent,
+    _egress: TestEgress,
+    shutdown: CancellationToken,
+    _dir: TempDir,
+}
+
+impl Roles {
+    async fn start() -> Roles {
+        let dir = TempDir::new().unwrap();
+        let gw = start_gateway(&dir, &[("*", "test-token")], |_| {}).await;
+        let agent = start_agent(agent_section(&gw, "node-1", &[]), "test-token");
+        gw.wait_agent("node-1", Duration::from_secs(10)).await;
+        let shutdown = CancellationToken::new();
+        let agent_web = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent_addr = agent_web.local_addr().unwrap();
+        tokio::spawn({
+            let (a, shutdown) = (agent.agent.clone(), shutdown.clone());
+            async move { a.serve_web(agent_web, shutdown).await }
+        });
+        wait_ready(agent_addr).await;
+        let egress = TestEgress::start(EgressSection::default(), TestResolver::new(&[])).await;
+        let exporter = start_exporter(&shutdown).await;
+        Roles {
+            listeners: vec![
+                Listener {
+                    owner: "the gateway",
+                    addr: gw.web,
+                },
+                Listener {
+                    owner: "the agent",
+                    addr: agent_addr,
+                },
+                Listener {
+                    owner: "the egress proxy",
+                    addr: egress.addr,
+                },
+                Listener {
+                    owner: "the exporter",
+                    addr: exporter,
+                },
+            ],
+            gw,
+            agent,
+            _egress: egress,
+            shutdown,
+            _dir: dir,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.agent.stop().await;
+        self.gw.stop().await;
+    }
+}
+
+/// Waits until the agent at `addr` says its tunnel is up (it says so a moment after the gateway
+/// lists it).
+async fn wait_ready(addr: SocketAddr) {
+    let started = std::time::Instant::now();
+    while client::get(&format!("http://{addr}/-/ready")).await.status != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "agent at {addr} never ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An origin-form request for `path` at `addr` with `headers`.
+fn request(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Request<Full<Bytes>> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, addr.to_string());
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(Full::new(Bytes::new())).unwrap()
+}
+
+fn gunzip(body: &[u8]) -> String {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(body)
+        .read_to_string(&mut text)
+        .unwrap_or_else(|e| panic!("not gzip ({e}): {body:?}"));
+    text
+}
+
+/// Every value of the `Vary` header lines, lowercased.
+fn vary(resp: &Resp) -> Vec<String> {
+    resp.headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// The exposition without the samples of the host connection collector, which change with every
+/// socket of the host (the test's own included).
+fn stable_lines(exposition: &str) -> String {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with("ferry_host_tcp_"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Prometheus sends `Accept-Encoding: gzip` with every scrape: an exposition of tens of MB for a
+/// large fleet goes compressed, and decodes to what an uncompressed answer carries. HEAD gets the
+/// same head without a body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_gzipped_for_a_client_that_accepts_it_on_every_role() {
+    let roles = Roles::start().await;
+    for Listener { owner, addr } in &roles.listeners {
+        let (owner, addr) = (*owner, *addr);
+        let gzip = [("Accept", PROMETHEUS_ACCEPT), ("Accept-Encoding", "gzip")];
+        let plain = [("Accept", PROMETHEUS_ACCEPT)];
+        let resps = client::send_all(
+            addr,
+            vec![
+                request("GET", addr, "/metrics", &gzip),
+                request("GET", addr, "/metrics", &plain),
+                request("HEAD", addr, "/metrics", &gzip),
+            ],
+        )
+        .await;
+        let [compressed, uncompressed, head] = &resps[..] else {
+            unreachable!()
+        };
+        for (what, resp) in [("GET", compressed), ("HEAD", head)] {
+            assert_eq!(resp.status, 200, "{owner} {what}: {}", resp.text());
+            assert_eq!(
+                resp.header("content-encoding"),
+                Some("gzip"),
+                "{owner} {what}"
+            );
+            assert_eq!(
+                resp.header("content-type"),
+                Some(OPENMETRICS),
+                "{owner} {what}"
+            );
+            assert!(
+                vary(resp).contains(&"accept-encoding".to_owned()),
+                "{owner} {what}: {:?}",
+                resp.headers
+            );
+        }
+        assert_eq!(uncompressed.status, 200, "{owner}");
+        assert_eq!(uncompressed.header("content-encoding"), None, "{owner}");
+        assert!(
+            vary(uncompressed).contains(&"accept-encoding".to_owned()),
+            "{owner}"
+        );
+        let text = gunzip(&compressed.body);
+        assert!(text.ends_with("# EOF\n"), "{owner}: {text}");
+        assert!(
+            compressed.body.len() < uncompressed.body.len(),
+            "{owner}: {} compressed bytes, {} uncompressed",
+            compressed.body.len(),
+            uncompressed.body.len()
+        );
+        assert_eq!(
+            stable_lines(&text),
+            stable_lines(&uncompressed.text()),
+            "{owner}"
+        );
+        assert!(
+            head.body.is_empty(),
+            "{owner}: HEAD has a body: {:?}",
+            head.body
+        );
+        let announced: usize = head
+            .header("content-length")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{owner}: HEAD announces no length: {:?}", head.headers));
+        // The exporter's exposition changes with the host's sockets: only about the same size.
+        if owner == "the exporter" {
+            assert!(
+                announced.abs_diff(compressed.body.len()) < 64,
+                "{owner}: {announced}"
+            );
+        } else {
+            assert_eq!(
+                announced,
+                compressed.body.len(),
+                "{owner}: HEAD announces a GET's length"
+            );
+        }
+    }
+    roles.stop().await;
+}
+
+/// `Accept-Encoding` weights are read as RFC 9110 says: `q=0` refuses gzip, a preferred
+/// `identity` wins, `*` takes gzip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_encoding_weights_decide_the_compression() {
+    let roles = Roles::start().await;
+    for Listener { owner, addr } in &roles.listeners {
+        for (accept_encoding, gzipped) in [
+            ("gzip;q=0", false),
+            ("gzip;q=0.5, identity", false),
+            ("identity;q=0", false),
+            ("br, deflate", false),
+            ("*", true),
+            ("deflate, gzip;q=0.8", true),
+        ] {
+            let url = format!("http://{addr}/metrics");
+            let resp =
+                client::get_with_headers(&url, &[("Accept-Encoding", accept_encoding)]).await;
+            assert_eq!(resp.status, 200, "{owner} {accept_encoding}");
+            let encoding = resp.header("content-encoding");
+            assert_eq!(
+                encoding,
+                gzipped.then_some("gzip"),
+                "{owner} {accept_encoding}"
+            );
+            let text = if gzipped {
+                gunzip(&resp.body)
+            } else {
+                resp.text()
+            };
+            assert!(
+                text.contains("# TYPE ferry_build_info gauge"),
+                "{owner} {accept_encoding}: {text}"
+            );
+        }
+    }
+    roles.stop().await;
+}
+
+/// The gateway's service discovery and status page are compressed the same way: http_sd of a
+/// large fleet is large too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_service_discovery_and_status_page_are_gzipped_when_accepted() {
+    let roles = Roles::start().await;
+    let addr = roles.gw.web;
+    for path in ["/targets", "/clients", "/api/v1/agents", "/"] {
+        let resps = client::send_all(
+            addr,
+            vec![
+                request("GET", addr, path, &[("Accept-Encoding", "gzip")]),
+                request("GET", addr, path, &[]),
+            ],
+        )
+        .await;
+        let [compressed, uncompressed] = &resps[..] else {
+            unreachable!()
+        };
+        assert_eq!(compressed.status, 200, "{path}");
+        assert_eq!(
+            compressed.header("content-encoding"),
+            Some("gzip"),
+            "{path}"
+        );
+        assert_eq!(uncompressed.header("content-encoding"), None, "{path}");
+        assert_eq!(
+            compressed.header("content-type"),
+            uncompressed.header("content-type"),
+            "{path}"
+        );
+        let text = gunzip(&compressed.body);
+        assert!(text.contains("node-1"), "{path}: {text}");
+        if path != "/" {
+            // The status page shows how long ago agents connected: it may tick between the two.
+            assert_eq!(text, uncompressed.text(), "{path}");
+        }
+    }
+    roles.stop().await;
+}
+
+/// The agent's own metrics reach Prometheus through the tunnel as its built-in target `ferry`:
+/// compressed there too, and the gateway passes the encoding through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_built_in_target_is_gzipped_through_the_tunnel() {
+    let roles = Roles::start().await;
+    let url = "http://node-1:9369/metrics";
+    let resp = client::get_via_proxy(
+        roles.gw.web,
+        url,
+        &[("Accept", PROMETHEUS_ACCEPT), ("Accept-Encoding", "gzip")],
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("content-encoding"), Some("gzip"));
+    assert_eq!(resp.header("content-type"), Some(OPENMETRICS));
+    let text = gunzip(&resp.body);
+    assert!(text.contains("ferry_agent_tunnel_up 1"), "{text}");
+    roles.stop().await;
+}
+
+/// The format follows the weights in `Accept`: OpenMetrics only when it is named and weighed at
+/// least as much as the text format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exposition_format_follows_accept_weights_on_every_role() {
+    let roles = Roles::start().await;
+    for Listener { owner, addr } in &roles.listeners {
+        for (accept, content_type) in [
+            (PROMETHEUS_ACCEPT, OPENMETRICS),
+            (
+                "application/openmetrics-text;q=0.1, text/plain;version=0.0.4;q=0.9",
+                TEXT_FORMAT,
+            ),
+            (
+                "text/plain;q=0.5, application/openmetrics-text;q=0.5",
+                OPENMETRICS,
+            ),
+            ("application/openmetrics-text;q=0", TEXT_FORMAT),
+            ("*/*", TEXT_FORMAT),
+        ] {
+            let url = format!("http://{addr}/metrics");
+            let resp = client::get_with_headers(&url, &[("Accept", accept)]).await;
+            assert_eq!(resp.status, 200, "{owner} {accept}");
+            assert_eq!(
+                resp.header("content-type"),
+                Some(content_type),
+                "{owner} {accept}"
+            );
+            assert_eq!(
+                resp.text().ends_with("# EOF\n"),
+                content_type == OPENMETRICS,
+                "{owner} {accept}"
+            );
+            assert!(
+                vary(&resp).contains(&"accept".to_owned()),
+                "{owner}: {:?}",
+                resp.headers
+            );
+        }
+    }
+    roles.stop().await;
+}
+
+/// Every role's endpoints are read-only: another method is refused, not answered as a GET; a
+/// path that is none of them is a 404 naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_endpoints_answer_get_and_head_only_and_404_names_them_on_every_role() {
+    let roles = Roles::start().await;
+    for Listener { owner, addr } in &roles.listeners {
+        let (owner, addr) = (*owner, *addr);
+        for path in ["/metrics", "/-/healthy", "/-/ready"] {
+            for method in ["POST", "PUT", "DELETE", "OPTIONS", "PATCH"] {
+                let resp = client::send(addr, request(method, addr, path, &[])).await;
+                assert_eq!(resp.status, 405, "{owner} {method} {path}: {}", resp.text());
+                assert_eq!(
+                    resp.header("allow"),
+                    Some("GET, HEAD"),
+                    "{owner} {method} {path}"
+                );
+                assert_eq!(
+                    resp.text(),
+                    format!("method {method} is not allowed on {path}: {owner}'s own endpoints answer GET and HEAD\n")
+                );
+            }
+            for method in ["GET", "HEAD"] {
+                let resp = client::send(addr, request(method, addr, path, &[])).await;
+                assert_eq!(resp.status, 200, "{owner} {method} {path}: {}", resp.text());
+                assert_eq!(
+                    resp.body.is_empty(),
+                    method == "HEAD",
+                    "{owner} {method} {path}"
+                );
+            }
+        }
+        for method in ["GET", "POST"] {
+            let resp = client::send(addr, request(method, addr, "/nope", &[])).await;
+            assert_eq!(resp.status, 404, "{owner} {method}: {}", resp.text());
+            let text = resp.text();
+            let (_, listed) = text
+                .split_once(&format!("{owner}'s own endpoints are "))
+                .unwrap_or_else(|| panic!("{owner}: the 404 names no endpoints: {text}"));
+            let listed: Vec<&str> = listed.trim_end().split(", ").collect();
+            for path in ["/metrics", "/-/healthy", "/-/ready"] {
+                assert!(listed.contains(&path), "{owner}: {text}");
+            }
+            assert_eq!(text.lines().count(), 1, "{owner}: {text}");
+        }
+    }
+    roles.stop().await;
+}
