@@ -25,7 +25,7 @@ pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<B
         return method_not_allowed(req.method(), path);
     }
     match path {
-        "/targets" | "/clients" => json(sd::document(&state.registry.snapshot())),
+        "/targets" | "/clients" => json(sd::document(&state.registry.discoverable())),
         "/metrics" => metrics_response(
             &state.metrics_registry,
             req.headers().get(http::header::ACCEPT),
