@@ -175,6 +175,23 @@ scrape_configs:
         "{down}\n{}",
         logs()
     );
+    // Still there later: Prometheus applies discovery changes every 5 s, then drops a target
+    // that left discovery from its targets page and marks its series stale (no sample at all).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let targets = prometheus.targets().await;
+    let node = targets["data"]["activeTargets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["labels"]["instance"] == instance)
+        .unwrap_or_else(|| panic!("{instance} is no longer a target: {targets}"));
+    assert_eq!(node["health"], "down", "{node}");
+    let error = node["lastError"].as_str().unwrap_or_default();
+    assert!(error.contains("503"), "{node}");
+    let still = prometheus
+        .query(r#"up{job="ferry",ferry_agent="node-1",ferry_target="node"}"#)
+        .await;
+    assert_eq!(values(&still), [0.0], "{still}\n{}", logs());
 }
 
 /// The push direction with the real thing: Prometheus `remote_write`s node_exporter's series
