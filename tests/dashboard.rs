@@ -1,8 +1,9 @@
-//! The Grafana dashboard in `dashboards/ferry.json`: it parses, uses Geomap panels with a
-//! country-code lookup and one query each, its map and kinds-table queries give the rows their
-//! titles promise (evaluated by `promtool`), and every metric its queries use is exported by a
-//! running ferry (gateway, agent with the connection collector, egress), scraped here after some
-//! traffic.
+//! The Grafana dashboard in `dashboards/ferry.json` and the alerting rules in
+//! `examples/prometheus-alerts.yml`: the dashboard parses, uses Geomap panels with a country-code
+//! lookup and one query each, its map and kinds-table queries give the rows their titles promise
+//! (evaluated by `promtool`); the rules pass their `promtool` unit tests; and every metric the
+//! dashboard and the rules use is exported by a running ferry (gateway, agent with the
+//! connection collector, egress), scraped here after some traffic.
 
 mod common;
 
@@ -35,6 +36,34 @@ fn queries(dash: &serde_json::Value) -> Vec<String> {
         }
     }
     out
+}
+
+/// `(alert, expr)` of every alerting rule in `examples/prometheus-alerts.yml`.
+fn alert_rules() -> Vec<(String, String)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/prometheus-alerts.yml"
+    );
+    let text = std::fs::read_to_string(path).expect("examples/prometheus-alerts.yml exists");
+    let rules: serde_json::Value =
+        serde_yaml_ng::from_str(&text).expect("the alerting rules are valid YAML");
+    let mut out = Vec::new();
+    for group in rules["groups"].as_array().expect("groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            let field = |name: &str| rule[name].as_str().expect(name).to_owned();
+            out.push((field("alert"), field("expr")));
+        }
+    }
+    out
+}
+
+/// `/usr/bin/promtool` run with `args`; a missing promtool fails the test (it is a dependency
+/// of the test suite, not an optional extra).
+fn promtool(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new("/usr/bin/promtool")
+        .args(args)
+        .output()
+        .expect("run /usr/bin/promtool (Debian package prometheus; .ci/run installs it)")
 }
 
 /// Metric names (`ferry_…`) used in `expr`.
@@ -230,11 +259,7 @@ fn the_map_and_the_kinds_table_show_what_their_titles_say() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("dashboard_test.yml");
     std::fs::write(&file, &test).unwrap();
-    let out = std::process::Command::new("/usr/bin/promtool")
-        .args(["test", "rules"])
-        .arg(&file)
-        .output()
-        .expect("run promtool (Debian package prometheus; .ci/run installs it)");
+    let out = promtool(&["test".as_ref(), "rules".as_ref(), file.as_os_str()]);
     assert!(
         out.status.success(),
         "the dashboard's queries give other rows than their panels promise:\n{}{}\n{test}",
@@ -243,8 +268,55 @@ fn the_map_and_the_kinds_table_show_what_their_titles_say() {
     );
 }
 
+/// The agent-side `ferry_agent_tunnel_up` is scraped through the tunnel it reports on: it is
+/// never seen at 0, and a panel counting tunnels with it always reads "all up". Disconnected
+/// agents are counted by the gateway.
+#[test]
+fn tunnels_down_are_counted_by_the_gateway() {
+    let dash = dashboard();
+    let exprs = queries(&dash);
+    assert!(
+        exprs.iter().all(|e| !e.contains("ferry_agent_tunnel_up")),
+        "{exprs:?}"
+    );
+    assert_eq!(
+        only_expr(panel(&dash, "Agents disconnected")),
+        "sum(ferry_gateway_agents_disconnected)"
+    );
+    assert_eq!(
+        only_expr(panel(&dash, "Agents connected")),
+        "sum(ferry_gateway_agents_connected)"
+    );
+}
+
+/// The alerting rules fire when and only when their unit tests say, with the labels and
+/// annotations they promise (`promtool test rules`, Prometheus's own rule engine).
+#[test]
+fn the_alerting_rules_pass_their_promtool_tests() {
+    let tests = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/prometheus-alerts.test.yml"
+    );
+    let out = promtool(&["test".as_ref(), "rules".as_ref(), tests.as_ref()]);
+    assert!(
+        out.status.success(),
+        "promtool test rules {tests}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let test = std::fs::read_to_string(tests).unwrap();
+    for (name, _) in alert_rules() {
+        assert!(
+            test.contains(&format!(
+                "alertname: {name}\n        exp_alerts:\n          - "
+            )),
+            "no test of {name} firing in {tests}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_metric_the_dashboard_queries_is_exported() {
+async fn every_metric_the_dashboard_and_the_alerts_query_is_exported() {
     let dir = tempfile::tempdir().unwrap();
     let target = TargetServer::start(Behaviour::Metrics("up 1\n".into())).await;
     let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
@@ -322,14 +394,17 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         "the dashboard has panels for every role: {exprs:?}"
     );
     let mut missing = BTreeSet::new();
-    for expr in &exprs {
-        for name in metric_names(expr) {
-            if !exported.contains(&name) {
+    let alerts = alert_rules().into_iter().map(|(_, expr)| expr);
+    for expr in exprs.into_iter().chain(alerts) {
+        for name in metric_names(&expr) {
+            // The labels service discovery gives every target behind an agent, not metrics.
+            let sd_label = name == "ferry_agent" || name == "ferry_target";
+            if !sd_label && !exported.contains(&name) {
                 missing.insert(name);
             }
         }
     }
-    assert!(missing.is_empty(), "the dashboard queries metrics no running ferry exports: {missing:?}\nexported: {exported:?}");
+    assert!(missing.is_empty(), "the dashboard or the alerts query metrics no running ferry exports: {missing:?}\nexported: {exported:?}");
     shutdown.cancel();
     agent.stop().await;
 }

@@ -1,6 +1,7 @@
 //! End to end with the real Prometheus and the real node_exporter (Debian packages), and the real
 //! `ferry` binary as gateway and agent, as a user would run them: Prometheus uses the gateway as
-//! `proxy_url`, discovers targets from `/targets`, and scrapes node_exporter through the tunnel.
+//! `proxy_url`, discovers targets from `/targets`, and scrapes node_exporter through the tunnel;
+//! a crashed agent's targets stay discovered and are recorded down (`up == 0`).
 
 mod common;
 
@@ -65,13 +66,14 @@ async fn prometheus_scrapes_node_exporter_through_the_tunnel() {
             format!("--tunnel.listen-address=127.0.0.1:{tunnel}"),
             format!("--data-dir={}", data_dir.display()),
             format!("--auth.tokens-file={}", tokens.display()),
+            "--web.sd-keep-disconnected=1h".into(),
         ],
         None,
         &gw_log,
     );
     let fp = fingerprint(&data_dir, &gw_log).await;
     let agent_log = dir.path().join("agent.log");
-    let _agent = ferry(
+    let mut agent = ferry(
         &[
             "agent".into(),
             format!("--gateway=https://localhost:{tunnel}"),
@@ -155,6 +157,41 @@ scrape_configs:
             |v| values(v).first().is_some_and(|n| *n >= 1.0),
         )
         .await;
+
+    // The agent crashes: the gateway keeps it in /targets, so Prometheus records its targets
+    // down under the same series instead of forgetting them.
+    agent.0.kill().expect("kill the agent");
+    let _ = agent.0.wait();
+    let down = prometheus
+        .wait_for(
+            r#"up{job="ferry",ferry_agent="node-1",ferry_target="node"}"#,
+            Duration::from_secs(20),
+            |v| values(v) == [0.0],
+        )
+        .await;
+    assert_eq!(
+        down["data"]["result"][0]["metric"]["instance"],
+        instance,
+        "{down}\n{}",
+        logs()
+    );
+    // Still there later: Prometheus applies discovery changes every 5 s, then drops a target
+    // that left discovery from its targets page and marks its series stale (no sample at all).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let targets = prometheus.targets().await;
+    let node = targets["data"]["activeTargets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["labels"]["instance"] == instance)
+        .unwrap_or_else(|| panic!("{instance} is no longer a target: {targets}"));
+    assert_eq!(node["health"], "down", "{node}");
+    let error = node["lastError"].as_str().unwrap_or_default();
+    assert!(error.contains("503"), "{node}");
+    let still = prometheus
+        .query(r#"up{job="ferry",ferry_agent="node-1",ferry_target="node"}"#)
+        .await;
+    assert_eq!(values(&still), [0.0], "{still}\n{}", logs());
 }
 
 /// The push direction with the real thing: Prometheus `remote_write`s node_exporter's series

@@ -195,6 +195,45 @@ async fn wait_sd(
     .await;
 }
 
+/// The groups `/targets` lists for agent `id`, as Prometheus reads them.
+async fn sd_groups_of(web: SocketAddr, id: &str) -> Vec<serde_json::Value> {
+    let resp = http::get(&format!("http://{web}/targets")).await;
+    assert_eq!(resp.status, 200, "/targets: {}", resp.text());
+    let groups: serde_json::Value = serde_json::from_slice(&resp.body).expect("/targets is JSON");
+    groups
+        .as_array()
+        .expect("/targets is an array")
+        .iter()
+        .filter(|g| g["labels"]["ferry_agent"] == id)
+        .cloned()
+        .collect()
+}
+
+/// The agent ids `/targets` lists, sorted.
+async fn sd_agents(web: SocketAddr) -> Vec<String> {
+    let resp = http::get(&format!("http://{web}/targets")).await;
+    let groups: serde_json::Value = serde_json::from_slice(&resp.body).expect("/targets is JSON");
+    let mut ids: Vec<String> = groups
+        .as_array()
+        .expect("/targets is an array")
+        .iter()
+        .filter_map(|g| g["labels"]["ferry_agent"].as_str().map(str::to_owned))
+        .collect();
+    ids.dedup();
+    ids
+}
+
+/// `ferry_gateway_agents_connected` and `ferry_gateway_agents_disconnected`.
+async fn agent_gauges(web: SocketAddr) -> (f64, f64) {
+    let text = gateway_metrics(web).await;
+    let value =
+        |name| metric_value(&text, name, &[]).unwrap_or_else(|| panic!("no {name} in:\n{text}"));
+    (
+        value("ferry_gateway_agents_connected"),
+        value("ferry_gateway_agents_disconnected"),
+    )
+}
+
 /// Binds `addr` again, retrying while the old listener's port is still being released.
 async fn rebind(addr: SocketAddr) -> TcpListener {
     let start = Instant::now();
@@ -270,19 +309,37 @@ async fn agent_reconnects_after_gateway_restart() {
 // 2. Agent restart
 // ---------------------------------------------------------------------------------------------
 
-/// The agent stops: the gateway forgets it and answers 503; a new agent with the same id is
-/// scraped again.
+/// The agent stops: its scrapes are answered 503 at once, and it stays in `/targets` with the
+/// same groups, so that Prometheus records `up == 0` for each of its targets instead of
+/// forgetting them; the gateway counts it as disconnected. Back with another target list, the
+/// new list replaces the kept one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateway_serves_a_restarted_agent() {
+async fn a_stopped_agent_stays_listed_as_down_until_it_reconnects() {
     let dir = TempDir::new().unwrap();
-    let server = metrics_server("restarted 1\n").await;
-    let targets = [("node", server.url("/metrics"))];
-    let (gw, agent) = gateway_and_agent(&dir, "node-2", &targets).await;
-    let url = target_url("node-2", &server);
+    let (old_server, new_server) = (
+        metrics_server("before 1\n").await,
+        metrics_server("restarted 1\n").await,
+    );
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let with_label = |targets: &[(&str, String)]| {
+        let mut section = agent_section(&gw, "node-2", targets);
+        section.labels = [("site".to_owned(), "berlin".to_owned())].into();
+        section
+    };
+    let agent = start_agent(with_label(&[("node", old_server.url("/metrics"))]), TOKEN);
+    gw.wait_agent("node-2", Duration::from_secs(10)).await;
+    let url = target_url("node-2", &old_server);
     assert_eq!(scrape(gw.web, &url).await.status, 200);
+    let listed = sd_groups_of(gw.web, "node-2").await;
+    assert_eq!(
+        listed.len(),
+        2,
+        "its target and its own metrics: {listed:?}"
+    );
 
     agent.stop().await;
     gw.wait_agent_gone("node-2", Duration::from_secs(5)).await;
+    let asked = Instant::now();
     let resp = scrape(gw.web, &url).await;
     assert_eq!(
         resp.status,
@@ -290,19 +347,33 @@ async fn gateway_serves_a_restarted_agent() {
         "scrape of a stopped agent: {}",
         resp.text()
     );
-    assert_eq!(resp.header("ferry-error"), Some("gateway"));
-    let listed = sd_targets(gw.web).await.unwrap();
+    assert!(resp.text().contains("not connected"), "{}", resp.text());
     assert!(
-        listed.is_empty(),
-        "a stopped agent's targets stay in /targets: {listed:?}"
+        asked.elapsed() < Duration::from_secs(1),
+        "answered at once, not after a timeout: {:?}",
+        asked.elapsed()
     );
-    let requests_while_down = server.requests();
+    assert_eq!(resp.header("ferry-error"), Some("gateway"));
+    assert_eq!(
+        sd_groups_of(gw.web, "node-2").await,
+        listed,
+        "a stopped agent keeps its groups in /targets, labels and all"
+    );
+    assert_eq!(agent_gauges(gw.web).await, (0.0, 1.0));
+    let requests_while_down = old_server.requests();
 
-    let agent2 = start_agent(agent_section(&gw, "node-2", &targets), TOKEN);
+    let agent2 = start_agent(with_label(&[("app", new_server.url("/metrics"))]), TOKEN);
     gw.wait_agent("node-2", Duration::from_secs(10)).await;
-    let resp = scrape(gw.web, &url).await;
+    let (old_addr, new_addr) = (
+        (format!("node-2:{}", old_server.addr.port()), "node"),
+        (format!("node-2:{}", new_server.addr.port()), "app"),
+    );
+    wait_sd(gw.web, &[new_addr], &[old_addr], Duration::from_secs(5)).await;
+    assert_eq!(sd_groups_of(gw.web, "node-2").await.len(), 2);
+    assert_eq!(agent_gauges(gw.web).await, (1.0, 0.0));
+    let resp = scrape(gw.web, &target_url("node-2", &new_server)).await;
     assert_eq!((resp.status, resp.text().as_str()), (200, "restarted 1\n"));
-    assert_eq!(server.requests(), requests_while_down + 1);
+    assert_eq!(old_server.requests(), requests_while_down);
 
     agent2.stop().await;
     gw.stop().await;
@@ -465,6 +536,9 @@ async fn a_token_removed_on_reload_closes_the_tunnels_using_it() {
     assert_eq!(resp.status, 503, "{}", resp.text());
     let resp = scrape(gw.web, &target_url("db-1", &server)).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
+    // Cut off, not gone: it is not kept in service discovery as a disconnected agent.
+    assert_eq!(sd_agents(gw.web).await, ["db-1"]);
+    assert_eq!(agent_gauges(gw.web).await, (1.0, 0.0));
     // It does not come back: its token is refused now.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(gw.agent_ids(), vec!["db-1".to_owned()]);
@@ -501,6 +575,9 @@ async fn a_token_revoked_while_its_tunnel_registers_does_not_get_in() {
     assert!(gw.agent_ids().is_empty(), "{:?}", gw.agent_ids());
     let resp = scrape(gw.web, &target_url("web-9", &server)).await;
     assert_eq!(resp.status, 503, "{}", resp.text());
+    // Nor is it kept in service discovery as an agent gone away.
+    let sd = http::get(&format!("{}/targets", gw.web_url())).await;
+    assert!(!sd.text().contains("web-9"), "{}", sd.text());
     assert_eq!(server.requests(), 0);
     hostile.abort();
     gw.stop().await;
@@ -1449,4 +1526,119 @@ async fn sighup_reloads_targets_in_the_running_binary() {
         "ferry exited with {status} after SIGTERM; log:\n{}",
         ferry.log()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Disconnected agents in service discovery
+// ---------------------------------------------------------------------------------------------
+
+/// A target list of one target `node` on port 9100, as an agent publishes it.
+fn one_target() -> String {
+    serde_json::json!({"version": 1, "labels": {}, "targets": [
+        {"name": "node", "port": 9100, "path": "/metrics", "labels": {}}
+    ]})
+    .to_string()
+}
+
+/// Connects agent `id` on a bare tunnel (no agent process behind it), and cuts the connection
+/// as a crash or a network failure would, once it is listed; returns when it is disconnected.
+async fn connect_and_crash(gw: &TestGateway, id: &str) {
+    let tunnel = common::ferry::agent_publishing(gw, id, one_target()).await;
+    gw.wait_agent(id, Duration::from_secs(10)).await;
+    tunnel.abort();
+    gw.wait_agent_gone(id, Duration::from_secs(5)).await;
+}
+
+/// Removing a disconnected agent's token line and reloading the tokens file is how it is
+/// decommissioned: it leaves service discovery at once. Agents whose token still holds stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_without_its_token_removes_a_disconnected_agent() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("old-1", "old"), ("db-*", "kept")], |_| {}).await;
+    let server = metrics_server("up 1\n").await;
+    let targets = [("node", server.url("/metrics"))];
+    for (id, token) in [("old-1", "old"), ("db-1", "kept")] {
+        let agent = start_agent(agent_section(&gw, id, &targets), token);
+        gw.wait_agent(id, Duration::from_secs(10)).await;
+        agent.stop().await;
+        gw.wait_agent_gone(id, Duration::from_secs(5)).await;
+    }
+    assert_eq!(sd_agents(gw.web).await, ["db-1", "old-1"]);
+
+    // The same credentials in another order: nothing leaves.
+    tokens_file(dir.path(), &[("db-*", "kept"), ("old-1", "old")]);
+    assert_eq!(gw.gateway.reload_tokens().unwrap(), 2);
+    assert_eq!(sd_agents(gw.web).await, ["db-1", "old-1"]);
+
+    tokens_file(dir.path(), &[("db-*", "kept")]);
+    assert_eq!(gw.gateway.reload_tokens().unwrap(), 1);
+    assert_eq!(sd_agents(gw.web).await, ["db-1"]);
+    assert_eq!(agent_gauges(gw.web).await, (0.0, 1.0));
+    gw.stop().await;
+}
+
+/// With `sd_keep_disconnected: 0s` a disconnected agent leaves service discovery at once, as
+/// before the setting existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_retention_a_disconnected_agent_leaves_at_once() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |s| {
+        s.web.sd_keep_disconnected = Dur(Duration::ZERO);
+    })
+    .await;
+    connect_and_crash(&gw, "gone-1").await;
+    assert_eq!(sd_agents(gw.web).await, Vec::<String>::new());
+    assert_eq!(agent_gauges(gw.web).await, (0.0, 0.0));
+    gw.stop().await;
+}
+
+/// A crashed agent (its connection cut, no goodbye) is listed until its retention ends; the
+/// gauge falls then, read from `/metrics` alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_agent_leaves_when_its_retention_ends() {
+    let dir = TempDir::new().unwrap();
+    let keep = Duration::from_millis(1500);
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |s| {
+        s.web.sd_keep_disconnected = Dur(keep);
+    })
+    .await;
+    connect_and_crash(&gw, "gone-1").await;
+    let gone = Instant::now();
+    assert_eq!(sd_agents(gw.web).await, ["gone-1"]);
+    let resp = scrape(gw.web, &scrape_url("gone-1", 9100)).await;
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    wait_for("the gauge falls", Duration::from_secs(10), || async {
+        match agent_gauges(gw.web).await {
+            (0.0, 0.0) => Ok(()),
+            other => Err(format!("(connected, disconnected) = {other:?}")),
+        }
+    })
+    .await;
+    assert!(
+        gone.elapsed() >= keep - Duration::from_millis(200),
+        "left after {:?}, before the retention of {keep:?}",
+        gone.elapsed()
+    );
+    assert_eq!(sd_agents(gw.web).await, Vec::<String>::new());
+    gw.stop().await;
+}
+
+/// Autoscaled fleets with fresh ids must not grow the list for ever: past
+/// `sd_keep_disconnected_max` the longest gone leaves first, with one warning, not one per agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_cap_the_longest_gone_agent_leaves_first() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |s| {
+        s.web.sd_keep_disconnected_max = 2;
+    })
+    .await;
+    for id in ["scaled-1", "scaled-2", "scaled-3", "scaled-4"] {
+        connect_and_crash(&gw, id).await;
+    }
+    assert_eq!(sd_agents(gw.web).await, ["scaled-3", "scaled-4"]);
+    assert_eq!(agent_gauges(gw.web).await, (0.0, 2.0));
+    let warned = logs.lines_with(&["too many disconnected agents", "sd_keep_disconnected_max"]);
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    gw.stop().await;
 }

@@ -162,6 +162,9 @@ struct GatewayArgs {
     /// TLS and basic auth for the web listener (Prometheus exporter-toolkit format).
     #[arg(long = "web.config.file", value_name = "FILE")]
     web_config_file: Option<PathBuf>,
+    /// How long a disconnected agent stays in /targets, so that Prometheus sees its targets down (up == 0); 0s: not at all [default: 24h].
+    #[arg(long = "web.sd-keep-disconnected", value_name = "DURATION")]
+    sd_keep_disconnected: Option<Dur>,
     /// Address agents dial [default: :7443].
     #[arg(long = "tunnel.listen-address", value_name = "ADDR")]
     tunnel_listen_address: Option<String>,
@@ -205,6 +208,7 @@ impl GatewayArgs {
         );
         set(&mut s.web.max_scrape_bytes, &self.max_scrape_bytes);
         s.web.config_file = self.web_config_file.clone();
+        set(&mut s.web.sd_keep_disconnected, &self.sd_keep_disconnected);
         set(&mut s.tunnel.listen_address, &self.tunnel_listen_address);
         s.tunnel.tls_cert_file = self.tls_cert_file.clone();
         s.tunnel.tls_key_file = self.tls_key_file.clone();

@@ -63,6 +63,12 @@ pub struct GatewayWebSection {
     pub max_scrape_bytes: u64,
     /// exporter-toolkit web configuration: TLS and basic-auth users for this listener.
     pub config_file: Option<PathBuf>,
+    /// How long a disconnected agent stays in service discovery, so that Prometheus records
+    /// `up == 0` for its targets instead of dropping them; 0 removes it at once.
+    pub sd_keep_disconnected: Dur,
+    /// At most this many disconnected agents are kept; over it the longest gone goes first.
+    #[serde(deserialize_with = "super::lenient")]
+    pub sd_keep_disconnected_max: usize,
 }
 
 impl Default for GatewayWebSection {
@@ -74,6 +80,8 @@ impl Default for GatewayWebSection {
             scrape_timeout_margin: Dur(Duration::from_millis(500)),
             max_scrape_bytes: 256 << 20,
             config_file: None,
+            sd_keep_disconnected: Dur(Duration::from_secs(24 * 3600)),
+            sd_keep_disconnected_max: 10_000,
         }
     }
 }
@@ -219,6 +227,10 @@ pub struct GatewayConfig {
     pub max_pending_handshakes: (u32, u32),
     /// Scrape bounds.
     pub scrape: ScrapeLimits,
+    /// How long a disconnected agent stays in service discovery (zero: not at all).
+    pub sd_keep_disconnected: Duration,
+    /// How many disconnected agents are kept at most.
+    pub sd_keep_disconnected_max: usize,
     /// Drain time on shutdown.
     pub shutdown_grace: Duration,
     /// Country lookup for connection metrics (the process-wide `geoip:` database).
@@ -262,6 +274,13 @@ impl GatewaySection {
         }
         if web.max_scrape_bytes == 0 {
             errs.push(f("web.max_scrape_bytes"), "must be greater than 0");
+        }
+        if web.sd_keep_disconnected_max == 0 {
+            let message = format!(
+                "must be greater than 0 (to keep no disconnected agent, set {} to 0s)",
+                errs.setting(&f("web.sd_keep_disconnected"))
+            );
+            errs.push(f("web.sd_keep_disconnected_max"), message);
         }
         if self.tunnel.max_concurrent_scrapes == 0 {
             errs.push(f("tunnel.max_concurrent_scrapes"), "must be greater than 0");
@@ -307,6 +326,8 @@ impl GatewaySection {
                 margin: web.scrape_timeout_margin.0,
                 max_body_bytes: web.max_scrape_bytes,
             },
+            sd_keep_disconnected: web.sd_keep_disconnected.0,
+            sd_keep_disconnected_max: web.sd_keep_disconnected_max,
             shutdown_grace: self.shutdown_grace_period.0,
             geo: crate::telemetry::geo::SharedGeo::disabled(),
         })

@@ -1089,6 +1089,15 @@ agent:
     }
 
     #[test]
+    fn keeping_disconnected_agents_needs_room_for_one() {
+        let lines = check("gateway:\n  web:\n    sd_keep_disconnected_max: 0\n");
+        let want = ": gateway.web.sd_keep_disconnected_max: must be greater than 0 (to keep no disconnected agent, set web.sd_keep_disconnected to 0s)";
+        assert!(lines.iter().any(|l| l == want), "{lines:#?}");
+        let lines = check("gateway:\n  web:\n    sd_keep_disconnected: 0s\n");
+        assert!(!lines.iter().any(|l| l.contains("sd_keep")), "{lines:#?}");
+    }
+
+    #[test]
     fn a_mapping_where_a_value_belongs_stops_the_parse_naming_the_field() {
         let lines = check("gateway:\n  web:\n    scrape_timeout_max: { a: 1 }\n");
         assert_eq!(

@@ -5,6 +5,7 @@
 
 // Inside:
 // - `registry`: connected agents (the seam for several gateways).
+// - `departed`: agents gone, still listed in service discovery for `web.sd_keep_disconnected`.
 // - `tunnel`: accepting tunnels — TLS, upgrade, the session, the target-list watch.
 // - `h2conn`: the gateway's HTTP/2 client end of a tunnel (h2 driven directly), keepalive PINGs.
 // - `published`: the checks of an agent's published target list (routable targets only).
@@ -29,6 +30,7 @@ use crate::telemetry::{ConnectionMetrics, GatewayMetrics};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_server::{load_identity, self_signed_identity, ServerIdentity};
 
+mod departed;
 mod h2conn;
 mod pending;
 mod proxy;
@@ -167,9 +169,15 @@ impl Gateway {
         let metrics = GatewayMetrics::register(&mut metrics_registry);
         let connections = ConnectionMetrics::register(&mut metrics_registry, "gateway");
         config.geo.register_metrics(&mut metrics_registry);
+        let departed = Arc::new(std::sync::Mutex::new(departed::Departed::new(
+            config.sd_keep_disconnected,
+            config.sd_keep_disconnected_max,
+        )));
+        metrics_registry
+            .register_collector(Box::new(departed::DisconnectedGauge(departed.clone())));
         Ok(Gateway {
             state: Arc::new(State {
-                registry: Registry::new(metrics.clone()),
+                registry: Registry::new(metrics.clone(), departed),
                 tokens: RwLock::new(Arc::new(tokens)),
                 metrics,
                 connections,
@@ -195,7 +203,9 @@ impl Gateway {
 
     /// Re-reads the tokens file (SIGHUP). On error the old credentials stay in force. Tunnels whose
     /// token the new file no longer accepts for their id are closed: removing a leaked token's
-    /// line cuts off the agents using it, not only their next connection.
+    /// line cuts off the agents using it, not only their next connection. Disconnected agents
+    /// whose token it no longer accepts leave service discovery: removing an agent's line is
+    /// how it is decommissioned.
     ///
     /// A file that holds no credential where the previous one held some is refused (a file
     /// caught while being rewritten would lock every agent out for their slow retry).
@@ -216,6 +226,11 @@ impl Gateway {
                 tracing::warn!(agent = %agent.id, remote = %agent.remote, "closing the tunnel: the reloaded tokens file no longer accepts its token for this id");
                 agent.revoke();
             }
+        }
+        // After the tunnels: one that ended meanwhile was moved here before this runs, or was
+        // revoked above and is not kept.
+        for id in self.state.registry.forget_unauthorized(&tokens) {
+            info!(agent = %id, "disconnected agent removed from service discovery: the reloaded tokens file no longer accepts its token for this id");
         }
         Ok(n)
     }

@@ -7,12 +7,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::departed::{self, Departed};
 use super::h2conn::Sender;
 use crate::telemetry::{GatewayMetrics, ScrapeLabels};
 use crate::tunnel::TargetList;
@@ -181,22 +182,28 @@ impl AgentHandle {
     }
 }
 
-/// The connected agents, by id, and the gateway's series labelled with them.
+/// The connected agents, by id, the gateway's series labelled with them, and the agents gone
+/// but still listed in service discovery.
 pub struct Registry {
     agents: RwLock<HashMap<String, Arc<AgentHandle>>>,
     sessions: AtomicU64,
     /// Its per-agent series and `agents_connected` are written under the lock of `agents`, so
     /// that they follow the agents connected (see [`Registry::remove`]).
     metrics: GatewayMetrics,
+    /// Changed under the lock of `agents` too (taken first), so that an id is never both
+    /// connected and departed, nor neither while it reconnects.
+    departed: Arc<Mutex<Departed>>,
 }
 
 impl Registry {
-    /// An empty registry keeping `metrics`' per-agent series to the agents connected.
-    pub fn new(metrics: GatewayMetrics) -> Self {
+    /// An empty registry keeping `metrics`' per-agent series to the agents connected, and the
+    /// agents that disconnect in `departed`.
+    pub(super) fn new(metrics: GatewayMetrics, departed: Arc<Mutex<Departed>>) -> Self {
         Self {
             agents: RwLock::default(),
             sessions: AtomicU64::new(0),
             metrics,
+            departed,
         }
     }
 
@@ -214,6 +221,7 @@ impl Registry {
                 return Inserted::Conflict(held.clone());
             }
         }
+        departed::lock(&self.departed).remove(&agent.id);
         let old = agents.insert(agent.id.clone(), agent);
         self.metrics.agents_connected.set(agents.len() as i64);
         match old {
@@ -238,15 +246,45 @@ impl Registry {
     /// network glitch starts its counters from zero, which `rate()` and `increase()` take as a
     /// counter reset. Under the same lock as [`Registry::insert`], so a new tunnel of the id
     /// never loses the series it starts.
+    ///
+    /// The agent stays in service discovery with the targets it had (see [`super::departed`]),
+    /// unless the gateway closed it for a revoked token.
     pub fn remove(&self, id: &str, session: u64) -> bool {
         let mut agents = self.write();
         if agents.get(id).is_none_or(|a| a.session != session) {
             return false;
         }
-        agents.remove(id);
+        if let Some(gone) = agents.remove(id) {
+            if gone.close_reason() != Some(CloseReason::Revoked) {
+                let (targets, credential) = (gone.targets(), gone.credential.digest);
+                departed::lock(&self.departed).add(id, targets, credential, Instant::now());
+            }
+        }
         self.metrics.remove_agent(id);
         self.metrics.agents_connected.set(agents.len() as i64);
         true
+    }
+
+    /// Forgets the disconnected agents whose token `tokens` no longer accepts for their id;
+    /// returns their ids.
+    pub fn forget_unauthorized(&self, tokens: &crate::auth::TokensFile) -> Vec<String> {
+        departed::lock(&self.departed)
+            .retain_authorized(|id, digest| tokens.authorize_digest(digest, id).is_ok())
+    }
+
+    /// What service discovery lists, sorted by id: every connected agent and every disconnected
+    /// one still kept, each with its targets.
+    pub fn discoverable(&self) -> Vec<(String, Arc<TargetList>)> {
+        let agents = self.read();
+        let mut departed = departed::lock(&self.departed);
+        departed.prune(Instant::now());
+        let mut all: Vec<_> = agents
+            .values()
+            .map(|a| (a.id.clone(), a.targets()))
+            .chain(departed.iter().map(|(id, t)| (id.to_owned(), t.clone())))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 
     /// Drops the scrape series of the targets the tunnel `session` of agent `id` no longer

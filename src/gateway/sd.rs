@@ -1,11 +1,12 @@
 //! Service discovery for Prometheus: http_sd / file_sd JSON, one group per target of each
-//! connected agent, addressed `<agent-id>:<port>` with the target's metrics path.
+//! connected agent (and each disconnected one still kept: [`super::departed`]), addressed
+//! `<agent-id>:<port>` with the target's metrics path.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::registry::AgentHandle;
 use crate::tunnel::TargetList;
 
 /// One http_sd target group.
@@ -45,11 +46,11 @@ fn publishable(name: &str) -> bool {
     crate::tunnel::label_name_problem(name).is_none()
 }
 
-/// The JSON document for all `agents`.
-pub(crate) fn document(agents: &[std::sync::Arc<AgentHandle>]) -> String {
+/// The JSON document for all `agents` (id, targets).
+pub(crate) fn document(agents: &[(String, Arc<TargetList>)]) -> String {
     let groups: Vec<Group> = agents
         .iter()
-        .flat_map(|a| agent_groups(&a.id, &a.targets()))
+        .flat_map(|(id, targets)| agent_groups(id, targets))
         .collect();
     serde_json::to_string(&groups).unwrap_or_else(|_| "[]".into())
 }

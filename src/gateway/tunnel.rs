@@ -459,6 +459,8 @@ async fn run_session(
     // The token was checked before the 101; a tokens reload since then may have revoked it,
     // and the reload's own sweep ran before this tunnel was registered.
     if !handle.still_authorized(&state.tokens()) {
+        // Revoked, so that it is not kept in service discovery as a disconnected agent.
+        handle.revoke();
         state.registry.remove(&agent_id, session);
         return warn!(agent = %agent_id, %remote, "tunnel closed as it registered: the tokens file was reloaded meanwhile and no longer accepts its token for this id");
     }

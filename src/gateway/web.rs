@@ -44,7 +44,7 @@ impl OwnEndpoints for State {
 
     fn other(self: &Arc<Self>, path: &str) -> Response<Body> {
         match path {
-            "/targets" | "/clients" => json(sd::document(&self.registry.snapshot())),
+            "/targets" | "/clients" => json(sd::document(&self.registry.discoverable())),
             "/api/v1/agents" => {
                 json(serde_json::to_string(&agents(self)).unwrap_or_else(|_| "[]".into()))
             }

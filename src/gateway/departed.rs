@@ -1,0 +1,259 @@
+//! Agents that disconnected, kept in service discovery for a while with the targets they had.
+//!
+//! Prometheus forgets a target as soon as service discovery stops listing it: no `up == 0`,
+//! nothing to alert on (the best-known complaint about PushProx). So an agent whose tunnel ends
+//! stays in `/targets`, with the same groups, for `web.sd_keep_disconnected`; its scrapes are
+//! answered 503 (agent not connected) and Prometheus records `up == 0`. In memory only: a
+//! restarted gateway lists only the agents that connect again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use crate::tunnel::TargetList;
+
+/// The disconnected agents still listed, by id, oldest departure first when one must go.
+#[derive(Debug)]
+pub(super) struct Departed {
+    keep: Duration,
+    max: usize,
+    by_id: HashMap<String, Entry>,
+    /// Departure order (time, then a sequence number to tell equal times apart): what expires
+    /// first is also what goes when the cap is reached.
+    order: BTreeMap<(Instant, u64), String>,
+    sequence: u64,
+    /// Whether the cap has been reached once: warned about once, not per departure, since an
+    /// autoscaled fleet at the cap reaches it on every one.
+    warned_full: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    targets: Arc<TargetList>,
+    /// SHA-256 of the token its last tunnel used: a tokens-file reload that no longer accepts
+    /// it for the id removes the entry (how an agent is decommissioned).
+    credential: [u8; 32],
+    key: (Instant, u64),
+}
+
+impl Departed {
+    /// Keeps agents for `keep` (none if zero), at most `max` of them.
+    pub(super) fn new(keep: Duration, max: usize) -> Self {
+        Self {
+            keep,
+            max,
+            by_id: HashMap::new(),
+            order: BTreeMap::new(),
+            sequence: 0,
+            warned_full: false,
+        }
+    }
+
+    /// Keeps `id`, gone at `now`, with the `targets` it listed and the token it used.
+    pub(super) fn add(
+        &mut self,
+        id: &str,
+        targets: Arc<TargetList>,
+        credential: [u8; 32],
+        now: Instant,
+    ) {
+        if self.keep.is_zero() || self.max == 0 {
+            return;
+        }
+        self.remove(id);
+        self.prune(now);
+        while self.by_id.len() >= self.max {
+            self.drop_oldest();
+        }
+        self.sequence += 1;
+        let key = (now, self.sequence);
+        self.order.insert(key, id.to_owned());
+        let entry = Entry {
+            targets,
+            credential,
+            key,
+        };
+        self.by_id.insert(id.to_owned(), entry);
+    }
+
+    fn drop_oldest(&mut self) {
+        let Some((_, id)) = self.order.pop_first() else {
+            return;
+        };
+        self.by_id.remove(&id);
+        if !std::mem::replace(&mut self.warned_full, true) {
+            tracing::warn!(
+                max = self.max,
+                agent = %id,
+                "too many disconnected agents kept in service discovery: dropping the longest gone first (raise gateway.web.sd_keep_disconnected_max, or shorten sd_keep_disconnected); not logged again"
+            );
+        }
+    }
+
+    /// Forgets `id` (it connected again, or its token was revoked); whether it was kept.
+    pub(super) fn remove(&mut self, id: &str) -> bool {
+        match self.by_id.remove(id) {
+            Some(entry) => {
+                self.order.remove(&entry.key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets the agents gone for `keep` or longer at `now`.
+    pub(super) fn prune(&mut self, now: Instant) {
+        while let Some(entry) = self.order.first_entry() {
+            if now.saturating_duration_since(entry.key().0) < self.keep {
+                break;
+            }
+            let id = entry.remove();
+            self.by_id.remove(&id);
+        }
+    }
+
+    /// Forgets the agents whose token `authorized(id, credential)` refuses; returns their ids.
+    pub(super) fn retain_authorized(
+        &mut self,
+        authorized: impl Fn(&str, &[u8; 32]) -> bool,
+    ) -> Vec<String> {
+        let gone: Vec<String> = self
+            .by_id
+            .iter()
+            .filter(|(id, e)| !authorized(id, &e.credential))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            self.remove(id);
+        }
+        gone
+    }
+
+    /// The agents kept, with their targets (unordered).
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &Arc<TargetList>)> {
+        self.by_id.iter().map(|(id, e)| (id.as_str(), &e.targets))
+    }
+
+    /// How many agents are kept.
+    pub(super) fn len(&self) -> usize {
+        self.by_id.len()
+    }
+}
+
+/// `ferry_gateway_agents_disconnected`, read when `/metrics` is scraped: expired agents are
+/// pruned then, so the gauge falls when the retention ends even if nothing else happens.
+/// One series, not one per agent: the ids of gone agents are what an autoscaled fleet churns.
+#[derive(Debug)]
+pub(super) struct DisconnectedGauge(pub(super) Arc<Mutex<Departed>>);
+
+impl Collector for DisconnectedGauge {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let n = {
+            let mut departed = lock(&self.0);
+            departed.prune(Instant::now());
+            departed.len()
+        };
+        let gauge = ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
+        gauge.encode(encoder.encode_descriptor(
+            "ferry_gateway_agents_disconnected",
+            "Agents whose tunnel is down, still listed in service discovery (web.sd_keep_disconnected)",
+            None,
+            gauge.metric_type(),
+        )?)
+    }
+}
+
+/// A poisoned lock means a panic while holding it; every mutation leaves the maps consistent
+/// (each is a few inserts or removes of the same id), so keep serving.
+pub(super) fn lock(departed: &Mutex<Departed>) -> MutexGuard<'_, Departed> {
+    departed.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(version: u64) -> Arc<TargetList> {
+        Arc::new(TargetList {
+            version,
+            labels: Default::default(),
+            targets: Vec::new(),
+        })
+    }
+
+    fn ids(d: &Departed) -> Vec<String> {
+        let mut ids: Vec<String> = d.iter().map(|(id, _)| id.to_owned()).collect();
+        ids.sort();
+        ids
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn an_agent_is_kept_until_its_retention_ends() {
+        let t0 = Instant::now();
+        let mut d = Departed::new(10 * SECOND, 100);
+        d.add("a", list(1), [1; 32], t0);
+        d.add("b", list(1), [1; 32], t0 + 5 * SECOND);
+        d.prune(t0 + 9 * SECOND);
+        assert_eq!(ids(&d), ["a", "b"]);
+        d.prune(t0 + 10 * SECOND);
+        assert_eq!(ids(&d), ["b"]);
+        d.prune(t0 + 15 * SECOND);
+        assert_eq!(d.len(), 0);
+        assert!(d.order.is_empty());
+    }
+
+    #[test]
+    fn leaving_again_restarts_the_retention_with_the_latest_targets() {
+        let t0 = Instant::now();
+        let mut d = Departed::new(10 * SECOND, 100);
+        d.add("a", list(1), [1; 32], t0);
+        assert!(d.remove("a"));
+        d.add("a", list(2), [1; 32], t0 + 8 * SECOND);
+        d.prune(t0 + 12 * SECOND);
+        let kept: Vec<u64> = d.iter().map(|(_, l)| l.version).collect();
+        assert_eq!(kept, [2]);
+        assert_eq!(d.order.len(), 1);
+    }
+
+    #[test]
+    fn over_the_cap_the_longest_gone_goes_first() {
+        let t0 = Instant::now();
+        let mut d = Departed::new(3600 * SECOND, 2);
+        d.add("a", list(1), [1; 32], t0);
+        d.add("b", list(1), [1; 32], t0);
+        d.add("c", list(1), [1; 32], t0);
+        assert_eq!(ids(&d), ["b", "c"]);
+        assert!(d.warned_full);
+        for i in 0..100 {
+            d.add(&format!("x{i}"), list(1), [1; 32], t0 + SECOND);
+        }
+        assert_eq!(ids(&d), ["x98", "x99"]);
+        assert_eq!(d.order.len(), 2);
+    }
+
+    #[test]
+    fn zero_retention_keeps_nothing() {
+        let mut d = Departed::new(Duration::ZERO, 100);
+        d.add("a", list(1), [1; 32], Instant::now());
+        assert_eq!(d.len(), 0);
+    }
+
+    #[test]
+    fn a_revoked_token_removes_its_agents() {
+        let t0 = Instant::now();
+        let mut d = Departed::new(3600 * SECOND, 100);
+        d.add("a", list(1), [1; 32], t0);
+        d.add("b", list(1), [2; 32], t0);
+        let gone = d.retain_authorized(|_, credential| *credential == [2; 32]);
+        assert_eq!(gone, ["a"]);
+        assert_eq!(ids(&d), ["b"]);
+        assert_eq!(d.order.len(), 1);
+    }
+}
