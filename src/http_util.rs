@@ -335,6 +335,133 @@ impl HttpBody for BoundedBody {
     }
 }
 
+/// How much of a body [`read_ahead`] holds back, at most, besides its first frame.
+const READ_AHEAD_BYTES: u64 = 64 * 1024;
+
+/// Why [`read_ahead`] found no body to send.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadAheadError {
+    /// The deadline passed before the body's first frame.
+    #[error("no body byte before the deadline")]
+    Deadline,
+    /// The body broke before (or right behind) its first bytes.
+    #[error("{0}")]
+    Broke(String),
+}
+
+/// `body` with its first frame read, and whatever frames arrived with it (up to
+/// [`READ_AHEAD_BYTES`]), before the response head is sent.
+///
+/// hyper's HTTP/1 server writes a response head together with the body's first frames and
+/// closes the connection at once, that write unsent, when the body fails in the same go: a
+/// body that breaks before its first bytes reach the client would be an empty reply, no status,
+/// no reason. Read ahead, such a break is an error the caller answers with a status instead.
+/// Nothing waits longer than the first frame: what streams on streams as it arrives.
+pub async fn read_ahead(mut body: Body, deadline: Instant) -> Result<Body, ReadAheadError> {
+    let broke = |e: BoxError| ReadAheadError::Broke(crate::scrape_error::one_line(&*e));
+    if body.is_end_stream() {
+        return Ok(body);
+    }
+    let first = loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ReadAheadError::Deadline),
+            Ok(None) => return Ok(empty()),
+            Ok(Some(frame)) => {
+                let frame = frame.map_err(broke)?;
+                if frame.data_ref().is_none_or(|d| !d.is_empty()) {
+                    break frame;
+                }
+            }
+        }
+    };
+    let mut held = first.data_ref().map_or(0, |d| d.len() as u64);
+    let mut frames = std::collections::VecDeque::from([first]);
+    let mut ended = false;
+    while held < READ_AHEAD_BYTES {
+        let next = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx)));
+        match next.await {
+            Poll::Pending => break,
+            Poll::Ready(None) => {
+                ended = true;
+                break;
+            }
+            Poll::Ready(Some(frame)) => {
+                let frame = frame.map_err(broke)?;
+                let len = frame.data_ref().map(|d| d.len() as u64);
+                // An empty frame (h2's end of stream on its own) held back would keep the
+                // body from its end once hyper has written the length it announced.
+                if len != Some(0) {
+                    held += len.unwrap_or(0);
+                    frames.push_back(frame);
+                }
+            }
+        }
+    }
+    Ok(ReadAhead {
+        frames,
+        rest: (!ended).then_some(body),
+        yielded: false,
+    }
+    .boxed_unsync())
+}
+
+/// A body whose first frames were read already ([`read_ahead`]), then the rest of it.
+struct ReadAhead {
+    frames: std::collections::VecDeque<Frame<Bytes>>,
+    rest: Option<Body>,
+    /// Whether the first poll of the rest said "not yet" (see `poll_frame`).
+    yielded: bool,
+}
+
+impl HttpBody for ReadAhead {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.frames.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if !self.yielded && self.rest.is_some() {
+            // Once, between the frames read ahead and the rest: hyper flushes what it holds
+            // when the body is not ready, so the head and first bytes leave before an error
+            // that follows them could close the connection with them unsent.
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let held: u64 = self
+            .frames
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), |r| r.size_hint());
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + held);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
+    }
+}
+
 /// A host name as compared: host names are case-insensitive and may end with the root's dot
 /// (RFC 4343, RFC 1034), so `NODE-1` and `node-1.` are `node-1`.
 pub fn canonical_host_name(name: &str) -> std::borrow::Cow<'_, str> {

@@ -9,6 +9,10 @@ use crate::http_util::{text_response, Body};
 /// Header carrying which side produced an error response, so the gateway can count it right.
 pub const ERROR_SOURCE_HEADER: &str = "ferry-error";
 
+/// How a 502 says that a response body broke before any of it was sent: the head was in hand,
+/// but a status that promised a body nobody got would be a lie.
+pub const BROKE_EARLY: &str = "the response body broke before any of it was sent";
+
 /// The methods a scrape may use, as the `Allow` header says them.
 pub const ALLOWED_METHODS: &str = "GET, HEAD, POST";
 

@@ -516,9 +516,11 @@ async fn a_disconnected_agents_series_leave_the_gateway_metrics() {
 // ---------------------------------------------------------------------------------------------
 
 /// Removing a token's line and reloading the tokens file (SIGHUP) cuts off the agents already
-/// connected with it, not only their next connection; the others stay.
+/// connected with it, not only their next connection; the others stay. The gateway tells the
+/// agent why, which logs it loudly at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_removed_on_reload_closes_the_tunnels_using_it() {
+    let logs = common::logs::capture();
     let dir = TempDir::new().unwrap();
     let gw = start_gateway(&dir, &[("web-*", "leaked"), ("db-*", "kept")], |_| {}).await;
     let server = metrics_server("up 1\n").await;
@@ -532,6 +534,16 @@ async fn a_token_removed_on_reload_closes_the_tunnels_using_it() {
     assert_eq!(gw.gateway.reload_tokens().unwrap(), 1);
 
     gw.wait_agent_gone("web-1", Duration::from_secs(5)).await;
+    let told = logs
+        .wait_lines(&["GATEWAY REVOKED OUR TOKEN"], 1, Duration::from_secs(5))
+        .await;
+    assert!(
+        told[0].contains("ERROR")
+            && told[0].contains("tokens file was reloaded")
+            && told[0].contains("\"web-1\""),
+        "{told:?}"
+    );
+    assert!(logs.lines_with(&["GATEWAY CLOSED OUR TUNNEL"]).is_empty());
     let resp = scrape(gw.web, &target_url("web-1", &server)).await;
     assert_eq!(resp.status, 503, "{}", resp.text());
     let resp = scrape(gw.web, &target_url("db-1", &server)).await;
@@ -1640,5 +1652,245 @@ async fn past_the_cap_the_longest_gone_agent_leaves_first() {
     assert_eq!(agent_gauges(gw.web).await, (0.0, 2.0));
     let warned = logs.lines_with(&["too many disconnected agents", "sd_keep_disconnected_max"]);
     assert_eq!(warned.len(), 1, "{warned:#?}");
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Churn: agents that die, targets that go, gateways that restart
+// ---------------------------------------------------------------------------------------------
+
+/// The sum of every `ferry_gateway_scrapes_total` series.
+fn all_scrapes(exposition: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with("ferry_gateway_scrapes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Scrapes in flight when their agent dies (kill -9: its task ends, its tunnel with it) fail,
+/// and are counted: under `agent="unknown"`, the agent's own series having gone with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_cut_by_an_agent_that_died_are_counted_under_unknown() {
+    let dir = TempDir::new().unwrap();
+    let server = TargetServer::start(Behaviour::Slow {
+        delay: Duration::from_secs(30),
+        body: "slow 1\n".into(),
+    })
+    .await;
+    let (gw, agent) = gateway_and_agent(&dir, "dies", &[("slow", server.url("/metrics"))]).await;
+    let in_flight = scrapes_reaching_target(gw.web, &target_url("dies", &server), &server, 5).await;
+    agent.task.abort();
+    for scrape in in_flight {
+        let resp = scrape.await.unwrap().expect("an answer");
+        assert_eq!(resp.status, 502, "{}", resp.text());
+    }
+    gw.wait_agent_gone("dies", Duration::from_secs(5)).await;
+    let text = gateway_metrics(gw.web).await;
+    assert_eq!(all_scrapes(&text), 5.0, "{text}");
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_scrapes_total",
+            &[
+                ("agent", "unknown"),
+                ("target", "unknown"),
+                ("status_class", "5xx")
+            ]
+        ),
+        Some(5.0),
+        "{text}"
+    );
+    gw.stop().await;
+}
+
+/// A scrape in flight when its agent stops listing the target does not bring the target's
+/// series back: it is counted under `target="unknown"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_of_a_target_removed_meanwhile_is_counted_under_unknown() {
+    let dir = TempDir::new().unwrap();
+    let slow = TargetServer::start(Behaviour::Slow {
+        delay: Duration::from_secs(2),
+        body: "slow 1\n".into(),
+    })
+    .await;
+    let other = metrics_server("other 1\n").await;
+    let (gw, agent) = gateway_and_agent(
+        &dir,
+        "moving",
+        &[
+            ("slow", slow.url("/metrics")),
+            ("other", other.url("/metrics")),
+        ],
+    )
+    .await;
+    let in_flight = scrape_reaching_target(gw.web, &target_url("moving", &slow), &slow).await;
+    let kept = ferry::config::TargetSection {
+        name: "other".into(),
+        url: other.url("/metrics"),
+        ..Default::default()
+    }
+    .to_target("targets[0]")
+    .unwrap();
+    agent
+        .agent
+        .set_targets(&[kept], &Default::default())
+        .unwrap();
+    let gone = [(format!("moving:{}", slow.addr.port()), "slow")];
+    wait_sd(gw.web, &[], &gone, Duration::from_secs(5)).await;
+    let resp = in_flight.await.unwrap().expect("the scrape completes");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let text = gateway_metrics(gw.web).await;
+    assert!(
+        !text.contains("target=\"slow\""),
+        "the removed target's series came back:\n{text}"
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_scrapes_total",
+            &[
+                ("agent", "moving"),
+                ("target", "unknown"),
+                ("status_class", "2xx")
+            ]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// Gateways restarted one after the other, closer together than `stable_after`: each says it is
+/// shutting down, and the agent takes that for a restart, not trouble. It logs so at info level
+/// and comes back within its first backoff ceiling each time, rather than waiting ever longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_gateway_restarts_keep_the_agents_backoff_short() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("up 1\n").await;
+    let mut gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let mut section = agent_section(&gw, "rolling", &[("node", server.url("/metrics"))]);
+    section.reconnect.min_backoff = Dur(Duration::from_millis(100));
+    section.reconnect.max_backoff = Dur(Duration::from_secs(30));
+    let agent = start_agent(section, TOKEN);
+    gw.wait_agent("rolling", Duration::from_secs(10)).await;
+    for round in 1..=3 {
+        let (web, tunnel) = (gw.web, gw.tunnel);
+        let stopping = Instant::now();
+        gw.stop().await;
+        assert!(
+            stopping.elapsed() < Duration::from_secs(3),
+            "the closing notice held the shutdown for {:?}",
+            stopping.elapsed()
+        );
+        let told = logs
+            .wait_lines(
+                &[
+                    "INFO",
+                    "the gateway is shutting down",
+                    "gateway shutting down",
+                ],
+                round,
+                Duration::from_secs(5),
+            )
+            .await;
+        let delay = told[round - 1]
+            .split("retry_in=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            delay.ends_with("ns") || delay.ends_with("µs") || delay.ends_with("ms"),
+            "round {round}: a delay beyond the first ceiling (100ms): {delay}; {told:?}"
+        );
+        // Down long enough for failed attempts to raise the backoff.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        gw = start_gateway_on(
+            &dir,
+            &[("*", TOKEN)],
+            rebind(web).await,
+            rebind(tunnel).await,
+            |_| {},
+        )
+        .await;
+        gw.wait_agent("rolling", Duration::from_secs(10)).await;
+    }
+    assert!(
+        logs.lines_with(&["GATEWAY CLOSED OUR TUNNEL"]).is_empty(),
+        "a restart taken for another agent with our id"
+    );
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// A closing notice of a kind the agent does not know (a newer gateway's) is neither taken for
+/// another agent claiming its id nor answered as a scrape: the agent reconnects as after any
+/// closed tunnel, and logs the gateway's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_notice_of_an_unknown_kind_is_a_plain_close() {
+    use http_body_util::BodyExt;
+    let logs = common::logs::capture();
+    let (agent, mut sender) = common::ferry::agent_on_bare_tunnel("future", &[]).await;
+    let notice = ::http::Request::post("http://ferry/ferry/v1/closing/maintenance")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            "moving to another host\n",
+        )))
+        .unwrap();
+    let resp = sender.send_request(notice).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await;
+    drop(sender);
+    let lines = logs
+        .wait_lines(
+            &["tunnel closed by the gateway; reconnecting"],
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(lines[0].contains("moving to another host"), "{lines:?}");
+    assert!(logs.lines_with(&["GATEWAY CLOSED OUR TUNNEL"]).is_empty());
+    agent.stop().await;
+}
+
+/// An agent whose grace period ends with scrapes still running closes its tunnel as TLS means
+/// it: the gateway's log says the agent went away, not that its process died.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cuts_its_scrapes_closes_its_tunnel_cleanly() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let server = TargetServer::start(Behaviour::Slow {
+        delay: Duration::from_secs(30),
+        body: "slow 1\n".into(),
+    })
+    .await;
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let mut section = agent_section(&gw, "slow-5", &[("slow", server.url("/metrics"))]);
+    section.shutdown_grace_period = Dur(Duration::from_millis(300));
+    let agent = start_agent(section, TOKEN);
+    gw.wait_agent("slow-5", Duration::from_secs(10)).await;
+    let in_flight = scrape_reaching_target(gw.web, &target_url("slow-5", &server), &server).await;
+    agent.shutdown.cancel();
+    let resp = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("the scrape is answered once the agent gives up")
+        .unwrap()
+        .expect("an answer");
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert!(!resp.text().contains("close_notify"), "{}", resp.text());
+    let lines = logs
+        .wait_lines(
+            &["agent disconnected", "agent=slow-5"],
+            1,
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        !lines[0].contains("close_notify") && lines[0].contains("the agent went away"),
+        "{lines:?}"
+    );
+    let _ = agent.task.await;
     gw.stop().await;
 }

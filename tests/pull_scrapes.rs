@@ -1465,12 +1465,12 @@ async fn a_body_that_breaks_mid_scrape_is_counted_as_failed_on_both_sides() {
         &[("half", format!("http://{target}/metrics"))],
     )
     .await;
-    // Prometheus's view: the connection closes before the body is whole (after a 200 head, or
-    // before the head if the break comes before the gateway flushed it), or, when the agent's
-    // reset overtakes its head, a 502 that says the agent abandoned the scrape.
+    // Prometheus's view: the connection closes before the body is whole, after a 200 head; or,
+    // when the break is seen before any byte was passed on, a 502 that says so (or that the
+    // agent abandoned the scrape, when its reset overtakes its head). Never an empty reply.
     let mut conn = tokio::net::TcpStream::connect(gw.web).await.unwrap();
     let req = format!(
-        "GET http://breaks:{}/metrics HTTP/1.1\r\nHost: breaks:{}\r\n\r\n",
+        "GET http://breaks:{}/metrics HTTP/1.1\r\nHost: breaks:{}\r\nConnection: close\r\n\r\n",
         target.port(),
         target.port()
     );
@@ -1479,12 +1479,10 @@ async fn a_body_that_breaks_mid_scrape_is_counted_as_failed_on_both_sides() {
     let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut got)).await;
     let got = String::from_utf8_lossy(&got);
     let abandoned = got.starts_with("HTTP/1.1 502")
-        && got.contains("the agent abandoned the scrape")
+        && (got.contains("the agent abandoned the scrape")
+            || got.contains("the response body broke before any of it was sent"))
         && !got.contains("unexpected internal error");
-    assert!(
-        got.is_empty() || got.starts_with("HTTP/1.1 200") || abandoned,
-        "{got}"
-    );
+    assert!(got.starts_with("HTTP/1.1 200") || abandoned, "{got}");
     assert!(got.len() < 100_000, "the whole body arrived?");
     let class = if abandoned { "5xx" } else { "aborted" };
 
@@ -1805,4 +1803,188 @@ async fn metrics_are_text_format_unless_openmetrics_is_asked_for() {
     );
     assert!(om.text().ends_with("# EOF\n"));
     s.stop().await;
+}
+
+/// Scrapes `url` through `gw` on a raw connection and returns every byte it got back (an empty
+/// reply is no bytes at all).
+async fn raw_scrape(gw: &TestGateway, agent: &str, port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(gw.web).await.unwrap();
+    let req = format!(
+        "GET http://{agent}:{port}/metrics HTTP/1.1\r\nHost: {agent}:{port}\r\nConnection: close\r\n\r\n"
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut got)).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A target whose body breaks before any of it could be passed on (it sends its head and closes,
+/// or cuts its first chunk short) is a 502 with a reason, from whichever side saw it first; never
+/// an empty reply, which hyper sends when the break reaches it in the same go as the head. One
+/// that breaks after some bytes is a 502 as well, or a 200 head with the body cut (`aborted`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_breaks_before_its_first_byte_is_a_502_with_a_reason() {
+    use common::servers::canned_server;
+    let head_only = canned_server(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n",
+    )
+    .await;
+    let half = canned_server(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\npartial_metric 1\n",
+    )
+    .await;
+    let cut_chunk = canned_server(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\ncut_metric 1\n",
+    )
+    .await;
+    let dir = TempDir::new().unwrap();
+    let (gw, agent) = gateway_and_agent(
+        &dir,
+        "early",
+        &[
+            ("head-only", format!("http://{head_only}/metrics")),
+            ("half", format!("http://{half}/metrics")),
+            ("cut-chunk", format!("http://{cut_chunk}/metrics")),
+        ],
+    )
+    .await;
+    let mut broke_early = 0;
+    for round in 0..20 {
+        let got = raw_scrape(&gw, "early", head_only.port()).await;
+        assert!(got.starts_with("HTTP/1.1 502"), "round {round}: {got:?}");
+        let lower = got.to_ascii_lowercase();
+        assert!(lower.contains("\r\nferry-error: "), "{got}");
+        let reason = got.split("\r\n\r\n").nth(1).unwrap_or_default();
+        assert!(
+            reason.ends_with('\n')
+                && reason.lines().count() == 1
+                && reason.contains("the response body broke before any of it was sent"),
+            "{reason:?}"
+        );
+        for port in [half.port(), cut_chunk.port()] {
+            let got = raw_scrape(&gw, "early", port).await;
+            assert!(
+                got.starts_with("HTTP/1.1 502") || got.starts_with("HTTP/1.1 200"),
+                "round {round}, an empty or odd reply: {got:?}"
+            );
+            // A 502 says why: the body broke, or the agent's reset of the stream overtook its
+            // head on the way.
+            if got.starts_with("HTTP/1.1 502") {
+                assert!(
+                    got.contains("body broke") || got.contains("the agent abandoned the scrape"),
+                    "{got}"
+                );
+                broke_early += 1;
+            }
+        }
+    }
+    let text = gateway_metrics(&gw).await;
+    let counted = |class: &str| {
+        metric_value(
+            &text,
+            "ferry_gateway_scrapes_total",
+            &[
+                ("agent", "early"),
+                ("target", "head-only"),
+                ("status_class", class),
+            ],
+        )
+    };
+    assert_eq!(counted("5xx"), Some(20.0), "{text}");
+    assert_eq!(counted("2xx"), None, "{text}");
+    eprintln!("{broke_early} of 40 broken bodies answered 502, the rest cut after a 200 head");
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// A scrape whose client gives up (a Prometheus timeout, `curl -m 1`) is counted `cancelled` on
+/// the gateway and on the agent, before the answer (the target still fetching) and during its
+/// body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_its_client_gives_up_on_is_counted_cancelled_on_both_sides() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TempDir::new().unwrap();
+    let slow = TargetServer::start(Behaviour::Slow {
+        delay: Duration::from_secs(30),
+        body: BODY.into(),
+    })
+    .await;
+    let big = TargetServer::start(Behaviour::Large {
+        bytes: 200 * 1024 * 1024,
+    })
+    .await;
+    let (gw, agent) = gateway_and_agent(
+        &dir,
+        AGENT,
+        &[("slow", slow.url("/metrics")), ("big", big.url("/metrics"))],
+    )
+    .await;
+    let agent_url = agent_metrics_url(&agent).await;
+    let gw_url = format!("{}/metrics", gw.web_url());
+    let request = |port: u16| {
+        format!(
+            "GET http://{AGENT}:{port}/metrics HTTP/1.1\r\nHost: {AGENT}:{port}\r\n{TIMEOUT_HEADER}: 60\r\n\r\n"
+        )
+    };
+
+    // Given up while the target is still working on it.
+    let mut conn = tokio::net::TcpStream::connect(gw.web).await.unwrap();
+    conn.write_all(request(slow.addr.port()).as_bytes())
+        .await
+        .unwrap();
+    wait_for_requests(&slow, 1).await;
+    drop(conn);
+    for (url, name, labels) in [
+        (
+            &gw_url,
+            "ferry_gateway_scrapes_total",
+            [("target", "slow"), ("status_class", "cancelled")],
+        ),
+        (
+            &agent_url,
+            "ferry_agent_scrapes_total",
+            [("target", "slow"), ("result", "cancelled")],
+        ),
+    ] {
+        wait_metric(url, name, &labels, |v| v == 1.0).await;
+    }
+
+    // Given up halfway through the body.
+    let mut conn = tokio::net::TcpStream::connect(gw.web).await.unwrap();
+    conn.write_all(request(big.addr.port()).as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < 1024 * 1024 {
+        got += conn.read(&mut buf).await.unwrap();
+    }
+    drop(conn);
+    wait_metric(
+        &gw_url,
+        "ferry_gateway_scrapes_total",
+        &[("target", "big"), ("status_class", "cancelled")],
+        |v| v == 1.0,
+    )
+    .await;
+    wait_metric(
+        &agent_url,
+        "ferry_agent_scrapes_total",
+        &[("target", "big"), ("result", "cancelled")],
+        |v| v == 1.0,
+    )
+    .await;
+    let text = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_scrapes_total",
+            &[("target", "big"), ("status_class", "2xx")]
+        ),
+        None,
+        "{text}"
+    );
+    agent.stop().await;
+    gw.stop().await;
 }

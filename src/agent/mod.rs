@@ -59,7 +59,7 @@ pub(crate) struct Shared {
     /// Whether a [`Agent::run`] is under way.
     running: AtomicBool,
     /// Why the gateway closed the current tunnel, when it said so before closing it.
-    pub(crate) closing_notice: std::sync::Mutex<Option<String>>,
+    pub(crate) closing_notice: std::sync::Mutex<Option<serve::ClosingNotice>>,
 }
 
 /// Marks an agent as running for as long as it lives, also when the run's future is dropped

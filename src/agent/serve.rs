@@ -13,11 +13,14 @@ use tracing::{debug, warn};
 use super::targets::{Handler, Route};
 use super::Shared;
 use crate::endpoints::OwnEndpoints as _;
-use crate::http_util::{body_on_get, boxed, full, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
-use crate::scrape_error::{one_line, ScrapeError, ERROR_SOURCE_HEADER};
+use crate::http_util::{
+    body_on_get, boxed, full, read_ahead, strip_hop_by_hop, Body, BodyEnd, BoundedBody,
+    ReadAheadError,
+};
+use crate::scrape_error::{one_line, ScrapeError, BROKE_EARLY, ERROR_SOURCE_HEADER};
 use crate::telemetry::{metrics_response_blocking, TargetNameLabels, TargetResultLabels};
 use crate::tunnel::{
-    header_list_size, CLOSING_NOTICE_TIMEOUT, CLOSING_PATH, MAX_CLOSING_NOTICE, MAX_HEADER_BYTES,
+    header_list_size, ClosingKind, CLOSING_NOTICE_TIMEOUT, MAX_CLOSING_NOTICE, MAX_HEADER_BYTES,
     SCRAPE_TIMEOUT_HEADER, TARGETS_LONG_POLL, TARGETS_PATH,
 };
 
@@ -30,14 +33,16 @@ pub(crate) async fn handle(
     closing: CancellationToken,
 ) -> Response<Body> {
     let port = req.uri().port_u16();
-    match port {
-        None if req.uri().path() == TARGETS_PATH => targets(&shared, req.uri(), &closing).await,
-        None if req.uri().path() == CLOSING_PATH && req.method() == http::Method::POST => {
-            closing_notice(&shared, req).await
+    let notice =
+        ClosingKind::of_path(req.uri().path()).filter(|_| req.method() == http::Method::POST);
+    match (port, notice) {
+        (None, _) if req.uri().path() == TARGETS_PATH => {
+            targets(&shared, req.uri(), &closing).await
         }
-        None => ScrapeError::BadRequest("scrape requests must carry <agent>:<port>".into())
+        (None, Some(kind)) => closing_notice(&shared, kind, req).await,
+        (None, None) => ScrapeError::BadRequest("scrape requests must carry <agent>:<port>".into())
             .into_response("agent"),
-        Some(port) => scrape(&shared, port, req).await,
+        (Some(port), _) => scrape(&shared, port, req).await,
     }
 }
 
@@ -64,9 +69,22 @@ async fn targets(shared: &Shared, uri: &Uri, closing: &CancellationToken) -> Res
     resp
 }
 
+/// Why the gateway closes the tunnel, as it said before closing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClosingNotice {
+    /// What kind of closing it is.
+    pub(crate) kind: ClosingKind,
+    /// The gateway's one-line reason.
+    pub(crate) reason: String,
+}
+
 /// The gateway's one-line reason for closing this tunnel, kept for the reconnect loop: it logs
-/// it and waits its slow backoff instead of reconnecting at once.
-async fn closing_notice(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+/// it and waits as its kind asks (another agent with our id: the slow backoff).
+async fn closing_notice(
+    shared: &Shared,
+    kind: ClosingKind,
+    req: Request<Incoming>,
+) -> Response<Body> {
     use http_body_util::BodyExt;
     let body = http_body_util::Limited::new(req.into_body(), MAX_CLOSING_NOTICE);
     let bytes = match tokio::time::timeout(CLOSING_NOTICE_TIMEOUT, body.collect()).await {
@@ -81,7 +99,7 @@ async fn closing_notice(shared: &Shared, req: Request<Incoming>) -> Response<Bod
     *shared
         .closing_notice
         .lock()
-        .unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        .unwrap_or_else(|p| p.into_inner()) = Some(ClosingNotice { kind, reason });
     crate::http_util::text_response(http::StatusCode::OK, "ok")
 }
 
@@ -134,6 +152,48 @@ async fn fetch(
     timeout: Duration,
 ) -> Response<Body> {
     let start = Instant::now();
+    // Dropped before the answer (the gateway reset the stream: its client went away), it
+    // counts the scrape as cancelled.
+    let unanswered = Unanswered {
+        shared: shared.clone(),
+        target: Some(route.name.clone()),
+    };
+    let resp = fetch_answer(shared, route, url, client, req, timeout, start).await;
+    unanswered.answered();
+    resp
+}
+
+/// Counts a scrape dropped before its answer as `cancelled`.
+struct Unanswered {
+    shared: Arc<Shared>,
+    target: Option<String>,
+}
+
+impl Unanswered {
+    fn answered(mut self) {
+        self.target = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(target) = self.target.take() {
+            debug!(scrape_target = %target, "the gateway cancelled the scrape before its answer");
+            count(&self.shared, &target, "cancelled");
+        }
+    }
+}
+
+/// The target's answer to a scrape, its body streamed to the gateway.
+async fn fetch_answer(
+    shared: &Arc<Shared>,
+    route: &Route,
+    url: &Uri,
+    client: &super::targets::HttpClient,
+    req: Request<Incoming>,
+    timeout: Duration,
+    start: Instant,
+) -> Response<Body> {
     let deadline = start + timeout;
     let target_req = match target_request(url, req) {
         Ok(r) => r,
@@ -190,11 +250,32 @@ async fn fetch(
         }
         .into_response("agent");
     }
+    let body = match read_ahead(boxed(body), deadline).await {
+        Ok(body) => body,
+        Err(ReadAheadError::Deadline) => {
+            count(shared, &route.name, "timeout");
+            let what = format!("target {:?}", route.name);
+            return ScrapeError::Timeout { what, timeout }.into_response("agent");
+        }
+        Err(ReadAheadError::Broke(reason)) => {
+            count(shared, &route.name, "error");
+            warn!(scrape_target = %route.name, error = %reason, "target body broke before any of it was sent");
+            return ScrapeError::Target {
+                target: route.name.clone(),
+                reason: format!("{BROKE_EARLY}: {reason}"),
+            }
+            .into_response("agent");
+        }
+    };
     // The result is known only when the body has passed: a target can fail halfway through.
     let (done, name) = (shared.clone(), route.name.clone());
     let on_finish = Box::new(move |bytes: u64, end: BodyEnd| {
         let result = match end {
-            BodyEnd::Complete | BodyEnd::Dropped => result,
+            BodyEnd::Complete => result,
+            BodyEnd::Dropped => {
+                debug!(scrape_target = %name, bytes, "the gateway cancelled the scrape before the end of the body");
+                "cancelled"
+            }
             BodyEnd::Deadline => {
                 warn!(scrape_target = %name, bytes, ?timeout, "scrape timeout passed while the target body was still streaming: body cut short");
                 "timeout"
@@ -206,7 +287,7 @@ async fn fetch(
         };
         count(&done, &name, result);
     });
-    let body = BoundedBody::new(boxed(body), deadline, u64::MAX, on_finish);
+    let body = BoundedBody::new(body, deadline, u64::MAX, on_finish);
     Response::from_parts(parts, boxed(body))
 }
 
@@ -280,13 +361,14 @@ fn unfixed_params(fixed: Option<&str>, scrape: &str) -> Option<String> {
 }
 
 /// Every `result` label [`count`] sets.
-const SCRAPE_RESULTS: [&str; 6] = [
+const SCRAPE_RESULTS: [&str; 7] = [
     "ok",
     "http_error",
     "timeout",
     "error",
     "not_found",
     "bad_request",
+    "cancelled",
 ];
 
 /// Drops the series of a target no longer listed.

@@ -1,7 +1,9 @@
 //! The reconnect loop and one tunnel session: TCP (maybe via a proxy) → TLS → upgrade → HTTP/2
 //! server over the upgraded stream, until it drops or we shut down.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioTimer;
@@ -12,12 +14,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::backoff::Backoff;
+use super::serve::ClosingNotice;
 use super::Shared;
 use crate::config::{read_token_file, AgentConfig, Secret};
 use crate::telemetry::ResultLabels;
 use crate::tunnel::dial::{dial, BoxIo, DialError};
 use crate::tunnel::handshake::{request_upgrade, HandshakeError};
 use crate::tunnel::tls_client::{ClientTls, ServerVerify};
+use crate::tunnel::ClosingKind;
 
 /// Why a session could not start.
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +47,8 @@ pub(crate) enum SessionError {
 enum SessionEnd {
     /// The connection dropped (gateway restart, network, keepalive timeout).
     Closed(String),
-    /// The gateway closed it on purpose and said why first: another agent took our id.
-    ClosedByGateway(String),
+    /// The gateway closed it on purpose and said why first.
+    ClosedByGateway(ClosingNotice),
     /// We were asked to stop.
     Shutdown,
 }
@@ -68,10 +72,8 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
                 warn!(%gateway, %reason, retry_in = ?delay, "tunnel closed; reconnecting");
                 delay
             }
-            // Reconnecting at once would knock the other agent off in turn, every second.
-            Ok(SessionEnd::ClosedByGateway(reason)) => {
-                error!(%gateway, %agent, %reason, retry_in = ?b.auth_failure, "GATEWAY CLOSED OUR TUNNEL: another agent claims our agent id (a cloned host keeps the host name as id); give each agent its own agent_id and token");
-                b.auth_failure
+            Ok(SessionEnd::ClosedByGateway(notice)) => {
+                closed_by_gateway(&shared, notice, &mut backoff, started.elapsed())
             }
             Err(SessionError::Handshake(e)) if e.is_id_conflict() => {
                 count(&shared, "conflict");
@@ -110,6 +112,49 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
         }
     }
     info!("agent stopped");
+}
+
+/// Logs why the gateway closed the tunnel, as it said, and returns how long to wait before
+/// reconnecting.
+fn closed_by_gateway(
+    shared: &Shared,
+    notice: ClosingNotice,
+    backoff: &mut Backoff,
+    lasted: Duration,
+) -> Duration {
+    let b = &shared.config.backoff;
+    let gateway = &shared.config.gateway.addr;
+    let agent = &shared.config.agent_id;
+    let reason = notice.reason;
+    match notice.kind {
+        // Reconnecting at once would knock the other agent off in turn, every second.
+        ClosingKind::IdTaken => {
+            error!(%gateway, %agent, %reason, retry_in = ?b.auth_failure, "GATEWAY CLOSED OUR TUNNEL: another agent claims our agent id (a cloned host keeps the host name as id); give each agent its own agent_id and token");
+            b.auth_failure
+        }
+        // Like a 401: the same token would be refused again soon.
+        ClosingKind::Revoked => {
+            error!(%gateway, %agent, %reason, retry_in = ?b.auth_failure, "GATEWAY REVOKED OUR TOKEN: it was removed from the gateway's tokens file or no longer covers our agent id; give this agent a token the tokens file accepts");
+            b.auth_failure
+        }
+        // A restart, not trouble: back soon, with a delay drawn from the first ceiling so that
+        // rolling restarts closer together than `stable_after` do not add up to the longest
+        // backoff, and the gateway's agents do not all come back at once.
+        ClosingKind::Shutdown => {
+            backoff.reset();
+            let delay = backoff.next_delay();
+            info!(%gateway, %reason, retry_in = ?delay, "the gateway is shutting down (restarting?): reconnecting");
+            delay
+        }
+        ClosingKind::Other => {
+            if lasted >= b.stable_after {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            warn!(%gateway, %reason, retry_in = ?delay, "tunnel closed by the gateway; reconnecting");
+            delay
+        }
+    }
 }
 
 /// Says once how the tunnel reaches the gateway when a proxy is involved: a proxy left in the
@@ -185,7 +230,7 @@ async fn run_session(
 }
 
 /// The reason the gateway sent before closing the tunnel, if it did (`serve::closing_notice`).
-fn take_closing_notice(shared: &Shared) -> Option<String> {
+fn take_closing_notice(shared: &Shared) -> Option<ClosingNotice> {
     shared
         .closing_notice
         .lock()
@@ -308,6 +353,7 @@ async fn serve(
     // hyper runs each stream (a scrape, to the last byte of its body) as a task of its own:
     // tracked, so that a drain cut short can say how many scrapes it cut.
     let streams = TaskTracker::new();
+    let io = SharedIo::new(upgraded);
     let conn = hyper::server::conn::http2::Builder::new(TrackedExecutor(streams.clone()))
         .timer(TokioTimer::new())
         .keep_alive_interval(cfg.keepalive.interval)
@@ -315,7 +361,7 @@ async fn serve(
         .max_concurrent_streams(cfg.max_concurrent_scrapes)
         .max_header_list_size(crate::tunnel::MAX_HEADER_LIST)
         .header_table_size(0)
-        .serve_connection(upgraded, service);
+        .serve_connection(io.clone(), service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         // The chain: hyper's own words are only "http2 error", the cause is in its source.
@@ -324,8 +370,81 @@ async fn serve(
             conn.as_mut().graceful_shutdown();
             if tokio::time::timeout(cfg.shutdown_grace, conn).await.is_err() {
                 warn!(grace = ?cfg.shutdown_grace, scrapes = streams.len(), "scrapes still running when the shutdown grace period ended; cutting them off");
+                io.close().await;
             }
             SessionEnd::Shutdown
         }
+    }
+}
+
+/// The tunnel's stream, shared with the HTTP/2 server that reads and writes it. When the
+/// shutdown grace period ends with scrapes still running, the server is given up, and the
+/// stream is still at hand to close as TLS means it (close_notify): the gateway then sees an
+/// agent that stopped, not one that died.
+#[derive(Clone)]
+struct SharedIo(Arc<std::sync::Mutex<hyper::upgrade::Upgraded>>);
+
+/// How long closing a tunnel given up may take (a gateway that reads nothing any more).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl SharedIo {
+    fn new(io: hyper::upgrade::Upgraded) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(io)))
+    }
+
+    fn with<R>(&self, f: impl FnOnce(Pin<&mut hyper::upgrade::Upgraded>) -> R) -> R {
+        // Locked only inside one poll, never across an await: a poisoned lock still holds the
+        // stream, which is closed anyway.
+        let mut io = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(Pin::new(&mut *io))
+    }
+
+    /// Sends TLS close_notify and closes our side of the connection.
+    async fn close(&self) {
+        let shut =
+            std::future::poll_fn(|cx| self.with(|io| hyper::rt::Write::poll_shutdown(io, cx)));
+        if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, shut).await {
+            tracing::debug!(error = %e, "closing the tunnel failed");
+        }
+    }
+}
+
+impl hyper::rt::Read for SharedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.with(|io| hyper::rt::Read::poll_read(io, cx, buf))
+    }
+}
+
+impl hyper::rt::Write for SharedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.with(|io| hyper::rt::Write::poll_write(io, cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.with(|io| hyper::rt::Write::poll_flush(io, cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.with(|io| hyper::rt::Write::poll_shutdown(io, cx))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.with(|io| hyper::rt::Write::is_write_vectored(&*io))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.with(|io| hyper::rt::Write::poll_write_vectored(io, cx, bufs))
     }
 }

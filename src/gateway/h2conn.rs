@@ -167,6 +167,14 @@ pub async fn send(sender: &Sender, req: Request<Body>) -> Result<Response<RecvBo
     }))
 }
 
+/// Whether the tunnel's connection has failed (the agent gone, a protocol error). h2 marks the
+/// connection failed before it tells its streams, so a scrape that failed with its tunnel
+/// finds it so, even before the session has noticed and removed the agent.
+pub fn is_broken(sender: &Sender) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    matches!(sender.clone().poll_ready(&mut cx), Poll::Ready(Err(_)))
+}
+
 /// Starts a GET without a body and returns the future of its response head. Unlike [`send`],
 /// what waits holds only h2's handle on the stream: the targets long poll waits for minutes in
 /// every idle tunnel, so its size is per-agent memory.

@@ -12,8 +12,10 @@ use super::h2conn;
 use super::registry::AgentHandle;
 use super::State;
 use crate::config::ScrapeLimits;
-use crate::http_util::{body_on_get, boxed, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
-use crate::scrape_error::{one_line, ScrapeError};
+use crate::http_util::{
+    body_on_get, boxed, read_ahead, strip_hop_by_hop, Body, BodyEnd, BoundedBody, ReadAheadError,
+};
+use crate::scrape_error::{one_line, ScrapeError, BROKE_EARLY};
 use crate::telemetry::{status_class, ScrapeLabels};
 use crate::tunnel::handshake::canonical_agent_id;
 use crate::tunnel::{header_list_size, MAX_HEADER_BYTES, SCRAPE_TIMEOUT_HEADER};
@@ -76,12 +78,15 @@ pub(crate) fn clean_query(query: Option<&str>) -> Option<String> {
 pub(crate) async fn scrape(state: &Arc<State>, req: Request<Body>) -> Response<Body> {
     let start = Instant::now();
     // Unknown agent ids are not bounded until connected: they are counted under "unknown".
-    let mut labels = ScrapeLabels {
-        agent: UNKNOWN.into(),
-        target: UNKNOWN.into(),
-        status_class: String::new(),
+    // Dropped before the answer (the client went away), it counts the scrape as cancelled.
+    let mut unanswered = Unanswered {
+        state: state.clone(),
+        start,
+        labels: Some(unknown_labels()),
     };
-    match forward(state, req, start, &mut labels).await {
+    let result = forward(state, req, start, unanswered.labels_mut()).await;
+    let labels = unanswered.answered();
+    match result {
         Ok(resp) => resp,
         Err(err) => {
             debug!(error = %err, kind = err.kind(), "scrape failed at the gateway");
@@ -97,6 +102,47 @@ pub(crate) async fn scrape(state: &Arc<State>, req: Request<Body>) -> Response<B
                 0,
             );
             resp
+        }
+    }
+}
+
+/// The labels of a scrape not routed (yet).
+fn unknown_labels() -> ScrapeLabels {
+    ScrapeLabels {
+        agent: UNKNOWN.into(),
+        target: UNKNOWN.into(),
+        status_class: String::new(),
+    }
+}
+
+/// The status class of a scrape its client gave up on (a Prometheus timeout, `curl -m`) before
+/// its answer was whole: nothing more reached anyone.
+const CANCELLED: &str = "cancelled";
+
+/// A scrape not answered yet: dropped so (its client went away and hyper dropped the request),
+/// it is counted as [`CANCELLED`].
+struct Unanswered {
+    state: Arc<State>,
+    start: Instant,
+    labels: Option<ScrapeLabels>,
+}
+
+impl Unanswered {
+    fn labels_mut(&mut self) -> &mut ScrapeLabels {
+        self.labels.get_or_insert_with(unknown_labels)
+    }
+
+    /// Answered after all: the labels, for whoever counts the answer.
+    fn answered(mut self) -> ScrapeLabels {
+        self.labels.take().unwrap_or_else(unknown_labels)
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(labels) = self.labels.take() {
+            debug!(agent = %labels.agent, scrape_target = %labels.target, "the client went away before the scrape was answered");
+            record(&self.state, labels, CANCELLED, self.start.elapsed(), 0);
         }
     }
 }
@@ -206,9 +252,27 @@ async fn forward(
         }
         Ok(Ok(resp)) => resp,
     };
+    let (parts, body) = resp.into_parts();
+    let body = boxed(http_body_util::BodyExt::map_err(body, agent_body_error));
+    let body = match read_ahead(body, deadline).await {
+        Ok(body) => body,
+        Err(ReadAheadError::Deadline) => {
+            let what = format!("agent {:?} target {:?}", route.agent.id, route.target);
+            return Err(ScrapeError::Timeout {
+                what,
+                timeout: t.scrape,
+            });
+        }
+        Err(ReadAheadError::Broke(reason)) => {
+            return Err(ScrapeError::Tunnel {
+                agent: route.agent.id.clone(),
+                reason: format!("{BROKE_EARLY}: {reason}"),
+            });
+        }
+    };
     Ok(stream_back(
         state,
-        resp,
+        Response::from_parts(parts, body),
         route.agent.clone(),
         labels.clone(),
         start,
@@ -258,7 +322,7 @@ fn tunnel_request(
 /// The agent's response, streamed to Prometheus within the deadline and the size limit.
 fn stream_back(
     state: &Arc<State>,
-    resp: Response<h2conn::RecvBody>,
+    resp: Response<Body>,
     agent: Arc<AgentHandle>,
     labels: ScrapeLabels,
     start: Instant,
@@ -268,11 +332,22 @@ fn stream_back(
     strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_11;
     let status = parts.status;
+    let length = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
     let done_state = state.clone();
     let on_finish = Box::new(move |bytes: u64, end: BodyEnd| {
         let elapsed = start.elapsed();
         let class = match &end {
-            BodyEnd::Complete | BodyEnd::Dropped => status_class(status),
+            // hyper stops reading a body once its Content-Length has passed, which may be
+            // before the agent's end of stream arrives.
+            BodyEnd::Complete => status_class(status),
+            BodyEnd::Dropped if length == Some(bytes) => status_class(status),
+            BodyEnd::Dropped => {
+                debug!(agent = %labels.agent, scrape_target = %labels.target, bytes, "the client went away before the end of the body");
+                CANCELLED
+            }
             BodyEnd::Deadline | BodyEnd::Failed(_) => {
                 // Prometheus got the head and part of the body: a failed scrape, which the
                 // status class alone would count as a success.
@@ -289,7 +364,7 @@ fn stream_back(
         record(&done_state, labels, class, elapsed, bytes);
     });
     let body = BoundedBody::new(
-        boxed(http_body_util::BodyExt::map_err(body, agent_body_error)),
+        body,
         deadline,
         state.config.scrape.max_body_bytes,
         on_finish,
@@ -307,14 +382,17 @@ fn agent_body_error(e: h2::Error) -> crate::http_util::BoxError {
     }
 }
 
-/// Counts one finished scrape: by agent, target and status class; its duration and bytes.
+/// Counts one finished scrape: by agent, target and status class; its duration and bytes. One
+/// whose agent went while it was in flight (its series went with it) is counted under
+/// `agent="unknown"`, like a scrape of an agent not connected.
 fn record(state: &State, mut labels: ScrapeLabels, class: &str, elapsed: Duration, bytes: u64) {
     labels.status_class = class.to_owned();
-    if labels.agent == UNKNOWN {
-        state.metrics.record_scrape(&labels, elapsed, bytes);
-    } else {
-        state.registry.count_scrape(&labels, elapsed, bytes);
+    if labels.agent != UNKNOWN && state.registry.count_scrape(&labels, elapsed, bytes) {
+        return;
     }
+    labels.agent = UNKNOWN.into();
+    labels.target = UNKNOWN.into();
+    state.metrics.record_scrape(&labels, elapsed, bytes);
 }
 
 #[cfg(test)]

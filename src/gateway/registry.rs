@@ -171,6 +171,11 @@ impl AgentHandle {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether its tunnel has failed: the agent is going, its series with it.
+    pub fn tunnel_broken(&self) -> bool {
+        super::h2conn::is_broken(&self.sender)
+    }
+
     /// A sender for one request over the tunnel.
     pub fn sender(&self) -> Sender {
         self.sender.clone()
@@ -289,10 +294,11 @@ impl Registry {
 
     /// Drops the scrape series of the targets the tunnel `session` of agent `id` no longer
     /// lists: an agent whose targets change on reload would otherwise keep the series of every
-    /// target it ever had until it disconnects. A scrape of a dropped target still in flight may
-    /// bring its series back, until the next change or the disconnect.
+    /// target it ever had until it disconnects. The caller has published `list` to the handle
+    /// already: a scrape of a dropped target still in flight counts under `target="unknown"`
+    /// (the write lock orders it before or after this).
     pub fn targets_changed(&self, id: &str, session: u64, list: &TargetList) {
-        let agents = self.read();
+        let agents = self.write();
         if agents.get(id).is_some_and(|a| a.session == session) {
             // `unknown` counts the agent's scrapes that matched no target: it stays.
             self.metrics.remove_unlisted_targets(id, |name| {
@@ -302,14 +308,29 @@ impl Registry {
     }
 
     /// Counts a finished scrape in the series of `labels.agent` if a tunnel of that id is
-    /// connected. One that ends after its agent went (in flight while it drained) is not: the
-    /// agent's series went with it and must not come back before the agent does.
-    pub fn count_scrape(&self, labels: &ScrapeLabels, elapsed: Duration, bytes: u64) {
-        // Held while counting, so that `remove` cannot drop the series in between.
+    /// connected and not failing, under `target="unknown"` if it no longer lists the target; false if none is.
+    /// One that ends after its agent went (in flight while it drained) is not counted here: the
+    /// agent's series went with it and must not come back before the agent does. Nor may a
+    /// removed target's (see [`Registry::targets_changed`]).
+    pub fn count_scrape(&self, labels: &ScrapeLabels, elapsed: Duration, bytes: u64) -> bool {
+        // Held while counting, so that `remove` and `targets_changed` cannot drop the series in
+        // between.
         let agents = self.read();
-        if agents.contains_key(&labels.agent) {
+        let Some(agent) = agents.get(&labels.agent).filter(|a| !a.tunnel_broken()) else {
+            return false;
+        };
+        let unknown = super::proxy::UNKNOWN;
+        let listed = |name: &str| agent.targets().targets.iter().any(|t| t.name == name);
+        if labels.target == unknown || listed(&labels.target) {
             self.metrics.record_scrape(labels, elapsed, bytes);
+        } else {
+            let labels = ScrapeLabels {
+                target: unknown.to_owned(),
+                ..labels.clone()
+            };
+            self.metrics.record_scrape(&labels, elapsed, bytes);
         }
+        true
     }
 
     /// The agent with `id`, if connected.

@@ -31,8 +31,8 @@ use crate::scrape_error::one_line;
 use crate::telemetry::{ConnectionGuard, ResultLabels};
 use crate::tunnel::handshake::{parse_upgrade_request, switching_protocols, Refusal};
 use crate::tunnel::{
-    TargetList, CLOSING_NOTICE_TIMEOUT, CLOSING_PATH, CONTROL_AUTHORITY, MAX_TARGET_LIST_BYTES,
-    TARGETS_LONG_POLL, TARGETS_PATH,
+    ClosingKind, TargetList, CLOSING_NOTICE_TIMEOUT, CONTROL_AUTHORITY, MAX_TARGET_LIST_BYTES,
+    SHUTDOWN_NOTICE_TIMEOUT, TARGETS_LONG_POLL, TARGETS_PATH,
 };
 
 pub(super) async fn accept_loop(
@@ -453,7 +453,7 @@ async fn run_session(
             // Another token registered the id between our handshake check and now.
             let reason = id_taken(&agent_id, holder.remote);
             warn!(agent = %agent_id, %remote, %reason, "tunnel refused after the handshake");
-            return notify_closing(&sender, &reason, &mut conn).await;
+            return notify_closing(&sender, ClosingKind::IdTaken, &reason, &mut conn).await;
         }
     }
     // The token was checked before the 101; a tokens reload since then may have revoked it,
@@ -462,13 +462,20 @@ async fn run_session(
         // Revoked, so that it is not kept in service discovery as a disconnected agent.
         handle.revoke();
         state.registry.remove(&agent_id, session);
-        return warn!(agent = %agent_id, %remote, "tunnel closed as it registered: the tokens file was reloaded meanwhile and no longer accepts its token for this id");
+        warn!(agent = %agent_id, %remote, "tunnel closed as it registered: the tokens file was reloaded meanwhile and no longer accepts its token for this id");
+        return notify_closing(
+            &sender,
+            ClosingKind::Revoked,
+            &revoked(&agent_id),
+            &mut conn,
+        )
+        .await;
     }
     info!(agent = %agent_id, %remote, targets = n_targets, "agent connected");
     let end = tokio::select! {
         reason = &mut conn => format!("connection ended: {reason}"),
         _ = closed.cancelled() => closed_by_gateway(&handle, &mut conn).await,
-        _ = shutdown.cancelled() => "gateway shutting down".to_owned(),
+        _ = shutdown.cancelled() => shutting_down(&handle, &mut conn).await,
         e = watch_targets(&state, session, sender, targets_tx, &agent_id, remote) => {
             // An agent shutting down sends GOAWAY, which ends the targets long poll first; its
             // scrapes in flight still finish. No new scrape is routed here, and the connection is
@@ -521,7 +528,7 @@ where
                 "replaced by a newer tunnel: another agent with the same id {:?} connected from {by}",
                 handle.id
             );
-            notify_closing(&handle.sender(), &reason, conn).await;
+            notify_closing(&handle.sender(), ClosingKind::IdTaken, &reason, conn).await;
             reason
         }
         Some(CloseReason::Outranked { by }) => {
@@ -529,33 +536,63 @@ where
                 "replaced by the agent connecting from {by}, whose token names agent id {:?} exactly (this tunnel's token matches it only by a glob)",
                 handle.id
             );
-            notify_closing(&handle.sender(), &reason, conn).await;
+            notify_closing(&handle.sender(), ClosingKind::IdTaken, &reason, conn).await;
             reason
         }
-        // Its next connection is refused with 401/403, which the agent logs loudly itself.
+        // Told, so that the agent says why at once; its next connection is refused 401/403.
         Some(CloseReason::Revoked) => {
+            notify_closing(
+                &handle.sender(),
+                ClosingKind::Revoked,
+                &revoked(&handle.id),
+                conn,
+            )
+            .await;
             "its token no longer allows this agent id (tokens file reloaded)".to_owned()
         }
         None => "closed by the gateway".to_owned(),
     }
 }
 
-/// Sends `reason` to the agent before its tunnel is closed, so it waits its slow backoff instead
-/// of reconnecting at once (two agents with one id would otherwise take turns every second).
-/// Waits a bounded time for the answer, driving the connection meanwhile. The request is boxed:
-/// it happens once, at a tunnel's end, and must not grow every idle session's task.
-async fn notify_closing<T>(sender: &Sender, reason: &str, conn: &mut h2conn::Connection<T>)
+/// What the agent of a revoked tunnel is told.
+fn revoked(id: &str) -> String {
+    format!("the gateway's tokens file was reloaded and no longer accepts this tunnel's token for agent id {id:?}")
+}
+
+/// Tells the agent that the gateway shuts down, so that it reconnects soon without taking the
+/// restart for trouble; returns the reason for the gateway's log. Bounded by
+/// [`SHUTDOWN_NOTICE_TIMEOUT`]: every tunnel is told at once, a restart waits no longer.
+async fn shutting_down<T>(handle: &AgentHandle, conn: &mut h2conn::Connection<T>) -> String
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let req = Request::post(format!("http://{CONTROL_AUTHORITY}{CLOSING_PATH}"))
+    let reason = "gateway shutting down";
+    notify_closing(&handle.sender(), ClosingKind::Shutdown, reason, conn).await;
+    reason.to_owned()
+}
+
+/// Sends `reason` to the agent before its tunnel is closed: another agent took its id (it then
+/// waits its slow backoff instead of reconnecting at once, or two agents with one id would take
+/// turns every second), its token was revoked, or the gateway shuts down. Waits a bounded time
+/// for the answer, driving the connection meanwhile. The request is boxed: it happens once, at
+/// a tunnel's end, and must not grow every idle session's task.
+async fn notify_closing<T>(
+    sender: &Sender,
+    kind: ClosingKind,
+    reason: &str,
+    conn: &mut h2conn::Connection<T>,
+) where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let req = Request::post(format!("http://{CONTROL_AUTHORITY}{}", kind.path()))
         .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(full(reason.to_owned()));
     let Ok(req) = req else { return };
-    let sent = Box::pin(tokio::time::timeout(
-        CLOSING_NOTICE_TIMEOUT,
-        h2conn::send(sender, req),
-    ));
+    let timeout = match kind {
+        ClosingKind::Shutdown => SHUTDOWN_NOTICE_TIMEOUT,
+        _ => CLOSING_NOTICE_TIMEOUT,
+    };
+    let sent = Box::pin(tokio::time::timeout(timeout, h2conn::send(sender, req)));
     tokio::select! {
         answer = sent => match answer {
             Ok(Ok(resp)) => debug!(status = resp.status().as_u16(), "agent told why its tunnel closes"),

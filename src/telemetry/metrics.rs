@@ -142,7 +142,8 @@ pub struct ScrapeLabels {
     pub agent: String,
     /// The target name (or `unknown`).
     pub target: String,
-    /// `2xx` … `5xx`, or `aborted`: the body broke after the head was sent.
+    /// `2xx` … `5xx`; `aborted`: the body broke after the head was sent; `cancelled`: the
+    /// client went away before the answer was whole.
     pub status_class: String,
 }
 

@@ -32,11 +32,55 @@ pub const AGENT_ID_HEADER: &str = "ferry-agent-id";
 /// Path the gateway asks (over HTTP/2) for the agent's target list.
 pub const TARGETS_PATH: &str = "/ferry/v1/targets";
 /// Path the gateway POSTs (over HTTP/2) a one-line plain-text reason to before it closes a tunnel
-/// on purpose (a newer tunnel with the same id replaced it): the agent then waits its slow
-/// backoff instead of reconnecting at once. An agent without it answers an error; harmless.
+/// because another tunnel took its agent id: the agent then waits its slow backoff instead of
+/// reconnecting at once. An agent without it answers an error; harmless.
 pub const CLOSING_PATH: &str = "/ferry/v1/closing";
+/// Where the closing notices of other kinds go: `/ferry/v1/closing/<kind>`. An agent that knows
+/// only [`CLOSING_PATH`] (which it reads as "another agent claims our id") answers them 400 and
+/// goes on as if none had come.
+const CLOSING_KIND_PREFIX: &str = "/ferry/v1/closing/";
 /// How long the gateway waits for the agent to take a closing notice before it closes anyway.
 pub const CLOSING_NOTICE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The same when the gateway shuts down: a restart waits for no agent longer than this.
+pub const SHUTDOWN_NOTICE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why the gateway closes a tunnel, as its closing notice says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosingKind {
+    /// Another tunnel took the agent id ([`CLOSING_PATH`]).
+    IdTaken,
+    /// The tokens file no longer lets the tunnel's token claim its id.
+    Revoked,
+    /// The gateway is shutting down (a restart, most often).
+    Shutdown,
+    /// A kind this build does not know (a newer gateway's): a tunnel closed, nothing more.
+    Other,
+}
+
+impl ClosingKind {
+    /// The path the notice of this kind is sent to.
+    pub fn path(self) -> &'static str {
+        match self {
+            ClosingKind::IdTaken => CLOSING_PATH,
+            ClosingKind::Revoked => "/ferry/v1/closing/revoked",
+            ClosingKind::Shutdown => "/ferry/v1/closing/shutdown",
+            ClosingKind::Other => "/ferry/v1/closing/other",
+        }
+    }
+
+    /// The kind of a notice sent to `path`; `None` if `path` is no closing notice's.
+    pub fn of_path(path: &str) -> Option<ClosingKind> {
+        if path == CLOSING_PATH {
+            return Some(ClosingKind::IdTaken);
+        }
+        let kind = path.strip_prefix(CLOSING_KIND_PREFIX)?;
+        [ClosingKind::Revoked, ClosingKind::Shutdown]
+            .into_iter()
+            .find(|k| k.path() == path)
+            .or((!kind.is_empty()).then_some(ClosingKind::Other))
+    }
+}
+
 /// Longest closing notice the agent reads.
 pub const MAX_CLOSING_NOTICE: usize = 1024;
 /// Authority of control requests; scrapes always carry `<agent-id>:<port>`, control requests no port.
@@ -179,6 +223,25 @@ impl TargetList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn closing_notices_are_told_apart_by_path() {
+        for kind in [
+            ClosingKind::IdTaken,
+            ClosingKind::Revoked,
+            ClosingKind::Shutdown,
+            ClosingKind::Other,
+        ] {
+            assert_eq!(ClosingKind::of_path(kind.path()), Some(kind));
+        }
+        assert_eq!(
+            ClosingKind::of_path("/ferry/v1/closing/maintenance"),
+            Some(ClosingKind::Other)
+        );
+        assert_eq!(ClosingKind::of_path("/ferry/v1/closing/"), None);
+        assert_eq!(ClosingKind::of_path("/ferry/v1/closingx"), None);
+        assert_eq!(ClosingKind::of_path(TARGETS_PATH), None);
+    }
 
     #[test]
     fn targets_are_found_by_port_and_exact_path() {
