@@ -349,8 +349,8 @@ pub enum ReadAheadError {
     Broke(String),
 }
 
-/// `body` with its first frame read, and whatever frames arrived with it (up to
-/// [`READ_AHEAD_BYTES`]), before the response head is sent.
+/// `body` with its first frame read, and whatever frames arrived with it (up to 64 KiB),
+/// before the response head is sent.
 ///
 /// hyper's HTTP/1 server writes a response head together with the body's first frames and
 /// closes the connection at once, that write unsent, when the body fails in the same go: a
