@@ -163,6 +163,7 @@ pub fn valid_target_name(name: &str) -> bool {
 }
 
 /// The largest target list (its JSON) the gateway reads from an agent.
+#[cfg(any(feature = "agent", feature = "gateway"))]
 pub(crate) const MAX_TARGET_LIST_BYTES: usize = 1 << 20;
 
 /// Why `list` is too large for the gateway to read, if it is.
