@@ -182,6 +182,7 @@ pub(crate) fn target_list_size_problem(list: &TargetList) -> Option<String> {
 /// Why `name`, a valid target name, still cannot be one: the gateway counts scrapes of targets
 /// an agent does not list under `target="unknown"`, and a real target of that name would share
 /// (and muddle) those series.
+#[cfg(any(feature = "agent", feature = "gateway"))]
 pub(crate) fn reserved_target_name(name: &str) -> Option<String> {
     (name == "unknown").then(|| {
         "target name \"unknown\" is reserved (the gateway counts scrapes of targets no agent lists under it): choose another".to_owned()
