@@ -73,7 +73,7 @@ fn document(b: &[u8]) -> Option<()> {
     // Open containers, innermost last: true for an object.
     let mut stack = [false; MAX_DEPTH];
     // The keys of the open objects, by depth (kept between objects for their allocations).
-    let mut keys: Vec<Keys<Cow<[u8]>>> = Vec::new();
+    let mut keys: Vec<Shape> = Vec::new();
     let mut depth = 0;
     let mut i = skip_ws(b, 0);
     'value: loop {
@@ -84,9 +84,9 @@ fn document(b: &[u8]) -> Option<()> {
                 }
                 stack[depth] = true;
                 if keys.len() <= depth {
-                    keys.resize_with(depth + 1, Keys::default);
+                    keys.resize_with(depth + 1, Shape::default);
                 }
-                keys[depth].clear();
+                keys[depth].open();
                 depth += 1;
                 i = skip_ws(b, i + 1);
                 match *b.get(i)? {
@@ -114,7 +114,7 @@ fn document(b: &[u8]) -> Option<()> {
                 depth -= 1;
                 i += 1;
             }
-            b'"' => i = string(b, i + 1)?,
+            b'"' => i = string(b, i + 1, &mut false)?,
             b't' => i = literal(b, i, b"true")?,
             b'f' => i = literal(b, i, b"false")?,
             b'n' => i = literal(b, i, b"null")?,
@@ -139,8 +139,13 @@ fn document(b: &[u8]) -> Option<()> {
                     i = key(b, i, &mut keys[depth - 1])?;
                     continue 'value;
                 }
-                (b']', false) | (b'}', true) => {
+                (b']', false) => {
                     depth -= 1;
+                    i += 1;
+                }
+                (b'}', true) => {
+                    depth -= 1;
+                    keys[depth].close();
                     i += 1;
                 }
                 _ => return None,
@@ -161,10 +166,11 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 /// A key already in `seen` is left to serde_json (which then names it). Keys are compared
 /// decoded: `"a"` and `"\u0061"` are the same key.
 #[inline(always)]
-fn key<'a>(b: &'a [u8], i: usize, seen: &mut Keys<Cow<'a, [u8]>>) -> Option<usize> {
-    let end = string(b, i + 1)?;
+fn key<'a>(b: &'a [u8], i: usize, seen: &mut Shape<'a>) -> Option<usize> {
+    let mut escaped = false;
+    let end = string(b, i + 1, &mut escaped)?;
     let name = &b[i + 1..end - 1];
-    let name = if name.contains(&b'\\') {
+    let name = if escaped {
         let mut decoded = Vec::with_capacity(name.len());
         super::json_strings::decode(b, i + 1, &mut decoded);
         Cow::Owned(decoded)
@@ -176,6 +182,52 @@ fn key<'a>(b: &'a [u8], i: usize, seen: &mut Keys<Cow<'a, [u8]>>) -> Option<usiz
     }
     let i = skip_ws(b, end);
     (*b.get(i)? == b':').then(|| skip_ws(b, i + 1))
+}
+
+/// The keys of the open object at one depth, checked against the keys of the last object closed
+/// at that depth. Documents of metric points repeat one shape thousands of times; while an object
+/// follows the last one's keys in order, one comparison per key proves it has no repeated key
+/// (the last one had none). An object that departs from it is checked in full by [`Keys`], and
+/// becomes the shape that the next objects are compared with.
+#[derive(Default)]
+struct Shape<'a> {
+    /// The last closed object's keys in order, all different, when it had few.
+    last: Vec<Cow<'a, [u8]>>,
+    /// How many of the open object's keys are `last[..matched]`, while it follows `last`.
+    matched: usize,
+    departed: bool,
+    /// The open object's keys, once it departed from `last`.
+    seen: Keys<Cow<'a, [u8]>>,
+}
+
+impl<'a> Shape<'a> {
+    fn open(&mut self) {
+        self.matched = 0;
+        self.departed = false;
+    }
+
+    #[inline(always)]
+    fn insert(&mut self, key: Cow<'a, [u8]>) -> Result<(), Cow<'a, [u8]>> {
+        if !self.departed {
+            if self.last.get(self.matched) == Some(&key) {
+                self.matched += 1;
+                return Ok(());
+            }
+            self.departed = true;
+            self.seen.clear();
+            for earlier in &self.last[..self.matched] {
+                // Distinct by construction.
+                let _ = self.seen.insert(earlier.clone());
+            }
+        }
+        self.seen.insert(key)
+    }
+
+    fn close(&mut self) {
+        if self.departed && self.seen.many.is_empty() {
+            std::mem::swap(&mut self.last, &mut self.seen.few);
+        }
+    }
 }
 
 /// The keys of one object: compared one by one while there are few (most objects), hashed past
@@ -308,9 +360,10 @@ fn literal(b: &[u8], i: usize, word: &[u8]) -> Option<usize> {
     (b.get(i..i + word.len())? == word).then_some(i + word.len())
 }
 
-/// The index after the closing quote of a string whose contents start at `i`.
+/// The index after the closing quote of a string whose contents start at `i`; sets `escaped` if
+/// it has a backslash.
 #[inline(always)]
-fn string(b: &[u8], mut i: usize) -> Option<usize> {
+fn string(b: &[u8], mut i: usize, escaped: &mut bool) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     loop {
@@ -331,21 +384,24 @@ fn string(b: &[u8], mut i: usize) -> Option<usize> {
         }
         match *b.get(i)? {
             b'"' => return Some(i + 1),
-            b'\\' => match *b.get(i + 1)? {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
-                b'u' => {
-                    let mut code = 0;
-                    for &h in b.get(i + 2..i + 6)? {
-                        code = code * 16 + char::from(h).to_digit(16)?;
+            b'\\' => {
+                *escaped = true;
+                match *b.get(i + 1)? {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                    b'u' => {
+                        let mut code = 0;
+                        for &h in b.get(i + 2..i + 6)? {
+                            code = code * 16 + char::from(h).to_digit(16)?;
+                        }
+                        // Surrogate pairs (and lone surrogates, which serde_json refuses): ask it.
+                        if (0xD800..0xE000).contains(&code) {
+                            return None;
+                        }
+                        i += 6;
                     }
-                    // Surrogate pairs (and lone surrogates, which serde_json refuses): ask it.
-                    if (0xD800..0xE000).contains(&code) {
-                        return None;
-                    }
-                    i += 6;
+                    _ => return None,
                 }
-                _ => return None,
-            },
+            }
             0..=0x1f => return None,
             _ => i += 1,
         }
@@ -472,6 +528,16 @@ mod tests {
             (r#"[{"a": {"b": 1, "c": 2, "b": 3}}]"#.into(), "\"b\""),
             (format!("{{{many}\"k7\": 0}}"), "\"k7\""),
             (format!(r#"{{"{long}":1,"{long}":2}}"#), "\"xxxxxxxxxx"),
+            // After objects of one shape, which later ones are compared with.
+            (r#"[{"a":1,"b":2},{"a":1,"a":2}]"#.into(), "\"a\""),
+            (r#"[{"a":1,"b":2},{"a":1,"b":2,"a":3}]"#.into(), "\"a\""),
+            (r#"[{"a":1,"b":2},{"b":1,"a":2,"b":3}]"#.into(), "\"b\""),
+            (r#"[{"a":1,"b":2},{"c":1},{"c":1,"c":2}]"#.into(), "\"c\""),
+            (
+                r#"[{"a":{"x":1,"y":2}},{"a":{"x":1,"x":2}}]"#.into(),
+                "\"x\"",
+            ),
+            (format!("[{{{many}\"z\":0}},{{{many}\"k3\":0}}]"), "\"k3\""),
         ];
         for (doc, named) in &repeated {
             assert!(!accepts(doc.as_bytes()), "{doc}");
@@ -492,6 +558,7 @@ mod tests {
         let unique: Vec<String> = vec![
             r#"{"a": {"x": 1}, "b": {"x": 2}, "x": 3}"#.into(),
             r#"[{"a": 1}, {"a": 1}]"#.into(),
+            r#"[{"a":1,"b":2},{"a":1},{"a":1,"b":2,"c":3},{"c":1,"a":2,"b":3},{}]"#.into(),
             r#"{"a": 1, "A": 2, "a ": 3, "\u00e9": 4, "é ": 5}"#.into(),
             format!("{{{many}\"last\": 0}}"),
         ];
