@@ -1589,6 +1589,74 @@ async fn a_reload_without_its_token_removes_a_disconnected_agent() {
     gw.stop().await;
 }
 
+/// An operator looking for what Prometheus reports as down finds it on the status page and in
+/// `/api/v1/agents`: the agent gone, since when, and what its last tunnel did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_agent_is_on_the_status_page_until_it_leaves_service_discovery() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let server = metrics_server("up 1\n").await;
+    let targets = [("node", server.url("/metrics"))];
+    let agent = start_agent(agent_section(&gw, "db-1", &targets), TOKEN);
+    gw.wait_agent("db-1", Duration::from_secs(10)).await;
+    let port = server.addr.port();
+    assert_eq!(scrape(gw.web, &scrape_url("db-1", port)).await.status, 200);
+    let listed = |agents: &serde_json::Value| -> Vec<serde_json::Value> {
+        agents.as_array().expect("an array").clone()
+    };
+    let agents: serde_json::Value = serde_json::from_slice(
+        &http::get(&format!("http://{}/api/v1/agents", gw.web))
+            .await
+            .body,
+    )
+    .unwrap();
+    let connected = &listed(&agents)[0];
+    assert!(connected.get("disconnected_since").is_none(), "{agents}");
+
+    agent.stop().await;
+    gw.wait_agent_gone("db-1", Duration::from_secs(5)).await;
+    let agents: serde_json::Value = serde_json::from_slice(
+        &http::get(&format!("http://{}/api/v1/agents", gw.web))
+            .await
+            .body,
+    )
+    .unwrap();
+    let [gone] = &listed(&agents)[..] else {
+        panic!("one agent listed: {agents}");
+    };
+    assert_eq!(gone["id"], "db-1", "{agents}");
+    assert_eq!(
+        gone["targets"],
+        serde_json::json!(["node", "ferry"]),
+        "{agents}"
+    );
+    assert_eq!(gone["scrapes"], 1, "{agents}");
+    assert_eq!(gone["last_status"], 200, "{agents}");
+    let since = |field: &str| {
+        gone[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field}: {agents}"))
+    };
+    assert!(
+        since("disconnected_since") >= since("connected_since"),
+        "{agents}"
+    );
+
+    let page = http::get(&format!("http://{}/", gw.web)).await.text();
+    assert!(page.contains("0 agents connected"), "{page}");
+    assert!(page.contains("1 disconnected"), "{page}");
+    let table = &page[page.find("<h2>Disconnected</h2>").expect(&page)..];
+    assert!(table.contains("db-1"), "{page}");
+
+    tokens_file(dir.path(), &[("other-*", "other")]);
+    gw.gateway.reload_tokens().unwrap();
+    let agents = http::get(&format!("http://{}/api/v1/agents", gw.web))
+        .await
+        .text();
+    assert_eq!(agents, "[]");
+    gw.stop().await;
+}
+
 /// With `sd_keep_disconnected: 0s` a disconnected agent leaves service discovery at once, as
 /// before the setting existed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

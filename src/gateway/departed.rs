@@ -8,13 +8,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::gauge::ConstGauge;
 
+use super::registry::ScrapeStats;
 use crate::tunnel::TargetList;
 
 /// The disconnected agents still listed, by id, oldest departure first when one must go.
@@ -39,6 +41,16 @@ struct Entry {
     /// it for the id removes the entry (how an agent is decommissioned).
     credential: [u8; 32],
     key: (Instant, u64),
+    last: LastTunnel,
+}
+
+/// What the status page shows of a disconnected agent: its last tunnel.
+#[derive(Debug, Clone)]
+pub(super) struct LastTunnel {
+    pub(super) remote: SocketAddr,
+    pub(super) connected_at: SystemTime,
+    pub(super) gone_at: SystemTime,
+    pub(super) stats: ScrapeStats,
 }
 
 impl Departed {
@@ -54,12 +66,14 @@ impl Departed {
         }
     }
 
-    /// Keeps `id`, gone at `now`, with the `targets` it listed and the token it used.
+    /// Keeps `id`, gone at `now`, with the `targets` it listed, the token it used and what its
+    /// `last` tunnel did.
     pub(super) fn add(
         &mut self,
         id: &str,
         targets: Arc<TargetList>,
         credential: [u8; 32],
+        last: LastTunnel,
         now: Instant,
     ) {
         if self.keep.is_zero() || self.max == 0 {
@@ -77,6 +91,7 @@ impl Departed {
             targets,
             credential,
             key,
+            last,
         };
         self.by_id.insert(id.to_owned(), entry);
     }
@@ -139,6 +154,13 @@ impl Departed {
         self.by_id.iter().map(|(id, e)| (id.as_str(), &e.targets))
     }
 
+    /// The agents kept, with their targets and last tunnel (unordered).
+    pub(super) fn entries(&self) -> impl Iterator<Item = (&str, &Arc<TargetList>, &LastTunnel)> {
+        self.by_id
+            .iter()
+            .map(|(id, e)| (id.as_str(), &e.targets, &e.last))
+    }
+
     /// How many agents are kept.
     pub(super) fn len(&self) -> usize {
         self.by_id.len()
@@ -186,6 +208,15 @@ mod tests {
         })
     }
 
+    fn last() -> LastTunnel {
+        LastTunnel {
+            remote: "192.0.2.1:40000".parse().unwrap(),
+            connected_at: SystemTime::UNIX_EPOCH,
+            gone_at: SystemTime::UNIX_EPOCH,
+            stats: ScrapeStats::default(),
+        }
+    }
+
     fn ids(d: &Departed) -> Vec<String> {
         let mut ids: Vec<String> = d.iter().map(|(id, _)| id.to_owned()).collect();
         ids.sort();
@@ -198,8 +229,8 @@ mod tests {
     fn an_agent_is_kept_until_its_retention_ends() {
         let t0 = Instant::now();
         let mut d = Departed::new(10 * SECOND, 100);
-        d.add("a", list(1), [1; 32], t0);
-        d.add("b", list(1), [1; 32], t0 + 5 * SECOND);
+        d.add("a", list(1), [1; 32], last(), t0);
+        d.add("b", list(1), [1; 32], last(), t0 + 5 * SECOND);
         d.prune(t0 + 9 * SECOND);
         assert_eq!(ids(&d), ["a", "b"]);
         d.prune(t0 + 10 * SECOND);
@@ -213,9 +244,9 @@ mod tests {
     fn leaving_again_restarts_the_retention_with_the_latest_targets() {
         let t0 = Instant::now();
         let mut d = Departed::new(10 * SECOND, 100);
-        d.add("a", list(1), [1; 32], t0);
+        d.add("a", list(1), [1; 32], last(), t0);
         assert!(d.remove("a"));
-        d.add("a", list(2), [1; 32], t0 + 8 * SECOND);
+        d.add("a", list(2), [1; 32], last(), t0 + 8 * SECOND);
         d.prune(t0 + 12 * SECOND);
         let kept: Vec<u64> = d.iter().map(|(_, l)| l.version).collect();
         assert_eq!(kept, [2]);
@@ -226,13 +257,13 @@ mod tests {
     fn over_the_cap_the_longest_gone_goes_first() {
         let t0 = Instant::now();
         let mut d = Departed::new(3600 * SECOND, 2);
-        d.add("a", list(1), [1; 32], t0);
-        d.add("b", list(1), [1; 32], t0);
-        d.add("c", list(1), [1; 32], t0);
+        d.add("a", list(1), [1; 32], last(), t0);
+        d.add("b", list(1), [1; 32], last(), t0);
+        d.add("c", list(1), [1; 32], last(), t0);
         assert_eq!(ids(&d), ["b", "c"]);
         assert!(d.warned_full);
         for i in 0..100 {
-            d.add(&format!("x{i}"), list(1), [1; 32], t0 + SECOND);
+            d.add(&format!("x{i}"), list(1), [1; 32], last(), t0 + SECOND);
         }
         assert_eq!(ids(&d), ["x98", "x99"]);
         assert_eq!(d.order.len(), 2);
@@ -241,7 +272,7 @@ mod tests {
     #[test]
     fn zero_retention_keeps_nothing() {
         let mut d = Departed::new(Duration::ZERO, 100);
-        d.add("a", list(1), [1; 32], Instant::now());
+        d.add("a", list(1), [1; 32], last(), Instant::now());
         assert_eq!(d.len(), 0);
     }
 
@@ -249,8 +280,8 @@ mod tests {
     fn a_revoked_token_removes_its_agents() {
         let t0 = Instant::now();
         let mut d = Departed::new(3600 * SECOND, 100);
-        d.add("a", list(1), [1; 32], t0);
-        d.add("b", list(1), [2; 32], t0);
+        d.add("a", list(1), [1; 32], last(), t0);
+        d.add("b", list(1), [2; 32], last(), t0);
         let gone = d.retain_authorized(|_, credential| *credential == [2; 32]);
         assert_eq!(gone, ["a"]);
         assert_eq!(ids(&d), ["b"]);

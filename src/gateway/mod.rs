@@ -111,22 +111,35 @@ pub enum WebConfigReload {
     TlsNeedsRestart,
 }
 
-/// A summary of one connected agent, for scripts and status pages.
+/// A summary of one agent, for scripts and status pages: a connected one, or one that
+/// disconnected and is still listed in service discovery (`web.sd_keep_disconnected`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AgentInfo {
     /// The agent id.
     pub id: String,
-    /// Where its tunnel comes from.
+    /// Where its tunnel comes (or came) from.
     pub remote: SocketAddr,
     /// Country of the remote address (ISO code, a kind such as `private`, or `unknown`).
     pub country: String,
     /// Seconds since the Unix epoch when the tunnel came up.
     pub connected_since: u64,
+    /// Seconds since the Unix epoch when the tunnel went down; `None` while it is up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disconnected_since: Option<u64>,
     /// Names of its targets.
     pub targets: Vec<String>,
-    /// Its scrapes so far.
+    /// Its scrapes through its (last) tunnel.
     #[serde(flatten)]
     pub stats: ScrapeStats,
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn target_names(list: &crate::tunnel::TargetList) -> Vec<String> {
+    list.targets.iter().map(|t| t.name.clone()).collect()
 }
 
 /// The gateway: accepts agent tunnels and proxies Prometheus scrapes through them.
@@ -274,15 +287,39 @@ impl Gateway {
             .map(|a| AgentInfo {
                 id: a.id.clone(),
                 remote: a.remote,
-                country: self.state.config.geo.lookup(a.remote.ip()).to_string(),
-                connected_since: a
-                    .connected_at
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-                targets: a.targets().targets.iter().map(|t| t.name.clone()).collect(),
+                country: self.country(a.remote),
+                connected_since: unix_seconds(a.connected_at),
+                disconnected_since: None,
+                targets: target_names(&a.targets()),
                 stats: a.stats(),
             })
             .collect()
+    }
+
+    /// The agents whose tunnel is down and that service discovery still lists
+    /// (`web.sd_keep_disconnected`), sorted by id, with what their last tunnel did.
+    pub fn disconnected_agents(&self) -> Vec<AgentInfo> {
+        let mut gone: Vec<AgentInfo> = self
+            .state
+            .registry
+            .departed()
+            .into_iter()
+            .map(|(id, targets, last)| AgentInfo {
+                id,
+                remote: last.remote,
+                country: self.country(last.remote),
+                connected_since: unix_seconds(last.connected_at),
+                disconnected_since: Some(unix_seconds(last.gone_at)),
+                targets: target_names(&targets),
+                stats: last.stats,
+            })
+            .collect();
+        gone.sort_by(|a, b| a.id.cmp(&b.id));
+        gone
+    }
+
+    fn country(&self, remote: SocketAddr) -> String {
+        self.state.config.geo.lookup(remote.ip()).to_string()
     }
 
     /// Answers one request of the web listener: a scrape (absolute-form) or one of ferry's own

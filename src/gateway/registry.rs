@@ -262,7 +262,13 @@ impl Registry {
         if let Some(gone) = agents.remove(id) {
             if gone.close_reason() != Some(CloseReason::Revoked) {
                 let (targets, credential) = (gone.targets(), gone.credential.digest);
-                departed::lock(&self.departed).add(id, targets, credential, Instant::now());
+                let last = departed::LastTunnel {
+                    remote: gone.remote,
+                    connected_at: gone.connected_at,
+                    gone_at: SystemTime::now(),
+                    stats: gone.stats(),
+                };
+                departed::lock(&self.departed).add(id, targets, credential, last, Instant::now());
             }
         }
         self.metrics.remove_agent(id);
@@ -290,6 +296,17 @@ impl Registry {
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
+    }
+
+    /// The disconnected agents still kept in service discovery, with their targets and last
+    /// tunnel (unordered).
+    pub(super) fn departed(&self) -> Vec<(String, Arc<TargetList>, departed::LastTunnel)> {
+        let mut departed = departed::lock(&self.departed);
+        departed.prune(Instant::now());
+        departed
+            .entries()
+            .map(|(id, targets, last)| (id.to_owned(), targets.clone(), last.clone()))
+            .collect()
     }
 
     /// Drops the scrape series of the targets the tunnel `session` of agent `id` no longer

@@ -1,4 +1,5 @@
-//! The status page at `/`: connected agents as server-rendered HTML — no scripts, no external
+//! The status page at `/`: connected agents, and the disconnected ones still in service
+//! discovery, as server-rendered HTML — no scripts, no external
 //! assets, refreshing itself every few seconds. `/api/v1/agents` has the same data as JSON.
 
 use std::fmt::Write as _;
@@ -31,31 +32,52 @@ fn now() -> u64 {
 }
 
 fn render(agents: &[AgentInfo], now: u64) -> String {
+    let (connected, gone): (Vec<&AgentInfo>, Vec<&AgentInfo>) =
+        agents.iter().partition(|a| a.disconnected_since.is_none());
     let mut html = format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>ferry gateway</title><style>{STYLE}</style></head><body>\
-         <h1>ferry gateway</h1><p>{n} agent{s} connected · refreshes every {REFRESH_SECONDS} s · \
+         <h1>ferry gateway</h1><p>{n} agent{s} connected{gone} · refreshes every {REFRESH_SECONDS} s · \
          <a href=\"/targets\">/targets</a> · <a href=\"/metrics\">/metrics</a> · \
          <a href=\"/api/v1/agents\">/api/v1/agents</a></p>",
-        n = agents.len(),
-        s = if agents.len() == 1 { "" } else { "s" },
+        n = connected.len(),
+        s = if connected.len() == 1 { "" } else { "s" },
+        gone = if gone.is_empty() {
+            String::new()
+        } else {
+            format!(", <span class=\"bad\">{} disconnected</span>", gone.len())
+        },
     );
-    if agents.is_empty() {
+    if connected.is_empty() {
         html.push_str("<p class=\"empty\">No agent is connected.</p>");
     } else {
+        table(&mut html, &connected, "Connected", now);
+    }
+    if !gone.is_empty() {
+        // Listed so that an operator sees what Prometheus reports as down, and since when.
         html.push_str(
-            "<table><thead><tr><th>Agent</th><th>Remote address</th><th>Country</th><th>Connected</th>\
-             <th>Targets</th><th>Last scrape</th><th>Latency</th><th>Scrapes</th><th>Bytes</th></tr></thead><tbody>",
+            "<h2>Disconnected</h2><p>Still listed in <a href=\"/targets\">/targets</a> \
+             (so Prometheus shows them as down) until web.sd_keep_disconnected has passed.</p>",
         );
-        for a in agents {
-            row(&mut html, a, now);
-        }
-        html.push_str("</tbody></table>");
+        table(&mut html, &gone, "Disconnected", now);
     }
     html.push_str("</body></html>\n");
     html
+}
+
+/// A table of agents; `since` heads the column of when they connected or disconnected.
+fn table(html: &mut String, agents: &[&AgentInfo], since: &str, now: u64) {
+    let _ = write!(
+        html,
+        "<table><thead><tr><th>Agent</th><th>Remote address</th><th>Country</th><th>{since}</th>\
+         <th>Targets</th><th>Last scrape</th><th>Latency</th><th>Scrapes</th><th>Bytes</th></tr></thead><tbody>",
+    );
+    for a in agents {
+        row(html, a, now);
+    }
+    html.push_str("</tbody></table>");
 }
 
 fn row(html: &mut String, a: &AgentInfo, now: u64) {
@@ -73,6 +95,7 @@ fn row(html: &mut String, a: &AgentInfo, now: u64) {
         .stats
         .last_duration_seconds
         .map_or_else(|| "–".into(), |d| format!("{:.1} ms", d * 1000.0));
+    let since = a.disconnected_since.unwrap_or(a.connected_since);
     let _ = write!(
         html,
         "<tr><td class=\"id\">{id}</td><td>{remote}</td><td>{country}</td><td>{since} ago</td><td>{targets}</td>\
@@ -80,7 +103,7 @@ fn row(html: &mut String, a: &AgentInfo, now: u64) {
         id = escape(&a.id),
         remote = escape(&a.remote.to_string()),
         country = escape(&a.country),
-        since = ago(now.saturating_sub(a.connected_since)),
+        since = ago(now.saturating_sub(since)),
         targets = escape(&a.targets.join(", ")),
         scrapes = a.stats.scrapes,
         bytes = human_bytes(a.stats.bytes),
@@ -135,6 +158,7 @@ mod tests {
             remote: "192.0.2.7:51000".parse().unwrap(),
             country: "GB".into(),
             connected_since: 1_000,
+            disconnected_since: None,
             targets: vec!["node".into(), "<ferry>".into()],
             stats: ScrapeStats {
                 scrapes: 3,
@@ -152,5 +176,36 @@ mod tests {
         assert!(html.contains("4.2 ms") && html.contains("2.0 KiB") && html.contains("1 min ago"));
         assert!(html.contains("http-equiv=\"refresh\"") && !html.contains("<script"));
         assert!(render(&[], 0).contains("No agent is connected"));
+        assert!(!html.contains("Disconnected"), "{html}");
+    }
+
+    #[test]
+    fn disconnected_agents_have_their_own_table_with_when_they_left() {
+        let gone = AgentInfo {
+            id: "node-2".into(),
+            remote: "198.51.100.9:40000".parse().unwrap(),
+            country: "FR".into(),
+            connected_since: 100,
+            disconnected_since: Some(3_700),
+            targets: vec!["node".into()],
+            stats: ScrapeStats {
+                scrapes: 7,
+                bytes: 10,
+                last_scrape: Some(3_690),
+                last_status: Some(200),
+                last_duration_seconds: Some(0.001),
+            },
+        };
+        let html = render(std::slice::from_ref(&gone), 7_300);
+        assert!(
+            html.contains("0 agents connected, <span class=\"bad\">1 disconnected</span>"),
+            "{html}"
+        );
+        assert!(html.contains("No agent is connected"), "{html}");
+        let table = &html[html.find("<h2>Disconnected</h2>").expect(&html)..];
+        assert!(table.contains("<th>Disconnected</th>"), "{table}");
+        assert!(table.contains("<td class=\"id\">node-2</td>"), "{table}");
+        // Gone for an hour, not connected for two.
+        assert!(table.contains("<td>1 h ago</td>"), "{table}");
     }
 }

@@ -120,9 +120,12 @@ fn json(body: String) -> Response<Body> {
     resp
 }
 
+/// The connected agents, then the disconnected ones still in service discovery.
 fn agents(state: &Arc<State>) -> Vec<super::AgentInfo> {
-    super::Gateway {
+    let gateway = super::Gateway {
         state: state.clone(),
-    }
-    .agents()
+    };
+    let mut agents = gateway.agents();
+    agents.extend(gateway.disconnected_agents());
+    agents
 }
