@@ -15,6 +15,7 @@ use crate::config::{
 mod logging;
 pub use logging::init as init_logging;
 mod run;
+pub(crate) use run::listen;
 
 /// Exit code for configuration errors (bad flags, files, certificates).
 pub const EXIT_CONFIG: u8 = 2;
