@@ -176,6 +176,12 @@ fn token_new_refuses_a_glob_the_tokens_file_would_refuse() {
         ("node 1", "holds whitespace"),
         ("", "an agent id glob is required"),
         ("node-[", "invalid glob"),
+        // The tokens file would read the line as a comment, or cut it at the '#'.
+        (
+            "#node",
+            "starts with '#': the tokens file reads that line as a comment",
+        ),
+        ("node#1", "holds '#'"),
     ] {
         let out = ferry(dir.path(), &["token", "new", "--agent-id", glob]);
         assert_eq!(out.status.code(), Some(2), "{glob:?}: {out:?}");

@@ -468,13 +468,24 @@ fn misplaced_config_file(e: &clap::Error) -> bool {
 fn token_new(glob: &str) -> ExitCode {
     let (token, hash) = crate::auth::new_token();
     let line = format!("{glob} {hash}");
-    let file = match TokensFile::parse(&line) {
+    // A line the parser accepts may still hold no credential (a `#` glob makes it a comment).
+    let parsed = TokensFile::parse(&line).and_then(|file| match file.len() {
+        1 => Ok(file),
+        _ => Err((1, "the line would not be read as one credential".to_owned())),
+    });
+    let file = match parsed {
         Ok(file) => file,
         Err((_, reason)) => {
             let reason = if glob.trim().is_empty() {
                 "an agent id glob is required (e.g. 'node-*', or '*' for any id)".to_owned()
             } else if glob.split_whitespace().nth(1).is_some() {
                 format!("{glob:?} holds whitespace: a glob is one word (e.g. 'node-*')")
+            } else if glob.trim_start().starts_with('#') {
+                format!("{glob:?} starts with '#': the tokens file reads that line as a comment")
+            } else if glob.contains('#') {
+                format!(
+                    "{glob:?} holds '#': the tokens file reads the rest of the line as a comment"
+                )
             } else {
                 reason
             };
