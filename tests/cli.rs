@@ -1907,6 +1907,26 @@ fn a_config_file_given_to_a_role_points_at_ferry_run() {
     }
 }
 
+/// `ferry check-config` takes the file as its argument and `ferry run` with `--config.file`: each
+/// given the other's way says how it takes it.
+#[test]
+fn a_config_file_given_the_other_commands_way_says_how_to_give_it() {
+    let dir = TempDir::new().unwrap();
+    for (args, says) in [
+        (
+            &["check-config", "--config.file", "x.yaml"][..],
+            "ferry check-config FILE",
+        ),
+        (&["run", "x.yaml"][..], "ferry run --config.file x.yaml"),
+    ] {
+        let out = ferry(dir.path(), args);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{args:?}: {out:?}");
+        let lines = stderr_lines(&out);
+        assert_eq!(lines.len(), 1, "{args:?}: {lines:?}");
+        assert!(lines[0].contains(says), "{args:?}: {lines:?}");
+    }
+}
+
 /// A data directory the certificate cannot be stored in is named as the setting, with its whole
 /// path: the relative default `data` is in whatever directory ferry was started from.
 #[test]

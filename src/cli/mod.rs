@@ -410,13 +410,16 @@ fn env(name: &str) -> Option<String> {
 
 /// Parses the process's arguments and runs the command; the whole of `main`.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
-        Err(e) if misplaced_config_file(&e) => {
-            eprintln!("error: --config.file is an option of `ferry run`: ferry run --config.file FILE runs every role the file configures");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-        Err(e) => e.exit(),
+        Err(e) => match config_file_hint(&e, args.get(1).and_then(|a| a.to_str())) {
+            Some(hint) => {
+                eprintln!("error: {hint}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            None => e.exit(),
+        },
     };
     match cli.command {
         Command::Token(TokenCommand::New { agent_id }) => token_new(&agent_id),
@@ -452,15 +455,29 @@ fn run_flags(log: &LogArgs, geo: &GeoArgs, role: impl FnOnce(&mut FileConfig)) -
     run::run(|| file.validate("flags", &env), None)
 }
 
-/// `ferry gateway --config.file F`: clap would suggest `--web.config.file`, a different file
-/// format, when the user wants `ferry run`.
-fn misplaced_config_file(e: &clap::Error) -> bool {
+/// The config file given the way another command takes it: `ferry gateway --config.file F` (clap
+/// would suggest `--web.config.file`, a different file format, when the user wants `ferry run`),
+/// `ferry check-config --config.file F` (a positional there) and `ferry run F` (a flag there).
+fn config_file_hint(e: &clap::Error, command: Option<&str>) -> Option<String> {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
-    e.kind() == ErrorKind::UnknownArgument
-        && matches!(
-            e.get(ContextKind::InvalidArg),
-            Some(ContextValue::String(arg)) if arg.starts_with("--config.file")
-        )
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    match command {
+        Some("check-config") if arg.starts_with("--config.file") => Some(
+            "`ferry check-config` takes the file as its argument, without --config.file: ferry check-config FILE".into(),
+        ),
+        Some("run") if !arg.starts_with('-') => Some(format!(
+            "`ferry run` takes the file with --config.file: ferry run --config.file {arg}"
+        )),
+        _ if arg.starts_with("--config.file") => Some(
+            "--config.file is an option of `ferry run`: ferry run --config.file FILE runs every role the file configures".into(),
+        ),
+        _ => None,
+    }
 }
 
 /// Prints the token and its line on stdout (what a script keeps) and the advice on stderr. The
