@@ -2,9 +2,9 @@
 //! exactly as in production (TLS with a pinned self-signed certificate, a hashed token), plus the
 //! commands to try it.
 
-use std::net::SocketAddr;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
 use crate::auth::new_token;
-use crate::config::{AgentSection, ConfigErrors, GatewaySection, LogSection, TargetSection};
+use crate::config::{
+    parse_listen_address, AgentSection, ConfigErrors, GatewaySection, LogSection, TargetSection,
+};
 use crate::gateway::Gateway;
 use crate::http_util::text_response;
 
@@ -73,47 +75,97 @@ pub fn main(args: QuickstartArgs) -> ExitCode {
 }
 
 async fn run(args: QuickstartArgs) -> Result<(), String> {
-    let Some(data_dir) = args.data_dir.clone() else {
-        // A directory of our own: it holds a throw-away certificate and token, gone on exit.
-        let dir = std::env::temp_dir().join(format!("ferry-quickstart-{}", std::process::id()));
-        let result = run_in(&args, &dir).await;
-        let _ = std::fs::remove_dir_all(&dir);
-        return result;
-    };
-    run_in(&args, &data_dir).await
+    // Watched before anything is written: a script that stops us as soon as it reads the
+    // instructions, or before, must not meet the default action, which would leave the key behind.
+    let stop = stop_signal()?;
+    if let Some(data_dir) = &args.data_dir {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+        return run_in(&args, data_dir, stop).await;
+    }
+    // A directory of our own: it holds a throw-away certificate and token, gone on exit.
+    let dir = private_temp_dir()?;
+    let result = run_in(&args, &dir, stop).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
-async fn run_in(args: &QuickstartArgs, data_dir: &std::path::Path) -> Result<(), String> {
+/// A new directory in TMPDIR that only this user may enter. Its name is random and it must not
+/// exist yet: another local user could have created a predictable one first, to read the key
+/// and token or to plant links that make us overwrite their targets.
+fn private_temp_dir() -> Result<PathBuf, String> {
+    let base = std::env::temp_dir();
+    let mut tries = 0;
+    loop {
+        let dir = base.join(format!("ferry-quickstart-{:016x}", rand::random::<u64>()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+            Err(e) => {
+                return Err(format!(
+                    "cannot create a temporary directory in {}: {e}",
+                    base.display()
+                ))
+            }
+        }
+    }
+}
+
+/// Writes `text` to a file of our own at `path`, readable by this user only. What is there is
+/// removed first (a link, not its target), and the file is created anew, never opened through
+/// whatever someone put in its place meanwhile.
+fn write_new(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let err = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(err)
+}
+
+async fn run_in(
+    args: &QuickstartArgs,
+    data_dir: &Path,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
     let data_dir = data_dir.to_owned();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&data_dir)
-        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     let shutdown = CancellationToken::new();
 
-    let demo = bind("127.0.0.1:0").await?;
+    let demo = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("cannot listen for the demo target: {e}"))?;
     let demo_addr = local(&demo)?;
     tokio::spawn(serve_demo(demo, shutdown.clone()));
 
     let (token, hash) = new_token();
     let tokens_file = data_dir.join("tokens");
-    std::fs::write(
+    write_new(
         &tokens_file,
-        format!("# written by ferry quickstart\n{AGENT_ID} {hash}\n"),
-    )
-    .map_err(|e| format!("cannot write {}: {e}", tokens_file.display()))?;
+        &format!("# written by ferry quickstart\n{AGENT_ID} {hash}\n"),
+    )?;
 
-    let web = bind(&args.web_listen_address).await?;
-    let tunnel = bind(&args.tunnel_listen_address).await?;
+    let web = bind("--web.listen-address", &args.web_listen_address).await?;
+    let tunnel = bind("--tunnel.listen-address", &args.tunnel_listen_address).await?;
     let (web_addr, tunnel_addr) = (local(&web)?, local(&tunnel)?);
+    // The agent dials the address the tunnel listens on, not a name that may resolve elsewhere.
+    let tunnel_dial = dialable(tunnel_addr);
     let mut gw = GatewaySection {
         data_dir: Some(data_dir.clone()),
         ..GatewaySection::default()
     };
     gw.web.listen_address = web_addr.to_string();
     gw.tunnel.listen_address = tunnel_addr.to_string();
-    gw.tunnel.tls_self_signed_names = vec!["localhost".into()];
+    gw.tunnel.tls_self_signed_names = vec!["localhost".into(), tunnel_dial.ip().to_string()];
     gw.auth.tokens_file = Some(tokens_file);
     let mut errs = ConfigErrors::new("quickstart");
     let gw_cfg = gw.validate("gateway", &mut errs);
@@ -124,7 +176,7 @@ async fn run_in(args: &QuickstartArgs, data_dir: &std::path::Path) -> Result<(),
     tokio::spawn(async move { g.run(web, tunnel, token_g).await });
 
     let mut agent = AgentSection {
-        gateway: Some(format!("https://localhost:{}", tunnel_addr.port())),
+        gateway: Some(format!("https://{tunnel_dial}")),
         agent_id: Some(AGENT_ID.into()),
         targets: vec![TargetSection {
             name: "demo".into(),
@@ -141,12 +193,17 @@ async fn run_in(args: &QuickstartArgs, data_dir: &std::path::Path) -> Result<(),
     let agent = Agent::new(errs_or(errs, agent_cfg)?).map_err(|e| e.to_string())?;
     tokio::spawn(agent.clone().run(shutdown.clone()));
 
-    // Watched before anything is printed: a script that stops us as soon as it reads the
-    // instructions must not meet the default action, which would leave the key behind.
-    let stop = stop_signal()?;
-    wait_connected(&gateway).await?;
-    print_instructions(web_addr, tunnel_addr, demo_addr, &fingerprint, &data_dir);
-    stop.await;
+    tokio::pin!(stop);
+    // An agent that cannot connect keeps us here for a while: a stop ends the wait too.
+    let stopped = tokio::select! {
+        connected = wait_connected(&gateway) => { connected?; false }
+        () = &mut stop => true,
+    };
+    if !stopped {
+        let web = dialable(web_addr);
+        print_instructions(web, tunnel_addr, demo_addr, &fingerprint, &data_dir);
+        stop.await;
+    }
     shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
@@ -175,10 +232,22 @@ fn errs_or<T>(errs: ConfigErrors, value: Option<T>) -> Result<T, String> {
     }
 }
 
-async fn bind(addr: &str) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e} (pick another with --web.listen-address / --tunnel.listen-address)"))
+/// Listens on `addr` as the other commands read it (`host:port`, `[v6]:port`, `:port`).
+async fn bind(flag: &str, addr: &str) -> Result<TcpListener, String> {
+    let parsed = parse_listen_address(addr).map_err(|e| format!("{flag}: {e}"))?;
+    crate::cli::listen(parsed).await.map_err(|(tried, e)| {
+        format!("{flag}: cannot listen on {tried}: {e} (pick another address)")
+    })
+}
+
+/// Where a client on this host reaches a listener bound to `bound`: on every interface, the
+/// loopback address of the same family.
+fn dialable(bound: SocketAddr) -> SocketAddr {
+    match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, bound.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, bound.port()).into(),
+        _ => bound,
+    }
 }
 
 fn local(l: &TcpListener) -> Result<SocketAddr, String> {

@@ -176,6 +176,12 @@ fn token_new_refuses_a_glob_the_tokens_file_would_refuse() {
         ("node 1", "holds whitespace"),
         ("", "an agent id glob is required"),
         ("node-[", "invalid glob"),
+        // The tokens file would read the line as a comment, or cut it at the '#'.
+        (
+            "#node",
+            "starts with '#': the tokens file reads that line as a comment",
+        ),
+        ("node#1", "holds '#'"),
     ] {
         let out = ferry(dir.path(), &["token", "new", "--agent-id", glob]);
         assert_eq!(out.status.code(), Some(2), "{glob:?}: {out:?}");
@@ -646,88 +652,153 @@ fn parse_curl_proxy_line(line: &str) -> Option<(SocketAddr, String)> {
     Some((proxy.parse().ok()?, url.trim().to_owned()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quickstart_does_what_it_prints() {
-    let dir = TempDir::new().unwrap();
-    let data_dir = dir.path().join("qs");
-    let mut child = command(
-        dir.path(),
-        &[
-            "quickstart",
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--tunnel.listen-address",
-            "127.0.0.1:0",
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-        ],
-    );
-    let mut child = KillOnDrop(
-        child
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn quickstart"),
-    );
-    let mut out = forward_lines(child.0.stdout.take().unwrap());
-    let mut err = forward_lines(child.0.stderr.take().unwrap());
+/// A running `ferry quickstart` and what it printed, up to the last line of its instructions.
+struct Quickstart {
+    child: KillOnDrop,
+    printed: Vec<String>,
+    /// Kept open like a terminal: quickstart prints more after the lines the tests wait for.
+    _out: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+    err: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
 
-    let mut printed = Vec::new();
-    let wait = async {
-        while let Some(line) = out.recv().await {
-            printed.push(line.clone());
-            if line.trim_start().starts_with("curl http://")
-                && line.trim_end().ends_with("/targets")
-            {
-                return;
+impl Quickstart {
+    /// `ferry quickstart <args>` in `dir`, once it has printed its instructions (20 s at most).
+    async fn start(mut cmd: Command) -> Quickstart {
+        let mut child = KillOnDrop(
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn quickstart"),
+        );
+        let mut out = forward_lines(child.0.stdout.take().unwrap());
+        let err = forward_lines(child.0.stderr.take().unwrap());
+        let mut printed = Vec::new();
+        let wait = async {
+            while let Some(line) = out.recv().await {
+                printed.push(line.clone());
+                if line.trim_start().starts_with("curl http://")
+                    && line.trim_end().ends_with("/targets")
+                {
+                    return true;
+                }
             }
+            false
+        };
+        let started = tokio::time::timeout(Duration::from_secs(20), wait).await;
+        let mut qs = Quickstart {
+            child,
+            printed,
+            _out: Some(out),
+            err,
+        };
+        if started != Ok(true) {
+            // Lets the stderr of an exited quickstart reach the channel.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            panic!(
+                "quickstart printed no instructions (within 20s); stdout:\n{}\nstderr:\n{}",
+                qs.printed.join("\n"),
+                qs.stderr_so_far()
+            );
         }
-    };
-    let in_time = tokio::time::timeout(Duration::from_secs(20), wait)
-        .await
-        .is_ok();
-    let mut stderr_so_far = || {
+        qs
+    }
+
+    fn stderr_so_far(&mut self) -> String {
         let mut s = String::new();
-        while let Ok(l) = err.try_recv() {
+        while let Ok(l) = self.err.try_recv() {
             s.push_str(&l);
             s.push('\n');
         }
         s
-    };
-    if !in_time {
-        panic!(
-            "quickstart printed no instructions within 20s; stdout:\n{}\nstderr:\n{}",
-            printed.join("\n"),
-            stderr_so_far()
-        );
     }
-    let text = printed.join("\n");
-    let (proxy, scrape_url) = printed
-        .iter()
-        .find_map(|l| parse_curl_proxy_line(l))
-        .unwrap_or_else(|| panic!("no `curl -x http://A URL` line in:\n{text}"));
-    assert!(
-        scrape_url.starts_with("http://quickstart:") && scrape_url.ends_with("/metrics"),
-        "{scrape_url}"
-    );
 
-    // Exactly what the printed curl does: an absolute-form GET through the gateway as a proxy.
-    for expected_count in [1.0, 2.0] {
-        let resp = common::http::get_via_proxy(proxy, &scrape_url, &[]).await;
-        assert_eq!(
-            resp.status,
-            200,
-            "{scrape_url} via {proxy}: {}",
-            resp.text()
-        );
-        let body = resp.text();
-        let value = common::ferry::metric_value(&body, "demo_scrapes_total", &[]);
-        assert_eq!(
-            value,
-            Some(expected_count),
-            "each scrape reaches the demo target once:\n{body}"
-        );
+    /// The data directory it printed.
+    fn data_dir(&self) -> PathBuf {
+        self.printed
+            .iter()
+            .find_map(|l| l.trim().strip_prefix("data dir"))
+            .map(|d| PathBuf::from(d.trim()))
+            .unwrap_or_else(|| panic!("no data dir in:\n{}", self.printed.join("\n")))
     }
+
+    /// Does the printed `curl -x` scrape twice, exactly as printed: an absolute-form GET through
+    /// the gateway as a proxy, answered by the demo target through the tunnel. Returns the URL.
+    async fn scrape_demo_as_printed(&self) -> String {
+        let text = self.printed.join("\n");
+        let (proxy, scrape_url) = self
+            .printed
+            .iter()
+            .find_map(|l| parse_curl_proxy_line(l))
+            .unwrap_or_else(|| panic!("no `curl -x http://A URL` line in:\n{text}"));
+        assert!(
+            scrape_url.starts_with("http://quickstart:") && scrape_url.ends_with("/metrics"),
+            "{scrape_url}"
+        );
+        for expected_count in [1.0, 2.0] {
+            let resp = common::http::get_via_proxy(proxy, &scrape_url, &[]).await;
+            assert_eq!(
+                resp.status,
+                200,
+                "{scrape_url} via {proxy}: {}",
+                resp.text()
+            );
+            let body = resp.text();
+            let value = common::ferry::metric_value(&body, "demo_scrapes_total", &[]);
+            assert_eq!(
+                value,
+                Some(expected_count),
+                "each scrape reaches the demo target once:\n{body}"
+            );
+        }
+        scrape_url
+    }
+
+    /// Sends `signal` and waits for the exit: how long it took, and the exit status.
+    async fn stop(&mut self, signal: &str) -> (Duration, std::process::ExitStatus) {
+        let pid = self.child.0.id().to_string();
+        let killed = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(killed.success());
+        let sent = Instant::now();
+        loop {
+            if let Some(status) = self.child.0.try_wait().unwrap() {
+                return (sent.elapsed(), status);
+            }
+            assert!(
+                sent.elapsed() < Duration::from_secs(15),
+                "quickstart ignored kill {signal}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// `ferry quickstart` on these addresses in `dir`, with `dir/tmp` as its TMPDIR.
+fn quickstart_command(dir: &Path, web: &str, tunnel: &str, extra: &[&str]) -> Command {
+    let mut args = vec![
+        "quickstart",
+        "--web.listen-address",
+        web,
+        "--tunnel.listen-address",
+        tunnel,
+    ];
+    args.extend_from_slice(extra);
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut cmd = command(dir, &args);
+    cmd.env("TMPDIR", tmp);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_does_what_it_prints() {
+    let dir = TempDir::new().unwrap();
+    let data_dir = dir.path().join("qs");
+    let data_arg = ["--data-dir", data_dir.to_str().unwrap()];
+    let cmd = quickstart_command(dir.path(), "127.0.0.1:0", "127.0.0.1:0", &data_arg);
+    let mut qs = Quickstart::start(cmd).await;
+    let printed = qs.printed.clone();
+    let text = printed.join("\n");
+    let scrape_url = qs.scrape_demo_as_printed().await;
 
     // Service discovery, at the URL it printed.
     let targets_url = printed
@@ -771,11 +842,11 @@ async fn quickstart_does_what_it_prints() {
     );
 
     assert!(
-        child.0.try_wait().unwrap().is_none(),
+        qs.child.0.try_wait().unwrap().is_none(),
         "quickstart keeps running until Ctrl-C"
     );
-    drop(child);
-    let stderr = stderr_so_far();
+    let stderr = qs.stderr_so_far();
+    drop(qs);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -791,36 +862,9 @@ async fn quickstart_removes_its_temporary_directory_on_sigterm() {
 
 async fn quickstart_removes_its_temporary_directory_on(signal: &str) {
     let dir = TempDir::new().unwrap();
+    let cmd = quickstart_command(dir.path(), "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let mut qs = Quickstart::start(cmd).await;
     let tmp = dir.path().join("tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    let mut cmd = command(
-        dir.path(),
-        &[
-            "quickstart",
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--tunnel.listen-address",
-            "127.0.0.1:0",
-        ],
-    );
-    let mut child = KillOnDrop(
-        cmd.env("TMPDIR", &tmp)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn quickstart"),
-    );
-    let mut out = forward_lines(child.0.stdout.take().unwrap());
-    let started = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = out.recv().await {
-            if line.trim_start().starts_with("data dir") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(started, Ok(true), "quickstart did not start");
     let entries = || std::fs::read_dir(&tmp).unwrap().count();
     assert_eq!(
         entries(),
@@ -828,25 +872,132 @@ async fn quickstart_removes_its_temporary_directory_on(signal: &str) {
         "its data directory is in TMPDIR while it runs"
     );
     let data_dir = std::fs::read_dir(&tmp).unwrap().next().unwrap().unwrap();
+    assert_eq!(data_dir.path(), qs.data_dir());
     let mode = data_dir.metadata().unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "it holds a private key and a token");
-    let pid = child.0.id().to_string();
-    let killed = Command::new("kill").args([signal, &pid]).status().unwrap();
-    assert!(killed.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.0.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "quickstart ignored kill {signal}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(child.0.try_wait().unwrap().unwrap().success());
+    let (_, status) = qs.stop(signal).await;
+    assert!(status.success(), "{status}");
     assert_eq!(
         entries(),
         0,
         "kill {signal}: the temporary data directory is left behind"
     );
+}
+
+/// Another local user may create, before quickstart starts, the directory a predictable name
+/// would pick (here the pid's, as `sh -c '… exec ferry quickstart'` shows it) and plant a link
+/// in it: no file of theirs is overwritten, and quickstart keeps its key and token elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_keeps_out_of_a_temporary_directory_someone_prepared() {
+    let dir = TempDir::new().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let victim = write(dir.path(), "victim.txt", "not yours to write\n");
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        r#"d="$TMPDIR/ferry-quickstart-$$"; mkdir -m 777 "$d" && ln -s "$VICTIM" "$d/tokens" &&
+           exec "$FERRY" quickstart --web.listen-address 127.0.0.1:0 --tunnel.listen-address 127.0.0.1:0"#,
+    ])
+    .current_dir(dir.path())
+    .stdin(Stdio::null())
+    .env("TMPDIR", &tmp)
+    .env("VICTIM", &victim)
+    .env("FERRY", FERRY);
+    let mut qs = Quickstart::start(cmd).await;
+    let planted = tmp.join(format!("ferry-quickstart-{}", qs.child.0.id()));
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "not yours to write\n"
+    );
+    let data_dir = qs.data_dir();
+    assert_ne!(data_dir, planted, "it used the directory someone else made");
+    assert_eq!(data_dir.parent(), Some(tmp.as_path()));
+    let mode = std::fs::metadata(&data_dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    qs.scrape_demo_as_printed().await;
+
+    let (_, status) = qs.stop("-TERM").await;
+    assert!(status.success(), "{status}");
+    assert!(!data_dir.exists(), "its own directory is removed");
+    assert!(
+        planted.join("tokens").symlink_metadata().is_ok(),
+        "the other user's directory is not its to remove"
+    );
+}
+
+/// Stopped while it waits for its agent, quickstart exits at once (and cleans up), not when the
+/// wait gives up. The agent here can never connect: quickstart runs in a network namespace of
+/// its own (`unshare -rn`, util-linux), whose loopback interface is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_stops_at_once_while_it_waits_for_its_agent() {
+    let dir = TempDir::new().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "-rn",
+        FERRY,
+        "quickstart",
+        "--web.listen-address",
+        "127.0.0.1:0",
+    ])
+    .args(["--tunnel.listen-address", "127.0.0.1:0"])
+    .current_dir(dir.path())
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .env("TMPDIR", &tmp);
+    let mut child = KillOnDrop(cmd.spawn().expect("spawn unshare"));
+    let mut err = forward_lines(child.0.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    let waiting = tokio::time::timeout(Duration::from_secs(8), async {
+        while let Some(line) = err.recv().await {
+            seen.push(line.clone());
+            if line.contains("cannot open tunnel") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        waiting,
+        Ok(true),
+        "the agent never failed to connect: {seen:?}"
+    );
+    let mut qs = Quickstart {
+        child,
+        printed: Vec::new(),
+        _out: None,
+        err,
+    };
+    let (took, status) = qs.stop("-TERM").await;
+    assert!(took < Duration::from_secs(2), "it took {took:?} to stop");
+    assert!(status.success(), "{status}");
+    let left = std::fs::read_dir(&tmp).unwrap().count();
+    assert_eq!(left, 0, "the temporary data directory is left behind");
+}
+
+/// `:port` (every interface, as the README spells listen addresses) and `[v6]:port` serve as
+/// either address: the agent dials the address the tunnel listens on, not `localhost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_listens_on_the_addresses_every_command_accepts() {
+    for (web, tunnel) in [
+        (":0", "127.0.0.1:0"),
+        ("127.0.0.1:0", "[::1]:0"),
+        ("[::1]:0", ":0"),
+    ] {
+        let dir = TempDir::new().unwrap();
+        let mut qs = Quickstart::start(quickstart_command(dir.path(), web, tunnel, &[])).await;
+        qs.scrape_demo_as_printed().await;
+        let (_, status) = qs.stop("-TERM").await;
+        assert!(
+            status.success(),
+            "web {web}, tunnel {tunnel}: {status}\n{}",
+            qs.stderr_so_far()
+        );
+    }
 }
 
 /// A test certificate rustls refuses: X.509 version 1 (see tests/fixtures/README.md).
@@ -1753,6 +1904,26 @@ fn a_config_file_given_to_a_role_points_at_ferry_run() {
             lines[0].contains("ferry run --config.file FILE"),
             "{role}: {lines:?}"
         );
+    }
+}
+
+/// `ferry check-config` takes the file as its argument and `ferry run` with `--config.file`: each
+/// given the other's way says how it takes it.
+#[test]
+fn a_config_file_given_the_other_commands_way_says_how_to_give_it() {
+    let dir = TempDir::new().unwrap();
+    for (args, says) in [
+        (
+            &["check-config", "--config.file", "x.yaml"][..],
+            "ferry check-config FILE",
+        ),
+        (&["run", "x.yaml"][..], "ferry run --config.file x.yaml"),
+    ] {
+        let out = ferry(dir.path(), args);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{args:?}: {out:?}");
+        let lines = stderr_lines(&out);
+        assert_eq!(lines.len(), 1, "{args:?}: {lines:?}");
+        assert!(lines[0].contains(says), "{args:?}: {lines:?}");
     }
 }
 

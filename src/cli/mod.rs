@@ -15,6 +15,7 @@ use crate::config::{
 mod logging;
 pub use logging::init as init_logging;
 mod run;
+pub(crate) use run::listen;
 
 /// Exit code for configuration errors (bad flags, files, certificates).
 pub const EXIT_CONFIG: u8 = 2;
@@ -409,13 +410,16 @@ fn env(name: &str) -> Option<String> {
 
 /// Parses the process's arguments and runs the command; the whole of `main`.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
-        Err(e) if misplaced_config_file(&e) => {
-            eprintln!("error: --config.file is an option of `ferry run`: ferry run --config.file FILE runs every role the file configures");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-        Err(e) => e.exit(),
+        Err(e) => match config_file_hint(&e, args.get(1).and_then(|a| a.to_str())) {
+            Some(hint) => {
+                eprintln!("error: {hint}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            None => e.exit(),
+        },
     };
     match cli.command {
         Command::Token(TokenCommand::New { agent_id }) => token_new(&agent_id),
@@ -451,15 +455,29 @@ fn run_flags(log: &LogArgs, geo: &GeoArgs, role: impl FnOnce(&mut FileConfig)) -
     run::run(|| file.validate("flags", &env), None)
 }
 
-/// `ferry gateway --config.file F`: clap would suggest `--web.config.file`, a different file
-/// format, when the user wants `ferry run`.
-fn misplaced_config_file(e: &clap::Error) -> bool {
+/// The config file given the way another command takes it: `ferry gateway --config.file F` (clap
+/// would suggest `--web.config.file`, a different file format, when the user wants `ferry run`),
+/// `ferry check-config --config.file F` (a positional there) and `ferry run F` (a flag there).
+fn config_file_hint(e: &clap::Error, command: Option<&str>) -> Option<String> {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
-    e.kind() == ErrorKind::UnknownArgument
-        && matches!(
-            e.get(ContextKind::InvalidArg),
-            Some(ContextValue::String(arg)) if arg.starts_with("--config.file")
-        )
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    match command {
+        Some("check-config") if arg.starts_with("--config.file") => Some(
+            "`ferry check-config` takes the file as its argument, without --config.file: ferry check-config FILE".into(),
+        ),
+        Some("run") if !arg.starts_with('-') => Some(format!(
+            "`ferry run` takes the file with --config.file: ferry run --config.file {arg}"
+        )),
+        _ if arg.starts_with("--config.file") => Some(
+            "--config.file is an option of `ferry run`: ferry run --config.file FILE runs every role the file configures".into(),
+        ),
+        _ => None,
+    }
 }
 
 /// Prints the token and its line on stdout (what a script keeps) and the advice on stderr. The
@@ -467,13 +485,24 @@ fn misplaced_config_file(e: &clap::Error) -> bool {
 fn token_new(glob: &str) -> ExitCode {
     let (token, hash) = crate::auth::new_token();
     let line = format!("{glob} {hash}");
-    let file = match TokensFile::parse(&line) {
+    // A line the parser accepts may still hold no credential (a `#` glob makes it a comment).
+    let parsed = TokensFile::parse(&line).and_then(|file| match file.len() {
+        1 => Ok(file),
+        _ => Err((1, "the line would not be read as one credential".to_owned())),
+    });
+    let file = match parsed {
         Ok(file) => file,
         Err((_, reason)) => {
             let reason = if glob.trim().is_empty() {
                 "an agent id glob is required (e.g. 'node-*', or '*' for any id)".to_owned()
             } else if glob.split_whitespace().nth(1).is_some() {
                 format!("{glob:?} holds whitespace: a glob is one word (e.g. 'node-*')")
+            } else if glob.trim_start().starts_with('#') {
+                format!("{glob:?} starts with '#': the tokens file reads that line as a comment")
+            } else if glob.contains('#') {
+                format!(
+                    "{glob:?} holds '#': the tokens file reads the rest of the line as a comment"
+                )
             } else {
                 reason
             };

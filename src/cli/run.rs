@@ -257,23 +257,25 @@ async fn start_roles(
 }
 
 async fn bind(addr: SocketAddr, field: &'static str) -> Result<TcpListener, StartError> {
+    listen(addr)
+        .await
+        .map_err(|(addr, source)| StartError::Bind {
+            addr,
+            field,
+            source,
+        })
+}
+
+/// Listens on `addr` as [`crate::config::parse_listen_address`] returned it; on failure, the
+/// address last tried and why.
+pub(crate) async fn listen(addr: SocketAddr) -> Result<TcpListener, (SocketAddr, std::io::Error)> {
     match TcpListener::bind(addr).await {
         // `:port` on a host without IPv6: every IPv4 address, then.
         Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED && no_ipv6(&e) => {
             let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
-            TcpListener::bind(v4)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: v4,
-                    field,
-                    source,
-                })
+            TcpListener::bind(v4).await.map_err(|e| (v4, e))
         }
-        res => res.map_err(|source| StartError::Bind {
-            addr,
-            field,
-            source,
-        }),
+        res => res.map_err(|e| (addr, e)),
     }
 }
 

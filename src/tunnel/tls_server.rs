@@ -122,23 +122,24 @@ fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> 
         names.push("ferry-gateway".into());
     }
     let generated = rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
-    write_private(key_file, generated.signing_key.serialize_pem().as_bytes())?;
-    std::fs::write(cert_file, generated.cert.pem())
-        .map_err(|e| format!("cannot write certificate: {e}"))
+    let key = generated.signing_key.serialize_pem();
+    write_new(key_file, key.as_bytes(), 0o600).map_err(|e| format!("cannot write key {e}"))?;
+    write_new(cert_file, generated.cert.pem().as_bytes(), 0o644)
+        .map_err(|e| format!("cannot write certificate {e}"))
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+/// Creates `path` with `bytes`. Neither file is there when they are generated, so anything found
+/// in their place (a dangling link someone planted) is refused rather than written through.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
+        .create_new(true)
+        .mode(mode)
         .open(path)
-        .map_err(|e| format!("cannot write key {}: {e}", path.display()))?;
-    f.write_all(bytes)
-        .map_err(|e| format!("cannot write key {}: {e}", path.display()))
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Verifies agents' client certificates against the CAs in `ca_file`.
@@ -222,6 +223,24 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn links_planted_where_the_key_and_certificate_go_are_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let (key_target, cert_target) = (dir.path().join("k"), dir.path().join("c"));
+        std::os::unix::fs::symlink(&key_target, data.join(SELF_SIGNED_KEY)).unwrap();
+        std::os::unix::fs::symlink(&cert_target, data.join(SELF_SIGNED_CERT)).unwrap();
+        let err = self_signed_identity(&data, &[], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot write key") && err.contains("exists"),
+            "{err}"
+        );
+        assert!(!key_target.exists() && !cert_target.exists());
     }
 
     #[test]
