@@ -2,6 +2,7 @@
 //! exactly as in production (TLS with a pinned self-signed certificate, a hashed token), plus the
 //! commands to try it.
 
+use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -167,7 +168,8 @@ async fn run_in(
     gw.tunnel.listen_address = tunnel_addr.to_string();
     gw.tunnel.tls_self_signed_names = vec!["localhost".into(), tunnel_dial.ip().to_string()];
     gw.auth.tokens_file = Some(tokens_file);
-    let mut errs = ConfigErrors::new("quickstart");
+    // Its settings come from its flags: errors name them (`invalid flag --data-dir: …`).
+    let mut errs = ConfigErrors::new("flags");
     let gw_cfg = gw.validate("gateway", &mut errs);
     let gateway = Gateway::new(errs_or(errs, gw_cfg)?).map_err(|e| e.to_string())?;
     let fingerprint = gateway.fingerprint().unwrap_or_default().to_owned();
@@ -187,7 +189,7 @@ async fn run_in(
         ..AgentSection::default()
     };
     agent.tunnel.fingerprint = Some(fingerprint.clone());
-    let mut errs = ConfigErrors::new("quickstart");
+    let mut errs = ConfigErrors::new("flags");
     let token_env = |name: &str| (name == crate::config::TOKEN_ENV).then(|| token.clone());
     let agent_cfg = agent.validate("agent", &token_env, &mut errs);
     let agent = Agent::new(errs_or(errs, agent_cfg)?).map_err(|e| e.to_string())?;
@@ -272,7 +274,10 @@ fn print_instructions(
     data_dir: &std::path::Path,
 ) {
     let port = demo.port();
-    println!(
+    // Written, not println!: a reader gone early (`| head`) must not panic the demo, which
+    // keeps running for a curl or a Prometheus pointed at it.
+    let _ = writeln!(
+        std::io::stdout(),
         "ferry quickstart is running (Ctrl-C to stop)
   gateway web     http://{web}   (Prometheus proxy_url, /targets, /metrics)
   gateway tunnel  {tunnel}   certificate {fingerprint}

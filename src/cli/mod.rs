@@ -1,6 +1,7 @@
 //! The `ferry` command line: Prometheus-style flags that fill the same structs as the YAML file,
 //! so flags and file are validated by one code path.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -510,8 +511,15 @@ fn token_new(glob: &str) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    println!("token:            {token}");
-    println!("tokens-file line: {line}");
+    // A closed stdout (`| head -0`) is an error to report, not a panic.
+    if writeln!(
+        std::io::stdout(),
+        "token:            {token}\ntokens-file line: {line}"
+    )
+    .is_err()
+    {
+        return ExitCode::FAILURE;
+    }
     eprintln!();
     eprintln!("Give the token to the agent in a file (--token-file) or FERRY_TOKEN; add the line to the gateway's --auth.tokens-file.");
     // The egress proxy checks a bearer token as the name `bearer`: say so when this line's glob
@@ -544,8 +552,10 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             for warning in warnings(&cfg) {
                 eprintln!("{origin}: warning: {warning}");
             }
-            println!("{origin}: OK ({})", roles.join(", "));
-            ExitCode::SUCCESS
+            match writeln!(std::io::stdout(), "{origin}: OK ({})", roles.join(", ")) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
+            }
         }
         Err(errs) => config_failed(&errs),
     }
