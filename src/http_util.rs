@@ -240,6 +240,16 @@ impl std::fmt::Display for BodyEnd {
 /// Called once when a [`BoundedBody`] ends, with the bytes it passed on and how it ended.
 pub type OnFinish = Box<dyn FnOnce(u64, BodyEnd) + Send>;
 
+/// `start + after`, or a time decades away where that sum would overflow (a duration handed to the
+/// library unvalidated; the configuration caps every duration at a year): never a panic.
+pub fn deadline(start: Instant, after: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    start
+        .checked_add(after)
+        .or_else(|| start.checked_add(FAR))
+        .unwrap_or(start)
+}
+
 /// A streaming body with a deadline and a size limit that reports its byte count when it ends.
 ///
 /// Nothing is buffered: frames pass through as they arrive. The deadline bounds how long a slow

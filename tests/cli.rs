@@ -389,10 +389,80 @@ fn a_geoip_reload_interval_under_a_second_is_refused() {
         assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{interval}: {out:?}");
         assert_eq!(
             stderr_lines(&out),
-            ["geo.yaml: geoip.reload_interval: must be at least 1s"],
+            [format!(
+                "geo.yaml: geoip.reload_interval: must be from 1s to 1y, not {interval}"
+            )],
             "{interval}"
         );
     }
+}
+
+/// A zero backoff would redial in a busy loop after a refused token, and a duration of centuries
+/// made every tunnel handshake panic adding it to the clock: both are refused up front, one line
+/// each naming the field (or flag) and the range, as are a repeated --label and a tracing filter
+/// that does not parse.
+#[test]
+fn durations_out_of_range_are_refused_naming_the_range() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "agent-token", "s3cret\n");
+    let text = "agent:
+  gateway: https://gw.example.com:7443
+  agent_id: node-1
+  token_file: agent-token
+  tunnel: { handshake_timeout: 2562047788015215h }
+  reconnect: { min_backoff: 0s, auth_failure_backoff: 0, max_backoff: 1ms }
+  scrape_timeout_max: 2y
+";
+    write(dir.path(), "a.yaml", text);
+    let out = ferry(dir.path(), &["check-config", "a.yaml"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        [
+            "a.yaml: agent.tunnel.handshake_timeout: \"2562047788015215h\" is too long: at most 1y at line 5 column 32",
+            "a.yaml: agent.scrape_timeout_max: must be from 100ms to 1y, not 2y",
+            "a.yaml: agent.reconnect.min_backoff: must be from 100ms to 1y, not 0s",
+            "a.yaml: agent.reconnect.auth_failure_backoff: must be from 1s to 1y, not 0s",
+            "a.yaml: agent.reconnect.max_backoff: must be from 100ms to 1y, not 1ms",
+        ]
+    );
+
+    let out = ferry(dir.path(), &["egress", "--upstream-timeout", "0s"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        ["invalid flag --upstream-timeout: must be from 100ms to 1y, not 0s"]
+    );
+
+    let out = ferry(
+        dir.path(),
+        &[
+            "agent",
+            "--gateway",
+            "https://gw.example.com:7443",
+            "--agent-id",
+            "node-1",
+            "--token-file",
+            "agent-token",
+            "--label",
+            "x=1",
+            "--label",
+            "x=2",
+            "--log.level",
+            "a=b=c",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(
+        lines[0],
+        "invalid flag --label: \"x\" is given twice (x=1, then x=2)"
+    );
+    assert!(
+        lines[1].starts_with("invalid flag --log.level: \"a=b=c\" is not a level"),
+        "{lines:?}"
+    );
 }
 
 /// `ferry gateway` on loopback port 0 with `extra` flags: it must exit before serving.

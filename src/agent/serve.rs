@@ -194,7 +194,7 @@ async fn fetch_answer(
     timeout: Duration,
     start: Instant,
 ) -> Response<Body> {
-    let deadline = start + timeout;
+    let deadline = crate::http_util::deadline(start, timeout);
     let target_req = match target_request(url, req) {
         Ok(r) => r,
         Err(e) => {

@@ -20,12 +20,8 @@ use crate::config::{LogFormat, LogSection};
 
 /// Installs the global subscriber. Noisy dependencies stay at warn unless asked for by name.
 pub fn init(log: &LogSection) {
-    let directives = if log.level.contains('=') {
-        log.level.clone()
-    } else {
-        format!("{level},h2=warn,hyper=warn,rustls=warn", level = log.level)
-    };
-    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Validation refused a level `filter` cannot read; this is for a caller that skipped it.
+    let filter = filter(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let layer = match log.format {
         LogFormat::Logfmt => tracing_subscriber::fmt::layer()
             .event_format(Logfmt)
@@ -43,6 +39,19 @@ pub fn init(log: &LogSection) {
         .with(filter)
         .with(layer)
         .try_init();
+}
+
+/// The filter of `log.level`: a level, or tracing filter directives (`info,ferry::agent=debug`)
+/// used as written.
+pub fn filter(level: &str) -> Result<EnvFilter, String> {
+    let directives = if level.contains('=') {
+        level.to_owned()
+    } else {
+        format!("{level},h2=warn,hyper=warn,rustls=warn")
+    };
+    EnvFilter::builder().parse(&directives).map_err(|e| {
+        format!("{level:?} is not a level (error, warn, info, debug, trace) or a tracing filter such as info,ferry::agent=debug: {e}")
+    })
 }
 
 /// One logfmt line per event: `ts level target span`, the event's fields, then its spans' fields.

@@ -14,6 +14,7 @@ use crate::config::{
 };
 
 mod logging;
+pub use logging::filter as log_filter;
 pub use logging::init as init_logging;
 mod run;
 pub(crate) use run::listen;
@@ -280,16 +281,25 @@ struct AgentArgs {
 }
 
 impl AgentArgs {
-    fn section(&self) -> AgentSection {
+    /// The section these flags describe; a label given twice is recorded in `errs`, as a key
+    /// given twice in the file is an error there.
+    fn section(&self, errs: &mut ConfigErrors) -> AgentSection {
         let mut s = AgentSection {
             gateway: self.gateway.clone(),
             agent_id: self.agent_id.clone(),
             token_file: self.token_file.clone(),
             proxy_url: self.proxy_url.clone(),
             targets: self.targets.clone(),
-            labels: self.labels.iter().cloned().collect(),
             ..AgentSection::default()
         };
+        for (key, value) in &self.labels {
+            if let Some(first) = s.labels.insert(key.clone(), value.clone()) {
+                errs.push(
+                    format!("agent.labels.{key}"),
+                    format!("{key:?} is given twice ({key}={first}, then {key}={value})"),
+                );
+            }
+        }
         let t = &mut s.tunnel;
         t.ca_file = self.ca_file.clone();
         t.fingerprint = self.fingerprint.clone();
@@ -425,16 +435,18 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Token(TokenCommand::New { agent_id }) => token_new(&agent_id),
         Command::CheckConfig(args) => check_config(&args.file),
-        Command::Gateway(args) => {
-            run_flags(&args.log, &args.geo, |f| f.gateway = Some(args.section()))
-        }
-        Command::Agent(args) => run_flags(&args.log, &args.geo, |f| f.agent = Some(args.section())),
-        Command::Egress(args) => {
-            run_flags(&args.log, &args.geo, |f| f.egress = Some(args.section()))
-        }
-        Command::Exporter(args) => {
-            run_flags(&args.log, &args.geo, |f| f.exporter = Some(args.section()))
-        }
+        Command::Gateway(args) => run_flags(&args.log, &args.geo, |f, _| {
+            f.gateway = Some(args.section());
+        }),
+        Command::Agent(args) => run_flags(&args.log, &args.geo, |f, errs| {
+            f.agent = Some(args.section(errs));
+        }),
+        Command::Egress(args) => run_flags(&args.log, &args.geo, |f, _| {
+            f.egress = Some(args.section());
+        }),
+        Command::Exporter(args) => run_flags(&args.log, &args.geo, |f, _| {
+            f.exporter = Some(args.section());
+        }),
         Command::Run(args) => {
             let log = &args.log;
             let adjust = |f: &mut FileConfig| f.log = log.apply(f.log.clone());
@@ -446,14 +458,21 @@ pub fn main() -> ExitCode {
 }
 
 /// Runs one role configured by flags: they fill the same structs as the file, one validation.
-fn run_flags(log: &LogArgs, geo: &GeoArgs, role: impl FnOnce(&mut FileConfig)) -> ExitCode {
+/// What the structs cannot hold (a flag repeated where the file has one key) `role` records in
+/// the errors, reported with the validation's.
+fn run_flags(
+    log: &LogArgs,
+    geo: &GeoArgs,
+    role: impl FnOnce(&mut FileConfig, &mut ConfigErrors),
+) -> ExitCode {
     let mut file = FileConfig {
         log: log.apply(LogSection::default()),
         geoip: geo.section(),
         ..FileConfig::default()
     };
-    role(&mut file);
-    run::run(|| file.validate("flags", &env), None)
+    let mut errs = ConfigErrors::new("flags");
+    role(&mut file, &mut errs);
+    run::run(|| file.validate_after(errs, &env), None)
 }
 
 /// The config file given the way another command takes it: `ferry gateway --config.file F` (clap

@@ -9,7 +9,7 @@ use http::Uri;
 use serde::Deserialize;
 
 use super::{
-    anchor, check_client_tls, check_label_name, check_readable, check_server_name,
+    anchor, check_client_tls, check_durations, check_label_name, check_readable, check_server_name,
     parse_listen_address, validate_keepalive, CollectorSection, ConfigErrors, Dur, Secret,
 };
 use crate::tunnel::dial::Proxy;
@@ -20,6 +20,9 @@ use crate::tunnel::Keepalive;
 
 /// Environment variable holding the agent's token when no token file is given.
 pub const TOKEN_ENV: &str = "FERRY_TOKEN";
+/// The shortest wait after the gateway refused the agent's credentials: a refusal does not go
+/// away by asking again soon.
+const MIN_AUTH_FAILURE_BACKOFF: Dur = Dur(Duration::from_secs(1));
 /// Name of the built-in target serving the agent's own metrics.
 pub const SELF_TARGET: &str = "ferry";
 
@@ -359,11 +362,48 @@ impl AgentSection {
             errs,
         );
         let r = &self.reconnect;
-        if r.min_backoff.0 > r.max_backoff.0 || r.max_backoff.0.is_zero() {
-            errs.push(
-                f("reconnect.max_backoff"),
-                "must be greater than 0 and at least reconnect.min_backoff",
+        // A zero backoff redials in a busy loop, also after the gateway refused the token;
+        // a refusal is retried slowly, at least a second apart.
+        let bounds = [
+            (
+                "scrape_timeout_max",
+                self.scrape_timeout_max,
+                Dur::MIN_TIMEOUT,
+            ),
+            (
+                "tunnel.handshake_timeout",
+                self.tunnel.handshake_timeout,
+                Dur::MIN_TIMEOUT,
+            ),
+            ("reconnect.min_backoff", r.min_backoff, Dur::MIN_TIMEOUT),
+            (
+                "reconnect.auth_failure_backoff",
+                r.auth_failure_backoff,
+                MIN_AUTH_FAILURE_BACKOFF,
+            ),
+            (
+                "reconnect.stable_after",
+                r.stable_after,
+                Dur(Duration::from_secs(1)),
+            ),
+            (
+                "shutdown_grace_period",
+                self.shutdown_grace_period,
+                Dur::ZERO,
+            ),
+        ];
+        check_durations(prefix, &bounds, errs);
+        let max_backoff = f("reconnect.max_backoff");
+        r.max_backoff
+            .check_range(Dur::MIN_TIMEOUT, Dur::MAX, &max_backoff, errs);
+        if r.max_backoff >= Dur::MIN_TIMEOUT && r.max_backoff < r.min_backoff {
+            let message = format!(
+                "must be at least {} ({}), not {}",
+                errs.setting(&f("reconnect.min_backoff")),
+                r.min_backoff,
+                r.max_backoff
             );
+            errs.push(max_backoff, message);
         }
         if self.tunnel.max_concurrent_scrapes == 0 {
             errs.push(f("tunnel.max_concurrent_scrapes"), "must be greater than 0");
@@ -605,12 +645,14 @@ impl AgentSection {
                 errs.push(format!("{field}.name"), reason);
                 ok = false;
             } else if let Some(first) = seen_names.get(&section.name) {
+                let other = if errs.origin == "flags" {
+                    format!("an earlier {}", errs.setting(prefix))
+                } else {
+                    format!("{prefix}[{first}]")
+                };
                 errs.push(
                     format!("{field}.name"),
-                    format!(
-                        "{:?} is used twice (also by {prefix}[{first}])",
-                        section.name
-                    ),
+                    format!("{:?} is used twice (also by {other})", section.name),
                 );
                 ok = false;
             } else {

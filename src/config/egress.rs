@@ -8,7 +8,10 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use serde::Deserialize;
 
-use super::{anchor, check_client_tls, check_readable, parse_listen_address, ConfigErrors, Dur};
+use super::{
+    anchor, check_client_tls, check_durations, check_readable, parse_listen_address, ConfigErrors,
+    Dur,
+};
 use crate::auth::{TokensFile, CREDENTIALS_FILE};
 use crate::egress::policy::{Clients, Upstream};
 use crate::egress::validate::Validation;
@@ -322,6 +325,34 @@ impl EgressSection {
         if self.max_connections_per_client == 0 {
             errs.push(f("max_connections_per_client"), "must be greater than 0");
         }
+        // Zero is "not at all" only for the grace period; a zero timeout would refuse every
+        // request or tunnel at once.
+        let bounds = [
+            (
+                "header_read_timeout",
+                self.header_read_timeout,
+                Dur::MIN_TIMEOUT,
+            ),
+            ("idle_timeout", self.idle_timeout, Dur::MIN_TIMEOUT),
+            (
+                "body_read_timeout",
+                self.body_read_timeout,
+                Dur::MIN_TIMEOUT,
+            ),
+            ("connect_timeout", self.connect_timeout, Dur::MIN_TIMEOUT),
+            ("upstream_timeout", self.upstream_timeout, Dur::MIN_TIMEOUT),
+            (
+                "tunnel_idle_timeout",
+                self.tunnel_idle_timeout,
+                Dur::MIN_TIMEOUT,
+            ),
+            (
+                "shutdown_grace_period",
+                self.shutdown_grace_period,
+                Dur::ZERO,
+            ),
+        ];
+        check_durations(prefix, &bounds, errs);
         if self.max_header_bytes < 1024 {
             errs.push(f("max_header_bytes"), "must be at least 1024");
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{anchor, parse_listen_address, validate_keepalive, ConfigErrors, Dur};
+use super::{anchor, check_durations, parse_listen_address, validate_keepalive, ConfigErrors, Dur};
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::{tls_server, Keepalive};
 
@@ -263,14 +263,48 @@ impl GatewaySection {
             }
         };
         let web = &self.web;
-        if web.scrape_timeout_max.0.is_zero() {
-            errs.push(f("web.scrape_timeout_max"), "must be greater than 0");
-        }
+        // Zero means "not at all" for the grace period, the margin and keeping disconnected
+        // agents; a zero timeout would fail every scrape or handshake at once.
+        let bounds = [
+            (
+                "shutdown_grace_period",
+                self.shutdown_grace_period,
+                Dur::ZERO,
+            ),
+            (
+                "web.scrape_timeout_default",
+                web.scrape_timeout_default,
+                Dur::MIN_TIMEOUT,
+            ),
+            (
+                "web.scrape_timeout_max",
+                web.scrape_timeout_max,
+                Dur::MIN_TIMEOUT,
+            ),
+            (
+                "web.scrape_timeout_margin",
+                web.scrape_timeout_margin,
+                Dur::ZERO,
+            ),
+            (
+                "web.sd_keep_disconnected",
+                web.sd_keep_disconnected,
+                Dur::ZERO,
+            ),
+            (
+                "tunnel.handshake_timeout",
+                self.tunnel.handshake_timeout,
+                Dur::MIN_TIMEOUT,
+            ),
+        ];
+        check_durations(prefix, &bounds, errs);
         if web.scrape_timeout_default.0 > web.scrape_timeout_max.0 {
-            errs.push(
-                f("web.scrape_timeout_default"),
-                "must not exceed web.scrape_timeout_max",
+            let message = format!(
+                "must not exceed {} ({})",
+                errs.setting(&f("web.scrape_timeout_max")),
+                web.scrape_timeout_max
             );
+            errs.push(f("web.scrape_timeout_default"), message);
         }
         if web.max_scrape_bytes == 0 {
             errs.push(f("web.max_scrape_bytes"), "must be greater than 0");
@@ -338,11 +372,15 @@ impl GatewaySection {
         let field = |name: &str| format!("{prefix}.tunnel.{name}");
         match (&t.tls_cert_file, &t.tls_key_file, t.insecure_plaintext) {
             (None, None, true) => Some(GatewayTls::InsecurePlaintext),
-            (_, _, true) => {
-                errs.push(
-                    field("insecure_plaintext"),
-                    "cannot be combined with tls_cert_file/tls_key_file",
+            (cert, _, true) => {
+                let message = format!(
+                    "cannot be combined with {}: remove one of them",
+                    errs.setting(&field(match cert {
+                        Some(_) => "tls_cert_file",
+                        None => "tls_key_file",
+                    }))
                 );
+                errs.push(field("insecure_plaintext"), message);
                 None
             }
             (Some(cert), Some(key), false) => {

@@ -364,11 +364,9 @@ impl GeoipSection {
         use crate::telemetry::geo::SharedGeo;
         // A zero interval would make the file watch spin (tokio refuses it outright); checking a
         // file's mtime more than once a second buys nothing.
-        if self
-            .reload_interval
-            .is_some_and(|d| d.0 < Duration::from_secs(1))
-        {
-            errs.push("geoip.reload_interval", "must be at least 1s");
+        if let Some(interval) = self.reload_interval {
+            let min = Dur(Duration::from_secs(1));
+            interval.check_range(min, Dur::MAX, "geoip.reload_interval", errs);
         }
         let Some(path) = &self.database else {
             return SharedGeo::disabled();
@@ -481,8 +479,9 @@ impl FileConfig {
         self.validate_after(ConfigErrors::new(origin), env)
     }
 
-    /// [`FileConfig::validate`], reporting after the problems already in `errs`.
-    fn validate_after(
+    /// [`FileConfig::validate`], reporting after the problems already in `errs` (whose origin
+    /// it takes).
+    pub fn validate_after(
         &self,
         mut errs: ConfigErrors,
         env: &dyn Fn(&str) -> Option<String>,
@@ -572,11 +571,21 @@ impl FileConfig {
 
 fn validate_log(log: &LogSection, errs: &mut ConfigErrors) {
     const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
-    if !LEVELS.contains(&log.level.as_str()) && !log.level.contains('=') {
+    if LEVELS.contains(&log.level.as_str()) {
+        return;
+    }
+    if !log.level.contains('=') {
         errs.push(
             "log.level",
             format!("{:?} is not one of {}", log.level, LEVELS.join(", ")),
         );
+        return;
+    }
+    // Filter directives (`info,ferry::agent=debug`) are read by tracing-subscriber, which only
+    // the binary has.
+    #[cfg(feature = "cli")]
+    if let Err(e) = crate::cli::log_filter(&log.level) {
+        errs.push("log.level", e);
     }
 }
 
@@ -599,16 +608,106 @@ pub(crate) fn anchor(path: &mut Option<PathBuf>, dir: &Path) {
     }
 }
 
-/// A duration written like Prometheus's (`10s`, `500ms`, `1m30s`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A duration written as Prometheus writes them: whole numbers with a unit each (`ms`, `s`, `m`,
+/// `h`, `d`, `w`, `y` = 365d), several units largest first (`1h30m`), or `0`. Flags and the file
+/// are read by the same [`Dur::parse`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
 
+/// The units of [`Dur`], largest first, with their length in milliseconds.
+const DUR_UNITS: [(&str, u64); 7] = [
+    ("y", 365 * 24 * 3600 * 1000),
+    ("w", 7 * 24 * 3600 * 1000),
+    ("d", 24 * 3600 * 1000),
+    ("h", 3600 * 1000),
+    ("m", 60 * 1000),
+    ("s", 1000),
+    ("ms", 1),
+];
+
 impl Dur {
-    /// Parses `10s`, `500ms`, `1m30s`, `2h`.
+    /// The longest duration any setting takes: one year (365 days). Every `Instant + setting`
+    /// stays far from overflowing.
+    pub const MAX: Dur = Dur(Duration::from_secs(365 * 24 * 3600));
+    /// Zero: for the settings where it means "not at all" (no grace period, no margin).
+    pub const ZERO: Dur = Dur(Duration::ZERO);
+    /// The shortest timeout, interval or backoff a setting takes where zero would make every
+    /// attempt fail at once or repeat in a busy loop.
+    pub const MIN_TIMEOUT: Dur = Dur(Duration::from_millis(100));
+
+    /// Parses `10s`, `500ms`, `1h30m`, `2d`, `0`, as Prometheus does.
     pub fn parse(s: &str) -> Result<Dur, String> {
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|_| format!("{s:?} is not a duration (e.g. 10s, 500ms, 1m30s)"))
+        let not = || {
+            if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+                format!("{s:?} is not a duration: give it a unit, e.g. {s}s")
+            } else {
+                format!("{s:?} is not a duration (e.g. 10s, 500ms, 1h30m: whole numbers, units ms, s, m, h, d, w, y, largest first)")
+            }
+        };
+        if s == "0" {
+            return Ok(Dur(Duration::ZERO));
+        }
+        let mut rest = s;
+        let mut total: u128 = 0;
+        // Index into DUR_UNITS of the next unit allowed: each at most once, largest first.
+        let mut next_unit = 0;
+        while !rest.is_empty() {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            let letters = rest[digits..]
+                .bytes()
+                .take_while(u8::is_ascii_alphabetic)
+                .count();
+            let (number, unit) = (&rest[..digits], &rest[digits..digits + letters]);
+            let Some(i) = DUR_UNITS.iter().position(|(u, _)| *u == unit) else {
+                return Err(not());
+            };
+            if digits == 0 || i < next_unit {
+                return Err(not());
+            }
+            // Digits beyond u128 are out of range anyway.
+            let n: u128 = number.parse().unwrap_or(u128::MAX);
+            total = total.saturating_add(n.saturating_mul(u128::from(DUR_UNITS[i].1)));
+            next_unit = i + 1;
+            rest = &rest[digits + letters..];
+        }
+        if next_unit == 0 {
+            return Err(not());
+        }
+        match u64::try_from(total) {
+            Ok(ms) => Ok(Dur(Duration::from_millis(ms))),
+            Err(_) => Err(format!("{s:?} is too long: at most {}", Dur::MAX)),
+        }
+    }
+
+    /// Records an error under `field` unless `min <= self <= max`; the message gives the range.
+    pub(crate) fn check_range(self, min: Dur, max: Dur, field: &str, errs: &mut ConfigErrors) {
+        if self.0 < min.0 || self.0 > max.0 {
+            errs.push(field, format!("must be from {min} to {max}, not {self}"));
+        }
+    }
+}
+
+/// Checks each `(field below prefix, value, least value)` against its range, up to [`Dur::MAX`].
+pub(crate) fn check_durations(prefix: &str, bounds: &[(&str, Dur, Dur)], errs: &mut ConfigErrors) {
+    for (name, value, min) in bounds {
+        value.check_range(*min, Dur::MAX, &format!("{prefix}.{name}"), errs);
+    }
+}
+
+impl fmt::Display for Dur {
+    /// As Prometheus prints durations: `1h30m`, `500ms`, `0s`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut ms = u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX);
+        if ms == 0 {
+            return f.write_str("0s");
+        }
+        for (unit, len) in DUR_UNITS {
+            if ms >= len {
+                write!(f, "{}{unit}", ms / len)?;
+                ms %= len;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -746,14 +845,11 @@ pub(crate) fn validate_keepalive(
     prefix: &str,
     errs: &mut ConfigErrors,
 ) -> crate::tunnel::Keepalive {
-    for (name, value) in [
-        ("keepalive_interval", interval),
-        ("keepalive_timeout", timeout),
-    ] {
-        if value.0 < Duration::from_millis(100) {
-            errs.push(format!("{prefix}.{name}"), "must be at least 100ms");
-        }
-    }
+    let bounds = [
+        ("keepalive_interval", *interval, Dur::MIN_TIMEOUT),
+        ("keepalive_timeout", *timeout, Dur::MIN_TIMEOUT),
+    ];
+    check_durations(prefix, &bounds, errs);
     crate::tunnel::Keepalive {
         interval: interval.0,
         timeout: timeout.0,
@@ -809,9 +905,110 @@ mod tests {
 
     #[test]
     fn durations_parse_like_prometheus() {
-        assert_eq!(Dur::parse("500ms").unwrap().0, Duration::from_millis(500));
-        assert_eq!(Dur::parse("1m30s").unwrap().0, Duration::from_secs(90));
-        assert!(Dur::parse("soon").unwrap_err().contains("not a duration"));
+        let day = 24 * 3600;
+        for (text, secs, ms) in [
+            ("0", 0, 0),
+            ("0s", 0, 0),
+            ("500ms", 0, 500),
+            ("1m30s", 90, 0),
+            ("1h30m", 5400, 0),
+            ("2d", 2 * day, 0),
+            ("1w", 7 * day, 0),
+            // Prometheus's year is 365 days.
+            ("1y", 365 * day, 0),
+            ("1y1w1d1h1m1s1ms", 373 * day + 3661, 1),
+        ] {
+            let want = Duration::from_secs(secs) + Duration::from_millis(ms);
+            assert_eq!(Dur::parse(text), Ok(Dur(want)), "{text}");
+        }
+        for text in [
+            "", "soon", "1.5s", "1h1h", "1s1m", "1 day", "1M", "1day", "-1s", " 1s", "1s ", "s",
+            "1e3s",
+        ] {
+            let err = Dur::parse(text).unwrap_err();
+            assert_eq!(
+                err,
+                format!("{text:?} is not a duration (e.g. 10s, 500ms, 1h30m: whole numbers, units ms, s, m, h, d, w, y, largest first)")
+            );
+        }
+        assert_eq!(
+            Dur::parse("15").unwrap_err(),
+            "\"15\" is not a duration: give it a unit, e.g. 15s"
+        );
+        for huge in [
+            "2562047788015215h",
+            "99999999999999999999999999999999999999999y",
+        ] {
+            assert_eq!(
+                Dur::parse(huge).unwrap_err(),
+                format!("{huge:?} is too long: at most 1y")
+            );
+        }
+    }
+
+    #[test]
+    fn durations_print_as_prometheus_writes_them() {
+        for text in ["0s", "500ms", "1h30m", "1y", "1y1w1d1h1m1s1ms", "2w"] {
+            assert_eq!(Dur::parse(text).unwrap().to_string(), text);
+        }
+    }
+
+    #[test]
+    fn a_duration_out_of_its_range_names_the_range() {
+        let mut errs = ConfigErrors::new("f.yaml");
+        let min = Dur::MIN_TIMEOUT;
+        Dur(Duration::ZERO).check_range(min, Dur::MAX, "egress.idle_timeout", &mut errs);
+        Dur(Duration::from_millis(100)).check_range(
+            min,
+            Dur::MAX,
+            "egress.connect_timeout",
+            &mut errs,
+        );
+        Dur::MAX.check_range(min, Dur::MAX, "egress.upstream_timeout", &mut errs);
+        let too_long = Dur(Dur::MAX.0 + Duration::from_millis(1));
+        too_long.check_range(
+            Dur::ZERO,
+            Dur::MAX,
+            "egress.shutdown_grace_period",
+            &mut errs,
+        );
+        assert_eq!(
+            errs.to_string().lines().collect::<Vec<_>>(),
+            [
+                "f.yaml: egress.idle_timeout: must be from 100ms to 1y, not 0s",
+                "f.yaml: egress.shutdown_grace_period: must be from 0s to 1y, not 1y1ms",
+            ]
+        );
+    }
+
+    #[cfg(feature = "cli")]
+    #[test]
+    fn a_log_filter_that_does_not_parse_is_refused() {
+        let problem = |level: &str| {
+            let mut errs = ConfigErrors::new("flags");
+            let log = LogSection {
+                level: level.into(),
+                ..LogSection::default()
+            };
+            validate_log(&log, &mut errs);
+            errs.errors.first().map(|e| e.message.clone())
+        };
+        assert_eq!(problem("debug"), None);
+        assert_eq!(problem("info,ferry::agent=debug"), None);
+        assert_eq!(problem("ferry=trace"), None);
+        for bad in ["a=b=c", "=", "info,x=loud"] {
+            let message = problem(bad).unwrap_or_default();
+            assert!(
+                message.starts_with(&format!(
+                    "{bad:?} is not a level (error, warn, info, debug, trace) or a tracing filter"
+                )),
+                "{bad}: {message}"
+            );
+        }
+        assert_eq!(
+            problem("loud").as_deref(),
+            Some("\"loud\" is not one of error, warn, info, debug, trace")
+        );
     }
 
     #[test]
@@ -966,6 +1163,57 @@ agent:
         );
     }
 
+    /// Among flags, a message names the other flag, not the file's field.
+    #[test]
+    fn gateway_flag_errors_name_the_other_flag() {
+        let mut gateway = GatewaySection::default();
+        gateway.tunnel.insecure_plaintext = true;
+        gateway.tunnel.tls_cert_file = Some("c.pem".into());
+        gateway.web.scrape_timeout_default = Dur(Duration::from_secs(90));
+        let file = FileConfig {
+            gateway: Some(gateway),
+            ..FileConfig::default()
+        };
+        let errs = file.validate("flags", &no_env).unwrap_err().to_string();
+        let lines: Vec<&str> = errs.lines().collect();
+        assert!(
+            lines.contains(&"invalid flag --tunnel.insecure-plaintext: cannot be combined with --tunnel.tls-cert-file: remove one of them"),
+            "{errs}"
+        );
+        assert!(
+            lines.contains(&"invalid flag --web.scrape-timeout-default: must not exceed --web.scrape-timeout-max (1m)"),
+            "{errs}"
+        );
+        let errs = file.validate("g.yaml", &no_env).unwrap_err().to_string();
+        assert!(
+            errs.contains("g.yaml: gateway.web.scrape_timeout_default: must not exceed web.scrape_timeout_max (1m)"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn a_target_name_given_twice_by_flags_names_the_flag() {
+        let agent = AgentSection {
+            gateway: Some("https://gw:7443".into()),
+            agent_id: Some("a".into()),
+            targets: ["a=http://h:1/m", "a=http://h:2/m"]
+                .into_iter()
+                .map(|t| TargetSection::parse_flag(t).unwrap())
+                .collect(),
+            ..AgentSection::default()
+        };
+        let file = FileConfig {
+            agent: Some(agent),
+            ..FileConfig::default()
+        };
+        let env = |n: &str| (n == "FERRY_TOKEN").then(|| "t".to_owned());
+        let errs = file.validate("flags", &env).unwrap_err().to_string();
+        assert_eq!(
+            errs,
+            "invalid flag --target: \"a\" is used twice (also by an earlier --target)"
+        );
+    }
+
     #[test]
     fn an_empty_file_says_what_is_missing() {
         let errs = FileConfig::parse("{}", "e.yaml")
@@ -1006,7 +1254,7 @@ mod shape_tests {
             .to_string();
         assert_eq!(
             errs,
-            "dur.yaml: gateway.shutdown_grace_period: \"15\" is not a duration (e.g. 10s, 500ms, 1m30s) at line 1 column 34"
+            "dur.yaml: gateway.shutdown_grace_period: \"15\" is not a duration: give it a unit, e.g. 15s at line 1 column 34"
         );
     }
 
@@ -1030,12 +1278,12 @@ agent:
         assert_eq!(
             lines,
             [
-                ": gateway.shutdown_grace_period: \"15\" is not a duration (e.g. 10s, 500ms, 1m30s) at line 2 column 26",
-                ": gateway.web.scrape_timeout_default: \"10\" is not a duration (e.g. 10s, 500ms, 1m30s) at line 4 column 29",
+                ": gateway.shutdown_grace_period: \"15\" is not a duration: give it a unit, e.g. 15s at line 2 column 26",
+                ": gateway.web.scrape_timeout_default: \"10\" is not a duration: give it a unit, e.g. 10s at line 4 column 29",
                 ": gateway.web.max_scrape_bytes: \"lots\" is not a whole number (0 or more) at line 5 column 23",
                 ": gateway.tunnel.insecure_plaintext: \"yes\" is not true or false at line 6 column 33",
-                ": agent.self_port: \"70000\" is not a whole number from 0 to 65535 at line 10 column 14",
-                ": agent.targets[0].port: \"-1\" is not a whole number from 0 to 65535 at line 12 column 42",
+                ": agent.self_port: \"70000\" is too large: at most 65535 at line 10 column 14",
+                ": agent.targets[0].port: \"-1\" is negative: must be a whole number from 0 to 65535 at line 12 column 42",
                 // The validation pass still runs, on the defaults of the fields above.
                 ": gateway.auth.tokens_file: required: agents cannot authenticate without it (create lines with `ferry token new`)",
                 ": agent.targets[0].url: \"ftp://x/m\" must start with http:// or https://",
@@ -1088,6 +1336,69 @@ agent:
         );
     }
 
+    /// A zero timeout or backoff fails every attempt at once or redials in a busy loop; zero
+    /// stays allowed where it means "not at all".
+    #[test]
+    fn durations_have_a_floor_where_zero_means_nothing_and_a_ceiling_of_a_year() {
+        let lines = check(
+            "gateway:
+  auth: { tokens_file: /nonexistent }
+  web: { scrape_timeout_default: 0s, scrape_timeout_max: 2y, scrape_timeout_margin: 0s, sd_keep_disconnected: 0 }
+  tunnel: { handshake_timeout: 0s, keepalive_interval: 10ms }
+  shutdown_grace_period: 0s
+agent:
+  gateway: https://gw:7443
+  agent_id: a
+  scrape_timeout_max: 0s
+  tunnel: { handshake_timeout: 99ms }
+  reconnect: { min_backoff: 1s, max_backoff: 500ms, auth_failure_backoff: 999ms, stable_after: 0s }
+  shutdown_grace_period: 0s
+",
+        );
+        assert_eq!(
+            lines,
+            [
+                ": gateway.auth.tokens_file: cannot read tokens file /nonexistent: No such file or directory (os error 2)",
+                ": gateway.web.scrape_timeout_default: must be from 100ms to 1y, not 0s",
+                ": gateway.web.scrape_timeout_max: must be from 100ms to 1y, not 2y",
+                ": gateway.tunnel.handshake_timeout: must be from 100ms to 1y, not 0s",
+                ": gateway.tunnel.keepalive_interval: must be from 100ms to 1y, not 10ms",
+                ": agent.scrape_timeout_max: must be from 100ms to 1y, not 0s",
+                ": agent.tunnel.handshake_timeout: must be from 100ms to 1y, not 99ms",
+                ": agent.reconnect.auth_failure_backoff: must be from 1s to 1y, not 999ms",
+                ": agent.reconnect.stable_after: must be from 1s to 1y, not 0s",
+                ": agent.reconnect.max_backoff: must be at least reconnect.min_backoff (1s), not 500ms",
+            ]
+        );
+    }
+
+    /// Whole numbers and switches written the way YAML reads as something else are told apart
+    /// from values that are plain wrong.
+    #[test]
+    fn a_number_in_quotes_or_out_of_range_is_called_so() {
+        let lines = check(
+            "gateway:
+  auth: { tokens_file: /nonexistent }
+  web: { max_scrape_bytes: '1000', sd_keep_disconnected_max: 1e6 }
+  tunnel: { insecure_plaintext: \"true\", max_concurrent_scrapes: 4294967296, max_pending_handshakes: 18446744073709551616 }
+",
+        );
+        let lines: Vec<&str> = lines
+            .iter()
+            .map(|l| l.split(" at line").next().unwrap_or(l))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                ": gateway.web.max_scrape_bytes: \"1000\" is in quotes: write 1000 without them",
+                ": gateway.web.sd_keep_disconnected_max: \"1000000\" is written as a decimal number (like 1e6 or 1.0): write it as 1000000",
+                ": gateway.tunnel.insecure_plaintext: \"true\" is in quotes: write true without them",
+                ": gateway.tunnel.max_concurrent_scrapes: \"4294967296\" is too large: at most 4294967295",
+                ": gateway.tunnel.max_pending_handshakes: \"18446744073709551616\" is too large: at most 4294967295",
+            ]
+        );
+    }
+
     #[test]
     fn keeping_disconnected_agents_needs_room_for_one() {
         let lines = check("gateway:\n  web:\n    sd_keep_disconnected_max: 0\n");
@@ -1102,7 +1413,7 @@ agent:
         let lines = check("gateway:\n  web:\n    scrape_timeout_max: { a: 1 }\n");
         assert_eq!(
             lines,
-            [": gateway.web.scrape_timeout_max: a mapping is not a duration (e.g. 10s, 500ms, 1m30s) at line 3 column 25"]
+            [": gateway.web.scrape_timeout_max: a mapping is not a duration (e.g. 10s, 500ms, 1h30m) at line 3 column 25"]
         );
     }
 

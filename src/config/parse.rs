@@ -70,6 +70,8 @@ enum Node<'de> {
     I64(i64),
     F64(f64),
     Bool(bool),
+    /// An integer beyond 64 bits, as written.
+    Big(String),
     Null,
     /// A mapping, a sequence or a tagged value: never a leaf.
     Nested(&'static str),
@@ -83,6 +85,7 @@ impl fmt::Display for Node<'_> {
             Node::I64(v) => write!(f, "\"{v}\""),
             Node::F64(v) => write!(f, "\"{v}\""),
             Node::Bool(v) => write!(f, "\"{v}\""),
+            Node::Big(v) => write!(f, "\"{v}\""),
             Node::Null => f.write_str("an empty value"),
             Node::Nested(what) => f.write_str(what),
         }
@@ -126,6 +129,12 @@ impl<'de, T, F: FnOnce(Node<'de>) -> Result<T, String>> Visitor<'de> for AnyNode
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
         (self.f)(Node::I64(v)).map_err(E::custom)
     }
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<T, E> {
+        (self.f)(Node::Big(v.to_string())).map_err(E::custom)
+    }
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<T, E> {
+        (self.f)(Node::Big(v.to_string())).map_err(E::custom)
+    }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
         (self.f)(Node::F64(v)).map_err(E::custom)
     }
@@ -152,12 +161,15 @@ impl<'de, T, F: FnOnce(Node<'de>) -> Result<T, String>> Visitor<'de> for AnyNode
     }
 }
 
+/// A duration node: read by [`Dur::parse`], as a flag is. YAML reads `0` and `15` as numbers:
+/// they go by their text, so `0` is zero and `15` asks for a unit.
 fn parse_dur(node: Node<'_>) -> Result<Dur, String> {
-    let not =
-        |shown: &dyn fmt::Display| format!("{shown} is not a duration (e.g. 10s, 500ms, 1m30s)");
     match &node {
-        Node::Str(s) => Dur::parse(s).map_err(|_| not(&node)),
-        _ => Err(not(&node)),
+        Node::Str(s) => Dur::parse(s),
+        Node::U64(v) => Dur::parse(&v.to_string()),
+        Node::I64(v) => Dur::parse(&v.to_string()),
+        Node::Big(v) => Dur::parse(v),
+        _ => Err(format!("{node} is not a duration (e.g. 10s, 500ms, 1h30m)")),
     }
 }
 
@@ -208,27 +220,74 @@ fn scalar<'de, T: Deserialize<'de>>(node: Node<'de>) -> Result<T, String> {
         Node::F64(v) => T::deserialize(IntoDeserializer::<E>::into_deserializer(*v)),
         Node::Bool(v) => T::deserialize(IntoDeserializer::<E>::into_deserializer(*v)),
         Node::Str(s) => T::deserialize(IntoDeserializer::<E>::into_deserializer(s.as_ref())),
+        Node::Big(s) => T::deserialize(IntoDeserializer::<E>::into_deserializer(s.as_str())),
         Node::Null | Node::Nested(_) => {
-            let words = expected::<T>().unwrap_or("a single value");
+            let words = expected::<T>().map_or("a single value", |e| e.words);
             return Err(format!("{node} is not {words}"));
         }
     };
     parsed.map_err(|e| match expected::<T>() {
-        Some(words) => format!("{node} is not {words}"),
+        Some(expected) => problem(&node, &expected),
         // An enum's own error lists the accepted values.
         None => format!("{node}: {e}"),
     })
 }
 
-/// What a leaf of type `T` must be, in words; `None` for types whose own error says it.
-fn expected<T>() -> Option<&'static str> {
-    Some(match std::any::type_name::<T>() {
-        "bool" => "true or false",
-        "u16" => "a whole number from 0 to 65535",
-        "u32" => "a whole number from 0 to 4294967295",
-        "u64" | "usize" => "a whole number (0 or more)",
+/// What a leaf must be: in words, and for a whole number its largest value.
+struct Expected {
+    words: &'static str,
+    max: Option<u64>,
+}
+
+/// What a leaf of type `T` must be; `None` for types whose own error says it.
+fn expected<T>() -> Option<Expected> {
+    let (words, max) = match std::any::type_name::<T>() {
+        "bool" => ("true or false", None),
+        "u16" => ("a whole number from 0 to 65535", Some(u64::from(u16::MAX))),
+        "u32" => (
+            "a whole number from 0 to 4294967295",
+            Some(u64::from(u32::MAX)),
+        ),
+        "u64" => ("a whole number (0 or more)", Some(u64::MAX)),
+        "usize" => ("a whole number (0 or more)", u64::try_from(usize::MAX).ok()),
         _ => return None,
-    })
+    };
+    Some(Expected { words, max })
+}
+
+/// Why `node` is not what `expected` describes, in the terms the user wrote it in: a value in
+/// quotes, a decimal number where a whole one belongs, a number out of range.
+fn problem(node: &Node<'_>, expected: &Expected) -> String {
+    let not = || format!("{node} is not {}", expected.words);
+    let Some(max) = expected.max else {
+        return match node {
+            Node::Str(s) if s.trim().parse::<bool>().is_ok() => {
+                format!("{node} is in quotes: write {} without them", s.trim())
+            }
+            _ => not(),
+        };
+    };
+    let too_large = || format!("{node} is too large: at most {max}");
+    let negative = || format!("{node} is negative: must be {}", expected.words);
+    match node {
+        Node::Str(s) if s.trim().parse::<i128>().is_ok() => {
+            format!("{node} is in quotes: write {} without them", s.trim())
+        }
+        Node::U64(_) => too_large(),
+        Node::I64(v) if *v < 0 => negative(),
+        Node::Big(v) if v.starts_with('-') => negative(),
+        Node::Big(_) => too_large(),
+        Node::F64(v) if v.is_finite() && v.fract() == 0.0 => {
+            if *v < 0.0 {
+                negative()
+            } else if *v > max as f64 {
+                too_large()
+            } else {
+                format!("{node} is written as a decimal number (like 1e6 or 1.0): write it as {v}")
+            }
+        }
+        _ => not(),
+    }
 }
 
 /// Parses YAML text; `origin` names it in errors. Every wrongly typed value is reported (each

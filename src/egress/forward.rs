@@ -506,7 +506,7 @@ async fn forward(
 
     record.allow();
     let timeout = state.config.upstream_timeout;
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::http_util::deadline(Instant::now(), timeout);
     let client = &state.upstreams.clients[index];
     let resp = match tokio::time::timeout_at(deadline, client.request(upstream_req)).await {
         Err(_) => return Err(Refusal::upstream_timeout(timeout).into()),

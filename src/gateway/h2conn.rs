@@ -110,7 +110,10 @@ impl KeepAlive {
                 match self.pings.poll_pong(cx) {
                     Poll::Ready(Ok(_pong)) => {
                         self.awaiting_pong = false;
-                        let next = tokio::time::Instant::now() + self.config.interval;
+                        let next = crate::http_util::deadline(
+                            tokio::time::Instant::now(),
+                            self.config.interval,
+                        );
                         self.timer.as_mut().reset(next);
                     }
                     Poll::Ready(Err(e)) => {
@@ -132,7 +135,8 @@ impl KeepAlive {
                 return Poll::Ready(format!("keepalive PING failed: {e}"));
             }
             self.awaiting_pong = true;
-            let deadline = tokio::time::Instant::now() + self.config.timeout;
+            let deadline =
+                crate::http_util::deadline(tokio::time::Instant::now(), self.config.timeout);
             self.timer.as_mut().reset(deadline);
         }
     }

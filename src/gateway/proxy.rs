@@ -220,7 +220,7 @@ async fn forward(
             timeout: t.scrape,
         });
     }
-    let deadline = start + t.gateway;
+    let deadline = crate::http_util::deadline(start, t.gateway);
     let req = tunnel_request(req, &route, t.agent)?;
     let sender = route.agent.sender();
     let resp = match tokio::time::timeout_at(deadline, h2conn::send(&sender, req)).await {

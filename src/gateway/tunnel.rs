@@ -70,7 +70,7 @@ async fn handle_connection(
     _slot: PendingSlot,
 ) {
     let timeout = state.config.handshake_timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = crate::http_util::deadline(tokio::time::Instant::now(), timeout);
     let country = state.config.geo.lookup(remote.ip());
     // Counted open from accept to the end of the session; the session task takes it over.
     let held: HeldGuard = Arc::new(Mutex::new(Some(state.connections.track("tunnel", country))));

@@ -184,7 +184,7 @@ async fn connect_through(
     target: &str,
     timeout: Duration,
 ) -> Result<BoxIo, DialError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::http_util::deadline(Instant::now(), timeout);
     let stream = tokio::time::timeout_at(deadline, tcp(&proxy.addr))
         .await
         .map_err(|_| DialError::Timeout {

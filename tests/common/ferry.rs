@@ -223,10 +223,10 @@ fn agent_section_to(gateway: &str, id: &str, targets: &[(&str, String)]) -> Agen
             .collect(),
         ..AgentSection::default()
     };
-    // Tests restart peers: reconnect fast.
-    s.reconnect.min_backoff = ferry::config::Dur(Duration::from_millis(50));
+    // Tests restart peers: reconnect as fast as the configuration allows.
+    s.reconnect.min_backoff = ferry::config::Dur(Duration::from_millis(100));
     s.reconnect.max_backoff = ferry::config::Dur(Duration::from_millis(300));
-    s.reconnect.auth_failure_backoff = ferry::config::Dur(Duration::from_millis(300));
+    s.reconnect.auth_failure_backoff = ferry::config::Dur(Duration::from_secs(1));
     s.shutdown_grace_period = ferry::config::Dur(Duration::from_secs(5));
     s
 }
