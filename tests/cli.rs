@@ -375,6 +375,117 @@ fn a_file_without_any_role_is_an_error() {
     );
 }
 
+/// Two listeners on one address would pass check-config and then fail the second bind at
+/// every start (a service manager restarting ferry forever): both are named, exit 2, by
+/// check-config and run alike, before anything listens.
+#[test]
+fn listeners_sharing_an_address_are_a_configuration_error() {
+    let dir = TempDir::new().unwrap();
+    tokens_file(dir.path(), "s3cret");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    drop(held);
+    write(
+        dir.path(),
+        "dup.yaml",
+        &format!(
+            "gateway:
+  auth: {{ tokens_file: tokens }}
+  web: {{ listen_address: '127.0.0.1:{port}' }}
+  tunnel: {{ listen_address: '127.0.0.1:{port}' }}
+exporter:
+  web: {{ listen_address: '127.0.0.1:{port}' }}
+  collector: {{ connections: true }}
+"
+        ),
+    );
+    let want = [
+        format!("dup.yaml: gateway.tunnel.listen_address: 127.0.0.1:{port} is already taken by web.listen_address: each listener needs an address of its own"),
+        format!("dup.yaml: exporter.web.listen_address: 127.0.0.1:{port} is already taken by gateway.web.listen_address and gateway.tunnel.listen_address: each listener needs an address of its own"),
+    ];
+    for args in [
+        &["check-config", "dup.yaml"][..],
+        &["run", "--config.file", "dup.yaml"],
+    ] {
+        let out = ferry(dir.path(), args);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{args:?}: {out:?}");
+        assert_eq!(stderr_lines(&out), want, "{args:?}");
+    }
+    assert!(!dir.path().join("data").exists(), "nothing was started");
+}
+
+/// An address another process holds fails at start: the line names the file and the field (or
+/// the flag) that set it, as a configuration error would.
+#[test]
+fn a_listen_address_in_use_is_named_by_its_file_and_field() {
+    let dir = TempDir::new().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    write(
+        dir.path(),
+        "busy.yaml",
+        &format!("exporter:\n  web: {{ listen_address: '{addr}' }}\n  collector: {{ connections: true }}\n"),
+    );
+    let out = ferry(dir.path(), &["run", "--config.file", "busy.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let lines = stderr_lines(&out);
+    let want = format!("busy.yaml: exporter.web.listen_address: cannot listen on {addr}: ");
+    assert!(
+        lines.last().is_some_and(|l| l.starts_with(&want)),
+        "{lines:#?}"
+    );
+    let out = ferry(
+        dir.path(),
+        &[
+            "exporter",
+            "--collector.connections",
+            "--web.listen-address",
+            &addr.to_string(),
+        ],
+    );
+    let lines = stderr_lines(&out);
+    let want = format!("--web.listen-address: cannot listen on {addr}: ");
+    assert!(
+        lines.last().is_some_and(|l| l.starts_with(&want)),
+        "{lines:#?}"
+    );
+}
+
+/// Plaintext tunnels have no TLS to ask agents for a client certificate in: a client CA with
+/// them would leave mTLS silently unenforced, so it is refused, in a file and by flags.
+#[test]
+fn a_client_ca_with_plaintext_tunnels_is_refused() {
+    let dir = TempDir::new().unwrap();
+    tokens_file(dir.path(), "s3cret");
+    write(dir.path(), "ca.pem", "");
+    write(
+        dir.path(),
+        "ip.yaml",
+        "gateway:\n  auth: { tokens_file: tokens }\n  tunnel: { insecure_plaintext: true, tls_client_ca_file: ca.pem }\n",
+    );
+    let out = ferry(dir.path(), &["check-config", "ip.yaml"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        ["ip.yaml: gateway.tunnel.tls_client_ca_file: set, but tunnel.insecure_plaintext turns TLS off: remove one of them"]
+    );
+    let out = gateway(
+        dir.path(),
+        &[
+            "--auth.tokens-file",
+            "tokens",
+            "--tunnel.insecure-plaintext",
+            "--tunnel.tls-client-ca-file",
+            "ca.pem",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        ["invalid flag --tunnel.tls-client-ca-file: set, but --tunnel.insecure-plaintext turns TLS off: remove one of them"]
+    );
+}
+
 /// The database's file watch cannot tick every 0 s: check-config says so instead of the started
 /// process panicking in it.
 #[test]
@@ -1525,6 +1636,16 @@ fn settings_a_reload_does_not_apply_are_named() {
         line.contains("level=warn") && line.contains("fields=egress.allow_upstreams"),
         "{line}"
     );
+    // The last line of the reload does not contradict it.
+    let line = egress.wait_for("reload done");
+    assert!(
+        line.contains("level=warn")
+            && line.contains(
+                "reload done: applied, except settings that take effect only after a restart"
+            )
+            && line.contains("need_restart=egress.allow_upstreams"),
+        "{line}"
+    );
     write(
         dir.path(),
         "egress.yaml",
@@ -2022,7 +2143,7 @@ fn an_unusable_data_dir_is_named_with_its_whole_path() {
     assert_eq!(
         stderr.trim(),
         format!(
-            "self-signed certificate in data directory {} (data_dir, --data-dir): it exists and is not a directory",
+            "invalid flag --data-dir: {} exists and is not a directory",
             whole.display()
         )
     );

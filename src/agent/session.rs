@@ -157,10 +157,12 @@ fn closed_by_gateway(
     }
 }
 
-/// Says once how the tunnel reaches the gateway when a proxy is involved: a proxy left in the
-/// environment would otherwise only show in the errors of every attempt.
+/// Says once who the agent is, what it serves and how the tunnel reaches the gateway: a proxy
+/// left in the environment would otherwise only show in the errors of every attempt.
 fn log_route(cfg: &AgentConfig) {
     let gateway = &cfg.gateway.addr;
+    let targets: Vec<&str> = cfg.targets.iter().map(|t| t.name.as_str()).collect();
+    info!(agent = %cfg.agent_id, %gateway, targets = %targets.join(","), "agent starting");
     if let Some(proxy) = &cfg.proxy {
         info!(%gateway, proxy = %proxy.addr, from = %proxy.origin, "the tunnel goes through an HTTP CONNECT proxy");
     } else if let Some(e) = cfg.proxy_exempted {

@@ -607,6 +607,11 @@ fn warnings(config: &RunConfig) -> Vec<String> {
             ));
         }
     }
+    if config.egress.as_ref().is_some_and(|e| e.rules.is_empty()) {
+        out.push(
+            "egress has no rules (rules: or allow_upstreams:): it refuses every request".to_owned(),
+        );
+    }
     out.extend(writable_by_all(&credential_files(config)));
     if let Some(path) = config.agent.as_ref().and_then(|a| a.token_file.as_ref()) {
         out.extend(readable_by_others(path));

@@ -27,10 +27,11 @@ use crate::telemetry::ConfigReload;
 enum StartError {
     #[error("{0}")]
     Config(String),
-    #[error("cannot listen on {addr} ({field}): {source}")]
+    /// `at`: the file and field, or the flag, that set the address.
+    #[error("{at}: cannot listen on {addr}: {source}")]
     Bind {
+        at: String,
         addr: SocketAddr,
-        field: &'static str,
         source: std::io::Error,
     },
     #[error("cannot start the async runtime: {0}")]
@@ -126,7 +127,10 @@ async fn run_roles(
         .map(|value| (reload_from.clone().unwrap_or_default(), value));
     // The configuration just loaded is the first one applied.
     ConfigReload::get().record(true);
-    let roles = start_roles(config, &shutdown, &mut tasks).await?;
+    let listeners = Listeners {
+        file: reload_from.as_deref(),
+    };
+    let roles = start_roles(config, listeners, &shutdown, &mut tasks).await?;
     tokio::spawn(handle_signals(
         signals,
         roles,
@@ -185,6 +189,7 @@ fn join_error_reason(e: tokio::task::JoinError) -> String {
 
 async fn start_roles(
     config: RunConfig,
+    listeners: Listeners<'_>,
     shutdown: &CancellationToken,
     tasks: &mut RoleTasks,
 ) -> Result<Roles, StartError> {
@@ -205,8 +210,12 @@ async fn start_roles(
     if let Some(cfg) = config.gateway {
         let (web_addr, tunnel_addr) = (cfg.web_listen, cfg.tunnel_listen);
         let gateway = Gateway::new(cfg).map_err(|e| StartError::Config(format!("{e:#}")))?;
-        let web = bind(web_addr, "web.listen_address").await?;
-        let tunnel = bind(tunnel_addr, "tunnel.listen_address").await?;
+        let web = listeners
+            .bind(web_addr, "gateway.web.listen_address")
+            .await?;
+        let tunnel = listeners
+            .bind(tunnel_addr, "gateway.tunnel.listen_address")
+            .await?;
         let g = gateway.clone();
         let token = shutdown.clone();
         tasks.spawn("gateway", async move { g.run(web, tunnel, token).await });
@@ -214,7 +223,7 @@ async fn start_roles(
     }
     if let Some(cfg) = config.agent {
         let web = match cfg.web_listen {
-            Some(addr) => Some(bind(addr, "agent web.listen_address").await?),
+            Some(addr) => Some(listeners.bind(addr, "agent.web.listen_address").await?),
             None => None,
         };
         let agent = Agent::new(cfg).map_err(|e| StartError::Config(format!("{e:#}")))?;
@@ -238,7 +247,7 @@ async fn start_roles(
         let addr = cfg.listen;
         roles.egress_credentials = cfg.credentials_file.is_some();
         let egress = Egress::new(cfg).map_err(|e| StartError::Config(format!("{e:#}")))?;
-        let listener = bind(addr, "egress web.listen_address").await?;
+        let listener = listeners.bind(addr, "egress.web.listen_address").await?;
         let e = egress.clone();
         let token = shutdown.clone();
         tasks.spawn("egress", async move { e.serve(listener, token).await });
@@ -246,7 +255,9 @@ async fn start_roles(
     }
     if let Some(cfg) = config.exporter {
         let exporter = Exporter::new(&cfg);
-        let listener = bind(cfg.listen, "exporter web.listen_address").await?;
+        let listener = listeners
+            .bind(cfg.listen, "exporter.web.listen_address")
+            .await?;
         let token = shutdown.clone();
         tasks.spawn(
             "exporter",
@@ -256,14 +267,26 @@ async fn start_roles(
     Ok(roles)
 }
 
-async fn bind(addr: SocketAddr, field: &'static str) -> Result<TcpListener, StartError> {
-    listen(addr)
-        .await
-        .map_err(|(addr, source)| StartError::Bind {
-            addr,
-            field,
-            source,
-        })
+/// Binds the roles' listeners; a failure names the file and field (or the flag) that set the
+/// address, as a configuration error does.
+struct Listeners<'a> {
+    /// The config file, `None` when the role was configured by flags.
+    file: Option<&'a std::path::Path>,
+}
+
+impl Listeners<'_> {
+    async fn bind(&self, addr: SocketAddr, field: &str) -> Result<TcpListener, StartError> {
+        listen(addr)
+            .await
+            .map_err(|(addr, source)| StartError::Bind {
+                at: match self.file {
+                    Some(file) => format!("{}: {field}", file.display()),
+                    None => crate::config::flag_name(field),
+                },
+                addr,
+                source,
+            })
+    }
 }
 
 /// Listens on `addr` as [`crate::config::parse_listen_address`] returned it; on failure, the
@@ -391,39 +414,57 @@ fn changed_fields(
 }
 
 /// SIGHUP: reloads the geo database and what [`reload`] re-reads, records the outcome and says
-/// whether everything was applied.
+/// what was applied and what waits for a restart.
 fn on_sighup(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) {
     info!("SIGHUP: reloading");
     // A broken file keeps the old database. `SharedGeo::reload` logs it and records it in the
     // database's own gauges, as when the periodic check loads a changed file: the
     // `ferry_config_…` gauges cover what only SIGHUP reloads.
     let geo_applied = roles.geo.reload().is_ok();
-    let applied = reload(roles, file);
-    ConfigReload::get().record(applied);
+    let reloaded = reload(roles, file);
+    // Settings waiting for a restart were not refused: the file was valid and applied where it
+    // can be, which is what the gauge says.
+    ConfigReload::get().record(reloaded.applied);
     // The end of the reload's lines: what was applied is in force from here on.
-    if applied && geo_applied {
-        info!("reload done: everything applied");
-    } else {
+    if !(reloaded.applied && geo_applied) {
         warn!("reload done, not all of it applied: see the errors above");
+    } else if !reloaded.need_restart.is_empty() {
+        warn!(
+            need_restart = %reloaded.need_restart.join(", "),
+            "reload done: applied, except settings that take effect only after a restart"
+        );
+    } else {
+        info!("reload done: everything applied");
     }
 }
 
+/// What a reload did.
+struct Reloaded {
+    /// Nothing read was refused (what was, is logged, and its previous state kept).
+    applied: bool,
+    /// Settings that changed but take effect only after a restart.
+    need_restart: Vec<String>,
+}
+
 /// SIGHUP, after the geo database: re-reads the tokens and credentials files and the config file
-/// (`file`, with its contents at start). Whatever cannot be read keeps its previous state; returns
-/// whether everything was applied.
-fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> bool {
+/// (`file`, with its contents at start). Whatever cannot be read keeps its previous state.
+fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> Reloaded {
     for warning in super::writable_by_all(&roles.credential_files) {
         warn!("{warning}");
     }
+    let mut need_restart = Vec::new();
     let mut ok = reload_tokens(roles);
-    ok &= reload_web_config(roles);
+    ok &= reload_web_config(roles, &mut need_restart);
     ok &= reload_egress_credentials(roles);
     match file {
-        Some((path, started)) => ok &= reload_file(roles, path, started),
+        Some((path, started)) => ok &= reload_file(roles, path, started, &mut need_restart),
         None if roles.agent.is_some() => warn!("agent targets come from flags: nothing to reload (use ferry run --config.file to reload targets)"),
         None => {}
     }
-    ok
+    Reloaded {
+        applied: ok,
+        need_restart,
+    }
 }
 
 fn reload_tokens(roles: &Roles) -> bool {
@@ -444,14 +485,17 @@ fn reload_tokens(roles: &Roles) -> bool {
     true
 }
 
-fn reload_web_config(roles: &Roles) -> bool {
+fn reload_web_config(roles: &Roles, need_restart: &mut Vec<String>) -> bool {
     let Some(gateway) = &roles.gateway else {
         return true;
     };
     match gateway.reload_web_config() {
         Ok(WebConfigReload::NoFile) => {}
         Ok(WebConfigReload::Applied) => info!("web config file reloaded"),
-        Ok(WebConfigReload::TlsNeedsRestart) => warn!("web config file reloaded, but it turns TLS on or off: the web listener keeps speaking what it started with until a restart"),
+        Ok(WebConfigReload::TlsNeedsRestart) => {
+            warn!("web config file reloaded, but it turns TLS on or off: the web listener keeps speaking what it started with until a restart");
+            need_restart.push("web config file TLS".to_owned());
+        }
         Err(e) => {
             error!(error = %e, "web config file reload failed; keeping the previous one");
             return false;
@@ -481,7 +525,12 @@ fn reload_egress_credentials(roles: &Roles) -> bool {
 /// Applies the agent's targets and labels from the config file, and names the settings that
 /// changed since `started` but need a restart: a changed listener or egress rule silently
 /// ignored would look applied. A file that cannot be read or is invalid changes nothing.
-fn reload_file(roles: &Roles, path: &std::path::Path, started: &serde_yaml_ng::Value) -> bool {
+fn reload_file(
+    roles: &Roles,
+    path: &std::path::Path,
+    started: &serde_yaml_ng::Value,
+    need_restart: &mut Vec<String>,
+) -> bool {
     let now = match file_value(path) {
         Ok(now) => now,
         Err(e) => {
@@ -491,7 +540,7 @@ fn reload_file(roles: &Roles, path: &std::path::Path, started: &serde_yaml_ng::V
     };
     // The database is not opened again here: `SharedGeo::reload` did, and a bad database file
     // keeps the old one there; it must not keep the rest of the file from being applied.
-    let without_geo = |f: &mut FileConfig| f.geoip.database = None;
+    let without_geo = |f: &mut FileConfig| f.geoip = Default::default();
     let new = match FileConfig::load_validated(path, &env, without_geo) {
         Ok(new) => new,
         Err(errs) => {
@@ -505,13 +554,19 @@ fn reload_file(roles: &Roles, path: &std::path::Path, started: &serde_yaml_ng::V
     if !changed.is_empty() {
         warn!(file = %path.display(), fields = %changed.join(", "), "reload: these settings changed in the file and take effect only after a restart");
     }
+    need_restart.extend(changed);
     match &roles.agent {
-        Some(agent) => reload_agent(agent, new.agent, path),
+        Some(agent) => reload_agent(agent, new.agent, path, need_restart),
         None => true,
     }
 }
 
-fn reload_agent(agent: &Agent, new: Option<AgentConfig>, path: &std::path::Path) -> bool {
+fn reload_agent(
+    agent: &Agent,
+    new: Option<AgentConfig>,
+    path: &std::path::Path,
+    need_restart: &mut Vec<String>,
+) -> bool {
     let Some(new) = new else {
         error!(file = %path.display(), "reload: the file has no agent section any more; keeping the previous targets");
         return false;
@@ -522,6 +577,7 @@ fn reload_agent(agent: &Agent, new: Option<AgentConfig>, path: &std::path::Path)
             file = %new.agent_id,
             "reload: agent_id changed in the file; the new id takes effect only after a restart"
         );
+        need_restart.push("agent.agent_id".to_owned());
     }
     match agent.set_targets(&new.targets, &new.labels) {
         // Counted with the built-in `ferry` target, as the gateway counts them.

@@ -339,8 +339,11 @@ impl GatewaySection {
             errs,
         );
         if let Some(path) = &self.web.config_file {
-            if let Err(e) = crate::gateway::web_config::load(path) {
-                errs.push(f("web.config_file"), e);
+            for problem in crate::gateway::web_config::load_all(path)
+                .err()
+                .unwrap_or_default()
+            {
+                errs.push(f("web.config_file"), problem);
             }
         }
         Some(GatewayConfig {
@@ -371,7 +374,10 @@ impl GatewaySection {
         let t = &self.tunnel;
         let field = |name: &str| format!("{prefix}.tunnel.{name}");
         match (&t.tls_cert_file, &t.tls_key_file, t.insecure_plaintext) {
-            (None, None, true) => Some(GatewayTls::InsecurePlaintext),
+            (None, None, true) => {
+                self.reject_tls_options(prefix, errs);
+                Some(GatewayTls::InsecurePlaintext)
+            }
             (cert, _, true) => {
                 let message = format!(
                     "cannot be combined with {}: remove one of them",
@@ -384,6 +390,13 @@ impl GatewaySection {
                 None
             }
             (Some(cert), Some(key), false) => {
+                if !t.tls_self_signed_names.is_empty() {
+                    let message = format!(
+                        "set, but {} replaces the self-signed certificate these names are for: remove one of them",
+                        errs.setting(&field("tls_cert_file"))
+                    );
+                    errs.push(field("tls_self_signed_names"), message);
+                }
                 let before = errs.errors.len();
                 super::check_readable(cert, &field("tls_cert_file"), errs);
                 super::check_readable(key, &field("tls_key_file"), errs);
@@ -415,11 +428,35 @@ impl GatewaySection {
                 None
             }
             (None, None, false) => {
+                let names = self_signed_names(
+                    &t.tls_self_signed_names,
+                    &field("tls_self_signed_names"),
+                    errs,
+                );
                 self.check_self_signed(prefix, errs);
                 Some(GatewayTls::SelfSigned {
                     data_dir: self.data_dir(),
-                    names: t.tls_self_signed_names.clone(),
+                    names,
                 })
+            }
+        }
+    }
+
+    /// With `tunnel.insecure_plaintext` there is no TLS: a client CA would leave mTLS silently
+    /// unenforced, and certificate names would go nowhere. Each set one is an error, as for
+    /// the agent.
+    fn reject_tls_options(&self, prefix: &str, errs: &mut ConfigErrors) {
+        let t = &self.tunnel;
+        let plaintext = errs.setting(&format!("{prefix}.tunnel.insecure_plaintext"));
+        for (name, set) in [
+            ("tls_client_ca_file", t.tls_client_ca_file.is_some()),
+            ("tls_self_signed_names", !t.tls_self_signed_names.is_empty()),
+        ] {
+            if set {
+                errs.push(
+                    format!("{prefix}.tunnel.{name}"),
+                    format!("set, but {plaintext} turns TLS off: remove one of them"),
+                );
             }
         }
     }
@@ -453,7 +490,11 @@ impl GatewaySection {
         if let Some(reason) = tls_server::lone_half(&data_dir) {
             return errs.push(format!("{prefix}.data_dir"), reason);
         }
-        let result = if cert.exists() && key.exists() {
+        let kept = cert.exists() && key.exists();
+        if let Some(reason) = (!kept).then(|| unwritable_dir(&data_dir)).flatten() {
+            errs.push(format!("{prefix}.data_dir"), reason);
+        }
+        let result = if kept {
             tls_server::load_identity(&cert, &key, client_ca).map(drop)
         } else if let Some(ca) = client_ca {
             tls_server::client_verifier(ca).map(drop)
@@ -470,11 +511,293 @@ impl GatewaySection {
     }
 }
 
+/// Why the self-signed certificate could not be written into `dir`, created if missing, if it
+/// could not: `run` would fail there on first start after check-config said OK. Whether the
+/// nearest existing directory takes a new entry is tried, with a directory removed at once:
+/// permission bits do not tell (root passes them; /proc takes nothing).
+fn unwritable_dir(dir: &Path) -> Option<String> {
+    // The whole path: the relative default `data` is in whatever directory ferry started in.
+    let whole = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
+    let shown = whole.display();
+    if dir.exists() && !dir.is_dir() {
+        return Some(format!("{shown} exists and is not a directory"));
+    }
+    let existing = dir
+        .ancestors()
+        .map(|a| {
+            if a.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                a
+            }
+        })
+        .find(|a| a.exists())?;
+    if !existing.is_dir() {
+        return Some(format!(
+            "cannot create {shown}: {} is not a directory",
+            existing.display()
+        ));
+    }
+    let probe = existing.join(format!(".ferry-check-config-{}", std::process::id()));
+    match std::fs::create_dir(&probe) {
+        Ok(()) => {
+            let _ = std::fs::remove_dir(&probe);
+            None
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => None,
+        Err(e) if existing == dir => Some(format!(
+            "cannot write the self-signed certificate into {shown}: {e}"
+        )),
+        Err(e) => Some(format!(
+            "cannot create {shown}: {} does not take a new directory: {e}",
+            existing.display()
+        )),
+    }
+}
+
+/// The names for the self-signed certificate, each checked and written as the certificate and
+/// the agents' checks compare them (lowercase, without a trailing dot); a bad one is recorded
+/// under `field[i]` and left out.
+fn self_signed_names(raw: &[String], field: &str, errs: &mut ConfigErrors) -> Vec<String> {
+    let mut names = Vec::new();
+    for (i, name) in raw.iter().enumerate() {
+        match self_signed_name(name) {
+            Ok(name) if !names.contains(&name) => names.push(name),
+            Ok(_) => {}
+            Err(problem) => errs.push(format!("{field}[{i}]"), problem),
+        }
+    }
+    names
+}
+
+/// `name` as a certificate name: an IP address, or a DNS name of RFC 1123 labels with an optional
+/// leading `*.` wildcard; lowercase, without a trailing dot.
+fn self_signed_name(name: &str) -> Result<String, String> {
+    let bad =
+        |why: &str| format!("{name:?} is not a DNS name or IP address for the certificate: {why}");
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    let lower = name.to_ascii_lowercase();
+    let dns = lower.strip_suffix('.').unwrap_or(&lower);
+    let (wildcard, rest) = match dns.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, dns),
+    };
+    if rest.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if dns.len() > 253 {
+        return Err(bad("longer than 253 characters"));
+    }
+    let labels: Vec<&str> = rest.split('.').collect();
+    for label in &labels {
+        let valid = !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !valid {
+            return Err(bad(
+                "each label must be 1 to 63 letters, digits or inner hyphens (a wildcard only as a leading `*.`)",
+            ));
+        }
+    }
+    if labels
+        .last()
+        .is_some_and(|l| l.chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err(bad(
+            "an all-digit last label (not a valid IP address either)",
+        ));
+    }
+    if wildcard && labels.len() < 2 {
+        return Err(bad("a wildcard needs at least two labels after `*.`"));
+    }
+    Ok(dns.to_owned())
+}
+
 /// The `gateway.tunnel` field a TLS identity error is about.
 fn identity_error_field(e: &TlsError, client_ca: Option<&Path>) -> &'static str {
     match e {
         TlsError::Cert { path, .. } if Some(path.as_path()) == client_ca => "tls_client_ca_file",
         TlsError::Key { .. } => "tls_key_file",
         _ => "tls_cert_file",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid gateway section on loopback with an empty tokens file and data directory in `dir`.
+    fn section(dir: &Path) -> GatewaySection {
+        let tokens = dir.join("tokens");
+        std::fs::write(&tokens, "").unwrap();
+        let mut s = GatewaySection::default();
+        s.web.listen_address = "127.0.0.1:0".into();
+        s.tunnel.listen_address = "127.0.0.1:0".into();
+        s.auth.tokens_file = Some(tokens);
+        s.data_dir = Some(dir.join("data"));
+        s
+    }
+
+    fn validate(s: &GatewaySection, origin: &str) -> (Option<GatewayConfig>, Vec<String>) {
+        let mut errs = ConfigErrors::new(origin);
+        let config = s.validate("gateway", &mut errs);
+        let lines = errs.to_string().lines().map(str::to_owned).collect();
+        (config, lines)
+    }
+
+    /// What `run` would fail on when it generates the certificate, check-config says first.
+    #[test]
+    fn a_data_dir_that_cannot_hold_the_certificate_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = section(dir.path());
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        s.data_dir = Some(file.clone());
+        let shown = file.display();
+        assert_eq!(
+            validate(&s, "g.yaml").1,
+            [format!(
+                "g.yaml: gateway.data_dir: {shown} exists and is not a directory"
+            )]
+        );
+        s.data_dir = Some(file.join("data"));
+        assert_eq!(
+            validate(&s, "g.yaml").1,
+            [format!(
+                "g.yaml: gateway.data_dir: cannot create {shown}/data: {shown} is not a directory"
+            )]
+        );
+        s.data_dir = Some("/proc/ferry/data".into());
+        assert_eq!(
+            validate(&s, "g.yaml").1,
+            ["g.yaml: gateway.data_dir: cannot create /proc/ferry/data: /proc does not take a new directory: No such file or directory (os error 2)"]
+        );
+        // A directory still to be created, below one that takes it: nothing is left behind.
+        s.data_dir = Some(dir.path().join("new/data"));
+        assert!(validate(&s, "g.yaml").1.is_empty());
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["file", "tokens"]);
+    }
+
+    #[test]
+    fn every_problem_of_the_web_config_file_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = section(dir.path());
+        let web = dir.path().join("web.yml");
+        std::fs::write(
+            &web,
+            "tls_server_config: { cert_file: nope.pem, key_file: nope.key }\nbasic_auth_users: { u: plain, v: text }\n",
+        )
+        .unwrap();
+        s.web.config_file = Some(web.clone());
+        let lines = validate(&s, "g.yaml").1;
+        let at = format!("g.yaml: gateway.web.config_file: {}: ", web.display());
+        let short: Vec<&str> = lines
+            .iter()
+            .map(|l| l.strip_prefix(&at).unwrap_or(l))
+            .collect();
+        assert_eq!(short.len(), 3, "{lines:#?}");
+        assert!(short[0].starts_with("tls_server_config: "), "{lines:#?}");
+        assert!(
+            short[1].starts_with("basic_auth_users.u: not a bcrypt hash"),
+            "{lines:#?}"
+        );
+        assert!(
+            short[2].starts_with("basic_auth_users.v: not a bcrypt hash"),
+            "{lines:#?}"
+        );
+    }
+
+    #[test]
+    fn plaintext_tunnels_refuse_a_client_ca_and_certificate_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = section(dir.path());
+        s.tunnel.insecure_plaintext = true;
+        s.tunnel.tls_client_ca_file = Some(dir.path().join("ca.pem"));
+        s.tunnel.tls_self_signed_names = vec!["gw.example.com".into()];
+        assert_eq!(
+            validate(&s, "g.yaml").1,
+            [
+                "g.yaml: gateway.tunnel.tls_client_ca_file: set, but tunnel.insecure_plaintext turns TLS off: remove one of them",
+                "g.yaml: gateway.tunnel.tls_self_signed_names: set, but tunnel.insecure_plaintext turns TLS off: remove one of them",
+            ]
+        );
+        s.tunnel.tls_self_signed_names.clear();
+        assert_eq!(
+            validate(&s, "flags").1,
+            ["invalid flag --tunnel.tls-client-ca-file: set, but --tunnel.insecure-plaintext turns TLS off: remove one of them"]
+        );
+    }
+
+    #[test]
+    fn certificate_files_refuse_names_for_the_self_signed_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = section(dir.path());
+        s.tunnel.tls_cert_file = Some(dir.path().join("c.pem"));
+        s.tunnel.tls_key_file = Some(dir.path().join("k.pem"));
+        s.tunnel.tls_self_signed_names = vec!["gw.example.com".into()];
+        let lines = validate(&s, "g.yaml").1;
+        assert_eq!(
+            lines[0],
+            "g.yaml: gateway.tunnel.tls_self_signed_names: set, but tunnel.tls_cert_file replaces the self-signed certificate these names are for: remove one of them"
+        );
+    }
+
+    #[test]
+    fn self_signed_names_are_checked_and_written_as_compared() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = section(dir.path());
+        s.tunnel.tls_self_signed_names = [
+            "bad name!",
+            "",
+            "*.*",
+            "999.1.1.1",
+            "-a.example.com",
+            "*.com",
+        ]
+        .map(String::from)
+        .into();
+        let (_, lines) = validate(&s, "g.yaml");
+        let fields: Vec<&str> = lines
+            .iter()
+            .map(|l| l.split(": ").nth(1).unwrap())
+            .collect();
+        assert_eq!(
+            fields,
+            (0..6)
+                .map(|i| format!("gateway.tunnel.tls_self_signed_names[{i}]"))
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            lines[0].ends_with("\"bad name!\" is not a DNS name or IP address for the certificate: each label must be 1 to 63 letters, digits or inner hyphens (a wildcard only as a leading `*.`)"),
+            "{lines:#?}"
+        );
+
+        s.tunnel.tls_self_signed_names = [
+            "GW2.Example.com.",
+            "gw2.example.com",
+            "*.Example.org",
+            "127.0.0.1",
+            "::0001",
+        ]
+        .map(String::from)
+        .into();
+        let (config, lines) = validate(&s, "g.yaml");
+        assert!(lines.is_empty(), "{lines:#?}");
+        let Some(GatewayTls::SelfSigned { names, .. }) = config.map(|c| c.tls) else {
+            panic!("not self-signed");
+        };
+        assert_eq!(
+            names,
+            ["gw2.example.com", "*.example.org", "127.0.0.1", "::1"]
+        );
     }
 }

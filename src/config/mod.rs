@@ -209,20 +209,44 @@ pub struct FileConfig {
     pub log: LogSection,
     /// The gateway role, if this process runs one.
     #[cfg(feature = "gateway")]
+    #[serde(default, deserialize_with = "present")]
     pub gateway: Option<GatewaySection>,
     /// The agent role, if this process runs one.
     #[cfg(feature = "agent")]
+    #[serde(default, deserialize_with = "present")]
     pub agent: Option<AgentSection>,
     /// The egress role, if this process runs one.
     #[cfg(feature = "egress")]
+    #[serde(default, deserialize_with = "present")]
     pub egress: Option<EgressSection>,
     /// The standalone host exporter, if this process runs one.
     #[cfg(feature = "geo")]
+    #[serde(default, deserialize_with = "present")]
     pub exporter: Option<ExporterSection>,
     /// The country database every role uses.
     #[cfg(feature = "geo")]
     #[serde(default)]
     pub geoip: GeoipSection,
+}
+
+/// A role section that is written is there, even empty (`egress:` alone, or everything under it
+/// commented out): it runs with its defaults, and validation says what it lacks, rather than
+/// "no role configured" about a section the user can see.
+#[cfg_attr(
+    not(any(
+        feature = "gateway",
+        feature = "agent",
+        feature = "egress",
+        feature = "geo"
+    )),
+    allow(dead_code)
+)]
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Option::<T>::deserialize(d).map(|section| Some(section.unwrap_or_default()))
 }
 
 /// `collector:` of the agent and the exporter.
@@ -369,6 +393,18 @@ impl GeoipSection {
             interval.check_range(min, Dur::MAX, "geoip.reload_interval", errs);
         }
         let Some(path) = &self.database else {
+            // As `connections_exclude` with the collector off: a setting that does nothing is
+            // a mistake to point out, not to ignore.
+            let refused = errs
+                .errors
+                .iter()
+                .any(|e| e.field == "geoip.reload_interval");
+            if self.reload_interval.is_some() && !refused {
+                errs.push(
+                    "geoip.reload_interval",
+                    "set, but there is no geoip.database to check for changes: set geoip.database or remove this",
+                );
+            }
             return SharedGeo::disabled();
         };
         match SharedGeo::open(path) {
@@ -486,6 +522,11 @@ impl FileConfig {
         mut errs: ConfigErrors,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<RunConfig, ConfigErrors> {
+        // A value that could not be read holds its default here: what validation says about
+        // that field is about the default, not about what the file says (`connections: "true"`
+        // is not also "no collector enabled").
+        let failed: Vec<String> = errs.errors.iter().map(|e| e.field.clone()).collect();
+        let read = errs.errors.len();
         validate_log(&self.log, &mut errs);
         #[cfg(feature = "gateway")]
         let gateway = self
@@ -509,6 +550,7 @@ impl FileConfig {
             .map(|e| e.validate("exporter", &mut errs));
         #[cfg(feature = "geo")]
         let geo = self.geoip.validate(&mut errs);
+        check_shared_listeners(&self.listen_addresses(), &mut errs);
         let _ = env;
         #[allow(unused_mut)] // stays false in a build without roles
         let mut any_role = false;
@@ -534,6 +576,11 @@ impl FileConfig {
                 "no role configured: add a gateway:, agent:, egress: or exporter: section",
             );
         }
+        let mut index = 0;
+        errs.errors.retain(|e| {
+            index += 1;
+            index <= read || !failed.contains(&e.field)
+        });
         errs.finish(())?;
         #[allow(unused_mut)]
         let mut run = RunConfig {
@@ -566,6 +613,85 @@ impl FileConfig {
             e.geo = geo.clone();
         }
         Ok(run)
+    }
+}
+
+impl FileConfig {
+    /// Every listener of every role, as `(field, address as written)`.
+    fn listen_addresses(&self) -> Vec<(&'static str, &str)> {
+        #[allow(unused_mut)] // stays empty in a build without roles
+        let mut out = Vec::new();
+        #[cfg(feature = "gateway")]
+        if let Some(g) = &self.gateway {
+            out.push(("gateway.web.listen_address", g.web.listen_address.as_str()));
+            out.push((
+                "gateway.tunnel.listen_address",
+                g.tunnel.listen_address.as_str(),
+            ));
+        }
+        #[cfg(feature = "agent")]
+        if let Some(addr) = self
+            .agent
+            .as_ref()
+            .and_then(|a| a.web.listen_address.as_deref())
+        {
+            out.push(("agent.web.listen_address", addr));
+        }
+        #[cfg(feature = "egress")]
+        if let Some(e) = &self.egress {
+            out.push(("egress.web.listen_address", e.web.listen_address.as_str()));
+        }
+        #[cfg(feature = "geo")]
+        if let Some(e) = &self.exporter {
+            out.push(("exporter.web.listen_address", e.web.listen_address.as_str()));
+        }
+        out
+    }
+}
+
+/// Records an error for each listener whose address another listener of the same process
+/// already takes: the second bind would fail at start, after check-config said OK, and a
+/// service manager would restart the process forever. Addresses that do not parse are
+/// reported by their role; port 0 (any free port) never collides.
+fn check_shared_listeners(listeners: &[(&'static str, &str)], errs: &mut ConfigErrors) {
+    let parsed: Vec<(&str, SocketAddr)> = listeners
+        .iter()
+        .filter_map(|(field, raw)| Some((*field, parse_listen_address(raw).ok()?)))
+        .filter(|(_, addr)| addr.port() != 0)
+        .collect();
+    for (i, (field, addr)) in parsed.iter().enumerate() {
+        let taken: Vec<String> = parsed[..i]
+            .iter()
+            .filter(|(_, other)| listeners_collide(*addr, *other))
+            .map(|(other, _)| other_setting(errs, field, other))
+            .collect();
+        if !taken.is_empty() {
+            let message = format!(
+                "{addr} is already taken by {}: each listener needs an address of its own",
+                taken.join(" and ")
+            );
+            errs.push(*field, message);
+        }
+    }
+}
+
+/// Whether binding both `a` and `b` fails: the same address and port, or a wildcard address
+/// and one it covers on the same port (`[::]`, which `:port` means, covers IPv4 as well).
+fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wild: std::net::IpAddr, ip: std::net::IpAddr| {
+        wild.is_unspecified() && (wild.is_ipv6() || ip.is_ipv4())
+    };
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+}
+
+/// How a message about `field` names `other`: as [`ConfigErrors::setting`] within one role,
+/// with its whole path across roles (`web.listen_address` alone would not say whose).
+fn other_setting(errs: &ConfigErrors, field: &str, other: &str) -> String {
+    let role = |f: &str| f.split('.').next().unwrap_or("").to_owned();
+    if role(field) == role(other) {
+        errs.setting(other)
+    } else {
+        other.to_owned()
     }
 }
 
@@ -1307,6 +1433,14 @@ agent:
   token_fil: x
 ",
         );
+        // The rest of the file is still checked: its own problems follow.
+        let (lines, rest): (Vec<String>, Vec<String>) =
+            lines.into_iter().partition(|l| l.contains("unknown field"));
+        assert!(
+            rest.iter()
+                .any(|l| l.starts_with(": gateway.auth.tokens_file: required")),
+            "{rest:#?}"
+        );
         let short: Vec<&str> = lines
             .iter()
             .map(|l| l.split_once(", expected one of").unwrap().0)
@@ -1372,6 +1506,100 @@ agent:
         );
     }
 
+    /// One misspelt key must not hide the rest of the file's problems until it is fixed.
+    #[test]
+    fn an_unknown_field_is_reported_with_every_other_problem() {
+        let lines = check(
+            "gateway:
+  auth: { tokens_file: /nonexistent }
+  web: { listen_adress: ':1', listen_address: nope }
+  tunnel: { max_concurrent_scrapes: many }
+exporter:
+  collector: { connections: true, connections_exclude: [bogus] }
+",
+        );
+        let short: Vec<&str> = lines
+            .iter()
+            .map(|l| l.split(", expected").next().unwrap())
+            .collect();
+        assert_eq!(
+            short,
+            [
+                ": gateway.web: unknown field `listen_adress`",
+                ": gateway.tunnel.max_concurrent_scrapes: \"many\" is not a whole number from 0 to 4294967295 at line 4",
+                ": gateway.web.listen_address: \"nope\" is not a listen address (host:port or :port)",
+                ": gateway.auth.tokens_file: cannot read tokens file /nonexistent: No such file or directory (os error 2)",
+                ": exporter.collector.connections_exclude[0]: \"bogus\" is not a CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32)",
+            ],
+            "{lines:#?}"
+        );
+    }
+
+    /// A value that could not be read is reported once: validation does not go on to find
+    /// fault with the default it was replaced by.
+    #[test]
+    fn a_bad_value_is_not_reported_again_as_its_default() {
+        let lines = check("exporter:\n  collector: { connections: \"true\" }\n");
+        assert_eq!(
+            lines,
+            [": exporter.collector.connections: \"true\" is in quotes: write true without them at line 2 column 29"]
+        );
+    }
+
+    #[test]
+    fn an_empty_role_section_is_that_role_with_its_defaults() {
+        for yaml in [
+            "exporter:\n",
+            "exporter:\n  # collector: { connections: true }\n",
+            "exporter: ~\n",
+        ] {
+            assert_eq!(
+                check(yaml),
+                [": exporter.collector.connections: no collector enabled: the exporter needs collector.connections"],
+                "{yaml}"
+            );
+        }
+        let lines = check("agent:\n");
+        assert!(
+            lines.iter().any(|l| l.starts_with(": agent.gateway: ")),
+            "{lines:#?}"
+        );
+        assert!(!lines.iter().any(|l| l.contains("no role")), "{lines:#?}");
+    }
+
+    #[test]
+    fn listeners_of_one_file_need_addresses_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokens"), "").unwrap();
+        let lines = check(&format!(
+            "gateway:
+  auth: {{ tokens_file: {} }}
+  data_dir: {}
+  web: {{ listen_address: '127.0.0.1:18081' }}
+  tunnel: {{ listen_address: '127.0.0.1:18081' }}
+exporter:
+  web: {{ listen_address: ':18081' }}
+  collector: {{ connections: true }}
+agent:
+  gateway: https://gw:7443
+  agent_id: a
+  web: {{ listen_address: '127.0.0.1:0' }}
+egress:
+  web: {{ listen_address: '127.0.0.1:0' }}
+  allow_upstreams: [a.example.com]
+",
+            dir.path().join("tokens").display(),
+            dir.path().join("data").display(),
+        ));
+        assert_eq!(
+            lines,
+            [
+                ": gateway.tunnel.listen_address: 127.0.0.1:18081 is already taken by web.listen_address: each listener needs an address of its own",
+                ": exporter.web.listen_address: [::]:18081 is already taken by gateway.web.listen_address and gateway.tunnel.listen_address: each listener needs an address of its own",
+            ]
+        );
+    }
+
     /// Whole numbers and switches written the way YAML reads as something else are told apart
     /// from values that are plain wrong.
     #[test]
@@ -1396,6 +1624,35 @@ agent:
                 ": gateway.tunnel.max_concurrent_scrapes: \"4294967296\" is too large: at most 4294967295",
                 ": gateway.tunnel.max_pending_handshakes: \"18446744073709551616\" is too large: at most 4294967295",
             ]
+        );
+    }
+
+    #[test]
+    fn listeners_collide_on_one_port_of_one_address_or_a_wildcard_over_it() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for (x, y, collide) in [
+            ("127.0.0.1:80", "127.0.0.1:80", true),
+            ("127.0.0.1:80", "127.0.0.1:81", false),
+            ("127.0.0.1:80", "127.0.0.2:80", false),
+            ("0.0.0.0:80", "127.0.0.1:80", true),
+            ("0.0.0.0:80", "[::1]:80", false),
+            ("[::]:80", "127.0.0.1:80", true),
+            ("[::]:80", "[::1]:80", true),
+            ("[::1]:80", "127.0.0.1:80", false),
+        ] {
+            assert_eq!(listeners_collide(a(x), a(y)), collide, "{x} {y}");
+            assert_eq!(listeners_collide(a(y), a(x)), collide, "{y} {x}");
+        }
+    }
+
+    #[test]
+    fn a_geoip_reload_interval_without_a_database_is_an_error() {
+        let lines = check(
+            "geoip: { reload_interval: 5s }\nexporter: { collector: { connections: true } }\n",
+        );
+        assert_eq!(
+            lines,
+            [": geoip.reload_interval: set, but there is no geoip.database to check for changes: set geoip.database or remove this"]
         );
     }
 

@@ -300,34 +300,100 @@ pub(super) fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigErrors
     }
 }
 
-/// Parses YAML text, recording every wrongly typed value. The file comes back, those fields at
-/// their defaults, unless a problem stopped the parse (bad YAML, an unknown field).
+/// Parses YAML text, recording every wrongly typed value and every unknown field. The file comes
+/// back, those fields left out (at their defaults), unless a problem stopped the parse (bad YAML,
+/// a mapping where a value belongs, an unknown top-level section).
 pub(super) fn parse_recovering(text: &str, origin: &str) -> (Option<FileConfig>, ConfigErrors) {
     let mut errs = ConfigErrors::new(origin);
-    let collecting = Collecting::start();
-    let result = serde_yaml_ng::from_str::<FileConfig>(text);
-    errs.errors
-        .extend(collecting.take().iter().map(|e| yaml_error(e)));
-    drop(collecting);
+    let (result, recovered) = parse_collecting(text);
+    errs.errors.extend(recovered);
     let file = match result {
+        Ok(file) if errs.errors.is_empty() => Some(file),
+        // Parse again without the bad fields, so that they hold their defaults.
+        Ok(_) => without_fields(text, &errs.errors),
         Err(e) => {
             let first = yaml_error(&e.to_string());
-            let more = unknown_key(&first).map(|key| more_unknown_fields(text, &first.field, key));
-            errs.errors.push(first);
-            errs.errors.extend(more.into_iter().flatten());
-            for e in &mut errs.errors {
-                name_a_missing_role(e, text);
+            match unknown_key(&first).map(str::to_owned) {
+                Some(key) => {
+                    let more = more_unknown_fields(text, &first.field, &key);
+                    let unknown: Vec<ConfigError> = std::iter::once(first).chain(more).collect();
+                    errs.errors.extend(unknown.iter().cloned());
+                    without_unknown_fields(text, &unknown, &mut errs.errors)
+                }
+                None => {
+                    errs.errors.push(first);
+                    None
+                }
             }
-            return (None, errs);
         }
-        Ok(file) if errs.errors.is_empty() => file,
-        // Parse again without the bad fields, so that they hold their defaults.
-        Ok(_) => match without_fields(text, &errs.errors) {
-            Some(file) => file,
-            None => return (None, errs),
-        },
     };
-    (Some(file), errs)
+    for e in &mut errs.errors {
+        name_a_missing_role(e, text);
+    }
+    (file, errs)
+}
+
+/// Deserializes `text`, with the wrongly typed values it skipped.
+fn parse_collecting(text: &str) -> (Result<FileConfig, serde_yaml_ng::Error>, Vec<ConfigError>) {
+    let collecting = Collecting::start();
+    let result = serde_yaml_ng::from_str::<FileConfig>(text);
+    let recovered = collecting.take().iter().map(|e| yaml_error(e)).collect();
+    (result, recovered)
+}
+
+/// The file parsed without its `unknown` fields, so that one misspelt key does not hide every
+/// other problem: the wrongly typed values the first parse did not reach are added to `errors`.
+/// `None` for an unknown top-level section: which roles the file means is then a guess, and
+/// "no role configured" would be the guess's fault.
+fn without_unknown_fields(
+    text: &str,
+    unknown: &[ConfigError],
+    errors: &mut Vec<ConfigError>,
+) -> Option<FileConfig> {
+    if unknown.iter().any(|e| e.field.is_empty()) {
+        return None;
+    }
+    let mut value: Value = serde_yaml_ng::from_str(text).ok()?;
+    for e in unknown {
+        if let Some(key) = unknown_key(e) {
+            remove(&mut value, &join_path(&e.field, key));
+        }
+    }
+    let copy = serde_yaml_ng::to_string(&value).ok()?;
+    let (result, recovered) = parse_collecting(&copy);
+    // The copy's lines are not the file's: each is looked up in the file.
+    let fresh: Vec<ConfigError> = recovered
+        .iter()
+        .filter(|r| !errors.iter().any(|e| e.field == r.field))
+        .map(|r| at_line_in(r.clone(), text))
+        .collect();
+    errors.extend(fresh);
+    let file = match result {
+        Ok(file) => file,
+        Err(e) => {
+            errors.push(at_line_in(yaml_error(&e.to_string()), text));
+            return None;
+        }
+    };
+    if recovered.is_empty() {
+        Some(file)
+    } else {
+        without_fields(&copy, &recovered)
+    }
+}
+
+/// `e` with the line of its field's key in `text`, or without a line when the key is written
+/// more than once there.
+fn at_line_in(mut e: ConfigError, text: &str) -> ConfigError {
+    if let Some(at) = e.message.rfind(" at line ") {
+        e.message.truncate(at);
+    }
+    let key = e.field.rsplit('.').next().unwrap_or("");
+    let key = key.split('[').next().unwrap_or(key);
+    if let Some(line) = line_of_key(text, key) {
+        e.message.push_str(&format!(" at line {line}"));
+    }
+    e
 }
 
 /// What a top-level section configures and the Cargo feature that compiles it in, for a section

@@ -192,25 +192,36 @@ fn basic_credentials(header: &str) -> Option<(String, String)> {
 
 /// Loads and checks `path`; errors name the file and the field.
 pub fn load(path: &Path) -> Result<WebConfig, String> {
+    load_all(path).map_err(|problems| problems.join("; "))
+}
+
+/// [`load`], with every problem of the file, one line each (unless it cannot be parsed at all).
+pub fn load_all(path: &Path) -> Result<WebConfig, Vec<String>> {
     let at = path.display();
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {at}: {e}"))?;
+    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read {at}: {e}")])?;
     let file: File = serde_yaml_ng::from_str(&text)
-        .map_err(|e| format!("{at}: {}", e.to_string().replace('\n', " ")))?;
+        .map_err(|e| vec![format!("{at}: {}", e.to_string().replace('\n', " "))])?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let tls = file
-        .tls_server_config
-        .map(|t| tls_config(&t, base).map_err(|e| format!("{at}: tls_server_config: {e}")))
-        .transpose()?;
-    let users = if file.basic_auth_users.is_empty() {
-        None
-    } else {
-        for (user, hash) in &file.basic_auth_users {
-            if hash.parse::<bcrypt::HashParts>().is_err() {
-                return Err(format!("{at}: basic_auth_users.{user}: not a bcrypt hash (e.g. made with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)"));
-            }
+    let mut problems = Vec::new();
+    let tls = file.tls_server_config.and_then(|t| {
+        tls_config(&t, base)
+            .map_err(|e| problems.push(format!("{at}: tls_server_config: {e}")))
+            .ok()
+    });
+    let mut users: Vec<&String> = file.basic_auth_users.keys().collect();
+    users.sort();
+    for user in users {
+        if file.basic_auth_users[user]
+            .parse::<bcrypt::HashParts>()
+            .is_err()
+        {
+            problems.push(format!("{at}: basic_auth_users.{user}: not a bcrypt hash (e.g. made with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)"));
         }
-        Some(BasicAuth::new(file.basic_auth_users))
-    };
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let users = (!file.basic_auth_users.is_empty()).then(|| BasicAuth::new(file.basic_auth_users));
     Ok(WebConfig { tls, users })
 }
 

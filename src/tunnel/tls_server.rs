@@ -88,28 +88,39 @@ pub fn lone_half(data_dir: &Path) -> Option<String> {
 /// The names are only used when the certificate is generated: say so when a kept certificate
 /// does not cover names asked for later, rather than let agents fail on the name.
 fn warn_unlisted_names(cert_file: &Path, names: &[String]) {
+    for name in unlisted_names(cert_file, names) {
+        tracing::warn!(
+            name = %name,
+            certificate = %cert_file.display(),
+            "the kept self-signed certificate is not valid for this name (names apply when it \
+             is generated): remove both files in the data directory to generate one for the \
+             names now configured"
+        );
+    }
+}
+
+/// The names of `names` (as the configuration writes them: lowercase, no trailing dot) that the
+/// certificate in `cert_file` is not valid for. A wildcard `*.example.com` counts as covered
+/// when a name it stands for is, as agents check a name, not a pattern.
+fn unlisted_names<'a>(cert_file: &Path, names: &'a [String]) -> Vec<&'a String> {
     let Some(cert) = read_certs(cert_file)
         .ok()
         .and_then(|c| c.into_iter().next())
     else {
-        return;
+        return Vec::new();
     };
     let Ok(parsed) = webpki::EndEntityCert::try_from(&cert) else {
-        return;
+        return Vec::new();
     };
-    for name in names {
-        let covered = rustls::pki_types::ServerName::try_from(name.as_str())
-            .is_ok_and(|n| parsed.verify_is_valid_for_subject_name(&n).is_ok());
-        if !covered {
-            tracing::warn!(
-                name = %name,
-                certificate = %cert_file.display(),
-                "the kept self-signed certificate is not valid for this name (names apply when it \
-                 is generated): remove both files in the data directory to generate one for the \
-                 names now configured"
-            );
-        }
-    }
+    let covers = |name: &str| {
+        let reference = match name.strip_prefix("*.") {
+            Some(rest) => format!("ferry-wildcard-check.{rest}"),
+            None => name.to_owned(),
+        };
+        rustls::pki_types::ServerName::try_from(reference.as_str())
+            .is_ok_and(|n| parsed.verify_is_valid_for_subject_name(&n).is_ok())
+    };
+    names.iter().filter(|name| !covers(name)).collect()
 }
 
 fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> Result<(), String> {
@@ -223,6 +234,27 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// The configured names (checked and lowercased by the configuration) are all covered by
+    /// the certificate generated from them: no "not valid for this name" warning on any start.
+    #[test]
+    fn a_generated_certificate_covers_every_name_it_was_made_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = [
+            "gw.example.com",
+            "gw2.example.com",
+            "*.example.org",
+            "127.0.0.1",
+            "::1",
+        ]
+        .map(String::from)
+        .into();
+        self_signed_identity(dir.path(), &names, None).unwrap();
+        let cert = dir.path().join(SELF_SIGNED_CERT);
+        assert!(unlisted_names(&cert, &names).is_empty());
+        let later = ["gw.example.com".to_owned(), "other.example.com".to_owned()];
+        assert_eq!(unlisted_names(&cert, &later), [&later[1]]);
     }
 
     #[test]
