@@ -151,7 +151,8 @@
 //!
 //! - [`tunnel`]: the wire protocol v1 shared by both sides: TCP dialling (directly or through an
 //!   HTTP CONNECT proxy, which `NO_PROXY` may exempt the gateway from), TLS identities and
-//!   verification, HTTP/2 keepalive settings and the JSON target list the agent publishes.
+//!   verification, HTTP/2 keepalive settings and the JSON target list the agent publishes (its
+//!   paths percent-decoded, as `__metrics_path__`; both sides match scrapes by decoded path).
 //! - [`gateway`] (feature `gateway`): the public side: accepts and authenticates tunnels, keeps
 //!   the connected agents, proxies Prometheus's absolute-form scrapes, serves http_sd and its own
 //!   endpoints.

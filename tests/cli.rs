@@ -736,6 +736,47 @@ fn agent_reports_every_flag_problem_at_once() {
     );
 }
 
+/// Prometheus asks for a target's path decoded and encoded again: a path it could not ask for,
+/// or could not tell from another target's, stops the agent with one line naming the target.
+#[test]
+fn agent_refuses_target_paths_prometheus_cannot_tell_apart() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "agent-token", "s3cret\n");
+    let out = ferry(
+        dir.path(),
+        &[
+            "agent",
+            "--gateway",
+            "https://gw.example.com:7443",
+            "--agent-id",
+            "node-1",
+            "--token-file",
+            "agent-token",
+            "--target",
+            "slash=http://127.0.0.1:9100/a%2Fb/metrics",
+            "--target",
+            "bang=http://127.0.0.1:9100/x!y/metrics",
+            "--target",
+            "bang2=http://127.0.0.1:9100/x%21y/metrics",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 2, "{}", lines.join("\n"));
+    assert!(
+        lines[0].starts_with(
+            "invalid flag --target: target \"slash\": path \"/a%2Fb/metrics\" has an encoded \"/\""
+        ),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("path \"/x%21y/metrics\" is already taken by target \"bang\""),
+        "{}",
+        lines[1]
+    );
+}
+
 /// `job` and `instance` say which scrape a series came from, like `ferry_agent` and
 /// `ferry_target`: an agent may not set them, on the command line or per target.
 #[test]

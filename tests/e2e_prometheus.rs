@@ -1,7 +1,7 @@
 //! End to end with the real Prometheus and the real node_exporter (Debian packages), and the real
 //! `ferry` binary as gateway and agent, as a user would run them: Prometheus uses the gateway as
-//! `proxy_url`, discovers targets from `/targets`, and scrapes node_exporter through the tunnel;
-//! a crashed agent's targets stay discovered and are recorded down (`up == 0`).
+//! `proxy_url`, discovers targets from `/targets`, and scrapes node_exporter (and a target whose
+//! path Prometheus escapes) through the tunnel; a crashed agent's targets stay discovered and are recorded down (`up == 0`).
 
 mod common;
 
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::external::{free_port, values, NodeExporter, Prometheus};
 use common::ferry::tokens_file;
+use common::servers::{Behaviour, TargetServer};
 
 /// A child process killed when the test ends, however it ends.
 struct Killed(Child);
@@ -55,6 +56,9 @@ async fn fingerprint(data_dir: &Path, log: &Path) -> String {
 async fn prometheus_scrapes_node_exporter_through_the_tunnel() {
     let dir = tempfile::tempdir().unwrap();
     let node = NodeExporter::start().await;
+    // Paths Go escapes: Prometheus requests `__metrics_path__` encoded its own way.
+    let escaped = TargetServer::start(Behaviour::Metrics("escaped_up 1\n".into())).await;
+    let escaped_path = "/x!y/a%20b/metrics";
     let (web, tunnel) = (free_port(), free_port());
     let data_dir = dir.path().join("data");
     let tokens = tokens_file(dir.path(), &[("node-*", "e2e-secret")]);
@@ -80,6 +84,7 @@ async fn prometheus_scrapes_node_exporter_through_the_tunnel() {
             format!("--tunnel.fingerprint={fp}"),
             "--agent-id=node-1".into(),
             format!("--target=node={}", node.metrics_url()),
+            format!("--target=escaped={}", escaped.url(escaped_path)),
             "--label=dc=lab".into(),
         ],
         Some("e2e-secret"),
@@ -138,6 +143,19 @@ scrape_configs:
     assert_eq!(
         series["data"]["result"][0]["metric"]["job"], "ferry",
         "{series}"
+    );
+
+    prometheus
+        .wait_for(
+            r#"up{job="ferry",ferry_agent="node-1",ferry_target="escaped"}"#,
+            timeout,
+            |v| values(v) == [1.0],
+        )
+        .await;
+    assert!(
+        escaped.paths().iter().all(|p| p == escaped_path),
+        "{:?}",
+        escaped.paths()
     );
 
     // The agent's own metrics are the built-in target `ferry`, scraped the same way.

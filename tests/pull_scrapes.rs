@@ -899,6 +899,9 @@ async fn unlisted_ports_and_paths_are_404_and_never_fetched() {
         format!("http://{AGENT}:{port}/metrics/../admin"),
         format!("http://{AGENT}:{port}/metrics/"),
         format!("http://{AGENT}:{port}/%2e%2e/admin"),
+        format!("http://{AGENT}:{port}/%2e%2e/metrics"),
+        format!("http://{AGENT}:{port}/admin/%2e%2e/metrics"),
+        format!("http://{AGENT}:{port}/metrics%2F"),
         format!("http://{AGENT}:{port}/"),
         format!("http://{AGENT}:9369/admin"),
     ];
@@ -928,6 +931,83 @@ async fn unlisted_ports_and_paths_are_404_and_never_fetched() {
     assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(s.target.paths(), vec!["/metrics".to_owned()]);
     s.stop().await;
+}
+
+/// Prometheus takes `__metrics_path__` as a decoded path and encodes it the way Go escapes a URL
+/// path: a target configured as `/a%20b/metrics` or `/x!y/metrics` is published decoded and
+/// scraped at `/a%20b/metrics` and `/x%21y/metrics`, and the target is fetched at its own URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_with_encoded_paths_are_published_decoded_and_scraped_as_prometheus_asks() {
+    let dir = TempDir::new().unwrap();
+    let target = TargetServer::start(Behaviour::Metrics(BODY.into())).await;
+    let targets = [
+        ("enc", target.url("/a%20b/metrics")),
+        ("bang", target.url("/x!y/metrics")),
+        ("cafe", target.url("/caf%C3%A9/metrics")),
+    ];
+    let (gw, agent) = gateway_and_agent(&dir, AGENT, &targets).await;
+    let port = target.addr.port();
+
+    let sd: Value = serde_json::from_str(
+        &client::get(&format!("{}/targets", gw.web_url()))
+            .await
+            .text(),
+    )
+    .unwrap();
+    let mut published: Vec<(String, String)> = sd
+        .as_array()
+        .expect("an array of groups")
+        .iter()
+        .map(|g| {
+            let labels = &g["labels"];
+            let name = labels["ferry_target"].as_str().unwrap_or_default();
+            let path = labels["__metrics_path__"].as_str().unwrap_or_default();
+            (name.to_owned(), path.to_owned())
+        })
+        .collect();
+    published.sort();
+    let expected = [
+        ("bang", "/x!y/metrics"),
+        ("cafe", "/café/metrics"),
+        ("enc", "/a b/metrics"),
+        ("ferry", "/metrics"),
+    ]
+    .map(|(n, p)| (n.to_owned(), p.to_owned()));
+    assert_eq!(published, expected, "{sd}");
+
+    // Prometheus's requests (Go's escaping), then another client's spelling of the same path.
+    for (requested, fetched) in [
+        ("/a%20b/metrics", "/a%20b/metrics"),
+        ("/x%21y/metrics", "/x!y/metrics"),
+        ("/caf%C3%A9/metrics", "/caf%C3%A9/metrics"),
+        ("/x!y/metrics", "/x!y/metrics"),
+    ] {
+        let url = format!("http://{AGENT}:{port}{requested}");
+        let resp = get_via_proxy(gw.web, &url, &[]).await;
+        assert_eq!(resp.status, 200, "{requested}: {}", resp.text());
+        assert_eq!(resp.body, Bytes::from(BODY), "{requested}");
+        assert_eq!(
+            target.paths().last().map(String::as_str),
+            Some(fetched),
+            "{requested}"
+        );
+    }
+
+    // Encoded twice (what Prometheus asked for when ferry published the raw path) is another
+    // path; so is one with an encoded "/". Answered with the path as received, nothing fetched.
+    let fetched = target.requests();
+    for requested in ["/a%2520b/metrics", "/x!y%2Fmetrics"] {
+        let url = format!("http://{AGENT}:{port}{requested}");
+        let resp = get_via_proxy(gw.web, &url, &[]).await;
+        assert_eq!(resp.status, 404, "{requested}: {}", resp.text());
+        assert_eq!(
+            assert_one_line(&resp),
+            format!("agent \"{AGENT}\" has no target at port {port} path \"{requested}\"")
+        );
+    }
+    assert_eq!(target.requests(), fetched, "{:?}", target.paths());
+    agent.stop().await;
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

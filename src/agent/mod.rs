@@ -309,6 +309,69 @@ mod tests {
         );
     }
 
+    /// Prometheus asks for a decoded `__metrics_path__`, encoded its own way: a target is
+    /// published decoded and reached by any encoding of that path, and by nothing else.
+    #[test]
+    fn targets_are_published_and_routed_by_decoded_path() {
+        let at = |name: &str, url: &str| {
+            let mut t = target(name);
+            t.url = url.parse().unwrap();
+            t.path = crate::tunnel::metrics_path::decode(t.url.path()).unwrap();
+            t
+        };
+        let agent = agent();
+        let targets = [
+            at("enc", "http://127.0.0.1:9100/a%20b/metrics"),
+            at("bang", "http://127.0.0.1:9100/x!y/metrics"),
+        ];
+        agent.set_targets(&targets, &BTreeMap::new()).unwrap();
+        let set = agent.shared.targets.borrow().clone();
+        let published: Vec<(&str, &str)> = set
+            .list
+            .targets
+            .iter()
+            .map(|t| (t.name.as_str(), t.path.as_str()))
+            .collect();
+        assert_eq!(
+            published,
+            [
+                ("enc", "/a b/metrics"),
+                ("bang", "/x!y/metrics"),
+                ("ferry", "/metrics")
+            ]
+        );
+        for (port, path, name) in [
+            (9100, "/a%20b/metrics", Some("enc")),
+            (9100, "/x%21y/metrics", Some("bang")),
+            (9100, "/x!y/metrics", Some("bang")),
+            (9100, "/%78%21y/metrics", Some("bang")),
+            (9369, "/%6Detrics", Some("ferry")),
+            (9100, "/a%2520b/metrics", None),
+            (9100, "/x!y%2Fmetrics", None),
+            (9100, "/x!y/metrics/", None),
+            (9100, "/x!y/%2e%2e/x!y/metrics", None),
+            (9101, "/x%21y/metrics", None),
+        ] {
+            let routed = set.route(port, path).map(|r| r.name.as_str());
+            assert_eq!(routed, name, "{port} {path}");
+        }
+
+        let twice = [
+            targets[1].clone(),
+            at("bang2", "http://127.0.0.1:9100/x%21y/metrics"),
+        ];
+        assert_eq!(
+            refusal(&twice, &[]),
+            r#"target "bang2": port 9100 path "/x!y/metrics" is already taken"#
+        );
+        let mut control = target("ctl");
+        control.path = "/a\nb".into();
+        assert_eq!(
+            refusal(&[control], &[]),
+            r#"target "ctl": path "/a\nb" has a control character once decoded"#
+        );
+    }
+
     #[test]
     fn refused_targets_leave_the_old_ones_in_place() {
         let agent = agent();

@@ -20,6 +20,7 @@ use rustls::pki_types::ServerName;
 
 use crate::config::{Target, SELF_TARGET};
 use crate::http_util::{Body, BoxError};
+use crate::tunnel::metrics_path;
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_client::{client_config, Purpose};
 use crate::tunnel::{
@@ -121,9 +122,11 @@ impl TargetSet {
         Ok(TargetSet { list, routes })
     }
 
-    /// The target at `port` and `path`, if listed.
+    /// The target at `port` and `path` (a scrape's, as received), if listed: routes are keyed by
+    /// decoded path, as published, whatever encoding the scrape's client chose.
     pub(crate) fn route(&self, port: u16, path: &str) -> Option<&Route> {
-        self.routes.get(&(port, path.to_owned()))
+        let decoded = metrics_path::decode(path).ok()?;
+        self.routes.get(&(port, decoded))
     }
 }
 
@@ -345,6 +348,9 @@ fn check_target(t: &Target) -> Result<(), String> {
             "target {:?}: needs an http(s) URL with a host and a path starting with /",
             t.name
         ));
+    }
+    if let Err(problem) = metrics_path::check_decoded(&t.path) {
+        return Err(format!("target {:?}: path {:?} {problem}", t.name, t.path));
     }
     if t.port == 0 {
         return Err(format!(

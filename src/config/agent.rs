@@ -14,6 +14,7 @@ use super::{
 };
 use crate::tunnel::dial::Proxy;
 use crate::tunnel::handshake::{canonical_agent_id, reserved_agent_id, valid_agent_id};
+use crate::tunnel::metrics_path;
 use crate::tunnel::tls::parse_fingerprint;
 use crate::tunnel::tls_client::{ClientTls, Purpose, ServerVerify};
 use crate::tunnel::Keepalive;
@@ -247,7 +248,8 @@ pub struct Target {
     pub url: Uri,
     /// Port Prometheus addresses it by.
     pub port: u16,
-    /// Path Prometheus asks for (the URL's path).
+    /// Path Prometheus asks for: the URL's, percent-decoded (`__metrics_path__`, which
+    /// Prometheus encodes again when it scrapes).
     pub path: String,
     /// Labels.
     pub labels: BTreeMap<String, String>,
@@ -631,7 +633,7 @@ impl AgentSection {
         let mut seen_names = std::collections::HashMap::new();
         let mut seen_addrs = std::collections::HashMap::from([(
             (self.self_port, "/metrics".to_owned()),
-            SELF_TARGET.to_owned(),
+            (SELF_TARGET.to_owned(), "/metrics".to_owned()),
         )]);
         for (i, section) in self.targets.iter().enumerate() {
             let field = format!("{prefix}[{i}]");
@@ -662,22 +664,31 @@ impl AgentSection {
                 ok = false;
                 continue;
             };
-            if let Some(other) = seen_addrs.get(&(t.port, t.path.clone())) {
+            if let Some((other, other_path)) = seen_addrs.get(&(t.port, t.path.clone())) {
                 let whose = if other == SELF_TARGET {
                     format!("the built-in target \"{SELF_TARGET}\" (the agent's own metrics, self_port)")
                 } else {
                     format!("target {other:?}")
                 };
+                let path = t.url.path();
+                // `/x!y` and `/x%21y` are one path to Prometheus, which decodes and re-encodes it.
+                let same = match path == other_path {
+                    true => String::new(),
+                    false => format!(" as {other_path:?} (both are {:?} to Prometheus)", t.path),
+                };
                 errs.push(
                     format!("{field}.port"),
                     format!(
-                        "port {} path {:?} is already taken by {whose}: give one of them a distinct `port` (config file)",
-                        t.port, t.path
+                        "port {} path {path:?} is already taken by {whose}{same}: give one of them a distinct `port` (config file)",
+                        t.port
                     ),
                 );
                 ok = false;
             } else {
-                seen_addrs.insert((t.port, t.path.clone()), t.name.clone());
+                seen_addrs.insert(
+                    (t.port, t.path.clone()),
+                    (t.name.clone(), t.url.path().to_owned()),
+                );
             }
             out.push(t);
         }
@@ -728,6 +739,7 @@ impl TargetSection {
         }
         let tls = self.validate_tls(prefix, url.as_ref(), errs);
         let url = url?;
+        let path = self.metrics_path(&url, &format!("{prefix}.url"), errs);
         if errs.errors.len() > before {
             return None;
         }
@@ -738,13 +750,21 @@ impl TargetSection {
             .unwrap_or(if https { 443 } else { 80 });
         Some(Target {
             name: self.name.clone(),
-            path: url.path().to_owned(),
+            path: path?,
             port,
             labels: self.labels.clone(),
             tls,
             server_name: self.tls.server_name.clone(),
             url,
         })
+    }
+
+    /// The path Prometheus is told to scrape: the URL's, decoded (see [`metrics_path`]), if it
+    /// can be told apart from every other path.
+    fn metrics_path(&self, url: &Uri, field: &str, errs: &mut ConfigErrors) -> Option<String> {
+        let decoded = metrics_path::decode(url.path())
+            .map_err(|problem| format!("target {:?}: path {:?} {problem}", self.name, url.path()));
+        errs.check(field, decoded)
     }
 
     fn parse_url(&self, field: &str, errs: &mut ConfigErrors) -> Option<Uri> {

@@ -1276,6 +1276,54 @@ agent:
         );
     }
 
+    /// Prometheus decodes `__metrics_path__` and encodes it again: a path is kept decoded, and
+    /// refused when Prometheus could not ask for it or could not tell it from another target's.
+    #[test]
+    fn target_paths_are_decoded_and_ambiguous_ones_refused() {
+        let env = |n: &str| (n == "FERRY_TOKEN").then(|| "t".to_owned());
+        let config = |targets: &str| {
+            let yaml =
+                format!("agent:\n  gateway: https://gw:7443\n  agent_id: a\n  targets:\n{targets}");
+            FileConfig::parse(&yaml, "c").unwrap().validate("c", &env)
+        };
+        let ok = config(
+            "    - { name: enc, url: 'http://h:1/a%20b/metrics' }\n    - { name: bang, url: 'http://h:1/x!y/metrics' }\n    - { name: cafe, url: 'http://h:1/caf%C3%A9/m%2a' }\n",
+        )
+        .unwrap()
+        .agent
+        .unwrap();
+        let paths: Vec<(&str, &str)> = ok
+            .targets
+            .iter()
+            .map(|t| (t.path.as_str(), t.url.path()))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                ("/a b/metrics", "/a%20b/metrics"),
+                ("/x!y/metrics", "/x!y/metrics"),
+                ("/café/m*", "/caf%C3%A9/m%2a"),
+            ]
+        );
+
+        let errs = config(
+            "    - { name: slash, url: 'http://h:1/a%2Fb/metrics' }\n    - { name: latin1, url: 'http://h:1/caf%E9' }\n    - { name: pct, url: 'http://h:1/100%' }\n    - { name: bang, url: 'http://h:2/x!y/metrics' }\n    - { name: bang2, url: 'http://h:2/x%21y/metrics' }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        let lines: Vec<&str> = errs.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                r#"c: agent.targets[0].url: target "slash": path "/a%2Fb/metrics" has an encoded "/" (%2F), which Prometheus cannot request: it would ask for a plain "/""#,
+                r#"c: agent.targets[1].url: target "latin1": path "/caf%E9" does not decode to UTF-8 text (Prometheus's metrics path is text)"#,
+                r#"c: agent.targets[2].url: target "pct": path "/100%" has a "%" not followed by two hex digits (write a literal "%" as %25)"#,
+                r#"c: agent.targets[4].port: port 2 path "/x%21y/metrics" is already taken by target "bang" as "/x!y/metrics" (both are "/x!y/metrics" to Prometheus): give one of them a distinct `port` (config file)"#,
+            ],
+            "{errs}"
+        );
+    }
+
     #[test]
     fn flags_errors_name_the_flag() {
         let file = FileConfig {

@@ -4,6 +4,7 @@
 
 use tracing::warn;
 
+use crate::tunnel::metrics_path;
 use crate::tunnel::{reserved_target_name, valid_target_name, TargetInfo, TargetList};
 
 /// `list` without the targets the gateway cannot route, each dropped one logged with what is
@@ -34,21 +35,15 @@ fn problem(t: &TargetInfo) -> Option<String> {
     if t.port == 0 {
         return Some("port 0 is not a port (1-65535)".into());
     }
-    if !is_metrics_path(&t.path) {
-        // The agent publishes its URL's path; fixed query parameters stay in the agent.
-        return Some(format!(
-            "path {:?} is not an absolute path without query or fragment",
-            t.path
-        ));
+    // The agent publishes its URL's path decoded, as `__metrics_path__` holds it (a `?` in it
+    // is part of the path, which Prometheus encodes); fixed query parameters stay in the agent.
+    if !t.path.starts_with('/') {
+        return Some(format!("path {:?} does not start with /", t.path));
+    }
+    if let Err(problem) = metrics_path::check_decoded(&t.path) {
+        return Some(format!("path {:?} {problem}", t.path));
     }
     None
-}
-
-/// Whether `path` is what a request URI's path can be: `/`-rooted, no query or fragment.
-fn is_metrics_path(path: &str) -> bool {
-    path.starts_with('/')
-        && !path.contains(['?', '#'])
-        && http::uri::PathAndQuery::try_from(path).is_ok_and(|p| p.path() == path)
 }
 
 #[cfg(test)]
@@ -76,10 +71,11 @@ mod tests {
                 target("", 9101, "/metrics"),
                 target("a b", 9102, "/metrics"),
                 target("nopath", 9103, ""),
-                target("query", 9104, "nopath?x=1#y"),
-                target("query2", 9105, "/metrics?x=1"),
-                target("fragment", 9106, "/metrics#y"),
+                target("relative", 9104, "nopath?x=1#y"),
+                target("newline", 9105, "/metrics\nx"),
+                target("nul", 9106, "/metrics\0"),
                 target("space", 9107, "/me trics"),
+                target("q", 9109, "/what?/café!"),
                 target("app.v2_x-1", 8080, "/app/metrics"),
                 target("ferry", 9369, "/metrics"),
                 target("unknown", 9108, "/metrics"),
@@ -90,7 +86,7 @@ mod tests {
             .into_iter()
             .map(|t| t.name)
             .collect();
-        assert_eq!(kept, ["node", "app.v2_x-1", "ferry"]);
+        assert_eq!(kept, ["node", "space", "q", "app.v2_x-1", "ferry"]);
     }
 
     #[test]
@@ -99,7 +95,10 @@ mod tests {
         assert!(problem(&target("x", 0, "/m")).unwrap().contains("port 0"));
         assert!(problem(&target("x", 1, "m?q"))
             .unwrap()
-            .contains("path \"m?q\""));
+            .contains("path \"m?q\" does not start with /"));
+        assert!(problem(&target("x", 1, "/a\tb"))
+            .unwrap()
+            .contains("path \"/a\\tb\" has a control character once decoded"));
         assert_eq!(problem(&target("x", 65535, "/m")), None);
     }
 }

@@ -15,6 +15,8 @@ pub mod dial;
 // part of the API (the agent and the gateway do the handshake themselves).
 #[doc(hidden)]
 pub mod handshake;
+#[cfg(any(feature = "agent", feature = "gateway"))]
+pub(crate) mod metrics_path;
 #[cfg(feature = "agent")]
 pub mod no_proxy;
 pub mod tls;
@@ -207,18 +209,21 @@ pub struct TargetInfo {
     pub name: String,
     /// The port Prometheus uses in `<agent-id>:<port>`.
     pub port: u16,
-    /// The metrics path.
+    /// The metrics path, percent-decoded: Prometheus's `__metrics_path__`, which it encodes when
+    /// it requests it.
     pub path: String,
     /// The target's own labels.
     pub labels: BTreeMap<String, String>,
 }
 
 impl TargetList {
-    /// The target served at `port` and `path`, if any.
+    /// The target served at `port` and `path`, a request's path as received (percent-encoded),
+    /// if any: the one whose decoded path is `path` decoded.
+    #[cfg(any(feature = "agent", feature = "gateway"))]
     pub fn find(&self, port: u16, path: &str) -> Option<&TargetInfo> {
         self.targets
             .iter()
-            .find(|t| t.port == port && t.path == path)
+            .find(|t| t.port == port && metrics_path::matches(path, &t.path))
     }
 }
 
