@@ -777,7 +777,7 @@ async fn a_rotated_token_file_is_used_without_restarting_the_agent() {
     .await;
     wait_scrape_body(gw.web, &url, "up 1\n", Duration::from_secs(5)).await;
     logs.wait_lines(
-        &["the token file changed: connecting with the new token"],
+        &["the gateway revoked our old token; connecting with the new one"],
         1,
         Duration::from_secs(5),
     )
@@ -814,6 +814,75 @@ async fn a_rotated_token_file_is_used_without_restarting_the_agent() {
         "{text}"
     );
     assert_eq!(local_ok_connects(agent_web).await, 3.0);
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// Rotating a group token as the README says: the new line added and reloaded, the new token
+/// written into the agent's token file, the old line removed and reloaded. The gateway closes
+/// the tunnel still using the old token, and the agent comes back with the new one at once,
+/// not after its slow retry after a revoked token (`auth_failure_backoff`, 60 s here), and
+/// without an error in the log: nothing went wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_rotated_as_the_readme_says_costs_no_outage() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("up 1\n").await;
+    let url = target_url("node-1", &server);
+    let gw = start_gateway(&dir, &[("node-*", "old-token")], |_| {}).await;
+    let token_file = dir.path().join("agent-token");
+    std::fs::write(&token_file, "old-token\n").unwrap();
+    let mut section = agent_section(&gw, "node-1", &[("node", server.url("/metrics"))]);
+    section.token_file = Some(token_file.clone());
+    section.reconnect.min_backoff = Dur(Duration::from_millis(500));
+    section.reconnect.max_backoff = Dur(Duration::from_secs(30));
+    section.reconnect.auth_failure_backoff = Dur(Duration::from_secs(60));
+    let agent = start_agent(section, "unused: the token file wins");
+    gw.wait_agent("node-1", Duration::from_secs(10)).await;
+    let agent_web = serve_agent_web(&agent.agent).await;
+
+    tokens_file(
+        dir.path(),
+        &[("node-*", "old-token"), ("node-*", "new-token")],
+    );
+    gw.gateway.reload_tokens().unwrap();
+    std::fs::write(&token_file, "new-token\n").unwrap();
+    tokens_file(dir.path(), &[("node-*", "new-token")]);
+    gw.gateway.reload_tokens().unwrap();
+    wait_for(
+        "the agent is back with the new token",
+        Duration::from_secs(2),
+        || async {
+            match local_ok_connects(agent_web).await {
+                n if n >= 2.0 => Ok(()),
+                n => Err(format!("{n} ok connects")),
+            }
+        },
+    )
+    .await;
+    let resp = scrape(gw.web, &url).await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "up 1\n"));
+
+    let told =
+        logs.lines_with(&["the gateway revoked our old token; connecting with the new one from"]);
+    assert!(
+        told.len() == 1
+            && told[0].contains(" INFO ")
+            && told[0].contains(&token_file.display().to_string()),
+        "{told:?}"
+    );
+    let errors = logs.lines_with(&[" ERROR "]);
+    assert!(errors.is_empty(), "{errors:#?}");
+    let text = gateway_metrics(gw.web).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_tunnel_handshakes_total",
+            &[("result", "unauthorized")]
+        ),
+        None,
+        "{text}"
+    );
     agent.stop().await;
     gw.stop().await;
 }
