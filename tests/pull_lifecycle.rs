@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::ferry::{
     agent_publishing_on, agent_section, gateway_and_agent, metric_value, start_agent,
-    start_gateway, start_gateway_on, tokens_file, upgrade_as_agent, TestGateway,
+    start_gateway, start_gateway_on, start_gateway_process_on, tokens_file, upgrade_as_agent,
+    TestGateway,
 };
 use common::http::{self, Resp};
 use common::proxy::ConnectProxy;
@@ -1900,20 +1901,25 @@ async fn a_scrape_of_a_target_removed_meanwhile_is_counted_under_unknown() {
 }
 
 /// Gateways restarted one after the other, closer together than `stable_after`: each says it is
-/// shutting down, and the agent takes that for a restart, not trouble. It logs so at info level
-/// and comes back within its first backoff ceiling each time, rather than waiting ever longer.
+/// shutting down before its process exits, and the agent takes that for a restart, not trouble.
+/// It logs so at info level and comes back within its first backoff ceiling each time, rather
+/// than waiting ever longer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_gateway_restarts_keep_the_agents_backoff_short() {
     let logs = common::logs::capture();
     let dir = TempDir::new().unwrap();
     let server = metrics_server("up 1\n").await;
-    let mut gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let (web_l, tunnel_l) = (
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    );
+    let mut gw = start_gateway_process_on(&dir, &[("*", TOKEN)], web_l, tunnel_l, |_| {}).await;
     let mut section = agent_section(&gw, "rolling", &[("node", server.url("/metrics"))]);
     section.reconnect.min_backoff = Dur(Duration::from_millis(100));
     section.reconnect.max_backoff = Dur(Duration::from_secs(30));
     let agent = start_agent(section, TOKEN);
     gw.wait_agent("rolling", Duration::from_secs(10)).await;
-    for round in 1..=3 {
+    for round in 1..=5 {
         let (web, tunnel) = (gw.web, gw.tunnel);
         let stopping = Instant::now();
         gw.stop().await;
@@ -1943,9 +1949,11 @@ async fn rolling_gateway_restarts_keep_the_agents_backoff_short() {
             delay.ends_with("ns") || delay.ends_with("µs") || delay.ends_with("ms"),
             "round {round}: a delay beyond the first ceiling (100ms): {delay}; {told:?}"
         );
-        // Down long enough for failed attempts to raise the backoff.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        gw = start_gateway_on(
+        let gone = logs.lines_with(&["agent disconnected", "reason=gateway shutting down"]);
+        assert_eq!(gone.len(), round, "the gateway's log: {gone:#?}");
+        // Down a moment, long enough for a failed attempt or two.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gw = start_gateway_process_on(
             &dir,
             &[("*", TOKEN)],
             rebind(web).await,
@@ -1953,7 +1961,7 @@ async fn rolling_gateway_restarts_keep_the_agents_backoff_short() {
             |_| {},
         )
         .await;
-        gw.wait_agent("rolling", Duration::from_secs(10)).await;
+        gw.wait_agent("rolling", Duration::from_secs(2)).await;
     }
     assert!(
         logs.lines_with(&["GATEWAY CLOSED OUR TUNNEL"]).is_empty(),
