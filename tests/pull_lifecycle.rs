@@ -1305,7 +1305,7 @@ async fn gateway_shutdown_drains_in_flight_scrapes() {
 }
 
 /// A scrape still running when the gateway's grace period ends is cut off, and the log says how
-/// many were.
+/// many were. It is answered 503 with the reason before the gateway's process would exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_shutdown_says_how_many_scrapes_the_grace_period_cut_off() {
     let logs = common::logs::capture();
@@ -1315,9 +1315,13 @@ async fn gateway_shutdown_says_how_many_scrapes_the_grace_period_cut_off() {
         body: "slow 1\n".into(),
     })
     .await;
-    let gw = start_gateway(&dir, &[("*", "test-token")], |s| {
-        s.shutdown_grace_period = Dur(Duration::from_millis(300))
-    })
+    let gw = start_gateway_process_on(
+        &dir,
+        &[("*", "test-token")],
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        |s| s.shutdown_grace_period = Dur(Duration::from_millis(300)),
+    )
     .await;
     let agent = start_agent(
         agent_section(&gw, "slow-3", &[("slow", server.url("/metrics"))]),
@@ -1336,7 +1340,17 @@ async fn gateway_shutdown_says_how_many_scrapes_the_grace_period_cut_off() {
         lines[0].contains("WARN") && lines[0].contains("requests=1"),
         "{lines:?}"
     );
-    in_flight.abort();
+    // Answered before the process exits, in words: not a connection closed without a word.
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the cut scrape gets an answer");
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert!(
+        resp.text().starts_with("the gateway is shutting down"),
+        "{}",
+        resp.text()
+    );
     agent.stop().await;
 }
 
