@@ -59,18 +59,34 @@ pub async fn serve_http<H, F>(
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    serve_http_tracked(listener, handler, |_| (), None, shutdown, grace).await;
+    let drain = Drain {
+        grace,
+        cut_off: "the server is shutting down",
+    };
+    serve_http_tracked(listener, handler, |_| (), None, shutdown, drain).await;
 }
+
+/// How a listener drains on shutdown: in-flight requests may finish for `grace`; those still
+/// waiting for their handler then are answered 503 with the one-line reason `cut_off`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Drain {
+    pub(crate) grace: Duration,
+    pub(crate) cut_off: &'static str,
+}
+
+/// How long the 503s of requests cut off at the end of the grace period may take to be written.
+const CUT_OFF_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Like [`serve_http`]; `on_accept` is called for every connection and what it returns is kept
 /// until the connection closes (a metrics guard, typically). With `tls`, connections speak TLS.
+/// Returns once every connection is closed, or its requests were cut off and answered.
 pub(crate) async fn serve_http_tracked<H, F, A, G>(
     listener: TcpListener,
     handler: H,
     on_accept: A,
     tls: Option<ReloadableTls>,
     shutdown: CancellationToken,
-    grace: Duration,
+    drain: Drain,
 ) where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
@@ -80,6 +96,9 @@ pub(crate) async fn serve_http_tracked<H, F, A, G>(
     let graceful = GracefulShutdown::new();
     // The connections still open when the grace period ends, each cut off with its request.
     let open = TaskTracker::new();
+    // Fired when the grace period ends: the requests still waiting for their handler are
+    // answered instead of dropped with their connection when the process exits.
+    let cut = CancellationToken::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -87,9 +106,17 @@ pub(crate) async fn serve_http_tracked<H, F, A, G>(
     while let Some((stream, peer)) = accept(&listener, &shutdown).await {
         let guard = on_accept(peer);
         let handler = handler.clone();
+        let cut = cut.clone();
         let service = hyper::service::service_fn(move |req| {
             let fut = handler(peer, req);
-            async move { Ok::<_, Infallible>(fut.await) }
+            let cut = cut.clone();
+            async move {
+                let resp = tokio::select! {
+                    resp = fut => resp,
+                    _ = cut.cancelled() => cut_off(drain.cut_off),
+                };
+                Ok::<_, Infallible>(resp)
+            }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -113,6 +140,7 @@ pub(crate) async fn serve_http_tracked<H, F, A, G>(
         });
     }
     drop(listener);
+    let grace = drain.grace;
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -123,7 +151,20 @@ pub(crate) async fn serve_http_tracked<H, F, A, G>(
             requests = open.len(),
             "in-flight requests still running when the shutdown grace period ended; cutting them off"
         );
+        cut.cancel();
+        open.close();
+        let _ = tokio::time::timeout(CUT_OFF_WRITE_TIMEOUT, open.wait()).await;
     }
+}
+
+/// The answer to a request cut off at the end of the shutdown grace period.
+fn cut_off(reason: &str) -> Response<Body> {
+    let mut resp = crate::http_util::text_response(http::StatusCode::SERVICE_UNAVAILABLE, reason);
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 /// The next connection on `listener` (with `TCP_NODELAY` set), or `None` once `shutdown` fires.

@@ -1378,6 +1378,54 @@ fn the_agents_token_file_must_hold_the_token_and_only_its_owner_may_read_it() {
     assert!(stderr_lines(&out).is_empty(), "{out:?}");
 }
 
+/// A token in FERRY_TOKEN is checked as one in a file, and its errors name the variable, not a
+/// flag the user did not set; the `token:` line of `ferry token new` pasted whole is refused
+/// with the fix. With a token file as well, the variable is ignored, and a warning says so.
+#[test]
+fn ferry_token_errors_name_the_variable_and_a_token_file_beside_it_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    good_config(dir.path());
+    let token = dir.path().join("agent-token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let agent = [
+        "agent",
+        "--gateway",
+        "http://127.0.0.1:1",
+        "--tunnel.insecure-plaintext",
+        "--agent-id",
+        "node-1",
+    ];
+    let hex = "b2".repeat(32);
+    for (value, problem) in [
+        (
+            hash_token("s3cret"),
+            "environment variable FERRY_TOKEN: its value holds the token's hash (for the gateway's tokens file), not the token".to_owned(),
+        ),
+        (
+            format!("token:            {hex}"),
+            "environment variable FERRY_TOKEN: its value holds the line \"token: ...\" that ferry token new printed; it must hold only the token after \"token:\"".to_owned(),
+        ),
+    ] {
+        let out = command(dir.path(), &agent)
+            .env("FERRY_TOKEN", &value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+        assert_eq!(stderr_lines(&out), [problem]);
+    }
+
+    let out = command(dir.path(), &["check-config", "ferry.yaml"])
+        .env("FERRY_TOKEN", "other")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "a warning, not an error: {out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        ["ferry.yaml: warning: FERRY_TOKEN is ignored: the agent's token comes from the token file agent-token (unset one of them)"]
+    );
+}
+
 #[test]
 fn the_log_format_flag_names_its_values() {
     let dir = TempDir::new().unwrap();

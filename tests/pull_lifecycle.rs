@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::ferry::{
     agent_publishing_on, agent_section, gateway_and_agent, metric_value, start_agent,
-    start_gateway, start_gateway_on, tokens_file, upgrade_as_agent, TestGateway,
+    start_gateway, start_gateway_on, start_gateway_process_on, tokens_file, upgrade_as_agent,
+    TestGateway,
 };
 use common::http::{self, Resp};
 use common::proxy::ConnectProxy;
@@ -777,7 +778,7 @@ async fn a_rotated_token_file_is_used_without_restarting_the_agent() {
     .await;
     wait_scrape_body(gw.web, &url, "up 1\n", Duration::from_secs(5)).await;
     logs.wait_lines(
-        &["the token file changed: connecting with the new token"],
+        &["the gateway revoked our old token; connecting with the new one"],
         1,
         Duration::from_secs(5),
     )
@@ -814,6 +815,75 @@ async fn a_rotated_token_file_is_used_without_restarting_the_agent() {
         "{text}"
     );
     assert_eq!(local_ok_connects(agent_web).await, 3.0);
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// Rotating a group token as the README says: the new line added and reloaded, the new token
+/// written into the agent's token file, the old line removed and reloaded. The gateway closes
+/// the tunnel still using the old token, and the agent comes back with the new one at once,
+/// not after its slow retry after a revoked token (`auth_failure_backoff`, 60 s here), and
+/// without an error in the log: nothing went wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_rotated_as_the_readme_says_costs_no_outage() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("up 1\n").await;
+    let url = target_url("node-1", &server);
+    let gw = start_gateway(&dir, &[("node-*", "old-token")], |_| {}).await;
+    let token_file = dir.path().join("agent-token");
+    std::fs::write(&token_file, "old-token\n").unwrap();
+    let mut section = agent_section(&gw, "node-1", &[("node", server.url("/metrics"))]);
+    section.token_file = Some(token_file.clone());
+    section.reconnect.min_backoff = Dur(Duration::from_millis(500));
+    section.reconnect.max_backoff = Dur(Duration::from_secs(30));
+    section.reconnect.auth_failure_backoff = Dur(Duration::from_secs(60));
+    let agent = start_agent(section, "unused: the token file wins");
+    gw.wait_agent("node-1", Duration::from_secs(10)).await;
+    let agent_web = serve_agent_web(&agent.agent).await;
+
+    tokens_file(
+        dir.path(),
+        &[("node-*", "old-token"), ("node-*", "new-token")],
+    );
+    gw.gateway.reload_tokens().unwrap();
+    std::fs::write(&token_file, "new-token\n").unwrap();
+    tokens_file(dir.path(), &[("node-*", "new-token")]);
+    gw.gateway.reload_tokens().unwrap();
+    wait_for(
+        "the agent is back with the new token",
+        Duration::from_secs(2),
+        || async {
+            match local_ok_connects(agent_web).await {
+                n if n >= 2.0 => Ok(()),
+                n => Err(format!("{n} ok connects")),
+            }
+        },
+    )
+    .await;
+    let resp = scrape(gw.web, &url).await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "up 1\n"));
+
+    let told =
+        logs.lines_with(&["the gateway revoked our old token; connecting with the new one from"]);
+    assert!(
+        told.len() == 1
+            && told[0].contains(" INFO ")
+            && told[0].contains(&token_file.display().to_string()),
+        "{told:?}"
+    );
+    let errors = logs.lines_with(&[" ERROR "]);
+    assert!(errors.is_empty(), "{errors:#?}");
+    let text = gateway_metrics(gw.web).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_tunnel_handshakes_total",
+            &[("result", "unauthorized")]
+        ),
+        None,
+        "{text}"
+    );
     agent.stop().await;
     gw.stop().await;
 }
@@ -1235,7 +1305,7 @@ async fn gateway_shutdown_drains_in_flight_scrapes() {
 }
 
 /// A scrape still running when the gateway's grace period ends is cut off, and the log says how
-/// many were.
+/// many were. It is answered 503 with the reason before the gateway's process would exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_shutdown_says_how_many_scrapes_the_grace_period_cut_off() {
     let logs = common::logs::capture();
@@ -1245,9 +1315,13 @@ async fn gateway_shutdown_says_how_many_scrapes_the_grace_period_cut_off() {
         body: "slow 1\n".into(),
     })
     .await;
-    let gw = start_gateway(&dir, &[("*", "test-token")], |s| {
-        s.shutdown_grace_period = Dur(Duration::from_millis(300))
-    })
+    let gw = start_gateway_process_on(
+        &dir,
+        &[("*", "test-token")],
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        |s| s.shutdown_grace_period = Dur(Duration::from_millis(300)),
+    )
     .await;
     let agent = start_agent(
         agent_section(&gw, "slow-3", &[("slow", server.url("/metrics"))]),
@@ -1266,7 +1340,17 @@ async fn gateway_shutdown_says_how_many_scrapes_the_grace_period_cut_off() {
         lines[0].contains("WARN") && lines[0].contains("requests=1"),
         "{lines:?}"
     );
-    in_flight.abort();
+    // Answered before the process exits, in words: not a connection closed without a word.
+    let resp = in_flight
+        .await
+        .unwrap()
+        .expect("the cut scrape gets an answer");
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert!(
+        resp.text().starts_with("the gateway is shutting down"),
+        "{}",
+        resp.text()
+    );
     agent.stop().await;
 }
 
@@ -1831,20 +1915,25 @@ async fn a_scrape_of_a_target_removed_meanwhile_is_counted_under_unknown() {
 }
 
 /// Gateways restarted one after the other, closer together than `stable_after`: each says it is
-/// shutting down, and the agent takes that for a restart, not trouble. It logs so at info level
-/// and comes back within its first backoff ceiling each time, rather than waiting ever longer.
+/// shutting down before its process exits, and the agent takes that for a restart, not trouble.
+/// It logs so at info level and comes back within its first backoff ceiling each time, rather
+/// than waiting ever longer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_gateway_restarts_keep_the_agents_backoff_short() {
     let logs = common::logs::capture();
     let dir = TempDir::new().unwrap();
     let server = metrics_server("up 1\n").await;
-    let mut gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let (web_l, tunnel_l) = (
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    );
+    let mut gw = start_gateway_process_on(&dir, &[("*", TOKEN)], web_l, tunnel_l, |_| {}).await;
     let mut section = agent_section(&gw, "rolling", &[("node", server.url("/metrics"))]);
     section.reconnect.min_backoff = Dur(Duration::from_millis(100));
     section.reconnect.max_backoff = Dur(Duration::from_secs(30));
     let agent = start_agent(section, TOKEN);
     gw.wait_agent("rolling", Duration::from_secs(10)).await;
-    for round in 1..=3 {
+    for round in 1..=5 {
         let (web, tunnel) = (gw.web, gw.tunnel);
         let stopping = Instant::now();
         gw.stop().await;
@@ -1874,9 +1963,11 @@ async fn rolling_gateway_restarts_keep_the_agents_backoff_short() {
             delay.ends_with("ns") || delay.ends_with("µs") || delay.ends_with("ms"),
             "round {round}: a delay beyond the first ceiling (100ms): {delay}; {told:?}"
         );
-        // Down long enough for failed attempts to raise the backoff.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        gw = start_gateway_on(
+        let gone = logs.lines_with(&["agent disconnected", "reason=gateway shutting down"]);
+        assert_eq!(gone.len(), round, "the gateway's log: {gone:#?}");
+        // Down a moment, long enough for a failed attempt or two.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gw = start_gateway_process_on(
             &dir,
             &[("*", TOKEN)],
             rebind(web).await,
@@ -1884,7 +1975,7 @@ async fn rolling_gateway_restarts_keep_the_agents_backoff_short() {
             |_| {},
         )
         .await;
-        gw.wait_agent("rolling", Duration::from_secs(10)).await;
+        gw.wait_agent("rolling", Duration::from_secs(2)).await;
     }
     assert!(
         logs.lines_with(&["GATEWAY CLOSED OUR TUNNEL"]).is_empty(),

@@ -42,6 +42,13 @@ impl Backoff {
     }
 }
 
+/// A slow retry after a refusal (`auth_failure_backoff`): between half of `after` and all of
+/// it, so that agents refused together (a revoked group token) do not retry together, yet none
+/// sooner than half the pace asked for.
+pub fn slow_retry(after: Duration) -> Duration {
+    rand::rng().random_range(after / 2..=after)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +80,16 @@ mod tests {
         let mut b = Backoff::new(Duration::from_secs(10), Duration::from_secs(10));
         let delays: std::collections::HashSet<_> = (0..20).map(|_| b.next_delay()).collect();
         assert!(delays.len() > 10, "full jitter spreads delays: {delays:?}");
+    }
+
+    #[test]
+    fn slow_retries_are_jittered_within_the_upper_half() {
+        let after = Duration::from_secs(60);
+        let delays: std::collections::HashSet<_> = (0..20).map(|_| slow_retry(after)).collect();
+        assert!(delays.len() > 10, "{delays:?}");
+        assert!(
+            delays.iter().all(|d| (after / 2..=after).contains(d)),
+            "{delays:?}"
+        );
     }
 }

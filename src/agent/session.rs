@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use super::backoff::Backoff;
+use super::backoff::{slow_retry, Backoff};
 use super::serve::ClosingNotice;
 use super::Shared;
 use crate::config::{read_token_file, AgentConfig, Secret};
@@ -73,7 +73,7 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
                 delay
             }
             Ok(SessionEnd::ClosedByGateway(notice)) => {
-                closed_by_gateway(&shared, notice, &mut backoff, started.elapsed())
+                closed_by_gateway(&shared, notice, &mut token, &mut backoff, started.elapsed())
             }
             Err(SessionError::Handshake(e)) if e.is_id_conflict() => {
                 count(&shared, "conflict");
@@ -119,6 +119,7 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
 fn closed_by_gateway(
     shared: &Shared,
     notice: ClosingNotice,
+    token: &mut Token,
     backoff: &mut Backoff,
     lasted: Duration,
 ) -> Duration {
@@ -132,11 +133,7 @@ fn closed_by_gateway(
             error!(%gateway, %agent, %reason, retry_in = ?b.auth_failure, "GATEWAY CLOSED OUR TUNNEL: another agent claims our agent id (a cloned host keeps the host name as id); give each agent its own agent_id and token");
             b.auth_failure
         }
-        // Like a 401: the same token would be refused again soon.
-        ClosingKind::Revoked => {
-            error!(%gateway, %agent, %reason, retry_in = ?b.auth_failure, "GATEWAY REVOKED OUR TOKEN: it was removed from the gateway's tokens file or no longer covers our agent id; give this agent a token the tokens file accepts");
-            b.auth_failure
-        }
+        ClosingKind::Revoked => revoked(shared, &reason, token, backoff),
         // A restart, not trouble: back soon, with a delay drawn from the first ceiling so that
         // rolling restarts closer together than `stable_after` do not add up to the longest
         // backoff, and the gateway's agents do not all come back at once.
@@ -155,6 +152,25 @@ fn closed_by_gateway(
             delay
         }
     }
+}
+
+/// After the gateway revoked our token: the last step of a rotation (the new token is in our
+/// token file already) reconnects at once; otherwise the same token would be refused again, as
+/// after a 401, and is retried slowly. That slow retry is jittered: a fleet sharing a revoked
+/// group token would otherwise come back, and be refused, all in the same instant.
+fn revoked(shared: &Shared, reason: &str, token: &mut Token, backoff: &mut Backoff) -> Duration {
+    let b = &shared.config.backoff;
+    let gateway = &shared.config.gateway.addr;
+    let agent = &shared.config.agent_id;
+    if let Some(file) = token.rotated(shared) {
+        backoff.reset();
+        let delay = backoff.next_delay();
+        info!(%gateway, %agent, %reason, retry_in = ?delay, "the gateway revoked our old token; connecting with the new one from {}", file.display());
+        return delay;
+    }
+    let delay = slow_retry(b.auth_failure);
+    error!(%gateway, %agent, %reason, retry_in = ?delay, "GATEWAY REVOKED OUR TOKEN: it was removed from the gateway's tokens file or no longer covers our agent id; give this agent a token the tokens file accepts");
+    delay
 }
 
 /// Says once who the agent is, what it serves and how the tunnel reaches the gateway: a proxy
@@ -195,6 +211,18 @@ impl Token {
             }
         }
         Ok(self.current.expose())
+    }
+
+    /// The token file, if it now holds a token other than the one in use, which it becomes.
+    /// Unreadable is no: the next connection's [`Token::refresh`] says why.
+    fn rotated<'a>(&mut self, shared: &'a Shared) -> Option<&'a std::path::Path> {
+        let path = shared.config.token_file.as_deref()?;
+        let token = read_token_file(path).ok()?;
+        if token == self.current {
+            return None;
+        }
+        self.current = token;
+        Some(path)
     }
 }
 

@@ -615,6 +615,14 @@ fn warnings(config: &RunConfig) -> Vec<String> {
     out.extend(writable_by_all(&credential_files(config)));
     if let Some(path) = config.agent.as_ref().and_then(|a| a.token_file.as_ref()) {
         out.extend(readable_by_others(path));
+        // Both set, the file wins: a token put in the variable would be silently not used.
+        if env(crate::config::TOKEN_ENV).is_some() {
+            out.push(format!(
+                "{} is ignored: the agent's token comes from the token file {} (unset one of them)",
+                crate::config::TOKEN_ENV,
+                path.display()
+            ));
+        }
     }
     out
 }

@@ -615,14 +615,17 @@ impl AgentSection {
         env: &dyn Fn(&str) -> Option<String>,
         errs: &mut ConfigErrors,
     ) -> Option<Secret> {
-        let read = match &self.token_file {
-            Some(path) => read_token_file(path),
-            None => match env(TOKEN_ENV) {
-                Some(t) => check_token(&t, TOKEN_ENV, &format!("{TOKEN_ENV} must hold")),
-                None => Err(format!("required: a file holding the agent's token, or the {TOKEN_ENV} environment variable")),
-            },
-        };
-        read.map_err(|e| errs.push(field, e)).ok()
+        match (&self.token_file, env(TOKEN_ENV)) {
+            (Some(path), _) => read_token_file(path).map_err(|e| errs.push(field, e)).ok(),
+            // The user set the variable, not the flag or field: its errors name the variable.
+            (None, Some(t)) => check_token(&t, "its value", "it must hold")
+                .map_err(|e| errs.push_env(TOKEN_ENV, e))
+                .ok(),
+            (None, None) => {
+                errs.push(field, format!("required: a file holding the agent's token, or the {TOKEN_ENV} environment variable"));
+                None
+            }
+        }
     }
 
     /// Validates every target, each one's problems in file order: its own fields, then whether
@@ -1049,6 +1052,14 @@ fn check_token(text: &str, source: &str, holds: &str) -> Result<Secret, String> 
             "{source} holds a line of the gateway's tokens file (glob and hash); {holds} the token itself (the \"token:\" value ferry token new printed)"
         ));
     }
+    // `ferry token new` prints the token as "token: <hex>": the whole line pasted.
+    if let Some(rest) = token.strip_prefix("token:") {
+        if !rest.trim().is_empty() && !rest.trim().contains(char::is_whitespace) {
+            return Err(format!(
+                "{source} holds the line \"token: ...\" that ferry token new printed; {holds} only the token after \"token:\""
+            ));
+        }
+    }
     if token.contains(char::is_whitespace) || !token.is_ascii() {
         return Err(format!(
             "the token in {source} must be one word of printable ASCII"
@@ -1272,11 +1283,20 @@ mod tests {
         };
         assert_eq!(
             from_env(format!("* {hash}")),
-            "invalid flag --token-file: FERRY_TOKEN holds a line of the gateway's tokens file (glob and hash); FERRY_TOKEN must hold the token itself (the \"token:\" value ferry token new printed)"
+            "environment variable FERRY_TOKEN: its value holds a line of the gateway's tokens file (glob and hash); it must hold the token itself (the \"token:\" value ferry token new printed)"
         );
         assert_eq!(
             from_env(hash),
-            "invalid flag --token-file: FERRY_TOKEN holds the token's hash (for the gateway's tokens file), not the token"
+            "environment variable FERRY_TOKEN: its value holds the token's hash (for the gateway's tokens file), not the token"
+        );
+        let token = "b2".repeat(32);
+        assert_eq!(
+            from_env(format!("token:            {token}\n")),
+            "environment variable FERRY_TOKEN: its value holds the line \"token: ...\" that ferry token new printed; it must hold only the token after \"token:\""
+        );
+        assert_eq!(
+            from_file(&format!("token:  {token}\n")).unwrap_err(),
+            format!("{shown} holds the line \"token: ...\" that ferry token new printed; the agent's token file holds only the token after \"token:\"")
         );
     }
 

@@ -361,12 +361,17 @@ impl Gateway {
             },
             self.state.web_tls.clone(),
             shutdown,
-            grace,
+            crate::server::Drain {
+                grace,
+                cut_off: SCRAPE_CUT_OFF,
+            },
         )
         .await;
     }
 
-    /// Accepts agent tunnels on `listener` until `shutdown`; then closes every tunnel.
+    /// Accepts agent tunnels on `listener` until `shutdown`; then closes every tunnel, telling
+    /// its agent that the gateway shuts down, and returns once they are closed (or after two
+    /// seconds at most).
     ///
     /// Cancel `shutdown` last: after the web side (your server calling [`Gateway::handle`], or
     /// [`Gateway::serve_web`]) has drained its scrapes in flight. Closing the tunnels first cuts
@@ -401,6 +406,10 @@ impl Gateway {
         info!("gateway stopped");
     }
 }
+
+/// What a scrape still running when the shutdown grace period ends is answered (503).
+const SCRAPE_CUT_OFF: &str =
+    "the gateway is shutting down: the scrape was still running when its shutdown grace period ended";
 
 fn local(listener: &TcpListener) -> String {
     listener

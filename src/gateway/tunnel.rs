@@ -52,26 +52,51 @@ pub(super) async fn accept_loop(
             }
         };
         let span = info_span!("tunnel", %remote);
-        sessions.spawn(
-            handle_connection(state.clone(), stream, remote, shutdown.clone(), slot)
-                .instrument(span),
-        );
+        let conn = Accepted {
+            remote,
+            shutdown: shutdown.clone(),
+            sessions: sessions.clone(),
+        };
+        sessions.spawn(handle_connection(state.clone(), stream, conn, slot).instrument(span));
     }
     sessions.close();
-    sessions.wait().await;
+    // Every session tells its agent that the gateway shuts down, each bounded by
+    // SHUTDOWN_NOTICE_TIMEOUT; handshakes still in progress are given up at the same bound.
+    if tokio::time::timeout(SESSIONS_CLOSE_TIMEOUT, sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            tunnels = sessions.len(),
+            timeout = ?SESSIONS_CLOSE_TIMEOUT,
+            "tunnels still open when the gateway stopped waiting for them; closing them"
+        );
+    }
+}
+
+/// How long a stopping gateway waits for its tunnels to close after telling their agents.
+const SESSIONS_CLOSE_TIMEOUT: Duration = SHUTDOWN_NOTICE_TIMEOUT.saturating_mul(2);
+
+/// What a tunnel connection needs from the accept loop: where it comes from, the gateway's
+/// shutdown, and the tracker its session joins, so that a stopping gateway waits for the
+/// session to tell its agent (the process would otherwise exit first).
+#[derive(Clone)]
+struct Accepted {
+    remote: SocketAddr,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
 }
 
 async fn handle_connection(
     state: Arc<State>,
     stream: TcpStream,
-    remote: SocketAddr,
-    shutdown: CancellationToken,
+    conn: Accepted,
     // Held until the upgrade ends: the session started (or refused) frees it.
     _slot: PendingSlot,
 ) {
     let timeout = state.config.handshake_timeout;
     let deadline = crate::http_util::deadline(tokio::time::Instant::now(), timeout);
-    let country = state.config.geo.lookup(remote.ip());
+    let country = state.config.geo.lookup(conn.remote.ip());
     // Counted open from accept to the end of the session; the session task takes it over.
     let held: HeldGuard = Arc::new(Mutex::new(Some(state.connections.track("tunnel", country))));
     match &state.identity {
@@ -81,14 +106,14 @@ async fn handle_connection(
             }
             let acceptor = tokio_rustls::TlsAcceptor::from(identity.config.clone());
             match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => serve_upgrade(state, tls, remote, shutdown, held).await,
+                Ok(Ok(tls)) => serve_upgrade(state, tls, conn, held).await,
                 Ok(Err(e)) => {
                     handshake_failed(&state, "tls_error", &format!("TLS handshake failed: {e}"))
                 }
                 Err(_) => handshake_failed(&state, "timeout", "TLS handshake timed out"),
             }
         }
-        None => serve_upgrade(state, stream, remote, shutdown, held).await,
+        None => serve_upgrade(state, stream, conn, held).await,
     }
 }
 
@@ -238,13 +263,8 @@ fn count_handshake(state: &State, result: &str) {
 }
 
 /// Serves the one HTTP/1.1 request that opens a tunnel, bounded by the handshake timeout.
-async fn serve_upgrade<IO>(
-    state: Arc<State>,
-    io: IO,
-    remote: SocketAddr,
-    shutdown: CancellationToken,
-    held: HeldGuard,
-) where
+async fn serve_upgrade<IO>(state: Arc<State>, io: IO, conn: Accepted, held: HeldGuard)
+where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let timeout = state.config.handshake_timeout;
@@ -255,9 +275,9 @@ async fn serve_upgrade<IO>(
     let service = hyper::service::service_fn(move |req| {
         svc_asked.store(true, Ordering::Relaxed);
         let state = svc_state.clone();
-        let shutdown = shutdown.clone();
+        let conn = conn.clone();
         let held = held.clone();
-        async move { Ok::<_, Infallible>(upgrade(state, req, remote, shutdown, held)) }
+        async move { Ok::<_, Infallible>(upgrade(state, req, conn, held)) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
@@ -304,10 +324,14 @@ const UPGRADE_TIMED_OUT: &str = "upgrade request timed out";
 fn upgrade(
     state: Arc<State>,
     req: Request<Incoming>,
-    remote: SocketAddr,
-    shutdown: CancellationToken,
+    conn: Accepted,
     held: HeldGuard,
 ) -> Response<Body> {
+    let Accepted {
+        remote,
+        shutdown,
+        sessions,
+    } = conn;
     let claim = match parse_upgrade_request(&req) {
         Ok(claim) => claim,
         Err(refusal) => {
@@ -356,7 +380,7 @@ fn upgrade(
     // Not instrumented with a span: its events name the agent and address themselves. A span
     // that lives as long as the tunnel costs about 1 KiB per idle agent (its registry slot and
     // formatted fields), a thirtieth of what the whole tunnel costs.
-    tokio::spawn(run_session(
+    sessions.spawn(run_session(
         state, req, agent_id, credential, remote, shutdown, guard,
     ));
     switching_protocols()
@@ -482,12 +506,16 @@ async fn run_session(
             // driven until the agent closes it (or the longest scrape would have timed out).
             state.registry.remove(&agent_id, session);
             let drain = state.config.scrape.max_timeout + state.config.handshake_timeout;
-            match tokio::time::timeout(drain, &mut conn).await {
-                Ok(reason) if reason == h2conn::CLOSED_BY_AGENT => {
-                    "the agent went away (GOAWAY)".to_owned()
-                }
-                Ok(reason) => format!("connection ended: {reason} (target list watch: {e})"),
-                Err(_) => format!("target list watch failed: {e}"),
+            // A stopping gateway waits for no agent's drain: its own scrapes were drained already.
+            tokio::select! {
+                ended = tokio::time::timeout(drain, &mut conn) => match ended {
+                    Ok(reason) if reason == h2conn::CLOSED_BY_AGENT => {
+                        "the agent went away (GOAWAY)".to_owned()
+                    }
+                    Ok(reason) => format!("connection ended: {reason} (target list watch: {e})"),
+                    Err(_) => format!("target list watch failed: {e}"),
+                },
+                _ = shutdown.cancelled() => "gateway shutting down while the agent went away".to_owned(),
             }
         }
     };

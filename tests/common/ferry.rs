@@ -154,6 +154,81 @@ async fn start_gateway_with(
     registry: prometheus_client::registry::Registry,
 ) -> TestGateway {
     let (web_addr, tunnel_addr) = (web.local_addr().unwrap(), tunnel.local_addr().unwrap());
+    let gateway = gateway_config(dir, creds, web_addr, tunnel_addr, tweak, geo, registry);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(gateway.clone().run(web, tunnel, shutdown.clone()));
+    TestGateway {
+        gateway,
+        web: web_addr,
+        tunnel: tunnel_addr,
+        shutdown,
+        task,
+        dir: dir.path().to_owned(),
+    }
+}
+
+/// Like [`start_gateway_on`], on a runtime of its own, dropped with every task still on it as
+/// soon as `run` returns: what the gateway gets done before `run` returns is what a `ferry
+/// gateway` process gets done before it exits. Its `task` ends once the runtime is gone.
+pub async fn start_gateway_process_on(
+    dir: &TempDir,
+    creds: &[(&str, &str)],
+    web: TcpListener,
+    tunnel: TcpListener,
+    tweak: impl FnOnce(&mut GatewaySection),
+) -> TestGateway {
+    let (web_addr, tunnel_addr) = (web.local_addr().unwrap(), tunnel.local_addr().unwrap());
+    let geo = ferry::telemetry::geo::SharedGeo::disabled();
+    let gateway = gateway_config(
+        dir,
+        creds,
+        web_addr,
+        tunnel_addr,
+        tweak,
+        geo,
+        Default::default(),
+    );
+    let shutdown = CancellationToken::new();
+    let (web, tunnel) = (web.into_std().unwrap(), tunnel.into_std().unwrap());
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (gw, token) = (gateway.clone(), shutdown.clone());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let web = TcpListener::from_std(web).unwrap();
+            let tunnel = TcpListener::from_std(tunnel).unwrap();
+            gw.run(web, tunnel, token).await;
+        });
+        drop(rt);
+        let _ = done_tx.send(());
+    });
+    let task = tokio::spawn(async move {
+        let _ = done_rx.await;
+    });
+    TestGateway {
+        gateway,
+        web: web_addr,
+        tunnel: tunnel_addr,
+        shutdown,
+        task,
+        dir: dir.path().to_owned(),
+    }
+}
+
+/// The gateway of [`start_gateway_on`], not started.
+fn gateway_config(
+    dir: &TempDir,
+    creds: &[(&str, &str)],
+    web_addr: SocketAddr,
+    tunnel_addr: SocketAddr,
+    tweak: impl FnOnce(&mut GatewaySection),
+    geo: ferry::telemetry::geo::SharedGeo,
+    registry: prometheus_client::registry::Registry,
+) -> Gateway {
     let mut section = GatewaySection {
         data_dir: Some(dir.path().join("data")),
         ..GatewaySection::default()
@@ -169,17 +244,7 @@ async fn start_gateway_with(
     assert!(errs.errors.is_empty(), "{errs}");
     let mut cfg = cfg.expect("valid gateway config");
     cfg.geo = geo;
-    let gateway = Gateway::with_registry(cfg, registry).expect("gateway starts");
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(gateway.clone().run(web, tunnel, shutdown.clone()));
-    TestGateway {
-        gateway,
-        web: web_addr,
-        tunnel: tunnel_addr,
-        shutdown,
-        task,
-        dir: dir.path().to_owned(),
-    }
+    Gateway::with_registry(cfg, registry).expect("gateway starts")
 }
 
 /// An agent running in this process.
