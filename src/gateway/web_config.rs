@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::tunnel::tls::{crypto_provider, read_certs, read_key};
+use crate::tunnel::tls::{crypto_provider, identity_error, read_certs, read_key};
+use crate::tunnel::tls_cert::{CertFiles, LeafInfo};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -48,6 +49,8 @@ struct TlsServerConfig {
 pub struct WebConfig {
     /// TLS for the web listener, if configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The certificate and key files of `tls`, for the gateway's checks and expiry metric.
+    pub tls_files: Option<CertFiles>,
     /// Basic-auth users, if configured.
     pub users: Option<BasicAuth>,
 }
@@ -197,10 +200,14 @@ pub fn load(path: &Path) -> Result<WebConfig, String> {
     let file: File = serde_yaml_ng::from_str(&text)
         .map_err(|e| format!("{at}: {}", e.to_string().replace('\n', " ")))?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let tls = file
-        .tls_server_config
-        .map(|t| tls_config(&t, base).map_err(|e| format!("{at}: tls_server_config: {e}")))
-        .transpose()?;
+    let (tls, tls_files) = match file.tls_server_config {
+        Some(t) => {
+            let (config, files) =
+                tls_config(&t, base).map_err(|e| format!("{at}: tls_server_config: {e}"))?;
+            (Some(config), Some(files))
+        }
+        None => (None, None),
+    };
     let users = if file.basic_auth_users.is_empty() {
         None
     } else {
@@ -211,10 +218,17 @@ pub fn load(path: &Path) -> Result<WebConfig, String> {
         }
         Some(BasicAuth::new(file.basic_auth_users))
     };
-    Ok(WebConfig { tls, users })
+    Ok(WebConfig {
+        tls,
+        tls_files,
+        users,
+    })
 }
 
-fn tls_config(t: &TlsServerConfig, base: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+fn tls_config(
+    t: &TlsServerConfig,
+    base: &Path,
+) -> Result<(Arc<rustls::ServerConfig>, CertFiles), String> {
     // exporter-toolkit resolves relative paths against the config file's directory.
     let resolve = |p: &Path| {
         if p.is_absolute() {
@@ -223,8 +237,14 @@ fn tls_config(t: &TlsServerConfig, base: &Path) -> Result<Arc<rustls::ServerConf
             base.join(p)
         }
     };
-    let certs = read_certs(&resolve(&t.cert_file)).map_err(|e| e.to_string())?;
-    let key = read_key(&resolve(&t.key_file)).map_err(|e| e.to_string())?;
+    let (cert_file, key_file) = (resolve(&t.cert_file), resolve(&t.key_file));
+    let certs = read_certs(&cert_file).map_err(|e| e.to_string())?;
+    let key = read_key(&key_file).map_err(|e| e.to_string())?;
+    let files = CertFiles {
+        leaf: LeafInfo::of(&certs[0]),
+        cert: cert_file,
+        key: key_file,
+    };
     let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version.as_deref() {
         None | Some("TLS12") => rustls::ALL_VERSIONS,
         Some("TLS13") => &[&rustls::version::TLS13],
@@ -254,9 +274,9 @@ fn tls_config(t: &TlsServerConfig, base: &Path) -> Result<Arc<rustls::ServerConf
     };
     let mut config = builder
         .with_single_cert(certs, key)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| identity_error(&files.cert, &files.key, &e).to_string())?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), files))
 }
 
 #[cfg(test)]
