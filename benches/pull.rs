@@ -678,7 +678,7 @@ fn start_agent(
             .collect(),
         ..AgentSection::default()
     };
-    section.tunnel.fingerprint = Some(gw.fingerprint.clone());
+    section.tunnel.fingerprint = vec![gw.fingerprint.clone()];
     section.reconnect.min_backoff = Dur(Duration::from_millis(200));
     section.reconnect.max_backoff = Dur(Duration::from_secs(2));
     section.shutdown_grace_period = Dur(Duration::from_secs(1));

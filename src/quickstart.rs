@@ -172,7 +172,7 @@ async fn run_in(
     let mut errs = ConfigErrors::new("flags");
     let gw_cfg = gw.validate("gateway", &mut errs);
     let gateway = Gateway::new(errs_or(errs, gw_cfg)?).map_err(|e| e.to_string())?;
-    let fingerprint = gateway.fingerprint().unwrap_or_default().to_owned();
+    let fingerprint = gateway.fingerprint().unwrap_or_default();
     let g = gateway.clone();
     let token_g = shutdown.clone();
     tokio::spawn(async move { g.run(web, tunnel, token_g).await });
@@ -188,7 +188,7 @@ async fn run_in(
         labels: [("env".to_owned(), "quickstart".to_owned())].into(),
         ..AgentSection::default()
     };
-    agent.tunnel.fingerprint = Some(fingerprint.clone());
+    agent.tunnel.fingerprint = vec![fingerprint.clone()];
     let mut errs = ConfigErrors::new("flags");
     let token_env = |name: &str| (name == crate::config::TOKEN_ENV).then(|| token.clone());
     let agent_cfg = agent.validate("agent", &token_env, &mut errs);

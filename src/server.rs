@@ -38,7 +38,8 @@ impl ReloadableTls {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = config;
     }
 
-    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+    /// An acceptor with the configuration in place now.
+    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         let config = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
         tokio_rustls::TlsAcceptor::from(config)
     }

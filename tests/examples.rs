@@ -501,7 +501,7 @@ fn start_agent(
         agent_id: Some("billing-7".to_owned()),
         ..AgentSection::default()
     };
-    section.tunnel.fingerprint = Some(fingerprint.to_owned());
+    section.tunnel.fingerprint = vec![fingerprint.to_owned()];
     // Environment lookups (FERRY_TOKEN, HTTPS_PROXY) go through this closure.
     let token = token.to_owned();
     let env = move |name: &str| (name == "FERRY_TOKEN").then(|| token.clone());

@@ -114,7 +114,7 @@ async fn agent_verifies_gateway_certificate_with_its_ca_file() {
     })
     .await;
     let mut section = agent_section(&gw, "node-ca", &[]);
-    section.tunnel.fingerprint = None;
+    section.tunnel.fingerprint = Vec::new();
     section.tunnel.ca_file = Some(pki.ca.clone());
     let agent = start_agent(section, "t");
     gw.wait_agent("node-ca", Duration::from_secs(10)).await;
@@ -127,7 +127,7 @@ async fn a_wrong_fingerprint_never_connects() {
     let dir = tempfile::tempdir().unwrap();
     let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
     let mut section = agent_section(&gw, "node-fp", &[]);
-    section.tunnel.fingerprint = Some(format!("sha256:{}", "ab".repeat(32)));
+    section.tunnel.fingerprint = vec![format!("sha256:{}", "ab".repeat(32))];
     let agent = start_agent(section, "t");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
@@ -199,7 +199,7 @@ async fn the_usual_tunnel_tls_mistakes_are_explained() {
     let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
 
     let mut no_pin = agent_section(&gw, "node-no-pin", &[]);
-    no_pin.tunnel.fingerprint = None;
+    no_pin.tunnel.fingerprint = Vec::new();
     let no_pin = start_agent(no_pin, "t");
     logs.wait_lines(
         &[
@@ -225,9 +225,28 @@ async fn the_usual_tunnel_tls_mistakes_are_explained() {
         Duration::from_secs(10),
     )
     .await;
+    // A CA file that did not issue the (self-signed) certificate: named, with the likely fix.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let other_ca = pki(&other).ca;
+    let mut wrong_ca = agent_section(&gw, "node-wrong-ca", &[]);
+    wrong_ca.tunnel.fingerprint = Vec::new();
+    wrong_ca.tunnel.ca_file = Some(other_ca.clone());
+    let wrong_ca = start_agent(wrong_ca, "t");
+    let named = format!(
+        "not signed by a CA in {} (--tunnel.ca-file)",
+        other_ca.display()
+    );
+    logs.wait_lines(
+        &["cannot open tunnel", &named, "--tunnel.fingerprint instead"],
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(gw.agent_ids().is_empty());
     no_pin.stop().await;
     web_port.stop().await;
+    wrong_ca.stop().await;
 }
 
 /// A gateway URL that reaches the wrong listener, or checks the wrong name, gets the fix in the
@@ -251,7 +270,7 @@ async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
     // (Another TLS server would answer with TLS bytes: the agent's own hint covers that.)
     let mut plain_to_tls = agent_section(&gw, "node-plain-tls", &[]);
     plain_to_tls.gateway = Some(format!("http://localhost:{}", gw.tunnel.port()));
-    plain_to_tls.tunnel.fingerprint = None;
+    plain_to_tls.tunnel.fingerprint = Vec::new();
     plain_to_tls.tunnel.insecure_plaintext = true;
     let plain_to_tls = start_agent(plain_to_tls, "t");
     wait(&[
@@ -265,7 +284,7 @@ async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
     let tls_front = https_target(&pki.server_cert, &pki.server_key, "x").await;
     let mut plain_to_front = agent_section(&gw, "node-plain-front", &[]);
     plain_to_front.gateway = Some(format!("http://localhost:{}", tls_front.port()));
-    plain_to_front.tunnel.fingerprint = None;
+    plain_to_front.tunnel.fingerprint = Vec::new();
     plain_to_front.tunnel.insecure_plaintext = true;
     let plain_to_front = start_agent(plain_to_front, "t");
     wait(&[
@@ -278,7 +297,7 @@ async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
     // Plaintext to the web port: its 404 is written for Prometheus.
     let mut web_port = agent_section(&gw, "node-plain-web", &[]);
     web_port.gateway = Some(format!("http://localhost:{}", gw.web.port()));
-    web_port.tunnel.fingerprint = None;
+    web_port.tunnel.fingerprint = Vec::new();
     web_port.tunnel.insecure_plaintext = true;
     let web_port = start_agent(web_port, "t");
     wait(&[
@@ -292,7 +311,7 @@ async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
     // The certificate names localhost; the URL has the address.
     let mut by_address = agent_section(&gw, "node-by-address", &[]);
     by_address.gateway = Some(format!("https://127.0.0.1:{}", gw.tunnel.port()));
-    by_address.tunnel.fingerprint = None;
+    by_address.tunnel.fingerprint = Vec::new();
     by_address.tunnel.ca_file = Some(pki.ca.clone());
     let by_address = start_agent(by_address, "t");
     wait(&[
@@ -449,4 +468,166 @@ async fn an_https_target_closing_without_close_notify_is_scraped_whole() {
         "{metrics}"
     );
     agent.stop().await;
+}
+
+/// The fingerprint of the certificate `tunnel` presents to a client connecting now.
+async fn presented_fingerprint(tunnel: std::net::SocketAddr) -> String {
+    use ferry::tunnel::tls_client::{client_config, ClientTls, Purpose, ServerVerify};
+    let tls = ClientTls {
+        verify: ServerVerify::InsecureSkipVerify,
+        client_cert: None,
+    };
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        client_config(&tls, Purpose::Tunnel).unwrap(),
+    ));
+    let tcp = tokio::net::TcpStream::connect(tunnel).await.unwrap();
+    let stream = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS to the gateway");
+    let certs = stream.get_ref().1.peer_certificates().unwrap();
+    ferry::tunnel::tls::fingerprint(&certs[0])
+}
+
+/// Copies `pki`'s server certificate and key over `cert` and `key`, as a renewal does.
+fn install(pki: &Pki, cert: &Path, key: &Path) {
+    std::fs::copy(&pki.server_cert, cert).unwrap();
+    std::fs::copy(&pki.server_key, key).unwrap();
+}
+
+/// A renewed tunnel certificate is presented to tunnels accepted after the reload while the
+/// established ones stay up; files that do not work keep the certificate in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_tunnel_certificate_applies_to_new_tunnels_and_bad_files_keep_the_old_one() {
+    use ferry::gateway::TunnelTlsReload;
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::create_dir_all(&new).unwrap();
+    let (old, new) = (pki(&old), pki(&new));
+    let (cert, key) = (dir.path().join("tun.crt"), dir.path().join("tun.key"));
+    install(&old, &cert, &key);
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_cert_file = Some(cert.clone());
+        s.tunnel.tls_key_file = Some(key.clone());
+    })
+    .await;
+    let old_fp = gw.fingerprint();
+    assert_eq!(presented_fingerprint(gw.tunnel).await, old_fp);
+    let established = start_agent(agent_section(&gw, "node-old", &[]), "t");
+    gw.wait_agent("node-old", Duration::from_secs(10)).await;
+
+    install(&new, &cert, &key);
+    let reloaded = gw.gateway.reload_tunnel_tls().unwrap();
+    let new_fp = presented_fingerprint(gw.tunnel).await;
+    assert_ne!(new_fp, old_fp);
+    assert_eq!(
+        reloaded,
+        TunnelTlsReload::Applied {
+            fingerprint: new_fp.clone(),
+            changed: true
+        }
+    );
+    assert_eq!(gw.fingerprint(), new_fp);
+    assert!(
+        established.agent.is_connected() && gw.agent_ids() == ["node-old"],
+        "the established tunnel keeps its certificate"
+    );
+
+    // A certificate copied without its key: refused, naming both files.
+    std::fs::copy(&old.server_cert, &cert).unwrap();
+    let err = gw.gateway.reload_tunnel_tls().unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "the key in {} does not belong to the certificate in {}",
+            key.display(),
+            cert.display()
+        )
+    );
+    assert_eq!(presented_fingerprint(gw.tunnel).await, new_fp);
+    std::fs::write(&cert, "half a file").unwrap();
+    let err = gw.gateway.reload_tunnel_tls().unwrap_err().to_string();
+    assert!(err.contains(&cert.display().to_string()), "{err}");
+    assert_eq!(presented_fingerprint(gw.tunnel).await, new_fp);
+    assert_eq!(gw.fingerprint(), new_fp);
+
+    let text = get(&format!("http://{}/metrics", gw.web)).await.text();
+    let not_after = metric_value(
+        &text,
+        "ferry_gateway_tls_certificate_not_after_seconds",
+        &[("listener", "tunnel")],
+    )
+    .expect("the tunnel certificate's expiry is exported");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(not_after > now, "{not_after}");
+    established.stop().await;
+}
+
+/// A gateway that generates its certificate says so, loudly: on any start but the first, the
+/// agents' pins no longer match. While a certificate is replaced, an agent pins both: it
+/// connects to either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_pinning_two_fingerprints_connects_with_either() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
+    let generated = logs.lines_with(&[
+        "WARN",
+        "generated a new self-signed tunnel certificate",
+        &gw.fingerprint(),
+    ]);
+    assert_eq!(generated.len(), 1, "{generated:?}");
+    for (id, pins) in [
+        (
+            "node-new-first",
+            vec![gw.fingerprint(), format!("sha256:{}", "ab".repeat(32))],
+        ),
+        (
+            "node-new-second",
+            vec![format!("sha256:{}", "ab".repeat(32)), gw.fingerprint()],
+        ),
+    ] {
+        let mut section = agent_section(&gw, id, &[]);
+        section.tunnel.fingerprint = pins;
+        let agent = start_agent(section, "t");
+        gw.wait_agent(id, Duration::from_secs(10)).await;
+        agent.stop().await;
+    }
+}
+
+/// A certificate every client refuses, and a key every local user can read, are loaded without
+/// complaint by rustls: the gateway says so at start, naming the file and the dates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_and_a_readable_key_are_warned_about_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 6, 30);
+    let (cert_file, key_file) = (dir.path().join("tun.crt"), dir.path().join("tun.key"));
+    std::fs::write(&cert_file, params.self_signed(&key).unwrap().pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_cert_file = Some(cert_file.clone());
+        s.tunnel.tls_key_file = Some(key_file.clone());
+    })
+    .await;
+    let expired = format!(
+        "certificate {} expired on 2021-06-30 00:00:00 UTC",
+        cert_file.display()
+    );
+    assert_eq!(logs.lines_with(&["WARN", &expired]).len(), 1);
+    let readable = format!(
+        "key file {} is readable by every user (mode 0644)",
+        key_file.display()
+    );
+    assert_eq!(logs.lines_with(&["WARN", &readable]).len(), 1);
+    gw.stop().await;
 }

@@ -120,7 +120,7 @@ async fn an_agent_at_the_basic_auth_web_listener_is_told_it_has_the_wrong_port()
     .await;
     let mut section = agent_section(&gw, "node-web", &[]);
     section.gateway = Some(format!("http://localhost:{}", gw.web.port()));
-    section.tunnel.fingerprint = None;
+    section.tunnel.fingerprint = Vec::new();
     section.tunnel.insecure_plaintext = true;
     let agent = start_agent(section, "t");
     logs.wait_lines(

@@ -245,7 +245,7 @@ mod tests {
             agent_id: Some("node-1".into()),
             ..AgentSection::default()
         };
-        section.tunnel.fingerprint = Some(format!("sha256:{}", "ab".repeat(32)));
+        section.tunnel.fingerprint = vec![format!("sha256:{}", "ab".repeat(32))];
         let env = |name: &str| (name == "FERRY_TOKEN").then(|| "t".to_owned());
         let mut errs = ConfigErrors::new("test");
         let config = section.validate("agent", &env, &mut errs);

@@ -299,6 +299,19 @@ fn tls_failure(e: &std::io::Error, tls: Option<&ClientTls>) -> String {
         {
             "the gateway's certificate is not signed by a CA this host trusts: pin a self-signed gateway with --tunnel.fingerprint (the gateway logs it at start), or give its CA with --tunnel.ca-file".to_owned()
         }
+        // A CA of the same name as the issuer, but another key (a CA made again), fails the
+        // signature instead: the same mistake.
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+        ) => {
+            match tls.map(|t| &t.verify) {
+                Some(ServerVerify::CaFile(ca)) => format!(
+                    "the gateway's certificate is not signed by a CA in {} (--tunnel.ca-file): is it the CA that issued the gateway's certificate? A self-signed gateway is pinned with --tunnel.fingerprint instead (the gateway logs it at start)",
+                    ca.display()
+                ),
+                _ => crate::tunnel::tls::rustls_reason(rustls),
+            }
+        }
         // The fingerprint check's own words; rustls would prefix them with "unexpected error".
         rustls::Error::General(words) => words.clone(),
         other => crate::tunnel::tls::rustls_reason(other),

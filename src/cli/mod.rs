@@ -247,9 +247,10 @@ struct AgentArgs {
     /// Trust only CAs in this PEM file for the gateway.
     #[arg(long = "tunnel.ca-file", value_name = "FILE")]
     ca_file: Option<PathBuf>,
-    /// Trust exactly the gateway certificate with this fingerprint (sha256:HEX).
+    /// Trust exactly the gateway certificate with this fingerprint (sha256:HEX); repeat it to
+    /// accept any of several while the gateway's certificate is replaced.
     #[arg(long = "tunnel.fingerprint", value_name = "sha256:HEX")]
-    fingerprint: Option<String>,
+    fingerprint: Vec<String>,
     /// Client certificate for the tunnel (mTLS).
     #[arg(long = "tunnel.cert-file", value_name = "FILE")]
     cert_file: Option<PathBuf>,

@@ -18,7 +18,7 @@ use crate::agent::Agent;
 use crate::config::{AgentConfig, ConfigErrors, FileConfig, RunConfig};
 use crate::egress::Egress;
 use crate::exporter::Exporter;
-use crate::gateway::{Gateway, WebConfigReload};
+use crate::gateway::{Gateway, TunnelTlsReload, WebConfigReload};
 use crate::telemetry::geo::SharedGeo;
 use crate::telemetry::ConfigReload;
 
@@ -454,6 +454,7 @@ fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> Relo
     }
     let mut need_restart = Vec::new();
     let mut ok = reload_tokens(roles);
+    ok &= reload_tunnel_tls(roles);
     ok &= reload_web_config(roles, &mut need_restart);
     ok &= reload_egress_credentials(roles);
     match file {
@@ -479,6 +480,30 @@ fn reload_tokens(roles: &Roles) -> bool {
         Ok(n) => info!(credentials = n, "tokens file reloaded"),
         Err(e) => {
             error!(error = %e, "tokens file reload failed; keeping the previous credentials");
+            return false;
+        }
+    }
+    true
+}
+
+fn reload_tunnel_tls(roles: &Roles) -> bool {
+    let Some(gateway) = &roles.gateway else {
+        return true;
+    };
+    match gateway.reload_tunnel_tls() {
+        Ok(TunnelTlsReload::Nothing) => {}
+        // Info, not a warning: a CA-issued certificate is renewed this way every few weeks.
+        Ok(TunnelTlsReload::Applied {
+            fingerprint,
+            changed: true,
+        }) => {
+            info!(%fingerprint, "tunnel TLS certificate reloaded: tunnels from now on get the new certificate (agents pinning a fingerprint need this one)")
+        }
+        Ok(TunnelTlsReload::Applied { fingerprint, .. }) => {
+            info!(%fingerprint, "tunnel TLS files reloaded, same certificate")
+        }
+        Err(e) => {
+            error!(error = %e, "tunnel TLS reload failed; keeping the previous certificate");
             return false;
         }
     }

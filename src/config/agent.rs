@@ -106,8 +106,11 @@ pub struct AgentWebSection {
 pub struct AgentTunnelSection {
     /// Trust only CAs from this PEM file.
     pub ca_file: Option<PathBuf>,
-    /// Trust exactly the certificate with this `sha256:<hex>` fingerprint.
-    pub fingerprint: Option<String>,
+    /// Trust exactly the certificates with these `sha256:<hex>` fingerprints, any of them
+    /// (one, or several while the gateway's certificate is replaced). The file takes a string
+    /// or a list.
+    #[serde(deserialize_with = "one_or_more")]
+    pub fingerprint: Vec<String>,
     /// Client certificate to present (mTLS).
     pub cert_file: Option<PathBuf>,
     /// Client key.
@@ -133,7 +136,7 @@ impl Default for AgentTunnelSection {
         let keepalive = Keepalive::default();
         Self {
             ca_file: None,
-            fingerprint: None,
+            fingerprint: Vec::new(),
             cert_file: None,
             key_file: None,
             server_name: None,
@@ -524,7 +527,7 @@ impl AgentSection {
         let plaintext = errs.setting(&format!("{prefix}.tunnel.insecure_plaintext"));
         for (name, set) in [
             ("ca_file", t.ca_file.is_some()),
-            ("fingerprint", t.fingerprint.is_some()),
+            ("fingerprint", !t.fingerprint.is_empty()),
             ("cert_file", t.cert_file.is_some()),
             ("key_file", t.key_file.is_some()),
             ("server_name", t.server_name.is_some()),
@@ -542,8 +545,8 @@ impl AgentSection {
         let t = &self.tunnel;
         let field = |name: &str| format!("{prefix}.tunnel.{name}");
         let before = errs.errors.len();
-        let verify = match (&t.ca_file, &t.fingerprint) {
-            (Some(_), Some(_)) => {
+        let verify = match (&t.ca_file, t.fingerprint.as_slice()) {
+            (Some(_), [_, ..]) => {
                 let message = format!(
                     "give either {} or {}, not both",
                     errs.setting(&field("ca_file")),
@@ -552,14 +555,21 @@ impl AgentSection {
                 errs.push(field("fingerprint"), message);
                 return None;
             }
-            (Some(ca), None) => {
+            (Some(ca), []) => {
                 check_readable(ca, &field("ca_file"), errs);
                 ServerVerify::CaFile(ca.clone())
             }
-            (None, Some(fp)) => {
-                ServerVerify::Fingerprint(errs.check(&field("fingerprint"), parse_fingerprint(fp))?)
+            (None, []) => ServerVerify::SystemRoots,
+            (None, pins) => {
+                let parsed: Vec<_> = pins
+                    .iter()
+                    .filter_map(|fp| errs.check(&field("fingerprint"), parse_fingerprint(fp)))
+                    .collect();
+                if parsed.len() < pins.len() {
+                    return None;
+                }
+                ServerVerify::Fingerprints(parsed)
             }
-            (None, None) => ServerVerify::SystemRoots,
         };
         let client_cert =
             client_cert_pair(&t.cert_file, &t.key_file, &format!("{prefix}.tunnel"), errs)?;
@@ -1074,6 +1084,34 @@ fn is_token_hash(word: &str) -> bool {
         .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// `fingerprint:` as one string or a list of them.
+fn one_or_more<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a sha256:<hex> fingerprint or a list of them")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![v.to_owned()])
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(fp) = seq.next_element::<String>()? {
+                out.push(fp);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Visitor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1104,6 +1142,45 @@ mod tests {
             true => Ok(cfg.and_then(|c| c.proxy)),
             false => Err(errs.to_string()),
         }
+    }
+
+    /// `tunnel: {fingerprint: ...}` as written in the file, validated: the digests pinned, or
+    /// the errors.
+    fn pins(tunnel_yaml: &str) -> Result<ServerVerify, String> {
+        let yaml = format!("gateway: https://gw:7443\nagent_id: a\ntunnel: {tunnel_yaml}\n");
+        let section: AgentSection = serde_yaml_ng::from_str(&yaml).map_err(|e| e.to_string())?;
+        let env = |name: &str| (name == TOKEN_ENV).then(|| "t".to_owned());
+        let mut errs = ConfigErrors::new("a.yaml");
+        let cfg = section.validate("agent", &env, &mut errs);
+        match cfg {
+            Some(cfg) if errs.errors.is_empty() => Ok(cfg.gateway.tls.unwrap().verify),
+            _ => Err(errs.to_string()),
+        }
+    }
+
+    #[test]
+    fn fingerprint_takes_one_string_or_a_list() {
+        let (a, b) = ("ab".repeat(32), "cd".repeat(32));
+        let digest = |hex: &str| parse_fingerprint(&format!("sha256:{hex}")).unwrap();
+        assert_eq!(
+            pins(&format!("{{ fingerprint: 'sha256:{a}' }}")),
+            Ok(ServerVerify::Fingerprints(vec![digest(&a)]))
+        );
+        assert_eq!(
+            pins(&format!("{{ fingerprint: ['sha256:{a}', 'sha256:{b}'] }}")),
+            Ok(ServerVerify::Fingerprints(vec![digest(&a), digest(&b)]))
+        );
+        assert_eq!(pins("{ fingerprint: [] }"), Ok(ServerVerify::SystemRoots));
+        let err = pins(&format!("{{ fingerprint: ['sha256:{a}', 'sha256:zz'] }}")).unwrap_err();
+        assert_eq!(
+            err,
+            "a.yaml: agent.tunnel.fingerprint: \"sha256:zz\" must be sha256: followed by 64 hex digits"
+        );
+        let err = pins("{ fingerprint: { sha256: x } }").unwrap_err();
+        assert!(
+            err.contains("a sha256:<hex> fingerprint or a list of them"),
+            "{err}"
+        );
     }
 
     /// The agent id `id` validates to, or the errors.

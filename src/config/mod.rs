@@ -936,7 +936,9 @@ pub(crate) fn check_client_tls(
         TlsError::Key { .. } => "key_file",
         TlsError::Cert { path, .. } if Some(path) == ca => "ca_file",
         TlsError::Config(_) if ca.is_some() => "ca_file",
-        TlsError::Cert { .. } | TlsError::Mismatch { .. } => "cert_file",
+        TlsError::Cert { .. } | TlsError::Mismatch { .. } | TlsError::KeyMismatch { .. } => {
+            "cert_file"
+        }
         TlsError::Config(_) | TlsError::SelfSigned { .. } => {
             return errs.push(prefix, e.to_string())
         }
@@ -1806,7 +1808,7 @@ egress:
             ..AgentSection::default()
         };
         agent.tunnel.ca_file = Some("ca.pem".into());
-        agent.tunnel.fingerprint = Some(format!("sha256:{}", "0".repeat(64)));
+        agent.tunnel.fingerprint = vec![format!("sha256:{}", "0".repeat(64))];
         let both = FileConfig {
             agent: Some(agent),
             ..FileConfig::default()

@@ -12,6 +12,8 @@
 // - `proxy`: Prometheus's absolute-form scrapes, forwarded through a tunnel.
 // - `sd`: http_sd JSON at `/targets` and `/clients`.
 // - `web`: routing of the web listener; `web_config`: its TLS and basic auth file.
+// - `tunnel_tls`: the tunnel listener's TLS identity, reloaded on SIGHUP; both listeners'
+//   certificate checks.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -23,12 +25,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
 
-use crate::config::{GatewayConfig, GatewayTls};
+use crate::config::GatewayConfig;
 use crate::http_util::{Body, BoxError};
 use crate::server::ReloadableTls;
 use crate::telemetry::{ConnectionMetrics, GatewayMetrics};
 use crate::tunnel::tls::TlsError;
-use crate::tunnel::tls_server::{load_identity, self_signed_identity, ServerIdentity};
 
 mod departed;
 mod h2conn;
@@ -39,6 +40,7 @@ mod registry;
 mod sd;
 mod status;
 mod tunnel;
+mod tunnel_tls;
 mod web;
 // Public for tests/examples.rs, which checks the README's web-config snippets with the loader
 // the gateway uses; not part of the API (the file is named in `GatewayConfig`).
@@ -49,6 +51,8 @@ pub use crate::auth;
 use auth::{TokensFile, TokensFileError};
 use registry::Registry;
 pub use registry::ScrapeStats;
+use tunnel_tls::TunnelTls;
+pub use tunnel_tls::TunnelTlsReload;
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +76,7 @@ pub(crate) struct State {
     pub(crate) metrics: GatewayMetrics,
     pub(crate) connections: ConnectionMetrics,
     pub(crate) metrics_registry: MetricsRegistry,
-    pub(crate) identity: Option<ServerIdentity>,
+    pub(crate) tunnel_tls: Option<TunnelTls>,
     pub(crate) web_tls: Option<ReloadableTls>,
     pub(crate) web_auth: RwLock<Option<Arc<web_config::BasicAuth>>>,
     pub(crate) handshake_warnings: tunnel::HandshakeWarnings,
@@ -162,24 +166,20 @@ impl Gateway {
         config: GatewayConfig,
         mut metrics_registry: MetricsRegistry,
     ) -> Result<Gateway, GatewayError> {
-        let client_ca = config.client_ca_file.as_deref();
-        let identity = match &config.tls {
-            GatewayTls::Files { cert, key } => Some(load_identity(cert, key, client_ca)?),
-            GatewayTls::SelfSigned { data_dir, names } => {
-                Some(self_signed_identity(data_dir, names, client_ca)?)
-            }
-            GatewayTls::InsecurePlaintext => None,
-        };
+        let metrics = GatewayMetrics::register(&mut metrics_registry);
+        let tunnel_tls = TunnelTls::load(&config, &metrics)?;
         let tokens = TokensFile::load(&config.tokens_file)?;
         let web = match &config.web_config_file {
             Some(path) => Some(web_config::load(path).map_err(GatewayError::WebConfig)?),
             None => None,
         };
+        if let Some(files) = web.as_ref().and_then(|w| w.tls_files.as_ref()) {
+            tunnel_tls::check("web", files, &metrics);
+        }
         let (web_tls, web_auth) = match web {
             Some(w) => (w.tls.map(ReloadableTls::new), w.users.map(Arc::new)),
             None => (None, None),
         };
-        let metrics = GatewayMetrics::register(&mut metrics_registry);
         let connections = ConnectionMetrics::register(&mut metrics_registry, "gateway");
         config.geo.register_metrics(&mut metrics_registry);
         let departed = Arc::new(std::sync::Mutex::new(departed::Departed::new(
@@ -195,7 +195,7 @@ impl Gateway {
                 metrics,
                 connections,
                 metrics_registry,
-                identity,
+                tunnel_tls,
                 web_tls,
                 web_auth: RwLock::new(web_auth),
                 handshake_warnings: Default::default(),
@@ -209,9 +209,21 @@ impl Gateway {
         })
     }
 
-    /// `sha256:<hex>` of the tunnel certificate, for agents' `--tunnel.fingerprint`; `None` without TLS.
-    pub fn fingerprint(&self) -> Option<&str> {
-        self.state.identity.as_ref().map(|i| i.fingerprint.as_str())
+    /// `sha256:<hex>` of the tunnel certificate in use, for agents' `--tunnel.fingerprint`;
+    /// `None` without TLS.
+    pub fn fingerprint(&self) -> Option<String> {
+        self.state.tunnel_tls.as_ref().map(TunnelTls::fingerprint)
+    }
+
+    /// Re-reads the tunnel's certificate, key and client CA files (SIGHUP): tunnels accepted
+    /// from now on use them, established ones keep theirs. On error (the error names the file)
+    /// the certificate in use stays. A self-signed certificate is not reloaded (only with a
+    /// client CA file, which is).
+    pub fn reload_tunnel_tls(&self) -> Result<TunnelTlsReload, TlsError> {
+        match &self.state.tunnel_tls {
+            Some(tls) => tls.reload(&self.state.config, &self.state.metrics),
+            None => Ok(TunnelTlsReload::Nothing),
+        }
     }
 
     /// Re-reads the tokens file (SIGHUP). On error the old credentials stay in force. Tunnels whose
@@ -257,6 +269,9 @@ impl Gateway {
             return Ok(WebConfigReload::NoFile);
         };
         let new = web_config::load(path)?;
+        if let Some(files) = &new.tls_files {
+            tunnel_tls::check("web", files, &self.state.metrics);
+        }
         let outcome = match (&self.state.web_tls, new.tls) {
             (Some(current), Some(tls)) => {
                 current.replace(tls);
@@ -380,7 +395,7 @@ impl Gateway {
     pub async fn serve_tunnels(&self, listener: TcpListener, shutdown: CancellationToken) {
         match self.fingerprint() {
             Some(fp) => {
-                info!(address = %local(&listener), fingerprint = fp, "gateway tunnel listener up (TLS)")
+                info!(address = %local(&listener), fingerprint = %fp, "gateway tunnel listener up (TLS)")
             }
             None => {
                 tracing::warn!(address = %local(&listener), "gateway tunnel listener up WITHOUT TLS (insecure plaintext)")

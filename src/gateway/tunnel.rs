@@ -99,12 +99,12 @@ async fn handle_connection(
     let country = state.config.geo.lookup(conn.remote.ip());
     // Counted open from accept to the end of the session; the session task takes it over.
     let held: HeldGuard = Arc::new(Mutex::new(Some(state.connections.track("tunnel", country))));
-    match &state.identity {
-        Some(identity) => {
+    match &state.tunnel_tls {
+        Some(tls) => {
             if speaks_plain_http(&stream, deadline).await {
                 return refuse_plain_http(&state, stream, deadline).await;
             }
-            let acceptor = tokio_rustls::TlsAcceptor::from(identity.config.clone());
+            let acceptor = tls.acceptor();
             match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => serve_upgrade(state, tls, conn, held).await,
                 Ok(Err(e)) => {

@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::tunnel::tls::{crypto_provider, read_certs, read_key};
+use crate::tunnel::tls::{crypto_provider, identity_error, read_certs, read_key};
+use crate::tunnel::tls_cert::{CertFiles, LeafInfo};
 
 /// The file as written.
 #[derive(Debug, Deserialize)]
@@ -48,6 +49,8 @@ struct TlsServerConfig {
 pub struct WebConfig {
     /// TLS for the web listener, if configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The certificate and key files of `tls`, for the gateway's checks and expiry metric.
+    pub tls_files: Option<CertFiles>,
     /// Basic-auth users, if configured.
     pub users: Option<BasicAuth>,
 }
@@ -203,11 +206,16 @@ pub fn load_all(path: &Path) -> Result<WebConfig, Vec<String>> {
         .map_err(|e| vec![format!("{at}: {}", e.to_string().replace('\n', " "))])?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut problems = Vec::new();
-    let tls = file.tls_server_config.and_then(|t| {
-        tls_config(&t, base)
-            .map_err(|e| problems.push(format!("{at}: tls_server_config: {e}")))
-            .ok()
-    });
+    let (tls, tls_files) = match file.tls_server_config {
+        Some(t) => match tls_config(&t, base) {
+            Ok((config, files)) => (Some(config), Some(files)),
+            Err(e) => {
+                problems.push(format!("{at}: tls_server_config: {e}"));
+                (None, None)
+            }
+        },
+        None => (None, None),
+    };
     let mut users: Vec<&String> = file.basic_auth_users.keys().collect();
     users.sort();
     for user in users {
@@ -222,10 +230,17 @@ pub fn load_all(path: &Path) -> Result<WebConfig, Vec<String>> {
         return Err(problems);
     }
     let users = (!file.basic_auth_users.is_empty()).then(|| BasicAuth::new(file.basic_auth_users));
-    Ok(WebConfig { tls, users })
+    Ok(WebConfig {
+        tls,
+        tls_files,
+        users,
+    })
 }
 
-fn tls_config(t: &TlsServerConfig, base: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+fn tls_config(
+    t: &TlsServerConfig,
+    base: &Path,
+) -> Result<(Arc<rustls::ServerConfig>, CertFiles), String> {
     // exporter-toolkit resolves relative paths against the config file's directory.
     let resolve = |p: &Path| {
         if p.is_absolute() {
@@ -234,8 +249,14 @@ fn tls_config(t: &TlsServerConfig, base: &Path) -> Result<Arc<rustls::ServerConf
             base.join(p)
         }
     };
-    let certs = read_certs(&resolve(&t.cert_file)).map_err(|e| e.to_string())?;
-    let key = read_key(&resolve(&t.key_file)).map_err(|e| e.to_string())?;
+    let (cert_file, key_file) = (resolve(&t.cert_file), resolve(&t.key_file));
+    let certs = read_certs(&cert_file).map_err(|e| e.to_string())?;
+    let key = read_key(&key_file).map_err(|e| e.to_string())?;
+    let files = CertFiles {
+        leaf: LeafInfo::of(&certs[0]),
+        cert: cert_file,
+        key: key_file,
+    };
     let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version.as_deref() {
         None | Some("TLS12") => rustls::ALL_VERSIONS,
         Some("TLS13") => &[&rustls::version::TLS13],
@@ -265,9 +286,9 @@ fn tls_config(t: &TlsServerConfig, base: &Path) -> Result<Arc<rustls::ServerConf
     };
     let mut config = builder
         .with_single_cert(certs, key)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| identity_error(&files.cert, &files.key, &e).to_string())?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), files))
 }
 
 #[cfg(test)]

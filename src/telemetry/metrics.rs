@@ -128,6 +128,13 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+/// Labels: one listener.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `tunnel` or `web`.
+    pub listener: String,
+}
+
 /// Labels: one agent.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AgentLabels {
@@ -175,6 +182,8 @@ pub struct GatewayMetrics {
     pub scrape_duration: Family<AgentLabels, Histogram, fn() -> Histogram>,
     /// Scrape body bytes proxied to Prometheus.
     pub bytes_proxied: Family<AgentLabels, Counter>,
+    /// `notAfter` of each TLS listener's certificate, for expiry alerts.
+    pub tls_not_after: Family<ListenerLabels, Gauge>,
     /// The label sets `scrapes` has per agent id: a `Family` cannot list its own, and each must
     /// be named to be removed.
     scraped: Arc<Mutex<HashMap<String, HashSet<ScrapeLabels>>>>,
@@ -191,6 +200,7 @@ impl GatewayMetrics {
             scrapes: Family::default(),
             scrape_duration: Family::new_with_constructor(duration_histogram),
             bytes_proxied: Family::default(),
+            tls_not_after: Family::default(),
             scraped: Arc::default(),
         };
         registry.register(
@@ -222,6 +232,11 @@ impl GatewayMetrics {
             "ferry_gateway_proxied_bytes",
             "Scrape body bytes passed to Prometheus",
             m.bytes_proxied.clone(),
+        );
+        registry.register(
+            "ferry_gateway_tls_certificate_not_after_seconds",
+            "When the certificate of a TLS listener (tunnel, web) expires, in seconds since the Unix epoch",
+            m.tls_not_after.clone(),
         );
         m
     }

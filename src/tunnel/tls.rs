@@ -36,6 +36,14 @@ pub enum TlsError {
         /// rustls's reason.
         reason: String,
     },
+    /// The private key is not the one of the certificate (a renewal copied one file, not both).
+    #[error("the key in {key} does not belong to the certificate in {cert}")]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
     /// rustls refused the configuration (no usable trust anchors, no protocol version).
     #[error("TLS configuration: {0}")]
     Config(String),
@@ -90,6 +98,23 @@ fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
     }
 }
 
+/// The error for a certificate chain and key that rustls refused together.
+pub fn identity_error(cert: &Path, key: &Path, e: &rustls::Error) -> TlsError {
+    match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            TlsError::KeyMismatch {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+            }
+        }
+        other => TlsError::Mismatch {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            reason: rustls_reason(other),
+        },
+    }
+}
+
 /// Reads the first private key of a PEM file.
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
@@ -106,6 +131,21 @@ pub fn rustls_reason(e: &rustls::Error) -> String {
         return e.to_string();
     };
     let words = match cert {
+        // rustls says these with UNIX timestamps.
+        C::ExpiredContext { time, not_after } => {
+            return format!(
+                "the certificate expired on {} (it is now {})",
+                utc(not_after.as_secs()),
+                utc(time.as_secs())
+            )
+        }
+        C::NotValidYetContext { time, not_before } => {
+            return format!(
+                "the certificate is not valid before {} (it is now {}; is a clock wrong?)",
+                utc(not_before.as_secs()),
+                utc(time.as_secs())
+            )
+        }
         C::BadEncoding => "the certificate is not valid DER",
         C::Expired => "the certificate has expired",
         C::NotValidYet => "the certificate is not valid yet",
@@ -118,6 +158,15 @@ pub fn rustls_reason(e: &rustls::Error) -> String {
         other => return other.to_string(),
     };
     words.to_owned()
+}
+
+/// `2026-05-01 12:00:00 UTC` for seconds since the Unix epoch.
+pub fn utc(secs: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .replace('T', " ")
+        .replace('Z', " UTC")
 }
 
 fn webpki_reason(e: &webpki::Error) -> String {
@@ -152,4 +201,46 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
     hex::decode_to_slice(&cleaned, &mut out)
         .map_err(|_| format!("{s:?} must be sha256: followed by 64 hex digits"))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::UnixTime;
+    use std::time::Duration;
+
+    #[test]
+    fn expiry_errors_say_utc_dates_not_unix_timestamps() {
+        let at = |secs| UnixTime::since_unix_epoch(Duration::from_secs(secs));
+        let expired = rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext {
+            time: at(1_795_307_138),
+            not_after: at(1_792_283_104),
+        });
+        assert_eq!(
+            rustls_reason(&expired),
+            "the certificate expired on 2026-10-18 00:25:04 UTC (it is now 2026-11-22 00:25:38 UTC)"
+        );
+        let early =
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYetContext {
+                time: at(1_792_283_104),
+                not_before: at(1_795_307_138),
+            });
+        assert_eq!(
+            rustls_reason(&early),
+            "the certificate is not valid before 2026-11-22 00:25:38 UTC (it is now 2026-10-18 00:25:04 UTC; is a clock wrong?)"
+        );
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_said_in_words() {
+        let e = identity_error(
+            Path::new("tun.crt"),
+            Path::new("tun.key"),
+            &rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch),
+        );
+        assert_eq!(
+            e.to_string(),
+            "the key in tun.key does not belong to the certificate in tun.crt"
+        );
+    }
 }

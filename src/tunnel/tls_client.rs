@@ -11,7 +11,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
 
-use super::tls::{crypto_provider, read_certs, read_key, rustls_reason, TlsError};
+use super::tls::{crypto_provider, identity_error, read_certs, read_key, rustls_reason, TlsError};
 
 /// How a TLS client decides to trust the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,8 +20,9 @@ pub enum ServerVerify {
     SystemRoots,
     /// Only CAs from this PEM file.
     CaFile(PathBuf),
-    /// Exactly the certificate with this SHA-256 digest (for the gateway's self-signed certificate).
-    Fingerprint([u8; 32]),
+    /// Exactly the certificates with these SHA-256 digests, any of them (for the gateway's
+    /// self-signed certificate; several while a gateway's certificate is being replaced).
+    Fingerprints(Vec<[u8; 32]>),
     /// No verification at all. Only for targets, only when asked for by name.
     InsecureSkipVerify,
 }
@@ -61,11 +62,7 @@ pub fn client_config(tls: &ClientTls, purpose: Purpose) -> Result<rustls::Client
     let mut config = match &tls.client_cert {
         Some((cert, key)) => builder
             .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
-            .map_err(|e| TlsError::Mismatch {
-                cert: cert.clone(),
-                key: key.clone(),
-                reason: rustls_reason(&e),
-            })?,
+            .map_err(|e| identity_error(cert, key, &e))?,
         None => builder.with_no_client_auth(),
     };
     // The tunnel's first request is HTTP/1.1 (the upgrade). For targets, hyper-rustls sets ALPN
@@ -85,16 +82,16 @@ fn verifier(
     provider: Arc<CryptoProvider>,
 ) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
     let roots = match verify {
-        ServerVerify::Fingerprint(digest) => {
+        ServerVerify::Fingerprints(digests) => {
             return Ok(Arc::new(PinnedVerifier {
-                digest: *digest,
+                digests: digests.clone(),
                 provider,
             }))
         }
         ServerVerify::InsecureSkipVerify => {
             return Ok(Arc::new(
                 PinnedVerifier {
-                    digest: [0; 32],
+                    digests: Vec::new(),
                     provider,
                 }
                 .accept_any(),
@@ -129,11 +126,11 @@ fn system_roots() -> RootCertStore {
     roots
 }
 
-/// Trusts exactly one certificate, named by its SHA-256 digest; still checks the handshake
+/// Trusts exactly the certificates named by their SHA-256 digests; still checks the handshake
 /// signatures, so the peer must hold the matching private key.
 #[derive(Debug)]
 struct PinnedVerifier {
-    digest: [u8; 32],
+    digests: Vec<[u8; 32]>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -153,15 +150,19 @@ impl ServerCertVerifier for PinnedVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if got == self.digest {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "server certificate fingerprint is sha256:{}, expected sha256:{}",
-                hex::encode(got),
-                hex::encode(self.digest)
-            )))
+        if self.digests.contains(&got) {
+            return Ok(ServerCertVerified::assertion());
         }
+        let expected: Vec<String> = self
+            .digests
+            .iter()
+            .map(|d| format!("sha256:{}", hex::encode(d)))
+            .collect();
+        Err(rustls::Error::General(format!(
+            "server certificate fingerprint is sha256:{}, expected {}",
+            hex::encode(got),
+            expected.join(" or ")
+        )))
     }
 
     fn verify_tls12_signature(

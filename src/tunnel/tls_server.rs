@@ -8,7 +8,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 
-use super::tls::{fingerprint, read_certs, read_key, rustls_reason, TlsError};
+use super::tls::{fingerprint, identity_error, read_certs, read_key, rustls_reason, TlsError};
+use super::tls_cert::LeafInfo;
 
 /// File name of the generated certificate inside the data directory.
 pub const SELF_SIGNED_CERT: &str = "tunnel-cert.pem";
@@ -22,6 +23,8 @@ pub struct ServerIdentity {
     pub config: Arc<rustls::ServerConfig>,
     /// `sha256:<hex>` of the leaf certificate, what agents pin with `--tunnel.fingerprint`.
     pub fingerprint: String,
+    /// The leaf's validity and CA flag; `None` if they could not be read.
+    pub leaf: Option<LeafInfo>,
 }
 
 /// Loads a certificate chain and key from PEM files.
@@ -35,11 +38,7 @@ pub fn load_identity(
     let certs = read_certs(cert_file)?;
     let key = read_key(key_file)?;
     let client_verifier = client_ca.map(client_verifier).transpose()?;
-    build(certs, key, client_verifier).map_err(|reason| TlsError::Mismatch {
-        cert: cert_file.to_owned(),
-        key: key_file.to_owned(),
-        reason,
-    })
+    build(certs, key, client_verifier).map_err(|e| identity_error(cert_file, key_file, &e))
 }
 
 /// Loads the self-signed identity from `data_dir`, generating and storing it on first start.
@@ -54,15 +53,42 @@ pub fn self_signed_identity(
         dir: data_dir.to_owned(),
         reason,
     };
+    finish_interrupted(data_dir).map_err(error)?;
     if let Some(reason) = lone_half(data_dir) {
         return Err(error(reason));
     }
-    if !cert_file.exists() {
+    let generated = !cert_file.exists();
+    if generated {
         generate(data_dir, &cert_file, &key_file, names).map_err(error)?;
     }
     let identity = load_identity(&cert_file, &key_file, client_ca)?;
+    if generated {
+        // A warning, not info: on any start but the first, this means the data directory was
+        // lost, and every agent pinning the old certificate is now refused.
+        tracing::warn!(
+            fingerprint = %identity.fingerprint,
+            certificate = %cert_file.display(),
+            "generated a new self-signed tunnel certificate: agents pinning another fingerprint \
+             (--tunnel.fingerprint) refuse it until they are given this one"
+        );
+    }
     warn_unlisted_names(&cert_file, names);
     Ok(identity)
+}
+
+/// Suffix of the files a generation writes before renaming them into place.
+const PARTIAL: &str = ".partial";
+
+/// Completes a generation that stopped between its two renames: the key is in place, the
+/// certificate written in full (synced before either rename) but not renamed yet.
+fn finish_interrupted(data_dir: &Path) -> Result<(), String> {
+    let cert = data_dir.join(SELF_SIGNED_CERT);
+    let partial = data_dir.join(format!("{SELF_SIGNED_CERT}{PARTIAL}"));
+    if cert.exists() || !partial.exists() || !data_dir.join(SELF_SIGNED_KEY).exists() {
+        return Ok(());
+    }
+    std::fs::rename(&partial, &cert)
+        .map_err(|e| format!("cannot rename {} into place: {e}", partial.display()))
 }
 
 /// Why `data_dir` holds only one of the certificate and its key, if it does. Generating anew
@@ -133,24 +159,49 @@ fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> 
         names.push("ferry-gateway".into());
     }
     let generated = rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
-    let key = generated.signing_key.serialize_pem();
-    write_new(key_file, key.as_bytes(), 0o600).map_err(|e| format!("cannot write key {e}"))?;
-    write_new(cert_file, generated.cert.pem().as_bytes(), 0o644)
-        .map_err(|e| format!("cannot write certificate {e}"))
+    // Both written and synced under temporary names, then renamed, the certificate last: a
+    // start interrupted anywhere leaves either nothing, or a key with its complete certificate
+    // still to be renamed (`finish_interrupted`), never a half that would need a new identity.
+    let partial = |file: &Path| {
+        let mut name = file.as_os_str().to_owned();
+        name.push(PARTIAL);
+        std::path::PathBuf::from(name)
+    };
+    let (key_partial, cert_partial) = (partial(key_file), partial(cert_file));
+    // Left by a start interrupted before its first rename (or planted): removed, not followed.
+    for stale in [&key_partial, &cert_partial] {
+        let _ = std::fs::remove_file(stale);
+    }
+    write_synced(
+        &key_partial,
+        generated.signing_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_synced(&cert_partial, generated.cert.pem().as_bytes(), 0o644)?;
+    for (from, to) in [(&key_partial, key_file), (&cert_partial, cert_file)] {
+        std::fs::rename(from, to).map_err(|e| format!("cannot rename {}: {e}", from.display()))?;
+    }
+    // The renames themselves are durable once the directory is synced.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("cannot sync the directory: {e}"))
 }
 
-/// Creates `path` with `bytes`. Neither file is there when they are generated, so anything found
-/// in their place (a dangling link someone planted) is refused rather than written through.
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+/// Writes `bytes` to a new file created with `mode` (less the umask), synced to disk. Anything
+/// already in its place (a link someone planted) is refused rather than written through; the
+/// renames that follow replace a link at the final name instead of following it.
+fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let error = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(path)
-        .and_then(|mut f| f.write_all(bytes))
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(error)?;
+    f.write_all(bytes).map_err(error)?;
+    f.sync_all().map_err(error)
 }
 
 /// Verifies agents' client certificates against the CAs in `ca_file`.
@@ -174,22 +225,21 @@ fn build(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     client_verifier: Option<Arc<dyn ClientCertVerifier>>,
-) -> Result<ServerIdentity, String> {
+) -> Result<ServerIdentity, rustls::Error> {
     let fingerprint = fingerprint(&certs[0]);
+    let leaf = LeafInfo::of(&certs[0]);
     let builder = rustls::ServerConfig::builder_with_provider(super::tls::crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?;
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match client_verifier {
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| rustls_reason(&e))?;
+    let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerIdentity {
         config: Arc::new(config),
         fingerprint,
+        leaf,
     })
 }
 
@@ -265,14 +315,56 @@ mod tests {
         let (key_target, cert_target) = (dir.path().join("k"), dir.path().join("c"));
         std::os::unix::fs::symlink(&key_target, data.join(SELF_SIGNED_KEY)).unwrap();
         std::os::unix::fs::symlink(&cert_target, data.join(SELF_SIGNED_CERT)).unwrap();
-        let err = self_signed_identity(&data, &[], None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("cannot write key") && err.contains("exists"),
-            "{err}"
-        );
+        self_signed_identity(&data, &[], None).unwrap();
         assert!(!key_target.exists() && !cert_target.exists());
+        for file in [SELF_SIGNED_KEY, SELF_SIGNED_CERT] {
+            let meta = std::fs::symlink_metadata(data.join(file)).unwrap();
+            assert!(meta.file_type().is_file(), "{file} is a file of its own");
+        }
+        // Links planted under the temporary names are not written through either.
+        let (data, target) = (dir.path().join("data2"), dir.path().join("t"));
+        std::fs::create_dir(&data).unwrap();
+        std::os::unix::fs::symlink(&target, data.join(format!("{SELF_SIGNED_KEY}{PARTIAL}")))
+            .unwrap();
+        self_signed_identity(&data, &[], None).unwrap();
+        assert!(!target.exists());
+    }
+
+    /// Generation leaves no temporary file behind; one interrupted between its renames (the
+    /// key in place, the complete certificate not yet) is finished, not refused as a lone half.
+    #[test]
+    fn generation_renames_complete_files_and_an_interrupted_one_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = self_signed_identity(dir.path(), &[], None).unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, [SELF_SIGNED_CERT, SELF_SIGNED_KEY]);
+        let partial = dir.path().join(format!("{SELF_SIGNED_CERT}{PARTIAL}"));
+        std::fs::rename(dir.path().join(SELF_SIGNED_CERT), &partial).unwrap();
+        let again = self_signed_identity(dir.path(), &[], None).unwrap();
+        assert_eq!(again.fingerprint, first.fingerprint);
+        assert!(!partial.exists());
+    }
+
+    #[test]
+    fn a_key_that_does_not_belong_to_the_certificate_names_both_files() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        self_signed_identity(a.path(), &[], None).unwrap();
+        self_signed_identity(b.path(), &[], None).unwrap();
+        let cert = a.path().join(SELF_SIGNED_CERT);
+        let key = b.path().join(SELF_SIGNED_KEY);
+        let err = load_identity(&cert, &key, None).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "the key in {} does not belong to the certificate in {}",
+                key.display(),
+                cert.display()
+            )
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub struct TestGateway {
 impl TestGateway {
     /// `sha256:<hex>` of the tunnel certificate.
     pub fn fingerprint(&self) -> String {
-        self.gateway.fingerprint().unwrap_or_default().to_owned()
+        self.gateway.fingerprint().unwrap_or_default()
     }
 
     /// Stops the gateway and waits for it to finish draining.
@@ -269,7 +269,7 @@ pub fn agent_section(gw: &TestGateway, id: &str, targets: &[(&str, String)]) -> 
         id,
         targets,
     );
-    s.tunnel.fingerprint = Some(gw.fingerprint());
+    s.tunnel.fingerprint = vec![gw.fingerprint()];
     s
 }
 
@@ -367,7 +367,7 @@ pub async fn tunnel_tls(
     gw: &TestGateway,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let tls = ClientTls {
-        verify: ServerVerify::Fingerprint(parse_fingerprint(&gw.fingerprint()).unwrap()),
+        verify: ServerVerify::Fingerprints(vec![parse_fingerprint(&gw.fingerprint()).unwrap()]),
         client_cert: None,
     };
     let connector =

@@ -1,0 +1,284 @@
+//! What a certificate says about itself that rustls does not check when it is loaded: its
+//! validity dates and whether it is a CA. A server certificate that has expired, is not valid
+//! yet, or is a CA is loaded without complaint and then refused by every client: the gateway
+//! warns about it at start and on reload, and exports the expiry date for alerting.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A listener's certificate and key files, with what its leaf certificate says.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
+    /// The leaf's dates and CA flag, if they could be read.
+    pub leaf: Option<LeafInfo>,
+}
+
+impl CertFiles {
+    /// What an operator should hear about these files at `now`: a certificate no client will
+    /// accept, a private key every local user can read.
+    pub fn warnings(&self, listener: &str, now: SystemTime) -> Vec<String> {
+        let problem = self.leaf.and_then(|leaf| leaf.problem(&self.cert, now));
+        problem
+            .into_iter()
+            .chain(readable_by_all(&self.key, listener))
+            .collect()
+    }
+}
+
+/// A warning if every user may read the private key `path`. Group-readable is left alone: a
+/// key shared with a group (`ssl-cert`) on purpose is common.
+fn readable_by_all(path: &Path, listener: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "key file {} is readable by every user (mode {mode:04o}): whoever reads it can pose as this gateway's {listener} listener (chmod o-r)",
+            path.display()
+        )
+    })
+}
+
+/// The parts of a leaf certificate the gateway warns about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeafInfo {
+    /// `notBefore`, seconds since the Unix epoch.
+    pub not_before: i64,
+    /// `notAfter`, seconds since the Unix epoch.
+    pub not_after: i64,
+    /// Whether its basic constraints say `CA:TRUE`.
+    pub is_ca: bool,
+}
+
+impl LeafInfo {
+    /// Reads the validity and basic constraints of a DER certificate; `None` if it cannot be
+    /// parsed (rustls reports that on its own).
+    pub fn of(der: &[u8]) -> Option<LeafInfo> {
+        let (cert, _) = Der::new(der).expect(SEQUENCE)?;
+        let (tbs, _) = cert.expect(SEQUENCE)?;
+        let mut tbs = tbs;
+        if tbs.peek() == Some(0xa0) {
+            tbs = tbs.skip()?; // version
+        }
+        let tbs = tbs.skip()?.skip()?.skip()?; // serial, signature algorithm, issuer
+        let (validity, rest) = tbs.expect(SEQUENCE)?;
+        let (not_before, validity) = validity.time()?;
+        let (not_after, _) = validity.time()?;
+        let is_ca = rest.skip()?.skip()?.ca_constraint().unwrap_or(false); // subject, key
+        Some(LeafInfo {
+            not_before,
+            not_after,
+            is_ca,
+        })
+    }
+
+    /// Why no client will accept this certificate as a server's at `now`, naming `file`.
+    pub fn problem(&self, file: &Path, now: SystemTime) -> Option<String> {
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let file = file.display();
+        if self.is_ca {
+            return Some(format!(
+                "certificate {file} is a CA certificate (CA:TRUE), which clients refuse as a \
+                 server's: put the server's own certificate first in the file"
+            ));
+        }
+        if now > self.not_after {
+            return Some(format!(
+                "certificate {file} expired on {}: clients refuse it (renew it, then SIGHUP)",
+                utc(self.not_after)
+            ));
+        }
+        if now < self.not_before {
+            return Some(format!(
+                "certificate {file} is not valid before {} (now {}): clients refuse it until \
+                 then (is this host's clock right?)",
+                utc(self.not_before),
+                utc(now)
+            ));
+        }
+        None
+    }
+}
+
+/// `2026-05-01 12:00:00 UTC` for seconds since the Unix epoch (clamped to 1970).
+fn utc(secs: i64) -> String {
+    super::tls::utc(u64::try_from(secs).unwrap_or(0))
+}
+
+const SEQUENCE: u8 = 0x30;
+
+/// A cursor over DER: just what reading a certificate's validity and constraints needs.
+#[derive(Clone, Copy)]
+struct Der<'a>(&'a [u8]);
+
+impl<'a> Der<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Der(bytes)
+    }
+
+    fn peek(self) -> Option<u8> {
+        self.0.first().copied()
+    }
+
+    /// The next element: its tag, its contents, and what follows it.
+    fn next(self) -> Option<(u8, Der<'a>, Der<'a>)> {
+        let (&tag, rest) = self.0.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+            (len, &rest[n..])
+        };
+        if rest.len() < len {
+            return None;
+        }
+        Some((tag, Der(&rest[..len]), Der(&rest[len..])))
+    }
+
+    fn expect(self, tag: u8) -> Option<(Der<'a>, Der<'a>)> {
+        let (t, inner, rest) = self.next()?;
+        (t == tag).then_some((inner, rest))
+    }
+
+    fn skip(self) -> Option<Der<'a>> {
+        self.next().map(|(_, _, rest)| rest)
+    }
+
+    /// A UTCTime or GeneralizedTime, as seconds since the Unix epoch.
+    fn time(self) -> Option<(i64, Der<'a>)> {
+        let (tag, inner, rest) = self.next()?;
+        let text = std::str::from_utf8(inner.0).ok()?.strip_suffix('Z')?;
+        let (year, text) = match tag {
+            0x17 => {
+                let yy: i64 = text.get(..2)?.parse().ok()?;
+                (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
+            }
+            0x18 => (text.get(..4)?.parse().ok()?, &text[4..]),
+            _ => return None,
+        };
+        let field = |i: usize| -> Option<i64> { text.get(i..i + 2)?.parse().ok() };
+        let days = days_from_civil(year, field(0)?, field(2)?);
+        Some((
+            days * 86_400 + field(4)? * 3600 + field(6)? * 60 + field(8)?,
+            rest,
+        ))
+    }
+
+    /// `cA` of the basic constraints extension, from the fields after the public key.
+    fn ca_constraint(self) -> Option<bool> {
+        let mut fields = self;
+        while let Some((tag, inner, rest)) = fields.next() {
+            fields = rest;
+            if tag != 0xa3 {
+                continue; // issuer and subject unique ids
+            }
+            let (mut extensions, _) = inner.expect(SEQUENCE)?;
+            while let Some((ext, rest)) = extensions.expect(SEQUENCE) {
+                extensions = rest;
+                let (oid, mut value) = ext.expect(0x06)?;
+                // 2.5.29.19, basicConstraints
+                if oid.0 != [0x55, 0x1d, 0x13] {
+                    continue;
+                }
+                if value.peek() == Some(0x01) {
+                    value = value.skip()?; // critical
+                }
+                let (octets, _) = value.expect(0x04)?;
+                let (constraints, _) = octets.expect(SEQUENCE)?;
+                return Some(matches!(constraints.expect(0x01), Some((b, _)) if b.0 != [0]));
+            }
+        }
+        None
+    }
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use std::time::Duration;
+
+    fn cert(params: impl FnOnce(&mut CertificateParams)) -> Vec<u8> {
+        let mut p = CertificateParams::new(vec!["gw.test".to_owned()]).unwrap();
+        params(&mut p);
+        p.self_signed(&KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn reads_the_dates_and_the_ca_flag() {
+        let der = cert(|p| {
+            p.not_before = rcgen::date_time_ymd(2020, 2, 29);
+            p.not_after = rcgen::date_time_ymd(2051, 1, 2);
+        });
+        let info = LeafInfo::of(&der).unwrap();
+        assert_eq!(utc(info.not_before), "2020-02-29 00:00:00 UTC");
+        assert_eq!(utc(info.not_after), "2051-01-02 00:00:00 UTC");
+        assert!(!info.is_ca);
+        let ca = cert(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained));
+        assert!(LeafInfo::of(&ca).unwrap().is_ca);
+        let explicit_no = cert(|p| p.is_ca = IsCa::ExplicitNoCa);
+        assert!(!LeafInfo::of(&explicit_no).unwrap().is_ca);
+        assert_eq!(LeafInfo::of(b"not DER"), None);
+    }
+
+    #[test]
+    fn problems_name_the_file_and_the_dates() {
+        let file = Path::new("/etc/ferry/tun.crt");
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000); // 2027-01-15 08:00:00 UTC
+        let expired = LeafInfo::of(&cert(|p| {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2026, 10, 1);
+        }))
+        .unwrap();
+        assert_eq!(
+            expired.problem(file, now).unwrap(),
+            "certificate /etc/ferry/tun.crt expired on 2026-10-01 00:00:00 UTC: clients refuse it (renew it, then SIGHUP)"
+        );
+        let early = LeafInfo::of(&cert(|p| {
+            p.not_before = rcgen::date_time_ymd(2030, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2031, 1, 1);
+        }))
+        .unwrap();
+        let said = early.problem(file, now).unwrap();
+        assert!(
+            said.contains("not valid before 2030-01-01 00:00:00 UTC (now 2027-01-15 08:00:00 UTC)"),
+            "{said}"
+        );
+        let ca = LeafInfo::of(&cert(|p| {
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        }))
+        .unwrap();
+        assert!(ca
+            .problem(file, SystemTime::now())
+            .unwrap()
+            .contains("is a CA certificate (CA:TRUE)"));
+        let fine = LeafInfo::of(&cert(|_| {})).unwrap();
+        assert_eq!(fine.problem(file, SystemTime::now()), None);
+    }
+}
