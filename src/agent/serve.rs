@@ -250,14 +250,16 @@ async fn fetch_answer(
         }
         .into_response("agent");
     }
-    let body = match read_ahead(boxed(body), deadline).await {
+    // The agent sets no size limit of its own: the gateway's (web.max_scrape_bytes) applies.
+    let body = match read_ahead(boxed(body), deadline, u64::MAX).await {
         Ok(body) => body,
         Err(ReadAheadError::Deadline) => {
             count(shared, &route.name, "timeout");
             let what = format!("target {:?}", route.name);
             return ScrapeError::Timeout { what, timeout }.into_response("agent");
         }
-        Err(ReadAheadError::Broke(reason)) => {
+        Err(e @ (ReadAheadError::Broke(_) | ReadAheadError::TooLarge(_))) => {
+            let reason = e.to_string();
             count(shared, &route.name, "error");
             warn!(scrape_target = %route.name, error = %reason, "target body broke before any of it was sent");
             return ScrapeError::Target {
@@ -280,8 +282,8 @@ async fn fetch_answer(
                 warn!(scrape_target = %name, bytes, ?timeout, "scrape timeout passed while the target body was still streaming: body cut short");
                 "timeout"
             }
-            BodyEnd::Failed(reason) => {
-                warn!(scrape_target = %name, bytes, error = %reason, "target body broke mid-scrape");
+            BodyEnd::Failed(_) | BodyEnd::TooLarge(_) => {
+                warn!(scrape_target = %name, bytes, error = %end, "target body broke mid-scrape");
                 "error"
             }
         };
