@@ -1424,6 +1424,57 @@ async fn a_chunked_body_over_the_size_limit_is_cut_once_and_counted_as_sent() {
     gw.stop().await;
 }
 
+/// A target's redirect to an absolute URL would send Prometheus through the gateway to the
+/// target's internal address, as an agent id: the agent answers 502 instead, without the
+/// Location; a relative redirect stays with the target and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_redirect_is_a_502_that_does_not_show_where_it_points() {
+    let logs = common::logs::capture();
+    let away = common::servers::canned_server(
+        b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:28200/metrics\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    let near = common::servers::canned_server(
+        b"HTTP/1.1 301 Moved Permanently\r\nLocation: /metrics/\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    let dir = TempDir::new().unwrap();
+    let (gw, agent) = gateway_and_agent(
+        &dir,
+        "moved",
+        &[
+            ("away", format!("http://{away}/metrics")),
+            ("near", format!("http://{near}/metrics")),
+        ],
+    )
+    .await;
+    let url = |port: u16| format!("http://moved:{port}/metrics");
+    let resp = get_via_proxy(gw.web, &url(away.port()), &[]).await;
+    assert_eq!(resp.status, 502, "{:?}", resp.headers);
+    assert_eq!(
+        assert_one_line(&resp),
+        "target \"away\" failed: redirected to another URL; ferry does not follow redirects: set the target URL to the final location"
+    );
+    assert_eq!(resp.header("location"), None);
+    assert_eq!(resp.header("ferry-error"), Some("agent"));
+    logs.wait_lines(
+        &[
+            "target redirected to another URL",
+            "scrape_target=away",
+            "location=http://127.0.0.1:28200/metrics",
+        ],
+        1,
+        CONNECT_WAIT,
+    )
+    .await;
+
+    let relative = get_via_proxy(gw.web, &url(near.port()), &[]).await;
+    assert_eq!(relative.status, 301);
+    assert_eq!(relative.header("location"), Some("/metrics/"));
+    agent.stop().await;
+    gw.stop().await;
+}
+
 /// Scrapes have no body, but a request that has one (a POST through the proxy) is forwarded whole
 /// up to 1 MiB; a larger one is refused with 400 and a reason, and never reaches the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
