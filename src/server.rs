@@ -59,16 +59,26 @@ pub async fn serve_http<H, F>(
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    serve_http_tracked(listener, handler, |_| (), None, shutdown, grace).await;
+    let no_tls = None;
+    serve_http_tracked::<_, _, _, _, fn(SocketAddr, String)>(
+        listener,
+        handler,
+        |_| (),
+        no_tls,
+        shutdown,
+        grace,
+    )
+    .await;
 }
 
 /// Like [`serve_http`]; `on_accept` is called for every connection and what it returns is kept
-/// until the connection closes (a metrics guard, typically). With `tls`, connections speak TLS.
-pub(crate) async fn serve_http_tracked<H, F, A, G>(
+/// until the connection closes (a metrics guard, typically). With `tls`, connections speak TLS,
+/// and its callback is told of each connection whose handshake failed (the peer, why).
+pub(crate) async fn serve_http_tracked<H, F, A, G, T>(
     listener: TcpListener,
     handler: H,
     on_accept: A,
-    tls: Option<ReloadableTls>,
+    tls: Option<(ReloadableTls, T)>,
     shutdown: CancellationToken,
     grace: Duration,
 ) where
@@ -76,6 +86,7 @@ pub(crate) async fn serve_http_tracked<H, F, A, G>(
     F: Future<Output = Response<Body>> + Send + 'static,
     A: Fn(SocketAddr) -> G,
     G: Send + 'static,
+    T: Fn(SocketAddr, String) + Clone + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
     // The connections still open when the grace period ends, each cut off with its request.
@@ -93,15 +104,21 @@ pub(crate) async fn serve_http_tracked<H, F, A, G>(
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let tls = tls.as_ref().map(ReloadableTls::acceptor);
+        let tls = tls
+            .as_ref()
+            .map(|(tls, on_failure)| (tls.acceptor(), on_failure.clone()));
         open.spawn(async move {
             let io: Box<dyn Io> = match tls {
                 None => Box::new(stream),
-                Some(acceptor) => {
+                Some((acceptor, on_failure)) => {
                     match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => Box::new(tls),
-                        Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(e)) => {
+                            return on_failure(peer, format!("TLS handshake failed: {e}"))
+                        }
+                        Err(_) => {
+                            return on_failure(peer, "TLS handshake timed out".to_owned());
+                        }
                     }
                 }
             };

@@ -1284,6 +1284,16 @@ async fn connect_is_refused_with_405() {
         resp.headers
     );
     assert_eq!(s.target.requests(), 0);
+    let text = gateway_metrics(&s.gw).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_web_refusals_total",
+            &[("reason", "connect")]
+        ),
+        Some(1.0),
+        "a CONNECT (a scheme: https job) shows in the gateway's metrics: {text}"
+    );
     s.stop().await;
 }
 

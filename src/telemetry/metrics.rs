@@ -175,6 +175,8 @@ pub struct GatewayMetrics {
     pub scrape_duration: Family<AgentLabels, Histogram, fn() -> Histogram>,
     /// Scrape body bytes proxied to Prometheus.
     pub bytes_proxied: Family<AgentLabels, Counter>,
+    /// Requests and connections the web listener refused before routing them, by reason.
+    pub web_refusals: Family<ReasonLabels, Counter>,
     /// The label sets `scrapes` has per agent id: a `Family` cannot list its own, and each must
     /// be named to be removed.
     scraped: Arc<Mutex<HashMap<String, HashSet<ScrapeLabels>>>>,
@@ -191,6 +193,7 @@ impl GatewayMetrics {
             scrapes: Family::default(),
             scrape_duration: Family::new_with_constructor(duration_histogram),
             bytes_proxied: Family::default(),
+            web_refusals: Family::default(),
             scraped: Arc::default(),
         };
         registry.register(
@@ -223,7 +226,21 @@ impl GatewayMetrics {
             "Scrape body bytes passed to Prometheus",
             m.bytes_proxied.clone(),
         );
+        registry.register(
+            "ferry_gateway_web_refusals",
+            "Requests and TLS connections the web listener refused before routing them, by reason",
+            m.web_refusals.clone(),
+        );
         m
+    }
+
+    /// The counter of the web listener's refusals for `reason`.
+    pub fn web_refusal(&self, reason: &str) -> Counter {
+        self.web_refusals
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .clone()
     }
 
     /// Counts one finished scrape under `labels`: its count, duration and body bytes.
