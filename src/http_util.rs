@@ -220,8 +220,10 @@ pub enum BodyEnd {
     Complete,
     /// The deadline passed while it was still streaming.
     Deadline,
-    /// It broke: the peer's stream failed, or it passed the size limit. One line.
+    /// It broke: the peer's stream failed. One line.
     Failed(String),
+    /// Its next frame would have passed the size limit (this many bytes): it was cut there.
+    TooLarge(u64),
     /// The reader let go of it before its end (e.g. the client went away).
     Dropped,
 }
@@ -232,6 +234,7 @@ impl std::fmt::Display for BodyEnd {
             BodyEnd::Complete => f.write_str("complete"),
             BodyEnd::Deadline => f.write_str("still streaming at the deadline"),
             BodyEnd::Failed(why) => f.write_str(why),
+            BodyEnd::TooLarge(max) => write!(f, "{}", BodyLimitError::TooLarge(*max)),
             BodyEnd::Dropped => f.write_str("the reader went away"),
         }
     }
@@ -315,12 +318,14 @@ impl HttpBody for BoundedBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.seen += data.len() as u64;
-                    if this.seen > this.max_bytes {
+                    // Counted once passed on: the frame that crosses the limit never is.
+                    let len = data.len() as u64;
+                    if this.seen.saturating_add(len) > this.max_bytes {
+                        this.finish(BodyEnd::TooLarge(this.max_bytes));
                         let err = BodyLimitError::TooLarge(this.max_bytes);
-                        this.finish(BodyEnd::Failed(err.to_string()));
                         return Poll::Ready(Some(Err(err.into())));
                     }
+                    this.seen += len;
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -357,6 +362,9 @@ pub enum ReadAheadError {
     /// The body broke before (or right behind) its first bytes.
     #[error("{0}")]
     Broke(String),
+    /// What arrived with the first frame is more than the limit (this many bytes) already.
+    #[error("{}", BodyLimitError::TooLarge(*.0))]
+    TooLarge(u64),
 }
 
 /// `body` with its first frame read, and whatever frames arrived with it (up to 64 KiB),
@@ -367,7 +375,14 @@ pub enum ReadAheadError {
 /// body that breaks before its first bytes reach the client would be an empty reply, no status,
 /// no reason. Read ahead, such a break is an error the caller answers with a status instead.
 /// Nothing waits longer than the first frame: what streams on streams as it arrives.
-pub async fn read_ahead(mut body: Body, deadline: Instant) -> Result<Body, ReadAheadError> {
+///
+/// For the same reason, more than `max_bytes` read ahead is an error rather than a body that
+/// would break at once.
+pub async fn read_ahead(
+    mut body: Body,
+    deadline: Instant,
+    max_bytes: u64,
+) -> Result<Body, ReadAheadError> {
     let broke = |e: BoxError| ReadAheadError::Broke(crate::scrape_error::one_line(&*e));
     if body.is_end_stream() {
         return Ok(body);
@@ -406,6 +421,9 @@ pub async fn read_ahead(mut body: Body, deadline: Instant) -> Result<Body, ReadA
                 }
             }
         }
+    }
+    if held > max_bytes {
+        return Err(ReadAheadError::TooLarge(max_bytes));
     }
     Ok(ReadAhead {
         frames,
@@ -559,6 +577,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn more_than_the_limit_read_ahead_is_refused_before_the_head() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let err = read_ahead(full(vec![0u8; 100]), deadline, 10)
+            .await
+            .expect_err("over the limit");
+        assert!(matches!(err, ReadAheadError::TooLarge(10)), "{err}");
+        assert!(read_ahead(full(vec![0u8; 100]), deadline, 100)
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
     async fn bounded_body_fails_past_the_limit_and_reports_bytes() {
         let (tx, rx) = std::sync::mpsc::channel();
         let body = BoundedBody::new(
@@ -571,10 +601,8 @@ mod tests {
         assert!(err.to_string().contains("maximum of 10 bytes"), "{err}");
         assert_eq!(
             rx.recv().unwrap(),
-            (
-                100,
-                BodyEnd::Failed("body exceeds the maximum of 10 bytes".into())
-            )
+            (0, BodyEnd::TooLarge(10)),
+            "the frame that crossed the limit was never passed on"
         );
     }
 }

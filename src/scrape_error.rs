@@ -56,6 +56,18 @@ pub enum ScrapeError {
         /// The underlying error, one line.
         reason: String,
     },
+    /// The target's answer is larger than the gateway passes on; refused before its head.
+    #[error("{}", too_large(.target, .agent, *.length, *.limit))]
+    TooLarge {
+        /// The target's name.
+        target: String,
+        /// Its agent.
+        agent: String,
+        /// The body's length, when its `Content-Length` said it.
+        length: Option<u64>,
+        /// The gateway's limit (`web.max_scrape_bytes`).
+        limit: u64,
+    },
     /// The request itself is malformed (no host, a bad URI).
     #[error("bad scrape request: {0}")]
     BadRequest(String),
@@ -85,7 +97,9 @@ impl ScrapeError {
             ScrapeError::AgentNotConnected(_) => StatusCode::SERVICE_UNAVAILABLE,
             ScrapeError::NoSuchTarget { .. } => StatusCode::NOT_FOUND,
             ScrapeError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ScrapeError::Tunnel { .. } | ScrapeError::Target { .. } => StatusCode::BAD_GATEWAY,
+            ScrapeError::Tunnel { .. }
+            | ScrapeError::Target { .. }
+            | ScrapeError::TooLarge { .. } => StatusCode::BAD_GATEWAY,
             ScrapeError::BadRequest(_) | ScrapeError::BodyOnGet(_) => StatusCode::BAD_REQUEST,
         }
     }
@@ -98,6 +112,7 @@ impl ScrapeError {
             ScrapeError::Timeout { .. } => "timeout",
             ScrapeError::Tunnel { .. } => "tunnel",
             ScrapeError::Target { .. } => "target",
+            ScrapeError::TooLarge { .. } => "too_large",
             ScrapeError::BadRequest(_) => "bad_request",
             ScrapeError::BodyOnGet(_) => "body_on_get",
             ScrapeError::Method(_) => "method",
@@ -120,6 +135,14 @@ impl ScrapeError {
         }
         resp
     }
+}
+
+/// Where the gateway's limit on a scrape's body is set, as a refusal names it.
+pub const MAX_SCRAPE_BYTES_SETTING: &str = "--web.max-scrape-bytes / web.max_scrape_bytes";
+
+fn too_large(target: &str, agent: &str, length: Option<u64>, limit: u64) -> String {
+    let size = length.map_or_else(String::new, |n| format!("{n} bytes, "));
+    format!("target {target:?} of agent {agent:?} answered {size}more than the gateway passes on ({limit} bytes): raise {MAX_SCRAPE_BYTES_SETTING}")
 }
 
 fn method_refusal(method: &http::Method) -> String {

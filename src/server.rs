@@ -64,7 +64,16 @@ pub async fn serve_http<H, F>(
         grace,
         cut_off: "the server is shutting down",
     };
-    serve_http_tracked(listener, handler, |_| (), None, shutdown, drain).await;
+    let no_tls = None;
+    serve_http_tracked::<_, _, _, _, fn(SocketAddr, String)>(
+        listener,
+        handler,
+        |_| (),
+        no_tls,
+        shutdown,
+        drain,
+    )
+    .await;
 }
 
 /// How a listener drains on shutdown: in-flight requests may finish for `grace`; those still
@@ -79,13 +88,14 @@ pub(crate) struct Drain {
 const CUT_OFF_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Like [`serve_http`]; `on_accept` is called for every connection and what it returns is kept
-/// until the connection closes (a metrics guard, typically). With `tls`, connections speak TLS.
+/// until the connection closes (a metrics guard, typically). With `tls`, connections speak TLS,
+/// and its callback is told of each connection whose handshake failed (the peer, why).
 /// Returns once every connection is closed, or its requests were cut off and answered.
-pub(crate) async fn serve_http_tracked<H, F, A, G>(
+pub(crate) async fn serve_http_tracked<H, F, A, G, T>(
     listener: TcpListener,
     handler: H,
     on_accept: A,
-    tls: Option<ReloadableTls>,
+    tls: Option<(ReloadableTls, T)>,
     shutdown: CancellationToken,
     drain: Drain,
 ) where
@@ -93,6 +103,7 @@ pub(crate) async fn serve_http_tracked<H, F, A, G>(
     F: Future<Output = Response<Body>> + Send + 'static,
     A: Fn(SocketAddr) -> G,
     G: Send + 'static,
+    T: Fn(SocketAddr, String) + Clone + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
     // The connections still open when the grace period ends, each cut off with its request.
@@ -121,15 +132,21 @@ pub(crate) async fn serve_http_tracked<H, F, A, G>(
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let tls = tls.as_ref().map(ReloadableTls::acceptor);
+        let tls = tls
+            .as_ref()
+            .map(|(tls, on_failure)| (tls.acceptor(), on_failure.clone()));
         open.spawn(async move {
             let io: Box<dyn Io> = match tls {
                 None => Box::new(stream),
-                Some(acceptor) => {
+                Some((acceptor, on_failure)) => {
                     match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => Box::new(tls),
-                        Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                        Ok(Err(e)) => {
+                            return on_failure(peer, format!("TLS handshake failed: {e}"))
+                        }
+                        Err(_) => {
+                            return on_failure(peer, "TLS handshake timed out".to_owned());
+                        }
                     }
                 }
             };

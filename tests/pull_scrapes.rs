@@ -1364,7 +1364,205 @@ async fn connect_is_refused_with_405() {
         resp.headers
     );
     assert_eq!(s.target.requests(), 0);
+    let text = gateway_metrics(&s.gw).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_web_refusals_total",
+            &[("reason", "connect")]
+        ),
+        Some(1.0),
+        "a CONNECT (a scheme: https job) shows in the gateway's metrics: {text}"
+    );
     s.stop().await;
+}
+
+/// Gateway with `web.max_scrape_bytes` of 50,000 and agent `big` serving `target` as `big`.
+async fn gateway_limited_to_50_kb(dir: &TempDir, target: String) -> (TestGateway, TestAgent) {
+    let gw = start_gateway(dir, &[("*", "test-token")], |s| {
+        s.web.max_scrape_bytes = 50_000
+    })
+    .await;
+    let agent = start_agent(agent_section(&gw, "big", &[("big", target)]), "test-token");
+    gw.wait_agent("big", CONNECT_WAIT).await;
+    (gw, agent)
+}
+
+/// A body whose Content-Length is over `--web.max-scrape-bytes` is refused with a 502 that
+/// names the setting, before any head: cut after a 200 head, Prometheus saw a bare EOF (and Go's
+/// client fetched again when nothing at all had come back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_announced_over_the_size_limit_is_a_502_naming_the_setting() {
+    let dir = TempDir::new().unwrap();
+    let target = TargetServer::start(Behaviour::Large { bytes: 477_780 }).await;
+    let (gw, agent) = gateway_limited_to_50_kb(&dir, target.url("/big")).await;
+    let url = format!("http://big:{}/big", target.addr.port());
+    let resp = get_via_proxy(gw.web, &url, &[]).await;
+    assert_eq!(resp.status, 502, "{:?}", resp.headers);
+    let reason = assert_one_line(&resp);
+    assert!(
+        reason.contains("477780 bytes")
+            && reason.contains("50000 bytes")
+            && reason.contains("--web.max-scrape-bytes / web.max_scrape_bytes"),
+        "{reason}"
+    );
+    assert_eq!(resp.header("ferry-error"), Some("gateway"));
+    assert_eq!(target.requests(), 1, "fetched once");
+    let text = gateway_metrics(&gw).await;
+    let big = [("agent", "big"), ("target", "big")];
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_scrapes_total",
+            &[big[0], big[1], ("status_class", "5xx")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "ferry_gateway_proxied_bytes_total", &big[..1]),
+        Some(0.0),
+        "{text}"
+    );
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// A target that sends a first chunk, then (once the head has surely left) 100,000 bytes more,
+/// chunked: no length to refuse it by up front.
+async fn chunked_target_of_100_kb() -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if common::servers::read_request_head(&mut s).await.is_none() {
+                    return;
+                }
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nup 1\n\r\n";
+                let _ = s.write_all(head.as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut rest = format!("{:x}\r\n", 100_000).into_bytes();
+                rest.extend(std::iter::repeat_n(b'#', 100_000));
+                rest.extend_from_slice(b"\r\n0\r\n\r\n");
+                let _ = s.write_all(&rest).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A chunked body found over the limit after its head was sent can only be cut: it is counted
+/// and logged once, and only the bytes that went to Prometheus count as proxied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_over_the_size_limit_is_cut_once_and_counted_as_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let target = chunked_target_of_100_kb().await;
+    let (gw, agent) = gateway_limited_to_50_kb(&dir, format!("http://{target}/big")).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.web).await.unwrap();
+    let req = format!(
+        "GET http://big:{0}/big HTTP/1.1\r\nHost: big:{0}\r\nConnection: close\r\n\r\n",
+        target.port()
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut got)).await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(got.len() < 60_000, "{} bytes arrived", got.len());
+
+    let gw_url = format!("{}/metrics", gw.web_url());
+    wait_metric(
+        &gw_url,
+        "ferry_gateway_scrapes_total",
+        &[("agent", "big"), ("status_class", "aborted")],
+        |v| v == 1.0,
+    )
+    .await;
+    let text = gateway_metrics(&gw).await;
+    let proxied = metric_value(
+        &text,
+        "ferry_gateway_proxied_bytes_total",
+        &[("agent", "big")],
+    )
+    .expect("proxied bytes of agent big");
+    assert!(
+        (5.0..=50_000.0).contains(&proxied),
+        "only what was passed on counts, never the frame that crossed the limit: {proxied}"
+    );
+    let cut = logs
+        .wait_lines(&["cut at the size limit", "agent=big"], 1, CONNECT_WAIT)
+        .await;
+    assert!(
+        cut[0].contains(&format!("bytes={proxied}"))
+            && cut[0].contains("--web.max-scrape-bytes / web.max_scrape_bytes"),
+        "{cut:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        logs.lines_with(&["agent=big", "scrape body"]).len(),
+        1,
+        "one line per scrape"
+    );
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// A target's redirect to an absolute URL would send Prometheus through the gateway to the
+/// target's internal address, as an agent id: the agent answers 502 instead, without the
+/// Location; a relative redirect stays with the target and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_redirect_is_a_502_that_does_not_show_where_it_points() {
+    let logs = common::logs::capture();
+    let away = common::servers::canned_server(
+        b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:28200/metrics\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    let near = common::servers::canned_server(
+        b"HTTP/1.1 301 Moved Permanently\r\nLocation: /metrics/\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    let dir = TempDir::new().unwrap();
+    let (gw, agent) = gateway_and_agent(
+        &dir,
+        "moved",
+        &[
+            ("away", format!("http://{away}/metrics")),
+            ("near", format!("http://{near}/metrics")),
+        ],
+    )
+    .await;
+    let url = |port: u16| format!("http://moved:{port}/metrics");
+    let resp = get_via_proxy(gw.web, &url(away.port()), &[]).await;
+    assert_eq!(resp.status, 502, "{:?}", resp.headers);
+    assert_eq!(
+        assert_one_line(&resp),
+        "target \"away\" failed: redirected to another URL; ferry does not follow redirects: set the target URL to the final location"
+    );
+    assert_eq!(resp.header("location"), None);
+    assert_eq!(resp.header("ferry-error"), Some("agent"));
+    logs.wait_lines(
+        &[
+            "target redirected to another URL",
+            "scrape_target=away",
+            "location=http://127.0.0.1:28200/metrics",
+        ],
+        1,
+        CONNECT_WAIT,
+    )
+    .await;
+
+    let relative = get_via_proxy(gw.web, &url(near.port()), &[]).await;
+    assert_eq!(relative.status, 301);
+    assert_eq!(relative.header("location"), Some("/metrics/"));
+    agent.stop().await;
+    gw.stop().await;
 }
 
 /// Scrapes have no body, but a request that has one (a POST through the proxy) is forwarded whole

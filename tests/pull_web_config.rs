@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::external::{values, Prometheus};
-use common::ferry::{agent_section, start_agent, start_gateway};
+use common::ferry::{agent_section, metric_value, start_agent, start_gateway};
 use common::http::{get, get_via_proxy, get_with_headers};
 use common::servers::{Behaviour, TargetServer};
 use ferry::gateway::WebConfigReload;
@@ -49,6 +49,7 @@ async fn basic_auth_guards_scrapes_and_endpoints_and_leaves_authorization_to_the
 
     let denied = get_via_proxy(gw.web, &url, &[]).await;
     assert_eq!(denied.status, 407, "{}", denied.text());
+    assert_eq!(denied.header("ferry-error"), Some("gateway"));
     assert!(denied
         .header("proxy-authenticate")
         .is_some_and(|h| h.starts_with("Basic")));
@@ -96,11 +97,95 @@ async fn basic_auth_guards_scrapes_and_endpoints_and_leaves_authorization_to_the
     );
 
     let sd = format!("http://{}/targets", gw.web);
-    assert_eq!(get(&sd).await.status, 401);
+    let sd_denied = get(&sd).await;
+    assert_eq!(sd_denied.status, 401);
+    assert_eq!(sd_denied.header("ferry-error"), Some("gateway"));
     let sd_ok = get_with_headers(&sd, &[("authorization", &basic("prometheus", "s3cret"))]).await;
     assert_eq!(sd_ok.status, 200);
     assert!(sd_ok.text().contains("auth-1:"), "{}", sd_ok.text());
+
+    let metrics = gateway_metrics(&gw).await;
+    for (reason, n) in [("proxy_auth", 2.0), ("auth", 1.0), ("connect", 0.0)] {
+        assert_eq!(
+            metric_value(
+                &metrics,
+                "ferry_gateway_web_refusals_total",
+                &[("reason", reason)]
+            ),
+            Some(n),
+            "{reason}: {metrics}"
+        );
+    }
     agent.stop().await;
+    gw.stop().await;
+}
+
+/// The gateway's own `/metrics`, with the test's credentials.
+async fn gateway_metrics(gw: &common::ferry::TestGateway) -> String {
+    let url = format!("http://{}/metrics", gw.web);
+    get_with_headers(&url, &[("authorization", &basic("prometheus", "s3cret"))])
+        .await
+        .text()
+}
+
+/// Refusals before routing leave a warning in the log that says from where and what to fix, at
+/// most once a minute per reason; the start-up line says what the web listener asks for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_are_warned_about_once_a_minute_per_reason() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let config = web_config(dir.path(), "");
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(config.clone())
+    })
+    .await;
+    let started = logs
+        .wait_lines(
+            &["gateway web listener up", &gw.web.to_string()],
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        started[0].contains("tls=false") && started[0].contains("basic_auth=true"),
+        "{started:?}"
+    );
+    for _ in 0..3 {
+        let resp = get_via_proxy(gw.web, "http://node-3:9100/metrics", &[]).await;
+        assert_eq!(resp.status, 407);
+    }
+    let wrong = basic("prometheus", "nope");
+    let resp = get_with_headers(
+        &format!("http://{}/targets", gw.web),
+        &[("authorization", &wrong)],
+    )
+    .await;
+    assert_eq!(resp.status, 401);
+
+    let proxy_auth = logs.lines_with(&["refused a request before routing", "reason=proxy_auth"]);
+    assert_eq!(proxy_auth.len(), 1, "{proxy_auth:#?}");
+    assert!(
+        proxy_auth[0].contains("remote=127.0.0.1:")
+            && proxy_auth[0].contains("no credentials")
+            && proxy_auth[0].contains("proxy_url"),
+        "{proxy_auth:?}"
+    );
+    let auth = logs.lines_with(&["refused a request before routing", "reason=auth"]);
+    assert_eq!(auth.len(), 1, "{auth:#?}");
+    assert!(
+        auth[0].contains("wrong user or password") && auth[0].contains("basic_auth"),
+        "{auth:?}"
+    );
+    let metrics = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ferry_gateway_web_refusals_total",
+            &[("reason", "proxy_auth")]
+        ),
+        Some(3.0),
+        "{metrics}"
+    );
     gw.stop().await;
 }
 
@@ -180,7 +265,8 @@ async fn guessing_passwords_does_not_lock_out_a_verified_client() {
         slow_guesses.spawn(async move {
             let guess = basic("admin", &format!("guess-{i}"));
             let resp = get_with_headers(&healthy, &[("authorization", &guess)]).await;
-            (resp.status, resp.header("retry-after").map(str::to_owned))
+            let header = |name| resp.header(name).map(str::to_owned);
+            (resp.status, header("retry-after"), header("ferry-error"))
         });
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -197,12 +283,22 @@ async fn guessing_passwords_does_not_lock_out_a_verified_client() {
     let mut busy = 0;
     while let Some(answer) = slow_guesses.join_next().await {
         match answer.unwrap() {
-            (401, _) => {}
-            (503, Some(retry)) if retry == "1" => busy += 1,
+            (401, _, _) => {}
+            (503, Some(retry), Some(source)) if retry == "1" && source == "gateway" => busy += 1,
             other => panic!("a guess was answered {other:?}"),
         }
     }
     assert!(busy > 0, "no guess was answered busy");
+    let metrics = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ferry_gateway_web_refusals_total",
+            &[("reason", "busy")]
+        ),
+        Some(f64::from(busy)),
+        "{metrics}"
+    );
     gw.stop().await;
 }
 
@@ -287,6 +383,7 @@ fn tls_web_config(dir: &std::path::Path) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_listener_speaks_tls_when_configured() {
+    let logs = common::logs::capture();
     let dir = tempfile::tempdir().unwrap();
     let cert = write_web_cert(dir.path());
     let path = tls_web_config(dir.path());
@@ -301,6 +398,33 @@ async fn the_web_listener_speaks_tls_when_configured() {
     assert!(
         plain.is_err() || plain.is_ok_and(|r| r.status == 400),
         "plain HTTP is not served on a TLS listener"
+    );
+    let warned = logs
+        .wait_lines(
+            &["refused a request before routing", "reason=tls_handshake"],
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        warned[0].contains("remote=127.0.0.1:") && warned[0].contains("use https://"),
+        "{warned:?}"
+    );
+    let (status, metrics) = get_over_tls(gw.web, &cert, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ferry_gateway_web_refusals_total",
+            &[("reason", "tls_handshake")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    let started = logs.lines_with(&["gateway web listener up", &gw.web.to_string()]);
+    assert!(
+        started[0].contains("tls=true") && started[0].contains("basic_auth=false"),
+        "{started:?}"
     );
     gw.stop().await;
 }

@@ -228,6 +228,15 @@ async fn fetch_answer(
             return ScrapeError::Timeout { what, timeout }.into_response("agent");
         }
     };
+    if let Some(location) = elsewhere(&resp) {
+        count(shared, &route.name, "error");
+        warn!(scrape_target = %route.name, status = resp.status().as_u16(), %location, "target redirected to another URL: answered 502 (ferry does not follow redirects; set the target URL to the final location)");
+        return ScrapeError::Target {
+            target: route.name.clone(),
+            reason: REDIRECTED.into(),
+        }
+        .into_response("agent");
+    }
     let result = if resp.status().is_success() {
         "ok"
     } else {
@@ -250,14 +259,16 @@ async fn fetch_answer(
         }
         .into_response("agent");
     }
-    let body = match read_ahead(boxed(body), deadline).await {
+    // The agent sets no size limit of its own: the gateway's (web.max_scrape_bytes) applies.
+    let body = match read_ahead(boxed(body), deadline, u64::MAX).await {
         Ok(body) => body,
         Err(ReadAheadError::Deadline) => {
             count(shared, &route.name, "timeout");
             let what = format!("target {:?}", route.name);
             return ScrapeError::Timeout { what, timeout }.into_response("agent");
         }
-        Err(ReadAheadError::Broke(reason)) => {
+        Err(e @ (ReadAheadError::Broke(_) | ReadAheadError::TooLarge(_))) => {
+            let reason = e.to_string();
             count(shared, &route.name, "error");
             warn!(scrape_target = %route.name, error = %reason, "target body broke before any of it was sent");
             return ScrapeError::Target {
@@ -280,8 +291,8 @@ async fn fetch_answer(
                 warn!(scrape_target = %name, bytes, ?timeout, "scrape timeout passed while the target body was still streaming: body cut short");
                 "timeout"
             }
-            BodyEnd::Failed(reason) => {
-                warn!(scrape_target = %name, bytes, error = %reason, "target body broke mid-scrape");
+            BodyEnd::Failed(_) | BodyEnd::TooLarge(_) => {
+                warn!(scrape_target = %name, bytes, error = %end, "target body broke mid-scrape");
                 "error"
             }
         };
@@ -289,6 +300,31 @@ async fn fetch_answer(
     });
     let body = BoundedBody::new(body, deadline, u64::MAX, on_finish);
     Response::from_parts(parts, boxed(body))
+}
+
+/// Why a redirect to another URL is refused: the scraper would follow it through the gateway
+/// with the target's host for an agent id (an internal address shown, a 503 at best), and it
+/// must not see where it points.
+const REDIRECTED: &str = "redirected to another URL; ferry does not follow redirects: set the target URL to the final location";
+
+/// The `Location` of a redirect that leaves the target's own host: absolute (`http://…`) or
+/// scheme-relative (`//host/…`). A relative one (`/metrics/`) stays with the target, and
+/// through the gateway.
+fn elsewhere<B>(resp: &Response<B>) -> Option<&str> {
+    if !resp.status().is_redirection() {
+        return None;
+    }
+    let location = resp.headers().get(header::LOCATION)?;
+    let text = std::str::from_utf8(location.as_bytes()).unwrap_or("(not text)");
+    let trimmed = text.trim_start();
+    // RFC 3986 §3.1: a scheme is a letter, then letters, digits, `+`, `-` or `.`, then `:`.
+    let scheme = trimmed.split_once(':').is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    (scheme || trimmed.starts_with("//")).then_some(text)
 }
 
 /// The request sent to the target: its own URL (scheme, host, port, path), the scrape's query
@@ -403,6 +439,29 @@ fn count(shared: &Shared, target: &str, result: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_redirect_that_leaves_the_target_is_refused() {
+        let redirect = |status: u16, location: &str| {
+            Response::builder()
+                .status(status)
+                .header(header::LOCATION, location)
+                .body(())
+                .unwrap()
+        };
+        for away in [
+            "http://127.0.0.1:9100/metrics",
+            "HTTPS://node.example/",
+            "//127.0.0.1:9100/metrics",
+            " //evil/",
+        ] {
+            assert_eq!(elsewhere(&redirect(302, away)), Some(away), "{away}");
+        }
+        for stays in ["/metrics/", "metrics?x=1", "./m", "/a:b", "?x=http://y"] {
+            assert_eq!(elsewhere(&redirect(301, stays)), None, "{stays}");
+        }
+        assert_eq!(elsewhere(&redirect(200, "http://x/")), None);
+    }
 
     #[test]
     fn timeout_is_bounded_by_the_agents_maximum() {

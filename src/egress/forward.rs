@@ -708,7 +708,9 @@ fn stream_back(
             BodyEnd::Deadline => {
                 record.reason = "response body still streaming at the upstream timeout".into()
             }
-            BodyEnd::Failed(why) => record.reason = format!("response body broke: {why}"),
+            BodyEnd::Failed(_) | BodyEnd::TooLarge(_) => {
+                record.reason = format!("response body broke: {end}")
+            }
         }
         record.emit(&metrics_state.metrics);
     });

@@ -11,9 +11,11 @@
 // - `published`: the checks of an agent's published target list (routable targets only).
 // - `proxy`: Prometheus's absolute-form scrapes, forwarded through a tunnel.
 // - `sd`: http_sd JSON at `/targets` and `/clients`.
-// - `web`: routing of the web listener; `web_config`: its TLS and basic auth file.
+// - `web`: routing of the web listener; `web_config`: its TLS and basic auth file;
+//   `web_refusals`: what it refuses before routing, counted and warned about.
 // - `tunnel_tls`: the tunnel listener's TLS identity, reloaded on SIGHUP; both listeners'
 //   certificate checks.
+// - `warn_limit`: the once-a-minute limit of warnings strangers can cause.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -41,7 +43,9 @@ mod sd;
 mod status;
 mod tunnel;
 mod tunnel_tls;
+mod warn_limit;
 mod web;
+mod web_refusals;
 // Public for tests/examples.rs, which checks the README's web-config snippets with the loader
 // the gateway uses; not part of the API (the file is named in `GatewayConfig`).
 #[doc(hidden)]
@@ -79,11 +83,13 @@ pub(crate) struct State {
     pub(crate) tunnel_tls: Option<TunnelTls>,
     pub(crate) web_tls: Option<ReloadableTls>,
     pub(crate) web_auth: RwLock<Option<Arc<web_config::BasicAuth>>>,
-    pub(crate) handshake_warnings: tunnel::HandshakeWarnings,
+    pub(crate) handshake_warnings: warn_limit::WarnLimit,
     pub(crate) pending: Arc<pending::PendingHandshakes>,
     /// Connections closed at accept because too many handshakes were pending: warned about
     /// apart from failed handshakes, since what to do about them differs.
-    pub(crate) busy_warnings: tunnel::HandshakeWarnings,
+    pub(crate) busy_warnings: warn_limit::WarnLimit,
+    /// What the web listener refuses before routing: counted and warned about.
+    pub(crate) web_refusals: web_refusals::WebRefusals,
 }
 
 impl State {
@@ -180,6 +186,7 @@ impl Gateway {
             Some(w) => (w.tls.map(ReloadableTls::new), w.users.map(Arc::new)),
             None => (None, None),
         };
+        web_refusals::WebRefusals::register(&metrics);
         let connections = ConnectionMetrics::register(&mut metrics_registry, "gateway");
         config.geo.register_metrics(&mut metrics_registry);
         let departed = Arc::new(std::sync::Mutex::new(departed::Departed::new(
@@ -204,6 +211,7 @@ impl Gateway {
                     config.max_pending_handshakes.1,
                 ),
                 busy_warnings: Default::default(),
+                web_refusals: Default::default(),
                 config,
             }),
         })
@@ -354,27 +362,43 @@ impl Gateway {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        web::handle(&self.state, req.map(crate::http_util::boxed)).await
+        web::handle(&self.state, None, req.map(crate::http_util::boxed)).await
     }
 
     /// Serves the web listener (Prometheus, service discovery, metrics) until `shutdown`,
     /// then drains in-flight scrapes within the grace period.
     pub async fn serve_web(&self, listener: TcpListener, shutdown: CancellationToken) {
-        let gateway = self.clone();
         let grace = self.state.config.shutdown_grace;
-        info!(address = %local(&listener), "gateway web listener up");
-        let state = self.state.clone();
+        // Whether Prometheus must use https:// and credentials is the first thing to check
+        // when its scrapes are refused.
+        let (tls, basic_auth) = (
+            self.state.web_tls.is_some(),
+            self.state.web_auth().is_some(),
+        );
+        info!(address = %local(&listener), tls, basic_auth, "gateway web listener up");
+        let (state, accepted, refused) =
+            (self.state.clone(), self.state.clone(), self.state.clone());
         crate::server::serve_http_tracked(
             listener,
-            move |_peer, req| {
-                let gateway = gateway.clone();
-                async move { gateway.handle(req).await }
+            move |peer, req: Request<hyper::body::Incoming>| {
+                let state = state.clone();
+                async move { web::handle(&state, Some(peer), req.map(crate::http_util::boxed)).await }
             },
             move |peer| {
-                let country = state.config.geo.lookup(peer.ip());
-                state.connections.track("web", country)
+                let country = accepted.config.geo.lookup(peer.ip());
+                accepted.connections.track("web", country)
             },
-            self.state.web_tls.clone(),
+            self.state.web_tls.clone().map(|tls| {
+                let on_failure = move |peer, error: String| {
+                    refused.web_refusals.record(
+                        &refused.metrics,
+                        web_refusals::WebRefusal::TlsHandshake,
+                        Some(peer),
+                        &error,
+                    );
+                };
+                (tls, on_failure)
+            }),
             shutdown,
             crate::server::Drain {
                 grace,

@@ -15,7 +15,7 @@ use crate::config::ScrapeLimits;
 use crate::http_util::{
     body_on_get, boxed, read_ahead, strip_hop_by_hop, Body, BodyEnd, BoundedBody, ReadAheadError,
 };
-use crate::scrape_error::{one_line, ScrapeError, BROKE_EARLY};
+use crate::scrape_error::{one_line, ScrapeError, BROKE_EARLY, MAX_SCRAPE_BYTES_SETTING};
 use crate::telemetry::{status_class, ScrapeLabels};
 use crate::tunnel::handshake::canonical_agent_id;
 use crate::tunnel::{header_list_size, MAX_HEADER_BYTES, SCRAPE_TIMEOUT_HEADER};
@@ -89,7 +89,12 @@ pub(crate) async fn scrape(state: &Arc<State>, req: Request<Body>) -> Response<B
     match result {
         Ok(resp) => resp,
         Err(err) => {
-            debug!(error = %err, kind = err.kind(), "scrape failed at the gateway");
+            if let ScrapeError::TooLarge { .. } = err {
+                // The gateway's own setting: Prometheus shows only the status.
+                warn!(agent = %labels.agent, scrape_target = %labels.target, reason = %err, "scrape refused at the gateway: body too large");
+            } else {
+                debug!(error = %err, kind = err.kind(), "scrape failed at the gateway");
+            }
             let resp = err.into_response("gateway");
             if let Some(agent) = state.registry.get(&labels.agent) {
                 agent.record_scrape(resp.status().as_u16(), start.elapsed(), 0);
@@ -221,6 +226,7 @@ async fn forward(
         });
     }
     let deadline = crate::http_util::deadline(start, t.gateway);
+    let head_only = req.method() == Method::HEAD;
     let req = tunnel_request(req, &route, t.agent)?;
     let sender = route.agent.sender();
     let resp = match tokio::time::timeout_at(deadline, h2conn::send(&sender, req)).await {
@@ -253,8 +259,23 @@ async fn forward(
         Ok(Ok(resp)) => resp,
     };
     let (parts, body) = resp.into_parts();
+    let limit = state.config.scrape.max_body_bytes;
+    let too_large = |length| ScrapeError::TooLarge {
+        target: route.target.clone(),
+        agent: route.agent.id.clone(),
+        length,
+        limit,
+    };
+    // Cut after its head, a body too large would reach Prometheus as a bare EOF (or nothing at
+    // all, which Go's client retries): a length known to be over the limit is refused first.
+    match content_length(&parts.headers) {
+        Some(length) if length > limit && !head_only && !http_body::Body::is_end_stream(&body) => {
+            return Err(too_large(Some(length)));
+        }
+        _ => {}
+    }
     let body = boxed(http_body_util::BodyExt::map_err(body, agent_body_error));
-    let body = match read_ahead(body, deadline).await {
+    let body = match read_ahead(body, deadline, limit).await {
         Ok(body) => body,
         Err(ReadAheadError::Deadline) => {
             let what = format!("agent {:?} target {:?}", route.agent.id, route.target);
@@ -263,6 +284,7 @@ async fn forward(
                 timeout: t.scrape,
             });
         }
+        Err(ReadAheadError::TooLarge(_)) => return Err(too_large(None)),
         Err(ReadAheadError::Broke(reason)) => {
             return Err(ScrapeError::Tunnel {
                 agent: route.agent.id.clone(),
@@ -332,10 +354,7 @@ fn stream_back(
     strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::HTTP_11;
     let status = parts.status;
-    let length = parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    let length = content_length(&parts.headers);
     let done_state = state.clone();
     let on_finish = Box::new(move |bytes: u64, end: BodyEnd| {
         let elapsed = start.elapsed();
@@ -347,6 +366,12 @@ fn stream_back(
             BodyEnd::Dropped => {
                 debug!(agent = %labels.agent, scrape_target = %labels.target, bytes, "the client went away before the end of the body");
                 CANCELLED
+            }
+            BodyEnd::TooLarge(_) => {
+                // A body without a length, found too large after its head was sent: cutting it
+                // is all that is left.
+                warn!(agent = %labels.agent, scrape_target = %labels.target, %end, bytes, fix = MAX_SCRAPE_BYTES_SETTING, "scrape body cut at the size limit after the response head was sent (it gave no Content-Length)");
+                "aborted"
             }
             BodyEnd::Deadline | BodyEnd::Failed(_) => {
                 // Prometheus got the head and part of the body: a failed scrape, which the
@@ -370,6 +395,13 @@ fn stream_back(
         on_finish,
     );
     Response::from_parts(parts, boxed(body))
+}
+
+/// The `Content-Length` of a response, if it has a readable one.
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
 }
 
 /// Why the agent's response body broke, in words: a stream the agent reset is one it ended on

@@ -165,37 +165,6 @@ async fn refuse_plain_http(state: &State, mut stream: TcpStream, deadline: tokio
     let _ = tokio::time::timeout_at(deadline, answer).await;
 }
 
-/// Rate limit of the warnings about failed handshakes. A tunnel listener on the internet meets
-/// scanners all day, but the first failure after a quiet spell is what someone setting up an
-/// agent (wrong fingerprint, wrong port) needs to see: one warning per minute at most, saying
-/// how many failures went to the debug level since the last one.
-#[derive(Default)]
-pub(crate) struct HandshakeWarnings {
-    /// When the last warning was logged, and the failures not warned about since.
-    last: Mutex<Option<(tokio::time::Instant, u64)>>,
-}
-
-impl HandshakeWarnings {
-    const EVERY: Duration = Duration::from_secs(60);
-
-    /// `Some(failures not warned about since the last warning)` if this failure is warned.
-    fn admit(&self) -> Option<u64> {
-        let now = tokio::time::Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        match &mut *last {
-            Some((at, quiet)) if now.duration_since(*at) < Self::EVERY => {
-                *quiet += 1;
-                None
-            }
-            _ => {
-                let quiet = last.map_or(0, |(_, q)| q);
-                *last = Some((now, 0));
-                Some(quiet)
-            }
-        }
-    }
-}
-
 fn handshake_failed(state: &State, result: &str, reason: &str) {
     count_handshake(state, result);
     let hint = handshake_hint(reason);

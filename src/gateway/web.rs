@@ -1,22 +1,38 @@
 //! The web listener's routing: absolute-form requests are scrapes; origin-form requests reach
 //! ferry's own endpoints.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use prometheus_client::registry::Registry;
 
 use super::web_config::Verdict;
+use super::web_refusals::WebRefusal;
 use super::{proxy, sd, State};
 use crate::endpoints::OwnEndpoints;
 use crate::http_util::{full, text_response, Body};
+use crate::scrape_error::{ScrapeError, ERROR_SOURCE_HEADER};
 
-pub(super) async fn handle(state: &Arc<State>, req: Request<Body>) -> Response<Body> {
+/// Answers one request from `peer` (unknown when the gateway is mounted in another server).
+pub(super) async fn handle(
+    state: &Arc<State>,
+    peer: Option<SocketAddr>,
+    req: Request<Body>,
+) -> Response<Body> {
     if req.method() == Method::CONNECT {
-        return crate::scrape_error::ScrapeError::Method(Method::CONNECT).into_response("gateway");
+        let target = req.uri().to_string();
+        refused(
+            state,
+            WebRefusal::Connect,
+            peer,
+            &format!("CONNECT {target}"),
+        );
+        return ScrapeError::Method(Method::CONNECT).into_response("gateway");
     }
-    if let Some(refusal) = unauthenticated(state, req.uri(), req.headers()).await {
-        return refusal;
+    if let Some((refusal, detail, resp)) = unauthenticated(state, req.uri(), req.headers()).await {
+        refused(state, refusal, peer, detail);
+        return resp;
     }
     if req.uri().authority().is_some() {
         return proxy::scrape(state, req).await;
@@ -54,14 +70,21 @@ impl OwnEndpoints for State {
     }
 }
 
+fn refused(state: &State, refusal: WebRefusal, peer: Option<SocketAddr>, detail: &str) {
+    state
+        .web_refusals
+        .record(&state.metrics, refusal, peer, detail);
+}
+
 /// With `basic_auth_users` configured, every request must authenticate: scrapes (absolute-form)
 /// with `Proxy-Authorization` — from Prometheus's `proxy_url` user info — so that
-/// `Authorization` stays the target's; ferry's own endpoints with `Authorization`.
+/// `Authorization` stays the target's; ferry's own endpoints with `Authorization`. A refusal
+/// comes with its kind and, for the log, what was presented.
 async fn unauthenticated(
     state: &State,
     uri: &http::Uri,
     headers: &http::HeaderMap,
-) -> Option<Response<Body>> {
+) -> Option<(WebRefusal, &'static str, Response<Body>)> {
     let auth = state.web_auth()?;
     let proxied = uri.authority().is_some();
     let (name, status, challenge_header) = if proxied {
@@ -81,16 +104,26 @@ async fn unauthenticated(
     match auth.check(presented).await {
         Verdict::Allowed => return None,
         Verdict::Busy => {
-            let mut resp = text_response(
+            let mut resp = refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many new passwords being checked at once: try again shortly",
             );
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return Some(resp);
+            return Some((WebRefusal::Busy, "a password not checked yet", resp));
         }
         Verdict::Denied => {}
     }
+    let kind = if proxied {
+        WebRefusal::ProxyAuth
+    } else {
+        WebRefusal::Auth
+    };
+    let detail = if presented.is_some() {
+        "wrong user or password"
+    } else {
+        "no credentials"
+    };
     let reason = if proxied {
         // The proxy_url as this listener takes it: https:// once it speaks TLS, its own port.
         let scheme = if state.web_tls.is_some() {
@@ -103,12 +136,20 @@ async fn unauthenticated(
     } else {
         "authentication required".to_owned()
     };
-    let mut resp = text_response(status, &reason);
+    let mut resp = refusal(status, &reason);
     resp.headers_mut().insert(
         challenge_header,
         HeaderValue::from_static("Basic realm=\"ferry gateway\""),
     );
-    Some(resp)
+    Some((kind, detail, resp))
+}
+
+/// A refusal of the gateway's, marked as such like a failed scrape's.
+fn refusal(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut resp = text_response(status, reason);
+    resp.headers_mut()
+        .insert(ERROR_SOURCE_HEADER, HeaderValue::from_static("gateway"));
+    resp
 }
 
 fn json(body: String) -> Response<Body> {

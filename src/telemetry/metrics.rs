@@ -184,6 +184,8 @@ pub struct GatewayMetrics {
     pub bytes_proxied: Family<AgentLabels, Counter>,
     /// `notAfter` of each TLS listener's certificate, for expiry alerts.
     pub tls_not_after: Family<ListenerLabels, Gauge>,
+    /// Requests and connections the web listener refused before routing them, by reason.
+    pub web_refusals: Family<ReasonLabels, Counter>,
     /// The label sets `scrapes` has per agent id: a `Family` cannot list its own, and each must
     /// be named to be removed.
     scraped: Arc<Mutex<HashMap<String, HashSet<ScrapeLabels>>>>,
@@ -201,6 +203,7 @@ impl GatewayMetrics {
             scrape_duration: Family::new_with_constructor(duration_histogram),
             bytes_proxied: Family::default(),
             tls_not_after: Family::default(),
+            web_refusals: Family::default(),
             scraped: Arc::default(),
         };
         registry.register(
@@ -238,7 +241,21 @@ impl GatewayMetrics {
             "When the certificate of a TLS listener (tunnel, web) expires, in seconds since the Unix epoch",
             m.tls_not_after.clone(),
         );
+        registry.register(
+            "ferry_gateway_web_refusals",
+            "Requests and TLS connections the web listener refused before routing them, by reason",
+            m.web_refusals.clone(),
+        );
         m
+    }
+
+    /// The counter of the web listener's refusals for `reason`.
+    pub fn web_refusal(&self, reason: &str) -> Counter {
+        self.web_refusals
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .clone()
     }
 
     /// Counts one finished scrape under `labels`: its count, duration and body bytes.
