@@ -109,6 +109,7 @@ async fn agent_verifies_gateway_certificate_with_its_ca_file() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
     let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_self_signed_names.clear();
         s.tunnel.tls_cert_file = Some(pki.server_cert.clone());
         s.tunnel.tls_key_file = Some(pki.server_key.clone());
     })
@@ -257,6 +258,7 @@ async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
     let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_self_signed_names.clear();
         s.tunnel.tls_cert_file = Some(pki.server_cert.clone());
         s.tunnel.tls_key_file = Some(pki.server_key.clone());
     })
@@ -508,6 +510,7 @@ async fn a_reloaded_tunnel_certificate_applies_to_new_tunnels_and_bad_files_keep
     let (cert, key) = (dir.path().join("tun.crt"), dir.path().join("tun.key"));
     install(&old, &cert, &key);
     let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_self_signed_names.clear();
         s.tunnel.tls_cert_file = Some(cert.clone());
         s.tunnel.tls_key_file = Some(key.clone());
     })
@@ -615,6 +618,7 @@ async fn an_expired_certificate_and_a_readable_key_are_warned_about_at_start() {
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
     let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_self_signed_names.clear();
         s.tunnel.tls_cert_file = Some(cert_file.clone());
         s.tunnel.tls_key_file = Some(key_file.clone());
     })

@@ -57,20 +57,12 @@ impl LeafInfo {
     /// Reads the validity and basic constraints of a DER certificate; `None` if it cannot be
     /// parsed (rustls reports that on its own).
     pub fn of(der: &[u8]) -> Option<LeafInfo> {
-        let (cert, _) = Der::new(der).expect(SEQUENCE)?;
-        let (tbs, _) = cert.expect(SEQUENCE)?;
-        let mut tbs = tbs;
-        if tbs.peek() == Some(0xa0) {
-            tbs = tbs.skip()?; // version
-        }
-        let tbs = tbs.skip()?.skip()?.skip()?; // serial, signature algorithm, issuer
-        let (validity, rest) = tbs.expect(SEQUENCE)?;
-        let (not_before, validity) = validity.time()?;
-        let (not_after, _) = validity.time()?;
-        let is_ca = rest.skip()?.skip()?.ca_constraint().unwrap_or(false); // subject, key
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let validity = cert.validity();
+        let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
         Some(LeafInfo {
-            not_before,
-            not_after,
+            not_before: validity.not_before.timestamp(),
+            not_after: validity.not_after.timestamp(),
             is_ca,
         })
     }
@@ -108,111 +100,6 @@ impl LeafInfo {
 /// `2026-05-01 12:00:00 UTC` for seconds since the Unix epoch (clamped to 1970).
 fn utc(secs: i64) -> String {
     super::tls::utc(u64::try_from(secs).unwrap_or(0))
-}
-
-const SEQUENCE: u8 = 0x30;
-
-/// A cursor over DER: just what reading a certificate's validity and constraints needs.
-#[derive(Clone, Copy)]
-struct Der<'a>(&'a [u8]);
-
-impl<'a> Der<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Der(bytes)
-    }
-
-    fn peek(self) -> Option<u8> {
-        self.0.first().copied()
-    }
-
-    /// The next element: its tag, its contents, and what follows it.
-    fn next(self) -> Option<(u8, Der<'a>, Der<'a>)> {
-        let (&tag, rest) = self.0.split_first()?;
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (usize::from(first), rest)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-            (len, &rest[n..])
-        };
-        if rest.len() < len {
-            return None;
-        }
-        Some((tag, Der(&rest[..len]), Der(&rest[len..])))
-    }
-
-    fn expect(self, tag: u8) -> Option<(Der<'a>, Der<'a>)> {
-        let (t, inner, rest) = self.next()?;
-        (t == tag).then_some((inner, rest))
-    }
-
-    fn skip(self) -> Option<Der<'a>> {
-        self.next().map(|(_, _, rest)| rest)
-    }
-
-    /// A UTCTime or GeneralizedTime, as seconds since the Unix epoch.
-    fn time(self) -> Option<(i64, Der<'a>)> {
-        let (tag, inner, rest) = self.next()?;
-        let text = std::str::from_utf8(inner.0).ok()?.strip_suffix('Z')?;
-        let (year, text) = match tag {
-            0x17 => {
-                let yy: i64 = text.get(..2)?.parse().ok()?;
-                (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
-            }
-            0x18 => (text.get(..4)?.parse().ok()?, &text[4..]),
-            _ => return None,
-        };
-        let field = |i: usize| -> Option<i64> { text.get(i..i + 2)?.parse().ok() };
-        let days = days_from_civil(year, field(0)?, field(2)?);
-        Some((
-            days * 86_400 + field(4)? * 3600 + field(6)? * 60 + field(8)?,
-            rest,
-        ))
-    }
-
-    /// `cA` of the basic constraints extension, from the fields after the public key.
-    fn ca_constraint(self) -> Option<bool> {
-        let mut fields = self;
-        while let Some((tag, inner, rest)) = fields.next() {
-            fields = rest;
-            if tag != 0xa3 {
-                continue; // issuer and subject unique ids
-            }
-            let (mut extensions, _) = inner.expect(SEQUENCE)?;
-            while let Some((ext, rest)) = extensions.expect(SEQUENCE) {
-                extensions = rest;
-                let (oid, mut value) = ext.expect(0x06)?;
-                // 2.5.29.19, basicConstraints
-                if oid.0 != [0x55, 0x1d, 0x13] {
-                    continue;
-                }
-                if value.peek() == Some(0x01) {
-                    value = value.skip()?; // critical
-                }
-                let (octets, _) = value.expect(0x04)?;
-                let (constraints, _) = octets.expect(SEQUENCE)?;
-                return Some(matches!(constraints.expect(0x01), Some((b, _)) if b.0 != [0]));
-            }
-        }
-        None
-    }
-}
-
-/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]
