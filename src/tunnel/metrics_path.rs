@@ -41,32 +41,24 @@ impl fmt::Display for PathProblem {
 /// `path` percent-decoded, as Prometheus's `__metrics_path__` holds it; the same function decodes
 /// a configured target's path and a scrape's, so that both sides agree on what matches.
 pub(crate) fn decode(path: &str) -> Result<String, PathProblem> {
-    if !path.contains('%') {
-        return check_decoded(path).map(|()| path.to_owned());
-    }
+    // percent-encoding leaves a malformed escape as it is, and decodes `%2F` like any other:
+    // both are refused first.
     let bytes = path.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] != b'%' {
-            out.push(bytes[i]);
-            i += 1;
-            continue;
+    for (i, _) in path.match_indices('%') {
+        match bytes.get(i + 1..i + 3) {
+            Some(&[hi, lo]) if hi.is_ascii_hexdigit() && lo.is_ascii_hexdigit() => {
+                if hi == b'2' && lo.eq_ignore_ascii_case(&b'f') {
+                    return Err(PathProblem::EncodedSlash);
+                }
+            }
+            _ => return Err(PathProblem::BadEscape),
         }
-        let byte = match bytes.get(i + 1..i + 3) {
-            Some(&[hi, lo]) => hex(hi).zip(hex(lo)).map(|(hi, lo)| (hi << 4) | lo),
-            _ => None,
-        }
-        .ok_or(PathProblem::BadEscape)?;
-        if byte == b'/' {
-            return Err(PathProblem::EncodedSlash);
-        }
-        out.push(byte);
-        i += 3;
     }
-    let decoded = String::from_utf8(out).map_err(|_| PathProblem::NotUtf8)?;
+    let decoded = percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .map_err(|_| PathProblem::NotUtf8)?;
     check_decoded(&decoded)?;
-    Ok(decoded)
+    Ok(decoded.into_owned())
 }
 
 /// Whether a decoded path can be published: no control character (the `/` root is checked
@@ -76,10 +68,6 @@ pub(crate) fn check_decoded(decoded: &str) -> Result<(), PathProblem> {
         true => Err(PathProblem::Control),
         false => Ok(()),
     }
-}
-
-fn hex(digit: u8) -> Option<u8> {
-    (digit as char).to_digit(16).map(|d| d as u8)
 }
 
 /// Whether a scrape of `requested` (its path as received, encoded) addresses the target published
