@@ -104,7 +104,11 @@ fn parse_token_new(out: &str) -> (String, String) {
 #[test]
 fn token_new_prints_a_token_and_the_line_that_accepts_it() {
     let dir = TempDir::new().unwrap();
+    // No default glob: a token that may claim every id is asked for by name.
     let out = ferry(dir.path(), &["token", "new"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr_lines(&out).join(" ").contains("--agent-id"), "{out:?}");
+    let out = ferry(dir.path(), &["token", "new", "--agent-id", "*"]);
     assert!(out.status.success(), "{out:?}");
     let (token, line) = parse_token_new(&stdout(&out));
     assert!(
@@ -135,7 +139,11 @@ fn token_new_restricts_the_line_to_an_agent_id_glob() {
     assert!(out.status.success(), "{out:?}");
     let (token, line) = parse_token_new(&stdout(&out));
     assert_eq!(line, format!("node-* {}", hash_token(&token)));
-    let again = parse_token_new(&stdout(&ferry(dir.path(), &["token", "new"]))).0;
+    let again = parse_token_new(&stdout(&ferry(
+        dir.path(),
+        &["token", "new", "--agent-id", "node-*"],
+    )))
+    .0;
     assert_ne!(token, again, "every token is new");
 }
 
@@ -197,7 +205,7 @@ fn token_new_refuses_a_glob_the_tokens_file_would_refuse() {
         );
     }
     // The advice is on stderr: stdout is the two lines a script keeps.
-    let out = ferry(dir.path(), &["token", "new"]);
+    let out = ferry(dir.path(), &["token", "new", "--agent-id", "node-*"]);
     assert_eq!(stdout(&out).lines().count(), 2, "{out:?}");
 }
 

@@ -55,8 +55,9 @@ enum Command {
 enum TokenCommand {
     /// Prints a new random token and the tokens-file line that accepts it.
     New {
-        /// Agent id glob the line allows.
-        #[arg(long, default_value = "*")]
+        /// Agent id glob the line allows (an egress client's name glob): required, so that a
+        /// token able to claim every id (`'*'`) is only made on purpose.
+        #[arg(long)]
         agent_id: String,
     },
 }
