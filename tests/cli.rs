@@ -107,7 +107,10 @@ fn token_new_prints_a_token_and_the_line_that_accepts_it() {
     // No default glob: a token that may claim every id is asked for by name.
     let out = ferry(dir.path(), &["token", "new"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(stderr_lines(&out).join(" ").contains("--agent-id"), "{out:?}");
+    assert!(
+        stderr_lines(&out).join(" ").contains("--agent-id"),
+        "{out:?}"
+    );
     let out = ferry(dir.path(), &["token", "new", "--agent-id", "*"]);
     assert!(out.status.success(), "{out:?}");
     let (token, line) = parse_token_new(&stdout(&out));
