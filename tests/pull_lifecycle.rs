@@ -140,6 +140,29 @@ async fn local_ok_connects(agent_web: SocketAddr) -> f64 {
     .unwrap_or_else(|| panic!("no ferry_agent_tunnel_connects_total{{result=\"ok\"}} in:\n{text}"))
 }
 
+/// Waits until the agent whose web listener is `agent_web` has opened its second tunnel (it
+/// came back after its first was closed); `what` says what the test waits for.
+async fn wait_second_tunnel(agent_web: SocketAddr, what: &str, timeout: Duration) {
+    wait_for(what, timeout, || async {
+        match local_ok_connects(agent_web).await {
+            n if n >= 2.0 => Ok(()),
+            n => Err(format!("still on its first tunnel ({n} ok connects)")),
+        }
+    })
+    .await;
+}
+
+/// Rotates the token of `glob` from `old` to `new` as the README says: the new line added and
+/// the tokens file reloaded, `new` written into the agent's `token_file`, the old line removed
+/// and the tokens file reloaded.
+fn rotate_token(gw: &TestGateway, glob: &str, old: &str, new: &str, token_file: &Path) {
+    tokens_file(&gw.dir, &[(glob, old), (glob, new)]);
+    gw.gateway.reload_tokens().unwrap();
+    std::fs::write(token_file, format!("{new}\n")).unwrap();
+    tokens_file(&gw.dir, &[(glob, new)]);
+    gw.gateway.reload_tokens().unwrap();
+}
+
 /// Service discovery as Prometheus reads it: `(target address, ferry_target label)` of every group.
 async fn sd_targets(web: SocketAddr) -> Result<Vec<(String, String)>, String> {
     let resp = http::try_get(&format!("http://{web}/targets"), &[])
@@ -710,15 +733,10 @@ async fn newer_tunnel_replaces_older_with_the_same_id() {
     assert_eq!(gw.agent_ids(), vec!["dup".to_owned()]);
 
     // After it, the old agent comes back and replaces the newer one, which is told in turn.
-    wait_for(
+    wait_second_tunnel(
+        old_web,
         "the old agent reconnects after its backoff",
         Duration::from_secs(10),
-        || async {
-            match local_ok_connects(old_web).await {
-                n if n >= 2.0 => Ok(()),
-                n => Err(format!("old agent on its first tunnel ({n} ok connects)")),
-            }
-        },
     )
     .await;
     logs.wait_lines(&[told], 2, Duration::from_secs(5)).await;
@@ -755,25 +773,12 @@ async fn a_rotated_token_file_is_used_without_restarting_the_agent() {
     gw.wait_agent("node-1", Duration::from_secs(10)).await;
     let agent_web = serve_agent_web(&agent.agent).await;
 
-    // 1. The gateway accepts both tokens; 2. the agent's file gets the new one: nothing moves.
-    tokens_file(
-        dir.path(),
-        &[("node-1", "old-token"), ("node-1", "new-token")],
-    );
-    gw.gateway.reload_tokens().unwrap();
-    std::fs::write(&token_file, "new-token\n").unwrap();
-    // 3. The old token's line goes: its tunnel is closed, the agent comes back with the new one.
-    tokens_file(dir.path(), &[("node-1", "new-token")]);
-    gw.gateway.reload_tokens().unwrap();
-    wait_for(
+    // The old token's line goes last: its tunnel is closed, the agent comes back with the new one.
+    rotate_token(&gw, "node-1", "old-token", "new-token", &token_file);
+    wait_second_tunnel(
+        agent_web,
         "the agent reconnects with the new token",
         Duration::from_secs(10),
-        || async {
-            match local_ok_connects(agent_web).await {
-                n if n >= 2.0 => Ok(()),
-                n => Err(format!("{n} ok connects")),
-            }
-        },
     )
     .await;
     wait_scrape_body(gw.web, &url, "up 1\n", Duration::from_secs(5)).await;
@@ -842,23 +847,11 @@ async fn a_token_rotated_as_the_readme_says_costs_no_outage() {
     gw.wait_agent("node-1", Duration::from_secs(10)).await;
     let agent_web = serve_agent_web(&agent.agent).await;
 
-    tokens_file(
-        dir.path(),
-        &[("node-*", "old-token"), ("node-*", "new-token")],
-    );
-    gw.gateway.reload_tokens().unwrap();
-    std::fs::write(&token_file, "new-token\n").unwrap();
-    tokens_file(dir.path(), &[("node-*", "new-token")]);
-    gw.gateway.reload_tokens().unwrap();
-    wait_for(
+    rotate_token(&gw, "node-*", "old-token", "new-token", &token_file);
+    wait_second_tunnel(
+        agent_web,
         "the agent is back with the new token",
         Duration::from_secs(2),
-        || async {
-            match local_ok_connects(agent_web).await {
-                n if n >= 2.0 => Ok(()),
-                n => Err(format!("{n} ok connects")),
-            }
-        },
     )
     .await;
     let resp = scrape(gw.web, &url).await;
