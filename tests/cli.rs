@@ -86,6 +86,21 @@ fn tokens_file(dir: &Path, token: &str) -> PathBuf {
     write(dir, "tokens", &format!("# test\n* {}\n", hash_token(token)))
 }
 
+/// `ferry agent` with a gateway, the id `node-1` and the token file `agent-token`, then `more`.
+fn agent_flags<'a>(more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "agent",
+        "--gateway",
+        "https://gw.example.com:7443",
+        "--agent-id",
+        "node-1",
+        "--token-file",
+        "agent-token",
+    ];
+    args.extend_from_slice(more);
+    args
+}
+
 /// `(token, tokens-file line)` from `ferry token new` output.
 fn parse_token_new(out: &str) -> (String, String) {
     let token = out
@@ -558,21 +573,7 @@ fn durations_out_of_range_are_refused_naming_the_range() {
 
     let out = ferry(
         dir.path(),
-        &[
-            "agent",
-            "--gateway",
-            "https://gw.example.com:7443",
-            "--agent-id",
-            "node-1",
-            "--token-file",
-            "agent-token",
-            "--label",
-            "x=1",
-            "--label",
-            "x=2",
-            "--log.level",
-            "a=b=c",
-        ],
+        &agent_flags(&["--label", "x=1", "--label", "x=2", "--log.level", "a=b=c"]),
     );
     assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
     let lines = stderr_lines(&out);
@@ -755,21 +756,14 @@ fn agent_refuses_target_paths_prometheus_cannot_tell_apart() {
     write(dir.path(), "agent-token", "s3cret\n");
     let out = ferry(
         dir.path(),
-        &[
-            "agent",
-            "--gateway",
-            "https://gw.example.com:7443",
-            "--agent-id",
-            "node-1",
-            "--token-file",
-            "agent-token",
+        &agent_flags(&[
             "--target",
             "slash=http://127.0.0.1:9100/a%2Fb/metrics",
             "--target",
             "bang=http://127.0.0.1:9100/x!y/metrics",
             "--target",
             "bang2=http://127.0.0.1:9100/x%21y/metrics",
-        ],
+        ]),
     );
     assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
     let lines = stderr_lines(&out);
@@ -796,14 +790,7 @@ fn agent_labels_cannot_set_job_instance_or_ferrys_own() {
     write(dir.path(), "agent-token", "s3cret\n");
     let out = ferry(
         dir.path(),
-        &[
-            "agent",
-            "--gateway",
-            "https://gw.example.com:7443",
-            "--agent-id",
-            "node-1",
-            "--token-file",
-            "agent-token",
+        &agent_flags(&[
             "--target",
             "node=http://127.0.0.1:9100/metrics",
             "--label",
@@ -812,7 +799,7 @@ fn agent_labels_cannot_set_job_instance_or_ferrys_own() {
             "instance=node-1:30440",
             "--label",
             "site=berlin",
-        ],
+        ]),
     );
     assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
     let lines = stderr_lines(&out);
