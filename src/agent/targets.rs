@@ -125,7 +125,7 @@ impl TargetSet {
     /// The target at `port` and `path` (a scrape's, as received), if listed: routes are keyed by
     /// decoded path, as published, whatever encoding the scrape's client chose.
     pub(crate) fn route(&self, port: u16, path: &str) -> Option<&Route> {
-        let decoded = metrics_path::decode(path).ok()?;
+        let decoded = metrics_path::requested(path)?.into_owned();
         self.routes.get(&(port, decoded))
     }
 }

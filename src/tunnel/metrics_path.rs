@@ -8,6 +8,7 @@
 //! URL, never the requested path: decoding cannot reach anything unlisted (`%2e%2e` is `..` in a
 //! path compared as a string, not a segment resolved against anything).
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Why a path cannot be a target's metrics path, or cannot address one.
@@ -70,14 +71,15 @@ pub(crate) fn check_decoded(decoded: &str) -> Result<(), PathProblem> {
     }
 }
 
-/// Whether a scrape of `requested` (its path as received, encoded) addresses the target published
-/// as `decoded`.
-pub(crate) fn matches(requested: &str, decoded: &str) -> bool {
-    // Most paths have nothing to decode: no allocation for them.
-    if !requested.contains('%') {
-        return requested == decoded;
+/// A scrape's path as received (encoded) in the form published paths are compared with, or
+/// `None` if it can address no target. Decoded once per scrape; most paths have nothing to
+/// decode and cost no allocation.
+pub(crate) fn requested(path: &str) -> Option<Cow<'_, str>> {
+    if path.contains('%') {
+        decode(path).ok().map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(path))
     }
-    decode(requested).is_ok_and(|r| r == decoded)
 }
 
 #[cfg(test)]
@@ -119,6 +121,10 @@ mod tests {
         ] {
             assert_eq!(decode(path), Err(problem), "{path}");
         }
+    }
+
+    fn matches(path: &str, published: &str) -> bool {
+        requested(path).as_deref() == Some(published)
     }
 
     #[test]

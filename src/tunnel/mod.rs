@@ -223,9 +223,10 @@ impl TargetList {
     /// if any: the one whose decoded path is `path` decoded.
     #[cfg(any(feature = "agent", feature = "gateway"))]
     pub fn find(&self, port: u16, path: &str) -> Option<&TargetInfo> {
+        let requested = metrics_path::requested(path)?;
         self.targets
             .iter()
-            .find(|t| t.port == port && metrics_path::matches(path, &t.path))
+            .find(|t| t.port == port && t.path == requested)
     }
 }
 
