@@ -55,9 +55,8 @@ enum Command {
 enum TokenCommand {
     /// Prints a new random token and the tokens-file line that accepts it.
     New {
-        /// Agent id glob the line allows (an egress client's name glob): required, so that a
-        /// token able to claim every id (`'*'`) is only made on purpose.
-        #[arg(long)]
+        /// Agent id glob the line allows.
+        #[arg(long, default_value = "*")]
         agent_id: String,
     },
 }
@@ -543,6 +542,9 @@ fn token_new(glob: &str) -> ExitCode {
     }
     eprintln!();
     eprintln!("Give the token to the agent in a file (--token-file) or FERRY_TOKEN; add the line to the gateway's --auth.tokens-file.");
+    if glob == "*" {
+        eprintln!("This line's glob is '*': the token may claim any agent id. For one agent or a group, make it with --agent-id (e.g. --agent-id 'node-*').");
+    }
     // The egress proxy checks a bearer token as the name `bearer`: say so when this line's glob
     // does not match it, rather than offer a scheme the proxy will answer with 407.
     if file.authorize(&token, "bearer").is_ok() {
