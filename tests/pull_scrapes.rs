@@ -20,7 +20,7 @@ use common::http::{self as client, get_via_proxy, get_via_proxy_streaming, Resp}
 use common::servers::{
     gunzip, large_body_digest, Behaviour, BodyDigest, RawTarget, TargetServer, METRICS_CONTENT_TYPE,
 };
-use ferry::config::TargetSection;
+use ferry::config::{Dur, TargetSection};
 use ferry::tunnel::handshake::HandshakeError;
 use http::{header, Request};
 use http_body_util::Full;
@@ -195,6 +195,38 @@ async fn scrape_returns_the_target_body_and_sd_lists_every_target_with_labels() 
     }
 
     agent.stop().await;
+    gw.stop().await;
+}
+
+/// A fleet refused at once (a tokens file broken by a deploy) must not come back at once: each
+/// agent's slow retry is drawn from half to all of `auth_failure_backoff`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_refused_together_retry_at_different_times() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", "right-token")], |_| {}).await;
+    let slow = Duration::from_secs(60);
+    let agents: Vec<_> = (0..3)
+        .map(|i| {
+            let mut section = agent_section(&gw, &format!("refused-{i}"), &[]);
+            section.reconnect.auth_failure_backoff = Dur(slow);
+            start_agent(section, "wrong-token")
+        })
+        .collect();
+    let lines = logs
+        .wait_lines(&["GATEWAY REFUSED OUR CREDENTIALS"], 3, CONNECT_WAIT)
+        .await;
+    let mut delays: Vec<Duration> = lines.iter().map(|l| common::logs::retry_in(l)).collect();
+    for line in &lines {
+        common::logs::assert_slow_retry(line, slow);
+    }
+    delays.sort();
+    delays.dedup();
+    assert_eq!(delays.len(), 3, "the same delay twice: {lines:#?}");
+
+    for agent in agents {
+        agent.stop().await;
+    }
     gw.stop().await;
 }
 
@@ -704,7 +736,7 @@ async fn silent_and_vanishing_tunnel_connections_are_counted_as_such() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = TempDir::new().unwrap();
     let gw = start_gateway(&dir, &[("*", "test-token")], |s| {
-        s.tunnel.handshake_timeout = ferry::config::Dur(Duration::from_millis(300));
+        s.tunnel.handshake_timeout = Dur(Duration::from_millis(300));
     })
     .await;
     let metrics = format!("{}/metrics", gw.web_url());
@@ -744,7 +776,7 @@ async fn half_open_tunnel_connections_are_bounded_per_address() {
     let dir = TempDir::new().unwrap();
     let target = TargetServer::start(Behaviour::Metrics(BODY.into())).await;
     let gw = start_gateway(&dir, &[("*", "test-token")], |s| {
-        s.tunnel.handshake_timeout = ferry::config::Dur(Duration::from_secs(30));
+        s.tunnel.handshake_timeout = Dur(Duration::from_secs(30));
         s.tunnel.max_pending_handshakes_per_ip = 2;
     })
     .await;

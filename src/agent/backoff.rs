@@ -43,7 +43,8 @@ impl Backoff {
 }
 
 /// A slow retry after a refusal (`auth_failure_backoff`): between half of `after` and all of
-/// it, so that agents refused together (a revoked group token) do not retry together, yet none
+/// it, so that agents refused together (a revoked group token, a tokens file broken by a
+/// deploy, a proxy's password changed) do not all come back in the same instant, yet none
 /// sooner than half the pace asked for.
 pub fn slow_retry(after: Duration) -> Duration {
     rand::rng().random_range(after / 2..=after)

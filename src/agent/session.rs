@@ -77,24 +77,28 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
             }
             Err(SessionError::Handshake(e)) if e.is_id_conflict() => {
                 count(&shared, "conflict");
-                error!(%gateway, %agent, error = %e, retry_in = ?b.auth_failure, "GATEWAY REFUSED OUR AGENT ID: another agent holds it with another token; give each agent its own agent_id");
-                b.auth_failure
+                let delay = slow_retry(b.auth_failure);
+                error!(%gateway, %agent, error = %e, retry_in = ?delay, "GATEWAY REFUSED OUR AGENT ID: another agent holds it with another token; give each agent its own agent_id");
+                delay
             }
             Err(SessionError::Handshake(e)) if e.is_auth_refusal() => {
                 count(&shared, "auth_refused");
-                error!(%gateway, %agent, error = %e, retry_in = ?b.auth_failure, "GATEWAY REFUSED OUR CREDENTIALS: check the token and the tokens file's glob for this agent id");
-                b.auth_failure
+                let delay = slow_retry(b.auth_failure);
+                error!(%gateway, %agent, error = %e, retry_in = ?delay, "GATEWAY REFUSED OUR CREDENTIALS: check the token and the tokens file's glob for this agent id");
+                delay
             }
             // Like the gateway's 401: the same credentials would be refused again soon.
             Err(SessionError::Dial(e)) if e.is_proxy_auth_refusal() => {
                 count(&shared, "auth_refused");
-                error!(%gateway, error = %e, retry_in = ?b.auth_failure, "PROXY REFUSED OUR CREDENTIALS: check the user and password in --proxy-url or HTTPS_PROXY (percent-encode '@', ':' and '%' in them)");
-                b.auth_failure
+                let delay = slow_retry(b.auth_failure);
+                error!(%gateway, error = %e, retry_in = ?delay, "PROXY REFUSED OUR CREDENTIALS: check the user and password in --proxy-url or HTTPS_PROXY (percent-encode '@', ':' and '%' in them)");
+                delay
             }
             Err(SessionError::Token(e)) => {
                 count(&shared, "error");
-                error!(%gateway, %agent, error = %e, retry_in = ?b.auth_failure, "CANNOT READ OUR TOKEN: fix the token file");
-                b.auth_failure
+                let delay = slow_retry(b.auth_failure);
+                error!(%gateway, %agent, error = %e, retry_in = ?delay, "CANNOT READ OUR TOKEN: fix the token file");
+                delay
             }
             Err(e) => {
                 count(&shared, "error");
@@ -130,8 +134,9 @@ fn closed_by_gateway(
     match notice.kind {
         // Reconnecting at once would knock the other agent off in turn, every second.
         ClosingKind::IdTaken => {
-            error!(%gateway, %agent, %reason, retry_in = ?b.auth_failure, "GATEWAY CLOSED OUR TUNNEL: another agent claims our agent id (a cloned host keeps the host name as id); give each agent its own agent_id and token");
-            b.auth_failure
+            let delay = slow_retry(b.auth_failure);
+            error!(%gateway, %agent, %reason, retry_in = ?delay, "GATEWAY CLOSED OUR TUNNEL: another agent claims our agent id (a cloned host keeps the host name as id); give each agent its own agent_id and token");
+            delay
         }
         ClosingKind::Revoked => revoked(shared, &reason, token, backoff),
         // A restart, not trouble: back soon, with a delay drawn from the first ceiling so that
@@ -156,8 +161,7 @@ fn closed_by_gateway(
 
 /// After the gateway revoked our token: the last step of a rotation (the new token is in our
 /// token file already) reconnects at once; otherwise the same token would be refused again, as
-/// after a 401, and is retried slowly. That slow retry is jittered: a fleet sharing a revoked
-/// group token would otherwise come back, and be refused, all in the same instant.
+/// after a 401, and is retried slowly.
 fn revoked(shared: &Shared, reason: &str, token: &mut Token, backoff: &mut Backoff) -> Duration {
     let b = &shared.config.backoff;
     let gateway = &shared.config.gateway.addr;

@@ -69,3 +69,37 @@ impl Logs {
         }
     }
 }
+
+/// The `retry_in=` delay of an agent's log line (a `Duration`'s debug form: `1.25s`, `800ms`).
+pub fn retry_in(line: &str) -> Duration {
+    let value = line
+        .split("retry_in=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no retry_in= in {line:?}"));
+    let split = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number
+        .parse()
+        .unwrap_or_else(|_| panic!("retry_in={value} in {line:?}"));
+    let seconds = match unit {
+        "s" => number,
+        "ms" => number / 1e3,
+        "µs" => number / 1e6,
+        "ns" => number / 1e9,
+        _ => panic!("retry_in={value}: unit {unit:?} in {line:?}"),
+    };
+    Duration::from_secs_f64(seconds)
+}
+
+/// Asserts that a slow retry (after a refusal) waits between half of `backoff` and all of it.
+pub fn assert_slow_retry(line: &str, backoff: Duration) {
+    let delay = retry_in(line);
+    assert!(
+        delay >= backoff / 2 && delay <= backoff,
+        "retry_in {delay:?} is not within {:?}..={backoff:?}: {line}",
+        backoff / 2
+    );
+}
