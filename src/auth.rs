@@ -14,6 +14,7 @@ pub const CREDENTIALS_FILE: &str = "credentials file";
 
 /// Why a tokens file (or the egress proxy's credentials file, same format) could not be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TokensFileError {
     /// The file could not be read.
     // The OS error is part of the message, not a `source` as well: printed as a chain it would
@@ -69,6 +70,7 @@ pub struct TokensFile {
 
 /// Why a tunnel's credentials were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuthError {
     /// No line's hash matches the token (401).
     #[error("invalid token")]

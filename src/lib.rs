@@ -72,8 +72,10 @@
 //! listener of their own. Two things to get right:
 //!
 //! - Prometheus sends absolute-form requests (`GET http://node-1:9100/metrics`) whose *path* is
-//!   `/metrics`: hand every request with an authority to the gateway before a path router could
-//!   route it to the application's own `/metrics`.
+//!   `/metrics`: hand every request [`is_proxy_request`](gateway::is_proxy_request) says is a
+//!   scrape to the gateway before a path router could route it to the application's own
+//!   `/metrics`. (Prometheus speaks HTTP/1.1 to a proxy; in HTTP/2 every request has an
+//!   authority, so do not test `req.uri().authority()` yourself.)
 //! - On shutdown, drain your HTTP server first and cancel the tunnels' token after: a scrape in
 //!   flight travels through a tunnel, and closing the tunnels first cuts it with a misleading
 //!   "broken pipe" 502. ([`Gateway::run`](gateway::Gateway::run) does it in this order.)
@@ -122,9 +124,8 @@
 //!         let service = service_fn(move |req: http::Request<Incoming>| {
 //!             let gateway = gateway.clone();
 //!             async move {
-//!                 // Only origin-form requests are the application's: a scrape of
-//!                 // http://node-1:9100/hello is the gateway's.
-//!                 if req.uri().authority().is_none() && req.uri().path() == "/hello" {
+//!                 // A scrape of http://node-1:9100/hello is the gateway's, not ours.
+//!                 if !ferry::gateway::is_proxy_request(&req) && req.uri().path() == "/hello" {
 //!                     let hello = ferry::http_util::full("hello\n");
 //!                     return Ok::<_, Infallible>(http::Response::new(hello));
 //!                 }

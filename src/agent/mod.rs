@@ -32,6 +32,7 @@ use targets::{plain_client, HttpClient, TargetSet};
 
 /// Why an agent could not be built or reconfigured.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AgentError {
     /// A TLS file (tunnel or target) is unusable.
     #[error(transparent)]
@@ -60,10 +61,13 @@ pub(crate) struct Shared {
     running: AtomicBool,
     /// Why the gateway closed the current tunnel, when it said so before closing it.
     pub(crate) closing_notice: std::sync::Mutex<Option<serve::ClosingNotice>>,
+    /// Why the last attempt failed or the last tunnel ended; none while a tunnel is up.
+    pub(crate) last_error: std::sync::Mutex<Option<String>>,
 }
 
 /// Marks an agent as running for as long as it lives, also when the run's future is dropped
-/// (an aborted task) rather than returning.
+/// (an aborted task, a `select!` or `timeout` around it) rather than returning: the tunnel
+/// went with the future, so it is down then too (`is_connected`, `/-/ready`, the metric).
 struct Running(Arc<Shared>);
 
 impl Running {
@@ -78,6 +82,7 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        self.0.metrics.tunnel_up.set(0);
         self.0.running.store(false, Ordering::SeqCst);
     }
 }
@@ -134,6 +139,7 @@ impl Agent {
                 version: AtomicU64::new(1),
                 running: AtomicBool::new(false),
                 closing_notice: std::sync::Mutex::new(None),
+                last_error: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -179,6 +185,18 @@ impl Agent {
     /// Whether the tunnel is up right now.
     pub fn is_connected(&self) -> bool {
         self.shared.metrics.tunnel_up.get() == 1
+    }
+
+    /// Why the tunnel is not up, in one line: the last connection attempt's error (`401
+    /// Unauthorized: invalid token`, an unreachable gateway, a refused certificate) or why the
+    /// last tunnel ended. `None` while a tunnel is up and before the first attempt. The same
+    /// reason is logged through `tracing`; this is for an application that shows it elsewhere.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Keeps a tunnel to the gateway up until `shutdown`, reconnecting with backoff. On shutdown

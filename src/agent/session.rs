@@ -62,7 +62,9 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
     log_route(&shared.config);
     loop {
         let started = Instant::now();
-        let delay = match run_session(&shared, &mut token, &shutdown).await {
+        let outcome = run_session(&shared, &mut token, &shutdown).await;
+        record_trouble(&shared, &outcome);
+        let delay = match outcome {
             Ok(SessionEnd::Shutdown) => break,
             Ok(SessionEnd::Closed(reason)) => {
                 if started.elapsed() >= b.stable_after {
@@ -159,6 +161,21 @@ fn closed_by_gateway(
     }
 }
 
+/// Keeps why the last attempt failed or the last tunnel ended, for [`super::Agent::last_error`]:
+/// an application embedding the agent has no log to read it in unless it installed a
+/// subscriber.
+fn record_trouble(shared: &Shared, outcome: &Result<SessionEnd, SessionError>) {
+    let trouble = match outcome {
+        Ok(SessionEnd::Shutdown) => return,
+        Ok(SessionEnd::Closed(reason)) => format!("tunnel closed: {reason}"),
+        Ok(SessionEnd::ClosedByGateway(notice)) => {
+            format!("the gateway closed the tunnel: {}", notice.reason)
+        }
+        Err(e) => crate::scrape_error::one_line(e),
+    };
+    *shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(trouble);
+}
+
 /// After the gateway revoked our token: the last step of a rotation (the new token is in our
 /// token file already) reconnects at once; otherwise the same token would be refused again, as
 /// after a 401, and is retried slowly.
@@ -253,6 +270,7 @@ async fn run_session(
     };
     count(shared, "ok");
     shared.metrics.tunnel_up.set(1);
+    *shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     info!(gateway = %shared.config.gateway.addr, agent = %shared.config.agent_id, "tunnel up");
     take_closing_notice(shared);
     let end = serve(shared, upgraded, shutdown).await;

@@ -1237,7 +1237,10 @@ agent:
         assert_eq!(agent.token.expose(), "tok");
         let proxy = agent.proxy.unwrap();
         assert_eq!(proxy.addr, "proxy:3128");
-        assert_eq!(proxy.authorization.as_deref(), Some("Basic dXNlcjpwdw=="));
+        assert_eq!(
+            proxy.authorization.as_ref().map(Secret::expose),
+            Some("Basic dXNlcjpwdw==")
+        );
         assert_eq!(
             (agent.targets[0].port, agent.targets[0].path.as_str()),
             (9100, "/metrics")

@@ -58,6 +58,7 @@ use refusal::Refusal;
 
 /// Why the egress proxy could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EgressError {
     /// The credentials file is unusable.
     #[error(transparent)]

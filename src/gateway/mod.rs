@@ -25,7 +25,7 @@ use http::{Request, Response};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::config::GatewayConfig;
 use crate::http_util::{Body, BoxError};
@@ -57,9 +57,11 @@ use registry::Registry;
 pub use registry::ScrapeStats;
 use tunnel_tls::TunnelTls;
 pub use tunnel_tls::TunnelTlsReload;
+pub use web::is_proxy_request;
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum GatewayError {
     /// The TLS identity could not be loaded or generated.
     #[error(transparent)]
@@ -90,6 +92,8 @@ pub(crate) struct State {
     pub(crate) busy_warnings: warn_limit::WarnLimit,
     /// What the web listener refuses before routing: counted and warned about.
     pub(crate) web_refusals: web_refusals::WebRefusals,
+    /// Said once: a web config file's TLS does not reach a server that mounts the gateway.
+    mounted_without_tls: std::sync::Once,
 }
 
 impl State {
@@ -111,6 +115,7 @@ impl State {
 
 /// What a reload of the web configuration file did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum WebConfigReload {
     /// The gateway has no web configuration file.
     NoFile,
@@ -124,6 +129,7 @@ pub enum WebConfigReload {
 /// A summary of one agent, for scripts and status pages: a connected one, or one that
 /// disconnected and is still listed in service discovery (`web.sd_keep_disconnected`).
 #[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
 pub struct AgentInfo {
     /// The agent id.
     pub id: String,
@@ -212,6 +218,7 @@ impl Gateway {
                 ),
                 busy_warnings: Default::default(),
                 web_refusals: Default::default(),
+                mounted_without_tls: std::sync::Once::new(),
                 config,
             }),
         })
@@ -350,9 +357,13 @@ impl Gateway {
     /// [`Gateway::serve_tunnels`] for the agents.
     ///
     /// A scrape arrives in absolute form, `GET http://node-1:9100/metrics`, and its path is
-    /// `/metrics`: hand every request that has an authority (`req.uri().authority()`) to this
-    /// before a path router (axum and the like) could send it to the application's own
-    /// `/metrics`.
+    /// `/metrics`: hand every request for which [`is_proxy_request`] holds to this before a path
+    /// router (axum and the like) could send it to the application's own `/metrics`. Prometheus
+    /// sends scrapes to a proxy in HTTP/1.1: the listener Prometheus's `proxy_url` names must
+    /// speak it (it may speak HTTP/2 as well, for other clients).
+    ///
+    /// The web config file's `basic_auth_users` apply here; its `tls_server_config` does not:
+    /// TLS is the mounting server's (a warning says so once, on the first request).
     ///
     /// On shutdown, drain the server that calls this before cancelling the token of
     /// [`Gateway::serve_tunnels`]: a scrape in flight needs its tunnel, and one cut by closing
@@ -362,6 +373,11 @@ impl Gateway {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        if self.state.web_tls.is_some() {
+            self.state.mounted_without_tls.call_once(|| {
+                warn!("the web config file's tls_server_config applies to the gateway's own web listener only: requests handed to Gateway::handle come over the mounting server's connection, with its TLS or none");
+            });
+        }
         web::handle(&self.state, None, req.map(crate::http_util::boxed)).await
     }
 

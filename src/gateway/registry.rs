@@ -77,6 +77,7 @@ pub enum Inserted {
 
 /// What the status page shows of an agent's scrapes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[non_exhaustive]
 pub struct ScrapeStats {
     /// Scrapes through this tunnel.
     pub scrapes: u64,

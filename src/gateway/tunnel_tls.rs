@@ -17,6 +17,7 @@ use crate::tunnel::tls_server::{
 
 /// What a reload of the tunnel's TLS files did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TunnelTlsReload {
     /// Nothing to re-read: no TLS, or a self-signed certificate without a client CA file.
     Nothing,

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use prometheus_client::registry::Registry;
 
 use super::web_config::Verdict;
@@ -30,14 +30,26 @@ pub(super) async fn handle(
         );
         return ScrapeError::Method(Method::CONNECT).into_response("gateway");
     }
-    if let Some((refusal, detail, resp)) = unauthenticated(state, req.uri(), req.headers()).await {
+    let proxied = is_proxy_request(&req);
+    let mounted = peer.is_none();
+    if let Some((refusal, detail, resp)) =
+        unauthenticated(state, proxied, mounted, req.headers()).await
+    {
         refused(state, refusal, peer, detail);
         return resp;
     }
-    if req.uri().authority().is_some() {
+    if proxied {
         return proxy::scrape(state, req).await;
     }
     crate::endpoints::answer(state, &req).await
+}
+
+/// Whether `req` is for the gateway's proxy side: an HTTP/1 request in absolute form
+/// (`GET http://node-1:9100/metrics`) or a CONNECT. Prometheus talks HTTP/1.1 to a proxy; in
+/// HTTP/2 every request carries an authority (`:authority`, which hyper puts in the URI), so
+/// there only the path tells, and the request is one for ferry's own endpoints.
+pub fn is_proxy_request<B>(req: &Request<B>) -> bool {
+    req.version() <= Version::HTTP_11 && req.uri().authority().is_some()
 }
 
 impl OwnEndpoints for State {
@@ -82,11 +94,11 @@ fn refused(state: &State, refusal: WebRefusal, peer: Option<SocketAddr>, detail:
 /// comes with its kind and, for the log, what was presented.
 async fn unauthenticated(
     state: &State,
-    uri: &http::Uri,
+    proxied: bool,
+    mounted: bool,
     headers: &http::HeaderMap,
 ) -> Option<(WebRefusal, &'static str, Response<Body>)> {
     let auth = state.web_auth()?;
-    let proxied = uri.authority().is_some();
     let (name, status, challenge_header) = if proxied {
         (
             header::PROXY_AUTHORIZATION,
@@ -124,7 +136,10 @@ async fn unauthenticated(
     } else {
         "no credentials"
     };
-    let reason = if proxied {
+    let reason = if proxied && mounted {
+        // Another server's listener: its scheme and port are the application's.
+        "authentication required: put the user and password in Prometheus's proxy_url (http[s]://user:password@host:port)".to_owned()
+    } else if proxied {
         // The proxy_url as this listener takes it: https:// once it speaks TLS, its own port.
         let scheme = if state.web_tls.is_some() {
             "https"

@@ -221,6 +221,7 @@ fn special_v6(ip: Ipv6Addr) -> Option<Country> {
 
 /// Why a database file cannot be used. Each message is one line naming the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum GeoError {
     /// The file cannot be read or is not a MaxMind DB file.
     #[error("geoip database {}: cannot open: {message}", path.display())]

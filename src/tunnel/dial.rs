@@ -30,6 +30,7 @@ const REFUSAL_BODY_WAIT: Duration = Duration::from_secs(1);
 
 /// Why the TCP leg could not be opened.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DialError {
     /// TCP connect to the gateway failed.
     #[error("cannot connect to {addr}: {source}")]
@@ -102,8 +103,9 @@ impl DialError {
 pub struct Proxy {
     /// `host:port` of the proxy.
     pub addr: String,
-    /// `Proxy-Authorization` value built from the URL's user info, if any.
-    pub authorization: Option<String>,
+    /// `Proxy-Authorization` value built from the URL's user info, if any (hidden from `Debug`:
+    /// base64 is not a disguise).
+    pub authorization: Option<crate::config::Secret>,
     /// Where it was configured, as the user would look for it: `HTTPS_PROXY`, `proxy_url`,
     /// `--proxy-url`.
     pub origin: String,
@@ -138,7 +140,7 @@ impl Proxy {
             use base64::Engine as _;
             let userinfo: Vec<u8> = percent_encoding::percent_decode_str(userinfo).collect();
             let encoded = base64::engine::general_purpose::STANDARD.encode(userinfo);
-            format!("Basic {encoded}")
+            crate::config::Secret::new(format!("Basic {encoded}"))
         });
         Ok(Proxy {
             addr,
@@ -249,7 +251,7 @@ async fn send_connect(
         .uri(target)
         .header(header::HOST, target);
     if let Some(auth) = &proxy.authorization {
-        req = req.header(header::PROXY_AUTHORIZATION, auth);
+        req = req.header(header::PROXY_AUTHORIZATION, auth.expose());
     }
     let req = req
         .body(Empty::<Bytes>::new())
@@ -317,12 +319,20 @@ fn one_line(text: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn basic(user_pass: &str) -> String {
+    fn basic(user_pass: &str) -> crate::config::Secret {
         use base64::Engine as _;
-        format!(
+        crate::config::Secret::new(format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(user_pass)
-        )
+        ))
+    }
+
+    #[test]
+    fn debug_output_hides_the_proxy_password() {
+        let proxy = Proxy::parse("http://alice:s3cr3t-pw@127.0.0.1:3128", "test").unwrap();
+        let shown = format!("{proxy:?}");
+        assert!(!shown.contains("YWxpY2U6czNjcjN0LXB3"), "{shown}");
+        assert!(shown.contains("127.0.0.1:3128"), "{shown}");
     }
 
     #[test]

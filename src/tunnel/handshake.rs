@@ -199,6 +199,7 @@ pub fn switching_protocols<B: Default>() -> Response<B> {
 
 /// Why the agent's side of the handshake failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandshakeError {
     /// The gateway answered with a refusal.
     #[error("gateway refused the tunnel with {status}: {reason}")]

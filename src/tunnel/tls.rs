@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 
 /// Why a TLS identity, trust anchor or configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsError {
     /// A certificate file could not be read or holds no PEM certificate.
     #[error("certificate file {path}: {reason}")]
