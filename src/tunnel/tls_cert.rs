@@ -21,7 +21,12 @@ impl CertFiles {
     /// What an operator should hear about these files at `now`: a certificate no client will
     /// accept, a private key every local user can read.
     pub fn warnings(&self, listener: &str, now: SystemTime) -> Vec<String> {
-        let problem = self.leaf.and_then(|leaf| leaf.problem(&self.cert, now));
+        // Agents (rustls) refuse a CA certificate as a server's; Prometheus and curl accept a
+        // self-signed one made by `openssl req -x509`, which is often CA:TRUE, on the web side.
+        let ca_refused = listener == "tunnel";
+        let problem = self
+            .leaf
+            .and_then(|leaf| leaf.problem(&self.cert, now, ca_refused));
         problem
             .into_iter()
             .chain(readable_by_all(&self.key, listener))
@@ -67,16 +72,17 @@ impl LeafInfo {
         })
     }
 
-    /// Why no client will accept this certificate as a server's at `now`, naming `file`.
-    pub fn problem(&self, file: &Path, now: SystemTime) -> Option<String> {
+    /// Why clients will not accept this certificate as a server's at `now`, naming `file`;
+    /// with `ca_refused`, the clients are ferry agents, which also refuse a CA certificate.
+    pub fn problem(&self, file: &Path, now: SystemTime, ca_refused: bool) -> Option<String> {
         let now = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         let file = file.display();
-        if self.is_ca {
+        if self.is_ca && ca_refused {
             return Some(format!(
-                "certificate {file} is a CA certificate (CA:TRUE), which clients refuse as a \
-                 server's: put the server's own certificate first in the file"
+                "certificate {file} is a CA certificate (CA:TRUE), which agents refuse as the \
+                 gateway's: put the gateway's own certificate first in the file"
             ));
         }
         if now > self.not_after {
@@ -144,7 +150,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            expired.problem(file, now).unwrap(),
+            expired.problem(file, now, true).unwrap(),
             "certificate /etc/ferry/tun.crt expired on 2026-10-01 00:00:00 UTC: clients refuse it (renew it, then SIGHUP)"
         );
         let early = LeafInfo::of(&cert(|p| {
@@ -152,7 +158,7 @@ mod tests {
             p.not_after = rcgen::date_time_ymd(2031, 1, 1);
         }))
         .unwrap();
-        let said = early.problem(file, now).unwrap();
+        let said = early.problem(file, now, true).unwrap();
         assert!(
             said.contains("not valid before 2030-01-01 00:00:00 UTC (now 2027-01-15 08:00:00 UTC)"),
             "{said}"
@@ -162,10 +168,11 @@ mod tests {
         }))
         .unwrap();
         assert!(ca
-            .problem(file, SystemTime::now())
+            .problem(file, SystemTime::now(), true)
             .unwrap()
-            .contains("is a CA certificate (CA:TRUE)"));
+            .contains("is a CA certificate (CA:TRUE), which agents refuse"));
+        assert_eq!(ca.problem(file, SystemTime::now(), false), None);
         let fine = LeafInfo::of(&cert(|_| {})).unwrap();
-        assert_eq!(fine.problem(file, SystemTime::now()), None);
+        assert_eq!(fine.problem(file, SystemTime::now(), true), None);
     }
 }
