@@ -895,15 +895,37 @@ pub(crate) fn parse_cidrs(
     let mut nets = Vec::new();
     for (i, entry) in raw.iter().enumerate() {
         let entry = entry.trim();
-        let parsed = entry
-            .parse::<ipnet::IpNet>()
-            .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map_err(|_| format!("{entry:?} is not a CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32)"));
+        let parsed = match entry.parse::<ipnet::IpNet>() {
+            Ok(net) => network(net, entry),
+            Err(_) => entry
+                .parse::<std::net::IpAddr>()
+                .map(ipnet::IpNet::from)
+                .map_err(|_| format!("{entry:?} is not a CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32)")),
+        };
         if let Some(net) = errs.check(&format!("{field}[{i}]"), parsed) {
-            nets.push(net.trunc());
+            nets.push(net);
         }
     }
     nets
+}
+
+/// `net` as written, if its address is the network's own: `10.0.0.1/8` is refused rather than
+/// read as `10.0.0.0/8`, since whoever wrote it may have meant `/32` or `/24`, and in an
+/// allowlist the difference is a whole network let in.
+#[cfg(feature = "geo")]
+pub(crate) fn network(net: ipnet::IpNet, spelled: &str) -> Result<ipnet::IpNet, String> {
+    if net.addr() == net.network() {
+        return Ok(net);
+    }
+    let host = match net {
+        ipnet::IpNet::V4(_) => 32,
+        ipnet::IpNet::V6(_) => 128,
+    };
+    Err(format!(
+        "{spelled:?} has host bits set: write the network {} or the one address {}/{host}",
+        net.trunc(),
+        net.addr()
+    ))
 }
 
 /// Records an error unless `path` names a readable file.
@@ -1585,6 +1607,27 @@ exporter:
                 ": exporter.collector.connections_exclude[0]: \"bogus\" is not a CIDR (e.g. 10.0.0.0/8 or 2001:db8::/32)",
             ],
             "{lines:#?}"
+        );
+    }
+
+    /// `10.0.0.1/8` in an allowlist is a typo for `/32` or `/24` as often as for `10.0.0.0/8`:
+    /// refused, not silently widened to the whole network.
+    #[test]
+    fn a_cidr_with_host_bits_is_refused_naming_both_readings() {
+        let mut errs = ConfigErrors::new("f.yaml");
+        let raw = ["10.0.0.0/8", "10.0.0.1/8", "192.0.2.7", "fd00::1/64"].map(String::from);
+        let nets = parse_cidrs(&raw, "egress.allow_clients", &mut errs);
+        assert_eq!(
+            nets,
+            [
+                "10.0.0.0/8".parse().unwrap(),
+                "192.0.2.7/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            errs.to_string(),
+            "f.yaml: egress.allow_clients[1]: \"10.0.0.1/8\" has host bits set: write the network 10.0.0.0/8 or the one address 10.0.0.1/32\n\
+             f.yaml: egress.allow_clients[3]: \"fd00::1/64\" has host bits set: write the network fd00::/64 or the one address fd00::1/128"
         );
     }
 

@@ -146,7 +146,7 @@ fn parse_destination(dest: &str) -> Result<Destination, String> {
         let net: IpNet = dest
             .parse()
             .map_err(|_| format!("{dest:?} is not a CIDR"))?;
-        return Ok(Destination::Net(net.trunc()));
+        return Ok(Destination::Net(crate::config::network(net, dest)?));
     }
     if let Some(ip) = parse_ip_literal(dest) {
         return Ok(Destination::Net(IpNet::from(ip)));
@@ -434,6 +434,11 @@ mod tests {
             ("[::1]/129:443", "not a CIDR"),
             ("[::1/128]/64:443", "expected ':PORTS' after ']'"),
             ("[::1]/128:", "not a port"),
+            (
+                "10.0.0.1/8:443",
+                "\"10.0.0.1/8\" has host bits set: write the network 10.0.0.0/8 or the one address 10.0.0.1/32",
+            ),
+            ("[2001:db8::1/32]:443", "the network 2001:db8::/32 or the one address 2001:db8::1/128"),
             (
                 "http://collector.example.com:443/x",
                 "without http:// or a path, e.g. \"collector.example.com:443\"",
