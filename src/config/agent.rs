@@ -445,6 +445,17 @@ impl AgentSection {
     }
 
     fn validate_gateway(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<GatewayEndpoint> {
+        let endpoint = self.gateway_endpoint(prefix, errs);
+        if endpoint.is_none() && !self.tunnel.insecure_plaintext {
+            // A bad gateway URL must not hide a bad fingerprint or CA file: every error at once.
+            self.validate_tunnel_tls(prefix, errs);
+        }
+        endpoint
+    }
+
+    /// The gateway URL with its TLS settings; `None` (and errors) when the URL is unusable,
+    /// before its TLS settings are looked at.
+    fn gateway_endpoint(&self, prefix: &str, errs: &mut ConfigErrors) -> Option<GatewayEndpoint> {
         let field = format!("{prefix}.gateway");
         let Some(url) = &self.gateway else {
             errs.push(
@@ -1180,6 +1191,27 @@ mod tests {
         assert!(
             err.contains("a sha256:<hex> fingerprint or a list of them"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_gateway_url_does_not_hide_a_bad_fingerprint() {
+        let section = AgentSection {
+            gateway: Some("ftp://gw:7443".into()),
+            agent_id: Some("a".into()),
+            tunnel: AgentTunnelSection {
+                fingerprint: vec!["nothex".into()],
+                ..AgentTunnelSection::default()
+            },
+            ..AgentSection::default()
+        };
+        let env = |name: &str| (name == TOKEN_ENV).then(|| "t".to_owned());
+        let mut errs = ConfigErrors::new("a.yaml");
+        assert!(section.validate("agent", &env, &mut errs).is_none());
+        assert_eq!(
+            errs.to_string(),
+            "a.yaml: agent.gateway: \"ftp://gw:7443\" must start with https://\n\
+             a.yaml: agent.tunnel.fingerprint: \"nothex\" must start with sha256:"
         );
     }
 

@@ -1885,7 +1885,8 @@ egress:
         );
         assert_eq!(
             errors(&plaintext, "flags"),
-            "invalid flag --gateway: \"http://gw:7443\" is plaintext: use https://, or set --tunnel.insecure-plaintext if you really mean it"
+            "invalid flag --gateway: \"http://gw:7443\" is plaintext: use https://, or set --tunnel.insecure-plaintext if you really mean it\n\
+             invalid flag --tunnel.key-file: required when --tunnel.cert-file is set"
         );
         let mut plaintext = plaintext;
         if let Some(a) = &mut plaintext.agent {
