@@ -97,7 +97,7 @@ pub struct Agent {
 
 impl Agent {
     /// Builds an agent from a validated configuration. TLS files are loaded now, so a bad file
-    /// is reported before anything is dialled.
+    /// is reported before anything is dialled ([`AgentError::Tls`]); it needs no runtime.
     pub fn new(config: AgentConfig) -> Result<Agent, AgentError> {
         Self::with_registry(config, MetricsRegistry::default())
     }
@@ -204,6 +204,11 @@ impl Agent {
     ///
     /// One run at a time: while this agent or a clone of it runs, another `run` returns
     /// [`AgentError::AlreadyRunning`] at once. Once a run has returned, the agent can run again.
+    ///
+    /// A refused token, an unreachable gateway or a certificate that does not verify is retried
+    /// (slowly after a refusal), never returned: [`Agent::last_error`] says why the tunnel is
+    /// down, [`Agent::is_connected`] whether it is up. Dropping the future instead of cancelling
+    /// `shutdown` closes the tunnel without draining the scrapes in flight.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let Some(_running) = Running::claim(&self.shared) else {
             let e = AgentError::AlreadyRunning(self.shared.config.agent_id.clone());
