@@ -955,6 +955,51 @@ async fn keepalive_holds_the_tunnel_through_an_idle_cutting_proxy() {
     gw.stop().await;
 }
 
+/// On a slow uplink a large response fills the agent's send buffer, and the PONG to the
+/// gateway's PING waits behind seconds of it: far longer than the keepalive timeout. The
+/// bytes arriving meanwhile show the agent is alive; the tunnel (and the scrape) must live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pong_queued_behind_a_large_response_on_a_slow_link_does_not_end_the_tunnel() {
+    const BODY: u64 = 768 * 1024;
+    let dir = TempDir::new().unwrap();
+    let server = TargetServer::start(Behaviour::Large { bytes: BODY }).await;
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |g| {
+        g.tunnel.keepalive_interval = Dur(Duration::from_millis(200));
+        g.tunnel.keepalive_timeout = Dur(Duration::from_millis(300));
+    })
+    .await;
+    // 256 KiB/s: the body takes three seconds, ten times the keepalive timeout.
+    let uplink = ConnectProxy::start_slow_uplink(gw.tunnel, 256 * 1024).await;
+    let mut section = agent_section(&gw, "slow-1", &[("big", server.url("/big"))]);
+    section.gateway = Some(format!("https://localhost:{}", uplink.addr.port()));
+    let agent = start_agent(section, TOKEN);
+    gw.wait_agent("slow-1", Duration::from_secs(10)).await;
+
+    let url = format!("http://slow-1:{}/big", server.addr.port());
+    let resp = http::get_via_proxy(
+        gw.web,
+        &url,
+        &[("X-Prometheus-Scrape-Timeout-Seconds", "30")],
+    )
+    .await;
+    assert_eq!(
+        resp.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&resp.body[..resp.body.len().min(300)])
+    );
+    assert_eq!(resp.body.len() as u64, BODY);
+    assert_eq!(
+        agent_ok_connects(gw.web, "slow-1").await,
+        1.0,
+        "the tunnel was reopened"
+    );
+    assert_eq!(uplink.tunnels_opened(), 1);
+
+    agent.stop().await;
+    gw.stop().await;
+}
+
 /// Control experiment: PINGs rarer than the idle cut do not keep the tunnel, so the test above
 /// can fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -16,7 +18,7 @@ use h2::client::SendRequest;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http_util::Body;
 use crate::tunnel::{Keepalive, MAX_HEADER_LIST};
@@ -45,6 +47,11 @@ pub async fn handshake<T>(io: T, keepalive: Keepalive) -> Result<(Sender, Connec
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    let heard = Arc::new(AtomicBool::new(false));
+    let io = Heard {
+        io,
+        heard: heard.clone(),
+    };
     let (sender, mut conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -58,6 +65,7 @@ where
         pings,
         timer: Box::pin(tokio::time::sleep(keepalive.interval)),
         awaiting_pong: false,
+        heard,
         config: keepalive,
     });
     Ok((sender, Connection { conn, keepalive }))
@@ -69,7 +77,7 @@ where
 /// Hand-written rather than an `async` block: it lives as long as the tunnel, once per agent,
 /// and an `async` block holding the h2 connection and a `select!` over it takes twice its size.
 pub struct Connection<T> {
-    conn: h2::client::Connection<T, Bytes>,
+    conn: h2::client::Connection<Heard<T>, Bytes>,
     keepalive: Option<KeepAlive>,
 }
 
@@ -94,12 +102,17 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Future for Connection<T
 }
 
 /// Sends a PING every `interval` and gives up on the tunnel when one goes unanswered for
-/// `timeout`: an idle-cutting middlebox then sees traffic, and a dead agent is noticed.
+/// `timeout` while nothing else arrived either: an idle-cutting middlebox then sees traffic,
+/// and a dead agent is noticed. On a slow link a large response fills the agent's send buffer
+/// and its PONG waits behind it for longer than `timeout`; the bytes that keep arriving
+/// meanwhile show the agent is alive, so they buy another `timeout`.
 struct KeepAlive {
     pings: h2::PingPong,
     /// Next PING while none is outstanding; the deadline of the outstanding one otherwise.
     timer: Pin<Box<tokio::time::Sleep>>,
     awaiting_pong: bool,
+    /// Whether the tunnel delivered bytes since the PING went out (or since the last deadline).
+    heard: Arc<AtomicBool>,
     config: Keepalive,
 }
 
@@ -126,19 +139,77 @@ impl KeepAlive {
                 return Poll::Pending;
             }
             if self.awaiting_pong {
-                return Poll::Ready(format!(
-                    "keepalive PING unanswered for {:?}: agent gone",
-                    self.config.timeout
-                ));
+                if !self.heard.swap(false, Ordering::Relaxed) {
+                    return Poll::Ready(format!(
+                        "keepalive PING unanswered for {:?} and nothing else received: agent gone",
+                        self.config.timeout
+                    ));
+                }
+                let deadline =
+                    crate::http_util::deadline(tokio::time::Instant::now(), self.config.timeout);
+                self.timer.as_mut().reset(deadline);
+                continue;
             }
             if let Err(e) = self.pings.send_ping(h2::Ping::opaque()) {
                 return Poll::Ready(format!("keepalive PING failed: {e}"));
             }
+            self.heard.store(false, Ordering::Relaxed);
             self.awaiting_pong = true;
             let deadline =
                 crate::http_util::deadline(tokio::time::Instant::now(), self.config.timeout);
             self.timer.as_mut().reset(deadline);
         }
+    }
+}
+
+/// The tunnel's transport, noting when bytes arrive, for [`KeepAlive`].
+pub struct Heard<T> {
+    io: T,
+    heard: Arc<AtomicBool>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.heard.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +32,8 @@ struct Stats {
     connects: Mutex<Vec<String>>,
     cut_all: Notify,
     freeze_all: Notify,
+    /// Bytes per second the client's direction is held to (0: as fast as it comes).
+    upload_rate: AtomicU64,
 }
 
 /// Where an accepted connection goes.
@@ -59,6 +61,18 @@ impl ConnectProxy {
     /// A plain TCP relay to `target` (no CONNECT), with the same idle cut.
     pub async fn start_tcp_relay(target: SocketAddr, idle_cut: Option<Duration>) -> ConnectProxy {
         Self::spawn(Mode::Relay(target), idle_cut).await
+    }
+
+    /// A plain TCP relay to `target` that carries what its clients send at `bytes_per_second`
+    /// only, the other way at full speed: an agent on a slow uplink, whose send buffer then
+    /// holds seconds of data in front of anything it sends next.
+    pub async fn start_slow_uplink(target: SocketAddr, bytes_per_second: u64) -> ConnectProxy {
+        let relay = Self::spawn(Mode::Relay(target), None).await;
+        relay
+            .stats
+            .upload_rate
+            .store(bytes_per_second, Ordering::SeqCst);
+        relay
     }
 
     async fn spawn(mode: Mode, idle_cut: Option<Duration>) -> ConnectProxy {
@@ -151,7 +165,8 @@ async fn handle(client: TcpStream, mode: Mode, idle_cut: Option<Duration>, stats
         return;
     };
     stats.opened.fetch_add(1, Ordering::SeqCst);
-    let relaying = relay(client, upstream, early, idle_cut);
+    let rate = stats.upload_rate.load(Ordering::SeqCst);
+    let relaying = relay(client, upstream, early, idle_cut, rate);
     tokio::pin!(relaying);
     let end = tokio::select! {
         end = &mut relaying => end,
@@ -230,12 +245,14 @@ async fn reply(client: &mut TcpStream, status: &str) {
 }
 
 /// Copies bytes both ways until both directions ended (`Closed`) or nothing moved for `idle_cut`
-/// (`Cut`). Both sockets are dropped — closed — on return.
+/// (`Cut`), the client's way at `upload_rate` bytes per second if not 0. Both sockets are
+/// dropped — closed — on return.
 async fn relay(
     client: TcpStream,
     upstream: TcpStream,
     early: Vec<u8>,
     idle_cut: Option<Duration>,
+    upload_rate: u64,
 ) -> RelayEnd {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut upstream_read, mut upstream_write) = upstream.into_split();
@@ -245,8 +262,13 @@ async fn relay(
     let activity = Notify::new();
     let both_ways = async {
         tokio::join!(
-            pump(&mut client_read, &mut upstream_write, &activity),
-            pump(&mut upstream_read, &mut client_write, &activity),
+            pump(
+                &mut client_read,
+                &mut upstream_write,
+                &activity,
+                upload_rate
+            ),
+            pump(&mut upstream_read, &mut client_write, &activity, 0),
         )
     };
     tokio::select! {
@@ -255,19 +277,23 @@ async fn relay(
     }
 }
 
-/// One direction: read, signal activity, write, until EOF or an error; then half-close the writer.
-async fn pump<R, W>(reader: &mut R, writer: &mut W, activity: &Notify)
+/// One direction: read, signal activity, write, until EOF or an error; then half-close the
+/// writer. With a `rate` (bytes per second, 0 for none) each chunk waits its turn.
+async fn pump<R, W>(reader: &mut R, writer: &mut W, activity: &Notify, rate: u64)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; RELAY_BUFFER];
+    let mut buf = vec![0u8; if rate > 0 { 4096 } else { RELAY_BUFFER }];
     loop {
         let n = match reader.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         activity.notify_one();
+        if rate > 0 {
+            tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+        }
         if writer.write_all(&buf[..n]).await.is_err() {
             break;
         }
