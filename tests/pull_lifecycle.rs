@@ -1123,6 +1123,39 @@ async fn the_agent_says_why_its_tunnel_ended() {
     gw.stop().await;
 }
 
+/// An agent stopped while its gateway cannot be reached waits out its grace period for the
+/// acknowledgement of its closing, then says that, not that scrapes were still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_stopped_over_a_dead_path_says_its_closing_went_unacknowledged() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let proxy = ConnectProxy::start(None).await;
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let mut section = agent_section(&gw, "silent-3", &[]);
+    section.proxy_url = Some(proxy.url());
+    section.shutdown_grace_period = Dur(Duration::from_millis(500));
+    let agent = start_agent(section, TOKEN);
+    gw.wait_agent("silent-3", Duration::from_secs(10)).await;
+
+    proxy.freeze_all();
+    let stopping = Instant::now();
+    agent.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopping.elapsed()
+    );
+    let lines = logs.lines_with(&["WARN", "grace"]);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains(
+            "the gateway did not acknowledge our closing within the shutdown grace period"
+        ),
+        "{lines:?}"
+    );
+    gw.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Target change without reconnecting
 // ---------------------------------------------------------------------------------------------

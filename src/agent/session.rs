@@ -434,7 +434,12 @@ async fn serve(
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             if tokio::time::timeout(cfg.shutdown_grace, conn).await.is_err() {
-                warn!(grace = ?cfg.shutdown_grace, scrapes = streams.len(), "scrapes still running when the shutdown grace period ended; cutting them off");
+                match streams.len() {
+                    // HTTP/2's graceful close waits for the gateway to acknowledge the GOAWAY
+                    // (a PING round trip): a gateway that cannot be reached never does.
+                    0 => warn!(grace = ?cfg.shutdown_grace, "the gateway did not acknowledge our closing within the shutdown grace period (unreachable?); closing the tunnel"),
+                    scrapes => warn!(grace = ?cfg.shutdown_grace, scrapes, "scrapes still running when the shutdown grace period ended; cutting them off"),
+                }
                 io.close().await;
             }
             SessionEnd::Shutdown
