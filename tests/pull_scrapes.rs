@@ -730,6 +730,40 @@ async fn upgrade_requests_are_read_as_the_rfc_says_and_doubts_are_refused() {
     gw.stop().await;
 }
 
+/// A path that lets the TCP connection through and then drops everything (a firewall, a
+/// middlebox) makes the agent's handshake time out: the log says at which step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_handshake_that_stalls_says_where() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", "test-token")], |_| {}).await;
+    // Accepts connections and never says a word.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut section = agent_section(&gw, "stalled", &[]);
+    section.gateway = Some(format!("https://localhost:{port}"));
+    section.tunnel.handshake_timeout = Dur(Duration::from_millis(300));
+    let agent = start_agent(section, "test-token");
+    let lines = logs
+        .wait_lines(&["cannot open tunnel"], 1, CONNECT_WAIT)
+        .await;
+    assert!(
+        lines[0].contains(
+            "tunnel handshake timed out after 300ms in the TLS handshake (connected, then no answer)"
+        ),
+        "{lines:?}"
+    );
+    agent.stop().await;
+    held.abort();
+    gw.stop().await;
+}
+
 /// A connection that says nothing, or leaves before asking, is counted for what it did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_vanishing_tunnel_connections_are_counted_as_such() {

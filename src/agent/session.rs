@@ -37,8 +37,13 @@ pub(crate) enum SessionError {
     /// A handshake failure that shows the gateway URL points at the wrong thing, with the fix.
     #[error("{0}")]
     Misdirected(String),
-    #[error("tunnel handshake timed out after {0:?}")]
-    Timeout(Duration),
+    #[error("tunnel handshake timed out after {after:?}{phase}")]
+    Timeout {
+        after: Duration,
+        /// Where it stalled (` in the TLS handshake`), when known: a path that drops packets
+        /// after the TCP connection is made (a firewall, a TLS-inspecting middlebox) shows here.
+        phase: &'static str,
+    },
     #[error("no token to connect with: {0}")]
     Token(String),
 }
@@ -262,11 +267,11 @@ async fn run_session(
     token: &mut Token,
     shutdown: &CancellationToken,
 ) -> Result<SessionEnd, SessionError> {
-    let timeout = shared.config.handshake_timeout;
     let token = token.refresh(shared)?;
+    // `open` bounds each of its steps by one deadline, `handshake_timeout` from now.
     let upgraded = tokio::select! {
         _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-        res = tokio::time::timeout(timeout, open(shared, token)) => res.map_err(|_| SessionError::Timeout(timeout))??,
+        res = open(shared, token) => res?,
     };
     count(shared, "ok");
     shared.metrics.tunnel_up.set(1);
@@ -343,23 +348,29 @@ fn tls_failure(e: &std::io::Error, tls: Option<&ClientTls>) -> String {
 /// Dial, TLS and the upgrade handshake.
 async fn open(shared: &Shared, token: &str) -> Result<hyper::upgrade::Upgraded, SessionError> {
     let cfg = &shared.config;
-    let io = dial(&cfg.gateway.addr, cfg.proxy.as_ref(), cfg.handshake_timeout).await?;
+    let after = cfg.handshake_timeout;
+    let deadline = crate::http_util::deadline(Instant::now(), after);
+    let stalled = |phase| move |_| SessionError::Timeout { after, phase };
+    // The dial says itself which of its steps (the proxy, its CONNECT) did not answer.
+    let io = dial(&cfg.gateway.addr, cfg.proxy.as_ref(), after).await?;
     let io: BoxIo = match &shared.tunnel_tls {
         Some(tls) => {
             let name = ServerName::try_from(cfg.gateway.server_name.clone())
                 .map_err(|_| SessionError::ServerName(cfg.gateway.server_name.clone()))?;
             let connector = tokio_rustls::TlsConnector::from(tls.clone());
-            Box::new(
-                connector
-                    .connect(name, io)
-                    .await
-                    .map_err(|e| SessionError::Tls(tls_failure(&e, cfg.gateway.tls.as_ref())))?,
-            )
+            let tls = tokio::time::timeout_at(deadline, connector.connect(name, io))
+                .await
+                .map_err(stalled(" in the TLS handshake (connected, then no answer)"))?;
+            Box::new(tls.map_err(|e| SessionError::Tls(tls_failure(&e, cfg.gateway.tls.as_ref())))?)
         }
         None => io,
     };
-    request_upgrade(io, &cfg.gateway.addr, token, &cfg.agent_id)
+    let upgrade = request_upgrade(io, &cfg.gateway.addr, token, &cfg.agent_id);
+    tokio::time::timeout_at(deadline, upgrade)
         .await
+        .map_err(stalled(
+            " waiting for the answer to the tunnel upgrade request",
+        ))?
         .map_err(|e| upgrade_failure(e, shared.tunnel_tls.is_none()))
 }
 
