@@ -6,86 +6,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::ferry::metric_value;
 use common::http::get;
+use common::netns::TestHost;
 use mmdb_writer::{IpVersion, Writer};
 use serde_json::json;
-
-/// A test host: a network namespace joined to the root namespace by a veth pair.
-struct TestHost {
-    ns: String,
-}
-
-impl TestHost {
-    /// `host_ip` on the root side, `peer_ip` inside the namespace, both in a /24.
-    fn create(tag: &str, host_ip: &str, peer_ip: &str) -> TestHost {
-        let ns = format!("fy{}{tag}", std::process::id() % 100_000);
-        let (outer, inner) = (format!("{ns}o"), format!("{ns}i"));
-        let _ = ip(&["netns", "del", &ns]);
-        let _ = ip(&["link", "del", &outer]);
-        let host = TestHost { ns: ns.clone() };
-        for args in [
-            vec!["netns", "add", &ns],
-            vec![
-                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
-            ],
-            vec!["link", "set", &inner, "netns", &ns],
-            vec!["addr", "add", &format!("{host_ip}/24"), "dev", &outer],
-            vec!["link", "set", &outer, "up"],
-            vec![
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{peer_ip}/24"),
-                "dev",
-                &inner,
-            ],
-            vec!["-n", &ns, "link", "set", &inner, "up"],
-            vec!["-n", &ns, "link", "set", "lo", "up"],
-        ] {
-            let out = ip(&args).unwrap_or_else(|e| {
-                panic!("ip {args:?}: {e} (iproute2 installed? running as root?)")
-            });
-            assert!(
-                out.status.success(),
-                "ip {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        host
-    }
-
-    /// Holds a TCP connection from inside the namespace to `addr` for `secs` seconds.
-    fn connect_and_hold(&self, addr: SocketAddr, secs: u32) -> Child {
-        let script = format!(
-            "exec 3<>/dev/tcp/{}/{} && printf 'GET /-/healthy HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3 && sleep {secs}",
-            addr.ip(),
-            addr.port()
-        );
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns, "bash", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run bash in the namespace")
-    }
-}
-
-impl Drop for TestHost {
-    fn drop(&mut self) {
-        // Deleting the namespace deletes its veth end, which deletes the pair.
-        let _ = ip(&["netns", "del", &self.ns]);
-    }
-}
-
-fn ip(args: &[&str]) -> std::io::Result<std::process::Output> {
-    Command::new("ip").args(args).output()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_from_test_hosts_are_labelled_with_their_country() {

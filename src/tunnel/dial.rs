@@ -176,8 +176,19 @@ async fn tcp(addr: &str) -> std::io::Result<TcpStream> {
     let stream = TcpStream::connect(addr).await?;
     // Scrape requests and PINGs are small; don't let Nagle hold them back.
     let _ = stream.set_nodelay(true);
+    // On a slow uplink the kernel would take megabytes of a large response before sending
+    // them, and every answer written after it — other scrapes', the PONG the gateway's
+    // keepalive waits for — would queue behind all of it. Kept in HTTP/2's own queues
+    // instead, the streams' frames interleave. Loopback and fast links never hold this much.
+    #[cfg(target_os = "linux")]
+    let _ = socket2::SockRef::from(&stream).set_tcp_notsent_lowat(UNSENT_LIMIT);
     Ok(stream)
 }
+
+/// Most bytes the kernel holds unsent on the tunnel's socket (`TCP_NOTSENT_LOWAT`): two HTTP/2
+/// frames.
+#[cfg(target_os = "linux")]
+const UNSENT_LIMIT: u32 = 32 * 1024;
 
 /// Connects to the proxy and has it open a tunnel to `target`, each step within what is left of
 /// `timeout`, so that a timeout says which of the two did not answer.

@@ -6,11 +6,13 @@
 //! - `http`     — HTTP/1.1 client calls: origin-form, absolute-form through a proxy, streaming.
 //! - `logs`     — the test process's own log, captured, to assert what an operator reads.
 //! - `external` — the real Prometheus and node_exporter (Debian packages) as child processes.
+//! - `netns`    — test hosts in network namespaces, on links the test can shape.
 
 pub mod egress;
 pub mod external;
 pub mod ferry;
 pub mod http;
 pub mod logs;
+pub mod netns;
 pub mod proxy;
 pub mod servers;

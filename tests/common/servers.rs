@@ -69,9 +69,14 @@ struct Seen {
 impl TargetServer {
     /// Binds 127.0.0.1:0 and serves `behaviour` on every path.
     pub async fn start(behaviour: Behaviour) -> TargetServer {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on("127.0.0.1", behaviour).await
+    }
+
+    /// Like [`TargetServer::start`], on a port of `ip` (a test host's link, say).
+    pub async fn start_on(ip: &str, behaviour: Behaviour) -> TargetServer {
+        let listener = TcpListener::bind((ip, 0))
             .await
-            .expect("bind target server on 127.0.0.1:0");
+            .unwrap_or_else(|e| panic!("bind target server on {ip}: {e}"));
         let addr = listener.local_addr().expect("target server local_addr");
         let seen = Arc::new(Mutex::new(Seen::default()));
         let accept = tokio::spawn(accept_loop(listener, Arc::new(behaviour), seen.clone()));
