@@ -3,6 +3,8 @@
 //! the hot swap of `SharedGeo` (file watch and reload) that keeps the old database on a bad file.
 #![cfg(feature = "geo")]
 
+mod common;
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -502,6 +504,40 @@ async fn every_load_of_the_file_is_recorded_in_its_gauges() {
     install(&path, &db("JP"));
     geo.reload().unwrap();
     assert_eq!(load_metrics(&registry).0, 1.0);
+}
+
+/// A database file deleted under a running process: the loaded database keeps labelling, but the
+/// next start would fail, so the gauge says 0 and the log says why, once, not at every check. A
+/// good file back (the same database, even) is loaded and the gauge is 1 again.
+#[tokio::test]
+async fn a_deleted_file_is_reported_once_while_the_loaded_database_stays() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let (path, geo, poll) = watched_db(&dir);
+    let mut registry = Registry::default();
+    geo.register_metrics(&mut registry);
+    let shutdown = CancellationToken::new();
+    let watcher = tokio::spawn(geo.clone().watch(shutdown.clone()));
+
+    std::fs::remove_file(&path).unwrap();
+    wait_for_load(&registry, 0.0).await;
+    tokio::time::sleep(poll * 10).await;
+    let gone = logs.lines_with(&["geoip database file is gone", &path.display().to_string()]);
+    assert_eq!(gone.len(), 1, "{gone:#?}");
+    assert!(
+        gone[0].contains("WARN") && gone[0].contains("No such file or directory"),
+        "{}",
+        gone[0]
+    );
+    assert_eq!(load_metrics(&registry).0, 0.0);
+    assert_eq!(geo.lookup(ip("198.51.100.1")), "DE");
+
+    install(&path, &db("DE"));
+    wait_for_load(&registry, 1.0).await;
+    assert_eq!(geo.lookup(ip("198.51.100.1")), "DE");
+
+    shutdown.cancel();
+    watcher.await.unwrap();
 }
 
 /// Without a database file there is no load to report.

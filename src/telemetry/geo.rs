@@ -15,8 +15,9 @@
 //!   records) is decoded once per record.
 //! - [`SharedGeo`] is the handle the roles share: lookups through an atomically swapped database,
 //!   [`SharedGeo::reload`] (SIGHUP) and [`SharedGeo::watch`] (polls the file's mtime, size and
-//!   inode) keep the previous database when the new file is broken; the outcome of the last load
-//!   is a pair of gauges ([`SharedGeo::register_metrics`]).
+//!   inode) keep the previous database when the new file is broken or the file is gone; the
+//!   outcome of the last load is a pair of gauges ([`SharedGeo::register_metrics`]), and a file
+//!   gone counts as a failed load: the next start would fail.
 //!
 //! Replace the database file by renaming a new file over it (as `geoipupdate`, `mv` and `install`
 //! do), not by rewriting it in place: the old file stays mapped until the swap, and truncating a
@@ -533,7 +534,7 @@ impl SharedGeo {
         self.inner.loads.register(
             registry,
             "ferry_geoip_database",
-            "Whether the last load of the geoip database file (at start, when the file changed, on SIGHUP) succeeded; 0: a new file was refused and the previous database stays in use",
+            "Whether the last load of the geoip database file (at start, when the file changed, on SIGHUP) succeeded; 0: a new file was refused, or the file is gone, and the previous database stays in use",
             "Time the geoip database in use was loaded, in seconds since the Unix epoch",
         );
     }
@@ -604,9 +605,25 @@ impl SharedGeo {
         };
         match Fingerprint::of(path) {
             Ok(now) => *self.lock_seen() != Some(now),
-            // Missing for a moment while being replaced, or gone: keep what is loaded.
-            Err(_) => false,
+            Err(e) => {
+                self.gone(path, e);
+                false
+            }
         }
+    }
+
+    /// The file cannot be looked at (deleted, or its directory unreadable): the loaded database
+    /// keeps labelling, but the next start would fail, so the gauge says 0 and the log says why,
+    /// once. Forgetting the version seen makes whatever file appears next a change to load.
+    fn gone(&self, path: &Path, error: std::io::Error) {
+        if self.lock_seen().take().is_none() {
+            return;
+        }
+        self.inner.loads.record(false);
+        tracing::warn!(
+            error = %GeoError::open(path, error),
+            "geoip database file is gone; keeping the loaded database until a new file appears"
+        );
     }
 
     /// Polls the file every poll interval and reloads it when its mtime, size or inode changed,
