@@ -164,6 +164,47 @@ fn missing_garbage_and_directory_give_a_clear_error() {
     assert_clear_error(&open_err(dir.path()), dir.path());
 }
 
+/// `GeoDb::open(path)` on another thread: a file that blocks the open fails the test instead of
+/// hanging it.
+fn open_err_within(path: &Path, within: Duration) -> GeoError {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owned = path.to_owned();
+    std::thread::spawn(move || tx.send(GeoDb::open(&owned).map(|_| ())));
+    match rx.recv_timeout(within) {
+        Ok(Ok(())) => panic!("{} opened", path.display()),
+        Ok(Err(e)) => e,
+        Err(_) => panic!("opening {} still blocked after {within:?}", path.display()),
+    }
+}
+
+/// A named pipe at the database path (itself or behind a symlink) or a device is refused at
+/// once, naming the file: opening a pipe for reading would wait for a writer forever.
+#[test]
+fn a_named_pipe_or_a_device_is_refused_without_blocking() {
+    let dir = TempDir::new().unwrap();
+    let fifo = dir.path().join("fifo.mmdb");
+    let mkfifo = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(mkfifo.success());
+    let link = dir.path().join("link.mmdb");
+    std::os::unix::fs::symlink(&fifo, &link).unwrap();
+    for (path, kind) in [
+        (fifo.as_path(), "a named pipe"),
+        (link.as_path(), "a named pipe"),
+        (Path::new("/dev/null"), "a device"),
+    ] {
+        let err = open_err_within(path, Duration::from_secs(5));
+        assert_clear_error(&err, path);
+        assert!(
+            err.to_string()
+                .ends_with(&format!("cannot open: not a regular file ({kind})")),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn written_databases_in_both_schemas() {
     let dir = TempDir::new().unwrap();

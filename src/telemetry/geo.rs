@@ -312,16 +312,19 @@ struct Fingerprint {
 
 impl Fingerprint {
     fn of(path: &Path) -> std::io::Result<Fingerprint> {
-        let meta = std::fs::metadata(path)?;
+        Ok(Fingerprint::from_meta(&std::fs::metadata(path)?))
+    }
+
+    fn from_meta(meta: &std::fs::Metadata) -> Fingerprint {
         #[cfg(unix)]
-        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        let inode = std::os::unix::fs::MetadataExt::ino(meta);
         #[cfg(not(unix))]
         let inode = 0;
-        Ok(Fingerprint {
+        Fingerprint {
             modified: meta.modified().ok(),
             len: meta.len(),
             inode,
-        })
+        }
     }
 }
 
@@ -346,15 +349,15 @@ impl GeoDb {
     /// Maps `path` and checks that it is a readable database with country data.
     pub fn open(path: impl AsRef<Path>) -> Result<GeoDb, GeoError> {
         let path = path.as_ref();
-        if path.is_dir() {
-            return Err(GeoError::open(path, "is a directory"));
-        }
-        let fingerprint = Fingerprint::of(path).ok();
+        let file = open_regular(path)?;
+        let fingerprint = file.metadata().ok().map(|m| Fingerprint::from_meta(&m));
         // SAFETY: the map is read-only and the file is only ever replaced by renaming a new file
         // over it (documented at the top of this module), so the mapped pages never change or
         // shrink while this reader exists. Mapping shares the page cache between processes and
         // loads only the pages lookups touch, which is why the database is not read into memory.
-        let reader = unsafe { Reader::open_mmap(path) }.map_err(|e| GeoError::open(path, e))?;
+        let map = unsafe { Mmap::map(&file) }
+            .map_err(|e| GeoError::open(path, format_args!("memory map error: {e}")))?;
+        let reader = Reader::from_source(map).map_err(|e| GeoError::open(path, e))?;
         let db = GeoDb {
             reader,
             path: path.to_owned(),
@@ -425,6 +428,50 @@ impl GeoDb {
             Err(e) => lookup_failed(ip, e),
         }
     }
+}
+
+/// Opens `path` for reading, refusing anything but a regular file (after symlinks). Opened
+/// without blocking and checked on the open file, not before: opening a FIFO for reading would
+/// wait for a writer forever, holding the start or a reload (and SIGTERM with it).
+fn open_regular(path: &Path) -> Result<std::fs::File, GeoError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(target_os = "linux")]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path).map_err(|e| GeoError::open(path, e))?;
+    let kind = file
+        .metadata()
+        .map_err(|e| GeoError::open(path, e))?
+        .file_type();
+    if kind.is_file() {
+        Ok(file)
+    } else if kind.is_dir() {
+        Err(GeoError::open(path, "is a directory"))
+    } else {
+        Err(GeoError::open(
+            path,
+            format_args!("not a regular file ({})", file_kind(kind)),
+        ))
+    }
+}
+
+/// What a non-regular file is, for the error.
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "a named pipe";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+        if kind.is_char_device() || kind.is_block_device() {
+            return "a device";
+        }
+    }
+    let _ = kind;
+    "not a plain file"
 }
 
 fn lookup_failed(ip: IpAddr, error: MaxMindDbError) -> Country {
