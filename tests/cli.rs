@@ -1869,7 +1869,9 @@ fn a_named_pipe_as_the_geo_database_is_refused_at_start_and_on_reload() {
     let line = running.wait_for("geoip database reload failed");
     assert!(
         line.contains("level=warn")
-            && line.contains("geoip database geo.mmdb: cannot open: not a regular file (a named pipe)"),
+            && line.contains(
+                "geoip database geo.mmdb: cannot open: not a regular file (a named pipe)"
+            ),
         "{line}"
     );
     running.wait_for("reload done");
