@@ -205,6 +205,52 @@ fn a_named_pipe_or_a_device_is_refused_without_blocking() {
     }
 }
 
+/// Codes that stand for no country — DB-IP's `ZZ`, MaxMind's legacy `EU` and `AP` — are
+/// `unknown`, as a miss is, not a country of their own; a real registered country still counts.
+#[test]
+fn placeholder_country_codes_are_unknown() {
+    let dir = TempDir::new().unwrap();
+    let entries = [
+        ("198.51.100.0/24", dbip("ZZ")),
+        ("203.0.113.0/24", maxmind("EU")),
+        ("2001:db8:1::/48", maxmind("ap")),
+        (
+            "192.0.2.0/24",
+            json!({ "country": { "iso_code": "EU" }, "registered_country": { "iso_code": "NL" } }),
+        ),
+        ("2001:db8:2::/48", dbip("DE")),
+    ];
+    let path = write_db(
+        &dir,
+        "placeholders.mmdb",
+        &db_bytes("Test-Country", IpVersion::V6, &entries),
+    );
+    let geo = SharedGeo::open(&path).unwrap();
+    for (addr, want) in [
+        ("198.51.100.1", "unknown"),
+        ("203.0.113.1", "unknown"),
+        ("2001:db8:1::1", "unknown"),
+        ("192.0.2.1", "NL"),
+        ("2001:db8:2::1", "DE"),
+    ] {
+        assert_eq!(geo.lookup(ip(addr)), want, "{addr}");
+    }
+    // Still a country database, if its first records are all placeholders.
+    let only = write_db(
+        &dir,
+        "zz.mmdb",
+        &db_bytes(
+            "DBIP-Country-Lite",
+            IpVersion::V6,
+            &[("198.51.100.0/24", dbip("ZZ"))],
+        ),
+    );
+    assert_eq!(
+        GeoDb::open(&only).unwrap().country(ip("198.51.100.1")),
+        "unknown"
+    );
+}
+
 #[test]
 fn written_databases_in_both_schemas() {
     let dir = TempDir::new().unwrap();

@@ -3,7 +3,8 @@
 //!
 //! - [`Country`] is the label value: an ISO 3166-1 alpha-2 code such as `GB` for a database hit,
 //!   a kind for special ranges (`loopback`, `private`, `link_local`, `cgnat`, `unspecified`,
-//!   `multicast`, decided before the database is asked), `unknown` for a miss or a lookup error.
+//!   `multicast`, decided before the database is asked), `unknown` for a miss, a lookup error or
+//!   a placeholder code (`ZZ`, `EU`, `AP`).
 //!   The set of values is bounded (at most 26² codes plus seven words).
 //! - [`GeoDb`] is one opened database, memory-mapped. It reads both common schemas: MaxMind's
 //!   `country.iso_code` (GeoLite2/GeoIP2 Country and City, falling back to
@@ -290,15 +291,44 @@ struct IsoCode<'a> {
     iso_code: Option<&'a str>,
 }
 
+/// Codes databases give where they know no country: DB-IP's `ZZ`, and the `EU` (Europe) and `AP`
+/// (Asia/Pacific) of MaxMind's legacy data. Read as no code at all, so they are `unknown`.
+const PLACEHOLDER_CODES: [&str; 3] = ["ZZ", "EU", "AP"];
+
 impl<'a> CountryRecord<'a> {
-    fn country(&self) -> Option<Country> {
+    /// The codes of the record, most specific first.
+    fn codes(&self) -> [Option<&'a str>; 3] {
         fn nested<'a>(c: &Option<IsoCode<'a>>) -> Option<&'a str> {
             c.as_ref().and_then(|c| c.iso_code)
         }
-        nested(&self.country)
-            .or(self.country_code)
-            .or(nested(&self.registered_country))
+        [
+            nested(&self.country),
+            self.country_code,
+            nested(&self.registered_country),
+        ]
+    }
+
+    /// The first code that names a country.
+    fn country(&self) -> Option<Country> {
+        let real = |code: &&str| {
+            !PLACEHOLDER_CODES
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(code))
+        };
+        self.codes()
+            .into_iter()
+            .flatten()
+            .find(real)
             .and_then(Country::iso)
+    }
+
+    /// Whether the record carries a country code at all, a placeholder included: what tells a
+    /// country database from another type at open.
+    fn has_code(&self) -> bool {
+        self.codes()
+            .into_iter()
+            .flatten()
+            .any(|c| Country::iso(c).is_some())
     }
 }
 
@@ -381,7 +411,7 @@ impl GeoDb {
                 .map_err(broken)?
                 .decode::<CountryRecord>()
                 .map_err(broken)?;
-            if record.and_then(|r| r.country()).is_some() {
+            if record.is_some_and(|r| r.has_code()) {
                 return Ok(());
             }
         }
