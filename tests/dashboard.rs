@@ -128,6 +128,30 @@ fn the_dashboard_has_a_geomap_with_country_lookup() {
         .all(|p| p["type"] != "grafana-worldmap-panel"));
 }
 
+/// The Grafana version the README asks for is the one the dashboard declares it needs.
+#[test]
+fn the_readme_names_the_grafana_version_the_dashboard_requires() {
+    let dash = dashboard();
+    let grafana = dash["__requires"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "grafana")
+        .expect("__requires names grafana");
+    let version = grafana["version"].as_str().unwrap();
+    let wanted = version.strip_suffix(".0").unwrap_or(version);
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let said: Vec<&str> = readme
+        .split("Grafana ")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(" or newer"))
+        .map(|(v, _)| v)
+        .filter(|v| v.len() < 8)
+        .collect();
+    assert_eq!(said, [wanted], "__requires says Grafana {version}");
+}
+
 /// The panel whose title starts with `title`.
 fn panel<'a>(dash: &'a serde_json::Value, title: &str) -> &'a serde_json::Value {
     dash["panels"]
