@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 
 use crate::http_util::{accepts_gzip, encoded_response, text_response, Body};
 use crate::telemetry::metrics_response_blocking;
+use crate::telemetry::scrape_gate::ScrapeGate;
 
 /// A role's own endpoints, as [`answer`] serves them.
 pub(crate) trait OwnEndpoints: Send + Sync + 'static {
@@ -26,6 +27,12 @@ pub(crate) trait OwnEndpoints: Send + Sync + 'static {
 
     /// The metrics `/metrics` exposes.
     fn registry(&self) -> &Registry;
+
+    /// The gate `/metrics` encodings pass, for a registry that is expensive to encode (with the
+    /// host connection collector); `None`: each request encodes on its own.
+    fn scrape_gate(&self) -> Option<&ScrapeGate> {
+        None
+    }
 
     /// Whether `/-/ready` answers 200, or 503 with the reason.
     fn ready(&self) -> Result<(), &'static str> {
@@ -65,7 +72,10 @@ async fn respond<E: OwnEndpoints>(
         return method_not_allowed::<E>(method, path);
     }
     match path {
-        "/metrics" => metrics_response_blocking(owner.clone(), E::registry, request.clone()).await,
+        "/metrics" => {
+            let gate = owner.scrape_gate();
+            metrics_response_blocking(owner.clone(), E::registry, request.clone(), gate).await
+        }
         "/-/healthy" => text_response(StatusCode::OK, "Healthy"),
         "/-/ready" => match owner.ready() {
             Ok(()) => text_response(StatusCode::OK, "Ready"),

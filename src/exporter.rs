@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ExporterConfig;
 use crate::endpoints::OwnEndpoints;
 use crate::telemetry::connections::ConnectionCollector;
+use crate::telemetry::scrape_gate::ScrapeGate;
 
 /// The standalone exporter.
 #[derive(Clone)]
@@ -19,6 +20,7 @@ pub struct Exporter {
 /// What the exporter's listener serves.
 struct Endpoints {
     registry: Registry,
+    gate: ScrapeGate,
 }
 
 impl OwnEndpoints for Endpoints {
@@ -28,6 +30,10 @@ impl OwnEndpoints for Endpoints {
 
     fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    fn scrape_gate(&self) -> Option<&ScrapeGate> {
+        Some(&self.gate)
     }
 }
 
@@ -40,8 +46,10 @@ impl Exporter {
         let collector =
             ConnectionCollector::new(config.geo.clone(), config.connections_exclude.clone());
         registry.register_collector(Box::new(collector));
+        let gate = ScrapeGate::new();
+        gate.register_metrics(&mut registry);
         Exporter {
-            endpoints: Arc::new(Endpoints { registry }),
+            endpoints: Arc::new(Endpoints { registry, gate }),
         }
     }
 

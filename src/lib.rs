@@ -169,7 +169,8 @@
 //! - [`config`]: serde structs for the YAML file and flags, validated once into runtime types with
 //!   every error reported at once.
 //! - [`telemetry`]: ferry's own Prometheus metrics and their encoding; the country lookup and the
-//!   host TCP connection collector (feature `geo`).
+//!   host TCP connection collector (feature `geo`) and the gate that lets one of its socket dumps
+//!   run at a time.
 //! - `endpoints`: the endpoints each role serves for itself (`/metrics`, `/-/healthy`,
 //!   `/-/ready`, the gateway's service discovery and status page), with one set of rules for
 //!   methods, 404s, the exposition format and gzip.

@@ -1827,6 +1827,64 @@ fn a_bad_geo_database_does_not_keep_a_reload_from_applying_the_targets() {
     assert!(!lines.contains("the config file is invalid"), "{lines}");
 }
 
+/// A named pipe at the geo database path is refused like a broken file, naming it: at start with
+/// exit code 2, and on SIGHUP with a warning while the loaded database stays and /metrics goes on
+/// answering. Opening it used to wait for a writer forever, with SIGTERM ignored at start and
+/// /metrics unanswered after a SIGHUP.
+#[test]
+fn a_named_pipe_as_the_geo_database_is_refused_at_start_and_on_reload() {
+    let dir = TempDir::new().unwrap();
+    let mkfifo = Command::new("mkfifo")
+        .arg(dir.path().join("pipe.mmdb"))
+        .status()
+        .unwrap();
+    assert!(mkfifo.success());
+    let exporter = |db: &'static str| {
+        [
+            "exporter",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--collector.connections",
+            "--geoip.database",
+            db,
+        ]
+    };
+    let out = ferry(dir.path(), &exporter("pipe.mmdb"));
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        ["invalid flag --geoip.database: geoip database pipe.mmdb: cannot open: not a regular file (a named pipe)"]
+    );
+
+    let geo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/geo"));
+    std::fs::copy(
+        geo.join("GeoLite2-Country-Test.mmdb"),
+        dir.path().join("geo.mmdb"),
+    )
+    .unwrap();
+    let mut running = Running::start(dir.path(), &exporter("geo.mmdb"));
+    let addr = logged_address(&running.wait_for("exporter listening"));
+    std::fs::rename(dir.path().join("pipe.mmdb"), dir.path().join("geo.mmdb")).unwrap();
+    running.signal(rustix::process::Signal::HUP);
+    let line = running.wait_for("geoip database reload failed");
+    assert!(
+        line.contains("level=warn")
+            && line.contains(
+                "geoip database geo.mmdb: cannot open: not a regular file (a named pipe)"
+            ),
+        "{line}"
+    );
+    running.wait_for("reload done");
+    let metrics = http_get(&addr.to_string(), "/metrics").unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert_eq!(
+        common::ferry::metric_value(&metrics, "ferry_geoip_database_last_reload_successful", &[]),
+        Some(0.0),
+        "{metrics}"
+    );
+    running.stop();
+}
+
 /// An invalid file changes nothing: it is reported as invalid, and its fields are not listed
 /// as settings that would need a restart.
 #[test]

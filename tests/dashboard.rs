@@ -3,14 +3,14 @@
 //! lookup and one query each, its map and kinds-table queries give the rows their titles promise
 //! (evaluated by `promtool`); the rules pass their `promtool` unit tests; and every metric the
 //! dashboard and the rules use is exported by a running ferry (gateway, agent with the
-//! connection collector, egress), scraped here after some traffic.
+//! connection collector, egress, exporter with a geo database), scraped here after some traffic.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::ferry::{agent_section, start_agent, start_gateway};
+use common::ferry::{agent_section, start_agent, start_exporter_with_geo, start_gateway};
 use common::http::{get, get_via_proxy};
 use common::proxy::open_tunnel;
 use common::servers::{Behaviour, TargetServer};
@@ -126,6 +126,30 @@ fn the_dashboard_has_a_geomap_with_country_lookup() {
         .unwrap()
         .iter()
         .all(|p| p["type"] != "grafana-worldmap-panel"));
+}
+
+/// The Grafana version the README asks for is the one the dashboard declares it needs.
+#[test]
+fn the_readme_names_the_grafana_version_the_dashboard_requires() {
+    let dash = dashboard();
+    let grafana = dash["__requires"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "grafana")
+        .expect("__requires names grafana");
+    let version = grafana["version"].as_str().unwrap();
+    let wanted = version.strip_suffix(".0").unwrap_or(version);
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let said: Vec<&str> = readme
+        .split("Grafana ")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(" or newer"))
+        .map(|(v, _)| v)
+        .filter(|v| v.len() < 8)
+        .collect();
+    assert_eq!(said, [wanted], "__requires says Grafana {version}");
 }
 
 /// The panel whose title starts with `title`.
@@ -386,6 +410,15 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_exported() {
     let agent_metrics = get_via_proxy(gw.web, "http://dash-1:9369/metrics", &[]).await;
     assert_eq!(agent_metrics.status, 200);
     exported.extend(sample_names(&agent_metrics.text()));
+    let geo = ferry::telemetry::geo::SharedGeo::open(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/geo/GeoLite2-Country-Test.mmdb"
+    ))
+    .unwrap();
+    let exporter = start_exporter_with_geo(&shutdown, geo).await;
+    exported.extend(sample_names(
+        &get(&format!("http://{exporter}/metrics")).await.text(),
+    ));
 
     let dash = dashboard();
     let exprs = queries(&dash);

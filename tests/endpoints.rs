@@ -8,6 +8,8 @@ mod common;
 
 use std::io::Read as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,8 +19,14 @@ use common::ferry::{
 };
 use common::http::{self as client, Resp};
 use ferry::config::EgressSection;
+use ferry::telemetry::metrics_response_blocking;
+use ferry::telemetry::scrape_gate::ScrapeGate;
 use http::{header, Request};
 use http_body_util::Full;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -426,4 +434,172 @@ async fn own_endpoints_answer_get_and_head_only_and_404_names_them_on_every_role
         }
     }
     roles.stop().await;
+}
+
+/// Encodings of a [`SlowCollector`]: how many ran, and the most at once.
+#[derive(Debug, Default)]
+struct Encodings {
+    running: AtomicUsize,
+    most_at_once: AtomicUsize,
+    done: AtomicUsize,
+}
+
+/// A collector as slow as the host connection collector on a busy host (a socket dump of 20k
+/// sockets takes seconds); it exports `slow_encodings`, the encodings done so far.
+#[derive(Debug)]
+struct SlowCollector(Arc<Encodings>, Duration);
+
+impl Collector for SlowCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = self.0.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.0.most_at_once.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(self.1);
+        let done = self.0.done.fetch_add(1, Ordering::SeqCst) + 1;
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+        let gauge = ConstGauge::new(done as i64);
+        let family = encoder.encode_descriptor(
+            "slow_encodings",
+            "Encodings so far",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(family)
+    }
+}
+
+struct Gated {
+    registry: Registry,
+}
+
+fn gated_registry(gated: &Gated) -> &Registry {
+    &gated.registry
+}
+
+/// `/metrics` of a registry with a [`SlowCollector`] taking `encode_time`, served through a
+/// [`ScrapeGate`] as the exporter's is (and an agent's with the connection collector).
+async fn serve_gated(
+    encode_time: Duration,
+    shutdown: &CancellationToken,
+) -> (SocketAddr, Arc<Encodings>) {
+    let encodings = Arc::new(Encodings::default());
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SlowCollector(encodings.clone(), encode_time)));
+    let gate = ScrapeGate::new();
+    gate.register_metrics(&mut registry);
+    let owner = Arc::new(Gated { registry });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler = move |_peer, req: Request<hyper::body::Incoming>| {
+        let (owner, gate) = (owner.clone(), gate.clone());
+        let headers = req.headers().clone();
+        async move { metrics_response_blocking(owner, gated_registry, headers, Some(&gate)).await }
+    };
+    tokio::spawn(ferry::server::serve_http(
+        listener,
+        handler,
+        shutdown.clone(),
+        Duration::from_secs(5),
+    ));
+    (addr, encodings)
+}
+
+const BUSY: &str = "too many /metrics requests at once: 4 are waiting already for the host's TCP socket dump in progress; retry later\n";
+
+/// Parallel scrapes of a registry with the host connection collector run one socket dump: the
+/// requests that came while it ran wait for it and answer with its result, and past four
+/// waiting the next are refused with 503 and a one-line reason, counted for the next scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_scrapes_share_one_socket_dump_and_the_excess_is_refused() {
+    let shutdown = CancellationToken::new();
+    let (addr, encodings) = serve_gated(Duration::from_secs(1), &shutdown).await;
+    let url = format!("http://{addr}/metrics");
+    let scrapes = (0..12).map(|_| client::get(&url));
+    let resps = futures_util::future::join_all(scrapes).await;
+
+    let (ok, refused): (Vec<&Resp>, Vec<&Resp>) = resps.iter().partition(|r| r.status == 200);
+    assert_eq!((ok.len(), refused.len()), (5, 7), "{resps:#?}");
+    for resp in &refused {
+        assert_eq!((resp.status, resp.text().as_str()), (503, BUSY));
+    }
+    for resp in &ok {
+        assert!(
+            resp.text().contains("\nslow_encodings 1\n"),
+            "{}",
+            resp.text()
+        );
+    }
+    assert_eq!(encodings.done.load(Ordering::SeqCst), 1);
+    assert_eq!(encodings.most_at_once.load(Ordering::SeqCst), 1);
+
+    let text = client::get(&url).await.text();
+    assert!(text.contains("\nslow_encodings 2\n"), "{text}");
+    assert!(
+        text.contains("\nferry_host_tcp_collector_refusals_total 7\n"),
+        "{text}"
+    );
+    shutdown.cancel();
+}
+
+/// A scrape whose client goes away while it waits for the dump in progress gives its place in
+/// line back and starts no dump of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_whose_client_went_away_leaves_the_line_and_starts_no_dump() {
+    use tokio::io::AsyncWriteExt as _;
+    let shutdown = CancellationToken::new();
+    let (addr, encodings) = serve_gated(Duration::from_secs(3), &shutdown).await;
+    let url = format!("http://{addr}/metrics");
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { client::get(&url).await }
+    });
+    while encodings.running.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut gone = Vec::new();
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        gone.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let later = (0..4).map(|_| client::get(&url));
+    let resps = futures_util::future::join_all(later).await;
+    assert!(resps.iter().all(|r| r.status == 200), "{resps:#?}");
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(encodings.done.load(Ordering::SeqCst), 1);
+    shutdown.cancel();
+}
+
+/// The exporter, and an agent with the connection collector, count their refused scrapes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_with_the_connection_collector_count_refused_scrapes() {
+    let shutdown = CancellationToken::new();
+    let exporter = start_exporter(&shutdown).await;
+    let text = client::get(&format!("http://{exporter}/metrics"))
+        .await
+        .text();
+    assert!(
+        text.contains("\nferry_host_tcp_collector_refusals_total 0\n"),
+        "{text}"
+    );
+
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", "test-token")], |_| {}).await;
+    let mut section = agent_section(&gw, "node-1", &[]);
+    section.collector.connections = true;
+    let agent = start_agent(section, "test-token");
+    gw.wait_agent("node-1", Duration::from_secs(10)).await;
+    let url = "http://node-1:9369/metrics";
+    let text = client::get_via_proxy(gw.web, url, &[]).await.text();
+    assert!(
+        text.contains("\nferry_host_tcp_collector_refusals_total 0\n"),
+        "{text}"
+    );
+    shutdown.cancel();
+    agent.stop().await;
+    gw.stop().await;
 }

@@ -358,6 +358,38 @@ fn the_prometheus_example_points_at_the_gateway_example() {
     );
 }
 
+/// The dashboard shows every role: the Prometheus example scrapes each of them, the egress proxy
+/// and the exporter on the ports their examples listen on, under the job names the alerts expect.
+#[test]
+fn the_prometheus_example_scrapes_every_role_the_dashboard_shows() {
+    let text = read(&examples_dir().join("prometheus.yml"));
+    let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let jobs = config["scrape_configs"]
+        .as_sequence()
+        .expect("scrape_configs");
+    let target_of = |name: &str| {
+        let job = jobs
+            .iter()
+            .find(|j| j["job_name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no job {name} in prometheus.yml"));
+        job["static_configs"][0]["targets"][0]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert_eq!(target_of("ferry"), None, "discovered through the gateway");
+    assert!(target_of("ferry-gateway").is_some());
+    let egress = load("ferry-egress.yaml").egress.unwrap().web.listen_address;
+    let exporter = load("ferry-exporter.yaml")
+        .exporter
+        .unwrap()
+        .web
+        .listen_address;
+    for (job, listen) in [("ferry-egress", egress), ("ferry-exporter", exporter)] {
+        let target = target_of(job).unwrap_or_else(|| panic!("{job}: no static target"));
+        assert!(target.ends_with(&listen), "{job}: {target} vs {listen}");
+    }
+}
+
 /// The `[Service]` directives of a unit file, in order.
 fn directives(unit: &str) -> Vec<(String, String)> {
     read(&examples_dir().join(unit))

@@ -3,6 +3,8 @@
 //! the hot swap of `SharedGeo` (file watch and reload) that keeps the old database on a bad file.
 #![cfg(feature = "geo")]
 
+mod common;
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -160,6 +162,93 @@ fn missing_garbage_and_directory_give_a_clear_error() {
     assert_clear_error(&open_err(&cut), &cut);
 
     assert_clear_error(&open_err(dir.path()), dir.path());
+}
+
+/// `GeoDb::open(path)` on another thread: a file that blocks the open fails the test instead of
+/// hanging it.
+fn open_err_within(path: &Path, within: Duration) -> GeoError {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owned = path.to_owned();
+    std::thread::spawn(move || tx.send(GeoDb::open(&owned).map(|_| ())));
+    match rx.recv_timeout(within) {
+        Ok(Ok(())) => panic!("{} opened", path.display()),
+        Ok(Err(e)) => e,
+        Err(_) => panic!("opening {} still blocked after {within:?}", path.display()),
+    }
+}
+
+/// A named pipe at the database path (itself or behind a symlink) or a device is refused at
+/// once, naming the file: opening a pipe for reading would wait for a writer forever.
+#[test]
+fn a_named_pipe_or_a_device_is_refused_without_blocking() {
+    let dir = TempDir::new().unwrap();
+    let fifo = dir.path().join("fifo.mmdb");
+    let mkfifo = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(mkfifo.success());
+    let link = dir.path().join("link.mmdb");
+    std::os::unix::fs::symlink(&fifo, &link).unwrap();
+    for (path, kind) in [
+        (fifo.as_path(), "a named pipe"),
+        (link.as_path(), "a named pipe"),
+        (Path::new("/dev/null"), "a device"),
+    ] {
+        let err = open_err_within(path, Duration::from_secs(5));
+        assert_clear_error(&err, path);
+        assert!(
+            err.to_string()
+                .ends_with(&format!("cannot open: not a regular file ({kind})")),
+            "{err}"
+        );
+    }
+}
+
+/// Codes that stand for no country — DB-IP's `ZZ`, MaxMind's legacy `EU` and `AP` — are
+/// `unknown`, as a miss is, not a country of their own; a real registered country still counts.
+#[test]
+fn placeholder_country_codes_are_unknown() {
+    let dir = TempDir::new().unwrap();
+    let entries = [
+        ("198.51.100.0/24", dbip("ZZ")),
+        ("203.0.113.0/24", maxmind("EU")),
+        ("2001:db8:1::/48", maxmind("ap")),
+        (
+            "192.0.2.0/24",
+            json!({ "country": { "iso_code": "EU" }, "registered_country": { "iso_code": "NL" } }),
+        ),
+        ("2001:db8:2::/48", dbip("DE")),
+    ];
+    let path = write_db(
+        &dir,
+        "placeholders.mmdb",
+        &db_bytes("Test-Country", IpVersion::V6, &entries),
+    );
+    let geo = SharedGeo::open(&path).unwrap();
+    for (addr, want) in [
+        ("198.51.100.1", "unknown"),
+        ("203.0.113.1", "unknown"),
+        ("2001:db8:1::1", "unknown"),
+        ("192.0.2.1", "NL"),
+        ("2001:db8:2::1", "DE"),
+    ] {
+        assert_eq!(geo.lookup(ip(addr)), want, "{addr}");
+    }
+    // Still a country database, if its first records are all placeholders.
+    let only = write_db(
+        &dir,
+        "zz.mmdb",
+        &db_bytes(
+            "DBIP-Country-Lite",
+            IpVersion::V6,
+            &[("198.51.100.0/24", dbip("ZZ"))],
+        ),
+    );
+    assert_eq!(
+        GeoDb::open(&only).unwrap().country(ip("198.51.100.1")),
+        "unknown"
+    );
 }
 
 #[test]
@@ -502,6 +591,40 @@ async fn every_load_of_the_file_is_recorded_in_its_gauges() {
     install(&path, &db("JP"));
     geo.reload().unwrap();
     assert_eq!(load_metrics(&registry).0, 1.0);
+}
+
+/// A database file deleted under a running process: the loaded database keeps labelling, but the
+/// next start would fail, so the gauge says 0 and the log says why, once, not at every check. A
+/// good file back (the same database, even) is loaded and the gauge is 1 again.
+#[tokio::test]
+async fn a_deleted_file_is_reported_once_while_the_loaded_database_stays() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let (path, geo, poll) = watched_db(&dir);
+    let mut registry = Registry::default();
+    geo.register_metrics(&mut registry);
+    let shutdown = CancellationToken::new();
+    let watcher = tokio::spawn(geo.clone().watch(shutdown.clone()));
+
+    std::fs::remove_file(&path).unwrap();
+    wait_for_load(&registry, 0.0).await;
+    tokio::time::sleep(poll * 10).await;
+    let gone = logs.lines_with(&["geoip database file is gone", &path.display().to_string()]);
+    assert_eq!(gone.len(), 1, "{gone:#?}");
+    assert!(
+        gone[0].contains("WARN") && gone[0].contains("No such file or directory"),
+        "{}",
+        gone[0]
+    );
+    assert_eq!(load_metrics(&registry).0, 0.0);
+    assert_eq!(geo.lookup(ip("198.51.100.1")), "DE");
+
+    install(&path, &db("DE"));
+    wait_for_load(&registry, 1.0).await;
+    assert_eq!(geo.lookup(ip("198.51.100.1")), "DE");
+
+    shutdown.cancel();
+    watcher.await.unwrap();
 }
 
 /// Without a database file there is no load to report.

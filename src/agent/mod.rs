@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AgentConfig, Target};
 use crate::endpoints::OwnEndpoints;
 use crate::telemetry::connections::ConnectionCollector;
+use crate::telemetry::scrape_gate::ScrapeGate;
 use crate::telemetry::AgentMetrics;
 use crate::tunnel::tls::TlsError;
 use crate::tunnel::tls_client::{client_config, Purpose};
@@ -55,6 +56,8 @@ pub(crate) struct Shared {
     pub(crate) targets: watch::Sender<Arc<TargetSet>>,
     pub(crate) metrics: AgentMetrics,
     pub(crate) metrics_registry: MetricsRegistry,
+    /// With the host connection collector: what its encodings go through.
+    pub(crate) scrape_gate: Option<ScrapeGate>,
     plain_client: HttpClient,
     version: AtomicU64,
     /// Whether a [`Agent::run`] is under way.
@@ -110,10 +113,13 @@ impl Agent {
     ) -> Result<Agent, AgentError> {
         let metrics = AgentMetrics::register(&mut registry);
         config.geo.register_metrics(&mut registry);
-        if let Some(exclude) = &config.connections_collector {
+        let scrape_gate = config.connections_collector.as_ref().map(|exclude| {
             let collector = ConnectionCollector::new(config.geo.clone(), exclude.clone());
             registry.register_collector(Box::new(collector));
-        }
+            let gate = ScrapeGate::new();
+            gate.register_metrics(&mut registry);
+            gate
+        });
         let tunnel_tls = match &config.gateway.tls {
             Some(tls) => Some(Arc::new(client_config(tls, Purpose::Tunnel)?)),
             None => None,
@@ -135,6 +141,7 @@ impl Agent {
                 targets,
                 metrics,
                 metrics_registry: registry,
+                scrape_gate,
                 plain_client,
                 version: AtomicU64::new(1),
                 running: AtomicBool::new(false),
@@ -247,6 +254,10 @@ impl OwnEndpoints for Shared {
 
     fn registry(&self) -> &MetricsRegistry {
         &self.metrics_registry
+    }
+
+    fn scrape_gate(&self) -> Option<&ScrapeGate> {
+        self.scrape_gate.as_ref()
     }
 
     fn ready(&self) -> Result<(), &'static str> {

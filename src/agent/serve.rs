@@ -128,7 +128,8 @@ async fn scrape(shared: &Arc<Shared>, port: u16, req: Request<Incoming>) -> Resp
         Handler::SelfMetrics => {
             count(shared, &route.name, "ok");
             let request = req.headers().clone();
-            metrics_response_blocking(shared.clone(), Shared::registry, request).await
+            let gate = shared.scrape_gate.as_ref();
+            metrics_response_blocking(shared.clone(), Shared::registry, request, gate).await
         }
         Handler::Fetch { url, client } => fetch(shared, route, url, client, req, timeout).await,
     }

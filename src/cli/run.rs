@@ -344,7 +344,7 @@ async fn handle_signals(
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
-            _ = hup.recv() => on_sighup(&roles, started_from.as_ref()),
+            _ = hup.recv() => on_sighup(&roles, started_from.as_ref()).await,
         }
     };
     info!(signal, "{}", roles.shutdown_message());
@@ -415,12 +415,17 @@ fn changed_fields(
 
 /// SIGHUP: reloads the geo database and what [`reload`] re-reads, records the outcome and says
 /// what was applied and what waits for a restart.
-fn on_sighup(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) {
+async fn on_sighup(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) {
     info!("SIGHUP: reloading");
     // A broken file keeps the old database. `SharedGeo::reload` logs it and records it in the
     // database's own gauges, as when the periodic check loads a changed file: the
-    // `ferry_config_…` gauges cover what only SIGHUP reloads.
-    let geo_applied = roles.geo.reload().is_ok();
+    // `ferry_config_…` gauges cover what only SIGHUP reloads. It maps and probes the file, so it
+    // runs on the blocking pool, as the periodic check does: not on a thread answering /metrics.
+    let geo = roles.geo.clone();
+    let geo_applied = matches!(
+        tokio::task::spawn_blocking(move || geo.reload()).await,
+        Ok(Ok(()))
+    );
     let reloaded = reload(roles, file);
     // Settings waiting for a restart were not refused: the file was valid and applied where it
     // can be, which is what the gauge says.

@@ -3,7 +3,8 @@
 //!
 //! - [`Country`] is the label value: an ISO 3166-1 alpha-2 code such as `GB` for a database hit,
 //!   a kind for special ranges (`loopback`, `private`, `link_local`, `cgnat`, `unspecified`,
-//!   `multicast`, decided before the database is asked), `unknown` for a miss or a lookup error.
+//!   `multicast`, decided before the database is asked), `unknown` for a miss, a lookup error or
+//!   a placeholder code (`ZZ`, `EU`, `AP`).
 //!   The set of values is bounded (at most 26² codes plus seven words).
 //! - [`GeoDb`] is one opened database, memory-mapped. It reads both common schemas: MaxMind's
 //!   `country.iso_code` (GeoLite2/GeoIP2 Country and City, falling back to
@@ -15,8 +16,9 @@
 //!   records) is decoded once per record.
 //! - [`SharedGeo`] is the handle the roles share: lookups through an atomically swapped database,
 //!   [`SharedGeo::reload`] (SIGHUP) and [`SharedGeo::watch`] (polls the file's mtime, size and
-//!   inode) keep the previous database when the new file is broken; the outcome of the last load
-//!   is a pair of gauges ([`SharedGeo::register_metrics`]).
+//!   inode) keep the previous database when the new file is broken or the file is gone; the
+//!   outcome of the last load is a pair of gauges ([`SharedGeo::register_metrics`]), and a file
+//!   gone counts as a failed load: the next start would fail.
 //!
 //! Replace the database file by renaming a new file over it (as `geoipupdate`, `mv` and `install`
 //! do), not by rewriting it in place: the old file stays mapped until the swap, and truncating a
@@ -289,15 +291,44 @@ struct IsoCode<'a> {
     iso_code: Option<&'a str>,
 }
 
+/// Codes databases give where they know no country: DB-IP's `ZZ`, and the `EU` (Europe) and `AP`
+/// (Asia/Pacific) of MaxMind's legacy data. Read as no code at all, so they are `unknown`.
+const PLACEHOLDER_CODES: [&str; 3] = ["ZZ", "EU", "AP"];
+
 impl<'a> CountryRecord<'a> {
-    fn country(&self) -> Option<Country> {
+    /// The codes of the record, most specific first.
+    fn codes(&self) -> [Option<&'a str>; 3] {
         fn nested<'a>(c: &Option<IsoCode<'a>>) -> Option<&'a str> {
             c.as_ref().and_then(|c| c.iso_code)
         }
-        nested(&self.country)
-            .or(self.country_code)
-            .or(nested(&self.registered_country))
+        [
+            nested(&self.country),
+            self.country_code,
+            nested(&self.registered_country),
+        ]
+    }
+
+    /// The first code that names a country.
+    fn country(&self) -> Option<Country> {
+        let real = |code: &&str| {
+            !PLACEHOLDER_CODES
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(code))
+        };
+        self.codes()
+            .into_iter()
+            .flatten()
+            .find(real)
             .and_then(Country::iso)
+    }
+
+    /// Whether the record carries a country code at all, a placeholder included: what tells a
+    /// country database from another type at open.
+    fn has_code(&self) -> bool {
+        self.codes()
+            .into_iter()
+            .flatten()
+            .any(|c| Country::iso(c).is_some())
     }
 }
 
@@ -311,16 +342,19 @@ struct Fingerprint {
 
 impl Fingerprint {
     fn of(path: &Path) -> std::io::Result<Fingerprint> {
-        let meta = std::fs::metadata(path)?;
+        Ok(Fingerprint::from_meta(&std::fs::metadata(path)?))
+    }
+
+    fn from_meta(meta: &std::fs::Metadata) -> Fingerprint {
         #[cfg(unix)]
-        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        let inode = std::os::unix::fs::MetadataExt::ino(meta);
         #[cfg(not(unix))]
         let inode = 0;
-        Ok(Fingerprint {
+        Fingerprint {
             modified: meta.modified().ok(),
             len: meta.len(),
             inode,
-        })
+        }
     }
 }
 
@@ -345,15 +379,15 @@ impl GeoDb {
     /// Maps `path` and checks that it is a readable database with country data.
     pub fn open(path: impl AsRef<Path>) -> Result<GeoDb, GeoError> {
         let path = path.as_ref();
-        if path.is_dir() {
-            return Err(GeoError::open(path, "is a directory"));
-        }
-        let fingerprint = Fingerprint::of(path).ok();
+        let file = open_regular(path)?;
+        let fingerprint = file.metadata().ok().map(|m| Fingerprint::from_meta(&m));
         // SAFETY: the map is read-only and the file is only ever replaced by renaming a new file
         // over it (documented at the top of this module), so the mapped pages never change or
         // shrink while this reader exists. Mapping shares the page cache between processes and
         // loads only the pages lookups touch, which is why the database is not read into memory.
-        let reader = unsafe { Reader::open_mmap(path) }.map_err(|e| GeoError::open(path, e))?;
+        let map = unsafe { Mmap::map(&file) }
+            .map_err(|e| GeoError::open(path, format_args!("memory map error: {e}")))?;
+        let reader = Reader::from_source(map).map_err(|e| GeoError::open(path, e))?;
         let db = GeoDb {
             reader,
             path: path.to_owned(),
@@ -377,7 +411,7 @@ impl GeoDb {
                 .map_err(broken)?
                 .decode::<CountryRecord>()
                 .map_err(broken)?;
-            if record.and_then(|r| r.country()).is_some() {
+            if record.is_some_and(|r| r.has_code()) {
                 return Ok(());
             }
         }
@@ -424,6 +458,50 @@ impl GeoDb {
             Err(e) => lookup_failed(ip, e),
         }
     }
+}
+
+/// Opens `path` for reading, refusing anything but a regular file (after symlinks). Opened
+/// without blocking and checked on the open file, not before: opening a FIFO for reading would
+/// wait for a writer forever, holding the start or a reload (and SIGTERM with it).
+fn open_regular(path: &Path) -> Result<std::fs::File, GeoError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(target_os = "linux")]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path).map_err(|e| GeoError::open(path, e))?;
+    let kind = file
+        .metadata()
+        .map_err(|e| GeoError::open(path, e))?
+        .file_type();
+    if kind.is_file() {
+        Ok(file)
+    } else if kind.is_dir() {
+        Err(GeoError::open(path, "is a directory"))
+    } else {
+        Err(GeoError::open(
+            path,
+            format_args!("not a regular file ({})", file_kind(kind)),
+        ))
+    }
+}
+
+/// What a non-regular file is, for the error.
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "a named pipe";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+        if kind.is_char_device() || kind.is_block_device() {
+            return "a device";
+        }
+    }
+    let _ = kind;
+    "not a plain file"
 }
 
 fn lookup_failed(ip: IpAddr, error: MaxMindDbError) -> Country {
@@ -533,7 +611,7 @@ impl SharedGeo {
         self.inner.loads.register(
             registry,
             "ferry_geoip_database",
-            "Whether the last load of the geoip database file (at start, when the file changed, on SIGHUP) succeeded; 0: a new file was refused and the previous database stays in use",
+            "Whether the last load of the geoip database file (at start, when the file changed, on SIGHUP) succeeded; 0: a new file was refused, or the file is gone, and the previous database stays in use",
             "Time the geoip database in use was loaded, in seconds since the Unix epoch",
         );
     }
@@ -604,9 +682,25 @@ impl SharedGeo {
         };
         match Fingerprint::of(path) {
             Ok(now) => *self.lock_seen() != Some(now),
-            // Missing for a moment while being replaced, or gone: keep what is loaded.
-            Err(_) => false,
+            Err(e) => {
+                self.gone(path, e);
+                false
+            }
         }
+    }
+
+    /// The file cannot be looked at (deleted, or its directory unreadable): the loaded database
+    /// keeps labelling, but the next start would fail, so the gauge says 0 and the log says why,
+    /// once. Forgetting the version seen makes whatever file appears next a change to load.
+    fn gone(&self, path: &Path, error: std::io::Error) {
+        if self.lock_seen().take().is_none() {
+            return;
+        }
+        self.inner.loads.record(false);
+        tracing::warn!(
+            error = %GeoError::open(path, error),
+            "geoip database file is gone; keeping the loaded database until a new file appears"
+        );
     }
 
     /// Polls the file every poll interval and reloads it when its mtime, size or inode changed,

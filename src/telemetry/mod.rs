@@ -6,12 +6,14 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 
 use crate::http_util::{accepts_gzip, encoded_response, weight_of, weighted_items, Body};
+use scrape_gate::ScrapeGate;
 
 #[cfg(feature = "geo")]
 pub mod connections;
 #[cfg(feature = "geo")]
 pub mod geo;
 mod metrics;
+pub mod scrape_gate;
 pub use metrics::*;
 
 /// Content type of the OpenMetrics text exposition prometheus-client writes.
@@ -35,7 +37,11 @@ pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// (Prometheus does), else the Prometheus text format, which `promtool check metrics`, curl users
 /// and older scrapers read; gzip-compressed when its `Accept-Encoding` takes gzip.
 pub fn metrics_response(registry: &Registry, request: &HeaderMap) -> Response<Body> {
-    let openmetrics = encode_registry(registry);
+    exposition_response(encode_registry(registry), request)
+}
+
+/// [`metrics_response`] of an exposition already encoded (`openmetrics`).
+fn exposition_response(openmetrics: String, request: &HeaderMap) -> Response<Body> {
     let (body, content_type) = if wants_openmetrics(request) {
         (openmetrics, OPENMETRICS_CONTENT_TYPE)
     } else {
@@ -115,24 +121,33 @@ fn openmetrics_to_text(openmetrics: &str) -> String {
 
 /// [`metrics_response`] for `registry` of `owner`, encoded and compressed on the blocking pool, not
 /// on a runtime worker: an exposition may be tens of MB, and the host connection collector reads
-/// every socket of the host.
+/// every socket of the host. With a `gate` (a registry with that collector), the encoding goes
+/// through it: one at a time, shared by the requests that waited for it, 503 past the limit.
 pub async fn metrics_response_blocking<R>(
     owner: std::sync::Arc<R>,
     registry: fn(&R) -> &Registry,
     request: HeaderMap,
+    gate: Option<&ScrapeGate>,
 ) -> Response<Body>
 where
     R: Send + Sync + 'static,
 {
-    tokio::task::spawn_blocking(move || metrics_response(registry(&owner), &request))
-        .await
-        .unwrap_or_else(|e| {
-            tracing::error!(error = %e, "encoding metrics failed");
-            crate::http_util::text_response(
-                http::StatusCode::INTERNAL_SERVER_ERROR,
-                "metrics encoding failed",
-            )
-        })
+    let respond = match gate {
+        None => tokio::task::spawn_blocking(move || metrics_response(registry(&owner), &request)),
+        Some(gate) => match gate.exposition(owner, registry).await {
+            Ok(text) => tokio::task::spawn_blocking(move || {
+                exposition_response(String::clone(&text), &request)
+            }),
+            Err(e) => return e.into_response(),
+        },
+    };
+    respond.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "encoding metrics failed");
+        crate::http_util::text_response(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics encoding failed",
+        )
+    })
 }
 
 /// The status class label of an HTTP status: `2xx` … `5xx`.

@@ -447,12 +447,22 @@ pub async fn gateway_and_agent(
 
 /// `ferry exporter` with the connection collector, in-process on 127.0.0.1:0 until `shutdown`.
 pub async fn start_exporter(shutdown: &CancellationToken) -> SocketAddr {
+    start_exporter_with_geo(shutdown, ferry::telemetry::geo::SharedGeo::disabled()).await
+}
+
+/// [`start_exporter`] labelling countries with `geo`.
+pub async fn start_exporter_with_geo(
+    shutdown: &CancellationToken,
+    geo: ferry::telemetry::geo::SharedGeo,
+) -> SocketAddr {
     let mut section = ferry::config::ExporterSection::default();
     section.collector.connections = true;
     let mut errs = ConfigErrors::new("test");
     let cfg = section.validate("exporter", &mut errs);
     assert!(errs.errors.is_empty(), "{errs}");
-    let exporter = ferry::exporter::Exporter::new(&cfg.expect("exporter config"));
+    let mut cfg = cfg.expect("exporter config");
+    cfg.geo = geo;
+    let exporter = ferry::exporter::Exporter::new(&cfg);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn({
