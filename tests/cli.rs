@@ -476,6 +476,34 @@ fn a_listen_address_in_use_is_named_by_its_file_and_field() {
         lines.last().is_some_and(|l| l.starts_with(&want)),
         "{lines:#?}"
     );
+    // In a JSON log the last line is a JSON record as well: a pipeline parsing every line
+    // gets the reason too.
+    let out = ferry(
+        dir.path(),
+        &[
+            "exporter",
+            "--collector.connections",
+            "--log.format",
+            "json",
+            "--web.listen-address",
+            &addr.to_string(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let lines = stderr_lines(&out);
+    for line in &lines {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert_eq!(last["fields"]["message"], "cannot start", "{last}");
+    assert!(
+        last["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with(&want)),
+        "{last}"
+    );
 }
 
 /// Plaintext tunnels have no TLS to ask agents for a client certificate in: a client CA with

@@ -18,8 +18,21 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogFormat, LogSection};
 
+/// Whether [`init`] installed the JSON format: errors that end the process are then written as
+/// JSON records too, or a log pipeline that parses every line would choke on the last one.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the log is JSON (see [`JSON`]).
+pub fn is_json() -> bool {
+    JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Installs the global subscriber. Noisy dependencies stay at warn unless asked for by name.
 pub fn init(log: &LogSection) {
+    JSON.store(
+        matches!(log.format, LogFormat::Json),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     // Validation refused a level `filter` cannot read; this is for a caller that skipped it.
     let filter = filter(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let layer = match log.format {

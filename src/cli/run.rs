@@ -72,6 +72,14 @@ fn exit_code(result: Result<(), StartError>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // Already in the log, where it happened.
         Err(StartError::RoleStopped { .. }) => ExitCode::FAILURE,
+        // Past the start of logging, in a JSON log: one more record, not a plain line.
+        Err(e) if super::logging::is_json() => {
+            error!(error = %e, "cannot start");
+            match e {
+                StartError::Config(_) => ExitCode::from(EXIT_CONFIG),
+                _ => ExitCode::FAILURE,
+            }
+        }
         // One plain line, like the configuration errors before it: not a log line as well.
         Err(e @ StartError::Config(_)) => {
             eprintln!("{e}");
