@@ -22,6 +22,14 @@ pub enum ScrapeError {
     /// No tunnel from this agent id is up on this gateway.
     #[error("agent {0:?} is not connected")]
     AgentNotConnected(String),
+    /// The agent has as many scrapes in flight as the gateway lets one agent have.
+    #[error("agent {agent:?} has {limit} scrapes in flight already (the gateway's tunnel.max_concurrent_scrapes): try again later")]
+    AgentBusy {
+        /// The agent asked for.
+        agent: String,
+        /// `tunnel.max_concurrent_scrapes`.
+        limit: u32,
+    },
     /// The agent has no target on this port and path; nothing was fetched.
     #[error("agent {agent:?} has no target at port {port} path {path:?}")]
     NoSuchTarget {
@@ -94,7 +102,9 @@ impl ScrapeError {
         match self {
             ScrapeError::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             ScrapeError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ScrapeError::AgentNotConnected(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ScrapeError::AgentNotConnected(_) | ScrapeError::AgentBusy { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ScrapeError::NoSuchTarget { .. } => StatusCode::NOT_FOUND,
             ScrapeError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ScrapeError::Tunnel { .. }
@@ -108,6 +118,7 @@ impl ScrapeError {
     pub fn kind(&self) -> &'static str {
         match self {
             ScrapeError::AgentNotConnected(_) => "agent_not_connected",
+            ScrapeError::AgentBusy { .. } => "agent_busy",
             ScrapeError::NoSuchTarget { .. } => "no_such_target",
             ScrapeError::Timeout { .. } => "timeout",
             ScrapeError::Tunnel { .. } => "tunnel",

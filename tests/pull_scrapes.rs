@@ -198,6 +198,58 @@ async fn scrape_returns_the_target_body_and_sd_lists_every_target_with_labels() 
     gw.stop().await;
 }
 
+/// Past `tunnel.max_concurrent_scrapes` scrapes of one agent the gateway answers 503 at once
+/// (HTTP/2 would otherwise queue them without bound); a place is free again once a scrape's
+/// body has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_past_the_per_agent_limit_are_refused_at_once() {
+    let dir = TempDir::new().unwrap();
+    let slow = TargetServer::start(Behaviour::Slow {
+        delay: Duration::from_millis(800),
+        body: BODY.into(),
+    })
+    .await;
+    let gw = start_gateway(&dir, &[("*", "test-token")], |s| {
+        s.tunnel.max_concurrent_scrapes = 2;
+    })
+    .await;
+    let agent = start_agent(
+        agent_section(&gw, AGENT, &[("slow", slow.url("/metrics"))]),
+        "test-token",
+    );
+    gw.wait_agent(AGENT, CONNECT_WAIT).await;
+    let url = format!("http://{AGENT}:{}/metrics", slow.addr.port());
+    let web = gw.web;
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get_via_proxy(web, &url, &[]).await })
+        })
+        .collect();
+    // Both are at the target before the third comes.
+    let started = Instant::now();
+    while slow.requests() < 2 {
+        assert!(
+            started.elapsed() < CONNECT_WAIT,
+            "the two scrapes never reached the target"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = get_via_proxy(web, &url, &[]).await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(
+        refused.text(),
+        format!("agent \"{AGENT}\" has 2 scrapes in flight already (the gateway's tunnel.max_concurrent_scrapes): try again later\n")
+    );
+    assert_eq!(slow.requests(), 2, "the refused scrape reached the target");
+    for scrape in in_flight {
+        assert_eq!(scrape.await.unwrap().status, 200);
+    }
+    assert_eq!(get_via_proxy(web, &url, &[]).await.status, 200);
+    agent.stop().await;
+    gw.stop().await;
+}
+
 /// A fleet refused at once (a tokens file broken by a deploy) must not come back at once: each
 /// agent's slow retry is drawn from half to all of `auth_failure_backoff`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

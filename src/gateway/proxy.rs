@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::h2conn;
-use super::registry::AgentHandle;
+use super::registry::{AgentHandle, ScrapeSlot};
 use super::State;
 use crate::config::ScrapeLimits;
 use crate::http_util::{
@@ -215,6 +215,14 @@ async fn forward(
     if body_on_get(&req) {
         return Err(ScrapeError::BodyOnGet(req.method().clone()));
     }
+    let limit = state.config.max_concurrent_scrapes;
+    let slot = route
+        .agent
+        .scrape_slot(limit)
+        .ok_or_else(|| ScrapeError::AgentBusy {
+            agent: route.agent.id.clone(),
+            limit,
+        })?;
     let limits = &state.config.scrape;
     let t = timeouts(req.headers().get(SCRAPE_TIMEOUT_HEADER), limits);
     if t.agent < MIN_AGENT_TIMEOUT {
@@ -295,7 +303,7 @@ async fn forward(
     Ok(stream_back(
         state,
         Response::from_parts(parts, body),
-        route.agent.clone(),
+        slot,
         labels.clone(),
         start,
         deadline,
@@ -345,7 +353,7 @@ fn tunnel_request(
 fn stream_back(
     state: &Arc<State>,
     resp: Response<Body>,
-    agent: Arc<AgentHandle>,
+    slot: ScrapeSlot,
     labels: ScrapeLabels,
     start: Instant,
     deadline: Instant,
@@ -385,8 +393,10 @@ fn stream_back(
         } else {
             status.as_u16()
         };
-        agent.record_scrape(shown, elapsed, bytes);
+        slot.agent().record_scrape(shown, elapsed, bytes);
         record(&done_state, labels, class, elapsed, bytes);
+        // The agent's place is free once the body has ended.
+        drop(slot);
     });
     let body = BoundedBody::new(
         body,

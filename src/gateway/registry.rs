@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -36,6 +36,25 @@ pub struct AgentHandle {
     /// a restarted agent (same token) from another one claiming its id.
     credential: TokenClaim,
     closing: OnceLock<CloseReason>,
+    /// Scrapes holding a [`ScrapeSlot`]: from the request to the end of the response body.
+    in_flight: AtomicU32,
+}
+
+/// One of an agent's `tunnel.max_concurrent_scrapes` places, held until the scrape's response
+/// has ended (or been dropped).
+pub struct ScrapeSlot(Arc<AgentHandle>);
+
+impl ScrapeSlot {
+    /// The agent this place is of.
+    pub fn agent(&self) -> &AgentHandle {
+        &self.0
+    }
+}
+
+impl Drop for ScrapeSlot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why the gateway closes a tunnel that is still up.
@@ -113,7 +132,20 @@ impl AgentHandle {
             stats: std::sync::Mutex::new(ScrapeStats::default()),
             credential,
             closing: OnceLock::new(),
+            in_flight: AtomicU32::new(0),
         }
+    }
+
+    /// A place for one more scrape, unless `limit` are in flight already. Past the agent's own
+    /// limit HTTP/2 would queue requests without bound, each holding its request (and body) and
+    /// a client connection for up to its timeout.
+    pub fn scrape_slot(self: &Arc<Self>, limit: u32) -> Option<ScrapeSlot> {
+        self.in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ScrapeSlot(self.clone()))
     }
 
     /// Whether `tokens` still lets this tunnel's token claim its id.
