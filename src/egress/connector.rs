@@ -132,7 +132,10 @@ pub async fn checked_addrs(
     Ok(allowed)
 }
 
-/// Connects to the first of `addrs` that answers within `timeout` each.
+/// Connects to the first of `addrs` that answers, all within `timeout`: each address gets an
+/// equal share of the time left. A timeout per address would let a name with many addresses
+/// that do not answer (the client picks the name) hold the client's connection for that many
+/// timeouts.
 pub async fn connect_any(
     host: &str,
     addrs: &[SocketAddr],
@@ -141,14 +144,20 @@ pub async fn connect_any(
     let mut last = String::from("no address");
     // A name's address is worth saying; an IP literal's is the host itself.
     let literal = host.parse::<std::net::IpAddr>().is_ok();
-    for addr in addrs {
-        let why = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    let deadline = crate::http_util::deadline(tokio::time::Instant::now(), timeout);
+    for (i, addr) in addrs.iter().enumerate() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let share = left / u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
+        let why = match tokio::time::timeout(share, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 return Ok(stream);
             }
             Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("timed out after {timeout:?}"),
+            Err(_) => format!(
+                "timed out after {:?}",
+                Duration::from_millis(u64::try_from(share.as_millis()).unwrap_or(u64::MAX))
+            ),
         };
         last = if literal {
             why
@@ -409,6 +418,36 @@ mod tests {
             )),
             "a name's address is said: {err}"
         );
+    }
+
+    /// A name with many addresses that never answer holds the client for `timeout` in all,
+    /// not for a timeout per address.
+    #[tokio::test]
+    async fn many_silent_addresses_share_one_timeout() {
+        // A listener whose accept queue is full drops further SYNs: connects to it hang.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(closed_port()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+            {
+                fillers.push(s);
+            }
+        }
+        let started = std::time::Instant::now();
+        let err = connect_any("collector.example", &[addr; 5], Duration::from_secs(1))
+            .await
+            .unwrap_err()
+            .to_string();
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_millis(1500),
+            "{took:?}: {err}"
+        );
+        assert!(err.contains("timed out after"), "{err}");
     }
 
     #[tokio::test]
