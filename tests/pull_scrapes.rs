@@ -628,6 +628,7 @@ async fn raw_upgrade(gw: &TestGateway, token: &str, agent_id: &str) -> Result<()
 /// name, a path that is no path) never reaches `/targets`; the agent's valid targets do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_published_targets_never_reach_service_discovery() {
+    let logs = common::logs::capture();
     let dir = TempDir::new().unwrap();
     let gw = start_gateway(&dir, &[("*", "test-token")], |_| {}).await;
     let published = [
@@ -656,6 +657,61 @@ async fn unroutable_published_targets_never_reach_service_discovery() {
             "__metrics_path__": "/metrics", "ferry_agent": "evil-1", "ferry_target": "node"
         }}])
     );
+    // One line for the list, naming the first few: a list of thousands of bad targets must not
+    // write thousands of lines.
+    let dropped = logs.lines_with(&["WARN", "dropped targets the agent published"]);
+    assert_eq!(dropped.len(), 1, "{dropped:#?}");
+    assert!(
+        dropped[0].contains("agent=\"evil-1\"") || dropped[0].contains("agent=evil-1"),
+        "{dropped:?}"
+    );
+    assert!(
+        dropped[0].contains("dropped=4")
+            && dropped[0].contains("\"evil\": port 0")
+            && dropped[0].contains("\"nopath\": path")
+            && !dropped[0].contains("\"query\""),
+        "{dropped:?}"
+    );
+    agent.abort();
+    gw.stop().await;
+}
+
+/// An agent that answers every target-list request at once with a new version (a hostile or
+/// broken one) is asked again only once a second, not as fast as round trips allow: each
+/// change takes the registry's write lock and a log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_churning_its_target_list_is_asked_once_a_second() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", "test-token")], |_| {}).await;
+    let upgraded = upgrade_as_agent(&gw, "test-token", "churn-1")
+        .await
+        .expect("tunnel upgraded");
+    let asked = Arc::new(AtomicU64::new(0));
+    let counter = asked.clone();
+    let service = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+        let version = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let list = json!({"version": version, "labels": {}, "targets": [
+            {"name": "node", "port": 9100, "path": "/metrics", "labels": {}}
+        ]});
+        async move {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                list.to_string(),
+            ))))
+        }
+    });
+    let agent = tokio::spawn(async move {
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(upgraded, service)
+            .await;
+    });
+    gw.wait_agent("churn-1", CONNECT_WAIT).await;
+    let start = asked.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let during = asked.load(Ordering::SeqCst) - start;
+    assert!(during <= 4, "{during} target-list requests in 2.5 s");
+    assert_eq!(gw.agent_ids(), ["churn-1"], "the agent stays connected");
     agent.abort();
     gw.stop().await;
 }

@@ -7,16 +7,29 @@ use tracing::warn;
 use crate::tunnel::metrics_path;
 use crate::tunnel::{reserved_target_name, valid_target_name, TargetInfo, TargetList};
 
-/// `list` without the targets the gateway cannot route, each dropped one logged with what is
-/// wrong with it.
+/// How many dropped targets one warning names; the rest are counted.
+const NAMED: usize = 3;
+
+/// `list` without the targets the gateway cannot route. One warning per list says how many were
+/// dropped and what is wrong with the first few: a list of thousands of bad targets, sent again
+/// and again, must not write a line per target.
 pub(crate) fn routable(mut list: TargetList, agent: &str) -> TargetList {
+    let mut dropped = 0usize;
+    let mut named = Vec::new();
     list.targets.retain(|t| match problem(t) {
         None => true,
         Some(problem) => {
-            warn!(agent, scrape_target = ?t.name, %problem, "dropped a target the agent published");
+            dropped += 1;
+            if named.len() < NAMED {
+                named.push(format!("{:?}: {problem}", t.name));
+            }
             false
         }
     });
+    if dropped > 0 {
+        let problems = named.join("; ");
+        warn!(agent, dropped, %problems, "dropped targets the agent published that the gateway cannot route");
+    }
     list
 }
 

@@ -609,8 +609,16 @@ async fn watch_targets(
     agent_id: &str,
     remote: SocketAddr,
 ) -> String {
+    // A list changes when its agent's configuration does. An agent whose list changes again
+    // within a second, or that answers the long poll at once many times in a row, is asked
+    // again only a second after the last request: each change takes the registry's write lock
+    // and a log line. A few quick answers are not held back: a stopping agent answers the poll
+    // at once, and the next request is what meets its GOAWAY.
+    let mut last_change: Option<tokio::time::Instant> = None;
+    let mut quick_in_a_row = 0u32;
     loop {
         let version = tx.borrow().version;
+        let asked = tokio::time::Instant::now();
         match fetch_targets(
             &sender,
             Some(version),
@@ -630,12 +638,31 @@ async fn watch_targets(
                 let list = Arc::new(list);
                 tx.send_replace(list.clone());
                 state.registry.targets_changed(agent_id, session, &list);
+                let churning = last_change.is_some_and(|at| at.elapsed() < MIN_TARGETS_INTERVAL);
+                last_change = Some(tokio::time::Instant::now());
+                if churning {
+                    tokio::time::sleep_until(asked + MIN_TARGETS_INTERVAL).await;
+                }
             }
             Ok(_) => {}
             Err(e) => return e,
         }
+        quick_in_a_row = match asked.elapsed() < MIN_TARGETS_INTERVAL {
+            true => quick_in_a_row + 1,
+            false => 0,
+        };
+        if quick_in_a_row >= QUICK_ANSWERS_TOLERATED {
+            tokio::time::sleep_until(asked + MIN_TARGETS_INTERVAL).await;
+        }
     }
 }
+
+/// Long-poll answers in a row, each within [`MIN_TARGETS_INTERVAL`], before the next request
+/// waits for the interval.
+const QUICK_ANSWERS_TOLERATED: u32 = 16;
+
+/// The shortest time between two target-list requests to one agent.
+const MIN_TARGETS_INTERVAL: Duration = Duration::from_secs(1);
 
 async fn fetch_targets(
     sender: &Sender,
