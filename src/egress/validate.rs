@@ -277,7 +277,7 @@ fn decode<'a>(
     let Some(encoding) = coding(headers)? else {
         return Ok(std::borrow::Cow::Borrowed(body));
     };
-    let mut out = Vec::new();
+    let mut out = Decoded::default();
     let refused = |e: DecodeError| match e {
         DecodeError::Io(e) => Refusal::invalid(format!("body is not valid {encoding}: {e}")),
         DecodeError::BudgetFull(limit) => Refusal::body_buffer_full(limit),
@@ -288,7 +288,7 @@ fn decode<'a>(
             let mut zlib = flate2::bufread::ZlibDecoder::new(&body[..]);
             read_decoded(&mut zlib, &mut out, limit, held).map_err(refused)?;
             // Bytes after the end of the stream would go upstream unread by every check.
-            if out.len() as u64 <= limit && !zlib.get_ref().is_empty() {
+            if out.len() <= limit && !zlib.get_ref().is_empty() {
                 return Err(Refusal::invalid(
                     "body is not valid deflate: data after the end of the stream",
                 ));
@@ -297,10 +297,10 @@ fn decode<'a>(
         "snappy" => return decode_snappy(body, limit, held).map(std::borrow::Cow::Owned),
         other => return Err(Refusal::unsupported_encoding(other)),
     }
-    if out.len() as u64 > limit {
+    if out.len() > limit {
         return Err(Refusal::decoded_too_large(limit));
     }
-    Ok(std::borrow::Cow::Owned(out))
+    Ok(std::borrow::Cow::Owned(out.into_vec()))
 }
 
 /// Why decoding stopped.
@@ -323,7 +323,7 @@ impl From<std::io::Error> for DecodeError {
 /// begin another one are refused: they would go upstream unread by every check.
 fn decode_gzip(
     body: &[u8],
-    out: &mut Vec<u8>,
+    out: &mut Decoded,
     limit: u64,
     held: &mut Held,
 ) -> Result<(), DecodeError> {
@@ -331,7 +331,7 @@ fn decode_gzip(
     loop {
         let mut member = flate2::bufread::GzDecoder::new(rest);
         read_decoded(&mut member, out, limit, held)?;
-        if out.len() as u64 > limit {
+        if out.len() > limit {
             return Ok(());
         }
         let after = member.into_inner();
@@ -352,40 +352,50 @@ fn decode_gzip(
 /// The first buffer decoded bytes go into; it doubles from there.
 const FIRST_DECODED: u64 = 64 << 10;
 
+/// A buffer decoded bytes are appended to. It is zero-filled to its capacity when it grows, not
+/// before every read: a body of thousands of empty gzip members would make that quadratic.
+#[derive(Default)]
+struct Decoded {
+    /// Always as long as its capacity.
+    buf: Vec<u8>,
+    /// How much of `buf` is data.
+    filled: usize,
+}
+
+impl Decoded {
+    fn len(&self) -> u64 {
+        self.filled as u64
+    }
+
+    fn into_vec(mut self) -> Vec<u8> {
+        self.buf.truncate(self.filled);
+        self.buf
+    }
+}
+
 /// Appends what `reader` yields to `out` until `out` holds one byte past `limit` (to tell
 /// "exactly at the limit" from "over it"). `held` pays for all of `out`'s capacity, taken before
 /// each allocation: a few kilobytes of gzip decode to gigabytes, so what the decoding may
 /// allocate is bounded by the process-wide budget, not only per request.
 fn read_decoded(
     reader: impl Read,
-    out: &mut Vec<u8>,
+    out: &mut Decoded,
     limit: u64,
     held: &mut Held,
 ) -> Result<(), DecodeError> {
     let end = limit.saturating_add(1);
-    let mut reader = reader.take(end.saturating_sub(out.len() as u64));
-    // `out` is zero-filled up to its capacity once, and `filled` says how much of it is data.
-    let mut filled = out.len();
-    out.resize(out.capacity(), 0);
-    loop {
-        if reader.limit() == 0 {
-            break;
-        }
-        if filled == out.len() && !grow_decoded(out, end, held) {
-            out.truncate(filled);
+    let mut reader = reader.take(end.saturating_sub(out.len()));
+    while reader.limit() > 0 {
+        if out.filled == out.buf.len() && !grow_decoded(&mut out.buf, end, held) {
             return Err(DecodeError::BudgetFull(held.limit()));
         }
-        match reader.read(&mut out[filled..]) {
+        match reader.read(&mut out.buf[out.filled..]) {
             Ok(0) => break,
-            Ok(n) => filled += n,
+            Ok(n) => out.filled += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                out.truncate(filled);
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
         }
     }
-    out.truncate(filled);
     Ok(())
 }
 
@@ -394,7 +404,14 @@ fn read_decoded(
 /// are paid for until the old one is gone. False if `held` could not pay.
 fn grow_decoded(out: &mut Vec<u8>, end: u64, held: &mut Held) -> bool {
     let old = out.capacity() as u64;
-    let new = old.saturating_mul(2).max(FIRST_DECODED).min(end);
+    let new = old
+        .saturating_mul(2)
+        .max(FIRST_DECODED)
+        .min(end)
+        .min(isize::MAX as u64);
+    if new <= old {
+        return false;
+    }
     let Ok(new_len) = usize::try_from(new) else {
         return false;
     };
