@@ -2254,6 +2254,64 @@ async fn request_bodies_held_at_once_are_bounded_process_wide() {
     assert_eq!(paths, ["/fits", "/after"]);
 }
 
+/// What a body's checks build from it — the body decoded, a schema's tree — is taken from the
+/// same process-wide budget as the bodies received: a few kilobytes of gzip that decode to
+/// megabytes get the budget's 503 once it is full, and the upstream nothing. Bodies that fit
+/// arrive as sent, also those checked on the blocking pool (compressed, or large).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoded_bodies_are_held_within_the_process_wide_budget() {
+    let up = RecordingUpstream::start().await;
+    let yaml = format!(
+        "max_buffered_body_bytes: 4194304\nrules:\n  - name: push\n    upstream: \"{}\"\n    validate: {{max_body_bytes: 1048576, json: true, deny_patterns: [\"secret\"]}}\n",
+        loopback_rule(&up)
+    );
+    let proxy = TestEgress::start(yaml_section(&yaml), TestResolver::new(&[])).await;
+    let gzipped = [
+        ("content-type", "application/json"),
+        ("content-encoding", "gzip"),
+    ];
+    // 16 MiB of zeros, well under max_decoded_bytes (64 MiB), over the whole budget (4 MiB).
+    let bomb = gzip(&vec![b'0'; 16 << 20]);
+    assert!(bomb.len() < 64 << 10, "bomb is {} bytes", bomb.len());
+    let resp = post_via(proxy.addr, &up.url("/bomb"), &gzipped, &bomb).await;
+    assert_refused(
+        &resp,
+        503,
+        "the proxy already holds its limit of 4194304 bytes of request bodies (max_buffered_body_bytes)",
+        "a gzip bomb decoded past the body budget",
+    );
+    up.assert_untouched("gzip bomb over the body budget");
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ferry_egress_rejections_total",
+            &[("reason", "body_buffer_full")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    wait_buffered(&proxy, 0.0).await;
+
+    let mut doc = b"[".to_vec();
+    doc.extend(b"{\"v\": 1},".repeat(100_000));
+    doc.extend(b"{}]");
+    let small = gzip(b"{\"a\": [1, 2]}");
+    let large = gzip(&doc);
+    for (path, headers, body) in [
+        ("/small", &gzipped[..], &small),
+        ("/large", &gzipped[..], &large),
+        ("/plain", &gzipped[..1], &doc),
+    ] {
+        let resp = post_via(proxy.addr, &up.url(path), headers, body).await;
+        assert_eq!(resp.status, 200, "{path}: {}", resp.text());
+        let got = up.requests().pop().unwrap();
+        assert_eq!(got.uri, path);
+        assert!(got.body == body[..], "{path} arrived as sent");
+    }
+    wait_buffered(&proxy, 0.0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_is_reused_on_both_sides() {
     let up = RecordingUpstream::start().await;

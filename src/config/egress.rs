@@ -316,6 +316,20 @@ impl EgressSection {
             if let Some(rule) = section.validate(&field, errs) {
                 rules.push(rule);
             }
+            // Decoded bytes are taken from the same budget as received ones.
+            if let Some(decoded) = section
+                .validate
+                .max_decoded_bytes
+                .filter(|n| *n > self.max_buffered_body_bytes)
+            {
+                errs.push(
+                    format!("{field}.validate.max_decoded_bytes"),
+                    format!(
+                        "{decoded} is more than egress.max_buffered_body_bytes ({}), which holds decoded bodies too: a body decoded past it could never be held",
+                        self.max_buffered_body_bytes
+                    ),
+                );
+            }
         }
         if let Some(path) = &self.auth.credentials_file {
             if let Err(e) = TokensFile::load_as(path, CREDENTIALS_FILE) {

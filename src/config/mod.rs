@@ -2110,6 +2110,19 @@ mod egress_tests {
     }
 
     #[test]
+    fn a_decoded_body_limit_fits_in_the_body_buffer() {
+        let lines = errors(
+            "egress:\n  rules:\n    - { name: r, upstream: 'a.example.com:443', validate: { json: true, max_decoded_bytes: 18446744073709551615 } }\n",
+        );
+        assert_eq!(
+            lines,
+            ["e.yaml: egress.rules[0].validate.max_decoded_bytes: 18446744073709551615 is more than egress.max_buffered_body_bytes (536870912), which holds decoded bodies too: a body decoded past it could never be held"]
+        );
+        let ok = "egress:\n  max_buffered_body_bytes: 18446744073709551615\n  rules:\n    - { name: r, upstream: 'a.example.com:443', validate: { json: true, max_decoded_bytes: 18446744073709551615 } }\n";
+        assert_eq!(errors(ok), Vec::<String>::new());
+    }
+
+    #[test]
     fn a_json_tree_limit_needs_a_schema() {
         let lines = errors(
             "egress:\n  rules:\n    - { name: r, upstream: 'a.example.com:443', validate: { json: true, max_json_tree_bytes: 1048576 } }\n",

@@ -2,7 +2,9 @@
 //! read whole before it is forwarded (never a partial forward), so without a bound clients
 //! stalling just short of the end of large bodies could hold `max_connections_per_client ×
 //! max_body_bytes` each. Bytes are taken from the budget as they arrive and given back when the
-//! body is dropped: sent upstream, refused, or abandoned.
+//! body is dropped: sent upstream, refused, or abandoned. A body's checks take what they build
+//! from it from the same budget: the body decoded (gzip, deflate, snappy) and a schema's parsed
+//! tree, which a small compressed body can make thousands of times larger than itself.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -74,6 +76,20 @@ impl Held {
             self.bytes += n;
         }
         taken
+    }
+
+    /// Gives back `n` of the bytes taken (at most what is held).
+    pub(crate) fn shrink(&mut self, n: u64) {
+        let n = n.min(self.bytes);
+        if n > 0 {
+            self.budget.give_back(n);
+            self.bytes -= n;
+        }
+    }
+
+    /// An empty share of the same budget.
+    pub(crate) fn sibling(&self) -> Held {
+        self.budget.share()
     }
 }
 

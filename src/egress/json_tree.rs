@@ -7,12 +7,16 @@
 //!
 //! The sizes charged are estimates of what the allocations take (rounded up, never less than
 //! the tree's own structures); the tree built is exactly the one `serde_json::from_slice` builds.
+//! They are also taken from the process-wide body budget (in steps of [`STEP`]), which the
+//! caller's share keeps until the tree is dropped.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
+
+use super::budget::Held;
 
 /// One value in an array, a map, or at the root.
 const VALUE: u64 = std::mem::size_of::<Value>() as u64;
@@ -21,6 +25,9 @@ const VALUE: u64 = std::mem::size_of::<Value>() as u64;
 const NODE: u64 = 768;
 /// What the allocator adds to each allocation, near enough.
 const ALLOCATION: u64 = 16;
+/// The tree's bytes are taken from the process-wide budget this much at a time, not one value at
+/// a time.
+const STEP: u64 = 64 << 10;
 
 /// Why no tree was built.
 #[derive(Debug)]
@@ -29,45 +36,68 @@ pub(super) enum TreeError {
     Invalid(serde_json::Error),
     /// Its tree would take more than the limit.
     TooLarge,
+    /// The process-wide body budget has no room for the tree.
+    BudgetFull,
 }
 
-/// The tree of `doc`, if it is JSON and its tree fits in `limit` bytes.
-pub(super) fn parse(doc: &[u8], limit: u64) -> Result<Value, TreeError> {
+/// The tree of `doc`, if it is JSON and its tree fits in `limit` bytes and in `held`, which
+/// pays for the tree until both are dropped.
+pub(super) fn parse(doc: &[u8], limit: u64, held: &mut Held) -> Result<Value, TreeError> {
     let budget = Budget {
+        limit,
         left: Cell::new(limit),
         exceeded: Cell::new(false),
+        held: RefCell::new(std::mem::replace(held, held.sibling())),
+        paid: Cell::new(0),
+        full: Cell::new(false),
     };
     let mut de = serde_json::Deserializer::from_slice(doc);
     let parsed = budget
         .charge::<serde_json::Error>(VALUE)
         .and_then(|()| Node(&budget).deserialize(&mut de))
         .and_then(|value| de.end().map(|()| value));
+    let full = budget.full.get();
+    *held = budget.held.into_inner();
     match parsed {
         Ok(value) => Ok(value),
         Err(_) if budget.exceeded.get() => Err(TreeError::TooLarge),
+        Err(_) if full => Err(TreeError::BudgetFull),
         Err(e) => Err(TreeError::Invalid(e)),
     }
 }
 
 /// What is left of the limit while the tree is built.
 struct Budget {
+    limit: u64,
     left: Cell<u64>,
     exceeded: Cell<bool>,
+    /// The caller's share of the process-wide budget, while the tree is built.
+    held: RefCell<Held>,
+    /// What of the tree `held` has paid for.
+    paid: Cell<u64>,
+    /// Whether `held` could not pay.
+    full: Cell<bool>,
 }
 
 impl Budget {
-    /// Takes `bytes` before they are allocated; an error once the limit would be passed.
+    /// Takes `bytes` before they are allocated; an error once the limit would be passed or the
+    /// process-wide budget cannot pay.
     fn charge<E: serde::de::Error>(&self, bytes: u64) -> Result<(), E> {
-        match self.left.get().checked_sub(bytes) {
-            Some(left) => {
-                self.left.set(left);
-                Ok(())
+        let Some(left) = self.left.get().checked_sub(bytes) else {
+            self.exceeded.set(true);
+            return Err(E::custom("the JSON tree exceeds its memory limit"));
+        };
+        self.left.set(left);
+        let used = self.limit - left;
+        if used > self.paid.get() {
+            let step = (used - self.paid.get()).max(STEP);
+            if !self.held.borrow_mut().grow(step) {
+                self.full.set(true);
+                return Err(E::custom("the body budget has no room for the JSON tree"));
             }
-            None => {
-                self.exceeded.set(true);
-                Err(E::custom("the JSON tree exceeds its memory limit"))
-            }
+            self.paid.set(self.paid.get() + step);
         }
+        Ok(())
     }
 
     fn charge_string<E: serde::de::Error>(&self, len: usize) -> Result<(), E> {
@@ -169,6 +199,15 @@ impl<'de> Visitor<'de> for Key<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::egress::budget::BodyBudget;
+
+    fn parse(doc: &[u8], limit: u64) -> Result<Value, TreeError> {
+        super::parse(
+            doc,
+            limit,
+            &mut BodyBudget::new(u64::MAX, Default::default()).share(),
+        )
+    }
 
     fn tree_bytes(doc: &[u8]) -> u64 {
         let mut low = 0;
@@ -179,7 +218,7 @@ mod tests {
             match parse(doc, mid) {
                 Ok(_) => high = mid,
                 Err(TreeError::TooLarge) => low = mid + 1,
-                Err(TreeError::Invalid(e)) => panic!("{e}"),
+                Err(e) => panic!("{e:?}"),
             }
         }
         low
@@ -236,5 +275,27 @@ mod tests {
             parse(b"[0, 0, x]", 1 << 20),
             Err(TreeError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn the_tree_is_paid_from_the_body_budget_until_it_is_dropped() {
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        let budget = BodyBudget::new(1 << 20, gauge.clone());
+        let mut doc = b"[".to_vec();
+        doc.extend(b"0,".repeat(99_999));
+        doc.extend(b"0]");
+        let mut held = budget.share();
+        assert!(matches!(
+            super::parse(&doc, u64::MAX, &mut held),
+            Err(TreeError::BudgetFull)
+        ));
+        drop(held);
+        assert_eq!(gauge.get(), 0);
+        let mut held = budget.share();
+        let tree = super::parse(b"[[1], {\"a\": 2}]", u64::MAX, &mut held).unwrap();
+        assert!(gauge.get() > 0, "the tree is paid for while it lives");
+        drop(tree);
+        drop(held);
+        assert_eq!(gauge.get(), 0);
     }
 }

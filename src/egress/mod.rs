@@ -77,6 +77,8 @@ pub(crate) struct State {
     pub(crate) tracker: UpstreamTracker,
     /// Request body bytes held, all requests together.
     pub(crate) body_budget: Arc<budget::BodyBudget>,
+    /// Body checks that may run at once on the blocking pool: one per CPU core.
+    pub(crate) check_slots: Arc<tokio::sync::Semaphore>,
     metrics_registry: MetricsRegistry,
     per_client: Mutex<HashMap<IpAddr, usize>>,
     /// CONNECT tunnels: they outlive the HTTP connection that opened them.
@@ -139,6 +141,9 @@ impl Egress {
                 metrics,
                 tracker,
                 body_budget,
+                check_slots: Arc::new(tokio::sync::Semaphore::new(
+                    std::thread::available_parallelism().map_or(1, usize::from),
+                )),
                 metrics_registry,
                 per_client: Mutex::new(HashMap::new()),
                 tunnels: TaskTracker::new(),

@@ -250,6 +250,18 @@ impl Refusal {
         )
     }
 
+    /// No slot to check a body in came free in time (503): the checks of compressed and large
+    /// bodies run a few at a time, one per CPU core.
+    pub fn checks_busy(after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "checks_busy",
+            format!(
+                "no slot to check the body in came free within {after:?} (one per CPU core); try again later"
+            ),
+        )
+    }
+
     /// The upstream could not be reached or failed (502).
     pub fn upstream(reason: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "upstream_error", reason)

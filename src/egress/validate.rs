@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName};
 use md5::{Digest, Md5};
 
+use super::budget::Held;
 use super::refusal::Refusal;
 
 /// What a rule checks in a payload.
@@ -121,15 +122,21 @@ impl Validation {
         self.inspects_body() || headers.contains_key("content-md5")
     }
 
-    /// Checks the whole body as received.
-    pub fn check_body(&self, headers: &HeaderMap, body: &Bytes) -> Result<(), Refusal> {
+    /// Checks the whole body as received. What the checks build from it (the body decoded, a
+    /// schema's tree) is taken from `held` before it is allocated; a 503 once that is full.
+    pub(crate) fn check_body(
+        &self,
+        headers: &HeaderMap,
+        body: &Bytes,
+        held: &mut Held,
+    ) -> Result<(), Refusal> {
         if let Some(md5) = headers.get("content-md5") {
             check_md5(md5.as_bytes(), body)?;
         }
         if !self.inspects_body() {
             return Ok(());
         }
-        let decoded = decode(headers, body, self.max_decoded_bytes)?;
+        let decoded = decode(headers, body, self.max_decoded_bytes, held)?;
         // An encoded body is also forwarded with bytes the decoded stream leaves out (gzip's file
         // name, comment and extra field): the patterns read it as sent too.
         let forms: &[&[u8]] = match &decoded {
@@ -163,16 +170,20 @@ impl Validation {
         }
         if let Some(schema) = &self.schema {
             // The tree takes 5 to 30 times the text: it is bounded on its own.
-            let value = super::json_tree::parse(&decoded, self.max_json_tree_bytes).map_err(
-                |e| match e {
-                    super::json_tree::TreeError::Invalid(e) => {
-                        Refusal::invalid(format!("body is not valid JSON: {e}"))
+            let value =
+                super::json_tree::parse(&decoded, self.max_json_tree_bytes, held).map_err(|e| {
+                    match e {
+                        super::json_tree::TreeError::Invalid(e) => {
+                            Refusal::invalid(format!("body is not valid JSON: {e}"))
+                        }
+                        super::json_tree::TreeError::TooLarge => {
+                            Refusal::json_tree_too_large(self.max_json_tree_bytes)
+                        }
+                        super::json_tree::TreeError::BudgetFull => {
+                            Refusal::body_buffer_full(held.limit())
+                        }
                     }
-                    super::json_tree::TreeError::TooLarge => {
-                        Refusal::json_tree_too_large(self.max_json_tree_bytes)
-                    }
-                },
-            )?;
+                })?;
             // Name the schema keyword that failed, never the instance: the error's text and
             // its instance path quote the payload (values, object keys), and the reason is
             // logged.
@@ -255,48 +266,72 @@ fn check_md5(header: &[u8], body: &[u8]) -> Result<(), Refusal> {
     }
 }
 
-/// The body after `Content-Encoding` (gzip, deflate, snappy, identity), decoded up to `limit` bytes.
+/// The body after `Content-Encoding` (gzip, deflate, snappy, identity), decoded up to `limit`
+/// bytes, each taken from `held` before it is allocated.
 fn decode<'a>(
     headers: &HeaderMap,
     body: &'a Bytes,
     limit: u64,
+    held: &mut Held,
 ) -> Result<std::borrow::Cow<'a, [u8]>, Refusal> {
     let Some(encoding) = coding(headers)? else {
         return Ok(std::borrow::Cow::Borrowed(body));
     };
-    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit as usize));
-    let invalid =
-        |e: std::io::Error| Refusal::invalid(format!("body is not valid {encoding}: {e}"));
+    let mut out = Decoded::default();
+    let refused = |e: DecodeError| match e {
+        DecodeError::Io(e) => Refusal::invalid(format!("body is not valid {encoding}: {e}")),
+        DecodeError::BudgetFull(limit) => Refusal::body_buffer_full(limit),
+    };
     match encoding.as_str() {
-        "gzip" | "x-gzip" => decode_gzip(body, &mut out, limit).map_err(invalid)?,
+        "gzip" | "x-gzip" => decode_gzip(body, &mut out, limit, held).map_err(refused)?,
         "deflate" => {
             let mut zlib = flate2::bufread::ZlibDecoder::new(&body[..]);
-            read_decoded(&mut zlib, &mut out, limit).map_err(invalid)?;
+            read_decoded(&mut zlib, &mut out, limit, held).map_err(refused)?;
             // Bytes after the end of the stream would go upstream unread by every check.
-            if out.len() as u64 <= limit && !zlib.get_ref().is_empty() {
+            if out.len() <= limit && !zlib.get_ref().is_empty() {
                 return Err(Refusal::invalid(
                     "body is not valid deflate: data after the end of the stream",
                 ));
             }
         }
-        "snappy" => return decode_snappy(body, limit).map(std::borrow::Cow::Owned),
+        "snappy" => return decode_snappy(body, limit, held).map(std::borrow::Cow::Owned),
         other => return Err(Refusal::unsupported_encoding(other)),
     }
-    if out.len() as u64 > limit {
+    if out.len() > limit {
         return Err(Refusal::decoded_too_large(limit));
     }
-    Ok(std::borrow::Cow::Owned(out))
+    Ok(std::borrow::Cow::Owned(out.into_vec()))
+}
+
+/// Why decoding stopped.
+#[derive(Debug)]
+enum DecodeError {
+    /// The body is not valid in its coding.
+    Io(std::io::Error),
+    /// The process-wide body budget (of this size) has no room for more decoded bytes.
+    BudgetFull(u64),
+}
+
+impl From<std::io::Error> for DecodeError {
+    fn from(e: std::io::Error) -> Self {
+        DecodeError::Io(e)
+    }
 }
 
 /// Decodes gzip member after member (gzip files put end to end are one stream to every
 /// decoder) into `out`, up to one byte past `limit`. Bytes after the last member that do not
 /// begin another one are refused: they would go upstream unread by every check.
-fn decode_gzip(body: &[u8], out: &mut Vec<u8>, limit: u64) -> std::io::Result<()> {
+fn decode_gzip(
+    body: &[u8],
+    out: &mut Decoded,
+    limit: u64,
+    held: &mut Held,
+) -> Result<(), DecodeError> {
     let mut rest = body;
     loop {
         let mut member = flate2::bufread::GzDecoder::new(rest);
-        read_decoded(&mut member, out, limit.saturating_sub(out.len() as u64))?;
-        if out.len() as u64 > limit {
+        read_decoded(&mut member, out, limit, held)?;
+        if out.len() > limit {
             return Ok(());
         }
         let after = member.into_inner();
@@ -307,15 +342,91 @@ fn decode_gzip(body: &[u8], out: &mut Vec<u8>, limit: u64) -> std::io::Result<()
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "data after the end of the gzip stream",
-            ));
+            )
+            .into());
         }
         rest = after;
     }
 }
 
-/// Reads `reader` into `out`, one byte past `limit` to tell "exactly at the limit" from "over it".
-fn read_decoded(reader: impl Read, out: &mut Vec<u8>, limit: u64) -> std::io::Result<()> {
-    reader.take(limit + 1).read_to_end(out).map(drop)
+/// The first buffer decoded bytes go into; it doubles from there.
+const FIRST_DECODED: u64 = 64 << 10;
+
+/// A buffer decoded bytes are appended to. It is zero-filled to its capacity when it grows, not
+/// before every read: a body of thousands of empty gzip members would make that quadratic.
+#[derive(Default)]
+struct Decoded {
+    /// Always as long as its capacity.
+    buf: Vec<u8>,
+    /// How much of `buf` is data.
+    filled: usize,
+}
+
+impl Decoded {
+    fn len(&self) -> u64 {
+        self.filled as u64
+    }
+
+    fn into_vec(mut self) -> Vec<u8> {
+        self.buf.truncate(self.filled);
+        self.buf
+    }
+}
+
+/// Appends what `reader` yields to `out` until `out` holds one byte past `limit` (to tell
+/// "exactly at the limit" from "over it"). `held` pays for all of `out`'s capacity, taken before
+/// each allocation: a few kilobytes of gzip decode to gigabytes, so what the decoding may
+/// allocate is bounded by the process-wide budget, not only per request.
+fn read_decoded(
+    reader: impl Read,
+    out: &mut Decoded,
+    limit: u64,
+    held: &mut Held,
+) -> Result<(), DecodeError> {
+    let end = limit.saturating_add(1);
+    let mut reader = reader.take(end.saturating_sub(out.len()));
+    while reader.limit() > 0 {
+        if out.filled == out.buf.len() && !grow_decoded(&mut out.buf, end, held) {
+            return Err(DecodeError::BudgetFull(held.limit()));
+        }
+        match reader.read(&mut out.buf[out.filled..]) {
+            Ok(0) => break,
+            Ok(n) => out.filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Doubles `out` (zero-filled), to at most `end` bytes, paying for it from `held`, which already
+/// pays for `out`'s capacity. While it grows, the old buffer and the new one both exist: both
+/// are paid for until the old one is gone. False if `held` could not pay.
+fn grow_decoded(out: &mut Vec<u8>, end: u64, held: &mut Held) -> bool {
+    let old = out.capacity() as u64;
+    let new = old
+        .saturating_mul(2)
+        .max(FIRST_DECODED)
+        .min(end)
+        .min(isize::MAX as u64);
+    if new <= old {
+        return false;
+    }
+    let Ok(new_len) = usize::try_from(new) else {
+        return false;
+    };
+    if !held.grow(new) {
+        return false;
+    }
+    out.reserve_exact(new_len - out.len());
+    held.shrink(old);
+    // The allocator may hand over more than asked for; that is paid for too.
+    let extra = (out.capacity() as u64).saturating_sub(new);
+    if extra > 0 && !held.grow(extra) {
+        return false;
+    }
+    out.resize(out.capacity(), 0);
+    true
 }
 
 /// The body's one content coding (lowercase), `None` for identity; refused if the proxy cannot
@@ -347,11 +458,14 @@ fn coding(headers: &HeaderMap) -> Result<Option<String>, Refusal> {
 
 /// Snappy in the block format, as Prometheus remote_write sends it (`Content-Encoding: snappy`).
 /// The block starts with its decoded length, so the limit is checked before anything is decoded.
-fn decode_snappy(body: &[u8], limit: u64) -> Result<Vec<u8>, Refusal> {
+fn decode_snappy(body: &[u8], limit: u64, held: &mut Held) -> Result<Vec<u8>, Refusal> {
     let invalid = |e: snap::Error| Refusal::invalid(format!("body is not valid snappy: {e}"));
     let len = snap::raw::decompress_len(body).map_err(invalid)?;
     if len as u64 > limit {
         return Err(Refusal::decoded_too_large(limit));
+    }
+    if !held.grow(len as u64) {
+        return Err(Refusal::body_buffer_full(held.limit()));
     }
     snap::raw::Decoder::new()
         .decompress_vec(body)
@@ -363,6 +477,11 @@ mod tests {
     use super::*;
     use http::HeaderValue;
     use std::io::Write;
+
+    /// A share of a budget that never runs out.
+    fn unbounded() -> Held {
+        super::super::budget::BodyBudget::new(u64::MAX, Default::default()).share()
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -388,15 +507,27 @@ mod tests {
             ..Validation::default()
         };
         let err = v
-            .check_body(&headers(&[]), &Bytes::from_static(b"secret at byte 0"))
+            .check_body(
+                &headers(&[]),
+                &Bytes::from_static(b"secret at byte 0"),
+                &mut unbounded(),
+            )
             .unwrap_err();
         assert_eq!(err.status.as_u16(), 403);
         let gz = gzip(b"{\"x\": \"a secret inside\"}");
         assert!(v
-            .check_body(&headers(&[("content-encoding", "gzip")]), &gz)
+            .check_body(
+                &headers(&[("content-encoding", "gzip")]),
+                &gz,
+                &mut unbounded()
+            )
             .is_err());
         assert!(v
-            .check_body(&headers(&[]), &Bytes::from_static(b"all clear"))
+            .check_body(
+                &headers(&[]),
+                &Bytes::from_static(b"all clear"),
+                &mut unbounded()
+            )
             .is_ok());
     }
 
@@ -414,13 +545,15 @@ mod tests {
             enc.finish().unwrap().into()
         };
         let h = headers(&[("content-encoding", "gzip")]);
-        assert!(v.check_body(&h, &gz(flate2::GzBuilder::new())).is_ok());
+        assert!(v
+            .check_body(&h, &gz(flate2::GzBuilder::new()), &mut unbounded())
+            .is_ok());
         for (field, body) in [
             ("FNAME", gz(flate2::GzBuilder::new().filename("SECRET"))),
             ("FCOMMENT", gz(flate2::GzBuilder::new().comment("SECRET"))),
             ("FEXTRA", gz(flate2::GzBuilder::new().extra(&b"SECRET"[..]))),
         ] {
-            let err = v.check_body(&h, &body).unwrap_err();
+            let err = v.check_body(&h, &body, &mut unbounded()).unwrap_err();
             assert_eq!(err.status.as_u16(), 403, "{field}: {}", err.reason);
         }
 
@@ -430,26 +563,32 @@ mod tests {
             ..Validation::default()
         };
         let members = [gzip(b"{\"a\": "), gzip(b"1}")].concat().into();
-        assert!(json.check_body(&h, &members).is_ok());
+        assert!(json.check_body(&h, &members, &mut unbounded()).is_ok());
         for tail in [&b"SECRET"[..], &[0; 8], b"\x1f"] {
             let body = [&gzip(b"{\"a\": 1}")[..], tail].concat().into();
-            let err = json.check_body(&h, &body).unwrap_err();
+            let err = json.check_body(&h, &body, &mut unbounded()).unwrap_err();
             assert_eq!(
                 err.reason, "body is not valid gzip: data after the end of the gzip stream",
                 "{tail:?}"
             );
         }
         let truncated_member = [&gzip(b"{}")[..], &gzip(b"{}")[..12]].concat().into();
-        let err = json.check_body(&h, &truncated_member).unwrap_err();
+        let err = json
+            .check_body(&h, &truncated_member, &mut unbounded())
+            .unwrap_err();
         assert_eq!(err.status.as_u16(), 422, "{}", err.reason);
 
         let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
         zlib.write_all(b"{\"a\": 1}").unwrap();
         let deflated = zlib.finish().unwrap();
         let h = headers(&[("content-encoding", "deflate")]);
-        assert!(json.check_body(&h, &deflated.clone().into()).is_ok());
+        assert!(json
+            .check_body(&h, &deflated.clone().into(), &mut unbounded())
+            .is_ok());
         let trailing = [&deflated[..], b"trailing"].concat().into();
-        let err = json.check_body(&h, &trailing).unwrap_err();
+        let err = json
+            .check_body(&h, &trailing, &mut unbounded())
+            .unwrap_err();
         assert_eq!(err.status.as_u16(), 422, "{}", err.reason);
         assert!(err.reason.contains("after the end"), "{}", err.reason);
     }
@@ -468,7 +607,11 @@ mod tests {
             ..Validation::default()
         };
         let err = v
-            .check_body(&headers(&[("content-encoding", "gzip")]), &bomb)
+            .check_body(
+                &headers(&[("content-encoding", "gzip")]),
+                &bomb,
+                &mut unbounded(),
+            )
             .unwrap_err();
         assert_eq!(err.status.as_u16(), 413, "{}", err.reason);
     }
@@ -490,17 +633,23 @@ mod tests {
             !leak.windows(14).any(|w| w == b"customer_email"),
             "the pattern must not be visible in the compressed bytes for this test to mean anything"
         );
-        let err = v.check_body(&h, &leak).unwrap_err();
+        let err = v.check_body(&h, &leak, &mut unbounded()).unwrap_err();
         assert_eq!(err.status.as_u16(), 403, "{}", err.reason);
-        assert!(v.check_body(&h, &snappy(b"up{job=\"node\"} 1")).is_ok());
+        assert!(v
+            .check_body(&h, &snappy(b"up{job=\"node\"} 1"), &mut unbounded())
+            .is_ok());
 
         let bomb = snappy(&vec![0; 10 << 20]);
         assert!(bomb.len() < 1 << 20, "{}", bomb.len());
-        let err = v.check_body(&h, &bomb).unwrap_err();
+        let err = v.check_body(&h, &bomb, &mut unbounded()).unwrap_err();
         assert_eq!(err.status.as_u16(), 413, "{}", err.reason);
 
         let err = v
-            .check_body(&h, &Bytes::from_static(b"\x05not snappy at all"))
+            .check_body(
+                &h,
+                &Bytes::from_static(b"\x05not snappy at all"),
+                &mut unbounded(),
+            )
             .unwrap_err();
         assert_eq!(err.status.as_u16(), 422, "{}", err.reason);
         assert!(
@@ -550,7 +699,11 @@ mod tests {
         for case in &repeated {
             assert!(serde_json::from_slice::<serde_json::Value>(case).is_ok());
             let err = v
-                .check_body(&headers(&[]), &Bytes::copy_from_slice(case))
+                .check_body(
+                    &headers(&[]),
+                    &Bytes::copy_from_slice(case),
+                    &mut unbounded(),
+                )
                 .unwrap_err();
             assert_eq!(err.status.as_u16(), 422);
             assert!(
@@ -561,7 +714,11 @@ mod tests {
         }
         for case in cases {
             let by_value = serde_json::from_slice::<serde_json::Value>(case).is_ok();
-            let ours = v.check_body(&headers(&[]), &Bytes::copy_from_slice(case));
+            let ours = v.check_body(
+                &headers(&[]),
+                &Bytes::copy_from_slice(case),
+                &mut unbounded(),
+            );
             assert_eq!(
                 ours.is_ok(),
                 by_value,
@@ -614,14 +771,22 @@ mod tests {
             422
         );
         assert!(v
-            .check_body(&ok, &Bytes::from_static(b"{\"host\": \"a\"}"))
+            .check_body(
+                &ok,
+                &Bytes::from_static(b"{\"host\": \"a\"}"),
+                &mut unbounded()
+            )
             .is_ok());
         let err = v
-            .check_body(&ok, &Bytes::from_static(b"{\"hostname\": \"a\"}"))
+            .check_body(
+                &ok,
+                &Bytes::from_static(b"{\"hostname\": \"a\"}"),
+                &mut unbounded(),
+            )
             .unwrap_err();
         assert!(err.reason.contains("schema"), "{}", err.reason);
         let err = v
-            .check_body(&ok, &Bytes::from_static(b"{\"host\": "))
+            .check_body(&ok, &Bytes::from_static(b"{\"host\": "), &mut unbounded())
             .unwrap_err();
         assert!(err.reason.contains("not valid JSON"), "{}", err.reason);
         use base64::Engine as _;
@@ -629,10 +794,50 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode(Md5::digest(b"{\"host\": \"a\"}"));
         let with_md5 = headers(&[("content-md5", &good)]);
         assert!(v
-            .check_body(&with_md5, &Bytes::from_static(b"{\"host\": \"a\"}"))
+            .check_body(
+                &with_md5,
+                &Bytes::from_static(b"{\"host\": \"a\"}"),
+                &mut unbounded()
+            )
             .is_ok());
         assert!(v
-            .check_body(&with_md5, &Bytes::from_static(b"{\"host\": \"b\"}"))
+            .check_body(
+                &with_md5,
+                &Bytes::from_static(b"{\"host\": \"b\"}"),
+                &mut unbounded()
+            )
             .is_err());
+    }
+
+    #[test]
+    fn no_decoded_limit_is_too_large_to_count_past() {
+        let v = Validation {
+            json: true,
+            max_decoded_bytes: u64::MAX,
+            ..Validation::default()
+        };
+        let h = headers(&[("content-encoding", "gzip")]);
+        assert!(v
+            .check_body(&h, &gzip(b"{\"a\": 1}"), &mut unbounded())
+            .is_ok());
+    }
+
+    #[test]
+    fn decoded_bytes_are_taken_from_the_body_budget() {
+        let v = Validation {
+            json: true,
+            ..Validation::default()
+        };
+        let h = headers(&[("content-encoding", "gzip")]);
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        let budget = super::super::budget::BodyBudget::new(1 << 20, gauge.clone());
+        let zeros = gzip(&vec![b'0'; 4 << 20]);
+        let err = v.check_body(&h, &zeros, &mut budget.share()).unwrap_err();
+        assert_eq!(err.kind, "body_buffer_full", "{err:?}");
+        assert_eq!(gauge.get(), 0, "given back");
+        let mut held = budget.share();
+        assert!(v.check_body(&h, &gzip(b"[1, 2]"), &mut held).is_ok());
+        drop(held);
+        assert_eq!(gauge.get(), 0);
     }
 }
