@@ -866,7 +866,8 @@ async fn start_target() -> Result<SocketAddr, String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let body = Bytes::from(metrics_text(BODY_BYTES));
     // The project's own accept loop and HTTP/1.1 server, never shut down: the bench exits.
-    tokio::spawn(ferry::server::serve_http(
+    // Every simulated agent keeps a connection to it: no cap short of the descriptor limit.
+    tokio::spawn(ferry::server::serve_http_capped(
         listener,
         move |_peer, req| {
             let resp = target_response(&req, body.clone());
@@ -874,6 +875,7 @@ async fn start_target() -> Result<SocketAddr, String> {
         },
         tokio_util::sync::CancellationToken::new(),
         Duration::from_secs(1),
+        1 << 20,
     ));
     Ok(addr)
 }

@@ -197,6 +197,7 @@ pub mod scrape_error;
 pub mod server;
 pub mod telemetry;
 pub mod tunnel;
+mod warn_limit;
 
 #[cfg(feature = "agent")]
 pub mod agent;

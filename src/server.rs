@@ -12,11 +12,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::http_util::Body;
+use crate::warn_limit::WarnLimit;
 
 /// A client connection: plain TCP or TLS over it.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
@@ -48,9 +50,36 @@ impl ReloadableTls {
 /// How long a client may take to send its request headers.
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// hyper's read (and write) buffer bound per connection; a request head that does not fit is
+/// answered 431 by the parser. hyper's default, about 400 KiB, lets each client trickling a head
+/// for [`HEADER_READ_TIMEOUT`] hold that much. The gateway forwards heads of 32 KiB at most and
+/// answers larger ones 431 itself, saying why: this leaves room for that answer.
+pub(crate) const MAX_REQUEST_HEAD: usize = 128 << 10;
+
+/// Connections a listener of [`serve_http`] holds open at once (the agent's and the exporter's
+/// own endpoints: a few scrapers and health checks); more are closed at accept.
+pub(crate) const MAX_CONNECTIONS: usize = 1024;
+
+/// A bound on the connections a listener holds open at once: each costs a descriptor and up to
+/// [`MAX_REQUEST_HEAD`] of buffer for as long as its client keeps it.
+#[derive(Clone)]
+pub(crate) struct ConnectionCap(Arc<Semaphore>);
+
+impl ConnectionCap {
+    pub(crate) fn new(max: usize) -> Self {
+        Self(Arc::new(Semaphore::new(max)))
+    }
+
+    /// A slot for one more connection, held until the returned permit drops; `None` at the cap.
+    pub(crate) fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.0.clone().try_acquire_owned().ok()
+    }
+}
+
 /// Serves HTTP/1.1 on `listener` until `shutdown`, then lets in-flight requests finish for up to `grace`.
 ///
-/// `handler` is called once per request with the peer's address.
+/// `handler` is called once per request with the peer's address. At most [`MAX_CONNECTIONS`]
+/// connections are open at once.
 pub async fn serve_http<H, F>(
     listener: TcpListener,
     handler: H,
@@ -60,18 +89,49 @@ pub async fn serve_http<H, F>(
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_http_capped(listener, handler, shutdown, grace, MAX_CONNECTIONS).await;
+}
+
+/// [`serve_http`] with at most `max_connections` open at once (the benches' stand-in target
+/// serves thousands of simulated agents).
+pub async fn serve_http_capped<H, F>(
+    listener: TcpListener,
+    handler: H,
+    shutdown: CancellationToken,
+    grace: Duration,
+    max_connections: usize,
+) where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let drain = Drain {
         grace,
         cut_off: "the server is shutting down",
     };
     let no_tls = None;
+    let address = listener
+        .local_addr()
+        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+    let cap = ConnectionCap::new(max_connections);
+    let warnings = WarnLimit::default();
+    let on_accept = move |peer: SocketAddr| {
+        let slot = cap.admit();
+        if slot.is_none() {
+            match warnings.admit() {
+                Some(quiet) => warn!(
+                    %address,
+                    remote = %peer,
+                    max = max_connections,
+                    refused_not_logged_since_last_warning = quiet,
+                    "connection closed at accept: the listener has its maximum of open connections (clients holding connections open?); at most one such warning a minute, the rest at debug level"
+                ),
+                None => debug!(remote = %peer, "connection closed at accept: too many open"),
+            }
+        }
+        slot
+    };
     serve_http_tracked::<_, _, _, _, fn(SocketAddr, String)>(
-        listener,
-        handler,
-        |_| (),
-        no_tls,
-        shutdown,
-        drain,
+        listener, handler, on_accept, no_tls, shutdown, drain,
     )
     .await;
 }
@@ -88,7 +148,8 @@ pub(crate) struct Drain {
 const CUT_OFF_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Like [`serve_http`]; `on_accept` is called for every connection and what it returns is kept
-/// until the connection closes (a metrics guard, typically). With `tls`, connections speak TLS,
+/// until the connection closes (a metrics guard and a [`ConnectionCap`] slot, typically); `None`
+/// closes the connection at once (the cap is reached). With `tls`, connections speak TLS,
 /// and its callback is told of each connection whose handshake failed (the peer, why).
 /// Returns once every connection is closed, or its requests were cut off and answered.
 pub(crate) async fn serve_http_tracked<H, F, A, G, T>(
@@ -101,7 +162,7 @@ pub(crate) async fn serve_http_tracked<H, F, A, G, T>(
 ) where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
-    A: Fn(SocketAddr) -> G,
+    A: Fn(SocketAddr) -> Option<G>,
     G: Send + 'static,
     T: Fn(SocketAddr, String) + Clone + Send + 'static,
 {
@@ -114,9 +175,12 @@ pub(crate) async fn serve_http_tracked<H, F, A, G, T>(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_HEAD);
     while let Some((stream, peer)) = accept(&listener, &shutdown).await {
-        let guard = on_accept(peer);
+        let Some(guard) = on_accept(peer) else {
+            continue;
+        };
         let handler = handler.clone();
         let cut = cut.clone();
         let service = hyper::service::service_fn(move |req| {

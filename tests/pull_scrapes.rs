@@ -975,6 +975,122 @@ async fn half_open_tunnel_connections_are_bounded_per_address() {
     gw.stop().await;
 }
 
+/// The web listener holds at most `web.max_connections` connections: past it new ones are closed
+/// at accept, counted and warned about, while those open keep being served; once they go, scrapes
+/// get in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_connections_past_the_cap_are_closed_at_accept() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let target = TargetServer::start(Behaviour::Metrics(BODY.into())).await;
+    let gw = start_gateway(&dir, &[("*", "test-token")], |s| {
+        s.web.max_connections = 2;
+    })
+    .await;
+    let agent = start_agent(
+        agent_section(&gw, AGENT, &[("node", target.url("/metrics"))]),
+        "test-token",
+    );
+    gw.wait_agent(AGENT, CONNECT_WAIT).await;
+    let url = format!("http://{AGENT}:{}/metrics", target.addr.port());
+
+    // One after the other, so that the gateway has admitted each before the next arrives.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(tokio::net::TcpStream::connect(gw.web).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut third = tokio::net::TcpStream::connect(gw.web).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(CONNECT_WAIT, third.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the third connection is closed: {read:?}"
+    );
+    let warned = logs
+        .wait_lines(
+            &[
+                "refused a request before routing",
+                "reason=connection_limit",
+            ],
+            1,
+            CONNECT_WAIT,
+        )
+        .await;
+    assert!(
+        warned[0].contains("gateway.web.max_connections"),
+        "{warned:?}"
+    );
+
+    // A connection in place is still served, and stays open for the next scrape.
+    let scrape = format!(
+        "GET {url} HTTP/1.1\r\nHost: {AGENT}:{}\r\n\r\n",
+        target.addr.port()
+    );
+    for _ in 0..2 {
+        held[0].write_all(scrape.as_bytes()).await.unwrap();
+        let resp = tokio::time::timeout(CONNECT_WAIT, read_response(&mut held[0]))
+            .await
+            .expect("an answer on the connection in place")
+            .expect("a response");
+        assert_eq!(resp.status, 200, "{}", resp.head);
+    }
+    let own = format!("GET /metrics HTTP/1.1\r\nHost: {}\r\n\r\n", gw.web);
+    held[0].write_all(own.as_bytes()).await.unwrap();
+    let resp = tokio::time::timeout(CONNECT_WAIT, read_response(&mut held[0]))
+        .await
+        .expect("an answer on the connection in place")
+        .expect("a response");
+    let metrics = String::from_utf8_lossy(&resp.body);
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ferry_gateway_web_refusals_total",
+            &[("reason", "connection_limit")]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // Scrapes get in again once the connections in place close (retried: the gateway may not
+    // have seen them close yet).
+    drop(held);
+    let start = Instant::now();
+    let resp = loop {
+        match client::try_get_via_proxy(gw.web, &url, &[]).await {
+            Ok(resp) => break resp,
+            Err(_) if start.elapsed() < CONNECT_WAIT => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no scrape got in after the connections closed: {e}"),
+        }
+    };
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.text(), BODY);
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// A request head over the listener's buffer (128 KiB) is refused by the HTTP parser, so that a
+/// client trickling a head holds that much memory at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_over_the_buffer_is_431_from_the_parser() {
+    let s = Setup::start(Behaviour::Metrics(BODY.into())).await;
+    let port = s.target.addr.port();
+    let big = "a".repeat(200_000);
+    let resp = raw_exchange(
+        s.gw.web,
+        format!("GET http://{AGENT}:{port}/metrics HTTP/1.1\r\nHost: {AGENT}:{port}\r\nx-big: {big}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 431, "{}", resp.head);
+    assert_eq!(resp.header("ferry-error"), None, "{}", resp.head);
+    assert_eq!(s.target.requests(), 0);
+    s.stop().await;
+}
+
 /// `http://:9100/metrics` names no agent: the request is wrong, not the agent away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_url_without_a_host_is_400() {

@@ -69,6 +69,9 @@ pub struct GatewayWebSection {
     /// At most this many disconnected agents are kept; over it the longest gone goes first.
     #[serde(deserialize_with = "super::lenient")]
     pub sd_keep_disconnected_max: usize,
+    /// Connections the web listener holds open at once; more are closed at accept.
+    #[serde(deserialize_with = "super::lenient")]
+    pub max_connections: usize,
 }
 
 impl Default for GatewayWebSection {
@@ -82,6 +85,7 @@ impl Default for GatewayWebSection {
             config_file: None,
             sd_keep_disconnected: Dur(Duration::from_secs(24 * 3600)),
             sd_keep_disconnected_max: 10_000,
+            max_connections: 16_384,
         }
     }
 }
@@ -231,6 +235,8 @@ pub struct GatewayConfig {
     pub sd_keep_disconnected: Duration,
     /// How many disconnected agents are kept at most.
     pub sd_keep_disconnected_max: usize,
+    /// Connections the web listener holds open at once.
+    pub web_max_connections: usize,
     /// Drain time on shutdown.
     pub shutdown_grace: Duration,
     /// Country lookup for connection metrics (the process-wide `geoip:` database).
@@ -316,6 +322,9 @@ impl GatewaySection {
             );
             errs.push(f("web.sd_keep_disconnected_max"), message);
         }
+        if web.max_connections == 0 {
+            errs.push(f("web.max_connections"), "must be greater than 0");
+        }
         if self.tunnel.max_concurrent_scrapes == 0 {
             errs.push(f("tunnel.max_concurrent_scrapes"), "must be greater than 0");
         }
@@ -365,6 +374,7 @@ impl GatewaySection {
             },
             sd_keep_disconnected: web.sd_keep_disconnected.0,
             sd_keep_disconnected_max: web.sd_keep_disconnected_max,
+            web_max_connections: web.max_connections,
             shutdown_grace: self.shutdown_grace_period.0,
             geo: crate::telemetry::geo::SharedGeo::disabled(),
         })

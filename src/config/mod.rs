@@ -1762,6 +1762,13 @@ egress:
     }
 
     #[test]
+    fn the_web_listener_needs_room_for_a_connection() {
+        let lines = check("gateway:\n  web:\n    max_connections: 0\n");
+        let want = ": gateway.web.max_connections: must be greater than 0";
+        assert!(lines.iter().any(|l| l == want), "{lines:#?}");
+    }
+
+    #[test]
     fn a_mapping_where_a_value_belongs_stops_the_parse_naming_the_field() {
         let lines = check("gateway:\n  web:\n    scrape_timeout_max: { a: 1 }\n");
         assert_eq!(

@@ -15,7 +15,6 @@
 //   `web_refusals`: what it refuses before routing, counted and warned about.
 // - `tunnel_tls`: the tunnel listener's TLS identity, reloaded on SIGHUP; both listeners'
 //   certificate checks.
-// - `warn_limit`: the once-a-minute limit of warnings strangers can cause.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -43,7 +42,6 @@ mod sd;
 mod status;
 mod tunnel;
 mod tunnel_tls;
-mod warn_limit;
 mod web;
 mod web_refusals;
 // Public for tests/examples.rs, which checks the README's web-config snippets with the loader
@@ -85,11 +83,11 @@ pub(crate) struct State {
     pub(crate) tunnel_tls: Option<TunnelTls>,
     pub(crate) web_tls: Option<ReloadableTls>,
     pub(crate) web_auth: RwLock<Option<Arc<web_config::BasicAuth>>>,
-    pub(crate) handshake_warnings: warn_limit::WarnLimit,
+    pub(crate) handshake_warnings: crate::warn_limit::WarnLimit,
     pub(crate) pending: Arc<pending::PendingHandshakes>,
     /// Connections closed at accept because too many handshakes were pending: warned about
     /// apart from failed handshakes, since what to do about them differs.
-    pub(crate) busy_warnings: warn_limit::WarnLimit,
+    pub(crate) busy_warnings: crate::warn_limit::WarnLimit,
     /// What the web listener refuses before routing: counted and warned about.
     pub(crate) web_refusals: web_refusals::WebRefusals,
     /// Said once: a web config file's TLS does not reach a server that mounts the gateway.
@@ -394,6 +392,8 @@ impl Gateway {
         info!(address = %local(&listener), tls, basic_auth, "gateway web listener up");
         let (state, accepted, refused) =
             (self.state.clone(), self.state.clone(), self.state.clone());
+        let max = self.state.config.web_max_connections;
+        let cap = crate::server::ConnectionCap::new(max);
         crate::server::serve_http_tracked(
             listener,
             move |peer, req: Request<hyper::body::Incoming>| {
@@ -401,8 +401,17 @@ impl Gateway {
                 async move { web::handle(&state, Some(peer), req.map(crate::http_util::boxed)).await }
             },
             move |peer| {
+                let Some(slot) = cap.admit() else {
+                    accepted.web_refusals.record(
+                        &accepted.metrics,
+                        web_refusals::WebRefusal::ConnectionLimit,
+                        Some(peer),
+                        &format!("{max} connections open, closed at accept"),
+                    );
+                    return None;
+                };
                 let country = accepted.config.geo.lookup(peer.ip());
-                accepted.connections.track("web", country)
+                Some((slot, accepted.connections.track("web", country)))
             },
             self.state.web_tls.clone().map(|tls| {
                 let on_failure = move |peer, error: String| {

@@ -1,5 +1,5 @@
 //! What the web listener refuses before a request is routed (wrong credentials, CONNECT, a
-//! failed TLS handshake): none of it reaches the scrape metrics, so each kind is counted in
+//! failed TLS handshake, a connection past the cap): none of it reaches the scrape metrics, so each kind is counted in
 //! `ferry_gateway_web_refusals_total{reason}` and warned about at most once a minute, with the
 //! remote address and what to fix.
 
@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 
 use tracing::{debug, warn};
 
-use super::warn_limit::WarnLimit;
 use crate::telemetry::GatewayMetrics;
+use crate::warn_limit::WarnLimit;
 
 /// A kind of refusal of the web listener; its label is the metric's `reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,16 +23,19 @@ pub(crate) enum WebRefusal {
     TlsHandshake,
     /// 503: too many new passwords were being checked at once.
     Busy,
+    /// A connection closed at accept: `web.max_connections` were open.
+    ConnectionLimit,
 }
 
 impl WebRefusal {
     /// Every kind, each a series from the start (at 0).
-    pub(crate) const ALL: [WebRefusal; 5] = [
+    pub(crate) const ALL: [WebRefusal; 6] = [
         WebRefusal::ProxyAuth,
         WebRefusal::Auth,
         WebRefusal::Connect,
         WebRefusal::TlsHandshake,
         WebRefusal::Busy,
+        WebRefusal::ConnectionLimit,
     ];
 
     /// The metric's `reason` label.
@@ -43,6 +46,7 @@ impl WebRefusal {
             WebRefusal::Connect => "connect",
             WebRefusal::TlsHandshake => "tls_handshake",
             WebRefusal::Busy => "busy",
+            WebRefusal::ConnectionLimit => "connection_limit",
         }
     }
 
@@ -54,6 +58,7 @@ impl WebRefusal {
             WebRefusal::Connect => "a scrape job with scheme: https sends CONNECT through proxy_url: set scheme: http in the job (the agent fetches https targets itself)",
             WebRefusal::TlsHandshake => "the web listener speaks TLS (tls_server_config of the web config file): use https:// in proxy_url and the http_sd URL, and trust its certificate (tls_config.ca_file)",
             WebRefusal::Busy => "many clients presented passwords not seen before at once (a client trying passwords?); Prometheus retries at its next scrape",
+            WebRefusal::ConnectionLimit => "clients hold gateway.web.max_connections connections open: Prometheus holds one per scrape in flight and keeps idle ones for reuse, so with many targets raise it (and LimitNOFILE); otherwise a client opens connections and keeps them",
         }
     }
 }
