@@ -78,7 +78,7 @@ impl ConnectionCap {
 
 /// Serves HTTP/1.1 on `listener` until `shutdown`, then lets in-flight requests finish for up to `grace`.
 ///
-/// `handler` is called once per request with the peer's address. At most [`MAX_CONNECTIONS`]
+/// `handler` is called once per request with the peer's address. At most 1,024
 /// connections are open at once.
 pub async fn serve_http<H, F>(
     listener: TcpListener,

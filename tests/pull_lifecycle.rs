@@ -706,13 +706,15 @@ async fn newer_tunnel_replaces_older_with_the_same_id() {
         "{lines:?}"
     );
     common::logs::assert_slow_retry(&lines[0], SLOW);
+    // Counted from a little before `replaced_at`: a margin for the scrapes below.
+    let stays_away = common::logs::retry_in(&lines[0]).saturating_sub(Duration::from_millis(300));
 
     // The replaced agent stays away for its slow backoff: the newer one keeps the tunnel.
     let old_requests = old_server.requests();
     loop {
         let resp = scrape(gw.web, &url).await;
         assert_eq!((resp.status, resp.text().as_str()), (200, "which 2\n"));
-        if replaced_at.elapsed() >= SLOW / 2 {
+        if replaced_at.elapsed() >= stays_away {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

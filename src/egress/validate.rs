@@ -116,7 +116,7 @@ impl Validation {
         Ok(())
     }
 
-    /// Whether [`Validation::check_body`] looks at the body of a request with these headers
+    /// Whether the body check looks at the body of a request with these headers
     /// (else the body may be forwarded without being gathered into one buffer).
     pub fn needs_body(&self, headers: &HeaderMap) -> bool {
         self.inspects_body() || headers.contains_key("content-md5")
