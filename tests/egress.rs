@@ -1285,16 +1285,7 @@ async fn a_schema_rule_refuses_a_json_bomb_within_its_tree_limit() {
         let grew = after.saturating_sub(before);
         assert!(grew < 40 << 20, "peak memory grew by {} MB", grew >> 20);
     }
-    let metrics = proxy.metrics().await;
-    assert_eq!(
-        metric_value(
-            &metrics,
-            "ferry_egress_rejections_total",
-            &[("reason", "json_tree_too_large")]
-        ),
-        Some(1.0),
-        "{metrics}"
-    );
+    proxy.assert_rejections("json_tree_too_large", 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2099,16 +2090,7 @@ async fn trickled_headers_are_cut_by_the_header_read_timeout() {
     );
     up.assert_untouched("slowloris");
     // Counted like every refusal.
-    let metrics = proxy.metrics().await;
-    assert_eq!(
-        metric_value(
-            &metrics,
-            "ferry_egress_rejections_total",
-            &[("reason", "header_timeout")]
-        ),
-        Some(1.0),
-        "{metrics}"
-    );
+    proxy.assert_rejections("header_timeout", 1.0).await;
 }
 
 /// A kept-alive connection may wait for its next request much longer than a request head may
@@ -2235,16 +2217,7 @@ async fn request_bodies_held_at_once_are_bounded_process_wide() {
     up.assert_untouched("over the body budget");
     let resp = post_via(proxy.addr, &up.url("/fits"), &[], &[b'c'; 20_000]).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
-    let metrics = proxy.metrics().await;
-    assert_eq!(
-        metric_value(
-            &metrics,
-            "ferry_egress_rejections_total",
-            &[("reason", "body_buffer_full")]
-        ),
-        Some(1.0),
-        "{metrics}"
-    );
+    proxy.assert_rejections("body_buffer_full", 1.0).await;
 
     drop(stalled);
     wait_buffered(&proxy, 0.0).await;
@@ -2281,16 +2254,7 @@ async fn decoded_bodies_are_held_within_the_process_wide_budget() {
         "a gzip bomb decoded past the body budget",
     );
     up.assert_untouched("gzip bomb over the body budget");
-    let metrics = proxy.metrics().await;
-    assert_eq!(
-        metric_value(
-            &metrics,
-            "ferry_egress_rejections_total",
-            &[("reason", "body_buffer_full")]
-        ),
-        Some(1.0),
-        "{metrics}"
-    );
+    proxy.assert_rejections("body_buffer_full", 1.0).await;
     wait_buffered(&proxy, 0.0).await;
 
     let mut doc = b"[".to_vec();

@@ -427,6 +427,20 @@ impl TestEgress {
         assert_eq!(resp.status, 200, "GET /metrics: {}", resp.text());
         resp.text()
     }
+
+    /// Asserts that `ferry_egress_rejections_total{reason}` reads `n`.
+    pub async fn assert_rejections(&self, reason: &str, n: f64) {
+        let metrics = self.metrics().await;
+        assert_eq!(
+            super::ferry::metric_value(
+                &metrics,
+                "ferry_egress_rejections_total",
+                &[("reason", reason)]
+            ),
+            Some(n),
+            "{reason}: {metrics}"
+        );
+    }
 }
 
 impl Drop for TestEgress {
