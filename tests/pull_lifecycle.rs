@@ -163,6 +163,22 @@ fn rotate_token(gw: &TestGateway, glob: &str, old: &str, new: &str, token_file: 
     gw.gateway.reload_tokens().unwrap();
 }
 
+/// Starts an agent that reads `token` from a token file in `gw`'s directory, as `section` says
+/// otherwise; returns it with the file, for [`rotate_token`].
+fn start_agent_with_token_file(
+    gw: &TestGateway,
+    mut section: ferry::config::AgentSection,
+    token: &str,
+) -> (common::ferry::TestAgent, std::path::PathBuf) {
+    let token_file = gw.dir.join("agent-token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    section.token_file = Some(token_file.clone());
+    (
+        start_agent(section, "unused: the token file wins"),
+        token_file,
+    )
+}
+
 /// Service discovery as Prometheus reads it: `(target address, ferry_target label)` of every group.
 async fn sd_targets(web: SocketAddr) -> Result<Vec<(String, String)>, String> {
     let resp = http::try_get(&format!("http://{web}/targets"), &[])
@@ -768,11 +784,8 @@ async fn a_rotated_token_file_is_used_without_restarting_the_agent() {
     let server = metrics_server("up 1\n").await;
     let url = target_url("node-1", &server);
     let gw = start_gateway(&dir, &[("node-1", "old-token")], |_| {}).await;
-    let token_file = dir.path().join("agent-token");
-    std::fs::write(&token_file, "old-token\n").unwrap();
-    let mut section = agent_section(&gw, "node-1", &[("node", server.url("/metrics"))]);
-    section.token_file = Some(token_file.clone());
-    let agent = start_agent(section, "unused: the token file wins");
+    let section = agent_section(&gw, "node-1", &[("node", server.url("/metrics"))]);
+    let (agent, token_file) = start_agent_with_token_file(&gw, section, "old-token");
     gw.wait_agent("node-1", Duration::from_secs(10)).await;
     let agent_web = serve_agent_web(&agent.agent).await;
 
@@ -839,14 +852,11 @@ async fn a_token_rotated_as_the_readme_says_costs_no_outage() {
     let server = metrics_server("up 1\n").await;
     let url = target_url("node-1", &server);
     let gw = start_gateway(&dir, &[("node-*", "old-token")], |_| {}).await;
-    let token_file = dir.path().join("agent-token");
-    std::fs::write(&token_file, "old-token\n").unwrap();
     let mut section = agent_section(&gw, "node-1", &[("node", server.url("/metrics"))]);
-    section.token_file = Some(token_file.clone());
     section.reconnect.min_backoff = Dur(Duration::from_millis(500));
     section.reconnect.max_backoff = Dur(Duration::from_secs(30));
     section.reconnect.auth_failure_backoff = Dur(Duration::from_secs(60));
-    let agent = start_agent(section, "unused: the token file wins");
+    let (agent, token_file) = start_agent_with_token_file(&gw, section, "old-token");
     gw.wait_agent("node-1", Duration::from_secs(10)).await;
     let agent_web = serve_agent_web(&agent.agent).await;
 

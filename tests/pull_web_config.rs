@@ -31,15 +31,25 @@ fn web_config(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn basic_auth_guards_scrapes_and_endpoints_and_leaves_authorization_to_the_target() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = web_config(dir.path(), "");
-    let target = TargetServer::start(Behaviour::Metrics("up 1\n".into())).await;
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+/// A gateway whose web listener asks for basic auth: the user `prometheus` with `s3cret`, plus
+/// `extra` lines of users. Returns it with its web config file.
+async fn gateway_with_basic_auth(
+    dir: &tempfile::TempDir,
+    extra: &str,
+) -> (common::ferry::TestGateway, std::path::PathBuf) {
+    let config = web_config(dir.path(), extra);
+    let gw = start_gateway(dir, &[("*", "t")], |s| {
         s.web.config_file = Some(config.clone())
     })
     .await;
+    (gw, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_guards_scrapes_and_endpoints_and_leaves_authorization_to_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = TargetServer::start(Behaviour::Metrics("up 1\n".into())).await;
+    let (gw, _) = gateway_with_basic_auth(&dir, "").await;
     let agent = start_agent(
         agent_section(&gw, "auth-1", &[("node", target.url("/metrics"))]),
         "t",
@@ -134,11 +144,7 @@ async fn gateway_metrics(gw: &common::ferry::TestGateway) -> String {
 async fn refused_credentials_are_warned_about_once_a_minute_per_reason() {
     let logs = common::logs::capture();
     let dir = tempfile::tempdir().unwrap();
-    let config = web_config(dir.path(), "");
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.web.config_file = Some(config.clone())
-    })
-    .await;
+    let (gw, _) = gateway_with_basic_auth(&dir, "").await;
     let started = logs
         .wait_lines(
             &["gateway web listener up", &gw.web.to_string()],
@@ -189,20 +195,13 @@ async fn refused_credentials_are_warned_about_once_a_minute_per_reason() {
     gw.stop().await;
 }
 
-/// A client guessing passwords neither evicts the verified password of the real client (its
-/// scrapes stay fast) nor queues without bound behind bcrypt: past the queue's bound a guess is
-/// answered 503 at once.
 /// An agent pointed at a web listener behind basic auth is told it has the wrong listener, not
 /// that the gateway refused its token (it asks for a user and password, never for a token).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_at_the_basic_auth_web_listener_is_told_it_has_the_wrong_port() {
     let logs = common::logs::capture();
     let dir = tempfile::tempdir().unwrap();
-    let config = web_config(dir.path(), "");
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.web.config_file = Some(config.clone())
-    })
-    .await;
+    let (gw, _) = gateway_with_basic_auth(&dir, "").await;
     let mut section = agent_section(&gw, "node-web", &[]);
     section.gateway = Some(format!("http://localhost:{}", gw.web.port()));
     section.tunnel.fingerprint = Vec::new();
@@ -228,17 +227,16 @@ async fn an_agent_at_the_basic_auth_web_listener_is_told_it_has_the_wrong_port()
     gw.stop().await;
 }
 
+/// A client guessing passwords neither evicts the verified password of the real client (its
+/// scrapes stay fast) nor queues without bound behind bcrypt: past the queue's bound a guess is
+/// answered 503 at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guessing_passwords_does_not_lock_out_a_verified_client() {
     let dir = tempfile::tempdir().unwrap();
     // A second user with a costlier hash, whose guesses fill the bcrypt queue; the first user's
     // cheap hash keeps overflowing the memory of refusals quick.
     let admin = bcrypt::hash("other", 9).unwrap();
-    let config = web_config(dir.path(), &format!("  admin: {admin}\n"));
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.web.config_file = Some(config.clone())
-    })
-    .await;
+    let (gw, _) = gateway_with_basic_auth(&dir, &format!("  admin: {admin}\n")).await;
     let healthy = format!("http://{}/-/healthy", gw.web);
     let right = basic("prometheus", "s3cret");
     let ok = get_with_headers(&healthy, &[("authorization", &right)]).await;
@@ -500,11 +498,7 @@ async fn a_reload_serves_a_renewed_certificate() {
 async fn a_reload_revokes_changed_and_removed_passwords_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let admin = bcrypt::hash("admin-pass", 4).unwrap();
-    let config = web_config(dir.path(), &format!("  admin: {admin}\n"));
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.web.config_file = Some(config.clone())
-    })
-    .await;
+    let (gw, config) = gateway_with_basic_auth(&dir, &format!("  admin: {admin}\n")).await;
     let healthy = format!("http://{}/-/healthy", gw.web);
     let status = |user: &str, password: &str| {
         let auth = basic(user, password);
@@ -543,12 +537,8 @@ async fn a_reload_revokes_changed_and_removed_passwords_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_authenticates_through_proxy_url_and_http_sd_basic_auth() {
     let dir = tempfile::tempdir().unwrap();
-    let config = web_config(dir.path(), "");
     let target = TargetServer::start(Behaviour::Metrics("authed_metric 42\n".into())).await;
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.web.config_file = Some(config.clone())
-    })
-    .await;
+    let (gw, _) = gateway_with_basic_auth(&dir, "").await;
     let agent = start_agent(
         agent_section(&gw, "authed-node", &[("app", target.url("/metrics"))]),
         "t",
