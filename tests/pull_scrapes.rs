@@ -341,6 +341,35 @@ async fn a_wrong_token_never_registers_the_agent() {
     gw.stop().await;
 }
 
+/// A client trying tokens in a loop does not flood the gateway's log: the first refusals of a
+/// minute are warned about, the rest only counted; every one is still a 401 and a handshake
+/// counted `unauthorized`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trying_tokens_in_a_loop_is_warned_about_a_few_times_a_minute() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", "right-token")], |_| {}).await;
+    for i in 0..25 {
+        match raw_upgrade(&gw, &format!("guess-{i}"), "guesser-1").await {
+            Err(HandshakeError::Refused { status, .. }) if status == 401 => {}
+            other => panic!("guess {i}: expected 401, got {other:?}"),
+        }
+    }
+    let text = gateway_metrics(&gw).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_gateway_tunnel_handshakes_total",
+            &[("result", "unauthorized")]
+        ),
+        Some(25.0),
+        "{text}"
+    );
+    let warned = logs.lines_with(&["WARN", "tunnel refused", "guesser-1"]);
+    assert_eq!(warned.len(), 10, "{warned:#?}");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_outside_the_tokens_glob_is_forbidden_while_a_matching_id_connects() {
     let dir = TempDir::new().unwrap();

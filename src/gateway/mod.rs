@@ -88,6 +88,8 @@ pub(crate) struct State {
     /// Connections closed at accept because too many handshakes were pending: warned about
     /// apart from failed handshakes, since what to do about them differs.
     pub(crate) busy_warnings: crate::warn_limit::WarnLimit,
+    /// Rate limit of warnings about refused agent credentials.
+    pub(crate) credential_warnings: crate::warn_limit::WarnLimit,
     /// What the web listener refuses before routing: counted and warned about.
     pub(crate) web_refusals: web_refusals::WebRefusals,
     /// Said once: a web config file's TLS does not reach a server that mounts the gateway.
@@ -215,6 +217,9 @@ impl Gateway {
                     config.max_pending_handshakes.1,
                 ),
                 busy_warnings: Default::default(),
+                credential_warnings: crate::warn_limit::WarnLimit::per_minute(
+                    tunnel::CREDENTIAL_WARNINGS_PER_MINUTE,
+                ),
                 web_refusals: Default::default(),
                 mounted_without_tls: std::sync::Once::new(),
                 config,

@@ -360,13 +360,28 @@ fn id_taken(id: &str, holder: SocketAddr) -> String {
     format!("agent id {id:?} is connected from {holder} with another token")
 }
 
+/// How many refusals of an agent's credentials (401, 403, 409) are warned about a minute.
+pub(crate) const CREDENTIAL_WARNINGS_PER_MINUTE: u32 = 10;
+
 fn refuse(state: &State, refusal: Refusal, result: &str, agent: Option<&str>) -> Response<Body> {
     let (agent, status) = (agent.unwrap_or("-"), refusal.status.as_u16());
     let credentials = matches!(status, 401 | 403 | 409);
-    // An agent's credentials refused is always worth a line; a request that is no tunnel
-    // upgrade at all (a scanner's GET /) is as rate-limited as a failed TLS handshake.
+    // An agent's credentials refused is worth a line, up to a burst that a fleet after a bad
+    // rotation fills but that a client trying tokens in a loop cannot turn into a log flood; a
+    // request that is no tunnel upgrade at all (a scanner's GET /) is as rate-limited as a
+    // failed TLS handshake.
     if credentials {
-        warn!(agent, status, reason = %refusal.reason, "tunnel refused");
+        match state.credential_warnings.admit() {
+            Some(0) => warn!(agent, status, reason = %refusal.reason, "tunnel refused"),
+            Some(quiet) => warn!(
+                agent,
+                status,
+                reason = %refusal.reason,
+                refusals_not_logged_since_last_warning = quiet,
+                "tunnel refused (at most {CREDENTIAL_WARNINGS_PER_MINUTE} refused credentials are warned about a minute; the rest went to the debug level)"
+            ),
+            None => debug!(agent, status, reason = %refusal.reason, "tunnel refused"),
+        }
     } else if let Some(quiet) = state.handshake_warnings.admit() {
         warn!(
             agent,

@@ -31,9 +31,8 @@ pub(super) async fn handle(
         return ScrapeError::Method(Method::CONNECT).into_response("gateway");
     }
     let proxied = is_proxy_request(&req);
-    let mounted = peer.is_none();
     if let Some((refusal, detail, resp)) =
-        unauthenticated(state, proxied, mounted, req.headers()).await
+        unauthenticated(state, proxied, peer, req.headers()).await
     {
         refused(state, refusal, peer, detail);
         return resp;
@@ -95,10 +94,11 @@ fn refused(state: &State, refusal: WebRefusal, peer: Option<SocketAddr>, detail:
 async fn unauthenticated(
     state: &State,
     proxied: bool,
-    mounted: bool,
+    peer: Option<SocketAddr>,
     headers: &http::HeaderMap,
 ) -> Option<(WebRefusal, &'static str, Response<Body>)> {
     let auth = state.web_auth()?;
+    let mounted = peer.is_none();
     let (name, status, challenge_header) = if proxied {
         (
             header::PROXY_AUTHORIZATION,
@@ -113,7 +113,7 @@ async fn unauthenticated(
         )
     };
     let presented = headers.get(&name).and_then(|v| v.to_str().ok());
-    match auth.check(presented).await {
+    match auth.check(presented, peer.map(|p| p.ip())).await {
         Verdict::Allowed => return None,
         Verdict::Busy => {
             let mut resp = refusal(

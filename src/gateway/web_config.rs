@@ -6,6 +6,7 @@
 //! `Authorization` to the target; service discovery and `/metrics` use `Authorization`.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -73,6 +74,11 @@ const MAX_REFUSED: usize = 1024;
 /// [`Verdict::Busy`] at once instead of queueing behind a client trying passwords.
 const MAX_PENDING_BCRYPT: usize = 64;
 
+/// How many of those checks one client address may have at once: a single client trying
+/// passwords cannot take every place and lock out a Prometheus whose password is not verified
+/// yet (after a restart or a rotation).
+const MAX_PENDING_BCRYPT_PER_IP: usize = 4;
+
 /// Users and their bcrypt hashes; results are cached (bcrypt is slow on purpose, and Prometheus
 /// sends the same credentials on every scrape).
 pub struct BasicAuth {
@@ -83,6 +89,9 @@ pub struct BasicAuth {
     bcrypt_slots: tokio::sync::Semaphore,
     /// Checks waiting for or holding a bcrypt slot, at most [`MAX_PENDING_BCRYPT`].
     pending: tokio::sync::Semaphore,
+    /// Those checks per client address, at most [`MAX_PENDING_BCRYPT_PER_IP`] each; an address
+    /// is only here while it has one, so this holds at most [`MAX_PENDING_BCRYPT`] entries.
+    pending_per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// Credentials already checked, as SHA-256 of `user:password`. Successes and refusals are kept
@@ -104,22 +113,34 @@ impl BasicAuth {
             cache: Mutex::new(Verified::default()),
             bcrypt_slots: tokio::sync::Semaphore::new(2),
             pending: tokio::sync::Semaphore::new(MAX_PENDING_BCRYPT),
+            pending_per_ip: Mutex::default(),
         }
     }
 
-    /// Whether `header` (`Basic <base64 user:password>`) names a user with that password;
-    /// [`Verdict::Busy`] when a password not seen before cannot be checked now.
-    pub async fn check(&self, header: Option<&str>) -> Verdict {
+    /// Whether `header` (`Basic <base64 user:password>`), sent from `client` (unknown when
+    /// mounted in another server), names a user with that password; [`Verdict::Busy`] when a
+    /// password not seen before cannot be checked now.
+    pub async fn check(&self, header: Option<&str>, client: Option<IpAddr>) -> Verdict {
         let Some((user, password)) = header.and_then(basic_credentials) else {
             return Verdict::Denied;
         };
-        let Some(hash) = self.users.get(&user) else {
-            return Verdict::Denied;
+        // An unknown user costs a bcrypt like a wrong password does (against a configured
+        // user's hash, whose cost it shares, and refused whatever it says): answering at once
+        // would tell a client which user names exist.
+        let (known, hash) = match self.users.get(&user) {
+            Some(hash) => (true, hash),
+            None => match self.users.values().next() {
+                Some(hash) => (false, hash),
+                None => return Verdict::Denied,
+            },
         };
         let key: [u8; 32] = Sha256::digest(format!("{user}:{password}")).into();
-        if let Some(known) = self.lock().known(&user, &key) {
-            return known;
+        if let Some(verdict) = self.lock().known(&user, &key) {
+            return verdict;
         }
+        let Some(_per_ip) = PerIp::take(&self.pending_per_ip, client) else {
+            return Verdict::Busy;
+        };
         let Ok(_pending) = self.pending.try_acquire() else {
             return Verdict::Busy;
         };
@@ -132,7 +153,7 @@ impl BasicAuth {
             .ok()
             .and_then(Result::ok)
             .unwrap_or(false);
-        self.lock().remember(user, key, ok)
+        self.lock().remember(user, key, known && ok)
     }
 
     /// These users, remembering the passwords `old` verified for users whose hash is the same
@@ -178,6 +199,41 @@ impl Verified {
         }
         self.refused.insert(key);
         Verdict::Denied
+    }
+}
+
+/// A client address's place among the pending bcrypt checks, given back when dropped.
+struct PerIp<'a> {
+    counts: &'a Mutex<HashMap<IpAddr, usize>>,
+    ip: Option<IpAddr>,
+}
+
+impl<'a> PerIp<'a> {
+    /// A place for `ip`, or `None` when it has [`MAX_PENDING_BCRYPT_PER_IP`] already. Without an
+    /// address (a mounted gateway) only the overall limit applies.
+    fn take(counts: &'a Mutex<HashMap<IpAddr, usize>>, ip: Option<IpAddr>) -> Option<Self> {
+        if let Some(ip) = ip {
+            let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+            let n = counts.entry(ip).or_default();
+            if *n >= MAX_PENDING_BCRYPT_PER_IP {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(Self { counts, ip })
+    }
+}
+
+impl Drop for PerIp<'_> {
+    fn drop(&mut self) {
+        let Some(ip) = self.ip else { return };
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&ip);
+            }
+        }
     }
 }
 
@@ -314,10 +370,14 @@ mod tests {
             ("prometheus:wrong", Verdict::Denied),
             ("other:s3cret", Verdict::Denied),
         ] {
-            assert_eq!(auth.check(Some(&header(creds))).await, verdict, "{creds}");
+            assert_eq!(
+                auth.check(Some(&header(creds)), None).await,
+                verdict,
+                "{creds}"
+            );
         }
-        assert_eq!(auth.check(Some("Bearer x")).await, Verdict::Denied);
-        assert_eq!(auth.check(None).await, Verdict::Denied);
+        assert_eq!(auth.check(Some("Bearer x"), None).await, Verdict::Denied);
+        assert_eq!(auth.check(None, None).await, Verdict::Denied);
     }
 
     /// A client guessing passwords fills the memory of refusals and the bcrypt queue: the real
@@ -329,7 +389,7 @@ mod tests {
         let auth = BasicAuth::new(HashMap::from([("prometheus".to_owned(), hash)]));
         let check = |creds: String| {
             let auth = &auth;
-            async move { auth.check(Some(&header(&creds))).await }
+            async move { auth.check(Some(&header(&creds)), None).await }
         };
         assert_eq!(check("prometheus:s3cret".into()).await, Verdict::Allowed);
         assert_eq!(check("prometheus:guess".into()).await, Verdict::Denied);
@@ -357,6 +417,81 @@ mod tests {
         assert_eq!(fresh.await, Ok(Verdict::Busy));
     }
 
+    /// One address trying passwords gets at most a few places in the bcrypt queue: another
+    /// client's new password is still checked; the address gets its places back as its checks end.
+    #[tokio::test]
+    async fn one_address_cannot_take_every_place_in_the_bcrypt_queue() {
+        let hash = bcrypt::hash("s3cret", 4).unwrap();
+        let auth = BasicAuth::new(HashMap::from([("prometheus".to_owned(), hash)]));
+        let (guesser, prometheus) = (
+            Some(IpAddr::from([10, 0, 0, 66])),
+            Some(IpAddr::from([10, 0, 0, 9])),
+        );
+        // The guesser's checks all wait for the two bcrypt slots, held here.
+        let slots = auth.bcrypt_slots.acquire_many(2).await.unwrap();
+        let guesses: Vec<_> = (0..MAX_PENDING_BCRYPT_PER_IP)
+            .map(|i| {
+                let (auth, creds) = (&auth, header(&format!("prometheus:guess{i}")));
+                async move { auth.check(Some(&creds), guesser).await }
+            })
+            .collect();
+        let guessing = futures_util::future::join_all(guesses);
+        tokio::pin!(guessing);
+        // Let every guess take its place and block on a slot.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(100), &mut guessing)
+                .await
+                .is_err()
+        );
+        let one_more = header("prometheus:guess-n");
+        let past = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            auth.check(Some(&one_more), guesser),
+        );
+        assert_eq!(past.await, Ok(Verdict::Busy), "past the address's places");
+        drop(slots);
+        let real = header("prometheus:s3cret");
+        let (verdicts, real) = tokio::join!(guessing, auth.check(Some(&real), prometheus));
+        assert_eq!(real, Verdict::Allowed, "another address is still checked");
+        assert!(
+            verdicts.iter().all(|v| *v == Verdict::Denied),
+            "{verdicts:?}"
+        );
+        assert!(auth.pending_per_ip.lock().unwrap().is_empty());
+        assert_eq!(
+            auth.check(Some(&one_more), guesser).await,
+            Verdict::Denied,
+            "places given back"
+        );
+    }
+
+    /// An unknown user is refused only after a bcrypt, as a wrong password is: it takes a place
+    /// in the queue (here: none is free, so it is answered busy, not refused at once), and a
+    /// configured user's password does not let it in.
+    #[tokio::test]
+    async fn an_unknown_user_costs_a_bcrypt_like_a_known_one() {
+        let hash = bcrypt::hash("s3cret", 4).unwrap();
+        let auth = BasicAuth::new(HashMap::from([("prometheus".to_owned(), hash)]));
+        assert_eq!(
+            auth.check(Some(&header("nobody:s3cret")), None).await,
+            Verdict::Denied
+        );
+        let _queue = auth
+            .pending
+            .acquire_many(MAX_PENDING_BCRYPT as u32)
+            .await
+            .unwrap();
+        assert_eq!(
+            auth.check(Some(&header("nobody:other")), None).await,
+            Verdict::Busy
+        );
+        assert_eq!(
+            auth.check(Some(&header("nobody:s3cret")), None).await,
+            Verdict::Denied,
+            "remembered as refused"
+        );
+    }
+
     /// A reload keeps what was verified for an unchanged user (no bcrypt again) and nothing for a
     /// user whose hash changed.
     #[tokio::test]
@@ -368,7 +503,10 @@ mod tests {
             ("admin".to_owned(), other.clone()),
         ]));
         for creds in ["prometheus:s3cret", "admin:other"] {
-            assert_eq!(old.check(Some(&header(creds))).await, Verdict::Allowed);
+            assert_eq!(
+                old.check(Some(&header(creds)), None).await,
+                Verdict::Allowed
+            );
         }
         let rotated = bcrypt::hash("other", 4).unwrap();
         let new = BasicAuth::new(HashMap::from([
@@ -383,11 +521,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            new.check(Some(&header("prometheus:s3cret"))).await,
+            new.check(Some(&header("prometheus:s3cret")), None).await,
             Verdict::Allowed
         );
         assert_eq!(
-            new.check(Some(&header("admin:other"))).await,
+            new.check(Some(&header("admin:other")), None).await,
             Verdict::Busy,
             "a changed hash is checked again"
         );
