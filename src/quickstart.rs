@@ -167,6 +167,15 @@ async fn run_in(
     gw.web.listen_address = web_addr.to_string();
     gw.tunnel.listen_address = tunnel_addr.to_string();
     gw.tunnel.tls_self_signed_names = vec!["localhost".into(), tunnel_dial.ip().to_string()];
+    // Made here so that the gateway does not greet a first-time user with its warning about a
+    // new certificate (which, for a gateway, may mean a lost data directory).
+    crate::tunnel::tls_server::ensure_self_signed(&data_dir, &gw.tunnel.tls_self_signed_names)
+        .map_err(|e| {
+            format!(
+                "cannot create the tunnel certificate in {}: {e}",
+                data_dir.display()
+            )
+        })?;
     gw.auth.tokens_file = Some(tokens_file);
     // Its settings come from its flags: errors name them (`invalid flag --data-dir: …`).
     let mut errs = ConfigErrors::new("flags");

@@ -1097,6 +1097,11 @@ async fn quickstart_does_what_it_prints() {
     let stderr = qs.stderr_so_far();
     drop(qs);
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // A first-time user's first run warns about nothing (its fresh certificate included).
+    assert!(
+        !stderr.contains("level=warn") && !stderr.contains("level=error"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,6 +149,21 @@ fn unlisted_names<'a>(cert_file: &Path, names: &'a [String]) -> Vec<&'a String> 
     names.iter().filter(|name| !covers(name)).collect()
 }
 
+/// Generates the self-signed identity in `data_dir` unless one is there, without the warning of
+/// [`self_signed_identity`]: for `ferry quickstart`, whose fresh directory always needs one and
+/// which prints the fingerprint itself.
+#[cfg(feature = "cli")]
+pub(crate) fn ensure_self_signed(data_dir: &Path, names: &[String]) -> Result<(), String> {
+    let (cert_file, key_file) = (
+        data_dir.join(SELF_SIGNED_CERT),
+        data_dir.join(SELF_SIGNED_KEY),
+    );
+    if cert_file.exists() || key_file.exists() {
+        return Ok(());
+    }
+    generate(data_dir, &cert_file, &key_file, names)
+}
+
 fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> Result<(), String> {
     if dir.exists() && !dir.is_dir() {
         return Err("it exists and is not a directory".into());
