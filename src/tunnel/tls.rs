@@ -90,12 +90,20 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 }
 
 fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
     match e {
-        rustls::pki_types::pem::Error::Io(io) => io.to_string(),
-        rustls::pki_types::pem::Error::NoItemsFound => {
-            "no PEM item of the expected kind found".into()
-        }
-        other => format!("not valid PEM: {other:?}"),
+        Error::Io(io) => io.to_string(),
+        Error::NoItemsFound => "no PEM item of the expected kind found".into(),
+        Error::MissingSectionEnd { end_marker } => format!(
+            "not valid PEM: no \"-----END {}-----\" line (a truncated file?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => format!(
+            "not valid PEM: malformed line {:?}",
+            String::from_utf8_lossy(line)
+        ),
+        Error::Base64Decode(e) => format!("not valid PEM: the base64 inside is broken ({e})"),
+        other => format!("not valid PEM: {other}"),
     }
 }
 
@@ -209,6 +217,23 @@ mod tests {
     use super::*;
     use rustls::pki_types::UnixTime;
     use std::time::Duration;
+
+    /// A certificate file cut short (a copy interrupted, a paste that lost its end) is named
+    /// with the line it lacks, in words, not as a list of byte values.
+    #[test]
+    fn a_truncated_pem_file_is_named_in_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let pem = cert.cert.pem();
+        let path = dir.path().join("leaf.pem");
+        std::fs::write(&path, &pem[..pem.len() / 2]).unwrap();
+        let err = read_certs(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("leaf.pem")
+                && err.contains("no \"-----END CERTIFICATE-----\" line (a truncated file?)"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn expiry_errors_say_utc_dates_not_unix_timestamps() {
