@@ -2062,6 +2062,7 @@ async fn trickle(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickled_headers_are_cut_by_the_header_read_timeout() {
+    let logs = common::logs::capture();
     let up = RecordingUpstream::start().await;
     let mut s = section(&[loopback_rule(&up)]);
     s.header_read_timeout = ferry::config::Dur(Duration::from_millis(500));
@@ -2091,6 +2092,17 @@ async fn trickled_headers_are_cut_by_the_header_read_timeout() {
     up.assert_untouched("slowloris");
     // Counted like every refusal.
     proxy.assert_rejections("header_timeout", 1.0).await;
+    // Its access line says how long the head took, not the moment since it failed.
+    let line = logs
+        .wait_lines(&["request head not received within 500ms"], 1, TIMEOUT)
+        .await
+        .remove(0);
+    let ms: f64 = line
+        .split_once("duration_ms=")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {line}"));
+    assert!(ms >= 400.0, "{line}");
 }
 
 /// A kept-alive connection may wait for its next request much longer than a request head may
@@ -3687,4 +3699,120 @@ async fn at_shutdown_open_tunnels_are_closed_and_logged() {
         f["reason"].as_str().is_some_and(|r| r.contains("shutdown")),
         "{f}"
     );
+}
+
+/// A client that stops reading a response (a full receive window, nothing taken) is
+/// disconnected after `upstream_timeout` without progress, and the upstream connection behind
+/// it is closed with it: it cannot hold either for as long as it likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_and_frees_the_upstream() {
+    let logs = common::logs::capture();
+    let endless = TargetServer::start(Behaviour::Large { bytes: 1 << 40 }).await;
+    let mut cfg = section(&[format!("127.0.0.1/32:{}", endless.addr.port())]);
+    cfg.upstream_timeout = serde_yaml_ng::from_str("1s").unwrap();
+    let proxy = TestEgress::start(cfg, TestResolver::new(&[])).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let e = endless.addr;
+    let head = format!("GET http://{e}/endless HTTP/1.1\r\nHost: {e}\r\n\r\n");
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut some = vec![0; 100_000];
+    tokio::time::timeout(TIMEOUT, client.read_exact(&mut some))
+        .await
+        .expect("the body streams")
+        .unwrap();
+    // The client keeps its connection open and reads nothing more.
+    let lines = logs
+        .wait_lines(
+            &[
+                &format!("upstream={e}"),
+                "took none of it for 1s (upstream_timeout) and was disconnected",
+            ],
+            1,
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(lines[0].contains("status=200"), "{lines:?}");
+    let upstreams = [("listener", "upstreams")];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = proxy.metrics().await;
+        let open = metric_value(&text, "ferry_egress_connections_open", &upstreams);
+        if open.unwrap_or(0.0) == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "upstream still open:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What the proxy had written before it gave up is still the client's; then the end.
+    let mut rest = Vec::new();
+    let drained = tokio::time::timeout(TIMEOUT, client.read_to_end(&mut rest)).await;
+    assert!(drained.is_ok(), "the connection is closed");
+}
+
+/// An upstream that answers with a head and a body broken before its first byte (a malformed
+/// chunk size): the client gets a 502 that says so, not an empty reply logged as a 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_broken_at_once_is_a_502_with_its_reason() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && sock.read_exact(&mut byte).await.is_ok() {
+                    head.push(byte[0]);
+                }
+                let reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+                let _ = sock.write_all(reply).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            });
+        }
+    });
+    let proxy = TestEgress::start(
+        section(&[format!("127.0.0.1/32:{}", up.port())]),
+        TestResolver::new(&[]),
+    )
+    .await;
+    let resp = get_via(proxy.addr, &format!("http://{up}/broken")).await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    let reason = resp.header("ferry-refusal").unwrap_or_default().to_owned();
+    assert!(
+        reason.starts_with(
+            "upstream 127.0.0.1 answered 200 OK and its body broke before any of it was sent: "
+        ),
+        "{reason}"
+    );
+    proxy.assert_rejections("upstream_error", 1.0).await;
+}
+
+/// A pooled upstream connection left unused for `upstream_idle_timeout` is closed even if its
+/// destination is never used again (the pool's own timer), before a collector's keep-alive
+/// runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
+    let up = RecordingUpstream::start().await;
+    let mut cfg = section(&[loopback_rule(&up)]);
+    cfg.upstream_idle_timeout = serde_yaml_ng::from_str("300ms").unwrap();
+    let proxy = TestEgress::start(cfg, TestResolver::new(&[])).await;
+    assert_eq!(get_via(proxy.addr, &up.url("/a")).await.status, 200);
+    let upstreams = [("listener", "upstreams")];
+    let text = proxy.metrics().await;
+    assert_eq!(
+        metric_value(&text, "ferry_egress_connections_open", &upstreams),
+        Some(1.0),
+        "pooled after the request:\n{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = proxy.metrics().await;
+        if metric_value(&text, "ferry_egress_connections_open", &upstreams) == Some(0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still pooled:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A request after that opens a new connection and works.
+    assert_eq!(get_via(proxy.addr, &up.url("/b")).await.status, 200);
+    assert_eq!(up.connections(), 2);
 }

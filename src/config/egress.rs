@@ -72,8 +72,13 @@ pub struct EgressSection {
     pub max_buffered_body_bytes: u64,
     /// Time to connect to an upstream (and, with `tls_upgrade`, for the TLS handshake).
     pub connect_timeout: Dur,
-    /// Time for the upstream's response (headers and body).
+    /// Time for the upstream's response (headers and body); also how long the client may take
+    /// none of a response before it is disconnected.
     pub upstream_timeout: Dur,
+    /// A pooled upstream connection unused this long is closed. Shorter than the keep-alive of
+    /// common servers (Node.js, Apache: 5 s), so that the proxy closes it first: a server
+    /// closing one just as the proxy reuses it fails that request with a 502.
+    pub upstream_idle_timeout: Dur,
     /// CONNECT tunnels idle this long are closed.
     pub tunnel_idle_timeout: Dur,
     /// How long in-flight requests may finish after SIGTERM.
@@ -96,6 +101,7 @@ impl Default for EgressSection {
             max_buffered_body_bytes: DEFAULT_MAX_BUFFERED_BODY_BYTES,
             connect_timeout: Dur(Duration::from_secs(5)),
             upstream_timeout: Dur(Duration::from_secs(30)),
+            upstream_idle_timeout: Dur(Duration::from_secs(4)),
             tunnel_idle_timeout: Dur(Duration::from_secs(300)),
             shutdown_grace_period: Dur(Duration::from_secs(15)),
         }
@@ -251,8 +257,10 @@ pub struct EgressConfig {
     pub max_buffered_body_bytes: u64,
     /// Upstream connect bound.
     pub connect_timeout: Duration,
-    /// Upstream response bound.
+    /// Upstream response bound (and client write stall bound).
     pub upstream_timeout: Duration,
+    /// Idle bound of pooled upstream connections.
+    pub upstream_idle_timeout: Duration,
     /// Tunnel idle bound.
     pub tunnel_idle_timeout: Duration,
     /// Drain time on shutdown.
@@ -356,6 +364,11 @@ impl EgressSection {
             ("connect_timeout", self.connect_timeout, Dur::MIN_TIMEOUT),
             ("upstream_timeout", self.upstream_timeout, Dur::MIN_TIMEOUT),
             (
+                "upstream_idle_timeout",
+                self.upstream_idle_timeout,
+                Dur::MIN_TIMEOUT,
+            ),
+            (
                 "tunnel_idle_timeout",
                 self.tunnel_idle_timeout,
                 Dur::MIN_TIMEOUT,
@@ -398,6 +411,7 @@ impl EgressSection {
             max_buffered_body_bytes: self.max_buffered_body_bytes,
             connect_timeout: self.connect_timeout.0,
             upstream_timeout: self.upstream_timeout.0,
+            upstream_idle_timeout: self.upstream_idle_timeout.0,
             tunnel_idle_timeout: self.tunnel_idle_timeout.0,
             shutdown_grace: self.shutdown_grace_period.0,
             geo: crate::telemetry::geo::SharedGeo::disabled(),

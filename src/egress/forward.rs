@@ -73,7 +73,11 @@ impl Upstreams {
                 );
                 let mut builder = Client::builder(TokioExecutor::new());
                 builder
-                    .pool_idle_timeout(std::time::Duration::from_secs(60))
+                    // Without a timer the pool only notices an idle connection expired when
+                    // its destination is used again: until then it holds a descriptor and the
+                    // upstream's connection slot.
+                    .pool_timer(hyper_util::rt::TokioTimer::new())
+                    .pool_idle_timeout(config.upstream_idle_timeout)
                     .pool_max_idle_per_host(64);
                 Ok(match &rule.tls_upgrade {
                     None => UpstreamClient::Plain(builder.build(connector)),
@@ -521,7 +525,24 @@ async fn forward(
         )
         .into());
     }
-    Ok(stream_back(state, resp, record.clone(), deadline))
+    // The body's first bytes are read before the head goes back: an upstream whose body breaks
+    // at once (a malformed chunk) is a 502 with its reason, not an empty reply logged as a 200.
+    let (resp_parts, resp_body) = resp.into_parts();
+    let resp_body = match crate::http_util::read_ahead(boxed(resp_body), deadline, u64::MAX).await {
+        Ok(body) => body,
+        Err(crate::http_util::ReadAheadError::Deadline) => {
+            return Err(Refusal::upstream_timeout(timeout).into())
+        }
+        Err(e) => {
+            return Err(Refusal::upstream(format!(
+                "upstream {} answered {} and its body broke before any of it was sent: {e}",
+                target.host, resp_parts.status
+            ))
+            .into())
+        }
+    };
+    let resp = Response::from_parts(resp_parts, resp_body);
+    Ok(stream_back(state, resp, record.clone(), deadline, claim))
 }
 
 /// Plain bodies up to this size are checked on the worker thread that read them: a few
@@ -730,9 +751,10 @@ fn upstream_error(e: &hyper_util::client::legacy::Error, host: &str) -> Refusal 
 
 fn stream_back(
     state: &Arc<State>,
-    resp: Response<Incoming>,
+    resp: Response<Body>,
     mut record: AccessRecord,
     deadline: Instant,
+    claim: &Claim,
 ) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -740,14 +762,20 @@ fn stream_back(
     parts.headers.remove(super::refusal::REFUSAL_HEADER);
     record.status = parts.status;
     let metrics_state = state.clone();
+    let connection = claim.connection();
     let on_finish = Box::new(move |bytes: u64, end: BodyEnd| {
         record.bytes_out = bytes;
         match end {
             BodyEnd::Complete => {}
             BodyEnd::Dropped => {
-                record.reason = format!(
-                    "response body cut off after {bytes} bytes: the client went away or the proxy stopped"
-                )
+                record.reason = match connection.write_stalled() {
+                    Some(after) => format!(
+                        "response body cut off after {bytes} bytes: the client took none of it for {after:?} (upstream_timeout) and was disconnected"
+                    ),
+                    None => format!(
+                        "response body cut off after {bytes} bytes: the client went away or the proxy stopped"
+                    ),
+                }
             }
             BodyEnd::Deadline => {
                 record.reason = "response body still streaming at the upstream timeout".into()
@@ -760,7 +788,7 @@ fn stream_back(
     });
     Response::from_parts(
         parts,
-        boxed(BoundedBody::new(boxed(body), deadline, u64::MAX, on_finish)),
+        boxed(BoundedBody::new(body, deadline, u64::MAX, on_finish)),
     )
 }
 

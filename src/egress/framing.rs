@@ -54,6 +54,8 @@ struct Scanned {
     lost: bool,
     /// The connection began with a TLS handshake record (0x16), not a request line.
     spoke_tls: bool,
+    /// The connection was ended because the client took no byte written to it for this long.
+    write_stalled: Option<Duration>,
 }
 
 /// Heads scanned and not yet claimed by a request; shared by the connection and its service.
@@ -71,6 +73,11 @@ pub(crate) struct Claim {
 }
 
 impl Claim {
+    /// The scan of the connection the request came on.
+    pub(crate) fn connection(&self) -> Heads {
+        self.heads.clone()
+    }
+
     /// The framing problem of the request's body, once the body has been read to its end (the
     /// scan sees every byte before hyper does).
     pub(crate) fn body_problem(&self) -> Option<&'static str> {
@@ -120,6 +127,11 @@ impl Heads {
 
     /// Whether the client began the connection with a TLS handshake: an `https://` proxy URL
     /// pointed at this plain-HTTP proxy.
+    /// How long the client had taken no byte when the connection was ended for it, if it was.
+    pub(crate) fn write_stalled(&self) -> Option<Duration> {
+        self.lock().write_stalled
+    }
+
     pub(crate) fn spoke_tls(&self) -> bool {
         self.lock().spoke_tls
     }
@@ -209,7 +221,18 @@ pub(crate) struct Sniff<T> {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Whether any byte has arrived on the connection.
     started: bool,
+    /// How long a write may wait for the client to take bytes: a client that stops reading a
+    /// response must not hold it, and the upstream connection behind it, for ever.
+    write_timeout: Duration,
+    /// Set while a write waits.
+    write_stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// The error a connection ends with when the client took no byte written to it for the write
+/// timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the client took no byte of the response for {0:?}")]
+pub(crate) struct WriteStalled(pub(crate) Duration);
 
 /// The error a connection ends with when a client began a request head and did not finish it
 /// within the header read timeout. hyper's own timeout cannot tell that from a kept-alive
@@ -222,7 +245,13 @@ pub(crate) struct HeaderTimedOut(pub(crate) Duration);
 impl<T> Sniff<T> {
     /// Wraps `inner`; a line longer than `limit` bytes stops the scan (hyper refuses such a head
     /// anyway); a head still incomplete `header_timeout` after its first byte ends the connection.
-    pub(crate) fn new(inner: T, limit: usize, header_timeout: Duration) -> (Sniff<T>, Heads) {
+    /// A write that the client does not take within `write_timeout` ends the connection too.
+    pub(crate) fn new(
+        inner: T,
+        limit: usize,
+        header_timeout: Duration,
+        write_timeout: Duration,
+    ) -> (Sniff<T>, Heads) {
         let heads = Heads::default();
         let sniff = Sniff {
             inner,
@@ -235,6 +264,8 @@ impl<T> Sniff<T> {
             header_timeout,
             deadline: None,
             started: false,
+            write_timeout,
+            write_stall: None,
         };
         (sniff, heads)
     }
@@ -467,13 +498,41 @@ fn timeout_answer(after: Duration) -> String {
     )
 }
 
+impl<T> Sniff<T> {
+    /// `poll`, a write's outcome, unless the client has taken nothing for the write timeout.
+    fn bounded<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        if poll.is_ready() {
+            self.write_stall = None;
+            return poll;
+        }
+        let timeout = self.write_timeout;
+        let stall = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stall.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.heads.lock().write_stalled = Some(timeout);
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            WriteStalled(timeout),
+        )))
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for Sniff<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, data);
+        this.bounded(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -481,7 +540,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Sniff<T> {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.bounded(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -489,7 +550,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Sniff<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_flush(cx);
+        this.bounded(cx, poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -503,7 +566,12 @@ mod tests {
 
     /// Scans `bytes` fed in pieces of `step` and returns each head's (method target, problem).
     fn scan(bytes: &[u8], step: usize) -> Vec<(String, Option<&'static str>)> {
-        let (mut sniff, heads) = Sniff::new((), 16 << 10, Duration::from_secs(10));
+        let (mut sniff, heads) = Sniff::new(
+            (),
+            16 << 10,
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+        );
         for piece in bytes.chunks(step) {
             sniff.scan(piece);
         }
@@ -553,7 +621,12 @@ mod tests {
 
     #[test]
     fn claims_match_requests_in_order_and_an_unseen_request_is_untracked() {
-        let (mut sniff, heads) = Sniff::new((), 16 << 10, Duration::from_secs(10));
+        let (mut sniff, heads) = Sniff::new(
+            (),
+            16 << 10,
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+        );
         sniff.scan(
             b"POST http://a/x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nz\
               GET http://a/y HTTP/1.1\r\n\r\n",
@@ -589,7 +662,12 @@ mod tests {
             POST http://a/4 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: c\r\nY: d\r\n\r\n\
             GET http://a/5 HTTP/1.1\r\n\r\n";
         for step in [1, 2, 5, stream.len()] {
-            let (mut sniff, heads) = Sniff::new((), 16 << 10, Duration::from_secs(10));
+            let (mut sniff, heads) = Sniff::new(
+                (),
+                16 << 10,
+                Duration::from_secs(10),
+                Duration::from_secs(30),
+            );
             for piece in stream.chunks(step) {
                 sniff.scan(piece);
             }
@@ -616,7 +694,12 @@ mod tests {
 
     #[test]
     fn a_cr_without_lf_in_trailers_stops_the_scan() {
-        let (mut sniff, heads) = Sniff::new((), 16 << 10, Duration::from_secs(10));
+        let (mut sniff, heads) = Sniff::new(
+            (),
+            16 << 10,
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+        );
         sniff.scan(
             b"POST http://a/1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: a\rY\r\n\r\n",
         );
@@ -626,7 +709,8 @@ mod tests {
 
     #[test]
     fn an_endless_head_stops_the_scan() {
-        let (mut sniff, heads) = Sniff::new((), 1024, Duration::from_secs(10));
+        let (mut sniff, heads) =
+            Sniff::new((), 1024, Duration::from_secs(10), Duration::from_secs(30));
         sniff.scan(b"GET http://a/ HTTP/1.1\r\n");
         sniff.scan(&[b'x'; 2048]);
         assert_eq!(sniff.phase, Phase::Off);
@@ -638,7 +722,8 @@ mod tests {
     /// scan may stop there, but never silently.
     #[test]
     fn a_chunk_line_longer_than_the_scan_follows_loses_track_visibly() {
-        let (mut sniff, heads) = Sniff::new((), 8192, Duration::from_secs(10));
+        let (mut sniff, heads) =
+            Sniff::new((), 8192, Duration::from_secs(10), Duration::from_secs(30));
         sniff.scan(b"POST http://a/1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;");
         sniff.scan(&[b'a'; 16383]);
         sniff.scan(b"\r\nhello\r\n0\r\n\r\nPOST http://a/2 HTTP/1.1\r\nContent-Length: 5\r\n\r\n");
@@ -650,7 +735,8 @@ mod tests {
 
     #[test]
     fn a_connect_stops_the_scan_without_losing_track() {
-        let (mut sniff, heads) = Sniff::new((), 8192, Duration::from_secs(10));
+        let (mut sniff, heads) =
+            Sniff::new((), 8192, Duration::from_secs(10), Duration::from_secs(30));
         sniff.scan(b"CONNECT a:443 HTTP/1.1\r\n\r\n\x16\x03\x01 tunnel bytes\n\n");
         assert_eq!(sniff.phase, Phase::Tunnel);
         assert!(!heads.lost());

@@ -217,7 +217,12 @@ impl Egress {
         });
         let cfg = &self.state.config;
         let max_buf_size = cfg.max_header_bytes.max(8192);
-        let (stream, heads) = framing::Sniff::new(stream, max_buf_size, cfg.header_read_timeout);
+        let (stream, heads) = framing::Sniff::new(
+            stream,
+            max_buf_size,
+            cfg.header_read_timeout,
+            cfg.upstream_timeout,
+        );
         let sniffed = heads.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
@@ -265,7 +270,8 @@ impl Egress {
             }
         };
         if let Err(e) = result {
-            let refusal = match header_timed_out(&e) {
+            let timed_out = header_timed_out(&e);
+            let refusal = match timed_out {
                 Some(after) => Some(Refusal::header_timeout(after)),
                 None if e.is_parse() && sniffed.spoke_tls() => Some(Refusal::bad_request(
                     "the client spoke TLS to a plain-HTTP proxy (use http:// in the proxy URL)",
@@ -278,6 +284,10 @@ impl Egress {
                 // count, like every other refusal.
                 Some(refusal) => {
                     let mut record = AccessRecord::unparsed(peer.ip());
+                    // Its duration is the time the head took, not the moment since it failed.
+                    if let Some(began) = timed_out.and_then(|t| record.start.checked_sub(t)) {
+                        record.start = began;
+                    }
                     drop(refused(&mut record, &refusal));
                     record.emit(&self.state.metrics);
                 }
