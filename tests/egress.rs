@@ -320,6 +320,12 @@ async fn connections_per_client_address_are_capped() {
         "a refused connection is closed"
     );
     assert_eq!(up.request_count(), 2, "the third request was not forwarded");
+    // The proxy's own endpoints still answer that address (a local Prometheus, a health
+    // check), on a connection closed after the answer.
+    let metrics = get(&format!("http://{}/metrics", proxy.addr)).await;
+    assert_eq!(metrics.status, 200, "{}", metrics.text());
+    assert!(metrics.text().contains("ferry_egress_client_connections 2"));
+    assert_eq!(metrics.header("connection"), Some("close"));
 
     // Closing one frees its slot.
     drop(held.pop());

@@ -233,7 +233,7 @@ impl Egress {
             async move {
                 let mut resp = match admission {
                     Ok(_) => handle(&state, peer.ip(), req, &claim, hold).await,
-                    Err(refusal) => refuse_connection(&state, peer.ip(), &req, refusal),
+                    Err(refusal) => refuse_connection(&state, peer.ip(), &req, refusal).await,
                 };
                 // Where the next request starts is no longer known: there is none. Nor after a
                 // body whose framing other parsers read differently from hyper.
@@ -355,12 +355,22 @@ fn admit(state: &Arc<State>, ip: IpAddr) -> Result<Arc<Slot>, Refusal> {
     }))
 }
 
-fn refuse_connection(
-    state: &State,
+async fn refuse_connection(
+    state: &Arc<State>,
     client: IpAddr,
     req: &Request<Incoming>,
     refusal: Refusal,
 ) -> Response<Body> {
+    // An allowed client over its connection cap may still read the proxy's own endpoints: a
+    // local Prometheus or health check must not go blind while a client on the same address
+    // (loopback, say) holds every connection. They cost no upstream, and the connection
+    // closes after the answer.
+    let own = req.method() != Method::CONNECT && req.uri().authority().is_none();
+    if own && refusal.kind == "connection_limit" {
+        let mut resp = crate::endpoints::answer(state, req).await;
+        close_after(&mut resp);
+        return resp;
+    }
     let mut record = AccessRecord::new(client, target_of(req), req.method());
     let mut resp = refused(&mut record, &refusal);
     close_after(&mut resp);
