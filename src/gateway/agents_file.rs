@@ -165,10 +165,11 @@ pub(super) async fn write(state: &State) {
     let Some(path) = state.agents_file.clone() else {
         return;
     };
-    let bytes = serialize(state.registry.records(SystemTime::now()));
+    let records = state.registry.records(SystemTime::now());
+    // Serialized there too: ten thousand agents make a few megabytes.
     let written = tokio::task::spawn_blocking({
         let path = path.clone();
-        move || write_durably(&path, &bytes)
+        move || write_durably(&path, &serialize(records))
     })
     .await
     .unwrap_or_else(|e| Err(format!("the write task failed: {e}")));
