@@ -1838,6 +1838,8 @@ async fn with_no_retention_a_disconnected_agent_leaves_at_once() {
     assert_eq!(sd_agents(gw.web).await, Vec::<String>::new());
     assert_eq!(agent_gauges(gw.web).await, (0.0, 0.0));
     gw.stop().await;
+    let file = agents_file(&dir);
+    assert!(!file.exists(), "{} written", file.display());
 }
 
 /// A crashed agent (its connection cut, no goodbye) is listed until its retention ends; the
@@ -1889,6 +1891,116 @@ async fn past_the_cap_the_longest_gone_agent_leaves_first() {
     let warned = logs.lines_with(&["too many disconnected agents", "sd_keep_disconnected_max"]);
     assert_eq!(warned.len(), 1, "{warned:#?}");
     gw.stop().await;
+}
+
+/// A target list of one target `node` on port 9100, with agent and target labels.
+fn labelled_target() -> String {
+    serde_json::json!({"version": 4, "labels": {"site": "berlin"}, "targets": [
+        {"name": "node", "port": 9100, "path": "/metrics", "labels": {"role": "db"}}
+    ]})
+    .to_string()
+}
+
+/// `<data_dir>/agents.json` of the gateways the tests start in `dir`.
+fn agents_file(dir: &TempDir) -> std::path::PathBuf {
+    dir.path().join("data").join("agents.json")
+}
+
+/// An agent whose host dies while the gateway is being upgraded must still be reported down:
+/// the restarted gateway lists it as it was, answers its scrapes 503 and counts it as
+/// disconnected. When it connects again it is listed once, connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_still_lists_an_agent_that_did_not_come_back() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let tunnel = common::ferry::agent_publishing(&gw, "db-1", labelled_target()).await;
+    gw.wait_agent("db-1", Duration::from_secs(10)).await;
+    let groups = sd_groups_of(gw.web, "db-1").await;
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0]["labels"]["site"], "berlin", "{groups:?}");
+    assert_eq!(groups[0]["labels"]["role"], "db", "{groups:?}");
+    // Saved while it runs (what a crash would leave), not only at shutdown.
+    let file = agents_file(&dir);
+    wait_for(
+        "the agents file lists db-1",
+        Duration::from_secs(10),
+        || {
+            let file = file.clone();
+            async move {
+                match std::fs::read_to_string(&file) {
+                    Ok(text) if text.contains("\"db-1\"") => Ok(()),
+                    other => Err(format!("{}: {other:?}", file.display())),
+                }
+            }
+        },
+    )
+    .await;
+    gw.stop().await;
+    tunnel.abort();
+
+    let gw2 = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    assert_eq!(sd_groups_of(gw2.web, "db-1").await, groups);
+    let resp = scrape(gw2.web, &scrape_url("db-1", 9100)).await;
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert!(resp.text().contains("not connected"), "{}", resp.text());
+    assert_eq!(agent_gauges(gw2.web).await, (0.0, 1.0));
+    let restored = logs.lines_with(&["restored=1", &file.display().to_string()]);
+    assert_eq!(restored.len(), 1, "{restored:#?}");
+
+    let _tunnel = common::ferry::agent_publishing(&gw2, "db-1", labelled_target()).await;
+    gw2.wait_agent("db-1", Duration::from_secs(10)).await;
+    assert_eq!(sd_groups_of(gw2.web, "db-1").await, groups, "listed once");
+    assert_eq!(agent_gauges(gw2.web).await, (1.0, 0.0));
+    assert!(gw2.gateway.disconnected_agents().is_empty());
+    gw2.stop().await;
+}
+
+/// An agent decommissioned while the gateway was down (its token line removed) is not listed
+/// by the restarted gateway; one whose token still holds is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_does_not_list_an_agent_whose_token_was_removed() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("old-1", "old"), ("db-*", TOKEN)], |_| {}).await;
+    let mut tunnels = Vec::new();
+    for (id, token) in [("old-1", "old"), ("db-1", TOKEN)] {
+        let upgraded = upgrade_as_agent(&gw, token, id).await.expect("upgraded");
+        tunnels.push(agent_publishing_on(
+            upgraded,
+            one_target(),
+            std::future::ready(()),
+        ));
+        gw.wait_agent(id, Duration::from_secs(10)).await;
+    }
+    gw.stop().await;
+    tunnels.iter().for_each(|t| t.abort());
+
+    let gw2 = start_gateway(&dir, &[("db-*", TOKEN)], |_| {}).await;
+    assert_eq!(sd_agents(gw2.web).await, ["db-1"]);
+    assert_eq!(agent_gauges(gw2.web).await, (0.0, 1.0));
+    gw2.stop().await;
+}
+
+/// A damaged agents file does not keep the gateway from starting: one warning names it and
+/// says what is wrong, and nothing is listed. The next write replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_agents_file_is_a_warning_and_nothing_is_listed() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let file = agents_file(&dir);
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, "{\"version\": 1, \"agents\": [{\"id\": \"db-1\"").unwrap();
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let warned = logs.lines_with(&["WARN", &file.display().to_string(), "not JSON"]);
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert_eq!(sd_agents(gw.web).await, Vec::<String>::new());
+    assert_eq!(agent_gauges(gw.web).await, (0.0, 0.0));
+
+    connect_and_crash(&gw, "db-2").await;
+    gw.stop().await;
+    let gw2 = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    assert_eq!(sd_agents(gw2.web).await, ["db-2"]);
+    gw2.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------

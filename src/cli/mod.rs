@@ -185,7 +185,8 @@ struct GatewayArgs {
     insecure_plaintext: bool,
     #[command(flatten)]
     keepalive: KeepaliveArgs,
-    /// Where the self-signed certificate is kept [default: data].
+    /// Where the self-signed certificate and the agents listed in service discovery are kept
+    /// [default: data].
     #[arg(long = "data-dir", value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Agent credentials: lines "<agent-id glob> sha256:<hex of token>".

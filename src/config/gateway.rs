@@ -22,7 +22,8 @@ pub struct GatewaySection {
     pub web: GatewayWebSection,
     /// Agent-facing listener.
     pub tunnel: GatewayTunnelSection,
-    /// Where the self-signed certificate is kept [default: `data`, in the working directory].
+    /// Where the self-signed certificate and the agents listed in service discovery are kept
+    /// [default: `data`, in the working directory].
     pub data_dir: Option<PathBuf>,
     /// Agent credentials.
     pub auth: AuthSection,
@@ -235,6 +236,9 @@ pub struct GatewayConfig {
     pub sd_keep_disconnected: Duration,
     /// How many disconnected agents are kept at most.
     pub sd_keep_disconnected_max: usize,
+    /// Where the agents listed in service discovery are saved across restarts (and the
+    /// self-signed certificate kept, with [`GatewayTls::SelfSigned`]).
+    pub data_dir: PathBuf,
     /// Connections the web listener holds open at once.
     pub web_max_connections: usize,
     /// Drain time on shutdown.
@@ -374,6 +378,7 @@ impl GatewaySection {
             },
             sd_keep_disconnected: web.sd_keep_disconnected.0,
             sd_keep_disconnected_max: web.sd_keep_disconnected_max,
+            data_dir: self.data_dir(),
             web_max_connections: web.max_connections,
             shutdown_grace: self.shutdown_grace_period.0,
             geo: crate::telemetry::geo::SharedGeo::disabled(),
@@ -471,7 +476,8 @@ impl GatewaySection {
         }
     }
 
-    /// The directory of the self-signed certificate, `data` in the working directory unless set.
+    /// The gateway's data directory (self-signed certificate, agents file), `data` in the
+    /// working directory unless set.
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir
             .clone()

@@ -3,8 +3,13 @@
 //! Prometheus forgets a target as soon as service discovery stops listing it: no `up == 0`,
 //! nothing to alert on (the best-known complaint about PushProx). So an agent whose tunnel ends
 //! stays in `/targets`, with the same groups, for `web.sd_keep_disconnected`; its scrapes are
-//! answered 503 (agent not connected) and Prometheus records `up == 0`. In memory only: a
-//! restarted gateway lists only the agents that connect again.
+//! answered 503 (agent not connected) and Prometheus records `up == 0`.
+//!
+//! A gateway restarted meanwhile (an upgrade, a crash) must not forget them either: they would
+//! vanish from service discovery exactly when their host died and nobody would be alerted. So
+//! what is kept here, and the agents connected, is saved in the data directory
+//! (`super::agents_file`) whenever it changes and at shutdown, and restored at start
+//! ([`Departed::restore`]) for what is left of each one's retention.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -15,7 +20,9 @@ use std::time::{Duration, Instant, SystemTime};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::gauge::ConstGauge;
+use tokio::sync::Notify;
 
+use super::agents_file::Record;
 use super::registry::ScrapeStats;
 use crate::tunnel::TargetList;
 
@@ -32,6 +39,8 @@ pub(super) struct Departed {
     /// Whether the cap has been reached once: warned about once, not per departure, since an
     /// autoscaled fleet at the cap reaches it on every one.
     warned_full: bool,
+    /// Told of every change, for the writer of the agents file.
+    changes: Arc<Notify>,
 }
 
 #[derive(Debug)]
@@ -63,7 +72,59 @@ impl Departed {
             order: BTreeMap::new(),
             sequence: 0,
             warned_full: false,
+            changes: Arc::new(Notify::new()),
         }
+    }
+
+    /// What is notified when an agent is kept or forgotten here (the registry notifies it of
+    /// the connected agents' changes too): the writer of the agents file waits on it.
+    pub(super) fn changes(&self) -> Arc<Notify> {
+        self.changes.clone()
+    }
+
+    /// Keeps the agents of `records` (read from the agents file at start) for what is left of
+    /// their retention at `now_wall`, which is `now` on the monotonic clock; returns how many
+    /// are kept. Oldest departure first, so that the cap keeps the most recent ones.
+    pub(super) fn restore(
+        &mut self,
+        mut records: Vec<Record>,
+        now_wall: SystemTime,
+        now: Instant,
+    ) -> usize {
+        records.sort_by_key(|r| r.gone_at);
+        for r in records {
+            // A departure in the future (the wall clock was set back) counts as now: kept for a
+            // whole retention rather than dropped.
+            let ago = now_wall.duration_since(r.gone_at).unwrap_or_default();
+            let gone = now.checked_sub(ago).unwrap_or(now);
+            let last = LastTunnel {
+                remote: r.remote,
+                connected_at: r.connected_at,
+                gone_at: r.gone_at,
+                stats: ScrapeStats::default(),
+            };
+            self.add(&r.id, r.targets, r.credential, last, gone);
+        }
+        self.prune(now);
+        self.len()
+    }
+
+    /// What the agents file holds of the agents kept here, sorted by id.
+    pub(super) fn records(&self) -> Vec<Record> {
+        let mut all: Vec<Record> = self
+            .by_id
+            .iter()
+            .map(|(id, e)| Record {
+                id: id.clone(),
+                targets: e.targets.clone(),
+                credential: e.credential,
+                remote: e.last.remote,
+                connected_at: e.last.connected_at,
+                gone_at: e.last.gone_at,
+            })
+            .collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
     }
 
     /// Keeps `id`, gone at `now`, with the `targets` it listed, the token it used and what its
@@ -94,6 +155,7 @@ impl Departed {
             last,
         };
         self.by_id.insert(id.to_owned(), entry);
+        self.changes.notify_one();
     }
 
     fn drop_oldest(&mut self) {
@@ -115,6 +177,7 @@ impl Departed {
         match self.by_id.remove(id) {
             Some(entry) => {
                 self.order.remove(&entry.key);
+                self.changes.notify_one();
                 true
             }
             None => false,
@@ -129,6 +192,7 @@ impl Departed {
             }
             let id = entry.remove();
             self.by_id.remove(&id);
+            self.changes.notify_one();
         }
     }
 

@@ -6,6 +6,7 @@
 // Inside:
 // - `registry`: connected agents (the seam for several gateways).
 // - `departed`: agents gone, still listed in service discovery for `web.sd_keep_disconnected`.
+// - `agents_file`: those and the connected agents saved in the data directory, restored at start.
 // - `tunnel`: accepting tunnels — TLS, upgrade, the session, the target-list watch.
 // - `h2conn`: the gateway's HTTP/2 client end of a tunnel (h2 driven directly), keepalive PINGs.
 // - `published`: the checks of an agent's published target list (routable targets only).
@@ -32,6 +33,7 @@ use crate::server::ReloadableTls;
 use crate::telemetry::{ConnectionMetrics, GatewayMetrics};
 use crate::tunnel::tls::TlsError;
 
+mod agents_file;
 mod departed;
 mod h2conn;
 mod pending;
@@ -94,6 +96,12 @@ pub(crate) struct State {
     pub(crate) web_refusals: web_refusals::WebRefusals,
     /// Said once: a web config file's TLS does not reach a server that mounts the gateway.
     mounted_without_tls: std::sync::Once,
+    /// `<data_dir>/agents.json`, unless disconnected agents are not kept at all.
+    pub(crate) agents_file: Option<std::path::PathBuf>,
+    /// Rate limit of warnings about failed writes of the agents file.
+    pub(crate) agents_file_warnings: crate::warn_limit::WarnLimit,
+    /// Set by the first [`Gateway::serve_tunnels`], whose task writes the agents file.
+    agents_file_writer: std::sync::atomic::AtomicBool,
 }
 
 impl State {
@@ -195,10 +203,14 @@ impl Gateway {
         web_refusals::WebRefusals::register(&metrics);
         let connections = ConnectionMetrics::register(&mut metrics_registry, "gateway");
         config.geo.register_metrics(&mut metrics_registry);
-        let departed = Arc::new(std::sync::Mutex::new(departed::Departed::new(
-            config.sd_keep_disconnected,
-            config.sd_keep_disconnected_max,
-        )));
+        let mut departed =
+            departed::Departed::new(config.sd_keep_disconnected, config.sd_keep_disconnected_max);
+        let keep = config.sd_keep_disconnected;
+        let agents_file = (!keep.is_zero()).then(|| config.data_dir.join(agents_file::FILE_NAME));
+        if agents_file.is_some() {
+            agents_file::restore(&config.data_dir, &mut departed, keep, &tokens);
+        }
+        let departed = Arc::new(std::sync::Mutex::new(departed));
         metrics_registry
             .register_collector(Box::new(departed::DisconnectedGauge(departed.clone())));
         Ok(Gateway {
@@ -222,6 +234,9 @@ impl Gateway {
                 ),
                 web_refusals: Default::default(),
                 mounted_without_tls: std::sync::Once::new(),
+                agents_file,
+                agents_file_warnings: Default::default(),
+                agents_file_writer: Default::default(),
                 config,
             }),
         })
@@ -442,6 +457,10 @@ impl Gateway {
     /// its agent that the gateway shuts down, and returns once they are closed (or after two
     /// seconds at most).
     ///
+    /// Meanwhile it saves the agents listed in service discovery in the data directory, a few
+    /// seconds after each change and once more before it returns, so that a restarted gateway
+    /// still lists the disconnected ones (`web.sd_keep_disconnected`).
+    ///
     /// Cancel `shutdown` last: after the web side (your server calling [`Gateway::handle`], or
     /// [`Gateway::serve_web`]) has drained its scrapes in flight. Closing the tunnels first cuts
     /// those scrapes, which Prometheus sees as a misleading "broken pipe" 502. [`Gateway::run`]
@@ -455,7 +474,23 @@ impl Gateway {
                 tracing::warn!(address = %local(&listener), "gateway tunnel listener up WITHOUT TLS (insecure plaintext)")
             }
         }
+        // One writer however many listeners serve tunnels.
+        let writes = !self
+            .state
+            .agents_file_writer
+            .swap(true, std::sync::atomic::Ordering::Relaxed);
+        let stop_writing = CancellationToken::new();
+        let writer = writes.then(|| {
+            let (state, stop) = (self.state.clone(), stop_writing.clone());
+            tokio::spawn(agents_file::keep_written(state, stop).in_current_span())
+        });
         tunnel::accept_loop(self.state.clone(), listener, shutdown).await;
+        if let Some(writer) = writer {
+            stop_writing.cancel();
+            let _ = writer.await;
+            // Every tunnel is closed (or given up on): each agent is saved as gone now.
+            agents_file::write(&self.state).await;
+        }
     }
 
     /// Runs both listeners. On `shutdown` the web listener stops accepting and drains in-flight

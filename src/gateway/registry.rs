@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::agents_file::Record;
 use super::departed::{self, Departed};
 use super::h2conn::Sender;
 use crate::telemetry::{GatewayMetrics, ScrapeLabels};
@@ -231,18 +232,52 @@ pub struct Registry {
     /// Changed under the lock of `agents` too (taken first), so that an id is never both
     /// connected and departed, nor neither while it reconnects.
     departed: Arc<Mutex<Departed>>,
+    /// Notified when an agent connects, disconnects or changes its targets (and by `departed`
+    /// of its own changes): what the agents file must catch up with.
+    changes: Arc<Notify>,
 }
 
 impl Registry {
     /// An empty registry keeping `metrics`' per-agent series to the agents connected, and the
     /// agents that disconnect in `departed`.
     pub(super) fn new(metrics: GatewayMetrics, departed: Arc<Mutex<Departed>>) -> Self {
+        let changes = departed::lock(&departed).changes();
         Self {
             agents: RwLock::default(),
             sessions: AtomicU64::new(0),
             metrics,
             departed,
+            changes,
         }
+    }
+
+    /// Notified whenever what [`Registry::records`] returns may have changed.
+    pub(super) fn changes(&self) -> Arc<Notify> {
+        self.changes.clone()
+    }
+
+    /// What the agents file holds: every connected agent, as if gone at `now`, and every
+    /// disconnected one still kept, sorted by id. A tunnel being closed for a revoked token is
+    /// left out (it is not kept when it goes).
+    pub(super) fn records(&self, now: SystemTime) -> Vec<Record> {
+        let agents = self.read();
+        let mut all: Vec<Record> = agents
+            .values()
+            .filter(|a| a.close_reason() != Some(CloseReason::Revoked))
+            .map(|a| Record {
+                id: a.id.clone(),
+                targets: a.targets(),
+                credential: a.credential.digest,
+                remote: a.remote,
+                connected_at: a.connected_at,
+                gone_at: now,
+            })
+            .collect();
+        let departed = departed::lock(&self.departed).records();
+        drop(agents);
+        all.extend(departed);
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
     }
 
     /// A fresh session number for a new tunnel.
@@ -262,6 +297,7 @@ impl Registry {
         departed::lock(&self.departed).remove(&agent.id);
         let old = agents.insert(agent.id.clone(), agent);
         self.metrics.agents_connected.set(agents.len() as i64);
+        self.changes.notify_one();
         match old {
             Some(old) => Inserted::Replaced(old),
             None => Inserted::New,
@@ -306,6 +342,7 @@ impl Registry {
         }
         self.metrics.remove_agent(id);
         self.metrics.agents_connected.set(agents.len() as i64);
+        self.changes.notify_one();
         true
     }
 
@@ -350,6 +387,7 @@ impl Registry {
     pub fn targets_changed(&self, id: &str, session: u64, list: &TargetList) {
         let agents = self.write();
         if agents.get(id).is_some_and(|a| a.session == session) {
+            self.changes.notify_one();
             // `unknown` counts the agent's scrapes that matched no target: it stays.
             self.metrics.remove_unlisted_targets(id, |name| {
                 name == super::proxy::UNKNOWN || list.targets.iter().any(|t| t.name == name)

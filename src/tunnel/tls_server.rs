@@ -205,7 +205,7 @@ fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> 
 /// Writes `bytes` to a new file created with `mode` (less the umask), synced to disk. Anything
 /// already in its place (a link someone planted) is refused rather than written through; the
 /// renames that follow replace a link at the final name instead of following it.
-fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let error = |e: std::io::Error| format!("cannot write {}: {e}", path.display());

@@ -1,0 +1,378 @@
+//! `<data_dir>/agents.json`: the agents service discovery lists, saved so that a restarted
+//! gateway still lists the disconnected ones (see [`super::departed`]).
+//!
+//! Written by one task of the tunnel listener, at most every [`DEBOUNCE`], after a change (an
+//! agent connects, disconnects, changes its targets, expires or is revoked), and once more when
+//! the gateway stops: never on a request's path, and the registry's locks are held only to copy
+//! the list (a few `Arc`s per agent). A crash loses at most the changes of the last
+//! [`DEBOUNCE`]. Read once at start: availability first, so a file that cannot be used is one
+//! warning and the gateway starts with nothing kept.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::departed::Departed;
+use super::State;
+use crate::auth::TokensFile;
+use crate::tunnel::TargetList;
+
+/// The file's name in the data directory.
+pub(super) const FILE_NAME: &str = "agents.json";
+
+/// The format written; a file of another one is not read (a downgrade keeps nothing).
+const VERSION: u64 = 1;
+
+/// The shortest time between two writes: an autoscaled fleet connecting at once costs one write
+/// every few seconds, not one per agent.
+pub(super) const DEBOUNCE: Duration = Duration::from_secs(2);
+
+/// One agent as the file keeps it: what service discovery lists of it and what decides whether
+/// it may still be listed after a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Record {
+    pub(super) id: String,
+    /// Its last target list, with its labels.
+    #[serde(with = "shared_list")]
+    pub(super) targets: Arc<TargetList>,
+    /// SHA-256 of the token its last tunnel used, to check against the tokens file at start.
+    #[serde(with = "hex_digest")]
+    pub(super) credential: [u8; 32],
+    /// Where its last tunnel came from.
+    pub(super) remote: SocketAddr,
+    #[serde(with = "rfc3339")]
+    pub(super) connected_at: SystemTime,
+    /// When its tunnel went down; for an agent connected when the file was written, then.
+    #[serde(with = "rfc3339")]
+    pub(super) gone_at: SystemTime,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Contents {
+    version: u64,
+    agents: Vec<Record>,
+}
+
+/// Reads the records of `path`; `Ok(None)` if there is no such file. The error says what is
+/// wrong, without the file's name.
+fn read(path: &Path) -> Result<Option<Vec<Record>>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read it: {e}")),
+    };
+    parse(&bytes).map(Some)
+}
+
+fn parse(bytes: &[u8]) -> Result<Vec<Record>, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    match value.get("version").map(serde_json::Value::as_u64) {
+        Some(Some(VERSION)) => {}
+        Some(Some(v)) => {
+            return Err(format!(
+                "format version {v}, this ferry reads version {VERSION}"
+            ))
+        }
+        _ => return Err("no format version".into()),
+    }
+    let contents: Contents =
+        serde_json::from_value(value).map_err(|e| format!("not an agents file: {e}"))?;
+    Ok(contents.agents)
+}
+
+fn serialize(records: Vec<Record>) -> Vec<u8> {
+    let contents = Contents {
+        version: VERSION,
+        agents: records,
+    };
+    // Only strings, numbers and maps with string keys: cannot fail.
+    serde_json::to_vec_pretty(&contents).unwrap_or_default()
+}
+
+/// The records still to be listed at `now`: gone less than `keep` ago, with a token that
+/// `authorized(id, credential)` accepts.
+fn restorable(
+    records: Vec<Record>,
+    now: SystemTime,
+    keep: Duration,
+    authorized: impl Fn(&str, &[u8; 32]) -> bool,
+) -> Vec<Record> {
+    records
+        .into_iter()
+        .filter(|r| now.duration_since(r.gone_at).unwrap_or_default() < keep)
+        .filter(|r| authorized(&r.id, &r.credential))
+        .collect()
+}
+
+/// Fills `departed` from the file in `data_dir`, for what is left of each agent's retention,
+/// leaving out the agents whose token `tokens` no longer accepts for their id. Anything wrong
+/// with the file is one warning and nothing restored.
+pub(super) fn restore(
+    data_dir: &Path,
+    departed: &mut Departed,
+    keep: Duration,
+    tokens: &TokensFile,
+) {
+    let path = data_dir.join(FILE_NAME);
+    let records = match read(&path) {
+        Ok(Some(records)) => records,
+        Ok(None) => return,
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "the agents kept in service discovery before the restart cannot be read: starting without them (disconnected agents are not listed until they connect)");
+            return;
+        }
+    };
+    let (now_wall, now) = (SystemTime::now(), Instant::now());
+    let in_file = records.len();
+    let kept = restorable(records, now_wall, keep, |id, digest| {
+        tokens.authorize_digest(digest, id).is_ok()
+    });
+    let restored = departed.restore(kept, now_wall, now);
+    info!(file = %path.display(), restored, in_file, "agents restored in service discovery as disconnected until they connect");
+}
+
+/// Keeps the file of `state` up to date until `stop`, at most one write every [`DEBOUNCE`].
+/// Does nothing if the gateway keeps no disconnected agents.
+pub(super) async fn keep_written(state: Arc<State>, stop: CancellationToken) {
+    if state.agents_file.is_none() {
+        return;
+    }
+    let changes = state.registry.changes();
+    loop {
+        tokio::select! {
+            () = changes.notified() => {}
+            () = stop.cancelled() => return,
+        }
+        write(&state).await;
+        tokio::select! {
+            () = tokio::time::sleep(DEBOUNCE) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Writes what the registry holds now (agents still connected count as gone now); a failure is
+/// a warning, at most one a minute.
+pub(super) async fn write(state: &State) {
+    let Some(path) = state.agents_file.clone() else {
+        return;
+    };
+    let records = state.registry.records(SystemTime::now());
+    // Serialized there too: ten thousand agents make a few megabytes.
+    let written = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || write_durably(&path, &serialize(records))
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the write task failed: {e}")));
+    if let Err(error) = written {
+        if let Some(quiet) = state.agents_file_warnings.admit() {
+            warn!(file = %path.display(), %error, failures_not_logged = quiet, "cannot save the agents listed in service discovery: a restarted gateway would not list the disconnected ones (tried again at the next change)");
+        }
+    }
+}
+
+/// Replaces `path` with `bytes` (mode 0600: it names agents and where they connect from) so
+/// that a crash leaves the old file or the new one, whole.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create directory {}: {e}", dir.display()))?;
+    let partial = {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".partial");
+        PathBuf::from(name)
+    };
+    // Left by a write interrupted before its rename (or planted): removed, not followed.
+    let _ = std::fs::remove_file(&partial);
+    crate::tunnel::tls_server::write_synced(&partial, bytes, 0o600)?;
+    std::fs::rename(&partial, path)
+        .map_err(|e| format!("cannot rename {} into place: {e}", partial.display()))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("cannot sync directory {}: {e}", dir.display()))
+}
+
+/// The target list shared with the registry, written as the list itself.
+mod shared_list {
+    use super::*;
+
+    pub(super) fn serialize<S: serde::Serializer>(
+        list: &Arc<TargetList>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        list.as_ref().serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Arc<TargetList>, D::Error> {
+        TargetList::deserialize(d).map(Arc::new)
+    }
+}
+
+/// A SHA-256 as 64 hex digits.
+mod hex_digest {
+    use serde::de::Error;
+
+    use super::*;
+
+    pub(super) fn serialize<S: serde::Serializer>(
+        digest: &[u8; 32],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(digest))
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<[u8; 32], D::Error> {
+        let text = String::deserialize(d)?;
+        let mut digest = [0; 32];
+        hex::decode_to_slice(&text, &mut digest)
+            .map_err(|e| D::Error::custom(format!("credential: not a SHA-256 in hex: {e}")))?;
+        Ok(digest)
+    }
+}
+
+/// A wall-clock time as RFC 3339 in UTC, to the millisecond.
+mod rfc3339 {
+    use serde::de::Error;
+
+    use super::*;
+
+    pub(super) fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string())
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339(&text)
+            .map_err(|e| D::Error::custom(format!("{text:?} is not an RFC 3339 time: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::TargetInfo;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn record(id: &str, gone_at: SystemTime) -> Record {
+        let list = TargetList {
+            version: 3,
+            labels: [("site".to_owned(), "berlin".to_owned())].into(),
+            targets: vec![TargetInfo {
+                name: "node".into(),
+                port: 9100,
+                path: "/metrics".into(),
+                labels: [("role".to_owned(), "db".to_owned())].into(),
+            }],
+        };
+        Record {
+            id: id.into(),
+            targets: Arc::new(list),
+            credential: [7; 32],
+            remote: "192.0.2.1:40000".parse().unwrap(),
+            connected_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            gone_at,
+        }
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        // Whole milliseconds: what the file keeps.
+        SystemTime::UNIX_EPOCH + Duration::from_millis(secs * 1000 + 250)
+    }
+
+    #[test]
+    fn records_survive_the_round_trip() {
+        let records = vec![
+            record("db-1", at(1_700_000_100)),
+            record("db-2", at(1_700_000_200)),
+        ];
+        let bytes = serialize(records.clone());
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.contains(&hex::encode([7; 32])), "{text}");
+        assert!(text.contains("2023-11-14T22:15:00.250Z"), "{text}");
+        assert_eq!(parse(&bytes).unwrap(), records);
+    }
+
+    #[test]
+    fn a_durable_write_replaces_the_file_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("data").join(FILE_NAME);
+        write_durably(&path, &serialize(vec![record("a", at(1))])).unwrap();
+        write_durably(&path, &serialize(vec![record("b", at(2))])).unwrap();
+        let read = read(&path).unwrap().unwrap();
+        assert_eq!(read, [record("b", at(2))]);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(left.len(), 1, "no partial file left: {left:?}");
+    }
+
+    #[test]
+    fn a_missing_file_is_nothing_and_a_bad_one_says_what_is_wrong() {
+        let dir = tempfile::TempDir::new().unwrap();
+        assert_eq!(read(&dir.path().join(FILE_NAME)), Ok(None));
+        let cases: [(&[u8], &str); 4] = [
+            (b"{\"version\": 1, \"agents\": [", "not JSON"),
+            (b"{\"agents\": []}", "no format version"),
+            (b"{\"version\": 9, \"agents\": []}", "format version 9"),
+            (
+                b"{\"version\": 1, \"agents\": [{\"id\": \"a\"}]}",
+                "not an agents file",
+            ),
+        ];
+        for (bytes, want) in cases {
+            let error = parse(bytes).unwrap_err();
+            assert!(error.contains(want), "{error}");
+        }
+    }
+
+    #[test]
+    fn an_agent_gone_longer_than_the_retention_or_revoked_is_not_restored() {
+        let now = at(1_700_100_000);
+        let records = vec![
+            record("recent", now - HOUR),
+            record("expired", now - 24 * HOUR),
+            record("revoked", now - HOUR),
+            // The clock was set back since it was written: kept.
+            record("future", now + HOUR),
+        ];
+        let kept = restorable(records, now, 24 * HOUR, |id, _| id != "revoked");
+        let ids: Vec<&str> = kept.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["recent", "future"]);
+    }
+
+    #[test]
+    fn restored_agents_keep_what_is_left_of_their_retention_within_the_cap() {
+        let (now_wall, now) = (at(1_700_100_000), Instant::now());
+        let mut departed = Departed::new(10 * HOUR, 2);
+        let records = vec![
+            record("newest", now_wall - HOUR),
+            record("oldest", now_wall - 9 * HOUR),
+            record("middle", now_wall - 5 * HOUR),
+        ];
+        assert_eq!(departed.restore(records, now_wall, now), 2);
+        let kept: Vec<String> = departed.records().into_iter().map(|r| r.id).collect();
+        assert_eq!(kept, ["middle", "newest"]);
+        departed.prune(now + 5 * HOUR);
+        let kept: Vec<String> = departed.records().into_iter().map(|r| r.id).collect();
+        assert_eq!(kept, ["newest"], "middle had 5 of its 10 hours left");
+        departed.prune(now + 9 * HOUR);
+        assert_eq!(departed.len(), 0);
+    }
+}
