@@ -196,12 +196,29 @@ fn in_plain_words(text: String) -> String {
     if text.starts_with(RUSTLS_UNEXPECTED_EOF) {
         return "the connection closed without TLS close_notify (the peer's process died or the network cut it)".to_owned();
     }
+    // h2 shows a GOAWAY's debug data as Rust's byte-string literal: ` (b"too_many_resets")`.
+    if let Some((head, data)) = text.split_once(" (b\"") {
+        if let Some(data) = data.strip_suffix("\")") {
+            return format!("{head}, saying \"{data}\"");
+        }
+    }
     text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GOAWAY's debug data reads as what the peer said, not as a Rust byte string.
+    #[test]
+    fn goaway_debug_data_is_quoted_as_text() {
+        assert_eq!(
+            in_plain_words(
+                "connection error received: detected excessive load generating behavior (b\"too_many_resets\")".into()
+            ),
+            "connection error received: detected excessive load generating behavior, saying \"too_many_resets\""
+        );
+    }
 
     #[test]
     fn each_error_maps_to_its_documented_status() {

@@ -1103,6 +1103,52 @@ async fn gateway_keepalive_drops_a_tunnel_that_went_silent() {
     gw.stop().await;
 }
 
+/// A tunnel stalled for a moment (the agent's VM paused, a congested path) while Prometheus
+/// gives up on scrapes: the gateway cancels each one, and on resume the agent receives the
+/// requests and their cancellations together. That is not an attack on the agent's HTTP/2
+/// server: the tunnel stays up (h2's default allows only 20 such streams, then closes the
+/// connection as "excessive load"), and the next scrape works on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_cancelled_during_a_stall_do_not_close_the_tunnel() {
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("stalled 1\n").await;
+    let proxy = ConnectProxy::start(None).await;
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let mut section = agent_section(&gw, "stall-1", &[("node", server.url("/metrics"))]);
+    section.proxy_url = Some(proxy.url());
+    let agent = start_agent(section, TOKEN);
+    gw.wait_agent("stall-1", Duration::from_secs(10)).await;
+    let url = target_url("stall-1", &server);
+    assert_eq!(scrape(gw.web, &url).await.status, 200);
+
+    proxy.stall_all(Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let web = gw.web;
+    for _ in 0..40 {
+        let url = url.clone();
+        tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_millis(500), scrape(web, &url)).await
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let resp = scrape(gw.web, &url).await;
+    assert_eq!((resp.status, resp.text().as_str()), (200, "stalled 1\n"));
+    let metrics = http::get(&format!("{}/metrics", gw.web_url())).await.text();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "ferry_gateway_tunnel_handshakes_total",
+            &[("result", "ok")]
+        ),
+        Some(1.0),
+        "the agent did not have to reconnect:\n{metrics}"
+    );
+    assert_eq!(proxy.tunnels_opened(), 1);
+    agent.stop().await;
+    gw.stop().await;
+}
+
 /// The agent's own PINGs find a tunnel that went silent, and its log says why the tunnel ended:
 /// the cause, not only hyper's "http2 error".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

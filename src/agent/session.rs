@@ -410,6 +410,10 @@ where
     }
 }
 
+/// How many streams the gateway may have opened and cancelled before the agent took them up:
+/// what a stall of a few scrape intervals queues for an agent with a few hundred targets.
+const PENDING_ACCEPT_RESETS: usize = 1024;
+
 /// Serves HTTP/2 over the tunnel until it ends or `shutdown`, then drains within the grace period.
 async fn serve(
     shared: &Arc<Shared>,
@@ -435,6 +439,11 @@ async fn serve(
         .keep_alive_interval(cfg.keepalive.interval)
         .keep_alive_timeout(cfg.keepalive.timeout)
         .max_concurrent_streams(cfg.max_concurrent_scrapes)
+        // Scrapes Prometheus gave up on while the tunnel was stalled (a paused VM, a congested
+        // path) arrive on resume together with their cancellations: with h2's default of 20
+        // such streams the agent closed a working tunnel as "excessive load". Still bounded,
+        // against a gateway that resets streams in a loop.
+        .max_pending_accept_reset_streams(PENDING_ACCEPT_RESETS)
         .max_header_list_size(crate::tunnel::MAX_HEADER_LIST)
         .header_table_size(0)
         .serve_connection(io.clone(), service);

@@ -472,7 +472,9 @@ fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> Relo
     ok &= reload_egress_credentials(roles);
     match file {
         Some((path, started)) => ok &= reload_file(roles, path, started, &mut need_restart),
-        None if roles.agent.is_some() => warn!("agent targets come from flags: nothing to reload (use ferry run --config.file to reload targets)"),
+        // Not a warning: the rest (the geoip database, credential files) was reloaded, and the
+        // closing line says so; this says what a reload cannot change here.
+        None if roles.agent.is_some() => info!("agent targets and settings come from flags: unchanged by a reload (to reload them, run the agent with ferry run --config.file)"),
         None => {}
     }
     Reloaded {

@@ -182,6 +182,12 @@ async fn relay(
         tokio::select! {
             res = &mut pump => break match res {
                 Ok(()) => String::new(),
+                // One end gone while the other was still sending (an agent stopped mid-stream):
+                // how tunnels often end, not a fault of the proxy or of the path.
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) => format!("one end closed the tunnel while the other was still sending ({e})"),
                 Err(e) => format!("tunnel ended with an error: {e}"),
             },
             _ = tokio::time::sleep(idle_check(quiet)) => {

@@ -173,7 +173,16 @@ fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> 
     if names.is_empty() {
         names.push("ferry-gateway".into());
     }
-    let generated = rcgen::generate_simple_self_signed(names).map_err(|e| e.to_string())?;
+    // rcgen's defaults but for the subject, which `openssl s_client` and browsers show: rcgen
+    // names it "rcgen self signed cert". Valid until 4096: agents pin its fingerprint, and a
+    // renewal would be a new one to hand out.
+    let mut params = rcgen::CertificateParams::new(names).map_err(|e| e.to_string())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ferry gateway (self-signed)");
+    let signing_key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&signing_key).map_err(|e| e.to_string())?;
+    let generated = rcgen::CertifiedKey { cert, signing_key };
     // Both written and synced under temporary names, then renamed, the certificate last: a
     // start interrupted anywhere leaves either nothing, or a key with its complete certificate
     // still to be renamed (`finish_interrupted`), never a half that would need a new identity.
@@ -299,6 +308,10 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        // Named as ferry's, as `openssl s_client` shows it.
+        let certs = read_certs(&dir.path().join(SELF_SIGNED_CERT)).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&certs[0]).unwrap();
+        assert_eq!(cert.subject().to_string(), "CN=ferry gateway (self-signed)");
     }
 
     /// The configured names (checked and lowercased by the configuration) are all covered by

@@ -32,6 +32,9 @@ struct Stats {
     connects: Mutex<Vec<String>>,
     cut_all: Notify,
     freeze_all: Notify,
+    stall_all: Notify,
+    /// How long a `stall_all` lasts, in milliseconds.
+    stall_ms: AtomicU64,
     /// Bytes per second the client's direction is held to (0: as fast as it comes).
     upload_rate: AtomicU64,
 }
@@ -123,6 +126,14 @@ impl ConnectProxy {
     pub fn freeze_all(&self) {
         self.stats.freeze_all.notify_waiters();
     }
+
+    /// Stops moving bytes on every open tunnel for `how_long`, then moves what queued up
+    /// meanwhile at once, like a peer paused (a VM migrated, a process stopped) and resumed.
+    pub fn stall_all(&self, how_long: Duration) {
+        let ms = u64::try_from(how_long.as_millis()).unwrap_or(u64::MAX);
+        self.stats.stall_ms.store(ms, Ordering::SeqCst);
+        self.stats.stall_all.notify_waiters();
+    }
 }
 
 impl Drop for ConnectProxy {
@@ -167,12 +178,20 @@ async fn handle(client: TcpStream, mode: Mode, idle_cut: Option<Duration>, stats
     stats.opened.fetch_add(1, Ordering::SeqCst);
     let rate = stats.upload_rate.load(Ordering::SeqCst);
     let relaying = relay(client, upstream, early, idle_cut, rate);
-    tokio::pin!(relaying);
-    let end = tokio::select! {
-        end = &mut relaying => end,
-        _ = cut_now => RelayEnd::Cut,
-        // The relay, and with it both sockets, stays alive but is never polled again.
-        _ = freeze_now => std::future::pending().await,
+    tokio::pin!(relaying, cut_now, freeze_now);
+    let end = loop {
+        let stall_now = stats.stall_all.notified();
+        tokio::select! {
+            end = &mut relaying => break end,
+            _ = &mut cut_now => break RelayEnd::Cut,
+            // The relay, and with it both sockets, stays alive but is never polled again.
+            _ = &mut freeze_now => std::future::pending().await,
+            // Not polled for a while: the bytes wait in the sockets' buffers.
+            _ = stall_now => {
+                let ms = stats.stall_ms.load(Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+        }
     };
     if end == RelayEnd::Cut {
         stats.cut.fetch_add(1, Ordering::SeqCst);
