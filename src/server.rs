@@ -50,6 +50,106 @@ impl ReloadableTls {
 /// How long a client may take to send its request headers.
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a client of the agent's and exporter's listeners may take none of a response before
+/// its connection is closed (the gateway's: its longest scrape timeout). A response
+/// body's deadline is checked as it is read, which hyper stops doing while the client's window
+/// is full: without this, a client that stops reading holds its request (for the gateway, one
+/// of the agent's `max_concurrent_scrapes`) for as long as it keeps the connection open.
+pub(crate) const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A connection whose writes fail once the peer has taken nothing for a while
+/// ([`WRITE_STALL_TIMEOUT`]).
+pub(crate) struct WriteStall<T> {
+    inner: T,
+    limit: Duration,
+    /// Set while a write waits for room.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteStall<T> {
+    pub(crate) fn new(inner: T, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    fn bounded<R>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: std::task::Poll<std::io::Result<R>>,
+    ) -> std::task::Poll<std::io::Result<R>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if stalled.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the client took nothing written to it for {limit:?}"),
+        )))
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteStall<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStall<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.bounded(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.bounded(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = std::pin::Pin::new(&mut this.inner).poll_flush(cx);
+        this.bounded(cx, poll)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// hyper's read (and write) buffer bound per connection; a request head that does not fit is
 /// answered 431 by the parser. hyper's default, about 400 KiB, lets each client trickling a head
 /// for [`HEADER_READ_TIMEOUT`] hold that much. The gateway forwards heads of 32 KiB at most and
@@ -131,7 +231,13 @@ pub async fn serve_http_capped<H, F>(
         slot
     };
     serve_http_tracked::<_, _, _, _, fn(SocketAddr, String)>(
-        listener, handler, on_accept, no_tls, shutdown, drain,
+        listener,
+        handler,
+        on_accept,
+        no_tls,
+        shutdown,
+        drain,
+        WRITE_STALL_TIMEOUT,
     )
     .await;
 }
@@ -151,6 +257,7 @@ const CUT_OFF_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// until the connection closes (a metrics guard and a [`ConnectionCap`] slot, typically); `None`
 /// closes the connection at once (the cap is reached). With `tls`, connections speak TLS,
 /// and its callback is told of each connection whose handshake failed (the peer, why).
+/// A client that takes nothing written to it for `write_stall` is disconnected.
 /// Returns once every connection is closed, or its requests were cut off and answered.
 pub(crate) async fn serve_http_tracked<H, F, A, G, T>(
     listener: TcpListener,
@@ -159,6 +266,7 @@ pub(crate) async fn serve_http_tracked<H, F, A, G, T>(
     tls: Option<(ReloadableTls, T)>,
     shutdown: CancellationToken,
     drain: Drain,
+    write_stall: Duration,
 ) where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
@@ -199,6 +307,7 @@ pub(crate) async fn serve_http_tracked<H, F, A, G, T>(
         let tls = tls
             .as_ref()
             .map(|(tls, on_failure)| (tls.acceptor(), on_failure.clone()));
+        let stream = WriteStall::new(stream, write_stall);
         open.spawn(async move {
             let io: Box<dyn Io> = match tls {
                 None => Box::new(stream),
@@ -284,4 +393,40 @@ pub(crate) async fn accept_backoff(e: &std::io::Error) {
     };
     warn!(error = %e, ?pause, "accept failed");
     tokio::time::sleep(pause).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Writes to a peer that reads nothing fail once the limit passes without progress; a peer
+    /// that reads, however slowly, keeps the connection.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_takes_nothing_is_given_up_on_after_the_limit() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut conn = WriteStall::new(ours, Duration::from_secs(5));
+        let chunk = [7u8; 1024];
+        conn.write_all(&chunk).await.unwrap();
+        // Room again only as the peer reads: 4 s, then a read, then 4 s more is fine.
+        let write = conn.write_all(&chunk);
+        tokio::pin!(write);
+        assert!(tokio::time::timeout(Duration::from_secs(4), &mut write)
+            .await
+            .is_err());
+        let mut buf = [0u8; 512];
+        theirs.read_exact(&mut buf).await.unwrap();
+        assert!(tokio::time::timeout(Duration::from_secs(4), &mut write)
+            .await
+            .is_err());
+        let started = tokio::time::Instant::now();
+        let err = write.await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(
+            err.to_string()
+                .contains("took nothing written to it for 5s"),
+            "{err}"
+        );
+        assert!(started.elapsed() <= Duration::from_secs(5));
+    }
 }

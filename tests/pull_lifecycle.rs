@@ -1149,6 +1149,86 @@ async fn scrapes_cancelled_during_a_stall_do_not_close_the_tunnel() {
     gw.stop().await;
 }
 
+/// A "gateway" that answers the upgrade with 101 and then sends nothing (no HTTP/2 preface):
+/// hyper's keepalive only starts after the HTTP/2 handshake, so the agent would call its tunnel
+/// up for ever. It gives up after its handshake timeout, says why, and dials again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_silent_after_the_upgrade_is_given_up_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let logs = common::logs::capture();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (dials_tx, mut dials) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && sock.read_exact(&mut byte).await.is_ok() {
+                head.push(byte[0]);
+            }
+            let answer = "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: ferry/1\r\n\r\n";
+            let _ = sock.write_all(answer.as_bytes()).await;
+            let _ = dials_tx.send(());
+            held.push(sock);
+        }
+    });
+    let mut section = common::ferry::agent_section_to(&url, "mute-1", &[]);
+    section.tunnel.insecure_plaintext = true;
+    section.tunnel.handshake_timeout = Dur(Duration::from_millis(500));
+    let agent = start_agent(section, TOKEN);
+    for dial in ["first", "second"] {
+        tokio::time::timeout(Duration::from_secs(10), dials.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {dial} dial within 10 s"));
+    }
+    let lines = logs.lines_with(&[
+        "tunnel closed; reconnecting",
+        "the gateway accepted the tunnel and then sent nothing within 500ms (no HTTP/2)",
+    ]);
+    assert!(!lines.is_empty(), "{:#?}", logs.lines_with(&[""]));
+    agent.stop().await;
+}
+
+/// A gateway that stops taking a scrape's body (it grants no more HTTP/2 window): the body's
+/// deadline is only checked as it is read, so the agent bounds the whole stream at its longest
+/// scrape timeout (plus a margin), which frees the target connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_whose_body_the_gateway_never_takes_is_cut_at_the_longest_timeout() {
+    let logs = common::logs::capture();
+    let big = TargetServer::start(Behaviour::Large { bytes: 50 << 20 }).await;
+    let (agent, mut gateway) =
+        common::ferry::agent_on_bare_tunnel_with("hold-1", &[("big", big.url("/big"))], |s| {
+            s.scrape_timeout_max = Dur(Duration::from_secs(1))
+        })
+        .await;
+    let req = ::http::Request::get(format!("http://hold-1:{}/big", big.addr.port()))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = gateway.send_request(req).await.expect("the scrape's head");
+    assert_eq!(resp.status(), 200);
+    // The body is never read: its window fills and stays full.
+    let lines = logs
+        .wait_lines(
+            &["outlived the longest scrape timeout"],
+            1,
+            Duration::from_secs(15),
+        )
+        .await;
+    assert!(lines[0].contains("limit=6s"), "{lines:?}");
+    let mut body = resp.into_body();
+    let mut got = 0usize;
+    let ended = loop {
+        match http_body_util::BodyExt::frame(&mut body).await {
+            Some(Ok(frame)) => got += frame.data_ref().map_or(0, |d| d.len()),
+            Some(Err(e)) => break e.to_string(),
+            None => break "end".to_owned(),
+        }
+    };
+    assert!(got < 50 << 20, "the whole body came: {ended}");
+    agent.stop().await;
+}
+
 /// The agent's own PINGs find a tunnel that went silent, and its log says why the tunnel ended:
 /// the cause, not only hyper's "http2 error".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -396,9 +396,15 @@ fn upgrade_failure(e: HandshakeError, plaintext: bool) -> SessionError {
     SessionError::Misdirected(format!("{}: {hint}", crate::scrape_error::one_line(&e)))
 }
 
-/// Spawns hyper's stream tasks on the runtime, in `0`.
+/// Spawns hyper's stream tasks on the runtime, tracked in `streams`, each for `limit` at most.
 #[derive(Clone)]
-struct TrackedExecutor(TaskTracker);
+struct TrackedExecutor {
+    streams: TaskTracker,
+    /// How long a stream may live: the longest scrape, plus a margin. Its deadline is checked
+    /// as its body is read, which hyper stops doing while the gateway grants no flow-control
+    /// window: a gateway that never reads would hold the target connection for ever.
+    limit: Duration,
+}
 
 impl<F> hyper::rt::Executor<F> for TrackedExecutor
 where
@@ -406,7 +412,59 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        self.0.spawn(fut);
+        let limit = self.limit;
+        self.streams.spawn(async move {
+            if tokio::time::timeout(limit, fut).await.is_err() {
+                // Dropped: hyper resets the stream, the target connection is closed.
+                warn!(?limit, "a scrape outlived the longest scrape timeout (the gateway took none of its body): cut off");
+            }
+        });
+    }
+}
+
+/// What the tunnel's connection has done, for [`watch_progress`].
+#[derive(Default)]
+struct Progress {
+    /// Whether the gateway has sent anything since the upgrade.
+    heard: std::sync::atomic::AtomicBool,
+    /// Since when (milliseconds after `epoch`, plus one) writes have found no room, or 0.
+    blocked_since: std::sync::atomic::AtomicU64,
+    epoch: std::sync::OnceLock<tokio::time::Instant>,
+}
+
+impl Progress {
+    fn now_ms(&self) -> u64 {
+        let epoch = *self.epoch.get_or_init(tokio::time::Instant::now);
+        u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn wrote<T>(&self, poll: &Poll<std::io::Result<T>>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if poll.is_ready() {
+            self.blocked_since.store(0, Relaxed);
+        } else if self.blocked_since.load(Relaxed) == 0 {
+            self.blocked_since.store(self.now_ms(), Relaxed);
+        }
+    }
+}
+
+/// Ends when the tunnel is alive in name only: the gateway answered the upgrade and then sent
+/// nothing (no HTTP/2 preface) within `handshake`, or it has taken none of what the agent sends
+/// for `stalled` (its process hung, or it stopped reading). hyper's keepalive covers neither:
+/// it starts after the HTTP/2 handshake, and its PING waits behind the unsent bytes.
+async fn watch_progress(progress: &Progress, handshake: Duration, stalled: Duration) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let started = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if !progress.heard.load(Relaxed) && started.elapsed() >= handshake {
+            return format!("the gateway accepted the tunnel and then sent nothing within {handshake:?} (no HTTP/2): is it a ferry gateway, and is it hung?");
+        }
+        let since = progress.blocked_since.load(Relaxed);
+        if since != 0 && progress.now_ms().saturating_sub(since) >= stalled.as_millis() as u64 {
+            return format!("the gateway has taken none of what the agent sends for {stalled:?} (it stopped reading: hung or overloaded)");
+        }
     }
 }
 
@@ -434,7 +492,11 @@ async fn serve(
     // tracked, so that a drain cut short can say how many scrapes it cut.
     let streams = TaskTracker::new();
     let io = SharedIo::new(upgraded);
-    let conn = hyper::server::conn::http2::Builder::new(TrackedExecutor(streams.clone()))
+    let executor = TrackedExecutor {
+        streams: streams.clone(),
+        limit: cfg.scrape_timeout_max + STREAM_MARGIN,
+    };
+    let conn = hyper::server::conn::http2::Builder::new(executor)
         .timer(TokioTimer::new())
         .keep_alive_interval(cfg.keepalive.interval)
         .keep_alive_timeout(cfg.keepalive.timeout)
@@ -448,9 +510,14 @@ async fn serve(
         .header_table_size(0)
         .serve_connection(io.clone(), service);
     let mut conn = std::pin::pin!(conn);
+    let stalled = cfg.keepalive.interval + cfg.keepalive.timeout;
     tokio::select! {
         // The chain: hyper's own words are only "http2 error", the cause is in its source.
         res = conn.as_mut() => SessionEnd::Closed(res.map_or_else(|e| crate::scrape_error::one_line(&e), |_| "closed by the gateway".into())),
+        reason = watch_progress(&io.progress, cfg.handshake_timeout, stalled) => {
+            io.close().await;
+            SessionEnd::Closed(reason)
+        }
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             if tokio::time::timeout(cfg.shutdown_grace, conn).await.is_err() {
@@ -472,20 +539,29 @@ async fn serve(
 /// stream is still at hand to close as TLS means it (close_notify): the gateway then sees an
 /// agent that stopped, not one that died.
 #[derive(Clone)]
-struct SharedIo(Arc<std::sync::Mutex<hyper::upgrade::Upgraded>>);
+struct SharedIo {
+    io: Arc<std::sync::Mutex<hyper::upgrade::Upgraded>>,
+    progress: Arc<Progress>,
+}
+
+/// What a stream may take beyond the longest scrape timeout: the body's last bytes on their way.
+const STREAM_MARGIN: Duration = Duration::from_secs(5);
 
 /// How long closing a tunnel given up may take (a gateway that reads nothing any more).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl SharedIo {
     fn new(io: hyper::upgrade::Upgraded) -> Self {
-        Self(Arc::new(std::sync::Mutex::new(io)))
+        Self {
+            io: Arc::new(std::sync::Mutex::new(io)),
+            progress: Arc::default(),
+        }
     }
 
     fn with<R>(&self, f: impl FnOnce(Pin<&mut hyper::upgrade::Upgraded>) -> R) -> R {
         // Locked only inside one poll, never across an await: a poisoned lock still holds the
         // stream, which is closed anyway.
-        let mut io = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut io = self.io.lock().unwrap_or_else(|p| p.into_inner());
         f(Pin::new(&mut *io))
     }
 
@@ -505,7 +581,13 @@ impl hyper::rt::Read for SharedIo {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        self.with(|io| hyper::rt::Read::poll_read(io, cx, buf))
+        let poll = self.with(|io| hyper::rt::Read::poll_read(io, cx, buf));
+        if poll.is_ready() {
+            self.progress
+                .heard
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        poll
     }
 }
 
@@ -515,11 +597,15 @@ impl hyper::rt::Write for SharedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.with(|io| hyper::rt::Write::poll_write(io, cx, buf))
+        let poll = self.with(|io| hyper::rt::Write::poll_write(io, cx, buf));
+        self.progress.wrote(&poll);
+        poll
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.with(|io| hyper::rt::Write::poll_flush(io, cx))
+        let poll = self.with(|io| hyper::rt::Write::poll_flush(io, cx));
+        self.progress.wrote(&poll);
+        poll
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -535,6 +621,8 @@ impl hyper::rt::Write for SharedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.with(|io| hyper::rt::Write::poll_write_vectored(io, cx, bufs))
+        let poll = self.with(|io| hyper::rt::Write::poll_write_vectored(io, cx, bufs));
+        self.progress.wrote(&poll);
+        poll
     }
 }

@@ -449,6 +449,9 @@ impl Gateway {
                 grace,
                 cut_off: SCRAPE_CUT_OFF,
             },
+            // Past the longest scrape timeout no scrape is still wanted: a client taking none of
+            // its response for that long holds one of the agent's scrape slots for nothing.
+            self.state.config.scrape.max_timeout,
         )
         .await;
     }

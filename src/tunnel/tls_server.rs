@@ -181,7 +181,9 @@ fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> 
         .distinguished_name
         .push(rcgen::DnType::CommonName, "ferry gateway (self-signed)");
     let signing_key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let cert = params.self_signed(&signing_key).map_err(|e| e.to_string())?;
+    let cert = params
+        .self_signed(&signing_key)
+        .map_err(|e| e.to_string())?;
     let generated = rcgen::CertifiedKey { cert, signing_key };
     // Both written and synced under temporary names, then renamed, the certificate last: a
     // start interrupted anywhere leaves either nothing, or a key with its complete certificate

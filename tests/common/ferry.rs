@@ -274,7 +274,7 @@ pub fn agent_section(gw: &TestGateway, id: &str, targets: &[(&str, String)]) -> 
 }
 
 /// The agent section for an agent `id` dialling `gateway` (a URL), serving `targets`.
-fn agent_section_to(gateway: &str, id: &str, targets: &[(&str, String)]) -> AgentSection {
+pub fn agent_section_to(gateway: &str, id: &str, targets: &[(&str, String)]) -> AgentSection {
     let mut s = AgentSection {
         gateway: Some(gateway.to_owned()),
         agent_id: Some(id.into()),
@@ -332,10 +332,20 @@ pub async fn agent_on_bare_tunnel(
     id: &str,
     targets: &[(&str, String)],
 ) -> (TestAgent, SendRequest<Full<Bytes>>) {
+    agent_on_bare_tunnel_with(id, targets, |_| {}).await
+}
+
+/// Like [`agent_on_bare_tunnel`], with the agent's section changed by `tweak` first.
+pub async fn agent_on_bare_tunnel_with(
+    id: &str,
+    targets: &[(&str, String)],
+    tweak: impl FnOnce(&mut AgentSection),
+) -> (TestAgent, SendRequest<Full<Bytes>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let mut section = agent_section_to(&url, id, targets);
     section.tunnel.insecure_plaintext = true;
+    tweak(&mut section);
     let agent = start_agent(section, "test-token");
     let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
         .await
