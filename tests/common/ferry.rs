@@ -274,7 +274,7 @@ pub fn agent_section(gw: &TestGateway, id: &str, targets: &[(&str, String)]) -> 
 }
 
 /// The agent section for an agent `id` dialling `gateway` (a URL), serving `targets`.
-fn agent_section_to(gateway: &str, id: &str, targets: &[(&str, String)]) -> AgentSection {
+pub fn agent_section_to(gateway: &str, id: &str, targets: &[(&str, String)]) -> AgentSection {
     let mut s = AgentSection {
         gateway: Some(gateway.to_owned()),
         agent_id: Some(id.into()),
@@ -328,10 +328,15 @@ pub fn start_agent_in_env(section: AgentSection, token: &str, vars: &[(&str, &st
 /// An agent `id` serving `targets`, connected to a gateway of the test's own (plaintext): the
 /// returned HTTP/2 client is the gateway's end of the tunnel, to send the agent what a real
 /// gateway never would.
-pub async fn agent_on_bare_tunnel(
+pub async fn agent_on_bare_tunnel<B>(
     id: &str,
     targets: &[(&str, String)],
-) -> (TestAgent, SendRequest<Full<Bytes>>) {
+) -> (TestAgent, SendRequest<B>)
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let mut section = agent_section_to(&url, id, targets);
