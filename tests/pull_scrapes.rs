@@ -2047,6 +2047,160 @@ async fn the_agent_never_forwards_a_body_on_get() {
     agent.stop().await;
 }
 
+/// A request body through the bare tunnel: a whole one or one that never ends.
+type TunnelBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
+
+fn whole(bytes: impl Into<Bytes>) -> TunnelBody {
+    use http_body_util::BodyExt;
+    Full::new(bytes.into()).boxed_unsync()
+}
+
+/// A request body that never ends and announces no length: 64 KiB chunks, as fast as they are
+/// taken.
+struct Endless;
+
+impl http_body::Body for Endless {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        const CHUNK: &[u8] = &[b'x'; 64 << 10];
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(CHUNK)))))
+    }
+}
+
+/// The agent's answer through the bare tunnel: status, `ferry-error`, `Allow` and reason.
+async fn tunnel_answer(
+    tunnel: &mut hyper::client::conn::http2::SendRequest<TunnelBody>,
+    req: Request<TunnelBody>,
+) -> (u16, String, String, String) {
+    use http_body_util::BodyExt;
+    tunnel.ready().await.expect("tunnel ready");
+    let send = tunnel.send_request(req);
+    let resp = tokio::time::timeout(Duration::from_secs(5), send)
+        .await
+        .expect("the agent answers within 5 s (its scrape timeout is longer)")
+        .expect("agent answers");
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .map_or(String::new(), |v| v.to_str().unwrap().to_owned())
+    };
+    let (status, source, allow) = (
+        resp.status().as_u16(),
+        header("ferry-error"),
+        header("allow"),
+    );
+    let reason = resp.into_body().collect().await.unwrap().to_bytes();
+    let reason = String::from_utf8_lossy(&reason).into_owned();
+    (status, source, allow, reason)
+}
+
+/// Whatever the gateway sends (it refuses these itself), the agent forwards no method to a
+/// target but GET, HEAD and POST: the same 405 as the gateway's, nothing fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_forwards_no_method_the_gateway_refuses() {
+    let target = RawTarget::start(BODY).await;
+    let (agent, mut tunnel) =
+        agent_on_bare_tunnel::<TunnelBody>(AGENT, &[("node", target.url("/metrics"))]).await;
+    let uri = format!("http://{AGENT}:{}/metrics", target.addr.port());
+    for method in ["PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FOO"] {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri.as_str())
+            .body(whole(SMUGGLED))
+            .unwrap();
+        let (status, source, allow, reason) = tunnel_answer(&mut tunnel, req).await;
+        assert_eq!(
+            (status, source.as_str(), allow.as_str()),
+            (405, "agent", "GET, HEAD, POST"),
+            "{method}: {reason}"
+        );
+        assert_eq!(
+            reason,
+            format!(
+                "method {method} is not forwarded: scrapes are GET (HEAD and POST also pass)\n"
+            )
+        );
+    }
+    assert_eq!(target.received(), "", "the target was contacted");
+
+    let get = Request::get(uri.as_str()).body(whole("")).unwrap();
+    let (status, _, _, body) = tunnel_answer(&mut tunnel, get).await;
+    assert_eq!((status, body.as_str()), (200, BODY));
+    assert_eq!(
+        target.request_lines(),
+        vec!["GET /metrics HTTP/1.1".to_owned()]
+    );
+    let text = client::get(&agent_metrics_url(&agent).await).await.text();
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_agent_scrapes_total",
+            &[("target", "node"), ("result", "bad_request")]
+        ),
+        Some(6.0),
+        "{text}"
+    );
+    agent.stop().await;
+}
+
+/// A POST body over the gateway's limit is refused by the agent too, as the gateway refuses it
+/// (400), whether its length is announced or it never ends: read before the target is
+/// contacted, never forwarded in part. One at the limit goes whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_refuses_a_post_body_over_the_gateways_limit() {
+    let target = RawTarget::start(BODY).await;
+    let (agent, mut tunnel) =
+        agent_on_bare_tunnel::<TunnelBody>(AGENT, &[("node", target.url("/metrics"))]).await;
+    let uri = format!("http://{AGENT}:{}/metrics", target.addr.port());
+    let limit = ferry::tunnel::MAX_REQUEST_BODY;
+    let refusal = format!(
+        "bad scrape request: request body larger than {limit} bytes, the most the agent forwards (a scrape has no body)\n"
+    );
+    let announced = Request::post(uri.as_str())
+        .header(header::CONTENT_LENGTH, limit + 1)
+        .body(whole(vec![b'x'; limit + 1]))
+        .unwrap();
+    let endless = Request::post(uri.as_str())
+        .header(TIMEOUT_HEADER, "30")
+        .body(http_body_util::BodyExt::boxed_unsync(Endless))
+        .unwrap();
+    for (what, req) in [("announced", announced), ("endless", endless)] {
+        let (status, source, _, reason) = tunnel_answer(&mut tunnel, req).await;
+        assert_eq!(
+            (status, source.as_str()),
+            (400, "agent"),
+            "{what}: {reason}"
+        );
+        assert_eq!(reason, refusal, "{what}");
+    }
+    assert_eq!(target.received(), "", "the target was contacted");
+
+    let at_limit = Request::post(uri.as_str())
+        .body(whole(vec![b'y'; limit]))
+        .unwrap();
+    let (status, _, _, body) = tunnel_answer(&mut tunnel, at_limit).await;
+    assert_eq!((status, body.as_str()), (200, BODY));
+    // The target answers once it has the head, which says how much follows.
+    let received = target.received();
+    let head = received
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .to_ascii_lowercase()
+        + "\r\n";
+    assert!(
+        head.starts_with("post /metrics http/1.1\r\n")
+            && head.contains(&format!("\r\ncontent-length: {limit}\r\n")),
+        "{head:?}"
+    );
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_breaks_mid_scrape_is_counted_as_failed_on_both_sides() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -635,3 +635,84 @@ async fn an_expired_certificate_and_a_readable_key_are_warned_about_at_start() {
     assert_eq!(logs.lines_with(&["WARN", &readable]).len(), 1);
     gw.stop().await;
 }
+
+/// A server that answers the upgrade with `101` to another protocol (a proxy, a server speaking
+/// h2c) is not taken for a gateway: the tunnel is not up, and the log names what answered. A
+/// refusal longer than the agent reads still shows its first bytes as the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_is_not_a_ferry_gateway_is_named_in_the_log() {
+    use common::servers::canned_server;
+    let logs = common::logs::capture();
+    let wait = |parts: &'static [&'static str]| {
+        let logs = logs.clone();
+        async move { logs.wait_lines(parts, 1, Duration::from_secs(10)).await }
+    };
+    let dial = |addr: std::net::SocketAddr, id: &str| {
+        let mut section = common::ferry::agent_section_to(&format!("http://{addr}"), id, &[]);
+        section.tunnel.insecure_plaintext = true;
+        start_agent(section, "t")
+    };
+
+    let h2c = canned_server(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    )
+    .await;
+    let agent = dial(h2c, "node-h2c");
+    wait(&[
+        "cannot open tunnel",
+        "the server switched protocols to",
+        "h2c",
+        "not a ferry gateway (a proxy or another server in the way?); check the gateway URL",
+    ])
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    let (a, shutdown) = (agent.agent.clone(), agent.shutdown.clone());
+    tokio::spawn(async move { a.serve_web(listener, shutdown).await });
+    let text = get(&url).await.text();
+    assert_eq!(metric_value(&text, "ferry_agent_tunnel_up", &[]), Some(0.0));
+    assert!(
+        metric_value(
+            &text,
+            "ferry_agent_tunnel_connects_total",
+            &[("result", "error")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_agent_tunnel_connects_total",
+            &[("result", "ok")]
+        ),
+        None,
+        "{text}"
+    );
+    agent.stop().await;
+
+    let bare =
+        canned_server(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n").await;
+    let agent = dial(bare, "node-bare");
+    wait(&[
+        "cannot open tunnel",
+        "the server switched protocols without an Upgrade header",
+    ])
+    .await;
+    agent.stop().await;
+
+    let reason = "this token may not claim that id; ".repeat(60);
+    let answer = format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{reason}",
+        reason.len()
+    );
+    let long = canned_server(answer.into_bytes().leak()).await;
+    let agent = dial(long, "node-long");
+    let lines = wait(&["GATEWAY REFUSED OUR CREDENTIALS", "403 Forbidden"]).await;
+    let shown = reason[..512].trim();
+    assert!(
+        lines[0].contains(&format!("403 Forbidden: {shown}")),
+        "{lines:?}"
+    );
+    agent.stop().await;
+}

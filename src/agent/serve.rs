@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -21,7 +22,7 @@ use crate::scrape_error::{one_line, ScrapeError, BROKE_EARLY, ERROR_SOURCE_HEADE
 use crate::telemetry::{metrics_response_blocking, TargetNameLabels, TargetResultLabels};
 use crate::tunnel::{
     header_list_size, ClosingKind, CLOSING_NOTICE_TIMEOUT, MAX_CLOSING_NOTICE, MAX_HEADER_BYTES,
-    SCRAPE_TIMEOUT_HEADER, TARGETS_LONG_POLL, TARGETS_PATH,
+    MAX_REQUEST_BODY, SCRAPE_TIMEOUT_HEADER, TARGETS_LONG_POLL, TARGETS_PATH,
 };
 
 /// Answers one request arriving over the tunnel.
@@ -114,8 +115,13 @@ async fn scrape(shared: &Arc<Shared>, port: u16, req: Request<Incoming>) -> Resp
         };
         return err.into_response("agent");
     };
-    // Checked here too, not only at the gateway: whatever sent it, a body on GET never reaches
-    // a target, where it could be read as a second request.
+    // Checked here too, not only at the gateway: the agent trusts its gateway no more than the
+    // gateway trusts Prometheus. A PUT or DELETE never reaches a target, and whatever sent it,
+    // a body on GET never does either, where it could be read as a second request.
+    if !matches!(*req.method(), Method::GET | Method::HEAD | Method::POST) {
+        count(shared, &route.name, "bad_request");
+        return ScrapeError::Method(req.method().clone()).into_response("agent");
+    }
     if body_on_get(&req) {
         count(shared, &route.name, "bad_request");
         return ScrapeError::BodyOnGet(req.method().clone()).into_response("agent");
@@ -196,7 +202,24 @@ async fn fetch_answer(
     start: Instant,
 ) -> Response<Body> {
     let deadline = crate::http_util::deadline(start, timeout);
-    let target_req = match target_request(url, req) {
+    let (parts, body) = req.into_parts();
+    // Read whole before the target is contacted: one too large is refused, never sent in part.
+    let body = match tokio::time::timeout_at(deadline, whole_body(&parts.headers, body)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            count(shared, &route.name, "bad_request");
+            return e.into_response("agent");
+        }
+        Err(_) => {
+            count(shared, &route.name, "timeout");
+            let what = format!(
+                "target {:?} (its request body was still arriving)",
+                route.name
+            );
+            return ScrapeError::Timeout { what, timeout }.into_response("agent");
+        }
+    };
+    let target_req = match target_request(url, parts, body) {
         Ok(r) => r,
         Err(e) => {
             count(shared, &route.name, "bad_request");
@@ -328,10 +351,43 @@ fn elsewhere<B>(resp: &Response<B>) -> Option<&str> {
     (scheme || trimmed.starts_with("//")).then_some(text)
 }
 
+/// The scrape's request body, whole: up to [`MAX_REQUEST_BODY`], the gateway's own limit. A
+/// larger one is refused as the gateway refuses it (400), announced or not.
+async fn whole_body(headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, ScrapeError> {
+    use http_body_util::BodyExt;
+    let too_large = || {
+        ScrapeError::BadRequest(format!(
+            "request body larger than {MAX_REQUEST_BODY} bytes, the most the agent forwards (a scrape has no body)"
+        ))
+    };
+    let announced = headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .max();
+    if announced.is_some_and(|n| n > MAX_REQUEST_BODY as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(body, MAX_REQUEST_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ScrapeError::BadRequest(format!(
+            "request body: {}",
+            one_line(&*e)
+        ))),
+    }
+}
+
 /// The request sent to the target: its own URL (scheme, host, port, path), the scrape's query
-/// appended to the URL's, the scrape's end-to-end headers.
-fn target_request(url: &Uri, req: Request<Incoming>) -> Result<Request<Body>, ScrapeError> {
-    let (mut parts, body) = req.into_parts();
+/// appended to the URL's, the scrape's end-to-end headers, its body as read whole.
+fn target_request(
+    url: &Uri,
+    mut parts: http::request::Parts,
+    body: Bytes,
+) -> Result<Request<Body>, ScrapeError> {
     if url.query().is_some() && parts.uri.query().is_some_and(|q| q.contains(';')) {
         // Some parsers (Python's before 3.10, Go's before 1.17) split on ';' as on '&', which
         // would let `?x=1;target=evil` past the check of fixed parameters below.
@@ -365,6 +421,8 @@ fn target_request(url: &Uri, req: Request<Incoming>) -> Result<Request<Body>, Sc
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::EXPECT);
+    // The body's length is known now: hyper states it from the body itself.
+    parts.headers.remove(http::header::CONTENT_LENGTH);
     // A body that a target does not read (a GET-only exporter answering a POST) would be taken
     // for the next request on a kept-alive connection, and its answer for the next scrape's: such
     // a connection is not reused.
@@ -373,7 +431,7 @@ fn target_request(url: &Uri, req: Request<Incoming>) -> Result<Request<Body>, Sc
             .headers
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
-    Ok(Request::from_parts(parts, boxed(body)))
+    Ok(Request::from_parts(parts, full(body)))
 }
 
 /// The scrape's query parameters that the target's URL does not set itself (`None` if none is

@@ -21,7 +21,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http_util::Body;
-use crate::tunnel::{Keepalive, MAX_HEADER_LIST};
+use crate::tunnel::{Keepalive, MAX_HEADER_LIST, MAX_REQUEST_BODY};
 
 /// Sends requests through one tunnel; cheap to clone.
 pub type Sender = SendRequest<Bytes>;
@@ -37,9 +37,6 @@ pub type Sender = SendRequest<Bytes>;
 const STREAM_WINDOW: u32 = 1 << 20;
 const CONNECTION_WINDOW: u32 = 64 << 20;
 const MAX_SEND_BUFFER: usize = 1 << 20;
-
-/// Largest request body forwarded to an agent (scrapes have none; this is for the odd POST).
-pub const MAX_REQUEST_BODY: usize = 1 << 20;
 
 /// Opens HTTP/2 over `io` as the client. Returns the sender and the connection, which must be
 /// polled for anything to move.

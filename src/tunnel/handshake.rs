@@ -212,6 +212,13 @@ pub enum HandshakeError {
         /// from a ferry tunnel listener, `basic` from a web listener protected by basic auth.
         challenge: Option<String>,
     },
+    /// The server switched protocols, but not to ferry's: something that is not a ferry
+    /// gateway (a proxy, another server speaking `h2c`) answered the upgrade.
+    #[error("{}", not_ferry(.upgrade.as_deref()))]
+    NotFerry {
+        /// The `Upgrade` header of its `101` answer, if it had one (shortened, one line).
+        upgrade: Option<String>,
+    },
     /// HTTP failed during the handshake.
     #[error("tunnel handshake failed")]
     Http(#[from] hyper::Error),
@@ -285,19 +292,80 @@ where
             challenge,
         });
     }
+    // Whatever answers 101 to another protocol would speak that protocol on the connection,
+    // not HTTP/2 as the gateway's client: "tunnel up" with no gateway behind it.
+    if !is_ferry_upgrade(resp.headers()) {
+        let upgrade = resp
+            .headers()
+            .get(header::UPGRADE)
+            .map(|v| shortened(&String::from_utf8_lossy(v.as_bytes())));
+        conn.abort();
+        return Err(HandshakeError::NotFerry { upgrade });
+    }
     Ok(hyper::upgrade::on(resp).await?)
 }
 
+/// Whether a `101` answer switches to ferry's protocol: one `Upgrade` header, `ferry/1`.
+fn is_ferry_upgrade(headers: &http::HeaderMap) -> bool {
+    let mut values = headers.get_all(header::UPGRADE).iter();
+    let first = values.next().and_then(|v| v.to_str().ok());
+    values.next().is_none()
+        && first.is_some_and(|v| v.trim().eq_ignore_ascii_case(UPGRADE_PROTOCOL))
+}
+
+/// Why a `101` to another protocol is refused, naming what the server answered.
+fn not_ferry(upgrade: Option<&str>) -> String {
+    let answered = match upgrade {
+        Some(protocol) => format!("to {protocol:?}"),
+        None => "without an Upgrade header".to_owned(),
+    };
+    format!("the server switched protocols {answered}, not to {UPGRADE_PROTOCOL:?}: it is not a ferry gateway (a proxy or another server in the way?); check the gateway URL")
+}
+
+/// `text` as one line of at most 64 characters, for an error that quotes what a server sent.
+fn shortened(text: &str) -> String {
+    let mut chars = text.chars().filter(|c| !c.is_control());
+    let line: String = chars.by_ref().take(64).collect();
+    match chars.next() {
+        Some(_) => format!("{line}…"),
+        None => line,
+    }
+}
+
+/// Most of a refusal's body the agent reads; its first line is the reason.
+const MAX_REASON: usize = 512;
+
+/// The first line of a refusal's body, from its first [`MAX_REASON`] bytes: a longer body is
+/// cut, not dropped.
 async fn refusal_reason(resp: Response<hyper::body::Incoming>) -> String {
-    const MAX_REASON: usize = 512;
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_REASON);
-    let bytes = tokio::time::timeout(std::time::Duration::from_secs(5), body.collect())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    let text = String::from_utf8_lossy(&bytes);
+    let mut body = resp.into_body();
+    let mut bytes = Vec::new();
+    let read = async {
+        while bytes.len() < MAX_REASON {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        bytes.extend_from_slice(&data);
+                    }
+                }
+                _ => break,
+            }
+        }
+    };
+    // What arrived before the time ran out is still the reason.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
+    first_line(&bytes)
+}
+
+/// The first line of `bytes`, at most [`MAX_REASON`] of them, cut at a character boundary.
+fn first_line(bytes: &[u8]) -> String {
+    let bytes = &bytes[..bytes.len().min(MAX_REASON)];
+    // A character cut by the limit is left out rather than shown as a replacement character.
+    let end = match std::str::from_utf8(bytes) {
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        _ => bytes.len(),
+    };
+    let text = String::from_utf8_lossy(&bytes[..end]);
     text.lines().next().unwrap_or("").trim().to_owned()
 }
 
@@ -446,6 +514,77 @@ mod tests {
             (err.status.as_u16(), err.reason.as_str()),
             (400, "the tunnel upgrade needs HTTP/1.1")
         );
+    }
+
+    /// The agent's side of the handshake against a server that answers `answer` to whatever
+    /// it is sent.
+    async fn upgrade_answered_with(answer: &'static [u8]) -> Result<Upgraded, HandshakeError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, mut server) = tokio::io::duplex(64 << 10);
+        let server_task = tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match server.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = server.write_all(answer).await;
+            // Held open, as a server speaking the protocol it switched to would.
+            let _ = server.read(&mut buf).await;
+        });
+        let upgrade = request_upgrade(client, "gw", "t", "node-1");
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), upgrade)
+            .await
+            .expect("the handshake ends within 10 s");
+        server_task.abort();
+        result
+    }
+
+    #[tokio::test]
+    async fn a_switch_to_another_protocol_is_no_tunnel() {
+        let h2c = upgrade_answered_with(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+        )
+        .await
+        .expect_err("h2c is not ferry/1");
+        assert_eq!(
+            h2c.to_string(),
+            "the server switched protocols to \"h2c\", not to \"ferry/1\": it is not a ferry gateway (a proxy or another server in the way?); check the gateway URL"
+        );
+        assert!(!h2c.is_auth_refusal() && !h2c.is_id_conflict());
+        let bare = upgrade_answered_with(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n",
+        )
+        .await
+        .expect_err("no Upgrade header");
+        assert!(
+            bare.to_string()
+                .starts_with("the server switched protocols without an Upgrade header, not to \"ferry/1\": it is not a ferry gateway"),
+            "{bare}"
+        );
+        upgrade_answered_with(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: Ferry/1\r\n\r\n",
+        )
+        .await
+        .expect("ferry/1, in any case, is the tunnel");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_longer_than_the_agent_reads_keeps_its_first_bytes() {
+        // 1 + 2 × 300 bytes: the limit (512) falls inside an 'é'.
+        const ANSWER: &str = "HTTP/1.1 403 Forbidden\r\nContent-Length: 601\r\n\r\n";
+        let body = format!("x{}", "é".repeat(300));
+        let answer: &'static [u8] = format!("{ANSWER}{body}").into_bytes().leak();
+        let err = upgrade_answered_with(answer).await.expect_err("a refusal");
+        let expected = format!("x{}", "é".repeat(255));
+        assert_eq!(
+            err.to_string(),
+            format!("gateway refused the tunnel with 403 Forbidden: {expected}")
+        );
+        assert!(err.is_auth_refusal());
+        assert_eq!(first_line(b"token revoked\r\nsecond line"), "token revoked");
     }
 
     #[cfg(any(feature = "agent", feature = "gateway"))]

@@ -85,6 +85,11 @@ impl ClosingKind {
     }
 }
 
+/// Largest scrape request body that goes through the tunnel (scrapes have none; this is for the
+/// odd POST): the gateway refuses a larger one before sending it, and the agent refuses one that
+/// reaches it anyway before it contacts the target.
+pub const MAX_REQUEST_BODY: usize = 1 << 20;
+
 /// Longest closing notice the agent reads.
 pub const MAX_CLOSING_NOTICE: usize = 1024;
 /// Authority of control requests; scrapes always carry `<agent-id>:<port>`, control requests no port.

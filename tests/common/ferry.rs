@@ -328,19 +328,29 @@ pub fn start_agent_in_env(section: AgentSection, token: &str, vars: &[(&str, &st
 /// An agent `id` serving `targets`, connected to a gateway of the test's own (plaintext): the
 /// returned HTTP/2 client is the gateway's end of the tunnel, to send the agent what a real
 /// gateway never would.
-pub async fn agent_on_bare_tunnel(
+pub async fn agent_on_bare_tunnel<B>(
     id: &str,
     targets: &[(&str, String)],
-) -> (TestAgent, SendRequest<Full<Bytes>>) {
+) -> (TestAgent, SendRequest<B>)
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     agent_on_bare_tunnel_with(id, targets, |_| {}).await
 }
 
 /// Like [`agent_on_bare_tunnel`], with the agent's section changed by `tweak` first.
-pub async fn agent_on_bare_tunnel_with(
+pub async fn agent_on_bare_tunnel_with<B>(
     id: &str,
     targets: &[(&str, String)],
     tweak: impl FnOnce(&mut AgentSection),
-) -> (TestAgent, SendRequest<Full<Bytes>>) {
+) -> (TestAgent, SendRequest<B>)
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let mut section = agent_section_to(&url, id, targets);
