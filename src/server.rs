@@ -57,25 +57,28 @@ pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// of the agent's `max_concurrent_scrapes`) for as long as it keeps the connection open.
 pub(crate) const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A connection whose writes fail once the peer has taken nothing for a while
-/// ([`WRITE_STALL_TIMEOUT`]).
-pub(crate) struct WriteStall<T> {
-    inner: T,
+/// The bound on writes that find no room: `limit` after the first of a run of them, the next
+/// one fails, unless one succeeds meanwhile.
+pub(crate) struct StallTimer {
     limit: Duration,
     /// Set while a write waits for room.
     stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl<T> WriteStall<T> {
-    pub(crate) fn new(inner: T, limit: Duration) -> Self {
+impl StallTimer {
+    pub(crate) fn new(limit: Duration) -> Self {
         Self {
-            inner,
             limit,
             stalled: None,
         }
     }
 
-    fn bounded<R>(
+    pub(crate) fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// `poll`, a write's outcome, or `TimedOut` once writes have waited for `limit`.
+    pub(crate) fn bounded<R>(
         &mut self,
         cx: &mut std::task::Context<'_>,
         poll: std::task::Poll<std::io::Result<R>>,
@@ -95,6 +98,30 @@ impl<T> WriteStall<T> {
             std::io::ErrorKind::TimedOut,
             format!("the client took nothing written to it for {limit:?}"),
         )))
+    }
+}
+
+/// A connection whose writes fail once the peer has taken nothing for a while
+/// ([`WRITE_STALL_TIMEOUT`]).
+pub(crate) struct WriteStall<T> {
+    inner: T,
+    timer: StallTimer,
+}
+
+impl<T> WriteStall<T> {
+    pub(crate) fn new(inner: T, limit: Duration) -> Self {
+        Self {
+            inner,
+            timer: StallTimer::new(limit),
+        }
+    }
+
+    fn bounded<R>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: std::task::Poll<std::io::Result<R>>,
+    ) -> std::task::Poll<std::io::Result<R>> {
+        self.timer.bounded(cx, poll)
     }
 }
 

@@ -223,16 +223,8 @@ pub(crate) struct Sniff<T> {
     started: bool,
     /// How long a write may wait for the client to take bytes: a client that stops reading a
     /// response must not hold it, and the upstream connection behind it, for ever.
-    write_timeout: Duration,
-    /// Set while a write waits.
-    write_stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    write_stall: crate::server::StallTimer,
 }
-
-/// The error a connection ends with when the client took no byte written to it for the write
-/// timeout.
-#[derive(Debug, thiserror::Error)]
-#[error("the client took no byte of the response for {0:?}")]
-pub(crate) struct WriteStalled(pub(crate) Duration);
 
 /// The error a connection ends with when a client began a request head and did not finish it
 /// within the header read timeout. hyper's own timeout cannot tell that from a kept-alive
@@ -264,8 +256,7 @@ impl<T> Sniff<T> {
             header_timeout,
             deadline: None,
             started: false,
-            write_timeout,
-            write_stall: None,
+            write_stall: crate::server::StallTimer::new(write_timeout),
         };
         (sniff, heads)
     }
@@ -505,22 +496,11 @@ impl<T> Sniff<T> {
         cx: &mut Context<'_>,
         poll: Poll<std::io::Result<R>>,
     ) -> Poll<std::io::Result<R>> {
-        if poll.is_ready() {
-            self.write_stall = None;
-            return poll;
+        let poll = self.write_stall.bounded(cx, poll);
+        if matches!(&poll, Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut) {
+            self.heads.lock().write_stalled = Some(self.write_stall.limit());
         }
-        let timeout = self.write_timeout;
-        let stall = self
-            .write_stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        if stall.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        self.heads.lock().write_stalled = Some(timeout);
-        Poll::Ready(Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            WriteStalled(timeout),
-        )))
+        poll
     }
 }
 
