@@ -73,6 +73,7 @@ impl StallTimer {
         }
     }
 
+    #[cfg(feature = "egress")]
     pub(crate) fn limit(&self) -> Duration {
         self.limit
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -291,21 +291,7 @@ async fn refusal_reason(resp: Response<Incoming>) -> Option<String> {
     {
         return Some(reason);
     }
-    let mut body = resp.into_body();
-    let mut head = Vec::new();
-    let read = async {
-        while head.len() < MAX_REFUSAL_BODY {
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        head.extend_from_slice(data);
-                    }
-                }
-                _ => break,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(REFUSAL_BODY_WAIT, read).await;
+    let mut head = super::body_prefix(resp.into_body(), MAX_REFUSAL_BODY, REFUSAL_BODY_WAIT).await;
     head.truncate(MAX_REFUSAL_BODY);
     one_line(&head)
 }

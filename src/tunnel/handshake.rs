@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -338,23 +338,8 @@ const MAX_REASON: usize = 512;
 /// The first line of a refusal's body, from its first [`MAX_REASON`] bytes: a longer body is
 /// cut, not dropped.
 async fn refusal_reason(resp: Response<hyper::body::Incoming>) -> String {
-    let mut body = resp.into_body();
-    let mut bytes = Vec::new();
-    let read = async {
-        while bytes.len() < MAX_REASON {
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        bytes.extend_from_slice(&data);
-                    }
-                }
-                _ => break,
-            }
-        }
-    };
-    // What arrived before the time ran out is still the reason.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
-    first_line(&bytes)
+    let wait = std::time::Duration::from_secs(5);
+    first_line(&super::body_prefix(resp.into_body(), MAX_REASON, wait).await)
 }
 
 /// The first line of `bytes`, at most [`MAX_REASON`] of them, cut at a character boundary.
