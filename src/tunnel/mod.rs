@@ -235,6 +235,31 @@ impl TargetList {
     }
 }
 
+/// The first `max` bytes of `body` (a few more if its last frame crosses the limit), or what
+/// arrived within `wait`: the words of a refusal, read without trusting its size or pace.
+pub(crate) async fn body_prefix<B>(mut body: B, max: usize, wait: std::time::Duration) -> Vec<u8>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+{
+    use http_body_util::BodyExt as _;
+    let mut bytes = Vec::new();
+    let read = async {
+        while bytes.len() < max {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        bytes.extend_from_slice(data);
+                    }
+                }
+                _ => break,
+            }
+        }
+    };
+    // What arrived before the time ran out is still the reason.
+    let _ = tokio::time::timeout(wait, read).await;
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,29 +308,4 @@ mod tests {
         assert!(list.find(9100, "/metrics/").is_none());
         assert!(list.find(9100, "/").is_none());
     }
-}
-
-/// The first `max` bytes of `body` (a few more if its last frame crosses the limit), or what
-/// arrived within `wait`: the words of a refusal, read without trusting its size or pace.
-pub(crate) async fn body_prefix<B>(mut body: B, max: usize, wait: std::time::Duration) -> Vec<u8>
-where
-    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
-{
-    use http_body_util::BodyExt as _;
-    let mut bytes = Vec::new();
-    let read = async {
-        while bytes.len() < max {
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        bytes.extend_from_slice(data);
-                    }
-                }
-                _ => break,
-            }
-        }
-    };
-    // What arrived before the time ran out is still the reason.
-    let _ = tokio::time::timeout(wait, read).await;
-    bytes
 }
