@@ -1190,6 +1190,56 @@ async fn a_gateway_silent_after_the_upgrade_is_given_up_on() {
     agent.stop().await;
 }
 
+/// The path to the gateway goes dead in the middle of large scrapes: the agent's socket fills
+/// and nothing leaves. hyper's keepalive would send GOAWAY and wait to flush it behind bytes
+/// that never leave (for ever, with a long keepalive interval not even that); the agent gives
+/// the tunnel up once its writes have found no room for the keepalive timeout, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_path_in_the_middle_of_large_scrapes_is_given_up_on() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let big = TargetServer::start(Behaviour::Large { bytes: 100 << 20 }).await;
+    let proxy = ConnectProxy::start(None).await;
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |g| {
+        g.tunnel.keepalive_interval = Dur(Duration::from_secs(60));
+        g.tunnel.keepalive_timeout = Dur(Duration::from_secs(60));
+    })
+    .await;
+    let mut section = agent_section(&gw, "dead-path-1", &[("big", big.url("/big"))]);
+    section.proxy_url = Some(proxy.url());
+    section.tunnel.keepalive_interval = Dur(Duration::from_secs(60));
+    section.tunnel.keepalive_timeout = Dur(Duration::from_millis(700));
+    let agent = start_agent(section, TOKEN);
+    gw.wait_agent("dead-path-1", Duration::from_secs(10)).await;
+    let (web, url) = (
+        gw.web,
+        format!("http://dead-path-1:{}/big", big.addr.port()),
+    );
+    let mut scrapes = Vec::new();
+    // More in flight than the kernel's buffers hold (a loopback receive buffer grows to 32 MiB
+    // here): up to 1 MiB per stream may be on its way when the path dies.
+    for _ in 0..100 {
+        let url = url.clone();
+        scrapes.push(tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(15), scrape(web, &url)).await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.freeze_all();
+    let lines = logs
+        .wait_lines(&["tunnel closed; reconnecting"], 1, Duration::from_secs(10))
+        .await;
+    assert!(
+        lines[0].contains("the gateway has taken none of what the agent sends for 700ms"),
+        "{lines:?}"
+    );
+    for s in scrapes {
+        s.abort();
+    }
+    agent.stop().await;
+    gw.stop().await;
+}
+
 /// A gateway that stops taking a scrape's body (it grants no more HTTP/2 window): the body's
 /// deadline is only checked as it is read, so the agent bounds the whole stream at its longest
 /// scrape timeout (plus a margin), which frees the target connection.

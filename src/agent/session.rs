@@ -450,8 +450,9 @@ impl Progress {
 
 /// Ends when the tunnel is alive in name only: the gateway answered the upgrade and then sent
 /// nothing (no HTTP/2 preface) within `handshake`, or it has taken none of what the agent sends
-/// for `stalled` (its process hung, or it stopped reading). hyper's keepalive covers neither:
-/// it starts after the HTTP/2 handshake, and its PING waits behind the unsent bytes.
+/// for `stalled` (its process hung, or the path went dead in the middle of a large scrape).
+/// hyper's keepalive covers neither: it starts after the HTTP/2 handshake, and when its PING
+/// goes unanswered it sends GOAWAY and waits to flush it, behind bytes that never leave.
 async fn watch_progress(progress: &Progress, handshake: Duration, stalled: Duration) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let started = tokio::time::Instant::now();
@@ -510,7 +511,10 @@ async fn serve(
         .header_table_size(0)
         .serve_connection(io.clone(), service);
     let mut conn = std::pin::pin!(conn);
-    let stalled = cfg.keepalive.interval + cfg.keepalive.timeout;
+    // As long as a PING may go unanswered: writes that find no room for that long mean the
+    // gateway reads nothing, and hyper's own keepalive cannot end such a tunnel (its GOAWAY
+    // waits behind the unsent bytes).
+    let stalled = cfg.keepalive.timeout;
     tokio::select! {
         // The chain: hyper's own words are only "http2 error", the cause is in its source.
         res = conn.as_mut() => SessionEnd::Closed(res.map_or_else(|e| crate::scrape_error::one_line(&e), |_| "closed by the gateway".into())),
