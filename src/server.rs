@@ -97,7 +97,7 @@ impl StallTimer {
         }
         std::task::Poll::Ready(Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("the client took nothing written to it for {limit:?}"),
+            format!("no room to write to the client for {limit:?}: it stopped reading"),
         )))
     }
 }
@@ -452,7 +452,7 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
         assert!(
             err.to_string()
-                .contains("took nothing written to it for 5s"),
+                .contains("no room to write to the client for 5s"),
             "{err}"
         );
         assert!(started.elapsed() <= Duration::from_secs(5));

@@ -416,7 +416,7 @@ where
         self.streams.spawn(async move {
             if tokio::time::timeout(limit, fut).await.is_err() {
                 // Dropped: hyper resets the stream, the target connection is closed.
-                warn!(?limit, "a scrape outlived the longest scrape timeout (the gateway took none of its body): cut off");
+                warn!(?limit, "a scrape outlived the longest scrape timeout (the gateway stopped taking its body): cut off");
             }
         });
     }

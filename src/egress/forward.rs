@@ -770,7 +770,7 @@ fn stream_back(
             BodyEnd::Dropped => {
                 record.reason = match connection.write_stalled() {
                     Some(after) => format!(
-                        "response body cut off after {bytes} bytes: the client took none of it for {after:?} (upstream_timeout) and was disconnected"
+                        "response body cut off after {bytes} bytes: the client's connection took no more of it for {after:?} (upstream_timeout; the client stopped reading, or read too little to make room) and was closed"
                     ),
                     None => format!(
                         "response body cut off after {bytes} bytes: the client went away or the proxy stopped"

@@ -63,28 +63,51 @@ struct Contents {
 /// Reads the records of `path`; `Ok(None)` if there is no such file. The error says what is
 /// wrong, without the file's name.
 fn read(path: &Path) -> Result<Option<Vec<Record>>, String> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
+    use std::io::Read as _;
+    // Not a FIFO (opening one would wait for a writer, holding the start and SIGTERM with it),
+    // and not more than any real file holds.
+    let file = match crate::telemetry::geo::open_regular_file(path) {
+        Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read it: {e}")),
     };
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "larger than {} MiB, far more than the agents it can hold",
+            MAX_FILE_BYTES >> 20
+        ));
+    }
     parse(&bytes).map(Some)
 }
 
+/// The largest agents file read: 10,000 agents (`web.sd_keep_disconnected_max`'s default)
+/// take about 3 MB.
+const MAX_FILE_BYTES: u64 = 64 << 20;
+
 fn parse(bytes: &[u8]) -> Result<Vec<Record>, String> {
-    let value: serde_json::Value =
+    // The version alone first, the rest skipped unparsed: a file of another version says so
+    // rather than what its fields lack, and no document tree of the whole file is built.
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: Option<u64>,
+    }
+    let versioned: Versioned =
         serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-    match value.get("version").map(serde_json::Value::as_u64) {
-        Some(Some(VERSION)) => {}
-        Some(Some(v)) => {
+    match versioned.version {
+        Some(VERSION) => {}
+        Some(v) => {
             return Err(format!(
                 "format version {v}, this ferry reads version {VERSION}"
             ))
         }
-        _ => return Err("no format version".into()),
+        None => return Err("no format version".into()),
     }
     let contents: Contents =
-        serde_json::from_value(value).map_err(|e| format!("not an agents file: {e}"))?;
+        serde_json::from_slice(bytes).map_err(|e| format!("not an agents file: {e}"))?;
     Ok(contents.agents)
 }
 
@@ -118,6 +141,23 @@ fn restorable(
         .into_iter()
         .filter(|r| now.duration_since(r.gone_at).unwrap_or_default() < keep)
         .filter(|r| authorized(&r.id, &r.credential))
+        // What a tunnel would have been refused is not listed from the file either: the file
+        // is only as trustworthy as whoever could write the data directory.
+        .filter(|r| {
+            crate::tunnel::handshake::valid_agent_id(&r.id)
+                && crate::tunnel::handshake::reserved_agent_id(&r.id).is_none()
+        })
+        .map(|mut r| {
+            // A departure in the future (a clock set back, or a file edited) counts as now, and
+            // is saved so: it must not keep the agent listed across every restart.
+            r.gone_at = r.gone_at.min(now);
+            r.connected_at = r.connected_at.min(r.gone_at);
+            r.targets = Arc::new(super::published::routable(
+                Arc::unwrap_or_clone(r.targets),
+                &r.id,
+            ));
+            r
+        })
         .collect()
 }
 
@@ -171,6 +211,16 @@ pub(super) async fn keep_written(state: Arc<State>, stop: CancellationToken) {
 /// Writes what the registry holds now (agents still connected count as gone now); a failure is
 /// a warning, at most one a minute.
 pub(super) async fn write(state: &State) {
+    write_now(state, false).await;
+}
+
+/// The last write, when the gateway stops: a failure is always logged, since nothing will try
+/// again.
+pub(super) async fn write_last(state: &State) {
+    write_now(state, true).await;
+}
+
+async fn write_now(state: &State, last: bool) {
     let Some(path) = state.agents_file.clone() else {
         return;
     };
@@ -182,10 +232,11 @@ pub(super) async fn write(state: &State) {
     })
     .await
     .unwrap_or_else(|e| Err(format!("the write task failed: {e}")));
-    if let Err(error) = written {
-        if let Some(quiet) = state.agents_file_warnings.admit() {
-            warn!(file = %path.display(), %error, failures_not_logged = quiet, "cannot save the agents listed in service discovery: a restarted gateway would not list the disconnected ones (tried again at the next change)");
-        }
+    let Err(error) = written else { return };
+    if last {
+        warn!(file = %path.display(), %error, "cannot save the agents listed in service discovery as the gateway stops: the restarted gateway will list only those in the last file saved, and those that connect");
+    } else if let Some(quiet) = state.agents_file_warnings.admit() {
+        warn!(file = %path.display(), %error, failures_not_logged = quiet, "cannot save the agents listed in service discovery: a restarted gateway would not list the disconnected ones (tried again at the next change)");
     }
 }
 
@@ -380,6 +431,61 @@ mod tests {
         let kept = restorable(records, now, 24 * HOUR, |id, _| id != "revoked");
         let ids: Vec<&str> = kept.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["recent", "future"]);
+        assert_eq!(kept[1].gone_at, now, "saved as gone now, not in the future");
+    }
+
+    /// The file is only as trustworthy as whoever could write the data directory: what a tunnel
+    /// would have been refused is not listed from it either.
+    #[test]
+    fn what_a_tunnel_would_be_refused_is_not_restored() {
+        let now = at(1_700_100_000);
+        let mut port_zero = record("port-zero", now - HOUR);
+        Arc::make_mut(&mut port_zero.targets)
+            .targets
+            .push(TargetInfo {
+                name: "evil".into(),
+                port: 0,
+                path: "/metrics".into(),
+                labels: Default::default(),
+            });
+        let records = vec![
+            record("node-a\nlevel=error", now - HOUR),
+            record("node-\"q\"<b>", now - HOUR),
+            port_zero,
+        ];
+        let kept = restorable(records, now, 24 * HOUR, |_, _| true);
+        let ids: Vec<&str> = kept.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["port-zero"]);
+        let names: Vec<&str> = kept[0]
+            .targets
+            .targets
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        assert_eq!(names, ["node"], "the unroutable target is dropped");
+    }
+
+    /// A FIFO in the file's place is refused at once (opening it would wait for a writer, and
+    /// hold the gateway's start), and a file larger than any real one is not read whole.
+    #[test]
+    fn a_fifo_or_an_oversized_file_is_refused_without_waiting() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let fifo = dir.path().join("fifo.json");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let error = read(&fifo).unwrap_err();
+        assert!(
+            error.contains("not a regular file (a named pipe)"),
+            "{error}"
+        );
+        let big = dir.path().join("big.json");
+        let file = std::fs::File::create(&big).unwrap();
+        file.set_len(MAX_FILE_BYTES + 1).unwrap();
+        let error = read(&big).unwrap_err();
+        assert!(error.contains("larger than 64 MiB"), "{error}");
     }
 
     #[test]

@@ -492,7 +492,7 @@ impl Gateway {
             stop_writing.cancel();
             let _ = writer.await;
             // Every tunnel is closed (or given up on): each agent is saved as gone now.
-            agents_file::write(&self.state).await;
+            agents_file::write_last(&self.state).await;
         }
     }
 

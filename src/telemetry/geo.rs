@@ -464,24 +464,27 @@ impl GeoDb {
 /// without blocking and checked on the open file, not before: opening a FIFO for reading would
 /// wait for a writer forever, holding the start or a reload (and SIGTERM with it).
 fn open_regular(path: &Path) -> Result<std::fs::File, GeoError> {
+    open_regular_file(path).map_err(|e| GeoError::open(path, e))
+}
+
+/// [`open_regular`] for any file ferry reads at start (the gateway's agents file too): the error
+/// says what is wrong, without the path.
+pub(crate) fn open_regular_file(path: &Path) -> std::io::Result<std::fs::File> {
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     #[cfg(target_os = "linux")]
     std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
-    let file = options.open(path).map_err(|e| GeoError::open(path, e))?;
-    let kind = file
-        .metadata()
-        .map_err(|e| GeoError::open(path, e))?
-        .file_type();
+    let file = options.open(path)?;
+    let kind = file.metadata()?.file_type();
     if kind.is_file() {
         Ok(file)
     } else if kind.is_dir() {
-        Err(GeoError::open(path, "is a directory"))
+        Err(std::io::Error::other("is a directory"))
     } else {
-        Err(GeoError::open(
-            path,
-            format_args!("not a regular file ({})", file_kind(kind)),
-        ))
+        Err(std::io::Error::other(format!(
+            "not a regular file ({})",
+            file_kind(kind)
+        )))
     }
 }
 
