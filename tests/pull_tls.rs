@@ -291,7 +291,7 @@ async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
     let plain_to_front = start_agent(plain_to_front, "t");
     wait(&[
         "cannot open tunnel",
-        "the answer was not HTTP: that port speaks TLS; use an https:// gateway URL and drop --tunnel.insecure-plaintext",
+        "the answer was not HTTP: that port speaks TLS (use an https:// gateway URL and drop --tunnel.insecure-plaintext",
     ])
     .await;
     plain_to_front.stop().await;
@@ -305,7 +305,7 @@ async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
     wait(&[
         "cannot open tunnel",
         "gateway refused the tunnel with 404 Not Found",
-        "this looks like the gateway's web listener, not its tunnel listener (default port 7443)",
+        "this looks like the gateway's web listener (or another web server), not its tunnel listener (default port 7443)",
     ])
     .await;
     web_port.stop().await;

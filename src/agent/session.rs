@@ -381,10 +381,10 @@ async fn open(shared: &Shared, token: &str) -> Result<hyper::upgrade::Upgraded, 
 fn upgrade_failure(e: HandshakeError, plaintext: bool) -> SessionError {
     let hint = match &e {
         HandshakeError::Http(http) if plaintext && http.is_parse() => {
-            "the answer was not HTTP: that port speaks TLS; use an https:// gateway URL and drop --tunnel.insecure-plaintext (tunnel.insecure_plaintext in the file)"
+            "the answer was not HTTP: that port speaks TLS (use an https:// gateway URL and drop --tunnel.insecure-plaintext, tunnel.insecure_plaintext in the file) or something else than HTTP: check the gateway URL's port"
         }
         HandshakeError::Refused { status, .. } if *status == http::StatusCode::NOT_FOUND => {
-            "this looks like the gateway's web listener, not its tunnel listener (default port 7443): point the gateway URL at the tunnel port"
+            "this looks like the gateway's web listener (or another web server), not its tunnel listener (default port 7443): point the gateway URL at the tunnel port"
         }
         // A tunnel listener asks for a token (Bearer); a user and password is what the web
         // listener asks for when web.config_file sets basic auth.
