@@ -898,6 +898,44 @@ async fn a_token_rotated_as_the_readme_says_costs_no_outage() {
 // 4. Idle-cutting middlebox
 // ---------------------------------------------------------------------------------------------
 
+/// PINGs every `.0`, each to be acknowledged within `.1`.
+type Keepalive = (Duration, Duration);
+
+/// The agent's keepalive set to `k`, for [`through_proxy`].
+fn agent_keepalive(k: Keepalive) -> impl FnOnce(&mut ferry::config::AgentSection) {
+    move |s| {
+        s.tunnel.keepalive_interval = Dur(k.0);
+        s.tunnel.keepalive_timeout = Dur(k.1);
+    }
+}
+
+/// The gateway (its keepalive `gw_keepalive`, defaults if `None`) and agent `id` serving
+/// `targets`, whose tunnel goes through a CONNECT proxy cutting tunnels idle for `idle_cut`;
+/// the agent's section is changed by `tweak` first. Returns once the gateway has the agent.
+async fn through_proxy(
+    dir: &TempDir,
+    idle_cut: Option<Duration>,
+    gw_keepalive: Option<Keepalive>,
+    id: &str,
+    targets: &[(&str, String)],
+    tweak: impl FnOnce(&mut ferry::config::AgentSection),
+) -> (TestGateway, common::ferry::TestAgent, ConnectProxy) {
+    let proxy = ConnectProxy::start(idle_cut).await;
+    let gw = start_gateway(dir, &[("*", TOKEN)], |g| {
+        if let Some((interval, timeout)) = gw_keepalive {
+            g.tunnel.keepalive_interval = Dur(interval);
+            g.tunnel.keepalive_timeout = Dur(timeout);
+        }
+    })
+    .await;
+    let mut section = agent_section(&gw, id, targets);
+    section.proxy_url = Some(proxy.url());
+    tweak(&mut section);
+    let agent = start_agent(section, TOKEN);
+    gw.wait_agent(id, Duration::from_secs(10)).await;
+    (gw, agent, proxy)
+}
+
 /// The gateway and an agent reaching it through a CONNECT proxy that cuts tunnels idle for
 /// `IDLE_CUT`, both sides pinging every `interval` (acknowledgement timeout `timeout`).
 async fn behind_idle_cutter(
@@ -908,18 +946,17 @@ async fn behind_idle_cutter(
     timeout: Duration,
 ) -> (TestGateway, common::ferry::TestAgent, ConnectProxy) {
     const IDLE_CUT: Duration = Duration::from_millis(1500);
-    let proxy = ConnectProxy::start(Some(IDLE_CUT)).await;
-    let gw = start_gateway(dir, &[("*", TOKEN)], |g| {
-        g.tunnel.keepalive_interval = Dur(interval);
-        g.tunnel.keepalive_timeout = Dur(timeout);
-    })
+    let keepalive = (interval, timeout);
+    let targets = [("node", server.url("/metrics"))];
+    let (gw, agent, proxy) = through_proxy(
+        dir,
+        Some(IDLE_CUT),
+        Some(keepalive),
+        id,
+        &targets,
+        agent_keepalive(keepalive),
+    )
     .await;
-    let mut section = agent_section(&gw, id, &[("node", server.url("/metrics"))]);
-    section.proxy_url = Some(proxy.url());
-    section.tunnel.keepalive_interval = Dur(interval);
-    section.tunnel.keepalive_timeout = Dur(timeout);
-    let agent = start_agent(section, TOKEN);
-    gw.wait_agent(id, Duration::from_secs(10)).await;
     assert_eq!(
         proxy.connect_targets(),
         vec![format!("localhost:{}", gw.tunnel.port())]
@@ -1062,18 +1099,15 @@ async fn idle_cutting_proxy_cuts_a_tunnel_without_frequent_keepalive() {
 async fn gateway_keepalive_drops_a_tunnel_that_went_silent() {
     let dir = TempDir::new().unwrap();
     let server = metrics_server("silent 1\n").await;
-    let proxy = ConnectProxy::start(None).await;
-    let gw = start_gateway(&dir, &[("*", TOKEN)], |g| {
-        g.tunnel.keepalive_interval = Dur(Duration::from_millis(300));
-        g.tunnel.keepalive_timeout = Dur(Duration::from_millis(700));
-    })
+    let (gw, agent, proxy) = through_proxy(
+        &dir,
+        None,
+        Some((Duration::from_millis(300), Duration::from_millis(700))),
+        "silent-1",
+        &[("node", server.url("/metrics"))],
+        agent_keepalive((Duration::from_secs(60), Duration::from_secs(60))),
+    )
     .await;
-    let mut section = agent_section(&gw, "silent-1", &[("node", server.url("/metrics"))]);
-    section.proxy_url = Some(proxy.url());
-    section.tunnel.keepalive_interval = Dur(Duration::from_secs(60));
-    section.tunnel.keepalive_timeout = Dur(Duration::from_secs(60));
-    let agent = start_agent(section, TOKEN);
-    gw.wait_agent("silent-1", Duration::from_secs(10)).await;
     // Several PING rounds go through before the freeze.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let resp = scrape(gw.web, &target_url("silent-1", &server)).await;
@@ -1112,12 +1146,8 @@ async fn gateway_keepalive_drops_a_tunnel_that_went_silent() {
 async fn scrapes_cancelled_during_a_stall_do_not_close_the_tunnel() {
     let dir = TempDir::new().unwrap();
     let server = metrics_server("stalled 1\n").await;
-    let proxy = ConnectProxy::start(None).await;
-    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
-    let mut section = agent_section(&gw, "stall-1", &[("node", server.url("/metrics"))]);
-    section.proxy_url = Some(proxy.url());
-    let agent = start_agent(section, TOKEN);
-    gw.wait_agent("stall-1", Duration::from_secs(10)).await;
+    let targets = [("node", server.url("/metrics"))];
+    let (gw, agent, proxy) = through_proxy(&dir, None, None, "stall-1", &targets, |_| {}).await;
     let url = target_url("stall-1", &server);
     assert_eq!(scrape(gw.web, &url).await.status, 200);
 
@@ -1199,18 +1229,15 @@ async fn a_dead_path_in_the_middle_of_large_scrapes_is_given_up_on() {
     let logs = common::logs::capture();
     let dir = TempDir::new().unwrap();
     let big = TargetServer::start(Behaviour::Large { bytes: 100 << 20 }).await;
-    let proxy = ConnectProxy::start(None).await;
-    let gw = start_gateway(&dir, &[("*", TOKEN)], |g| {
-        g.tunnel.keepalive_interval = Dur(Duration::from_secs(60));
-        g.tunnel.keepalive_timeout = Dur(Duration::from_secs(60));
-    })
+    let (gw, agent, proxy) = through_proxy(
+        &dir,
+        None,
+        Some((Duration::from_secs(60), Duration::from_secs(60))),
+        "dead-path-1",
+        &[("big", big.url("/big"))],
+        agent_keepalive((Duration::from_secs(60), Duration::from_millis(700))),
+    )
     .await;
-    let mut section = agent_section(&gw, "dead-path-1", &[("big", big.url("/big"))]);
-    section.proxy_url = Some(proxy.url());
-    section.tunnel.keepalive_interval = Dur(Duration::from_secs(60));
-    section.tunnel.keepalive_timeout = Dur(Duration::from_millis(700));
-    let agent = start_agent(section, TOKEN);
-    gw.wait_agent("dead-path-1", Duration::from_secs(10)).await;
     let (web, url) = (
         gw.web,
         format!("http://dead-path-1:{}/big", big.addr.port()),
@@ -1285,18 +1312,15 @@ async fn a_scrape_whose_body_the_gateway_never_takes_is_cut_at_the_longest_timeo
 async fn the_agent_says_why_its_tunnel_ended() {
     let logs = common::logs::capture();
     let dir = TempDir::new().unwrap();
-    let proxy = ConnectProxy::start(None).await;
-    let gw = start_gateway(&dir, &[("*", TOKEN)], |g| {
-        g.tunnel.keepalive_interval = Dur(Duration::from_secs(60));
-        g.tunnel.keepalive_timeout = Dur(Duration::from_secs(60));
-    })
+    let (gw, agent, proxy) = through_proxy(
+        &dir,
+        None,
+        Some((Duration::from_secs(60), Duration::from_secs(60))),
+        "silent-2",
+        &[],
+        agent_keepalive((Duration::from_millis(300), Duration::from_millis(700))),
+    )
     .await;
-    let mut section = agent_section(&gw, "silent-2", &[]);
-    section.proxy_url = Some(proxy.url());
-    section.tunnel.keepalive_interval = Dur(Duration::from_millis(300));
-    section.tunnel.keepalive_timeout = Dur(Duration::from_millis(700));
-    let agent = start_agent(section, TOKEN);
-    gw.wait_agent("silent-2", Duration::from_secs(10)).await;
 
     proxy.freeze_all();
     let lines = logs
@@ -1317,13 +1341,10 @@ async fn the_agent_says_why_its_tunnel_ended() {
 async fn an_agent_stopped_over_a_dead_path_says_its_closing_went_unacknowledged() {
     let logs = common::logs::capture();
     let dir = TempDir::new().unwrap();
-    let proxy = ConnectProxy::start(None).await;
-    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
-    let mut section = agent_section(&gw, "silent-3", &[]);
-    section.proxy_url = Some(proxy.url());
-    section.shutdown_grace_period = Dur(Duration::from_millis(500));
-    let agent = start_agent(section, TOKEN);
-    gw.wait_agent("silent-3", Duration::from_secs(10)).await;
+    let (gw, agent, proxy) = through_proxy(&dir, None, None, "silent-3", &[], |s| {
+        s.shutdown_grace_period = Dur(Duration::from_millis(500));
+    })
+    .await;
 
     proxy.freeze_all();
     let stopping = Instant::now();
