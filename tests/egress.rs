@@ -520,6 +520,114 @@ async fn proxy_credentials_basic_and_bearer_hashed_at_rest() {
     assert_eq!(up.request_count(), 6);
 }
 
+/// An echo server that sends a line on `closed` when a connection of its ends (the proxy closed
+/// its side of a tunnel).
+async fn echo_server_telling_closes(closed: tokio::sync::mpsc::UnboundedSender<()>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = sock.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = closed.send(());
+            });
+        }
+    });
+    addr
+}
+
+/// Deleting a client's line from the credentials file and reloading closes the CONNECT tunnels
+/// it opened (they would otherwise relay for as long as the client likes): both ends, within a
+/// moment, with an access-log line and a count that say why. A tunnel of a credential the new
+/// file still holds goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credentials_reload_closes_the_tunnels_of_revoked_credentials() {
+    use ferry::gateway::auth::hash_token;
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("egress-clients");
+    let line = |name: &str| format!("{name} {}\n", hash_token(&format!("{name}-s3cret")));
+    std::fs::write(&creds, line("client-a") + &line("client-b")).unwrap();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let server = echo_server_telling_closes(closed_tx).await;
+    let mut s = section(&[format!("127.0.0.1/32:{}", server.port())]);
+    s.auth.credentials_file = Some(creds.clone());
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+
+    let open = |name: &'static str| async move {
+        let auth = basic(name, &format!("{name}-s3cret"));
+        let (resp, tunnel) = connect_raw(
+            proxy.addr,
+            &server.to_string(),
+            &[("Proxy-Authorization", &auth)],
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{name}: {resp:?}");
+        tunnel
+    };
+    let mut kept = open("client-a").await;
+    let mut revoked = open("client-b").await;
+    echo(&mut kept, b"before").await;
+    echo(&mut revoked, b"before").await;
+
+    std::fs::write(&creds, line("client-a")).unwrap();
+    assert_eq!(proxy.egress.reload_credentials().unwrap(), 1);
+    let reloaded = Instant::now();
+
+    // The client's side: end of stream (or a reset), not a hang until the idle timeout.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(2), revoked.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "client-b's tunnel still open 2 s after its credential was removed"
+    );
+    assert!(rest.is_empty(), "{rest:?}");
+    // The upstream's side too.
+    tokio::time::timeout(Duration::from_secs(2), closed.recv())
+        .await
+        .expect("the upstream connection of client-b's tunnel closed");
+    assert!(reloaded.elapsed() < Duration::from_secs(2));
+
+    echo(&mut kept, b"after the reload").await;
+    assert!(
+        closed.try_recv().is_err(),
+        "client-a's upstream connection is still open"
+    );
+    let line = logs
+        .wait_lines(&["decision=\"revoked\"", "user=client-b"], 1, TIMEOUT)
+        .await
+        .remove(0);
+    assert!(
+        line.contains("method=CONNECT")
+            && line.contains("status=200")
+            && line.contains("bytes_in=6")
+            && line.contains("no longer accepts the credential"),
+        "{line}"
+    );
+    assert!(
+        logs.lines_with(&["decision=\"revoked\"", "user=client-a"])
+            .is_empty(),
+        "client-a's tunnel was not closed"
+    );
+    proxy.assert_rejections("credentials_revoked", 1.0).await;
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "ferry_egress_open_tunnels", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
+    // And client-b cannot open a new one.
+    let (resp, _) = connect_raw(
+        proxy.addr,
+        &server.to_string(),
+        &[("Proxy-Authorization", &basic("client-b", "client-b-s3cret"))],
+    )
+    .await;
+    assert_eq!(resp.status, 407, "{resp:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Destinations
 

@@ -1,5 +1,6 @@
 //! CONNECT tunnels: the same client, destination and address checks as absolute-form requests;
-//! then bytes are relayed both ways, counted, and the tunnel is closed when idle.
+//! then bytes are relayed both ways, counted, and the tunnel is closed when idle, at shutdown, or
+//! when a credentials reload no longer accepts the credential it was opened with.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tracing::debug;
 
 use super::access::AccessRecord;
 use super::connector::connect_any;
+use super::credentials::{self, Admitted};
 use super::forward::{checked, has_path_prefix, select_rule, Target};
 #[cfg(target_os = "linux")]
 use super::framing::Sniff;
@@ -25,7 +27,7 @@ use super::splice::{self, Pipe};
 use super::{refused, ClientHold, State};
 use crate::config::Rule;
 use crate::http_util::{empty, Body};
-use crate::telemetry::DirectionLabels;
+use crate::telemetry::{DirectionLabels, ReasonLabels};
 
 /// At shutdown a tunnel is closed once no byte has moved for this long (a request in flight
 /// inside it usually keeps bytes moving), at the latest when the grace period ends.
@@ -36,6 +38,7 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
     mut record: AccessRecord,
     hold: Arc<ClientHold>,
+    admitted: Option<Admitted>,
 ) -> Response<Body> {
     match open(state, &req, &mut record).await {
         Ok(upstream) => {
@@ -45,7 +48,7 @@ pub(crate) async fn handle(
                 match hyper::upgrade::on(req).await {
                     Ok(upgraded) => {
                         let _open = state.tracker.track(&upstream);
-                        relay(&state, upgraded, upstream, record).await
+                        relay(&state, upgraded, upstream, record, admitted).await
                     }
                     Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
                 }
@@ -151,6 +154,7 @@ async fn relay(
     client: hyper::upgrade::Upgraded,
     mut upstream: TcpStream,
     mut record: AccessRecord,
+    mut admitted: Option<Admitted>,
 ) {
     state.metrics.open_tunnels.inc();
     // Counted when it opens (the histogram gets the time it took to open), so a tunnel that lives
@@ -207,6 +211,9 @@ async fn relay(
             _ = state.hard_stop.cancelled() => {
                 break "closed at shutdown: the grace period ended".to_owned()
             }
+            // Dropping the pump closes the client's socket and stops both directions, spliced
+            // or copied; the upstream's socket closes as this function returns.
+            _ = credentials::revoked(admitted.as_mut()) => break revoke(state, &mut record),
         }
     };
     record.reason = reason;
@@ -216,6 +223,26 @@ async fn relay(
     record.log(record.start.elapsed());
     record.disarm();
 }
+
+/// Marks `record` as a tunnel closed because a credentials reload revoked its credential, and
+/// counts it with the refusals: the reason for its access-log line.
+fn revoke(state: &State, record: &mut AccessRecord) -> String {
+    record.decision = REVOKED;
+    state
+        .metrics
+        .rejections
+        .get_or_create(&ReasonLabels {
+            reason: REVOKED_KIND.into(),
+        })
+        .inc();
+    "closed: the credentials file was reloaded and no longer accepts the credential this tunnel was opened with".to_owned()
+}
+
+/// The access-log decision of a tunnel closed by [`revoke`].
+const REVOKED: &str = "revoked";
+
+/// The `ferry_egress_rejections_total` reason of a tunnel closed by [`revoke`].
+const REVOKED_KIND: &str = "credentials_revoked";
 
 /// Bytes moved each way (for the access record and the metrics) and the time of the last move
 /// (ms after `started`, for the idle check).

@@ -10,6 +10,8 @@
 // - `forward`: absolute-form requests. `connect`: CONNECT tunnels, relayed with `splice(2)` on
 //   Linux (`splice`).
 // - `access`: the access log line and metrics of each request.
+// - `credentials`: `Proxy-Authorization` against the credentials file; a reload closes the
+//   tunnels whose credential it no longer accepts.
 // - `budget`: the process-wide bound on request body bytes held in memory.
 // - `json_scan`: the fast JSON well-formedness pass; `json_strings`: a JSON body's strings
 //   unescaped, for the deny patterns; `json_tree`: the tree a JSON Schema checks, built within
@@ -17,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{header, Method, Request, Response};
@@ -29,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::auth::{TokensFile, TokensFileError};
+use crate::auth::TokensFileError;
 use crate::config::EgressConfig;
 use crate::endpoints::OwnEndpoints;
 use crate::http_util::Body;
@@ -39,6 +41,7 @@ mod access;
 mod budget;
 mod connect;
 mod connector;
+mod credentials;
 mod forward;
 mod framing;
 mod json_scan;
@@ -52,6 +55,7 @@ pub mod validate;
 
 use access::AccessRecord;
 use connector::UpstreamTracker;
+use credentials::Credentials;
 use forward::Upstreams;
 use policy::{SharedResolver, SystemResolver};
 use refusal::Refusal;
@@ -72,7 +76,7 @@ pub(crate) struct State {
     pub(crate) config: EgressConfig,
     pub(crate) resolver: SharedResolver,
     pub(crate) upstreams: Upstreams,
-    pub(crate) credentials: RwLock<Option<Arc<TokensFile>>>,
+    pub(crate) credentials: Credentials,
     pub(crate) metrics: EgressMetrics,
     pub(crate) tracker: UpstreamTracker,
     /// Request body bytes held, all requests together.
@@ -113,13 +117,7 @@ impl Egress {
         config: EgressConfig,
         resolver: SharedResolver,
     ) -> Result<Egress, EgressError> {
-        let credentials = match &config.credentials_file {
-            Some(path) => Some(Arc::new(TokensFile::load_as(
-                path,
-                crate::auth::CREDENTIALS_FILE,
-            )?)),
-            None => None,
-        };
+        let credentials = Credentials::load(config.credentials_file.as_deref())?;
         let mut metrics_registry = MetricsRegistry::default();
         let metrics = EgressMetrics::register(&mut metrics_registry);
         config.geo.register_metrics(&mut metrics_registry);
@@ -137,7 +135,7 @@ impl Egress {
                 config,
                 resolver,
                 upstreams,
-                credentials: RwLock::new(credentials),
+                credentials,
                 metrics,
                 tracker,
                 body_budget,
@@ -154,22 +152,13 @@ impl Egress {
     }
 
     /// Re-reads the credentials file (SIGHUP) and says how many credentials it holds (0 without
-    /// a file); on error the old credentials stay.
+    /// a file); on error the old credentials stay. Open CONNECT tunnels whose credential the new
+    /// file no longer accepts are closed, each with its access-log line.
     pub fn reload_credentials(&self) -> Result<usize, TokensFileError> {
-        let Some(path) = &self.state.config.credentials_file else {
-            return Ok(0);
-        };
-        let mut credentials = self
-            .state
-            .credentials
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        let empty = TokensFile::default();
-        let current = credentials.as_deref().unwrap_or(&empty);
-        let file = TokensFile::reload_as(path, crate::auth::CREDENTIALS_FILE, current)?;
-        let n = file.len();
-        *credentials = Some(Arc::new(file));
-        Ok(n)
+        match &self.state.config.credentials_file {
+            Some(path) => self.state.credentials.reload(path),
+            None => Ok(0),
+        }
     }
 
     /// Serves clients on `listener` until `shutdown`, then drains within the grace period.
@@ -437,17 +426,20 @@ async fn route(
         record.disarm();
         return crate::endpoints::answer(state, &req).await;
     }
-    let checks = check_framing(claim.problem).and_then(|_| check_credentials(state, &req));
-    if let Ok(Some(user)) = &checks {
-        record.user = user.clone();
-    }
-    if let Err(refusal) = checks {
-        let resp = refused(&mut record, &refusal);
-        record.emit(&state.metrics);
-        return resp;
+    let checks = check_framing(claim.problem).and_then(|_| state.credentials.check(&req));
+    let admitted = match checks {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            let resp = refused(&mut record, &refusal);
+            record.emit(&state.metrics);
+            return resp;
+        }
+    };
+    if let Some(admitted) = &admitted {
+        record.user = admitted.name.clone();
     }
     if req.method() == Method::CONNECT {
-        connect::handle(state, req, record, hold).await
+        connect::handle(state, req, record, hold, admitted).await
     } else {
         forward::handle(state, req, record, claim).await
     }
@@ -488,48 +480,6 @@ fn check_framing(framing_problem: Option<&'static str>) -> Result<(), Refusal> {
         Some(problem) => Err(Refusal::bad_request(problem)),
         None => Ok(()),
     }
-}
-
-/// `Proxy-Authorization: Basic name:secret` or `Bearer secret`, checked against the credentials
-/// file. The name the client authenticated as (`bearer` for a bearer token), for the access log.
-fn check_credentials<B>(state: &State, req: &Request<B>) -> Result<Option<String>, Refusal> {
-    let Some(creds) = state
-        .credentials
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-    else {
-        return Ok(None);
-    };
-    let value = req
-        .headers()
-        .get(header::PROXY_AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| Refusal::credentials("proxy credentials required"))?;
-    // Auth schemes are case-insensitive (RFC 9110 §11.1).
-    let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
-    let (name, secret) = if scheme.eq_ignore_ascii_case("basic") {
-        use base64::Engine as _;
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(credentials.trim())
-            .ok()
-            .and_then(|d| String::from_utf8(d).ok())
-            .ok_or_else(|| Refusal::credentials("malformed Basic credentials"))?;
-        let (n, s) = decoded
-            .split_once(':')
-            .ok_or_else(|| Refusal::credentials("malformed Basic credentials"))?;
-        (n.to_owned(), s.to_owned())
-    } else if scheme.eq_ignore_ascii_case("bearer") {
-        ("bearer".to_owned(), credentials.trim().to_owned())
-    } else {
-        return Err(Refusal::credentials(
-            "unsupported Proxy-Authorization scheme (Basic or Bearer)",
-        ));
-    };
-    creds
-        .authorize(&secret, &name)
-        .map_err(|_| Refusal::credentials("invalid proxy credentials"))?;
-    Ok(Some(name))
 }
 
 #[cfg(test)]
