@@ -1306,6 +1306,39 @@ async fn a_scrape_whose_body_the_gateway_never_takes_is_cut_at_the_longest_timeo
     agent.stop().await;
 }
 
+/// The targets long poll is a stream the gateway holds open for minutes by design: the bound on
+/// a scrape's stream (longest scrape timeout plus a margin) must not cut it, or the gateway stops
+/// watching the agent's targets and takes it out of service (a tunnel flapping every couple of
+/// minutes with default settings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_targets_long_poll_outlives_the_longest_scrape() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let server = metrics_server("up_metric 1\n").await;
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let mut section = agent_section(&gw, "poll-1", &[("node", server.url("/metrics"))]);
+    // A scrape's stream is cut after 1 s + 5 s.
+    section.scrape_timeout_max = Dur(Duration::from_secs(1));
+    let agent = start_agent(section, TOKEN);
+    gw.wait_agent("poll-1", Duration::from_secs(10)).await;
+    let url = target_url("poll-1", &server);
+    assert_eq!(scrape(gw.web, &url).await.status, 200);
+
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let resp = scrape(gw.web, &url).await;
+    assert_eq!(resp.status, 200, "{:?}", resp.body);
+    assert_eq!(gw.agent_ids(), vec!["poll-1".to_owned()]);
+    assert_eq!(
+        agent_ok_connects(gw.web, "poll-1").await,
+        1.0,
+        "the tunnel was not reopened"
+    );
+    let cut = logs.lines_with(&["outlived"]);
+    assert!(cut.is_empty(), "{cut:?}");
+    agent.stop().await;
+    gw.stop().await;
+}
+
 /// The agent's own PINGs find a tunnel that went silent, and its log says why the tunnel ended:
 /// the cause, not only hyper's "http2 error".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

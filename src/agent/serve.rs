@@ -55,6 +55,7 @@ async fn targets(shared: &Shared, uri: &Uri, closing: &CancellationToken) -> Res
         .and_then(|v| v.parse::<u64>().ok());
     let mut rx = shared.targets.subscribe();
     if after == Some(rx.borrow_and_update().list.version) {
+        super::session::serving_long_poll();
         tokio::select! {
             _ = rx.changed() => {}
             _ = tokio::time::sleep(TARGETS_LONG_POLL) => {}

@@ -21,7 +21,7 @@ use crate::telemetry::ResultLabels;
 use crate::tunnel::dial::{dial, BoxIo, DialError};
 use crate::tunnel::handshake::{request_upgrade, HandshakeError};
 use crate::tunnel::tls_client::{ClientTls, ServerVerify};
-use crate::tunnel::ClosingKind;
+use crate::tunnel::{ClosingKind, TARGETS_LONG_POLL};
 
 /// Why a session could not start.
 #[derive(Debug, thiserror::Error)]
@@ -396,14 +396,27 @@ fn upgrade_failure(e: HandshakeError, plaintext: bool) -> SessionError {
     SessionError::Misdirected(format!("{}: {hint}", crate::scrape_error::one_line(&e)))
 }
 
-/// Spawns hyper's stream tasks on the runtime, tracked in `streams`, each for `limit` at most.
+/// Spawns hyper's stream tasks on the runtime, tracked in `streams`, each for `limit` at most,
+/// except the gateway's targets long poll, held by design for up to [`TARGETS_LONG_POLL`].
 #[derive(Clone)]
 struct TrackedExecutor {
     streams: TaskTracker,
-    /// How long a stream may live: the longest scrape, plus a margin. Its deadline is checked
-    /// as its body is read, which hyper stops doing while the gateway grants no flow-control
-    /// window: a gateway that never reads would hold the target connection for ever.
+    /// How long a scrape's stream may live: the longest scrape, plus a margin. Its deadline is
+    /// checked as its body is read, which hyper stops doing while the gateway grants no
+    /// flow-control window: a gateway that never reads would hold the target connection for ever.
     limit: Duration,
+}
+
+tokio::task_local! {
+    /// Set by a stream's handler when the stream is the targets long poll: the executor cannot
+    /// tell one stream from another, and a long poll cut at a scrape's limit ends the gateway's
+    /// watch of the agent's targets, which takes the agent out of its service discovery.
+    static LONG_POLL: std::cell::Cell<bool>;
+}
+
+/// Marks the stream being served as the targets long poll (see [`TrackedExecutor`]).
+pub(super) fn serving_long_poll() {
+    let _ = LONG_POLL.try_with(|poll| poll.set(true));
 }
 
 impl<F> hyper::rt::Executor<F> for TrackedExecutor
@@ -413,12 +426,26 @@ where
 {
     fn execute(&self, fut: F) {
         let limit = self.limit;
-        self.streams.spawn(async move {
-            if tokio::time::timeout(limit, fut).await.is_err() {
-                // Dropped: hyper resets the stream, the target connection is closed.
-                warn!(?limit, "a scrape outlived the longest scrape timeout (the gateway stopped taking its body): cut off");
+        let stream = async move {
+            let started = Instant::now();
+            let mut fut = std::pin::pin!(fut);
+            if tokio::time::timeout_at(started + limit, fut.as_mut())
+                .await
+                .is_ok()
+            {
+                return;
             }
-        });
+            if !LONG_POLL.with(std::cell::Cell::get) {
+                // Dropped: hyper resets the stream, the target connection is closed.
+                return warn!(?limit, "a scrape outlived the longest scrape timeout (the gateway stopped taking its body): cut off");
+            }
+            let limit = TARGETS_LONG_POLL + limit;
+            if tokio::time::timeout_at(started + limit, fut).await.is_err() {
+                warn!(?limit, "the gateway's targets long poll outlived its longest hold (the gateway stopped taking the answer): cut off");
+            }
+        };
+        self.streams
+            .spawn(LONG_POLL.scope(std::cell::Cell::new(false), stream));
     }
 }
 
