@@ -20,7 +20,8 @@
 //!
 //! Environment: `FERRY_BENCH_ROUNDS` (default 5), `FERRY_BENCH_AGENTS` (default 1000),
 //! `FERRY_BENCH_GATEWAY_WRAPPER` (a profiler to run the gateway under), `FERRY_BENCH_ONLY`
-//! (`idle-memory`: only the idle-agents memory reading; `one-agent`: only phase A).
+//! (`idle-memory`: only the idle-agents memory reading; `one-agent`: only phase A),
+//! `FERRY_BENCH_IDLE_SECS` (how long agents stay idle before each memory reading, default 5).
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -61,8 +62,15 @@ const CONCURRENCY: usize = 16;
 const THROUGHPUT_TIME: Duration = Duration::from_secs(2);
 /// Large scrapes through ferry (and as many direct).
 const BIG_ROUNDS: usize = 3;
-/// How long agents stay idle before the gateway's RSS is read.
-const IDLE_SETTLE: Duration = Duration::from_secs(5);
+/// How long agents stay idle before the gateway's RSS is read, unless `FERRY_BENCH_IDLE_SECS`
+/// says otherwise.
+fn idle_settle() -> Duration {
+    let secs = std::env::var("FERRY_BENCH_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    Duration::from_secs(secs)
+}
 /// Agents started at once in phase B.
 const CONNECT_BATCH: usize = 100;
 /// File descriptors this process (and the gateway it spawns) needs for 1,000 agents: a tunnel,
@@ -597,11 +605,11 @@ async fn idle_memory(
     let url = format!("http://{target}/metrics");
     let half = agents / 2;
     connect_agents(gw, 0..half, &url, shutdown).await?;
-    tokio::time::sleep(IDLE_SETTLE).await;
+    tokio::time::sleep(idle_settle()).await;
     let half_kib = settled_rss(gw).await;
     connect_agents(gw, half..agents, &url, shutdown).await?;
-    let connect_secs = started.elapsed().as_secs_f64() - IDLE_SETTLE.as_secs_f64();
-    tokio::time::sleep(IDLE_SETTLE).await;
+    let connect_secs = started.elapsed().as_secs_f64() - idle_settle().as_secs_f64();
+    tokio::time::sleep(idle_settle()).await;
     let all_kib = settled_rss(gw).await;
     let idle = IdleMemory {
         agents,
