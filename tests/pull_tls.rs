@@ -824,6 +824,59 @@ async fn a_refused_client_certificate_is_said_to_be_ours() {
     gw.stop().await;
 }
 
+/// A target's TLS failure names dates, not Unix times, and the CA file it was checked against;
+/// the agent's operator, who can fix it, reads it in the agent's log (once a minute at most),
+/// not only Prometheus in the 502. A target client certificate that has expired is warned
+/// about at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_tls_failure_is_logged_with_dates_and_the_ca_file() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let (target_ca, target_ca_file) = ca(dir.path(), "target-ca");
+    let (cert, key) = leaf(dir.path(), "target", &target_ca, Some((2021, 6, 30)));
+    let addr = https_target(&cert, &key, "m 1\n").await;
+    let client = leaf(dir.path(), "client", &target_ca, Some((2021, 7, 1)));
+    let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
+    let url = format!("https://127.0.0.1:{}/metrics", addr.port());
+    let mut section = agent_section(&gw, "tls-dates", &[("old", url)]);
+    section.targets[0].tls.server_name = Some("localhost".into());
+    section.targets[0].tls.ca_file = Some(target_ca_file.clone());
+    section.targets[0].tls.cert_file = Some(client.0.clone());
+    section.targets[0].tls.key_file = Some(client.1.clone());
+    let agent = start_agent(section, "t");
+    let warned = format!(
+        "target client certificate (tls.cert_file): certificate {} expired on 2021-07-01 00:00:00 UTC: target \"old\" refuses it",
+        client.0.display()
+    );
+    assert_eq!(logs.lines_with(&["WARN", &warned]).len(), 1, "at start");
+    gw.wait_agent("tls-dates", Duration::from_secs(10)).await;
+    let url = format!("http://tls-dates:{}/metrics", addr.port());
+    for _ in 0..2 {
+        let answer = common::http::get_via_proxy(gw.web, &url, &[]).await;
+        assert_eq!(answer.status, 502, "{}", answer.text());
+        let expected = "target \"old\" failed: TLS handshake failed: the certificate expired on 2021-06-30 00:00:00 UTC (it is now 20";
+        assert!(answer.text().starts_with(expected), "{}", answer.text());
+        assert!(
+            answer.text().contains(&format!(
+                "(checked against tls.ca_file {})",
+                target_ca_file.display()
+            )),
+            "{}",
+            answer.text()
+        );
+        assert!(!answer.text().contains("UNIX"), "{}", answer.text());
+    }
+    let logged = logs.lines_with(&[
+        "WARN",
+        "TLS handshake with the target failed",
+        "scrape_target=old",
+        "expired on 2021-06-30 00:00:00 UTC",
+    ]);
+    assert_eq!(logged.len(), 1, "one warning for two failures: {logged:?}");
+    agent.stop().await;
+    gw.stop().await;
+}
+
 /// A gateway whose certificate file holds its own certificate but not the intermediate CA's
 /// that signed it fails every agent that trusts only the root: the agent says the chain is
 /// likely missing, not only that the issuer is unknown.
