@@ -701,6 +701,21 @@ mod tests {
         );
     }
 
+    /// A reload applies a changed tunnel CA file or pin: only the tunnel settings it does not
+    /// apply are named as waiting for a restart.
+    #[test]
+    fn tunnel_tls_files_are_not_named_as_needing_a_restart() {
+        let yaml = |s: &str| serde_yaml_ng::from_str::<serde_yaml_ng::Value>(s).unwrap();
+        let old = yaml("agent:\n  tunnel: { ca_file: a.pem, keepalive_interval: 30s }\n");
+        let new = yaml(
+            "agent:\n  tunnel: { ca_file: b.pem, keepalive_interval: 10s, fingerprint: [] }\n",
+        );
+        let mut changed = Vec::new();
+        changed_fields("", &old, &new, &mut changed);
+        changed.retain(|f| !RELOADED_FIELDS.contains(&f.as_str()));
+        assert_eq!(changed, ["agent.tunnel.keepalive_interval"]);
+    }
+
     #[tokio::test]
     async fn roles_that_end_on_shutdown_are_a_success() {
         let shutdown = CancellationToken::new();
