@@ -1814,6 +1814,123 @@ fn an_agent_id_changed_on_reload_is_said_to_need_a_restart() {
     agent.wait_for("agent targets reloaded");
 }
 
+/// A CA in `dir` (`NAME.pem`), and a gateway certificate for `localhost` it signed (`gw.pem`,
+/// `gw-key.pem`) if `sign_gateway`.
+fn tunnel_ca(dir: &Path, name: &str, sign_gateway: bool) -> String {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    write(dir, &format!("{name}.pem"), &ca.pem());
+    if sign_gateway {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        write(dir, "gw.pem", &params.signed_by(&key, &ca).unwrap().pem());
+        write(dir, "gw-key.pem", &key.serialize_pem());
+    }
+    ca.pem()
+}
+
+/// A gateway on loopback with the certificate `gw.pem` of `dir`; its tunnel address.
+fn tls_gateway(dir: &Path) -> (Running, SocketAddr) {
+    let tokens = tokens_file(dir, "s3cret");
+    let mut gw = Running::start(
+        dir,
+        &[
+            "gateway",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+            "--auth.tokens-file",
+            tokens.to_str().unwrap(),
+            "--tunnel.tls-cert-file",
+            "gw.pem",
+            "--tunnel.tls-key-file",
+            "gw-key.pem",
+        ],
+    );
+    let tunnel = logged_address(&gw.wait_for("gateway tunnel listener up"));
+    (gw, tunnel)
+}
+
+/// The usual CA rotation: the new CA goes into the agent's CA file, the agent is reloaded, then
+/// the gateway gets a certificate from the new CA. A reload reads the CA file again for the next
+/// connection (here the gateway has the new CA's certificate already: the agent connects once
+/// reloaded), from a config file as from flags; a CA file that no longer parses keeps the one
+/// in use, and the reload says it was not all applied, naming the file.
+#[test]
+fn a_reload_reads_the_tunnel_ca_file_again() {
+    for from_flags in [false, true] {
+        let dir = TempDir::new().unwrap();
+        let old_ca = tunnel_ca(dir.path(), "old-ca", false);
+        let new_ca = tunnel_ca(dir.path(), "new-ca", true);
+        let (gw, tunnel) = tls_gateway(dir.path());
+        write(dir.path(), "gwca.pem", &old_ca);
+        write(dir.path(), "agent-token", "s3cret\n");
+        let gateway = format!("https://127.0.0.1:{}", tunnel.port());
+        let mut agent = if from_flags {
+            Running::start(
+                dir.path(),
+                &[
+                    "agent",
+                    "--gateway",
+                    &gateway,
+                    "--agent-id",
+                    "node-1",
+                    "--token-file",
+                    "agent-token",
+                    "--tunnel.ca-file",
+                    "gwca.pem",
+                    "--tunnel.server-name",
+                    "localhost",
+                    "--target",
+                    "node=http://127.0.0.1:9100/metrics",
+                ],
+            )
+        } else {
+            write(
+                dir.path(),
+                "agent.yaml",
+                &format!(
+                    "agent:\n  gateway: {gateway}\n  agent_id: node-1\n  token_file: agent-token\n  tunnel: {{ ca_file: gwca.pem, server_name: localhost }}\n  reconnect: {{ min_backoff: 100ms, max_backoff: 500ms }}\n  targets:\n    - {{ name: node, url: 'http://127.0.0.1:9100/metrics' }}\n"
+                ),
+            );
+            Running::start(dir.path(), &["run", "--config.file", "agent.yaml"])
+        };
+        let refused = agent.wait_for("cannot open tunnel");
+        assert!(
+            refused.contains("not signed by a CA in") && refused.contains("gwca.pem"),
+            "{refused}"
+        );
+
+        write(dir.path(), "gwca.pem", &format!("{old_ca}{new_ca}"));
+        agent.signal(rustix::process::Signal::HUP);
+        agent.wait_for("tunnel TLS files reloaded");
+        agent.wait_for("reload done: everything applied");
+        agent.wait_for("tunnel up");
+
+        write(
+            dir.path(),
+            "gwca.pem",
+            "-----BEGIN CERTIFICATE-----\nnot base64\n",
+        );
+        agent.signal(rustix::process::Signal::HUP);
+        let line = agent.wait_for("gwca.pem");
+        assert!(
+            line.contains("level=error") && line.contains("not valid PEM"),
+            "{line}"
+        );
+        agent.wait_for("reload done, not all of it applied");
+        let lines = agent.stop().join("\n");
+        assert!(
+            !lines.contains("tunnel closed"),
+            "the tunnel up stays up: {lines}"
+        );
+        drop(gw);
+    }
+}
+
 /// An agent config file (`agent.yaml`) dialling nothing, serving `target` on `path`, with `extra`
 /// appended; the token file it names is written too.
 fn agent_config(dir: &Path, target: &str, extra: &str) {

@@ -716,3 +716,211 @@ async fn a_server_that_is_not_a_ferry_gateway_is_named_in_the_log() {
     );
     agent.stop().await;
 }
+
+/// A CA in `dir` (`NAME.pem`), to sign leaves with.
+fn ca(dir: &Path, name: &str) -> (CertifiedIssuer<'static, KeyPair>, PathBuf) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // rcgen names every certificate alike: a CA of another name is another CA.
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let path = dir.join(format!("{name}.pem"));
+    std::fs::write(&path, ca.pem()).unwrap();
+    (ca, path)
+}
+
+/// A leaf for `localhost` signed by `ca`, valid until `not_after` if given, written to
+/// `NAME.pem` and `NAME-key.pem` in `dir`.
+fn leaf(
+    dir: &Path,
+    name: &str,
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    not_after: Option<(i32, u8, u8)>,
+) -> (PathBuf, PathBuf) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    if let Some((y, m, d)) = not_after {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(y, m, d);
+    }
+    let cert = params.signed_by(&key, ca).unwrap();
+    let (cert_file, key_file) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    (cert_file, key_file)
+}
+
+/// A gateway that refuses the agent's client certificate answers with a TLS alert that rustls
+/// words as if the gateway's own certificate were at fault (`received fatal alert:
+/// CertificateExpired`): the agent says it is its own certificate, naming the file. An expired
+/// one is warned about at start too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_certificate_is_said_to_be_ours() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let (client_ca, client_ca_file) = ca(dir.path(), "client-ca");
+    let (other_ca, _) = ca(dir.path(), "other-ca");
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_client_ca_file = Some(client_ca_file.clone());
+    })
+    .await;
+    let wait = |parts: Vec<String>| {
+        let logs = logs.clone();
+        async move {
+            let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+            logs.wait_lines(&parts, 1, Duration::from_secs(10)).await
+        }
+    };
+    let with_cert = |id: &str, cert: &(PathBuf, PathBuf)| {
+        let mut section = agent_section(&gw, id, &[]);
+        section.tunnel.cert_file = Some(cert.0.clone());
+        section.tunnel.key_file = Some(cert.1.clone());
+        start_agent(section, "t")
+    };
+
+    let none = start_agent(agent_section(&gw, "no-cert", &[]), "t");
+    wait(vec![
+        "cannot open tunnel".into(),
+        "the gateway requires a client certificate (tunnel.cert_file".into(),
+    ])
+    .await;
+    none.stop().await;
+
+    let expired = leaf(dir.path(), "expired", &client_ca, Some((2021, 6, 30)));
+    let agent = with_cert("expired-cert", &expired);
+    let warned = format!(
+        "tunnel client certificate (tunnel.cert_file): certificate {} expired on 2021-06-30 00:00:00 UTC: the gateway refuses it",
+        expired.0.display()
+    );
+    assert_eq!(logs.lines_with(&["WARN", &warned]).len(), 1, "at start");
+    let refused = format!(
+        "the gateway refused our client certificate (tunnel.cert_file {}): it says it has expired",
+        expired.0.display()
+    );
+    let line = wait(vec!["cannot open tunnel".into(), refused]).await;
+    assert!(!line[0].contains("received fatal alert"), "{}", line[0]);
+    agent.stop().await;
+
+    let foreign = leaf(dir.path(), "foreign", &other_ca, None);
+    let agent = with_cert("foreign-cert", &foreign);
+    wait(vec![
+        "cannot open tunnel".into(),
+        format!(
+            "the gateway refused our client certificate (tunnel.cert_file {}): it says it is not signed by a CA it trusts",
+            foreign.0.display()
+        ),
+    ])
+    .await;
+    agent.stop().await;
+    assert!(gw.agent_ids().is_empty());
+    gw.stop().await;
+}
+
+/// A target's TLS failure names dates, not Unix times, and the CA file it was checked against;
+/// the agent's operator, who can fix it, reads it in the agent's log (once a minute at most),
+/// not only Prometheus in the 502. A target client certificate that has expired is warned
+/// about at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_tls_failure_is_logged_with_dates_and_the_ca_file() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let (target_ca, target_ca_file) = ca(dir.path(), "target-ca");
+    let (cert, key) = leaf(dir.path(), "target", &target_ca, Some((2021, 6, 30)));
+    let addr = https_target(&cert, &key, "m 1\n").await;
+    let client = leaf(dir.path(), "client", &target_ca, Some((2021, 7, 1)));
+    let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
+    let url = format!("https://127.0.0.1:{}/metrics", addr.port());
+    let mut section = agent_section(&gw, "tls-dates", &[("old", url)]);
+    section.targets[0].tls.server_name = Some("localhost".into());
+    section.targets[0].tls.ca_file = Some(target_ca_file.clone());
+    section.targets[0].tls.cert_file = Some(client.0.clone());
+    section.targets[0].tls.key_file = Some(client.1.clone());
+    let agent = start_agent(section, "t");
+    let warned = format!(
+        "target client certificate (tls.cert_file): certificate {} expired on 2021-07-01 00:00:00 UTC: target \"old\" refuses it",
+        client.0.display()
+    );
+    assert_eq!(logs.lines_with(&["WARN", &warned]).len(), 1, "at start");
+    gw.wait_agent("tls-dates", Duration::from_secs(10)).await;
+    let url = format!("http://tls-dates:{}/metrics", addr.port());
+    for _ in 0..2 {
+        let answer = common::http::get_via_proxy(gw.web, &url, &[]).await;
+        assert_eq!(answer.status, 502, "{}", answer.text());
+        let expected = "target \"old\" failed: TLS handshake failed: the certificate expired on 2021-06-30 00:00:00 UTC (it is now 20";
+        assert!(answer.text().starts_with(expected), "{}", answer.text());
+        assert!(
+            answer.text().contains(&format!(
+                "(checked against tls.ca_file {})",
+                target_ca_file.display()
+            )),
+            "{}",
+            answer.text()
+        );
+        assert!(!answer.text().contains("UNIX"), "{}", answer.text());
+    }
+    let logged = logs.lines_with(&[
+        "WARN",
+        "TLS handshake with the target failed",
+        "scrape_target=old",
+        "expired on 2021-06-30 00:00:00 UTC",
+    ]);
+    assert_eq!(logged.len(), 1, "one warning for two failures: {logged:?}");
+    agent.stop().await;
+    gw.stop().await;
+}
+
+/// A gateway whose certificate file holds its own certificate but not the intermediate CA's
+/// that signed it fails every agent that trusts only the root: the agent says the chain is
+/// likely missing, not only that the issuer is unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_certificate_without_its_chain_is_said_to_lack_it() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let (root, root_file) = ca(dir.path(), "root");
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "intermediate");
+    let intermediate =
+        CertifiedIssuer::signed_by(params, KeyPair::generate().unwrap(), &root).unwrap();
+    let (cert, key) = leaf(dir.path(), "gw", &intermediate, None);
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_self_signed_names.clear();
+        s.tunnel.tls_cert_file = Some(cert.clone());
+        s.tunnel.tls_key_file = Some(key.clone());
+    })
+    .await;
+    let mut section = agent_section(&gw, "no-chain", &[]);
+    section.tunnel.fingerprint = Vec::new();
+    section.tunnel.ca_file = Some(root_file.clone());
+    let agent = start_agent(section, "t");
+    let named = format!(
+        "the gateway's certificate is not signed by a CA in {} (--tunnel.ca-file), and the gateway sent no intermediate certificate",
+        root_file.display()
+    );
+    logs.wait_lines(&["cannot open tunnel", &named], 1, Duration::from_secs(10))
+        .await;
+    agent.stop().await;
+
+    // With the chain in the file, the same agent connects.
+    let mut chain = std::fs::read_to_string(&cert).unwrap();
+    chain.push_str(&intermediate.pem());
+    std::fs::write(&cert, chain).unwrap();
+    gw.gateway.reload_tunnel_tls().unwrap();
+    let mut section = agent_section(&gw, "with-chain", &[]);
+    section.tunnel.fingerprint = Vec::new();
+    section.tunnel.ca_file = Some(root_file);
+    let agent = start_agent(section, "t");
+    gw.wait_agent("with-chain", Duration::from_secs(10)).await;
+    agent.stop().await;
+    gw.stop().await;
+}

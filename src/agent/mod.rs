@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::net::TcpListener;
@@ -22,7 +23,8 @@ use crate::telemetry::connections::ConnectionCollector;
 use crate::telemetry::scrape_gate::ScrapeGate;
 use crate::telemetry::AgentMetrics;
 use crate::tunnel::tls::TlsError;
-use crate::tunnel::tls_client::{client_config, Purpose};
+use crate::tunnel::tls_cert::LeafInfo;
+use crate::tunnel::tls_client::{client_config, ClientTls, Purpose};
 
 pub mod backoff;
 mod serve;
@@ -52,7 +54,9 @@ pub enum AgentError {
 /// State shared by the reconnect loop, the tunnel service and reloads.
 pub(crate) struct Shared {
     pub(crate) config: AgentConfig,
-    pub(crate) tunnel_tls: Option<Arc<rustls::ClientConfig>>,
+    /// How the next tunnel talks TLS (none: plaintext); replaced on reload, the tunnel up keeps
+    /// the one it was opened with.
+    pub(crate) tunnel_tls: std::sync::RwLock<Option<Arc<TunnelTls>>>,
     pub(crate) targets: watch::Sender<Arc<TargetSet>>,
     pub(crate) metrics: AgentMetrics,
     pub(crate) metrics_registry: MetricsRegistry,
@@ -66,6 +70,27 @@ pub(crate) struct Shared {
     pub(crate) closing_notice: std::sync::Mutex<Option<serve::ClosingNotice>>,
     /// Why the last attempt failed or the last tunnel ended; none while a tunnel is up.
     pub(crate) last_error: std::sync::Mutex<Option<String>>,
+}
+
+/// The tunnel's TLS settings and the client configuration built from their files.
+pub(crate) struct TunnelTls {
+    pub(crate) settings: ClientTls,
+    pub(crate) config: Arc<rustls::ClientConfig>,
+}
+
+impl TunnelTls {
+    /// Reads the files of `settings`, warning about a client certificate the gateway would
+    /// refuse for its dates: loaded without complaint, it fails only in every handshake.
+    fn load(settings: ClientTls) -> Result<TunnelTls, TlsError> {
+        let config = Arc::new(client_config(&settings, Purpose::Tunnel)?);
+        if let Some((cert, _)) = &settings.client_cert {
+            let problem = LeafInfo::client_problem(cert, SystemTime::now(), "the gateway refuses");
+            if let Some(problem) = problem {
+                tracing::warn!("tunnel client certificate (tunnel.cert_file): {problem}");
+            }
+        }
+        Ok(TunnelTls { settings, config })
+    }
 }
 
 /// Marks an agent as running for as long as it lives, also when the run's future is dropped
@@ -121,7 +146,7 @@ impl Agent {
             gate
         });
         let tunnel_tls = match &config.gateway.tls {
-            Some(tls) => Some(Arc::new(client_config(tls, Purpose::Tunnel)?)),
+            Some(tls) => Some(Arc::new(TunnelTls::load(tls.clone())?)),
             None => None,
         };
         let plain_client = plain_client();
@@ -137,7 +162,7 @@ impl Agent {
         Ok(Agent {
             shared: Arc::new(Shared {
                 config,
-                tunnel_tls,
+                tunnel_tls: std::sync::RwLock::new(tunnel_tls),
                 targets,
                 metrics,
                 metrics_registry: registry,
@@ -187,6 +212,29 @@ impl Agent {
             serve::forget_target(s, &gone.name);
         }
         Ok(())
+    }
+
+    /// Reads the tunnel's CA file and client certificate and key again (SIGHUP), with `settings`
+    /// in place of the running ones if given (a config file whose fingerprints or file names
+    /// changed). The next connection to the gateway uses them; the tunnel up stays as it is. On
+    /// error (a file that no longer parses) the previous ones stay. Returns whether there was
+    /// anything to read: a plaintext tunnel has no TLS files, and stays plaintext.
+    ///
+    /// The usual CA rotation: add the new CA to the CA file, reload every agent, then give the
+    /// gateway its certificate from the new CA.
+    pub fn reload_tunnel_tls(&self, settings: Option<ClientTls>) -> Result<bool, AgentError> {
+        let mut current = self
+            .shared
+            .tunnel_tls
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        // Turning TLS on or off changes the gateway URL's scheme: that waits for a restart.
+        let Some(running) = current.as_ref() else {
+            return Ok(false);
+        };
+        let settings = settings.unwrap_or_else(|| running.settings.clone());
+        *current = Some(Arc::new(TunnelTls::load(settings)?));
+        Ok(true)
     }
 
     /// Whether the tunnel is up right now.

@@ -192,6 +192,54 @@ impl Drop for Unanswered {
     }
 }
 
+/// Why fetching `route` failed, in one line, logged: a failed TLS handshake at warn (rate
+/// limited), since only the agent's operator can fix it (a renewed certificate, a CA file);
+/// anything else at debug (the 502 tells Prometheus).
+fn fetch_failure(route: &Route, e: &hyper_util::client::legacy::Error) -> String {
+    let Some(tls) = crate::tunnel::tls::rustls_error_in(e) else {
+        let reason = one_line(e);
+        debug!(scrape_target = %route.name, error = %reason, "target fetch failed");
+        return reason;
+    };
+    let reason = target_tls_reason(tls, route.ca_file.as_deref());
+    match route.tls_warnings.admit() {
+        Some(quiet) => {
+            warn!(scrape_target = %route.name, error = %reason, failures_not_warned = quiet, "TLS handshake with the target failed (warned once a minute at most)")
+        }
+        None => {
+            debug!(scrape_target = %route.name, error = %reason, "TLS handshake with the target failed")
+        }
+    }
+    reason
+}
+
+/// rustls's reason in words, with dates rather than Unix times, naming the CA file the
+/// target's certificate was checked against.
+fn target_tls_reason(e: &rustls::Error, ca_file: Option<&std::path::Path>) -> String {
+    use rustls::CertificateError as C;
+    if crate::tunnel::tls_client::sent_no_chain(e) {
+        let trusted = ca_file.map_or_else(
+            || "a CA this host trusts".to_owned(),
+            |ca| format!("a CA in {} (tls.ca_file)", ca.display()),
+        );
+        return format!("TLS handshake failed: the target's certificate is not signed by {trusted}, and the target sent no intermediate certificate: its certificate file may lack the chain");
+    }
+    let words = crate::tunnel::tls::rustls_reason(e);
+    match (e, ca_file) {
+        (rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature), Some(ca)) => {
+            format!(
+                "TLS handshake failed: the target's certificate is not signed by a CA in {} (tls.ca_file)",
+                ca.display()
+            )
+        }
+        (rustls::Error::InvalidCertificate(_), Some(ca)) => format!(
+            "TLS handshake failed: {words} (checked against tls.ca_file {})",
+            ca.display()
+        ),
+        _ => format!("TLS handshake failed: {words}"),
+    }
+}
+
 /// The target's answer to a scrape, its body streamed to the gateway.
 async fn fetch_answer(
     shared: &Arc<Shared>,
@@ -239,8 +287,7 @@ async fn fetch_answer(
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
             count(shared, &route.name, "error");
-            let reason = one_line(&e);
-            debug!(scrape_target = %route.name, error = %reason, "target fetch failed");
+            let reason = fetch_failure(route, &e);
             return ScrapeError::Target {
                 target: route.name.clone(),
                 reason,

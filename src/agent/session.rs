@@ -20,7 +20,7 @@ use crate::config::{read_token_file, AgentConfig, Secret};
 use crate::telemetry::ResultLabels;
 use crate::tunnel::dial::{dial, BoxIo, DialError};
 use crate::tunnel::handshake::{request_upgrade, HandshakeError};
-use crate::tunnel::tls_client::{ClientTls, ServerVerify};
+use crate::tunnel::tls_client::{sent_no_chain, ClientTls, ServerVerify};
 use crate::tunnel::{ClosingKind, TARGETS_LONG_POLL};
 
 /// Why a session could not start.
@@ -298,6 +298,9 @@ fn take_closing_notice(shared: &Shared) -> Option<ClosingNotice> {
 /// Why the TLS handshake with the gateway failed, with the likely fix for the usual mistakes:
 /// the web port instead of the tunnel port, a self-signed gateway without a pinned fingerprint.
 fn tls_failure(e: &std::io::Error, tls: Option<&ClientTls>) -> String {
+    if let Some(refusal) = tls_alert(e).and_then(|alert| client_cert_refusal(alert, tls)) {
+        return refusal;
+    }
     let Some(rustls) = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -310,6 +313,17 @@ fn tls_failure(e: &std::io::Error, tls: Option<&ClientTls>) -> String {
         }
         return e.to_string();
     };
+    if sent_no_chain(rustls) {
+        let trusted = match tls.map(|t| &t.verify) {
+            Some(ServerVerify::CaFile(ca)) => {
+                format!("a CA in {} (--tunnel.ca-file)", ca.display())
+            }
+            _ => "a CA this host trusts".to_owned(),
+        };
+        return format!(
+            "the gateway's certificate is not signed by {trusted}, and the gateway sent no intermediate certificate: its certificate file (--tunnel.tls-cert-file) may lack the chain (the intermediate CA certificates after its own)"
+        );
+    }
     match rustls {
         rustls::Error::InvalidMessage(_) => format!(
             "{e}: the other end does not speak TLS; is --gateway the tunnel port (default 7443, not the web port 8080), and does the gateway run with TLS?"
@@ -345,6 +359,43 @@ fn tls_failure(e: &std::io::Error, tls: Option<&ClientTls>) -> String {
     }
 }
 
+/// The TLS alert the gateway sent, if that is what ended the connection (`e` or a source).
+fn tls_alert(e: &(dyn std::error::Error + 'static)) -> Option<rustls::AlertDescription> {
+    match crate::tunnel::tls::rustls_error_in(e)? {
+        rustls::Error::AlertReceived(alert) => Some(*alert),
+        _ => None,
+    }
+}
+
+/// The gateway's refusal of our client certificate (or of its absence) in words, when `alert`
+/// is one: rustls's own words (`received fatal alert: CertificateExpired`) read as if the
+/// gateway's certificate had expired.
+fn client_cert_refusal(alert: rustls::AlertDescription, tls: Option<&ClientTls>) -> Option<String> {
+    use rustls::AlertDescription as A;
+    let Some((cert, _)) = tls.and_then(|t| t.client_cert.as_ref()) else {
+        return (alert == A::CertificateRequired).then(|| {
+            "the gateway requires a client certificate (tunnel.cert_file and tunnel.key_file, --tunnel.cert-file and --tunnel.key-file): it asks for mTLS".to_owned()
+        });
+    };
+    let says = match alert {
+        A::CertificateExpired => "it says it has expired",
+        A::UnknownCA => "it says it is not signed by a CA it trusts",
+        A::CertificateRequired => "it says it got none (is the file empty?)",
+        A::UnsupportedCertificate => "it says it is not usable for client authentication (its extended key usage must allow clientAuth)",
+        A::CertificateRevoked => "it says it has been revoked",
+        A::BadCertificate => "it says the certificate is bad (malformed, or its signature does not verify)",
+        A::AccessDenied => "it says access is denied",
+        // What rustls says of a certificate whose signature does not verify: signed by a CA
+        // of the name it trusts, but another key (a CA made again).
+        A::DecryptError => "it says its signature does not verify (was it signed by a CA made again, of the same name as the one the gateway trusts?)",
+        _ => return None,
+    };
+    Some(format!(
+        "the gateway refused our client certificate (tunnel.cert_file {}): {says}",
+        cert.display()
+    ))
+}
+
 /// Dial, TLS and the upgrade handshake.
 async fn open(shared: &Shared, token: &str) -> Result<hyper::upgrade::Upgraded, SessionError> {
     let cfg = &shared.config;
@@ -353,15 +404,22 @@ async fn open(shared: &Shared, token: &str) -> Result<hyper::upgrade::Upgraded, 
     let stalled = |phase| move |_| SessionError::Timeout { after, phase };
     // The dial says itself which of its steps (the proxy, its CONNECT) did not answer.
     let io = dial(&cfg.gateway.addr, cfg.proxy.as_ref(), after).await?;
-    let io: BoxIo = match &shared.tunnel_tls {
+    // As the last reload left them: this connection keeps them whatever comes next.
+    let tls = shared
+        .tunnel_tls
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let settings = tls.as_ref().map(|t| &t.settings);
+    let io: BoxIo = match &tls {
         Some(tls) => {
             let name = ServerName::try_from(cfg.gateway.server_name.clone())
                 .map_err(|_| SessionError::ServerName(cfg.gateway.server_name.clone()))?;
-            let connector = tokio_rustls::TlsConnector::from(tls.clone());
+            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
             let tls = tokio::time::timeout_at(deadline, connector.connect(name, io))
                 .await
                 .map_err(stalled(" in the TLS handshake (connected, then no answer)"))?;
-            Box::new(tls.map_err(|e| SessionError::Tls(tls_failure(&e, cfg.gateway.tls.as_ref())))?)
+            Box::new(tls.map_err(|e| SessionError::Tls(tls_failure(&e, settings)))?)
         }
         None => io,
     };
@@ -371,14 +429,20 @@ async fn open(shared: &Shared, token: &str) -> Result<hyper::upgrade::Upgraded, 
         .map_err(stalled(
             " waiting for the answer to the tunnel upgrade request",
         ))?
-        .map_err(|e| upgrade_failure(e, shared.tunnel_tls.is_none()))
+        .map_err(|e| upgrade_failure(e, settings))
 }
 
 /// A failed upgrade, with the fix when it shows that the gateway URL points at the wrong
 /// listener: a TLS port dialled in plaintext answers with bytes that are not HTTP (a TLS front
 /// end; ferry's own tunnel listener says so in a 400); the web listener answers the upgrade's
 /// path with a 404 (written for Prometheus).
-fn upgrade_failure(e: HandshakeError, plaintext: bool) -> SessionError {
+fn upgrade_failure(e: HandshakeError, tls: Option<&ClientTls>) -> SessionError {
+    let plaintext = tls.is_none();
+    // TLS 1.3 sends the client certificate after the client's side of the handshake is done:
+    // the gateway's refusal of it arrives as an alert when the upgrade's answer is read.
+    if let Some(refusal) = tls_alert(&e).and_then(|alert| client_cert_refusal(alert, tls)) {
+        return SessionError::Tls(refusal);
+    }
     let hint = match &e {
         HandshakeError::Http(http) if plaintext && http.is_parse() => {
             "the answer was not HTTP: that port speaks TLS (use an https:// gateway URL and drop --tunnel.insecure-plaintext, tunnel.insecure_plaintext in the file) or something else than HTTP: check the gateway URL's port"

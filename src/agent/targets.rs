@@ -2,6 +2,7 @@
 //! the HTTP client that fetches it. Anything not in here is never fetched.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 
 use http::Uri;
 use std::future::Future;
@@ -22,11 +23,13 @@ use crate::config::{Target, SELF_TARGET};
 use crate::http_util::{Body, BoxError};
 use crate::tunnel::metrics_path;
 use crate::tunnel::tls::TlsError;
-use crate::tunnel::tls_client::{client_config, Purpose};
+use crate::tunnel::tls_cert::LeafInfo;
+use crate::tunnel::tls_client::{client_config, Purpose, ServerVerify};
 use crate::tunnel::{
     label_name_problem, reserved_target_name, target_list_size_problem, valid_target_name,
     TargetInfo, TargetList,
 };
+use crate::warn_limit::WarnLimit;
 
 /// A pooled client for targets: one shared by every plain-http target, one per https target
 /// (each has its own trust settings).
@@ -70,6 +73,11 @@ pub(crate) enum Handler {
 pub(crate) struct Route {
     pub(crate) name: String,
     pub(crate) handler: Handler,
+    /// The CA file an https target's certificate is checked against, named in its TLS errors.
+    pub(crate) ca_file: Option<PathBuf>,
+    /// Failed TLS handshakes with the target are warned about at this pace (each scrape would
+    /// repeat the last one's), the rest at debug.
+    pub(crate) tls_warnings: WarnLimit,
 }
 
 /// The targets of one configuration version.
@@ -94,12 +102,15 @@ impl TargetSet {
         if let Some(problem) = target_list_size_problem(&list) {
             return Err(super::AgentError::Targets(problem));
         }
+        warn_about_client_certs(targets);
         let mut routes = HashMap::new();
         routes.insert(
             (self_port, "/metrics".into()),
             Route {
                 name: SELF_TARGET.into(),
                 handler: Handler::SelfMetrics,
+                ca_file: None,
+                tls_warnings: WarnLimit::default(),
             },
         );
         for t in targets {
@@ -111,11 +122,17 @@ impl TargetSet {
                 url: t.url.clone(),
                 client,
             };
+            let ca_file = match t.tls.as_ref().map(|tls| &tls.verify) {
+                Some(ServerVerify::CaFile(ca)) => Some(ca.clone()),
+                _ => None,
+            };
             routes.insert(
                 (t.port, t.path.clone()),
                 Route {
                     name: t.name.clone(),
                     handler,
+                    ca_file,
+                    tls_warnings: WarnLimit::default(),
                 },
             );
         }
@@ -127,6 +144,21 @@ impl TargetSet {
     pub(crate) fn route(&self, port: u16, path: &str) -> Option<&Route> {
         let decoded = metrics_path::requested(path)?.into_owned();
         self.routes.get(&(port, decoded))
+    }
+}
+
+/// Warns about targets' client certificates that have expired or are not valid yet: loaded
+/// without complaint, they fail only in every scrape.
+fn warn_about_client_certs(targets: &[Target]) {
+    let now = std::time::SystemTime::now();
+    for t in targets {
+        let Some((cert, _)) = t.tls.as_ref().and_then(|tls| tls.client_cert.as_ref()) else {
+            continue;
+        };
+        let refused_by = format!("target {:?} refuses", t.name);
+        if let Some(problem) = LeafInfo::client_problem(cert, now, &refused_by) {
+            tracing::warn!(target_name = %t.name, "target client certificate (tls.cert_file): {problem}");
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use crate::exporter::Exporter;
 use crate::gateway::{Gateway, TunnelTlsReload, WebConfigReload};
 use crate::telemetry::geo::SharedGeo;
 use crate::telemetry::ConfigReload;
+use crate::tunnel::tls_client::ClientTls;
 
 /// Why the process ends with a failure.
 #[derive(Debug, thiserror::Error)]
@@ -368,14 +369,27 @@ async fn handle_signals(
 
 /// What SIGHUP applies from the config file itself (files it names, such as the tokens file, are
 /// re-read too). `agent.agent_id` is warned about on its own.
-const RELOADED_FIELDS: &[&str] = &["agent.targets", "agent.labels", "agent.agent_id"];
+const RELOADED_FIELDS: &[&str] = &[
+    "agent.targets",
+    "agent.labels",
+    "agent.agent_id",
+    "agent.tunnel.ca_file",
+    "agent.tunnel.fingerprint",
+    "agent.tunnel.cert_file",
+    "agent.tunnel.key_file",
+];
+
+/// Sections whose fields a reload tells apart (some of them it applies), one level deeper
+/// than the rest.
+const FIELD_BY_FIELD: &[&str] = &["agent.tunnel"];
 
 fn file_value(path: &std::path::Path) -> Result<serde_yaml_ng::Value, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
     serde_yaml_ng::from_str(&text).map_err(|e| e.to_string())
 }
 
-/// Field paths (two levels deep: `egress.rules`) where `old` and `new` differ.
+/// Field paths (two levels deep: `egress.rules`; three in [`FIELD_BY_FIELD`]) where `old` and
+/// `new` differ.
 fn changed_fields(
     path: &str,
     old: &serde_yaml_ng::Value,
@@ -387,7 +401,9 @@ fn changed_fields(
         return;
     }
     match (old, new) {
-        (Value::Mapping(a), Value::Mapping(b)) if path.matches('.').count() < 1 => {
+        (Value::Mapping(a), Value::Mapping(b))
+            if path.matches('.').count() < 1 || FIELD_BY_FIELD.contains(&path) =>
+        {
             let mut keys: Vec<&Value> = a.keys().chain(b.keys()).collect();
             keys.dedup();
             let mut seen = Vec::new();
@@ -474,8 +490,12 @@ fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> Relo
         Some((path, started)) => ok &= reload_file(roles, path, started, &mut need_restart),
         // Not a warning: the rest (the geoip database, credential files) was reloaded, and the
         // closing line says so; this says what a reload cannot change here.
-        None if roles.agent.is_some() => info!("agent targets and settings come from flags: unchanged by a reload (to reload them, run the agent with ferry run --config.file)"),
-        None => {}
+        None => {
+            if let Some(agent) = &roles.agent {
+                ok &= reload_agent_tunnel_tls(agent, None);
+                info!("agent targets and settings come from flags: unchanged by a reload, except the files the tunnel's TLS reads (to reload the rest, run the agent with ferry run --config.file)");
+            }
+        }
     }
     Reloaded {
         applied: ok,
@@ -619,11 +639,27 @@ fn reload_agent(
         );
         need_restart.push("agent.agent_id".to_owned());
     }
+    let tls_ok = reload_agent_tunnel_tls(agent, new.gateway.tls.clone());
     match agent.set_targets(&new.targets, &new.labels) {
         // Counted with the built-in `ferry` target, as the gateway counts them.
         Ok(()) => info!(targets = new.targets.len() + 1, "agent targets reloaded"),
         Err(e) => {
             error!(error = %e, "reload failed; keeping the previous targets");
+            return false;
+        }
+    }
+    tls_ok
+}
+
+/// Reads the agent's tunnel CA file and client certificate again, with `settings` from the
+/// config file if it has them: the next tunnel uses them, so that a CA added to the CA file is
+/// trusted before the gateway switches to a certificate it issued.
+fn reload_agent_tunnel_tls(agent: &Agent, settings: Option<ClientTls>) -> bool {
+    match agent.reload_tunnel_tls(settings) {
+        Ok(false) => {}
+        Ok(true) => info!("tunnel TLS files reloaded (CA file, client certificate): the next connection to the gateway uses them"),
+        Err(e) => {
+            error!(error = %e, "tunnel TLS reload failed; keeping the previous CA and client certificate");
             return false;
         }
     }
@@ -663,6 +699,21 @@ mod tests {
             err.to_string(),
             "exporter stopped unexpectedly: it ended before shutdown"
         );
+    }
+
+    /// A reload applies a changed tunnel CA file or pin: only the tunnel settings it does not
+    /// apply are named as waiting for a restart.
+    #[test]
+    fn tunnel_tls_files_are_not_named_as_needing_a_restart() {
+        let yaml = |s: &str| serde_yaml_ng::from_str::<serde_yaml_ng::Value>(s).unwrap();
+        let old = yaml("agent:\n  tunnel: { ca_file: a.pem, keepalive_interval: 30s }\n");
+        let new = yaml(
+            "agent:\n  tunnel: { ca_file: b.pem, keepalive_interval: 10s, fingerprint: [] }\n",
+        );
+        let mut changed = Vec::new();
+        changed_fields("", &old, &new, &mut changed);
+        changed.retain(|f| !RELOADED_FIELDS.contains(&f.as_str()));
+        assert_eq!(changed, ["agent.tunnel.keepalive_interval"]);
     }
 
     #[tokio::test]

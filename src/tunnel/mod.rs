@@ -20,7 +20,7 @@ pub(crate) mod metrics_path;
 #[cfg(feature = "agent")]
 pub mod no_proxy;
 pub mod tls;
-#[cfg(feature = "gateway")]
+#[cfg(any(feature = "agent", feature = "gateway"))]
 pub mod tls_cert;
 #[cfg(any(feature = "agent", feature = "egress"))]
 pub mod tls_client;

@@ -169,6 +169,25 @@ pub fn rustls_reason(e: &rustls::Error) -> String {
     words.to_owned()
 }
 
+/// rustls's error in `e`'s chain, if TLS is what failed (a handshake, an alert from the peer).
+pub fn rustls_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(rustls) = err.downcast_ref::<rustls::Error>() {
+            return Some(rustls);
+        }
+        // An io::Error's `source` skips the error it wraps, which may be an io::Error wrapping
+        // rustls's in turn (hyper-rustls wraps tokio-rustls's): go through the wrapped one.
+        cur = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
 /// `2026-05-01 12:00:00 UTC` for seconds since the Unix epoch.
 pub fn utc(secs: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
@@ -255,6 +274,21 @@ mod tests {
             rustls_reason(&early),
             "the certificate is not valid before 2026-11-22 00:25:38 UTC (it is now 2026-10-18 00:25:04 UTC; is a clock wrong?)"
         );
+    }
+
+    /// hyper-rustls wraps tokio-rustls's io::Error in another: rustls's error is still found.
+    #[test]
+    fn rustls_errors_are_found_inside_io_errors_inside_io_errors() {
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired);
+        let inner = std::io::Error::new(std::io::ErrorKind::InvalidData, alert);
+        let outer = std::io::Error::other(inner);
+        assert!(matches!(
+            rustls_error_in(&outer),
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::CertificateExpired
+            ))
+        ));
+        assert!(rustls_error_in(&std::io::Error::other("no TLS here")).is_none());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! What a certificate says about itself that rustls does not check when it is loaded: its
 //! validity dates and whether it is a CA. A server certificate that has expired, is not valid
 //! yet, or is a CA is loaded without complaint and then refused by every client: the gateway
-//! warns about it at start and on reload, and exports the expiry date for alerting.
+//! warns about it at start and on reload, and exports the expiry date for alerting. The agent
+//! warns the same way about its client certificates (the tunnel's, its targets').
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -85,21 +86,43 @@ impl LeafInfo {
                  gateway's: put the gateway's own certificate first in the file"
             ));
         }
+        self.dates_problem(&file, now, "clients refuse")
+    }
+
+    /// Why the certificate in `file` is refused at `now` for its dates alone, by whoever
+    /// `refused_by` names with its verb (`clients refuse`, `the gateway refuses`).
+    fn dates_problem(
+        &self,
+        file: &dyn std::fmt::Display,
+        now: i64,
+        refused_by: &str,
+    ) -> Option<String> {
         if now > self.not_after {
             return Some(format!(
-                "certificate {file} expired on {}: clients refuse it (renew it, then SIGHUP)",
+                "certificate {file} expired on {}: {refused_by} it (renew it, then SIGHUP)",
                 utc(self.not_after)
             ));
         }
         if now < self.not_before {
             return Some(format!(
-                "certificate {file} is not valid before {} (now {}): clients refuse it until \
+                "certificate {file} is not valid before {} (now {}): {refused_by} it until \
                  then (is this host's clock right?)",
                 utc(self.not_before),
                 utc(now)
             ));
         }
         None
+    }
+
+    /// Why a client certificate (the first of `file`) is refused for its dates at `now`, by
+    /// whoever `refused_by` names with its verb; `None` also when it cannot be read (loading it
+    /// says so).
+    pub fn client_problem(file: &Path, now: SystemTime, refused_by: &str) -> Option<String> {
+        let certs = super::tls::read_certs(file).ok()?;
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        LeafInfo::of(certs.first()?)?.dates_problem(&file.display(), now, refused_by)
     }
 }
 

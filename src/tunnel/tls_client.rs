@@ -111,8 +111,87 @@ fn verifier(
     };
     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
-        .map(|v| v as Arc<dyn ServerCertVerifier>)
+        .map(|v| Arc::new(ChainHint(v)) as Arc<dyn ServerCertVerifier>)
         .map_err(|e| config_error(format!("no usable trust anchors: {e}")))
+}
+
+/// Why a server's certificate was refused when the server sent it alone, although a CA other
+/// than itself issued it, and no trusted CA did: the server's certificate file most likely
+/// lacks the intermediate CA certificates (the chain) that lead to a trusted one.
+#[derive(Debug, thiserror::Error)]
+#[error("the certificate's issuer is not trusted, and the server sent no intermediate certificate: its certificate file may lack the chain")]
+pub struct NoIntermediate;
+
+/// Whether `e` is the refusal of a certificate sent without its chain ([`NoIntermediate`]).
+pub fn sent_no_chain(e: &rustls::Error) -> bool {
+    matches!(e, rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))
+        if other.0.downcast_ref::<NoIntermediate>().is_some())
+}
+
+/// webpki's verification, with an unknown issuer told apart when the server sent no chain.
+#[derive(Debug)]
+struct ChainHint(Arc<WebPkiServerVerifier>);
+
+impl ChainHint {
+    /// Whether `cert` says another certificate issued it; `true` if it cannot be parsed.
+    fn issued_by_another(cert: &CertificateDer<'_>) -> bool {
+        webpki::EndEntityCert::try_from(cert).map_or(true, |c| c.issuer() != c.subject())
+    }
+}
+
+impl ServerCertVerifier for ChainHint {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError as C;
+        self.0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(C::UnknownIssuer)
+                    if intermediates.is_empty() && Self::issued_by_another(end_entity) =>
+                {
+                    rustls::Error::InvalidCertificate(C::Other(rustls::OtherError(Arc::new(
+                        NoIntermediate,
+                    ))))
+                }
+                e => e,
+            })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.0.requires_raw_public_keys()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
+        self.0.root_hint_subjects()
+    }
 }
 
 fn system_roots() -> RootCertStore {
