@@ -67,6 +67,11 @@ struct Pki {
 
 /// A CA, a server certificate for `localhost` and a client certificate, all signed by the CA.
 fn pki(dir: &Path) -> Pki {
+    pki_with(dir, |_| {})
+}
+
+/// [`pki`], with `server` changing the server certificate's parameters (its dates).
+fn pki_with(dir: &Path, server: impl FnOnce(&mut CertificateParams)) -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
@@ -75,16 +80,15 @@ fn pki(dir: &Path) -> Pki {
         std::fs::write(&p, text).unwrap();
         p
     };
-    let leaf = |names: Vec<String>| {
+    let leaf = |params: CertificateParams| {
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
         (cert.pem(), key.serialize_pem())
     };
-    let (server_pem, server_key) = leaf(vec!["localhost".into()]);
-    let (client_pem, client_key) = leaf(vec!["agent.test".into()]);
+    let mut server_params = CertificateParams::new(vec!["localhost".into()]).unwrap();
+    server(&mut server_params);
+    let (server_pem, server_key) = leaf(server_params);
+    let (client_pem, client_key) = leaf(CertificateParams::new(vec!["agent.test".into()]).unwrap());
     Pki {
         ca: write("ca.pem", ca.pem()),
         server_cert: write("server.pem", server_pem),
@@ -568,6 +572,43 @@ async fn a_reloaded_tunnel_certificate_applies_to_new_tunnels_and_bad_files_keep
         .as_secs_f64();
     assert!(not_after > now, "{not_after}");
     established.stop().await;
+}
+
+/// An agent verifying the gateway with its CA file refuses an expired certificate: the
+/// gateway's warning about the failed handshake says that is what the agent found, not that a
+/// fingerprint or CA file does not match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refusing_an_expired_certificate_is_explained_on_the_gateway() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki_with(dir.path(), |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 6, 30);
+    });
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_self_signed_names.clear();
+        s.tunnel.tls_cert_file = Some(pki.server_cert.clone());
+        s.tunnel.tls_key_file = Some(pki.server_key.clone());
+    })
+    .await;
+    let mut section = agent_section(&gw, "node-ca", &[]);
+    section.tunnel.fingerprint = Vec::new();
+    section.tunnel.ca_file = Some(pki.ca.clone());
+    let agent = start_agent(section, "t");
+    let said = logs
+        .wait_lines(
+            &["WARN", "tunnel handshake failed", "CertificateExpired"],
+            1,
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        said[0].contains("certificate expired or not valid yet")
+            && !said[0].contains("tunnel.fingerprint"),
+        "{said:?}"
+    );
+    assert!(gw.agent_ids().is_empty());
+    agent.stop().await;
 }
 
 /// A gateway that generates its certificate says so, loudly: on any start but the first, the
