@@ -493,6 +493,63 @@ async fn a_reload_serves_a_renewed_certificate() {
     gw.stop().await;
 }
 
+/// A reload does not turn basic auth off: a file emptied, cut short (to its first line, as
+/// `head -c` leaves it) or without users is refused, naming the file, and the users in force
+/// stay. Turning basic auth on by a reload is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_never_turns_basic_auth_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_web_cert(dir.path());
+    let path = tls_web_config(dir.path());
+    let tls_only = std::fs::read_to_string(&path).unwrap();
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let users = format!("basic_auth_users:\n  prometheus: {hash}\n");
+    std::fs::write(&path, format!("{tls_only}{users}")).unwrap();
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(path.clone())
+    })
+    .await;
+    let refused = || async {
+        let (targets, _) = get_over_tls(gw.web, &cert, "/targets").await.unwrap();
+        let (scrape, _) = get_over_tls(gw.web, &cert, "http://node-1:9100/metrics")
+            .await
+            .unwrap();
+        (targets, scrape)
+    };
+    assert_eq!(refused().await, (401, 407));
+    for broken in [
+        String::new(),
+        "tls_server_config:\n ".to_owned(),
+        format!("{tls_only}basic_auth_users: {{}}\n"),
+    ] {
+        std::fs::write(&path, &broken).unwrap();
+        let err = gw.gateway.reload_web_config().unwrap_err();
+        assert_eq!(
+            err,
+            format!(
+                "{}: no basic_auth_users (emptied, or caught half-written?): turning basic auth off takes a restart",
+                path.display()
+            ),
+            "{broken:?}"
+        );
+        assert_eq!(refused().await, (401, 407), "{broken:?}");
+    }
+    gw.stop().await;
+
+    std::fs::write(&path, &tls_only).unwrap();
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(path.clone())
+    })
+    .await;
+    let (status, _) = get_over_tls(gw.web, &cert, "/targets").await.unwrap();
+    assert_eq!(status, 200);
+    std::fs::write(&path, format!("{tls_only}{users}")).unwrap();
+    assert_eq!(gw.gateway.reload_web_config(), Ok(WebConfigReload::Applied));
+    let (status, _) = get_over_tls(gw.web, &cert, "/targets").await.unwrap();
+    assert_eq!(status, 401, "basic auth turned on by a reload");
+    gw.stop().await;
+}
+
 /// After a reload a user's password verified under the old file is not taken on trust: a
 /// changed password stops working at once, and so does a removed user's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -297,11 +297,27 @@ impl Gateway {
     /// basic-auth users apply at once: a password verified under the previous file is checked
     /// again unless its user's hash is unchanged. New TLS settings (a renewed certificate) apply
     /// to the connections accepted from now on.
+    ///
+    /// A file without users where the previous one had some is refused, the previous file
+    /// staying in force: an emptied or half-written file would open the listener to anyone, and
+    /// turning basic auth off takes a restart.
     pub fn reload_web_config(&self) -> Result<WebConfigReload, String> {
         let Some(path) = &self.state.config.web_config_file else {
             return Ok(WebConfigReload::NoFile);
         };
         let new = web_config::load(path)?;
+        // Held to the end: reloads run one at a time, so what is checked is what is replaced.
+        let mut users = self
+            .state
+            .web_auth
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if new.users.is_none() && users.is_some() {
+            return Err(format!(
+                "{}: no basic_auth_users (emptied, or caught half-written?): turning basic auth off takes a restart",
+                path.display()
+            ));
+        }
         if let Some(files) = &new.tls_files {
             tunnel_tls::check("web", files, &self.state.metrics);
         }
@@ -313,11 +329,6 @@ impl Gateway {
             (None, None) => WebConfigReload::Applied,
             _ => WebConfigReload::TlsNeedsRestart,
         };
-        let mut users = self
-            .state
-            .web_auth
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
         let new_users = new.users.map(|new| match users.as_deref() {
             Some(old) => new.keeping_verified(old),
             None => new,
