@@ -2273,6 +2273,68 @@ fn a_reload_revokes_a_password_taken_out_of_the_web_config_file() {
     assert_eq!(status("rotated"), "HTTP/1.1 200 OK");
 }
 
+/// SIGHUP never turns basic auth off: a web config file emptied, cut short or without users
+/// (caught half-written by an editor or a deployment) is refused with an error naming it, the
+/// reload counts as failed, and requests without credentials are still refused.
+#[test]
+fn a_reload_does_not_turn_basic_auth_off() {
+    use base64::Engine as _;
+    let dir = TempDir::new().unwrap();
+    let tokens = tokens_file(dir.path(), "s3cret");
+    let hash = bcrypt::hash("pass", 4).unwrap();
+    write(
+        dir.path(),
+        "web.yml",
+        &format!("basic_auth_users:\n  prometheus: {hash}\n"),
+    );
+    let mut gw = Running::start(
+        dir.path(),
+        &[
+            "gateway",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+            "--auth.tokens-file",
+            tokens.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--web.config.file",
+            "web.yml",
+        ],
+    );
+    let web = logged_address(&gw.wait_for("gateway web listener up")).to_string();
+    let creds = format!(
+        "Authorization: Basic {}\r\n",
+        base64::engine::general_purpose::STANDARD.encode("prometheus:pass")
+    );
+    let status = |path: &str, headers: &str| {
+        let text = http_get_with(&web, path, headers).unwrap();
+        text.lines().next().unwrap_or_default().to_owned()
+    };
+    for broken in ["", "tls_server_config:\n ", "basic_auth_users: {}\n"] {
+        write(dir.path(), "web.yml", broken);
+        gw.signal(rustix::process::Signal::HUP);
+        let line = gw.wait_for("web config file reload failed");
+        assert!(
+            line.contains("level=error")
+                && line.contains("web.yml")
+                && line.contains("turning basic auth off takes a restart"),
+            "{line}"
+        );
+        gw.wait_for("reload done, not all of it applied");
+        assert_eq!(status("/targets", ""), "HTTP/1.1 401 Unauthorized");
+        let scrape = status("http://node-1:9100/metrics", "");
+        assert!(scrape.starts_with("HTTP/1.1 407"), "{scrape}");
+        let metrics = http_get_with(&web, "/metrics", &creds).unwrap();
+        assert_eq!(
+            common::ferry::metric_value(&metrics, "ferry_config_last_reload_successful", &[]),
+            Some(0.0),
+            "{broken:?}"
+        );
+    }
+}
+
 /// `:port` listens on IPv4 and IPv6, as Prometheus reads it; an IPv4 client on that dual-stack
 /// socket is still its IPv4 address to the client allowlist.
 #[test]

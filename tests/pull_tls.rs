@@ -67,6 +67,11 @@ struct Pki {
 
 /// A CA, a server certificate for `localhost` and a client certificate, all signed by the CA.
 fn pki(dir: &Path) -> Pki {
+    pki_with(dir, |_| {})
+}
+
+/// [`pki`], with `server` changing the server certificate's parameters (its dates).
+fn pki_with(dir: &Path, server: impl FnOnce(&mut CertificateParams)) -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
@@ -75,16 +80,15 @@ fn pki(dir: &Path) -> Pki {
         std::fs::write(&p, text).unwrap();
         p
     };
-    let leaf = |names: Vec<String>| {
+    let leaf = |params: CertificateParams| {
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
         (cert.pem(), key.serialize_pem())
     };
-    let (server_pem, server_key) = leaf(vec!["localhost".into()]);
-    let (client_pem, client_key) = leaf(vec!["agent.test".into()]);
+    let mut server_params = CertificateParams::new(vec!["localhost".into()]).unwrap();
+    server(&mut server_params);
+    let (server_pem, server_key) = leaf(server_params);
+    let (client_pem, client_key) = leaf(CertificateParams::new(vec!["agent.test".into()]).unwrap());
     Pki {
         ca: write("ca.pem", ca.pem()),
         server_cert: write("server.pem", server_pem),
@@ -568,6 +572,136 @@ async fn a_reloaded_tunnel_certificate_applies_to_new_tunnels_and_bad_files_keep
         .as_secs_f64();
     assert!(not_after > now, "{not_after}");
     established.stop().await;
+}
+
+/// A reload does not put a certificate that is not valid now (expired, or not valid yet) in
+/// place of one that is: every agent checking dates would be refused from then on. The error
+/// names the file and the dates; the certificate in use stays, and agents still connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_a_valid_certificate_rather_than_one_outside_its_dates() {
+    let dir = tempfile::tempdir().unwrap();
+    let [valid, expired, early] = ["valid", "expired", "early"].map(|name| {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        sub
+    });
+    let valid = pki(&valid);
+    let expired = pki_with(&expired, |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 6, 30);
+    });
+    let early = pki_with(&early, |p| {
+        p.not_before = rcgen::date_time_ymd(2099, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2100, 1, 1);
+    });
+    let (cert, key) = (dir.path().join("tun.crt"), dir.path().join("tun.key"));
+    install(&valid, &cert, &key);
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_self_signed_names.clear();
+        s.tunnel.tls_cert_file = Some(cert.clone());
+        s.tunnel.tls_key_file = Some(key.clone());
+    })
+    .await;
+    let in_use = gw.fingerprint();
+    for (pki, dates) in [
+        (&expired, "expired on 2021-06-30 00:00:00 UTC".to_owned()),
+        (
+            &early,
+            "is not valid before 2099-01-01 00:00:00 UTC (now ".to_owned(),
+        ),
+    ] {
+        install(pki, &cert, &key);
+        let err = gw.gateway.reload_tunnel_tls().unwrap_err().to_string();
+        let named = format!("certificate file {}: {dates}", cert.display());
+        assert!(
+            err.starts_with(&named) && err.contains("while the certificate in use is valid until"),
+            "{err}"
+        );
+        assert_eq!(presented_fingerprint(gw.tunnel).await, in_use);
+        assert_eq!(gw.fingerprint(), in_use);
+    }
+    let mut section = agent_section(&gw, "node-ca", &[]);
+    section.tunnel.fingerprint = Vec::new();
+    section.tunnel.ca_file = Some(valid.ca.clone());
+    let agent = start_agent(section, "t");
+    gw.wait_agent("node-ca", Duration::from_secs(10)).await;
+    agent.stop().await;
+}
+
+/// An agent verifying the gateway with its CA file refuses an expired certificate: the
+/// gateway's warning about the failed handshake says that is what the agent found, not that a
+/// fingerprint or CA file does not match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refusing_an_expired_certificate_is_explained_on_the_gateway() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki_with(dir.path(), |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 6, 30);
+    });
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_self_signed_names.clear();
+        s.tunnel.tls_cert_file = Some(pki.server_cert.clone());
+        s.tunnel.tls_key_file = Some(pki.server_key.clone());
+    })
+    .await;
+    let mut section = agent_section(&gw, "node-ca", &[]);
+    section.tunnel.fingerprint = Vec::new();
+    section.tunnel.ca_file = Some(pki.ca.clone());
+    let agent = start_agent(section, "t");
+    let said = logs
+        .wait_lines(
+            &["WARN", "tunnel handshake failed", "CertificateExpired"],
+            1,
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        said[0].contains("certificate expired or not valid yet")
+            && !said[0].contains("tunnel.fingerprint"),
+        "{said:?}"
+    );
+    assert!(gw.agent_ids().is_empty());
+    agent.stop().await;
+}
+
+/// An expired certificate in the data directory (generated ones never expire; this one was put
+/// there) is not refused by agents pinning its fingerprint, and SIGHUP does not renew it: the
+/// warning says both, and what does renew it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_self_signed_certificate_gets_advice_that_works() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 6, 30);
+    let cert_file = data.join(ferry::tunnel::tls_server::SELF_SIGNED_CERT);
+    std::fs::write(&cert_file, params.self_signed(&key).unwrap().pem()).unwrap();
+    std::fs::write(
+        data.join(ferry::tunnel::tls_server::SELF_SIGNED_KEY),
+        key.serialize_pem(),
+    )
+    .unwrap();
+    let gw = start_gateway(&dir, &[("*", "t")], |_| {}).await;
+    let expired = format!(
+        "certificate {} expired on 2021-06-30 00:00:00 UTC",
+        cert_file.display()
+    );
+    let said = logs.lines_with(&["WARN", &expired]);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains("agents pinning its fingerprint (tunnel.fingerprint) do not check dates")
+            && said[0].contains("remove both files in the data directory and restart")
+            && !said[0].contains("SIGHUP"),
+        "{said:?}"
+    );
+    // As it says: an agent pinning the fingerprint connects.
+    let agent = start_agent(agent_section(&gw, "node-pin", &[]), "t");
+    gw.wait_agent("node-pin", Duration::from_secs(10)).await;
+    agent.stop().await;
 }
 
 /// A gateway that generates its certificate says so, loudly: on any start but the first, the

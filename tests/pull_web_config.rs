@@ -304,11 +304,18 @@ async fn guessing_passwords_does_not_lock_out_a_verified_client() {
 /// A self-signed certificate for `localhost` and its key, written as `web.pem` and `web-key.pem`
 /// in `dir` (replacing, by rename, the ones there); returns the certificate.
 fn write_web_cert(dir: &std::path::Path) -> rustls::pki_types::CertificateDer<'static> {
+    write_web_cert_with(dir, |_| {})
+}
+
+/// [`write_web_cert`], with `tweak` changing the certificate's parameters (its dates).
+fn write_web_cert_with(
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut rcgen::CertificateParams),
+) -> rustls::pki_types::CertificateDer<'static> {
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    tweak(&mut params);
+    let cert = params.self_signed(&key).unwrap();
     for (name, pem) in [
         ("web.pem", cert.pem()),
         ("web-key.pem", key.serialize_pem()),
@@ -490,6 +497,91 @@ async fn a_reload_serves_a_renewed_certificate() {
         Ok(WebConfigReload::TlsNeedsRestart)
     );
     assert_eq!(healthy_over_tls(gw.web, &new).await.unwrap(), 200);
+    gw.stop().await;
+}
+
+/// A reload does not put a certificate that is not valid now in place of one that is: the
+/// error names the web config file, the certificate file and the dates, and the certificate in
+/// use is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_a_valid_certificate_rather_than_an_expired_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let valid = write_web_cert(dir.path());
+    let path = tls_web_config(dir.path());
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(path.clone())
+    })
+    .await;
+    write_web_cert_with(dir.path(), |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 6, 30);
+    });
+    let err = gw.gateway.reload_web_config().unwrap_err();
+    let cert = dir.path().join("web.pem");
+    let named = format!(
+        "{}: tls_server_config: certificate file {}: expired on 2021-06-30 00:00:00 UTC, while the certificate in use is valid until",
+        path.display(),
+        cert.display()
+    );
+    assert!(err.starts_with(&named), "{err}");
+    assert_eq!(healthy_over_tls(gw.web, &valid).await.unwrap(), 200);
+    gw.stop().await;
+}
+
+/// A reload does not turn basic auth off: a file emptied, cut short (to its first line, as
+/// `head -c` leaves it) or without users is refused, naming the file, and the users in force
+/// stay. Turning basic auth on by a reload is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_never_turns_basic_auth_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_web_cert(dir.path());
+    let path = tls_web_config(dir.path());
+    let tls_only = std::fs::read_to_string(&path).unwrap();
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let users = format!("basic_auth_users:\n  prometheus: {hash}\n");
+    std::fs::write(&path, format!("{tls_only}{users}")).unwrap();
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(path.clone())
+    })
+    .await;
+    let refused = || async {
+        let (targets, _) = get_over_tls(gw.web, &cert, "/targets").await.unwrap();
+        let (scrape, _) = get_over_tls(gw.web, &cert, "http://node-1:9100/metrics")
+            .await
+            .unwrap();
+        (targets, scrape)
+    };
+    assert_eq!(refused().await, (401, 407));
+    for broken in [
+        String::new(),
+        "tls_server_config:\n ".to_owned(),
+        format!("{tls_only}basic_auth_users: {{}}\n"),
+    ] {
+        std::fs::write(&path, &broken).unwrap();
+        let err = gw.gateway.reload_web_config().unwrap_err();
+        assert_eq!(
+            err,
+            format!(
+                "{}: no basic_auth_users (emptied, or caught half-written?): turning basic auth off takes a restart",
+                path.display()
+            ),
+            "{broken:?}"
+        );
+        assert_eq!(refused().await, (401, 407), "{broken:?}");
+    }
+    gw.stop().await;
+
+    std::fs::write(&path, &tls_only).unwrap();
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.web.config_file = Some(path.clone())
+    })
+    .await;
+    let (status, _) = get_over_tls(gw.web, &cert, "/targets").await.unwrap();
+    assert_eq!(status, 200);
+    std::fs::write(&path, format!("{tls_only}{users}")).unwrap();
+    assert_eq!(gw.gateway.reload_web_config(), Ok(WebConfigReload::Applied));
+    let (status, _) = get_over_tls(gw.web, &cert, "/targets").await.unwrap();
+    assert_eq!(status, 401, "basic auth turned on by a reload");
     gw.stop().await;
 }
 

@@ -32,6 +32,7 @@ use crate::http_util::{Body, BoxError};
 use crate::server::ReloadableTls;
 use crate::telemetry::{ConnectionMetrics, GatewayMetrics};
 use crate::tunnel::tls::TlsError;
+use crate::tunnel::tls_cert::LeafInfo;
 
 mod agents_file;
 mod departed;
@@ -84,6 +85,8 @@ pub(crate) struct State {
     pub(crate) metrics_registry: MetricsRegistry,
     pub(crate) tunnel_tls: Option<TunnelTls>,
     pub(crate) web_tls: Option<ReloadableTls>,
+    /// What the web listener's certificate in use says about itself, for the checks of a reload.
+    web_tls_leaf: std::sync::Mutex<Option<LeafInfo>>,
     pub(crate) web_auth: RwLock<Option<Arc<web_config::BasicAuth>>>,
     pub(crate) handshake_warnings: crate::warn_limit::WarnLimit,
     pub(crate) pending: Arc<pending::PendingHandshakes>,
@@ -193,9 +196,11 @@ impl Gateway {
             Some(path) => Some(web_config::load(path).map_err(GatewayError::WebConfig)?),
             None => None,
         };
-        if let Some(files) = web.as_ref().and_then(|w| w.tls_files.as_ref()) {
+        let web_files = web.as_ref().and_then(|w| w.tls_files.as_ref());
+        if let Some(files) = web_files {
             tunnel_tls::check("web", files, &metrics);
         }
+        let web_tls_leaf = std::sync::Mutex::new(web_files.and_then(|f| f.leaf));
         let (web_tls, web_auth) = match web {
             Some(w) => (w.tls.map(ReloadableTls::new), w.users.map(Arc::new)),
             None => (None, None),
@@ -222,6 +227,7 @@ impl Gateway {
                 metrics_registry,
                 tunnel_tls,
                 web_tls,
+                web_tls_leaf,
                 web_auth: RwLock::new(web_auth),
                 handshake_warnings: Default::default(),
                 pending: pending::PendingHandshakes::new(
@@ -250,8 +256,9 @@ impl Gateway {
 
     /// Re-reads the tunnel's certificate, key and client CA files (SIGHUP): tunnels accepted
     /// from now on use them, established ones keep theirs. On error (the error names the file)
-    /// the certificate in use stays. A self-signed certificate is not reloaded (only with a
-    /// client CA file, which is).
+    /// the certificate in use stays: also when the new certificate is not valid now and the one
+    /// in use is. A self-signed certificate is not reloaded (only with a client CA file, which
+    /// is).
     pub fn reload_tunnel_tls(&self) -> Result<TunnelTlsReload, TlsError> {
         match &self.state.tunnel_tls {
             Some(tls) => tls.reload(&self.state.config, &self.state.metrics),
@@ -297,27 +304,55 @@ impl Gateway {
     /// basic-auth users apply at once: a password verified under the previous file is checked
     /// again unless its user's hash is unchanged. New TLS settings (a renewed certificate) apply
     /// to the connections accepted from now on.
+    ///
+    /// Refused, the previous file staying in force: a file without users where the previous
+    /// one had some (an emptied or half-written file would open the listener to anyone; turning
+    /// basic auth off takes a restart), and a certificate not valid now in place of one that is.
     pub fn reload_web_config(&self) -> Result<WebConfigReload, String> {
         let Some(path) = &self.state.config.web_config_file else {
             return Ok(WebConfigReload::NoFile);
         };
         let new = web_config::load(path)?;
+        // Held to the end: reloads run one at a time, so what is checked is what is replaced.
+        let mut users = self
+            .state
+            .web_auth
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if new.users.is_none() && users.is_some() {
+            return Err(format!(
+                "{}: no basic_auth_users (emptied, or caught half-written?): turning basic auth off takes a restart",
+                path.display()
+            ));
+        }
+        let mut leaf_in_use = self
+            .state
+            .web_tls_leaf
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let (Some(files), Some(_)) = (&new.tls_files, &self.state.web_tls) {
+            tunnel_tls::refuse_invalid_dates(files, *leaf_in_use, SystemTime::now()).map_err(
+                |reason| {
+                    format!(
+                        "{}: tls_server_config: certificate file {}: {reason}",
+                        path.display(),
+                        files.cert.display()
+                    )
+                },
+            )?;
+        }
         if let Some(files) = &new.tls_files {
             tunnel_tls::check("web", files, &self.state.metrics);
         }
         let outcome = match (&self.state.web_tls, new.tls) {
             (Some(current), Some(tls)) => {
                 current.replace(tls);
+                *leaf_in_use = new.tls_files.and_then(|f| f.leaf);
                 WebConfigReload::Applied
             }
             (None, None) => WebConfigReload::Applied,
             _ => WebConfigReload::TlsNeedsRestart,
         };
-        let mut users = self
-            .state
-            .web_auth
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
         let new_users = new.users.map(|new| match users.as_deref() {
             Some(old) => new.keeping_verified(old),
             None => new,

@@ -181,10 +181,8 @@ fn handshake_failed(state: &State, result: &str, reason: &str) {
 
 /// What a handshake failure usually means, for the log.
 fn handshake_hint(reason: &str) -> &'static str {
-    // The client ended the handshake with an alert: ferry's agent does so when the certificate
-    // is not the one it pins or trusts.
-    if reason.contains("received fatal alert") {
-        "the client refused the handshake: an agent whose tunnel.fingerprint or tunnel.ca_file does not match this gateway's certificate (or a client without TLS 1.3)?"
+    if let Some((_, alert)) = reason.split_once("received fatal alert: ") {
+        alert_hint(alert.trim())
     } else if reason.contains("plain HTTP") {
         "answered 400 with the web listener's address"
     } else if reason.contains("timed out") {
@@ -193,6 +191,21 @@ fn handshake_hint(reason: &str) -> &'static str {
         "a TLS health check or scanner, or a client that gave up before asking"
     } else {
         "-"
+    }
+}
+
+/// What the alert (rustls's name for it) a client ended the handshake with usually means. The
+/// names are those ferry's agent (rustls) sends: a fingerprint that does not match is a
+/// handshake failure, a CA file that did not issue the certificate an unknown CA, a name the
+/// certificate does not cover a bad certificate, dates outside its validity an expired one.
+fn alert_hint(alert: &str) -> &'static str {
+    match alert {
+        "CertificateExpired" => "the client finds this gateway's certificate expired or not valid yet: renew it (see its not-after date in ferry_gateway_tls_certificate_not_after_seconds), or the client's clock is wrong",
+        "UnknownCA" => "the client does not trust this gateway's certificate: an agent whose tunnel.ca_file did not issue it (or without tunnel.ca_file or tunnel.fingerprint, trusting the system's CAs only)?",
+        "BadCertificate" | "CertificateUnknown" | "UnsupportedCertificate" => "the client refused this gateway's certificate: an agent whose tunnel.ca_file does not match it, or whose --gateway host name it does not cover?",
+        "HandshakeFailure" => "the client refused the handshake: an agent whose tunnel.fingerprint does not match this gateway's certificate (or a client without TLS 1.3)?",
+        "ProtocolVersion" => "the client does not speak TLS 1.3, the only version of the tunnel listener",
+        _ => "the client refused the handshake: an agent whose tunnel.fingerprint or tunnel.ca_file does not match this gateway's certificate (or a client without TLS 1.3)?",
     }
 }
 
@@ -733,4 +746,29 @@ async fn read_target_list(response: h2::client::ResponseFuture) -> Result<Target
 
 fn parse_target_list(body: &Bytes) -> Result<TargetList, String> {
     serde_json::from_slice(body).map_err(|e| format!("invalid target list: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hint follows the alert the client sent, as rustls words the failure.
+    #[test]
+    fn the_handshake_hint_follows_the_clients_alert() {
+        use rustls::AlertDescription as A;
+        let hint = |alert| {
+            let e = std::io::Error::other(rustls::Error::AlertReceived(alert));
+            handshake_hint(&format!("TLS handshake failed: {e}"))
+        };
+        assert!(hint(A::CertificateExpired).contains("certificate expired or not valid yet"));
+        assert!(!hint(A::CertificateExpired).contains("tunnel.fingerprint"));
+        assert!(hint(A::UnknownCA).contains("tunnel.ca_file did not issue it"));
+        assert!(hint(A::BadCertificate).contains("tunnel.ca_file does not match it"));
+        assert!(hint(A::HandshakeFailure).contains("tunnel.fingerprint does not match"));
+        assert!(hint(A::ProtocolVersion).contains("TLS 1.3"));
+        assert!(hint(A::InternalError).contains("tunnel.fingerprint or tunnel.ca_file"));
+        for alert in [A::CertificateExpired, A::UnknownCA, A::BadCertificate] {
+            assert!(!hint(alert).contains('\n'), "one line: {}", hint(alert));
+        }
+    }
 }

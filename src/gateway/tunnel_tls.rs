@@ -1,6 +1,7 @@
 //! The tunnel listener's TLS identity, replaced on SIGHUP for the tunnels accepted from then on
 //! (a renewed certificate needs no restart), and the checks both TLS listeners' certificates get
-//! at start and on every reload.
+//! at start and on every reload: a reload does not put a certificate clients refuse for its dates
+//! in place of one they accept.
 
 use std::path::PathBuf;
 use std::sync::RwLock;
@@ -10,7 +11,7 @@ use crate::config::{GatewayConfig, GatewayTls};
 use crate::server::ReloadableTls;
 use crate::telemetry::{GatewayMetrics, ListenerLabels};
 use crate::tunnel::tls::TlsError;
-use crate::tunnel::tls_cert::CertFiles;
+use crate::tunnel::tls_cert::{CertFiles, LeafInfo};
 use crate::tunnel::tls_server::{
     load_identity, self_signed_identity, ServerIdentity, SELF_SIGNED_CERT, SELF_SIGNED_KEY,
 };
@@ -30,10 +31,16 @@ pub enum TunnelTlsReload {
     },
 }
 
-/// The tunnel listener's TLS configuration and the fingerprint of its certificate.
+/// The tunnel listener's TLS configuration and what its certificate is.
 pub(crate) struct TunnelTls {
     tls: ReloadableTls,
-    fingerprint: RwLock<String>,
+    in_use: RwLock<InUse>,
+}
+
+/// The certificate in use.
+struct InUse {
+    fingerprint: String,
+    leaf: Option<LeafInfo>,
 }
 
 impl TunnelTls {
@@ -54,7 +61,10 @@ impl TunnelTls {
         check("tunnel", &files(config, &identity), metrics);
         Ok(Some(TunnelTls {
             tls: ReloadableTls::new(identity.config),
-            fingerprint: RwLock::new(identity.fingerprint),
+            in_use: RwLock::new(InUse {
+                fingerprint: identity.fingerprint,
+                leaf: identity.leaf,
+            }),
         }))
     }
 
@@ -65,15 +75,17 @@ impl TunnelTls {
 
     /// `sha256:<hex>` of the certificate in use.
     pub(crate) fn fingerprint(&self) -> String {
-        self.fingerprint
+        self.in_use
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .fingerprint
             .clone()
     }
 
     /// Reads the certificate, key and client CA files again; on error the identity in use
-    /// stays. A self-signed certificate is never generated here: its files are re-read only
-    /// for a client CA file, and a data directory that lost them keeps the identity in use.
+    /// stays, as it does when the new certificate is not valid now and the one in use is. A
+    /// self-signed certificate is never generated here: its files are re-read only for a client
+    /// CA file, and a data directory that lost them keeps the identity in use.
     pub(crate) fn reload(
         &self,
         config: &GatewayConfig,
@@ -89,11 +101,17 @@ impl TunnelTls {
             _ => return Ok(TunnelTlsReload::Nothing),
         };
         let identity = load_identity(&cert, &key, client_ca)?;
-        check("tunnel", &files(config, &identity), metrics);
+        let files = files(config, &identity);
+        // Held from the check to the swap: two reloads at once cannot both pass the check
+        // against the same certificate in use.
+        let mut current = self.in_use.write().unwrap_or_else(|p| p.into_inner());
+        refuse_invalid_dates(&files, current.leaf, SystemTime::now())
+            .map_err(|reason| TlsError::Cert { path: cert, reason })?;
+        check("tunnel", &files, metrics);
         self.tls.replace(identity.config);
-        let mut current = self.fingerprint.write().unwrap_or_else(|p| p.into_inner());
-        let changed = *current != identity.fingerprint;
-        current.clone_from(&identity.fingerprint);
+        let changed = current.fingerprint != identity.fingerprint;
+        current.fingerprint.clone_from(&identity.fingerprint);
+        current.leaf = identity.leaf;
         Ok(TunnelTlsReload::Applied {
             fingerprint: identity.fingerprint,
             changed,
@@ -115,6 +133,29 @@ fn files(config: &GatewayConfig, identity: &ServerIdentity) -> CertFiles {
         cert,
         key,
         leaf: identity.leaf,
+        self_signed: matches!(config.tls, GatewayTls::SelfSigned { .. }),
+    }
+}
+
+/// Why a reload must not put `new` in place of the certificate in use (`in_use`), if it must
+/// not: `new` is not valid at `now` while the one in use is, so every client that checks dates
+/// would refuse the listener from then on. At start there is nothing to keep: such a
+/// certificate is warned about ([`check`]); so is it on reload when the one in use is no
+/// better (unknown dates, or not valid either).
+pub(crate) fn refuse_invalid_dates(
+    new: &CertFiles,
+    in_use: Option<LeafInfo>,
+    now: SystemTime,
+) -> Result<(), String> {
+    let Some(problem) = new.leaf.and_then(|leaf| leaf.date_problem(now)) else {
+        return Ok(());
+    };
+    match in_use {
+        Some(leaf) if leaf.date_problem(now).is_none() => Err(format!(
+            "{problem}, while the certificate in use is valid until {}: clients would refuse it, so it is not loaded",
+            crate::tunnel::tls::utc(u64::try_from(leaf.not_after).unwrap_or(0))
+        )),
+        _ => Ok(()),
     }
 }
 

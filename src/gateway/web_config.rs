@@ -312,6 +312,7 @@ fn tls_config(
         leaf: LeafInfo::of(&certs[0]),
         cert: cert_file,
         key: key_file,
+        self_signed: false,
     };
     let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version.as_deref() {
         None | Some("TLS12") => rustls::ALL_VERSIONS,

@@ -1,8 +1,9 @@
 //! What a certificate says about itself that rustls does not check when it is loaded: its
 //! validity dates and whether it is a CA. A server certificate that has expired, is not valid
 //! yet, or is a CA is loaded without complaint and then refused by every client: the gateway
-//! warns about it at start and on reload, and exports the expiry date for alerting. The agent
-//! warns the same way about its client certificates (the tunnel's, its targets').
+//! warns about it at start, refuses a reload that would put one in place of a valid one, and
+//! exports the expiry date for alerting. The agent warns about its client certificates (the
+//! tunnel's, its targets') whose dates the gateway or a target will refuse.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -16,22 +17,55 @@ pub struct CertFiles {
     pub key: PathBuf,
     /// The leaf's dates and CA flag, if they could be read.
     pub leaf: Option<LeafInfo>,
+    /// The tunnel certificate the gateway generated in its data directory: agents pinning its
+    /// fingerprint do not check its dates, and renewing it means generating a new one.
+    pub self_signed: bool,
 }
 
 impl CertFiles {
-    /// What an operator should hear about these files at `now`: a certificate no client will
-    /// accept, a private key every local user can read.
+    /// What an operator should hear about these files at `now`: a certificate clients will
+    /// refuse, a private key every local user can read.
     pub fn warnings(&self, listener: &str, now: SystemTime) -> Vec<String> {
-        // Agents (rustls) refuse a CA certificate as a server's; Prometheus and curl accept a
-        // self-signed one made by `openssl req -x509`, which is often CA:TRUE, on the web side.
-        let ca_refused = listener == "tunnel";
-        let problem = self
-            .leaf
-            .and_then(|leaf| leaf.problem(&self.cert, now, ca_refused));
-        problem
+        self.problem(listener, now)
             .into_iter()
             .chain(readable_by_all(&self.key, listener))
             .collect()
+    }
+
+    /// Why clients of `listener` will not accept this certificate as a server's at `now`.
+    fn problem(&self, listener: &str, now: SystemTime) -> Option<String> {
+        let leaf = self.leaf?;
+        let file = self.cert.display();
+        // Agents (rustls) refuse a CA certificate as a server's; Prometheus and curl accept a
+        // self-signed one made by `openssl req -x509`, which is often CA:TRUE, on the web side.
+        if leaf.is_ca && listener == "tunnel" {
+            return Some(format!(
+                "certificate {file} is a CA certificate (CA:TRUE), which agents refuse as the \
+                 gateway's: put the gateway's own certificate first in the file"
+            ));
+        }
+        let dates = leaf.date_problem(now)?;
+        Some(match (dates, self.self_signed) {
+            (DateProblem::Expired { .. }, false) => {
+                format!("certificate {file} {dates}: clients refuse it (renew it, then SIGHUP)")
+            }
+            (DateProblem::NotYetValid { .. }, false) => format!(
+                "certificate {file} {dates}: clients refuse it until then (is this host's clock \
+                 right?)"
+            ),
+            // A reload does not generate a certificate: only a start with neither file does.
+            (DateProblem::Expired { .. }, true) => format!(
+                "certificate {file} {dates}: agents pinning its fingerprint (tunnel.fingerprint) \
+                 do not check dates and still connect, agents verifying it with tunnel.ca_file \
+                 refuse it; to renew it, remove both files in the data directory and restart \
+                 (a new certificate is generated: give agents its fingerprint)"
+            ),
+            (DateProblem::NotYetValid { .. }, true) => format!(
+                "certificate {file} {dates}: agents pinning its fingerprint (tunnel.fingerprint) \
+                 do not check dates and still connect, agents verifying it with tunnel.ca_file \
+                 refuse it until then (is this host's clock right?)"
+            ),
+        })
     }
 }
 
@@ -73,45 +107,24 @@ impl LeafInfo {
         })
     }
 
-    /// Why clients will not accept this certificate as a server's at `now`, naming `file`;
-    /// with `ca_refused`, the clients are ferry agents, which also refuse a CA certificate.
-    pub fn problem(&self, file: &Path, now: SystemTime, ca_refused: bool) -> Option<String> {
+    /// What is wrong with its validity dates at `now`, if anything: every client that checks
+    /// them (all but agents pinning its fingerprint) refuses it.
+    pub fn date_problem(&self, now: SystemTime) -> Option<DateProblem> {
         let now = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let file = file.display();
-        if self.is_ca && ca_refused {
-            return Some(format!(
-                "certificate {file} is a CA certificate (CA:TRUE), which agents refuse as the \
-                 gateway's: put the gateway's own certificate first in the file"
-            ));
-        }
-        self.dates_problem(&file, now, "clients refuse")
-    }
-
-    /// Why the certificate in `file` is refused at `now` for its dates alone, by whoever
-    /// `refused_by` names with its verb (`clients refuse`, `the gateway refuses`).
-    fn dates_problem(
-        &self,
-        file: &dyn std::fmt::Display,
-        now: i64,
-        refused_by: &str,
-    ) -> Option<String> {
         if now > self.not_after {
-            return Some(format!(
-                "certificate {file} expired on {}: {refused_by} it (renew it, then SIGHUP)",
-                utc(self.not_after)
-            ));
+            Some(DateProblem::Expired {
+                not_after: self.not_after,
+            })
+        } else if now < self.not_before {
+            Some(DateProblem::NotYetValid {
+                not_before: self.not_before,
+                now,
+            })
+        } else {
+            None
         }
-        if now < self.not_before {
-            return Some(format!(
-                "certificate {file} is not valid before {} (now {}): {refused_by} it until \
-                 then (is this host's clock right?)",
-                utc(self.not_before),
-                utc(now)
-            ));
-        }
-        None
     }
 
     /// Why a client certificate (the first of `file`) is refused for its dates at `now`, by
@@ -119,10 +132,47 @@ impl LeafInfo {
     /// says so).
     pub fn client_problem(file: &Path, now: SystemTime, refused_by: &str) -> Option<String> {
         let certs = super::tls::read_certs(file).ok()?;
-        let now = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        LeafInfo::of(certs.first()?)?.dates_problem(&file.display(), now, refused_by)
+        let problem = LeafInfo::of(certs.first()?)?.date_problem(now)?;
+        let then = match problem {
+            DateProblem::Expired { .. } => "(renew it, then SIGHUP)",
+            DateProblem::NotYetValid { .. } => "until then (is this host's clock right?)",
+        };
+        Some(format!(
+            "certificate {} {problem}: {refused_by} it {then}",
+            file.display()
+        ))
+    }
+}
+
+/// Why a certificate is not valid at some moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DateProblem {
+    /// Past its `notAfter` (seconds since the Unix epoch).
+    Expired {
+        /// `notAfter`.
+        not_after: i64,
+    },
+    /// Before its `notBefore`.
+    NotYetValid {
+        /// `notBefore`, seconds since the Unix epoch.
+        not_before: i64,
+        /// The moment it was checked at, seconds since the Unix epoch.
+        now: i64,
+    },
+}
+
+/// `expired on <date>` or `is not valid before <date> (now <date>)`, to follow a file's name.
+impl std::fmt::Display for DateProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            DateProblem::Expired { not_after } => write!(f, "expired on {}", utc(not_after)),
+            DateProblem::NotYetValid { not_before, now } => write!(
+                f,
+                "is not valid before {} (now {})",
+                utc(not_before),
+                utc(now)
+            ),
+        }
     }
 }
 
@@ -163,39 +213,88 @@ mod tests {
         assert_eq!(LeafInfo::of(b"not DER"), None);
     }
 
+    /// Files for `der`'s certificate at `/etc/ferry/tun.crt`, with a key file that is not there.
+    fn files(der: &[u8], self_signed: bool) -> CertFiles {
+        CertFiles {
+            cert: PathBuf::from("/etc/ferry/tun.crt"),
+            key: PathBuf::from("/nonexistent/tun.key"),
+            leaf: LeafInfo::of(der),
+            self_signed,
+        }
+    }
+
     #[test]
     fn problems_name_the_file_and_the_dates() {
-        let file = Path::new("/etc/ferry/tun.crt");
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000); // 2027-01-15 08:00:00 UTC
-        let expired = LeafInfo::of(&cert(|p| {
+        let expired = cert(|p| {
             p.not_before = rcgen::date_time_ymd(2020, 1, 1);
             p.not_after = rcgen::date_time_ymd(2026, 10, 1);
-        }))
-        .unwrap();
+        });
         assert_eq!(
-            expired.problem(file, now, true).unwrap(),
-            "certificate /etc/ferry/tun.crt expired on 2026-10-01 00:00:00 UTC: clients refuse it (renew it, then SIGHUP)"
+            files(&expired, false).warnings("tunnel", now),
+            ["certificate /etc/ferry/tun.crt expired on 2026-10-01 00:00:00 UTC: clients refuse it (renew it, then SIGHUP)"]
         );
-        let early = LeafInfo::of(&cert(|p| {
+        let early = cert(|p| {
             p.not_before = rcgen::date_time_ymd(2030, 1, 1);
             p.not_after = rcgen::date_time_ymd(2031, 1, 1);
-        }))
-        .unwrap();
-        let said = early.problem(file, now, true).unwrap();
+        });
+        let said = files(&early, false).warnings("web", now).join("\n");
         assert!(
             said.contains("not valid before 2030-01-01 00:00:00 UTC (now 2027-01-15 08:00:00 UTC)"),
             "{said}"
         );
-        let ca = LeafInfo::of(&cert(|p| {
+        let ca = cert(|p| {
             p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        }))
-        .unwrap();
-        assert!(ca
-            .problem(file, SystemTime::now(), true)
-            .unwrap()
-            .contains("is a CA certificate (CA:TRUE), which agents refuse"));
-        assert_eq!(ca.problem(file, SystemTime::now(), false), None);
-        let fine = LeafInfo::of(&cert(|_| {})).unwrap();
-        assert_eq!(fine.problem(file, SystemTime::now(), true), None);
+        });
+        let said = files(&ca, false).warnings("tunnel", SystemTime::now());
+        assert!(
+            said[0].contains("is a CA certificate (CA:TRUE), which agents refuse"),
+            "{said:?}"
+        );
+        assert!(files(&ca, false)
+            .warnings("web", SystemTime::now())
+            .is_empty());
+        let fine = cert(|_| {});
+        assert!(files(&fine, false)
+            .warnings("tunnel", SystemTime::now())
+            .is_empty());
+    }
+
+    /// The generated certificate is pinned by most agents, which do not check its dates, and is
+    /// renewed by generating a new one at start (SIGHUP does not): the warning says that.
+    #[test]
+    fn an_expired_self_signed_certificate_gets_advice_that_works() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000); // 2027-01-15 08:00:00 UTC
+        let expired = cert(|p| {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2026, 10, 1);
+        });
+        let said = files(&expired, true).warnings("tunnel", now);
+        assert_eq!(said.len(), 1, "{said:?}");
+        for part in [
+            "certificate /etc/ferry/tun.crt expired on 2026-10-01 00:00:00 UTC",
+            "agents pinning its fingerprint (tunnel.fingerprint) do not check dates",
+            "agents verifying it with tunnel.ca_file refuse it",
+            "remove both files in the data directory and restart",
+        ] {
+            assert!(said[0].contains(part), "{part:?} not in {said:?}");
+        }
+        assert!(!said[0].contains("SIGHUP"), "{said:?}");
+    }
+
+    #[test]
+    fn date_problems_read_as_the_end_of_a_sentence() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let early = LeafInfo {
+            not_before: 1_900_000_000,
+            not_after: 2_000_000_000,
+            is_ca: false,
+        };
+        assert_eq!(
+            early.date_problem(now).unwrap().to_string(),
+            "is not valid before 2030-03-17 17:46:40 UTC (now 2027-01-15 08:00:00 UTC)"
+        );
+        let valid = UNIX_EPOCH + Duration::from_secs(1_950_000_000);
+        assert_eq!(early.date_problem(valid), None);
     }
 }
