@@ -39,6 +39,12 @@ pub(crate) trait OwnEndpoints: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The answer at one of [`Self::PATHS`] that is written as the client takes it (and
+    /// compressed as it goes when `gzip`), or `None` for one held in full ([`Self::other`]).
+    fn streamed(self: &Arc<Self>, _path: &str, _gzip: bool) -> Option<Response<Body>> {
+        None
+    }
+
     /// The answer at one of [`Self::PATHS`] other than the three every role has, its body held
     /// in full. Compressed like `/metrics` when it is a 200.
     fn other(self: &Arc<Self>, _path: &str) -> Response<Body> {
@@ -82,6 +88,9 @@ async fn respond<E: OwnEndpoints>(
             Err(why) => text_response(StatusCode::SERVICE_UNAVAILABLE, why),
         },
         _ => {
+            if let Some(resp) = owner.streamed(path, accepts_gzip(request)) {
+                return resp;
+            }
             let resp = owner.other(path);
             if resp.status() == StatusCode::OK {
                 compress(resp, accepts_gzip(request)).await

@@ -868,6 +868,50 @@ fn agent_labels_cannot_set_job_instance_or_ferrys_own() {
     }
 }
 
+/// The gateway repeats the agent's labels in every target's group of `/targets`: a list well
+/// within what the gateway reads can still be more than it publishes for one agent. The agent's
+/// configuration check says so, one line naming the field, and passes the same labels on fewer
+/// targets.
+#[test]
+fn check_config_refuses_targets_and_labels_too_large_for_service_discovery() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "agent-token", "s3cret\n");
+    let config = |targets: u16| {
+        let mut text = format!(
+            "agent:
+  gateway: https://gw.example.com:7443
+  agent_id: node-1
+  token_file: agent-token
+  labels: {{ note: {} }}
+  targets:
+",
+            "x".repeat(10_000)
+        );
+        for port in 1..=targets {
+            text.push_str(&format!(
+                "    - {{ name: t{port}, url: \"http://127.0.0.1:{port}/metrics\" }}\n"
+            ));
+        }
+        text
+    };
+    write(dir.path(), "fits.yaml", &config(150));
+    let out = ferry(dir.path(), &["check-config", "fits.yaml"]);
+    assert!(out.status.success(), "{out:?}");
+
+    write(dir.path(), "big.yaml", &config(250));
+    let out = ferry(dir.path(), &["check-config", "big.yaml"]);
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{}", lines.join("\n"));
+    assert!(
+        lines[0].starts_with("big.yaml: agent.targets: the targets and labels take ")
+            && lines[0].contains("service discovery")
+            && lines[0].contains("(2048 KiB)"),
+        "{}",
+        lines[0]
+    );
+}
+
 /// Kills the child when dropped, so a failing test leaves no process behind.
 struct KillOnDrop(Child);
 

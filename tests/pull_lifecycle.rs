@@ -2435,6 +2435,36 @@ async fn a_closing_notice_of_an_unknown_kind_is_a_plain_close() {
     agent.stop().await;
 }
 
+/// A gateway that refuses the agent's target list says why: the agent logs it as an error to
+/// fix in its configuration (the same list would be refused again), not as a plain close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_target_list_is_an_error_the_agent_logs_with_the_reason() {
+    use http_body_util::BodyExt;
+    let logs = common::logs::capture();
+    let (agent, mut sender) = common::ferry::agent_on_bare_tunnel("listed", &[]).await;
+    let notice = ::http::Request::post("http://ferry/ferry/v1/closing/targets")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            "the targets and labels take 3000 KiB in the gateway's service discovery\n",
+        )))
+        .unwrap();
+    let resp = sender.send_request(notice).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await;
+    drop(sender);
+    let lines = logs
+        .wait_lines(
+            &["ERROR", "GATEWAY REFUSED OUR TARGET LIST"],
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(lines[0].contains("3000 KiB"), "{lines:?}");
+    assert!(logs
+        .lines_with(&["tunnel closed by the gateway; reconnecting"])
+        .is_empty());
+    agent.stop().await;
+}
+
 /// An agent whose grace period ends with scrapes still running closes its tunnel as TLS means
 /// it: the gateway's log says the agent went away, not that its process died.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -705,6 +705,137 @@ async fn unroutable_published_targets_never_reach_service_discovery() {
     gw.stop().await;
 }
 
+/// A target list of `targets` targets under one 10 KB agent label: some 13 KB as the agent sends
+/// it, the label repeated in each target's group of `/targets`.
+fn expanding_list(version: u64, targets: u16) -> String {
+    let targets: Vec<Value> = (1..=targets)
+        .map(|port| json!({"name": format!("t{port}"), "port": port, "path": "/metrics", "labels": {}}))
+        .collect();
+    json!({"version": version, "labels": {"note": "x".repeat(10_000)}, "targets": targets})
+        .to_string()
+}
+
+/// A hostile agent on `upgraded`: its first target list is `first`, its next (the long poll's
+/// answer) `then`, if any; the closing notices the gateway sends it come out of the receiver as
+/// (path, reason).
+fn agent_changing_to(
+    upgraded: hyper::upgrade::Upgraded,
+    first: String,
+    then: Option<String>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    use http_body_util::BodyExt as _;
+    let (notices, received) = tokio::sync::mpsc::unbounded_channel();
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let (first, then, notices) = (first.clone(), then.clone(), notices.clone());
+        async move {
+            let path = req.uri().path().to_owned();
+            if path.starts_with("/ferry/v1/closing") {
+                let reason = req.into_body().collect().await.map(|b| b.to_bytes());
+                let reason = String::from_utf8_lossy(&reason.unwrap_or_default()).into_owned();
+                let _ = notices.send((path, reason));
+                return Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                    Bytes::new(),
+                )));
+            }
+            let list = match (
+                req.uri().query().is_some_and(|q| q.contains("after=")),
+                then,
+            ) {
+                (false, _) => first,
+                (true, Some(then)) => then,
+                (true, None) => std::future::pending().await,
+            };
+            Ok(http::Response::new(Full::new(Bytes::from(list))))
+        }
+    });
+    let task = tokio::spawn(async move {
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(upgraded, service)
+            .await;
+    });
+    (task, received)
+}
+
+/// One agent may not make `/targets` megabytes (each target's group repeats its labels): a list
+/// the gateway reads (13 KB) that would publish 3 MB is refused, at connect and as a later
+/// change, and the agent is told why in one line; `/targets` stays small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_too_large_for_service_discovery_is_refused_with_the_reason() {
+    let logs = common::logs::capture();
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", "test-token")], |_| {}).await;
+    let refused_with = |notice: Option<Option<(String, String)>>| {
+        let (path, reason) = notice
+            .expect("a closing notice within 10 s")
+            .expect("a closing notice");
+        assert_eq!(path, "/ferry/v1/closing/targets");
+        assert!(
+            reason.contains("service discovery")
+                && reason.contains("more than it publishes for one agent (2048 KiB)")
+                && !reason.trim_end().contains('\n'),
+            "{reason}"
+        );
+        reason
+    };
+
+    // At connect: never registered, nothing listed.
+    let upgraded = upgrade_as_agent(&gw, "test-token", "big-1").await.unwrap();
+    let (big, mut notices) = agent_changing_to(upgraded, expanding_list(1, 300), None);
+    let reason = refused_with(
+        tokio::time::timeout(CONNECT_WAIT, notices.recv())
+            .await
+            .ok(),
+    );
+    let warned = logs.lines_with(&["WARN", "tunnel refused: the agent's target list"]);
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert!(
+        warned[0].contains("big-1") && warned[0].contains("2048 KiB"),
+        "{warned:?}"
+    );
+    assert!(reason.len() < 1024, "{reason}");
+    assert!(gw.agent_ids().is_empty());
+    let sd = client::get(&format!("{}/targets", gw.web_url())).await;
+    assert_eq!(sd.text(), "[]");
+
+    // As a change: the tunnel closes; what was published before stays, as a disconnected
+    // agent's, and is all `/targets` holds.
+    let upgraded = upgrade_as_agent(&gw, "test-token", "grow-1").await.unwrap();
+    let (grow, mut notices) =
+        agent_changing_to(upgraded, expanding_list(1, 2), Some(expanding_list(2, 300)));
+    refused_with(
+        tokio::time::timeout(CONNECT_WAIT, notices.recv())
+            .await
+            .ok(),
+    );
+    let deadline = Instant::now() + CONNECT_WAIT;
+    while !gw.agent_ids().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "still connected: {:?}",
+            gw.agent_ids()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sd = client::get(&format!("{}/targets", gw.web_url()))
+        .await
+        .text();
+    assert!(sd.len() < 64 << 10, "{} bytes of /targets", sd.len());
+    let sd: Value = serde_json::from_str(&sd).unwrap();
+    let listed: Vec<&str> = sd
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["targets"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["grow-1:1", "grow-1:2"]);
+    big.abort();
+    grow.abort();
+    gw.stop().await;
+}
+
 /// An agent that answers every target-list request at once with a new version (a hostile or
 /// broken one) is asked again only once a second, not as fast as round trips allow: each
 /// change takes the registry's write lock and a log line.

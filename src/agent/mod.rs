@@ -151,6 +151,7 @@ impl Agent {
         };
         let plain_client = plain_client();
         let set = TargetSet::build(
+            &config.agent_id,
             1,
             &config.targets,
             &config.labels,
@@ -191,6 +192,7 @@ impl Agent {
         let s = &self.shared;
         let version = s.version.fetch_add(1, Ordering::SeqCst) + 1;
         let set = TargetSet::build(
+            &s.config.agent_id,
             version,
             targets,
             labels,

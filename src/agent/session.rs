@@ -146,6 +146,12 @@ fn closed_by_gateway(
             delay
         }
         ClosingKind::Revoked => revoked(shared, &reason, token, backoff),
+        // The same list would be refused again: only a new configuration (or gateway) helps.
+        ClosingKind::TargetsRefused => {
+            let delay = slow_retry(b.auth_failure);
+            error!(%gateway, %agent, %reason, retry_in = ?delay, "GATEWAY REFUSED OUR TARGET LIST: fix the targets or labels in the agent's configuration");
+            delay
+        }
         // A restart, not trouble: back soon, with a delay drawn from the first ceiling so that
         // rolling restarts closer together than `stable_after` do not add up to the longest
         // backoff, and the gateway's agents do not all come back at once.

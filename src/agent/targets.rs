@@ -87,8 +87,10 @@ pub(crate) struct TargetSet {
 }
 
 impl TargetSet {
-    /// Builds the set: the built-in `ferry` target plus `targets`, each with its client.
+    /// Builds the set of agent `agent_id`: the built-in `ferry` target plus `targets`, each with
+    /// its client.
     pub(crate) fn build(
+        agent_id: &str,
         version: u64,
         targets: &[Target],
         labels: &BTreeMap<String, String>,
@@ -99,7 +101,7 @@ impl TargetSet {
         // no list the gateway could not route is ever served.
         check_targets(targets, labels, self_port).map_err(super::AgentError::Targets)?;
         let list = published_list(version, targets, labels, self_port);
-        if let Some(problem) = target_list_size_problem(&list) {
+        if let Some(problem) = target_list_size_problem(agent_id, &list) {
             return Err(super::AgentError::Targets(problem));
         }
         warn_about_client_certs(targets);
@@ -314,14 +316,19 @@ fn published_list(
     }
 }
 
-/// Why the list `targets` and `labels` make cannot be published, if it is too large for the
-/// gateway (which would close the tunnel each time it read it): for the config file's check.
+/// Why agent `agent_id` cannot publish the list `targets` and `labels` make, if it is too large
+/// for the gateway to read or to publish (it would close the tunnel each time it read it): for
+/// the config file's check.
 pub(crate) fn published_size_problem(
+    agent_id: &str,
     targets: &[Target],
     labels: &BTreeMap<String, String>,
     self_port: u16,
 ) -> Option<String> {
-    target_list_size_problem(&published_list(u64::MAX, targets, labels, self_port))
+    target_list_size_problem(
+        agent_id,
+        &published_list(u64::MAX, targets, labels, self_port),
+    )
 }
 
 /// What the gateway must be able to route, checked as the config file checks it: names, labels

@@ -346,7 +346,13 @@ impl AgentSection {
             check_label_name(k, &format!("{}.{k}", f("labels")), errs);
         }
         if let Some(targets) = &targets {
+            // An invalid id is reported above; its length still counts here.
+            let id = agent_id
+                .as_deref()
+                .or(self.agent_id.as_deref())
+                .unwrap_or("");
             let size = crate::agent::targets::published_size_problem(
+                id,
                 targets,
                 &self.labels,
                 self.self_port,

@@ -147,16 +147,19 @@ fn restorable(
             crate::tunnel::handshake::valid_agent_id(&r.id)
                 && crate::tunnel::handshake::reserved_agent_id(&r.id).is_none()
         })
-        .map(|mut r| {
+        .filter_map(|mut r| {
             // A departure in the future (a clock set back, or a file edited) counts as now, and
             // is saved so: it must not keep the agent listed across every restart.
             r.gone_at = r.gone_at.min(now);
             r.connected_at = r.connected_at.min(r.gone_at);
-            r.targets = Arc::new(super::published::routable(
-                Arc::unwrap_or_clone(r.targets),
-                &r.id,
-            ));
-            r
+            match super::published::accepted(Arc::unwrap_or_clone(r.targets), &r.id) {
+                Ok(list) => r.targets = Arc::new(list),
+                Err(reason) => {
+                    warn!(agent = %r.id, %reason, "agent not restored in service discovery: its target list is refused");
+                    return None;
+                }
+            }
+            Some(r)
         })
         .collect()
 }
@@ -448,10 +451,23 @@ mod tests {
                 path: "/metrics".into(),
                 labels: Default::default(),
             });
+        // Its label repeated in 300 groups would make 3 MiB of `/targets`.
+        let mut expanding = record("expanding", now - HOUR);
+        let list = Arc::make_mut(&mut expanding.targets);
+        list.labels.insert("note".into(), "x".repeat(10_000));
+        list.targets = (1..=300)
+            .map(|port| TargetInfo {
+                name: format!("t{port}"),
+                port,
+                path: "/metrics".into(),
+                labels: Default::default(),
+            })
+            .collect();
         let records = vec![
             record("node-a\nlevel=error", now - HOUR),
             record("node-\"q\"<b>", now - HOUR),
             port_zero,
+            expanding,
         ];
         let kept = restorable(records, now, 24 * HOUR, |_, _| true);
         let ids: Vec<&str> = kept.iter().map(|r| r.id.as_str()).collect();

@@ -9,9 +9,10 @@
 // - `agents_file`: those and the connected agents saved in the data directory, restored at start.
 // - `tunnel`: accepting tunnels — TLS, upgrade, the session, the target-list watch.
 // - `h2conn`: the gateway's HTTP/2 client end of a tunnel (h2 driven directly), keepalive PINGs.
-// - `published`: the checks of an agent's published target list (routable targets only).
+// - `published`: the checks of an agent's published target list (routable targets only, and
+//   not more `/targets` than one agent may take).
 // - `proxy`: Prometheus's absolute-form scrapes, forwarded through a tunnel.
-// - `sd`: http_sd JSON at `/targets` and `/clients`.
+// - `sd`: http_sd JSON at `/targets` and `/clients`, streamed an agent at a time.
 // - `web`: routing of the web listener; `web_config`: its TLS and basic auth file;
 //   `web_refusals`: what it refuses before routing, counted and warned about.
 // - `tunnel_tls`: the tunnel listener's TLS identity, reloaded on SIGHUP; both listeners'

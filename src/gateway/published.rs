@@ -5,15 +5,27 @@
 use tracing::warn;
 
 use crate::tunnel::metrics_path;
+use crate::tunnel::sd_size::sd_size_problem;
 use crate::tunnel::{reserved_target_name, valid_target_name, TargetInfo, TargetList};
 
 /// How many dropped targets one warning names; the rest are counted.
 const NAMED: usize = 3;
 
+/// `list` as the gateway publishes it ([`routable`]), or why it refuses the whole list: its
+/// service discovery groups would take more than [`crate::tunnel::MAX_SD_BYTES_PER_AGENT`]. One
+/// agent must not make `/targets` gigabytes, repeated to every Prometheus that asks.
+pub(crate) fn accepted(list: TargetList, agent: &str) -> Result<TargetList, String> {
+    let list = routable(list, agent);
+    match sd_size_problem(agent, &list) {
+        Some(problem) => Err(problem),
+        None => Ok(list),
+    }
+}
+
 /// `list` without the targets the gateway cannot route. One warning per list says how many were
 /// dropped and what is wrong with the first few: a list of thousands of bad targets, sent again
 /// and again, must not write a line per target.
-pub(crate) fn routable(mut list: TargetList, agent: &str) -> TargetList {
+fn routable(mut list: TargetList, agent: &str) -> TargetList {
     let mut dropped = 0usize;
     let mut named = Vec::new();
     list.targets.retain(|t| match problem(t) {
@@ -100,6 +112,28 @@ mod tests {
             .map(|t| t.name)
             .collect();
         assert_eq!(kept, ["node", "space", "q", "app.v2_x-1", "ferry"]);
+    }
+
+    /// A list within the size the gateway reads, whose agent labels repeated in every target's
+    /// group would make megabytes of `/targets`, is refused whole, with a reason naming the
+    /// limit; the same labels on fewer targets pass.
+    #[test]
+    fn a_list_expanding_past_the_service_discovery_limit_is_refused() {
+        let list = |targets: u16| TargetList {
+            version: 1,
+            labels: BTreeMap::from([("note".into(), "x".repeat(10_000))]),
+            targets: (1..=targets)
+                .map(|port| target(&format!("t{port}"), port, "/metrics"))
+                .collect(),
+        };
+        assert!(serde_json::to_vec(&list(300)).unwrap().len() < 64 << 10);
+        let reason = accepted(list(300), "node-1").unwrap_err();
+        assert!(
+            reason.contains("2048 KiB") && reason.contains("service discovery"),
+            "{reason}"
+        );
+        assert!(!reason.contains('\n'), "{reason}");
+        assert_eq!(accepted(list(100), "node-1").unwrap().targets.len(), 100);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::auth::AuthError;
 use super::h2conn::{self, Sender};
 use super::pending::{Busy, PendingSlot};
-use super::published::routable;
+use super::published::accepted;
 use super::registry::{AgentHandle, CloseReason, Inserted, TokenClaim};
 use super::State;
 use crate::http_util::{full, text_response, Body};
@@ -460,8 +460,13 @@ fn run_session(
             list = fetch_targets(&sender, None, state.config.handshake_timeout) => list,
             reason = &mut conn => return warn!(agent = %agent_id, %remote, %reason, "tunnel closed before the agent sent its targets"),
         };
-        let first = match first {
-            Ok(list) => routable(list, &agent_id),
+        let first = match first.map(|list| accepted(list, &agent_id)) {
+            Ok(Ok(list)) => list,
+            Ok(Err(reason)) => {
+                warn!(agent = %agent_id, %remote, %reason, "tunnel refused: the agent's target list");
+                return notify_closing(&sender, ClosingKind::TargetsRefused, &reason, &mut conn)
+                    .await;
+            }
             Err(e) => {
                 return warn!(agent = %agent_id, %remote, error = %e, "could not read the agent's targets")
             }
@@ -509,7 +514,9 @@ fn run_session(
             reason = &mut conn => format!("connection ended: {reason}"),
             _ = closed.cancelled() => closed_by_gateway(&handle, &mut conn).await,
             _ = shutdown.cancelled() => shutting_down(&handle, &mut conn).await,
-            e = watch_targets(&state, session, sender, targets_tx, &agent_id, remote) => {
+            end = watch_targets(&state, session, sender, targets_tx, &agent_id, remote) => match end {
+                WatchEnd::Refused(reason) => targets_refused(&state, &handle, reason, &mut conn).await,
+                WatchEnd::Failed(e) => {
                 // An agent shutting down sends GOAWAY, which ends the targets long poll first; its
                 // scrapes in flight still finish. No new scrape is routed here, and the connection is
                 // driven until the agent closes it (or the longest scrape would have timed out).
@@ -527,6 +534,7 @@ fn run_session(
                     _ = shutdown.cancelled() => "gateway shutting down while the agent went away".to_owned(),
                 }
             }
+            },
         };
         state.registry.remove(&agent_id, session);
         info!(agent = %agent_id, %remote, reason = %end, "agent disconnected");
@@ -641,6 +649,32 @@ async fn notify_closing<T>(
     }
 }
 
+/// Closes the tunnel of `handle`, whose agent changed its target list to one the gateway
+/// refuses (`reason`), telling the agent why; returns the reason for the gateway's log. Its last
+/// accepted list stays in service discovery as a disconnected agent's: Prometheus sees its
+/// targets down rather than forgetting them.
+async fn targets_refused<T>(
+    state: &State,
+    handle: &AgentHandle,
+    reason: String,
+    conn: &mut h2conn::Connection<T>,
+) -> String
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    state.registry.remove(&handle.id, handle.session);
+    notify_closing(&handle.sender(), ClosingKind::TargetsRefused, &reason, conn).await;
+    format!("target list refused: {reason}")
+}
+
+/// Why [`watch_targets`] stopped following the agent's list.
+enum WatchEnd {
+    /// The agent published a list the gateway refuses, for this reason.
+    Refused(String),
+    /// The request failed (the tunnel is going away, most often).
+    Failed(String),
+}
+
 /// Follows the agent's target list: each answer is the next version, held open by the agent until it changes.
 ///
 /// Not an `async fn`, for the reason given at [`run_session`]: it waits as long as the tunnel lives.
@@ -652,7 +686,7 @@ fn watch_targets<'a>(
     tx: watch::Sender<Arc<TargetList>>,
     agent_id: &'a str,
     remote: SocketAddr,
-) -> impl std::future::Future<Output = String> + Send + 'a {
+) -> impl std::future::Future<Output = WatchEnd> + Send + 'a {
     async move {
         // A list changes when its agent's configuration does. An agent whose list changes again
         // within a second, or that answers the long poll at once many times in a row, is asked
@@ -672,7 +706,10 @@ fn watch_targets<'a>(
             .await
             {
                 Ok(list) if list.version != version => {
-                    let list = routable(list, agent_id);
+                    let list = match accepted(list, agent_id) {
+                        Ok(list) => list,
+                        Err(reason) => return WatchEnd::Refused(reason),
+                    };
                     info!(
                         agent = agent_id,
                         %remote,
@@ -691,7 +728,7 @@ fn watch_targets<'a>(
                     }
                 }
                 Ok(_) => {}
-                Err(e) => return e,
+                Err(e) => return WatchEnd::Failed(e),
             }
             quick_in_a_row = match asked.elapsed() < MIN_TARGETS_INTERVAL {
                 true => quick_in_a_row + 1,

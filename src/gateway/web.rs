@@ -69,9 +69,28 @@ impl OwnEndpoints for State {
         &self.metrics_registry
     }
 
+    /// Service discovery is written an agent at a time: one agent's part is bounded
+    /// ([`crate::tunnel::MAX_SD_BYTES_PER_AGENT`]), the whole grows with the agents, and must
+    /// neither be held in memory per request nor keep a worker from other requests.
+    fn streamed(self: &Arc<Self>, path: &str, gzip: bool) -> Option<Response<Body>> {
+        if !matches!(path, "/targets" | "/clients") {
+            return None;
+        }
+        let mut resp = Response::new(sd::body(self.registry.discoverable(), gzip));
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+        if gzip {
+            headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
+        Some(resp)
+    }
+
     fn other(self: &Arc<Self>, path: &str) -> Response<Body> {
         match path {
-            "/targets" | "/clients" => json(sd::document(&self.registry.discoverable())),
             "/api/v1/agents" => {
                 json(serde_json::to_string(&agents(self)).unwrap_or_else(|_| "[]".into()))
             }

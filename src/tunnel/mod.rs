@@ -19,6 +19,8 @@ pub mod handshake;
 pub(crate) mod metrics_path;
 #[cfg(feature = "agent")]
 pub mod no_proxy;
+#[cfg(any(feature = "agent", feature = "gateway"))]
+pub(crate) mod sd_size;
 pub mod tls;
 #[cfg(any(feature = "agent", feature = "gateway"))]
 pub mod tls_cert;
@@ -57,6 +59,8 @@ pub enum ClosingKind {
     Revoked,
     /// The gateway is shutting down (a restart, most often).
     Shutdown,
+    /// The gateway refused the agent's target list (too large for its service discovery).
+    TargetsRefused,
     /// A kind this build does not know (a newer gateway's): a tunnel closed, nothing more.
     Other,
 }
@@ -68,6 +72,7 @@ impl ClosingKind {
             ClosingKind::IdTaken => CLOSING_PATH,
             ClosingKind::Revoked => "/ferry/v1/closing/revoked",
             ClosingKind::Shutdown => "/ferry/v1/closing/shutdown",
+            ClosingKind::TargetsRefused => "/ferry/v1/closing/targets",
             ClosingKind::Other => "/ferry/v1/closing/other",
         }
     }
@@ -78,10 +83,14 @@ impl ClosingKind {
             return Some(ClosingKind::IdTaken);
         }
         let kind = path.strip_prefix(CLOSING_KIND_PREFIX)?;
-        [ClosingKind::Revoked, ClosingKind::Shutdown]
-            .into_iter()
-            .find(|k| k.path() == path)
-            .or((!kind.is_empty()).then_some(ClosingKind::Other))
+        [
+            ClosingKind::Revoked,
+            ClosingKind::Shutdown,
+            ClosingKind::TargetsRefused,
+        ]
+        .into_iter()
+        .find(|k| k.path() == path)
+        .or((!kind.is_empty()).then_some(ClosingKind::Other))
     }
 }
 
@@ -175,17 +184,27 @@ pub fn valid_target_name(name: &str) -> bool {
 #[cfg(any(feature = "agent", feature = "gateway"))]
 pub(crate) const MAX_TARGET_LIST_BYTES: usize = 1 << 20;
 
-/// Why `list` is too large for the gateway to read, if it is.
+/// The most bytes one agent's targets may take in the gateway's service discovery (`/targets`,
+/// counted by [`sd_size::sd_size`]). Every target's group repeats the agent's labels, so a list
+/// within [`MAX_TARGET_LIST_BYTES`] could otherwise publish a gigabyte; an agent whose list goes
+/// past this is refused. Twice the list's limit: ferry's own labels and the `<agent-id>:<port>`
+/// address add a little to each target, an honest list stays well under it.
+#[cfg(any(feature = "agent", feature = "gateway"))]
+pub(crate) const MAX_SD_BYTES_PER_AGENT: usize = 2 << 20;
+
+/// Why agent `agent_id` cannot publish `list`, if it cannot: too large for the gateway to read,
+/// or to publish in its service discovery.
 #[cfg(feature = "agent")]
-pub(crate) fn target_list_size_problem(list: &TargetList) -> Option<String> {
+pub(crate) fn target_list_size_problem(agent_id: &str, list: &TargetList) -> Option<String> {
     let size = serde_json::to_vec(list).map_or(usize::MAX, |json| json.len());
-    (size > MAX_TARGET_LIST_BYTES).then(|| {
-        format!(
+    if size > MAX_TARGET_LIST_BYTES {
+        return Some(format!(
             "the labels and targets make a target list of {} KiB, more than the gateway reads ({} KiB): shorten the label values or spread the targets over more agents",
             size.div_ceil(1024),
             MAX_TARGET_LIST_BYTES / 1024
-        )
-    })
+        ));
+    }
+    sd_size::sd_size_problem(agent_id, list)
 }
 
 /// Why `name`, a valid target name, still cannot be one: the gateway counts scrapes of targets
@@ -270,6 +289,7 @@ mod tests {
             ClosingKind::IdTaken,
             ClosingKind::Revoked,
             ClosingKind::Shutdown,
+            ClosingKind::TargetsRefused,
             ClosingKind::Other,
         ] {
             assert_eq!(ClosingKind::of_path(kind.path()), Some(kind));
