@@ -124,13 +124,14 @@ impl Agent {
             Some(tls) => Some(Arc::new(client_config(tls, Purpose::Tunnel)?)),
             None => None,
         };
-        let plain_client = plain_client();
+        let plain_client = plain_client(config.target_idle_timeout);
         let set = TargetSet::build(
             1,
             &config.targets,
             &config.labels,
             config.self_port,
             &plain_client,
+            config.target_idle_timeout,
         )?;
         metrics.targets.set(set.list.targets.len() as i64);
         let (targets, _) = watch::channel(Arc::new(set));
@@ -171,6 +172,7 @@ impl Agent {
             labels,
             s.config.self_port,
             &s.plain_client,
+            s.config.target_idle_timeout,
         )?;
         s.metrics.targets.set(set.list.targets.len() as i64);
         let old = s.targets.send_replace(Arc::new(set));
