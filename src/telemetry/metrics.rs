@@ -27,11 +27,23 @@ pub fn register_build_info(registry: &mut Registry, role: &str) {
     );
 }
 
-/// Registers what every role shows for the whole process: `ferry_build_info` and the outcome of
-/// the last configuration reload ([`ConfigReload`]).
+/// Registers what every role shows for the whole process: `ferry_build_info`, the outcome of
+/// the last configuration reload ([`ConfigReload`]) and `ferry_<role>_accept_errors_total`.
 pub fn register_process_metrics(registry: &mut Registry, role: &str) {
     register_build_info(registry, role);
     ConfigReload::get().register(registry);
+    registry.register(
+        format!("ferry_{role}_accept_errors"),
+        "Failed accepts of the process's listeners (out of file descriptors, typically)",
+        accept_errors().clone(),
+    );
+}
+
+/// The process's count of failed accepts, all listeners together: what fails them (EMFILE,
+/// ENFILE, out of memory) is the process's or the host's state, not one listener's.
+pub(crate) fn accept_errors() -> &'static Counter {
+    static ACCEPT_ERRORS: OnceLock<Counter> = OnceLock::new();
+    ACCEPT_ERRORS.get_or_init(Counter::default)
 }
 
 /// The outcome of the last configuration reload (SIGHUP; the start counts as the first), for the
