@@ -2186,6 +2186,51 @@ async fn a_restarted_gateway_still_lists_an_agent_that_did_not_come_back() {
     gw2.stop().await;
 }
 
+/// A save of the agents file that fails (a full disk; here, a directory in the file's place) is
+/// counted, leaves no partial file behind, and is tried again without waiting for the next
+/// change: a fleet may not change for hours. Takes the retry's 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_agents_file_save_is_counted_and_tried_again() {
+    let dir = TempDir::new().unwrap();
+    let file = agents_file(&dir);
+    std::fs::create_dir_all(file.join("in-the-way")).unwrap();
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let _tunnel = common::ferry::agent_publishing(&gw, "db-1", labelled_target()).await;
+    gw.wait_agent("db-1", Duration::from_secs(10)).await;
+    let web = gw.web;
+    wait_for(
+        "a failed save counted",
+        Duration::from_secs(10),
+        || async move {
+            let text = gateway_metrics(web).await;
+            match metric_value(&text, "ferry_gateway_agents_file_save_failures_total", &[]) {
+                Some(n) if n >= 1.0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let partial = file.with_file_name("agents.json.partial");
+    assert!(!partial.exists(), "{} left behind", partial.display());
+    // The disk has room again; nothing changes in the fleet.
+    std::fs::remove_dir_all(&file).unwrap();
+    wait_for(
+        "the agents file saved by the retry",
+        Duration::from_secs(40),
+        || {
+            let file = file.clone();
+            async move {
+                match std::fs::read_to_string(&file) {
+                    Ok(text) if text.contains("\"db-1\"") => Ok(()),
+                    other => Err(format!("{}: {other:?}", file.display())),
+                }
+            }
+        },
+    )
+    .await;
+    gw.stop().await;
+}
+
 /// An agent decommissioned while the gateway was down (its token line removed) is not listed
 /// by the restarted gateway; one whose token still holds is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -198,6 +198,8 @@ pub struct GatewayMetrics {
     pub tls_not_after: Family<ListenerLabels, Gauge>,
     /// Requests and connections the web listener refused before routing them, by reason.
     pub web_refusals: Family<ReasonLabels, Counter>,
+    /// Failed saves of the agents file (`<data_dir>/agents.json`).
+    pub agents_file_save_failures: Counter,
     /// The label sets `scrapes` has per agent id: a `Family` cannot list its own, and each must
     /// be named to be removed.
     scraped: Arc<Mutex<HashMap<String, HashSet<ScrapeLabels>>>>,
@@ -216,6 +218,7 @@ impl GatewayMetrics {
             bytes_proxied: Family::default(),
             tls_not_after: Family::default(),
             web_refusals: Family::default(),
+            agents_file_save_failures: Counter::default(),
             scraped: Arc::default(),
         };
         registry.register(
@@ -257,6 +260,11 @@ impl GatewayMetrics {
             "ferry_gateway_web_refusals",
             "Requests and TLS connections the web listener refused before routing them, by reason",
             m.web_refusals.clone(),
+        );
+        registry.register(
+            "ferry_gateway_agents_file_save_failures",
+            "Failed saves of the agents listed in service discovery (data_dir/agents.json)",
+            m.agents_file_save_failures.clone(),
         );
         m
     }
