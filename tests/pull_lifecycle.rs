@@ -2136,6 +2136,18 @@ fn agents_file(dir: &TempDir) -> std::path::PathBuf {
     dir.path().join("data").join("agents.json")
 }
 
+/// Waits until the agents file `file` lists the agent `id`.
+async fn wait_file_lists(file: &Path, id: &str, timeout: Duration) {
+    let what = format!("the agents file lists {id}");
+    wait_for(&what, timeout, || async move {
+        match std::fs::read_to_string(file) {
+            Ok(text) if text.contains(&format!("\"{id}\"")) => Ok(()),
+            other => Err(format!("{}: {other:?}", file.display())),
+        }
+    })
+    .await;
+}
+
 /// An agent whose host dies while the gateway is being upgraded must still be reported down:
 /// the restarted gateway lists it as it was, answers its scrapes 503 and counts it as
 /// disconnected. When it connects again it is listed once, connected.
@@ -2152,20 +2164,7 @@ async fn a_restarted_gateway_still_lists_an_agent_that_did_not_come_back() {
     assert_eq!(groups[0]["labels"]["role"], "db", "{groups:?}");
     // Saved while it runs (what a crash would leave), not only at shutdown.
     let file = agents_file(&dir);
-    wait_for(
-        "the agents file lists db-1",
-        Duration::from_secs(10),
-        || {
-            let file = file.clone();
-            async move {
-                match std::fs::read_to_string(&file) {
-                    Ok(text) if text.contains("\"db-1\"") => Ok(()),
-                    other => Err(format!("{}: {other:?}", file.display())),
-                }
-            }
-        },
-    )
-    .await;
+    wait_file_lists(&file, "db-1", Duration::from_secs(10)).await;
     gw.stop().await;
     tunnel.abort();
 
@@ -2214,20 +2213,8 @@ async fn a_failed_agents_file_save_is_counted_and_tried_again() {
     assert!(!partial.exists(), "{} left behind", partial.display());
     // The disk has room again; nothing changes in the fleet.
     std::fs::remove_dir_all(&file).unwrap();
-    wait_for(
-        "the agents file saved by the retry",
-        Duration::from_secs(40),
-        || {
-            let file = file.clone();
-            async move {
-                match std::fs::read_to_string(&file) {
-                    Ok(text) if text.contains("\"db-1\"") => Ok(()),
-                    other => Err(format!("{}: {other:?}", file.display())),
-                }
-            }
-        },
-    )
-    .await;
+    // Saved by the retry.
+    wait_file_lists(&file, "db-1", Duration::from_secs(40)).await;
     gw.stop().await;
 }
 
