@@ -177,7 +177,8 @@
 //! - [`scrape_error`]: the one place where a failed scrape becomes a status code and a reason.
 //! - [`http_util`]: body types, hop-by-hop header stripping and bounded streaming bodies shared by
 //!   both sides.
-//! - `cli` (feature `cli`): the `ferry` command line; `main.rs` only calls it.
+//! - `cli` (feature `cli`): the `ferry` command line; `main.rs` only calls it. It also raises the
+//!   process's soft open-file limit before a role starts (`cli::fd_limit`).
 
 #[cfg(any(feature = "gateway", feature = "egress"))]
 pub mod auth;

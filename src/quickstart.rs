@@ -56,6 +56,7 @@ pub fn main(args: QuickstartArgs) -> ExitCode {
         level: "warn".into(),
         ..LogSection::default()
     }));
+    crate::cli::fd_limit::raise(crate::cli::fd_limit::quickstart_needed());
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

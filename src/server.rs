@@ -410,7 +410,12 @@ pub(crate) async fn accept(
     }
 }
 
-/// Sleeps after a failed `accept`: long when out of file descriptors, briefly otherwise.
+/// Warnings about failed accepts, for all listeners of the process: out of file descriptors,
+/// every listener fails twice a second for as long as it lasts.
+static ACCEPT_WARNINGS: WarnLimit = WarnLimit::per_minute(1);
+
+/// Counts a failed `accept`, warns about it at most once a minute, and sleeps: long when out of
+/// file descriptors, briefly otherwise.
 pub(crate) async fn accept_backoff(e: &std::io::Error) {
     // ENFILE (23) / EMFILE (24): retrying at once would spin; give connections time to close.
     let emfile = matches!(e.raw_os_error(), Some(23 | 24));
@@ -419,7 +424,16 @@ pub(crate) async fn accept_backoff(e: &std::io::Error) {
     } else {
         Duration::from_millis(10)
     };
-    warn!(error = %e, ?pause, "accept failed");
+    crate::telemetry::accept_errors().inc();
+    match ACCEPT_WARNINGS.admit() {
+        Some(quiet) => warn!(
+            error = %e,
+            ?pause,
+            failures_not_logged_since_last_warning = quiet,
+            "accept failed; at most one such warning a minute, the rest at debug level"
+        ),
+        None => debug!(error = %e, ?pause, "accept failed"),
+    }
     tokio::time::sleep(pause).await;
 }
 

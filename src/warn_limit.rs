@@ -31,9 +31,9 @@ impl WarnLimit {
     const EVERY: Duration = Duration::from_secs(60);
 
     /// At most `burst` warnings a minute.
-    pub(crate) fn per_minute(burst: u32) -> Self {
+    pub(crate) const fn per_minute(burst: u32) -> Self {
         Self {
-            burst: burst.max(1),
+            burst: if burst == 0 { 1 } else { burst },
             window: Mutex::new(None),
         }
     }

@@ -47,7 +47,12 @@ fn ferry(dir: &Path, args: &[&str]) -> Output {
 }
 
 fn command(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(FERRY);
+    with_ferry_args(Command::new(FERRY), dir, args)
+}
+
+/// `cmd` (ferry, or a program that runs it) given `args`, in `dir`, with no ferry-related
+/// environment.
+fn with_ferry_args(mut cmd: Command, dir: &Path, args: &[&str]) -> Command {
     cmd.args(args)
         .current_dir(dir)
         .stdin(Stdio::null())
@@ -1530,7 +1535,19 @@ struct Running {
 
 impl Running {
     fn start(dir: &Path, args: &[&str]) -> Running {
-        let mut child = command(dir, args)
+        Self::spawn(command(dir, args))
+    }
+
+    /// `ferry <args>` started by `prlimit --nofile=<nofile>` (util-linux): with that open-file
+    /// limit, `soft:hard`.
+    fn start_with_nofile(dir: &Path, nofile: &str, args: &[&str]) -> Running {
+        let mut prlimit = Command::new("prlimit");
+        prlimit.arg(format!("--nofile={nofile}")).arg(FERRY);
+        Self::spawn(with_ferry_args(prlimit, dir, args))
+    }
+
+    fn spawn(mut cmd: Command) -> Running {
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -2549,4 +2566,90 @@ fn an_unusable_data_dir_is_named_with_its_whole_path() {
             whole.display()
         )
     );
+}
+
+/// `ferry gateway` in `dir` on loopback ports, its open-file limit `nofile` (`soft:hard`);
+/// returns it once its web listener is up, with the listener's address.
+fn gateway_with_nofile(dir: &Path, nofile: &str) -> (Running, SocketAddr) {
+    tokens_file(dir, "tok");
+    let mut gw = Running::start_with_nofile(
+        dir,
+        nofile,
+        &[
+            "gateway",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+            "--auth.tokens-file",
+            "tokens",
+            "--data-dir",
+            "data",
+        ],
+    );
+    let line = gw.wait_for("gateway web listener up");
+    let web = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("address="))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    (gw, web)
+}
+
+/// A soft open-file limit below the hard one (1024 is common, 64 here) would bound the
+/// gateway's connections far below `web.max_connections`: it is raised to the hard limit, and
+/// a hard limit below what the caps need is warned about.
+#[test]
+fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    let dir = TempDir::new().unwrap();
+    let (gw, _) = gateway_with_nofile(dir.path(), "64:4096");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.child.0.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no open-file limit in:\n{limits}"));
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["4096", "4096"], "{open_files}");
+    let lines = gw.stop();
+    let warned: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("level=warn") && l.contains("open-file limit"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{lines:#?}");
+    assert!(warned[0].contains("limit=4096"), "{}", warned[0]);
+}
+
+/// Out of file descriptors, `accept` fails twice a second for as long as it lasts: one
+/// warning, not a flood, and every failure counted in `ferry_gateway_accept_errors_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_failures_are_warned_about_once_and_counted() {
+    let dir = TempDir::new().unwrap();
+    // About a dozen descriptors are open at rest: a few connections exhaust the rest.
+    let (gw, web) = gateway_with_nofile(dir.path(), "24:24");
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        held.push(tokio::net::TcpStream::connect(web).await.unwrap());
+    }
+    // Three or more failed accepts, 500 ms apart.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let resp = common::http::try_get(&format!("http://{web}/metrics"), &[]).await;
+        if let Ok(resp) = resp {
+            break resp.text();
+        }
+        assert!(Instant::now() < deadline, "the gateway did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let failures = common::ferry::metric_value(&metrics, "ferry_gateway_accept_errors_total", &[])
+        .unwrap_or_else(|| panic!("no accept errors in:\n{metrics}"));
+    assert!(failures >= 3.0, "{failures}");
+    let lines = gw.stop();
+    let warned: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("accept failed"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{lines:#?}");
+    assert!(warned[0].contains("Too many open files"), "{}", warned[0]);
 }

@@ -3930,3 +3930,42 @@ async fn idle_upstream_connections_are_closed_after_the_idle_timeout() {
     assert_eq!(get_via(proxy.addr, &up.url("/b")).await.status, 200);
     assert_eq!(up.connections(), 2);
 }
+
+/// An upstream that cannot be reached fails an allowed request: a 502, counted and logged as
+/// `decision="error"`, not as the policy's `refused` (an alert on refusals is about the rules).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_an_error_not_a_refusal() {
+    let logs = common::logs::capture();
+    // A port nothing listens on any more: the connection is refused.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = TestEgress::start(
+        section(&[format!("127.0.0.1/32:{}", closed.port())]),
+        TestResolver::new(&[]),
+    )
+    .await;
+    let resp = get_via(proxy.addr, &format!("http://{closed}/x")).await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    let lines = logs
+        .wait_lines(
+            &[&format!("upstream={closed}"), "status=502"],
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(lines[0].contains("decision=\"error\""), "{lines:?}");
+    let text = proxy.metrics().await;
+    let count = |decision| {
+        metric_value(
+            &text,
+            "ferry_egress_requests_total",
+            &[("status_class", "5xx"), ("decision", decision)],
+        )
+    };
+    assert_eq!(count("error"), Some(1.0), "{text}");
+    assert_eq!(count("refused"), None, "{text}");
+    proxy.assert_rejections("upstream_error", 1.0).await;
+}

@@ -2136,6 +2136,18 @@ fn agents_file(dir: &TempDir) -> std::path::PathBuf {
     dir.path().join("data").join("agents.json")
 }
 
+/// Waits until the agents file `file` lists the agent `id`.
+async fn wait_file_lists(file: &Path, id: &str, timeout: Duration) {
+    let what = format!("the agents file lists {id}");
+    wait_for(&what, timeout, || async move {
+        match std::fs::read_to_string(file) {
+            Ok(text) if text.contains(&format!("\"{id}\"")) => Ok(()),
+            other => Err(format!("{}: {other:?}", file.display())),
+        }
+    })
+    .await;
+}
+
 /// An agent whose host dies while the gateway is being upgraded must still be reported down:
 /// the restarted gateway lists it as it was, answers its scrapes 503 and counts it as
 /// disconnected. When it connects again it is listed once, connected.
@@ -2152,20 +2164,7 @@ async fn a_restarted_gateway_still_lists_an_agent_that_did_not_come_back() {
     assert_eq!(groups[0]["labels"]["role"], "db", "{groups:?}");
     // Saved while it runs (what a crash would leave), not only at shutdown.
     let file = agents_file(&dir);
-    wait_for(
-        "the agents file lists db-1",
-        Duration::from_secs(10),
-        || {
-            let file = file.clone();
-            async move {
-                match std::fs::read_to_string(&file) {
-                    Ok(text) if text.contains("\"db-1\"") => Ok(()),
-                    other => Err(format!("{}: {other:?}", file.display())),
-                }
-            }
-        },
-    )
-    .await;
+    wait_file_lists(&file, "db-1", Duration::from_secs(10)).await;
     gw.stop().await;
     tunnel.abort();
 
@@ -2184,6 +2183,39 @@ async fn a_restarted_gateway_still_lists_an_agent_that_did_not_come_back() {
     assert_eq!(agent_gauges(gw2.web).await, (1.0, 0.0));
     assert!(gw2.gateway.disconnected_agents().is_empty());
     gw2.stop().await;
+}
+
+/// A save of the agents file that fails (a full disk; here, a directory in the file's place) is
+/// counted, leaves no partial file behind, and is tried again without waiting for the next
+/// change: a fleet may not change for hours. Takes the retry's 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_agents_file_save_is_counted_and_tried_again() {
+    let dir = TempDir::new().unwrap();
+    let file = agents_file(&dir);
+    std::fs::create_dir_all(file.join("in-the-way")).unwrap();
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let _tunnel = common::ferry::agent_publishing(&gw, "db-1", labelled_target()).await;
+    gw.wait_agent("db-1", Duration::from_secs(10)).await;
+    let web = gw.web;
+    wait_for(
+        "a failed save counted",
+        Duration::from_secs(10),
+        || async move {
+            let text = gateway_metrics(web).await;
+            match metric_value(&text, "ferry_gateway_agents_file_save_failures_total", &[]) {
+                Some(n) if n >= 1.0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let partial = file.with_file_name("agents.json.partial");
+    assert!(!partial.exists(), "{} left behind", partial.display());
+    // The disk has room again; nothing changes in the fleet.
+    std::fs::remove_dir_all(&file).unwrap();
+    // Saved by the retry.
+    wait_file_lists(&file, "db-1", Duration::from_secs(40)).await;
+    gw.stop().await;
 }
 
 /// An agent decommissioned while the gateway was down (its token line removed) is not listed

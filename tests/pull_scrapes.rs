@@ -1481,6 +1481,56 @@ async fn a_slow_target_is_504_before_the_scrape_timeout() {
     s.stop().await;
 }
 
+/// Concurrent scrapes leave the agent with one kept-alive connection each to the target; a
+/// target that never closes idle connections (most exporters) must not hold them for ever: the
+/// agent closes those unused for `target_idle_timeout`, and reuses them before that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_target_connections_are_closed_after_the_idle_timeout() {
+    let dir = TempDir::new().unwrap();
+    let target = TargetServer::start(Behaviour::Slow {
+        delay: Duration::from_millis(300),
+        body: BODY.into(),
+    })
+    .await;
+    let gw = start_gateway(&dir, &[("*", "test-token")], |_| {}).await;
+    let mut section = agent_section(&gw, AGENT, &[("node", target.url("/metrics"))]);
+    section.target_idle_timeout = Dur(Duration::from_secs(2));
+    let agent = start_agent(section, "test-token");
+    gw.wait_agent(AGENT, CONNECT_WAIT).await;
+    let url = format!("http://{AGENT}:{}/metrics", target.addr.port());
+    let mut scrapes = JoinSet::new();
+    for _ in 0..8 {
+        let (web, url) = (gw.web, url.clone());
+        scrapes.spawn(async move { get_via_proxy(web, &url, &[]).await.status });
+    }
+    while let Some(status) = scrapes.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    let open = target.open_connections();
+    assert!(
+        open >= 2,
+        "the scrapes ran one after another: {open} connection(s)"
+    );
+    // Within the idle timeout a scrape reuses a kept connection.
+    assert_eq!(get_via_proxy(gw.web, &url, &[]).await.status, 200);
+    assert_eq!(
+        target.open_connections(),
+        open,
+        "a scrape opened a new connection"
+    );
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while target.open_connections() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} idle connection(s) to the target still open 4 s past the idle timeout",
+            target.open_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.stop().await;
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_50_mb_body_streams_through_intact() {
     const SIZE: u64 = 50 * 1024 * 1024;

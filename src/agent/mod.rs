@@ -149,7 +149,7 @@ impl Agent {
             Some(tls) => Some(Arc::new(TunnelTls::load(tls.clone())?)),
             None => None,
         };
-        let plain_client = plain_client();
+        let plain_client = plain_client(config.target_idle_timeout);
         let set = TargetSet::build(
             &config.agent_id,
             1,
@@ -157,6 +157,7 @@ impl Agent {
             &config.labels,
             config.self_port,
             &plain_client,
+            config.target_idle_timeout,
         )?;
         metrics.targets.set(set.list.targets.len() as i64);
         let (targets, _) = watch::channel(Arc::new(set));
@@ -198,6 +199,7 @@ impl Agent {
             labels,
             s.config.self_port,
             &s.plain_client,
+            s.config.target_idle_timeout,
         )?;
         s.metrics.targets.set(set.list.targets.len() as i64);
         let old = s.targets.send_replace(Arc::new(set));

@@ -8,6 +8,7 @@ use http::Uri;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{
@@ -15,8 +16,8 @@ use hyper_rustls::{
 };
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::ServerName;
 
 use crate::config::{Target, SELF_TARGET};
@@ -96,6 +97,7 @@ impl TargetSet {
         labels: &BTreeMap<String, String>,
         self_port: u16,
         plain_client: &HttpClient,
+        idle_timeout: Duration,
     ) -> Result<TargetSet, super::AgentError> {
         // Checked here, where every target list is built (the config's, set_targets'), so that
         // no list the gateway could not route is ever served.
@@ -117,7 +119,7 @@ impl TargetSet {
         );
         for t in targets {
             let client = match &t.tls {
-                Some(_) => https_client(t)?,
+                Some(_) => https_client(t, idle_timeout)?,
                 None => plain_client.clone(),
             };
             let handler = Handler::Fetch {
@@ -164,9 +166,10 @@ fn warn_about_client_certs(targets: &[Target]) {
     }
 }
 
-/// The client for plain-http targets, pooled across all of them.
-pub(crate) fn plain_client() -> HttpClient {
-    HttpClient::Plain(pooled().build(connector()))
+/// The client for plain-http targets, pooled across all of them; a connection unused for
+/// `idle_timeout` is closed.
+pub(crate) fn plain_client(idle_timeout: Duration) -> HttpClient {
+    HttpClient::Plain(pooled(idle_timeout).build(connector()))
 }
 
 fn connector() -> HttpConnector {
@@ -176,17 +179,20 @@ fn connector() -> HttpConnector {
     http
 }
 
-fn pooled() -> hyper_util::client::legacy::Builder {
+fn pooled(idle_timeout: Duration) -> hyper_util::client::legacy::Builder {
     let mut builder = Client::builder(TokioExecutor::new());
+    // Without the pool's timer the idle timeout is only checked when the pool is used again for
+    // that target: a burst of concurrent scrapes left its connections open for ever.
     builder
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
         .pool_max_idle_per_host(32);
     builder
 }
 
-fn https_client(t: &Target) -> Result<HttpClient, TlsError> {
+fn https_client(t: &Target, idle_timeout: Duration) -> Result<HttpClient, TlsError> {
     let Some(tls) = &t.tls else {
-        return Ok(plain_client());
+        return Ok(plain_client(idle_timeout));
     };
     let config = client_config(tls, Purpose::Target)?;
     let builder = HttpsConnectorBuilder::new()
@@ -205,7 +211,9 @@ fn https_client(t: &Target) -> Result<HttpClient, TlsError> {
         None => builder,
     };
     let https = builder.enable_http1().wrap_connector(connector());
-    Ok(HttpClient::Tls(pooled().build(TargetTls(https))))
+    Ok(HttpClient::Tls(
+        pooled(idle_timeout).build(TargetTls(https)),
+    ))
 }
 
 /// The connector for https:// targets: rustls over TCP, with the end of TCP read as the end of

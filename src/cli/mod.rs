@@ -13,6 +13,7 @@ use crate::config::{
     LogFormat, LogSection, RunConfig, TargetSection,
 };
 
+pub(crate) mod fd_limit;
 mod logging;
 pub use logging::filter as log_filter;
 pub use logging::init as init_logging;

@@ -59,6 +59,7 @@ pub fn run(
             let signals = Signals::install();
             let config = load().map_err(|errs| StartError::Config(errs.to_string()))?;
             super::logging::init(&config.log);
+            super::fd_limit::raise(super::fd_limit::needed(&config));
             run_roles(config, signals, reload_from).await
         }),
         Err(e) => Err(StartError::Runtime(e)),

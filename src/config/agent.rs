@@ -53,6 +53,10 @@ pub struct AgentSection {
     pub reconnect: ReconnectSection,
     /// Upper bound of any scrape timeout, whatever the gateway asks.
     pub scrape_timeout_max: Dur,
+    /// A kept-alive connection to a target unused this long is closed: longer than the usual
+    /// scrape intervals (15 s to 1 min), so that scrapes reuse it, yet bounded, so that targets
+    /// that never close idle connections are not left with one per concurrent scrape for ever.
+    pub target_idle_timeout: Dur,
     /// Port of the built-in `ferry` target (the agent's own metrics).
     #[serde(deserialize_with = "super::lenient")]
     pub self_port: u16,
@@ -76,6 +80,7 @@ impl Default for AgentSection {
             labels: BTreeMap::new(),
             reconnect: ReconnectSection::default(),
             scrape_timeout_max: Dur(Duration::from_secs(60)),
+            target_idle_timeout: Dur(Duration::from_secs(90)),
             self_port: 9369,
             web: AgentWebSection::default(),
             shutdown_grace_period: Dur(Duration::from_secs(15)),
@@ -301,6 +306,8 @@ pub struct AgentConfig {
     pub backoff: BackoffConfig,
     /// Largest scrape timeout.
     pub scrape_timeout_max: Duration,
+    /// How long a kept-alive target connection may sit unused before it is closed.
+    pub target_idle_timeout: Duration,
     /// Port of the built-in `ferry` target.
     pub self_port: u16,
     /// Local listener, if any.
@@ -382,6 +389,11 @@ impl AgentSection {
                 Dur::MIN_TIMEOUT,
             ),
             (
+                "target_idle_timeout",
+                self.target_idle_timeout,
+                Dur::MIN_TIMEOUT,
+            ),
+            (
                 "tunnel.handshake_timeout",
                 self.tunnel.handshake_timeout,
                 Dur::MIN_TIMEOUT,
@@ -442,6 +454,7 @@ impl AgentSection {
                 stable_after: r.stable_after.0,
             },
             scrape_timeout_max: self.scrape_timeout_max.0,
+            target_idle_timeout: self.target_idle_timeout.0,
             self_port: self.self_port,
             web_listen,
             shutdown_grace: self.shutdown_grace_period.0,

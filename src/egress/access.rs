@@ -31,7 +31,8 @@ pub struct AccessRecord {
     pub bytes_out: u64,
     /// When the request arrived.
     pub start: Instant,
-    /// `allowed`, `refused`, or [`ABANDONED`] until the proxy has decided.
+    /// `allowed`, `refused`, `error` (the upstream failed), or [`ABANDONED`] until the proxy
+    /// has decided.
     pub decision: &'static str,
     /// Refusal kind (bounded), or empty.
     pub reason_kind: &'static str,

@@ -367,10 +367,15 @@ async fn refuse_connection(
     resp
 }
 
-/// Marks `record` refused with `refusal` and builds the response.
+/// Marks `record` refused with `refusal` (or failed: the upstream's fault, not the policy's)
+/// and builds the response.
 pub(crate) fn refused(record: &mut AccessRecord, refusal: &Refusal) -> Response<Body> {
     record.status = refusal.status;
-    record.decision = "refused";
+    record.decision = if refusal.is_upstream_failure() {
+        "error"
+    } else {
+        "refused"
+    };
     record.reason_kind = refusal.kind;
     record.reason = refusal.reason.clone();
     refusal.into_response()

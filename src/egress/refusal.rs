@@ -276,6 +276,12 @@ impl Refusal {
         )
     }
 
+    /// Whether the request was allowed and the upstream failed it (502, 504): out of the
+    /// policy's hands, so an alert on policy refusals does not fire for a collector's outage.
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(self.kind, "upstream_error" | "upstream_timeout")
+    }
+
     /// The response: status, reason as text, reason in the `Ferry-Refusal` header.
     pub fn into_response(&self) -> Response<Body> {
         let line = self.reason.replace(['\r', '\n'], " ");

@@ -198,12 +198,16 @@ pub(super) async fn keep_written(state: Arc<State>, stop: CancellationToken) {
         return;
     }
     let changes = state.registry.changes();
+    let mut saved = true;
     loop {
         tokio::select! {
             () = changes.notified() => {}
+            // A failed save (out of space, say) is tried again without waiting for a change:
+            // the fleet may not change for hours, and a restart meanwhile would forget them.
+            () = retry(saved) => {}
             () = stop.cancelled() => return,
         }
-        write(&state).await;
+        saved = write(&state).await;
         tokio::select! {
             () = tokio::time::sleep(DEBOUNCE) => {}
             () = stop.cancelled() => return,
@@ -211,10 +215,21 @@ pub(super) async fn keep_written(state: Arc<State>, stop: CancellationToken) {
     }
 }
 
+/// How long after a failed save it is tried again, if nothing changed meanwhile.
+pub(super) const RETRY: Duration = Duration::from_secs(30);
+
+/// Fires [`RETRY`] from now after a failed save, never after a successful one.
+async fn retry(saved: bool) {
+    if saved {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(RETRY).await;
+}
+
 /// Writes what the registry holds now (agents still connected count as gone now); a failure is
-/// a warning, at most one a minute.
-pub(super) async fn write(state: &State) {
-    write_now(state, false).await;
+/// counted, and a warning at most once a minute. Whether it was saved.
+pub(super) async fn write(state: &State) -> bool {
+    write_now(state, false).await
 }
 
 /// The last write, when the gateway stops: a failure is always logged, since nothing will try
@@ -223,9 +238,9 @@ pub(super) async fn write_last(state: &State) {
     write_now(state, true).await;
 }
 
-async fn write_now(state: &State, last: bool) {
+async fn write_now(state: &State, last: bool) -> bool {
     let Some(path) = state.agents_file.clone() else {
-        return;
+        return true;
     };
     let records = state.registry.records(SystemTime::now());
     // Serialized there too: ten thousand agents make a few megabytes.
@@ -235,12 +250,14 @@ async fn write_now(state: &State, last: bool) {
     })
     .await
     .unwrap_or_else(|e| Err(format!("the write task failed: {e}")));
-    let Err(error) = written else { return };
+    let Err(error) = written else { return true };
+    state.metrics.agents_file_save_failures.inc();
     if last {
         warn!(file = %path.display(), %error, "cannot save the agents listed in service discovery as the gateway stops: the restarted gateway will list only those in the last file saved, and those that connect");
     } else if let Some(quiet) = state.agents_file_warnings.admit() {
-        warn!(file = %path.display(), %error, failures_not_logged = quiet, "cannot save the agents listed in service discovery: a restarted gateway would not list the disconnected ones (tried again at the next change)");
+        warn!(file = %path.display(), %error, failures_not_logged = quiet, "cannot save the agents listed in service discovery: a restarted gateway would not list the disconnected ones (tried again in 30 s, or at the next change)");
     }
+    false
 }
 
 /// Replaces `path` with what `fill` writes (mode 0600: it names agents and where they connect
@@ -259,6 +276,25 @@ fn write_durably(
     };
     // Left by a write interrupted before its rename (or planted): removed, not followed.
     let _ = std::fs::remove_file(&partial);
+    let written = write_partial(&partial, fill).and_then(|()| {
+        std::fs::rename(&partial, path)
+            .map_err(|e| format!("cannot rename {} into place: {e}", partial.display()))
+    });
+    if written.is_err() {
+        // Out of space, say: an empty or partial file left behind would only mislead.
+        let _ = std::fs::remove_file(&partial);
+    }
+    written?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("cannot sync directory {}: {e}", dir.display()))
+}
+
+/// Creates `partial` (it must not exist), fills and syncs it.
+fn write_partial(
+    partial: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<(), String> {
     let error = |e: std::io::Error| format!("cannot write {}: {e}", partial.display());
     let file = {
         use std::os::unix::fs::OpenOptionsExt;
@@ -266,18 +302,13 @@ fn write_durably(
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&partial)
+            .open(partial)
             .map_err(error)?
     };
     let mut w = std::io::BufWriter::new(file);
     fill(&mut w).map_err(error)?;
     let file = w.into_inner().map_err(|e| error(e.into_error()))?;
-    file.sync_all().map_err(error)?;
-    std::fs::rename(&partial, path)
-        .map_err(|e| format!("cannot rename {} into place: {e}", partial.display()))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| format!("cannot sync directory {}: {e}", dir.display()))
+    file.sync_all().map_err(error)
 }
 
 /// The target list shared with the registry, written as the list itself.
@@ -400,6 +431,24 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let left: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(left.len(), 1, "no partial file left: {left:?}");
+    }
+
+    /// A write that fails (out of space: here, the filler's error) leaves the old file as it
+    /// was and no partial file beside it.
+    #[test]
+    fn a_failed_write_keeps_the_old_file_and_leaves_no_partial() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        write_durably(&path, |w| write_json(w, vec![record("a", at(1))])).unwrap();
+        let no_space = std::io::Error::from_raw_os_error(28);
+        let error = write_durably(&path, |_| Err(no_space)).unwrap_err();
+        assert!(error.contains("agents.json.partial"), "{error}");
+        assert_eq!(read(&path).unwrap().unwrap(), [record("a", at(1))]);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [FILE_NAME], "no partial file left");
     }
 
     #[test]

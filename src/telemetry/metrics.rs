@@ -27,11 +27,23 @@ pub fn register_build_info(registry: &mut Registry, role: &str) {
     );
 }
 
-/// Registers what every role shows for the whole process: `ferry_build_info` and the outcome of
-/// the last configuration reload ([`ConfigReload`]).
+/// Registers what every role shows for the whole process: `ferry_build_info`, the outcome of
+/// the last configuration reload ([`ConfigReload`]) and `ferry_<role>_accept_errors_total`.
 pub fn register_process_metrics(registry: &mut Registry, role: &str) {
     register_build_info(registry, role);
     ConfigReload::get().register(registry);
+    registry.register(
+        format!("ferry_{role}_accept_errors"),
+        "Failed accepts of the process's listeners (out of file descriptors, typically)",
+        accept_errors().clone(),
+    );
+}
+
+/// The process's count of failed accepts, all listeners together: what fails them (EMFILE,
+/// ENFILE, out of memory) is the process's or the host's state, not one listener's.
+pub(crate) fn accept_errors() -> &'static Counter {
+    static ACCEPT_ERRORS: OnceLock<Counter> = OnceLock::new();
+    ACCEPT_ERRORS.get_or_init(Counter::default)
 }
 
 /// The outcome of the last configuration reload (SIGHUP; the start counts as the first), for the
@@ -186,6 +198,8 @@ pub struct GatewayMetrics {
     pub tls_not_after: Family<ListenerLabels, Gauge>,
     /// Requests and connections the web listener refused before routing them, by reason.
     pub web_refusals: Family<ReasonLabels, Counter>,
+    /// Failed saves of the agents file (`<data_dir>/agents.json`).
+    pub agents_file_save_failures: Counter,
     /// The label sets `scrapes` has per agent id: a `Family` cannot list its own, and each must
     /// be named to be removed.
     scraped: Arc<Mutex<HashMap<String, HashSet<ScrapeLabels>>>>,
@@ -204,6 +218,7 @@ impl GatewayMetrics {
             bytes_proxied: Family::default(),
             tls_not_after: Family::default(),
             web_refusals: Family::default(),
+            agents_file_save_failures: Counter::default(),
             scraped: Arc::default(),
         };
         registry.register(
@@ -245,6 +260,11 @@ impl GatewayMetrics {
             "ferry_gateway_web_refusals",
             "Requests and TLS connections the web listener refused before routing them, by reason",
             m.web_refusals.clone(),
+        );
+        registry.register(
+            "ferry_gateway_agents_file_save_failures",
+            "Failed saves of the agents listed in service discovery (data_dir/agents.json)",
+            m.agents_file_save_failures.clone(),
         );
         m
     }

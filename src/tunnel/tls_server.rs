@@ -203,7 +203,9 @@ fn generate(dir: &Path, cert_file: &Path, key_file: &Path, names: &[String]) -> 
         generated.signing_key.serialize_pem().as_bytes(),
         0o600,
     )?;
-    write_synced(&cert_partial, generated.cert.pem().as_bytes(), 0o644)?;
+    write_synced(&cert_partial, generated.cert.pem().as_bytes(), 0o644).inspect_err(|_| {
+        let _ = std::fs::remove_file(&key_partial);
+    })?;
     for (from, to) in [(&key_partial, key_file), (&cert_partial, cert_file)] {
         std::fs::rename(from, to).map_err(|e| format!("cannot rename {}: {e}", from.display()))?;
     }
@@ -226,8 +228,13 @@ pub(crate) fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), S
         .mode(mode)
         .open(path)
         .map_err(error)?;
-    f.write_all(bytes).map_err(error)?;
-    f.sync_all().map_err(error)
+    if let Err(e) = f.write_all(bytes).and_then(|()| f.sync_all()) {
+        // Out of space, say: an empty or partial file left behind would only mislead.
+        drop(f);
+        let _ = std::fs::remove_file(path);
+        return Err(error(e));
+    }
+    Ok(())
 }
 
 /// Verifies agents' client certificates against the CAs in `ca_file`.

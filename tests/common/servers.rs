@@ -64,6 +64,8 @@ struct Seen {
     uris: Vec<String>,
     paths: Vec<String>,
     last_headers: Option<HeaderMap>,
+    /// TCP connections open now (the server itself never closes an idle one).
+    open: usize,
 }
 
 impl TargetServer {
@@ -103,6 +105,11 @@ impl TargetServer {
         self.seen().uris.clone()
     }
 
+    /// TCP connections open now: the server closes none that its client keeps alive.
+    pub fn open_connections(&self) -> usize {
+        self.seen().open
+    }
+
     /// Headers of the most recent request.
     pub fn last_headers(&self) -> Option<HeaderMap> {
         self.seen().last_headers.clone()
@@ -125,6 +132,7 @@ async fn accept_loop(listener: TcpListener, behaviour: Arc<Behaviour>, seen: Arc
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                seen.lock().expect("target server state poisoned").open += 1;
                 connections.spawn(serve_connection(stream, behaviour.clone(), seen.clone()));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -134,6 +142,7 @@ async fn accept_loop(listener: TcpListener, behaviour: Arc<Behaviour>, seen: Arc
 }
 
 async fn serve_connection(stream: TcpStream, behaviour: Arc<Behaviour>, seen: Arc<Mutex<Seen>>) {
+    let tally = seen.clone();
     let service = service_fn(move |req| {
         let behaviour = behaviour.clone();
         let seen = seen.clone();
@@ -143,6 +152,7 @@ async fn serve_connection(stream: TcpStream, behaviour: Arc<Behaviour>, seen: Ar
         .timer(TokioTimer::new())
         .serve_connection(TokioIo::new(stream), service)
         .await;
+    tally.lock().expect("target server state poisoned").open -= 1;
 }
 
 async fn respond(
