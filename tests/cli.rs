@@ -1538,6 +1538,25 @@ impl Running {
         Self::spawn(command(dir, args))
     }
 
+    /// `ferry gateway` on free loopback ports with the tokens file `tokens` and its data in
+    /// `dir/data`, plus `extra` flags.
+    fn gateway(dir: &Path, tokens: &Path, extra: &[&str]) -> Running {
+        let data = dir.join("data");
+        let mut args = vec![
+            "gateway",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+            "--auth.tokens-file",
+            tokens.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Self::start(dir, &args)
+    }
+
     /// `ferry <args>` started by `prlimit --nofile=<nofile>` (util-linux): with that open-file
     /// limit, `soft:hard`.
     fn start_with_nofile(dir: &Path, nofile: &str, args: &[&str]) -> Running {
@@ -1644,20 +1663,7 @@ fn egress_says_what_it_reloads_and_drains() {
 fn a_reload_warns_about_a_tokens_file_made_writable_by_all() {
     let dir = TempDir::new().unwrap();
     let tokens = tokens_file(dir.path(), "s3cret");
-    let mut gw = Running::start(
-        dir.path(),
-        &[
-            "gateway",
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--tunnel.listen-address",
-            "127.0.0.1:0",
-            "--auth.tokens-file",
-            tokens.to_str().unwrap(),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-        ],
-    );
+    let mut gw = Running::gateway(dir.path(), &tokens, &[]);
     gw.wait_for("gateway web listener up");
     std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o666)).unwrap();
     gw.signal(rustix::process::Signal::HUP);
@@ -2173,20 +2179,7 @@ fn reload_metrics(addr: SocketAddr) -> (f64, f64) {
 fn the_last_reload_outcome_is_a_metric() {
     let dir = TempDir::new().unwrap();
     let tokens = tokens_file(dir.path(), "s3cret");
-    let mut gw = Running::start(
-        dir.path(),
-        &[
-            "gateway",
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--tunnel.listen-address",
-            "127.0.0.1:0",
-            "--auth.tokens-file",
-            tokens.to_str().unwrap(),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-        ],
-    );
+    let mut gw = Running::gateway(dir.path(), &tokens, &[]);
     let web = logged_address(&gw.wait_for("gateway web listener up"));
     let (ok, started) = reload_metrics(web);
     assert_eq!(ok, 1.0, "the start is a successful load");
@@ -2292,22 +2285,7 @@ fn a_reload_revokes_a_password_taken_out_of_the_web_config_file() {
         );
     };
     users("leaked");
-    let mut gw = Running::start(
-        dir.path(),
-        &[
-            "gateway",
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--tunnel.listen-address",
-            "127.0.0.1:0",
-            "--auth.tokens-file",
-            tokens.to_str().unwrap(),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--web.config.file",
-            "web.yml",
-        ],
-    );
+    let mut gw = Running::gateway(dir.path(), &tokens, &["--web.config.file", "web.yml"]);
     let web = logged_address(&gw.wait_for("gateway web listener up")).to_string();
     let status = |password: &str| {
         let creds =
@@ -2348,22 +2326,7 @@ fn a_reload_does_not_turn_basic_auth_off() {
         "web.yml",
         &format!("basic_auth_users:\n  prometheus: {hash}\n"),
     );
-    let mut gw = Running::start(
-        dir.path(),
-        &[
-            "gateway",
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--tunnel.listen-address",
-            "127.0.0.1:0",
-            "--auth.tokens-file",
-            tokens.to_str().unwrap(),
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--web.config.file",
-            "web.yml",
-        ],
-    );
+    let mut gw = Running::gateway(dir.path(), &tokens, &["--web.config.file", "web.yml"]);
     let web = logged_address(&gw.wait_for("gateway web listener up")).to_string();
     let creds = format!(
         "Authorization: Basic {}\r\n",
