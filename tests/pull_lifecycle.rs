@@ -2438,23 +2438,30 @@ async fn rolling_gateway_restarts_keep_the_agents_backoff_short() {
     gw.stop().await;
 }
 
+/// Sends the agent a closing notice of `kind` saying `reason`, as a gateway does before closing
+/// the tunnel, then closes it.
+async fn send_closing_notice(
+    mut sender: hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    kind: &str,
+    reason: &'static str,
+) {
+    use http_body_util::BodyExt;
+    let notice = ::http::Request::post(format!("http://ferry/ferry/v1/closing/{kind}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(reason)))
+        .unwrap();
+    let resp = sender.send_request(notice).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await;
+}
+
 /// A closing notice of a kind the agent does not know (a newer gateway's) is neither taken for
 /// another agent claiming its id nor answered as a scrape: the agent reconnects as after any
 /// closed tunnel, and logs the gateway's reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closing_notice_of_an_unknown_kind_is_a_plain_close() {
-    use http_body_util::BodyExt;
     let logs = common::logs::capture();
-    let (agent, mut sender) = common::ferry::agent_on_bare_tunnel("future", &[]).await;
-    let notice = ::http::Request::post("http://ferry/ferry/v1/closing/maintenance")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            "moving to another host\n",
-        )))
-        .unwrap();
-    let resp = sender.send_request(notice).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let _ = resp.into_body().collect().await;
-    drop(sender);
+    let (agent, sender) = common::ferry::agent_on_bare_tunnel("future", &[]).await;
+    send_closing_notice(sender, "maintenance", "moving to another host\n").await;
     let lines = logs
         .wait_lines(
             &["tunnel closed by the gateway; reconnecting"],
@@ -2471,18 +2478,14 @@ async fn a_closing_notice_of_an_unknown_kind_is_a_plain_close() {
 /// fix in its configuration (the same list would be refused again), not as a plain close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_target_list_is_an_error_the_agent_logs_with_the_reason() {
-    use http_body_util::BodyExt;
     let logs = common::logs::capture();
-    let (agent, mut sender) = common::ferry::agent_on_bare_tunnel("listed", &[]).await;
-    let notice = ::http::Request::post("http://ferry/ferry/v1/closing/targets")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            "the targets and labels take 3000 KiB in the gateway's service discovery\n",
-        )))
-        .unwrap();
-    let resp = sender.send_request(notice).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let _ = resp.into_body().collect().await;
-    drop(sender);
+    let (agent, sender) = common::ferry::agent_on_bare_tunnel("listed", &[]).await;
+    send_closing_notice(
+        sender,
+        "targets",
+        "the targets and labels take 3000 KiB in the gateway's service discovery\n",
+    )
+    .await;
     let lines = logs
         .wait_lines(
             &["ERROR", "GATEWAY REFUSED OUR TARGET LIST"],
