@@ -108,19 +108,38 @@ async fn handshakes(web: std::net::SocketAddr, result: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// A gateway serving the certificate and key files `cert` and `key` on its tunnel listener.
+async fn gateway_with_cert(
+    dir: &tempfile::TempDir,
+    cert: &Path,
+    key: &Path,
+) -> common::ferry::TestGateway {
+    start_gateway(dir, &[("*", "t")], |s| {
+        s.tunnel.tls_self_signed_names.clear();
+        s.tunnel.tls_cert_file = Some(cert.to_path_buf());
+        s.tunnel.tls_key_file = Some(key.to_path_buf());
+    })
+    .await
+}
+
+/// Agent `id`'s section for `gw`, verifying the gateway with the CA file `ca` (no pin).
+fn agent_trusting(
+    gw: &common::ferry::TestGateway,
+    id: &str,
+    ca: &Path,
+) -> ferry::config::AgentSection {
+    let mut section = agent_section(gw, id, &[]);
+    section.tunnel.fingerprint = Vec::new();
+    section.tunnel.ca_file = Some(ca.to_path_buf());
+    section
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_verifies_gateway_certificate_with_its_ca_file() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.tunnel.tls_self_signed_names.clear();
-        s.tunnel.tls_cert_file = Some(pki.server_cert.clone());
-        s.tunnel.tls_key_file = Some(pki.server_key.clone());
-    })
-    .await;
-    let mut section = agent_section(&gw, "node-ca", &[]);
-    section.tunnel.fingerprint = Vec::new();
-    section.tunnel.ca_file = Some(pki.ca.clone());
+    let gw = gateway_with_cert(&dir, &pki.server_cert, &pki.server_key).await;
+    let section = agent_trusting(&gw, "node-ca", &pki.ca);
     let agent = start_agent(section, "t");
     gw.wait_agent("node-ca", Duration::from_secs(10)).await;
     agent.stop().await;
@@ -261,12 +280,7 @@ async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
     let logs = common::logs::capture();
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.tunnel.tls_self_signed_names.clear();
-        s.tunnel.tls_cert_file = Some(pki.server_cert.clone());
-        s.tunnel.tls_key_file = Some(pki.server_key.clone());
-    })
-    .await;
+    let gw = gateway_with_cert(&dir, &pki.server_cert, &pki.server_key).await;
     let wait = |parts: &'static [&'static str]| {
         let logs = logs.clone();
         async move { logs.wait_lines(parts, 1, Duration::from_secs(10)).await }
@@ -513,12 +527,7 @@ async fn a_reloaded_tunnel_certificate_applies_to_new_tunnels_and_bad_files_keep
     let (old, new) = (pki(&old), pki(&new));
     let (cert, key) = (dir.path().join("tun.crt"), dir.path().join("tun.key"));
     install(&old, &cert, &key);
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.tunnel.tls_self_signed_names.clear();
-        s.tunnel.tls_cert_file = Some(cert.clone());
-        s.tunnel.tls_key_file = Some(key.clone());
-    })
-    .await;
+    let gw = gateway_with_cert(&dir, &cert, &key).await;
     let old_fp = gw.fingerprint();
     assert_eq!(presented_fingerprint(gw.tunnel).await, old_fp);
     let established = start_agent(agent_section(&gw, "node-old", &[]), "t");
@@ -596,12 +605,7 @@ async fn a_reload_keeps_a_valid_certificate_rather_than_one_outside_its_dates() 
     });
     let (cert, key) = (dir.path().join("tun.crt"), dir.path().join("tun.key"));
     install(&valid, &cert, &key);
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.tunnel.tls_self_signed_names.clear();
-        s.tunnel.tls_cert_file = Some(cert.clone());
-        s.tunnel.tls_key_file = Some(key.clone());
-    })
-    .await;
+    let gw = gateway_with_cert(&dir, &cert, &key).await;
     let in_use = gw.fingerprint();
     for (pki, dates) in [
         (&expired, "expired on 2021-06-30 00:00:00 UTC".to_owned()),
@@ -620,9 +624,7 @@ async fn a_reload_keeps_a_valid_certificate_rather_than_one_outside_its_dates() 
         assert_eq!(presented_fingerprint(gw.tunnel).await, in_use);
         assert_eq!(gw.fingerprint(), in_use);
     }
-    let mut section = agent_section(&gw, "node-ca", &[]);
-    section.tunnel.fingerprint = Vec::new();
-    section.tunnel.ca_file = Some(valid.ca.clone());
+    let section = agent_trusting(&gw, "node-ca", &valid.ca);
     let agent = start_agent(section, "t");
     gw.wait_agent("node-ca", Duration::from_secs(10)).await;
     agent.stop().await;
@@ -639,15 +641,8 @@ async fn an_agent_refusing_an_expired_certificate_is_explained_on_the_gateway() 
         p.not_before = rcgen::date_time_ymd(2020, 1, 1);
         p.not_after = rcgen::date_time_ymd(2021, 6, 30);
     });
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.tunnel.tls_self_signed_names.clear();
-        s.tunnel.tls_cert_file = Some(pki.server_cert.clone());
-        s.tunnel.tls_key_file = Some(pki.server_key.clone());
-    })
-    .await;
-    let mut section = agent_section(&gw, "node-ca", &[]);
-    section.tunnel.fingerprint = Vec::new();
-    section.tunnel.ca_file = Some(pki.ca.clone());
+    let gw = gateway_with_cert(&dir, &pki.server_cert, &pki.server_key).await;
+    let section = agent_trusting(&gw, "node-ca", &pki.ca);
     let agent = start_agent(section, "t");
     let said = logs
         .wait_lines(
@@ -751,12 +746,7 @@ async fn an_expired_certificate_and_a_readable_key_are_warned_about_at_start() {
     std::fs::write(&cert_file, params.self_signed(&key).unwrap().pem()).unwrap();
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.tunnel.tls_self_signed_names.clear();
-        s.tunnel.tls_cert_file = Some(cert_file.clone());
-        s.tunnel.tls_key_file = Some(key_file.clone());
-    })
-    .await;
+    let gw = gateway_with_cert(&dir, &cert_file, &key_file).await;
     let expired = format!(
         "certificate {} expired on 2021-06-30 00:00:00 UTC",
         cert_file.display()
@@ -1027,15 +1017,8 @@ async fn a_gateway_certificate_without_its_chain_is_said_to_lack_it() {
     let intermediate =
         CertifiedIssuer::signed_by(params, KeyPair::generate().unwrap(), &root).unwrap();
     let (cert, key) = leaf(dir.path(), "gw", &intermediate, None);
-    let gw = start_gateway(&dir, &[("*", "t")], |s| {
-        s.tunnel.tls_self_signed_names.clear();
-        s.tunnel.tls_cert_file = Some(cert.clone());
-        s.tunnel.tls_key_file = Some(key.clone());
-    })
-    .await;
-    let mut section = agent_section(&gw, "no-chain", &[]);
-    section.tunnel.fingerprint = Vec::new();
-    section.tunnel.ca_file = Some(root_file.clone());
+    let gw = gateway_with_cert(&dir, &cert, &key).await;
+    let section = agent_trusting(&gw, "no-chain", &root_file);
     let agent = start_agent(section, "t");
     let named = format!(
         "the gateway's certificate is not signed by a CA in {} (--tunnel.ca-file), and the gateway sent no intermediate certificate",
@@ -1050,9 +1033,7 @@ async fn a_gateway_certificate_without_its_chain_is_said_to_lack_it() {
     chain.push_str(&intermediate.pem());
     std::fs::write(&cert, chain).unwrap();
     gw.gateway.reload_tunnel_tls().unwrap();
-    let mut section = agent_section(&gw, "with-chain", &[]);
-    section.tunnel.fingerprint = Vec::new();
-    section.tunnel.ca_file = Some(root_file);
+    let section = agent_trusting(&gw, "with-chain", &root_file);
     let agent = start_agent(section, "t");
     gw.wait_agent("with-chain", Duration::from_secs(10)).await;
     agent.stop().await;
