@@ -24,28 +24,32 @@ pub(crate) struct Group {
     pub(crate) labels: BTreeMap<String, String>,
 }
 
-/// The groups of one agent's targets. Agent labels come first; target labels override them;
-/// ferry's own labels override both.
-pub(crate) fn agent_groups(agent_id: &str, list: &TargetList) -> Vec<Group> {
+/// The groups of one agent's targets, as [`body`] writes them.
+#[cfg(test)]
+fn agent_groups(agent_id: &str, list: &TargetList) -> Vec<Group> {
     list.targets
         .iter()
-        .map(|t| {
-            let mut labels: BTreeMap<String, String> = list
-                .labels
-                .iter()
-                .chain(&t.labels)
-                .filter(|(name, _)| publishable(name))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            labels.insert("__metrics_path__".into(), t.path.clone());
-            labels.insert("ferry_agent".into(), agent_id.to_owned());
-            labels.insert("ferry_target".into(), t.name.clone());
-            Group {
-                targets: vec![format!("{agent_id}:{}", t.port)],
-                labels,
-            }
-        })
+        .map(|t| target_group(agent_id, list, t))
         .collect()
+}
+
+/// The group of target `t` of `list`, agent `agent_id`'s. Agent labels come first; target
+/// labels override them; ferry's own labels override both.
+fn target_group(agent_id: &str, list: &TargetList, t: &crate::tunnel::TargetInfo) -> Group {
+    let mut labels: BTreeMap<String, String> = list
+        .labels
+        .iter()
+        .chain(&t.labels)
+        .filter(|(name, _)| publishable(name))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.insert("__metrics_path__".into(), t.path.clone());
+    labels.insert("ferry_agent".into(), agent_id.to_owned());
+    labels.insert("ferry_target".into(), t.name.clone());
+    Group {
+        targets: vec![format!("{agent_id}:{}", t.port)],
+        labels,
+    }
 }
 
 /// Whether an agent's label may go into service discovery: a hostile agent's list is not checked
@@ -54,10 +58,10 @@ fn publishable(name: &str) -> bool {
     crate::tunnel::label_name_problem(name).is_none()
 }
 
-/// `/targets`: the JSON array of the groups of all `agents` (id, targets), written an agent at a
-/// time as the client takes it, gzip-compressed when `gzip`. Only one agent's groups are in
-/// memory at once (at most [`crate::tunnel::MAX_SD_BYTES_PER_AGENT`]), whatever the number of
-/// agents or of clients asking, and no poll of the body builds more than that.
+/// `/targets`: the JSON array of the groups of all `agents` (id, targets), written a group at a
+/// time as the client takes it, gzip-compressed when `gzip`. A request holds one group and at
+/// most about [`CHUNK`] bytes of output at once, whatever the number of agents and targets: a
+/// client that stops reading (the listener's write-stall timer ends it) holds no more than that.
 pub(crate) fn body(agents: Vec<(String, Arc<TargetList>)>, gzip: bool) -> Body {
     let mut out = match gzip {
         true => Out::Gzip(GzEncoder::new(Vec::new(), Compression::fast())),
@@ -66,6 +70,7 @@ pub(crate) fn body(agents: Vec<(String, Arc<TargetList>)>, gzip: bool) -> Body {
     out.put(b"[");
     let document = Document {
         agents: agents.into_iter(),
+        current: None,
         out,
         any: false,
         finished: false,
@@ -75,9 +80,14 @@ pub(crate) fn body(agents: Vec<(String, Arc<TargetList>)>, gzip: bool) -> Body {
     boxed(StreamBody::new(frames))
 }
 
-/// The document as it is written: each item is what the next agents' groups added.
+/// Output gathered before it is handed to the client: a few socket writes' worth.
+const CHUNK: usize = 32 * 1024;
+
+/// The document as it is written: each item is about [`CHUNK`] bytes of it.
 struct Document {
     agents: std::vec::IntoIter<(String, Arc<TargetList>)>,
+    /// The agent being written, and the index of its next target.
+    current: Option<(String, Arc<TargetList>, usize)>,
     out: Out,
     /// Whether a group was written: the next one is preceded by a comma.
     any: bool,
@@ -88,19 +98,28 @@ impl Iterator for Document {
     type Item = Bytes;
 
     fn next(&mut self) -> Option<Bytes> {
-        // gzip may hold back what a small agent adds: the next agents follow in the same chunk.
         while !self.finished {
-            match self.agents.next() {
-                Some((id, list)) => self.write_agent(&id, &list),
+            match self.next_group() {
+                Some(group) => {
+                    if self.any {
+                        self.out.put(b",");
+                    }
+                    self.any = true;
+                    // Strings into memory: serializing cannot fail.
+                    let _ = serde_json::to_writer(&mut self.out, &group);
+                }
                 None => {
                     self.out.put(b"]");
                     self.out.finish();
                     self.finished = true;
                 }
             }
-            let chunk = self.out.take();
-            if !chunk.is_empty() {
-                return Some(Bytes::from(chunk));
+            // gzip holds back what it has not compressed yet: the chunk may still be empty.
+            if self.finished || self.out.pending() >= CHUNK {
+                let chunk = self.out.take();
+                if !chunk.is_empty() {
+                    return Some(Bytes::from(chunk));
+                }
             }
         }
         None
@@ -108,14 +127,17 @@ impl Iterator for Document {
 }
 
 impl Document {
-    fn write_agent(&mut self, id: &str, list: &TargetList) {
-        for group in agent_groups(id, list) {
-            if self.any {
-                self.out.put(b",");
+    /// The group of the next target, of this agent or the next ones that have targets.
+    fn next_group(&mut self) -> Option<Group> {
+        loop {
+            if let Some((id, list, next)) = &mut self.current {
+                if let Some(target) = list.targets.get(*next) {
+                    *next += 1;
+                    return Some(target_group(id, list, target));
+                }
             }
-            self.any = true;
-            // Strings into memory: serializing cannot fail.
-            let _ = serde_json::to_writer(&mut self.out, &group);
+            let (id, list) = self.agents.next()?;
+            self.current = Some((id, list, 0));
         }
     }
 }
@@ -136,6 +158,14 @@ impl Out {
     fn finish(&mut self) {
         if let Out::Gzip(gz) = self {
             let _ = gz.try_finish();
+        }
+    }
+
+    /// How many bytes [`Out::take`] would return.
+    fn pending(&self) -> usize {
+        match self {
+            Out::Plain(v) => v.len(),
+            Out::Gzip(gz) => gz.get_ref().len(),
         }
     }
 
@@ -292,6 +322,41 @@ mod tests {
         .unwrap();
         assert_eq!(unzipped, want);
         assert_eq!(collect(body(Vec::new(), false)), b"[]");
+    }
+
+    /// A large document leaves in chunks of about [`CHUNK`] bytes, never an agent's whole groups
+    /// at once: what a client that stops reading holds is a chunk.
+    #[test]
+    fn a_large_document_is_written_a_chunk_at_a_time() {
+        use http_body_util::BodyExt as _;
+        let list = TargetList {
+            version: 1,
+            labels: [("site".to_owned(), "x".repeat(1000))].into(),
+            targets: (0..1000)
+                .map(|i| TargetInfo {
+                    name: format!("t{i}"),
+                    port: 9000,
+                    path: format!("/m{i}"),
+                    labels: BTreeMap::new(),
+                })
+                .collect(),
+        };
+        let mut body = body(vec![("big".into(), Arc::new(list))], false);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (mut frames, mut total) = (0, 0);
+        while let Some(frame) = rt.block_on(body.frame()) {
+            let len = frame.unwrap().into_data().unwrap().len();
+            assert!(len < CHUNK + 2048, "a frame of {len} bytes");
+            frames += 1;
+            total += len;
+        }
+        assert!(total > 1_000_000, "{total}");
+        assert!(
+            frames > total / (CHUNK + 2048),
+            "{frames} frames for {total} bytes"
+        );
     }
 
     #[test]
