@@ -2190,6 +2190,7 @@ async fn a_restarted_gateway_still_lists_an_agent_that_did_not_come_back() {
 /// change: a fleet may not change for hours. Takes the retry's 30 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_agents_file_save_is_counted_and_tried_again() {
+    let logs = common::logs::capture();
     let dir = TempDir::new().unwrap();
     let file = agents_file(&dir);
     std::fs::create_dir_all(file.join("in-the-way")).unwrap();
@@ -2215,6 +2216,13 @@ async fn a_failed_agents_file_save_is_counted_and_tried_again() {
     std::fs::remove_dir_all(&file).unwrap();
     // Saved by the retry.
     wait_file_lists(&file, "db-1", Duration::from_secs(40)).await;
+    // The warning said it would be tried again: the log says it worked.
+    logs.wait_lines(
+        &["saved again after failed saves"],
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
     gw.stop().await;
 }
 

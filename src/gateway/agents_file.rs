@@ -207,7 +207,12 @@ pub(super) async fn keep_written(state: Arc<State>, stop: CancellationToken) {
             () = retry(saved) => {}
             () = stop.cancelled() => return,
         }
+        let failed_before = !saved;
         saved = write(&state).await;
+        if saved && failed_before {
+            // The warning said it would be tried again: say that it worked.
+            info!(file = ?state.agents_file, "agents listed in service discovery saved again after failed saves");
+        }
         tokio::select! {
             () = tokio::time::sleep(DEBOUNCE) => {}
             () = stop.cancelled() => return,
