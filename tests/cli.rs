@@ -1973,7 +1973,8 @@ fn a_reload_reads_the_tunnel_ca_file_again() {
 
         write(dir.path(), "gwca.pem", &format!("{old_ca}{new_ca}"));
         agent.signal(rustix::process::Signal::HUP);
-        agent.wait_for("tunnel TLS files reloaded");
+        let read = agent.wait_for("tunnel TLS files read again");
+        assert!(read.contains("gwca.pem"), "{read}");
         agent.wait_for("reload done: everything applied");
         agent.wait_for("tunnel up");
 

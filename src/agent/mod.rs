@@ -192,7 +192,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let s = &self.shared;
         let version = s.version.fetch_add(1, Ordering::SeqCst) + 1;
-        let set = TargetSet::build(
+        let mut set = TargetSet::build(
             &s.config.agent_id,
             version,
             targets,
@@ -201,6 +201,15 @@ impl Agent {
             &s.plain_client,
             s.config.target_idle_timeout,
         )?;
+        // Still replaced (its TLS clients read their files again), but a list the gateway
+        // already has keeps its version: the gateway sees no change, nor logs one, on every
+        // reload that only re-read files.
+        {
+            let old = s.targets.borrow();
+            if old.list.labels == set.list.labels && old.list.targets == set.list.targets {
+                set.list.version = old.list.version;
+            }
+        }
         s.metrics.targets.set(set.list.targets.len() as i64);
         let old = s.targets.send_replace(Arc::new(set));
         // A removed target's series would otherwise stay in the agent's metrics for ever.
@@ -221,12 +230,16 @@ impl Agent {
     /// Reads the tunnel's CA file and client certificate and key again (SIGHUP), with `settings`
     /// in place of the running ones if given (a config file whose fingerprints or file names
     /// changed). The next connection to the gateway uses them; the tunnel up stays as it is. On
-    /// error (a file that no longer parses) the previous ones stay. Returns whether there was
-    /// anything to read: a plaintext tunnel has no TLS files, and stays plaintext.
+    /// error (a file that no longer parses) the previous ones stay. Returns the files read: none
+    /// for a tunnel pinned by fingerprint without a client certificate, or a plaintext tunnel
+    /// (which stays plaintext).
     ///
     /// The usual CA rotation: add the new CA to the CA file, reload every agent, then give the
     /// gateway its certificate from the new CA.
-    pub fn reload_tunnel_tls(&self, settings: Option<ClientTls>) -> Result<bool, AgentError> {
+    pub fn reload_tunnel_tls(
+        &self,
+        settings: Option<ClientTls>,
+    ) -> Result<Vec<std::path::PathBuf>, AgentError> {
         let mut current = self
             .shared
             .tunnel_tls
@@ -234,11 +247,18 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner());
         // Turning TLS on or off changes the gateway URL's scheme: that waits for a restart.
         let Some(running) = current.as_ref() else {
-            return Ok(false);
+            return Ok(Vec::new());
         };
         let settings = settings.unwrap_or_else(|| running.settings.clone());
+        let mut files = Vec::new();
+        if let crate::tunnel::tls_client::ServerVerify::CaFile(ca) = &settings.verify {
+            files.push(ca.clone());
+        }
+        if let Some((cert, key)) = &settings.client_cert {
+            files.extend([cert.clone(), key.clone()]);
+        }
         *current = Some(Arc::new(TunnelTls::load(settings)?));
-        Ok(true)
+        Ok(files)
     }
 
     /// Whether the tunnel is up right now.
@@ -393,6 +413,21 @@ mod tests {
             refusal(&[port_0], &[]),
             "target \"node\": port 0 is not a port (1-65535)"
         );
+    }
+
+    /// A reload that changes nothing the gateway sees (only files re-read) keeps the list's
+    /// version: the gateway is not told of a change, nor logs one; a real change is a new version.
+    #[test]
+    fn an_unchanged_list_keeps_its_version() {
+        let agent = agent();
+        let version = || agent.shared.targets.borrow().list.version;
+        agent.set_targets(&[target("a")], &BTreeMap::new()).unwrap();
+        let first = version();
+        agent.set_targets(&[target("a")], &BTreeMap::new()).unwrap();
+        assert_eq!(version(), first);
+        let labels = BTreeMap::from([("site".to_owned(), "x".to_owned())]);
+        agent.set_targets(&[target("a")], &labels).unwrap();
+        assert!(version() > first);
     }
 
     /// Prometheus asks for a decoded `__metrics_path__`, encoded its own way: a target is

@@ -657,8 +657,10 @@ fn reload_agent(
 /// trusted before the gateway switches to a certificate it issued.
 fn reload_agent_tunnel_tls(agent: &Agent, settings: Option<ClientTls>) -> bool {
     match agent.reload_tunnel_tls(settings) {
-        Ok(false) => {}
-        Ok(true) => info!("tunnel TLS files reloaded (CA file, client certificate): the next connection to the gateway uses them"),
+        Ok(files) if files.is_empty() => {}
+        Ok(files) => {
+            info!(files = %files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(","), "tunnel TLS files read again: the next connection to the gateway uses them")
+        }
         Err(e) => {
             error!(error = %e, "tunnel TLS reload failed; keeping the previous CA and client certificate");
             return false;
