@@ -948,6 +948,53 @@ async fn a_refused_client_certificate_is_said_to_be_ours() {
     gw.stop().await;
 }
 
+/// A reload does not put an expired client certificate in place of the valid one the gateway
+/// accepts (as the gateway keeps its own valid certificate): the error names the file and its
+/// date, and the agent keeps connecting with the certificate in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_a_valid_client_certificate_rather_than_an_expired_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client_ca, client_ca_file) = ca(dir.path(), "client-ca");
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_client_ca_file = Some(client_ca_file.clone());
+    })
+    .await;
+    let valid = leaf(dir.path(), "valid", &client_ca, None);
+    let expired = leaf(dir.path(), "expired", &client_ca, Some((2021, 6, 30)));
+    let (cert, key) = (
+        dir.path().join("agent.pem"),
+        dir.path().join("agent-key.pem"),
+    );
+    let install = |(c, k): &(PathBuf, PathBuf)| {
+        std::fs::copy(c, &cert).unwrap();
+        std::fs::copy(k, &key).unwrap();
+    };
+    install(&valid);
+    let mut section = agent_section(&gw, "renewing", &[]);
+    section.tunnel.cert_file = Some(cert.clone());
+    section.tunnel.key_file = Some(key.clone());
+    let agent = start_agent(section, "t");
+    gw.wait_agent("renewing", Duration::from_secs(10)).await;
+
+    install(&expired);
+    let err = agent.agent.reload_tunnel_tls(None).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "certificate file {}: expired on 2021-06-30 00:00:00 UTC, while the certificate in use is valid: the gateway would refuse it, so it is not loaded (tunnel.cert_file)",
+            cert.display()
+        )
+    );
+    // A renewed certificate is taken.
+    install(&valid);
+    assert_eq!(
+        agent.agent.reload_tunnel_tls(None).unwrap(),
+        vec![cert.clone(), key.clone()]
+    );
+    agent.stop().await;
+    gw.stop().await;
+}
+
 /// A target's TLS failure names dates, not Unix times, and the CA file it was checked against;
 /// the agent's operator, who can fix it, reads it in the agent's log (once a minute at most),
 /// not only Prometheus in the 502. A target client certificate that has expired is warned

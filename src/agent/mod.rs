@@ -23,7 +23,7 @@ use crate::telemetry::connections::ConnectionCollector;
 use crate::telemetry::scrape_gate::ScrapeGate;
 use crate::telemetry::AgentMetrics;
 use crate::tunnel::tls::TlsError;
-use crate::tunnel::tls_cert::LeafInfo;
+use crate::tunnel::tls_cert::{DateProblem, LeafInfo};
 use crate::tunnel::tls_client::{client_config, ClientTls, Purpose};
 
 pub mod backoff;
@@ -76,20 +76,39 @@ pub(crate) struct Shared {
 pub(crate) struct TunnelTls {
     pub(crate) settings: ClientTls,
     pub(crate) config: Arc<rustls::ClientConfig>,
+    /// What is wrong with the client certificate's dates (if any) as it was read.
+    cert_dates: Option<DateProblem>,
 }
 
 impl TunnelTls {
     /// Reads the files of `settings`, warning about a client certificate the gateway would
     /// refuse for its dates: loaded without complaint, it fails only in every handshake.
     fn load(settings: ClientTls) -> Result<TunnelTls, TlsError> {
+        let tls = TunnelTls::read(settings)?;
+        tls.warn_about_dates();
+        Ok(tls)
+    }
+
+    fn read(settings: ClientTls) -> Result<TunnelTls, TlsError> {
         let config = Arc::new(client_config(&settings, Purpose::Tunnel)?);
-        if let Some((cert, _)) = &settings.client_cert {
+        let cert_dates = settings.client_cert.as_ref().and_then(|(cert, _)| {
+            let certs = crate::tunnel::tls::read_certs(cert).ok()?;
+            LeafInfo::of(certs.first()?)?.date_problem(SystemTime::now())
+        });
+        Ok(TunnelTls {
+            settings,
+            config,
+            cert_dates,
+        })
+    }
+
+    fn warn_about_dates(&self) {
+        if let Some((cert, _)) = &self.settings.client_cert {
             let problem = LeafInfo::client_problem(cert, SystemTime::now(), "the gateway refuses");
             if let Some(problem) = problem {
                 tracing::warn!("tunnel client certificate (tunnel.cert_file): {problem}");
             }
         }
-        Ok(TunnelTls { settings, config })
     }
 }
 
@@ -257,7 +276,24 @@ impl Agent {
         if let Some((cert, key)) = &settings.client_cert {
             files.extend([cert.clone(), key.clone()]);
         }
-        *current = Some(Arc::new(TunnelTls::load(settings)?));
+        let new = TunnelTls::read(settings)?;
+        // As the gateway does with its own: a certificate the other side refuses for its dates
+        // is not put in place of one it accepts (a renewal copied in too early, or an old file).
+        if let (Some(problem), None, Some((cert, _))) = (
+            new.cert_dates,
+            running.cert_dates,
+            &new.settings.client_cert,
+        ) {
+            return Err(TlsError::Cert {
+                path: cert.clone(),
+                reason: format!(
+                    "{problem}, while the certificate in use is valid: the gateway would refuse it, so it is not loaded (tunnel.cert_file)"
+                ),
+            }
+            .into());
+        }
+        new.warn_about_dates();
+        *current = Some(Arc::new(new));
         Ok(files)
     }
 
