@@ -948,6 +948,32 @@ async fn a_refused_client_certificate_is_said_to_be_ours() {
     gw.stop().await;
 }
 
+/// An agent's own certificate given as the gateway's client CA file loads (rustls takes any
+/// certificate as a trust anchor) and then lets no agent in: the gateway warns about it, and
+/// not about a real CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_ca_file_without_a_ca_is_warned_about() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let (client_ca, client_ca_file) = ca(dir.path(), "client-ca");
+    let (agent_cert, _) = leaf(dir.path(), "agent", &client_ca, None);
+    let warning = "holds no CA certificate (CA:TRUE)";
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_client_ca_file = Some(client_ca_file.clone());
+    })
+    .await;
+    assert!(logs.lines_with(&[warning]).is_empty());
+    gw.stop().await;
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_client_ca_file = Some(agent_cert.clone());
+    })
+    .await;
+    let lines = logs.lines_with(&["WARN", warning]);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("agent"), "{lines:?}");
+    gw.stop().await;
+}
+
 /// A reload does not put an expired client certificate in place of the valid one the gateway
 /// accepts (as the gateway keeps its own valid certificate): the error names the file and its
 /// date, and the agent keeps connecting with the certificate in use.

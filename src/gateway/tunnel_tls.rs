@@ -59,6 +59,7 @@ impl TunnelTls {
             GatewayTls::InsecurePlaintext => return Ok(None),
         };
         check("tunnel", &files(config, &identity), metrics);
+        warn_about_client_ca(client_ca);
         Ok(Some(TunnelTls {
             tls: ReloadableTls::new(identity.config),
             in_use: RwLock::new(InUse {
@@ -108,6 +109,7 @@ impl TunnelTls {
         refuse_invalid_dates(&files, current.leaf, SystemTime::now())
             .map_err(|reason| TlsError::Cert { path: cert, reason })?;
         check("tunnel", &files, metrics);
+        warn_about_client_ca(client_ca);
         self.tls.replace(identity.config);
         let changed = current.fingerprint != identity.fingerprint;
         current.fingerprint.clone_from(&identity.fingerprint);
@@ -116,6 +118,12 @@ impl TunnelTls {
             fingerprint: identity.fingerprint,
             changed,
         })
+    }
+}
+
+fn warn_about_client_ca(client_ca: Option<&std::path::Path>) {
+    if let Some(problem) = client_ca.and_then(crate::tunnel::tls_server::client_ca_problem) {
+        tracing::warn!("{problem}");
     }
 }
 

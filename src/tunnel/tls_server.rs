@@ -237,6 +237,23 @@ pub(crate) fn write_synced(path: &Path, bytes: &[u8], mode: u32) -> Result<(), S
     Ok(())
 }
 
+/// Why the client CA file `ca_file` will let no agent in though it loads, if it holds no CA
+/// certificate: rustls takes any certificate as a trust anchor, so an agent's own certificate
+/// put there by mistake is accepted, and then verifies no other. `None` when it cannot be read
+/// (loading it says so).
+pub fn client_ca_problem(ca_file: &Path) -> Option<String> {
+    let certs = read_certs(ca_file).ok()?;
+    let no_ca = !certs
+        .iter()
+        .any(|c| LeafInfo::of(c).is_none_or(|info| info.is_ca));
+    no_ca.then(|| {
+        format!(
+            "client CA file {} holds no CA certificate (CA:TRUE): only client certificates issued by the key of one in it verify; is it an agent's certificate instead of the CA that issued them?",
+            ca_file.display()
+        )
+    })
+}
+
 /// Verifies agents' client certificates against the CAs in `ca_file`.
 pub fn client_verifier(ca_file: &Path) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
