@@ -2551,12 +2551,7 @@ fn gateway_with_nofile(dir: &Path, nofile: &str) -> (Running, SocketAddr) {
             "data",
         ],
     );
-    let line = gw.wait_for("gateway web listener up");
-    let web = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("address="))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let web = logged_address(&gw.wait_for("gateway web listener up"));
     (gw, web)
 }
 
