@@ -12,7 +12,7 @@
 // - `published`: the checks of an agent's published target list (routable targets only, and
 //   not more `/targets` than one agent may take).
 // - `proxy`: Prometheus's absolute-form scrapes, forwarded through a tunnel.
-// - `sd`: http_sd JSON at `/targets` and `/clients`, streamed an agent at a time.
+// - `sd`: http_sd JSON at `/targets` and `/clients`, streamed a target group at a time.
 // - `web`: routing of the web listener; `web_config`: its TLS and basic auth file;
 //   `web_refusals`: what it refuses before routing, counted and warned about.
 // - `tunnel_tls`: the tunnel listener's TLS identity, reloaded on SIGHUP; both listeners'

@@ -69,9 +69,9 @@ impl OwnEndpoints for State {
         &self.metrics_registry
     }
 
-    /// Service discovery is written an agent at a time: one agent's part is bounded
-    /// ([`crate::tunnel::MAX_SD_BYTES_PER_AGENT`]), the whole grows with the agents, and must
-    /// neither be held in memory per request nor keep a worker from other requests.
+    /// Service discovery is written a target group at a time, in chunks: the whole grows with
+    /// the agents (each bounded by [`crate::tunnel::MAX_SD_BYTES_PER_AGENT`]), and must neither
+    /// be held in memory per request nor keep a worker from other requests.
     fn streamed(self: &Arc<Self>, path: &str, gzip: bool) -> Option<Response<Body>> {
         if !matches!(path, "/targets" | "/clients") {
             return None;
