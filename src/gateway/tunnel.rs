@@ -305,7 +305,7 @@ const UPGRADE_TIMED_OUT: &str = "upgrade request timed out";
 /// Checks the credentials of an upgrade request; on success answers 101 and starts the session.
 fn upgrade(
     state: Arc<State>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     conn: Accepted,
     held: HeldGuard,
 ) -> Response<Body> {
@@ -362,11 +362,8 @@ fn upgrade(
     // Not instrumented with a span: its events name the agent and address themselves. A span
     // that lives as long as the tunnel costs about 1 KiB per idle agent (its registry slot and
     // formatted fields), a thirtieth of what the whole tunnel costs.
-    // Only the upgrade is kept: the request (264 bytes) would stay in the session's task for
-    // the tunnel's whole life.
-    let upgrade = hyper::upgrade::on(&mut req);
     sessions.spawn(run_session(
-        state, upgrade, agent_id, credential, remote, shutdown, guard,
+        state, req, agent_id, credential, remote, shutdown, guard,
     ));
     switching_protocols()
 }
@@ -423,122 +420,111 @@ fn refuse(state: &State, refusal: Refusal, result: &str, agent: Option<&str>) ->
 /// One tunnel's life: the upgrade, HTTP/2 handshake, first target list, registration, then
 /// until it ends. One such task per connected agent: what it holds across its awaits is
 /// per-agent memory.
-///
-/// Not an `async fn`: an `async fn` keeps its arguments twice in its state (as passed and as
-/// locals), an `async move` block once.
-#[allow(clippy::manual_async_fn)]
-fn run_session(
+async fn run_session(
     state: Arc<State>,
-    upgrade: hyper::upgrade::OnUpgrade,
+    req: Request<Incoming>,
     agent_id: String,
     credential: TokenClaim,
     remote: SocketAddr,
     shutdown: CancellationToken,
-    open: Option<ConnectionGuard>,
-) -> impl std::future::Future<Output = ()> + Send {
-    async move {
-        let _open = open;
-        let upgraded = match upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                return warn!(agent = %agent_id, %remote, error = %e, "tunnel upgrade failed after 101")
-            }
-        };
-        // Bound once, never moved: a moved copy would take its room in this task a second time.
-        let (sender, mut conn) = match h2conn::handshake(
-            TokioIo::new(upgraded),
-            state.config.keepalive,
-        )
+    _open: Option<ConnectionGuard>,
+) {
+    let upgraded = match hyper::upgrade::on(req).await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            return warn!(agent = %agent_id, %remote, error = %e, "tunnel upgrade failed after 101")
+        }
+    };
+    // Bound once, never moved: a moved copy would take its room in this task a second time.
+    let (sender, mut conn) = match h2conn::handshake(TokioIo::new(upgraded), state.config.keepalive)
         .await
-        {
-            Ok(pair) => pair,
-            Err(e) => {
-                return warn!(agent = %agent_id, %remote, error = %e, "HTTP/2 handshake over the tunnel failed")
-            }
-        };
-        let first = tokio::select! {
-            list = fetch_targets(&sender, None, state.config.handshake_timeout) => list,
-            reason = &mut conn => return warn!(agent = %agent_id, %remote, %reason, "tunnel closed before the agent sent its targets"),
-        };
-        let first = match first.map(|list| accepted(list, &agent_id)) {
-            Ok(Ok(list)) => list,
-            Ok(Err(reason)) => {
-                warn!(agent = %agent_id, %remote, %reason, "tunnel refused: the agent's target list");
-                return notify_closing(&sender, ClosingKind::TargetsRefused, &reason, &mut conn)
-                    .await;
-            }
-            Err(e) => {
-                return warn!(agent = %agent_id, %remote, error = %e, "could not read the agent's targets")
-            }
-        };
-        let n_targets = first.targets.len();
-        let (targets_tx, targets_rx) = watch::channel(Arc::new(first));
-        let closed = CancellationToken::new();
-        let session = state.registry.next_session();
-        let handle = Arc::new(AgentHandle::new(
-            agent_id.clone(),
-            session,
-            remote,
-            sender.clone(),
-            targets_rx,
-            closed.clone(),
-            credential,
-        ));
-        match state.registry.insert(handle.clone()) {
-            Inserted::New => {}
-            Inserted::Replaced(old) => replace(&state, &old, &credential, &agent_id, remote),
-            Inserted::Conflict(holder) => {
-                // Another token registered the id between our handshake check and now.
-                let reason = id_taken(&agent_id, holder.remote);
-                warn!(agent = %agent_id, %remote, %reason, "tunnel refused after the handshake");
-                return notify_closing(&sender, ClosingKind::IdTaken, &reason, &mut conn).await;
-            }
+    {
+        Ok(pair) => pair,
+        Err(e) => {
+            return warn!(agent = %agent_id, %remote, error = %e, "HTTP/2 handshake over the tunnel failed")
         }
-        // The token was checked before the 101; a tokens reload since then may have revoked it,
-        // and the reload's own sweep ran before this tunnel was registered.
-        if !handle.still_authorized(&state.tokens()) {
-            // Revoked, so that it is not kept in service discovery as a disconnected agent.
-            handle.revoke();
-            state.registry.remove(&agent_id, session);
-            warn!(agent = %agent_id, %remote, "tunnel closed as it registered: the tokens file was reloaded meanwhile and no longer accepts its token for this id");
-            return notify_closing(
-                &sender,
-                ClosingKind::Revoked,
-                &revoked(&agent_id),
-                &mut conn,
-            )
-            .await;
+    };
+    let first = tokio::select! {
+        list = fetch_targets(&sender, None, state.config.handshake_timeout) => list,
+        reason = &mut conn => return warn!(agent = %agent_id, %remote, %reason, "tunnel closed before the agent sent its targets"),
+    };
+    let first = match first.map(|list| accepted(list, &agent_id)) {
+        Ok(Ok(list)) => list,
+        Ok(Err(reason)) => {
+            warn!(agent = %agent_id, %remote, %reason, "tunnel refused: the agent's target list");
+            return notify_closing(&sender, ClosingKind::TargetsRefused, &reason, &mut conn).await;
         }
-        info!(agent = %agent_id, %remote, targets = n_targets, "agent connected");
-        let end = tokio::select! {
-            reason = &mut conn => format!("connection ended: {reason}"),
-            _ = closed.cancelled() => closed_by_gateway(&handle, &mut conn).await,
-            _ = shutdown.cancelled() => shutting_down(&handle, &mut conn).await,
-            end = watch_targets(&state, session, sender, targets_tx, &agent_id, remote) => match end {
-                WatchEnd::Refused(reason) => targets_refused(&state, &handle, reason, &mut conn).await,
-                WatchEnd::Failed(e) => {
-                // An agent shutting down sends GOAWAY, which ends the targets long poll first; its
-                // scrapes in flight still finish. No new scrape is routed here, and the connection is
-                // driven until the agent closes it (or the longest scrape would have timed out).
-                state.registry.remove(&agent_id, session);
-                let drain = state.config.scrape.max_timeout + state.config.handshake_timeout;
-                // A stopping gateway waits for no agent's drain: its own scrapes were drained already.
-                tokio::select! {
-                    ended = tokio::time::timeout(drain, &mut conn) => match ended {
-                        Ok(reason) if reason == h2conn::CLOSED_BY_AGENT => {
-                            "the agent went away (GOAWAY)".to_owned()
-                        }
-                        Ok(reason) => format!("connection ended: {reason} (target list watch: {e})"),
-                        Err(_) => format!("target list watch failed: {e}"),
-                    },
-                    _ = shutdown.cancelled() => "gateway shutting down while the agent went away".to_owned(),
-                }
-            }
-            },
-        };
-        state.registry.remove(&agent_id, session);
-        info!(agent = %agent_id, %remote, reason = %end, "agent disconnected");
+        Err(e) => {
+            return warn!(agent = %agent_id, %remote, error = %e, "could not read the agent's targets")
+        }
+    };
+    let n_targets = first.targets.len();
+    let (targets_tx, targets_rx) = watch::channel(Arc::new(first));
+    let closed = CancellationToken::new();
+    let session = state.registry.next_session();
+    let handle = Arc::new(AgentHandle::new(
+        agent_id.clone(),
+        session,
+        remote,
+        sender.clone(),
+        targets_rx,
+        closed.clone(),
+        credential,
+    ));
+    match state.registry.insert(handle.clone()) {
+        Inserted::New => {}
+        Inserted::Replaced(old) => replace(&state, &old, &credential, &agent_id, remote),
+        Inserted::Conflict(holder) => {
+            // Another token registered the id between our handshake check and now.
+            let reason = id_taken(&agent_id, holder.remote);
+            warn!(agent = %agent_id, %remote, %reason, "tunnel refused after the handshake");
+            return notify_closing(&sender, ClosingKind::IdTaken, &reason, &mut conn).await;
+        }
     }
+    // The token was checked before the 101; a tokens reload since then may have revoked it,
+    // and the reload's own sweep ran before this tunnel was registered.
+    if !handle.still_authorized(&state.tokens()) {
+        // Revoked, so that it is not kept in service discovery as a disconnected agent.
+        handle.revoke();
+        state.registry.remove(&agent_id, session);
+        warn!(agent = %agent_id, %remote, "tunnel closed as it registered: the tokens file was reloaded meanwhile and no longer accepts its token for this id");
+        return notify_closing(
+            &sender,
+            ClosingKind::Revoked,
+            &revoked(&agent_id),
+            &mut conn,
+        )
+        .await;
+    }
+    info!(agent = %agent_id, %remote, targets = n_targets, "agent connected");
+    let end = tokio::select! {
+        reason = &mut conn => format!("connection ended: {reason}"),
+        _ = closed.cancelled() => closed_by_gateway(&handle, &mut conn).await,
+        _ = shutdown.cancelled() => shutting_down(&handle, &mut conn).await,
+        end = watch_targets(&state, session, sender, targets_tx, &agent_id, remote) => match end {
+            WatchEnd::Refused(reason) => targets_refused(&state, &handle, reason, &mut conn).await,
+            WatchEnd::Failed(e) => {
+            // An agent shutting down sends GOAWAY, which ends the targets long poll first; its
+            // scrapes in flight still finish. No new scrape is routed here, and the connection is
+            // driven until the agent closes it (or the longest scrape would have timed out).
+            state.registry.remove(&agent_id, session);
+            let drain = state.config.scrape.max_timeout + state.config.handshake_timeout;
+            // A stopping gateway waits for no agent's drain: its own scrapes were drained already.
+            tokio::select! {
+                ended = tokio::time::timeout(drain, &mut conn) => match ended {
+                    Ok(reason) if reason == h2conn::CLOSED_BY_AGENT => {
+                        "the agent went away (GOAWAY)".to_owned()
+                    }
+                    Ok(reason) => format!("connection ended: {reason} (target list watch: {e})"),
+                    Err(_) => format!("target list watch failed: {e}"),
+                },
+                _ = shutdown.cancelled() => "gateway shutting down while the agent went away".to_owned(),
+            }
+        }
+        },
+    };
+    state.registry.remove(&agent_id, session);
+    info!(agent = %agent_id, %remote, reason = %end, "agent disconnected");
 }
 
 /// Closes `old`, the tunnel a newer one with the same id (from `by`, opened with `claim`)
@@ -676,67 +662,61 @@ enum WatchEnd {
 }
 
 /// Follows the agent's target list: each answer is the next version, held open by the agent until it changes.
-///
-/// Not an `async fn`, for the reason given at [`run_session`]: it waits as long as the tunnel lives.
-#[allow(clippy::manual_async_fn)]
-fn watch_targets<'a>(
-    state: &'a State,
+async fn watch_targets(
+    state: &State,
     session: u64,
     sender: Sender,
     tx: watch::Sender<Arc<TargetList>>,
-    agent_id: &'a str,
+    agent_id: &str,
     remote: SocketAddr,
-) -> impl std::future::Future<Output = WatchEnd> + Send + 'a {
-    async move {
-        // A list changes when its agent's configuration does. An agent whose list changes again
-        // within a second, or that answers the long poll at once many times in a row, is asked
-        // again only a second after the last request: each change takes the registry's write lock
-        // and a log line. A few quick answers are not held back: a stopping agent answers the poll
-        // at once, and the next request is what meets its GOAWAY.
-        let mut last_change: Option<tokio::time::Instant> = None;
-        let mut quick_in_a_row = 0u32;
-        loop {
-            let version = tx.borrow().version;
-            let asked = tokio::time::Instant::now();
-            match fetch_targets(
-                &sender,
-                Some(version),
-                TARGETS_LONG_POLL + Duration::from_secs(30),
-            )
-            .await
-            {
-                Ok(list) if list.version != version => {
-                    let list = match accepted(list, agent_id) {
-                        Ok(list) => list,
-                        Err(reason) => return WatchEnd::Refused(reason),
-                    };
-                    info!(
-                        agent = agent_id,
-                        %remote,
-                        targets = list.targets.len(),
-                        version = list.version,
-                        "agent targets changed"
-                    );
-                    let list = Arc::new(list);
-                    tx.send_replace(list.clone());
-                    state.registry.targets_changed(agent_id, session, &list);
-                    let churning =
-                        last_change.is_some_and(|at| at.elapsed() < MIN_TARGETS_INTERVAL);
-                    last_change = Some(tokio::time::Instant::now());
-                    if churning {
-                        tokio::time::sleep_until(asked + MIN_TARGETS_INTERVAL).await;
-                    }
+) -> WatchEnd {
+    // A list changes when its agent's configuration does. An agent whose list changes again
+    // within a second, or that answers the long poll at once many times in a row, is asked
+    // again only a second after the last request: each change takes the registry's write lock
+    // and a log line. A few quick answers are not held back: a stopping agent answers the poll
+    // at once, and the next request is what meets its GOAWAY.
+    let mut last_change: Option<tokio::time::Instant> = None;
+    let mut quick_in_a_row = 0u32;
+    loop {
+        let version = tx.borrow().version;
+        let asked = tokio::time::Instant::now();
+        match fetch_targets(
+            &sender,
+            Some(version),
+            TARGETS_LONG_POLL + Duration::from_secs(30),
+        )
+        .await
+        {
+            Ok(list) if list.version != version => {
+                let list = match accepted(list, agent_id) {
+                    Ok(list) => list,
+                    Err(reason) => return WatchEnd::Refused(reason),
+                };
+                info!(
+                    agent = agent_id,
+                    %remote,
+                    targets = list.targets.len(),
+                    version = list.version,
+                    "agent targets changed"
+                );
+                let list = Arc::new(list);
+                tx.send_replace(list.clone());
+                state.registry.targets_changed(agent_id, session, &list);
+                let churning = last_change.is_some_and(|at| at.elapsed() < MIN_TARGETS_INTERVAL);
+                last_change = Some(tokio::time::Instant::now());
+                if churning {
+                    tokio::time::sleep_until(asked + MIN_TARGETS_INTERVAL).await;
                 }
-                Ok(_) => {}
-                Err(e) => return WatchEnd::Failed(e),
             }
-            quick_in_a_row = match asked.elapsed() < MIN_TARGETS_INTERVAL {
-                true => quick_in_a_row + 1,
-                false => 0,
-            };
-            if quick_in_a_row >= QUICK_ANSWERS_TOLERATED {
-                tokio::time::sleep_until(asked + MIN_TARGETS_INTERVAL).await;
-            }
+            Ok(_) => {}
+            Err(e) => return WatchEnd::Failed(e),
+        }
+        quick_in_a_row = match asked.elapsed() < MIN_TARGETS_INTERVAL {
+            true => quick_in_a_row + 1,
+            false => 0,
+        };
+        if quick_in_a_row >= QUICK_ANSWERS_TOLERATED {
+            tokio::time::sleep_until(asked + MIN_TARGETS_INTERVAL).await;
         }
     }
 }
