@@ -1339,6 +1339,52 @@ async fn the_targets_long_poll_outlives_the_longest_scrape() {
     gw.stop().await;
 }
 
+/// An agent that resets the targets long poll on a live connection (releases up to session 11
+/// cut every stream at their longest scrape timeout plus 5 s) stays in service: the gateway asks
+/// again instead of taking it out (503) until the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_targets_long_poll_is_asked_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("*", TOKEN)], |_| {}).await;
+    let upgraded = upgrade_as_agent(&gw, TOKEN, "reset-1")
+        .await
+        .expect("upgraded");
+    let polls = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = polls.clone();
+    let service = hyper::service::service_fn(move |req: ::http::Request<hyper::body::Incoming>| {
+        let polls = counted.clone();
+        async move {
+            if req.uri().query().is_some_and(|q| q.contains("after=")) {
+                polls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                // An error from the service: hyper resets the stream, the connection stays.
+                return Err("cut off".to_owned());
+            }
+            Ok(::http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from(one_target()),
+            )))
+        }
+    });
+    let served = tokio::spawn(async move {
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(upgraded, service)
+            .await;
+    });
+    gw.wait_agent("reset-1", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        polls.load(Ordering::SeqCst) >= 3,
+        "the long poll was not asked again"
+    );
+    // Connected: a port it does not list is a 404 from the gateway, not a 503.
+    let resp = scrape(gw.web, "http://reset-1:1/metrics").await;
+    assert_eq!(resp.status, 404, "{:?}", resp.body);
+    assert_eq!(gw.agent_ids(), vec!["reset-1".to_owned()]);
+    served.abort();
+    gw.stop().await;
+}
+
 /// The agent's own PINGs find a tunnel that went silent, and its log says why the tunnel ended:
 /// the cause, not only hyper's "http2 error".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

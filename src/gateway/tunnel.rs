@@ -709,7 +709,13 @@ async fn watch_targets(
                 }
             }
             Ok(_) => {}
-            Err(e) => return WatchEnd::Failed(e),
+            // Agents up to the session-11 release cut every stream, the long poll included, at
+            // their longest scrape timeout plus 5 s: the connection is fine, so ask again (a
+            // loop of resets is held back as quick answers are) rather than take the agent out.
+            Err(FetchError::Reset(e)) => {
+                debug!(agent = agent_id, %remote, error = %e, "the agent reset the targets long poll; asking again")
+            }
+            Err(FetchError::Failed(e)) => return WatchEnd::Failed(e),
         }
         quick_in_a_row = match asked.elapsed() < MIN_TARGETS_INTERVAL {
             true => quick_in_a_row + 1,
@@ -728,11 +734,33 @@ const QUICK_ANSWERS_TOLERATED: u32 = 16;
 /// The shortest time between two target-list requests to one agent.
 const MIN_TARGETS_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Why a target-list request got no list.
+enum FetchError {
+    /// The agent reset the request's stream, the connection still up.
+    Reset(String),
+    /// Anything else: the connection is going away, a timeout, an invalid answer.
+    Failed(String),
+}
+
+impl From<String> for FetchError {
+    fn from(reason: String) -> Self {
+        FetchError::Failed(reason)
+    }
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Reset(e) | FetchError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
 async fn fetch_targets(
     sender: &Sender,
     after: Option<u64>,
     timeout: Duration,
-) -> Result<TargetList, String> {
+) -> Result<TargetList, FetchError> {
     let uri = match after {
         Some(v) => format!("http://{CONTROL_AUTHORITY}{TARGETS_PATH}?after={v}"),
         None => format!("http://{CONTROL_AUTHORITY}{TARGETS_PATH}"),
@@ -745,20 +773,26 @@ async fn fetch_targets(
         .map_err(|_| "timed out waiting for the target list".to_owned())?
 }
 
-async fn read_target_list(response: h2::client::ResponseFuture) -> Result<TargetList, String> {
-    let resp = h2conn::response(response).await.map_err(|e| one_line(&e))?;
+async fn read_target_list(response: h2::client::ResponseFuture) -> Result<TargetList, FetchError> {
+    let resp = h2conn::response(response).await.map_err(|e| {
+        if e.is_reset() && !e.is_go_away() {
+            FetchError::Reset(one_line(&e))
+        } else {
+            FetchError::Failed(one_line(&e))
+        }
+    })?;
     if resp.status() != StatusCode::OK {
-        return Err(format!(
+        return Err(FetchError::Failed(format!(
             "agent answered {} to the targets request",
             resp.status()
-        ));
+        )));
     }
     let body = http_body_util::Limited::new(resp.into_body(), MAX_TARGET_LIST_BYTES)
         .collect()
         .await
         .map_err(|e| format!("reading target list: {e}"))?
         .to_bytes();
-    parse_target_list(&body)
+    Ok(parse_target_list(&body)?)
 }
 
 fn parse_target_list(body: &Bytes) -> Result<TargetList, String> {
