@@ -1901,16 +1901,10 @@ fn tunnel_ca(dir: &Path, name: &str, sign_gateway: bool) -> String {
 /// A gateway on loopback with the certificate `gw.pem` of `dir`; its tunnel address.
 fn tls_gateway(dir: &Path) -> (Running, SocketAddr) {
     let tokens = tokens_file(dir, "s3cret");
-    let mut gw = Running::start(
+    let mut gw = Running::gateway(
         dir,
+        &tokens,
         &[
-            "gateway",
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--tunnel.listen-address",
-            "127.0.0.1:0",
-            "--auth.tokens-file",
-            tokens.to_str().unwrap(),
             "--tunnel.tls-cert-file",
             "gw.pem",
             "--tunnel.tls-key-file",

@@ -223,13 +223,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn problems_name_the_file_and_the_dates() {
-        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000); // 2027-01-15 08:00:00 UTC
+    /// 2027-01-15 08:00:00 UTC, and a certificate that expired on 2026-10-01.
+    fn expired_at_now() -> (SystemTime, Vec<u8>) {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let expired = cert(|p| {
             p.not_before = rcgen::date_time_ymd(2020, 1, 1);
             p.not_after = rcgen::date_time_ymd(2026, 10, 1);
         });
+        (now, expired)
+    }
+
+    #[test]
+    fn problems_name_the_file_and_the_dates() {
+        let (now, expired) = expired_at_now();
         assert_eq!(
             files(&expired, false).warnings("tunnel", now),
             ["certificate /etc/ferry/tun.crt expired on 2026-10-01 00:00:00 UTC: clients refuse it (renew it, then SIGHUP)"]
@@ -264,11 +270,7 @@ mod tests {
     /// renewed by generating a new one at start (SIGHUP does not): the warning says that.
     #[test]
     fn an_expired_self_signed_certificate_gets_advice_that_works() {
-        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000); // 2027-01-15 08:00:00 UTC
-        let expired = cert(|p| {
-            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2026, 10, 1);
-        });
+        let (now, expired) = expired_at_now();
         let said = files(&expired, true).warnings("tunnel", now);
         assert_eq!(said.len(), 1, "{said:?}");
         for part in [
