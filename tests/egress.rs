@@ -2219,6 +2219,77 @@ async fn trickled_headers_are_cut_by_the_header_read_timeout() {
     assert!(ms >= 400.0, "{line}");
 }
 
+/// A connection that never sends a byte holds a connection slot as a trickled head does: it is
+/// closed after the header read timeout, not kept for the (much longer) idle timeout, and gets no
+/// answer, since it asked nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
+    let up = RecordingUpstream::start().await;
+    let mut s = section(&[loopback_rule(&up)]);
+    s.header_read_timeout = ferry::config::Dur(Duration::from_millis(500));
+    s.idle_timeout = ferry::config::Dur(Duration::from_secs(60));
+    s.max_connections_per_client = 2;
+    let proxy = TestEgress::start(s, TestResolver::new(&[])).await;
+    let started = Instant::now();
+    let mut silent = [
+        TcpStream::connect(proxy.addr).await.unwrap(),
+        TcpStream::connect(proxy.addr).await.unwrap(),
+    ];
+    for stream in &mut silent {
+        let mut got = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got)).await;
+        let took = started.elapsed();
+        assert!(closed.is_ok(), "a silent connection was kept for 5 s");
+        assert!(
+            took >= Duration::from_millis(400),
+            "closed after {took:?}, header_read_timeout is 500 ms"
+        );
+        assert!(got.is_empty(), "nothing asked, nothing answered: {got:?}");
+    }
+    // Their slots are free again: the two connections this client may hold were both silent, and
+    // the next one is served (slots are released just after the close the client saw, hence a
+    // few tries).
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        up.url("/after"),
+        up.addr
+    );
+    let mut resp = raw_exchange(proxy.addr, request.as_bytes()).await;
+    for _ in 0..20 {
+        if resp.status != 429 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        resp = raw_exchange(proxy.addr, request.as_bytes()).await;
+    }
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(up.request_count(), 1);
+    // A first byte that comes in time starts the head's own bound; the request then completes.
+    let mut late = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    late.write_all(b"G").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    late.write_all(
+        format!(
+            "ET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            up.url("/late"),
+            up.addr
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(TIMEOUT, late.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(up.request_count(), 2);
+}
+
 /// A kept-alive connection may wait for its next request much longer than a request head may
 /// take to arrive (`header_read_timeout`): clients that send every 10 s or so must not race the
 /// proxy closing their connection. Past `idle_timeout` it is closed.

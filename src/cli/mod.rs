@@ -362,7 +362,7 @@ struct EgressArgs {
     /// Connections at once from one client address [default: 256].
     #[arg(long = "max-connections-per-client", value_name = "N")]
     max_connections_per_client: Option<usize>,
-    /// Time a client may take to send a request head once begun [default: 10s].
+    /// Time for a request head once begun, and for a new connection's first byte [default: 10s].
     #[arg(long = "header-read-timeout", value_name = "DURATION")]
     header_read_timeout: Option<Dur>,
     /// A kept-alive client connection idle this long is closed [default: 120s].

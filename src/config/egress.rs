@@ -56,7 +56,8 @@ pub struct EgressSection {
     /// Connections at once from one client address.
     #[serde(deserialize_with = "super::lenient")]
     pub max_connections_per_client: usize,
-    /// Time a client may take to send a request head once it has begun (slowloris bound).
+    /// Time a client may take to send a request head once it has begun (slowloris bound), and a
+    /// new connection to send its first byte.
     pub header_read_timeout: Dur,
     /// A kept-alive client connection with no request for this long is closed. Longer than the
     /// idle timeouts of common clients (Go: 90 s), so that they close first: a proxy closing an

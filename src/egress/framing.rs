@@ -215,9 +215,9 @@ pub(crate) struct Sniff<T> {
     head_bytes: usize,
     limit: usize,
     heads: Heads,
-    /// How long a request head may take from its first byte.
+    /// How long a request head may take from its first byte, and the first one from accept.
     header_timeout: Duration,
-    /// Set while a head is being received.
+    /// Set while a head is being received, and from accept until the first byte.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Whether any byte has arrived on the connection.
     started: bool,
@@ -233,6 +233,11 @@ pub(crate) struct Sniff<T> {
 #[derive(Debug, thiserror::Error)]
 #[error("request head not received within {0:?}")]
 pub(crate) struct HeaderTimedOut(pub(crate) Duration);
+
+/// The error a connection ends with when it sent nothing at all within the header read timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no request within {0:?} of connecting")]
+pub(crate) struct SilentTimedOut(pub(crate) Duration);
 
 impl<T> Sniff<T> {
     /// Wraps `inner`; a line longer than `limit` bytes stops the scan (hyper refuses such a head
@@ -264,6 +269,13 @@ impl<T> Sniff<T> {
     /// Whether part of a request head has arrived and the rest has not.
     fn in_head(&self) -> bool {
         self.phase == Phase::Head && (self.head.is_some() || !self.line.is_empty())
+    }
+
+    /// Whether the connection is still waiting for its first byte: a connection that never
+    /// speaks holds a connection slot like a trickled head does, so the same bound applies.
+    /// hyper's own header timeout is the kept-alive idle limit (minutes), not this one.
+    fn silent(&self) -> bool {
+        !self.started && self.phase == Phase::Head
     }
 
     /// The connection, for a CONNECT tunnel that relays it without hyper. Sniff buffers nothing.
@@ -451,8 +463,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Sniff<T> {
             this.deadline = None;
             return res;
         }
+        let silent = this.silent();
         this.scan(&buf.filled()[before..]);
-        if !this.in_head() {
+        if silent && this.started {
+            // The first byte: the head's own bound starts now.
+            this.deadline = None;
+        }
+        if !this.in_head() && !this.silent() {
             this.deadline = None;
         } else if this.deadline.is_none() {
             this.deadline = Some(Box::pin(tokio::time::sleep(this.header_timeout)));
@@ -461,6 +478,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Sniff<T> {
             if let Some(deadline) = &mut this.deadline {
                 if deadline.as_mut().poll(cx).is_ready() {
                     this.deadline = None;
+                    if this.silent() {
+                        // Nothing was asked, so nothing is answered: a client that opened a
+                        // connection ahead of need gets a plain close, not a 408 it might
+                        // read as the answer to a request it sends just then.
+                        this.phase = Phase::Off;
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            SilentTimedOut(this.header_timeout),
+                        )));
+                    }
                     this.phase = Phase::Off;
                     // One try at telling the client why, like every other refusal; the socket
                     // has room for a short answer, and nothing else is being written mid-head.
