@@ -912,7 +912,7 @@ async fn a_refused_client_certificate_is_said_to_be_ours() {
 
     let none = start_agent(agent_section(&gw, "no-cert", &[]), "t");
     wait(vec![
-        "cannot open tunnel".into(),
+        "GATEWAY REFUSED OUR CLIENT CERTIFICATE".into(),
         "the gateway requires a client certificate (tunnel.cert_file".into(),
     ])
     .await;
@@ -929,14 +929,18 @@ async fn a_refused_client_certificate_is_said_to_be_ours() {
         "the gateway refused our client certificate (tunnel.cert_file {}): it says it has expired",
         expired.0.display()
     );
-    let line = wait(vec!["cannot open tunnel".into(), refused]).await;
+    let line = wait(vec![
+        "GATEWAY REFUSED OUR CLIENT CERTIFICATE".into(),
+        refused,
+    ])
+    .await;
     assert!(!line[0].contains("received fatal alert"), "{}", line[0]);
     agent.stop().await;
 
     let foreign = leaf(dir.path(), "foreign", &other_ca, None);
     let agent = with_cert("foreign-cert", &foreign);
     wait(vec![
-        "cannot open tunnel".into(),
+        "GATEWAY REFUSED OUR CLIENT CERTIFICATE".into(),
         format!(
             "the gateway refused our client certificate (tunnel.cert_file {}): it says it is not signed by a CA it trusts",
             foreign.0.display()
@@ -945,6 +949,75 @@ async fn a_refused_client_certificate_is_said_to_be_ours() {
     .await;
     agent.stop().await;
     assert!(gw.agent_ids().is_empty());
+    gw.stop().await;
+}
+
+/// A refused client certificate would be refused again: it is retried at the slow pace of a
+/// refused token, not hammered at the backoff of a network failure, and said loudly. Renewed
+/// and reloaded, the agent connects at once instead of waiting out the slow retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_certificate_is_retried_slowly_and_at_once_after_a_reload() {
+    let logs = common::logs::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let (client_ca, client_ca_file) = ca(dir.path(), "client-ca");
+    let gw = start_gateway(&dir, &[("*", "t")], |s| {
+        s.tunnel.tls_client_ca_file = Some(client_ca_file.clone());
+    })
+    .await;
+    let expired = leaf(dir.path(), "expired", &client_ca, Some((2021, 6, 30)));
+    let valid = leaf(dir.path(), "valid", &client_ca, None);
+    let (cert, key) = (
+        dir.path().join("agent.pem"),
+        dir.path().join("agent-key.pem"),
+    );
+    std::fs::copy(&expired.0, &cert).unwrap();
+    std::fs::copy(&expired.1, &key).unwrap();
+    let mut section = agent_section(&gw, "renewed", &[]);
+    section.tunnel.cert_file = Some(cert.clone());
+    section.tunnel.key_file = Some(key.clone());
+    // A network failure would be retried within 300 ms; a refusal after 60-120 s.
+    section.reconnect.auth_failure_backoff = ferry::config::Dur(Duration::from_secs(120));
+    let agent = start_agent(section, "t");
+    let refused = "GATEWAY REFUSED OUR CLIENT CERTIFICATE";
+    let line = logs
+        .wait_lines(&["ERROR", refused], 1, Duration::from_secs(10))
+        .await
+        .remove(0);
+    assert!(
+        line.contains("it says it has expired") && line.contains("retry_in="),
+        "{line}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        logs.lines_with(&[refused]).len(),
+        1,
+        "tried again within 1.5 s: {:?}",
+        logs.lines_with(&["renewed"])
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    let (a, shutdown) = (agent.agent.clone(), agent.shutdown.clone());
+    tokio::spawn(async move { a.serve_web(listener, shutdown).await });
+    let m = get(&url).await.text();
+    assert_eq!(
+        metric_value(
+            &m,
+            "ferry_agent_tunnel_connects_total",
+            &[("result", "auth_refused")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+
+    // Renewed in place, then reloaded: connected long before the slow retry would have been.
+    std::fs::copy(&valid.0, &cert).unwrap();
+    std::fs::copy(&valid.1, &key).unwrap();
+    agent.agent.reload_tunnel_tls(None).unwrap();
+    let asked = std::time::Instant::now();
+    agent.agent.reconnect_now();
+    gw.wait_agent("renewed", Duration::from_secs(5)).await;
+    assert!(asked.elapsed() < Duration::from_secs(5));
+    agent.stop().await;
     gw.stop().await;
 }
 

@@ -70,6 +70,8 @@ pub(crate) struct Shared {
     pub(crate) closing_notice: std::sync::Mutex<Option<serve::ClosingNotice>>,
     /// Why the last attempt failed or the last tunnel ended; none while a tunnel is up.
     pub(crate) last_error: std::sync::Mutex<Option<String>>,
+    /// Cuts short the wait before the next connection attempt ([`Agent::reconnect_now`]).
+    pub(crate) reconnect_now: tokio::sync::Notify,
 }
 
 /// The tunnel's TLS settings and the client configuration built from their files.
@@ -193,6 +195,7 @@ impl Agent {
                 running: AtomicBool::new(false),
                 closing_notice: std::sync::Mutex::new(None),
                 last_error: std::sync::Mutex::new(None),
+                reconnect_now: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -295,6 +298,14 @@ impl Agent {
         new.warn_about_dates();
         *current = Some(Arc::new(new));
         Ok(files)
+    }
+
+    /// If the agent is waiting to reconnect, it tries now instead: after a reload that fixes
+    /// what the gateway refused (a renewed client certificate, a new token), the operator need
+    /// not wait out the slow retry of a refusal. Does nothing while the tunnel is up or being
+    /// opened; it is not remembered for a later wait.
+    pub fn reconnect_now(&self) {
+        self.shared.reconnect_now.notify_waiters();
     }
 
     /// Whether the tunnel is up right now.

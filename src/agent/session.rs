@@ -30,6 +30,10 @@ pub(crate) enum SessionError {
     Dial(#[from] DialError),
     #[error("TLS handshake with the gateway failed: {0}")]
     Tls(String),
+    /// The gateway refused our client certificate (or its absence): the same one would be
+    /// refused again, like a refused token.
+    #[error("TLS handshake with the gateway failed: {0}")]
+    ClientCertRefused(String),
     #[error("{0:?} is not a valid TLS server name")]
     ServerName(String),
     #[error(transparent)]
@@ -101,6 +105,12 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
                 error!(%gateway, error = %e, retry_in = ?delay, "PROXY REFUSED OUR CREDENTIALS: check the user and password in --proxy-url or HTTPS_PROXY (percent-encode '@', ':' and '%' in them)");
                 delay
             }
+            Err(SessionError::ClientCertRefused(e)) => {
+                count(&shared, "auth_refused");
+                let delay = slow_retry(b.auth_failure);
+                error!(%gateway, %agent, error = %e, retry_in = ?delay, "GATEWAY REFUSED OUR CLIENT CERTIFICATE: renew it or have it signed by a CA the gateway trusts (its --tunnel.tls-client-ca-file), then reload the agent (SIGHUP) to connect at once");
+                delay
+            }
             Err(SessionError::Token(e)) => {
                 count(&shared, "error");
                 let delay = slow_retry(b.auth_failure);
@@ -120,6 +130,9 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
+            _ = shared.reconnect_now.notified() => {
+                info!(%gateway, "reconnecting now, as asked (reload)");
+            }
         }
     }
     info!("agent stopped");
@@ -301,12 +314,18 @@ fn take_closing_notice(shared: &Shared) -> Option<ClosingNotice> {
         .take()
 }
 
-/// Why the TLS handshake with the gateway failed, with the likely fix for the usual mistakes:
-/// the web port instead of the tunnel port, a self-signed gateway without a pinned fingerprint.
-fn tls_failure(e: &std::io::Error, tls: Option<&ClientTls>) -> String {
+/// Why the TLS handshake with the gateway failed: the gateway refusing our client certificate
+/// (retried slowly), or anything else.
+fn tls_failure(e: &std::io::Error, tls: Option<&ClientTls>) -> SessionError {
     if let Some(refusal) = tls_alert(e).and_then(|alert| client_cert_refusal(alert, tls)) {
-        return refusal;
+        return SessionError::ClientCertRefused(refusal);
     }
+    SessionError::Tls(tls_failure_reason(e, tls))
+}
+
+/// A TLS failure in words, with the likely fix for the usual mistakes: the web port instead of
+/// the tunnel port, a self-signed gateway without a pinned fingerprint.
+fn tls_failure_reason(e: &std::io::Error, tls: Option<&ClientTls>) -> String {
     let Some(rustls) = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -425,7 +444,7 @@ async fn open(shared: &Shared, token: &str) -> Result<hyper::upgrade::Upgraded, 
             let tls = tokio::time::timeout_at(deadline, connector.connect(name, io))
                 .await
                 .map_err(stalled(" in the TLS handshake (connected, then no answer)"))?;
-            Box::new(tls.map_err(|e| SessionError::Tls(tls_failure(&e, settings)))?)
+            Box::new(tls.map_err(|e| tls_failure(&e, settings))?)
         }
         None => io,
     };
@@ -447,7 +466,7 @@ fn upgrade_failure(e: HandshakeError, tls: Option<&ClientTls>) -> SessionError {
     // TLS 1.3 sends the client certificate after the client's side of the handshake is done:
     // the gateway's refusal of it arrives as an alert when the upgrade's answer is read.
     if let Some(refusal) = tls_alert(&e).and_then(|alert| client_cert_refusal(alert, tls)) {
-        return SessionError::Tls(refusal);
+        return SessionError::ClientCertRefused(refusal);
     }
     let hint = match &e {
         HandshakeError::Http(http) if plaintext && http.is_parse() => {

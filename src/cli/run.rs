@@ -498,6 +498,11 @@ fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> Relo
             }
         }
     }
+    // What was refused may be fixed now (a renewed client certificate, a new token, a target
+    // list the gateway accepts): not worth the rest of a slow retry's wait to find out.
+    if let Some(agent) = &roles.agent {
+        agent.reconnect_now();
+    }
     Reloaded {
         applied: ok,
         need_restart,
