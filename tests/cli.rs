@@ -2039,6 +2039,56 @@ fn a_bad_geo_database_does_not_keep_a_reload_from_applying_the_targets() {
     assert!(!lines.contains("the config file is invalid"), "{lines}");
 }
 
+/// A file named by another section that is broken when the agent is reloaded (egress
+/// credentials caught half-written) is refused by its own reload; the agent's new targets in
+/// the same file are applied all the same, and the log says which part was applied.
+#[test]
+fn a_broken_file_of_another_section_does_not_keep_a_reload_from_applying_the_targets() {
+    let dir = TempDir::new().unwrap();
+    write(
+        dir.path(),
+        "credentials",
+        &format!("client-* {}\n", hash_token("s3cret")),
+    );
+    let egress = "egress:\n  web: { listen_address: '127.0.0.1:0' }\n  allow_upstreams: ['example.com:443']\n  auth: { credentials_file: credentials }\n";
+    agent_config(dir.path(), "node", egress);
+    let mut both = Running::start(dir.path(), &["run", "--config.file", "agent.yaml"]);
+    both.wait_for("egress proxy listening");
+    write(dir.path(), "credentials", "client-1\n");
+    agent_config(dir.path(), "node2", egress);
+    both.signal(rustix::process::Signal::HUP);
+    let line = both.wait_for("egress credentials reload failed");
+    assert!(line.contains("credentials line 1"), "{line}");
+    let line = both.wait_for("problems outside the agent section");
+    assert!(
+        line.contains("level=error")
+            && line.contains("egress.auth.credentials_file")
+            && line.contains("the agent section is applied"),
+        "{line}"
+    );
+    let line = both.wait_for("agent targets reloaded");
+    assert!(line.contains("targets=2"), "{line}");
+    let line = both.wait_for("reload done");
+    assert!(line.contains("not all of it applied"), "{line}");
+    let lines = both.stop().join("\n");
+    assert!(!lines.contains("the config file is invalid"), "{lines}");
+}
+
+/// A broken agent section keeps the running targets, whatever else the file holds.
+#[test]
+fn a_broken_agent_section_keeps_the_running_targets() {
+    let dir = TempDir::new().unwrap();
+    agent_config(dir.path(), "node", "");
+    let mut agent = Running::start(dir.path(), &["run", "--config.file", "agent.yaml"]);
+    agent.wait_for("cannot open tunnel");
+    agent_config(dir.path(), "node2", "  labels: { 'bad label': x }\n");
+    agent.signal(rustix::process::Signal::HUP);
+    let line = agent.wait_for("the config file is invalid");
+    assert!(line.contains("agent.labels"), "{line}");
+    let lines = agent.stop().join("\n");
+    assert!(!lines.contains("agent targets reloaded"), "{lines}");
+}
+
 /// A named pipe at the geo database path is refused like a broken file, naming it: at start with
 /// exit code 2, and on SIGHUP with a warning while the loaded database stays and /metrics goes on
 /// answering. Opening it used to wait for a writer forever, with SIGTERM ignored at start and

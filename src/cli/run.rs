@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -52,16 +53,22 @@ pub fn run(
         .enable_all()
         .build();
     let result = match runtime {
-        Ok(rt) => rt.block_on(async {
-            // Before anything slow (reading the files, opening the geo database): SIGHUP's
-            // default action ends the process, and a reload sent by a deploy tool just after the
-            // start must be a reload, applied once the roles run.
-            let signals = Signals::install();
-            let config = load().map_err(|errs| StartError::Config(errs.to_string()))?;
-            super::logging::init(&config.log);
-            super::fd_limit::raise(super::fd_limit::needed(&config));
-            run_roles(config, signals, reload_from).await
-        }),
+        Ok(rt) => {
+            let result = rt.block_on(async {
+                // Before anything slow (reading the files, opening the geo database): SIGHUP's
+                // default action ends the process, and a reload sent by a deploy tool just after the
+                // start must be a reload, applied once the roles run.
+                let signals = Signals::install();
+                let config = load().map_err(|errs| StartError::Config(errs.to_string()))?;
+                super::logging::init(&config.log);
+                super::fd_limit::raise(super::fd_limit::needed(&config));
+                run_roles(config, signals, reload_from).await
+            });
+            // The roles have stopped; a reload still blocked reading a file (a hung network
+            // mount) must not keep the process from exiting.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            result
+        }
         Err(e) => Err(StartError::Runtime(e)),
     };
     exit_code(result)
@@ -350,11 +357,21 @@ async fn handle_signals(
     else {
         return;
     };
+    let roles = Arc::new(roles);
+    let started_from = Arc::new(started_from);
     let signal = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
-            _ = hup.recv() => on_sighup(&roles, started_from.as_ref()).await,
+            _ = hup.recv() => {
+                // A reload stuck on a file (a hung network mount) must not hold up a stop.
+                let reload = on_sighup(roles.clone(), started_from.clone());
+                tokio::select! {
+                    _ = reload => {}
+                    _ = term.recv() => break "SIGTERM",
+                    _ = int.recv() => break "SIGINT",
+                }
+            }
         }
     };
     info!(signal, "{}", roles.shutdown_message());
@@ -440,18 +457,25 @@ fn changed_fields(
 
 /// SIGHUP: reloads the geo database and what [`reload`] re-reads, records the outcome and says
 /// what was applied and what waits for a restart.
-async fn on_sighup(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) {
+async fn on_sighup(roles: Arc<Roles>, file: Arc<Option<(PathBuf, serde_yaml_ng::Value)>>) {
     info!("SIGHUP: reloading");
-    // A broken file keeps the old database. `SharedGeo::reload` logs it and records it in the
-    // database's own gauges, as when the periodic check loads a changed file: the
-    // `ferry_config_…` gauges cover what only SIGHUP reloads. It maps and probes the file, so it
-    // runs on the blocking pool, as the periodic check does: not on a thread answering /metrics.
-    let geo = roles.geo.clone();
-    let geo_applied = matches!(
-        tokio::task::spawn_blocking(move || geo.reload()).await,
-        Ok(Ok(()))
-    );
-    let reloaded = reload(roles, file);
+    // Reading files (and mapping and probing the geo database) runs on the blocking pool, as
+    // the periodic geo check does: not on a thread answering /metrics and scrapes.
+    let done = tokio::task::spawn_blocking(move || {
+        // A broken file keeps the old database. `SharedGeo::reload` logs it and records it in
+        // the database's own gauges, as when the periodic check loads a changed file: the
+        // `ferry_config_…` gauges cover what only SIGHUP reloads.
+        let geo_applied = roles.geo.reload().is_ok();
+        (geo_applied, reload(&roles, file.as_ref().as_ref()))
+    })
+    .await;
+    let Ok((geo_applied, reloaded)) = done else {
+        error!(
+            "reload failed unexpectedly; the running configuration stays where it was not applied"
+        );
+        ConfigReload::get().record(false);
+        return;
+    };
     // Settings waiting for a restart were not refused: the file was valid and applied where it
     // can be, which is what the gauge says.
     ConfigReload::get().record(reloaded.applied);
@@ -607,12 +631,23 @@ fn reload_file(
     // The database is not opened again here: `SharedGeo::reload` did, and a bad database file
     // keeps the old one there; it must not keep the rest of the file from being applied.
     let without_geo = |f: &mut FileConfig| f.geoip = Default::default();
+    let mut applied = true;
     let new = match FileConfig::load_validated(path, &env, without_geo) {
         Ok(new) => new,
-        Err(errs) => {
-            error!(file = %path.display(), errors = %errs.to_string().replace('\n', "; "), "reload: the config file is invalid; the running configuration stays");
-            return false;
-        }
+        Err(errs) => match agent_section_alone(path, &errs) {
+            // What is wrong is elsewhere: a file that another section names (its own reload
+            // refused it and said so) or a setting that waits for a restart. The agent's
+            // targets and labels need not wait for it.
+            Some(new) => {
+                error!(file = %path.display(), errors = %errs.to_string().replace('\n', "; "), "reload: the config file has problems outside the agent section (a restart would fail on them); the agent section is applied");
+                applied = false;
+                new
+            }
+            None => {
+                error!(file = %path.display(), errors = %errs.to_string().replace('\n', "; "), "reload: the config file is invalid; the running configuration stays");
+                return false;
+            }
+        },
     };
     let mut changed = Vec::new();
     changed_fields("", started, &now, &mut changed);
@@ -622,9 +657,33 @@ fn reload_file(
     }
     need_restart.extend(changed);
     match &roles.agent {
-        Some(agent) => reload_agent(agent, new.agent, path, need_restart),
-        None => true,
+        Some(agent) => reload_agent(agent, new.agent, path, need_restart) && applied,
+        None => applied,
     }
+}
+
+/// The file validated for its agent section alone, when `errs` (the whole file's) are all about
+/// other sections; none when one is about the agent section or the whole file (a file that
+/// does not parse, half-written), or when there is no agent section.
+fn agent_section_alone(path: &std::path::Path, errs: &ConfigErrors) -> Option<RunConfig> {
+    let elsewhere = |field: &str| {
+        ["gateway", "egress", "exporter", "geoip", "log"]
+            .iter()
+            .any(|section| field == *section || field.starts_with(&format!("{section}.")))
+    };
+    if errs.errors.is_empty() || !errs.errors.iter().all(|e| elsewhere(&e.field)) {
+        return None;
+    }
+    let agent_only = |f: &mut FileConfig| {
+        f.log = Default::default();
+        f.geoip = Default::default();
+        f.gateway = None;
+        f.egress = None;
+        f.exporter = None;
+    };
+    FileConfig::load_validated(path, &env, agent_only)
+        .ok()
+        .filter(|c| c.agent.is_some())
 }
 
 fn reload_agent(
