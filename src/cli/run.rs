@@ -397,17 +397,14 @@ const RELOADED_FIELDS: &[&str] = &[
     "agent.tunnel.key_file",
 ];
 
-/// Sections whose fields a reload tells apart (some of them it applies), one level deeper
-/// than the rest.
-const FIELD_BY_FIELD: &[&str] = &["agent.tunnel"];
-
 fn file_value(path: &std::path::Path) -> Result<serde_yaml_ng::Value, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
     serde_yaml_ng::from_str(&text).map_err(|e| e.to_string())
 }
 
-/// Field paths (two levels deep: `egress.rules`; three in [`FIELD_BY_FIELD`]) where `old` and
-/// `new` differ.
+/// Field paths where `old` and `new` differ, as deep as mappings go (`gateway.tunnel.tls_cert_file`),
+/// but not below a field a reload applies whole (`agent.labels`): a list (`egress.rules`) is
+/// one field.
 fn changed_fields(
     path: &str,
     old: &serde_yaml_ng::Value,
@@ -419,9 +416,7 @@ fn changed_fields(
         return;
     }
     match (old, new) {
-        (Value::Mapping(a), Value::Mapping(b))
-            if path.matches('.').count() < 1 || FIELD_BY_FIELD.contains(&path) =>
-        {
+        (Value::Mapping(a), Value::Mapping(b)) if !RELOADED_FIELDS.contains(&path) => {
             let mut keys: Vec<&Value> = a.keys().chain(b.keys()).collect();
             keys.dedup();
             let mut seen = Vec::new();
@@ -781,6 +776,31 @@ mod tests {
         changed_fields("", &old, &new, &mut changed);
         changed.retain(|f| !RELOADED_FIELDS.contains(&f.as_str()));
         assert_eq!(changed, ["agent.tunnel.keepalive_interval"]);
+    }
+
+    /// A restart-only change is named down to its field, so that the operator knows which
+    /// one; a reloaded mapping is one field (a changed label is not a restart-only setting).
+    #[test]
+    fn changed_settings_are_named_down_to_the_field() {
+        let yaml = |s: &str| serde_yaml_ng::from_str::<serde_yaml_ng::Value>(s).unwrap();
+        let old = yaml(
+            "gateway:\n  tunnel: { tls_cert_file: a.pem }\n  web: { listen_address: ':8080' }\nagent:\n  labels: { ver: a }\negress:\n  rules: [{ name: a }]\n",
+        );
+        let new = yaml(
+            "gateway:\n  tunnel: { tls_cert_file: b.pem }\n  web: { listen_address: ':8081' }\nagent:\n  labels: { ver: b }\negress:\n  rules: [{ name: b }]\nlog: { level: debug }\n",
+        );
+        let mut changed = Vec::new();
+        changed_fields("", &old, &new, &mut changed);
+        changed.retain(|f| !RELOADED_FIELDS.contains(&f.as_str()));
+        assert_eq!(
+            changed,
+            [
+                "gateway.tunnel.tls_cert_file",
+                "gateway.web.listen_address",
+                "egress.rules",
+                "log"
+            ]
+        );
     }
 
     #[tokio::test]
