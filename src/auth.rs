@@ -88,10 +88,12 @@ impl TokensFile {
 
     /// Reads and parses `path`; `kind` ([`TOKENS_FILE`], [`CREDENTIALS_FILE`]) names it in errors.
     pub fn load_as(path: &Path, kind: &'static str) -> Result<TokensFile, TokensFileError> {
-        let text = std::fs::read_to_string(path).map_err(|error| TokensFileError::Read {
-            kind,
-            path: path.to_owned(),
-            error,
+        let text = crate::fs_util::read_regular_to_string(path).map_err(|error| {
+            TokensFileError::Read {
+                kind,
+                path: path.to_owned(),
+                error,
+            }
         })?;
         Self::parse_as(&text, kind).map_err(|(line, reason)| TokensFileError::Line {
             kind,

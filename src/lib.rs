@@ -175,6 +175,9 @@
 //!   `/-/ready`, the gateway's service discovery and status page), with one set of rules for
 //!   methods, 404s, the exposition format and gzip.
 //! - [`scrape_error`]: the one place where a failed scrape becomes a status code and a reason.
+//! - `fs_util`: opens and reads every file named in the configuration, refusing a named pipe, a
+//!   directory or a device at once instead of waiting on it (used by `config`, `auth`, the TLS
+//!   readers, the web config, the geoip database and the gateway's agents file).
 //! - [`http_util`]: body types, hop-by-hop header stripping and bounded streaming bodies shared by
 //!   both sides.
 //! - `cli` (feature `cli`): the `ferry` command line; `main.rs` only calls it. It also raises the
@@ -190,6 +193,7 @@ pub mod config;
     feature = "geo"
 ))]
 mod endpoints;
+mod fs_util;
 pub mod http_util;
 pub mod scrape_error;
 // Public for the benches, which serve their stand-in targets with ferry's own HTTP server; not

@@ -1694,16 +1694,17 @@ fn the_exporter_drains_no_scrapes() {
     assert!(!lines.contains("scrapes"), "{lines}");
 }
 
-/// A SIGHUP that comes while the process is still reading its configuration is a reload once
-/// the roles run, not the end of the process (SIGHUP's default action).
+/// A SIGHUP that comes while the process is still starting (reading its configuration) is a
+/// reload once the roles run, not the end of the process (SIGHUP's default action).
 #[test]
 fn a_sighup_during_start_up_is_a_reload_not_an_exit() {
-    use std::io::Write as _;
     let dir = TempDir::new().unwrap();
-    let credentials = dir.path().join("credentials");
-    // A named pipe holds ferry at its first read of the file (validation) until the test writes.
-    let mkfifo = Command::new("mkfifo").arg(&credentials).status().unwrap();
-    assert!(mkfifo.success());
+    // Long enough to read and check (some 0.3 s) that the signal lands while ferry reads it.
+    let hash = hash_token("s3cret");
+    let lines: String = (0..20_000)
+        .map(|i| format!("client-{i} {hash}\n"))
+        .collect();
+    write(dir.path(), "credentials", &lines);
     let mut egress = Running::start(
         dir.path(),
         &[
@@ -1716,18 +1717,11 @@ fn a_sighup_during_start_up_is_a_reload_not_an_exit() {
             "credentials",
         ],
     );
-    // Opening the pipe for writing waits until ferry has opened it for reading.
-    let mut pipe = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&credentials)
-        .unwrap();
+    // Sent as soon as ferry catches SIGHUP, which it does before reading any file (a named pipe
+    // cannot hold it there: it is refused, not waited on).
+    let pid = egress.child.0.id();
+    wait_until_caught(pid, rustix::process::Signal::HUP);
     egress.signal(rustix::process::Signal::HUP);
-    // Later reads find a plain file; this one gets its text through the pipe.
-    let line = format!("client-* {}\n", hash_token("s3cret"));
-    write(dir.path(), "credentials.new", &line);
-    std::fs::rename(dir.path().join("credentials.new"), &credentials).unwrap();
-    let _ = pipe.write_all(line.as_bytes());
-    drop(pipe);
     // The reload may be logged before or after the listening line: it waits for the roles to
     // run, not for the log.
     egress.wait_for_all(&[
@@ -1740,6 +1734,26 @@ fn a_sighup_during_start_up_is_a_reload_not_an_exit() {
         "ferry exited:\n{}",
         egress.seen.join("\n")
     );
+}
+
+/// Waits (20 s at most) until process `pid` has a handler for `signal` (its `SigCgt` in
+/// /proc/PID/status).
+fn wait_until_caught(pid: u32, signal: rustix::process::Signal) {
+    let bit = 1u64 << (signal.as_raw() - 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & bit != 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "ferry never caught {signal:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// An egress credentials file that lost every line is not applied on reload (it would refuse
@@ -2655,4 +2669,112 @@ async fn accept_failures_are_warned_about_once_and_counted() {
         .collect();
     assert_eq!(warned.len(), 1, "{lines:#?}");
     assert!(warned[0].contains("Too many open files"), "{}", warned[0]);
+}
+
+/// Replaces `path` with a named pipe nothing ever writes into: what `rm f; mkfifo f` or a
+/// process substitution (`--auth.tokens-file <(...)`) leaves behind.
+fn make_fifo(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let status = Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+/// A named pipe where a file is expected is refused at once, one line per file, instead of
+/// `check-config` (or a start) waiting forever for something to write into it.
+#[test]
+fn check_config_refuses_named_pipes_at_once_naming_each_file() {
+    let dir = TempDir::new().unwrap();
+    let text = "gateway:
+  web:
+    listen_address: 127.0.0.1:0
+  tunnel:
+    listen_address: 127.0.0.1:0
+    tls_cert_file: tunnel.crt
+    tls_key_file: tunnel.key
+  data_dir: data
+  auth:
+    tokens_file: tokens
+";
+    write(dir.path(), "ferry.yaml", text);
+    for name in ["tokens", "tunnel.crt", "tunnel.key"] {
+        make_fifo(&dir.path().join(name));
+    }
+    let started = Instant::now();
+    let out = ferry(dir.path(), &["check-config", "ferry.yaml"]);
+    assert!(started.elapsed() < Duration::from_secs(5), "{out:?}");
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    let pipe = "not a regular file (a named pipe)";
+    assert_eq!(
+        lines,
+        [
+            format!("ferry.yaml: gateway.tunnel.tls_cert_file: cannot read tunnel.crt: {pipe}"),
+            format!("ferry.yaml: gateway.tunnel.tls_key_file: cannot read tunnel.key: {pipe}"),
+            format!("ferry.yaml: gateway.auth.tokens_file: cannot read tokens file tokens: {pipe}"),
+        ]
+    );
+
+    // The configuration file itself, for check-config and run alike.
+    make_fifo(&dir.path().join("ferry.yaml"));
+    for args in [
+        &["check-config", "ferry.yaml"][..],
+        &["run", "--config.file", "ferry.yaml"],
+    ] {
+        let started = Instant::now();
+        let out = ferry(dir.path(), args);
+        assert!(started.elapsed() < Duration::from_secs(5), "{out:?}");
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{args:?}: {out:?}");
+        assert_eq!(
+            stderr_lines(&out),
+            [format!("ferry.yaml: cannot read: {pipe}")],
+            "{args:?}"
+        );
+    }
+}
+
+/// The agent's token file as a named pipe: refused at start, naming the flag and the file.
+#[test]
+fn agent_refuses_a_token_file_that_is_a_named_pipe() {
+    let dir = TempDir::new().unwrap();
+    make_fifo(&dir.path().join("agent-token"));
+    let started = Instant::now();
+    let out = ferry(
+        dir.path(),
+        &agent_flags(&["--target", "node=http://127.0.0.1:9100/metrics"]),
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{out:?}");
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("--token-file")
+            && lines[0].contains("cannot read agent-token: not a regular file (a named pipe)"),
+        "{lines:?}"
+    );
+}
+
+/// `rm tokens; mkfifo tokens; kill -HUP`: the reload fails at once naming the file, the
+/// previous credentials stay, the gateway goes on answering and still stops on SIGTERM.
+#[test]
+fn a_tokens_file_replaced_by_a_named_pipe_fails_the_reload_not_the_gateway() {
+    let dir = TempDir::new().unwrap();
+    let tokens = tokens_file(dir.path(), "s3cret");
+    let mut gw = Running::gateway(dir.path(), &tokens, &[]);
+    let web = logged_address(&gw.wait_for("gateway web listener up"));
+    make_fifo(&tokens);
+    gw.signal(rustix::process::Signal::HUP);
+    let line = gw.wait_for("tokens file reload failed");
+    assert!(
+        line.contains(&format!(
+            "cannot read tokens file {}: not a regular file (a named pipe)",
+            tokens.display()
+        )),
+        "{line}"
+    );
+    gw.wait_for("reload done, not all of it applied");
+    assert_eq!(healthy_status(&web.to_string()).unwrap(), "HTTP/1.1 200 OK");
+    gw.stop();
 }

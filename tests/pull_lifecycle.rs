@@ -661,6 +661,49 @@ async fn a_tokens_file_that_lost_every_line_is_not_applied() {
     gw.stop().await;
 }
 
+/// A tokens file replaced by a named pipe (`rm tokens; mkfifo tokens`) fails the reload at once,
+/// naming the file, instead of waiting for a writer: the previous credentials stay and the
+/// connected agent's scrapes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokens_file_that_became_a_named_pipe_is_refused_at_once() {
+    let dir = TempDir::new().unwrap();
+    let gw = start_gateway(&dir, &[("db-*", "kept")], |_| {}).await;
+    let server = metrics_server("up 1\n").await;
+    let agent = start_agent(
+        agent_section(&gw, "db-1", &[("node", server.url("/metrics"))]),
+        "kept",
+    );
+    gw.wait_agent("db-1", Duration::from_secs(10)).await;
+    let tokens = dir.path().join("tokens");
+    std::fs::remove_file(&tokens).unwrap();
+    let status = Command::new("mkfifo").arg(&tokens).status().unwrap();
+    assert!(status.success());
+
+    // On a thread of its own, not the runtime's blocking pool: a reload stuck in open(2) would
+    // keep the runtime (and the test) from ever finishing.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let gateway = gw.gateway.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(gateway.reload_tokens().map_err(|e| e.to_string()));
+    });
+    let reloaded = tokio::time::timeout(Duration::from_secs(5), rx)
+        .await
+        .expect("the reload returns at once, not waiting on the pipe")
+        .unwrap();
+    let err = reloaded.unwrap_err();
+    assert!(
+        err.contains(&format!(
+            "cannot read tokens file {}: not a regular file (a named pipe)",
+            tokens.display()
+        )),
+        "{err}"
+    );
+    let resp = scrape(gw.web, &target_url("db-1", &server)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    agent.stop().await;
+    gw.stop().await;
+}
+
 /// `ferry_gateway_tunnels_replaced_total`, 0 while none was replaced.
 async fn tunnels_replaced(web: SocketAddr) -> f64 {
     let text = gateway_metrics(web).await;

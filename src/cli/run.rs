@@ -398,7 +398,7 @@ const RELOADED_FIELDS: &[&str] = &[
 ];
 
 fn file_value(path: &std::path::Path) -> Result<serde_yaml_ng::Value, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let text = crate::fs_util::read_regular_to_string(path).map_err(|e| e.to_string())?;
     serde_yaml_ng::from_str(&text).map_err(|e| e.to_string())
 }
 

@@ -1007,7 +1007,7 @@ fn canonical_name(host: &str) -> Option<String> {
 /// Reads the agent's token from `path`: at start-up, and again before every connection, so a
 /// token written into the file (rotation) is used without a restart.
 pub fn read_token_file(path: &Path) -> Result<Secret, String> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::fs_util::read_regular_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     check_token(
         &text,

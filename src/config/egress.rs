@@ -575,7 +575,7 @@ impl ValidateSection {
 }
 
 fn load_schema(path: &std::path::Path) -> Result<jsonschema::Validator, String> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::fs_util::read_regular_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;

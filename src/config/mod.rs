@@ -446,7 +446,7 @@ impl FileConfig {
     /// Reads and parses `path`; a syntax or shape error is reported with its line and field.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigErrors> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = crate::fs_util::read_regular_to_string(path).map_err(|e| {
             let mut errs = ConfigErrors::new(origin.clone());
             errs.push("", format!("cannot read: {e}"));
             errs
@@ -492,7 +492,7 @@ impl FileConfig {
         adjust: impl FnOnce(&mut FileConfig),
     ) -> Result<RunConfig, ConfigErrors> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = crate::fs_util::read_regular_to_string(path).map_err(|e| {
             let mut errs = ConfigErrors::new(origin.clone());
             errs.push("", format!("cannot read: {e}"));
             errs
@@ -928,9 +928,9 @@ pub(crate) fn network(net: ipnet::IpNet, spelled: &str) -> Result<ipnet::IpNet, 
     ))
 }
 
-/// Records an error unless `path` names a readable file.
+/// Records an error unless `path` names a readable regular file.
 pub fn check_readable(path: &Path, field: &str, errs: &mut ConfigErrors) {
-    if let Err(e) = std::fs::File::open(path) {
+    if let Err(e) = crate::fs_util::open_regular(path) {
         errs.push(field, format!("cannot read {}: {e}", path.display()));
     }
 }

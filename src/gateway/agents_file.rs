@@ -66,7 +66,7 @@ fn read(path: &Path) -> Result<Option<Vec<Record>>, String> {
     use std::io::Read as _;
     // Not a FIFO (opening one would wait for a writer, holding the start and SIGTERM with it),
     // and not more than any real file holds.
-    let file = match crate::telemetry::geo::open_regular_file(path) {
+    let file = match crate::fs_util::open_regular(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read it: {e}")),

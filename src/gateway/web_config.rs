@@ -257,7 +257,8 @@ pub fn load(path: &Path) -> Result<WebConfig, String> {
 /// [`load`], with every problem of the file, one line each (unless it cannot be parsed at all).
 pub fn load_all(path: &Path) -> Result<WebConfig, Vec<String>> {
     let at = path.display();
-    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read {at}: {e}")])?;
+    let text = crate::fs_util::read_regular_to_string(path)
+        .map_err(|e| vec![format!("cannot read {at}: {e}")])?;
     let file: File = serde_yaml_ng::from_str(&text)
         .map_err(|e| vec![format!("{at}: {}", e.to_string().replace('\n', " "))])?;
     let base = path.parent().unwrap_or(Path::new("."));

@@ -460,51 +460,10 @@ impl GeoDb {
     }
 }
 
-/// Opens `path` for reading, refusing anything but a regular file (after symlinks). Opened
-/// without blocking and checked on the open file, not before: opening a FIFO for reading would
-/// wait for a writer forever, holding the start or a reload (and SIGTERM with it).
+/// Opens `path` for reading, refusing anything but a regular file: opening a FIFO would wait
+/// for a writer forever, holding the start or a reload (and SIGTERM with it).
 fn open_regular(path: &Path) -> Result<std::fs::File, GeoError> {
-    open_regular_file(path).map_err(|e| GeoError::open(path, e))
-}
-
-/// [`open_regular`] for any file ferry reads at start (the gateway's agents file too): the error
-/// says what is wrong, without the path.
-pub(crate) fn open_regular_file(path: &Path) -> std::io::Result<std::fs::File> {
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    #[cfg(target_os = "linux")]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
-    let file = options.open(path)?;
-    let kind = file.metadata()?.file_type();
-    if kind.is_file() {
-        Ok(file)
-    } else if kind.is_dir() {
-        Err(std::io::Error::other("is a directory"))
-    } else {
-        Err(std::io::Error::other(format!(
-            "not a regular file ({})",
-            file_kind(kind)
-        )))
-    }
-}
-
-/// What a non-regular file is, for the error.
-fn file_kind(kind: std::fs::FileType) -> &'static str {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if kind.is_fifo() {
-            return "a named pipe";
-        }
-        if kind.is_socket() {
-            return "a socket";
-        }
-        if kind.is_char_device() || kind.is_block_device() {
-            return "a device";
-        }
-    }
-    let _ = kind;
-    "not a plain file"
+    crate::fs_util::open_regular(path).map_err(|e| GeoError::open(path, e))
 }
 
 fn lookup_failed(ip: IpAddr, error: MaxMindDbError) -> Country {

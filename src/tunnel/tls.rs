@@ -74,12 +74,14 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 
 /// Reads every certificate of a PEM file; at least one must be there.
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Cert {
-            path: path.to_owned(),
-            reason: pem_reason(&e),
-        })?;
+    let error = |reason| TlsError::Cert {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = crate::fs_util::read_regular(path).map_err(|e| error(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(pem_reason(&e)))?;
     if certs.is_empty() {
         return Err(TlsError::Cert {
             path: path.to_owned(),
@@ -126,10 +128,12 @@ pub fn identity_error(cert: &Path, key: &Path, e: &rustls::Error) -> TlsError {
 
 /// Reads the first private key of a PEM file.
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
+    let error = |reason| TlsError::Key {
         path: path.to_owned(),
-        reason: pem_reason(&e),
-    })
+        reason,
+    };
+    let pem = crate::fs_util::read_regular(path).map_err(|e| error(e.to_string()))?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| error(pem_reason(&e)))
 }
 
 /// rustls's reason for refusing a certificate or key, in plain words: its own message is often
