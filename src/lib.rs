@@ -165,7 +165,8 @@
 //! - [`exporter`] (feature `geo`): `ferry exporter`, the host connection collector on its own
 //!   listener, no gateway needed.
 //! - [`auth`] (features `gateway`, `egress`): credentials files (`<id glob> sha256:<hex>`),
-//!   hashed at rest and compared in constant time.
+//!   hashed at rest and compared in constant time. `auth_header` reads `Authorization` and
+//!   `Proxy-Authorization` values for every listener that takes them (the scheme in any case).
 //! - [`config`]: serde structs for the YAML file and flags, validated once into runtime types with
 //!   every error reported at once.
 //! - [`telemetry`]: ferry's own Prometheus metrics and their encoding; the country lookup and the
@@ -185,6 +186,8 @@
 
 #[cfg(any(feature = "gateway", feature = "egress"))]
 pub mod auth;
+#[cfg(any(feature = "gateway", feature = "egress"))]
+mod auth_header;
 pub mod config;
 #[cfg(any(
     feature = "agent",

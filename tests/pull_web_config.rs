@@ -130,6 +130,39 @@ async fn basic_auth_guards_scrapes_and_endpoints_and_leaves_authorization_to_the
     gw.stop().await;
 }
 
+/// Auth schemes are case-insensitive (RFC 9110 §11.1): `basic` and `BASIC` are `Basic`, for
+/// the gateway's own endpoints (`Authorization`) and for scrapes (`Proxy-Authorization`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_basic_scheme_is_accepted_in_any_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = TargetServer::start(Behaviour::Metrics("up 1\n".into())).await;
+    let (gw, _) = gateway_with_basic_auth(&dir, "").await;
+    let agent = start_agent(
+        agent_section(&gw, "case-1", &[("node", target.url("/metrics"))]),
+        "t",
+    );
+    gw.wait_agent("case-1", Duration::from_secs(10)).await;
+    let url = format!("http://case-1:{}/metrics", target.addr.port());
+    let sd = format!("http://{}/targets", gw.web);
+    for scheme in ["basic", "BASIC", "bAsIc"] {
+        let creds = basic("prometheus", "s3cret").replacen("Basic", scheme, 1);
+        let scrape = get_via_proxy(gw.web, &url, &[("proxy-authorization", &creds)]).await;
+        assert_eq!(scrape.status, 200, "{scheme}: {}", scrape.text());
+        let own = get_with_headers(&sd, &[("authorization", &creds)]).await;
+        assert_eq!(own.status, 200, "{scheme}: {}", own.text());
+    }
+    let wrong = basic("prometheus", "nope").replacen("Basic", "basic", 1);
+    assert_eq!(
+        get_with_headers(&sd, &[("authorization", &wrong)])
+            .await
+            .status,
+        401,
+        "a lowercase scheme is still checked"
+    );
+    agent.stop().await;
+    gw.stop().await;
+}
+
 /// The gateway's own `/metrics`, with the test's credentials.
 async fn gateway_metrics(gw: &common::ferry::TestGateway) -> String {
     let url = format!("http://{}/metrics", gw.web);

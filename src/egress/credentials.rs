@@ -74,20 +74,12 @@ impl Credentials {
 
 /// The name and secret of a `Proxy-Authorization` value.
 fn parse_authorization(value: &str) -> Result<(String, String), Refusal> {
-    // Auth schemes are case-insensitive (RFC 9110 §11.1).
-    let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
-    if scheme.eq_ignore_ascii_case("basic") {
-        use base64::Engine as _;
-        let malformed = || Refusal::credentials("malformed Basic credentials");
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(credentials.trim())
-            .ok()
-            .and_then(|d| String::from_utf8(d).ok())
-            .ok_or_else(malformed)?;
-        let (n, s) = decoded.split_once(':').ok_or_else(malformed)?;
-        Ok((n.to_owned(), s.to_owned()))
-    } else if scheme.eq_ignore_ascii_case("bearer") {
-        Ok(("bearer".to_owned(), credentials.trim().to_owned()))
+    use crate::auth_header::{basic_user_password, credentials};
+    if let Some(basic) = credentials(value, "basic") {
+        basic_user_password(basic)
+            .ok_or_else(|| Refusal::credentials("malformed Basic credentials"))
+    } else if let Some(token) = credentials(value, "bearer") {
+        Ok(("bearer".to_owned(), token.to_owned()))
     } else {
         Err(Refusal::credentials(
             "unsupported Proxy-Authorization scheme (Basic or Bearer)",

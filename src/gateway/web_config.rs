@@ -237,16 +237,9 @@ impl Drop for PerIp<'_> {
     }
 }
 
-/// The user and password of a `Basic <base64 user:password>` header.
+/// The user and password of a `Basic <base64 user:password>` header, the scheme in any case.
 fn basic_credentials(header: &str) -> Option<(String, String)> {
-    use base64::Engine as _;
-    let encoded = header.strip_prefix("Basic ")?;
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    let (user, password) = decoded.split_once(':')?;
-    Some((user.to_owned(), password.to_owned()))
+    crate::auth_header::basic_user_password(crate::auth_header::credentials(header, "basic")?)
 }
 
 /// Loads and checks `path`; errors name the file and the field.

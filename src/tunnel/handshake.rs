@@ -178,12 +178,9 @@ fn only_one<'a>(
 }
 
 #[cfg(feature = "gateway")]
-/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
-/// (RFC 9110 11.1).
+/// The token of an `Authorization: Bearer <token>` value, the scheme in any case.
 fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim_start().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    crate::auth_header::credentials(value, "bearer").filter(|token| !token.is_empty())
 }
 
 /// The `101 Switching Protocols` answer to an accepted upgrade request.
