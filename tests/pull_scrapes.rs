@@ -920,14 +920,15 @@ async fn raw_handshake_refusals_carry_status_and_reason() {
 
 /// Sends `request` (an HTTP/1 head, the agent's side of the upgrade) over TLS to the tunnel
 /// listener and reads the answer.
-async fn raw_tunnel_exchange(gw: &TestGateway, request: &str) -> RawResp {
+async fn raw_tunnel_exchange(gw: &TestGateway, request: impl AsRef<[u8]>) -> RawResp {
     use tokio::io::AsyncWriteExt;
+    let request = request.as_ref();
     let mut tls = tunnel_tls(gw).await;
-    tls.write_all(request.as_bytes()).await.unwrap();
+    tls.write_all(request).await.unwrap();
     tokio::time::timeout(CONNECT_WAIT, read_response(&mut tls))
         .await
         .expect("the gateway answers within 10 s")
-        .unwrap_or_else(|| panic!("no answer to {request:?}"))
+        .unwrap_or_else(|| panic!("no answer to {:?}", String::from_utf8_lossy(request)))
 }
 
 /// The upgrade request an agent sends, with `lines` (header lines, `\r\n` each) in the middle.
@@ -978,12 +979,35 @@ async fn upgrade_requests_are_read_as_the_rfc_says_and_doubts_are_refused() {
         assert_eq!(resp.status, *status, "{request:?}: {}", resp.head);
         assert_eq!(String::from_utf8_lossy(&resp.body), format!("{reason}\n"));
     }
-    // A 401 says which scheme it wants.
-    for auth in ["Authorization: Bearer nope\r\n", ""] {
-        let lines = format!("Upgrade: ferry/1\r\n{auth}Ferry-Agent-Id: node-1\r\n");
-        let resp = raw_tunnel_exchange(&gw, &upgrade_head("HTTP/1.1", &lines)).await;
+    // A 401 says what is wrong with the credential, and which scheme it wants.
+    let unauthorized: [(&[u8], &str); 6] = [
+        (b"Authorization: Bearer nope\r\n", "invalid token"),
+        (b"", "missing bearer token"),
+        (
+            b"Authorization: Bearer bad\" x=\xff\r\n",
+            "malformed Authorization header: not visible ASCII",
+        ),
+        (
+            b"Authorization: Bearer bad\" x=\r\n",
+            "malformed Authorization header: the bearer token is more than one word",
+        ),
+        (
+            b"Authorization: Bearer\r\n",
+            "malformed Authorization header: Bearer without a token",
+        ),
+        (
+            b"Authorization: Basic dGVzdDp0ZXN0\r\n",
+            "the Authorization header is not Bearer <token>",
+        ),
+    ];
+    for (auth, reason) in unauthorized {
+        let mut request = b"GET /ferry/v1/tunnel HTTP/1.1\r\nHost: localhost\r\nConnection: upgrade\r\nUpgrade: ferry/1\r\n".to_vec();
+        request.extend_from_slice(auth);
+        request.extend_from_slice(b"Ferry-Agent-Id: node-1\r\n\r\n");
+        let resp = raw_tunnel_exchange(&gw, &request).await;
         assert_eq!(resp.status, 401, "{}", resp.head);
         assert_eq!(resp.header("www-authenticate").as_deref(), Some("Bearer"));
+        assert_eq!(String::from_utf8_lossy(&resp.body), format!("{reason}\n"));
     }
     let text = gateway_metrics(&gw).await;
     let counted = |result| {

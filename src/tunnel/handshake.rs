@@ -112,10 +112,7 @@ pub(crate) fn parse_upgrade_request<B>(req: &Request<B>) -> Result<UpgradeReques
             format!("expected Upgrade: {UPGRADE_PROTOCOL}"),
         ));
     }
-    let token = only_one(req.headers(), "Authorization")?
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token)
-        .ok_or_else(|| Refusal::new(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
+    let token = bearer_token(only_one(req.headers(), "Authorization")?)?;
     let agent_id = only_one(req.headers(), "Ferry-Agent-Id")?
         .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "missing Ferry-Agent-Id header"))?
         .to_str()
@@ -178,9 +175,28 @@ fn only_one<'a>(
 }
 
 #[cfg(feature = "gateway")]
-/// The token of an `Authorization: Bearer <token>` value, the scheme in any case.
-fn bearer_token(value: &str) -> Option<&str> {
-    crate::auth_header::credentials(value, "bearer").filter(|token| !token.is_empty())
+/// The token of an `Authorization: Bearer <token>` header, the scheme in any case, or a 401
+/// saying what is wrong with it: absent, another scheme, or malformed (an agent that sent a
+/// broken header must not be told it sent none).
+fn bearer_token(value: Option<&HeaderValue>) -> Result<&str, Refusal> {
+    let refuse = |reason: &str| Err(Refusal::new(StatusCode::UNAUTHORIZED, reason));
+    let Some(value) = value else {
+        return refuse("missing bearer token");
+    };
+    let Ok(value) = value.to_str() else {
+        return refuse("malformed Authorization header: not visible ASCII");
+    };
+    let Some(token) = crate::auth_header::credentials(value, "bearer") else {
+        return refuse("the Authorization header is not Bearer <token>");
+    };
+    if token.is_empty() {
+        return refuse("malformed Authorization header: Bearer without a token");
+    }
+    // A bearer token is one word (RFC 6750 b64token); so is an agent's token.
+    if token.contains([' ', '\t']) {
+        return refuse("malformed Authorization header: the bearer token is more than one word");
+    }
+    Ok(token)
 }
 
 /// The `101 Switching Protocols` answer to an accepted upgrade request.
