@@ -2,7 +2,9 @@
 //! gateway's service discovery and status page — answered by one piece of code, so that the
 //! gateway's web listener, the agent's `--web.listen-address`, the egress proxy and the exporter
 //! follow the same rules: GET and HEAD only (405 with `Allow` otherwise), a 404 naming the
-//! endpoints, the exposition format picked by `Accept`, gzip when `Accept-Encoding` takes it.
+//! endpoints, the exposition format picked by `Accept`, gzip when `Accept-Encoding` takes it,
+//! and the same security headers ([`harden`]). Never applied to what ferry proxies: a target's
+//! answer keeps the target's headers.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -62,7 +64,42 @@ pub(crate) fn answer<E: OwnEndpoints, B>(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let headers = req.headers().clone();
-    async move { respond(&owner, &method, &path, &headers).await }
+    async move {
+        let mut resp = respond(&owner, &method, &path, &headers).await;
+        harden(resp.headers_mut());
+        resp
+    }
+}
+
+/// What a browser's status page may do: show itself with its inline `<style>`, nothing else —
+/// no scripts, images, fonts or frames of any origin, no `<base>` or forms, never framed.
+const STATUS_PAGE_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; \
+    frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
+/// Marks `headers`, those of an answer of ferry's own (an endpoint, or a refusal to reach one),
+/// so that a browser never reads it as another type than it says; an HTML page (the gateway's
+/// status page) also runs nothing but its own style, is never framed (clickjacking) and sends no
+/// `Referer` with the links followed from it.
+pub(crate) fn harden(headers: &mut HeaderMap) {
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    let html = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|t| t.to_str().ok())
+        .is_some_and(|t| t.trim_start().to_ascii_lowercase().starts_with("text/html"));
+    if html {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(STATUS_PAGE_CSP),
+        );
+        headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        headers.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+    }
 }
 
 async fn respond<E: OwnEndpoints>(

@@ -436,6 +436,68 @@ async fn own_endpoints_answer_get_and_head_only_and_404_names_them_on_every_role
     roles.stop().await;
 }
 
+/// Every own answer of every role — endpoints, 404, 405 — tells a browser not to sniff its type;
+/// the gateway's status page, the one HTML page, also forbids anything but its inline style,
+/// framing and referrers. What ferry proxies keeps the target's headers: none are added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_answers_carry_security_headers_and_proxied_ones_do_not() {
+    let roles = Roles::start().await;
+    let gateway_only = ["/", "/targets", "/clients", "/api/v1/agents"];
+    for Listener { owner, addr } in &roles.listeners {
+        let mut paths = vec!["/metrics", "/-/healthy", "/-/ready", "/nope"];
+        if *owner == "the gateway" {
+            paths.extend(gateway_only);
+        }
+        for path in paths {
+            for method in ["GET", "HEAD", "POST"] {
+                let resp = client::send(*addr, request(method, *addr, path, &[])).await;
+                assert_eq!(
+                    resp.header("x-content-type-options"),
+                    Some("nosniff"),
+                    "{owner} {method} {path} ({}): {:?}",
+                    resp.status,
+                    resp.headers
+                );
+                let html = path == "/" && method != "POST";
+                if html {
+                    assert!(
+                        resp.header("content-type")
+                            .is_some_and(|t| t.starts_with("text/html")),
+                        "{:?}",
+                        resp.headers
+                    );
+                }
+                let csp = resp.header("content-security-policy");
+                assert_eq!(csp.is_some(), html, "{owner} {method} {path}: {csp:?}");
+                if let Some(csp) = csp {
+                    for directive in [
+                        "default-src 'none'",
+                        "style-src 'unsafe-inline'",
+                        "frame-ancestors 'none'",
+                    ] {
+                        assert!(csp.contains(directive), "{directive}: {csp}");
+                    }
+                    assert_eq!(resp.header("x-frame-options"), Some("DENY"));
+                    assert_eq!(resp.header("referrer-policy"), Some("no-referrer"));
+                }
+            }
+        }
+    }
+
+    // A scrape through the gateway (the agent's built-in target) is the target's answer.
+    let scrape = client::get_via_proxy(roles.gw.web, "http://node-1:9369/metrics", &[]).await;
+    assert_eq!(scrape.status, 200, "{}", scrape.text());
+    for name in [
+        "x-content-type-options",
+        "content-security-policy",
+        "x-frame-options",
+        "referrer-policy",
+    ] {
+        assert_eq!(scrape.header(name), None, "{name}: {:?}", scrape.headers);
+    }
+    roles.stop().await;
+}
+
 /// Encodings of a [`SlowCollector`]: how many ran, and the most at once.
 #[derive(Debug, Default)]
 struct Encodings {

@@ -110,6 +110,11 @@ async fn basic_auth_guards_scrapes_and_endpoints_and_leaves_authorization_to_the
     let sd_denied = get(&sd).await;
     assert_eq!(sd_denied.status, 401);
     assert_eq!(sd_denied.header("ferry-error"), Some("gateway"));
+    assert_eq!(
+        sd_denied.header("x-content-type-options"),
+        Some("nosniff"),
+        "a refusal at the gateway's own endpoints is one of its own answers"
+    );
     let sd_ok = get_with_headers(&sd, &[("authorization", &basic("prometheus", "s3cret"))]).await;
     assert_eq!(sd_ok.status, 200);
     assert!(sd_ok.text().contains("auth-1:"), "{}", sd_ok.text());

@@ -65,7 +65,18 @@ async fn status_page_shows_the_connected_agent_in_a_browser() {
     let dom = tokio::task::spawn_blocking({
         let url = url.clone();
         let profile = profile.path().to_owned();
-        move || chromium(&profile, &["--dump-dom".into(), url])
+        // With the console logged, a part of the page its Content-Security-Policy blocks shows.
+        move || {
+            chromium(
+                &profile,
+                &[
+                    "--enable-logging=stderr".into(),
+                    "--v=0".into(),
+                    "--dump-dom".into(),
+                    url,
+                ],
+            )
+        }
     })
     .await
     .unwrap();
@@ -84,6 +95,11 @@ async fn status_page_shows_the_connected_agent_in_a_browser() {
         "the last scrape result is shown:\n{html}"
     );
     assert!(html.contains("1 agent connected"), "{html}");
+    let console = String::from_utf8_lossy(&dom.stderr);
+    assert!(
+        !console.contains("Content Security Policy"),
+        "the page's own Content-Security-Policy blocks part of it:\n{console}"
+    );
 
     let shot = target_dir().join("status-page.png");
     let _ = std::fs::remove_file(&shot);

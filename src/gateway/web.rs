@@ -35,6 +35,11 @@ pub(super) async fn handle(
         unauthenticated(state, proxied, peer, req.headers()).await
     {
         refused(state, refusal, peer, detail);
+        let mut resp = resp;
+        if !proxied {
+            // A refusal at the gateway's own endpoints is one of its own answers.
+            crate::endpoints::harden(resp.headers_mut());
+        }
         return resp;
     }
     if proxied {
