@@ -582,6 +582,7 @@ async fn parallel_scrapes_share_one_socket_dump_and_the_excess_is_refused() {
     assert_eq!((ok.len(), refused.len()), (5, 7), "{resps:#?}");
     for resp in &refused {
         assert_eq!((resp.status, resp.text().as_str()), (503, BUSY));
+        assert_eq!(resp.header("retry-after"), Some("1"), "{:?}", resp.headers);
     }
     for resp in &ok {
         assert!(

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Response, StatusCode};
+use http::{header, HeaderValue, Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
@@ -57,7 +57,14 @@ impl GateError {
             GateError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             GateError::Failed => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        text_response(status, &self.to_string())
+        let mut resp = text_response(status, &self.to_string());
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // The dump in progress ends within seconds: a client that honours Retry-After (a
+            // health checker, curl --retry) comes back after it rather than at once.
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 
