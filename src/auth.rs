@@ -63,6 +63,9 @@ struct Entry {
 #[derive(Debug, Clone, Default)]
 pub struct TokensFile {
     entries: Vec<Entry>,
+    /// Lines whose glob no id (or client name) can match, with their number: valid, yet they
+    /// let nobody in, which is worth a warning (a typo, a paste of the wrong thing).
+    unmatchable: Vec<(usize, String)>,
     /// A gateway's tokens file: its ids are host names, compared in canonical form (lower case,
     /// no final dot). An egress credentials file's names are compared as written.
     host_names: bool,
@@ -119,6 +122,9 @@ impl TokensFile {
                 had: current.len(),
             });
         }
+        for warning in new.unmatchable_lines(path) {
+            tracing::warn!("{warning}");
+        }
         Ok(new)
     }
 
@@ -131,17 +137,25 @@ impl TokensFile {
     fn parse_as(text: &str, kind: &str) -> Result<TokensFile, (usize, String)> {
         // Some editors start a UTF-8 file with a byte-order mark; it would join the first glob.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let host_names = kind != CREDENTIALS_FILE;
         let mut entries = Vec::new();
+        let mut unmatchable = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
                 continue;
             }
-            entries.push(parse_line(line, kind).map_err(|reason| (i + 1, reason))?);
+            let entry = parse_line(line, kind).map_err(|reason| (i + 1, reason))?;
+            if !can_match(entry.ids.as_str(), host_names) {
+                let written = line.split_whitespace().next().unwrap_or_default();
+                unmatchable.push((i + 1, written.to_owned()));
+            }
+            entries.push(entry);
         }
         Ok(TokensFile {
             entries,
-            host_names: kind != CREDENTIALS_FILE,
+            unmatchable,
+            host_names,
         })
     }
 
@@ -153,6 +167,34 @@ impl TokensFile {
     /// Whether the file holds no credential at all.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// A warning, naming `path` (the file this was read from) and the line, for each line whose
+    /// glob can never match: no agent id (a host name) or, in the egress proxy's credentials
+    /// file, no client name (a Basic user name holds no ':'). Valid lines, so not errors.
+    pub fn unmatchable_lines(&self, path: &Path) -> Vec<String> {
+        let (kind, names, who) = if self.host_names {
+            (
+                TOKENS_FILE,
+                "an agent id (ids are host names: letters, digits, '-', '_' and '.', not first '-' or '.')",
+                "agent",
+            )
+        } else {
+            (
+                CREDENTIALS_FILE,
+                "a client name (a Basic user name holds no ':'; a bearer token is the name \"bearer\")",
+                "client",
+            )
+        };
+        self.unmatchable
+            .iter()
+            .map(|(line, glob)| {
+                format!(
+                    "{kind} {} line {line}: the glob {glob:?} can never match {names}: this line lets no {who} in",
+                    path.display()
+                )
+            })
+            .collect()
     }
 
     /// Checks that `token` is known and may claim `agent_id`.
@@ -230,6 +272,113 @@ fn parse_line(line: &str, kind: &str) -> Result<Entry, String> {
     hex::decode_to_slice(hex_part, &mut digest)
         .map_err(|_| format!("{hash:?}: expected sha256: followed by 64 hex digits"))?;
     Ok(Entry { ids, hash: digest })
+}
+
+/// One place of a glob (glob 0.3 syntax, which `glob::Pattern` has already accepted): what
+/// single character it takes, or any run of them.
+enum GlobItem {
+    /// `*` (or `**`): any run of characters, none included.
+    Run,
+    /// `?`: one character, any.
+    Any,
+    /// A character as written.
+    Char(char),
+    /// `[...]` (`negated`: `[!...]`): one character in (or not in) these inclusive ranges.
+    Class {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
+}
+
+impl GlobItem {
+    /// Whether this place takes `c`.
+    fn takes(&self, c: char) -> bool {
+        match self {
+            GlobItem::Run | GlobItem::Any => true,
+            GlobItem::Char(x) => *x == c,
+            GlobItem::Class { negated, ranges } => {
+                ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated
+            }
+        }
+    }
+
+    /// Whether this place takes some character other than `:`, the one character no client
+    /// name can hold (an egress credentials file).
+    fn takes_other_than_colon(&self) -> bool {
+        match self {
+            GlobItem::Run | GlobItem::Any => true,
+            GlobItem::Char(c) => *c != ':',
+            // Excluding a few characters still leaves all the others.
+            GlobItem::Class { negated: true, .. } => true,
+            GlobItem::Class { ranges, .. } => ranges
+                .iter()
+                .any(|&(lo, hi)| lo <= hi && (lo != ':' || hi != ':')),
+        }
+    }
+}
+
+/// The places of `pattern`, read the way glob 0.3 reads it.
+fn glob_items(pattern: &str) -> Vec<GlobItem> {
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut items = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let (item, len) = match chars[i] {
+            '*' => (GlobItem::Run, 1),
+            '?' => (GlobItem::Any, 1),
+            '[' => glob_class(&chars[i..]).unwrap_or((GlobItem::Char('['), 1)),
+            c => (GlobItem::Char(c), 1),
+        };
+        items.push(item);
+        i += len;
+    }
+    items
+}
+
+/// The class at the start of `chars` (`[...]` or `[!...]`, a `]` right after the opening taken
+/// as a member) and how many characters it spans.
+fn glob_class(chars: &[char]) -> Option<(GlobItem, usize)> {
+    let negated = chars.get(1) == Some(&'!');
+    let start = if negated { 2 } else { 1 };
+    // The first member may be `]`: the closing one is searched after it.
+    let close = start + 1 + chars.get(start + 1..)?.iter().position(|&c| c == ']')?;
+    let members = &chars[start..close];
+    let mut ranges = Vec::new();
+    let mut j = 0;
+    while j < members.len() {
+        if j + 2 < members.len() && members[j + 1] == '-' {
+            ranges.push((members[j], members[j + 2]));
+            j += 3;
+        } else {
+            ranges.push((members[j], members[j]));
+            j += 1;
+        }
+    }
+    Some((GlobItem::Class { negated, ranges }, close + 1))
+}
+
+/// Whether some name can match `pattern` (as compiled: a tokens file's in canonical form):
+/// with `host_names`, an agent id — a host name of at most 253 characters (lower case, as
+/// compared), not starting with `-` or `.`; otherwise an egress client name, anything without
+/// `:`. Conservative: `true` when unsure.
+fn can_match(pattern: &str, host_names: bool) -> bool {
+    let items = glob_items(pattern);
+    if !host_names {
+        return items.iter().all(GlobItem::takes_other_than_colon);
+    }
+    const HOST_CHARS: &str = "abcdefghijklmnopqrstuvwxyz0123456789-_.";
+    let fixed = items.iter().filter(|i| !matches!(i, GlobItem::Run)).count();
+    let first_ok = match items.first() {
+        Some(first) => HOST_CHARS
+            .chars()
+            .any(|c| !matches!(c, '-' | '.') && first.takes(c)),
+        None => false,
+    };
+    fixed <= 253
+        && first_ok
+        && items
+            .iter()
+            .all(|item| HOST_CHARS.chars().any(|c| item.takes(c)))
 }
 
 /// The SHA-256 of a token, as the tokens file holds it.
@@ -331,6 +480,61 @@ mod tests {
             let (line, reason) = TokensFile::parse(&format!("# c\n{text}")).unwrap_err();
             assert_eq!(line, 2, "{text}");
             assert!(reason.contains(needle), "{text}: {reason}");
+        }
+    }
+
+    #[test]
+    fn globs_no_name_can_match_are_told_apart_with_their_line() {
+        let hash = hash_token("x");
+        let never_an_id = [
+            "<script>alert(1)</script>*",
+            "-node",
+            ".node",
+            "node/1",
+            "node:9100",
+            "[<>]*",
+            "[-]x",
+            "[z-a]",
+        ];
+        let some_id = [
+            "*",
+            "node-?",
+            "NODE-1.",
+            "[a-z]*.example.com",
+            "[!-]*",
+            "[]a]",
+            "*-1",
+            "_x",
+        ];
+        for glob in never_an_id {
+            let file = TokensFile::parse(&format!("# c\n\n{glob} {hash}\n")).unwrap();
+            let warnings = file.unmatchable_lines(Path::new("F"));
+            assert_eq!(warnings.len(), 1, "{glob}");
+            assert!(
+                warnings[0].starts_with(&format!("tokens file F line 3: the glob {glob:?}")),
+                "{warnings:?}"
+            );
+        }
+        for glob in some_id {
+            let file = TokensFile::parse(&format!("{glob} {hash}\n")).unwrap();
+            assert!(file.unmatchable_lines(Path::new("F")).is_empty(), "{glob}");
+        }
+        // A client name is anything but a ':' (it ends a Basic user name).
+        let creds = |glob: &str| {
+            TokensFile::parse_as(&format!("{glob} {hash}\n"), CREDENTIALS_FILE)
+                .unwrap()
+                .unmatchable_lines(Path::new("C"))
+        };
+        for glob in ["<script>*", "-x", "bearer", "[!:]", "a/b"] {
+            assert!(creds(glob).is_empty(), "{glob}");
+        }
+        for glob in ["ci:*", "[:]x"] {
+            let warnings = creds(glob);
+            assert_eq!(warnings.len(), 1, "{glob}");
+            assert!(
+                warnings[0].starts_with("credentials file C line 1:"),
+                "{warnings:?}"
+            );
         }
     }
 

@@ -1659,6 +1659,63 @@ fn egress_says_what_it_reloads_and_drains() {
     assert!(!lines.contains("scrapes"), "{lines}");
 }
 
+/// A tokens-file line whose glob no agent id can match (ids are host names) is valid but lets
+/// nobody in: check-config and the start warn about it, naming the file and the line, and so
+/// does a reload that brings one; the gateway still starts.
+#[test]
+fn a_glob_no_agent_id_can_match_is_warned_about_with_its_line() {
+    let dir = TempDir::new().unwrap();
+    let hash = hash_token("s3cret");
+    let good = format!("# agents\nnode-* {hash}\n");
+    let tokens = write(
+        dir.path(),
+        "tokens",
+        &format!("{good}<script>alert(1)</script>* {hash}\n"),
+    );
+    write(
+        dir.path(),
+        "gw.yaml",
+        "gateway:\n  auth:\n    tokens_file: tokens\n",
+    );
+    let never = |line: usize, glob: &str| {
+        format!("tokens file tokens line {line}: the glob {glob:?} can never match an agent id (ids are host names: letters, digits, '-', '_' and '.', not first '-' or '.'): this line lets no agent in")
+    };
+    let out = ferry(dir.path(), &["check-config", "gw.yaml"]);
+    assert!(out.status.success(), "a warning, not an error: {out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        [format!(
+            "gw.yaml: warning: {}",
+            never(3, "<script>alert(1)</script>*")
+        )]
+    );
+
+    let mut gw = Running::gateway(dir.path(), &tokens, &[]);
+    let line = gw.wait_for("line 3: the glob");
+    assert!(
+        line.contains("level=warn") && line.contains("can never match an agent id"),
+        "{line}"
+    );
+    gw.wait_for("gateway web listener up");
+    write(dir.path(), "tokens", &format!("{good}-node-1 {hash}\n"));
+    gw.signal(rustix::process::Signal::HUP);
+    gw.wait_for("tokens file reloaded");
+    let lines = gw.stop().join("\n");
+    assert!(
+        lines.contains(r#"line 3: the glob \"-node-1\" can never match"#),
+        "{lines}"
+    );
+
+    // Globs some id can match are not warned about.
+    write(
+        dir.path(),
+        "tokens",
+        &format!("{good}[a-z]*.example.com {hash}\nNODE-? {hash}\n"),
+    );
+    let out = ferry(dir.path(), &["check-config", "gw.yaml"]);
+    assert!(stderr_lines(&out).is_empty(), "{out:?}");
+}
+
 #[test]
 fn a_reload_warns_about_a_tokens_file_made_writable_by_all() {
     let dir = TempDir::new().unwrap();

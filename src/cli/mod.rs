@@ -619,6 +619,12 @@ fn warnings(config: &RunConfig) -> Vec<String> {
         );
     }
     out.extend(writable_by_all(&credential_files(config)));
+    // Reloads warn about these themselves (`TokensFile::reload_as`).
+    for (kind, path) in credential_files(config) {
+        if let Ok(file) = TokensFile::load_as(&path, kind) {
+            out.extend(file.unmatchable_lines(&path));
+        }
+    }
     if let Some(path) = config.agent.as_ref().and_then(|a| a.token_file.as_ref()) {
         out.extend(readable_by_others(path));
         // Both set, the file wins: a token put in the variable would be silently not used.
