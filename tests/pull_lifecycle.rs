@@ -297,6 +297,7 @@ async fn rebind(addr: SocketAddr) -> TcpListener {
 /// the same self-signed certificate) and scrapes work again without anyone touching the agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_reconnects_after_gateway_restart() {
+    let logs = common::logs::capture();
     let dir = TempDir::new().unwrap();
     let server = metrics_server("up_metric 1\n").await;
     let (gw, agent) = gateway_and_agent(&dir, "node-1", &[("node", server.url("/metrics"))]).await;
@@ -323,6 +324,21 @@ async fn agent_reconnects_after_gateway_restart() {
         },
     )
     .await;
+    // The gateway said it was shutting down: the attempts while it restarts are expected, said
+    // at info level, not warnings.
+    logs.wait_lines(
+        &[
+            "INFO",
+            "cannot open tunnel yet: the gateway said it was shutting down",
+        ],
+        2,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        logs.lines_with(&["WARN", "cannot open tunnel"]),
+        Vec::<String>::new()
+    );
 
     let (web_l, tunnel_l) = (rebind(web).await, rebind(tunnel).await);
     let gw2 = start_gateway_on(&dir, &[("*", TOKEN)], web_l, tunnel_l, |_| {}).await;
@@ -1140,6 +1156,7 @@ async fn idle_cutting_proxy_cuts_a_tunnel_without_frequent_keepalive() {
 /// long before the agent's much slower keepalive would notice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_keepalive_drops_a_tunnel_that_went_silent() {
+    let logs = common::logs::capture();
     let dir = TempDir::new().unwrap();
     let server = metrics_server("silent 1\n").await;
     let (gw, agent, proxy) = through_proxy(
@@ -1175,6 +1192,15 @@ async fn gateway_keepalive_drops_a_tunnel_that_went_silent() {
         "unregistered before a PING could go unanswered"
     );
     assert_eq!(proxy.tunnels_opened(), 1, "the agent has not redialled yet");
+    // A tunnel lost, not closed: a warning, which an operator watching warnings sees.
+    let lines = logs
+        .wait_lines(
+            &["WARN", "agent disconnected: tunnel lost", "agent=silent-1"],
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(lines[0].contains("keepalive PING unanswered"), "{lines:?}");
 
     agent.stop().await;
     gw.stop().await;
@@ -1449,7 +1475,9 @@ async fn the_agent_says_why_its_tunnel_ended() {
         .wait_lines(&["tunnel closed; reconnecting"], 1, Duration::from_secs(5))
         .await;
     assert!(
-        lines[0].contains("http2 error: keep-alive timed out"),
+        lines[0].contains(
+            "our keepalive PING got no answer within 700ms: the gateway, or the path to it, is gone"
+        ),
         "{lines:?}"
     );
 

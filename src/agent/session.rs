@@ -52,6 +52,9 @@ pub(crate) enum SessionError {
     Token(String),
 }
 
+/// How long after the gateway announced its shutdown failed attempts are taken for its restart.
+const RESTART_EXPECTED_WITHIN: Duration = Duration::from_secs(60);
+
 /// How a session that started ended.
 enum SessionEnd {
     /// The connection dropped (gateway restart, network, keepalive timeout).
@@ -69,10 +72,20 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
     let gateway = &shared.config.gateway.addr;
     let agent = &shared.config.agent_id;
     log_route(&shared.config);
+    // When the gateway last said it was shutting down: failed attempts in the minute after are
+    // the restart it announced, not trouble to warn about (a gateway gone for longer is).
+    let mut restart_announced: Option<Instant> = None;
     loop {
         let started = Instant::now();
         let outcome = run_session(&shared, &mut token, &shutdown).await;
         record_trouble(&shared, &outcome);
+        match &outcome {
+            Ok(SessionEnd::ClosedByGateway(notice)) if notice.kind == ClosingKind::Shutdown => {
+                restart_announced = Some(Instant::now());
+            }
+            Ok(_) => restart_announced = None,
+            Err(_) => {}
+        }
         let delay = match outcome {
             Ok(SessionEnd::Shutdown) => break,
             Ok(SessionEnd::Closed(reason)) => {
@@ -123,7 +136,11 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
                 // The whole chain: the cause of a failed handshake (a TLS alert from the
                 // gateway, a closed connection) is in the sources, not in the top error.
                 let error = crate::scrape_error::one_line(&e);
-                warn!(%gateway, %error, retry_in = ?delay, "cannot open tunnel");
+                if restart_announced.is_some_and(|at| at.elapsed() < RESTART_EXPECTED_WITHIN) {
+                    info!(%gateway, %error, retry_in = ?delay, "cannot open tunnel yet: the gateway said it was shutting down (restarting?)");
+                } else {
+                    warn!(%gateway, %error, retry_in = ?delay, "cannot open tunnel");
+                }
                 delay
             }
         };
@@ -632,8 +649,17 @@ async fn serve(
     // waits behind the unsent bytes).
     let stalled = cfg.keepalive.timeout;
     tokio::select! {
-        // The chain: hyper's own words are only "http2 error", the cause is in its source.
-        res = conn.as_mut() => SessionEnd::Closed(res.map_or_else(|e| crate::scrape_error::one_line(&e), |_| "closed by the gateway".into())),
+        res = conn.as_mut() => SessionEnd::Closed(match res {
+            Ok(()) => "closed by the gateway".into(),
+            // hyper's words ("http2 error: keep-alive timed out: operation timed out") say
+            // neither how long nor what it likely means.
+            Err(e) if e.is_timeout() => format!(
+                "our keepalive PING got no answer within {:?}: the gateway, or the path to it, is gone",
+                cfg.keepalive.timeout
+            ),
+            // The chain: hyper's own words are only "http2 error", the cause is in its source.
+            Err(e) => crate::scrape_error::one_line(&e),
+        }),
         reason = watch_progress(&io.progress, cfg.handshake_timeout, stalled) => {
             io.close().await;
             SessionEnd::Closed(reason)

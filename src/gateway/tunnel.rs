@@ -498,8 +498,14 @@ async fn run_session(
         .await;
     }
     info!(agent = %agent_id, %remote, targets = n_targets, "agent connected");
+    // Whether the tunnel was lost (an unanswered keepalive, a broken connection) rather than
+    // closed by either side on purpose: an operator watching warnings learns of a site gone.
+    let mut lost = false;
     let end = tokio::select! {
-        reason = &mut conn => format!("connection ended: {reason}"),
+        reason = &mut conn => {
+            lost = reason != h2conn::CLOSED_BY_AGENT;
+            format!("connection ended: {reason}")
+        }
         _ = closed.cancelled() => closed_by_gateway(&handle, &mut conn).await,
         _ = shutdown.cancelled() => shutting_down(&handle, &mut conn).await,
         end = watch_targets(&state, session, sender, targets_tx, &agent_id, remote) => match end {
@@ -516,8 +522,14 @@ async fn run_session(
                     Ok(reason) if reason == h2conn::CLOSED_BY_AGENT => {
                         "the agent went away (GOAWAY)".to_owned()
                     }
-                    Ok(reason) => format!("connection ended: {reason} (target list watch: {e})"),
-                    Err(_) => format!("target list watch failed: {e}"),
+                    Ok(reason) => {
+                        lost = true;
+                        format!("connection ended: {reason} (target list watch: {e})")
+                    }
+                    Err(_) => {
+                        lost = true;
+                        format!("target list watch failed: {e}")
+                    }
                 },
                 _ = shutdown.cancelled() => "gateway shutting down while the agent went away".to_owned(),
             }
@@ -525,7 +537,11 @@ async fn run_session(
         },
     };
     state.registry.remove(&agent_id, session);
-    info!(agent = %agent_id, %remote, reason = %end, "agent disconnected");
+    if lost {
+        warn!(agent = %agent_id, %remote, reason = %end, "agent disconnected: tunnel lost");
+    } else {
+        info!(agent = %agent_id, %remote, reason = %end, "agent disconnected");
+    }
 }
 
 /// Closes `old`, the tunnel a newer one with the same id (from `by`, opened with `claim`)
