@@ -651,18 +651,27 @@ async fn a_token_revoked_while_its_tunnel_registers_does_not_get_in() {
     gw.stop().await;
 }
 
-/// A tokens file caught empty (an editor or a config tool rewriting it) is not applied: it would
-/// lock out every agent at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tokens_file_that_lost_every_line_is_not_applied() {
-    let dir = TempDir::new().unwrap();
-    let gw = start_gateway(&dir, &[("db-*", "kept")], |_| {}).await;
+/// A gateway whose tokens file lets `db-*` in, and agent `db-1` connected to it, serving the
+/// target `node` of the returned server: for tests of what a tokens file reload keeps.
+async fn connected_db_agent(
+    dir: &TempDir,
+) -> (TestGateway, common::ferry::TestAgent, TargetServer) {
+    let gw = start_gateway(dir, &[("db-*", "kept")], |_| {}).await;
     let server = metrics_server("up 1\n").await;
     let agent = start_agent(
         agent_section(&gw, "db-1", &[("node", server.url("/metrics"))]),
         "kept",
     );
     gw.wait_agent("db-1", Duration::from_secs(10)).await;
+    (gw, agent, server)
+}
+
+/// A tokens file caught empty (an editor or a config tool rewriting it) is not applied: it would
+/// lock out every agent at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokens_file_that_lost_every_line_is_not_applied() {
+    let dir = TempDir::new().unwrap();
+    let (gw, agent, server) = connected_db_agent(&dir).await;
     std::fs::write(dir.path().join("tokens"), "# being rewritten\n").unwrap();
     let err = gw.gateway.reload_tokens().unwrap_err().to_string();
     assert!(
@@ -683,13 +692,7 @@ async fn a_tokens_file_that_lost_every_line_is_not_applied() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tokens_file_that_became_a_named_pipe_is_refused_at_once() {
     let dir = TempDir::new().unwrap();
-    let gw = start_gateway(&dir, &[("db-*", "kept")], |_| {}).await;
-    let server = metrics_server("up 1\n").await;
-    let agent = start_agent(
-        agent_section(&gw, "db-1", &[("node", server.url("/metrics"))]),
-        "kept",
-    );
-    gw.wait_agent("db-1", Duration::from_secs(10)).await;
+    let (gw, agent, server) = connected_db_agent(&dir).await;
     let tokens = dir.path().join("tokens");
     std::fs::remove_file(&tokens).unwrap();
     let status = Command::new("mkfifo").arg(&tokens).status().unwrap();
