@@ -326,6 +326,10 @@ impl HttpBody for BoundedBody {
                         return Poll::Ready(Some(Err(err.into())));
                     }
                     this.seen += len;
+                } else if frame.is_trailers() {
+                    // Trailers end a body: hyper's HTTP/1 encoder writes them and polls no more,
+                    // so the end of stream after them is never seen.
+                    this.finish(BodyEnd::Complete);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

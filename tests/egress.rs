@@ -3846,6 +3846,77 @@ async fn a_response_body_the_client_left_is_logged_with_a_reason() {
     );
 }
 
+/// An upstream that answers chunked and ends its body with trailers sent a complete body: the
+/// access line has no cut-off reason and counts every body byte, and the client's connection
+/// carries its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_response_with_trailers_is_logged_complete() {
+    let logs = common::logs::capture();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let body = "0123456789abcdefghij0123456789abcde";
+    tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0; 4096];
+        for _ in 0..2 {
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the proxy closed the upstream connection");
+                seen.extend_from_slice(&buf[..n]);
+            }
+            seen.clear();
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Trailer\r\n\r\n{:x}\r\n{body}\r\n0\r\nX-Trailer: t\r\n\r\n",
+                body.len()
+            );
+            conn.write_all(reply.as_bytes()).await.unwrap();
+        }
+    });
+    let proxy = TestEgress::start(
+        section(&[format!("127.0.0.1/32:{}", up.port())]),
+        TestResolver::new(&[]),
+    )
+    .await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for path in ["/first", "/second"] {
+        let req = absolute("GET", &format!("http://{up}{path}"), &[], Vec::new());
+        let exchange = async {
+            sender
+                .ready()
+                .await
+                .expect("the connection is still usable");
+            let resp = sender.send_request(req).await.expect("an answer");
+            let status = resp.status();
+            let collected = resp.into_body().collect().await.expect("the whole body");
+            (status, collected.to_bytes())
+        };
+        let (status, got) = tokio::time::timeout(TIMEOUT, exchange)
+            .await
+            .expect("the answer arrives on the kept-alive connection");
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(got, body.as_bytes(), "{path}");
+    }
+    let lines = logs
+        .wait_lines(
+            &[&format!("upstream={up}"), "status=200"],
+            2,
+            Duration::from_secs(5),
+        )
+        .await;
+    for line in &lines {
+        assert!(!line.contains("cut off"), "{line}");
+        assert!(
+            line.contains(&format!("bytes_out={}", body.len())),
+            "{line}"
+        );
+    }
+}
+
 /// SIGTERM: an open tunnel is closed once quiet and gets its access-log line (bytes, reason),
 /// and the process exits well within the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
