@@ -750,6 +750,51 @@ async fn special_purpose_addresses_are_refused_unless_a_rule_names_them_by_cidr(
     assert_eq!(seen, ["/cidr0", "/cidr11"]);
 }
 
+/// A name rule first and a CIDR rule naming the loopback address the name resolves to after it:
+/// the CIDR rule takes the request, as it would if it came first (the name rule, which would
+/// speak TLS, never reaches loopback). A request the CIDR rule does not take (outside its path)
+/// is still refused for the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cidr_rule_after_a_name_rule_takes_the_special_address_the_name_resolves_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let up = RecordingUpstream::start().await;
+    let port = up.port();
+    let yaml = format!(
+        "rules:\n  - name: name-rule\n    upstream: \"collector.test:{port}\"\n    tls_upgrade: {{ca_file: \"{}\"}}\n  - name: full-chain\n    upstream: \"127.0.0.0/8:{port}\"\n    path_prefix: /ok\n",
+        pki.ca_file.display()
+    );
+    let resolver = TestResolver::new(&[("collector.test", &["127.0.0.1"])]);
+    let proxy = TestEgress::start(yaml_section(&yaml), resolver).await;
+    let resp = get_via(proxy.addr, &format!("http://collector.test:{port}/ok")).await;
+    assert_eq!(resp.status, 200, "{:?}", resp.header("ferry-refusal"));
+    assert_eq!(resp.text(), UPSTREAM_BODY);
+    assert_eq!(up.last().uri, "/ok");
+    let text = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "ferry_egress_requests_total",
+            &[("rule", "full-chain"), ("decision", "allowed")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+
+    let resp = get_via(
+        proxy.addr,
+        &format!("http://collector.test:{port}/elsewhere"),
+    )
+    .await;
+    assert_refused(
+        &resp,
+        403,
+        "collector.test resolves to a loopback address",
+        "outside the CIDR rule's path",
+    );
+    assert_eq!(up.request_count(), 1);
+}
+
 /// Spellings of 127.0.0.1 that resolvers and tools accept.
 const LOOPBACK_SPELLINGS: [&str; 7] = [
     "2130706433",

@@ -126,6 +126,8 @@ impl Target {
 /// CIDR rule takes the request on everything else (port, method, path): a DNS query is traffic
 /// too, and one the client chose the name of, so a request no rule allows must not send one.
 /// When none does, the refusal names the closest miss among the rules for this destination.
+/// A name rule that can reach none of the addresses looked up gives way to a later CIDR rule
+/// naming them (README: special-purpose destinations need a CIDR rule).
 pub(crate) async fn select_rule<'a>(
     state: &'a State,
     target: &Target,
@@ -157,21 +159,39 @@ pub(crate) async fn select_rule<'a>(
         None => Vec::new(),
     };
     let mut misses = Misses::default();
+    let mut name_only = None;
     for (i, rule) in rules.iter().enumerate() {
         let port = effective_port(rule, target.port);
-        let names_it = match &rule.upstream.destination {
-            Destination::Net(_) => addrs.iter().any(|ip| rule.upstream.allows_addr(*ip, port)),
-            _ => literal.is_none() && rule.upstream.matches_name(&target.host, port),
+        let is_net = matches!(rule.upstream.destination, Destination::Net(_));
+        let names_it = if is_net {
+            addrs.iter().any(|ip| rule.upstream.allows_addr(*ip, port))
+        } else {
+            literal.is_none() && rule.upstream.matches_name(&target.host, port)
         };
         if !names_it {
             continue;
         }
         let path_ok = path_allowed(rule, path);
         let method_ok = method_allowed(rule, method);
-        if path_ok && method_ok {
+        if !(path_ok && method_ok) {
+            misses.record(rule, path_ok, method_ok);
+            continue;
+        }
+        // A name rule can connect to none of the addresses looked up (special-purpose ones):
+        // a later CIDR rule naming them takes the request, as it would if it came first. Its
+        // connector checks the addresses again against itself, so it connects only to ones it
+        // allows.
+        let reaches_none = !is_net
+            && !addrs.is_empty()
+            && addrs.iter().all(|ip| !rule.upstream.allows_addr(*ip, port));
+        if !reaches_none {
             return Ok((i, rule));
         }
-        misses.record(rule, path_ok, method_ok);
+        name_only.get_or_insert((i, rule));
+    }
+    // No later rule names the addresses: the name rule's connector refuses them in words.
+    if let Some(first) = name_only {
+        return Ok(first);
     }
     Err(lookup_failed.unwrap_or_else(|| misses.refusal(target, method, path)))
 }
