@@ -1863,6 +1863,13 @@ async fn tls_upgrade_to_a_certificate_the_ca_did_not_sign_is_502() {
         )) && !reason.contains("client error"),
         "the cause in words, not the HTTP client's: {reason:?}"
     );
+    assert!(
+        reason.contains(&format!(
+            "the CAs in {} (tls_upgrade.ca_file of rule \"collector-tls\")",
+            pki.other_ca_file.display()
+        )),
+        "the CA file the rule trusts is named: {reason:?}"
+    );
     assert_eq!(
         up.request_count(),
         0,
@@ -1923,6 +1930,128 @@ async fn tls_upgrade_failures_are_said_in_plain_words() {
         assert!(started.elapsed() < Duration::from_secs(5), "{words}");
     }
     assert_eq!(ca_up.request_count() + plain_up.request_count(), 0);
+}
+
+/// A CA and a server certificate it signed for `names`, as (CA PEM, chain, key).
+fn ca_and_server_cert(
+    names: &[&str],
+) -> (
+    String,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let cert = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    (ca.pem(), vec![cert.der().clone()], key)
+}
+
+/// A TLS server on 127.0.0.1 that requires a client certificate signed by a CA of its own,
+/// speaking only `version`; it answers nothing (no client of the proxy gets that far).
+async fn client_cert_upstream(
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::server::WebPkiClientVerifier;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let (client_ca, _, _) = ca_and_server_cert(&["client"]);
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(client_ca.as_bytes()).unwrap())
+        .unwrap();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
+        .build()
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    // TLS 1.3: the client certificate is checked on the first read.
+                    let mut buf = [0; 1024];
+                    let _ = tls.read(&mut buf).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// TLS-upgrade failures a user can act on are said so: an upstream asking for a client
+/// certificate (TLS 1.3 and 1.2), a certificate for another name (the names, not Rust debug
+/// output), and an upstream that does not answer in time (named).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upgrade_failures_name_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, chain, key) = ca_and_server_cert(&["collector.test"]);
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let tls13 = client_cert_upstream(chain.clone(), key.clone_key(), &rustls::version::TLS13).await;
+    let tls12 = client_cert_upstream(chain, key, &rustls::version::TLS12).await;
+    let (other_ca, other_chain, other_key) = ca_and_server_cert(&["other.test"]);
+    let other_ca_file = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca_file, other_ca).unwrap();
+    let other = RecordingUpstream::start_tls(other_chain, other_key).await;
+    let silent = silent_upstream().await;
+    let rule = |name: &str, port: u16, ca: &Path| {
+        format!(
+            "  - name: {name}\n    upstream: \"127.0.0.1/32:{port}\"\n    tls_upgrade: {{ca_file: \"{}\"}}\n",
+            ca.display()
+        )
+    };
+    let yaml = format!(
+        "upstream_timeout: 500ms\nrules:\n{}{}{}  - name: silent\n    upstream: \"127.0.0.1/32:{}\"\n",
+        rule("tls13", tls13.port(), &ca_file),
+        rule("tls12", tls12.port(), &ca_file),
+        rule("other-name", other.port(), &other_ca_file),
+        silent.port(),
+    );
+    let resolver = TestResolver::new(&[("collector.test", &["127.0.0.1"])]);
+    let proxy = TestEgress::start(yaml_section(&yaml), resolver).await;
+    let client_cert = "the upstream asks for a client certificate, which egress rules do not send";
+    for (port, status, words) in [
+        (tls13.port(), 502, client_cert.to_owned()),
+        (tls12.port(), 502, client_cert.to_owned()),
+        (
+            other.port(),
+            502,
+            "the certificate is valid for other.test, not collector.test".to_owned(),
+        ),
+        (
+            silent.port(),
+            504,
+            format!(
+                "upstream collector.test:{} did not answer within 500ms",
+                silent.port()
+            ),
+        ),
+    ] {
+        let resp = get_via(proxy.addr, &format!("http://collector.test:{port}/x")).await;
+        assert_eq!(resp.status, status, "{port}: {}", resp.text());
+        let reason = resp.header("ferry-refusal").unwrap_or_default();
+        assert!(reason.contains(&words), "{words:?} in {reason:?}");
+        assert!(!reason.contains("DnsName"), "{reason:?}");
+    }
+    assert_eq!(other.request_count(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------

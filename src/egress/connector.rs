@@ -308,17 +308,24 @@ impl tower_service::Service<Uri> for CheckedConnector {
 pub struct TlsConnector {
     inner: CheckedConnector,
     tls: Arc<rustls::ClientConfig>,
+    /// The CAs `tls` trusts, in words (`/etc/ferry/ca.pem (tls_upgrade.ca_file of rule "x")`).
+    trusted: Arc<str>,
 }
 
 impl TlsConnector {
-    /// Wraps `inner` with TLS from `tls`.
-    pub fn new(inner: CheckedConnector, tls: rustls::ClientConfig) -> Self {
+    /// Wraps `inner` with TLS from `tls`, which trusts the CAs `trusted` says.
+    pub fn new(inner: CheckedConnector, tls: rustls::ClientConfig, trusted: String) -> Self {
         Self {
             inner,
             tls: Arc::new(tls),
+            trusted: trusted.into(),
         }
     }
 }
+
+/// What an upstream refusing a connection without a client certificate gets said.
+pub const CLIENT_CERT_REQUIRED: &str =
+    "the upstream asks for a client certificate, which egress rules do not send";
 
 impl tower_service::Service<Uri> for TlsConnector {
     type Response = MaybeHttpsStream<TrackedStream>;
@@ -332,6 +339,7 @@ impl tower_service::Service<Uri> for TlsConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let mut inner = self.inner.clone();
         let tls = self.tls.clone();
+        let trusted = self.trusted.clone();
         Box::pin(async move {
             let host = uri
                 .host()
@@ -351,7 +359,7 @@ impl tower_service::Service<Uri> for TlsConnector {
                 Ok(Ok(stream)) => Ok(MaybeHttpsStream::from(stream)),
                 Ok(Err(e)) => Err(ConnectError::Tls {
                     authority,
-                    reason: handshake_failure(&e),
+                    reason: handshake_failure(&e, &trusted),
                 }),
                 Err(_) => Err(ConnectError::TlsTimeout {
                     authority,
@@ -364,17 +372,33 @@ impl tower_service::Service<Uri> for TlsConnector {
 
 /// Why a TLS handshake failed, in plain words (rustls's own often read like
 /// `received corrupt message of type InvalidContentType`).
-fn handshake_failure(e: &std::io::Error) -> String {
+fn handshake_failure(e: &std::io::Error, trusted: &str) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
     let rustls = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     match rustls {
         // What came back is not a TLS record: most likely a plain-HTTP server's answer.
-        Some(rustls::Error::InvalidMessage(_)) => {
+        Some(E::InvalidMessage(_)) => {
             "the upstream does not speak TLS on that port (is it plain HTTP?)".into()
         }
-        Some(rustls::Error::AlertReceived(alert)) => {
+        Some(E::AlertReceived(A::CertificateRequired)) => CLIENT_CERT_REQUIRED.into(),
+        // What many TLS 1.2 servers send a client without the certificate they require.
+        Some(E::AlertReceived(A::HandshakeFailure)) => {
+            "the upstream refused the handshake (TLS alert HandshakeFailure; does it require a client certificate? egress rules do not send one)".into()
+        }
+        Some(E::AlertReceived(alert)) => {
             format!("the upstream refused the handshake (TLS alert {alert:?})")
+        }
+        Some(E::InvalidCertificate(C::UnknownIssuer)) => {
+            format!("the certificate's issuer is not trusted: no CA in {trusted} signed it")
+        }
+        // A CA of the issuer's name, but another key (a CA made again), fails the signature.
+        Some(E::InvalidCertificate(C::BadSignature)) => format!(
+            "the certificate's signature does not verify against the CAs in {trusted} (signed by another CA of the same name?)"
+        ),
+        Some(E::InvalidCertificate(C::NotValidForNameContext { expected, presented })) => {
+            crate::tunnel::tls::name_mismatch(&expected.to_str(), presented)
         }
         Some(other) => crate::tunnel::tls::rustls_reason(other),
         None if e.kind() == std::io::ErrorKind::UnexpectedEof => {

@@ -21,6 +21,7 @@ use super::access::AccessRecord;
 use super::budget::Held;
 use super::connector::{
     checked_addrs, resolve, CheckedConnector, ConnectError, TlsConnector, UpstreamTracker,
+    CLIENT_CERT_REQUIRED,
 };
 use super::framing::Claim;
 use super::policy::{parse_ip_literal, Destination, SharedResolver};
@@ -29,7 +30,7 @@ use super::{refused, State};
 use crate::config::{EgressConfig, Rule};
 use crate::http_util::{boxed, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::tunnel::tls::TlsError;
-use crate::tunnel::tls_client::{client_config, Purpose};
+use crate::tunnel::tls_client::{client_config, Purpose, ServerVerify};
 
 /// A pooled client toward one rule's upstreams.
 #[derive(Clone)]
@@ -83,7 +84,16 @@ impl Upstreams {
                     None => UpstreamClient::Plain(builder.build(connector)),
                     Some(tls) => {
                         let tls_config = client_config(tls, Purpose::Target)?;
-                        UpstreamClient::Tls(builder.build(TlsConnector::new(connector, tls_config)))
+                        let trusted = match &tls.verify {
+                            ServerVerify::CaFile(ca) => format!(
+                                "{} (tls_upgrade.ca_file of rule {:?})",
+                                ca.display(),
+                                rule.name
+                            ),
+                            _ => "the system roots".to_owned(),
+                        };
+                        let connector = TlsConnector::new(connector, tls_config, trusted);
+                        UpstreamClient::Tls(builder.build(connector))
                     }
                 })
             })
@@ -506,6 +516,7 @@ async fn forward(
     let body = boxed(body);
 
     let port = effective_port(rule, target.port);
+    let upstream = crate::http_util::authority(&target.host, port);
     let scheme = if rule.tls_upgrade.is_some() {
         "https"
     } else {
@@ -533,7 +544,7 @@ async fn forward(
     let deadline = crate::http_util::deadline(Instant::now(), timeout);
     let client = &state.upstreams.clients[index];
     let resp = match tokio::time::timeout_at(deadline, client.request(upstream_req)).await {
-        Err(_) => return Err(Refusal::upstream_timeout(timeout).into()),
+        Err(_) => return Err(Refusal::upstream_timeout(&upstream, timeout).into()),
         Ok(Err(e)) => return Err(upstream_error(&e, &target.host).into()),
         Ok(Ok(resp)) => resp,
     };
@@ -551,7 +562,7 @@ async fn forward(
     let resp_body = match crate::http_util::read_ahead(boxed(resp_body), deadline, u64::MAX).await {
         Ok(body) => body,
         Err(crate::http_util::ReadAheadError::Deadline) => {
-            return Err(Refusal::upstream_timeout(timeout).into())
+            return Err(Refusal::upstream_timeout(&upstream, timeout).into())
         }
         Err(e) => {
             return Err(Refusal::upstream(format!(
@@ -760,6 +771,13 @@ fn upstream_error(e: &hyper_util::client::legacy::Error, host: &str) -> Refusal 
             return Refusal::forbidden_address(host, why);
         }
         source = err.source();
+    }
+    // Under TLS 1.3 the client's side of the handshake is over before the server checks the
+    // client certificate: its refusal comes with the answer to the request.
+    if let Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired)) =
+        crate::tunnel::tls::rustls_error_in(e)
+    {
+        return Refusal::upstream(format!("upstream {host} failed: {}", CLIENT_CERT_REQUIRED));
     }
     let cause = crate::scrape_error::one_line(e);
     Refusal::upstream(if e.is_connect() {

@@ -267,12 +267,12 @@ impl Refusal {
         Self::new(StatusCode::BAD_GATEWAY, "upstream_error", reason)
     }
 
-    /// The upstream did not answer in time (504).
-    pub fn upstream_timeout(after: std::time::Duration) -> Self {
+    /// The upstream (`host:port`) did not answer in time (504).
+    pub fn upstream_timeout(upstream: &str, after: std::time::Duration) -> Self {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_timeout",
-            format!("upstream did not answer within {after:?}"),
+            format!("upstream {upstream} did not answer within {after:?}"),
         )
     }
 

@@ -173,6 +173,31 @@ pub fn rustls_reason(e: &rustls::Error) -> String {
     words.to_owned()
 }
 
+/// A certificate refused for the name checked, in words: `the certificate is valid for
+/// other.test, not collector.test`. rustls says the names as Rust debug output
+/// (`DnsName("other.test")`).
+pub fn name_mismatch(expected: &str, presented: &[String]) -> String {
+    let names: Vec<&str> = presented
+        .iter()
+        .map(|name| {
+            let inner = name
+                .strip_prefix("DnsName(")
+                .or_else(|| name.strip_prefix("IpAddress("))
+                .and_then(|rest| rest.strip_suffix(')'))
+                .unwrap_or(name);
+            inner.trim_matches('"')
+        })
+        .collect();
+    match names.as_slice() {
+        [] => format!("the certificate names no host (no subjectAltName), so not {expected}"),
+        [one] => format!("the certificate is valid for {one}, not {expected}"),
+        [rest @ .., last] => format!(
+            "the certificate is valid for {} or {last}, not {expected}",
+            rest.join(", ")
+        ),
+    }
+}
+
 /// rustls's error in `e`'s chain, if TLS is what failed (a handshake, an alert from the peer).
 pub fn rustls_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut cur = Some(e);
