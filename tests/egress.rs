@@ -1738,8 +1738,11 @@ async fn a_connect_to_a_plain_http_rule_says_what_to_send_instead() {
         "rules:\n  - name: remote-write\n    upstream: \"127.0.0.1/32:{port}\"\n    methods: [POST]\n    path_prefix: /api/v1/write\n    validate: {{json: true}}\n    tls_upgrade: {{ca_file: \"{}\"}}\n  - name: push\n    upstream: \"push.test.example:{port}\"\n    methods: [POST, PUT]\n",
         pki.ca_file.display()
     );
-    let resolver = TestResolver::new(&[("push.test.example", &["203.0.113.5"])]);
-    let proxy = TestEgress::start(yaml_section(&yaml), resolver).await;
+    let resolver = TestResolver::new(&[
+        ("push.test.example", &["203.0.113.5"]),
+        ("other.test.example", &["127.0.0.1"]),
+    ]);
+    let proxy = TestEgress::start(yaml_section(&yaml), resolver.clone()).await;
     for (authority, expected) in [
         (
             format!("127.0.0.1:{port}"),
@@ -1749,9 +1752,15 @@ async fn a_connect_to_a_plain_http_rule_says_what_to_send_instead() {
             format!("push.test.example:{port}"),
             format!("destination CONNECT push.test.example:{port} is not allowed: rule \"push\" allows this destination only as plain-HTTP requests (it allows only POST, PUT); send http://push.test.example:{port}/... to the proxy"),
         ),
+        // Only a CIDR rule that reads the requests may cover it: the name is not looked up for a
+        // tunnel that rule would refuse anyway, and the refusal says what to send if it does.
         (
             format!("other.test.example:{port}"),
-            format!("destination CONNECT other.test.example:{port} is not allowed"),
+            format!("destination CONNECT other.test.example:{port} is not allowed: no rule allows a tunnel there; if other.test.example is in rule \"remote-write\"'s network, that rule upgrades plain HTTP to HTTPS itself: send http://other.test.example:{port}/... to the proxy, not a tunnel"),
+        ),
+        (
+            format!("other.test.example:{}", port ^ 1),
+            format!("destination CONNECT other.test.example:{} is not allowed", port ^ 1),
         ),
     ] {
         let (resp, _) = connect_raw(proxy.addr, &authority, &[]).await;
@@ -1763,6 +1772,7 @@ async fn a_connect_to_a_plain_http_rule_says_what_to_send_instead() {
         );
     }
     up.assert_untouched("CONNECT to plain-HTTP rules");
+    assert_eq!(resolver.calls("other.test.example"), 0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ pub(crate) async fn select_rule<'a>(
     if let Some(first) = name_only {
         return Ok(first);
     }
-    Err(lookup_failed.unwrap_or_else(|| misses.refusal(target, method, path)))
+    Err(lookup_failed.unwrap_or_else(|| misses.refusal(rules, target, method, path)))
 }
 
 /// Whether `rule` takes `method` to `port` at `path`, whatever the host: all a CIDR rule can
@@ -250,12 +250,12 @@ impl<'a> Misses<'a> {
         }
     }
 
-    fn refusal(mut self, target: &Target, method: &Method, path: &str) -> Refusal {
+    fn refusal(mut self, rules: &[Rule], target: &Target, method: &Method, path: &str) -> Refusal {
         let authority = crate::http_util::authority(&target.host, target.port);
         if *method == Method::CONNECT {
             return match self.first {
                 Some(rule) => super::connect::plain_http_only(rule, &authority),
-                None => Refusal::destination(&format!("CONNECT {authority}")),
+                None => connect_to_a_name(rules, target, &authority),
             };
         }
         let what = format!("{method} {authority}{path}");
@@ -283,6 +283,38 @@ impl<'a> Misses<'a> {
             return refusal;
         }
         Refusal::destination(&what)
+    }
+}
+
+/// The refusal of a CONNECT to a name no rule takes. A CIDR rule that reads the requests
+/// (TLS upgrade, payload checks) may cover the name's address, but the name is not looked up
+/// for a tunnel such a rule refuses anyway: the refusal says what to send if it does.
+fn connect_to_a_name(rules: &[Rule], target: &Target, authority: &str) -> Refusal {
+    let what = format!("CONNECT {authority}");
+    let reader = rules.iter().find(|rule| {
+        matches!(rule.upstream.destination, Destination::Net(_))
+            && (rule.tls_upgrade.is_some() || rule.validates())
+            && rule
+                .upstream
+                .ports
+                .allows(effective_port(rule, target.port))
+    });
+    match reader {
+        Some(rule) if parse_ip_literal(&target.host).is_none() => {
+            let does = if rule.tls_upgrade.is_some() {
+                "upgrades plain HTTP to HTTPS itself"
+            } else {
+                "checks payloads"
+            };
+            Refusal::destination_because(
+                &what,
+                &format!(
+                    "no rule allows a tunnel there; if {} is in rule {:?}'s network, that rule {does}: send http://{authority}/... to the proxy, not a tunnel",
+                    target.host, rule.name
+                ),
+            )
+        }
+        _ => Refusal::destination(&what),
     }
 }
 
