@@ -121,7 +121,7 @@ pub(super) async fn reconnect_loop(shared: Arc<Shared>, shutdown: CancellationTo
             Err(SessionError::ClientCertRefused(e)) => {
                 count(&shared, "auth_refused");
                 let delay = slow_retry(b.auth_failure);
-                error!(%gateway, %agent, error = %e, retry_in = ?delay, "GATEWAY REFUSED OUR CLIENT CERTIFICATE: renew it or have it signed by a CA the gateway trusts (its --tunnel.tls-client-ca-file), then reload the agent (SIGHUP) to connect at once");
+                error!(%gateway, %agent, error = %e, retry_in = ?delay, "GATEWAY REFUSED OUR CLIENT CERTIFICATE (or that we sent none): give the agent one the gateway accepts (tunnel.cert_file and tunnel.key_file, valid now, signed by a CA in the gateway's --tunnel.tls-client-ca-file), then reload the agent (SIGHUP) to connect at once");
                 delay
             }
             Err(SessionError::Token(e)) => {

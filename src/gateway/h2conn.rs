@@ -81,6 +81,17 @@ pub struct Connection<T> {
 /// What a [`Connection`] resolves to when the agent closed it cleanly (after GOAWAY).
 pub const CLOSED_BY_AGENT: &str = "closed by the agent";
 
+/// How a [`Connection`]'s end begins when the connection was closed under a write (broken pipe,
+/// reset): what an agent stopping cleanly leaves too when the gateway was writing (a PING) as it
+/// closed, so not proof of a lost tunnel.
+pub const CLOSED_UNDER_A_WRITE: &str = "the connection was closed while the gateway was writing";
+
+/// Whether the end of a [`Connection`] says the tunnel was lost (an unanswered keepalive, the
+/// agent gone without closing) rather than closed by the agent.
+pub fn lost(end: &str) -> bool {
+    end != CLOSED_BY_AGENT && !end.starts_with(CLOSED_UNDER_A_WRITE)
+}
+
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Future for Connection<T> {
     type Output = String;
 
@@ -88,6 +99,19 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Future for Connection<T
         if let Poll::Ready(res) = Pin::new(&mut self.conn).poll(cx) {
             return Poll::Ready(match res {
                 Ok(()) => CLOSED_BY_AGENT.to_owned(),
+                Err(e)
+                    if e.get_io().is_some_and(|io| {
+                        matches!(
+                            io.kind(),
+                            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                        )
+                    }) =>
+                {
+                    format!(
+                        "{CLOSED_UNDER_A_WRITE} ({})",
+                        crate::scrape_error::one_line(&e)
+                    )
+                }
                 Err(e) => crate::scrape_error::one_line(&e),
             });
         }
@@ -326,5 +350,24 @@ impl HttpBody for RecvBody {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent stopping cleanly can leave a write of the gateway's broken: that is not a tunnel
+    /// lost, which warns; an unanswered keepalive or an agent gone without TLS close_notify is.
+    #[test]
+    fn only_ends_that_no_clean_close_leaves_are_lost() {
+        assert!(!lost(CLOSED_BY_AGENT));
+        assert!(!lost(&format!("{CLOSED_UNDER_A_WRITE} (broken pipe)")));
+        assert!(lost(
+            "keepalive PING unanswered for 20s and nothing else received: agent gone"
+        ));
+        assert!(lost(
+            "peer closed connection without sending TLS close_notify"
+        ));
     }
 }

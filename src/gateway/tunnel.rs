@@ -503,7 +503,7 @@ async fn run_session(
     let mut lost = false;
     let end = tokio::select! {
         reason = &mut conn => {
-            lost = reason != h2conn::CLOSED_BY_AGENT;
+            lost = h2conn::lost(&reason);
             format!("connection ended: {reason}")
         }
         _ = closed.cancelled() => closed_by_gateway(&handle, &mut conn).await,
@@ -523,7 +523,7 @@ async fn run_session(
                         "the agent went away (GOAWAY)".to_owned()
                     }
                     Ok(reason) => {
-                        lost = true;
+                        lost = h2conn::lost(&reason);
                         format!("connection ended: {reason} (target list watch: {e})")
                     }
                     Err(_) => {
