@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::egress::{
-    absolute, connect_raw, exchange, raw_exchange, read_response, RecordingUpstream, Reply,
-    TestEgress, TestResolver, TIMEOUT, UPSTREAM_BODY,
+    absolute, ca_and_server_cert, connect_raw, exchange, raw_exchange, read_response,
+    RecordingUpstream, Reply, TestEgress, TestResolver, TIMEOUT, UPSTREAM_BODY,
 };
 use common::ferry::metric_value;
 use common::http::{get, send_on, try_get, Resp};
@@ -1940,28 +1940,6 @@ async fn tls_upgrade_failures_are_said_in_plain_words() {
         assert!(started.elapsed() < Duration::from_secs(5), "{words}");
     }
     assert_eq!(ca_up.request_count() + plain_up.request_count(), 0);
-}
-
-/// A CA and a server certificate it signed for `names`, as (CA PEM, chain, key).
-fn ca_and_server_cert(
-    names: &[&str],
-) -> (
-    String,
-    Vec<rustls::pki_types::CertificateDer<'static>>,
-    rustls::pki_types::PrivateKeyDer<'static>,
-) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-    let cert = CertificateParams::new(names)
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    (ca.pem(), vec![cert.der().clone()], key)
 }
 
 /// A TLS server on 127.0.0.1 that requires a client certificate signed by a CA of its own,

@@ -821,22 +821,10 @@ fn localhost_pki(
     Vec<rustls::pki_types::CertificateDer<'static>>,
     rustls::pki_types::PrivateKeyDer<'static>,
 ) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
+    let (ca, chain, key) = common::egress::ca_and_server_cert(&["localhost"]);
     let ca_file = dir.join("collector-ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    (
-        ca_file,
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
+    std::fs::write(&ca_file, ca).unwrap();
+    (ca_file, chain, key)
 }
 
 fn gzip(data: &[u8]) -> Vec<u8> {

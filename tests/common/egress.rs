@@ -598,3 +598,25 @@ pub async fn connect_raw(
     .await
     .unwrap_or_else(|_| panic!("{what}: no answer within {TIMEOUT:?}"))
 }
+
+/// A CA and a server certificate it signed for `names`, as (CA PEM, chain, key).
+pub fn ca_and_server_cert(
+    names: &[&str],
+) -> (
+    String,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let cert = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    (ca.pem(), vec![cert.der().clone()], key)
+}
