@@ -67,6 +67,15 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The one line a configuration error prints, after checking that it is the only one and that
+/// the exit code is 2.
+fn one_config_error(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
+    let mut lines = stderr_lines(out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    lines.remove(0)
+}
+
 fn stderr_lines(out: &Output) -> Vec<String> {
     String::from_utf8_lossy(&out.stderr)
         .lines()
@@ -290,13 +299,11 @@ fn relative_paths_in_the_file_are_read_from_the_files_directory() {
     // A missing file is named as it was looked for, below the file's directory.
     std::fs::remove_file(etc.join("tokens")).unwrap();
     let out = ferry(dir.path(), &["check-config", "etc/ferry.yaml"]);
-    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
-    let lines = stderr_lines(&out);
-    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = one_config_error(&out);
     assert!(
-        lines[0].starts_with("etc/ferry.yaml: gateway.auth.tokens_file: ")
-            && lines[0].contains("etc/tokens"),
-        "{lines:?}"
+        line.starts_with("etc/ferry.yaml: gateway.auth.tokens_file: ")
+            && line.contains("etc/tokens"),
+        "{line}"
     );
 }
 
@@ -363,10 +370,7 @@ fn check_config_names_an_unknown_field_with_its_path_and_line() {
         "gateway:\n  auth:\n    tokens_file: tokens\n  web:\n    listen_adress: \":8080\"\n",
     );
     let out = ferry(dir.path(), &["check-config", "typo.yaml"]);
-    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
-    let lines = stderr_lines(&out);
-    assert_eq!(lines.len(), 1, "{lines:?}");
-    let line = &lines[0];
+    let line = one_config_error(&out);
     for needle in [
         "typo.yaml",
         "gateway.web",
@@ -398,12 +402,10 @@ fn a_file_without_any_role_is_an_error() {
     let dir = TempDir::new().unwrap();
     write(dir.path(), "empty.yaml", "log:\n  level: info\n");
     let out = ferry(dir.path(), &["check-config", "empty.yaml"]);
-    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
-    let lines = stderr_lines(&out);
-    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = one_config_error(&out);
     assert!(
-        lines[0].starts_with("empty.yaml: no role configured: add a gateway:"),
-        "{lines:?}"
+        line.starts_with("empty.yaml: no role configured: add a gateway:"),
+        "{line}"
     );
 }
 
@@ -657,11 +659,9 @@ fn gateway_with_an_unreadable_certificate_exits_2_naming_the_file() {
             "tunnel.key",
         ],
     );
-    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
-    let lines = stderr_lines(&out);
-    assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(lines[0].contains("--tunnel.tls-cert-file"), "{lines:?}");
-    assert!(lines[0].contains("missing.crt"), "{lines:?}");
+    let line = one_config_error(&out);
+    assert!(line.contains("--tunnel.tls-cert-file"), "{line}");
+    assert!(line.contains("missing.crt"), "{line}");
 }
 
 #[test]
@@ -674,16 +674,14 @@ fn gateway_with_a_malformed_tokens_file_names_the_line() {
         &format!("# agents\n{good}\nnode-1 deadbeef\n"),
     );
     let out = gateway(dir.path(), &["--auth.tokens-file", "tokens"]);
-    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
-    let lines = stderr_lines(&out);
-    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = one_config_error(&out);
     for needle in [
         "--auth.tokens-file",
         "tokens file tokens",
         "line 3",
         "sha256:",
     ] {
-        assert!(lines[0].contains(needle), "{needle:?} not in {lines:?}");
+        assert!(line.contains(needle), "{needle:?} not in {line}");
     }
 }
 
@@ -691,12 +689,10 @@ fn gateway_with_a_malformed_tokens_file_names_the_line() {
 fn gateway_without_a_tokens_file_says_how_to_make_one() {
     let dir = TempDir::new().unwrap();
     let out = gateway(dir.path(), &[]);
-    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
-    let lines = stderr_lines(&out);
-    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = one_config_error(&out);
     assert!(
-        lines[0].contains("--auth.tokens-file") && lines[0].contains("ferry token new"),
-        "{lines:?}"
+        line.contains("--auth.tokens-file") && line.contains("ferry token new"),
+        "{line}"
     );
 }
 
@@ -730,14 +726,9 @@ fn agent_refuses_a_plaintext_gateway_without_the_insecure_flag() {
             "node=http://127.0.0.1:9100/metrics",
         ],
     );
-    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
-    let lines = stderr_lines(&out);
-    assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(lines[0].contains("--gateway"), "{lines:?}");
-    assert!(
-        lines[0].contains("--tunnel.insecure-plaintext"),
-        "{lines:?}"
-    );
+    let line = one_config_error(&out);
+    assert!(line.contains("--gateway"), "{line}");
+    assert!(line.contains("--tunnel.insecure-plaintext"), "{line}");
 }
 
 #[test]
@@ -1328,12 +1319,10 @@ fn check_config_refuses_the_client_certificate_the_agent_would_refuse_once_in_pl
         ),
     );
     let out = ferry(dir.path(), &["check-config", "v1.yaml"]);
-    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
-    let lines = stderr_lines(&out);
-    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = one_config_error(&out);
     assert!(
-        lines[0].starts_with("v1.yaml: agent.tunnel.cert_file: ") && lines[0].ends_with(v1),
-        "{lines:?}"
+        line.starts_with("v1.yaml: agent.tunnel.cert_file: ") && line.ends_with(v1),
+        "{line}"
     );
 
     let args = [
@@ -2803,13 +2792,11 @@ fn agent_refuses_a_token_file_that_is_a_named_pipe() {
         &agent_flags(&["--target", "node=http://127.0.0.1:9100/metrics"]),
     );
     assert!(started.elapsed() < Duration::from_secs(5), "{out:?}");
-    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{out:?}");
-    let lines = stderr_lines(&out);
-    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = one_config_error(&out);
     assert!(
-        lines[0].contains("--token-file")
-            && lines[0].contains("cannot read agent-token: not a regular file (a named pipe)"),
-        "{lines:?}"
+        line.contains("--token-file")
+            && line.contains("cannot read agent-token: not a regular file (a named pipe)"),
+        "{line}"
     );
 }
 
