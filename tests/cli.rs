@@ -2029,8 +2029,7 @@ fn a_reload_reads_the_tunnel_ca_file_again() {
         agent.signal(rustix::process::Signal::HUP);
         let read = agent.wait_for("tunnel TLS files read again");
         assert!(read.contains("gwca.pem"), "{read}");
-        agent.wait_for("reload done: everything applied");
-        agent.wait_for("tunnel up");
+        agent.wait_for_all(&["reload done: everything applied", "tunnel up"]);
 
         write(
             dir.path(),

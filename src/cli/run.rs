@@ -454,6 +454,7 @@ fn changed_fields(
 /// what was applied and what waits for a restart.
 async fn on_sighup(roles: Arc<Roles>, file: Arc<Option<(PathBuf, serde_yaml_ng::Value)>>) {
     info!("SIGHUP: reloading");
+    let agent = roles.agent.clone();
     // Reading files (and mapping and probing the geo database) runs on the blocking pool, as
     // the periodic geo check does: not on a thread answering /metrics and scrapes.
     let done = tokio::task::spawn_blocking(move || {
@@ -484,6 +485,12 @@ async fn on_sighup(roles: Arc<Roles>, file: Arc<Option<(PathBuf, serde_yaml_ng::
         );
     } else {
         info!("reload done: everything applied");
+    }
+    // What was refused may be fixed now (a renewed client certificate, a new token, a target
+    // list the gateway accepts): not worth the rest of a slow retry's wait to find out. After
+    // the reload's last line, so that the log reads in the order things happen.
+    if let Some(agent) = agent {
+        agent.reconnect_now();
     }
 }
 
@@ -516,11 +523,6 @@ fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> Relo
                 info!("agent targets and settings come from flags: unchanged by a reload, except the files the tunnel's TLS reads (to reload the rest, run the agent with ferry run --config.file)");
             }
         }
-    }
-    // What was refused may be fixed now (a renewed client certificate, a new token, a target
-    // list the gateway accepts): not worth the rest of a slow retry's wait to find out.
-    if let Some(agent) = &roles.agent {
-        agent.reconnect_now();
     }
     Reloaded {
         applied: ok,
