@@ -720,10 +720,12 @@ async fn watch_targets(
                 tx.send_replace(list.clone());
                 state.registry.targets_changed(agent_id, session, &list);
                 let churning = last_change.is_some_and(|at| at.elapsed() < MIN_TARGETS_INTERVAL);
-                last_change = Some(tokio::time::Instant::now());
                 if churning {
                     tokio::time::sleep_until(asked + MIN_TARGETS_INTERVAL).await;
                 }
+                // Taken after the wait: taken before it, the next change, a second later, would
+                // not count as churn and be asked again at once (two requests a second).
+                last_change = Some(tokio::time::Instant::now());
             }
             Ok(_) => {}
             // Agents up to the session-11 release cut every stream, the long poll included, at
