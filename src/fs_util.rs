@@ -73,6 +73,16 @@ fn file_kind(kind: std::fs::FileType) -> &'static str {
     "not a plain file"
 }
 
+/// A named pipe at `path`, for the tests of every reader that must refuse one.
+#[cfg(all(test, unix))]
+pub(crate) fn make_fifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,11 +104,7 @@ mod tests {
     fn a_named_pipe_is_refused_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("tokens");
-        let status = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(status.success());
+        make_fifo(&fifo);
         let started = Instant::now();
         let err = bounded({
             let fifo = fifo.clone();

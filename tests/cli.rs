@@ -2155,11 +2155,7 @@ fn a_broken_agent_section_keeps_the_running_targets() {
 #[test]
 fn a_named_pipe_as_the_geo_database_is_refused_at_start_and_on_reload() {
     let dir = TempDir::new().unwrap();
-    let mkfifo = Command::new("mkfifo")
-        .arg(dir.path().join("pipe.mmdb"))
-        .status()
-        .unwrap();
-    assert!(mkfifo.success());
+    common::make_fifo(&dir.path().join("pipe.mmdb"));
     let exporter = |db: &'static str| {
         [
             "exporter",
@@ -2716,17 +2712,6 @@ async fn accept_failures_are_warned_about_once_and_counted() {
     assert!(warned[0].contains("Too many open files"), "{}", warned[0]);
 }
 
-/// Replaces `path` with a named pipe nothing ever writes into: what `rm f; mkfifo f` or a
-/// process substitution (`--auth.tokens-file <(...)`) leaves behind.
-fn make_fifo(path: &Path) {
-    let _ = std::fs::remove_file(path);
-    let status = Command::new("mkfifo")
-        .arg(path)
-        .status()
-        .expect("run mkfifo");
-    assert!(status.success(), "mkfifo {}", path.display());
-}
-
 /// A named pipe where a file is expected is refused at once, one line per file, instead of
 /// `check-config` (or a start) waiting forever for something to write into it.
 #[test]
@@ -2745,7 +2730,7 @@ fn check_config_refuses_named_pipes_at_once_naming_each_file() {
 ";
     write(dir.path(), "ferry.yaml", text);
     for name in ["tokens", "tunnel.crt", "tunnel.key"] {
-        make_fifo(&dir.path().join(name));
+        common::make_fifo(&dir.path().join(name));
     }
     let started = Instant::now();
     let out = ferry(dir.path(), &["check-config", "ferry.yaml"]);
@@ -2763,7 +2748,7 @@ fn check_config_refuses_named_pipes_at_once_naming_each_file() {
     );
 
     // The configuration file itself, for check-config and run alike.
-    make_fifo(&dir.path().join("ferry.yaml"));
+    common::make_fifo(&dir.path().join("ferry.yaml"));
     for args in [
         &["check-config", "ferry.yaml"][..],
         &["run", "--config.file", "ferry.yaml"],
@@ -2784,7 +2769,7 @@ fn check_config_refuses_named_pipes_at_once_naming_each_file() {
 #[test]
 fn agent_refuses_a_token_file_that_is_a_named_pipe() {
     let dir = TempDir::new().unwrap();
-    make_fifo(&dir.path().join("agent-token"));
+    common::make_fifo(&dir.path().join("agent-token"));
     let started = Instant::now();
     let out = ferry(
         dir.path(),
@@ -2807,7 +2792,7 @@ fn a_tokens_file_replaced_by_a_named_pipe_fails_the_reload_not_the_gateway() {
     let tokens = tokens_file(dir.path(), "s3cret");
     let mut gw = Running::gateway(dir.path(), &tokens, &[]);
     let web = logged_address(&gw.wait_for("gateway web listener up"));
-    make_fifo(&tokens);
+    common::make_fifo(&tokens);
     gw.signal(rustix::process::Signal::HUP);
     let line = gw.wait_for("tokens file reload failed");
     assert!(

@@ -183,11 +183,7 @@ fn open_err_within(path: &Path, within: Duration) -> GeoError {
 fn a_named_pipe_or_a_device_is_refused_without_blocking() {
     let dir = TempDir::new().unwrap();
     let fifo = dir.path().join("fifo.mmdb");
-    let mkfifo = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap();
-    assert!(mkfifo.success());
+    common::make_fifo(&fifo);
     let link = dir.path().join("link.mmdb");
     std::os::unix::fs::symlink(&fifo, &link).unwrap();
     for (path, kind) in [

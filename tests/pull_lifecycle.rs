@@ -694,9 +694,7 @@ async fn a_tokens_file_that_became_a_named_pipe_is_refused_at_once() {
     let dir = TempDir::new().unwrap();
     let (gw, agent, server) = connected_db_agent(&dir).await;
     let tokens = dir.path().join("tokens");
-    std::fs::remove_file(&tokens).unwrap();
-    let status = Command::new("mkfifo").arg(&tokens).status().unwrap();
-    assert!(status.success());
+    common::make_fifo(&tokens);
 
     // On a thread of its own, not the runtime's blocking pool: a reload stuck in open(2) would
     // keep the runtime (and the test) from ever finishing.

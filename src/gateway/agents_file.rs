@@ -541,11 +541,7 @@ mod tests {
     fn a_fifo_or_an_oversized_file_is_refused_without_waiting() {
         let dir = tempfile::TempDir::new().unwrap();
         let fifo = dir.path().join("fifo.json");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
+        crate::fs_util::make_fifo(&fifo);
         let error = read(&fifo).unwrap_err();
         assert!(
             error.contains("not a regular file (a named pipe)"),

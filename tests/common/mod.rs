@@ -16,3 +16,15 @@ pub mod logs;
 pub mod netns;
 pub mod proxy;
 pub mod servers;
+
+/// Replaces `path` with a named pipe nothing ever writes into: what `rm f; mkfifo f` or a
+/// process substitution (`--auth.tokens-file <(...)`) leaves behind.
+#[allow(dead_code)]
+pub fn make_fifo(path: &std::path::Path) {
+    let _ = std::fs::remove_file(path);
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
