@@ -2806,3 +2806,73 @@ fn a_tokens_file_replaced_by_a_named_pipe_fails_the_reload_not_the_gateway() {
     assert_eq!(healthy_status(&web.to_string()).unwrap(), "HTTP/1.1 200 OK");
     gw.stop();
 }
+
+/// glibc arenas besides the main one that process `pid` has: each is a heap mapped at a
+/// multiple of 64 MiB (`HEAP_MAX_SIZE` on 64-bit), anonymous.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn extra_malloc_arenas(pid: u32) -> usize {
+    const HEAP_ALIGN: u64 = 64 << 20;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines()
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let start = fields[0].split('-').next().unwrap();
+            fields.len() == 5 && u64::from_str_radix(start, 16).unwrap() % HEAP_ALIGN == 0
+        })
+        .count()
+}
+
+/// A gateway's worker threads share one malloc arena (less memory per idle tunnel,
+/// `src/cli/malloc_arenas.rs`) once they have all served requests; `MALLOC_ARENA_MAX` set by
+/// the operator wins, and then glibc gives them arenas of their own.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn a_gateway_shares_one_malloc_arena_unless_the_operator_says_otherwise() {
+    let dir = TempDir::new().unwrap();
+    let tokens = tokens_file(dir.path(), "s3cret");
+    let arenas_after_requests = |env: Option<&str>| {
+        let data = dir.path().join("data");
+        let args = [
+            "gateway",
+            "--web.listen-address",
+            "127.0.0.1:0",
+            "--tunnel.listen-address",
+            "127.0.0.1:0",
+            "--auth.tokens-file",
+            tokens.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        let mut cmd = command(dir.path(), &args);
+        if let Some(max) = env {
+            cmd.env("MALLOC_ARENA_MAX", max);
+        }
+        let mut gw = Running::spawn(cmd);
+        let web = logged_address(&gw.wait_for("gateway web listener up")).to_string();
+        // Enough concurrent requests that both workers and the blocking pool allocate.
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                let web = web.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        assert!(http_get(&web, "/metrics")
+                            .unwrap()
+                            .starts_with("HTTP/1.1 200"));
+                    }
+                })
+            })
+            .collect();
+        for client in clients {
+            client.join().unwrap();
+        }
+        let arenas = extra_malloc_arenas(gw.child.0.id());
+        gw.stop();
+        arenas
+    };
+    assert_eq!(
+        arenas_after_requests(None),
+        0,
+        "one arena, glibc's main one"
+    );
+    assert!(arenas_after_requests(Some("8")) > 0, "glibc's own choice");
+}

@@ -15,6 +15,8 @@ use crate::config::{
 
 pub(crate) mod fd_limit;
 mod logging;
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod malloc_arenas;
 pub use logging::filter as log_filter;
 pub use logging::init as init_logging;
 mod run;
@@ -435,6 +437,16 @@ pub fn main() -> ExitCode {
             None => e.exit(),
         },
     };
+    // Before the runtime's threads exist: each chooses its arena at its first allocation.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if match &cli.command {
+        Command::Gateway(_) | Command::Agent(_) | Command::Exporter(_) => true,
+        Command::Quickstart(_) => true,
+        Command::Run(args) => !malloc_arenas::file_runs_egress(&args.config_file),
+        Command::Egress(_) | Command::Token(_) | Command::CheckConfig(_) => false,
+    } {
+        malloc_arenas::limit();
+    }
     match cli.command {
         Command::Token(TokenCommand::New { agent_id }) => token_new(&agent_id),
         Command::CheckConfig(args) => check_config(&args.file),

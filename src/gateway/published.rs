@@ -15,7 +15,9 @@ const NAMED: usize = 3;
 /// service discovery groups would take more than [`crate::tunnel::MAX_SD_BYTES_PER_AGENT`]. One
 /// agent must not make `/targets` gigabytes, repeated to every Prometheus that asks.
 pub(crate) fn accepted(list: TargetList, agent: &str) -> Result<TargetList, String> {
-    let list = routable(list, agent);
+    let mut list = routable(list, agent);
+    // Kept for the tunnel's life: not the room the JSON parser grew the vector to.
+    list.targets.shrink_to_fit();
     match sd_size_problem(agent, &list) {
         Some(problem) => Err(problem),
         None => Ok(list),

@@ -15,7 +15,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -363,8 +362,11 @@ fn upgrade(
     // Not instrumented with a span: its events name the agent and address themselves. A span
     // that lives as long as the tunnel costs about 1 KiB per idle agent (its registry slot and
     // formatted fields), a thirtieth of what the whole tunnel costs.
+    // Only the upgrade's future goes into the session task: the request would keep its room
+    // there for the tunnel's whole life.
+    let upgrade = hyper::upgrade::on(req);
     sessions.spawn(run_session(
-        state, req, agent_id, credential, remote, shutdown, guard,
+        state, upgrade, agent_id, credential, remote, shutdown, guard,
     ));
     switching_protocols()
 }
@@ -421,126 +423,133 @@ fn refuse(state: &State, refusal: Refusal, result: &str, agent: Option<&str>) ->
 /// One tunnel's life: the upgrade, HTTP/2 handshake, first target list, registration, then
 /// until it ends. One such task per connected agent: what it holds across its awaits is
 /// per-agent memory.
-async fn run_session(
+#[allow(clippy::manual_async_fn)] // see below
+fn run_session(
     state: Arc<State>,
-    req: Request<Incoming>,
+    upgrade: hyper::upgrade::OnUpgrade,
     agent_id: String,
     credential: TokenClaim,
     remote: SocketAddr,
     shutdown: CancellationToken,
     _open: Option<ConnectionGuard>,
-) {
-    let upgraded = match hyper::upgrade::on(req).await {
-        Ok(upgraded) => upgraded,
-        Err(e) => {
-            return warn!(agent = %agent_id, %remote, error = %e, "tunnel upgrade failed after 101")
-        }
-    };
-    // Bound once, never moved: a moved copy would take its room in this task a second time.
-    let (sender, mut conn) = match h2conn::handshake(TokioIo::new(upgraded), state.config.keepalive)
-        .await
-    {
-        Ok(pair) => pair,
-        Err(e) => {
-            return warn!(agent = %agent_id, %remote, error = %e, "HTTP/2 handshake over the tunnel failed")
-        }
-    };
-    let first = tokio::select! {
-        list = fetch_targets(&sender, None, state.config.handshake_timeout) => list,
-        reason = &mut conn => return warn!(agent = %agent_id, %remote, %reason, "tunnel closed before the agent sent its targets"),
-    };
-    let first = match first.map(|list| accepted(list, &agent_id)) {
-        Ok(Ok(list)) => list,
-        Ok(Err(reason)) => {
-            warn!(agent = %agent_id, %remote, %reason, "tunnel refused: the agent's target list");
-            return notify_closing(&sender, ClosingKind::TargetsRefused, &reason, &mut conn).await;
-        }
-        Err(e) => {
-            return warn!(agent = %agent_id, %remote, error = %e, "could not read the agent's targets")
-        }
-    };
-    let n_targets = first.targets.len();
-    let (targets_tx, targets_rx) = watch::channel(Arc::new(first));
-    let closed = CancellationToken::new();
-    let session = state.registry.next_session();
-    let handle = Arc::new(AgentHandle::new(
-        agent_id.clone(),
-        session,
-        remote,
-        sender.clone(),
-        targets_rx,
-        closed.clone(),
-        credential,
-    ));
-    match state.registry.insert(handle.clone()) {
-        Inserted::New => {}
-        Inserted::Replaced(old) => replace(&state, &old, &credential, &agent_id, remote),
-        Inserted::Conflict(holder) => {
-            // Another token registered the id between our handshake check and now.
-            let reason = id_taken(&agent_id, holder.remote);
-            warn!(agent = %agent_id, %remote, %reason, "tunnel refused after the handshake");
-            return notify_closing(&sender, ClosingKind::IdTaken, &reason, &mut conn).await;
-        }
-    }
-    // The token was checked before the 101; a tokens reload since then may have revoked it,
-    // and the reload's own sweep ran before this tunnel was registered.
-    if !handle.still_authorized(&state.tokens()) {
-        // Revoked, so that it is not kept in service discovery as a disconnected agent.
-        handle.revoke();
-        state.registry.remove(&agent_id, session);
-        warn!(agent = %agent_id, %remote, "tunnel closed as it registered: the tokens file was reloaded meanwhile and no longer accepts its token for this id");
-        return notify_closing(
-            &sender,
-            ClosingKind::Revoked,
-            &revoked(&agent_id),
-            &mut conn,
-        )
-        .await;
-    }
-    info!(agent = %agent_id, %remote, targets = n_targets, "agent connected");
-    // Whether the tunnel was lost (an unanswered keepalive, a broken connection) rather than
-    // closed by either side on purpose: an operator watching warnings learns of a site gone.
-    let mut lost = false;
-    let end = tokio::select! {
-        reason = &mut conn => {
-            lost = h2conn::lost(&reason);
-            format!("connection ended: {reason}")
-        }
-        _ = closed.cancelled() => closed_by_gateway(&handle, &mut conn).await,
-        _ = shutdown.cancelled() => shutting_down(&handle, &mut conn).await,
-        end = watch_targets(&state, session, sender, targets_tx, &agent_id, remote) => match end {
-            WatchEnd::Refused(reason) => targets_refused(&state, &handle, reason, &mut conn).await,
-            WatchEnd::Failed(e) => {
-            // An agent shutting down sends GOAWAY, which ends the targets long poll first; its
-            // scrapes in flight still finish. No new scrape is routed here, and the connection is
-            // driven until the agent closes it (or the longest scrape would have timed out).
-            state.registry.remove(&agent_id, session);
-            let drain = state.config.scrape.max_timeout + state.config.handshake_timeout;
-            // A stopping gateway waits for no agent's drain: its own scrapes were drained already.
-            tokio::select! {
-                ended = tokio::time::timeout(drain, &mut conn) => match ended {
-                    Ok(reason) if reason == h2conn::CLOSED_BY_AGENT => {
-                        "the agent went away (GOAWAY)".to_owned()
-                    }
-                    Ok(reason) => {
-                        lost = h2conn::lost(&reason);
-                        format!("connection ended: {reason} (target list watch: {e})")
-                    }
-                    Err(_) => {
-                        lost = true;
-                        format!("target list watch failed: {e}")
-                    }
-                },
-                _ = shutdown.cancelled() => "gateway shutting down while the agent went away".to_owned(),
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    // An async block, not an `async fn`: the latter keeps each argument twice in the task (as
+    // passed and as moved into the body), for the tunnel's whole life.
+    async move {
+        let _open = _open;
+        let upgraded = match upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                return warn!(agent = %agent_id, %remote, error = %e, "tunnel upgrade failed after 101")
+            }
+        };
+        // Bound once, never moved: a moved copy would take its room in this task a second time.
+        // The handshake is boxed: it holds the connection it builds and more, and would make
+        // this task that much larger for the tunnel's whole life.
+        let handshake = h2conn::handshake(TokioIo::new(upgraded), state.config.keepalive);
+        let (sender, mut conn) = match Box::pin(handshake).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                return warn!(agent = %agent_id, %remote, error = %e, "HTTP/2 handshake over the tunnel failed")
+            }
+        };
+        let first = tokio::select! {
+            list = fetch_targets(&sender, None, state.config.handshake_timeout) => list,
+            reason = &mut conn => return warn!(agent = %agent_id, %remote, %reason, "tunnel closed before the agent sent its targets"),
+        };
+        let first = match first.map(|list| accepted(list, &agent_id)) {
+            Ok(Ok(list)) => list,
+            Ok(Err(reason)) => {
+                warn!(agent = %agent_id, %remote, %reason, "tunnel refused: the agent's target list");
+                return notify_closing(&sender, ClosingKind::TargetsRefused, &reason, &mut conn)
+                    .await;
+            }
+            Err(e) => {
+                return warn!(agent = %agent_id, %remote, error = %e, "could not read the agent's targets")
+            }
+        };
+        let n_targets = first.targets.len();
+        let closed = CancellationToken::new();
+        let session = state.registry.next_session();
+        let handle = Arc::new(AgentHandle::new(
+            agent_id.clone(),
+            session,
+            remote,
+            sender.clone(),
+            Arc::new(first),
+            closed.clone(),
+            credential,
+        ));
+        match state.registry.insert(handle.clone()) {
+            Inserted::New => {}
+            Inserted::Replaced(old) => replace(&state, &old, &credential, &agent_id, remote),
+            Inserted::Conflict(holder) => {
+                // Another token registered the id between our handshake check and now.
+                let reason = id_taken(&agent_id, holder.remote);
+                warn!(agent = %agent_id, %remote, %reason, "tunnel refused after the handshake");
+                return notify_closing(&sender, ClosingKind::IdTaken, &reason, &mut conn).await;
             }
         }
-        },
-    };
-    state.registry.remove(&agent_id, session);
-    if lost {
-        warn!(agent = %agent_id, %remote, reason = %end, "agent disconnected: tunnel lost");
-    } else {
-        info!(agent = %agent_id, %remote, reason = %end, "agent disconnected");
+        // The token was checked before the 101; a tokens reload since then may have revoked it,
+        // and the reload's own sweep ran before this tunnel was registered.
+        if !handle.still_authorized(&state.tokens()) {
+            // Revoked, so that it is not kept in service discovery as a disconnected agent.
+            handle.revoke();
+            state.registry.remove(&agent_id, session);
+            warn!(agent = %agent_id, %remote, "tunnel closed as it registered: the tokens file was reloaded meanwhile and no longer accepts its token for this id");
+            return notify_closing(
+                &sender,
+                ClosingKind::Revoked,
+                &revoked(&agent_id),
+                &mut conn,
+            )
+            .await;
+        }
+        info!(agent = %agent_id, %remote, targets = n_targets, "agent connected");
+        // Whether the tunnel was lost (an unanswered keepalive, a broken connection) rather than
+        // closed by either side on purpose: an operator watching warnings learns of a site gone.
+        let mut lost = false;
+        let end = tokio::select! {
+            reason = &mut conn => {
+                lost = h2conn::lost(&reason);
+                format!("connection ended: {reason}")
+            }
+            _ = closed.cancelled() => closed_by_gateway(&handle, &mut conn).await,
+            _ = shutdown.cancelled() => shutting_down(&handle, &mut conn).await,
+            end = watch_targets(&state, session, sender, &handle, &agent_id, remote) => match end {
+                WatchEnd::Refused(reason) => targets_refused(&state, &handle, reason, &mut conn).await,
+                WatchEnd::Failed(e) => {
+                // An agent shutting down sends GOAWAY, which ends the targets long poll first; its
+                // scrapes in flight still finish. No new scrape is routed here, and the connection is
+                // driven until the agent closes it (or the longest scrape would have timed out).
+                state.registry.remove(&agent_id, session);
+                let drain = state.config.scrape.max_timeout + state.config.handshake_timeout;
+                // A stopping gateway waits for no agent's drain: its own scrapes were drained already.
+                tokio::select! {
+                    ended = tokio::time::timeout(drain, &mut conn) => match ended {
+                        Ok(reason) if reason == h2conn::CLOSED_BY_AGENT => {
+                            "the agent went away (GOAWAY)".to_owned()
+                        }
+                        Ok(reason) => {
+                            lost = h2conn::lost(&reason);
+                            format!("connection ended: {reason} (target list watch: {e})")
+                        }
+                        Err(_) => {
+                            lost = true;
+                            format!("target list watch failed: {e}")
+                        }
+                    },
+                    _ = shutdown.cancelled() => "gateway shutting down while the agent went away".to_owned(),
+                }
+            }
+            },
+        };
+        state.registry.remove(&agent_id, session);
+        if lost {
+            warn!(agent = %agent_id, %remote, reason = %end, "agent disconnected: tunnel lost");
+        } else {
+            info!(agent = %agent_id, %remote, reason = %end, "agent disconnected");
+        }
     }
 }
 
@@ -679,69 +688,74 @@ enum WatchEnd {
 }
 
 /// Follows the agent's target list: each answer is the next version, held open by the agent until it changes.
-async fn watch_targets(
-    state: &State,
+#[allow(clippy::manual_async_fn)] // see below
+fn watch_targets<'a>(
+    state: &'a State,
     session: u64,
     sender: Sender,
-    tx: watch::Sender<Arc<TargetList>>,
-    agent_id: &str,
+    handle: &'a AgentHandle,
+    agent_id: &'a str,
     remote: SocketAddr,
-) -> WatchEnd {
-    // A list changes when its agent's configuration does. An agent whose list changes again
-    // within a second, or that answers the long poll at once many times in a row, is asked
-    // again only a second after the last request: each change takes the registry's write lock
-    // and a log line. A few quick answers are not held back: a stopping agent answers the poll
-    // at once, and the next request is what meets its GOAWAY.
-    let mut last_change: Option<tokio::time::Instant> = None;
-    let mut quick_in_a_row = 0u32;
-    loop {
-        let version = tx.borrow().version;
-        let asked = tokio::time::Instant::now();
-        match fetch_targets(
-            &sender,
-            Some(version),
-            TARGETS_LONG_POLL + Duration::from_secs(30),
-        )
-        .await
-        {
-            Ok(list) if list.version != version => {
-                let list = match accepted(list, agent_id) {
-                    Ok(list) => list,
-                    Err(reason) => return WatchEnd::Refused(reason),
-                };
-                info!(
-                    agent = agent_id,
-                    %remote,
-                    targets = list.targets.len(),
-                    version = list.version,
-                    "agent targets changed"
-                );
-                let list = Arc::new(list);
-                tx.send_replace(list.clone());
-                state.registry.targets_changed(agent_id, session, &list);
-                let churning = last_change.is_some_and(|at| at.elapsed() < MIN_TARGETS_INTERVAL);
-                if churning {
-                    tokio::time::sleep_until(asked + MIN_TARGETS_INTERVAL).await;
+) -> impl std::future::Future<Output = WatchEnd> + Send + 'a {
+    // An async block, for what `run_session` says.
+    async move {
+        // A list changes when its agent's configuration does. An agent whose list changes again
+        // within a second, or that answers the long poll at once many times in a row, is asked
+        // again only a second after the last request: each change takes the registry's write lock
+        // and a log line. A few quick answers are not held back: a stopping agent answers the poll
+        // at once, and the next request is what meets its GOAWAY.
+        let mut last_change: Option<tokio::time::Instant> = None;
+        let mut quick_in_a_row = 0u32;
+        loop {
+            let version = handle.targets().version;
+            let asked = tokio::time::Instant::now();
+            match fetch_targets(
+                &sender,
+                Some(version),
+                TARGETS_LONG_POLL + Duration::from_secs(30),
+            )
+            .await
+            {
+                Ok(list) if list.version != version => {
+                    let list = match accepted(list, agent_id) {
+                        Ok(list) => list,
+                        Err(reason) => return WatchEnd::Refused(reason),
+                    };
+                    info!(
+                        agent = agent_id,
+                        %remote,
+                        targets = list.targets.len(),
+                        version = list.version,
+                        "agent targets changed"
+                    );
+                    let list = Arc::new(list);
+                    handle.set_targets(list.clone());
+                    state.registry.targets_changed(agent_id, session, &list);
+                    let churning =
+                        last_change.is_some_and(|at| at.elapsed() < MIN_TARGETS_INTERVAL);
+                    if churning {
+                        tokio::time::sleep_until(asked + MIN_TARGETS_INTERVAL).await;
+                    }
+                    // Taken after the wait: taken before it, the next change, a second later, would
+                    // not count as churn and be asked again at once (two requests a second).
+                    last_change = Some(tokio::time::Instant::now());
                 }
-                // Taken after the wait: taken before it, the next change, a second later, would
-                // not count as churn and be asked again at once (two requests a second).
-                last_change = Some(tokio::time::Instant::now());
+                Ok(_) => {}
+                // Agents up to the session-11 release cut every stream, the long poll included, at
+                // their longest scrape timeout plus 5 s: the connection is fine, so ask again (a
+                // loop of resets is held back as quick answers are) rather than take the agent out.
+                Err(FetchError::Reset(e)) => {
+                    debug!(agent = agent_id, %remote, error = %e, "the agent reset the targets long poll; asking again")
+                }
+                Err(FetchError::Failed(e)) => return WatchEnd::Failed(e),
             }
-            Ok(_) => {}
-            // Agents up to the session-11 release cut every stream, the long poll included, at
-            // their longest scrape timeout plus 5 s: the connection is fine, so ask again (a
-            // loop of resets is held back as quick answers are) rather than take the agent out.
-            Err(FetchError::Reset(e)) => {
-                debug!(agent = agent_id, %remote, error = %e, "the agent reset the targets long poll; asking again")
+            quick_in_a_row = match asked.elapsed() < MIN_TARGETS_INTERVAL {
+                true => quick_in_a_row + 1,
+                false => 0,
+            };
+            if quick_in_a_row >= QUICK_ANSWERS_TOLERATED {
+                tokio::time::sleep_until(asked + MIN_TARGETS_INTERVAL).await;
             }
-            Err(FetchError::Failed(e)) => return WatchEnd::Failed(e),
-        }
-        quick_in_a_row = match asked.elapsed() < MIN_TARGETS_INTERVAL {
-            true => quick_in_a_row + 1,
-            false => 0,
-        };
-        if quick_in_a_row >= QUICK_ANSWERS_TOLERATED {
-            tokio::time::sleep_until(asked + MIN_TARGETS_INTERVAL).await;
         }
     }
 }
@@ -793,21 +807,26 @@ async fn fetch_targets(
 }
 
 async fn read_target_list(response: h2::client::ResponseFuture) -> Result<TargetList, FetchError> {
-    let resp = h2conn::response(response).await.map_err(|e| {
-        if e.is_reset() && !e.is_go_away() {
-            FetchError::Reset(one_line(&e))
-        } else {
-            FetchError::Failed(one_line(&e))
+    // The long poll waits for the head for a tunnel's whole life, and an async fn's state is as
+    // large as its largest await: the head is out of scope and the body's reading boxed before
+    // their awaits, so that the wait is all the task holds room for.
+    let body = {
+        let resp = h2conn::response(response).await.map_err(|e| {
+            if e.is_reset() && !e.is_go_away() {
+                FetchError::Reset(one_line(&e))
+            } else {
+                FetchError::Failed(one_line(&e))
+            }
+        })?;
+        if resp.status() != StatusCode::OK {
+            return Err(FetchError::Failed(format!(
+                "agent answered {} to the targets request",
+                resp.status()
+            )));
         }
-    })?;
-    if resp.status() != StatusCode::OK {
-        return Err(FetchError::Failed(format!(
-            "agent answered {} to the targets request",
-            resp.status()
-        )));
-    }
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_TARGET_LIST_BYTES)
-        .collect()
+        resp.into_body()
+    };
+    let body = Box::pin(http_body_util::Limited::new(body, MAX_TARGET_LIST_BYTES).collect())
         .await
         .map_err(|e| format!("reading target list: {e}"))?
         .to_bytes();
