@@ -339,7 +339,7 @@ async fn a_gateway_url_for_the_wrong_listener_or_name_is_explained() {
     let by_address = start_agent(by_address, "t");
     wait(&[
         "cannot open tunnel",
-        "certificate not valid for name \"127.0.0.1\"",
+        "the gateway's certificate is valid for localhost, not 127.0.0.1;",
         "with --tunnel.server-name (tunnel.server_name in the file)",
     ])
     .await;

@@ -371,9 +371,16 @@ fn tls_failure_reason(e: &std::io::Error, tls: Option<&ClientTls>) -> String {
             "{e}: the other end does not speak TLS; is --gateway the tunnel port (default 7443, not the web port 8080), and does the gateway run with TLS?"
         ),
         rustls::Error::InvalidCertificate(
-            rustls::CertificateError::NotValidForName
-            | rustls::CertificateError::NotValidForNameContext { .. },
+            rustls::CertificateError::NotValidForNameContext { expected, presented },
         ) => format!(
+            "{}; the name checked can be set to one of the certificate's with --tunnel.server-name (tunnel.server_name in the file)",
+            crate::tunnel::tls::name_mismatch(&expected.to_str(), presented).replacen(
+                "the certificate",
+                "the gateway's certificate",
+                1
+            )
+        ),
+        rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName) => format!(
             "{}; the name checked can be set to one of the certificate's with --tunnel.server-name (tunnel.server_name in the file)",
             crate::tunnel::tls::rustls_reason(rustls)
         ),
