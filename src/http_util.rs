@@ -48,6 +48,12 @@ pub fn text_response(status: StatusCode, reason: &str) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    // Ferry's own words, often quoting the request (a path, a host): a browser must not read
+    // them as anything but text, also when a proxy refusal stands in for another site's page.
+    resp.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     resp
 }
 

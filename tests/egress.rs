@@ -83,6 +83,12 @@ fn assert_refused(resp: &Resp, status: u16, needle: &str, what: &str) {
         reason,
         "{what}: body and header carry one line"
     );
+    // It quotes the request: never to be read as HTML in the destination's name.
+    assert_eq!(
+        resp.header("x-content-type-options"),
+        Some("nosniff"),
+        "{what}"
+    );
 }
 
 /// GET `url` (absolute-form) through `proxy`.

@@ -1362,6 +1362,7 @@ async fn an_unknown_agent_is_503_at_once() {
         "reason must name the agent: {reason:?}"
     );
     assert_eq!(resp.header("ferry-error"), Some("gateway"));
+    assert_eq!(resp.header("x-content-type-options"), Some("nosniff"));
     assert_eq!(s.target.requests(), 0);
     s.stop().await;
 }
