@@ -2876,3 +2876,48 @@ fn a_gateway_shares_one_malloc_arena_unless_the_operator_says_otherwise() {
     );
     assert!(arenas_after_requests(Some("8")) > 0, "glibc's own choice");
 }
+
+/// An egress rule's client certificate without its key (or a key that is not there) is one
+/// line naming the field, as the agent's are.
+#[test]
+fn an_egress_client_certificate_needs_its_key() {
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "client.pem", "not read: the key is missing\n");
+    let config = write(
+        dir.path(),
+        "egress.yaml",
+        "egress:
+  rules:
+    - name: collector
+      upstream: collector.example.com:443
+      tls_upgrade:
+        cert_file: client.pem
+",
+    );
+    let out = ferry(dir.path(), &["check-config", config.to_str().unwrap()]);
+    let line = one_config_error(&out);
+    assert!(
+        line.contains("egress.rules[0].tls_upgrade.key_file")
+            && line.contains("required when rules[0].tls_upgrade.cert_file is set"),
+        "{line}"
+    );
+
+    write(
+        dir.path(),
+        "egress.yaml",
+        "egress:
+  rules:
+    - name: collector
+      upstream: collector.example.com:443
+      tls_upgrade:
+        cert_file: client.pem
+        key_file: client.key
+",
+    );
+    let out = ferry(dir.path(), &["check-config", config.to_str().unwrap()]);
+    let line = one_config_error(&out);
+    assert!(
+        line.contains("egress.rules[0].tls_upgrade.key_file") && line.contains("client.key"),
+        "{line}"
+    );
+}

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::egress::{
-    absolute, ca_and_server_cert, connect_raw, exchange, raw_exchange, read_response,
-    RecordingUpstream, Reply, TestEgress, TestResolver, TIMEOUT, UPSTREAM_BODY,
+    absolute, ca_and_client_cert, ca_and_server_cert, connect_raw, exchange, raw_exchange,
+    read_response, RecordingUpstream, Reply, TestEgress, TestResolver, TIMEOUT, UPSTREAM_BODY,
 };
 use common::ferry::metric_value;
 use common::http::{get, send_on, try_get, Resp};
@@ -2021,10 +2021,12 @@ async fn tls_upgrade_failures_name_what_to_fix() {
     );
     let resolver = TestResolver::new(&[("collector.test", &["127.0.0.1"])]);
     let proxy = TestEgress::start(yaml_section(&yaml), resolver).await;
-    let client_cert = "the upstream asks for a client certificate, which egress rules do not send";
+    let client_cert = |rule: &str| {
+        format!("the upstream asks for a client certificate: give rule {rule:?} a tls_upgrade.cert_file and key_file")
+    };
     for (port, status, words) in [
-        (tls13.port(), 502, client_cert.to_owned()),
-        (tls12.port(), 502, client_cert.to_owned()),
+        (tls13.port(), 502, client_cert("tls13")),
+        (tls12.port(), 502, client_cert("tls12")),
         (
             other.port(),
             502,
@@ -2046,6 +2048,70 @@ async fn tls_upgrade_failures_name_what_to_fix() {
         assert!(!reason.contains("DnsName"), "{reason:?}");
     }
     assert_eq!(other.request_count(), 0);
+}
+
+/// A `tls_upgrade` rule with `cert_file` and `key_file` presents that client certificate to an
+/// upstream that requires one (mTLS), and the request passes; a certificate of a CA the
+/// upstream does not trust is refused in words that name the file, under TLS 1.3 (the refusal
+/// comes after the handshake) and 1.2 alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upgrade_presents_the_rules_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (server_ca, chain, key) = ca_and_server_cert(&["collector.test"]);
+    let (client_ca, cert, cert_key) = ca_and_client_cert();
+    let (_, stranger, stranger_key) = ca_and_client_cert();
+    let ca_file = file("ca.pem", &server_ca);
+    let (cert_file, key_file) = (file("client.pem", &cert), file("client.key", &cert_key));
+    let (stranger_file, stranger_key_file) = (
+        file("stranger.pem", &stranger),
+        file("stranger.key", &stranger_key),
+    );
+    let up = RecordingUpstream::start_mtls(chain.clone(), key.clone_key(), &client_ca).await;
+    let tls12 = client_cert_upstream(chain, key, &rustls::version::TLS12).await;
+    let rule = |name: &str, port: u16, cert: &Path, key: &Path| {
+        format!(
+            "  - name: {name}\n    upstream: \"127.0.0.1/32:{port}\"\n    path_prefix: /{name}\n    tls_upgrade: {{ca_file: \"{}\", cert_file: \"{}\", key_file: \"{}\"}}\n",
+            ca_file.display(),
+            cert.display(),
+            key.display()
+        )
+    };
+    let yaml = format!(
+        "rules:\n{}{}{}",
+        rule("mtls", up.port(), &cert_file, &key_file),
+        rule("stranger", up.port(), &stranger_file, &stranger_key_file),
+        rule("tls12", tls12.port(), &stranger_file, &stranger_key_file),
+    );
+    let resolver = TestResolver::new(&[("collector.test", &["127.0.0.1"])]);
+    let proxy = TestEgress::start(yaml_section(&yaml), resolver).await;
+
+    let resp = get_via(
+        proxy.addr,
+        &format!("http://collector.test:{}/mtls/x", up.port()),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{:?}", resp.header("ferry-refusal"));
+    assert_eq!(resp.text(), UPSTREAM_BODY);
+    assert_eq!(up.last().uri, "/mtls/x");
+
+    for (port, rule) in [(up.port(), "stranger"), (tls12.port(), "tls12")] {
+        let resp = get_via(
+            proxy.addr,
+            &format!("http://collector.test:{port}/{rule}/x"),
+        )
+        .await;
+        let words = format!(
+            "the upstream refused the client certificate in {} (tls_upgrade.cert_file of rule {rule:?})",
+            stranger_file.display()
+        );
+        assert_refused(&resp, 502, &words, rule);
+    }
+    assert_eq!(up.request_count(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -885,6 +885,7 @@ async fn the_egress_cookbook_rules_do_what_the_readme_says() {
         let up = if rule.tls_upgrade.is_some() {
             rule.tls_upgrade = Some(TlsUpgradeSection {
                 ca_file: Some(ca_file.clone()),
+                ..TlsUpgradeSection::default()
             });
             RecordingUpstream::start_tls(chain.clone(), key.clone_key()).await
         } else {

@@ -10,7 +10,8 @@ use serde::Deserialize;
 
 use super::{
     anchor, check_client_tls, check_durations, check_label_name, check_readable, check_server_name,
-    parse_listen_address, validate_keepalive, CollectorSection, ConfigErrors, Dur, Secret,
+    client_cert_pair, parse_listen_address, validate_keepalive, CollectorSection, ConfigErrors,
+    Dur, Secret,
 };
 use crate::tunnel::dial::Proxy;
 use crate::tunnel::handshake::{canonical_agent_id, reserved_agent_id, valid_agent_id};
@@ -898,40 +899,6 @@ impl TargetSection {
             check_client_tls(&tls, Purpose::Target, &format!("{prefix}.tls"), errs);
         }
         Some(tls)
-    }
-}
-
-/// Validates an optional certificate + key pair: both or neither, both readable.
-/// `None` means invalid; `Some(None)` means not configured.
-fn client_cert_pair(
-    cert: &Option<PathBuf>,
-    key: &Option<PathBuf>,
-    prefix: &str,
-    errs: &mut ConfigErrors,
-) -> Option<Option<(PathBuf, PathBuf)>> {
-    match (cert, key) {
-        (None, None) => Some(None),
-        (Some(c), Some(k)) => {
-            check_readable(c, &format!("{prefix}.cert_file"), errs);
-            check_readable(k, &format!("{prefix}.key_file"), errs);
-            Some(Some((c.clone(), k.clone())))
-        }
-        (Some(_), None) => {
-            let message = format!(
-                "required when {} is set",
-                errs.setting(&format!("{prefix}.cert_file"))
-            );
-            errs.push(format!("{prefix}.key_file"), message);
-            None
-        }
-        (None, Some(_)) => {
-            let message = format!(
-                "required when {} is set",
-                errs.setting(&format!("{prefix}.key_file"))
-            );
-            errs.push(format!("{prefix}.cert_file"), message);
-            None
-        }
     }
 }
 

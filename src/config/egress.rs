@@ -9,8 +9,8 @@ use http::{HeaderName, Method};
 use serde::Deserialize;
 
 use super::{
-    anchor, check_client_tls, check_durations, check_readable, parse_listen_address, ConfigErrors,
-    Dur,
+    anchor, check_client_tls, check_durations, check_readable, client_cert_pair,
+    parse_listen_address, ConfigErrors, Dur,
 };
 use crate::auth::{TokensFile, CREDENTIALS_FILE};
 use crate::egress::policy::{Clients, Upstream};
@@ -201,11 +201,15 @@ pub struct ValidateSection {
 #[serde(
     deny_unknown_fields,
     default,
-    expecting = "the TLS upgrade settings: {} or {ca_file: ...}"
+    expecting = "the TLS upgrade settings: {} or {ca_file: ..., cert_file: ..., key_file: ...}"
 )]
 pub struct TlsUpgradeSection {
     /// Trust only CAs in this file (default: system roots).
     pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM, with its chain) presented to an upstream that asks for one.
+    pub cert_file: Option<PathBuf>,
+    /// Private key of `cert_file` (PEM).
+    pub key_file: Option<PathBuf>,
 }
 
 /// A validated destination rule.
@@ -279,6 +283,8 @@ impl EgressSection {
             anchor(&mut r.validate.json_schema_file, dir);
             if let Some(tls) = &mut r.tls_upgrade {
                 anchor(&mut tls.ca_file, dir);
+                anchor(&mut tls.cert_file, dir);
+                anchor(&mut tls.key_file, dir);
             }
         }
     }
@@ -487,23 +493,23 @@ impl RuleSection {
             }
         }
         let validation = self.validate.validate(&format!("{prefix}.validate"), errs);
-        let tls_upgrade = self.tls_upgrade.as_ref().map(|t| {
+        let tls_upgrade = self.tls_upgrade.as_ref().and_then(|t| {
             let field = format!("{prefix}.tls_upgrade");
+            let before = errs.errors.len();
+            if let Some(ca) = &t.ca_file {
+                check_readable(ca, &format!("{field}.ca_file"), errs);
+            }
             let tls = ClientTls {
                 verify: match &t.ca_file {
                     Some(ca) => ServerVerify::CaFile(ca.clone()),
                     None => ServerVerify::SystemRoots,
                 },
-                client_cert: None,
+                client_cert: client_cert_pair(&t.cert_file, &t.key_file, &field, errs)?,
             };
-            let before = errs.errors.len();
-            if let Some(ca) = &t.ca_file {
-                check_readable(ca, &format!("{field}.ca_file"), errs);
-            }
             if errs.errors.len() == before {
                 check_client_tls(&tls, Purpose::Target, &field, errs);
             }
-            tls
+            Some(tls)
         });
         if errs.errors.len() > before {
             return None;

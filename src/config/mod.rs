@@ -935,6 +935,41 @@ pub fn check_readable(path: &Path, field: &str, errs: &mut ConfigErrors) {
     }
 }
 
+#[cfg(any(feature = "agent", feature = "egress"))]
+/// Validates an optional certificate + key pair: both or neither, both readable.
+/// `None` means invalid; `Some(None)` means not configured.
+pub(crate) fn client_cert_pair(
+    cert: &Option<std::path::PathBuf>,
+    key: &Option<std::path::PathBuf>,
+    prefix: &str,
+    errs: &mut ConfigErrors,
+) -> Option<Option<(std::path::PathBuf, std::path::PathBuf)>> {
+    match (cert, key) {
+        (None, None) => Some(None),
+        (Some(c), Some(k)) => {
+            check_readable(c, &format!("{prefix}.cert_file"), errs);
+            check_readable(k, &format!("{prefix}.key_file"), errs);
+            Some(Some((c.clone(), k.clone())))
+        }
+        (Some(_), None) => {
+            let message = format!(
+                "required when {} is set",
+                errs.setting(&format!("{prefix}.cert_file"))
+            );
+            errs.push(format!("{prefix}.key_file"), message);
+            None
+        }
+        (None, Some(_)) => {
+            let message = format!(
+                "required when {} is set",
+                errs.setting(&format!("{prefix}.key_file"))
+            );
+            errs.push(format!("{prefix}.cert_file"), message);
+            None
+        }
+    }
+}
+
 /// Builds the client TLS configuration `ferry run` will build from `tls` and records its error,
 /// if any, under the field of the file at fault below `prefix` (`ca_file`, `cert_file`,
 /// `key_file`): what `check-config` accepts, `run` can use.

@@ -308,24 +308,67 @@ impl tower_service::Service<Uri> for CheckedConnector {
 pub struct TlsConnector {
     inner: CheckedConnector,
     tls: Arc<rustls::ClientConfig>,
-    /// The CAs `tls` trusts, in words (`/etc/ferry/ca.pem (tls_upgrade.ca_file of rule "x")`).
-    trusted: Arc<str>,
+    /// What the refusals of a handshake say about the rule's TLS settings.
+    words: Arc<TlsWords>,
 }
 
-impl TlsConnector {
-    /// Wraps `inner` with TLS from `tls`, which trusts the CAs `trusted` says.
-    pub fn new(inner: CheckedConnector, tls: rustls::ClientConfig, trusted: String) -> Self {
-        Self {
-            inner,
-            tls: Arc::new(tls),
-            trusted: trusted.into(),
+/// A `tls_upgrade` rule's TLS settings in words, for the refusals of its handshakes.
+pub struct TlsWords {
+    /// The rule's name.
+    pub rule: String,
+    /// The CAs it trusts (`/etc/ferry/ca.pem (tls_upgrade.ca_file of rule "x")`).
+    pub trusted: String,
+    /// The client certificate it presents, if any
+    /// (`/etc/ferry/client.pem (tls_upgrade.cert_file of rule "x")`).
+    pub client_cert: Option<String>,
+}
+
+impl TlsWords {
+    /// What to say of `alert`, sent by the upstream, when it concerns the client certificate:
+    /// one it asks for and the rule does not send, or the one the rule sent.
+    pub fn client_cert_alert(&self, alert: rustls::AlertDescription) -> Option<String> {
+        use rustls::AlertDescription as A;
+        let rule = &self.rule;
+        match (&self.client_cert, alert) {
+            (None, A::CertificateRequired) => Some(format!(
+                "the upstream asks for a client certificate: give rule {rule:?} a tls_upgrade.cert_file and key_file"
+            )),
+            // What many TLS 1.2 servers send a client without the certificate they require.
+            (None, A::HandshakeFailure) => Some(format!(
+                "the upstream refused the handshake (TLS alert HandshakeFailure; does it require a client certificate? rule {rule:?} sends none: tls_upgrade.cert_file and key_file)"
+            )),
+            (
+                Some(cert),
+                A::CertificateRequired
+                | A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::HandshakeFailure
+                // rustls's answer to a certificate whose issuer has the name of a CA it trusts
+                // but another key (a CA made again): the signature does not verify.
+                | A::DecryptError,
+            ) => Some(format!(
+                "the upstream refused the client certificate in {cert} (TLS alert {alert:?}): is it signed by a CA the upstream trusts, and still valid?"
+            )),
+            _ => None,
         }
     }
 }
 
-/// What an upstream refusing a connection without a client certificate gets said.
-pub const CLIENT_CERT_REQUIRED: &str =
-    "the upstream asks for a client certificate, which egress rules do not send";
+impl TlsConnector {
+    /// Wraps `inner` with TLS from `tls`, whose settings `words` says.
+    pub fn new(inner: CheckedConnector, tls: rustls::ClientConfig, words: TlsWords) -> Self {
+        Self {
+            inner,
+            tls: Arc::new(tls),
+            words: Arc::new(words),
+        }
+    }
+}
 
 impl tower_service::Service<Uri> for TlsConnector {
     type Response = MaybeHttpsStream<TrackedStream>;
@@ -339,7 +382,7 @@ impl tower_service::Service<Uri> for TlsConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let mut inner = self.inner.clone();
         let tls = self.tls.clone();
-        let trusted = self.trusted.clone();
+        let words = self.words.clone();
         Box::pin(async move {
             let host = uri
                 .host()
@@ -359,7 +402,7 @@ impl tower_service::Service<Uri> for TlsConnector {
                 Ok(Ok(stream)) => Ok(MaybeHttpsStream::from(stream)),
                 Ok(Err(e)) => Err(ConnectError::Tls {
                     authority,
-                    reason: handshake_failure(&e, &trusted),
+                    reason: handshake_failure(&e, &words),
                 }),
                 Err(_) => Err(ConnectError::TlsTimeout {
                     authority,
@@ -372,8 +415,9 @@ impl tower_service::Service<Uri> for TlsConnector {
 
 /// Why a TLS handshake failed, in plain words (rustls's own often read like
 /// `received corrupt message of type InvalidContentType`).
-fn handshake_failure(e: &std::io::Error, trusted: &str) -> String {
-    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+fn handshake_failure(e: &std::io::Error, words: &TlsWords) -> String {
+    use rustls::{CertificateError as C, Error as E};
+    let trusted = &words.trusted;
     let rustls = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
@@ -382,14 +426,9 @@ fn handshake_failure(e: &std::io::Error, trusted: &str) -> String {
         Some(E::InvalidMessage(_)) => {
             "the upstream does not speak TLS on that port (is it plain HTTP?)".into()
         }
-        Some(E::AlertReceived(A::CertificateRequired)) => CLIENT_CERT_REQUIRED.into(),
-        // What many TLS 1.2 servers send a client without the certificate they require.
-        Some(E::AlertReceived(A::HandshakeFailure)) => {
-            "the upstream refused the handshake (TLS alert HandshakeFailure; does it require a client certificate? egress rules do not send one)".into()
-        }
-        Some(E::AlertReceived(alert)) => {
-            format!("the upstream refused the handshake (TLS alert {alert:?})")
-        }
+        Some(E::AlertReceived(alert)) => words
+            .client_cert_alert(*alert)
+            .unwrap_or_else(|| format!("the upstream refused the handshake (TLS alert {alert:?})")),
         Some(E::InvalidCertificate(C::UnknownIssuer)) => {
             format!("the certificate's issuer is not trusted: no CA in {trusted} signed it")
         }

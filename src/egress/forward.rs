@@ -20,8 +20,7 @@ use tokio::time::Instant;
 use super::access::AccessRecord;
 use super::budget::Held;
 use super::connector::{
-    checked_addrs, resolve, CheckedConnector, ConnectError, TlsConnector, UpstreamTracker,
-    CLIENT_CERT_REQUIRED,
+    checked_addrs, resolve, CheckedConnector, ConnectError, TlsConnector, TlsWords, UpstreamTracker,
 };
 use super::framing::Claim;
 use super::policy::{parse_ip_literal, Destination, SharedResolver};
@@ -84,21 +83,36 @@ impl Upstreams {
                     None => UpstreamClient::Plain(builder.build(connector)),
                     Some(tls) => {
                         let tls_config = client_config(tls, Purpose::Target)?;
-                        let trusted = match &tls.verify {
-                            ServerVerify::CaFile(ca) => format!(
-                                "{} (tls_upgrade.ca_file of rule {:?})",
-                                ca.display(),
-                                rule.name
-                            ),
-                            _ => "the system roots".to_owned(),
-                        };
-                        let connector = TlsConnector::new(connector, tls_config, trusted);
+                        let connector = TlsConnector::new(connector, tls_config, tls_words(rule));
                         UpstreamClient::Tls(builder.build(connector))
                     }
                 })
             })
             .collect::<Result<_, TlsError>>()?;
         Ok(Upstreams { clients })
+    }
+}
+
+/// What the refusals of `rule`'s TLS handshakes say about its settings.
+fn tls_words(rule: &Rule) -> TlsWords {
+    let tls = rule.tls_upgrade.as_ref();
+    TlsWords {
+        rule: rule.name.clone(),
+        trusted: match tls.map(|t| &t.verify) {
+            Some(ServerVerify::CaFile(ca)) => format!(
+                "{} (tls_upgrade.ca_file of rule {:?})",
+                ca.display(),
+                rule.name
+            ),
+            _ => "the system roots".to_owned(),
+        },
+        client_cert: tls.and_then(|t| t.client_cert.as_ref()).map(|(cert, _)| {
+            format!(
+                "{} (tls_upgrade.cert_file of rule {:?})",
+                cert.display(),
+                rule.name
+            )
+        }),
     }
 }
 
@@ -577,7 +591,7 @@ async fn forward(
     let client = &state.upstreams.clients[index];
     let resp = match tokio::time::timeout_at(deadline, client.request(upstream_req)).await {
         Err(_) => return Err(Refusal::upstream_timeout(&upstream, timeout).into()),
-        Ok(Err(e)) => return Err(upstream_error(&e, &target.host).into()),
+        Ok(Err(e)) => return Err(upstream_error(&e, &target.host, rule).into()),
         Ok(Ok(resp)) => resp,
     };
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -796,7 +810,7 @@ impl http_body::Body for ReadBody {
 }
 
 /// Maps an upstream client error: a refused address is the policy speaking (403), the rest is 502.
-fn upstream_error(e: &hyper_util::client::legacy::Error, host: &str) -> Refusal {
+fn upstream_error(e: &hyper_util::client::legacy::Error, host: &str, rule: &Rule) -> Refusal {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(err) = source {
         if let Some(ConnectError::Forbidden { why, .. }) = err.downcast_ref::<ConnectError>() {
@@ -806,10 +820,15 @@ fn upstream_error(e: &hyper_util::client::legacy::Error, host: &str) -> Refusal 
     }
     // Under TLS 1.3 the client's side of the handshake is over before the server checks the
     // client certificate: its refusal comes with the answer to the request.
-    if let Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired)) =
-        crate::tunnel::tls::rustls_error_in(e)
-    {
-        return Refusal::upstream(format!("upstream {host} failed: {}", CLIENT_CERT_REQUIRED));
+    if let Some(rustls::Error::AlertReceived(alert)) = crate::tunnel::tls::rustls_error_in(e) {
+        if let Some(words) = rule
+            .tls_upgrade
+            .is_some()
+            .then(|| tls_words(rule).client_cert_alert(*alert))
+            .flatten()
+        {
+            return Refusal::upstream(format!("upstream {host} failed: {words}"));
+        }
     }
     let cause = crate::scrape_error::one_line(e);
     Refusal::upstream(if e.is_connect() {

@@ -100,11 +100,46 @@ impl RecordingUpstream {
         chain: Vec<rustls::pki_types::CertificateDer<'static>>,
         key: rustls::pki_types::PrivateKeyDer<'static>,
     ) -> RecordingUpstream {
+        Self::start_tls_verifying(chain, key, None).await
+    }
+
+    /// [`RecordingUpstream::start_tls`] that requires a client certificate signed by the CA
+    /// in `client_ca` (PEM).
+    pub async fn start_mtls(
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+        client_ca: &str,
+    ) -> RecordingUpstream {
+        Self::start_tls_verifying(chain, key, Some(client_ca)).await
+    }
+
+    async fn start_tls_verifying(
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+        client_ca: Option<&str>,
+    ) -> RecordingUpstream {
+        use rustls::pki_types::pem::PemObject;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
+            .expect("TLS versions");
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots
+                    .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+                    .unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    roots.into(),
+                    provider,
+                )
+                .build()
+                .expect("client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
             .with_single_cert(chain, key)
             .expect("upstream certificate and key");
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -619,4 +654,19 @@ pub fn ca_and_server_cert(
         .unwrap();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
     (ca.pem(), vec![cert.der().clone()], key)
+}
+
+/// A new CA (PEM) and a client certificate it signed, with its key, as PEM files would hold
+/// them: `(ca, cert, key)`.
+pub fn ca_and_client_cert() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["egress-client".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
 }
