@@ -30,12 +30,15 @@
 //!
 //! Environment: `FERRY_BENCH_ROUNDS` (default 5); `FERRY_BENCH_ONLY`: run only the proxied scenarios
 //! whose name contains one of these `|`-separated strings (e.g. `CONNECT, log warn`);
-//! `FERRY_BENCH_PROXY_WRAPPER`: a program the proxy is started under (see [`proxy_command`]).
+//! `FERRY_BENCH_PROXY_WRAPPER`: a program the proxy is started under (`benches/common/wrapper.rs`).
+
+#[path = "common/wrapper.rs"]
+mod wrapper;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -597,7 +600,7 @@ impl ProxyProcess {
         let log = dir.path().join("ferry.log");
         let log_file = std::fs::File::create(&log).map_err(|e| format!("log file: {e}"))?;
         let bin = env!("CARGO_BIN_EXE_ferry");
-        let child = proxy_command(bin)
+        let child = wrapper::ferry_command("FERRY_BENCH_PROXY_WRAPPER", bin)
             .arg("run")
             .arg("--config.file")
             .arg(&config)
@@ -861,20 +864,4 @@ fn report(
     }
     println!("  CPU-bound estimate: direct CPU per request / (proxied clients + collector + proxy CPU per");
     println!("  request), median over rounds: the ratio on a machine running nothing else, if CPU-bound.");
-}
-
-/// `ferry`, or `$FERRY_BENCH_PROXY_WRAPPER ferry`: a profiler, or for A/B runs a script that
-/// `exec`s another build with the arguments after the first (CPU figures are of the process
-/// started, so a wrapper that does not `exec` reports its own).
-fn proxy_command(ferry: &str) -> Command {
-    let wrapper = std::env::var("FERRY_BENCH_PROXY_WRAPPER").unwrap_or_default();
-    let mut words = wrapper.split_whitespace();
-    match words.next() {
-        Some(program) => {
-            let mut cmd = Command::new(program);
-            cmd.args(words).arg(ferry);
-            cmd
-        }
-        None => Command::new(ferry),
-    }
 }

@@ -23,6 +23,9 @@
 //! (`idle-memory`: only the idle-agents memory reading; `one-agent`: only phase A),
 //! `FERRY_BENCH_IDLE_SECS` (how long agents stay idle before each memory reading, default 5).
 
+#[path = "common/wrapper.rs"]
+mod wrapper;
+
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -842,19 +845,9 @@ impl Drop for GatewayProcess {
 }
 
 /// `ferry`, or `$FERRY_BENCH_GATEWAY_WRAPPER ferry` (e.g. `heaptrack -o /tmp/gw` to see where
-/// the gateway's memory goes; the gateway's RSS and CPU figures are then the wrapper's).
+/// the gateway's memory goes).
 fn gateway_command() -> Command {
-    let ferry = env!("CARGO_BIN_EXE_ferry");
-    let wrapper = std::env::var("FERRY_BENCH_GATEWAY_WRAPPER").unwrap_or_default();
-    let mut words = wrapper.split_whitespace();
-    match words.next() {
-        Some(program) => {
-            let mut cmd = Command::new(program);
-            cmd.args(words).arg(ferry);
-            cmd
-        }
-        None => Command::new(ferry),
-    }
+    wrapper::ferry_command("FERRY_BENCH_GATEWAY_WRAPPER", env!("CARGO_BIN_EXE_ferry"))
 }
 
 /// A loopback port that was free a moment ago (the gateway's CLI needs concrete ports).

@@ -1530,6 +1530,11 @@ impl Running {
     /// `ferry gateway` on free loopback ports with the tokens file `tokens` and its data in
     /// `dir/data`, plus `extra` flags.
     fn gateway(dir: &Path, tokens: &Path, extra: &[&str]) -> Running {
+        Self::spawn(Self::gateway_command(dir, tokens, extra))
+    }
+
+    /// The command [`Running::gateway`] runs.
+    fn gateway_command(dir: &Path, tokens: &Path, extra: &[&str]) -> Command {
         let data = dir.join("data");
         let mut args = vec![
             "gateway",
@@ -1543,7 +1548,7 @@ impl Running {
             data.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        Self::start(dir, &args)
+        command(dir, &args)
     }
 
     /// `ferry <args>` started by `prlimit --nofile=<nofile>` (util-linux): with that open-file
@@ -2831,19 +2836,7 @@ fn a_gateway_shares_one_malloc_arena_unless_the_operator_says_otherwise() {
     let dir = TempDir::new().unwrap();
     let tokens = tokens_file(dir.path(), "s3cret");
     let arenas_after_requests = |env: Option<&str>| {
-        let data = dir.path().join("data");
-        let args = [
-            "gateway",
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--tunnel.listen-address",
-            "127.0.0.1:0",
-            "--auth.tokens-file",
-            tokens.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-        ];
-        let mut cmd = command(dir.path(), &args);
+        let mut cmd = Running::gateway_command(dir.path(), &tokens, &[]);
         if let Some(max) = env {
             cmd.env("MALLOC_ARENA_MAX", max);
         }
@@ -2883,39 +2876,23 @@ fn a_gateway_shares_one_malloc_arena_unless_the_operator_says_otherwise() {
 fn an_egress_client_certificate_needs_its_key() {
     let dir = TempDir::new().unwrap();
     write(dir.path(), "client.pem", "not read: the key is missing\n");
-    let config = write(
-        dir.path(),
-        "egress.yaml",
-        "egress:
-  rules:
-    - name: collector
-      upstream: collector.example.com:443
-      tls_upgrade:
-        cert_file: client.pem
-",
-    );
-    let out = ferry(dir.path(), &["check-config", config.to_str().unwrap()]);
-    let line = one_config_error(&out);
+    let error_with = |tls_upgrade: &str| {
+        let yaml = format!(
+            "egress:\n  rules:\n    - name: collector\n      upstream: collector.example.com:443\n      tls_upgrade: {tls_upgrade}\n"
+        );
+        let config = write(dir.path(), "egress.yaml", &yaml);
+        one_config_error(&ferry(
+            dir.path(),
+            &["check-config", config.to_str().unwrap()],
+        ))
+    };
+    let line = error_with("{cert_file: client.pem}");
     assert!(
         line.contains("egress.rules[0].tls_upgrade.key_file")
             && line.contains("required when rules[0].tls_upgrade.cert_file is set"),
         "{line}"
     );
-
-    write(
-        dir.path(),
-        "egress.yaml",
-        "egress:
-  rules:
-    - name: collector
-      upstream: collector.example.com:443
-      tls_upgrade:
-        cert_file: client.pem
-        key_file: client.key
-",
-    );
-    let out = ferry(dir.path(), &["check-config", config.to_str().unwrap()]);
-    let line = one_config_error(&out);
+    let line = error_with("{cert_file: client.pem, key_file: client.key}");
     assert!(
         line.contains("egress.rules[0].tls_upgrade.key_file") && line.contains("client.key"),
         "{line}"
