@@ -2862,12 +2862,13 @@ fn a_gateway_shares_one_malloc_arena_unless_the_operator_says_otherwise() {
         gw.stop();
         arenas
     };
-    assert_eq!(
-        arenas_after_requests(None),
-        0,
-        "one arena, glibc's main one"
-    );
-    assert!(arenas_after_requests(Some("8")) > 0, "glibc's own choice");
+    // One arena per four cores: on this project's 2-core machines, glibc's main one alone.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let allowed_beside_main = cores.div_ceil(4) - 1;
+    let limited = arenas_after_requests(None);
+    assert!(limited <= allowed_beside_main, "{limited} on {cores} cores");
+    let own = arenas_after_requests(Some("8"));
+    assert!(own > allowed_beside_main, "glibc's own choice: {own}");
 }
 
 /// An egress rule's client certificate without its key (or a key that is not there) is one
