@@ -295,8 +295,11 @@ impl BoundedBody {
 impl Drop for BoundedBody {
     fn drop(&mut self) {
         // hyper lets go of a body without polling its end once its last frame has passed (the
-        // inner body then says it is at its end): that is a complete body, not an abandoned one.
-        let end = if self.inner.is_end_stream() {
+        // inner body then says it is at its end), and once it has written the length the body's
+        // size hint promised (a body read ahead to its end, trailers and all: hyper sends it
+        // with a Content-Length, which has no room for trailers, so they are left unpolled):
+        // either is a complete body, not an abandoned one.
+        let end = if self.inner.is_end_stream() || self.inner.size_hint().upper() == Some(0) {
             BodyEnd::Complete
         } else {
             BodyEnd::Dropped
@@ -614,5 +617,34 @@ mod tests {
             (0, BodyEnd::TooLarge(10)),
             "the frame that crossed the limit was never passed on"
         );
+    }
+
+    /// A body read ahead to its end, trailers included, has an exact length: hyper sends it
+    /// with a Content-Length and drops it once that much is written, its trailers unpolled.
+    /// That is a complete body (it was once logged "cut off", depending on whether the
+    /// trailers arrived in time to be read ahead).
+    #[tokio::test]
+    async fn a_body_dropped_once_its_announced_length_passed_is_complete() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-trailer", HeaderValue::from_static("t"));
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"0123456789"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let read = read_ahead(boxed(inner), deadline, u64::MAX).await.unwrap();
+        assert_eq!(read.size_hint().exact(), Some(10));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut body = BoundedBody::new(
+            read,
+            deadline,
+            u64::MAX,
+            Box::new(move |n, end| tx.send((n, end)).unwrap()),
+        );
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.data_ref().map(|d| d.len()), Some(10));
+        drop(body);
+        assert_eq!(rx.recv().unwrap(), (10, BodyEnd::Complete));
     }
 }
