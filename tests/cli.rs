@@ -2899,3 +2899,49 @@ fn an_egress_client_certificate_needs_its_key() {
         "{line}"
     );
 }
+
+/// An egress rule's client certificate that has expired is warned about at start, naming the
+/// rule and the file; SIGHUP re-reads the renewed one, and says so.
+#[test]
+fn egress_warns_about_an_expired_client_certificate_and_reloads_the_renewed_one() {
+    let dir = TempDir::new().unwrap();
+    let (expired, expired_key) = common::egress::expired_client_cert();
+    let cert = write(dir.path(), "client.pem", &expired);
+    write(dir.path(), "client.key", &expired_key);
+    let config = write(
+        dir.path(),
+        "egress.yaml",
+        "egress:
+  web:
+    listen_address: 127.0.0.1:0
+  rules:
+    - name: collector
+      upstream: collector.example.com:443
+      tls_upgrade: {cert_file: client.pem, key_file: client.key}
+",
+    );
+    let mut egress = Running::start(
+        dir.path(),
+        &["run", "--config.file", config.to_str().unwrap()],
+    );
+    let warning = egress.wait_for("egress client certificate (tls_upgrade.cert_file)");
+    assert!(
+        warning.contains("rule=collector")
+            && warning.contains(&format!(
+                "certificate {} expired on 2021-01-01",
+                cert.display()
+            )),
+        "{warning}"
+    );
+    egress.wait_for("egress proxy listening");
+
+    let (_, renewed, renewed_key) = common::egress::ca_and_client_cert("the collector's CA");
+    write(dir.path(), "client.pem", &renewed);
+    write(dir.path(), "client.key", &renewed_key);
+    egress.signal(rustix::process::Signal::HUP);
+    egress.wait_for_all(&[
+        "egress TLS upgrade files reloaded: new upstream connections use them",
+        "reload done: everything applied",
+    ]);
+    egress.stop();
+}

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::egress::{
-    absolute, ca_and_client_cert, ca_and_server_cert, connect_raw, exchange, raw_exchange,
-    read_response, RecordingUpstream, Reply, TestEgress, TestResolver, TIMEOUT, UPSTREAM_BODY,
+    absolute, ca_and_client_cert, ca_and_server_cert, connect_raw, exchange, expired_client_cert,
+    raw_exchange, read_response, RecordingUpstream, Reply, TestEgress, TestResolver, TIMEOUT,
+    UPSTREAM_BODY,
 };
 use common::ferry::metric_value;
 use common::http::{get, send_on, try_get, Resp};
@@ -2063,8 +2064,8 @@ async fn tls_upgrade_presents_the_rules_client_certificate() {
         path
     };
     let (server_ca, chain, key) = ca_and_server_cert(&["collector.test"]);
-    let (client_ca, cert, cert_key) = ca_and_client_cert();
-    let (_, stranger, stranger_key) = ca_and_client_cert();
+    let (client_ca, cert, cert_key) = ca_and_client_cert("collector's client CA");
+    let (_, stranger, stranger_key) = ca_and_client_cert("another CA");
     let ca_file = file("ca.pem", &server_ca);
     let (cert_file, key_file) = (file("client.pem", &cert), file("client.key", &cert_key));
     let (stranger_file, stranger_key_file) = (
@@ -2112,6 +2113,66 @@ async fn tls_upgrade_presents_the_rules_client_certificate() {
         assert_refused(&resp, 502, &words, rule);
     }
     assert_eq!(up.request_count(), 1);
+}
+
+/// A reload (SIGHUP) re-reads a `tls_upgrade` rule's client certificate: a renewed one is used
+/// by the next request; a broken one, or one not valid now in place of one that is, is
+/// refused and the one in use stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_puts_a_renewed_client_certificate_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let (server_ca, chain, key) = ca_and_server_cert(&["collector.test"]);
+    let (client_ca, cert, cert_key) = ca_and_client_cert("collector's client CA");
+    let (_, old, old_key) = ca_and_client_cert("a CA the collector dropped");
+    std::fs::write(path("ca.pem"), server_ca).unwrap();
+    std::fs::write(path("client.pem"), &old).unwrap();
+    std::fs::write(path("client.key"), &old_key).unwrap();
+    let up = RecordingUpstream::start_mtls(chain, key, &client_ca).await;
+    let yaml = format!(
+        "rules:\n  - name: mtls\n    upstream: \"127.0.0.1/32:{}\"\n    tls_upgrade: {{ca_file: \"{}\", cert_file: \"{}\", key_file: \"{}\"}}\n",
+        up.port(),
+        path("ca.pem").display(),
+        path("client.pem").display(),
+        path("client.key").display()
+    );
+    let resolver = TestResolver::new(&[("collector.test", &["127.0.0.1"])]);
+    let proxy = TestEgress::start(yaml_section(&yaml), resolver).await;
+    let url = format!("http://collector.test:{}/x", up.port());
+    let refused = get_via(proxy.addr, &url).await;
+    assert_refused(
+        &refused,
+        502,
+        "refused the client certificate",
+        "the dropped CA's",
+    );
+
+    std::fs::write(path("client.pem"), &cert).unwrap();
+    std::fs::write(path("client.key"), &cert_key).unwrap();
+    assert_eq!(proxy.egress.reload_tls().unwrap(), 1);
+    let resp = get_via(proxy.addr, &url).await;
+    assert_eq!(resp.status, 200, "{:?}", resp.header("ferry-refusal"));
+
+    // Half-written: the key of another certificate.
+    std::fs::write(path("client.key"), &old_key).unwrap();
+    let e = proxy.egress.reload_tls().unwrap_err().to_string();
+    assert!(e.contains("client.key") && e.contains("client.pem"), "{e}");
+    let (expired, expired_key) = expired_client_cert();
+    std::fs::write(path("client.pem"), &expired).unwrap();
+    std::fs::write(path("client.key"), &expired_key).unwrap();
+    let e = proxy.egress.reload_tls().unwrap_err().to_string();
+    assert!(
+        e.contains("rule \"mtls\"") && e.contains("expired on 2021-01-01") && e.contains("stays"),
+        "{e}"
+    );
+    let resp = get_via(proxy.addr, &url).await;
+    assert_eq!(
+        resp.status,
+        200,
+        "the renewed certificate stays in use: {:?}",
+        resp.header("ferry-refusal")
+    );
+    assert_eq!(up.request_count(), 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2437,7 +2498,8 @@ async fn trickled_headers_are_cut_by_the_header_read_timeout() {
     assert!(
         text.starts_with("HTTP/1.1 408")
             && text.contains("\r\ndate: ")
-            && text.contains("ferry-refusal: request head not received within 500ms"),
+            && text.contains("ferry-refusal: request head not received within 500ms")
+            && text.contains("\r\nx-content-type-options: nosniff\r\n"),
         "a 408 with its reason before closing: {text:?}"
     );
     up.assert_untouched("slowloris");

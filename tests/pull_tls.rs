@@ -198,6 +198,7 @@ async fn plain_http_on_the_tunnel_port_is_told_where_the_web_listener_is() {
         resp.text()
     );
     assert_eq!(resp.header("ferry-error"), Some("gateway"));
+    assert_eq!(resp.header("x-content-type-options"), Some("nosniff"));
     // An HTTP answer as every other one, dated (RFC 9110 6.6.1).
     let date = resp.header("date").expect("a Date header");
     assert!(httpdate::parse_http_date(date).is_ok(), "{date}");

@@ -513,6 +513,7 @@ fn reload(roles: &Roles, file: Option<&(PathBuf, serde_yaml_ng::Value)>) -> Relo
     ok &= reload_tunnel_tls(roles);
     ok &= reload_web_config(roles, &mut need_restart);
     ok &= reload_egress_credentials(roles);
+    ok &= reload_egress_tls(roles);
     match file {
         Some((path, started)) => ok &= reload_file(roles, path, started, &mut need_restart),
         // Not a warning: the rest (the geoip database, credential files) was reloaded, and the
@@ -603,6 +604,24 @@ fn reload_egress_credentials(roles: &Roles) -> bool {
         Ok(n) => info!(credentials = n, "egress credentials reloaded"),
         Err(e) => {
             error!(error = %e, "egress credentials reload failed; keeping the previous ones");
+            return false;
+        }
+    }
+    true
+}
+
+fn reload_egress_tls(roles: &Roles) -> bool {
+    let Some(egress) = &roles.egress else {
+        return true;
+    };
+    match egress.reload_tls() {
+        Ok(0) => {}
+        Ok(rules) => info!(
+            rules,
+            "egress TLS upgrade files reloaded: new upstream connections use them"
+        ),
+        Err(e) => {
+            error!(error = %e, "egress TLS upgrade files reload failed; keeping the previous ones");
             return false;
         }
     }

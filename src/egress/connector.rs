@@ -346,13 +346,15 @@ impl TlsWords {
                 | A::CertificateExpired
                 | A::CertificateUnknown
                 | A::UnknownCA
-                | A::AccessDenied
-                | A::HandshakeFailure
-                // rustls's answer to a certificate whose issuer has the name of a CA it trusts
-                // but another key (a CA made again): the signature does not verify.
-                | A::DecryptError,
+                | A::AccessDenied,
             ) => Some(format!(
                 "the upstream refused the client certificate in {cert} (TLS alert {alert:?}): is it signed by a CA the upstream trusts, and still valid?"
+            )),
+            // Also what a server sends that shares no cipher or version with us, and what
+            // rustls sends for a certificate whose issuer has the name of a CA it trusts but
+            // another key: the certificate is a suspect, not the culprit.
+            (Some(cert), A::HandshakeFailure | A::DecryptError) => Some(format!(
+                "the upstream refused the handshake (TLS alert {alert:?}): it may not accept the client certificate in {cert} (signed by a CA it trusts?), or share no TLS version or cipher with ferry"
             )),
             _ => None,
         }

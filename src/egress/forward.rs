@@ -29,6 +29,7 @@ use super::{refused, State};
 use crate::config::{EgressConfig, Rule};
 use crate::http_util::{boxed, strip_hop_by_hop, Body, BodyEnd, BoundedBody};
 use crate::tunnel::tls::TlsError;
+use crate::tunnel::tls_cert::{DateProblem, LeafInfo};
 use crate::tunnel::tls_client::{client_config, Purpose, ServerVerify};
 
 /// A pooled client toward one rule's upstreams.
@@ -53,6 +54,8 @@ impl UpstreamClient {
 /// One pooled client per rule, in rule order.
 pub(crate) struct Upstreams {
     clients: Vec<UpstreamClient>,
+    /// What was wrong with each rule's client certificate's dates when it was read.
+    cert_dates: Vec<Option<DateProblem>>,
 }
 
 impl Upstreams {
@@ -89,8 +92,63 @@ impl Upstreams {
                 })
             })
             .collect::<Result<_, TlsError>>()?;
-        Ok(Upstreams { clients })
+        let cert_dates = config.rules.iter().map(client_cert_dates).collect();
+        Ok(Upstreams {
+            clients,
+            cert_dates,
+        })
     }
+
+    /// Logs a warning for each rule whose client certificate the upstream will refuse for its
+    /// dates: it loads without complaint and fails every handshake.
+    pub(crate) fn warn_about_dates(config: &EgressConfig) {
+        let now = std::time::SystemTime::now();
+        for rule in &config.rules {
+            let Some((cert, _)) = rule
+                .tls_upgrade
+                .as_ref()
+                .and_then(|t| t.client_cert.as_ref())
+            else {
+                continue;
+            };
+            if let Some(problem) = LeafInfo::client_problem(cert, now, "upstreams refuse") {
+                tracing::warn!(rule = %rule.name, "egress client certificate (tls_upgrade.cert_file): {problem}");
+            }
+        }
+    }
+
+    /// Why `new`, read for `config` by a reload, must not replace these: a rule whose client
+    /// certificate is valid now would get one that is not (the upstream refuses it in every
+    /// handshake until it is renewed, instead of until the old one expires).
+    pub(crate) fn refuses_dates_of(
+        &self,
+        new: &Upstreams,
+        config: &EgressConfig,
+    ) -> Option<String> {
+        let now = std::time::SystemTime::now();
+        config
+            .rules
+            .iter()
+            .zip(self.cert_dates.iter().zip(&new.cert_dates))
+            .find_map(|(rule, (old, new))| match (old, new) {
+                (None, Some(_)) => {
+                    let (cert, _) = rule.tls_upgrade.as_ref()?.client_cert.as_ref()?;
+                    let problem = LeafInfo::client_problem(cert, now, "upstreams refuse")?;
+                    Some(format!(
+                        "rule {:?}: {problem}; the certificate in use, valid now, stays",
+                        rule.name
+                    ))
+                }
+                _ => None,
+            })
+    }
+}
+
+/// What is wrong with the dates of `rule`'s client certificate now, if it has one.
+fn client_cert_dates(rule: &Rule) -> Option<DateProblem> {
+    let (cert, _) = rule.tls_upgrade.as_ref()?.client_cert.as_ref()?;
+    let certs = crate::tunnel::tls::read_certs(cert).ok()?;
+    LeafInfo::of(certs.first()?)?.date_problem(std::time::SystemTime::now())
 }
 
 /// What the refusals of `rule`'s TLS handshakes say about its settings.
@@ -588,10 +646,12 @@ async fn forward(
     record.allow();
     let timeout = state.config.upstream_timeout;
     let deadline = crate::http_util::deadline(Instant::now(), timeout);
-    let client = &state.upstreams.clients[index];
+    // Held for the request: a reload of the rules' TLS files may replace them meanwhile.
+    let upstreams = state.upstreams.load_full();
+    let client = &upstreams.clients[index];
     let resp = match tokio::time::timeout_at(deadline, client.request(upstream_req)).await {
         Err(_) => return Err(Refusal::upstream_timeout(&upstream, timeout).into()),
-        Ok(Err(e)) => return Err(upstream_error(&e, &target.host, rule).into()),
+        Ok(Err(e)) => return Err(upstream_error(&e, &target.host, &upstream, rule).into()),
         Ok(Ok(resp)) => resp,
     };
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -810,7 +870,13 @@ impl http_body::Body for ReadBody {
 }
 
 /// Maps an upstream client error: a refused address is the policy speaking (403), the rest is 502.
-fn upstream_error(e: &hyper_util::client::legacy::Error, host: &str, rule: &Rule) -> Refusal {
+/// `upstream` is `host` with the port.
+fn upstream_error(
+    e: &hyper_util::client::legacy::Error,
+    host: &str,
+    upstream: &str,
+    rule: &Rule,
+) -> Refusal {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(err) = source {
         if let Some(ConnectError::Forbidden { why, .. }) = err.downcast_ref::<ConnectError>() {
@@ -827,14 +893,14 @@ fn upstream_error(e: &hyper_util::client::legacy::Error, host: &str, rule: &Rule
             .then(|| tls_words(rule).client_cert_alert(*alert))
             .flatten()
         {
-            return Refusal::upstream(format!("upstream {host} failed: {words}"));
+            return Refusal::upstream(format!("upstream {upstream} failed: {words}"));
         }
     }
     let cause = crate::scrape_error::one_line(e);
     Refusal::upstream(if e.is_connect() {
         cause
     } else {
-        format!("upstream {host} failed: {cause}")
+        format!("upstream {upstream} failed: {cause}")
     })
 }
 

@@ -510,6 +510,7 @@ fn timeout_answer(after: Duration) -> String {
     let reason = super::refusal::Refusal::header_timeout(after).reason;
     format!(
         "HTTP/1.1 408 Request Timeout\r\ndate: {}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         x-content-type-options: nosniff\r\n\
          {}: {reason}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{reason}\n",
         httpdate::fmt_http_date(std::time::SystemTime::now()),
         super::refusal::REFUSAL_HEADER,

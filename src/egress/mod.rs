@@ -70,12 +70,16 @@ pub enum EgressError {
     /// A rule's TLS settings are unusable.
     #[error(transparent)]
     Tls(#[from] crate::tunnel::tls::TlsError),
+    /// A reload would put a client certificate not valid now in place of one that is.
+    #[error("{0}")]
+    ClientCertDates(String),
 }
 
 pub(crate) struct State {
     pub(crate) config: EgressConfig,
     pub(crate) resolver: SharedResolver,
-    pub(crate) upstreams: Upstreams,
+    /// Replaced whole when a reload re-reads the rules' TLS files.
+    pub(crate) upstreams: arc_swap::ArcSwap<Upstreams>,
     pub(crate) credentials: Credentials,
     pub(crate) metrics: EgressMetrics,
     pub(crate) tracker: UpstreamTracker,
@@ -126,6 +130,7 @@ impl Egress {
             geo: config.geo.clone(),
         };
         let upstreams = Upstreams::build(&config, &resolver, &tracker)?;
+        Upstreams::warn_about_dates(&config);
         let body_budget = budget::BodyBudget::new(
             config.max_buffered_body_bytes,
             metrics.buffered_body_bytes.clone(),
@@ -134,7 +139,7 @@ impl Egress {
             state: Arc::new(State {
                 config,
                 resolver,
-                upstreams,
+                upstreams: arc_swap::ArcSwap::from_pointee(upstreams),
                 credentials,
                 metrics,
                 tracker,
@@ -159,6 +164,30 @@ impl Egress {
             Some(path) => self.state.credentials.reload(path),
             None => Ok(0),
         }
+    }
+
+    /// Re-reads the files of the rules' `tls_upgrade` (CA, client certificate and key) on
+    /// SIGHUP, and says how many rules have one. New upstream connections use them; requests in
+    /// flight finish on their connections, and the idle ones are closed. On error, or when a
+    /// client certificate valid now would be replaced by one that is not, the files in use stay.
+    pub fn reload_tls(&self) -> Result<usize, EgressError> {
+        let state = &self.state;
+        let rules = state
+            .config
+            .rules
+            .iter()
+            .filter(|r| r.tls_upgrade.is_some())
+            .count();
+        if rules == 0 {
+            return Ok(0);
+        }
+        let new = Upstreams::build(&state.config, &state.resolver, &state.tracker)?;
+        Upstreams::warn_about_dates(&state.config);
+        if let Some(refusal) = state.upstreams.load().refuses_dates_of(&new, &state.config) {
+            return Err(EgressError::ClientCertDates(refusal));
+        }
+        state.upstreams.store(Arc::new(new));
+        Ok(rules)
     }
 
     /// Serves clients on `listener` until `shutdown`, then drains within the grace period.

@@ -141,7 +141,7 @@ async fn refuse_plain_http(state: &State, mut stream: TcpStream, deadline: tokio
     handshake_failed(state, "tls_error", "plain HTTP sent to the TLS tunnel listener: is a Prometheus proxy_url (or an agent with insecure_plaintext) pointed at the tunnel port instead of the web port?");
     let body = format!("{NOT_THE_WEB_LISTENER}\n");
     let head = format!(
-        "HTTP/1.1 400 Bad Request\r\ndate: {}\r\ncontent-type: text/plain; charset=utf-8\r\n{}: gateway\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        "HTTP/1.1 400 Bad Request\r\ndate: {}\r\ncontent-type: text/plain; charset=utf-8\r\nx-content-type-options: nosniff\r\n{}: gateway\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
         httpdate::fmt_http_date(std::time::SystemTime::now()),
         crate::scrape_error::ERROR_SOURCE_HEADER,
         body.len()

@@ -656,12 +656,14 @@ pub fn ca_and_server_cert(
     (ca.pem(), vec![cert.der().clone()], key)
 }
 
-/// A new CA (PEM) and a client certificate it signed, with its key, as PEM files would hold
-/// them: `(ca, cert, key)`.
-pub fn ca_and_client_cert() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+/// A new CA (PEM) named `ca_name` and a client certificate it signed, with its key, as PEM
+/// files would hold them: `(ca, cert, key)`. CAs of different names are told apart by a
+/// verifier before it checks a signature (one of the same name fails the signature instead).
+pub fn ca_and_client_cert(ca_name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, ca_name);
     let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
     let key = KeyPair::generate().unwrap();
     let cert = CertificateParams::new(vec!["egress-client".to_owned()])
@@ -669,4 +671,19 @@ pub fn ca_and_client_cert() -> (String, String, String) {
         .signed_by(&key, &ca)
         .unwrap();
     (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// A client certificate that expired a year ago (its own CA, which nobody trusts), with its
+/// key: `(cert, key)` as PEM files hold them.
+pub fn expired_client_cert() -> (String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["egress-client".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = params.signed_by(&key, &ca).unwrap();
+    (cert.pem(), key.serialize_pem())
 }
