@@ -133,8 +133,19 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         reason,
     };
     let pem = crate::fs_util::read_regular(path).map_err(|e| error(e.to_string()))?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| error(pem_reason(&e)))
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        // rustls-pki-types skips the PEM sections it does not know, so an encrypted key reads
+        // as no key at all.
+        if pem.windows(ENCRYPTED_KEY.len()).any(|w| w == ENCRYPTED_KEY) {
+            error("the key is encrypted, and ferry reads only unencrypted keys (decrypt it: openssl pkey -in KEY -out NEW-KEY, and keep the new file readable by ferry alone)".into())
+        } else {
+            error(pem_reason(&e))
+        }
+    })
 }
+
+/// The PEM label of a PKCS#8 key encrypted with a passphrase.
+const ENCRYPTED_KEY: &[u8] = b"-----BEGIN ENCRYPTED PRIVATE KEY-----";
 
 /// rustls's reason for refusing a certificate or key, in plain words: its own message is often
 /// Rust debug output (`invalid peer certificate: Other(OtherError(UnsupportedCertVersion))`).
@@ -330,6 +341,24 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "the key in tun.key does not belong to the certificate in tun.crt"
+        );
+    }
+
+    #[test]
+    fn an_encrypted_key_is_said_to_be_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.key");
+        std::fs::write(
+            &path,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0w\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = read_key(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("client.key")
+                && e.contains("the key is encrypted")
+                && e.contains("openssl pkey"),
+            "{e}"
         );
     }
 }
