@@ -2900,8 +2900,8 @@ fn an_egress_client_certificate_needs_its_key() {
     );
 }
 
-/// An egress rule's client certificate that has expired is warned about at start, naming the
-/// rule and the file; SIGHUP re-reads the renewed one, and says so.
+/// An egress rule's client certificate that has expired is warned about by check-config and at
+/// start, naming the rule (the field) and the file; SIGHUP re-reads the renewed one, and says so.
 #[test]
 fn egress_warns_about_an_expired_client_certificate_and_reloads_the_renewed_one() {
     let dir = TempDir::new().unwrap();
@@ -2920,6 +2920,18 @@ fn egress_warns_about_an_expired_client_certificate_and_reloads_the_renewed_one(
       tls_upgrade: {cert_file: client.pem, key_file: client.key}
 ",
     );
+    let checked = ferry(dir.path(), &["check-config", config.to_str().unwrap()]);
+    assert_eq!(checked.status.code(), Some(0), "{checked:?}");
+    let lines = stderr_lines(&checked);
+    assert!(
+        lines.len() == 1
+            && lines[0].contains(&format!(
+                "warning: egress.rules[0].tls_upgrade.cert_file: certificate {} expired on 2021-01-01",
+                cert.display()
+            )),
+        "{lines:?}"
+    );
+
     let mut egress = Running::start(
         dir.path(),
         &["run", "--config.file", config.to_str().unwrap()],
@@ -2940,7 +2952,7 @@ fn egress_warns_about_an_expired_client_certificate_and_reloads_the_renewed_one(
     write(dir.path(), "client.key", &renewed_key);
     egress.signal(rustix::process::Signal::HUP);
     egress.wait_for_all(&[
-        "egress TLS upgrade files reloaded: new upstream connections use them",
+        "egress TLS upgrade files reloaded: new upstream connections of these rules use the new ones",
         "reload done: everything applied",
     ]);
     egress.stop();

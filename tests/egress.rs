@@ -2149,9 +2149,26 @@ async fn a_reload_puts_a_renewed_client_certificate_in_use() {
 
     std::fs::write(path("client.pem"), &cert).unwrap();
     std::fs::write(path("client.key"), &cert_key).unwrap();
-    assert_eq!(proxy.egress.reload_tls().unwrap(), 1);
+    assert_eq!(
+        proxy.egress.reload_tls().unwrap(),
+        ferry::egress::TlsReload::Applied {
+            rules: vec!["mtls".to_owned()]
+        }
+    );
     let resp = get_via(proxy.addr, &url).await;
     assert_eq!(resp.status, 200, "{:?}", resp.header("ferry-refusal"));
+    // Nothing changed: said so, and the pooled connection stays.
+    assert_eq!(
+        proxy.egress.reload_tls().unwrap(),
+        ferry::egress::TlsReload::Unchanged
+    );
+    let resp = get_via(proxy.addr, &url).await;
+    assert_eq!(resp.status, 200, "{:?}", resp.header("ferry-refusal"));
+    assert_eq!(
+        up.connections(),
+        2,
+        "the first refused, then one kept alive"
+    );
 
     // Half-written: the key of another certificate.
     std::fs::write(path("client.key"), &old_key).unwrap();
@@ -2172,7 +2189,8 @@ async fn a_reload_puts_a_renewed_client_certificate_in_use() {
         "the renewed certificate stays in use: {:?}",
         resp.header("ferry-refusal")
     );
-    assert_eq!(up.request_count(), 2);
+    assert_eq!(up.request_count(), 3);
+    assert_eq!(up.connections(), 2, "refused reloads leave the pool alone");
 }
 
 // ---------------------------------------------------------------------------------------------

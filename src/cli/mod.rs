@@ -586,7 +586,7 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             if cfg.exporter.is_some() {
                 roles.push("exporter");
             }
-            for warning in warnings(&cfg) {
+            for warning in warnings(&cfg).into_iter().chain(client_cert_warnings(&cfg)) {
                 eprintln!("{origin}: warning: {warning}");
             }
             match writeln!(std::io::stdout(), "{origin}: OK ({})", roles.join(", ")) {
@@ -596,6 +596,51 @@ fn check_config(path: &std::path::Path) -> ExitCode {
         }
         Err(errs) => config_failed(&errs),
     }
+}
+
+/// Client certificates a peer refuses for their dates: the roles warn about them when they
+/// load them (at start and on reload), `check-config` with these lines.
+fn client_cert_warnings(config: &RunConfig) -> Vec<String> {
+    use crate::tunnel::tls_cert::LeafInfo;
+    let now = std::time::SystemTime::now();
+    let mut certs: Vec<(String, &std::path::Path, String)> = Vec::new();
+    fn client_cert(tls: Option<&crate::tunnel::tls_client::ClientTls>) -> Option<&std::path::Path> {
+        tls.and_then(|t| t.client_cert.as_ref())
+            .map(|(cert, _)| cert.as_path())
+    }
+    if let Some(a) = &config.agent {
+        if let Some(cert) = client_cert(a.gateway.tls.as_ref()) {
+            certs.push((
+                "agent.tunnel.cert_file".into(),
+                cert,
+                "the gateway refuses".into(),
+            ));
+        }
+        for (i, t) in a.targets.iter().enumerate() {
+            if let Some(cert) = client_cert(t.tls.as_ref()) {
+                let refused_by = format!("target {:?} refuses", t.name);
+                certs.push((
+                    format!("agent.targets[{i}].tls.cert_file"),
+                    cert,
+                    refused_by,
+                ));
+            }
+        }
+    }
+    if let Some(e) = &config.egress {
+        for (i, r) in e.rules.iter().enumerate() {
+            if let Some(cert) = client_cert(r.tls_upgrade.as_ref()) {
+                let field = format!("egress.rules[{i}].tls_upgrade.cert_file");
+                certs.push((field, cert, "upstreams refuse".into()));
+            }
+        }
+    }
+    certs
+        .into_iter()
+        .filter_map(|(field, cert, refused_by)| {
+            LeafInfo::client_problem(cert, now, &refused_by).map(|p| format!("{field}: {p}"))
+        })
+        .collect()
 }
 
 /// What is valid but leaves a role useless: printed by `check-config`, logged at start.

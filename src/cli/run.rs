@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use super::{env, EXIT_CONFIG};
 use crate::agent::Agent;
 use crate::config::{AgentConfig, ConfigErrors, FileConfig, RunConfig};
-use crate::egress::Egress;
+use crate::egress::{Egress, TlsReload};
 use crate::exporter::Exporter;
 use crate::gateway::{Gateway, TunnelTlsReload, WebConfigReload};
 use crate::telemetry::geo::SharedGeo;
@@ -615,10 +615,11 @@ fn reload_egress_tls(roles: &Roles) -> bool {
         return true;
     };
     match egress.reload_tls() {
-        Ok(0) => {}
-        Ok(rules) => info!(
-            rules,
-            "egress TLS upgrade files reloaded: new upstream connections use them"
+        Ok(TlsReload::NoRules) => {}
+        Ok(TlsReload::Unchanged) => info!("egress TLS upgrade files reloaded, unchanged"),
+        Ok(TlsReload::Applied { rules }) => info!(
+            rules = %rules.join(","),
+            "egress TLS upgrade files reloaded: new upstream connections of these rules use the new ones"
         ),
         Err(e) => {
             error!(error = %e, "egress TLS upgrade files reload failed; keeping the previous ones");

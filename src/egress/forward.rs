@@ -56,6 +56,9 @@ pub(crate) struct Upstreams {
     clients: Vec<UpstreamClient>,
     /// What was wrong with each rule's client certificate's dates when it was read.
     cert_dates: Vec<Option<DateProblem>>,
+    /// SHA-256 of each `tls_upgrade` rule's files as they were read, to tell a reload that
+    /// changed them from one that did not.
+    tls_files: Vec<Option<[u8; 32]>>,
 }
 
 impl Upstreams {
@@ -93,10 +96,23 @@ impl Upstreams {
             })
             .collect::<Result<_, TlsError>>()?;
         let cert_dates = config.rules.iter().map(client_cert_dates).collect();
+        let tls_files = config.rules.iter().map(tls_files_digest).collect();
         Ok(Upstreams {
             clients,
             cert_dates,
+            tls_files,
         })
+    }
+
+    /// The rules of `config` whose TLS files differ between these and `new`.
+    pub(crate) fn changed_in<'a>(&self, new: &Upstreams, config: &'a EgressConfig) -> Vec<&'a str> {
+        config
+            .rules
+            .iter()
+            .zip(self.tls_files.iter().zip(&new.tls_files))
+            .filter(|(_, (old, new))| old != new)
+            .map(|(rule, _)| rule.name.as_str())
+            .collect()
     }
 
     /// Logs a warning for each rule whose client certificate the upstream will refuse for its
@@ -142,6 +158,27 @@ impl Upstreams {
                 _ => None,
             })
     }
+}
+
+/// SHA-256 over the files of `rule`'s `tls_upgrade` (CA, client certificate, key), if it has
+/// one; a file that cannot be read counts as empty (loading it has said so).
+fn tls_files_digest(rule: &Rule) -> Option<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let tls = rule.tls_upgrade.as_ref()?;
+    let mut hash = Sha256::new();
+    let ca = match &tls.verify {
+        ServerVerify::CaFile(ca) => Some(ca),
+        _ => None,
+    };
+    let (cert, key) = tls.client_cert.as_ref().map(|(c, k)| (c, k)).unzip();
+    for file in [ca, cert, key] {
+        let bytes = file.and_then(|f| crate::fs_util::read_regular(f).ok());
+        // Each file's length first, so that bytes cannot move from one file to the next unseen.
+        let bytes = bytes.unwrap_or_default();
+        hash.update((bytes.len() as u64).to_le_bytes());
+        hash.update(&bytes);
+    }
+    Some(hash.finalize().into())
 }
 
 /// What is wrong with the dates of `rule`'s client certificate now, if it has one.

@@ -104,6 +104,21 @@ pub(crate) struct ClientHold {
     _slot: Option<Arc<Slot>>,
 }
 
+/// What [`Egress::reload_tls`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsReload {
+    /// No rule has a `tls_upgrade`.
+    NoRules,
+    /// The files read the same as those in use, which stay with their connections.
+    Unchanged,
+    /// The files of these rules changed: new upstream connections use them.
+    Applied {
+        /// The rules, by name.
+        rules: Vec<String>,
+    },
+}
+
 /// The egress forward proxy. Cheap to clone.
 #[derive(Clone)]
 pub struct Egress {
@@ -167,27 +182,32 @@ impl Egress {
     }
 
     /// Re-reads the files of the rules' `tls_upgrade` (CA, client certificate and key) on
-    /// SIGHUP, and says how many rules have one. New upstream connections use them; requests in
-    /// flight finish on their connections, and the idle ones are closed. On error, or when a
-    /// client certificate valid now would be replaced by one that is not, the files in use stay.
-    pub fn reload_tls(&self) -> Result<usize, EgressError> {
+    /// SIGHUP. Changed ones are used by new upstream connections: requests in flight finish on
+    /// theirs, and the idle ones are closed; unchanged ones keep their connections. On error,
+    /// or when a client certificate valid now would be replaced by one that is not, the files
+    /// in use stay.
+    pub fn reload_tls(&self) -> Result<TlsReload, EgressError> {
         let state = &self.state;
-        let rules = state
-            .config
-            .rules
-            .iter()
-            .filter(|r| r.tls_upgrade.is_some())
-            .count();
-        if rules == 0 {
-            return Ok(0);
+        if !state.config.rules.iter().any(|r| r.tls_upgrade.is_some()) {
+            return Ok(TlsReload::NoRules);
         }
         let new = Upstreams::build(&state.config, &state.resolver, &state.tracker)?;
         Upstreams::warn_about_dates(&state.config);
-        if let Some(refusal) = state.upstreams.load().refuses_dates_of(&new, &state.config) {
+        let current = state.upstreams.load();
+        if let Some(refusal) = current.refuses_dates_of(&new, &state.config) {
             return Err(EgressError::ClientCertDates(refusal));
         }
+        let changed: Vec<String> = current
+            .changed_in(&new, &state.config)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        drop(current);
+        if changed.is_empty() {
+            return Ok(TlsReload::Unchanged);
+        }
         state.upstreams.store(Arc::new(new));
-        Ok(rules)
+        Ok(TlsReload::Applied { rules: changed })
     }
 
     /// Serves clients on `listener` until `shutdown`, then drains within the grace period.

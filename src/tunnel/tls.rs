@@ -136,7 +136,8 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         // rustls-pki-types skips the PEM sections it does not know, so an encrypted key reads
         // as no key at all.
-        if pem.windows(ENCRYPTED_KEY.len()).any(|w| w == ENCRYPTED_KEY) {
+        let has = |label: &[u8]| pem.windows(label.len()).any(|w| w == label);
+        if has(ENCRYPTED_KEY) || has(LEGACY_ENCRYPTED) {
             error("the key is encrypted, and ferry reads only unencrypted keys (decrypt it: openssl pkey -in KEY -out NEW-KEY, and keep the new file readable by ferry alone)".into())
         } else {
             error(pem_reason(&e))
@@ -146,6 +147,9 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// The PEM label of a PKCS#8 key encrypted with a passphrase.
 const ENCRYPTED_KEY: &[u8] = b"-----BEGIN ENCRYPTED PRIVATE KEY-----";
+/// The header of a key in OpenSSL's traditional format encrypted with a passphrase (what
+/// `openssl genrsa -aes256` wrote before OpenSSL 3, and `openssl ec -aes256` still writes).
+const LEGACY_ENCRYPTED: &[u8] = b"Proc-Type: 4,ENCRYPTED";
 
 /// rustls's reason for refusing a certificate or key, in plain words: its own message is often
 /// Rust debug output (`invalid peer certificate: Other(OtherError(UnsupportedCertVersion))`).
@@ -360,5 +364,13 @@ mod tests {
                 && e.contains("openssl pkey"),
             "{e}"
         );
+        // OpenSSL's traditional format says so in a header, which the PEM parser trips on.
+        std::fs::write(
+            &path,
+            "-----BEGIN EC PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,00112233445566778899AABBCCDDEEFF\n\nMHcCAQEEIB\n-----END EC PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = read_key(&path).unwrap_err().to_string();
+        assert!(e.contains("the key is encrypted"), "{e}");
     }
 }
