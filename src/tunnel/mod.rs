@@ -22,7 +22,7 @@ pub mod no_proxy;
 #[cfg(any(feature = "agent", feature = "gateway"))]
 pub(crate) mod sd_size;
 pub mod tls;
-#[cfg(any(feature = "agent", feature = "gateway"))]
+#[cfg(any(feature = "agent", feature = "gateway", feature = "egress"))]
 pub mod tls_cert;
 #[cfg(any(feature = "agent", feature = "egress"))]
 pub mod tls_client;
