@@ -93,10 +93,10 @@ impl TunnelTls {
 
     fn read(settings: ClientTls) -> Result<TunnelTls, TlsError> {
         let config = Arc::new(client_config(&settings, Purpose::Tunnel)?);
-        let cert_dates = settings.client_cert.as_ref().and_then(|(cert, _)| {
-            let certs = crate::tunnel::tls::read_certs(cert).ok()?;
-            LeafInfo::of(certs.first()?)?.date_problem(SystemTime::now())
-        });
+        let cert_dates = settings
+            .client_cert
+            .as_ref()
+            .and_then(|(cert, _)| LeafInfo::file_date_problem(cert, SystemTime::now()));
         Ok(TunnelTls {
             settings,
             config,

@@ -602,12 +602,12 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 /// load them (at start and on reload), `check-config` with these lines.
 fn client_cert_warnings(config: &RunConfig) -> Vec<String> {
     use crate::tunnel::tls_cert::LeafInfo;
-    let now = std::time::SystemTime::now();
-    let mut certs: Vec<(String, &std::path::Path, String)> = Vec::new();
     fn client_cert(tls: Option<&crate::tunnel::tls_client::ClientTls>) -> Option<&std::path::Path> {
         tls.and_then(|t| t.client_cert.as_ref())
             .map(|(cert, _)| cert.as_path())
     }
+    let now = std::time::SystemTime::now();
+    let mut certs: Vec<(String, &std::path::Path, String)> = Vec::new();
     if let Some(a) = &config.agent {
         if let Some(cert) = client_cert(a.gateway.tls.as_ref()) {
             certs.push((

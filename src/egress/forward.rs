@@ -184,8 +184,7 @@ fn tls_files_digest(rule: &Rule) -> Option<[u8; 32]> {
 /// What is wrong with the dates of `rule`'s client certificate now, if it has one.
 fn client_cert_dates(rule: &Rule) -> Option<DateProblem> {
     let (cert, _) = rule.tls_upgrade.as_ref()?.client_cert.as_ref()?;
-    let certs = crate::tunnel::tls::read_certs(cert).ok()?;
-    LeafInfo::of(certs.first()?)?.date_problem(std::time::SystemTime::now())
+    LeafInfo::file_date_problem(cert, std::time::SystemTime::now())
 }
 
 /// What the refusals of `rule`'s TLS handshakes say about its settings.

@@ -127,12 +127,18 @@ impl LeafInfo {
         }
     }
 
+    /// What is wrong at `now` with the dates of the first certificate of `file`, if anything;
+    /// `None` also when it cannot be read (loading it says so).
+    pub fn file_date_problem(file: &Path, now: SystemTime) -> Option<DateProblem> {
+        let certs = super::tls::read_certs(file).ok()?;
+        LeafInfo::of(certs.first()?)?.date_problem(now)
+    }
+
     /// Why a client certificate (the first of `file`) is refused for its dates at `now`, by
     /// whoever `refused_by` names with its verb; `None` also when it cannot be read (loading it
     /// says so).
     pub fn client_problem(file: &Path, now: SystemTime, refused_by: &str) -> Option<String> {
-        let certs = super::tls::read_certs(file).ok()?;
-        let problem = LeafInfo::of(certs.first()?)?.date_problem(now)?;
+        let problem = LeafInfo::file_date_problem(file, now)?;
         let then = match problem {
             DateProblem::Expired { .. } => "(renew it, then SIGHUP)",
             DateProblem::NotYetValid { .. } => "until then (is this host's clock right?)",

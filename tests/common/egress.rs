@@ -634,6 +634,17 @@ pub async fn connect_raw(
     .unwrap_or_else(|_| panic!("{what}: no answer within {TIMEOUT:?}"))
 }
 
+/// A new self-signed CA, named `name` (rcgen's default name otherwise).
+fn new_ca(name: Option<&str>) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    if let Some(name) = name {
+        params.distinguished_name.push(DnType::CommonName, name);
+    }
+    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+}
+
 /// A CA and a server certificate it signed for `names`, as (CA PEM, chain, key).
 pub fn ca_and_server_cert(
     names: &[&str],
@@ -642,13 +653,10 @@ pub fn ca_and_server_cert(
     Vec<rustls::pki_types::CertificateDer<'static>>,
     rustls::pki_types::PrivateKeyDer<'static>,
 ) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
+    let ca = new_ca(None);
+    let key = rcgen::KeyPair::generate().unwrap();
     let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-    let cert = CertificateParams::new(names)
+    let cert = rcgen::CertificateParams::new(names)
         .unwrap()
         .signed_by(&key, &ca)
         .unwrap();
@@ -660,28 +668,21 @@ pub fn ca_and_server_cert(
 /// files would hold them: `(ca, cert, key)`. CAs of different names are told apart by a
 /// verifier before it checks a signature (one of the same name fails the signature instead).
 pub fn ca_and_client_cert(ca_name: &str) -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, ca_name);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["egress-client".to_owned()])
+    let ca = new_ca(Some(ca_name));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["egress-client".to_owned()])
         .unwrap()
         .signed_by(&key, &ca)
         .unwrap();
     (ca.pem(), cert.pem(), key.serialize_pem())
 }
 
-/// A client certificate that expired a year ago (its own CA, which nobody trusts), with its
-/// key: `(cert, key)` as PEM files hold them.
+/// A client certificate valid only during 2020 (its own CA, which nobody trusts), with its key:
+/// `(cert, key)` as PEM files hold them.
 pub fn expired_client_cert() -> (String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["egress-client".to_owned()]).unwrap();
+    let ca = new_ca(None);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["egress-client".to_owned()]).unwrap();
     params.not_before = rcgen::date_time_ymd(2020, 1, 1);
     params.not_after = rcgen::date_time_ymd(2021, 1, 1);
     let cert = params.signed_by(&key, &ca).unwrap();
