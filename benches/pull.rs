@@ -1299,7 +1299,8 @@ fn report(a: &PhaseA, b: &PhaseB, settings: Settings) {
     line(
         per_agent <= TARGET_IDLE_KIB_PER_AGENT,
         "gateway RSS per idle agent".into(),
-        format!("{per_agent:.1} KiB"),
+        // Two decimals: at one, 32.04 reads "32.0 KiB" beside a FAIL.
+        format!("{per_agent:.2} KiB"),
         "<= 32 KiB",
     );
     line(
